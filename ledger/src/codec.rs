@@ -1,0 +1,293 @@
+//! The persisted format: fixed-size little-endian records and big-endian keys.
+//!
+//! A serialized format is a promise, so it is versioned (`SCHEMA_VERSION`) and written in one
+//! place. Records are little-endian because that is what every CPU we run on reads natively, and
+//! TigerBeetle clients use the same 128-byte layouts. Keys are big-endian so that byte order is
+//! numeric order: a range scan over `(account_id, timestamp)` is a scan in time.
+//!
+//! Key space (one sled tree, so that one `apply_batch` writes a whole entry atomically):
+//!
+//! | prefix | key                           | value                                   |
+//! |--------|-------------------------------|-----------------------------------------|
+//! | `A`    | account id                    | account record (128 bytes)              |
+//! | `E`    | expires_at, pending id        | empty                                   |
+//! | `I`    | account id, timestamp         | transfer id, then balances if `history` |
+//! | `M`    | meta name                     | meta value                              |
+//! | `P`    | pending transfer id           | status (1 byte)                         |
+//! | `T`    | transfer id                   | transfer record (128 bytes)             |
+
+use crate::model::{Account, AccountBalance, AccountFlags, Transfer, TransferFlags};
+
+/// Bumped whenever a record or key layout changes; stored in the state and in snapshots.
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub const RECORD_BYTES: usize = 128;
+pub const BALANCE_BYTES: usize = 64;
+
+pub const PREFIX_ACCOUNT: u8 = b'A';
+pub const PREFIX_EXPIRY: u8 = b'E';
+pub const PREFIX_INDEX: u8 = b'I';
+pub const PREFIX_META: u8 = b'M';
+pub const PREFIX_PENDING: u8 = b'P';
+pub const PREFIX_TRANSFER: u8 = b'T';
+
+/// The ledger's own bookkeeping: schema version, last timestamp, batch count, running digest.
+pub const META_LEDGER_KEY: &[u8] = b"Mledger";
+/// Opaque bytes owned by the embedding application (raft-node keeps its applied log id here),
+/// written in the same atomic batch as the state they describe.
+pub const META_APP_KEY: &[u8] = b"Mapp";
+
+pub type IdKey = [u8; 17];
+pub type IndexKey = [u8; 25];
+pub type ExpiryKey = [u8; 25];
+
+pub fn id_key(prefix: u8, id: u128) -> IdKey {
+    let mut key = [0u8; 17];
+    key[0] = prefix;
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+pub fn index_key(account_id: u128, timestamp: u64) -> IndexKey {
+    let mut key = [0u8; 25];
+    key[0] = PREFIX_INDEX;
+    key[1..17].copy_from_slice(&account_id.to_be_bytes());
+    key[17..].copy_from_slice(&timestamp.to_be_bytes());
+    key
+}
+
+pub fn decode_index_key(key: &[u8]) -> (u128, u64) {
+    assert_eq!(key.len(), 25, "index key length");
+    (
+        u128_be(&key[1..17]),
+        u64::from_be_bytes(key[17..25].try_into().unwrap()),
+    )
+}
+
+pub fn expiry_key(expires_at: u64, pending_id: u128) -> ExpiryKey {
+    let mut key = [0u8; 25];
+    key[0] = PREFIX_EXPIRY;
+    key[1..9].copy_from_slice(&expires_at.to_be_bytes());
+    key[9..].copy_from_slice(&pending_id.to_be_bytes());
+    key
+}
+
+pub fn decode_expiry_key(key: &[u8]) -> (u64, u128) {
+    assert_eq!(key.len(), 25, "expiry key length");
+    (
+        u64::from_be_bytes(key[1..9].try_into().unwrap()),
+        u128_be(&key[9..25]),
+    )
+}
+
+fn u128_be(bytes: &[u8]) -> u128 {
+    u128::from_be_bytes(bytes.try_into().unwrap())
+}
+
+/// A little-endian cursor over a fixed record; panics on a short record, which is corruption.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let (head, tail) = self.bytes.split_at(N);
+        self.bytes = tail;
+        head.try_into().unwrap()
+    }
+    fn u128(&mut self) -> u128 {
+        u128::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+}
+
+struct Writer<'a> {
+    bytes: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, value: &[u8]) {
+        self.bytes[self.at..self.at + value.len()].copy_from_slice(value);
+        self.at += value.len();
+    }
+}
+
+pub fn encode_account(account: &Account) -> [u8; RECORD_BYTES] {
+    let mut bytes = [0u8; RECORD_BYTES];
+    let mut w = Writer {
+        bytes: &mut bytes,
+        at: 0,
+    };
+    w.put(&account.id.to_le_bytes());
+    w.put(&account.debits_pending.to_le_bytes());
+    w.put(&account.debits_posted.to_le_bytes());
+    w.put(&account.credits_pending.to_le_bytes());
+    w.put(&account.credits_posted.to_le_bytes());
+    w.put(&account.user_data_128.to_le_bytes());
+    w.put(&account.user_data_64.to_le_bytes());
+    w.put(&account.user_data_32.to_le_bytes());
+    // Four reserved bytes, zero, where TigerBeetle keeps its `reserved` field.
+    w.put(&[0u8; 4]);
+    w.put(&account.ledger.to_le_bytes());
+    w.put(&account.code.to_le_bytes());
+    w.put(&account.flags.0.to_le_bytes());
+    w.put(&account.timestamp.to_le_bytes());
+    assert_eq!(w.at, RECORD_BYTES);
+    bytes
+}
+
+pub fn decode_account(bytes: &[u8]) -> Account {
+    assert_eq!(bytes.len(), RECORD_BYTES, "account record length");
+    let mut r = Reader { bytes };
+    let id = r.u128();
+    let debits_pending = r.u128();
+    let debits_posted = r.u128();
+    let credits_pending = r.u128();
+    let credits_posted = r.u128();
+    let user_data_128 = r.u128();
+    let user_data_64 = r.u64();
+    let user_data_32 = r.u32();
+    let reserved = r.u32();
+    assert_eq!(reserved, 0, "account record reserved bytes");
+    Account {
+        id,
+        debits_pending,
+        debits_posted,
+        credits_pending,
+        credits_posted,
+        user_data_128,
+        user_data_64,
+        user_data_32,
+        ledger: r.u32(),
+        code: r.u16(),
+        flags: AccountFlags(r.u16()),
+        timestamp: r.u64(),
+    }
+}
+
+pub fn encode_transfer(transfer: &Transfer) -> [u8; RECORD_BYTES] {
+    let mut bytes = [0u8; RECORD_BYTES];
+    let mut w = Writer {
+        bytes: &mut bytes,
+        at: 0,
+    };
+    w.put(&transfer.id.to_le_bytes());
+    w.put(&transfer.debit_account_id.to_le_bytes());
+    w.put(&transfer.credit_account_id.to_le_bytes());
+    w.put(&transfer.amount.to_le_bytes());
+    w.put(&transfer.pending_id.to_le_bytes());
+    w.put(&transfer.user_data_128.to_le_bytes());
+    w.put(&transfer.user_data_64.to_le_bytes());
+    w.put(&transfer.user_data_32.to_le_bytes());
+    w.put(&transfer.timeout.to_le_bytes());
+    w.put(&transfer.ledger.to_le_bytes());
+    w.put(&transfer.code.to_le_bytes());
+    w.put(&transfer.flags.0.to_le_bytes());
+    w.put(&transfer.timestamp.to_le_bytes());
+    assert_eq!(w.at, RECORD_BYTES);
+    bytes
+}
+
+pub fn decode_transfer(bytes: &[u8]) -> Transfer {
+    assert_eq!(bytes.len(), RECORD_BYTES, "transfer record length");
+    let mut r = Reader { bytes };
+    Transfer {
+        id: r.u128(),
+        debit_account_id: r.u128(),
+        credit_account_id: r.u128(),
+        amount: r.u128(),
+        pending_id: r.u128(),
+        user_data_128: r.u128(),
+        user_data_64: r.u64(),
+        user_data_32: r.u32(),
+        timeout: r.u32(),
+        ledger: r.u32(),
+        code: r.u16(),
+        flags: TransferFlags(r.u16()),
+        timestamp: r.u64(),
+    }
+}
+
+/// The value of an index entry: the transfer id, then the account's balances after the transfer
+/// when the account keeps history.
+pub fn encode_index_value(transfer_id: u128, balance: Option<&AccountBalance>) -> Vec<u8> {
+    let mut value = Vec::with_capacity(16 + BALANCE_BYTES);
+    value.extend_from_slice(&transfer_id.to_le_bytes());
+    if let Some(balance) = balance {
+        value.extend_from_slice(&balance.debits_pending.to_le_bytes());
+        value.extend_from_slice(&balance.debits_posted.to_le_bytes());
+        value.extend_from_slice(&balance.credits_pending.to_le_bytes());
+        value.extend_from_slice(&balance.credits_posted.to_le_bytes());
+    }
+    value
+}
+
+/// Decodes an index value; the balance's timestamp is the index key's.
+pub fn decode_index_value(value: &[u8], timestamp: u64) -> (u128, Option<AccountBalance>) {
+    let mut r = Reader { bytes: value };
+    let transfer_id = r.u128();
+    let balance = match value.len() {
+        16 => None,
+        80 => Some(AccountBalance {
+            debits_pending: r.u128(),
+            debits_posted: r.u128(),
+            credits_pending: r.u128(),
+            credits_posted: r.u128(),
+            timestamp,
+        }),
+        length => panic!("index value of {length} bytes"),
+    };
+    (transfer_id, balance)
+}
+
+/// The ledger's bookkeeping, stored under `META_LEDGER_KEY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LedgerMeta {
+    /// The timestamp of the newest event; the next event gets a larger one.
+    pub timestamp_last: u64,
+    /// How many batches were applied since the ledger was created.
+    pub batches_applied: u64,
+    /// blake3 over every change ever applied, chained: equal digests mean equal histories.
+    pub digest: [u8; 32],
+}
+
+pub const LEDGER_META_BYTES: usize = 4 + 8 + 8 + 32;
+
+pub fn encode_ledger_meta(meta: &LedgerMeta) -> [u8; LEDGER_META_BYTES] {
+    let mut bytes = [0u8; LEDGER_META_BYTES];
+    let mut w = Writer {
+        bytes: &mut bytes,
+        at: 0,
+    };
+    w.put(&SCHEMA_VERSION.to_le_bytes());
+    w.put(&meta.timestamp_last.to_le_bytes());
+    w.put(&meta.batches_applied.to_le_bytes());
+    w.put(&meta.digest);
+    bytes
+}
+
+/// Decodes the ledger meta; `Err` carries the schema version found when it is not ours.
+pub fn decode_ledger_meta(bytes: &[u8]) -> Result<LedgerMeta, u32> {
+    if bytes.len() != LEDGER_META_BYTES {
+        return Err(0);
+    }
+    let mut r = Reader { bytes };
+    let version = r.u32();
+    if version != SCHEMA_VERSION {
+        return Err(version);
+    }
+    Ok(LedgerMeta {
+        timestamp_last: r.u64(),
+        batches_applied: r.u64(),
+        digest: r.take(),
+    })
+}

@@ -1,0 +1,32 @@
+//! `ledger`: tally's accounting state machine, deterministic and storage-backed.
+//!
+//! How a batch flows through the crate:
+//!
+//! - `model` defines what a batch carries (`Batch` of `Account`s or `Transfer`s), the flags, and
+//!   the result codes.
+//! - `exec` holds `Ledger`, whose `apply` executes the batches of one Raft entry against an
+//!   overlay of changes (`store::Changes`), rolling back failed linked chains, and commits the
+//!   overlay to a `Store` in one atomic write together with a chained digest.
+//! - `store` is the storage boundary; `mem::MemStore` and `sled_store::SledStore` implement it
+//!   with the same key space, described and encoded in `codec`.
+//! - `query` serves lookups and per-account history from the store.
+//! - `snapshot` exports the whole state as a checksummed stream, imports it, and computes the
+//!   state digest replicas compare.
+//!
+//! There is no async, no clock and no randomness here: time comes in as the leader's proposed
+//! timestamp, and identical inputs give identical bytes.
+
+pub mod codec;
+pub mod exec;
+pub mod mem;
+pub mod model;
+pub mod query;
+pub mod sled_store;
+pub mod snapshot;
+pub mod store;
+
+pub use exec::Ledger;
+pub use mem::MemStore;
+pub use model::*;
+pub use sled_store::SledStore;
+pub use store::{Changes, Store, StoreError, StoreResult};

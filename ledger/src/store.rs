@@ -1,0 +1,147 @@
+//! The storage boundary: what the state machine reads, and the set of changes one applied Raft
+//! entry writes at once.
+//!
+//! Two stores implement it: `MemStore` (typed maps, for tests, simulations and benchmarks) and
+//! `SledStore` (the product). Both present the same records under the same keys (`codec.rs`), so
+//! an export of either is byte-for-byte the same for the same history.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::codec::{self, LedgerMeta};
+use crate::model::{Account, AccountBalance, PendingStatus, Transfer};
+
+#[derive(Debug)]
+pub enum StoreError {
+    Sled(sled::Error),
+    Io(std::io::Error),
+    /// The stored bytes are not what this version of tally wrote.
+    Corrupt(String),
+    /// An import was asked of a store that already holds state.
+    NotEmpty,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Sled(error) => write!(f, "sled: {error}"),
+            StoreError::Io(error) => write!(f, "io: {error}"),
+            StoreError::Corrupt(what) => write!(f, "corrupt ledger state: {what}"),
+            StoreError::NotEmpty => write!(f, "cannot import a snapshot into a non-empty store"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        StoreError::Sled(error)
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(error: std::io::Error) -> Self {
+        StoreError::Io(error)
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Everything one applied entry changes, with final values. Ordered maps, so that the digest and
+/// the write order never depend on hashing.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    pub accounts: BTreeMap<u128, Account>,
+    pub transfers: BTreeMap<u128, Transfer>,
+    pub pending: BTreeMap<u128, PendingStatus>,
+    pub expiry_put: BTreeSet<(u64, u128)>,
+    pub expiry_delete: BTreeSet<(u64, u128)>,
+    pub index: BTreeMap<(u128, u64), (u128, Option<AccountBalance>)>,
+    pub meta: LedgerMeta,
+    /// Written with the state, atomically; `None` leaves the stored value as it is.
+    pub app_meta: Option<Vec<u8>>,
+}
+
+impl Changes {
+    /// Calls `record` with every key written and its new value (`None` for a delete), in key
+    /// order. Stores write exactly this; the digest hashes exactly this.
+    pub fn for_each_write(&self, mut record: impl FnMut(&[u8], Option<&[u8]>)) {
+        for account in self.accounts.values() {
+            record(
+                &codec::id_key(codec::PREFIX_ACCOUNT, account.id),
+                Some(&codec::encode_account(account)),
+            );
+        }
+        let mut expiries: Vec<((u64, u128), bool)> = self
+            .expiry_put
+            .iter()
+            .map(|key| (*key, true))
+            .chain(self.expiry_delete.iter().map(|key| (*key, false)))
+            .collect();
+        expiries.sort_unstable();
+        for ((expires_at, id), put) in expiries {
+            let key = codec::expiry_key(expires_at, id);
+            record(&key, if put { Some(&[]) } else { None });
+        }
+        for ((account_id, timestamp), (transfer_id, balance)) in &self.index {
+            let value = codec::encode_index_value(*transfer_id, balance.as_ref());
+            record(&codec::index_key(*account_id, *timestamp), Some(&value));
+        }
+        if let Some(app_meta) = &self.app_meta {
+            record(codec::META_APP_KEY, Some(app_meta));
+        }
+        record(
+            codec::META_LEDGER_KEY,
+            Some(&codec::encode_ledger_meta(&self.meta)),
+        );
+        for (id, status) in &self.pending {
+            record(
+                &codec::id_key(codec::PREFIX_PENDING, *id),
+                Some(&[*status as u8]),
+            );
+        }
+        for transfer in self.transfers.values() {
+            record(
+                &codec::id_key(codec::PREFIX_TRANSFER, transfer.id),
+                Some(&codec::encode_transfer(transfer)),
+            );
+        }
+    }
+}
+
+/// What the state machine needs from storage. Reads see only committed state; the state machine
+/// keeps its own overlay of uncommitted changes.
+pub trait Store {
+    fn account(&self, id: u128) -> StoreResult<Option<Account>>;
+    fn transfer(&self, id: u128) -> StoreResult<Option<Transfer>>;
+    fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>>;
+    /// Pending transfers with `expires_at <= now`, oldest first, as `(expires_at, id)`.
+    fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>>;
+    /// Index entries of one account with `timestamp_min <= timestamp <= timestamp_max`, in time
+    /// order (or reversed), until `visit` returns false. `visit` gets the timestamp and the raw
+    /// index value (`codec::decode_index_value`).
+    fn scan_index(
+        &self,
+        account_id: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+    ) -> StoreResult<()>;
+    fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+    /// Writes all of `changes` atomically: after a crash, either all of it or none of it is there.
+    fn commit(&mut self, changes: &Changes) -> StoreResult<()>;
+    /// Every record in key order, as `(key, value)`: the input of export and of the state digest.
+    fn for_each_record(
+        &self,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> StoreResult<()>,
+    ) -> StoreResult<()>;
+    /// Writes raw records during an import. Not atomic on its own: `snapshot::import` writes the
+    /// ledger meta last and treats a store without it as empty.
+    fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()>;
+    /// Removes every record.
+    fn clear(&mut self) -> StoreResult<()>;
+    fn is_empty(&self) -> StoreResult<bool>;
+    /// Makes everything committed so far durable (fsync). A no-op in memory.
+    fn flush(&self) -> StoreResult<()>;
+}

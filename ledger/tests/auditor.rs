@@ -1,0 +1,197 @@
+//! The seeded random workload against the auditor (a simple model that predicts every reply and
+//! every balance), determinism across stores, and snapshot round trips.
+//!
+//! A failure prints its seed; `TALLY_SEED=<seed> cargo test -p ledger --test auditor` replays it.
+
+mod common;
+
+use common::*;
+use ledger::*;
+
+/// Batches the auditor checks in CI: `AUDIT_SEEDS` seeds of `AUDIT_BATCHES_PER_SEED` batches.
+const AUDIT_SEEDS: u64 = 4;
+const AUDIT_BATCHES_PER_SEED: usize = 1500;
+
+#[test]
+fn auditor_predicts_every_reply_and_balance() {
+    let base = seed(0x7a11_0001);
+    for offset in 0..AUDIT_SEEDS {
+        let seed = base + offset;
+        let mut ledger = Ledger::open(MemStore::new()).unwrap();
+        let mut workload = Workload::new(seed);
+        run_audited(&mut ledger, &mut workload, AUDIT_BATCHES_PER_SEED, seed);
+        assert!(
+            workload.model.transfers.len() > AUDIT_BATCHES_PER_SEED,
+            "seed {seed}: workload too idle"
+        );
+    }
+}
+
+#[test]
+fn auditor_on_sled() {
+    let seed = seed(0x7a11_0002);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    let mut workload = Workload::new(seed);
+    run_audited(&mut ledger, &mut workload, 400, seed);
+}
+
+fn export_bytes(store: &impl Store) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    ledger::snapshot::export(store, &mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn same_workload_same_bytes_on_memory_and_sled() {
+    let seed = seed(0x7a11_0003);
+    let dir = tempfile::tempdir().unwrap();
+    let mut memory = Ledger::open(MemStore::new()).unwrap();
+    let mut sled = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    let mut workload = Workload::new(seed);
+    for _ in 0..600 {
+        let (batch, proposed, _) = workload.next();
+        let batches = std::slice::from_ref(&batch);
+        let from_memory = memory.apply(batches, proposed, Some(b"app")).unwrap();
+        let from_sled = sled.apply(batches, proposed, Some(b"app")).unwrap();
+        assert_eq!(from_memory, from_sled, "seed {seed}");
+        assert_eq!(
+            memory.meta(),
+            sled.meta(),
+            "seed {seed}: running digests diverged"
+        );
+    }
+    let digest = ledger::snapshot::state_digest(memory.store()).unwrap();
+    assert_eq!(
+        digest,
+        ledger::snapshot::state_digest(sled.store()).unwrap(),
+        "seed {seed}"
+    );
+    assert_eq!(
+        export_bytes(memory.store()),
+        export_bytes(sled.store()),
+        "seed {seed}"
+    );
+
+    // And the state survives closing and reopening sled.
+    let meta = sled.meta();
+    drop(sled);
+    let reopened = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(reopened.meta(), meta);
+    assert_eq!(
+        ledger::snapshot::state_digest(reopened.store()).unwrap(),
+        digest
+    );
+
+    // A different seed gives a different digest: the digest is not a constant.
+    let mut other = Ledger::open(MemStore::new()).unwrap();
+    let mut workload = Workload::new(seed + 1);
+    for _ in 0..600 {
+        let (batch, proposed, _) = workload.next();
+        other.apply(&[batch], proposed, None).unwrap();
+    }
+    assert_ne!(other.meta().digest, memory.meta().digest);
+}
+
+#[test]
+fn snapshot_round_trip_under_the_workload() {
+    let seed = seed(0x7a11_0004);
+    let mut workload = Workload::new(seed);
+    let mut original = Ledger::open(MemStore::new()).unwrap();
+    run_audited(&mut original, &mut workload, 300, seed);
+
+    let bytes = export_bytes(original.store());
+    let mut memory = MemStore::new();
+    ledger::snapshot::import(&mut memory, &bytes[..]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sled = SledStore::open(dir.path()).unwrap();
+    ledger::snapshot::import(&mut sled, &bytes[..]).unwrap();
+    assert_eq!(export_bytes(&memory), bytes);
+    assert_eq!(export_bytes(&sled), bytes);
+
+    // The imported ledgers carry on exactly like the original.
+    let mut memory = Ledger::open(memory).unwrap();
+    let mut sled = Ledger::open(sled).unwrap();
+    assert_eq!(memory.meta(), original.meta());
+    for _ in 0..300 {
+        let (batch, proposed, expected) = workload.next();
+        let batches = std::slice::from_ref(&batch);
+        assert_eq!(
+            original.apply(batches, proposed, None).unwrap()[0],
+            expected,
+            "seed {seed}"
+        );
+        assert_eq!(
+            memory.apply(batches, proposed, None).unwrap()[0],
+            expected,
+            "seed {seed}"
+        );
+        assert_eq!(
+            sled.apply(batches, proposed, None).unwrap()[0],
+            expected,
+            "seed {seed}"
+        );
+    }
+    let digest = ledger::snapshot::state_digest(original.store()).unwrap();
+    assert_eq!(
+        ledger::snapshot::state_digest(memory.store()).unwrap(),
+        digest
+    );
+    assert_eq!(
+        ledger::snapshot::state_digest(sled.store()).unwrap(),
+        digest
+    );
+    assert_eq!(memory.meta().digest, original.meta().digest);
+}
+
+#[test]
+fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
+    let seed = seed(0x7a11_0005);
+    let mut workload = Workload::new(seed);
+    let mut original = Ledger::open(MemStore::new()).unwrap();
+    for _ in 0..50 {
+        let (batch, proposed, _) = workload.next();
+        original.apply(&[batch], proposed, None).unwrap();
+    }
+    let bytes = export_bytes(original.store());
+    let damaged: Vec<(&str, Vec<u8>)> = vec![
+        ("a flipped bit", {
+            let mut b = bytes.clone();
+            let at = b.len() / 2;
+            b[at] ^= 1;
+            b
+        }),
+        ("a truncated stream", bytes[..bytes.len() - 40].to_vec()),
+        ("a missing trailer", bytes[..bytes.len() - 41].to_vec()),
+        ("a wrong magic", {
+            let mut b = bytes.clone();
+            b[0] = b'X';
+            b
+        }),
+        ("a future format", {
+            let mut b = bytes.clone();
+            b[8] = 9;
+            b
+        }),
+        ("nothing at all", Vec::new()),
+    ];
+    for (what, bytes) in damaged {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sled = SledStore::open(dir.path()).unwrap();
+        let error = ledger::snapshot::import(&mut sled, &bytes[..]);
+        assert!(error.is_err(), "{what} was accepted");
+        assert!(sled.is_empty().unwrap(), "{what} left records behind");
+        let mut memory = MemStore::new();
+        assert!(
+            ledger::snapshot::import(&mut memory, &bytes[..]).is_err(),
+            "{what} was accepted"
+        );
+        assert!(memory.is_empty().unwrap(), "{what} left records behind");
+    }
+    // Importing over existing state is refused.
+    let mut store = original.into_store();
+    assert!(matches!(
+        ledger::snapshot::import(&mut store, &bytes[..]),
+        Err(StoreError::NotEmpty)
+    ));
+}

@@ -1,0 +1,1121 @@
+//! Data-driven cases: every result code and flag combination, each a line or two.
+
+mod common;
+
+use CreateAccountResult as A;
+use CreateTransferResult as R;
+use common::*;
+use ledger::*;
+
+const T0: u64 = 1_000 * NANOS_PER_SECOND;
+
+/// The accounts every transfer case starts with.
+fn accounts() -> Vec<Account> {
+    vec![
+        account(1, 1, 0),
+        account(2, 1, 0),
+        account(3, 1, AF::DEBITS_MUST_NOT_EXCEED_CREDITS),
+        account(4, 1, AF::CREDITS_MUST_NOT_EXCEED_DEBITS),
+        account(5, 2, 0),
+        account(6, 1, AF::HISTORY),
+        account(7, 1, AF::CLOSED),
+    ]
+}
+
+fn new_ledger() -> Ledger<MemStore> {
+    let mut ledger = Ledger::open(MemStore::new()).unwrap();
+    let reply = ledger
+        .apply(&[Batch::CreateAccounts(accounts())], T0, None)
+        .unwrap();
+    let BatchReply::CreateAccounts(results) = &reply[0] else {
+        unreachable!()
+    };
+    assert!(results.iter().all(|r| r.result == A::Ok), "{results:?}");
+    ledger
+}
+
+fn transfers(ledger: &mut Ledger<MemStore>, events: &[Transfer], at: u64) -> Vec<EventResult<R>> {
+    let mut reply = ledger
+        .apply(&[Batch::CreateTransfers(events.to_vec())], at, None)
+        .unwrap();
+    let Some(BatchReply::CreateTransfers(results)) = reply.pop() else {
+        unreachable!()
+    };
+    results
+}
+
+/// Runs `setup` (which must all succeed), then `batch` `delay_s` seconds later; returns the
+/// batch's codes and the ledger.
+fn run(setup: &[Transfer], batch: &[Transfer], delay_s: u64) -> (Vec<R>, Ledger<MemStore>) {
+    let mut ledger = new_ledger();
+    if !setup.is_empty() {
+        let results = transfers(&mut ledger, setup, T0 + NANOS_PER_SECOND);
+        assert!(
+            results.iter().all(|r| r.result == R::Ok),
+            "setup failed: {results:?}"
+        );
+    }
+    let results = transfers(&mut ledger, batch, T0 + (2 + delay_s) * NANOS_PER_SECOND);
+    (results.iter().map(|r| r.result).collect(), ledger)
+}
+
+fn check(setup: &[Transfer], batch: &[Transfer], expected: &[R]) {
+    let (results, ledger) = run(setup, batch, 0);
+    assert_eq!(results, expected, "setup {setup:?}\nbatch {batch:?}");
+    check_invariants(&ledger.lookup_accounts(&[1, 2, 3, 4, 5, 6, 7]).unwrap());
+}
+
+/// Balances of account `id` as (debits_pending, debits_posted, credits_pending, credits_posted).
+fn balances(ledger: &Ledger<MemStore>, id: u128) -> (u128, u128, u128, u128) {
+    let a = ledger.lookup_accounts(&[id]).unwrap()[0];
+    (
+        a.debits_pending,
+        a.debits_posted,
+        a.credits_pending,
+        a.credits_posted,
+    )
+}
+
+fn t(id: u128, debit: u128, credit: u128, amount: u128) -> Transfer {
+    transfer(id, debit, credit, amount)
+}
+
+fn with(t: Transfer, edit: impl FnOnce(&mut Transfer)) -> Transfer {
+    let mut t = t;
+    edit(&mut t);
+    t
+}
+
+#[test]
+fn create_account_codes() {
+    let base = account(10, 1, 0);
+    let cases: &[(Account, A)] = &[
+        (base, A::Ok),
+        (
+            Account {
+                timestamp: 1,
+                ..base
+            },
+            A::TimestampMustBeZero,
+        ),
+        (
+            Account {
+                flags: AccountFlags(1 << 4),
+                ..base
+            },
+            A::ReservedFlag,
+        ),
+        (
+            Account {
+                flags: AccountFlags(1 << 15),
+                ..base
+            },
+            A::ReservedFlag,
+        ),
+        (Account { id: 0, ..base }, A::IdMustNotBeZero),
+        (
+            Account {
+                id: u128::MAX,
+                ..base
+            },
+            A::IdMustNotBeIntMax,
+        ),
+        (account(1, 1, 0), A::Exists),
+        (account(1, 1, AF::HISTORY), A::ExistsWithDifferentFlags),
+        (
+            Account {
+                user_data_128: 1,
+                ..account(1, 1, 0)
+            },
+            A::ExistsWithDifferentUserData128,
+        ),
+        (
+            Account {
+                user_data_64: 1,
+                ..account(1, 1, 0)
+            },
+            A::ExistsWithDifferentUserData64,
+        ),
+        (
+            Account {
+                user_data_32: 1,
+                ..account(1, 1, 0)
+            },
+            A::ExistsWithDifferentUserData32,
+        ),
+        (account(1, 2, 0), A::ExistsWithDifferentLedger),
+        (
+            Account {
+                code: 2,
+                ..account(1, 1, 0)
+            },
+            A::ExistsWithDifferentCode,
+        ),
+        // The exists check comes before field validation: a retry is always answered `exists`.
+        (
+            Account {
+                ledger: 0,
+                ..account(1, 1, 0)
+            },
+            A::ExistsWithDifferentLedger,
+        ),
+        (
+            account(
+                10,
+                1,
+                AF::DEBITS_MUST_NOT_EXCEED_CREDITS | AF::CREDITS_MUST_NOT_EXCEED_DEBITS,
+            ),
+            A::FlagsAreMutuallyExclusive,
+        ),
+        (
+            Account {
+                debits_pending: 1,
+                ..base
+            },
+            A::DebitsPendingMustBeZero,
+        ),
+        (
+            Account {
+                debits_posted: 1,
+                ..base
+            },
+            A::DebitsPostedMustBeZero,
+        ),
+        (
+            Account {
+                credits_pending: 1,
+                ..base
+            },
+            A::CreditsPendingMustBeZero,
+        ),
+        (
+            Account {
+                credits_posted: 1,
+                ..base
+            },
+            A::CreditsPostedMustBeZero,
+        ),
+        (Account { ledger: 0, ..base }, A::LedgerMustNotBeZero),
+        (Account { code: 0, ..base }, A::CodeMustNotBeZero),
+        (account(10, 1, AF::CLOSED | AF::HISTORY), A::Ok),
+    ];
+    for (event, expected) in cases {
+        let mut ledger = new_ledger();
+        let reply = ledger
+            .apply(&[Batch::CreateAccounts(vec![*event])], T0 + 1, None)
+            .unwrap();
+        let BatchReply::CreateAccounts(results) = &reply[0] else {
+            unreachable!()
+        };
+        assert_eq!(results[0].result, *expected, "{event:?}");
+        let stored = ledger.lookup_accounts(&[event.id]).unwrap();
+        if *expected == A::Ok {
+            assert_eq!(stored.len(), 1);
+            assert_eq!(results[0].timestamp, stored[0].timestamp);
+        } else if *expected == A::Exists {
+            assert_eq!(
+                results[0].timestamp, T0,
+                "exists answers the original timestamp"
+            );
+        } else {
+            assert_eq!(results[0].timestamp, 0);
+        }
+    }
+}
+
+#[test]
+fn create_account_linked_chains() {
+    let ok = |id| account(id, 1, AF::LINKED);
+    let cases: &[(&[Account], &[A])] = &[
+        (&[ok(10), account(11, 1, 0)], &[A::Ok, A::Ok]),
+        (
+            &[ok(10), account(11, 0, 0)],
+            &[A::LinkedEventFailed, A::LedgerMustNotBeZero],
+        ),
+        (
+            &[ok(10), ok(11)],
+            &[A::LinkedEventFailed, A::LinkedEventChainOpen],
+        ),
+        (&[ok(10)], &[A::LinkedEventChainOpen]),
+        (
+            &[ok(10), ok(11), account(12, 1, 0), account(10, 1, 0)],
+            &[A::Ok, A::Ok, A::Ok, A::ExistsWithDifferentFlags],
+        ),
+        // A duplicate id inside one chain fails the chain: nothing of it is created.
+        (
+            &[ok(10), account(10, 1, AF::LINKED), account(12, 1, 0)],
+            &[A::LinkedEventFailed, A::Exists, A::LinkedEventFailed],
+        ),
+    ];
+    for (events, expected) in cases {
+        let mut ledger = new_ledger();
+        let reply = ledger
+            .apply(&[Batch::CreateAccounts(events.to_vec())], T0 + 1, None)
+            .unwrap();
+        let BatchReply::CreateAccounts(results) = &reply[0] else {
+            unreachable!()
+        };
+        let codes: Vec<A> = results.iter().map(|r| r.result).collect();
+        assert_eq!(&codes, expected, "{events:?}");
+        for (event, code) in events.iter().zip(codes) {
+            if code != A::Ok && event.id != 10 {
+                assert!(
+                    ledger.lookup_accounts(&[event.id]).unwrap().is_empty(),
+                    "{event:?} was created"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn create_transfer_validation_codes() {
+    let base = t(100, 1, 2, 10);
+    let pending = flagged(base, TF::PENDING);
+    let cases: &[(Transfer, R)] = &[
+        (base, R::Ok),
+        (with(base, |t| t.amount = 0), R::Ok),
+        (with(base, |t| t.timestamp = 1), R::TimestampMustBeZero),
+        (flagged(base, 1 << 8), R::ReservedFlag),
+        (with(base, |t| t.id = 0), R::IdMustNotBeZero),
+        (with(base, |t| t.id = u128::MAX), R::IdMustNotBeIntMax),
+        (
+            with(base, |t| t.debit_account_id = 0),
+            R::DebitAccountIdMustNotBeZero,
+        ),
+        (
+            with(base, |t| t.debit_account_id = u128::MAX),
+            R::DebitAccountIdMustNotBeIntMax,
+        ),
+        (
+            with(base, |t| t.credit_account_id = 0),
+            R::CreditAccountIdMustNotBeZero,
+        ),
+        (
+            with(base, |t| t.credit_account_id = u128::MAX),
+            R::CreditAccountIdMustNotBeIntMax,
+        ),
+        (
+            with(base, |t| t.credit_account_id = 1),
+            R::AccountsMustBeDifferent,
+        ),
+        (with(base, |t| t.pending_id = 9), R::PendingIdMustBeZero),
+        (
+            with(base, |t| t.timeout = 1),
+            R::TimeoutReservedForPendingTransfer,
+        ),
+        (with(pending, |t| t.timeout = 1), R::Ok),
+        (
+            flagged(base, TF::CLOSING_DEBIT),
+            R::ClosingTransferMustBePending,
+        ),
+        (
+            flagged(base, TF::CLOSING_CREDIT),
+            R::ClosingTransferMustBePending,
+        ),
+        (with(base, |t| t.ledger = 0), R::LedgerMustNotBeZero),
+        (with(base, |t| t.code = 0), R::CodeMustNotBeZero),
+        (
+            with(base, |t| t.debit_account_id = 99),
+            R::DebitAccountNotFound,
+        ),
+        (
+            with(base, |t| t.credit_account_id = 99),
+            R::CreditAccountNotFound,
+        ),
+        (
+            with(base, |t| t.credit_account_id = 5),
+            R::AccountsMustHaveTheSameLedger,
+        ),
+        (
+            with(base, |t| t.ledger = 2),
+            R::TransferMustHaveTheSameLedgerAsAccounts,
+        ),
+        (
+            with(base, |t| t.debit_account_id = 7),
+            R::DebitAccountAlreadyClosed,
+        ),
+        (
+            with(base, |t| t.credit_account_id = 7),
+            R::CreditAccountAlreadyClosed,
+        ),
+        (with(base, |t| t.debit_account_id = 3), R::ExceedsCredits),
+        (with(base, |t| t.credit_account_id = 4), R::ExceedsDebits),
+        (with(pending, |t| t.debit_account_id = 3), R::ExceedsCredits),
+        (
+            with(base, |t| (t.debit_account_id, t.credit_account_id) = (4, 3)),
+            R::Ok,
+        ),
+        (
+            with(base, |t| (t.debit_account_id, t.amount) = (3, 0)),
+            R::Ok,
+        ),
+        (with(pending, |t| t.timeout = u32::MAX), R::Ok),
+        // A pending transfer may combine with balancing.
+        (flagged(base, TF::PENDING | TF::BALANCING_DEBIT), R::Ok),
+    ];
+    for (event, expected) in cases {
+        check(&[], &[*event], &[*expected]);
+    }
+}
+
+#[test]
+fn overflow_codes() {
+    let max = u128::MAX;
+    let cases: &[(&[Transfer], Transfer, R)] = &[
+        (
+            &[t(50, 1, 2, max)],
+            t(100, 1, 2, 1),
+            R::OverflowsDebitsPosted,
+        ),
+        (
+            &[t(50, 6, 2, max)],
+            t(100, 1, 2, 1),
+            R::OverflowsCreditsPosted,
+        ),
+        (
+            &[flagged(t(50, 1, 2, max), TF::PENDING)],
+            flagged(t(100, 1, 6, 1), TF::PENDING),
+            R::OverflowsDebitsPending,
+        ),
+        (
+            &[flagged(t(50, 6, 2, max), TF::PENDING)],
+            flagged(t(100, 1, 2, 1), TF::PENDING),
+            R::OverflowsCreditsPending,
+        ),
+        (
+            &[flagged(t(50, 1, 2, max), TF::PENDING)],
+            t(100, 1, 6, 1),
+            R::OverflowsDebits,
+        ),
+        (
+            &[flagged(t(50, 6, 2, max), TF::PENDING)],
+            t(100, 1, 2, 1),
+            R::OverflowsCredits,
+        ),
+        (
+            &[flagged(t(50, 1, 2, max - 1), TF::PENDING)],
+            t(100, 1, 6, 1),
+            R::Ok,
+        ),
+    ];
+    for (setup, event, expected) in cases {
+        check(setup, &[*event], &[*expected]);
+    }
+    // timeout seconds past the end of u64 nanoseconds.
+    let mut ledger = new_ledger();
+    let late = u64::MAX - 10 * NANOS_PER_SECOND;
+    let results = transfers(
+        &mut ledger,
+        &[with(flagged(t(100, 1, 2, 1), TF::PENDING), |t| {
+            t.timeout = 11
+        })],
+        late,
+    );
+    assert_eq!(results[0].result, R::OverflowsTimeout);
+}
+
+#[test]
+fn exists_codes() {
+    let original = with(t(50, 1, 2, 10), |t| {
+        t.user_data_128 = 7;
+        t.user_data_64 = 8;
+        t.user_data_32 = 9;
+    });
+    let cases: &[(Transfer, R)] = &[
+        (original, R::Exists),
+        (flagged(original, TF::PENDING), R::ExistsWithDifferentFlags),
+        (
+            with(original, |t| t.pending_id = 1),
+            R::ExistsWithDifferentPendingId,
+        ),
+        (
+            with(original, |t| t.timeout = 1),
+            R::ExistsWithDifferentTimeout,
+        ),
+        (
+            with(original, |t| t.debit_account_id = 6),
+            R::ExistsWithDifferentDebitAccountId,
+        ),
+        (
+            with(original, |t| t.credit_account_id = 6),
+            R::ExistsWithDifferentCreditAccountId,
+        ),
+        (
+            with(original, |t| t.amount = 11),
+            R::ExistsWithDifferentAmount,
+        ),
+        (
+            with(original, |t| t.user_data_128 = 0),
+            R::ExistsWithDifferentUserData128,
+        ),
+        (
+            with(original, |t| t.user_data_64 = 0),
+            R::ExistsWithDifferentUserData64,
+        ),
+        (
+            with(original, |t| t.user_data_32 = 0),
+            R::ExistsWithDifferentUserData32,
+        ),
+        (
+            with(original, |t| t.ledger = 2),
+            R::ExistsWithDifferentLedger,
+        ),
+        (with(original, |t| t.code = 2), R::ExistsWithDifferentCode),
+        // Exists is answered before anything that depends on accounts or balances.
+        (
+            with(original, |t| t.ledger = 0),
+            R::ExistsWithDifferentLedger,
+        ),
+    ];
+    for (event, expected) in cases {
+        check(&[original], &[*event], &[*expected]);
+    }
+    // The retry answers the original timestamp, and moves nothing.
+    let (_, mut ledger) = run(&[original], &[], 0);
+    let before = balances(&ledger, 1);
+    let results = transfers(
+        &mut ledger,
+        &[original, original],
+        T0 + 9 * NANOS_PER_SECOND,
+    );
+    assert_eq!(results[0].result, R::Exists);
+    assert_eq!(
+        results[0].timestamp,
+        ledger.lookup_transfers(&[50]).unwrap()[0].timestamp
+    );
+    assert_eq!(balances(&ledger, 1), before);
+    // A duplicate id in one batch: the second answers `exists`; money moves once.
+    let (codes, ledger) = run(
+        &[],
+        &[t(60, 1, 2, 5), t(60, 1, 2, 5), with(t(60, 1, 2, 6), |_| ())],
+        0,
+    );
+    assert_eq!(codes, [R::Ok, R::Exists, R::ExistsWithDifferentAmount]);
+    assert_eq!(balances(&ledger, 1), (0, 5, 0, 0));
+}
+
+#[test]
+fn balancing_transfers() {
+    // Account 3 may not go below zero: it holds 30 of credits.
+    let fund = t(50, 1, 3, 30);
+    let cases: &[(Transfer, R, u128)] = &[
+        (flagged(t(100, 3, 2, 100), TF::BALANCING_DEBIT), R::Ok, 30),
+        (flagged(t(100, 3, 2, 20), TF::BALANCING_DEBIT), R::Ok, 20),
+        (
+            flagged(t(100, 3, 2, u128::MAX), TF::BALANCING_DEBIT),
+            R::Ok,
+            30,
+        ),
+        (flagged(t(100, 2, 4, 100), TF::BALANCING_CREDIT), R::Ok, 0),
+        (
+            flagged(
+                t(100, 3, 4, 100),
+                TF::BALANCING_DEBIT | TF::BALANCING_CREDIT,
+            ),
+            R::Ok,
+            0,
+        ),
+        (
+            flagged(t(100, 3, 2, 100), TF::BALANCING_DEBIT | TF::PENDING),
+            R::Ok,
+            30,
+        ),
+    ];
+    for (event, expected, amount) in cases {
+        let (codes, ledger) = run(&[fund], &[*event], 0);
+        assert_eq!(codes, [*expected], "{event:?}");
+        assert_eq!(
+            ledger.lookup_transfers(&[100]).unwrap()[0].amount,
+            *amount,
+            "{event:?}"
+        );
+        check_invariants(&ledger.lookup_accounts(&[1, 2, 3, 4]).unwrap());
+    }
+    // A retry of a balancing transfer with the original (unclamped) amount is `exists`.
+    let balancing = flagged(t(100, 3, 2, 100), TF::BALANCING_DEBIT);
+    check(&[fund, balancing], &[balancing], &[R::Exists]);
+    check(
+        &[fund, balancing],
+        &[with(balancing, |t| t.amount = 29)],
+        &[R::ExistsWithDifferentAmount],
+    );
+}
+
+#[test]
+fn pending_post_void_codes() {
+    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| {
+        t.user_data_64 = 5
+    });
+    let post = |amount| settle(100, 50, TF::POST_PENDING_TRANSFER, amount);
+    let void = |amount| settle(100, 50, TF::VOID_PENDING_TRANSFER, amount);
+    let cases: &[(Transfer, R)] = &[
+        (post(u128::MAX), R::Ok),
+        (post(100), R::Ok),
+        (post(40), R::Ok),
+        (post(0), R::Ok),
+        (post(101), R::ExceedsPendingTransferAmount),
+        (void(0), R::Ok),
+        (void(100), R::Ok),
+        (void(40), R::PendingTransferHasDifferentAmount),
+        (void(101), R::ExceedsPendingTransferAmount),
+        (
+            flagged(
+                post(0),
+                TF::POST_PENDING_TRANSFER | TF::VOID_PENDING_TRANSFER,
+            ),
+            R::FlagsAreMutuallyExclusive,
+        ),
+        (
+            flagged(post(0), TF::POST_PENDING_TRANSFER | TF::PENDING),
+            R::FlagsAreMutuallyExclusive,
+        ),
+        (
+            flagged(post(0), TF::POST_PENDING_TRANSFER | TF::BALANCING_DEBIT),
+            R::FlagsAreMutuallyExclusive,
+        ),
+        (
+            flagged(post(0), TF::VOID_PENDING_TRANSFER | TF::BALANCING_CREDIT),
+            R::FlagsAreMutuallyExclusive,
+        ),
+        (
+            flagged(post(0), TF::VOID_PENDING_TRANSFER | TF::CLOSING_DEBIT),
+            R::FlagsAreMutuallyExclusive,
+        ),
+        (
+            flagged(post(0), TF::POST_PENDING_TRANSFER | TF::CLOSING_CREDIT),
+            R::FlagsAreMutuallyExclusive,
+        ),
+        (
+            with(post(0), |t| t.pending_id = 0),
+            R::PendingIdMustNotBeZero,
+        ),
+        (
+            with(post(0), |t| t.pending_id = u128::MAX),
+            R::PendingIdMustNotBeIntMax,
+        ),
+        (
+            with(post(0), |t| t.pending_id = 100),
+            R::PendingIdMustBeDifferent,
+        ),
+        (
+            with(post(0), |t| t.timeout = 1),
+            R::TimeoutReservedForPendingTransfer,
+        ),
+        (
+            with(post(0), |t| t.pending_id = 99),
+            R::PendingTransferNotFound,
+        ),
+        (
+            with(post(0), |t| t.pending_id = 51),
+            R::PendingTransferNotPending,
+        ),
+        (
+            with(post(0), |t| t.debit_account_id = 6),
+            R::PendingTransferHasDifferentDebitAccountId,
+        ),
+        (
+            with(post(0), |t| t.credit_account_id = 6),
+            R::PendingTransferHasDifferentCreditAccountId,
+        ),
+        (
+            with(post(0), |t| t.ledger = 2),
+            R::PendingTransferHasDifferentLedger,
+        ),
+        (
+            with(post(0), |t| t.code = 2),
+            R::PendingTransferHasDifferentCode,
+        ),
+        (
+            with(post(0), |t| {
+                (t.debit_account_id, t.credit_account_id, t.ledger, t.code) = (1, 2, 1, 1)
+            }),
+            R::Ok,
+        ),
+    ];
+    for (event, expected) in cases {
+        check(&[p, t(51, 1, 2, 1)], &[*event], &[*expected]);
+    }
+}
+
+#[test]
+fn pending_lifecycle_balances() {
+    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| {
+        t.user_data_64 = 5
+    });
+    let (_, ledger) = run(&[p], &[], 0);
+    assert_eq!(balances(&ledger, 1), (100, 0, 0, 0));
+    assert_eq!(balances(&ledger, 2), (0, 0, 100, 0));
+
+    let (codes, ledger) = run(&[p], &[settle(100, 50, TF::POST_PENDING_TRANSFER, 40)], 0);
+    assert_eq!(codes, [R::Ok]);
+    assert_eq!(
+        balances(&ledger, 1),
+        (0, 40, 0, 0),
+        "a partial post releases the rest"
+    );
+    assert_eq!(balances(&ledger, 2), (0, 0, 0, 40));
+    let posted = ledger.lookup_transfers(&[100]).unwrap()[0];
+    assert_eq!(
+        (
+            posted.debit_account_id,
+            posted.credit_account_id,
+            posted.user_data_64
+        ),
+        (1, 2, 5),
+        "inherited"
+    );
+    assert_eq!(
+        (posted.ledger, posted.code, posted.amount, posted.pending_id),
+        (1, 1, 40, 50)
+    );
+
+    let (_, ledger) = run(&[p], &[settle(100, 50, TF::VOID_PENDING_TRANSFER, 0)], 0);
+    assert_eq!(balances(&ledger, 1), (0, 0, 0, 0));
+    assert_eq!(ledger.lookup_transfers(&[100]).unwrap()[0].amount, 100);
+
+    // Settling twice, or settling a settled transfer.
+    let posted = settle(100, 50, TF::POST_PENDING_TRANSFER, u128::MAX);
+    let voided = settle(101, 50, TF::VOID_PENDING_TRANSFER, 0);
+    check(
+        &[p, posted],
+        &[settle(102, 50, TF::POST_PENDING_TRANSFER, 1)],
+        &[R::PendingTransferAlreadyPosted],
+    );
+    check(
+        &[p, voided],
+        &[settle(102, 50, TF::POST_PENDING_TRANSFER, 1)],
+        &[R::PendingTransferAlreadyVoided],
+    );
+    check(&[p, posted], &[posted], &[R::Exists]);
+    check(
+        &[p, posted],
+        &[settle(100, 50, TF::POST_PENDING_TRANSFER, 100)],
+        &[R::Exists],
+    );
+    check(
+        &[p, posted],
+        &[settle(100, 50, TF::POST_PENDING_TRANSFER, 99)],
+        &[R::ExistsWithDifferentAmount],
+    );
+    check(
+        &[p, posted],
+        &[with(posted, |t| t.user_data_64 = 5)],
+        &[R::Exists],
+    );
+    check(
+        &[p, posted],
+        &[with(posted, |t| t.user_data_64 = 6)],
+        &[R::ExistsWithDifferentUserData64],
+    );
+    check(
+        &[p, posted],
+        &[with(posted, |t| t.debit_account_id = 6)],
+        &[R::ExistsWithDifferentDebitAccountId],
+    );
+    check(
+        &[p, voided],
+        &[settle(101, 50, TF::VOID_PENDING_TRANSFER, 100)],
+        &[R::Exists],
+    );
+}
+
+#[test]
+fn pending_expiry() {
+    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| t.timeout = 2);
+    let post = settle(100, 50, TF::POST_PENDING_TRANSFER, u128::MAX);
+    // Setup runs at T0+1s, so the transfer expires at T0+3s; the batch runs at T0+(2+delay)s.
+    let (codes, _) = run(&[p], &[post], 0);
+    assert_eq!(codes, [R::Ok], "before expiry");
+    let (codes, ledger) = run(&[p], &[post], 1);
+    assert_eq!(codes, [R::PendingTransferExpired], "exactly at expiry");
+    assert_eq!(
+        balances(&ledger, 1),
+        (0, 0, 0, 0),
+        "expiry released the reservation"
+    );
+    let (codes, _) = run(&[p], &[settle(100, 50, TF::VOID_PENDING_TRANSFER, 0)], 5);
+    assert_eq!(codes, [R::PendingTransferExpired]);
+    // A pending transfer without a timeout never expires.
+    let (codes, _) = run(&[with(p, |t| t.timeout = 0)], &[post], 1_000_000);
+    assert_eq!(codes, [R::Ok]);
+    // Expiry within one batch: events later in the batch than the expiry time see it expired,
+    // even though the reservation is released only by the next batch.
+    let mut ledger = new_ledger();
+    transfers(&mut ledger, &[p], T0 + NANOS_PER_SECOND);
+    let expiry = T0 + 3 * NANOS_PER_SECOND;
+    let results = transfers(
+        &mut ledger,
+        &[t(60, 1, 2, 1), t(61, 1, 2, 1), post],
+        expiry - 2,
+    );
+    assert_eq!(results[2].result, R::PendingTransferExpired);
+    assert_eq!(balances(&ledger, 1), (100, 2, 0, 0));
+    transfers(&mut ledger, &[t(62, 1, 2, 1)], expiry);
+    assert_eq!(balances(&ledger, 1), (0, 3, 0, 0));
+}
+
+#[test]
+fn closing_transfers() {
+    let close_debit = flagged(t(50, 1, 2, 0), TF::PENDING | TF::CLOSING_DEBIT);
+    let close_credit = flagged(t(50, 1, 2, 0), TF::PENDING | TF::CLOSING_CREDIT);
+    check(
+        &[close_debit],
+        &[t(100, 1, 2, 1)],
+        &[R::DebitAccountAlreadyClosed],
+    );
+    check(
+        &[close_debit],
+        &[t(100, 2, 1, 1)],
+        &[R::CreditAccountAlreadyClosed],
+    );
+    check(
+        &[close_credit],
+        &[t(100, 1, 2, 1)],
+        &[R::CreditAccountAlreadyClosed],
+    );
+    check(&[close_credit], &[t(100, 1, 6, 1)], &[R::Ok]);
+    // Voiding the closing transfer reopens; posting it is refused (the account is closed).
+    check(
+        &[close_debit],
+        &[
+            settle(100, 50, TF::VOID_PENDING_TRANSFER, 0),
+            t(101, 1, 2, 1),
+        ],
+        &[R::Ok, R::Ok],
+    );
+    check(
+        &[close_debit],
+        &[settle(100, 50, TF::POST_PENDING_TRANSFER, 0)],
+        &[R::DebitAccountAlreadyClosed],
+    );
+    check(
+        &[close_credit],
+        &[settle(100, 50, TF::POST_PENDING_TRANSFER, 0)],
+        &[R::CreditAccountAlreadyClosed],
+    );
+    // Other pending transfers of a closed account can be voided but not posted.
+    let other = flagged(t(49, 1, 6, 5), TF::PENDING);
+    check(
+        &[other, close_debit],
+        &[settle(100, 49, TF::VOID_PENDING_TRANSFER, 0)],
+        &[R::Ok],
+    );
+    check(
+        &[other, close_debit],
+        &[settle(100, 49, TF::POST_PENDING_TRANSFER, 5)],
+        &[R::DebitAccountAlreadyClosed],
+    );
+    // Expiry of a closing transfer reopens the account.
+    let mut ledger = new_ledger();
+    transfers(
+        &mut ledger,
+        &[with(close_debit, |t| t.timeout = 1)],
+        T0 + NANOS_PER_SECOND,
+    );
+    assert!(
+        ledger.lookup_accounts(&[1]).unwrap()[0]
+            .flags
+            .contains(AF::CLOSED)
+    );
+    let results = transfers(&mut ledger, &[t(100, 1, 2, 1)], T0 + 2 * NANOS_PER_SECOND);
+    assert_eq!(results[0].result, R::Ok);
+    assert!(
+        !ledger.lookup_accounts(&[1]).unwrap()[0]
+            .flags
+            .contains(AF::CLOSED)
+    );
+}
+
+#[test]
+fn transfer_linked_chains() {
+    let l = |t: Transfer| flagged(t, t.flags.0 | TF::LINKED);
+    let cases: &[(&[Transfer], &[R])] = &[
+        (&[l(t(100, 1, 2, 5)), t(101, 2, 1, 3)], &[R::Ok, R::Ok]),
+        (
+            &[l(t(100, 1, 2, 5)), t(101, 3, 1, 3)],
+            &[R::LinkedEventFailed, R::ExceedsCredits],
+        ),
+        (
+            &[l(t(100, 3, 1, 3)), t(101, 1, 2, 5)],
+            &[R::ExceedsCredits, R::LinkedEventFailed],
+        ),
+        (
+            &[l(t(100, 1, 2, 5)), l(t(101, 1, 2, 5))],
+            &[R::LinkedEventFailed, R::LinkedEventChainOpen],
+        ),
+        (&[l(t(100, 1, 2, 5))], &[R::LinkedEventChainOpen]),
+        (
+            &[
+                t(99, 1, 2, 1),
+                l(t(100, 1, 3, 5)),
+                l(t(101, 3, 2, 5)),
+                t(102, 3, 2, 1),
+                t(103, 1, 2, 1),
+            ],
+            &[
+                R::Ok,
+                R::LinkedEventFailed,
+                R::LinkedEventFailed,
+                R::ExceedsCredits,
+                R::Ok,
+            ],
+        ),
+        // A chain may fund an account and spend from it; a later failure undoes both.
+        (&[l(t(100, 1, 3, 5)), t(101, 3, 2, 5)], &[R::Ok, R::Ok]),
+        (
+            &[l(t(100, 1, 3, 5)), l(t(101, 3, 2, 5)), t(102, 1, 1, 1)],
+            &[
+                R::LinkedEventFailed,
+                R::LinkedEventFailed,
+                R::AccountsMustBeDifferent,
+            ],
+        ),
+        // A chain that creates a pending transfer and posts it.
+        (
+            &[
+                l(flagged(t(100, 1, 2, 5), TF::PENDING)),
+                settle(101, 100, TF::POST_PENDING_TRANSFER, u128::MAX),
+            ],
+            &[R::Ok, R::Ok],
+        ),
+        (
+            &[
+                l(flagged(t(100, 1, 2, 5), TF::PENDING)),
+                l(settle(101, 100, TF::POST_PENDING_TRANSFER, u128::MAX)),
+                t(102, 0, 2, 1),
+            ],
+            &[
+                R::LinkedEventFailed,
+                R::LinkedEventFailed,
+                R::DebitAccountIdMustNotBeZero,
+            ],
+        ),
+        // A retried chain: the first event exists, which fails the rest of it (nothing new).
+        (
+            &[
+                l(t(100, 1, 2, 5)),
+                t(101, 2, 1, 3),
+                l(t(100, 1, 2, 5)),
+                t(101, 2, 1, 3),
+            ],
+            &[R::Ok, R::Ok, R::Exists, R::LinkedEventFailed],
+        ),
+    ];
+    for (events, expected) in cases {
+        let (codes, ledger) = run(&[], events, 0);
+        assert_eq!(&codes, expected, "{events:?}");
+        let mut expected_balances = std::collections::BTreeMap::new();
+        for (event, code) in events.iter().zip(codes.iter()) {
+            if *code == R::Ok && !event.is_post_or_void() && !event.flags.contains(TF::PENDING) {
+                *expected_balances
+                    .entry(event.debit_account_id)
+                    .or_insert(0i128) -= event.amount as i128;
+                *expected_balances
+                    .entry(event.credit_account_id)
+                    .or_insert(0i128) += event.amount as i128;
+            }
+            if *code != R::Ok && *code != R::Exists {
+                assert!(
+                    ledger
+                        .lookup_transfers(&[event.id])
+                        .unwrap()
+                        .iter()
+                        .all(|t| t.timestamp != 0)
+                );
+            }
+        }
+        for id in 1..=3u128 {
+            let a = ledger.lookup_accounts(&[id]).unwrap()[0];
+            let net = a.credits_posted as i128 - a.debits_posted as i128;
+            let pending_post = events.iter().any(|e| e.is_post_or_void());
+            if !pending_post {
+                assert_eq!(
+                    net,
+                    expected_balances.get(&id).copied().unwrap_or(0),
+                    "account {id} after {events:?}"
+                );
+            }
+            assert_eq!(
+                (a.debits_pending, a.credits_pending),
+                (0, 0),
+                "chain left a reservation: {events:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn timestamps_strictly_increase_even_when_proposed_time_goes_back() {
+    let mut ledger = new_ledger();
+    let first = transfers(&mut ledger, &[t(100, 1, 2, 1), t(101, 1, 2, 1)], T0 + 10);
+    let second = transfers(&mut ledger, &[t(102, 1, 2, 1)], T0 - 5);
+    assert_eq!(first[0].timestamp, T0 + 10);
+    assert_eq!(first[1].timestamp, T0 + 11);
+    assert_eq!(
+        second[0].timestamp,
+        T0 + 12,
+        "a slow leader clock cannot run time backwards"
+    );
+    // Rejected events get no timestamp but still use up their slot.
+    let third = transfers(&mut ledger, &[t(0, 1, 2, 1), t(103, 1, 2, 1)], T0);
+    assert_eq!((third[0].timestamp, third[1].timestamp), (0, T0 + 14));
+}
+
+#[test]
+fn history_queries() {
+    let events = [
+        t(100, 6, 1, 10),
+        t(101, 1, 6, 3),
+        t(102, 6, 2, 4),
+        flagged(t(103, 2, 6, 7), TF::PENDING),
+    ];
+    let (codes, ledger) = run(&[], &events, 0);
+    assert!(codes.iter().all(|c| *c == R::Ok));
+    let filter = AccountFilter {
+        account_id: 6,
+        timestamp_min: 0,
+        timestamp_max: 0,
+        limit: 10,
+        debits: true,
+        credits: true,
+        reversed: false,
+    };
+    let ids = |f: &AccountFilter| -> Vec<u128> {
+        ledger
+            .account_transfers(f)
+            .unwrap()
+            .iter()
+            .map(|t| t.id)
+            .collect()
+    };
+    assert_eq!(ids(&filter), [100, 101, 102, 103]);
+    assert_eq!(
+        ids(&AccountFilter {
+            credits: false,
+            ..filter
+        }),
+        [100, 102]
+    );
+    assert_eq!(
+        ids(&AccountFilter {
+            debits: false,
+            ..filter
+        }),
+        [101, 103]
+    );
+    assert_eq!(
+        ids(&AccountFilter {
+            reversed: true,
+            limit: 2,
+            ..filter
+        }),
+        [103, 102]
+    );
+    // Paging by moving the timestamp bound.
+    let page = ledger
+        .account_transfers(&AccountFilter { limit: 2, ..filter })
+        .unwrap();
+    let next = AccountFilter {
+        timestamp_min: page[1].timestamp + 1,
+        limit: 2,
+        ..filter
+    };
+    assert_eq!(ids(&next), [102, 103]);
+    let window = AccountFilter {
+        timestamp_min: page[1].timestamp,
+        timestamp_max: page[1].timestamp,
+        ..filter
+    };
+    assert_eq!(ids(&window), [101], "bounds are inclusive");
+
+    let balances = ledger.account_balances(&filter).unwrap();
+    let debits_posted: Vec<u128> = balances.iter().map(|b| b.debits_posted).collect();
+    let credits_pending: Vec<u128> = balances.iter().map(|b| b.credits_pending).collect();
+    assert_eq!(debits_posted, [10, 10, 14, 14]);
+    assert_eq!(credits_pending, [0, 0, 0, 7]);
+    assert_eq!(balances[0].timestamp, page[0].timestamp);
+    let without_history = AccountFilter {
+        account_id: 1,
+        ..filter
+    };
+    assert!(
+        ledger
+            .account_balances(&without_history)
+            .unwrap()
+            .is_empty()
+    );
+
+    let invalid = [
+        (
+            AccountFilter {
+                account_id: 0,
+                ..filter
+            },
+            FilterError::AccountIdInvalid,
+        ),
+        (
+            AccountFilter { limit: 0, ..filter },
+            FilterError::LimitInvalid,
+        ),
+        (
+            AccountFilter {
+                limit: 8190,
+                ..filter
+            },
+            FilterError::LimitInvalid,
+        ),
+        (
+            AccountFilter {
+                debits: false,
+                credits: false,
+                ..filter
+            },
+            FilterError::NoSideSelected,
+        ),
+        (
+            AccountFilter {
+                timestamp_min: 5,
+                timestamp_max: 4,
+                ..filter
+            },
+            FilterError::TimestampRangeInvalid,
+        ),
+    ];
+    for (filter, expected) in invalid {
+        match ledger.account_transfers(&filter) {
+            Err(ledger::query::QueryError::Filter(error)) => assert_eq!(error, expected),
+            other => panic!("{filter:?} gave {other:?}"),
+        }
+    }
+    // Lookups leave out ids that do not exist, and keep the order asked.
+    let found: Vec<u128> = ledger
+        .lookup_transfers(&[103, 999, 100])
+        .unwrap()
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(found, [103, 100]);
+}
+
+#[test]
+fn several_batches_in_one_entry_commit_together() {
+    let mut ledger = new_ledger();
+    let batches = [
+        Batch::CreateTransfers(vec![flagged(t(100, 1, 2, 5), TF::PENDING)]),
+        Batch::CreateTransfers(vec![settle(101, 100, TF::POST_PENDING_TRANSFER, u128::MAX)]),
+        Batch::CreateAccounts(vec![account(20, 1, 0)]),
+    ];
+    let replies = ledger.apply(&batches, T0 + 5, Some(b"applied 7")).unwrap();
+    assert_eq!(replies.len(), 3);
+    assert_eq!(balances(&ledger, 1), (0, 5, 0, 0));
+    assert_eq!(ledger.meta().batches_applied, 4);
+    assert_eq!(
+        ledger
+            .store()
+            .meta_raw(ledger::codec::META_APP_KEY)
+            .unwrap()
+            .unwrap(),
+        b"applied 7"
+    );
+}
