@@ -58,10 +58,7 @@ pub fn index_key(account_id: u128, timestamp: u64) -> IndexKey {
 
 pub fn decode_index_key(key: &[u8]) -> (u128, u64) {
     assert_eq!(key.len(), 25, "index key length");
-    (
-        u128_be(&key[1..17]),
-        u64::from_be_bytes(key[17..25].try_into().unwrap()),
-    )
+    (u128_be(&key[1..17]), u64::from_be_bytes(key[17..25].try_into().unwrap()))
 }
 
 pub fn expiry_key(expires_at: u64, pending_id: u128) -> ExpiryKey {
@@ -74,10 +71,7 @@ pub fn expiry_key(expires_at: u64, pending_id: u128) -> ExpiryKey {
 
 pub fn decode_expiry_key(key: &[u8]) -> (u64, u128) {
     assert_eq!(key.len(), 25, "expiry key length");
-    (
-        u64::from_be_bytes(key[1..9].try_into().unwrap()),
-        u128_be(&key[9..25]),
-    )
+    (u64::from_be_bytes(key[1..9].try_into().unwrap()), u128_be(&key[9..25]))
 }
 
 fn u128_be(bytes: &[u8]) -> u128 {
@@ -123,10 +117,7 @@ impl Writer<'_> {
 
 pub fn encode_account(account: &Account) -> [u8; RECORD_BYTES] {
     let mut bytes = [0u8; RECORD_BYTES];
-    let mut w = Writer {
-        bytes: &mut bytes,
-        at: 0,
-    };
+    let mut w = Writer { bytes: &mut bytes, at: 0 };
     w.put(&account.id.to_le_bytes());
     w.put(&account.debits_pending.to_le_bytes());
     w.put(&account.debits_posted.to_le_bytes());
@@ -176,10 +167,7 @@ pub fn decode_account(bytes: &[u8]) -> Account {
 
 pub fn encode_transfer(transfer: &Transfer) -> [u8; RECORD_BYTES] {
     let mut bytes = [0u8; RECORD_BYTES];
-    let mut w = Writer {
-        bytes: &mut bytes,
-        at: 0,
-    };
+    let mut w = Writer { bytes: &mut bytes, at: 0 };
     w.put(&transfer.id.to_le_bytes());
     w.put(&transfer.debit_account_id.to_le_bytes());
     w.put(&transfer.credit_account_id.to_le_bytes());
@@ -264,10 +252,7 @@ pub const LEDGER_META_BYTES: usize = 4 + 8 + 8 + 32;
 
 pub fn encode_ledger_meta(meta: &LedgerMeta) -> [u8; LEDGER_META_BYTES] {
     let mut bytes = [0u8; LEDGER_META_BYTES];
-    let mut w = Writer {
-        bytes: &mut bytes,
-        at: 0,
-    };
+    let mut w = Writer { bytes: &mut bytes, at: 0 };
     w.put(&SCHEMA_VERSION.to_le_bytes());
     w.put(&meta.timestamp_last.to_le_bytes());
     w.put(&meta.batches_applied.to_le_bytes());
@@ -285,9 +270,5 @@ pub fn decode_ledger_meta(bytes: &[u8]) -> Result<LedgerMeta, u32> {
     if version != SCHEMA_VERSION {
         return Err(version);
     }
-    Ok(LedgerMeta {
-        timestamp_last: r.u64(),
-        batches_applied: r.u64(),
-        digest: r.take(),
-    })
+    Ok(LedgerMeta { timestamp_last: r.u64(), batches_applied: r.u64(), digest: r.take() })
 }

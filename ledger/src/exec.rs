@@ -29,9 +29,13 @@
 //!    `overflows_{debits, credits}_pending`, `overflows_{debits, credits}_posted`,
 //!    `overflows_{debits, credits}`, `overflows_timeout`, `exceeds_credits`, `exceeds_debits`.
 
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
+
 use crate::codec::LedgerMeta;
 use crate::model::*;
-use crate::store::{Changes, Store, StoreError, StoreResult};
+use crate::store::{Changes, IndexWrite, Store, StoreError, StoreResult};
 
 /// The accounting state machine over a store.
 pub struct Ledger<S> {
@@ -84,7 +88,7 @@ impl<S: Store> Ledger<S> {
         for batch in batches {
             replies.push(tx.execute(batch, timestamp_proposed)?);
         }
-        let mut changes = tx.changes;
+        let mut changes = tx.work.into_changes();
         changes.meta.digest = digest_changes(&self.meta.digest, &changes);
         changes.app_meta = app_meta.map(<[u8]>::to_vec);
         self.store.commit(&changes)?;
@@ -94,24 +98,24 @@ impl<S: Store> Ledger<S> {
 }
 
 /// The running digest: blake3 of the previous digest and every write of this entry in key order.
+/// The writes are framed into one buffer first: blake3 is several times faster over one large
+/// input than over many small `update` calls.
 fn digest_changes(previous: &[u8; 32], changes: &Changes) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(previous);
+    let mut framed = Vec::with_capacity(1 << 16);
+    framed.extend_from_slice(previous);
     changes.for_each_write(|key, value| {
-        hasher.update(&(key.len() as u32).to_le_bytes());
-        hasher.update(key);
+        framed.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        framed.extend_from_slice(key);
         match value {
             Some(value) => {
-                hasher.update(&[1]);
-                hasher.update(&(value.len() as u32).to_le_bytes());
-                hasher.update(value);
+                framed.push(1);
+                framed.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                framed.extend_from_slice(value);
             }
-            None => {
-                hasher.update(&[0]);
-            }
+            None => framed.push(0),
         }
     });
-    *hasher.finalize().as_bytes()
+    *blake3::hash(&framed).as_bytes()
 }
 
 /// How to undo one change to the overlay, for rolling back a failed linked chain.
@@ -122,61 +126,87 @@ enum Undo {
     ExpiryPut((u64, u128)),
     /// The key, and whether it was a put of this same entry (rather than a stored key).
     ExpiryDelete((u64, u128), bool),
-    Index((u128, u64)),
+    Index,
+}
+
+/// The overlay of one entry's uncommitted changes, shaped for speed while executing (hash maps
+/// and appends); `into_changes` sorts it into the ordered `Changes` that stores and the digest
+/// consume, so no hash order ever leaks.
+#[derive(Default)]
+struct Work {
+    accounts: HashMap<u128, Account>,
+    /// New transfers in creation order, and where each id sits in it.
+    transfers: Vec<Transfer>,
+    transfer_positions: HashMap<u128, u32>,
+    pending: HashMap<u128, PendingStatus>,
+    expiry_put: BTreeSet<(u64, u128)>,
+    expiry_delete: BTreeSet<(u64, u128)>,
+    index: Vec<IndexWrite>,
+    meta: LedgerMeta,
+}
+
+impl Work {
+    fn into_changes(self) -> Changes {
+        let mut accounts: Vec<Account> = self.accounts.into_values().collect();
+        accounts.sort_unstable_by_key(|a| a.id);
+        let mut pending: Vec<(u128, PendingStatus)> = self.pending.into_iter().collect();
+        pending.sort_unstable_by_key(|(id, _)| *id);
+        Changes {
+            accounts,
+            transfers: self.transfers,
+            pending,
+            expiry_put: self.expiry_put,
+            expiry_delete: self.expiry_delete,
+            index: self.index,
+            meta: self.meta,
+            app_meta: None,
+        }
+    }
 }
 
 /// One entry's execution: the committed store underneath, the overlay of changes on top.
 struct Tx<'s, S> {
     store: &'s S,
-    changes: Changes,
+    work: Work,
+    /// Undo records, kept only while a linked chain is open: an event outside a chain either
+    /// succeeds whole or is rejected before it writes anything.
     undo: Vec<Undo>,
+    recording: bool,
+    /// Counts overlay writes, to assert that a rejected event wrote nothing.
+    writes: u64,
 }
 
 type Outcome<R> = StoreResult<(R, u64)>;
 
 impl<'s, S: Store> Tx<'s, S> {
     fn new(store: &'s S, meta: LedgerMeta) -> Tx<'s, S> {
-        let changes = Changes {
-            meta,
-            ..Changes::default()
-        };
-        Tx {
-            store,
-            changes,
-            undo: Vec::new(),
-        }
+        let work = Work { meta, ..Work::default() };
+        Tx { store, work, undo: Vec::new(), recording: false, writes: 0 }
     }
 
     fn execute(&mut self, batch: &Batch, timestamp_proposed: u64) -> StoreResult<BatchReply> {
-        assert!(
-            batch.len() <= BATCH_EVENTS_MAX,
-            "batch of {} events reached the ledger",
-            batch.len()
-        );
-        let timestamp_first = timestamp_proposed.max(self.changes.meta.timestamp_last + 1);
-        let timestamp_last = timestamp_first
-            .checked_add(batch.len() as u64)
-            .expect("ledger time overflowed u64");
+        assert!(batch.len() <= BATCH_EVENTS_MAX, "batch of {} events reached the ledger", batch.len());
+        let timestamp_first = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
+        let timestamp_last =
+            timestamp_first.checked_add(batch.len() as u64).expect("ledger time overflowed u64");
         self.expire_pending(timestamp_first)?;
-        let reply =
-            match batch {
-                Batch::CreateAccounts(events) => BatchReply::CreateAccounts(self.execute_chains(
-                    events,
-                    timestamp_first,
-                    Self::create_account,
-                )?),
-                Batch::CreateTransfers(events) => BatchReply::CreateTransfers(
-                    self.execute_chains(events, timestamp_first, Self::create_transfer)?,
-                ),
-            };
+        let reply = match batch {
+            Batch::CreateAccounts(events) => BatchReply::CreateAccounts(self.execute_chains(
+                events,
+                timestamp_first,
+                Self::create_account,
+            )?),
+            Batch::CreateTransfers(events) => BatchReply::CreateTransfers(self.execute_chains(
+                events,
+                timestamp_first,
+                Self::create_transfer,
+            )?),
+        };
         if !batch.is_empty() {
-            assert!(
-                timestamp_last - 1 > self.changes.meta.timestamp_last,
-                "ledger time went backwards"
-            );
-            self.changes.meta.timestamp_last = timestamp_last - 1;
+            assert!(timestamp_last - 1 > self.work.meta.timestamp_last, "ledger time went backwards");
+            self.work.meta.timestamp_last = timestamp_last - 1;
         }
-        self.changes.meta.batches_applied += 1;
+        self.work.meta.batches_applied += 1;
         Ok(reply)
     }
 
@@ -194,8 +224,9 @@ impl<'s, S: Store> Tx<'s, S> {
             let timestamp = timestamp_first + index as u64;
             if event.linked() && chain.is_none() {
                 chain = Some((index, self.undo.len()));
+                self.recording = true;
             }
-            let undo_before = self.undo.len();
+            let writes_before = self.writes;
             let (result, result_timestamp) = if event.linked() && index == events.len() - 1 {
                 (R::LINKED_EVENT_CHAIN_OPEN, 0)
             } else if chain_broken {
@@ -206,34 +237,25 @@ impl<'s, S: Store> Tx<'s, S> {
                 create(self, event, timestamp)?
             };
             if result != R::OK {
-                assert_eq!(
-                    self.undo.len(),
-                    undo_before,
-                    "a rejected event changed the state"
-                );
+                assert_eq!(self.writes, writes_before, "a rejected event changed the state");
                 if let Some((chain_first, savepoint)) = chain
                     && !chain_broken
                 {
                     chain_broken = true;
                     self.rollback(savepoint);
                     for earlier in &mut results[chain_first..index] {
-                        *earlier = EventResult {
-                            result: R::LINKED_EVENT_FAILED,
-                            timestamp: 0,
-                        };
+                        *earlier = EventResult { result: R::LINKED_EVENT_FAILED, timestamp: 0 };
                     }
                 }
             }
-            results.push(EventResult {
-                result,
-                timestamp: result_timestamp,
-            });
+            results.push(EventResult { result, timestamp: result_timestamp });
             if chain.is_some() && (!event.linked() || result == R::LINKED_EVENT_CHAIN_OPEN) {
                 chain = None;
                 chain_broken = false;
             }
             if chain.is_none() {
                 self.undo.clear();
+                self.recording = false;
             }
         }
         Ok(results)
@@ -241,7 +263,7 @@ impl<'s, S: Store> Tx<'s, S> {
 
     fn rollback(&mut self, savepoint: usize) {
         while self.undo.len() > savepoint {
-            let changes = &mut self.changes;
+            let changes = &mut self.work;
             match self.undo.pop().unwrap() {
                 Undo::Account(id, Some(previous)) => {
                     changes.accounts.insert(id, previous);
@@ -250,7 +272,9 @@ impl<'s, S: Store> Tx<'s, S> {
                     changes.accounts.remove(&id);
                 }
                 Undo::Transfer(id) => {
-                    changes.transfers.remove(&id);
+                    let transfer = changes.transfers.pop().expect("undo of a transfer not created");
+                    assert_eq!(transfer.id, id);
+                    changes.transfer_positions.remove(&id);
                 }
                 Undo::Pending(id, Some(previous)) => {
                     changes.pending.insert(id, previous);
@@ -267,8 +291,8 @@ impl<'s, S: Store> Tx<'s, S> {
                 Undo::ExpiryDelete(key, false) => {
                     changes.expiry_delete.remove(&key);
                 }
-                Undo::Index(key) => {
-                    changes.index.remove(&key);
+                Undo::Index => {
+                    changes.index.pop();
                 }
             }
         }
@@ -277,21 +301,21 @@ impl<'s, S: Store> Tx<'s, S> {
     // Reads through the overlay.
 
     fn account(&self, id: u128) -> StoreResult<Option<Account>> {
-        match self.changes.accounts.get(&id) {
+        match self.work.accounts.get(&id) {
             Some(account) => Ok(Some(*account)),
             None => self.store.account(id),
         }
     }
 
     fn transfer(&self, id: u128) -> StoreResult<Option<Transfer>> {
-        match self.changes.transfers.get(&id) {
-            Some(transfer) => Ok(Some(*transfer)),
+        match self.work.transfer_positions.get(&id) {
+            Some(position) => Ok(Some(self.work.transfers[*position as usize])),
             None => self.store.transfer(id),
         }
     }
 
     fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
-        match self.changes.pending.get(&id) {
+        match self.work.pending.get(&id) {
             Some(status) => Ok(Some(*status)),
             None => self.store.pending_status(id),
         }
@@ -299,50 +323,53 @@ impl<'s, S: Store> Tx<'s, S> {
 
     // Writes into the overlay, each recorded for rollback.
 
+    fn record(&mut self, undo: impl FnOnce() -> Undo) {
+        self.writes += 1;
+        if self.recording {
+            self.undo.push(undo());
+        }
+    }
+
     fn put_account(&mut self, account: Account) {
-        let previous = self.changes.accounts.insert(account.id, account);
-        self.undo.push(Undo::Account(account.id, previous));
+        let previous = self.work.accounts.insert(account.id, account);
+        self.record(|| Undo::Account(account.id, previous));
     }
 
     fn put_transfer(&mut self, transfer: Transfer) {
-        let previous = self.changes.transfers.insert(transfer.id, transfer);
+        let previous = self.work.transfer_positions.insert(transfer.id, self.work.transfers.len() as u32);
+        self.work.transfers.push(transfer);
         assert!(previous.is_none(), "transfer {} created twice", transfer.id);
-        self.undo.push(Undo::Transfer(transfer.id));
+        self.record(|| Undo::Transfer(transfer.id));
     }
 
     fn put_pending_status(&mut self, id: u128, status: PendingStatus) {
-        let previous = self.changes.pending.insert(id, status);
-        self.undo.push(Undo::Pending(id, previous));
+        let previous = self.work.pending.insert(id, status);
+        self.record(|| Undo::Pending(id, previous));
     }
 
     fn put_expiry(&mut self, key: (u64, u128)) {
-        assert!(
-            self.changes.expiry_put.insert(key),
-            "expiry {key:?} inserted twice"
-        );
-        self.undo.push(Undo::ExpiryPut(key));
+        assert!(self.work.expiry_put.insert(key), "expiry {key:?} inserted twice");
+        self.record(|| Undo::ExpiryPut(key));
     }
 
     fn delete_expiry(&mut self, key: (u64, u128)) {
-        let was_put = self.changes.expiry_put.remove(&key);
+        let was_put = self.work.expiry_put.remove(&key);
         if !was_put {
-            assert!(
-                self.changes.expiry_delete.insert(key),
-                "expiry {key:?} deleted twice"
-            );
+            assert!(self.work.expiry_delete.insert(key), "expiry {key:?} deleted twice");
         }
-        self.undo.push(Undo::ExpiryDelete(key, was_put));
+        self.record(|| Undo::ExpiryDelete(key, was_put));
     }
 
     fn put_index(&mut self, account: &Account, transfer: &Transfer) {
-        let balance = account
-            .flags
-            .contains(AccountFlags::HISTORY)
-            .then(|| account.balance(transfer.timestamp));
-        let key = (account.id, transfer.timestamp);
-        let previous = self.changes.index.insert(key, (transfer.id, balance));
-        assert!(previous.is_none(), "index entry {key:?} written twice");
-        self.undo.push(Undo::Index(key));
+        let balance =
+            account.flags.contains(AccountFlags::HISTORY).then(|| account.balance(transfer.timestamp));
+        self.work.index.push(IndexWrite {
+            account_id: account.id,
+            timestamp: transfer.timestamp,
+            transfer_id: transfer.id,
+            balance,
+        });
+        self.record(|| Undo::Index);
     }
 
     /// Expires every pending transfer due at `now`, releasing its reservation. Runs at the start
@@ -352,9 +379,9 @@ impl<'s, S: Store> Tx<'s, S> {
             .store
             .expiries_due(now)?
             .into_iter()
-            .filter(|key| !self.changes.expiry_delete.contains(key))
+            .filter(|key| !self.work.expiry_delete.contains(key))
             .collect();
-        due.extend(self.changes.expiry_put.range(..=(now, u128::MAX)).copied());
+        due.extend(self.work.expiry_put.range(..=(now, u128::MAX)).copied());
         due.sort_unstable();
         for key in due {
             self.expire(key)?;
@@ -365,21 +392,10 @@ impl<'s, S: Store> Tx<'s, S> {
 
     fn expire(&mut self, (expires_at, id): (u64, u128)) -> StoreResult<()> {
         let pending = self.transfer(id)?.expect("expiry of an unknown transfer");
-        assert_eq!(
-            self.pending_status(id)?,
-            Some(PendingStatus::Pending),
-            "expiry of a settled transfer"
-        );
-        assert_eq!(
-            expires_at,
-            pending.timestamp + u64::from(pending.timeout) * NANOS_PER_SECOND
-        );
-        let mut debit = self
-            .account(pending.debit_account_id)?
-            .expect("pending transfer's debit account");
-        let mut credit = self
-            .account(pending.credit_account_id)?
-            .expect("pending transfer's credit account");
+        assert_eq!(self.pending_status(id)?, Some(PendingStatus::Pending), "expiry of a settled transfer");
+        assert_eq!(expires_at, pending.timestamp + u64::from(pending.timeout) * NANOS_PER_SECOND);
+        let mut debit = self.account(pending.debit_account_id)?.expect("pending transfer's debit account");
+        let mut credit = self.account(pending.credit_account_id)?.expect("pending transfer's credit account");
         debit.debits_pending -= pending.amount;
         credit.credits_pending -= pending.amount;
         if pending.flags.contains(TransferFlags::CLOSING_DEBIT) {
@@ -409,11 +425,8 @@ impl<'s, S: Store> Tx<'s, S> {
         if let Some(existing) = self.account(a.id)? {
             return Ok(account_exists(a, &existing));
         }
-        let result = if a
-            .flags
-            .contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
-            && a.flags
-                .contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
+        let result = if a.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+            && a.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
         {
             R::FlagsAreMutuallyExclusive
         } else if a.debits_pending != 0 {
@@ -479,11 +492,7 @@ impl<'s, S: Store> Tx<'s, S> {
         mut debit: Account,
         mut credit: Account,
     ) {
-        let transfer = Transfer {
-            amount,
-            timestamp,
-            ..*t
-        };
+        let transfer = Transfer { amount, timestamp, ..*t };
         if t.flags.contains(TransferFlags::PENDING) {
             debit.debits_pending += amount;
             credit.credits_pending += amount;
@@ -527,12 +536,8 @@ impl<'s, S: Store> Tx<'s, S> {
             Err(result) => return Ok((result, 0)),
         };
         let post = t.flags.contains(TransferFlags::POST_PENDING_TRANSFER);
-        let mut debit = self
-            .account(p.debit_account_id)?
-            .expect("pending transfer's debit account");
-        let mut credit = self
-            .account(p.credit_account_id)?
-            .expect("pending transfer's credit account");
+        let mut debit = self.account(p.debit_account_id)?.expect("pending transfer's debit account");
+        let mut credit = self.account(p.credit_account_id)?.expect("pending transfer's credit account");
         if post && debit.flags.contains(AccountFlags::CLOSED) {
             return Ok((R::DebitAccountAlreadyClosed, 0));
         }
@@ -546,21 +551,9 @@ impl<'s, S: Store> Tx<'s, S> {
             credit_account_id: p.credit_account_id,
             amount,
             pending_id: p.id,
-            user_data_128: if t.user_data_128 == 0 {
-                p.user_data_128
-            } else {
-                t.user_data_128
-            },
-            user_data_64: if t.user_data_64 == 0 {
-                p.user_data_64
-            } else {
-                t.user_data_64
-            },
-            user_data_32: if t.user_data_32 == 0 {
-                p.user_data_32
-            } else {
-                t.user_data_32
-            },
+            user_data_128: if t.user_data_128 == 0 { p.user_data_128 } else { t.user_data_128 },
+            user_data_64: if t.user_data_64 == 0 { p.user_data_64 } else { t.user_data_64 },
+            user_data_32: if t.user_data_32 == 0 { p.user_data_32 } else { t.user_data_32 },
             timeout: 0,
             ledger: p.ledger,
             code: p.code,
@@ -581,14 +574,7 @@ impl<'s, S: Store> Tx<'s, S> {
                 credit.flags.0 &= !AccountFlags::CLOSED;
             }
         }
-        self.put_pending_status(
-            p.id,
-            if post {
-                PendingStatus::Posted
-            } else {
-                PendingStatus::Voided
-            },
-        );
+        self.put_pending_status(p.id, if post { PendingStatus::Posted } else { PendingStatus::Voided });
         if p.timeout > 0 {
             self.delete_expiry((p.timestamp + u64::from(p.timeout) * NANOS_PER_SECOND, p.id));
         }
@@ -609,9 +595,7 @@ impl<'s, S: Store> Tx<'s, S> {
         } else if t.timeout != e.timeout {
             R::ExistsWithDifferentTimeout
         } else if t.is_post_or_void() {
-            let p = self
-                .transfer(e.pending_id)?
-                .expect("posted transfer's pending transfer");
+            let p = self.transfer(e.pending_id)?.expect("posted transfer's pending transfer");
             post_or_void_exists(t, e, &p)
         } else {
             transfer_exists_fields(t, e)
@@ -690,17 +674,13 @@ fn account_exists(a: &Account, e: &Account) -> (CreateAccountResult, u64) {
 /// amount, so any request for at least that much is the same request.
 fn transfer_exists_fields(t: &Transfer, e: &Transfer) -> CreateTransferResult {
     use CreateTransferResult as R;
-    let balancing = t.flags.contains(TransferFlags::BALANCING_DEBIT)
-        || t.flags.contains(TransferFlags::BALANCING_CREDIT);
+    let balancing =
+        t.flags.contains(TransferFlags::BALANCING_DEBIT) || t.flags.contains(TransferFlags::BALANCING_CREDIT);
     if t.debit_account_id != e.debit_account_id {
         R::ExistsWithDifferentDebitAccountId
     } else if t.credit_account_id != e.credit_account_id {
         R::ExistsWithDifferentCreditAccountId
-    } else if if balancing {
-        t.amount < e.amount
-    } else {
-        t.amount != e.amount
-    } {
+    } else if if balancing { t.amount < e.amount } else { t.amount != e.amount } {
         R::ExistsWithDifferentAmount
     } else if t.user_data_128 != e.user_data_128 {
         R::ExistsWithDifferentUserData128
@@ -723,11 +703,7 @@ fn post_or_void_exists(t: &Transfer, e: &Transfer, p: &Transfer) -> CreateTransf
     use CreateTransferResult as R;
     let amount_requested = resolve_post_or_void_amount(t, p);
     let inherited_differs = |requested: u128, stored: u128, pending: u128| {
-        if requested == 0 {
-            stored != pending
-        } else {
-            requested != stored
-        }
+        if requested == 0 { stored != pending } else { requested != stored }
     };
     if t.debit_account_id != 0 && t.debit_account_id != e.debit_account_id {
         R::ExistsWithDifferentDebitAccountId
@@ -737,17 +713,9 @@ fn post_or_void_exists(t: &Transfer, e: &Transfer, p: &Transfer) -> CreateTransf
         R::ExistsWithDifferentAmount
     } else if inherited_differs(t.user_data_128, e.user_data_128, p.user_data_128) {
         R::ExistsWithDifferentUserData128
-    } else if inherited_differs(
-        t.user_data_64.into(),
-        e.user_data_64.into(),
-        p.user_data_64.into(),
-    ) {
+    } else if inherited_differs(t.user_data_64.into(), e.user_data_64.into(), p.user_data_64.into()) {
         R::ExistsWithDifferentUserData64
-    } else if inherited_differs(
-        t.user_data_32.into(),
-        e.user_data_32.into(),
-        p.user_data_32.into(),
-    ) {
+    } else if inherited_differs(t.user_data_32.into(), e.user_data_32.into(), p.user_data_32.into()) {
         R::ExistsWithDifferentUserData32
     } else if t.ledger != 0 && t.ledger != e.ledger {
         R::ExistsWithDifferentLedger
@@ -774,13 +742,9 @@ fn resolve_post_or_void_amount(t: &Transfer, p: &Transfer) -> u128 {
 fn post_or_void_precheck(t: &Transfer) -> CreateTransferResult {
     use CreateTransferResult as R;
     use TransferFlags as F;
-    let exclusive = F::PENDING
-        | F::BALANCING_DEBIT
-        | F::BALANCING_CREDIT
-        | F::CLOSING_DEBIT
-        | F::CLOSING_CREDIT;
-    let both =
-        t.flags.contains(F::POST_PENDING_TRANSFER) && t.flags.contains(F::VOID_PENDING_TRANSFER);
+    let exclusive =
+        F::PENDING | F::BALANCING_DEBIT | F::BALANCING_CREDIT | F::CLOSING_DEBIT | F::CLOSING_CREDIT;
+    let both = t.flags.contains(F::POST_PENDING_TRANSFER) && t.flags.contains(F::VOID_PENDING_TRANSFER);
     if both || t.flags.0 & exclusive != 0 {
         R::FlagsAreMutuallyExclusive
     } else if t.pending_id == 0 {
@@ -856,9 +820,7 @@ fn new_transfer_precheck(t: &Transfer) -> CreateTransferResult {
         R::PendingIdMustBeZero
     } else if !t.flags.contains(F::PENDING) && t.timeout != 0 {
         R::TimeoutReservedForPendingTransfer
-    } else if !t.flags.contains(F::PENDING)
-        && t.flags.0 & (F::CLOSING_DEBIT | F::CLOSING_CREDIT) != 0
-    {
+    } else if !t.flags.contains(F::PENDING) && t.flags.0 & (F::CLOSING_DEBIT | F::CLOSING_CREDIT) != 0 {
         R::ClosingTransferMustBePending
     } else if t.ledger == 0 {
         R::LedgerMustNotBeZero
@@ -922,10 +884,7 @@ fn new_transfer_check(
     if overflows(amount, cr.credits_pending + cr.credits_posted) {
         return Err(R::OverflowsCredits);
     }
-    if timestamp
-        .checked_add(u64::from(t.timeout) * NANOS_PER_SECOND)
-        .is_none()
-    {
+    if timestamp.checked_add(u64::from(t.timeout) * NANOS_PER_SECOND).is_none() {
         return Err(R::OverflowsTimeout);
     }
     if dr.debits_exceed_credits(amount) {

@@ -1,30 +1,73 @@
-//! `MemStore`: the state in typed ordered maps, for tests, simulations and benchmarks.
+//! `MemStore`: the state in typed maps, for tests, simulations and benchmarks.
 //!
 //! It behaves exactly like `SledStore` (same records, same keys in `for_each_record`), which the
-//! determinism test checks by comparing exports; it is simply never durable.
+//! determinism test checks by comparing exports; it is simply never durable. Point lookups use
+//! hash maps (their order never leaks: `for_each_record` sorts), and each account's index is a
+//! vector in time order, because timestamps only grow: an index write is an append.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::HashMap;
 
 use crate::codec::{
     self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
 };
-use crate::model::{Account, PendingStatus, Transfer};
-use crate::store::{Changes, Store, StoreError, StoreResult};
+use crate::model::{Account, AccountBalance, PendingStatus, Transfer};
+use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 #[derive(Default, Clone)]
 pub struct MemStore {
-    accounts: BTreeMap<u128, Account>,
-    transfers: BTreeMap<u128, Transfer>,
-    pending: BTreeMap<u128, PendingStatus>,
+    accounts: HashMap<u128, Account>,
+    transfers: HashMap<u128, Transfer>,
+    pending: HashMap<u128, PendingStatus>,
     expiries: BTreeSet<(u64, u128)>,
-    /// Index values stay encoded: they are only ever decoded by a query.
-    index: BTreeMap<(u128, u64), Vec<u8>>,
+    index: HashMap<u128, IndexList>,
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// One account's index: `(timestamp, transfer id)` in time order, and for an account with
+/// history, the balances after each (the same length), kept apart so that the common case stays
+/// small.
+#[derive(Clone, Default)]
+struct IndexList {
+    entries: Vec<(u64, u128)>,
+    balances: Vec<AccountBalance>,
+}
+
+impl IndexList {
+    fn encode(&self, position: usize) -> Vec<u8> {
+        codec::encode_index_value(self.entries[position].1, self.balances.get(position))
+    }
+}
+
+/// A hash map's entries in key order, for everything that must not depend on hashing.
+fn sorted<K: Ord + Copy, V>(map: &HashMap<K, V>) -> Vec<(K, &V)> {
+    let mut entries: Vec<(K, &V)> = map.iter().map(|(k, v)| (*k, v)).collect();
+    entries.sort_unstable_by_key(|(k, _)| *k);
+    entries
 }
 
 impl MemStore {
     pub fn new() -> MemStore {
         MemStore::default()
+    }
+
+    fn append_index(
+        &mut self,
+        account_id: u128,
+        timestamp: u64,
+        transfer_id: u128,
+        balance: Option<AccountBalance>,
+    ) {
+        let list = self.index.entry(account_id).or_default();
+        if let Some((last, _)) = list.entries.last() {
+            assert!(timestamp > *last, "index of account {account_id} went back in time");
+        }
+        assert_eq!(list.balances.len() == list.entries.len(), balance.is_some() || list.entries.is_empty());
+        list.entries.push((timestamp, transfer_id));
+        if let Some(balance) = balance {
+            list.balances.push(balance);
+        }
     }
 }
 
@@ -53,20 +96,19 @@ impl Store for MemStore {
         reversed: bool,
         visit: &mut dyn FnMut(u64, &[u8]) -> bool,
     ) -> StoreResult<()> {
-        let range = self
-            .index
-            .range((account_id, timestamp_min)..=(account_id, timestamp_max));
-        let mut visit =
-            |((_, timestamp), value): (&(u128, u64), &Vec<u8>)| visit(*timestamp, value);
+        let Some(list) = self.index.get(&account_id) else { return Ok(()) };
+        let start = list.entries.partition_point(|(timestamp, _)| *timestamp < timestamp_min);
+        let end = list.entries.partition_point(|(timestamp, _)| *timestamp <= timestamp_max).max(start);
+        let mut visit = |position: usize| visit(list.entries[position].0, &list.encode(position));
         if reversed {
-            for entry in range.rev() {
-                if !visit(entry) {
+            for position in (start..end).rev() {
+                if !visit(position) {
                     break;
                 }
             }
         } else {
-            for entry in range {
-                if !visit(entry) {
+            for position in start..end {
+                if !visit(position) {
                     break;
                 }
             }
@@ -79,68 +121,44 @@ impl Store for MemStore {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        self.accounts
-            .extend(changes.accounts.iter().map(|(id, account)| (*id, *account)));
-        self.transfers.extend(
-            changes
-                .transfers
-                .iter()
-                .map(|(id, transfer)| (*id, *transfer)),
-        );
-        self.pending
-            .extend(changes.pending.iter().map(|(id, status)| (*id, *status)));
+        self.accounts.extend(changes.accounts.iter().map(|account| (account.id, *account)));
+        self.transfers.extend(changes.transfers.iter().map(|transfer| (transfer.id, *transfer)));
+        self.pending.extend(changes.pending.iter().copied());
         for key in &changes.expiry_delete {
-            assert!(
-                self.expiries.remove(key),
-                "deleted expiry {key:?} was not stored"
-            );
+            assert!(self.expiries.remove(key), "deleted expiry {key:?} was not stored");
         }
         self.expiries.extend(changes.expiry_put.iter().copied());
-        for (key, (transfer_id, balance)) in &changes.index {
-            self.index.insert(
-                *key,
-                codec::encode_index_value(*transfer_id, balance.as_ref()),
-            );
+        for write in &changes.index {
+            self.append_index(write.account_id, write.timestamp, write.transfer_id, write.balance);
         }
         if let Some(app_meta) = &changes.app_meta {
-            self.meta
-                .insert(codec::META_APP_KEY.to_vec(), app_meta.clone());
+            self.meta.insert(codec::META_APP_KEY.to_vec(), app_meta.clone());
         }
-        self.meta.insert(
-            codec::META_LEDGER_KEY.to_vec(),
-            codec::encode_ledger_meta(&changes.meta).to_vec(),
-        );
+        self.meta.insert(codec::META_LEDGER_KEY.to_vec(), codec::encode_ledger_meta(&changes.meta).to_vec());
         Ok(())
     }
 
-    fn for_each_record(
-        &self,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> StoreResult<()>,
-    ) -> StoreResult<()> {
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
         // In prefix order: A, E, I, M, P, T.
-        for account in self.accounts.values() {
-            visit(
-                &codec::id_key(PREFIX_ACCOUNT, account.id),
-                &codec::encode_account(account),
-            )?;
+        for (id, account) in sorted(&self.accounts) {
+            visit(&codec::id_key(PREFIX_ACCOUNT, id), &codec::encode_account(account))?;
         }
         for (expires_at, id) in &self.expiries {
             visit(&codec::expiry_key(*expires_at, *id), &[])?;
         }
-        for ((account_id, timestamp), value) in &self.index {
-            visit(&codec::index_key(*account_id, *timestamp), value)?;
+        for (account_id, list) in sorted(&self.index) {
+            for (position, (timestamp, _)) in list.entries.iter().enumerate() {
+                visit(&codec::index_key(account_id, *timestamp), &list.encode(position))?;
+            }
         }
         for (key, value) in &self.meta {
             visit(key, value)?;
         }
-        for (id, status) in &self.pending {
-            visit(&codec::id_key(PREFIX_PENDING, *id), &[*status as u8])?;
+        for (id, status) in sorted(&self.pending) {
+            visit(&codec::id_key(PREFIX_PENDING, id), &[*status as u8])?;
         }
-        for transfer in self.transfers.values() {
-            visit(
-                &codec::id_key(PREFIX_TRANSFER, transfer.id),
-                &codec::encode_transfer(transfer),
-            )?;
+        for (id, transfer) in sorted(&self.transfers) {
+            visit(&codec::id_key(PREFIX_TRANSFER, id), &codec::encode_transfer(transfer))?;
         }
         Ok(())
     }
@@ -174,10 +192,7 @@ impl Store for MemStore {
 fn put_record(store: &mut MemStore, key: &[u8], value: &[u8]) -> StoreResult<()> {
     let corrupt = || StoreError::Corrupt(format!("record with key {key:02x?}"));
     let id = || -> StoreResult<u128> {
-        let bytes: [u8; 16] = key
-            .get(1..)
-            .and_then(|k| k.try_into().ok())
-            .ok_or_else(corrupt)?;
+        let bytes: [u8; 16] = key.get(1..).and_then(|k| k.try_into().ok()).ok_or_else(corrupt)?;
         Ok(u128::from_be_bytes(bytes))
     };
     match key.first().copied() {
@@ -195,9 +210,9 @@ fn put_record(store: &mut MemStore, key: &[u8], value: &[u8]) -> StoreResult<()>
             store.expiries.insert(codec::decode_expiry_key(key));
         }
         Some(PREFIX_INDEX) if key.len() == 25 && (value.len() == 16 || value.len() == 80) => {
-            store
-                .index
-                .insert(codec::decode_index_key(key), value.to_vec());
+            let (account_id, timestamp) = codec::decode_index_key(key);
+            let (transfer_id, balance) = codec::decode_index_value(value, timestamp);
+            store.append_index(account_id, timestamp, transfer_id, balance);
         }
         Some(PREFIX_META) => {
             store.meta.insert(key.to_vec(), value.to_vec());

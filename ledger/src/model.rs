@@ -109,15 +109,13 @@ pub struct Account {
 impl Account {
     /// Would debiting `amount` more break the debit limit flag?
     pub fn debits_exceed_credits(&self, amount: u128) -> bool {
-        self.flags
-            .contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+        self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
             && self.debits_pending + self.debits_posted + amount > self.credits_posted
     }
 
     /// Would crediting `amount` more break the credit limit flag?
     pub fn credits_exceed_debits(&self, amount: u128) -> bool {
-        self.flags
-            .contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
+        self.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
             && self.credits_pending + self.credits_posted + amount > self.debits_posted
     }
 
@@ -248,11 +246,7 @@ impl AccountFilter {
     }
 
     pub fn timestamp_max_inclusive(&self) -> u64 {
-        if self.timestamp_max == 0 {
-            u64::MAX
-        } else {
-            self.timestamp_max
-        }
+        if self.timestamp_max == 0 { u64::MAX } else { self.timestamp_max }
     }
 }
 

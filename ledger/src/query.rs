@@ -2,9 +2,7 @@
 
 use crate::codec;
 use crate::exec::Ledger;
-use crate::model::{
-    Account, AccountBalance, AccountFilter, FilterError, QUERY_RESULTS_MAX, Transfer,
-};
+use crate::model::{Account, AccountBalance, AccountFilter, FilterError, QUERY_RESULTS_MAX, Transfer};
 use crate::store::{Store, StoreError, StoreResult};
 
 /// Why a history query failed: a bad filter (the caller's fault) or storage (ours).
@@ -40,26 +38,14 @@ impl From<StoreError> for QueryError {
 impl<S: Store> Ledger<S> {
     /// The accounts found, in the order asked; ids not found are left out.
     pub fn lookup_accounts(&self, ids: &[u128]) -> StoreResult<Vec<Account>> {
-        assert!(
-            ids.len() <= QUERY_RESULTS_MAX,
-            "lookup of {} ids reached the ledger",
-            ids.len()
-        );
-        ids.iter()
-            .filter_map(|id| self.store().account(*id).transpose())
-            .collect()
+        assert!(ids.len() <= QUERY_RESULTS_MAX, "lookup of {} ids reached the ledger", ids.len());
+        ids.iter().filter_map(|id| self.store().account(*id).transpose()).collect()
     }
 
     /// The transfers found, in the order asked; ids not found are left out.
     pub fn lookup_transfers(&self, ids: &[u128]) -> StoreResult<Vec<Transfer>> {
-        assert!(
-            ids.len() <= QUERY_RESULTS_MAX,
-            "lookup of {} ids reached the ledger",
-            ids.len()
-        );
-        ids.iter()
-            .filter_map(|id| self.store().transfer(*id).transpose())
-            .collect()
+        assert!(ids.len() <= QUERY_RESULTS_MAX, "lookup of {} ids reached the ledger", ids.len());
+        ids.iter().filter_map(|id| self.store().transfer(*id).transpose()).collect()
     }
 
     /// The transfers of one account that match the filter, in time order (or reversed).
@@ -88,10 +74,7 @@ impl<S: Store> Ledger<S> {
 
     /// The balances of an account after each of its transfers that match the filter. Empty for an
     /// account without the `history` flag.
-    pub fn account_balances(
-        &self,
-        filter: &AccountFilter,
-    ) -> Result<Vec<AccountBalance>, QueryError> {
+    pub fn account_balances(&self, filter: &AccountFilter) -> Result<Vec<AccountBalance>, QueryError> {
         filter.validate()?;
         let mut balances = Vec::new();
         let mut error = None;
@@ -120,11 +103,7 @@ impl<S: Store> Ledger<S> {
         }
     }
 
-    fn scan(
-        &self,
-        filter: &AccountFilter,
-        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
-    ) -> StoreResult<()> {
+    fn scan(&self, filter: &AccountFilter, visit: &mut dyn FnMut(u64, &[u8]) -> bool) -> StoreResult<()> {
         self.store().scan_index(
             filter.account_id,
             filter.timestamp_min,

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::codec::{self, PREFIX_EXPIRY};
 use crate::model::{Account, PendingStatus, Transfer};
-use crate::store::{Changes, Store, StoreError, StoreResult};
+use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 const TREE_NAME: &[u8] = b"ledger";
 
@@ -39,10 +39,9 @@ fn record<T>(
     match value {
         None => Ok(None),
         Some(bytes) if bytes.len() == expected => Ok(Some(decode(&bytes))),
-        Some(bytes) => Err(StoreError::Corrupt(format!(
-            "record of {} bytes, expected {expected}",
-            bytes.len()
-        ))),
+        Some(bytes) => {
+            Err(StoreError::Corrupt(format!("record of {} bytes, expected {expected}", bytes.len())))
+        }
     }
 }
 
@@ -89,11 +88,7 @@ impl Store for SledStore {
         let end = codec::index_key(account_id, timestamp_max);
         let mut range = self.tree.range(start..=end);
         loop {
-            let entry = if reversed {
-                range.next_back()
-            } else {
-                range.next()
-            };
+            let entry = if reversed { range.next_back() } else { range.next() };
             let Some(entry) = entry else { break };
             let (key, value) = entry?;
             let (_, timestamp) = codec::decode_index_key(&key);
@@ -118,10 +113,7 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn for_each_record(
-        &self,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> StoreResult<()>,
-    ) -> StoreResult<()> {
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
         for entry in self.tree.iter() {
             let (key, value) = entry?;
             visit(&key, &value)?;

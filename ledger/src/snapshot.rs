@@ -28,10 +28,7 @@ const RECORD_VALUE_BYTES_MAX: usize = 1 << 20;
 
 /// Writes the whole state of `store` to `out`; returns the number of records.
 pub fn export(store: &impl Store, out: impl Write) -> StoreResult<u64> {
-    let mut out = HashingWriter {
-        inner: BufWriter::new(out),
-        hasher: blake3::Hasher::new(),
-    };
+    let mut out = HashingWriter { inner: BufWriter::new(out), hasher: blake3::Hasher::new() };
     out.write_all(MAGIC)?;
     out.write_all(&FORMAT_VERSION.to_le_bytes())?;
     out.write_all(&codec::SCHEMA_VERSION.to_le_bytes())?;
@@ -69,10 +66,7 @@ pub fn import<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64> {
 }
 
 fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64> {
-    let mut input = HashingReader {
-        inner: BufReader::new(input),
-        hasher: blake3::Hasher::new(),
-    };
+    let mut input = HashingReader { inner: BufReader::new(input), hasher: blake3::Hasher::new() };
     let magic: [u8; 8] = read_array(&mut input)?;
     if &magic != MAGIC {
         return Err(StoreError::Corrupt("not a tally snapshot".into()));
@@ -112,9 +106,7 @@ fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64>
     let count_expected = u64::from_le_bytes(read_array(&mut input.inner)?);
     let hash_expected: [u8; 32] = read_array(&mut input.inner)?;
     if count != count_expected || hash.as_bytes() != &hash_expected {
-        return Err(StoreError::Corrupt(
-            "snapshot checksum or record count mismatch".into(),
-        ));
+        return Err(StoreError::Corrupt("snapshot checksum or record count mismatch".into()));
     }
     if !meta.iter().any(|(key, _)| key == codec::META_LEDGER_KEY) {
         return Err(StoreError::Corrupt("snapshot without ledger meta".into()));
@@ -127,17 +119,13 @@ fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64>
 fn read_record(input: &mut impl Read) -> StoreResult<(Vec<u8>, Vec<u8>)> {
     let key_len = u16::from_le_bytes(read_array(input)?) as usize;
     if key_len == 0 || key_len > RECORD_KEY_BYTES_MAX {
-        return Err(StoreError::Corrupt(format!(
-            "snapshot key of {key_len} bytes"
-        )));
+        return Err(StoreError::Corrupt(format!("snapshot key of {key_len} bytes")));
     }
     let mut key = vec![0u8; key_len];
     input.read_exact(&mut key)?;
     let value_len = u32::from_le_bytes(read_array(input)?) as usize;
     if value_len > RECORD_VALUE_BYTES_MAX {
-        return Err(StoreError::Corrupt(format!(
-            "snapshot value of {value_len} bytes"
-        )));
+        return Err(StoreError::Corrupt(format!("snapshot value of {value_len} bytes")));
     }
     let mut value = vec![0u8; value_len];
     input.read_exact(&mut value)?;

@@ -5,7 +5,7 @@
 //! `SledStore` (the product). Both present the same records under the same keys (`codec.rs`), so
 //! an export of either is byte-for-byte the same for the same history.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use crate::codec::{self, LedgerMeta};
 use crate::model::{Account, AccountBalance, PendingStatus, Transfer};
@@ -47,30 +47,32 @@ impl From<std::io::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Everything one applied entry changes, with final values. Ordered maps, so that the digest and
-/// the write order never depend on hashing.
+/// Everything one applied entry changes, with final values, in an order fixed by the entry alone
+/// (sorted, or creation order), so that the digest and the writes never depend on hashing.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
-    pub accounts: BTreeMap<u128, Account>,
-    pub transfers: BTreeMap<u128, Transfer>,
-    pub pending: BTreeMap<u128, PendingStatus>,
+    /// Sorted by id.
+    pub accounts: Vec<Account>,
+    /// New transfers, in the order they were created (which is timestamp order).
+    pub transfers: Vec<Transfer>,
+    /// Sorted by id.
+    pub pending: Vec<(u128, PendingStatus)>,
     pub expiry_put: BTreeSet<(u64, u128)>,
     pub expiry_delete: BTreeSet<(u64, u128)>,
-    pub index: BTreeMap<(u128, u64), (u128, Option<AccountBalance>)>,
+    /// In the order written, which is timestamp order.
+    pub index: Vec<IndexWrite>,
     pub meta: LedgerMeta,
     /// Written with the state, atomically; `None` leaves the stored value as it is.
     pub app_meta: Option<Vec<u8>>,
 }
 
 impl Changes {
-    /// Calls `record` with every key written and its new value (`None` for a delete), in key
-    /// order. Stores write exactly this; the digest hashes exactly this.
+    /// Calls `record` with every key written and its new value (`None` for a delete), grouped by
+    /// kind of record and in a deterministic order. Stores write exactly this; the digest hashes
+    /// exactly this.
     pub fn for_each_write(&self, mut record: impl FnMut(&[u8], Option<&[u8]>)) {
-        for account in self.accounts.values() {
-            record(
-                &codec::id_key(codec::PREFIX_ACCOUNT, account.id),
-                Some(&codec::encode_account(account)),
-            );
+        for account in &self.accounts {
+            record(&codec::id_key(codec::PREFIX_ACCOUNT, account.id), Some(&codec::encode_account(account)));
         }
         let mut expiries: Vec<((u64, u128), bool)> = self
             .expiry_put
@@ -83,24 +85,18 @@ impl Changes {
             let key = codec::expiry_key(expires_at, id);
             record(&key, if put { Some(&[]) } else { None });
         }
-        for ((account_id, timestamp), (transfer_id, balance)) in &self.index {
-            let value = codec::encode_index_value(*transfer_id, balance.as_ref());
-            record(&codec::index_key(*account_id, *timestamp), Some(&value));
+        for write in &self.index {
+            let value = codec::encode_index_value(write.transfer_id, write.balance.as_ref());
+            record(&codec::index_key(write.account_id, write.timestamp), Some(&value));
         }
         if let Some(app_meta) = &self.app_meta {
             record(codec::META_APP_KEY, Some(app_meta));
         }
-        record(
-            codec::META_LEDGER_KEY,
-            Some(&codec::encode_ledger_meta(&self.meta)),
-        );
+        record(codec::META_LEDGER_KEY, Some(&codec::encode_ledger_meta(&self.meta)));
         for (id, status) in &self.pending {
-            record(
-                &codec::id_key(codec::PREFIX_PENDING, *id),
-                Some(&[*status as u8]),
-            );
+            record(&codec::id_key(codec::PREFIX_PENDING, *id), Some(&[*status as u8]));
         }
-        for transfer in self.transfers.values() {
+        for transfer in &self.transfers {
             record(
                 &codec::id_key(codec::PREFIX_TRANSFER, transfer.id),
                 Some(&codec::encode_transfer(transfer)),
@@ -108,6 +104,19 @@ impl Changes {
         }
     }
 }
+
+/// One entry of the per-account index: the account's transfer at `timestamp`, and for an account
+/// with history, its balances just after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexWrite {
+    pub account_id: u128,
+    pub timestamp: u64,
+    pub transfer_id: u128,
+    pub balance: Option<AccountBalance>,
+}
+
+/// Visits a record: key, value.
+pub type RecordVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> StoreResult<()> + 'a;
 
 /// What the state machine needs from storage. Reads see only committed state; the state machine
 /// keeps its own overlay of uncommitted changes.
@@ -132,10 +141,7 @@ pub trait Store {
     /// Writes all of `changes` atomically: after a crash, either all of it or none of it is there.
     fn commit(&mut self, changes: &Changes) -> StoreResult<()>;
     /// Every record in key order, as `(key, value)`: the input of export and of the state digest.
-    fn for_each_record(
-        &self,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> StoreResult<()>,
-    ) -> StoreResult<()>;
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()>;
     /// Writes raw records during an import. Not atomic on its own: `snapshot::import` writes the
     /// ledger meta last and treats a store without it as empty.
     fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()>;

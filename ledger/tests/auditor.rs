@@ -20,10 +20,7 @@ fn auditor_predicts_every_reply_and_balance() {
         let mut ledger = Ledger::open(MemStore::new()).unwrap();
         let mut workload = Workload::new(seed);
         run_audited(&mut ledger, &mut workload, AUDIT_BATCHES_PER_SEED, seed);
-        assert!(
-            workload.model.transfers.len() > AUDIT_BATCHES_PER_SEED,
-            "seed {seed}: workload too idle"
-        );
+        assert!(workload.model.transfers.len() > AUDIT_BATCHES_PER_SEED, "seed {seed}: workload too idle");
     }
 }
 
@@ -55,33 +52,18 @@ fn same_workload_same_bytes_on_memory_and_sled() {
         let from_memory = memory.apply(batches, proposed, Some(b"app")).unwrap();
         let from_sled = sled.apply(batches, proposed, Some(b"app")).unwrap();
         assert_eq!(from_memory, from_sled, "seed {seed}");
-        assert_eq!(
-            memory.meta(),
-            sled.meta(),
-            "seed {seed}: running digests diverged"
-        );
+        assert_eq!(memory.meta(), sled.meta(), "seed {seed}: running digests diverged");
     }
     let digest = ledger::snapshot::state_digest(memory.store()).unwrap();
-    assert_eq!(
-        digest,
-        ledger::snapshot::state_digest(sled.store()).unwrap(),
-        "seed {seed}"
-    );
-    assert_eq!(
-        export_bytes(memory.store()),
-        export_bytes(sled.store()),
-        "seed {seed}"
-    );
+    assert_eq!(digest, ledger::snapshot::state_digest(sled.store()).unwrap(), "seed {seed}");
+    assert_eq!(export_bytes(memory.store()), export_bytes(sled.store()), "seed {seed}");
 
     // And the state survives closing and reopening sled.
     let meta = sled.meta();
     drop(sled);
     let reopened = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
     assert_eq!(reopened.meta(), meta);
-    assert_eq!(
-        ledger::snapshot::state_digest(reopened.store()).unwrap(),
-        digest
-    );
+    assert_eq!(ledger::snapshot::state_digest(reopened.store()).unwrap(), digest);
 
     // A different seed gives a different digest: the digest is not a constant.
     let mut other = Ledger::open(MemStore::new()).unwrap();
@@ -116,31 +98,13 @@ fn snapshot_round_trip_under_the_workload() {
     for _ in 0..300 {
         let (batch, proposed, expected) = workload.next();
         let batches = std::slice::from_ref(&batch);
-        assert_eq!(
-            original.apply(batches, proposed, None).unwrap()[0],
-            expected,
-            "seed {seed}"
-        );
-        assert_eq!(
-            memory.apply(batches, proposed, None).unwrap()[0],
-            expected,
-            "seed {seed}"
-        );
-        assert_eq!(
-            sled.apply(batches, proposed, None).unwrap()[0],
-            expected,
-            "seed {seed}"
-        );
+        assert_eq!(original.apply(batches, proposed, None).unwrap()[0], expected, "seed {seed}");
+        assert_eq!(memory.apply(batches, proposed, None).unwrap()[0], expected, "seed {seed}");
+        assert_eq!(sled.apply(batches, proposed, None).unwrap()[0], expected, "seed {seed}");
     }
     let digest = ledger::snapshot::state_digest(original.store()).unwrap();
-    assert_eq!(
-        ledger::snapshot::state_digest(memory.store()).unwrap(),
-        digest
-    );
-    assert_eq!(
-        ledger::snapshot::state_digest(sled.store()).unwrap(),
-        digest
-    );
+    assert_eq!(ledger::snapshot::state_digest(memory.store()).unwrap(), digest);
+    assert_eq!(ledger::snapshot::state_digest(sled.store()).unwrap(), digest);
     assert_eq!(memory.meta().digest, original.meta().digest);
 }
 
@@ -182,16 +146,10 @@ fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
         assert!(error.is_err(), "{what} was accepted");
         assert!(sled.is_empty().unwrap(), "{what} left records behind");
         let mut memory = MemStore::new();
-        assert!(
-            ledger::snapshot::import(&mut memory, &bytes[..]).is_err(),
-            "{what} was accepted"
-        );
+        assert!(ledger::snapshot::import(&mut memory, &bytes[..]).is_err(), "{what} was accepted");
         assert!(memory.is_empty().unwrap(), "{what} left records behind");
     }
     // Importing over existing state is refused.
     let mut store = original.into_store();
-    assert!(matches!(
-        ledger::snapshot::import(&mut store, &bytes[..]),
-        Err(StoreError::NotEmpty)
-    ));
+    assert!(matches!(ledger::snapshot::import(&mut store, &bytes[..]), Err(StoreError::NotEmpty)));
 }

@@ -24,23 +24,15 @@ fn accounts() -> Vec<Account> {
 
 fn new_ledger() -> Ledger<MemStore> {
     let mut ledger = Ledger::open(MemStore::new()).unwrap();
-    let reply = ledger
-        .apply(&[Batch::CreateAccounts(accounts())], T0, None)
-        .unwrap();
-    let BatchReply::CreateAccounts(results) = &reply[0] else {
-        unreachable!()
-    };
+    let reply = ledger.apply(&[Batch::CreateAccounts(accounts())], T0, None).unwrap();
+    let BatchReply::CreateAccounts(results) = &reply[0] else { unreachable!() };
     assert!(results.iter().all(|r| r.result == A::Ok), "{results:?}");
     ledger
 }
 
 fn transfers(ledger: &mut Ledger<MemStore>, events: &[Transfer], at: u64) -> Vec<EventResult<R>> {
-    let mut reply = ledger
-        .apply(&[Batch::CreateTransfers(events.to_vec())], at, None)
-        .unwrap();
-    let Some(BatchReply::CreateTransfers(results)) = reply.pop() else {
-        unreachable!()
-    };
+    let mut reply = ledger.apply(&[Batch::CreateTransfers(events.to_vec())], at, None).unwrap();
+    let Some(BatchReply::CreateTransfers(results)) = reply.pop() else { unreachable!() };
     results
 }
 
@@ -50,10 +42,7 @@ fn run(setup: &[Transfer], batch: &[Transfer], delay_s: u64) -> (Vec<R>, Ledger<
     let mut ledger = new_ledger();
     if !setup.is_empty() {
         let results = transfers(&mut ledger, setup, T0 + NANOS_PER_SECOND);
-        assert!(
-            results.iter().all(|r| r.result == R::Ok),
-            "setup failed: {results:?}"
-        );
+        assert!(results.iter().all(|r| r.result == R::Ok), "setup failed: {results:?}");
     }
     let results = transfers(&mut ledger, batch, T0 + (2 + delay_s) * NANOS_PER_SECOND);
     (results.iter().map(|r| r.result).collect(), ledger)
@@ -68,12 +57,7 @@ fn check(setup: &[Transfer], batch: &[Transfer], expected: &[R]) {
 /// Balances of account `id` as (debits_pending, debits_posted, credits_pending, credits_posted).
 fn balances(ledger: &Ledger<MemStore>, id: u128) -> (u128, u128, u128, u128) {
     let a = ledger.lookup_accounts(&[id]).unwrap()[0];
-    (
-        a.debits_pending,
-        a.debits_posted,
-        a.credits_pending,
-        a.credits_posted,
-    )
+    (a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted)
 }
 
 fn t(id: u128, debit: u128, credit: u128, amount: u128) -> Transfer {
@@ -91,132 +75,43 @@ fn create_account_codes() {
     let base = account(10, 1, 0);
     let cases: &[(Account, A)] = &[
         (base, A::Ok),
-        (
-            Account {
-                timestamp: 1,
-                ..base
-            },
-            A::TimestampMustBeZero,
-        ),
-        (
-            Account {
-                flags: AccountFlags(1 << 4),
-                ..base
-            },
-            A::ReservedFlag,
-        ),
-        (
-            Account {
-                flags: AccountFlags(1 << 15),
-                ..base
-            },
-            A::ReservedFlag,
-        ),
+        (Account { timestamp: 1, ..base }, A::TimestampMustBeZero),
+        (Account { flags: AccountFlags(1 << 4), ..base }, A::ReservedFlag),
+        (Account { flags: AccountFlags(1 << 15), ..base }, A::ReservedFlag),
         (Account { id: 0, ..base }, A::IdMustNotBeZero),
-        (
-            Account {
-                id: u128::MAX,
-                ..base
-            },
-            A::IdMustNotBeIntMax,
-        ),
+        (Account { id: u128::MAX, ..base }, A::IdMustNotBeIntMax),
         (account(1, 1, 0), A::Exists),
         (account(1, 1, AF::HISTORY), A::ExistsWithDifferentFlags),
-        (
-            Account {
-                user_data_128: 1,
-                ..account(1, 1, 0)
-            },
-            A::ExistsWithDifferentUserData128,
-        ),
-        (
-            Account {
-                user_data_64: 1,
-                ..account(1, 1, 0)
-            },
-            A::ExistsWithDifferentUserData64,
-        ),
-        (
-            Account {
-                user_data_32: 1,
-                ..account(1, 1, 0)
-            },
-            A::ExistsWithDifferentUserData32,
-        ),
+        (Account { user_data_128: 1, ..account(1, 1, 0) }, A::ExistsWithDifferentUserData128),
+        (Account { user_data_64: 1, ..account(1, 1, 0) }, A::ExistsWithDifferentUserData64),
+        (Account { user_data_32: 1, ..account(1, 1, 0) }, A::ExistsWithDifferentUserData32),
         (account(1, 2, 0), A::ExistsWithDifferentLedger),
-        (
-            Account {
-                code: 2,
-                ..account(1, 1, 0)
-            },
-            A::ExistsWithDifferentCode,
-        ),
+        (Account { code: 2, ..account(1, 1, 0) }, A::ExistsWithDifferentCode),
         // The exists check comes before field validation: a retry is always answered `exists`.
+        (Account { ledger: 0, ..account(1, 1, 0) }, A::ExistsWithDifferentLedger),
         (
-            Account {
-                ledger: 0,
-                ..account(1, 1, 0)
-            },
-            A::ExistsWithDifferentLedger,
-        ),
-        (
-            account(
-                10,
-                1,
-                AF::DEBITS_MUST_NOT_EXCEED_CREDITS | AF::CREDITS_MUST_NOT_EXCEED_DEBITS,
-            ),
+            account(10, 1, AF::DEBITS_MUST_NOT_EXCEED_CREDITS | AF::CREDITS_MUST_NOT_EXCEED_DEBITS),
             A::FlagsAreMutuallyExclusive,
         ),
-        (
-            Account {
-                debits_pending: 1,
-                ..base
-            },
-            A::DebitsPendingMustBeZero,
-        ),
-        (
-            Account {
-                debits_posted: 1,
-                ..base
-            },
-            A::DebitsPostedMustBeZero,
-        ),
-        (
-            Account {
-                credits_pending: 1,
-                ..base
-            },
-            A::CreditsPendingMustBeZero,
-        ),
-        (
-            Account {
-                credits_posted: 1,
-                ..base
-            },
-            A::CreditsPostedMustBeZero,
-        ),
+        (Account { debits_pending: 1, ..base }, A::DebitsPendingMustBeZero),
+        (Account { debits_posted: 1, ..base }, A::DebitsPostedMustBeZero),
+        (Account { credits_pending: 1, ..base }, A::CreditsPendingMustBeZero),
+        (Account { credits_posted: 1, ..base }, A::CreditsPostedMustBeZero),
         (Account { ledger: 0, ..base }, A::LedgerMustNotBeZero),
         (Account { code: 0, ..base }, A::CodeMustNotBeZero),
         (account(10, 1, AF::CLOSED | AF::HISTORY), A::Ok),
     ];
     for (event, expected) in cases {
         let mut ledger = new_ledger();
-        let reply = ledger
-            .apply(&[Batch::CreateAccounts(vec![*event])], T0 + 1, None)
-            .unwrap();
-        let BatchReply::CreateAccounts(results) = &reply[0] else {
-            unreachable!()
-        };
+        let reply = ledger.apply(&[Batch::CreateAccounts(vec![*event])], T0 + 1, None).unwrap();
+        let BatchReply::CreateAccounts(results) = &reply[0] else { unreachable!() };
         assert_eq!(results[0].result, *expected, "{event:?}");
         let stored = ledger.lookup_accounts(&[event.id]).unwrap();
         if *expected == A::Ok {
             assert_eq!(stored.len(), 1);
             assert_eq!(results[0].timestamp, stored[0].timestamp);
         } else if *expected == A::Exists {
-            assert_eq!(
-                results[0].timestamp, T0,
-                "exists answers the original timestamp"
-            );
+            assert_eq!(results[0].timestamp, T0, "exists answers the original timestamp");
         } else {
             assert_eq!(results[0].timestamp, 0);
         }
@@ -228,14 +123,8 @@ fn create_account_linked_chains() {
     let ok = |id| account(id, 1, AF::LINKED);
     let cases: &[(&[Account], &[A])] = &[
         (&[ok(10), account(11, 1, 0)], &[A::Ok, A::Ok]),
-        (
-            &[ok(10), account(11, 0, 0)],
-            &[A::LinkedEventFailed, A::LedgerMustNotBeZero],
-        ),
-        (
-            &[ok(10), ok(11)],
-            &[A::LinkedEventFailed, A::LinkedEventChainOpen],
-        ),
+        (&[ok(10), account(11, 0, 0)], &[A::LinkedEventFailed, A::LedgerMustNotBeZero]),
+        (&[ok(10), ok(11)], &[A::LinkedEventFailed, A::LinkedEventChainOpen]),
         (&[ok(10)], &[A::LinkedEventChainOpen]),
         (
             &[ok(10), ok(11), account(12, 1, 0), account(10, 1, 0)],
@@ -249,20 +138,13 @@ fn create_account_linked_chains() {
     ];
     for (events, expected) in cases {
         let mut ledger = new_ledger();
-        let reply = ledger
-            .apply(&[Batch::CreateAccounts(events.to_vec())], T0 + 1, None)
-            .unwrap();
-        let BatchReply::CreateAccounts(results) = &reply[0] else {
-            unreachable!()
-        };
+        let reply = ledger.apply(&[Batch::CreateAccounts(events.to_vec())], T0 + 1, None).unwrap();
+        let BatchReply::CreateAccounts(results) = &reply[0] else { unreachable!() };
         let codes: Vec<A> = results.iter().map(|r| r.result).collect();
         assert_eq!(&codes, expected, "{events:?}");
         for (event, code) in events.iter().zip(codes) {
             if code != A::Ok && event.id != 10 {
-                assert!(
-                    ledger.lookup_accounts(&[event.id]).unwrap().is_empty(),
-                    "{event:?} was created"
-                );
+                assert!(ledger.lookup_accounts(&[event.id]).unwrap().is_empty(), "{event:?} was created");
             }
         }
     }
@@ -279,77 +161,29 @@ fn create_transfer_validation_codes() {
         (flagged(base, 1 << 8), R::ReservedFlag),
         (with(base, |t| t.id = 0), R::IdMustNotBeZero),
         (with(base, |t| t.id = u128::MAX), R::IdMustNotBeIntMax),
-        (
-            with(base, |t| t.debit_account_id = 0),
-            R::DebitAccountIdMustNotBeZero,
-        ),
-        (
-            with(base, |t| t.debit_account_id = u128::MAX),
-            R::DebitAccountIdMustNotBeIntMax,
-        ),
-        (
-            with(base, |t| t.credit_account_id = 0),
-            R::CreditAccountIdMustNotBeZero,
-        ),
-        (
-            with(base, |t| t.credit_account_id = u128::MAX),
-            R::CreditAccountIdMustNotBeIntMax,
-        ),
-        (
-            with(base, |t| t.credit_account_id = 1),
-            R::AccountsMustBeDifferent,
-        ),
+        (with(base, |t| t.debit_account_id = 0), R::DebitAccountIdMustNotBeZero),
+        (with(base, |t| t.debit_account_id = u128::MAX), R::DebitAccountIdMustNotBeIntMax),
+        (with(base, |t| t.credit_account_id = 0), R::CreditAccountIdMustNotBeZero),
+        (with(base, |t| t.credit_account_id = u128::MAX), R::CreditAccountIdMustNotBeIntMax),
+        (with(base, |t| t.credit_account_id = 1), R::AccountsMustBeDifferent),
         (with(base, |t| t.pending_id = 9), R::PendingIdMustBeZero),
-        (
-            with(base, |t| t.timeout = 1),
-            R::TimeoutReservedForPendingTransfer,
-        ),
+        (with(base, |t| t.timeout = 1), R::TimeoutReservedForPendingTransfer),
         (with(pending, |t| t.timeout = 1), R::Ok),
-        (
-            flagged(base, TF::CLOSING_DEBIT),
-            R::ClosingTransferMustBePending,
-        ),
-        (
-            flagged(base, TF::CLOSING_CREDIT),
-            R::ClosingTransferMustBePending,
-        ),
+        (flagged(base, TF::CLOSING_DEBIT), R::ClosingTransferMustBePending),
+        (flagged(base, TF::CLOSING_CREDIT), R::ClosingTransferMustBePending),
         (with(base, |t| t.ledger = 0), R::LedgerMustNotBeZero),
         (with(base, |t| t.code = 0), R::CodeMustNotBeZero),
-        (
-            with(base, |t| t.debit_account_id = 99),
-            R::DebitAccountNotFound,
-        ),
-        (
-            with(base, |t| t.credit_account_id = 99),
-            R::CreditAccountNotFound,
-        ),
-        (
-            with(base, |t| t.credit_account_id = 5),
-            R::AccountsMustHaveTheSameLedger,
-        ),
-        (
-            with(base, |t| t.ledger = 2),
-            R::TransferMustHaveTheSameLedgerAsAccounts,
-        ),
-        (
-            with(base, |t| t.debit_account_id = 7),
-            R::DebitAccountAlreadyClosed,
-        ),
-        (
-            with(base, |t| t.credit_account_id = 7),
-            R::CreditAccountAlreadyClosed,
-        ),
+        (with(base, |t| t.debit_account_id = 99), R::DebitAccountNotFound),
+        (with(base, |t| t.credit_account_id = 99), R::CreditAccountNotFound),
+        (with(base, |t| t.credit_account_id = 5), R::AccountsMustHaveTheSameLedger),
+        (with(base, |t| t.ledger = 2), R::TransferMustHaveTheSameLedgerAsAccounts),
+        (with(base, |t| t.debit_account_id = 7), R::DebitAccountAlreadyClosed),
+        (with(base, |t| t.credit_account_id = 7), R::CreditAccountAlreadyClosed),
         (with(base, |t| t.debit_account_id = 3), R::ExceedsCredits),
         (with(base, |t| t.credit_account_id = 4), R::ExceedsDebits),
         (with(pending, |t| t.debit_account_id = 3), R::ExceedsCredits),
-        (
-            with(base, |t| (t.debit_account_id, t.credit_account_id) = (4, 3)),
-            R::Ok,
-        ),
-        (
-            with(base, |t| (t.debit_account_id, t.amount) = (3, 0)),
-            R::Ok,
-        ),
+        (with(base, |t| (t.debit_account_id, t.credit_account_id) = (4, 3)), R::Ok),
+        (with(base, |t| (t.debit_account_id, t.amount) = (3, 0)), R::Ok),
         (with(pending, |t| t.timeout = u32::MAX), R::Ok),
         // A pending transfer may combine with balancing.
         (flagged(base, TF::PENDING | TF::BALANCING_DEBIT), R::Ok),
@@ -363,16 +197,8 @@ fn create_transfer_validation_codes() {
 fn overflow_codes() {
     let max = u128::MAX;
     let cases: &[(&[Transfer], Transfer, R)] = &[
-        (
-            &[t(50, 1, 2, max)],
-            t(100, 1, 2, 1),
-            R::OverflowsDebitsPosted,
-        ),
-        (
-            &[t(50, 6, 2, max)],
-            t(100, 1, 2, 1),
-            R::OverflowsCreditsPosted,
-        ),
+        (&[t(50, 1, 2, max)], t(100, 1, 2, 1), R::OverflowsDebitsPosted),
+        (&[t(50, 6, 2, max)], t(100, 1, 2, 1), R::OverflowsCreditsPosted),
         (
             &[flagged(t(50, 1, 2, max), TF::PENDING)],
             flagged(t(100, 1, 6, 1), TF::PENDING),
@@ -383,21 +209,9 @@ fn overflow_codes() {
             flagged(t(100, 1, 2, 1), TF::PENDING),
             R::OverflowsCreditsPending,
         ),
-        (
-            &[flagged(t(50, 1, 2, max), TF::PENDING)],
-            t(100, 1, 6, 1),
-            R::OverflowsDebits,
-        ),
-        (
-            &[flagged(t(50, 6, 2, max), TF::PENDING)],
-            t(100, 1, 2, 1),
-            R::OverflowsCredits,
-        ),
-        (
-            &[flagged(t(50, 1, 2, max - 1), TF::PENDING)],
-            t(100, 1, 6, 1),
-            R::Ok,
-        ),
+        (&[flagged(t(50, 1, 2, max), TF::PENDING)], t(100, 1, 6, 1), R::OverflowsDebits),
+        (&[flagged(t(50, 6, 2, max), TF::PENDING)], t(100, 1, 2, 1), R::OverflowsCredits),
+        (&[flagged(t(50, 1, 2, max - 1), TF::PENDING)], t(100, 1, 6, 1), R::Ok),
     ];
     for (setup, event, expected) in cases {
         check(setup, &[*event], &[*expected]);
@@ -405,13 +219,8 @@ fn overflow_codes() {
     // timeout seconds past the end of u64 nanoseconds.
     let mut ledger = new_ledger();
     let late = u64::MAX - 10 * NANOS_PER_SECOND;
-    let results = transfers(
-        &mut ledger,
-        &[with(flagged(t(100, 1, 2, 1), TF::PENDING), |t| {
-            t.timeout = 11
-        })],
-        late,
-    );
+    let results =
+        transfers(&mut ledger, &[with(flagged(t(100, 1, 2, 1), TF::PENDING), |t| t.timeout = 11)], late);
     assert_eq!(results[0].result, R::OverflowsTimeout);
 }
 
@@ -425,48 +234,18 @@ fn exists_codes() {
     let cases: &[(Transfer, R)] = &[
         (original, R::Exists),
         (flagged(original, TF::PENDING), R::ExistsWithDifferentFlags),
-        (
-            with(original, |t| t.pending_id = 1),
-            R::ExistsWithDifferentPendingId,
-        ),
-        (
-            with(original, |t| t.timeout = 1),
-            R::ExistsWithDifferentTimeout,
-        ),
-        (
-            with(original, |t| t.debit_account_id = 6),
-            R::ExistsWithDifferentDebitAccountId,
-        ),
-        (
-            with(original, |t| t.credit_account_id = 6),
-            R::ExistsWithDifferentCreditAccountId,
-        ),
-        (
-            with(original, |t| t.amount = 11),
-            R::ExistsWithDifferentAmount,
-        ),
-        (
-            with(original, |t| t.user_data_128 = 0),
-            R::ExistsWithDifferentUserData128,
-        ),
-        (
-            with(original, |t| t.user_data_64 = 0),
-            R::ExistsWithDifferentUserData64,
-        ),
-        (
-            with(original, |t| t.user_data_32 = 0),
-            R::ExistsWithDifferentUserData32,
-        ),
-        (
-            with(original, |t| t.ledger = 2),
-            R::ExistsWithDifferentLedger,
-        ),
+        (with(original, |t| t.pending_id = 1), R::ExistsWithDifferentPendingId),
+        (with(original, |t| t.timeout = 1), R::ExistsWithDifferentTimeout),
+        (with(original, |t| t.debit_account_id = 6), R::ExistsWithDifferentDebitAccountId),
+        (with(original, |t| t.credit_account_id = 6), R::ExistsWithDifferentCreditAccountId),
+        (with(original, |t| t.amount = 11), R::ExistsWithDifferentAmount),
+        (with(original, |t| t.user_data_128 = 0), R::ExistsWithDifferentUserData128),
+        (with(original, |t| t.user_data_64 = 0), R::ExistsWithDifferentUserData64),
+        (with(original, |t| t.user_data_32 = 0), R::ExistsWithDifferentUserData32),
+        (with(original, |t| t.ledger = 2), R::ExistsWithDifferentLedger),
         (with(original, |t| t.code = 2), R::ExistsWithDifferentCode),
         // Exists is answered before anything that depends on accounts or balances.
-        (
-            with(original, |t| t.ledger = 0),
-            R::ExistsWithDifferentLedger,
-        ),
+        (with(original, |t| t.ledger = 0), R::ExistsWithDifferentLedger),
     ];
     for (event, expected) in cases {
         check(&[original], &[*event], &[*expected]);
@@ -474,23 +253,12 @@ fn exists_codes() {
     // The retry answers the original timestamp, and moves nothing.
     let (_, mut ledger) = run(&[original], &[], 0);
     let before = balances(&ledger, 1);
-    let results = transfers(
-        &mut ledger,
-        &[original, original],
-        T0 + 9 * NANOS_PER_SECOND,
-    );
+    let results = transfers(&mut ledger, &[original, original], T0 + 9 * NANOS_PER_SECOND);
     assert_eq!(results[0].result, R::Exists);
-    assert_eq!(
-        results[0].timestamp,
-        ledger.lookup_transfers(&[50]).unwrap()[0].timestamp
-    );
+    assert_eq!(results[0].timestamp, ledger.lookup_transfers(&[50]).unwrap()[0].timestamp);
     assert_eq!(balances(&ledger, 1), before);
     // A duplicate id in one batch: the second answers `exists`; money moves once.
-    let (codes, ledger) = run(
-        &[],
-        &[t(60, 1, 2, 5), t(60, 1, 2, 5), with(t(60, 1, 2, 6), |_| ())],
-        0,
-    );
+    let (codes, ledger) = run(&[], &[t(60, 1, 2, 5), t(60, 1, 2, 5), with(t(60, 1, 2, 6), |_| ())], 0);
     assert_eq!(codes, [R::Ok, R::Exists, R::ExistsWithDifferentAmount]);
     assert_eq!(balances(&ledger, 1), (0, 5, 0, 0));
 }
@@ -502,51 +270,26 @@ fn balancing_transfers() {
     let cases: &[(Transfer, R, u128)] = &[
         (flagged(t(100, 3, 2, 100), TF::BALANCING_DEBIT), R::Ok, 30),
         (flagged(t(100, 3, 2, 20), TF::BALANCING_DEBIT), R::Ok, 20),
-        (
-            flagged(t(100, 3, 2, u128::MAX), TF::BALANCING_DEBIT),
-            R::Ok,
-            30,
-        ),
+        (flagged(t(100, 3, 2, u128::MAX), TF::BALANCING_DEBIT), R::Ok, 30),
         (flagged(t(100, 2, 4, 100), TF::BALANCING_CREDIT), R::Ok, 0),
-        (
-            flagged(
-                t(100, 3, 4, 100),
-                TF::BALANCING_DEBIT | TF::BALANCING_CREDIT,
-            ),
-            R::Ok,
-            0,
-        ),
-        (
-            flagged(t(100, 3, 2, 100), TF::BALANCING_DEBIT | TF::PENDING),
-            R::Ok,
-            30,
-        ),
+        (flagged(t(100, 3, 4, 100), TF::BALANCING_DEBIT | TF::BALANCING_CREDIT), R::Ok, 0),
+        (flagged(t(100, 3, 2, 100), TF::BALANCING_DEBIT | TF::PENDING), R::Ok, 30),
     ];
     for (event, expected, amount) in cases {
         let (codes, ledger) = run(&[fund], &[*event], 0);
         assert_eq!(codes, [*expected], "{event:?}");
-        assert_eq!(
-            ledger.lookup_transfers(&[100]).unwrap()[0].amount,
-            *amount,
-            "{event:?}"
-        );
+        assert_eq!(ledger.lookup_transfers(&[100]).unwrap()[0].amount, *amount, "{event:?}");
         check_invariants(&ledger.lookup_accounts(&[1, 2, 3, 4]).unwrap());
     }
     // A retry of a balancing transfer with the original (unclamped) amount is `exists`.
     let balancing = flagged(t(100, 3, 2, 100), TF::BALANCING_DEBIT);
     check(&[fund, balancing], &[balancing], &[R::Exists]);
-    check(
-        &[fund, balancing],
-        &[with(balancing, |t| t.amount = 29)],
-        &[R::ExistsWithDifferentAmount],
-    );
+    check(&[fund, balancing], &[with(balancing, |t| t.amount = 29)], &[R::ExistsWithDifferentAmount]);
 }
 
 #[test]
 fn pending_post_void_codes() {
-    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| {
-        t.user_data_64 = 5
-    });
+    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| t.user_data_64 = 5);
     let post = |amount| settle(100, 50, TF::POST_PENDING_TRANSFER, amount);
     let void = |amount| settle(100, 50, TF::VOID_PENDING_TRANSFER, amount);
     let cases: &[(Transfer, R)] = &[
@@ -560,76 +303,26 @@ fn pending_post_void_codes() {
         (void(40), R::PendingTransferHasDifferentAmount),
         (void(101), R::ExceedsPendingTransferAmount),
         (
-            flagged(
-                post(0),
-                TF::POST_PENDING_TRANSFER | TF::VOID_PENDING_TRANSFER,
-            ),
+            flagged(post(0), TF::POST_PENDING_TRANSFER | TF::VOID_PENDING_TRANSFER),
             R::FlagsAreMutuallyExclusive,
         ),
+        (flagged(post(0), TF::POST_PENDING_TRANSFER | TF::PENDING), R::FlagsAreMutuallyExclusive),
+        (flagged(post(0), TF::POST_PENDING_TRANSFER | TF::BALANCING_DEBIT), R::FlagsAreMutuallyExclusive),
+        (flagged(post(0), TF::VOID_PENDING_TRANSFER | TF::BALANCING_CREDIT), R::FlagsAreMutuallyExclusive),
+        (flagged(post(0), TF::VOID_PENDING_TRANSFER | TF::CLOSING_DEBIT), R::FlagsAreMutuallyExclusive),
+        (flagged(post(0), TF::POST_PENDING_TRANSFER | TF::CLOSING_CREDIT), R::FlagsAreMutuallyExclusive),
+        (with(post(0), |t| t.pending_id = 0), R::PendingIdMustNotBeZero),
+        (with(post(0), |t| t.pending_id = u128::MAX), R::PendingIdMustNotBeIntMax),
+        (with(post(0), |t| t.pending_id = 100), R::PendingIdMustBeDifferent),
+        (with(post(0), |t| t.timeout = 1), R::TimeoutReservedForPendingTransfer),
+        (with(post(0), |t| t.pending_id = 99), R::PendingTransferNotFound),
+        (with(post(0), |t| t.pending_id = 51), R::PendingTransferNotPending),
+        (with(post(0), |t| t.debit_account_id = 6), R::PendingTransferHasDifferentDebitAccountId),
+        (with(post(0), |t| t.credit_account_id = 6), R::PendingTransferHasDifferentCreditAccountId),
+        (with(post(0), |t| t.ledger = 2), R::PendingTransferHasDifferentLedger),
+        (with(post(0), |t| t.code = 2), R::PendingTransferHasDifferentCode),
         (
-            flagged(post(0), TF::POST_PENDING_TRANSFER | TF::PENDING),
-            R::FlagsAreMutuallyExclusive,
-        ),
-        (
-            flagged(post(0), TF::POST_PENDING_TRANSFER | TF::BALANCING_DEBIT),
-            R::FlagsAreMutuallyExclusive,
-        ),
-        (
-            flagged(post(0), TF::VOID_PENDING_TRANSFER | TF::BALANCING_CREDIT),
-            R::FlagsAreMutuallyExclusive,
-        ),
-        (
-            flagged(post(0), TF::VOID_PENDING_TRANSFER | TF::CLOSING_DEBIT),
-            R::FlagsAreMutuallyExclusive,
-        ),
-        (
-            flagged(post(0), TF::POST_PENDING_TRANSFER | TF::CLOSING_CREDIT),
-            R::FlagsAreMutuallyExclusive,
-        ),
-        (
-            with(post(0), |t| t.pending_id = 0),
-            R::PendingIdMustNotBeZero,
-        ),
-        (
-            with(post(0), |t| t.pending_id = u128::MAX),
-            R::PendingIdMustNotBeIntMax,
-        ),
-        (
-            with(post(0), |t| t.pending_id = 100),
-            R::PendingIdMustBeDifferent,
-        ),
-        (
-            with(post(0), |t| t.timeout = 1),
-            R::TimeoutReservedForPendingTransfer,
-        ),
-        (
-            with(post(0), |t| t.pending_id = 99),
-            R::PendingTransferNotFound,
-        ),
-        (
-            with(post(0), |t| t.pending_id = 51),
-            R::PendingTransferNotPending,
-        ),
-        (
-            with(post(0), |t| t.debit_account_id = 6),
-            R::PendingTransferHasDifferentDebitAccountId,
-        ),
-        (
-            with(post(0), |t| t.credit_account_id = 6),
-            R::PendingTransferHasDifferentCreditAccountId,
-        ),
-        (
-            with(post(0), |t| t.ledger = 2),
-            R::PendingTransferHasDifferentLedger,
-        ),
-        (
-            with(post(0), |t| t.code = 2),
-            R::PendingTransferHasDifferentCode,
-        ),
-        (
-            with(post(0), |t| {
-                (t.debit_account_id, t.credit_account_id, t.ledger, t.code) = (1, 2, 1, 1)
-            }),
+            with(post(0), |t| (t.debit_account_id, t.credit_account_id, t.ledger, t.code) = (1, 2, 1, 1)),
             R::Ok,
         ),
     ];
@@ -640,35 +333,22 @@ fn pending_post_void_codes() {
 
 #[test]
 fn pending_lifecycle_balances() {
-    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| {
-        t.user_data_64 = 5
-    });
+    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| t.user_data_64 = 5);
     let (_, ledger) = run(&[p], &[], 0);
     assert_eq!(balances(&ledger, 1), (100, 0, 0, 0));
     assert_eq!(balances(&ledger, 2), (0, 0, 100, 0));
 
     let (codes, ledger) = run(&[p], &[settle(100, 50, TF::POST_PENDING_TRANSFER, 40)], 0);
     assert_eq!(codes, [R::Ok]);
-    assert_eq!(
-        balances(&ledger, 1),
-        (0, 40, 0, 0),
-        "a partial post releases the rest"
-    );
+    assert_eq!(balances(&ledger, 1), (0, 40, 0, 0), "a partial post releases the rest");
     assert_eq!(balances(&ledger, 2), (0, 0, 0, 40));
     let posted = ledger.lookup_transfers(&[100]).unwrap()[0];
     assert_eq!(
-        (
-            posted.debit_account_id,
-            posted.credit_account_id,
-            posted.user_data_64
-        ),
+        (posted.debit_account_id, posted.credit_account_id, posted.user_data_64),
         (1, 2, 5),
         "inherited"
     );
-    assert_eq!(
-        (posted.ledger, posted.code, posted.amount, posted.pending_id),
-        (1, 1, 40, 50)
-    );
+    assert_eq!((posted.ledger, posted.code, posted.amount, posted.pending_id), (1, 1, 40, 50));
 
     let (_, ledger) = run(&[p], &[settle(100, 50, TF::VOID_PENDING_TRANSFER, 0)], 0);
     assert_eq!(balances(&ledger, 1), (0, 0, 0, 0));
@@ -677,47 +357,15 @@ fn pending_lifecycle_balances() {
     // Settling twice, or settling a settled transfer.
     let posted = settle(100, 50, TF::POST_PENDING_TRANSFER, u128::MAX);
     let voided = settle(101, 50, TF::VOID_PENDING_TRANSFER, 0);
-    check(
-        &[p, posted],
-        &[settle(102, 50, TF::POST_PENDING_TRANSFER, 1)],
-        &[R::PendingTransferAlreadyPosted],
-    );
-    check(
-        &[p, voided],
-        &[settle(102, 50, TF::POST_PENDING_TRANSFER, 1)],
-        &[R::PendingTransferAlreadyVoided],
-    );
+    check(&[p, posted], &[settle(102, 50, TF::POST_PENDING_TRANSFER, 1)], &[R::PendingTransferAlreadyPosted]);
+    check(&[p, voided], &[settle(102, 50, TF::POST_PENDING_TRANSFER, 1)], &[R::PendingTransferAlreadyVoided]);
     check(&[p, posted], &[posted], &[R::Exists]);
-    check(
-        &[p, posted],
-        &[settle(100, 50, TF::POST_PENDING_TRANSFER, 100)],
-        &[R::Exists],
-    );
-    check(
-        &[p, posted],
-        &[settle(100, 50, TF::POST_PENDING_TRANSFER, 99)],
-        &[R::ExistsWithDifferentAmount],
-    );
-    check(
-        &[p, posted],
-        &[with(posted, |t| t.user_data_64 = 5)],
-        &[R::Exists],
-    );
-    check(
-        &[p, posted],
-        &[with(posted, |t| t.user_data_64 = 6)],
-        &[R::ExistsWithDifferentUserData64],
-    );
-    check(
-        &[p, posted],
-        &[with(posted, |t| t.debit_account_id = 6)],
-        &[R::ExistsWithDifferentDebitAccountId],
-    );
-    check(
-        &[p, voided],
-        &[settle(101, 50, TF::VOID_PENDING_TRANSFER, 100)],
-        &[R::Exists],
-    );
+    check(&[p, posted], &[settle(100, 50, TF::POST_PENDING_TRANSFER, 100)], &[R::Exists]);
+    check(&[p, posted], &[settle(100, 50, TF::POST_PENDING_TRANSFER, 99)], &[R::ExistsWithDifferentAmount]);
+    check(&[p, posted], &[with(posted, |t| t.user_data_64 = 5)], &[R::Exists]);
+    check(&[p, posted], &[with(posted, |t| t.user_data_64 = 6)], &[R::ExistsWithDifferentUserData64]);
+    check(&[p, posted], &[with(posted, |t| t.debit_account_id = 6)], &[R::ExistsWithDifferentDebitAccountId]);
+    check(&[p, voided], &[settle(101, 50, TF::VOID_PENDING_TRANSFER, 100)], &[R::Exists]);
 }
 
 #[test]
@@ -729,11 +377,7 @@ fn pending_expiry() {
     assert_eq!(codes, [R::Ok], "before expiry");
     let (codes, ledger) = run(&[p], &[post], 1);
     assert_eq!(codes, [R::PendingTransferExpired], "exactly at expiry");
-    assert_eq!(
-        balances(&ledger, 1),
-        (0, 0, 0, 0),
-        "expiry released the reservation"
-    );
+    assert_eq!(balances(&ledger, 1), (0, 0, 0, 0), "expiry released the reservation");
     let (codes, _) = run(&[p], &[settle(100, 50, TF::VOID_PENDING_TRANSFER, 0)], 5);
     assert_eq!(codes, [R::PendingTransferExpired]);
     // A pending transfer without a timeout never expires.
@@ -744,11 +388,7 @@ fn pending_expiry() {
     let mut ledger = new_ledger();
     transfers(&mut ledger, &[p], T0 + NANOS_PER_SECOND);
     let expiry = T0 + 3 * NANOS_PER_SECOND;
-    let results = transfers(
-        &mut ledger,
-        &[t(60, 1, 2, 1), t(61, 1, 2, 1), post],
-        expiry - 2,
-    );
+    let results = transfers(&mut ledger, &[t(60, 1, 2, 1), t(61, 1, 2, 1), post], expiry - 2);
     assert_eq!(results[2].result, R::PendingTransferExpired);
     assert_eq!(balances(&ledger, 1), (100, 2, 0, 0));
     transfers(&mut ledger, &[t(62, 1, 2, 1)], expiry);
@@ -759,36 +399,13 @@ fn pending_expiry() {
 fn closing_transfers() {
     let close_debit = flagged(t(50, 1, 2, 0), TF::PENDING | TF::CLOSING_DEBIT);
     let close_credit = flagged(t(50, 1, 2, 0), TF::PENDING | TF::CLOSING_CREDIT);
-    check(
-        &[close_debit],
-        &[t(100, 1, 2, 1)],
-        &[R::DebitAccountAlreadyClosed],
-    );
-    check(
-        &[close_debit],
-        &[t(100, 2, 1, 1)],
-        &[R::CreditAccountAlreadyClosed],
-    );
-    check(
-        &[close_credit],
-        &[t(100, 1, 2, 1)],
-        &[R::CreditAccountAlreadyClosed],
-    );
+    check(&[close_debit], &[t(100, 1, 2, 1)], &[R::DebitAccountAlreadyClosed]);
+    check(&[close_debit], &[t(100, 2, 1, 1)], &[R::CreditAccountAlreadyClosed]);
+    check(&[close_credit], &[t(100, 1, 2, 1)], &[R::CreditAccountAlreadyClosed]);
     check(&[close_credit], &[t(100, 1, 6, 1)], &[R::Ok]);
     // Voiding the closing transfer reopens; posting it is refused (the account is closed).
-    check(
-        &[close_debit],
-        &[
-            settle(100, 50, TF::VOID_PENDING_TRANSFER, 0),
-            t(101, 1, 2, 1),
-        ],
-        &[R::Ok, R::Ok],
-    );
-    check(
-        &[close_debit],
-        &[settle(100, 50, TF::POST_PENDING_TRANSFER, 0)],
-        &[R::DebitAccountAlreadyClosed],
-    );
+    check(&[close_debit], &[settle(100, 50, TF::VOID_PENDING_TRANSFER, 0), t(101, 1, 2, 1)], &[R::Ok, R::Ok]);
+    check(&[close_debit], &[settle(100, 50, TF::POST_PENDING_TRANSFER, 0)], &[R::DebitAccountAlreadyClosed]);
     check(
         &[close_credit],
         &[settle(100, 50, TF::POST_PENDING_TRANSFER, 0)],
@@ -796,11 +413,7 @@ fn closing_transfers() {
     );
     // Other pending transfers of a closed account can be voided but not posted.
     let other = flagged(t(49, 1, 6, 5), TF::PENDING);
-    check(
-        &[other, close_debit],
-        &[settle(100, 49, TF::VOID_PENDING_TRANSFER, 0)],
-        &[R::Ok],
-    );
+    check(&[other, close_debit], &[settle(100, 49, TF::VOID_PENDING_TRANSFER, 0)], &[R::Ok]);
     check(
         &[other, close_debit],
         &[settle(100, 49, TF::POST_PENDING_TRANSFER, 5)],
@@ -808,23 +421,11 @@ fn closing_transfers() {
     );
     // Expiry of a closing transfer reopens the account.
     let mut ledger = new_ledger();
-    transfers(
-        &mut ledger,
-        &[with(close_debit, |t| t.timeout = 1)],
-        T0 + NANOS_PER_SECOND,
-    );
-    assert!(
-        ledger.lookup_accounts(&[1]).unwrap()[0]
-            .flags
-            .contains(AF::CLOSED)
-    );
+    transfers(&mut ledger, &[with(close_debit, |t| t.timeout = 1)], T0 + NANOS_PER_SECOND);
+    assert!(ledger.lookup_accounts(&[1]).unwrap()[0].flags.contains(AF::CLOSED));
     let results = transfers(&mut ledger, &[t(100, 1, 2, 1)], T0 + 2 * NANOS_PER_SECOND);
     assert_eq!(results[0].result, R::Ok);
-    assert!(
-        !ledger.lookup_accounts(&[1]).unwrap()[0]
-            .flags
-            .contains(AF::CLOSED)
-    );
+    assert!(!ledger.lookup_accounts(&[1]).unwrap()[0].flags.contains(AF::CLOSED));
 }
 
 #[test]
@@ -832,44 +433,19 @@ fn transfer_linked_chains() {
     let l = |t: Transfer| flagged(t, t.flags.0 | TF::LINKED);
     let cases: &[(&[Transfer], &[R])] = &[
         (&[l(t(100, 1, 2, 5)), t(101, 2, 1, 3)], &[R::Ok, R::Ok]),
-        (
-            &[l(t(100, 1, 2, 5)), t(101, 3, 1, 3)],
-            &[R::LinkedEventFailed, R::ExceedsCredits],
-        ),
-        (
-            &[l(t(100, 3, 1, 3)), t(101, 1, 2, 5)],
-            &[R::ExceedsCredits, R::LinkedEventFailed],
-        ),
-        (
-            &[l(t(100, 1, 2, 5)), l(t(101, 1, 2, 5))],
-            &[R::LinkedEventFailed, R::LinkedEventChainOpen],
-        ),
+        (&[l(t(100, 1, 2, 5)), t(101, 3, 1, 3)], &[R::LinkedEventFailed, R::ExceedsCredits]),
+        (&[l(t(100, 3, 1, 3)), t(101, 1, 2, 5)], &[R::ExceedsCredits, R::LinkedEventFailed]),
+        (&[l(t(100, 1, 2, 5)), l(t(101, 1, 2, 5))], &[R::LinkedEventFailed, R::LinkedEventChainOpen]),
         (&[l(t(100, 1, 2, 5))], &[R::LinkedEventChainOpen]),
         (
-            &[
-                t(99, 1, 2, 1),
-                l(t(100, 1, 3, 5)),
-                l(t(101, 3, 2, 5)),
-                t(102, 3, 2, 1),
-                t(103, 1, 2, 1),
-            ],
-            &[
-                R::Ok,
-                R::LinkedEventFailed,
-                R::LinkedEventFailed,
-                R::ExceedsCredits,
-                R::Ok,
-            ],
+            &[t(99, 1, 2, 1), l(t(100, 1, 3, 5)), l(t(101, 3, 2, 5)), t(102, 3, 2, 1), t(103, 1, 2, 1)],
+            &[R::Ok, R::LinkedEventFailed, R::LinkedEventFailed, R::ExceedsCredits, R::Ok],
         ),
         // A chain may fund an account and spend from it; a later failure undoes both.
         (&[l(t(100, 1, 3, 5)), t(101, 3, 2, 5)], &[R::Ok, R::Ok]),
         (
             &[l(t(100, 1, 3, 5)), l(t(101, 3, 2, 5)), t(102, 1, 1, 1)],
-            &[
-                R::LinkedEventFailed,
-                R::LinkedEventFailed,
-                R::AccountsMustBeDifferent,
-            ],
+            &[R::LinkedEventFailed, R::LinkedEventFailed, R::AccountsMustBeDifferent],
         ),
         // A chain that creates a pending transfer and posts it.
         (
@@ -885,20 +461,11 @@ fn transfer_linked_chains() {
                 l(settle(101, 100, TF::POST_PENDING_TRANSFER, u128::MAX)),
                 t(102, 0, 2, 1),
             ],
-            &[
-                R::LinkedEventFailed,
-                R::LinkedEventFailed,
-                R::DebitAccountIdMustNotBeZero,
-            ],
+            &[R::LinkedEventFailed, R::LinkedEventFailed, R::DebitAccountIdMustNotBeZero],
         ),
         // A retried chain: the first event exists, which fails the rest of it (nothing new).
         (
-            &[
-                l(t(100, 1, 2, 5)),
-                t(101, 2, 1, 3),
-                l(t(100, 1, 2, 5)),
-                t(101, 2, 1, 3),
-            ],
+            &[l(t(100, 1, 2, 5)), t(101, 2, 1, 3), l(t(100, 1, 2, 5)), t(101, 2, 1, 3)],
             &[R::Ok, R::Ok, R::Exists, R::LinkedEventFailed],
         ),
     ];
@@ -908,21 +475,11 @@ fn transfer_linked_chains() {
         let mut expected_balances = std::collections::BTreeMap::new();
         for (event, code) in events.iter().zip(codes.iter()) {
             if *code == R::Ok && !event.is_post_or_void() && !event.flags.contains(TF::PENDING) {
-                *expected_balances
-                    .entry(event.debit_account_id)
-                    .or_insert(0i128) -= event.amount as i128;
-                *expected_balances
-                    .entry(event.credit_account_id)
-                    .or_insert(0i128) += event.amount as i128;
+                *expected_balances.entry(event.debit_account_id).or_insert(0i128) -= event.amount as i128;
+                *expected_balances.entry(event.credit_account_id).or_insert(0i128) += event.amount as i128;
             }
             if *code != R::Ok && *code != R::Exists {
-                assert!(
-                    ledger
-                        .lookup_transfers(&[event.id])
-                        .unwrap()
-                        .iter()
-                        .all(|t| t.timestamp != 0)
-                );
+                assert!(ledger.lookup_transfers(&[event.id]).unwrap().iter().all(|t| t.timestamp != 0));
             }
         }
         for id in 1..=3u128 {
@@ -936,11 +493,7 @@ fn transfer_linked_chains() {
                     "account {id} after {events:?}"
                 );
             }
-            assert_eq!(
-                (a.debits_pending, a.credits_pending),
-                (0, 0),
-                "chain left a reservation: {events:?}"
-            );
+            assert_eq!((a.debits_pending, a.credits_pending), (0, 0), "chain left a reservation: {events:?}");
         }
     }
 }
@@ -952,11 +505,7 @@ fn timestamps_strictly_increase_even_when_proposed_time_goes_back() {
     let second = transfers(&mut ledger, &[t(102, 1, 2, 1)], T0 - 5);
     assert_eq!(first[0].timestamp, T0 + 10);
     assert_eq!(first[1].timestamp, T0 + 11);
-    assert_eq!(
-        second[0].timestamp,
-        T0 + 12,
-        "a slow leader clock cannot run time backwards"
-    );
+    assert_eq!(second[0].timestamp, T0 + 12, "a slow leader clock cannot run time backwards");
     // Rejected events get no timestamp but still use up their slot.
     let third = transfers(&mut ledger, &[t(0, 1, 2, 1), t(103, 1, 2, 1)], T0);
     assert_eq!((third[0].timestamp, third[1].timestamp), (0, T0 + 14));
@@ -964,12 +513,7 @@ fn timestamps_strictly_increase_even_when_proposed_time_goes_back() {
 
 #[test]
 fn history_queries() {
-    let events = [
-        t(100, 6, 1, 10),
-        t(101, 1, 6, 3),
-        t(102, 6, 2, 4),
-        flagged(t(103, 2, 6, 7), TF::PENDING),
-    ];
+    let events = [t(100, 6, 1, 10), t(101, 1, 6, 3), t(102, 6, 2, 4), flagged(t(103, 2, 6, 7), TF::PENDING)];
     let (codes, ledger) = run(&[], &events, 0);
     assert!(codes.iter().all(|c| *c == R::Ok));
     let filter = AccountFilter {
@@ -982,51 +526,18 @@ fn history_queries() {
         reversed: false,
     };
     let ids = |f: &AccountFilter| -> Vec<u128> {
-        ledger
-            .account_transfers(f)
-            .unwrap()
-            .iter()
-            .map(|t| t.id)
-            .collect()
+        ledger.account_transfers(f).unwrap().iter().map(|t| t.id).collect()
     };
     assert_eq!(ids(&filter), [100, 101, 102, 103]);
-    assert_eq!(
-        ids(&AccountFilter {
-            credits: false,
-            ..filter
-        }),
-        [100, 102]
-    );
-    assert_eq!(
-        ids(&AccountFilter {
-            debits: false,
-            ..filter
-        }),
-        [101, 103]
-    );
-    assert_eq!(
-        ids(&AccountFilter {
-            reversed: true,
-            limit: 2,
-            ..filter
-        }),
-        [103, 102]
-    );
+    assert_eq!(ids(&AccountFilter { credits: false, ..filter }), [100, 102]);
+    assert_eq!(ids(&AccountFilter { debits: false, ..filter }), [101, 103]);
+    assert_eq!(ids(&AccountFilter { reversed: true, limit: 2, ..filter }), [103, 102]);
     // Paging by moving the timestamp bound.
-    let page = ledger
-        .account_transfers(&AccountFilter { limit: 2, ..filter })
-        .unwrap();
-    let next = AccountFilter {
-        timestamp_min: page[1].timestamp + 1,
-        limit: 2,
-        ..filter
-    };
+    let page = ledger.account_transfers(&AccountFilter { limit: 2, ..filter }).unwrap();
+    let next = AccountFilter { timestamp_min: page[1].timestamp + 1, limit: 2, ..filter };
     assert_eq!(ids(&next), [102, 103]);
-    let window = AccountFilter {
-        timestamp_min: page[1].timestamp,
-        timestamp_max: page[1].timestamp,
-        ..filter
-    };
+    let window =
+        AccountFilter { timestamp_min: page[1].timestamp, timestamp_max: page[1].timestamp, ..filter };
     assert_eq!(ids(&window), [101], "bounds are inclusive");
 
     let balances = ledger.account_balances(&filter).unwrap();
@@ -1035,52 +546,15 @@ fn history_queries() {
     assert_eq!(debits_posted, [10, 10, 14, 14]);
     assert_eq!(credits_pending, [0, 0, 0, 7]);
     assert_eq!(balances[0].timestamp, page[0].timestamp);
-    let without_history = AccountFilter {
-        account_id: 1,
-        ..filter
-    };
-    assert!(
-        ledger
-            .account_balances(&without_history)
-            .unwrap()
-            .is_empty()
-    );
+    let without_history = AccountFilter { account_id: 1, ..filter };
+    assert!(ledger.account_balances(&without_history).unwrap().is_empty());
 
     let invalid = [
-        (
-            AccountFilter {
-                account_id: 0,
-                ..filter
-            },
-            FilterError::AccountIdInvalid,
-        ),
-        (
-            AccountFilter { limit: 0, ..filter },
-            FilterError::LimitInvalid,
-        ),
-        (
-            AccountFilter {
-                limit: 8190,
-                ..filter
-            },
-            FilterError::LimitInvalid,
-        ),
-        (
-            AccountFilter {
-                debits: false,
-                credits: false,
-                ..filter
-            },
-            FilterError::NoSideSelected,
-        ),
-        (
-            AccountFilter {
-                timestamp_min: 5,
-                timestamp_max: 4,
-                ..filter
-            },
-            FilterError::TimestampRangeInvalid,
-        ),
+        (AccountFilter { account_id: 0, ..filter }, FilterError::AccountIdInvalid),
+        (AccountFilter { limit: 0, ..filter }, FilterError::LimitInvalid),
+        (AccountFilter { limit: 8190, ..filter }, FilterError::LimitInvalid),
+        (AccountFilter { debits: false, credits: false, ..filter }, FilterError::NoSideSelected),
+        (AccountFilter { timestamp_min: 5, timestamp_max: 4, ..filter }, FilterError::TimestampRangeInvalid),
     ];
     for (filter, expected) in invalid {
         match ledger.account_transfers(&filter) {
@@ -1089,12 +563,7 @@ fn history_queries() {
         }
     }
     // Lookups leave out ids that do not exist, and keep the order asked.
-    let found: Vec<u128> = ledger
-        .lookup_transfers(&[103, 999, 100])
-        .unwrap()
-        .iter()
-        .map(|t| t.id)
-        .collect();
+    let found: Vec<u128> = ledger.lookup_transfers(&[103, 999, 100]).unwrap().iter().map(|t| t.id).collect();
     assert_eq!(found, [103, 100]);
 }
 
@@ -1110,12 +579,5 @@ fn several_batches_in_one_entry_commit_together() {
     assert_eq!(replies.len(), 3);
     assert_eq!(balances(&ledger, 1), (0, 5, 0, 0));
     assert_eq!(ledger.meta().batches_applied, 4);
-    assert_eq!(
-        ledger
-            .store()
-            .meta_raw(ledger::codec::META_APP_KEY)
-            .unwrap()
-            .unwrap(),
-        b"applied 7"
-    );
+    assert_eq!(ledger.store().meta_raw(ledger::codec::META_APP_KEY).unwrap().unwrap(), b"applied 7");
 }

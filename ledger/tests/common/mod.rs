@@ -12,13 +12,7 @@ pub type AF = AccountFlags;
 pub type TF = TransferFlags;
 
 pub fn account(id: u128, ledger: u32, flags: u16) -> Account {
-    Account {
-        id,
-        ledger,
-        code: 1,
-        flags: AccountFlags(flags),
-        ..Account::default()
-    }
+    Account { id, ledger, code: 1, flags: AccountFlags(flags), ..Account::default() }
 }
 
 pub fn transfer(id: u128, debit: u128, credit: u128, amount: u128) -> Transfer {
@@ -40,22 +34,13 @@ pub fn flagged(mut t: Transfer, flags: u16) -> Transfer {
 
 /// A post (or void, with `TF::VOID_PENDING_TRANSFER`) of `pending_id`, inheriting everything.
 pub fn settle(id: u128, pending_id: u128, flags: u16, amount: u128) -> Transfer {
-    Transfer {
-        id,
-        pending_id,
-        amount,
-        flags: TransferFlags(flags),
-        ..Transfer::default()
-    }
+    Transfer { id, pending_id, amount, flags: TransferFlags(flags), ..Transfer::default() }
 }
 
 /// Seed for a randomized test: `TALLY_SEED` if set (to reproduce a failure), else a fixed one
 /// per test, so CI runs are reproducible too.
 pub fn seed(default: u64) -> u64 {
-    std::env::var("TALLY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    std::env::var("TALLY_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -89,19 +74,13 @@ impl Model {
             Batch::CreateAccounts(events) => BatchReply::CreateAccounts(self.run(
                 events,
                 first,
-                (
-                    |e: &Account| e.flags.contains(AF::LINKED),
-                    |e: &Account| e.timestamp,
-                ),
+                (|e: &Account| e.flags.contains(AF::LINKED), |e: &Account| e.timestamp),
                 Model::create_account,
             )),
             Batch::CreateTransfers(events) => BatchReply::CreateTransfers(self.run(
                 events,
                 first,
-                (
-                    |e: &Transfer| e.flags.contains(TF::LINKED),
-                    |e: &Transfer| e.timestamp,
-                ),
+                (|e: &Transfer| e.flags.contains(TF::LINKED), |e: &Transfer| e.timestamp),
                 Model::create_transfer,
             )),
         };
@@ -146,17 +125,11 @@ impl Model {
                     failed = true;
                     self.accounts = accounts_before.clone();
                     self.roll_back();
-                    for earlier in &mut chain {
-                        *earlier = (R::LINKED_FAILED, 0);
-                    }
+                    chain.fill((R::LINKED_FAILED, 0));
                 }
                 chain.push(result);
             }
-            results.extend(
-                chain
-                    .into_iter()
-                    .map(|(result, timestamp)| EventResult { result, timestamp }),
-            );
+            results.extend(chain.into_iter().map(|(result, timestamp)| EventResult { result, timestamp }));
             index = end + 1;
         }
         results
@@ -225,18 +198,9 @@ impl Model {
         if let Some(e) = self.accounts.get(&a.id) {
             let diffs = [
                 (a.flags != e.flags, R::ExistsWithDifferentFlags),
-                (
-                    a.user_data_128 != e.user_data_128,
-                    R::ExistsWithDifferentUserData128,
-                ),
-                (
-                    a.user_data_64 != e.user_data_64,
-                    R::ExistsWithDifferentUserData64,
-                ),
-                (
-                    a.user_data_32 != e.user_data_32,
-                    R::ExistsWithDifferentUserData32,
-                ),
+                (a.user_data_128 != e.user_data_128, R::ExistsWithDifferentUserData128),
+                (a.user_data_64 != e.user_data_64, R::ExistsWithDifferentUserData64),
+                (a.user_data_32 != e.user_data_32, R::ExistsWithDifferentUserData32),
                 (a.ledger != e.ledger, R::ExistsWithDifferentLedger),
                 (a.code != e.code, R::ExistsWithDifferentCode),
             ];
@@ -280,13 +244,9 @@ impl Model {
             let r = self.transfer_exists(&t, e);
             return (r, if r == R::Exists { e.timestamp } else { 0 });
         }
-        let settles = t.flags.contains(TF::POST_PENDING_TRANSFER)
-            || t.flags.contains(TF::VOID_PENDING_TRANSFER);
-        let result = if settles {
-            self.settle(t, timestamp)
-        } else {
-            self.new_transfer(t, timestamp)
-        };
+        let settles =
+            t.flags.contains(TF::POST_PENDING_TRANSFER) || t.flags.contains(TF::VOID_PENDING_TRANSFER);
+        let result = if settles { self.settle(t, timestamp) } else { self.new_transfer(t, timestamp) };
         match result {
             Ok(()) => (R::Ok, timestamp),
             Err(r) => (r, 0),
@@ -295,8 +255,8 @@ impl Model {
 
     fn transfer_exists(&self, t: &Transfer, e: &Transfer) -> CreateTransferResult {
         use CreateTransferResult as R;
-        let settles = t.flags.contains(TF::POST_PENDING_TRANSFER)
-            || t.flags.contains(TF::VOID_PENDING_TRANSFER);
+        let settles =
+            t.flags.contains(TF::POST_PENDING_TRANSFER) || t.flags.contains(TF::VOID_PENDING_TRANSFER);
         let balancing = t.flags.0 & (TF::BALANCING_DEBIT | TF::BALANCING_CREDIT) != 0;
         if t.flags != e.flags {
             return R::ExistsWithDifferentFlags;
@@ -308,20 +268,14 @@ impl Model {
             return R::ExistsWithDifferentTimeout;
         }
         // For a settle, a zero field means "inherited": compare what it would have inherited.
-        let p = if settles {
-            Some(self.transfers[&e.pending_id])
-        } else {
-            None
-        };
+        let p = if settles { Some(self.transfers[&e.pending_id]) } else { None };
         let pick = |requested: u128, inherited: u128| match p {
             Some(_) if requested == 0 => inherited,
             _ => requested,
         };
         let amount = match p {
             Some(p) if t.flags.contains(TF::VOID_PENDING_TRANSFER) && t.amount == 0 => p.amount,
-            Some(p) if t.flags.contains(TF::POST_PENDING_TRANSFER) && t.amount == u128::MAX => {
-                p.amount
-            }
+            Some(p) if t.flags.contains(TF::POST_PENDING_TRANSFER) && t.amount == u128::MAX => p.amount,
             _ => t.amount,
         };
         let p = p.unwrap_or(*e);
@@ -334,18 +288,8 @@ impl Model {
                 pick(t.credit_account_id, e.credit_account_id) != e.credit_account_id,
                 R::ExistsWithDifferentCreditAccountId,
             ),
-            (
-                if balancing {
-                    amount < e.amount
-                } else {
-                    amount != e.amount
-                },
-                R::ExistsWithDifferentAmount,
-            ),
-            (
-                pick(t.user_data_128, p.user_data_128) != e.user_data_128,
-                R::ExistsWithDifferentUserData128,
-            ),
+            (if balancing { amount < e.amount } else { amount != e.amount }, R::ExistsWithDifferentAmount),
+            (pick(t.user_data_128, p.user_data_128) != e.user_data_128, R::ExistsWithDifferentUserData128),
             (
                 pick(t.user_data_64.into(), p.user_data_64.into()) != e.user_data_64 as u128,
                 R::ExistsWithDifferentUserData64,
@@ -354,20 +298,10 @@ impl Model {
                 pick(t.user_data_32.into(), p.user_data_32.into()) != e.user_data_32 as u128,
                 R::ExistsWithDifferentUserData32,
             ),
-            (
-                pick(t.ledger.into(), e.ledger.into()) != e.ledger as u128,
-                R::ExistsWithDifferentLedger,
-            ),
-            (
-                pick(t.code.into(), e.code.into()) != e.code as u128,
-                R::ExistsWithDifferentCode,
-            ),
+            (pick(t.ledger.into(), e.ledger.into()) != e.ledger as u128, R::ExistsWithDifferentLedger),
+            (pick(t.code.into(), e.code.into()) != e.code as u128, R::ExistsWithDifferentCode),
         ];
-        diffs
-            .iter()
-            .find(|(bad, _)| *bad)
-            .map(|(_, r)| *r)
-            .unwrap_or(R::Exists)
+        diffs.iter().find(|(bad, _)| *bad).map(|(_, r)| *r).unwrap_or(R::Exists)
     }
 
     fn settle(&mut self, t: Transfer, timestamp: u64) -> Result<(), CreateTransferResult> {
@@ -375,23 +309,14 @@ impl Model {
         let f = t.flags;
         let post = f.contains(TF::POST_PENDING_TRANSFER);
         let void = f.contains(TF::VOID_PENDING_TRANSFER);
-        let others = TF::PENDING
-            | TF::BALANCING_DEBIT
-            | TF::BALANCING_CREDIT
-            | TF::CLOSING_DEBIT
-            | TF::CLOSING_CREDIT;
-        fail_if(
-            post && void || f.0 & others != 0,
-            R::FlagsAreMutuallyExclusive,
-        )?;
+        let others =
+            TF::PENDING | TF::BALANCING_DEBIT | TF::BALANCING_CREDIT | TF::CLOSING_DEBIT | TF::CLOSING_CREDIT;
+        fail_if(post && void || f.0 & others != 0, R::FlagsAreMutuallyExclusive)?;
         fail_if(t.pending_id == 0, R::PendingIdMustNotBeZero)?;
         fail_if(t.pending_id == u128::MAX, R::PendingIdMustNotBeIntMax)?;
         fail_if(t.pending_id == t.id, R::PendingIdMustBeDifferent)?;
         fail_if(t.timeout != 0, R::TimeoutReservedForPendingTransfer)?;
-        let p = *self
-            .transfers
-            .get(&t.pending_id)
-            .ok_or(R::PendingTransferNotFound)?;
+        let p = *self.transfers.get(&t.pending_id).ok_or(R::PendingTransferNotFound)?;
         fail_if(!p.flags.contains(TF::PENDING), R::PendingTransferNotPending)?;
         fail_if(
             t.debit_account_id != 0 && t.debit_account_id != p.debit_account_id,
@@ -401,43 +326,23 @@ impl Model {
             t.credit_account_id != 0 && t.credit_account_id != p.credit_account_id,
             R::PendingTransferHasDifferentCreditAccountId,
         )?;
-        fail_if(
-            t.ledger != 0 && t.ledger != p.ledger,
-            R::PendingTransferHasDifferentLedger,
-        )?;
-        fail_if(
-            t.code != 0 && t.code != p.code,
-            R::PendingTransferHasDifferentCode,
-        )?;
-        let amount = if void && t.amount == 0 || post && t.amount == u128::MAX {
-            p.amount
-        } else {
-            t.amount
-        };
+        fail_if(t.ledger != 0 && t.ledger != p.ledger, R::PendingTransferHasDifferentLedger)?;
+        fail_if(t.code != 0 && t.code != p.code, R::PendingTransferHasDifferentCode)?;
+        let amount = if void && t.amount == 0 || post && t.amount == u128::MAX { p.amount } else { t.amount };
         fail_if(amount > p.amount, R::ExceedsPendingTransferAmount)?;
-        fail_if(
-            void && amount != p.amount,
-            R::PendingTransferHasDifferentAmount,
-        )?;
+        fail_if(void && amount != p.amount, R::PendingTransferHasDifferentAmount)?;
         match self.status[&p.id] {
             PendingStatus::Pending => {}
             PendingStatus::Posted => return Err(R::PendingTransferAlreadyPosted),
             PendingStatus::Voided => return Err(R::PendingTransferAlreadyVoided),
             PendingStatus::Expired => return Err(R::PendingTransferExpired),
         }
-        let expired =
-            p.timeout > 0 && p.timestamp + p.timeout as u64 * NANOS_PER_SECOND <= timestamp;
+        let expired = p.timeout > 0 && p.timestamp + p.timeout as u64 * NANOS_PER_SECOND <= timestamp;
         fail_if(expired, R::PendingTransferExpired)?;
         let mut dr = self.accounts[&p.debit_account_id];
         let mut cr = self.accounts[&p.credit_account_id];
-        fail_if(
-            post && dr.flags.contains(AF::CLOSED),
-            R::DebitAccountAlreadyClosed,
-        )?;
-        fail_if(
-            post && cr.flags.contains(AF::CLOSED),
-            R::CreditAccountAlreadyClosed,
-        )?;
+        fail_if(post && dr.flags.contains(AF::CLOSED), R::DebitAccountAlreadyClosed)?;
+        fail_if(post && cr.flags.contains(AF::CLOSED), R::CreditAccountAlreadyClosed)?;
         dr.debits_pending -= p.amount;
         cr.credits_pending -= p.amount;
         if post {
@@ -467,14 +372,7 @@ impl Model {
             flags: t.flags,
             timestamp,
         };
-        self.set_status(
-            p.id,
-            if post {
-                PendingStatus::Posted
-            } else {
-                PendingStatus::Voided
-            },
-        );
+        self.set_status(p.id, if post { PendingStatus::Posted } else { PendingStatus::Voided });
         self.record(settled, dr, cr);
         Ok(())
     }
@@ -484,93 +382,45 @@ impl Model {
         let f = t.flags;
         let pending = f.contains(TF::PENDING);
         fail_if(t.debit_account_id == 0, R::DebitAccountIdMustNotBeZero)?;
-        fail_if(
-            t.debit_account_id == u128::MAX,
-            R::DebitAccountIdMustNotBeIntMax,
-        )?;
+        fail_if(t.debit_account_id == u128::MAX, R::DebitAccountIdMustNotBeIntMax)?;
         fail_if(t.credit_account_id == 0, R::CreditAccountIdMustNotBeZero)?;
-        fail_if(
-            t.credit_account_id == u128::MAX,
-            R::CreditAccountIdMustNotBeIntMax,
-        )?;
-        fail_if(
-            t.debit_account_id == t.credit_account_id,
-            R::AccountsMustBeDifferent,
-        )?;
+        fail_if(t.credit_account_id == u128::MAX, R::CreditAccountIdMustNotBeIntMax)?;
+        fail_if(t.debit_account_id == t.credit_account_id, R::AccountsMustBeDifferent)?;
         fail_if(t.pending_id != 0, R::PendingIdMustBeZero)?;
-        fail_if(
-            !pending && t.timeout != 0,
-            R::TimeoutReservedForPendingTransfer,
-        )?;
+        fail_if(!pending && t.timeout != 0, R::TimeoutReservedForPendingTransfer)?;
         let closing = f.0 & (TF::CLOSING_DEBIT | TF::CLOSING_CREDIT) != 0;
         fail_if(!pending && closing, R::ClosingTransferMustBePending)?;
         fail_if(t.ledger == 0, R::LedgerMustNotBeZero)?;
         fail_if(t.code == 0, R::CodeMustNotBeZero)?;
-        let mut dr = *self
-            .accounts
-            .get(&t.debit_account_id)
-            .ok_or(R::DebitAccountNotFound)?;
-        let mut cr = *self
-            .accounts
-            .get(&t.credit_account_id)
-            .ok_or(R::CreditAccountNotFound)?;
+        let mut dr = *self.accounts.get(&t.debit_account_id).ok_or(R::DebitAccountNotFound)?;
+        let mut cr = *self.accounts.get(&t.credit_account_id).ok_or(R::CreditAccountNotFound)?;
         fail_if(dr.ledger != cr.ledger, R::AccountsMustHaveTheSameLedger)?;
-        fail_if(
-            t.ledger != dr.ledger,
-            R::TransferMustHaveTheSameLedgerAsAccounts,
-        )?;
+        fail_if(t.ledger != dr.ledger, R::TransferMustHaveTheSameLedgerAsAccounts)?;
         fail_if(dr.flags.contains(AF::CLOSED), R::DebitAccountAlreadyClosed)?;
         fail_if(cr.flags.contains(AF::CLOSED), R::CreditAccountAlreadyClosed)?;
         let mut amount = t.amount;
         if f.contains(TF::BALANCING_DEBIT) {
-            let room = dr
-                .credits_posted
-                .saturating_sub(dr.debits_posted.saturating_add(dr.debits_pending));
+            let room = dr.credits_posted.saturating_sub(dr.debits_posted.saturating_add(dr.debits_pending));
             amount = amount.min(room);
         }
         if f.contains(TF::BALANCING_CREDIT) {
-            let room = cr
-                .debits_posted
-                .saturating_sub(cr.credits_posted.saturating_add(cr.credits_pending));
+            let room = cr.debits_posted.saturating_sub(cr.credits_posted.saturating_add(cr.credits_pending));
             amount = amount.min(room);
         }
         let sum = |a: u128, b: u128| a.checked_add(b);
-        fail_if(
-            pending && sum(amount, dr.debits_pending).is_none(),
-            R::OverflowsDebitsPending,
-        )?;
-        fail_if(
-            pending && sum(amount, cr.credits_pending).is_none(),
-            R::OverflowsCreditsPending,
-        )?;
-        fail_if(
-            sum(amount, dr.debits_posted).is_none(),
-            R::OverflowsDebitsPosted,
-        )?;
-        fail_if(
-            sum(amount, cr.credits_posted).is_none(),
-            R::OverflowsCreditsPosted,
-        )?;
+        fail_if(pending && sum(amount, dr.debits_pending).is_none(), R::OverflowsDebitsPending)?;
+        fail_if(pending && sum(amount, cr.credits_pending).is_none(), R::OverflowsCreditsPending)?;
+        fail_if(sum(amount, dr.debits_posted).is_none(), R::OverflowsDebitsPosted)?;
+        fail_if(sum(amount, cr.credits_posted).is_none(), R::OverflowsCreditsPosted)?;
         let dr_total = sum(dr.debits_pending, dr.debits_posted).and_then(|d| sum(d, amount));
         fail_if(dr_total.is_none(), R::OverflowsDebits)?;
         let cr_total = sum(cr.credits_pending, cr.credits_posted).and_then(|c| sum(c, amount));
         fail_if(cr_total.is_none(), R::OverflowsCredits)?;
-        fail_if(
-            timestamp
-                .checked_add(t.timeout as u64 * NANOS_PER_SECOND)
-                .is_none(),
-            R::OverflowsTimeout,
-        )?;
+        fail_if(timestamp.checked_add(t.timeout as u64 * NANOS_PER_SECOND).is_none(), R::OverflowsTimeout)?;
         let limited_debits = dr.flags.contains(AF::DEBITS_MUST_NOT_EXCEED_CREDITS);
-        fail_if(
-            limited_debits && dr_total.unwrap() > dr.credits_posted,
-            R::ExceedsCredits,
-        )?;
+        fail_if(limited_debits && dr_total.unwrap() > dr.credits_posted, R::ExceedsCredits)?;
         let limited_credits = cr.flags.contains(AF::CREDITS_MUST_NOT_EXCEED_DEBITS);
-        fail_if(
-            limited_credits && cr_total.unwrap() > cr.debits_posted,
-            R::ExceedsDebits,
-        )?;
+        fail_if(limited_credits && cr_total.unwrap() > cr.debits_posted, R::ExceedsDebits)?;
         if pending {
             dr.debits_pending += amount;
             cr.credits_pending += amount;
@@ -585,25 +435,14 @@ impl Model {
         if f.contains(TF::CLOSING_CREDIT) {
             cr.flags.0 |= AF::CLOSED;
         }
-        self.record(
-            Transfer {
-                amount,
-                timestamp,
-                ..t
-            },
-            dr,
-            cr,
-        );
+        self.record(Transfer { amount, timestamp, ..t }, dr, cr);
         Ok(())
     }
 
     fn record(&mut self, t: Transfer, dr: Account, cr: Account) {
         for account in [dr, cr] {
             if account.flags.contains(AF::HISTORY) {
-                self.history
-                    .entry(account.id)
-                    .or_default()
-                    .push(account.balance(t.timestamp));
+                self.history.entry(account.id).or_default().push(account.balance(t.timestamp));
                 self.journal.push(Change::History(account.id));
             }
             self.accounts.insert(account.id, account);
@@ -614,11 +453,7 @@ impl Model {
 
     /// The transfers of an account matching the filter, as the ledger should return them.
     pub fn account_transfers(&self, f: &AccountFilter) -> Vec<Transfer> {
-        let max = if f.timestamp_max == 0 {
-            u64::MAX
-        } else {
-            f.timestamp_max
-        };
+        let max = if f.timestamp_max == 0 { u64::MAX } else { f.timestamp_max };
         let mut found: Vec<Transfer> = self
             .transfers
             .values()
@@ -696,24 +531,9 @@ pub fn check_invariants(accounts: &[Account]) {
             );
         }
     }
-    for (
-        ledger,
-        [
-            debits_posted,
-            credits_posted,
-            debits_pending,
-            credits_pending,
-        ],
-    ) in sums
-    {
-        assert_eq!(
-            debits_posted, credits_posted,
-            "ledger {ledger}: posted debits != posted credits"
-        );
-        assert_eq!(
-            debits_pending, credits_pending,
-            "ledger {ledger}: pending debits != pending credits"
-        );
+    for (ledger, [debits_posted, credits_posted, debits_pending, credits_pending]) in sums {
+        assert_eq!(debits_posted, credits_posted, "ledger {ledger}: posted debits != posted credits");
+        assert_eq!(debits_pending, credits_pending, "ledger {ledger}: pending debits != pending credits");
     }
 }
 
@@ -766,11 +586,7 @@ impl Workload {
         self.clock += self.rng.random_range(0..2 * NANOS_PER_SECOND);
         // Now and then a leader with a slow clock: time must still move forwards.
         let slow = self.rng.random_ratio(1, 20);
-        let proposed = proposed.unwrap_or(if slow {
-            self.clock - 5 * NANOS_PER_SECOND
-        } else {
-            self.clock
-        });
+        let proposed = proposed.unwrap_or(if slow { self.clock - 5 * NANOS_PER_SECOND } else { self.clock });
         let batch = if self.account_ids.len() < 4 || self.rng.random_ratio(1, 25) {
             Batch::CreateAccounts(self.accounts_batch())
         } else {
@@ -834,37 +650,18 @@ impl Workload {
         if self.rng.random_ratio(1, 3) {
             let broken = match self.rng.random_range(0..8) {
                 0 => Account { id: 0, ..events[0] },
-                1 => Account {
-                    ledger: 0,
-                    ..events[0]
-                },
-                2 => Account {
-                    code: 0,
-                    ..events[0]
-                },
-                3 => Account {
-                    credits_posted: 1,
-                    ..events[0]
-                },
+                1 => Account { ledger: 0, ..events[0] },
+                2 => Account { code: 0, ..events[0] },
+                3 => Account { credits_posted: 1, ..events[0] },
                 4 => Account {
                     flags: AccountFlags(
                         AF::DEBITS_MUST_NOT_EXCEED_CREDITS | AF::CREDITS_MUST_NOT_EXCEED_DEBITS,
                     ),
                     ..events[0]
                 },
-                5 => Account {
-                    flags: AccountFlags(1 << 12),
-                    ..events[0]
-                },
-                6 => Account {
-                    timestamp: 1,
-                    ..events[0]
-                },
-                _ => match self
-                    .account_ids
-                    .first()
-                    .and_then(|id| self.model.accounts.get(id))
-                {
+                5 => Account { flags: AccountFlags(1 << 12), ..events[0] },
+                6 => Account { timestamp: 1, ..events[0] },
+                _ => match self.account_ids.first().and_then(|id| self.model.accounts.get(id)) {
                     Some(existing) => {
                         let mut retry = Account {
                             timestamp: 0,
@@ -911,11 +708,7 @@ impl Workload {
         let count = self.rng.random_range(1..=48);
         let mut events = Vec::with_capacity(count);
         while events.len() < count {
-            let chain = if self.rng.random_ratio(1, 6) {
-                self.rng.random_range(2..=4)
-            } else {
-                1
-            };
+            let chain = if self.rng.random_ratio(1, 6) { self.rng.random_range(2..=4) } else { 1 };
             for link in 0..chain {
                 let mut t = self.one_transfer();
                 if link + 1 < chain {
@@ -936,36 +729,20 @@ impl Workload {
         match roll {
             0..=39 => self.plain(0),
             40..=52 => {
-                let timeout = if self.rng.random_bool(0.5) {
-                    0
-                } else {
-                    self.rng.random_range(1..=4)
-                };
+                let timeout = if self.rng.random_bool(0.5) { 0 } else { self.rng.random_range(1..=4) };
                 let mut t = self.plain(TF::PENDING);
                 t.timeout = timeout;
                 t
             }
             53..=66 => self.settlement(),
             67..=72 => {
-                let side = if self.rng.random_bool(0.5) {
-                    TF::BALANCING_DEBIT
-                } else {
-                    TF::BALANCING_CREDIT
-                };
+                let side = if self.rng.random_bool(0.5) { TF::BALANCING_DEBIT } else { TF::BALANCING_CREDIT };
                 let mut t = self.plain(side);
-                t.amount = if self.rng.random_bool(0.3) {
-                    u128::MAX
-                } else {
-                    t.amount
-                };
+                t.amount = if self.rng.random_bool(0.3) { u128::MAX } else { t.amount };
                 t
             }
             73..=74 => {
-                let side = if self.rng.random_bool(0.5) {
-                    TF::CLOSING_DEBIT
-                } else {
-                    TF::CLOSING_CREDIT
-                };
+                let side = if self.rng.random_bool(0.5) { TF::CLOSING_DEBIT } else { TF::CLOSING_CREDIT };
                 let mut t = self.plain(TF::PENDING | side);
                 t.timeout = self.rng.random_range(0..=3);
                 t
@@ -987,20 +764,14 @@ impl Workload {
     }
 
     fn whale(&mut self) -> Transfer {
-        let flags = if self.rng.random_bool(0.3) {
-            TF::PENDING
-        } else {
-            0
-        };
+        let flags = if self.rng.random_bool(0.3) { TF::PENDING } else { 0 };
         let mut t = self.plain(flags);
         t.amount = u128::MAX - self.rng.random_range(0..1000);
         t
     }
 
     fn settlement(&mut self) -> Transfer {
-        let Some(&pending_id) = self
-            .pending_ids
-            .get(self.rng.random_range(0..self.pending_ids.len().max(1)))
+        let Some(&pending_id) = self.pending_ids.get(self.rng.random_range(0..self.pending_ids.len().max(1)))
         else {
             return self.plain(0);
         };
@@ -1080,11 +851,7 @@ impl Workload {
             1 => (false, true),
             _ => (true, true),
         };
-        let timestamp_min = if self.rng.random_bool(0.3) {
-            self.clock - 20 * NANOS_PER_SECOND
-        } else {
-            0
-        };
+        let timestamp_min = if self.rng.random_bool(0.3) { self.clock - 20 * NANOS_PER_SECOND } else { 0 };
         AccountFilter {
             account_id,
             timestamp_min,
@@ -1099,22 +866,13 @@ impl Workload {
 
 /// Applies `count` batches of the workload to `ledger`, comparing every reply and every account
 /// with the model and checking the invariants after each entry.
-pub fn run_audited<S: Store>(
-    ledger: &mut Ledger<S>,
-    workload: &mut Workload,
-    count: usize,
-    seed: u64,
-) {
+pub fn run_audited<S: Store>(ledger: &mut Ledger<S>, workload: &mut Workload, count: usize, seed: u64) {
     let mut timestamp_last = ledger.meta().timestamp_last;
     let mut entry_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xe47);
     let mut batch_index = 0;
     while batch_index < count {
         // Mostly one batch an entry; sometimes several, as group commit makes them.
-        let entry_batches = if entry_rng.random_ratio(1, 4) {
-            entry_rng.random_range(2..=4)
-        } else {
-            1
-        };
+        let entry_batches = if entry_rng.random_ratio(1, 4) { entry_rng.random_range(2..=4) } else { 1 };
         let (batch, proposed, expected) = workload.next();
         let mut entry = vec![batch];
         let mut expected_replies = vec![expected];
@@ -1131,16 +889,10 @@ pub fn run_audited<S: Store>(
         let ids = workload.account_ids();
         let accounts = ledger.lookup_accounts(&ids).unwrap();
         let expected: Vec<Account> = ids.iter().map(|id| workload.model.accounts[id]).collect();
-        assert_eq!(
-            accounts, expected,
-            "seed {seed}: batch {batch_index}: balances differ from the model's"
-        );
+        assert_eq!(accounts, expected, "seed {seed}: batch {batch_index}: balances differ from the model's");
         check_invariants(&accounts);
         let meta = ledger.meta();
-        assert!(
-            meta.timestamp_last > timestamp_last,
-            "seed {seed}: time did not advance"
-        );
+        assert!(meta.timestamp_last > timestamp_last, "seed {seed}: time did not advance");
         assert_eq!(
             meta.timestamp_last, workload.model.timestamp_last,
             "seed {seed}: timestamps differ from the model's"
@@ -1152,21 +904,12 @@ pub fn run_audited<S: Store>(
     }
 }
 
-fn check_reply(
-    batch: &Batch,
-    reply: &BatchReply,
-    expected: &BatchReply,
-    seed: u64,
-    batch_index: usize,
-) {
+fn check_reply(batch: &Batch, reply: &BatchReply, expected: &BatchReply, seed: u64, batch_index: usize) {
     if reply == expected {
         return;
     }
-    if let (
-        Batch::CreateTransfers(e),
-        BatchReply::CreateTransfers(r),
-        BatchReply::CreateTransfers(x),
-    ) = (batch, reply, expected)
+    if let (Batch::CreateTransfers(e), BatchReply::CreateTransfers(r), BatchReply::CreateTransfers(x)) =
+        (batch, reply, expected)
     {
         for (i, ((e, r), x)) in e.iter().zip(r).zip(x).enumerate() {
             eprintln!("event {i}: {e:?}\n    got {r:?} model {x:?}");
@@ -1177,12 +920,7 @@ fn check_reply(
     panic!("seed {seed}: batch {batch_index}: the ledger's reply differs from the model's");
 }
 
-fn check_queries<S: Store>(
-    ledger: &Ledger<S>,
-    workload: &mut Workload,
-    seed: u64,
-    batch_index: usize,
-) {
+fn check_queries<S: Store>(ledger: &Ledger<S>, workload: &mut Workload, seed: u64, batch_index: usize) {
     let filter = workload.filter();
     let transfers = ledger.account_transfers(&filter).unwrap();
     assert_eq!(
@@ -1191,12 +929,7 @@ fn check_queries<S: Store>(
         "seed {seed}: batch {batch_index}: account transfers differ for {filter:?}"
     );
     let balances = ledger.account_balances(&filter).unwrap();
-    let history = workload
-        .model
-        .history
-        .get(&filter.account_id)
-        .cloned()
-        .unwrap_or_default();
+    let history = workload.model.history.get(&filter.account_id).cloned().unwrap_or_default();
     let mut expected: Vec<AccountBalance> = history
         .into_iter()
         .filter(|b| transfers_side_of(&workload.model, filter.account_id, b.timestamp, &filter))
@@ -1212,12 +945,7 @@ fn check_queries<S: Store>(
     );
 }
 
-fn transfers_side_of(
-    model: &Model,
-    account_id: u128,
-    timestamp: u64,
-    filter: &AccountFilter,
-) -> bool {
+fn transfers_side_of(model: &Model, account_id: u128, timestamp: u64, filter: &AccountFilter) -> bool {
     model.transfers.values().any(|t| {
         t.timestamp == timestamp
             && ((filter.debits && t.debit_account_id == account_id)

@@ -1,0 +1,99 @@
+//! Crash consistency: a child process applies the seeded workload to sled and is killed with
+//! SIGKILL at random points; reopened, the state must be exactly the state after some whole
+//! prefix of batches (never half a batch), which we check by replaying that prefix in memory.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use ledger::*;
+use rand::{Rng, SeedableRng};
+
+const CHILD_DIR_ENV: &str = "TALLY_CRASH_CHILD_DIR";
+const CHILD_SEED_ENV: &str = "TALLY_CRASH_CHILD_SEED";
+const KILLS: usize = 12;
+/// The child stops by itself after this many batches, should nobody kill it.
+const CHILD_BATCHES_MAX: u64 = 20_000;
+
+/// Not a test on its own: the body of the child process, which does nothing unless the parent
+/// set `TALLY_CRASH_CHILD_DIR`.
+#[test]
+fn crash_child() {
+    let Ok(dir) = std::env::var(CHILD_DIR_ENV) else { return };
+    let seed: u64 = std::env::var(CHILD_SEED_ENV).unwrap().parse().unwrap();
+    let mut ledger = Ledger::open(SledStore::open(dir.as_ref()).unwrap()).unwrap();
+    let mut workload = Workload::new(seed);
+    let done = ledger.meta().batches_applied;
+    for _ in 0..done {
+        workload.next();
+    }
+    for applied in done + 1..=CHILD_BATCHES_MAX {
+        let (batch, proposed, _) = workload.next();
+        ledger.apply(&[batch], proposed, None).unwrap();
+        println!("applied {applied}");
+    }
+}
+
+/// The state after the first `batches` batches of the workload, computed in memory.
+fn replay(seed: u64, batches: u64) -> Ledger<MemStore> {
+    let mut ledger = Ledger::open(MemStore::new()).unwrap();
+    let mut workload = Workload::new(seed);
+    for _ in 0..batches {
+        let (batch, proposed, _) = workload.next();
+        ledger.apply(&[batch], proposed, None).unwrap();
+    }
+    ledger
+}
+
+#[test]
+fn sigkill_leaves_a_whole_prefix_of_batches() {
+    let seed = seed(0x7a11_c4a5);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut printed_max = 0u64;
+    for kill in 0..KILLS {
+        // Kill soon after start now and then, to hit recovery of a barely-written store.
+        let wait_for =
+            if rng.random_ratio(1, 4) { rng.random_range(0..3) } else { rng.random_range(20..300) };
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD_DIR_ENV, dir.path())
+            .env(CHILD_SEED_ENV, seed.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut seen = 0;
+        for line in stdout.lines() {
+            let line = line.unwrap();
+            if let Some(count) = line.strip_prefix("applied ") {
+                printed_max = printed_max.max(count.parse().unwrap());
+                seen += 1;
+                if seen >= wait_for {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let reopened = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+        let batches = reopened.meta().batches_applied;
+        assert!(batches <= printed_max, "seed {seed}: kill {kill}: more batches than were applied");
+        let expected = replay(seed, batches);
+        assert_eq!(
+            reopened.meta(),
+            expected.meta(),
+            "seed {seed}: kill {kill}: meta after {batches} batches"
+        );
+        assert_eq!(
+            ledger::snapshot::state_digest(reopened.store()).unwrap(),
+            ledger::snapshot::state_digest(expected.store()).unwrap(),
+            "seed {seed}: kill {kill}: state is not the state after {batches} whole batches"
+        );
+    }
+    assert!(printed_max > 100, "the child made too little progress to test anything");
+}
