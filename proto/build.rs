@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-const PROTO_FILES: &[&str] = &["tally/v1/ledger.proto"];
+const PROTO_FILES: &[&str] = &["tally/v1/ledger.proto", "tally/v1/cluster.proto", "tally/v1/raft.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in PROTO_FILES {

@@ -1,6 +1,274 @@
-//! `tally-client`: a Rust client for tally's `tally.v1.Ledger` API.
+//! `tally-client`: a Rust client for tally.
 //!
-//! For now it re-exports the generated stubs; the replicated-node issue grows it into a client
-//! with a node list, leader discovery, deadlines and idempotent retries.
+//! A `Client` holds a list of node addresses, any of which may be down. Every call has a
+//! deadline; a call that fails because a node is unreachable, has no leader yet, or timed out is
+//! retried on the next node with backoff until the deadline. Retrying writes is safe because
+//! events carry their own ids: a transfer that was already applied answers `EXISTS` and moves
+//! nothing. The client remembers which node answered last and starts there.
+//!
+//! Results are the generated protobuf types (`v1`), whose enums are typed (`status()`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 pub use tally_proto::v1;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use v1::cluster_client::ClusterClient;
+use v1::ledger_client::LedgerClient;
+
+/// Messages up to this size are sent and accepted (a full batch of 8189 events is ~2 MiB).
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// The pause after the first failed attempt; it doubles up to `BACKOFF_MAX`.
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// A client of a tally cluster.
+pub struct Client {
+    nodes: Vec<(String, Channel)>,
+    /// The node to try first: the last one that answered.
+    preferred: AtomicUsize,
+    /// Deadline of one call, retries included.
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+pub enum Error {
+    /// The request is wrong and retrying will not help (INVALID_ARGUMENT, FAILED_PRECONDITION...).
+    Rejected(Status),
+    /// No node gave an answer before the deadline. For a write, the outcome is unknown: it may
+    /// or may not have been applied. Retry it with the same ids to find out.
+    Unavailable(Status),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Rejected(status) => write!(f, "rejected: {}", status.message()),
+            Error::Unavailable(status) => {
+                write!(f, "no node answered in time (last error: {})", status.message())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Error {
+    pub fn status(&self) -> &Status {
+        match self {
+            Error::Rejected(status) | Error::Unavailable(status) => status,
+        }
+    }
+}
+
+/// Whether another node, or the same one later, may answer differently.
+fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled
+    )
+}
+
+pub fn u128_to(value: u128) -> Option<v1::U128> {
+    Some(v1::U128 { lo: value as u64, hi: (value >> 64) as u64 })
+}
+
+pub fn u128_from(value: Option<&v1::U128>) -> u128 {
+    value.map_or(0, |v| (u128::from(v.hi) << 64) | u128::from(v.lo))
+}
+
+impl Client {
+    /// A client of the nodes at `addresses` (host:port). Connections are made lazily.
+    pub fn new(addresses: &[String], timeout: Duration) -> Result<Client, String> {
+        if addresses.is_empty() {
+            return Err("no node addresses given".into());
+        }
+        let nodes = addresses
+            .iter()
+            .map(|address| {
+                let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                    .map_err(|e| format!("bad node address '{address}': {e}"))?
+                    .connect_timeout(Duration::from_millis(500).min(timeout))
+                    .tcp_nodelay(true);
+                Ok((address.clone(), endpoint.connect_lazy()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Client { nodes, preferred: AtomicUsize::new(0), timeout })
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|(address, _)| address.clone()).collect()
+    }
+
+    /// Calls `call` on one node after another until one answers or the deadline passes.
+    async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = BACKOFF_MIN;
+        let mut node = self.preferred.load(Ordering::Relaxed) % self.nodes.len();
+        let mut last_error = Status::unavailable("no attempt made");
+        for attempt in 0.. {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let channel = self.nodes[node].1.clone();
+            match tokio::time::timeout(left, call(channel, left)).await {
+                Ok(Ok(value)) => {
+                    self.preferred.store(node, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Ok(Err(status)) if !retryable(&status) => return Err(Error::Rejected(status)),
+                Ok(Err(status)) => last_error = status,
+                Err(_) => last_error = Status::deadline_exceeded("deadline passed waiting for a node"),
+            }
+            node = (node + 1) % self.nodes.len();
+            // A full round of nodes failed: pause before the next round.
+            if (attempt + 1) % self.nodes.len() == 0 {
+                tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+        Err(Error::Unavailable(last_error))
+    }
+
+    fn ledger(channel: Channel) -> LedgerClient<Channel> {
+        LedgerClient::new(channel)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        request
+    }
+
+    pub async fn create_accounts(
+        &self,
+        accounts: Vec<v1::Account>,
+    ) -> Result<Vec<v1::CreateAccountResult>, Error> {
+        let message = v1::CreateAccountsRequest { accounts };
+        self.with_retries(|channel, left| {
+            let request = Self::request(message.clone(), left);
+            async move { Ok(Self::ledger(channel).create_accounts(request).await?.into_inner().results) }
+        })
+        .await
+    }
+
+    pub async fn create_transfers(
+        &self,
+        transfers: Vec<v1::Transfer>,
+    ) -> Result<Vec<v1::CreateTransferResult>, Error> {
+        let message = v1::CreateTransfersRequest { transfers };
+        self.with_retries(|channel, left| {
+            let request = Self::request(message.clone(), left);
+            async move { Ok(Self::ledger(channel).create_transfers(request).await?.into_inner().results) }
+        })
+        .await
+    }
+
+    pub async fn lookup_accounts(
+        &self,
+        ids: &[u128],
+        consistency: v1::ReadConsistency,
+    ) -> Result<Vec<v1::Account>, Error> {
+        let message = v1::LookupAccountsRequest {
+            ids: ids.iter().filter_map(|id| u128_to(*id)).collect(),
+            consistency: consistency as i32,
+        };
+        self.with_retries(|channel, left| {
+            let request = Self::request(message.clone(), left);
+            async move { Ok(Self::ledger(channel).lookup_accounts(request).await?.into_inner().accounts) }
+        })
+        .await
+    }
+
+    pub async fn lookup_transfers(
+        &self,
+        ids: &[u128],
+        consistency: v1::ReadConsistency,
+    ) -> Result<Vec<v1::Transfer>, Error> {
+        let message = v1::LookupTransfersRequest {
+            ids: ids.iter().filter_map(|id| u128_to(*id)).collect(),
+            consistency: consistency as i32,
+        };
+        self.with_retries(|channel, left| {
+            let request = Self::request(message.clone(), left);
+            async move { Ok(Self::ledger(channel).lookup_transfers(request).await?.into_inner().transfers) }
+        })
+        .await
+    }
+
+    pub async fn get_account_transfers(&self, filter: v1::AccountFilter) -> Result<Vec<v1::Transfer>, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(filter, left);
+            async move { Ok(Self::ledger(channel).get_account_transfers(request).await?.into_inner().transfers) }
+        })
+        .await
+    }
+
+    pub async fn get_account_balances(
+        &self,
+        filter: v1::AccountFilter,
+    ) -> Result<Vec<v1::AccountBalance>, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(filter, left);
+            async move { Ok(Self::ledger(channel).get_account_balances(request).await?.into_inner().balances) }
+        })
+        .await
+    }
+
+    pub async fn cluster_status(&self) -> Result<v1::StatusReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(v1::StatusRequest { local_only: false }, left);
+            async move { Ok(ClusterClient::new(channel).status(request).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// One node's own status, from that node (no fan-out).
+    pub async fn node_status(&self, address: &str) -> Result<v1::NodeStatus, Error> {
+        let index = self.nodes.iter().position(|(a, _)| a == address);
+        let channel = match index {
+            Some(i) => self.nodes[i].1.clone(),
+            None => {
+                return Err(Error::Rejected(Status::invalid_argument(format!(
+                    "{address} is not in the node list"
+                ))));
+            }
+        };
+        let request = Self::request(v1::StatusRequest { local_only: true }, self.timeout);
+        let reply =
+            ClusterClient::new(channel).status(request).await.map_err(Error::Unavailable)?.into_inner();
+        reply.nodes.into_iter().next().ok_or_else(|| Error::Unavailable(Status::internal("empty status")))
+    }
+
+    pub async fn add_node(&self, request: v1::AddNodeRequest) -> Result<v1::StatusReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(request.clone(), left);
+            async move { Ok(ClusterClient::new(channel).add_node(request).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn remove_node(&self, request: v1::RemoveNodeRequest) -> Result<v1::StatusReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(request, left);
+            async move { Ok(ClusterClient::new(channel).remove_node(request).await?.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn transfer_leader(&self, to: u64) -> Result<v1::StatusReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(v1::TransferLeaderRequest { to }, left);
+            async move { Ok(ClusterClient::new(channel).transfer_leader(request).await?.into_inner()) }
+        })
+        .await
+    }
+}

@@ -2,7 +2,8 @@
 //! crate only holds the code generated from them, and nothing else: no business logic, no
 //! conversions (those live in `raft-node`, at the edge).
 
-/// Package `tally.v1`: the client API (`Ledger`).
+/// Package `tally.v1`: the client API (`Ledger`), the operator API (`Cluster`) and node-to-node
+/// Raft traffic (`Raft`).
 pub mod v1 {
     tonic::include_proto!("tally.v1");
 }

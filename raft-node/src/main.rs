@@ -1,1 +1,14 @@
-fn main() {}
+//! The `tally` binary: see `cli.rs`.
+
+use clap::Parser;
+
+// glibc's allocator hands large freed blocks back to the kernel and pays for zeroed pages again
+// on every entry; mimalloc keeps them (see ledger/benches/apply.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> std::process::ExitCode {
+    let cli = raft_node::cli::Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(raft_node::cli::run(cli))
+}

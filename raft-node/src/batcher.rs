@@ -1,0 +1,117 @@
+//! Group commit: the leader coalesces concurrent client batches into one Raft entry, so that one
+//! fsync and one replication round serve many requests. Each caller gets exactly its own reply.
+//!
+//! The batcher takes every batch waiting in its queue (and, if configured, waits up to
+//! `delay` for more), bounded by `ENTRY_BATCHES_MAX` batches and `ENTRY_EVENTS_MAX` events, and
+//! proposes them as one entry. Up to `ENTRIES_IN_FLIGHT_MAX` entries are proposed at once; while
+//! they are in flight, new requests pile up in the queue and form the next, larger entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ledger::{Batch, BatchReply};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::Status;
+
+use crate::types::{ENTRY_BATCHES_MAX, Raft, Request};
+
+/// Events per entry: four full batches (about 4 MiB), well under the message limit.
+pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
+/// Entries proposed and not yet applied, per leader.
+pub const ENTRIES_IN_FLIGHT_MAX: usize = 16;
+/// Batches waiting for the batcher; a full queue pushes back on clients.
+pub const QUEUE_BATCHES_MAX: usize = 16 * 1024;
+
+type Reply = oneshot::Sender<Result<BatchReply, Status>>;
+
+#[derive(Clone)]
+pub struct Batcher {
+    queue: mpsc::Sender<(Batch, Reply)>,
+}
+
+impl Batcher {
+    pub fn start(raft: Raft, delay: Duration) -> Batcher {
+        let (queue, receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
+        tokio::spawn(run(raft, receiver, delay));
+        Batcher { queue }
+    }
+
+    /// Proposes `batch` and waits for its reply. UNAVAILABLE means the outcome is unknown only
+    /// when it says so; either way, retrying with the same ids is safe.
+    pub async fn submit(&self, batch: Batch) -> Result<BatchReply, Status> {
+        let (reply, receiver) = oneshot::channel();
+        self.queue.send((batch, reply)).await.map_err(|_| Status::unavailable("node is shutting down"))?;
+        receiver.await.map_err(|_| {
+            Status::unavailable("node is shutting down; outcome unknown, retry with the same ids")
+        })?
+    }
+}
+
+async fn run(raft: Raft, mut receiver: mpsc::Receiver<(Batch, Reply)>, delay: Duration) {
+    let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
+    while let Some(first) = receiver.recv().await {
+        // Waiting for a slot first lets the queue grow while earlier entries are in flight.
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let mut events = first.0.len();
+        let mut group = vec![first];
+        let deadline = tokio::time::Instant::now() + delay;
+        while group.len() < ENTRY_BATCHES_MAX && events < ENTRY_EVENTS_MAX {
+            let next = match receiver.try_recv() {
+                Ok(next) => next,
+                Err(_) if delay.is_zero() => break,
+                Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                    Ok(Some(next)) => next,
+                    _ => break,
+                },
+            };
+            events += next.0.len();
+            group.push(next);
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, group).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn propose(raft: &Raft, group: Vec<(Batch, Reply)>) {
+    let (batches, replies): (Vec<Batch>, Vec<Reply>) = group.into_iter().unzip();
+    let request = Request { timestamp_proposed: now_ns(), batches };
+    match raft.client_write(request).await {
+        Ok(written) => {
+            let results = written.data.replies;
+            assert_eq!(results.len(), replies.len(), "an entry's replies do not match its batches");
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+        }
+        Err(error) => {
+            let status = write_error_status(&error);
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+    }
+}
+
+fn write_error_status(
+    error: &openraft::error::RaftError<
+        crate::types::TypeConfig,
+        openraft::error::ClientWriteError<crate::types::TypeConfig>,
+    >,
+) -> Status {
+    use openraft::error::{ClientWriteError, RaftError};
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Status::unavailable(
+            "this node stopped being the leader before proposing; nothing was written, retry",
+        ),
+        other => Status::unavailable(format!("write outcome unknown ({other}); retry with the same ids")),
+    }
+}
+
+/// The leader's clock, proposed with each entry. The ledger keeps time strictly increasing
+/// whatever this says.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}

@@ -1,0 +1,28 @@
+//! `raft-node`: one tally node.
+//!
+//! How a write flows through the modules:
+//!
+//! - `service::LedgerService` receives a `CreateTransfers` call, checks its shape (`convert`) and,
+//!   on the leader, hands the batch to the `batcher`; a follower forwards it to the leader.
+//! - `batcher::Batcher` coalesces concurrent batches into one Raft entry (`types::Request`) and
+//!   proposes it with `openraft::Raft::client_write`.
+//! - openraft appends the entry through `log_store::LogStore` to the write-ahead log (`wal`),
+//!   which fsyncs groups of appends, and replicates it through `network` to the other nodes'
+//!   `service::RaftService`.
+//! - Once committed, every node applies it in `state_machine::StateMachine`, which runs
+//!   `ledger::Ledger::apply` on sled and returns each batch's results to the batcher's callers.
+//!
+//! `node` wires it together (data directory, Raft, gRPC server, shutdown) and `cli` is the
+//! `tally` command line.
+
+pub mod batcher;
+pub mod cli;
+pub mod convert;
+pub mod dev;
+pub mod log_store;
+pub mod network;
+pub mod node;
+pub mod service;
+pub mod state_machine;
+pub mod types;
+pub mod wal;

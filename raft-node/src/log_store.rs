@@ -1,0 +1,229 @@
+//! openraft's log storage over our write-ahead log (`wal.rs`).
+//!
+//! `append` writes the entries to the WAL at once (so they can be read back for replication) and
+//! hands the fsync to an IO thread. The IO thread drains every sync request waiting for it, makes
+//! one `fdatasync`, and only then fires their callbacks: that is the group commit of the log, and
+//! the reason an append is on disk when openraft hears it is.
+//!
+//! The vote is written with write-temp, fsync, rename, fsync-directory before `save_vote`
+//! returns. The last purged log id is written the same way before any segment is deleted.
+//! Raft log index `i` is WAL index `i + 1` (openraft's first index is 0).
+
+use std::io;
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+
+use crate::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
+use crate::wal::{self, Wal};
+
+const VOTE_FILE: &str = "vote";
+const PURGED_FILE: &str = "purged";
+const COMMITTED_FILE: &str = "committed";
+/// How often the committed log id is written: it costs two fsyncs, and a stale one is safe.
+const COMMITTED_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Shared between the store, its readers and the IO thread.
+struct Shared {
+    dir: PathBuf,
+    /// A std mutex: it is held only for synchronous file calls, never across an await.
+    wal: Mutex<Wal>,
+    vote: Mutex<Option<Vote>>,
+    last_purged: Mutex<Option<LogId>>,
+    /// The newest committed log id openraft told us about; the IO thread persists it after each
+    /// sync, so the file never names an entry this node has not made durable.
+    committed: Mutex<Option<LogId>>,
+}
+
+enum IoJob {
+    Sync(IOFlushed<TypeConfig>),
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+    io: mpsc::Sender<IoJob>,
+}
+
+fn io_error(error: impl std::fmt::Display) -> io::Error {
+    io::Error::other(error.to_string())
+}
+
+impl LogStore {
+    /// Opens the log under `dir` (created if missing) and starts its IO thread. Fails if the WAL
+    /// is damaged beyond a torn tail.
+    pub fn open(dir: &Path) -> io::Result<LogStore> {
+        std::fs::create_dir_all(dir)?;
+        let wal = Wal::open(dir).map_err(io_error)?;
+        let vote = read_decoded(dir, VOTE_FILE)?;
+        let last_purged = read_decoded(dir, PURGED_FILE)?;
+        let committed = read_decoded(dir, COMMITTED_FILE)?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            wal: Mutex::new(wal),
+            vote: Mutex::new(vote),
+            last_purged: Mutex::new(last_purged),
+            committed: Mutex::new(committed),
+        });
+        let (io, jobs) = mpsc::channel();
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("tally-wal-sync".into())
+            .spawn(move || sync_loop(&thread_shared, jobs))?;
+        Ok(LogStore { shared, io })
+    }
+
+    /// The last log index on disk, for status reports.
+    pub fn last_index(&self) -> Option<u64> {
+        self.shared.wal.lock().unwrap().last_index().map(|i| i - 1)
+    }
+}
+
+fn read_decoded<T: for<'de> serde::Deserialize<'de>>(dir: &Path, name: &str) -> io::Result<Option<T>> {
+    match wal::read_file(dir, name)? {
+        None => Ok(None),
+        Some(bytes) => {
+            decode(&bytes).map(Some).map_err(|e| io_error(format!("{}: {e}", dir.join(name).display())))
+        }
+    }
+}
+
+/// The IO thread: one fdatasync for every group of appends waiting, then their callbacks.
+fn sync_loop(shared: &Shared, jobs: mpsc::Receiver<IoJob>) {
+    let mut committed_persisted_at = std::time::Instant::now();
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        group.extend(jobs.try_iter());
+        let result = shared.wal.lock().unwrap().sync().map_err(io_error);
+        if result.is_ok() && committed_persisted_at.elapsed() >= COMMITTED_PERSIST_INTERVAL {
+            persist_committed(shared);
+            committed_persisted_at = std::time::Instant::now();
+        }
+        for IoJob::Sync(callback) in group {
+            callback.io_completed(result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
+        }
+    }
+}
+
+/// Best effort: the committed id only lets a restarted node re-apply sooner; a stale one is safe.
+fn persist_committed(shared: &Shared) {
+    let committed = *shared.committed.lock().unwrap();
+    let last_index = shared.wal.lock().unwrap().last_index();
+    if let (Some(committed), Some(last)) = (committed, last_index)
+        && committed.index < last
+    {
+        let _ = wal::write_file_atomic(&shared.dir, COMMITTED_FILE, &encode(&committed));
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i + 1,
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX - 1,
+        };
+        let purged_next = self.shared.last_purged.lock().unwrap().map_or(0, |id| id.index + 1);
+        let start = start.max(purged_next);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let records = self.shared.wal.lock().unwrap().read(start + 1, end + 1).map_err(io_error)?;
+        records.into_iter().map(|(_, payload)| decode::<Entry>(&payload).map_err(io_error)).collect()
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(*self.shared.vote.lock().unwrap())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id = *self.shared.last_purged.lock().unwrap();
+        let last_index = self.shared.wal.lock().unwrap().last_index();
+        let last_log_id = match last_index {
+            Some(wal_index) => {
+                let records =
+                    self.shared.wal.lock().unwrap().read(wal_index, wal_index + 1).map_err(io_error)?;
+                let (_, payload) =
+                    records.into_iter().next().ok_or_else(|| io_error("last WAL record unreadable"))?;
+                Some(decode::<Entry>(&payload).map_err(io_error)?.log_id)
+            }
+            None => last_purged_log_id,
+        };
+        let last_log_id = last_log_id.max(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let shared = self.shared.clone();
+        let vote = *vote;
+        tokio::task::spawn_blocking(move || {
+            wal::write_file_atomic(&shared.dir, VOTE_FILE, &encode(&vote))?;
+            *shared.vote.lock().unwrap() = Some(vote);
+            Ok(())
+        })
+        .await
+        .map_err(io_error)?
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        *self.shared.committed.lock().unwrap() = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(*self.shared.committed.lock().unwrap())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut wal = self.shared.wal.lock().unwrap();
+            for entry in entries {
+                wal.append(entry.log_id.index + 1, &encode(&entry)).map_err(io_error)?;
+            }
+        }
+        self.io.send(IoJob::Sync(callback)).map_err(|_| io_error("the WAL sync thread stopped"))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |id| id.index + 1);
+        let mut wal = self.shared.wal.lock().unwrap();
+        wal.truncate_from(from + 1).map_err(io_error)?;
+        let mut committed = self.shared.committed.lock().unwrap();
+        if committed.is_some_and(|c| c.index >= from) {
+            *committed = last_log_id;
+        }
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // The purge marker goes to disk first: after a crash, entries at or below it are never
+        // read again, even if their segment survived.
+        wal::write_file_atomic(&self.shared.dir, PURGED_FILE, &encode(&log_id))?;
+        *self.shared.last_purged.lock().unwrap() = Some(log_id);
+        self.shared.wal.lock().unwrap().purge_upto(log_id.index + 1).map_err(io_error)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! The Raft network, client side: openraft's RPCs to other nodes over `tally.v1.Raft`.
+//!
+//! Raft messages travel as postcard bytes inside `RaftMessage` (see `raft.proto`); snapshots
+//! stream as chunks of `SNAPSHOT_CHUNK_BYTES_MAX`. Every failure to reach a node is reported to
+//! openraft as `Unreachable`, which makes it back off and retry.
+
+use std::future::Future;
+use std::time::Duration;
+
+use openraft::OptionalSend;
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use tally_proto::v1 as pb;
+use tally_proto::v1::raft_client::RaftClient;
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+use crate::state_machine::SnapshotFile;
+use crate::types::{NodeId, NodeInfo, Snapshot, SnapshotMeta, TypeConfig, Vote, decode, encode};
+
+/// Version of the postcard encoding inside `RaftMessage`.
+pub const RAFT_MESSAGE_VERSION: u32 = 1;
+/// Snapshot bytes per chunk: well under `MESSAGE_BYTES_MAX`.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 4 << 20;
+/// The largest gRPC message a node sends or accepts: an entry of 8189 transfers is about 1 MiB,
+/// and group commit puts several batches in one entry.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+const _: () = assert!(SNAPSHOT_CHUNK_BYTES_MAX * 2 <= MESSAGE_BYTES_MAX);
+
+pub fn message<T: serde::Serialize>(value: &T) -> pb::RaftMessage {
+    pb::RaftMessage { version: RAFT_MESSAGE_VERSION, payload: encode(value) }
+}
+
+pub fn unpack<T: for<'de> serde::Deserialize<'de>>(message: &pb::RaftMessage) -> Result<T, String> {
+    if message.version != RAFT_MESSAGE_VERSION {
+        return Err(format!(
+            "raft message version {}, this build speaks {RAFT_MESSAGE_VERSION}",
+            message.version
+        ));
+    }
+    decode(&message.payload).map_err(|e| format!("raft message: {e}"))
+}
+
+/// A lazily connected channel to `address` (host:port).
+pub fn channel(address: &str) -> Result<Channel, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("address {address}: {e}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(endpoint.connect_lazy())
+}
+
+/// The metadata header that names the sender's cluster: a node refuses Raft traffic from
+/// another cluster, so that a misconfigured address cannot merge two clusters' logs.
+pub const CLUSTER_HEADER: &str = "x-tally-cluster";
+
+#[derive(Clone)]
+pub struct Network {
+    cluster: String,
+}
+
+impl Network {
+    pub fn new(cluster: String) -> Network {
+        Network { cluster }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Peer {
+        let cluster = tonic::metadata::MetadataValue::try_from(self.cluster.as_str())
+            .expect("cluster name is a valid header value");
+        let client = channel(&node.address).ok().map(|channel| {
+            RaftClient::new(channel)
+                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX)
+        });
+        Peer { target, client, cluster }
+    }
+}
+
+/// The connection to one other node.
+pub struct Peer {
+    target: NodeId,
+    client: Option<RaftClient<Channel>>,
+    cluster: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+fn unreachable<E: std::fmt::Display>(target: NodeId) -> impl Fn(E) -> Unreachable<TypeConfig> {
+    move |error| Unreachable::from_string(format!("node {target}: {error}"))
+}
+
+impl Peer {
+    fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
+        self.client
+            .clone()
+            .ok_or_else(|| Unreachable::from_string(format!("node {}: bad address", self.target)))
+    }
+
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        request: &Req,
+        option: &RPCOption,
+        rpc: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: for<'de> serde::Deserialize<'de>,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<pb::RaftMessage>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<pb::RaftMessage>, tonic::Status>>,
+    {
+        let mut grpc_request = tonic::Request::new(message(request));
+        grpc_request.set_timeout(option.hard_ttl());
+        grpc_request.metadata_mut().insert(CLUSTER_HEADER, self.cluster.clone());
+        let reply = rpc(self.client()?, grpc_request).await.map_err(unreachable(self.target))?;
+        unpack(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Peer {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.pre_vote(r).await }).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&rpc, &option, |mut c, r| async move { c.transfer_leader(r).await }).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client()?;
+        let target = self.target;
+        let header = message(&(vote, snapshot.meta.clone()));
+        let file = tokio::fs::File::open(&snapshot.snapshot.path).await.map_err(unreachable(target))?;
+        let mut request = tonic::Request::new(snapshot_chunks(header, file));
+        request.metadata_mut().insert(CLUSTER_HEADER, self.cluster.clone());
+        let send = async move { client.install_snapshot(request).await };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = send => {
+                let reply = reply.map_err(unreachable(target))?;
+                unpack(reply.get_ref()).map_err(|e| StreamingError::Network(NetworkError::from_string(e)))
+            }
+        }
+    }
+}
+
+/// The snapshot file as a stream of chunks, the header on the first.
+fn snapshot_chunks(
+    header: pb::RaftMessage,
+    mut file: tokio::fs::File,
+) -> impl futures::Stream<Item = pb::SnapshotChunk> + Send + 'static {
+    async_stream::stream! {
+        let mut header = Some(header);
+        loop {
+            let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES_MAX];
+            let mut filled = 0;
+            while filled < data.len() {
+                match file.read(&mut data[filled..]).await {
+                    Ok(0) => break,
+                    Ok(read) => filled += read,
+                    // The receiver sees a short stream and refuses it (checksum); openraft retries.
+                    Err(_) => return,
+                }
+            }
+            data.truncate(filled);
+            let last = filled < SNAPSHOT_CHUNK_BYTES_MAX;
+            yield pb::SnapshotChunk { header: header.take(), data };
+            if last {
+                break;
+            }
+        }
+    }
+}
+
+/// Decodes the header of a snapshot stream.
+pub fn snapshot_header(message: &pb::RaftMessage) -> Result<(Vote, SnapshotMeta), String> {
+    unpack(message)
+}

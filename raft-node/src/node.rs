@@ -1,0 +1,312 @@
+//! One running node: its configuration, its data directory, Raft, and the gRPC server.
+//!
+//! Start-up order: check the data directory belongs to this cluster and node id (`identity`),
+//! open the WAL and the state, start Raft, bootstrap or join if asked, then serve gRPC until
+//! SIGTERM or Ctrl-C, then shut Raft down.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::type_config::async_runtime::WatchReceiver;
+use serde::{Deserialize, Serialize};
+use tally_proto::v1 as pb;
+
+use crate::batcher::Batcher;
+use crate::log_store::LogStore;
+use crate::network::{MESSAGE_BYTES_MAX, Network};
+use crate::state_machine::StateMachine;
+use crate::types::{NodeId, NodeInfo, Raft};
+
+/// Configuration of one node, from flags or a TOML file (same names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub site: String,
+    /// Address to listen on for gRPC.
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this node; defaults to `listen`.
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// A name shared by all nodes of one cluster; a node refuses data and peers of another.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Initialize a new cluster whose voters are this node and `peers`. Ignored once initialized.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// The other initial voters, for `bootstrap`.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Ask the node at this address to add this one to its cluster (as a voter).
+    #[serde(default)]
+    pub join: Option<String>,
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: u64,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// How long the leader waits for more requests to put in one entry; 0 takes what is queued.
+    #[serde(default)]
+    pub group_commit_delay_us: u64,
+    /// Entries applied since the last snapshot that trigger a new one.
+    #[serde(default = "default_snapshot_entries")]
+    pub snapshot_entries: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub id: NodeId,
+    pub address: String,
+    pub site: String,
+}
+
+fn default_cluster() -> String {
+    "tally".into()
+}
+fn default_election_timeout_ms() -> u64 {
+    300
+}
+fn default_heartbeat_ms() -> u64 {
+    50
+}
+fn default_snapshot_entries() -> u64 {
+    20_000
+}
+
+impl NodeConfig {
+    pub fn advertise(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo { address: self.advertise(), site: self.site.clone() }
+    }
+}
+
+/// Who a data directory belongs to; written when the directory is first used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    cluster: String,
+    node_id: NodeId,
+}
+
+const IDENTITY_FILE: &str = "identity.toml";
+
+/// Refuses a data directory that holds another cluster's or another node's data, or data
+/// without an identity (not ours). An empty or new directory is claimed.
+pub fn claim_data_dir(config: &NodeConfig) -> Result<(), String> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
+    let mine = Identity { cluster: config.cluster.clone(), node_id: config.id };
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let found: Identity =
+                toml::from_str(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?;
+            if found != mine {
+                return Err(format!(
+                    "data directory {} belongs to node {} of cluster '{}', not node {} of cluster '{}'; \
+                     start with --id {} --cluster {} or use another --data-dir",
+                    dir.display(),
+                    found.node_id,
+                    found.cluster,
+                    mine.node_id,
+                    mine.cluster,
+                    found.node_id,
+                    found.cluster
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?.count();
+            if entries > 0 {
+                return Err(format!(
+                    "data directory {} is not empty and has no {IDENTITY_FILE}: it is not a tally node's; \
+                     use an empty directory",
+                    dir.display()
+                ));
+            }
+            let text = toml::to_string(&mine).expect("identity serializes");
+            crate::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Everything the gRPC services need.
+pub struct NodeHandle {
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub state: Arc<crate::state_machine::Shared>,
+    pub log: LogStore,
+    pub batcher: Batcher,
+}
+
+impl NodeHandle {
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.id())
+    }
+
+    /// The address of node `id`, from the current membership.
+    pub fn address_of(&self, id: NodeId) -> Option<String> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        metrics.membership_config.membership().get_node(&id).map(|n| n.address.clone())
+    }
+}
+
+fn raft_config(config: &NodeConfig) -> openraft::Config {
+    openraft::Config {
+        cluster_name: config.cluster.clone(),
+        heartbeat_interval: config.heartbeat_ms,
+        election_timeout_min: config.election_timeout_ms,
+        election_timeout_max: config.election_timeout_ms * 2,
+        // Entries per append: up to 64 MiB messages fit a few hundred 1 MiB entries.
+        max_payload_entries: 64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+        // Keep some log behind the snapshot, so that a briefly lagging follower catches up from
+        // the log instead of needing a whole snapshot.
+        max_in_snapshot_log_to_keep: 1000,
+        install_snapshot_timeout: 60_000,
+        enable_elect: true,
+        ..openraft::Config::default()
+    }
+}
+
+/// Opens the node's storage and starts Raft and the batcher.
+pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
+    claim_data_dir(&config)?;
+    let log = LogStore::open(&config.data_dir.join("wal")).map_err(|e| {
+        format!("cannot open the write-ahead log in {}: {e}", config.data_dir.join("wal").display())
+    })?;
+    let machine = StateMachine::open(&config.data_dir)
+        .map_err(|e| format!("cannot open the ledger state in {}: {e}", config.data_dir.display()))?;
+    let state = machine.shared.clone();
+    let raft_config =
+        Arc::new(raft_config(&config).validate().map_err(|e| format!("raft configuration: {e}"))?);
+    let raft = Raft::new(config.id, raft_config, Network::new(config.cluster.clone()), log.clone(), machine)
+        .await
+        .map_err(|e| format!("cannot start raft: {e}"))?;
+    let batcher = Batcher::start(raft.clone(), Duration::from_micros(config.group_commit_delay_us));
+    let node = Arc::new(NodeHandle { config, raft, state, log, batcher });
+    if node.config.bootstrap {
+        bootstrap(&node).await?;
+    }
+    if let Some(address) = node.config.join.clone() {
+        tokio::spawn(join(node.clone(), address));
+    }
+    Ok(node)
+}
+
+async fn bootstrap(node: &NodeHandle) -> Result<(), String> {
+    if node.raft.is_initialized().await.map_err(|e| e.to_string())? {
+        return Ok(());
+    }
+    let mut members = BTreeMap::new();
+    members.insert(node.id(), node.config.info());
+    for peer in &node.config.peers {
+        members.insert(peer.id, NodeInfo { address: peer.address.clone(), site: peer.site.clone() });
+    }
+    node.raft.initialize(members).await.map_err(|e| format!("cannot bootstrap the cluster: {e}"))
+}
+
+/// Asks the cluster at `address` to add this node, retrying until it answers.
+async fn join(node: Arc<NodeHandle>, address: String) {
+    let request = pb::AddNodeRequest {
+        id: node.id(),
+        address: node.config.advertise(),
+        site: node.config.site.clone(),
+        learner_only: false,
+        force: false,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let channel = crate::network::channel(&address)?;
+            let mut client = pb::cluster_client::ClusterClient::new(channel);
+            client.add_node(request.clone()).await.map_err(|s| s.message().to_string())
+        };
+        match attempt.await {
+            Ok(_) => return,
+            Err(error) if error.contains("refused") || error.contains("site") => {
+                eprintln!("tally: node {} cannot join via {address}: {error}", node.id());
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Serves gRPC on the configured address until `shutdown` resolves, then stops Raft.
+pub async fn serve(
+    node: Arc<NodeHandle>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(node.config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", node.config.listen))?;
+    serve_on(node, listener, shutdown).await
+}
+
+pub async fn serve_on(
+    node: Arc<NodeHandle>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<pb::ledger_server::LedgerServer<crate::service::LedgerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| e.to_string())?;
+    let ledger = pb::ledger_server::LedgerServer::new(crate::service::LedgerService::new(node.clone()))
+        .max_decoding_message_size(crate::service::LEDGER_REQUEST_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let cluster = pb::cluster_server::ClusterServer::new(crate::service::ClusterService::new(node.clone()));
+    let raft = pb::raft_server::RaftServer::new(crate::service::RaftService::new(node.clone()))
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ledger)
+        .add_service(cluster)
+        .add_service(raft)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| format!("gRPC server: {e}"));
+    let _ = node.raft.shutdown().await;
+    result
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+pub fn read_config_file(path: &Path) -> Result<NodeConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,10 @@
+//! The gRPC services every node serves: `Ledger` (clients), `Cluster` (operators) and `Raft`
+//! (other nodes only).
+
+mod cluster;
+mod ledger;
+mod raft;
+
+pub use cluster::{ClusterService, site_status};
+pub use ledger::{LEDGER_REQUEST_BYTES_MAX, LedgerService};
+pub use raft::RaftService;

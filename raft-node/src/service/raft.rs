@@ -1,0 +1,113 @@
+//! `tally.v1.Raft`: node-to-node traffic, server side. Refuses callers of another cluster.
+
+use std::sync::Arc;
+
+use crate::types::Snapshot;
+use futures::StreamExt;
+use tally_proto::v1 as pb;
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::network::{CLUSTER_HEADER, message, snapshot_header, unpack};
+use crate::node::NodeHandle;
+use crate::state_machine::SnapshotFile;
+
+/// The most snapshot bytes one install may stream: bounds the disk an incoming install can use.
+const SNAPSHOT_BYTES_MAX: u64 = 1 << 40;
+
+pub struct RaftService {
+    node: Arc<NodeHandle>,
+}
+
+impl RaftService {
+    pub fn new(node: Arc<NodeHandle>) -> RaftService {
+        RaftService { node }
+    }
+
+    fn check_cluster<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let theirs = request.metadata().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if theirs != self.node.config.cluster {
+            return Err(Status::permission_denied(format!(
+                "this node belongs to cluster '{}', the caller to '{theirs}'",
+                self.node.config.cluster
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn bad_message(error: String) -> Status {
+    Status::invalid_argument(error)
+}
+
+fn raft_failed(error: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft: {error}"))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        self.check_cluster(&request)?;
+        let rpc = unpack(request.get_ref()).map_err(bad_message)?;
+        let reply = self.node.raft.append_entries(rpc).await.map_err(raft_failed)?;
+        Ok(Response::new(message(&reply)))
+    }
+
+    async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.check_cluster(&request)?;
+        let rpc = unpack(request.get_ref()).map_err(bad_message)?;
+        let reply = self.node.raft.vote(rpc).await.map_err(raft_failed)?;
+        Ok(Response::new(message(&reply)))
+    }
+
+    async fn pre_vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        self.check_cluster(&request)?;
+        let rpc = unpack(request.get_ref()).map_err(bad_message)?;
+        let reply = self.node.raft.pre_vote(rpc).await.map_err(raft_failed)?;
+        Ok(Response::new(message(&reply)))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        self.check_cluster(&request)?;
+        let rpc = unpack(request.get_ref()).map_err(bad_message)?;
+        let reply = self.node.raft.handle_transfer_leader(rpc).await.map_err(raft_failed)?;
+        Ok(Response::new(message(&reply)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        self.check_cluster(&request)?;
+        let mut chunks = request.into_inner();
+        let dir = self.node.config.data_dir.join("snapshots");
+        let path = dir.join(format!("incoming-{}.tmp", std::process::id()));
+        let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
+        let mut header = None;
+        let mut received = 0u64;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            if let Some(h) = chunk.header {
+                header = Some(snapshot_header(&h).map_err(bad_message)?);
+            }
+            received += chunk.data.len() as u64;
+            if received > SNAPSHOT_BYTES_MAX {
+                return Err(Status::resource_exhausted("snapshot larger than this node accepts"));
+            }
+            file.write_all(&chunk.data).await.map_err(|e| Status::internal(e.to_string()))?;
+        }
+        file.sync_all().await.map_err(|e| Status::internal(e.to_string()))?;
+        drop(file);
+        let (vote, meta) =
+            header.ok_or_else(|| Status::invalid_argument("snapshot stream without a header"))?;
+        let snapshot = Snapshot { meta, snapshot: SnapshotFile { path } };
+        let reply = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_failed)?;
+        Ok(Response::new(message(&reply)))
+    }
+}

@@ -1,0 +1,311 @@
+//! openraft's state machine over the `ledger` crate on sled.
+//!
+//! Each applied entry is one `Ledger::apply`: the entry's batches and, in the same atomic sled
+//! write, the applied log id and membership (`AppliedState`, stored as the ledger's app meta). A
+//! crash therefore leaves sled at some whole entry; sled may lose its newest entries (it does not
+//! fsync), and openraft re-applies them from the log.
+//!
+//! Snapshots are files: the ledger's export stream, written, fsynced and renamed into
+//! `<data-dir>/snapshots/` before openraft hears of them, so that the log is only ever purged
+//! behind a durable snapshot. Installing one imports it into a fresh sled directory and swaps
+//! directories, so a crash mid-install leaves the old state or the new one, never a mix. On start,
+//! if sled is behind the newest snapshot (it lost entries the log no longer has), the snapshot is
+//! reloaded.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures::StreamExt;
+use ledger::{Ledger, SledStore, Store};
+use openraft::EntryPayload;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{
+    Entry, LogId, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
+};
+use crate::wal;
+
+const STATE_DIR: &str = "state";
+const STATE_NEW_DIR: &str = "state.new";
+const STATE_OLD_DIR: &str = "state.old";
+const SNAPSHOT_DIR: &str = "snapshots";
+const SNAPSHOT_META_FILE: &str = "current.meta";
+
+/// What the state machine has applied, stored atomically with the state it describes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+/// A snapshot's data: a file holding the ledger's export stream.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+/// The ledger and what was applied to it, shared with the gRPC services for reads.
+pub struct Shared {
+    data_dir: PathBuf,
+    /// Reads (lookups, queries, digests) take it shared; applying an entry takes it exclusively.
+    /// A std lock: it is never held across an await. `None` only inside `install_file`, which
+    /// holds the lock exclusively while sled's directory is swapped.
+    ledger: RwLock<Option<Ledger<SledStore>>>,
+    pub applied: Mutex<AppliedState>,
+}
+
+impl Shared {
+    /// Runs `read` against the ledger.
+    pub fn read<T>(&self, read: impl FnOnce(&Ledger<SledStore>) -> T) -> T {
+        let ledger = self.ledger.read().unwrap();
+        read(ledger.as_ref().expect("ledger outside an install"))
+    }
+
+    pub fn applied(&self) -> AppliedState {
+        self.applied.lock().unwrap().clone()
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachine {
+    pub shared: Arc<Shared>,
+}
+
+fn io_error(error: impl std::fmt::Display) -> io::Error {
+    io::Error::other(error.to_string())
+}
+
+fn open_ledger(path: &Path) -> io::Result<(Ledger<SledStore>, AppliedState)> {
+    let ledger = Ledger::open(SledStore::open(path).map_err(io_error)?).map_err(io_error)?;
+    let applied = match ledger.store().meta_raw(ledger::codec::META_APP_KEY).map_err(io_error)? {
+        Some(bytes) => {
+            decode(&bytes).map_err(|e| io_error(format!("applied state in {}: {e}", path.display())))?
+        }
+        None => AppliedState::default(),
+    };
+    Ok((ledger, applied))
+}
+
+impl StateMachine {
+    /// Opens the state under `data_dir`, finishing or discarding a snapshot install that a crash
+    /// interrupted, and reloading the newest snapshot if sled fell behind it.
+    pub fn open(data_dir: &Path) -> io::Result<StateMachine> {
+        std::fs::create_dir_all(data_dir.join(SNAPSHOT_DIR))?;
+        recover_install(data_dir)?;
+        let (ledger, applied) = open_ledger(&data_dir.join(STATE_DIR))?;
+        let machine = StateMachine {
+            shared: Arc::new(Shared {
+                data_dir: data_dir.to_path_buf(),
+                ledger: RwLock::new(Some(ledger)),
+                applied: Mutex::new(applied),
+            }),
+        };
+        if let Some(meta) = machine.current_snapshot_meta()? {
+            let applied = machine.shared.applied.lock().unwrap().last_applied;
+            if applied < meta.last_log_id {
+                machine.install_file(&snapshot_path(data_dir, &meta))?;
+            }
+        }
+        Ok(machine)
+    }
+
+    fn current_snapshot_meta(&self) -> io::Result<Option<SnapshotMeta>> {
+        let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
+        match wal::read_file(&dir, SNAPSHOT_META_FILE)? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes).map(Some).map_err(io_error),
+        }
+    }
+
+    fn apply_entry(&self, entry: &Entry) -> io::Result<Response> {
+        let mut applied = self.shared.applied.lock().unwrap();
+        applied.last_applied = Some(entry.log_id);
+        if let EntryPayload::Membership(membership) = &entry.payload {
+            applied.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+        }
+        let meta = encode(&*applied);
+        let mut ledger = self.shared.ledger.write().unwrap();
+        let ledger = ledger.as_mut().expect("ledger outside an install");
+        let response = match &entry.payload {
+            EntryPayload::Normal(request) => Response {
+                replies: ledger
+                    .apply(&request.batches, request.timestamp_proposed, Some(&meta))
+                    .map_err(io_error)?,
+            },
+            _ => {
+                ledger.apply(&[], 0, Some(&meta)).map_err(io_error)?;
+                Response::default()
+            }
+        };
+        Ok(response)
+    }
+
+    /// Exports the state to a durable snapshot file and records it as the current snapshot.
+    fn build(&self) -> io::Result<Snapshot> {
+        let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
+        let temporary = dir.join("building.tmp");
+        // Holding the read lock keeps the export and the applied state in step; applying waits.
+        let (meta, ()) = {
+            let ledger = self.shared.ledger.read().unwrap();
+            let ledger = ledger.as_ref().expect("ledger outside an install");
+            let applied = self.shared.applied.lock().unwrap().clone();
+            let file = std::fs::File::create(&temporary)?;
+            ledger::snapshot::export(ledger.store(), &file).map_err(io_error)?;
+            file.sync_all()?;
+            (SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership }, ())
+        };
+        let path = snapshot_path(&self.shared.data_dir, &meta);
+        std::fs::rename(&temporary, &path)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        make_current(&dir, &meta)?;
+        Ok(Snapshot { meta, snapshot: SnapshotFile { path } })
+    }
+
+    /// Imports the snapshot file into a fresh sled directory and swaps it in.
+    fn install_file(&self, path: &Path) -> io::Result<()> {
+        let data_dir = &self.shared.data_dir;
+        let fresh = data_dir.join(STATE_NEW_DIR);
+        if fresh.exists() {
+            std::fs::remove_dir_all(&fresh)?;
+        }
+        {
+            let mut store = SledStore::open(&fresh).map_err(io_error)?;
+            let file = std::fs::File::open(path)?;
+            ledger::snapshot::import(&mut store, file).map_err(io_error)?;
+            store.flush().map_err(io_error)?;
+        }
+        let mut ledger = self.shared.ledger.write().unwrap();
+        // sled holds a lock on its directory: close the current one before swapping.
+        drop(ledger.take());
+        swap_state_dirs(data_dir)?;
+        let (reopened, applied) = open_ledger(&data_dir.join(STATE_DIR))?;
+        *ledger = Some(reopened);
+        *self.shared.applied.lock().unwrap() = applied;
+        Ok(())
+    }
+}
+
+/// Where the snapshot described by `meta` lives: named by its last log id, so that a file being
+/// sent to a follower is never replaced underneath the sender by a newer snapshot.
+fn snapshot_path(data_dir: &Path, meta: &SnapshotMeta) -> PathBuf {
+    let (index, term) = meta.last_log_id.map_or((0, 0), |id| (id.index, id.leader_id.term));
+    data_dir.join(SNAPSHOT_DIR).join(format!("{index:020}-{term}.snap"))
+}
+
+/// Records `meta` as the current snapshot (durably), then removes older snapshot files.
+fn make_current(dir: &Path, meta: &SnapshotMeta) -> io::Result<()> {
+    wal::write_file_atomic(dir, SNAPSHOT_META_FILE, &encode(meta))?;
+    let keep = snapshot_path(dir.parent().expect("snapshot dir has a parent"), meta);
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "snap") && path != keep {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// state -> state.old, state.new -> state, then drop state.old. Each step is a rename followed by
+/// an fsync of the data directory.
+fn swap_state_dirs(data_dir: &Path) -> io::Result<()> {
+    let (state, fresh, old) =
+        (data_dir.join(STATE_DIR), data_dir.join(STATE_NEW_DIR), data_dir.join(STATE_OLD_DIR));
+    let sync_dir = || std::fs::File::open(data_dir)?.sync_all();
+    if state.exists() {
+        std::fs::rename(&state, &old)?;
+        sync_dir()?;
+    }
+    std::fs::rename(&fresh, &state)?;
+    sync_dir()?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+/// After a crash during `swap_state_dirs`: if `state` is missing but `state.new` is complete,
+/// finish the swap; otherwise discard leftovers.
+fn recover_install(data_dir: &Path) -> io::Result<()> {
+    let (state, fresh, old) =
+        (data_dir.join(STATE_DIR), data_dir.join(STATE_NEW_DIR), data_dir.join(STATE_OLD_DIR));
+    if !state.exists() && fresh.exists() && old.exists() {
+        std::fs::rename(&fresh, &state)?;
+        std::fs::File::open(data_dir)?.sync_all()?;
+    }
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh)?;
+    }
+    if old.exists() && state.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        tokio::task::block_in_place(|| self.build())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied = self.shared.applied.lock().unwrap();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let response = tokio::task::block_in_place(|| self.apply_entry(&entry))?;
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
+        tokio::task::block_in_place(|| {
+            let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
+            let path = snapshot_path(&self.shared.data_dir, meta);
+            if snapshot.path != path {
+                std::fs::rename(&snapshot.path, &path)?;
+                std::fs::File::open(&dir)?.sync_all()?;
+            }
+            make_current(&dir, meta)?;
+            self.install_file(&path)?;
+            let applied = self.shared.applied.lock().unwrap().last_applied;
+            if applied != meta.last_log_id {
+                return Err(io_error(format!(
+                    "installed snapshot says applied {applied:?}, its meta says {:?}",
+                    meta.last_log_id
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(meta) = self.current_snapshot_meta()? else { return Ok(None) };
+        let path = snapshot_path(&self.shared.data_dir, &meta);
+        Ok(Some(Snapshot { meta, snapshot: SnapshotFile { path } }))
+    }
+}

@@ -1,0 +1,1257 @@
+//! A segmented write-ahead log: the durable Raft log of a tally node.
+//!
+//! # On-disk format, version 1
+//!
+//! The format is a promise to every node's disk: change it only together with `FORMAT_VERSION`,
+//! and keep a reader for the old version.
+//!
+//! A log is one directory of segment files, each named `<first index, 20 digits, zero-padded>.wal`
+//! (`00000000000000000001.wal`). Files whose names do not end in `.wal` are not the log's and are
+//! left alone (the vote written by `write_file_atomic`, its `.tmp`). Indexes start at 1 and are
+//! contiguous within a segment and across segments: each segment starts at the index after the
+//! previous segment's last record.
+//!
+//! ```text
+//! segment: header record*
+//! header:  magic "TALLYWAL" (8 bytes) | format version: u32 LE (1)
+//! record:  payload_len: u32 LE | crc: u32 LE | index: u64 LE | payload (payload_len bytes)
+//! ```
+//!
+//! `crc` is CRC-32C (Castagnoli) over the index bytes followed by the payload. `payload_len` is at
+//! most `RECORD_BYTES_MAX`. A segment rolls over before a record would take it past
+//! `SEGMENT_BYTES_MAX`, but always holds at least one record, whatever its size.
+//!
+//! # Durability
+//!
+//! - `append` only writes; `sync` fdatasyncs every segment written since the last sync, and fsyncs
+//!   the directory if a segment file was created. One sync covers every append before it.
+//! - Before creating a segment the log syncs everything, data and directory. So every segment but
+//!   the last is whole on disk before its successor exists, and only the last can hold a torn write.
+//! - `truncate_from` deletes later segments newest first and `purge_upto` deletes older segments
+//!   oldest first, fsyncing the directory after each: a crash part-way leaves a log that is shorter
+//!   at one end and still contiguous.
+//! - `open` syncs what it recovered, which may have been only in the page cache of a process that
+//!   died before its sync; the caller treats everything it can read as durable.
+//! - After an I/O error in `append`, `sync`, `truncate_from` or `purge_upto`, every later call fails:
+//!   after a failed fsync Linux may drop the dirty pages and report success on a retry, so the only
+//!   safe way on is to reopen, which runs recovery against what is really on disk.
+//!
+//! # Recovery
+//!
+//! `open` verifies every record's CRC, that indexes run on from each segment's name, and that the
+//! segments are contiguous. An unreadable record (cut short, too long, bad CRC) in the last segment
+//! after which no valid record can be found is the torn tail of writes that were never synced: the
+//! file is cut back to the last good record, and a last segment left without records is deleted.
+//! Any other damage is `WalError::Corrupt`, and the node refuses to start rather than lose
+//! acknowledged entries. That includes an unsynced write whose later pages reached the disk before
+//! its earlier ones in a power loss: it looks exactly like a damaged acknowledged record followed by
+//! valid ones, and guessing wrong would silently drop entries a quorum may have counted.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A segment rolls over before a record would take it past this size. It bounds the memory
+/// recovery needs (a segment is read whole) and how much a purge can leave behind.
+pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// The largest payload one record may hold. A Raft entry is one client batch, far below this.
+pub const RECORD_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
+const SEGMENT_MAGIC: [u8; 8] = *b"TALLYWAL";
+const FORMAT_VERSION: u32 = 1;
+const SEGMENT_HEADER_BYTES: usize = SEGMENT_MAGIC.len() + size_of::<u32>();
+/// `payload_len` + `crc` + `index`.
+const RECORD_HEADER_BYTES: usize = size_of::<u32>() + size_of::<u32>() + size_of::<u64>();
+const SEGMENT_SUFFIX: &str = ".wal";
+const SEGMENT_NAME_DIGITS: usize = 20;
+
+/// The largest segment file the log ever writes: a full segment, or a lone largest record. Recovery
+/// refuses bigger files instead of reading them into memory.
+const SEGMENT_FILE_BYTES_MAX: u64 = SEGMENT_BYTES_MAX + (SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES) as u64;
+
+// A lone record of the largest size must fit in a segment file of the largest size.
+const _: () = assert!(RECORD_BYTES_MAX as u64 <= SEGMENT_BYTES_MAX);
+// u64::MAX has 20 decimal digits, so every index has a name and names sort like indexes.
+const _: () = assert!(u64::MAX.ilog10() + 1 == SEGMENT_NAME_DIGITS as u32);
+
+#[derive(Debug)]
+pub enum WalError {
+    Io(io::Error),
+    /// Damage recovery cannot explain as a torn tail, or a record that no longer reads back.
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+}
+
+impl fmt::Display for WalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WalError::Io(error) => write!(f, "wal i/o error: {error}"),
+            WalError::Corrupt { path, offset, reason } => {
+                write!(f, "wal corrupt: {} at offset {offset}: {reason}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for WalError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WalError::Io(error) => Some(error),
+            WalError::Corrupt { .. } => None,
+        }
+    }
+}
+
+impl From<io::Error> for WalError {
+    fn from(error: io::Error) -> Self {
+        WalError::Io(error)
+    }
+}
+
+fn corrupt(path: &Path, offset: u64, reason: impl Into<String>) -> WalError {
+    WalError::Corrupt { path: path.to_path_buf(), offset, reason: reason.into() }
+}
+
+/// Where one record sits in its segment file, so a read is one pread and payloads stay on disk.
+#[derive(Clone, Copy, Debug)]
+struct RecordLoc {
+    offset: u64,
+    payload_len: u32,
+}
+
+struct Segment {
+    first_index: u64,
+    path: PathBuf,
+    /// Kept open for the segment's life: reads are preads on it, appends go to the last one.
+    file: File,
+    /// `records[i]` holds index `first_index + i`. Never empty: a segment is created together with
+    /// its first record, and recovery deletes a last segment left without any.
+    records: Vec<RecordLoc>,
+    /// The file's length: the end of the last record.
+    bytes_len: u64,
+    /// Written since its last fdatasync.
+    dirty: bool,
+}
+
+impl Segment {
+    /// Creates the segment file holding the header and its first record. Not synced.
+    fn create(dir: &Path, first_index: u64, record: &[u8], payload_len: u32) -> io::Result<Segment> {
+        let path = dir.join(segment_file_name(first_index));
+        // `create_new`: a segment file is never overwritten; an existing one would be a bookkeeping
+        // bug in truncate or purge, and overwriting it would hide that.
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        let mut bytes = Vec::with_capacity(SEGMENT_HEADER_BYTES + record.len());
+        bytes.extend_from_slice(&segment_header());
+        bytes.extend_from_slice(record);
+        file.write_all_at(&bytes, 0)?;
+        let records = vec![RecordLoc { offset: SEGMENT_HEADER_BYTES as u64, payload_len }];
+        Ok(Segment { first_index, path, file, records, bytes_len: bytes.len() as u64, dirty: true })
+    }
+
+    fn last_index(&self) -> u64 {
+        assert!(!self.records.is_empty(), "wal: segment {} holds no records", self.path.display());
+        self.first_index + self.records.len() as u64 - 1
+    }
+
+    fn append(&mut self, record: &[u8], payload_len: u32) -> io::Result<()> {
+        self.file.write_all_at(record, self.bytes_len)?;
+        self.records.push(RecordLoc { offset: self.bytes_len, payload_len });
+        self.bytes_len += record.len() as u64;
+        self.dirty = true;
+        assert!(self.bytes_len <= SEGMENT_FILE_BYTES_MAX);
+        Ok(())
+    }
+
+    /// Cuts the file back to the records before `index`, which this segment must hold and which
+    /// must not be its first. Not synced.
+    fn truncate_from(&mut self, index: u64) -> io::Result<()> {
+        assert!(index > self.first_index && index <= self.last_index());
+        let keep = (index - self.first_index) as usize;
+        let offset = self.records[keep].offset;
+        self.file.set_len(offset)?;
+        self.records.truncate(keep);
+        self.bytes_len = offset;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Reads indexes `[start, end)`, all of which this segment holds, with one pread, verifying
+    /// every record again: disks rot, and a bad entry must never reach the state machine.
+    fn read(&self, start: u64, end: u64, entries: &mut Vec<(u64, Vec<u8>)>) -> Result<(), WalError> {
+        assert!(self.first_index <= start && start < end && end <= self.last_index() + 1);
+        let locs = &self.records[(start - self.first_index) as usize..(end - self.first_index) as usize];
+        let span_start = locs[0].offset;
+        let last = locs[locs.len() - 1];
+        let span_end = last.offset + RECORD_HEADER_BYTES as u64 + u64::from(last.payload_len);
+        let mut bytes = vec![0; (span_end - span_start) as usize];
+        self.file.read_exact_at(&mut bytes, span_start)?;
+        for (index, loc) in (start..end).zip(locs) {
+            let decoded = decode_record(&bytes, (loc.offset - span_start) as usize)
+                .map_err(|reason| corrupt(&self.path, loc.offset, reason))?;
+            if decoded.index != index {
+                let reason = format!("record holds index {}, expected {index}", decoded.index);
+                return Err(corrupt(&self.path, loc.offset, reason));
+            }
+            entries.push((index, bytes[decoded.payload].to_vec()));
+        }
+        Ok(())
+    }
+}
+
+pub struct Wal {
+    dir: PathBuf,
+    /// `SEGMENT_BYTES_MAX`, or smaller in tests so that they roll segments quickly.
+    segment_bytes_max: u64,
+    /// Ascending and contiguous: each starts at the index after the previous one's last.
+    segments: Vec<Segment>,
+    /// A segment file was created since the directory was last fsynced.
+    dir_dirty: bool,
+    /// An I/O error hit a write path; see "Durability" above for why that is final.
+    failed: bool,
+}
+
+impl Wal {
+    /// Opens or creates the log in `dir` and recovers it; see "Recovery" above.
+    pub fn open(dir: &Path) -> Result<Wal, WalError> {
+        Wal::open_with(dir, SEGMENT_BYTES_MAX)
+    }
+
+    /// `open` with segments that roll over at `segment_bytes_max`. Public so that the crash test,
+    /// which runs as a separate crate, can roll segments quickly too. Recovery does not depend on
+    /// it: a log written with one segment size opens with any other.
+    pub fn open_with(dir: &Path, segment_bytes_max: u64) -> Result<Wal, WalError> {
+        assert!(segment_bytes_max > 0 && segment_bytes_max <= SEGMENT_BYTES_MAX);
+        create_dir_durably(dir)?;
+        let listed = list_segments(dir)?;
+        let listed_count = listed.len();
+        let mut segments: Vec<Segment> = Vec::with_capacity(listed_count);
+        for (position, (first_index, path)) in listed.into_iter().enumerate() {
+            if let Some(previous) = segments.last() {
+                check_follows(previous.last_index(), first_index, &path)?;
+            }
+            let is_last = position + 1 == listed_count;
+            segments.extend(recover_segment(dir, first_index, path, is_last)?);
+        }
+        // What we recovered may be only in the page cache of a process that died before syncing,
+        // and every record we return from here on counts as durable.
+        if let Some(last) = segments.last() {
+            last.file.sync_data()?;
+        }
+        sync_dir(dir)?;
+        Ok(Wal { dir: dir.to_path_buf(), segment_bytes_max, segments, dir_dirty: false, failed: false })
+    }
+
+    /// Appends one record. Writes to the OS without syncing; see `sync`.
+    ///
+    /// Panics unless `index` is `last_index() + 1`, or, on an empty log, at least 1: anything else
+    /// is a bug in the caller. A payload over `RECORD_BYTES_MAX` is refused and nothing is written.
+    pub fn append(&mut self, index: u64, payload: &[u8]) -> Result<(), WalError> {
+        let payload_len = match u32::try_from(payload.len()) {
+            Ok(len) if len <= RECORD_BYTES_MAX => len,
+            _ => return Err(payload_too_large(payload.len()).into()),
+        };
+        self.check_usable()?;
+        match self.last_index() {
+            Some(last) => assert_eq!(index, last + 1, "wal: append must follow the last index"),
+            None => assert!(index >= 1, "wal: indexes start at 1"),
+        }
+        let record = encode_record(index, payload);
+        let result = self.write_record(index, &record, payload_len);
+        self.poison_on_error(result)
+    }
+
+    /// Makes every append before it durable: fdatasyncs the segments written since the last sync
+    /// and fsyncs the directory if a segment was created. One sync for a group of appends is how
+    /// the node commits them as a group.
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        self.check_usable()?;
+        let result = self.sync_pending();
+        self.poison_on_error(result)
+    }
+
+    /// Removes every record with an index of `index` or more, durably.
+    pub fn truncate_from(&mut self, index: u64) -> Result<(), WalError> {
+        self.check_usable()?;
+        let result = self.truncate_from_unchecked(index);
+        self.poison_on_error(result)
+    }
+
+    /// Deletes, durably, every segment whose last index is at most `index`. Records of a segment
+    /// that `index` only partly covers stay readable, so `first_index` may end up below `index + 1`.
+    pub fn purge_upto(&mut self, index: u64) -> Result<(), WalError> {
+        self.check_usable()?;
+        let result = self.purge_upto_unchecked(index);
+        self.poison_on_error(result)
+    }
+
+    /// The first index still readable, or `None` if the log is empty.
+    pub fn first_index(&self) -> Option<u64> {
+        self.segments.first().map(|segment| segment.first_index)
+    }
+
+    pub fn last_index(&self) -> Option<u64> {
+        self.segments.last().map(Segment::last_index)
+    }
+
+    /// The records with indexes in `[start, end)`, in order. Indexes the log does not hold are
+    /// left out, so the result can be shorter than the range, or empty.
+    pub fn read(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
+        self.check_usable()?;
+        let mut entries = Vec::new();
+        for segment in &self.segments {
+            let segment_start = start.max(segment.first_index);
+            let segment_end = end.min(segment.last_index() + 1);
+            if segment_start < segment_end {
+                segment.read(segment_start, segment_end, &mut entries)?;
+            }
+        }
+        Ok(entries)
+    }
+
+    fn check_usable(&self) -> Result<(), WalError> {
+        if self.failed {
+            let message = "wal unusable after an earlier i/o error; reopen it to recover";
+            return Err(io::Error::other(message).into());
+        }
+        Ok(())
+    }
+
+    fn poison_on_error<T>(&mut self, result: io::Result<T>) -> Result<T, WalError> {
+        self.failed |= result.is_err();
+        Ok(result?)
+    }
+
+    fn write_record(&mut self, index: u64, record: &[u8], payload_len: u32) -> io::Result<()> {
+        let segment_bytes_max = self.segment_bytes_max;
+        match self.segments.last_mut() {
+            Some(segment) if segment.bytes_len + record.len() as u64 <= segment_bytes_max => {
+                segment.append(record, payload_len)
+            }
+            _ => self.roll(index, record, payload_len),
+        }
+    }
+
+    /// Starts a new segment with `record` as its first.
+    fn roll(&mut self, index: u64, record: &[u8], payload_len: u32) -> io::Result<()> {
+        // Everything before the new segment is made durable first, directory entries included, so
+        // that only the last segment can ever hold a torn write: recovery relies on it.
+        self.sync_pending()?;
+        let segment = Segment::create(&self.dir, index, record, payload_len)?;
+        self.segments.push(segment);
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    fn sync_pending(&mut self) -> io::Result<()> {
+        for segment in self.segments.iter_mut().filter(|segment| segment.dirty) {
+            segment.file.sync_data()?;
+            segment.dirty = false;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.dir)?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn truncate_from_unchecked(&mut self, index: u64) -> io::Result<()> {
+        // Newest first: a crash part-way leaves a shorter log, never one with a gap.
+        while let Some(segment) = self.segments.last()
+            && segment.first_index >= index
+        {
+            let segment = self.segments.pop().expect("checked above");
+            remove_file_durably(&self.dir, &segment.path)?;
+        }
+        if let Some(segment) = self.segments.last_mut()
+            && segment.last_index() >= index
+        {
+            segment.truncate_from(index)?;
+        }
+        self.sync_pending()
+    }
+
+    fn purge_upto_unchecked(&mut self, index: u64) -> io::Result<()> {
+        // Oldest first: a crash part-way leaves a log that starts later, never one with a gap.
+        while let Some(segment) = self.segments.first()
+            && segment.last_index() <= index
+        {
+            let segment = self.segments.remove(0);
+            remove_file_durably(&self.dir, &segment.path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `dir/name` durably and atomically: a crash leaves either the old file or the
+/// new one, never a mix. Writes `dir/name.tmp`, fsyncs it, renames it over `dir/name`, fsyncs `dir`.
+pub fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    assert!(!name.is_empty() && !name.contains('/'), "wal: {name:?} is not a plain file name");
+    // The directory may hold a log too, whose recovery claims every `.wal` file.
+    assert!(!name.ends_with(SEGMENT_SUFFIX), "wal: {name:?} would be taken for a log segment");
+    let tmp_path = dir.join(format!("{name}.tmp"));
+    let mut tmp = File::create(&tmp_path)?;
+    tmp.write_all(bytes)?;
+    tmp.sync_all()?;
+    drop(tmp);
+    fs::rename(&tmp_path, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// Reads `dir/name`, or `None` if it does not exist.
+pub fn read_file(dir: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(dir.join(name)) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    // The new directory's own entry must survive a crash too, or the segments in it vanish with it.
+    let parent = dir.parent().filter(|parent| !parent.as_os_str().is_empty());
+    sync_dir(parent.unwrap_or(Path::new(".")))
+}
+
+fn remove_file_durably(dir: &Path, path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    sync_dir(dir)
+}
+
+fn segment_file_name(first_index: u64) -> String {
+    format!("{first_index:0width$}{SEGMENT_SUFFIX}", width = SEGMENT_NAME_DIGITS)
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != SEGMENT_NAME_DIGITS || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The segment files in `dir` by first index. Any other `.wal` file is corruption, not a stray:
+/// the log owns that suffix in its directory.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|name| name.to_str()) else { continue };
+        if !name.ends_with(SEGMENT_SUFFIX) {
+            continue;
+        }
+        let Some(first_index) = parse_segment_name(name) else {
+            return Err(corrupt(&path, 0, "a .wal file whose name is not a 20-digit index"));
+        };
+        segments.push((first_index, path));
+    }
+    segments.sort_unstable_by_key(|(first_index, _)| *first_index);
+    Ok(segments)
+}
+
+fn check_follows(previous_last_index: u64, first_index: u64, path: &Path) -> Result<(), WalError> {
+    if first_index == previous_last_index + 1 {
+        return Ok(());
+    }
+    let kind = if first_index <= previous_last_index { "overlap" } else { "gap" };
+    let reason = format!(
+        "{kind}: segment starts at index {first_index}, previous segment ends at {previous_last_index}"
+    );
+    Err(corrupt(path, 0, reason))
+}
+
+/// Reads, checks and, if it is the last segment with a torn tail, repairs one segment file.
+/// `None` if it was the last segment and held no complete record, in which case it is deleted.
+fn recover_segment(
+    dir: &Path,
+    first_index: u64,
+    path: PathBuf,
+    is_last: bool,
+) -> Result<Option<Segment>, WalError> {
+    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    let bytes = read_segment_file(&file, &path)?;
+    match check_header(&bytes) {
+        HeaderCheck::Valid => {}
+        // A crash between creating the segment and syncing it.
+        HeaderCheck::CutShort if is_last => {
+            remove_file_durably(dir, &path)?;
+            return Ok(None);
+        }
+        HeaderCheck::CutShort => return Err(corrupt(&path, 0, "header cut short in a segment not the last")),
+        HeaderCheck::Bad(reason) => return Err(corrupt(&path, 0, reason)),
+    }
+    let scan = scan_records(&bytes, first_index);
+    let bytes_len = match &scan.damage {
+        None => bytes.len() as u64,
+        Some(damage) => {
+            let index_expected = first_index.saturating_add(scan.records.len() as u64);
+            check_torn_tail(&bytes, &path, damage, index_expected, is_last)?;
+            // Cut the tail off durably, so the file ends at the last good record and later appends
+            // extend a clean log.
+            file.set_len(damage.offset as u64)?;
+            file.sync_data()?;
+            damage.offset as u64
+        }
+    };
+    if scan.records.is_empty() {
+        if !is_last {
+            return Err(corrupt(&path, SEGMENT_HEADER_BYTES as u64, "segment not the last holds no records"));
+        }
+        remove_file_durably(dir, &path)?;
+        return Ok(None);
+    }
+    Ok(Some(Segment { first_index, path, file, records: scan.records, bytes_len, dirty: false }))
+}
+
+fn read_segment_file(file: &File, path: &Path) -> Result<Vec<u8>, WalError> {
+    let file_len = file.metadata()?.len();
+    if file_len > SEGMENT_FILE_BYTES_MAX {
+        let reason = format!("segment file is {file_len} bytes, more than the log ever writes");
+        return Err(corrupt(path, SEGMENT_FILE_BYTES_MAX, reason));
+    }
+    let mut bytes = vec![0; file_len as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
+/// Whether damage found by `scan_records` is a torn tail, which recovery may cut off; if not, the
+/// `Corrupt` error to refuse to start with.
+fn check_torn_tail(
+    bytes: &[u8],
+    path: &Path,
+    damage: &Damage,
+    index_expected: u64,
+    is_last: bool,
+) -> Result<(), WalError> {
+    let reason = if !is_last {
+        format!("{} in a segment not the last", damage.reason)
+    } else if damage.kind == DamageKind::WrongIndex {
+        // The record is whole and its CRC holds: it was written as it is, not torn.
+        damage.reason.clone()
+    } else if let Some((offset, index)) = find_valid_record_after(bytes, damage.offset, index_expected) {
+        format!("{}, yet a valid record of index {index} follows at offset {offset}", damage.reason)
+    } else {
+        return Ok(());
+    };
+    Err(corrupt(path, damage.offset as u64, reason))
+}
+
+fn segment_header() -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut header = [0; SEGMENT_HEADER_BYTES];
+    header[..SEGMENT_MAGIC.len()].copy_from_slice(&SEGMENT_MAGIC);
+    header[SEGMENT_MAGIC.len()..].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header
+}
+
+#[derive(Debug, PartialEq)]
+enum HeaderCheck {
+    Valid,
+    /// Shorter than a header, and what is there is a prefix of a valid one.
+    CutShort,
+    Bad(String),
+}
+
+fn check_header(bytes: &[u8]) -> HeaderCheck {
+    let expected = segment_header();
+    if bytes.len() < SEGMENT_HEADER_BYTES {
+        if expected.starts_with(bytes) {
+            return HeaderCheck::CutShort;
+        }
+        return HeaderCheck::Bad("header cut short, and not a prefix of a valid header".into());
+    }
+    if bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
+        return HeaderCheck::Bad("bad magic: not a tally wal segment".into());
+    }
+    let version = u32_at(bytes, SEGMENT_MAGIC.len());
+    if version != FORMAT_VERSION {
+        return HeaderCheck::Bad(format!(
+            "format version {version}, but this build reads version {FORMAT_VERSION}"
+        ));
+    }
+    HeaderCheck::Valid
+}
+
+fn record_crc(index: u64, payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&index.to_le_bytes()), payload)
+}
+
+fn encode_record(index: u64, payload: &[u8]) -> Vec<u8> {
+    let payload_len = u32::try_from(payload.len()).expect("caller checked RECORD_BYTES_MAX");
+    let mut record = Vec::with_capacity(RECORD_HEADER_BYTES + payload.len());
+    record.extend_from_slice(&payload_len.to_le_bytes());
+    record.extend_from_slice(&record_crc(index, payload).to_le_bytes());
+    record.extend_from_slice(&index.to_le_bytes());
+    record.extend_from_slice(payload);
+    record
+}
+
+struct DecodedRecord {
+    index: u64,
+    /// Where the payload sits in the buffer decoded from.
+    payload: Range<usize>,
+}
+
+/// Decodes the record at `offset` in `bytes`, or says why there is no valid record there.
+fn decode_record(bytes: &[u8], offset: usize) -> Result<DecodedRecord, String> {
+    let payload_start = offset + RECORD_HEADER_BYTES;
+    if bytes.len() < payload_start {
+        return Err("record header cut short".into());
+    }
+    let payload_len = u32_at(bytes, offset);
+    let crc = u32_at(bytes, offset + 4);
+    let index = u64_at(bytes, offset + 8);
+    if payload_len > RECORD_BYTES_MAX {
+        return Err(format!("payload length {payload_len} over RECORD_BYTES_MAX"));
+    }
+    let payload = payload_start..payload_start + payload_len as usize;
+    let Some(payload_bytes) = bytes.get(payload.clone()) else {
+        return Err(format!("payload of {payload_len} bytes cut short"));
+    };
+    if record_crc(index, payload_bytes) != crc {
+        return Err("crc mismatch".into());
+    }
+    Ok(DecodedRecord { index, payload })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DamageKind {
+    /// No valid record at the offset: cut short, too long, or a CRC mismatch.
+    Unreadable,
+    /// A valid record, but with an index that does not run on from the one before.
+    WrongIndex,
+}
+
+#[derive(Debug)]
+struct Damage {
+    offset: usize,
+    kind: DamageKind,
+    reason: String,
+}
+
+struct SegmentScan {
+    /// The valid records before any damage.
+    records: Vec<RecordLoc>,
+    damage: Option<Damage>,
+}
+
+/// Decodes the records of a segment file (header already checked) until the end or the first
+/// damage, expecting indexes to run on from `first_index`.
+fn scan_records(bytes: &[u8], first_index: u64) -> SegmentScan {
+    let mut records = Vec::new();
+    let mut offset = SEGMENT_HEADER_BYTES;
+    while offset < bytes.len() {
+        let index_expected = first_index.saturating_add(records.len() as u64);
+        let (kind, reason) = match decode_record(bytes, offset) {
+            Ok(record) if record.index == index_expected => {
+                let payload_len = record.payload.len() as u32;
+                records.push(RecordLoc { offset: offset as u64, payload_len });
+                offset = record.payload.end;
+                continue;
+            }
+            Ok(record) => (
+                DamageKind::WrongIndex,
+                format!("record holds index {}, expected {index_expected}", record.index),
+            ),
+            Err(reason) => (DamageKind::Unreadable, reason),
+        };
+        return SegmentScan { records, damage: Some(Damage { offset, kind, reason }) };
+    }
+    SegmentScan { records, damage: None }
+}
+
+/// The offset and index of a valid record starting anywhere after `damage_offset`, if there is one:
+/// the evidence that damage is not a torn tail. The damaged record's length field may be what is
+/// damaged, so every offset is tried, not just the one its length points to.
+fn find_valid_record_after(bytes: &[u8], damage_offset: usize, index_expected: u64) -> Option<(usize, u64)> {
+    // Records are at least RECORD_HEADER_BYTES long, which bounds the indexes that can follow in
+    // the bytes left. Checking that first skips nearly every offset without computing a CRC.
+    let records_max = ((bytes.len() - damage_offset) / RECORD_HEADER_BYTES) as u64;
+    let indexes_plausible = index_expected..=index_expected.saturating_add(records_max);
+    let offset_last = bytes.len().checked_sub(RECORD_HEADER_BYTES)?;
+    (damage_offset + 1..=offset_last).find_map(|offset| {
+        let index = u64_at(bytes, offset + 8);
+        let valid = indexes_plausible.contains(&index) && decode_record(bytes, offset).is_ok();
+        valid.then_some((offset, index))
+    })
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"))
+}
+
+fn payload_too_large(payload_len: usize) -> io::Error {
+    let message = format!("payload of {payload_len} bytes over RECORD_BYTES_MAX ({RECORD_BYTES_MAX})");
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::ops::RangeInclusive;
+
+    use tempfile::TempDir;
+
+    use super::*;
+
+    const PAYLOAD_FIXED_BYTES: usize = 24;
+    /// Exactly three `payload_fixed` records per segment, so the cases know where segments roll.
+    const SEGMENT_BYTES_SMALL: u64 =
+        (SEGMENT_HEADER_BYTES + 3 * (RECORD_HEADER_BYTES + PAYLOAD_FIXED_BYTES)) as u64;
+    /// One record per segment: a segment rolls whenever it holds a record.
+    const SEGMENT_BYTES_ONE_RECORD: u64 = 1;
+
+    fn payload_fixed(index: u64) -> Vec<u8> {
+        index.to_le_bytes().repeat(PAYLOAD_FIXED_BYTES / size_of::<u64>())
+    }
+
+    /// From 0 to 38 bytes, with contents that differ between indexes.
+    fn payload_varied(index: u64) -> Vec<u8> {
+        (0..index * 7 % 39).map(|i| (index as u8).wrapping_mul(31) ^ i as u8).collect()
+    }
+
+    type Model = BTreeMap<u64, Vec<u8>>;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Op {
+        /// Appends `payload_fixed` records for the indexes `first..=last`.
+        Append(u64, u64),
+        Sync,
+        TruncateFrom(u64),
+        /// After the purge the log starts at `first_after`, or is empty.
+        PurgeUpto {
+            upto: u64,
+            first_after: Option<u64>,
+        },
+        Reopen,
+    }
+
+    struct Case {
+        name: &'static str,
+        ops: &'static [Op],
+        /// `(first_index, last_index)` at the end.
+        bounds: Option<(u64, u64)>,
+        segment_files: usize,
+    }
+
+    /// Runs the ops against a log and a model, checking after every op that the log reads back
+    /// exactly the model, and at the end the bounds and the segment files on disk.
+    fn check(case: &Case) {
+        let dir = TempDir::new().unwrap();
+        let mut wal = Wal::open_with(dir.path(), SEGMENT_BYTES_SMALL).unwrap();
+        let mut model = Model::new();
+        for (step, op) in case.ops.iter().enumerate() {
+            apply(&mut wal, &mut model, dir.path(), *op);
+            assert_reads_model(&wal, &model, &format!("case {:?}, step {step} ({op:?})", case.name));
+        }
+        let bounds = wal.first_index().zip(wal.last_index());
+        assert_eq!(bounds, case.bounds, "case {:?}: bounds", case.name);
+        let sizes: Vec<u64> =
+            segment_paths(dir.path()).iter().map(|path| fs::metadata(path).unwrap().len()).collect();
+        assert_eq!(sizes.len(), case.segment_files, "case {:?}: segment files {sizes:?}", case.name);
+        assert!(sizes.iter().all(|&size| size <= SEGMENT_BYTES_SMALL), "case {:?}: {sizes:?}", case.name);
+    }
+
+    fn apply(wal: &mut Wal, model: &mut Model, dir: &Path, op: Op) {
+        match op {
+            Op::Append(first, last) => {
+                for index in first..=last {
+                    wal.append(index, &payload_fixed(index)).unwrap();
+                    model.insert(index, payload_fixed(index));
+                }
+            }
+            Op::Sync => wal.sync().unwrap(),
+            Op::TruncateFrom(index) => {
+                wal.truncate_from(index).unwrap();
+                model.split_off(&index);
+            }
+            Op::PurgeUpto { upto, first_after } => {
+                wal.purge_upto(upto).unwrap();
+                *model = first_after.map_or_else(Model::new, |first| model.split_off(&first));
+            }
+            Op::Reopen => *wal = Wal::open_with(dir, SEGMENT_BYTES_SMALL).unwrap(),
+        }
+    }
+
+    fn assert_reads_model(wal: &Wal, model: &Model, context: &str) {
+        assert_eq!(wal.first_index(), model.keys().next().copied(), "{context}: first_index");
+        assert_eq!(wal.last_index(), model.keys().next_back().copied(), "{context}: last_index");
+        let (first, last) = (wal.first_index().unwrap_or(1), wal.last_index().unwrap_or(0));
+        let mid = first + last.saturating_sub(first) / 2;
+        let ranges =
+            [(0, u64::MAX), (0, first), (first, first + 2), (mid, mid + 3), (mid, mid), (mid + 1, mid)];
+        let ranges = ranges.into_iter().chain([(last, last + 5), (last + 1, last + 9)]);
+        for (start, end) in ranges {
+            let expected: Vec<(u64, Vec<u8>)> = if start < end {
+                model.range(start..end).map(|(index, payload)| (*index, payload.clone())).collect()
+            } else {
+                Vec::new()
+            };
+            assert_eq!(wal.read(start, end).unwrap(), expected, "{context}: read({start}, {end})");
+        }
+    }
+
+    fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+        list_segments(dir).unwrap().into_iter().map(|(_, path)| path).collect()
+    }
+
+    #[test]
+    fn append_truncate_purge_reopen() {
+        use Op::*;
+        let cases = [
+            Case {
+                name: "append, sync, read",
+                ops: &[Append(1, 10), Sync],
+                bounds: Some((1, 10)),
+                segment_files: 4,
+            },
+            Case {
+                name: "reopen reads the same",
+                ops: &[Append(1, 10), Sync, Reopen],
+                bounds: Some((1, 10)),
+                segment_files: 4,
+            },
+            Case {
+                name: "reopen without a sync keeps what reached the OS",
+                ops: &[Append(1, 5), Reopen],
+                bounds: Some((1, 5)),
+                segment_files: 2,
+            },
+            Case {
+                name: "an empty log starts anywhere, and a reopened one continues its last segment",
+                ops: &[Append(100, 104), Reopen, Append(105, 106)],
+                bounds: Some((100, 106)),
+                segment_files: 3,
+            },
+            Case {
+                name: "an empty log stays empty",
+                ops: &[Reopen, Sync, Reopen],
+                bounds: None,
+                segment_files: 0,
+            },
+            Case {
+                name: "truncate in the middle of a segment",
+                ops: &[Append(1, 10), Sync, TruncateFrom(5), Reopen, Append(5, 8)],
+                bounds: Some((1, 8)),
+                segment_files: 3,
+            },
+            Case {
+                name: "truncate at a segment's first index",
+                ops: &[Append(1, 10), Sync, TruncateFrom(7), Reopen, Append(7, 7)],
+                bounds: Some((1, 7)),
+                segment_files: 3,
+            },
+            Case {
+                name: "truncate across segments",
+                ops: &[Append(1, 10), Sync, TruncateFrom(2), Reopen, Append(2, 4)],
+                bounds: Some((1, 4)),
+                segment_files: 2,
+            },
+            Case {
+                name: "truncate unsynced records",
+                ops: &[Append(1, 10), TruncateFrom(6), Reopen],
+                bounds: Some((1, 5)),
+                segment_files: 2,
+            },
+            Case {
+                name: "truncate everything, then start anywhere",
+                ops: &[Append(1, 10), TruncateFrom(1), Reopen, Append(50, 51)],
+                bounds: Some((50, 51)),
+                segment_files: 1,
+            },
+            Case {
+                name: "truncate below the first index empties the log",
+                ops: &[Append(5, 8), TruncateFrom(2)],
+                bounds: None,
+                segment_files: 0,
+            },
+            Case {
+                name: "truncate past the end changes nothing",
+                ops: &[Append(1, 5), TruncateFrom(6), TruncateFrom(100), Reopen],
+                bounds: Some((1, 5)),
+                segment_files: 2,
+            },
+            Case {
+                name: "purge keeps a partly covered segment",
+                ops: &[Append(1, 10), Sync, PurgeUpto { upto: 5, first_after: Some(4) }, Reopen],
+                bounds: Some((4, 10)),
+                segment_files: 3,
+            },
+            Case {
+                name: "purge whole segments, then append",
+                ops: &[Append(1, 10), PurgeUpto { upto: 6, first_after: Some(7) }, Reopen, Append(11, 12)],
+                bounds: Some((7, 12)),
+                segment_files: 2,
+            },
+            Case {
+                name: "purge below the first index changes nothing",
+                ops: &[Append(4, 9), PurgeUpto { upto: 3, first_after: Some(4) }],
+                bounds: Some((4, 9)),
+                segment_files: 2,
+            },
+            Case {
+                name: "purge everything, then start anywhere",
+                ops: &[Append(1, 10), PurgeUpto { upto: 10, first_after: None }, Reopen, Append(20, 21)],
+                bounds: Some((20, 21)),
+                segment_files: 1,
+            },
+            Case {
+                name: "purge past the end",
+                ops: &[Append(1, 4), PurgeUpto { upto: 100, first_after: None }, Reopen],
+                bounds: None,
+                segment_files: 0,
+            },
+            Case {
+                name: "purge, then truncate into the first segment left",
+                ops: &[
+                    Append(1, 10),
+                    PurgeUpto { upto: 6, first_after: Some(7) },
+                    TruncateFrom(8),
+                    Reopen,
+                    Append(8, 9),
+                ],
+                bounds: Some((7, 9)),
+                segment_files: 1,
+            },
+        ];
+        for case in &cases {
+            check(case);
+        }
+    }
+
+    /// A synced log of `payload_varied` records `1..=last`.
+    fn write_log(segment_bytes_max: u64, last: u64) -> TempDir {
+        let dir = TempDir::new().unwrap();
+        let mut wal = Wal::open_with(dir.path(), segment_bytes_max).unwrap();
+        for index in 1..=last {
+            wal.append(index, &payload_varied(index)).unwrap();
+        }
+        wal.sync().unwrap();
+        dir
+    }
+
+    fn copy_dir(from: &Path) -> TempDir {
+        let to = TempDir::new().unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), to.path().join(entry.file_name())).unwrap();
+        }
+        to
+    }
+
+    /// The file name, offset and length of record `index`, as the log's own table has them.
+    fn locate(dir: &Path, index: u64) -> (PathBuf, u64, u64) {
+        let wal = Wal::open(dir).unwrap();
+        let segment = wal.segments.iter().find(|segment| segment.last_index() >= index).unwrap();
+        let loc = segment.records[(index - segment.first_index) as usize];
+        let name = PathBuf::from(segment.path.file_name().unwrap());
+        (name, loc.offset, RECORD_HEADER_BYTES as u64 + u64::from(loc.payload_len))
+    }
+
+    fn records_varied(indexes: RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
+        indexes.map(|index| (index, payload_varied(index))).collect()
+    }
+
+    fn edit_file(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+        let mut bytes = fs::read(path).unwrap();
+        edit(&mut bytes);
+        fs::write(path, bytes).unwrap();
+    }
+
+    /// Opening `dir` must give records `1..last`, and appending `last` again must then work.
+    fn assert_recovers_prefix(dir: &Path, segment_bytes_max: u64, last: u64, context: &str) {
+        let mut wal =
+            Wal::open_with(dir, segment_bytes_max).unwrap_or_else(|error| panic!("{context}: {error}"));
+        assert_eq!(wal.read(0, u64::MAX).unwrap(), records_varied(1..=last - 1), "{context}");
+        wal.append(last, &payload_varied(last)).unwrap();
+        wal.sync().unwrap();
+        let wal = Wal::open_with(dir, segment_bytes_max).unwrap();
+        assert_eq!(wal.read(0, u64::MAX).unwrap(), records_varied(1..=last), "{context}: appended again");
+    }
+
+    /// Layouts for damage tests, as (segment_bytes_max, last index): the last record shares its
+    /// segment with others, or sits alone in one, so that damage also lands in a segment header.
+    const LAYOUTS: [(u64, u64); 2] = [(SEGMENT_BYTES_MAX, 5), (SEGMENT_BYTES_ONE_RECORD, 3)];
+
+    #[test]
+    fn torn_tail_is_cut_at_every_offset() {
+        for (segment_bytes_max, last) in LAYOUTS {
+            let golden = write_log(segment_bytes_max, last);
+            let (name, offset, record_bytes) = locate(golden.path(), last);
+            let cut_first = if offset == SEGMENT_HEADER_BYTES as u64 { 0 } else { offset };
+            for cut in cut_first..offset + record_bytes {
+                let dir = copy_dir(golden.path());
+                let file = File::options().write(true).open(dir.path().join(&name)).unwrap();
+                file.set_len(cut).unwrap();
+                let context = format!("segment_bytes_max {segment_bytes_max}, {name:?} cut to {cut} bytes");
+                assert_recovers_prefix(dir.path(), segment_bytes_max, last, &context);
+            }
+        }
+    }
+
+    #[test]
+    fn flipped_bit_in_last_record_is_a_torn_tail() {
+        for (segment_bytes_max, last) in LAYOUTS {
+            let golden = write_log(segment_bytes_max, last);
+            let (name, offset, record_bytes) = locate(golden.path(), last);
+            for position in offset..offset + record_bytes {
+                let dir = copy_dir(golden.path());
+                edit_file(&dir.path().join(&name), |bytes| bytes[position as usize] ^= 1);
+                let context =
+                    format!("segment_bytes_max {segment_bytes_max}, {name:?} bit flipped at {position}");
+                assert_recovers_prefix(dir.path(), segment_bytes_max, last, &context);
+                if segment_bytes_max == SEGMENT_BYTES_MAX {
+                    // The torn record was cut off; since then record `last` was written again.
+                    let len = fs::metadata(dir.path().join(&name)).unwrap().len();
+                    assert_eq!(len, offset + record_bytes, "{context}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_filled_tail_is_a_torn_tail() {
+        // A power loss can leave a file longer than the data that reached the disk, the rest zeros.
+        let golden = write_log(SEGMENT_BYTES_MAX, 4);
+        let (name, _, _) = locate(golden.path(), 4);
+        edit_file(&golden.path().join(&name), |bytes| bytes.extend_from_slice(&[0; 4096]));
+        let wal = Wal::open(golden.path()).unwrap();
+        assert_eq!(wal.read(0, u64::MAX).unwrap(), records_varied(1..=4));
+    }
+
+    #[test]
+    fn flipped_bit_before_valid_records_is_corrupt() {
+        // (segment_bytes_max, damaged index): in the last segment with records after it, or in a
+        // segment not the last.
+        let cases = [(SEGMENT_BYTES_MAX, 1), (SEGMENT_BYTES_MAX, 4), (SEGMENT_BYTES_ONE_RECORD, 3)];
+        let last = 5;
+        for (segment_bytes_max, damaged) in cases {
+            let golden = write_log(segment_bytes_max, last);
+            let (name, offset, record_bytes) = locate(golden.path(), damaged);
+            for position in offset..offset + record_bytes {
+                let dir = copy_dir(golden.path());
+                edit_file(&dir.path().join(&name), |bytes| bytes[position as usize] ^= 1);
+                let context =
+                    format!("segment_bytes_max {segment_bytes_max}, {name:?} bit flipped at {position}");
+                let error = Wal::open_with(dir.path(), segment_bytes_max).err();
+                assert_corrupt(error, &dir.path().join(&name), offset, "", &context);
+            }
+        }
+    }
+
+    fn assert_corrupt(error: Option<WalError>, path: &Path, offset: u64, reason_part: &str, context: &str) {
+        match error {
+            Some(WalError::Corrupt { path: error_path, offset: error_offset, reason }) => {
+                assert_eq!((error_path.as_path(), error_offset), (path, offset), "{context}: {reason}");
+                assert!(reason.contains(reason_part), "{context}: {reason:?} lacks {reason_part:?}");
+            }
+            other => panic!("{context}: expected Corrupt, got {other:?}"),
+        }
+    }
+
+    fn segment_path(dir: &Path, first_index: u64) -> PathBuf {
+        dir.join(segment_file_name(first_index))
+    }
+
+    /// Each damages a log whose segments hold records [1, 2], [3] and [4], and returns where
+    /// `open` must report corruption and a word of the reason.
+    type Damager = fn(&Path) -> (PathBuf, u64, &'static str);
+
+    #[test]
+    fn damaged_layout_is_corrupt() {
+        let cases: [(&str, Damager); 11] = [
+            ("bad magic, first segment", |dir| {
+                edit_file(&segment_path(dir, 1), |bytes| bytes[0] ^= 1);
+                (segment_path(dir, 1), 0, "magic")
+            }),
+            ("bad magic, last segment", |dir| {
+                edit_file(&segment_path(dir, 4), |bytes| bytes[3] ^= 1);
+                (segment_path(dir, 4), 0, "magic")
+            }),
+            ("a format version from the future", |dir| {
+                edit_file(&segment_path(dir, 3), |bytes| bytes[8..12].copy_from_slice(&2u32.to_le_bytes()));
+                (segment_path(dir, 3), 0, "version 2")
+            }),
+            ("header cut short in a segment not the last", |dir| {
+                File::options().write(true).open(segment_path(dir, 3)).unwrap().set_len(5).unwrap();
+                (segment_path(dir, 3), 0, "cut short")
+            }),
+            ("garbage short of a header in the last segment", |dir| {
+                edit_file(&segment_path(dir, 4), |bytes| *bytes = b"TALLYxx".to_vec());
+                (segment_path(dir, 4), 0, "not a prefix")
+            }),
+            ("a segment not the last without records", |dir| {
+                File::options().write(true).open(segment_path(dir, 3)).unwrap().set_len(12).unwrap();
+                (segment_path(dir, 3), SEGMENT_HEADER_BYTES as u64, "no records")
+            }),
+            ("a gap between segments", |dir| {
+                fs::remove_file(segment_path(dir, 3)).unwrap();
+                (segment_path(dir, 4), 0, "gap")
+            }),
+            ("an overlap between segments", |dir| {
+                fs::rename(segment_path(dir, 3), segment_path(dir, 2)).unwrap();
+                (segment_path(dir, 2), 0, "overlap")
+            }),
+            ("a segment holding other records than its name says", |dir| {
+                fs::copy(segment_path(dir, 3), segment_path(dir, 4)).unwrap();
+                (segment_path(dir, 4), SEGMENT_HEADER_BYTES as u64, "index 3, expected 4")
+            }),
+            ("a whole record with the wrong index at the end", |dir| {
+                let path = segment_path(dir, 4);
+                let offset = fs::metadata(&path).unwrap().len();
+                edit_file(&path, |bytes| bytes.extend(encode_record(9, b"stale")));
+                (path, offset, "index 9, expected 5")
+            }),
+            ("a .wal file that is not a segment", |dir| {
+                fs::write(dir.join("notes.wal"), b"").unwrap();
+                (dir.join("notes.wal"), 0, "20-digit")
+            }),
+        ];
+        // Records of 7, 14, 21 and 28 bytes: [1, 2] takes 65 bytes and 3 would not fit in 70.
+        let segment_bytes_max = 70;
+        let golden = write_log(segment_bytes_max, 4);
+        let names: Vec<PathBuf> = segment_paths(golden.path())
+            .iter()
+            .map(|p| p.strip_prefix(golden.path()).unwrap().into())
+            .collect();
+        assert_eq!(names, [1, 3, 4].map(|index| PathBuf::from(segment_file_name(index))));
+        for (name, damage) in cases {
+            let dir = copy_dir(golden.path());
+            let (path, offset, reason_part) = damage(dir.path());
+            assert_corrupt(Wal::open(dir.path()).err(), &path, offset, reason_part, name);
+        }
+    }
+
+    #[test]
+    fn oversized_segment_file_is_corrupt_without_reading_it() {
+        let dir = write_log(SEGMENT_BYTES_MAX, 2);
+        let path = segment_path(dir.path(), 1);
+        // Sparse, so the test does not write gigabytes.
+        File::options().write(true).open(&path).unwrap().set_len(SEGMENT_FILE_BYTES_MAX + 1).unwrap();
+        assert_corrupt(Wal::open(dir.path()).err(), &path, SEGMENT_FILE_BYTES_MAX, "more than", "oversized");
+    }
+
+    #[test]
+    fn read_verifies_records_again() {
+        let dir = write_log(SEGMENT_BYTES_MAX, 4);
+        let wal = Wal::open(dir.path()).unwrap();
+        let (name, offset, record_bytes) = locate(dir.path(), 3);
+        edit_file(&dir.path().join(&name), |bytes| bytes[(offset + record_bytes - 1) as usize] ^= 1);
+        assert_eq!(wal.read(1, 3).unwrap(), records_varied(1..=2));
+        assert_eq!(wal.read(4, 5).unwrap(), records_varied(4..=4));
+        assert_corrupt(wal.read(1, 5).err(), &dir.path().join(&name), offset, "crc", "read after rot");
+    }
+
+    #[test]
+    fn check_header_cases() {
+        let valid = segment_header().to_vec();
+        let with_record = [valid.clone(), encode_record(1, b"x")].concat();
+        let bad_magic = [b"TALLYWAX".as_slice(), &FORMAT_VERSION.to_le_bytes()].concat();
+        let bad_version = [SEGMENT_MAGIC.as_slice(), &0u32.to_le_bytes()].concat();
+        let cases: [(&[u8], Option<&str>); 7] = [
+            (&valid, None),
+            (&with_record, None),
+            (b"", Some("cut short")),
+            (&valid[..5], Some("cut short")),
+            (b"TALLYwal", Some("not a prefix")),
+            (&bad_magic, Some("magic")),
+            (&bad_version, Some("version 0")),
+        ];
+        for (bytes, expected) in cases {
+            let got = check_header(bytes);
+            match (expected, &got) {
+                (None, HeaderCheck::Valid) => {}
+                (Some("cut short"), HeaderCheck::CutShort) => {}
+                (Some(part), HeaderCheck::Bad(reason)) if reason.contains(part) => {}
+                _ => panic!("{bytes:?}: expected {expected:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn payload_size_limit() {
+        // (payload bytes, accepted)
+        let cases = [(0, true), (RECORD_BYTES_MAX as usize, true), (RECORD_BYTES_MAX as usize + 1, false)];
+        for (payload_bytes, accepted) in cases {
+            let dir = TempDir::new().unwrap();
+            let mut wal = Wal::open(dir.path()).unwrap();
+            let payload = vec![7; payload_bytes];
+            match wal.append(1, &payload) {
+                Ok(()) => assert!(accepted, "{payload_bytes} bytes accepted"),
+                Err(WalError::Io(error)) if error.kind() == io::ErrorKind::InvalidInput => {
+                    assert!(!accepted, "{payload_bytes} bytes refused");
+                    // Nothing was written, and the log is still usable.
+                    assert_eq!(segment_paths(dir.path()).len(), 0);
+                    wal.append(1, b"small").unwrap();
+                }
+                Err(error) => panic!("{payload_bytes} bytes: {error}"),
+            }
+            wal.sync().unwrap();
+            drop(wal);
+            let expected = if accepted { payload } else { b"small".to_vec() };
+            assert_eq!(Wal::open(dir.path()).unwrap().read(1, 2).unwrap(), [(1, expected)]);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "append must follow the last index")]
+    fn append_with_a_gap_panics() {
+        let dir = TempDir::new().unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        wal.append(1, b"one").unwrap();
+        wal.append(3, b"three").unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "indexes start at 1")]
+    fn append_of_index_zero_panics() {
+        let dir = TempDir::new().unwrap();
+        Wal::open(dir.path()).unwrap().append(0, b"zero").unwrap();
+    }
+
+    #[test]
+    fn open_creates_the_directory() {
+        let parent = TempDir::new().unwrap();
+        let dir = parent.path().join("data").join("wal");
+        let mut wal = Wal::open(&dir).unwrap();
+        wal.append(1, b"one").unwrap();
+        wal.sync().unwrap();
+        assert_eq!(Wal::open(&dir).unwrap().read(0, u64::MAX).unwrap(), [(1, b"one".to_vec())]);
+    }
+
+    #[test]
+    fn write_file_atomic_round_trip() {
+        let dir = TempDir::new().unwrap();
+        assert_eq!(read_file(dir.path(), "vote").unwrap(), None);
+        let contents: [&[u8]; 3] = [b"term 1", b"", &[0xAB; 10_000]];
+        for bytes in contents {
+            write_file_atomic(dir.path(), "vote", bytes).unwrap();
+            assert_eq!(read_file(dir.path(), "vote").unwrap().as_deref(), Some(bytes));
+            assert_eq!(read_file(dir.path(), "vote.tmp").unwrap(), None, "the temporary file is renamed");
+        }
+        // A log in the same directory leaves these files alone, even a leftover temporary file.
+        fs::write(dir.path().join("vote.tmp"), b"half written").unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        wal.append(1, b"one").unwrap();
+        wal.sync().unwrap();
+        assert_eq!(Wal::open(dir.path()).unwrap().last_index(), Some(1));
+        assert_eq!(read_file(dir.path(), "vote").unwrap(), Some(vec![0xAB; 10_000]));
+    }
+}
