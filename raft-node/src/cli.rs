@@ -96,6 +96,8 @@ pub struct ServeArgs {
     pub group_commit_delay_us: Option<u64>,
     #[arg(long)]
     pub snapshot_entries: Option<u64>,
+    #[arg(long)]
+    pub snapshot_log_keep: Option<u64>,
 }
 
 #[derive(Args)]
@@ -286,6 +288,10 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .snapshot_entries
             .or(file.as_ref().map(|f| f.snapshot_entries))
             .unwrap_or(20_000),
+        snapshot_log_keep: args
+            .snapshot_log_keep
+            .or(file.as_ref().map(|f| f.snapshot_log_keep))
+            .unwrap_or(1000),
     };
     if config.id == 0 {
         return Err("--id must not be 0".into());

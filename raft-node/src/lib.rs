@@ -24,5 +24,6 @@ pub mod network;
 pub mod node;
 pub mod service;
 pub mod state_machine;
+pub mod testkit;
 pub mod types;
 pub mod wal;

@@ -53,6 +53,10 @@ pub struct NodeConfig {
     /// Entries applied since the last snapshot that trigger a new one.
     #[serde(default = "default_snapshot_entries")]
     pub snapshot_entries: u64,
+    /// Log entries kept behind a snapshot, so that a briefly lagging follower catches up from the
+    /// log instead of needing the whole snapshot.
+    #[serde(default = "default_snapshot_log_keep")]
+    pub snapshot_log_keep: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -73,6 +77,9 @@ fn default_heartbeat_ms() -> u64 {
 }
 fn default_snapshot_entries() -> u64 {
     20_000
+}
+fn default_snapshot_log_keep() -> u64 {
+    1000
 }
 
 impl NodeConfig {
@@ -176,9 +183,7 @@ fn raft_config(config: &NodeConfig) -> openraft::Config {
         // Entries per append: up to 64 MiB messages fit a few hundred 1 MiB entries.
         max_payload_entries: 64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
-        // Keep some log behind the snapshot, so that a briefly lagging follower catches up from
-        // the log instead of needing a whole snapshot.
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: config.snapshot_log_keep,
         install_snapshot_timeout: 60_000,
         enable_elect: true,
         ..openraft::Config::default()

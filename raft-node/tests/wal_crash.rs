@@ -23,8 +23,10 @@ const CHILD_TERM_ENV: &str = "TALLY_WAL_CHILD_TERM";
 const CHILD_TRUNCATE_FROM_ENV: &str = "TALLY_WAL_CHILD_TRUNCATE_FROM";
 
 const ROUNDS_APPEND: u64 = 20;
-const ROUNDS_TRUNCATE: u64 = 5;
+const ROUNDS_TRUNCATE: u64 = 8;
 const ACKS_BEFORE_KILL_MAX: u64 = 12;
+/// Few, so that kills land while the child has yet to overwrite what it truncated.
+const ACKS_AFTER_TRUNCATE_MAX: u64 = 3;
 const GROUP_RECORDS_MAX: u64 = 16;
 /// Random payload bytes after the 8-byte term.
 const PAYLOAD_RANDOM_BYTES_MAX: usize = 4000;
@@ -86,6 +88,9 @@ struct Auditor {
     terms: Vec<u64>,
     /// Every index up to this one was acknowledged and not truncated since: no crash may lose it.
     acked_last: u64,
+    /// `(index, term)`: the child of `term` reported its truncation from `index` done, so every
+    /// record from `index` on is one it wrote since.
+    truncated: Option<(u64, u64)>,
 }
 
 impl Auditor {
@@ -99,6 +104,10 @@ impl Auditor {
     fn truncating(&mut self, index: u64) {
         self.terms.truncate(index as usize - 1);
         self.acked_last = self.acked_last.min(index - 1);
+    }
+
+    fn truncation_done(&mut self, index: u64, term: u64) {
+        self.truncated = Some((index, term));
     }
 
     /// The child synced every index up to `last`; the ones the auditor did not know yet are its.
@@ -132,8 +141,12 @@ impl Auditor {
         );
         let acked = ..self.acked_last as usize;
         assert_eq!(terms[acked], self.terms[acked], "{context}: terms of acknowledged records");
-        // Terms never go down along the log: a truncated record does not come back.
+        // Terms never go down along the log, and a truncation reported done is durable.
         assert!(terms.is_sorted(), "{context}: terms go down: {terms:?}");
+        if let Some((index, term)) = self.truncated.take() {
+            let after = terms.get(index as usize - 1..).unwrap_or_default();
+            assert!(after.iter().all(|&t| t == term), "{context}: truncated from {index}, yet {after:?}");
+        }
         self.terms = terms;
     }
 }
@@ -183,6 +196,7 @@ fn run_child(
             acks += 1;
         } else if let Some(index) = line.strip_prefix("truncated ") {
             assert_eq!(index.parse().ok(), truncate_from, "{context}");
+            auditor.truncation_done(truncate_from.unwrap(), term);
         }
         // Anything else is the test harness talking.
     }
@@ -207,9 +221,9 @@ fn wal_survives_sigkill() {
         let term = round + 1;
         let truncate_from = if round >= ROUNDS_APPEND { auditor.pick_truncation(&mut rng) } else { None };
         truncations += u64::from(truncate_from.is_some());
+        let acks_max = if truncate_from.is_some() { ACKS_AFTER_TRUNCATE_MAX } else { ACKS_BEFORE_KILL_MAX };
         // Kill right away now and then, to crash during recovery or a truncation.
-        let acks_before_kill =
-            if rng.random_ratio(1, 5) { 0 } else { rng.random_range(1..=ACKS_BEFORE_KILL_MAX) };
+        let acks_before_kill = if rng.random_ratio(1, 5) { 0 } else { rng.random_range(1..=acks_max) };
         run_child(dir.path(), term, truncate_from, acks_before_kill, rng.random(), &mut auditor, &context);
         let wal = Wal::open(dir.path()).unwrap_or_else(|error| panic!("{context}: reopen: {error}"));
         auditor.check(&wal, &context);
@@ -222,4 +236,9 @@ fn wal_survives_sigkill() {
         auditor.acked_last
     );
     assert_eq!(truncations, ROUNDS_TRUNCATE, "seed {seed}");
+    eprintln!(
+        "wal_survives_sigkill: {} records, {} acknowledged, {segments} segments",
+        auditor.terms.len(),
+        auditor.acked_last
+    );
 }

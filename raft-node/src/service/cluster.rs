@@ -18,6 +18,8 @@ use crate::types::{NodeId, NodeInfo};
 
 /// How long Status waits for each other node's own report.
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(700);
+/// How long AddNode waits for a new node to catch up before leaving it a learner.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ClusterService {
     node: Arc<NodeHandle>,
@@ -147,6 +149,33 @@ impl ClusterService {
         )))
     }
 
+    /// Waits until the leader has replicated to `id` everything up to `index`.
+    async fn wait_caught_up(&self, id: NodeId, address: &str, index: u64) -> Result<(), Status> {
+        let mut metrics = self.node.raft.metrics();
+        let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+            loop {
+                let matched = {
+                    let current = metrics.borrow_watched();
+                    current.replication.as_ref().and_then(|r| r.get(&id).cloned()).flatten().map(|m| m.index)
+                };
+                if matched.is_some_and(|m| m >= index) {
+                    return true;
+                }
+                if metrics.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        match caught_up {
+            Ok(true) => Ok(()),
+            _ => Err(Status::deadline_exceeded(format!(
+                "node {id} joined as a learner but did not catch up within {CATCH_UP_TIMEOUT:?}; it stays a \
+                 learner: check that it runs and is reachable at {address}, then add it again"
+            ))),
+        }
+    }
+
     fn membership(&self) -> (BTreeSet<NodeId>, BTreeMap<NodeId, NodeInfo>) {
         let metrics = self.node.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership();
@@ -229,8 +258,10 @@ impl pb::cluster_server::Cluster for ClusterService {
             voters.insert(add.id);
             self.check_sites(&voters, &nodes, add.force)?;
         }
-        // Joins as a learner and waits until it has caught up with the leader's log.
-        self.node.raft.add_learner(add.id, info, true).await.map_err(change_error)?;
+        // Joins as a learner, then must catch up with the log up to its own addition before it
+        // may vote: a voter that cannot be reached would weaken the quorum from the start.
+        let added = self.node.raft.add_learner(add.id, info, false).await.map_err(change_error)?;
+        self.wait_caught_up(add.id, &add.address, added.log_id.index).await?;
         if !add.learner_only {
             let change = ChangeMembers::AddVoterIds(BTreeSet::from([add.id]));
             self.node.raft.change_membership(change, false).await.map_err(change_error)?;
@@ -248,19 +279,21 @@ impl pb::cluster_server::Cluster for ClusterService {
         let remove = request.into_inner();
         let (mut voters, mut nodes) = self.membership();
         if !nodes.contains_key(&remove.id) {
-            return Err(Status::not_found(format!("node {} is not a member", remove.id)));
+            // Already gone (perhaps by an earlier attempt of this same request): done.
+            return Ok(Response::new(self.cluster_status().await));
         }
         let was_voter = voters.remove(&remove.id);
         nodes.remove(&remove.id);
-        if was_voter {
+        let change = if was_voter {
             if voters.is_empty() {
                 return Err(Status::failed_precondition("refused: cannot remove the last voter"));
             }
             self.check_sites(&voters, &nodes, remove.force)?;
-            let change = ChangeMembers::RemoveVoters(BTreeSet::from([remove.id]));
-            self.node.raft.change_membership(change, false).await.map_err(change_error)?;
-        }
-        let change = ChangeMembers::RemoveNodes(BTreeSet::from([remove.id]));
+            // Not retained as a learner: the node leaves the cluster altogether.
+            ChangeMembers::RemoveVoters(BTreeSet::from([remove.id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([remove.id]))
+        };
         self.node.raft.change_membership(change, false).await.map_err(change_error)?;
         Ok(Response::new(self.cluster_status().await))
     }

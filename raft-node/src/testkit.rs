@@ -1,0 +1,191 @@
+//! A local cluster of real `tally serve` processes on 127.0.0.1, for tests and measurements.
+//!
+//! Ports are picked free by binding port 0; data lives in a temporary directory removed on drop;
+//! every process is killed on drop. Waiting is always for a condition, with a deadline.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tally_client::{Client, v1};
+
+pub struct NodeSpec {
+    pub id: u64,
+    pub site: String,
+    pub address: String,
+    pub data_dir: PathBuf,
+}
+
+pub struct TestCluster {
+    binary: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, NodeSpec>,
+    processes: BTreeMap<u64, Child>,
+    /// Extra flags for every `serve`.
+    pub extra_args: Vec<String>,
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+}
+
+impl TestCluster {
+    /// Starts `sites.len()` nodes, node i+1 in `sites[i]`, bootstrapped by node 1.
+    pub fn start(binary: &Path, sites: &[&str], extra_args: &[&str]) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut cluster = TestCluster {
+            binary: binary.to_path_buf(),
+            dir,
+            nodes: BTreeMap::new(),
+            processes: BTreeMap::new(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for (index, site) in sites.iter().enumerate() {
+            cluster.define_node(index as u64 + 1, site);
+        }
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.spawn(id, id == 1);
+        }
+        cluster
+    }
+
+    pub fn define_node(&mut self, id: u64, site: &str) -> &NodeSpec {
+        let spec = NodeSpec {
+            id,
+            site: site.to_string(),
+            address: format!("127.0.0.1:{}", free_port()),
+            data_dir: self.dir.path().join(format!("node-{id}")),
+        };
+        self.nodes.insert(id, spec);
+        &self.nodes[&id]
+    }
+
+    pub fn command(&self, id: u64, bootstrap: bool) -> Command {
+        let spec = &self.nodes[&id];
+        let mut command = Command::new(&self.binary);
+        command.args(["serve", "--cluster", "test", "--id", &id.to_string(), "--site", &spec.site]);
+        command.args(["--listen", &spec.address, "--data-dir"]).arg(&spec.data_dir);
+        if bootstrap {
+            command.arg("--bootstrap");
+            for peer in self.nodes.values().filter(|n| n.id != id && n.id <= 3) {
+                command.args(["--peer", &format!("{}={}@{}", peer.id, peer.address, peer.site)]);
+            }
+        }
+        command.args(&self.extra_args);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .expect("node log file");
+        command.stdout(Stdio::null()).stderr(log);
+        command
+    }
+
+    /// Starts node `id` (again), bootstrapping the cluster if asked.
+    pub fn spawn(&mut self, id: u64, bootstrap: bool) {
+        let child = self.command(id, bootstrap).spawn().expect("spawn tally serve");
+        self.processes.insert(id, child);
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        self.spawn(id, false);
+    }
+
+    /// SIGKILL: the node stops dead, as in a power loss of its process.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.processes.remove(&id) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    pub fn stop(&mut self, id: u64) {
+        if let Some(mut child) = self.processes.remove(&id) {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.processes.contains_key(&id)
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.address.clone()).collect()
+    }
+
+    pub fn address(&self, id: u64) -> String {
+        self.nodes[&id].address.clone()
+    }
+
+    pub fn client(&self, timeout: Duration) -> Client {
+        Client::new(&self.addresses(), timeout).expect("client")
+    }
+
+    pub fn client_of(&self, ids: &[u64], timeout: Duration) -> Client {
+        let addresses: Vec<String> = ids.iter().map(|id| self.address(*id)).collect();
+        Client::new(&addresses, timeout).expect("client")
+    }
+
+    /// Waits until a leader is elected among the running nodes and they all answer; returns it.
+    pub async fn wait_for_leader(&self, deadline: Duration) -> u64 {
+        let started = Instant::now();
+        let running: Vec<u64> = self.processes.keys().copied().collect();
+        let client = self.client_of(&running, Duration::from_secs(1));
+        loop {
+            if let Ok(status) = client.cluster_status().await
+                && status.leader_id != 0
+                && running.contains(&status.leader_id)
+            {
+                return status.leader_id;
+            }
+            assert!(started.elapsed() < deadline, "no leader within {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Each running node's own status.
+    pub async fn node_statuses(&self) -> BTreeMap<u64, v1::NodeStatus> {
+        let client = self.client(Duration::from_secs(1));
+        let mut statuses = BTreeMap::new();
+        for id in self.processes.keys() {
+            if let Ok(status) = client.node_status(&self.address(*id)).await {
+                statuses.insert(*id, status);
+            }
+        }
+        statuses
+    }
+
+    /// Waits until every running node has applied the same index and reports the same digest;
+    /// returns the digest.
+    pub async fn wait_for_convergence(&self, deadline: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let statuses = self.node_statuses().await;
+            if statuses.len() == self.processes.len() {
+                let first = statuses.values().next().unwrap();
+                if statuses
+                    .values()
+                    .all(|s| s.applied_index == first.applied_index && s.state_digest == first.state_digest)
+                {
+                    return first.state_digest.clone();
+                }
+            }
+            assert!(started.elapsed() < deadline, "nodes did not converge within {deadline:?}: {statuses:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.processes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! A real cluster: `tally serve` processes on 127.0.0.1 talking gRPC, in three sites.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use raft_node::testkit::TestCluster;
+use tally_client::{Client, Error, u128_from, u128_to, v1};
+
+const TALLY: &str = env!("CARGO_BIN_EXE_tally");
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+const DEADLINE: Duration = Duration::from_secs(30);
+const LEDGER: u32 = 1;
+/// Every account starts funded from this one, which may go negative.
+const BANK: u128 = 1;
+
+fn account(id: u128) -> v1::Account {
+    v1::Account { id: u128_to(id), ledger: LEDGER, code: 1, ..v1::Account::default() }
+}
+
+fn transfer(id: u128, debit: u128, credit: u128, amount: u128) -> v1::Transfer {
+    v1::Transfer {
+        id: u128_to(id),
+        debit_account_id: u128_to(debit),
+        credit_account_id: u128_to(credit),
+        amount: u128_to(amount),
+        ledger: LEDGER,
+        code: 1,
+        ..v1::Transfer::default()
+    }
+}
+
+fn statuses(results: &[v1::CreateTransferResult]) -> Vec<v1::CreateTransferStatus> {
+    results.iter().map(|r| r.status()).collect()
+}
+
+async fn create_accounts(client: &Client, ids: impl Iterator<Item = u128>) {
+    let results = client.create_accounts(ids.map(account).collect()).await.expect("create accounts");
+    assert!(results.iter().all(|r| r.status() == v1::CreateAccountStatus::Ok), "{results:?}");
+}
+
+/// Balances (credits - debits, posted) of `ids` as each running node sees them locally.
+async fn local_balances(cluster: &TestCluster, ids: &[u128]) -> BTreeMap<u64, Vec<i128>> {
+    let mut seen = BTreeMap::new();
+    for (id, node) in &cluster.nodes {
+        if !cluster.is_running(*id) {
+            continue;
+        }
+        let client = Client::new(&[node.address.clone()], Duration::from_secs(5)).unwrap();
+        let accounts = client.lookup_accounts(ids, v1::ReadConsistency::Local).await.expect("local lookup");
+        let balances = accounts
+            .iter()
+            .map(|a| {
+                u128_from(a.credits_posted.as_ref()) as i128 - u128_from(a.debits_posted.as_ref()) as i128
+            })
+            .collect();
+        seen.insert(*id, balances);
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_a_follower_reach_every_node() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let client = cluster.client_of(&[follower], Duration::from_secs(10));
+    create_accounts(&client, 1..=4).await;
+    let transfers = vec![transfer(10, BANK, 2, 100), transfer(11, BANK, 3, 50), transfer(12, 2, 4, 30)];
+    let results = client.create_transfers(transfers).await.unwrap();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::Ok; 3]);
+    // A linearizable read through the follower sees the write at once.
+    let accounts = client.lookup_accounts(&[2], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(u128_from(accounts[0].credits_posted.as_ref()), 100);
+
+    let digest = cluster.wait_for_convergence(DEADLINE).await;
+    assert_eq!(digest.len(), 64);
+    let balances = local_balances(&cluster, &[1, 2, 3, 4]).await;
+    assert_eq!(balances.len(), 3);
+    for seen in balances.values() {
+        assert_eq!(seen, &vec![-150, 70, 50, 30]);
+    }
+    let status = client.cluster_status().await.unwrap();
+    assert_eq!(status.nodes.len(), 3);
+    assert!(status.sites.iter().all(|s| s.survives_loss), "{:?}", status.sites);
+}
+
+/// Writes transfers of 1 from BANK to account 2 in a loop, recording the ids acknowledged.
+fn write_load(
+    client: Arc<Client>,
+    stop: Arc<AtomicBool>,
+    first_id: u128,
+) -> tokio::task::JoinHandle<(Vec<u128>, Vec<Instant>)> {
+    tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        let mut times = Vec::new();
+        let mut id = first_id;
+        while !stop.load(Ordering::Relaxed) {
+            match client.create_transfers(vec![transfer(id, BANK, 2, 1)]).await {
+                Ok(results) => {
+                    let status = results[0].status();
+                    assert!(
+                        status == v1::CreateTransferStatus::Ok || status == v1::CreateTransferStatus::Exists,
+                        "{status:?}"
+                    );
+                    acknowledged.push(id);
+                    times.push(Instant::now());
+                    id += 1;
+                }
+                // Unknown outcome: retry the same id (idempotent), which the loop does.
+                Err(Error::Unavailable(_)) => {}
+                Err(Error::Rejected(status)) => panic!("write rejected: {status:?}"),
+            }
+        }
+        (acknowledged, times)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sigkill_loses_nothing_and_the_node_catches_up() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = Arc::new(cluster.client(Duration::from_secs(10)));
+    create_accounts(&client, 1..=2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = write_load(client.clone(), stop.clone(), 1000);
+    // Let some writes land, then kill the leader mid-load.
+    let started = Instant::now();
+    while cluster.node_statuses().await.values().map(|s| s.applied_index).min().unwrap_or(0) < 20 {
+        assert!(started.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let new_leader = cluster.wait_for_leader(DEADLINE).await;
+    assert_ne!(new_leader, leader);
+    // Writes continue on the new leader; let some land before the old one comes back.
+    let count_at_kill = cluster.node_statuses().await.values().map(|s| s.applied_index).max().unwrap_or(0);
+    let started = Instant::now();
+    while cluster.node_statuses().await.values().map(|s| s.applied_index).max().unwrap_or(0)
+        < count_at_kill + 20
+    {
+        assert!(started.elapsed() < DEADLINE, "writes did not resume");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.restart(leader);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acknowledged, times) = load.await.unwrap();
+    let after_kill = times.iter().find(|t| **t > killed_at).expect("a write succeeded after the kill");
+    eprintln!("first write after SIGKILL of the leader: {:?}", *after_kill - killed_at);
+    assert!(acknowledged.len() > 20);
+
+    // Nothing acknowledged is lost: every transfer is there, and the balance is exactly their sum.
+    let found = client.lookup_transfers(&acknowledged, v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(found.len(), acknowledged.len(), "acknowledged transfers are missing");
+    let accounts = client.lookup_accounts(&[2], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(
+        u128_from(accounts[0].credits_posted.as_ref()),
+        acknowledged.len() as u128,
+        "a transfer applied twice or lost"
+    );
+
+    // A retry of acknowledged transfers through the new leader answers `exists` and moves nothing.
+    let retry: Vec<v1::Transfer> = acknowledged.iter().take(50).map(|id| transfer(*id, BANK, 2, 1)).collect();
+    let results = client.create_transfers(retry).await.unwrap();
+    assert!(results.iter().all(|r| r.status() == v1::CreateTransferStatus::Exists), "{results:?}");
+    let again = client.lookup_accounts(&[2], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(again, accounts);
+
+    // The killed node came back and caught up: all three agree.
+    cluster.wait_for_convergence(DEADLINE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_a_purged_log_catches_up_by_snapshot() {
+    let args = ["--snapshot-entries", "40", "--snapshot-log-keep", "5"];
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &args);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let lagging = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let client = cluster.client_of(&[leader], Duration::from_secs(10));
+    create_accounts(&client, 1..=3).await;
+    cluster.kill(lagging);
+    // Enough separate entries for several snapshots, each purging the log behind it.
+    let writers: Vec<_> = (0..4u128)
+        .map(|writer| {
+            let client = cluster.client_of(&[leader], Duration::from_secs(10));
+            tokio::spawn(async move {
+                for i in 0..60u128 {
+                    let id = 10_000 + writer * 1000 + i;
+                    let results =
+                        client.create_transfers(vec![transfer(id, BANK, 2 + writer % 2, 1)]).await.unwrap();
+                    assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok);
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    cluster.restart(lagging);
+    cluster.wait_for_convergence(DEADLINE).await;
+    let snapshots = std::fs::read_dir(cluster.nodes[&lagging].data_dir.join("snapshots")).unwrap();
+    assert!(
+        snapshots.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "snap")),
+        "the lagging node caught up without installing a snapshot"
+    );
+    let balances = local_balances(&cluster, &[2, 3]).await;
+    for seen in balances.values() {
+        assert_eq!(seen, &vec![120, 120]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_under_load_obey_the_site_rule() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = Arc::new(cluster.client(Duration::from_secs(15)));
+    create_accounts(&client, 1..=2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = write_load(client.clone(), stop.clone(), 1_000_000);
+
+    // A second voter in site-a would put two of four voters there: losing site-a would lose the
+    // majority. Refused, and nothing changes.
+    let refused = client
+        .add_node(v1::AddNodeRequest {
+            id: 5,
+            address: "127.0.0.1:1".into(),
+            site: "site-a".into(),
+            learner_only: false,
+            force: false,
+        })
+        .await;
+    match refused {
+        Err(Error::Rejected(status)) => {
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+            assert!(status.message().contains("site-a"), "{}", status.message());
+        }
+        other => panic!("a second voter in site-a was not refused: {other:?}"),
+    }
+    assert!(client.cluster_status().await.unwrap().nodes.iter().all(|n| n.id != 5));
+
+    // A fourth node, empty, in a fourth site: added, caught up, promoted.
+    cluster.define_node(4, "site-d");
+    cluster.spawn(4, false);
+    let address = cluster.address(4);
+    let request = v1::AddNodeRequest {
+        id: 4,
+        address: address.clone(),
+        site: "site-d".into(),
+        learner_only: false,
+        force: false,
+    };
+    let status = client.add_node(request).await.expect("add node 4");
+    let node4 = status.nodes.iter().find(|n| n.id == 4).expect("node 4 listed");
+    assert_eq!(node4.role(), v1::NodeRole::Voter);
+    assert!(node4.reachable);
+
+    // Remove an original node while writes continue.
+    let status =
+        client.remove_node(v1::RemoveNodeRequest { id: 1, force: false }).await.expect("remove node 1");
+    assert!(status.nodes.iter().all(|n| n.id != 1));
+    cluster.stop(1);
+    // Removing another would leave two voters, one lost site from no majority: refused.
+    let refused = client.remove_node(v1::RemoveNodeRequest { id: 2, force: false }).await;
+    assert!(
+        matches!(refused, Err(Error::Rejected(ref s)) if s.code() == tonic::Code::FailedPrecondition),
+        "{refused:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acknowledged, _) = load.await.unwrap();
+    let client = cluster.client_of(&[2, 3, 4], Duration::from_secs(10));
+    let found = client.lookup_transfers(&acknowledged, v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(found.len(), acknowledged.len());
+    cluster.wait_for_convergence(DEADLINE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_answer_and_changes_nothing() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=2).await;
+    let results = client.create_transfers(vec![transfer(5, 1, 2, 10)]).await.unwrap();
+    assert_eq!(statuses(&results), [v1::CreateTransferStatus::Ok]);
+    let before = client.lookup_accounts(&[1, 2], v1::ReadConsistency::Linearizable).await.unwrap();
+
+    // 8190 events: refused whole.
+    let too_many: Vec<_> = (0..8190u128).map(|i| transfer(100 + i, 1, 2, 1)).collect();
+    let error = client.create_transfers(too_many).await.unwrap_err();
+    assert_eq!(error.status().code(), tonic::Code::InvalidArgument);
+    assert!(error.status().message().contains("8189"), "{}", error.status().message());
+    // An empty batch, and a code that does not fit in 16 bits.
+    assert_eq!(
+        client.create_transfers(vec![]).await.unwrap_err().status().code(),
+        tonic::Code::InvalidArgument
+    );
+    let wide = v1::Transfer { code: 1 << 20, ..transfer(6, 1, 2, 1) };
+    assert_eq!(
+        client.create_transfers(vec![wide]).await.unwrap_err().status().code(),
+        tonic::Code::InvalidArgument
+    );
+    // An oversized message (above the 4 MiB request limit): refused before decoding.
+    let fat = v1::Account { id: u128_to(9), ledger: 1, code: 1, ..v1::Account::default() };
+    let error = client.create_accounts(vec![fat; 8189 * 2]).await.unwrap_err();
+    assert!(
+        matches!(error.status().code(), tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument),
+        "{error:?}"
+    );
+    // Per-event rejections: zero and reserved ids, unknown accounts, a duplicate in one batch.
+    let results = client
+        .create_transfers(vec![
+            transfer(0, 1, 2, 1),
+            transfer(u128::MAX, 1, 2, 1),
+            transfer(7, 1, 99, 1),
+            transfer(8, 98, 2, 1),
+            transfer(5, 1, 2, 10),
+            transfer(5, 1, 2, 11),
+        ])
+        .await
+        .unwrap();
+    use v1::CreateTransferStatus as S;
+    assert_eq!(
+        statuses(&results),
+        [
+            S::IdMustNotBeZero,
+            S::IdMustNotBeIntMax,
+            S::CreditAccountNotFound,
+            S::DebitAccountNotFound,
+            S::Exists,
+            S::ExistsWithDifferentAmount
+        ]
+    );
+    let after = client.lookup_accounts(&[1, 2], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(after, before, "a refused request moved money");
+    assert!(
+        client.lookup_transfers(&[6, 7, 8, 100], v1::ReadConsistency::Linearizable).await.unwrap().is_empty()
+    );
+    // A filter without a side, and a malformed protobuf body.
+    let filter =
+        v1::AccountFilter { account_id: u128_to(1), limit: 10, flags: 0, ..v1::AccountFilter::default() };
+    assert_eq!(
+        client.get_account_transfers(filter).await.unwrap_err().status().code(),
+        tonic::Code::InvalidArgument
+    );
+    let garbage = raw_grpc_call(
+        &cluster.address(1),
+        "/tally.v1.Ledger/CreateTransfers",
+        &[0xff, 0xff, 0xff, 0x07, 0x01],
+    )
+    .await;
+    assert!(matches!(garbage, tonic::Code::Internal | tonic::Code::InvalidArgument), "{garbage:?}");
+    let after = client.lookup_accounts(&[1, 2], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(after, before);
+}
+
+/// Sends `body` as a raw gRPC message (bypassing protobuf encoding) and returns the status code.
+async fn raw_grpc_call(address: &str, path: &'static str, body: &[u8]) -> tonic::Code {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = RawCodec;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    match grpc.unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(body.to_vec()), path, codec).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut out = vec![0u8; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_someone_elses_data_directory() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster.stop(1);
+    let data_dir = cluster.nodes[&1].data_dir.clone();
+    let address = format!("127.0.0.1:{}", raft_node::testkit::free_port());
+    let run = |args: &[&str]| {
+        std::process::Command::new(TALLY)
+            .args(["serve", "--site", "site-a", "--listen", &address, "--data-dir"])
+            .arg(&data_dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let other_id = run(&["--id", "2", "--cluster", "test"]);
+    assert!(!other_id.status.success());
+    let message = String::from_utf8_lossy(&other_id.stderr);
+    assert!(message.contains("belongs to node 1 of cluster 'test'"), "{message}");
+    let other_cluster = run(&["--id", "1", "--cluster", "elsewhere"]);
+    assert!(!other_cluster.status.success());
+    assert!(String::from_utf8_lossy(&other_cluster.stderr).contains("cluster 'test'"));
+    // A directory with foreign files and no identity.
+    let foreign = cluster.dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("something"), b"not tally").unwrap();
+    let output = std::process::Command::new(TALLY)
+        .args(["serve", "--id", "1", "--site", "a", "--listen", &address, "--data-dir"])
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a tally node's"));
+    // A WAL damaged in the middle (not a torn tail) is refused with the file named.
+    let wal_dir = data_dir.join("wal");
+    let segment = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "wal"))
+        .expect("a WAL segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    assert!(bytes.len() > 64, "segment too small to damage");
+    let middle = 24;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    let damaged = run(&["--id", "1", "--cluster", "test"]);
+    assert!(!damaged.status.success());
+    let message = String::from_utf8_lossy(&damaged.stderr);
+    assert!(message.contains("write-ahead log"), "{message}");
+}
