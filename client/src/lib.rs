@@ -21,7 +21,7 @@ use v1::ledger_client::LedgerClient;
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// The pause after the first failed attempt; it doubles up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// A client of a tally cluster.
 pub struct Client {

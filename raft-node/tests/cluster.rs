@@ -48,7 +48,7 @@ async fn local_balances(cluster: &TestCluster, ids: &[u128]) -> BTreeMap<u64, Ve
         if !cluster.is_running(*id) {
             continue;
         }
-        let client = Client::new(&[node.address.clone()], Duration::from_secs(5)).unwrap();
+        let client = Client::new(std::slice::from_ref(&node.address), Duration::from_secs(5)).unwrap();
         let accounts = client.lookup_accounts(ids, v1::ReadConsistency::Local).await.expect("local lookup");
         let balances = accounts
             .iter()
