@@ -89,13 +89,15 @@ pub async fn run(args: DevArgs) -> ExitCode {
     let mut terminate_signal =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     let mut poll = tokio::time::interval(Duration::from_millis(500));
+    let mut reported = [false; NODES as usize];
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate_signal.recv() => break,
             _ = poll.tick() => {
                 for (index, child) in children.iter_mut().enumerate() {
-                    if let Ok(Some(status)) = child.try_wait() {
+                    if !reported[index] && let Ok(Some(status)) = child.try_wait() {
+                        reported[index] = true;
                         eprintln!("tally dev: node {} exited ({status}); the others keep running", index + 1);
                     }
                 }
