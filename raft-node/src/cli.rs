@@ -278,7 +278,7 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
         election_timeout_ms: args
             .election_timeout_ms
             .or(file.as_ref().map(|f| f.election_timeout_ms))
-            .unwrap_or(300),
+            .unwrap_or(150),
         heartbeat_ms: args.heartbeat_ms.or(file.as_ref().map(|f| f.heartbeat_ms)).unwrap_or(50),
         group_commit_delay_us: args
             .group_commit_delay_us

@@ -70,7 +70,7 @@ fn default_cluster() -> String {
     "tally".into()
 }
 fn default_election_timeout_ms() -> u64 {
-    300
+    150
 }
 fn default_heartbeat_ms() -> u64 {
     50
