@@ -47,6 +47,7 @@ pub struct SnapshotFile {
 }
 
 /// The ledger and what was applied to it, shared with the gRPC services for reads.
+/// Lock order: `ledger` before `applied`, always.
 pub struct Shared {
     data_dir: PathBuf,
     /// Reads (lookups, queries, digests) take it shared; applying an entry takes it exclusively.
@@ -120,14 +121,16 @@ impl StateMachine {
     }
 
     fn apply_entry(&self, entry: &Entry) -> io::Result<Response> {
+        // Lock order everywhere: the ledger, then the applied state. `build` runs in its own task
+        // and takes them in that order too; the other order deadlocked under snapshotting.
+        let mut ledger = self.shared.ledger.write().unwrap();
+        let ledger = ledger.as_mut().expect("ledger outside an install");
         let mut applied = self.shared.applied.lock().unwrap();
         applied.last_applied = Some(entry.log_id);
         if let EntryPayload::Membership(membership) = &entry.payload {
             applied.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
         }
         let meta = encode(&*applied);
-        let mut ledger = self.shared.ledger.write().unwrap();
-        let ledger = ledger.as_mut().expect("ledger outside an install");
         let response = match &entry.payload {
             EntryPayload::Normal(request) => Response {
                 replies: ledger

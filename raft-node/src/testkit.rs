@@ -175,9 +175,28 @@ impl TestCluster {
                     return first.state_digest.clone();
                 }
             }
-            assert!(started.elapsed() < deadline, "nodes did not converge within {deadline:?}: {statuses:?}");
+            if started.elapsed() >= deadline {
+                panic!("nodes did not converge within {deadline:?}: {statuses:?}\n{}", self.log_tails());
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+impl TestCluster {
+    /// The last lines each node wrote to stderr, for a failure message.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for id in self.nodes.keys() {
+            let text =
+                std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!(
+                "--- node {id} log (last lines)\n{}\n",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            );
+        }
+        out
     }
 }
 
