@@ -11,13 +11,8 @@ use ledger::{
 use tally_proto::v1 as pb;
 use tonic::Status;
 
-pub fn u128_from(value: Option<&pb::U128>) -> u128 {
-    value.map_or(0, |v| (u128::from(v.hi) << 64) | u128::from(v.lo))
-}
-
-pub fn u128_to(value: u128) -> Option<pb::U128> {
-    Some(pb::U128 { lo: value as u64, hi: (value >> 64) as u64 })
-}
+/// The U128 helpers are the client's: one definition of the wire encoding.
+pub use tally_client::{u128_from, u128_to};
 
 fn narrow_u16(value: u32, what: &str, index: usize) -> Result<u16, Status> {
     u16::try_from(value).map_err(|_| {

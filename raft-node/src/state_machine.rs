@@ -150,14 +150,14 @@ impl StateMachine {
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
         let temporary = dir.join("building.tmp");
         // Holding the read lock keeps the export and the applied state in step; applying waits.
-        let (meta, ()) = {
+        let meta = {
             let ledger = self.shared.ledger.read().unwrap();
             let ledger = ledger.as_ref().expect("ledger outside an install");
             let applied = self.shared.applied.lock().unwrap().clone();
             let file = std::fs::File::create(&temporary)?;
             ledger::snapshot::export(ledger.store(), &file).map_err(io_error)?;
             file.sync_all()?;
-            (SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership }, ())
+            SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership }
         };
         let path = snapshot_path(&self.shared.data_dir, &meta);
         std::fs::rename(&temporary, &path)?;
