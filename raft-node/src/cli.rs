@@ -98,6 +98,10 @@ pub struct ServeArgs {
     pub snapshot_entries: Option<u64>,
     #[arg(long)]
     pub snapshot_log_keep: Option<u64>,
+    /// Reach node ID at HOST:PORT instead of its advertised address, as ID=HOST:PORT
+    /// (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
+    #[arg(long = "route", value_parser = parse_route)]
+    pub routes: Vec<(u64, String)>,
 }
 
 #[derive(Args)]
@@ -254,6 +258,16 @@ fn parse_peer(text: &str) -> Result<PeerConfig, String> {
     Ok(PeerConfig { id, address: address.to_string(), site: site.to_string() })
 }
 
+fn parse_route(text: &str) -> Result<(u64, String), String> {
+    let error = || format!("'{text}': expected ID=HOST:PORT, e.g. 2=127.0.0.1:9102");
+    let (id, address) = text.split_once('=').ok_or_else(error)?;
+    let id = id.parse().map_err(|_| error())?;
+    if address.is_empty() {
+        return Err(error());
+    }
+    Ok((id, address.to_string()))
+}
+
 /// Builds the node configuration from the file (if any) and the flags.
 pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
     let file = args.config.as_deref().map(crate::node::read_config_file).transpose()?;
@@ -292,6 +306,11 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .snapshot_log_keep
             .or(file.as_ref().map(|f| f.snapshot_log_keep))
             .unwrap_or(1000),
+        routes: if args.routes.is_empty() {
+            file.as_ref().map(|f| f.routes.clone()).unwrap_or_default()
+        } else {
+            args.routes.into_iter().collect()
+        },
     };
     if config.id == 0 {
         return Err("--id must not be 0".into());

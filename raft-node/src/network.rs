@@ -4,6 +4,7 @@
 //! stream as chunks of `SNAPSHOT_CHUNK_BYTES_MAX`. Every failure to reach a node is reported to
 //! openraft as `Unreachable`, which makes it back off and retry.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -63,11 +64,13 @@ pub const CLUSTER_HEADER: &str = "x-tally-cluster";
 #[derive(Clone)]
 pub struct Network {
     cluster: String,
+    /// Addresses that override the membership's, per node (`NodeConfig::routes`).
+    routes: BTreeMap<NodeId, String>,
 }
 
 impl Network {
-    pub fn new(cluster: String) -> Network {
-        Network { cluster }
+    pub fn new(cluster: String, routes: BTreeMap<NodeId, String>) -> Network {
+        Network { cluster, routes }
     }
 }
 
@@ -77,7 +80,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Peer {
         let cluster = tonic::metadata::MetadataValue::try_from(self.cluster.as_str())
             .expect("cluster name is a valid header value");
-        let client = channel(&node.address).ok().map(|channel| {
+        let address = self.routes.get(&target).unwrap_or(&node.address);
+        let client = channel(address).ok().map(|channel| {
             RaftClient::new(channel)
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX)

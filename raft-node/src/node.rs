@@ -57,6 +57,11 @@ pub struct NodeConfig {
     /// log instead of needing the whole snapshot.
     #[serde(default = "default_snapshot_log_keep")]
     pub snapshot_log_keep: u64,
+    /// Reach node ID at this address instead of the one the membership records, for all
+    /// node-to-node traffic (Raft and forwarded requests): a NAT, a tunnel, or a chaos harness's
+    /// fault-injecting proxy between this node and that one.
+    #[serde(default)]
+    pub routes: BTreeMap<NodeId, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -167,8 +172,11 @@ impl NodeHandle {
         self.leader() == Some(self.id())
     }
 
-    /// The address of node `id`, from the current membership.
+    /// The address this node uses to reach node `id`: its route, or the membership's address.
     pub fn address_of(&self, id: NodeId) -> Option<String> {
+        if let Some(address) = self.config.routes.get(&id) {
+            return Some(address.clone());
+        }
         let metrics = self.raft.metrics().borrow_watched().clone();
         metrics.membership_config.membership().get_node(&id).map(|n| n.address.clone())
     }
@@ -201,9 +209,15 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
     let state = machine.shared.clone();
     let raft_config =
         Arc::new(raft_config(&config).validate().map_err(|e| format!("raft configuration: {e}"))?);
-    let raft = Raft::new(config.id, raft_config, Network::new(config.cluster.clone()), log.clone(), machine)
-        .await
-        .map_err(|e| format!("cannot start raft: {e}"))?;
+    let raft = Raft::new(
+        config.id,
+        raft_config,
+        Network::new(config.cluster.clone(), config.routes.clone()),
+        log.clone(),
+        machine,
+    )
+    .await
+    .map_err(|e| format!("cannot start raft: {e}"))?;
     let batcher = Batcher::start(raft.clone(), Duration::from_micros(config.group_commit_delay_us));
     let node = Arc::new(NodeHandle { config, raft, state, log, batcher });
     if node.config.bootstrap {
