@@ -2,9 +2,10 @@
 //!
 //! A `Client` holds a list of node addresses, any of which may be down. Every call has a
 //! deadline; a call that fails because a node is unreachable, has no leader yet, or timed out is
-//! retried on the next node with backoff until the deadline. Retrying writes is safe because
-//! events carry their own ids: a transfer that was already applied answers `EXISTS` and moves
-//! nothing. The client remembers which node answered last and starts there.
+//! retried on the next node with backoff until the deadline. One attempt gets at most half the
+//! deadline, so that a node that hangs (frozen, or cut off) does not use it all. Retrying writes
+//! is safe because events carry their own ids: a transfer that was already applied answers
+//! `EXISTS` and moves nothing. The client remembers which node answered last and starts there.
 //!
 //! Results are the generated protobuf types (`v1`), whose enums are typed (`status()`).
 
@@ -117,7 +118,10 @@ impl Client {
                 break;
             }
             let channel = self.nodes[node].1.clone();
-            match tokio::time::timeout(left, call(channel, left)).await {
+            // One node may hang (a frozen process, a partition): give it part of the deadline,
+            // so that the others get their turn.
+            let budget = if self.nodes.len() > 1 { left.min(self.timeout / 2) } else { left };
+            match tokio::time::timeout(budget, call(channel, budget)).await {
                 Ok(Ok(value)) => {
                     self.preferred.store(node, Ordering::Relaxed);
                     return Ok(value);
@@ -133,6 +137,8 @@ impl Client {
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+        // Start the next call elsewhere: this node did not answer.
+        self.preferred.store(node, Ordering::Relaxed);
         Err(Error::Unavailable(last_error))
     }
 

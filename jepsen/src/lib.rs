@@ -8,4 +8,18 @@
 //! signals to processes.
 
 pub mod checker;
+pub mod cluster;
 pub mod history;
+pub mod nemesis;
+pub mod plot;
+pub mod proxy;
+pub mod report;
+pub mod run;
+pub mod workload;
+
+/// The `tally` binary beside this program (target/<profile>/tally), if it is there.
+pub fn tally_beside_me() -> Option<std::path::PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    // A test binary lives one level deeper, in target/<profile>/deps.
+    me.ancestors().skip(1).take(2).map(|dir| dir.join("tally")).find(|path| path.is_file())
+}

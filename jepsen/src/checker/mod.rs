@@ -182,6 +182,7 @@ pub mod fixture {
         vec![balance(EQUITY, 2 * opening, 0), balance(A, moved, opening), balance(B, 0, opening + moved)]
     }
 
+    #[allow(clippy::new_without_default)]
     impl Builder {
         pub fn new() -> Builder {
             let mut builder = Builder { records: Vec::new(), next_op: 1 };

@@ -1,0 +1,313 @@
+//! The cluster under test: real `tally serve` processes on 127.0.0.1, each with its own port
+//! and data directory, talking to each other only through the harness's proxies.
+//!
+//! Every node the run may ever have is planned up front (the initial ones and those that
+//! membership churn will add), so that each process starts with a `--route` to every other
+//! node through the proxy of that directed link. Clients reach nodes directly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tally_client::{Client, v1};
+
+use crate::proxy::Proxies;
+
+/// The name every node of a run shares (`--cluster`).
+const CLUSTER_NAME: &str = "jepsen";
+
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub id: u64,
+    pub site: String,
+    pub address: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+pub struct Cluster {
+    binary: PathBuf,
+    /// Every planned node, started or not.
+    pub nodes: BTreeMap<u64, NodeSpec>,
+    /// Voters as the harness last changed them.
+    pub members: BTreeSet<u64>,
+    processes: BTreeMap<u64, Child>,
+    paused: BTreeSet<u64>,
+    pub proxies: Proxies,
+    /// Flags added to every `serve`.
+    extra_args: Vec<String>,
+}
+
+/// A port that was free a moment ago.
+fn free_address() -> Result<SocketAddr, String> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+    listener.local_addr().map_err(|e| e.to_string())
+}
+
+/// Site names: "site-a", "site-b", ...
+pub fn site_name(index: usize) -> String {
+    let letter = (b'a' + (index % 26) as u8) as char;
+    if index < 26 { format!("site-{letter}") } else { format!("site-{letter}{}", index / 26) }
+}
+
+impl Cluster {
+    /// Plans `layout[i]` nodes in site i plus `spares` nodes for churn (each in a new site),
+    /// starts the proxies, and starts the initial nodes, node 1 bootstrapping.
+    pub async fn start(
+        binary: &Path,
+        layout: &[usize],
+        spares: usize,
+        data_root: &Path,
+        logs: &Path,
+        extra_args: Vec<String>,
+    ) -> Result<Cluster, String> {
+        let mut nodes = BTreeMap::new();
+        let mut plan: Vec<String> = Vec::new();
+        for (index, count) in layout.iter().enumerate() {
+            plan.extend(std::iter::repeat_n(site_name(index), *count));
+        }
+        let initial = plan.len();
+        plan.extend((0..spares).map(|spare| site_name(layout.len() + spare)));
+        for (index, site) in plan.into_iter().enumerate() {
+            let id = index as u64 + 1;
+            let spec = NodeSpec {
+                id,
+                site,
+                address: free_address()?,
+                data_dir: data_root.join(format!("node-{id}")),
+                log: logs.join(format!("node-{id}.log")),
+            };
+            nodes.insert(id, spec);
+        }
+        let targets = nodes.values().map(|n| (n.id, n.address)).collect();
+        let proxies = Proxies::start(&targets).await?;
+        let members: BTreeSet<u64> = (1..=initial as u64).collect();
+        let mut cluster = Cluster {
+            binary: binary.to_path_buf(),
+            nodes,
+            members: members.clone(),
+            processes: BTreeMap::new(),
+            paused: BTreeSet::new(),
+            proxies,
+            extra_args,
+        };
+        for id in members {
+            cluster.spawn(id, id == 1)?;
+        }
+        Ok(cluster)
+    }
+
+    fn command(&self, id: u64, bootstrap: bool) -> Result<Command, String> {
+        let spec = &self.nodes[&id];
+        let mut command = Command::new(&self.binary);
+        command.args(["serve", "--cluster", CLUSTER_NAME, "--id", &id.to_string(), "--site", &spec.site]);
+        command.args(["--listen", &spec.address.to_string(), "--data-dir"]).arg(&spec.data_dir);
+        for other in self.nodes.keys().filter(|other| **other != id) {
+            command.args(["--route", &format!("{other}={}", self.proxies.address(id, *other))]);
+        }
+        if bootstrap {
+            command.arg("--bootstrap");
+            for peer in self.members.iter().filter(|peer| **peer != id) {
+                let peer = &self.nodes[peer];
+                command.args(["--peer", &format!("{}={}@{}", peer.id, peer.address, peer.site)]);
+            }
+        }
+        command.args(&self.extra_args);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(|e| format!("cannot open {}: {e}", spec.log.display()))?;
+        command.stdout(Stdio::null()).stderr(log);
+        Ok(command)
+    }
+
+    /// Starts node `id`'s process (it must not be running).
+    pub fn spawn(&mut self, id: u64, bootstrap: bool) -> Result<(), String> {
+        let child = self
+            .command(id, bootstrap)?
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
+        self.processes.insert(id, child);
+        Ok(())
+    }
+
+    /// Starts every member that is not running and resumes every paused one.
+    pub fn revive_all(&mut self) -> Result<Vec<u64>, String> {
+        let mut revived = Vec::new();
+        for id in self.paused.clone() {
+            self.resume(id);
+            revived.push(id);
+        }
+        for id in self.members.clone() {
+            if !self.is_running(id) {
+                self.spawn(id, false)?;
+                revived.push(id);
+            }
+        }
+        Ok(revived)
+    }
+
+    /// SIGKILL: the node stops dead, as in a power cut.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.processes.remove(&id) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused.remove(&id);
+    }
+
+    /// SIGTERM and wait: a graceful stop (for a node removed from the cluster).
+    pub fn stop(&mut self, id: u64) {
+        self.resume(id);
+        if let Some(mut child) = self.processes.remove(&id) {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open, like a machine that hangs.
+    pub fn pause(&mut self, id: u64) {
+        if let Some(child) = self.processes.get(&id) {
+            unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+            self.paused.insert(id);
+        }
+    }
+
+    pub fn resume(&mut self, id: u64) {
+        if self.paused.remove(&id)
+            && let Some(child) = self.processes.get(&id)
+        {
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        }
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.processes.contains_key(&id)
+    }
+
+    /// Processes that exited on their own (a crash): id and exit status.
+    pub fn exited(&mut self) -> Vec<(u64, String)> {
+        let mut exited = Vec::new();
+        for (id, child) in self.processes.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited.push((*id, status.to_string()));
+            }
+        }
+        for (id, _) in &exited {
+            self.processes.remove(id);
+        }
+        exited
+    }
+
+    /// Members by site.
+    pub fn sites(&self) -> BTreeMap<String, Vec<u64>> {
+        let mut sites: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for id in &self.members {
+            sites.entry(self.nodes[id].site.clone()).or_default().push(*id);
+        }
+        sites
+    }
+
+    pub fn site_of(&self) -> BTreeMap<u64, String> {
+        self.nodes.values().map(|n| (n.id, n.site.clone())).collect()
+    }
+
+    pub fn address(&self, id: u64) -> String {
+        self.nodes[&id].address.to_string()
+    }
+
+    /// A client of the given nodes, trying them in that order.
+    pub fn client_of(&self, ids: &[u64], timeout: Duration) -> Result<Client, String> {
+        let addresses: Vec<String> = ids.iter().map(|id| self.address(*id)).collect();
+        Client::new(&addresses, timeout)
+    }
+
+    /// The leader, as the running members see it, if one answers within `timeout`.
+    pub async fn leader(&self, timeout: Duration) -> Option<u64> {
+        let running: Vec<u64> = self
+            .members
+            .iter()
+            .copied()
+            .filter(|id| self.is_running(*id) && !self.paused.contains(id))
+            .collect();
+        if running.is_empty() {
+            return None;
+        }
+        let client = self.client_of(&running, timeout).ok()?;
+        let status = client.cluster_status().await.ok()?;
+        (status.leader_id != 0).then_some(status.leader_id)
+    }
+
+    /// Each running member's own status.
+    pub async fn statuses(&self) -> BTreeMap<u64, v1::NodeStatus> {
+        let mut statuses = BTreeMap::new();
+        for id in self.members.iter().filter(|id| self.is_running(**id)) {
+            let Ok(client) = self.client_of(&[*id], Duration::from_secs(1)) else { continue };
+            if let Ok(status) = client.node_status(&self.address(*id)).await {
+                statuses.insert(*id, status);
+            }
+        }
+        statuses
+    }
+
+    /// Waits until every member answers with the same applied index and digest; returns their
+    /// statuses, or `Err` with the last statuses seen when `deadline` passes.
+    pub async fn converge(&self, deadline: Duration) -> Result<BTreeMap<u64, v1::NodeStatus>, String> {
+        let started = Instant::now();
+        loop {
+            let statuses = self.statuses().await;
+            if statuses.len() == self.members.len()
+                && let Some(first) = statuses.values().next()
+                && first.applied_index > 0
+                && statuses
+                    .values()
+                    .all(|s| s.applied_index == first.applied_index && s.state_digest == first.state_digest)
+            {
+                return Ok(statuses);
+            }
+            if started.elapsed() >= deadline {
+                let seen: Vec<String> = statuses
+                    .values()
+                    .map(|s| format!("node {} applied {} digest {}", s.id, s.applied_index, s.state_digest))
+                    .collect();
+                return Err(format!(
+                    "members {:?} did not converge within {deadline:?}; saw: {}",
+                    self.members,
+                    seen.join("; ")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.processes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn site_names_are_distinct() {
+        let names: std::collections::BTreeSet<String> = (0..60).map(super::site_name).collect();
+        assert_eq!(names.len(), 60);
+        assert_eq!(super::site_name(0), "site-a");
+    }
+}

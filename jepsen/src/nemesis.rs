@@ -1,0 +1,360 @@
+//! The nemesis: faults on a seeded schedule, one at a time, each held for a while and then
+//! healed, with quiet time between them for the cluster to recover.
+//!
+//! The schedule (which fault, when, for how long, and the random number that picks its target)
+//! is drawn from the seed before the run starts, so a run is reproducible from its seed; only
+//! targets that depend on the cluster's state (the leader) are read at the time. Faults come in
+//! rounds: each round is a fresh shuffle of the chosen faults, so every fault is exercised.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tally_client::v1;
+use tokio::sync::Mutex;
+
+use crate::cluster::Cluster;
+use crate::history::Phase;
+use crate::workload::Recorder;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// SIGKILL every node of one site; restart them when healed.
+    KillSite,
+    /// The same, for the site of the current leader.
+    KillLeaderSite,
+    /// SIGSTOP every node of one site; SIGCONT when healed.
+    PauseSite,
+    /// Cut every link between one site and the others: both ways, or only inbound, or only
+    /// outbound (chosen by the seed).
+    CutSite,
+    /// Cut every link of the current leader, both ways.
+    CutLeader,
+    /// Add a node in a new site, then remove another node, under load.
+    Churn,
+    /// SIGKILL every node at once; restart them all when healed.
+    PowerLoss,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 7] = [
+        Fault::KillSite,
+        Fault::KillLeaderSite,
+        Fault::PauseSite,
+        Fault::CutSite,
+        Fault::CutLeader,
+        Fault::Churn,
+        Fault::PowerLoss,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillSite => "kill-site",
+            Fault::KillLeaderSite => "kill-leader-site",
+            Fault::PauseSite => "pause-site",
+            Fault::CutSite => "cut-site",
+            Fault::CutLeader => "cut-leader",
+            Fault::Churn => "churn",
+            Fault::PowerLoss => "power-loss",
+        }
+    }
+
+    /// "all", or a comma-separated list of names.
+    pub fn parse_list(text: &str) -> Result<Vec<Fault>, String> {
+        if text == "all" {
+            return Ok(Fault::ALL.to_vec());
+        }
+        if text == "none" {
+            return Ok(Vec::new());
+        }
+        text.split(',')
+            .map(|name| {
+                Fault::ALL.into_iter().find(|f| f.name() == name.trim()).ok_or_else(|| {
+                    let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                    format!("unknown nemesis '{name}': use all, none, or some of {}", names.join(", "))
+                })
+            })
+            .collect()
+    }
+}
+
+/// One planned fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// Since the run's workload started.
+    pub at: Duration,
+    pub fault: Fault,
+    pub hold: Duration,
+    /// Picks the target among the candidates at the time.
+    pub pick: u64,
+}
+
+/// Timing of the schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Quiet time before each fault: from, to.
+    pub quiet: (Duration, Duration),
+    /// How long each fault is held: from, to.
+    pub hold: (Duration, Duration),
+}
+
+fn between(rng: &mut ChaCha8Rng, (low, high): (Duration, Duration)) -> Duration {
+    if high <= low { low } else { rng.random_range(low..=high) }
+}
+
+/// The whole schedule for a run of `length`, leaving the last quiet period fault-free.
+pub fn plan(faults: &[Fault], timing: Timing, length: Duration, seed: u64) -> Vec<Planned> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
+    let mut schedule = Vec::new();
+    let mut round: Vec<Fault> = Vec::new();
+    let mut at = Duration::ZERO;
+    if faults.is_empty() {
+        return schedule;
+    }
+    loop {
+        at += between(&mut rng, timing.quiet);
+        let hold = between(&mut rng, timing.hold);
+        if at + hold + timing.quiet.0 > length {
+            return schedule;
+        }
+        if round.is_empty() {
+            round = faults.to_vec();
+            round.shuffle(&mut rng);
+        }
+        let fault = round.pop().expect("a round is refilled when empty");
+        let hold = if fault == Fault::Churn { Duration::ZERO } else { hold };
+        schedule.push(Planned { at, fault, hold, pick: rng.random() });
+        at += hold;
+    }
+}
+
+/// How to undo a fault.
+enum Undo {
+    Restart(Vec<u64>),
+    Resume(Vec<u64>),
+    Heal(Vec<(u64, u64)>),
+    Nothing,
+}
+
+/// Runs the schedule until it ends or `stop` says so; every fault is healed before returning.
+pub async fn run(
+    schedule: Vec<Planned>,
+    cluster: Arc<Mutex<Cluster>>,
+    recorder: Arc<Recorder>,
+    started: tokio::time::Instant,
+    current: Arc<std::sync::Mutex<String>>,
+) -> Result<(), String> {
+    for planned in schedule {
+        tokio::time::sleep_until(started + planned.at).await;
+        let name = planned.fault.name();
+        *current.lock().expect("not poisoned") = name.to_string();
+        if planned.fault == Fault::Churn {
+            // A membership change takes a while (the new node catches up first): the window
+            // opens when it begins and closes with what it did.
+            recorder
+                .nemesis(name, Phase::Start, "add a node in a new site, then remove another".into())
+                .await?;
+            let (detail, _) = strike(&planned, &cluster).await?;
+            recorder.nemesis(name, Phase::End, detail).await?;
+        } else {
+            let (detail, undo) = strike(&planned, &cluster).await?;
+            recorder.nemesis(name, Phase::Start, detail).await?;
+            tokio::time::sleep(planned.hold).await;
+            let healed = heal(undo, &cluster).await?;
+            recorder.nemesis(name, Phase::End, healed).await?;
+        }
+        current.lock().expect("not poisoned").clear();
+    }
+    Ok(())
+}
+
+fn pick<T: Clone>(candidates: &[T], pick: u64) -> Option<T> {
+    (!candidates.is_empty()).then(|| candidates[(pick % candidates.len() as u64) as usize].clone())
+}
+
+async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, Undo), String> {
+    let mut cluster = cluster.lock().await;
+    let sites: BTreeMap<String, Vec<u64>> = cluster.sites();
+    let site_names: Vec<String> = sites.keys().cloned().collect();
+    let leader = match planned.fault {
+        Fault::KillLeaderSite | Fault::CutLeader => cluster.leader(Duration::from_secs(2)).await,
+        _ => None,
+    };
+    let chosen_site =
+        |site: Option<String>| site.or_else(|| pick(&site_names, planned.pick)).unwrap_or_default();
+    Ok(match planned.fault {
+        Fault::KillSite | Fault::KillLeaderSite => {
+            let site = chosen_site(leader.map(|id| cluster.nodes[&id].site.clone()));
+            let nodes = sites.get(&site).cloned().unwrap_or_default();
+            for id in &nodes {
+                cluster.kill(*id);
+            }
+            let why = leader.map_or(String::new(), |id| format!(" (leader {id})"));
+            (format!("SIGKILL {site}{why}: nodes {nodes:?}"), Undo::Restart(nodes))
+        }
+        Fault::PauseSite => {
+            let site = chosen_site(None);
+            let nodes = sites.get(&site).cloned().unwrap_or_default();
+            for id in &nodes {
+                cluster.pause(*id);
+            }
+            (format!("SIGSTOP {site}: nodes {nodes:?}"), Undo::Resume(nodes))
+        }
+        Fault::CutSite => {
+            let site = chosen_site(None);
+            let nodes = sites.get(&site).cloned().unwrap_or_default();
+            let (outbound, inbound, how) = match planned.pick % 3 {
+                0 => (true, true, "both ways"),
+                1 => (false, true, "inbound only"),
+                _ => (true, false, "outbound only"),
+            };
+            let links = cluster.proxies.links_across(&nodes, outbound, inbound);
+            for (from, to) in &links {
+                cluster.proxies.set(*from, *to, |s| s.cut = true);
+            }
+            (format!("cut {site} (nodes {nodes:?}) off, {how}: {} links", links.len()), Undo::Heal(links))
+        }
+        Fault::CutLeader => match leader {
+            Some(id) => {
+                let links = cluster.proxies.links_across(&[id], true, true);
+                for (from, to) in &links {
+                    cluster.proxies.set(*from, *to, |s| s.cut = true);
+                }
+                (format!("cut leader {id} off, both ways: {} links", links.len()), Undo::Heal(links))
+            }
+            None => ("no leader to cut off".into(), Undo::Nothing),
+        },
+        Fault::PowerLoss => {
+            let nodes: Vec<u64> = cluster.members.iter().copied().collect();
+            for id in &nodes {
+                cluster.kill(*id);
+            }
+            (format!("SIGKILL every node: {nodes:?}"), Undo::Restart(nodes))
+        }
+        Fault::Churn => {
+            let detail = churn(&mut cluster, planned.pick).await?;
+            (detail, Undo::Nothing)
+        }
+    })
+}
+
+async fn heal(undo: Undo, cluster: &Mutex<Cluster>) -> Result<String, String> {
+    let mut cluster = cluster.lock().await;
+    Ok(match undo {
+        Undo::Restart(nodes) => {
+            for id in &nodes {
+                if cluster.members.contains(id) && !cluster.is_running(*id) {
+                    cluster.spawn(*id, false)?;
+                }
+            }
+            format!("restarted {nodes:?}")
+        }
+        Undo::Resume(nodes) => {
+            for id in &nodes {
+                cluster.resume(*id);
+            }
+            format!("SIGCONT {nodes:?}")
+        }
+        Undo::Heal(links) => {
+            for (from, to) in &links {
+                cluster.proxies.set(*from, *to, |s| s.cut = false);
+            }
+            format!("healed {} links", links.len())
+        }
+        Undo::Nothing => "nothing to heal".into(),
+    })
+}
+
+/// Adds the next spare node (in its own new site) and removes another member.
+async fn churn(cluster: &mut Cluster, pick_value: u64) -> Result<String, String> {
+    let Some(spare) =
+        cluster.nodes.keys().copied().find(|id| !cluster.members.contains(id) && !cluster.is_running(*id))
+    else {
+        return Ok("no spare node left to add".into());
+    };
+    let site = cluster.nodes[&spare].site.clone();
+    cluster.spawn(spare, false)?;
+    let members: Vec<u64> = cluster.members.iter().copied().collect();
+    // AddNode waits for the new node to catch up (up to a minute).
+    let client = cluster.client_of(&members, Duration::from_secs(75))?;
+    let request = v1::AddNodeRequest {
+        id: spare,
+        address: cluster.address(spare),
+        site: site.clone(),
+        learner_only: false,
+        force: false,
+    };
+    let added = client.add_node(request).await;
+    let now_members = |status: &v1::StatusReply| status.nodes.iter().any(|n| n.id == spare);
+    let joined = match &added {
+        Ok(status) => now_members(status),
+        Err(_) => client.cluster_status().await.is_ok_and(|s| now_members(&s)),
+    };
+    if !joined {
+        cluster.stop(spare);
+        let error = added.err().map_or("not in the membership".to_string(), |e| e.to_string());
+        return Ok(format!("adding node {spare} in {site} failed: {error}"));
+    }
+    cluster.members.insert(spare);
+
+    let mut candidates: Vec<u64> = cluster.members.iter().copied().filter(|id| *id != spare).collect();
+    let first = (pick_value % candidates.len() as u64) as usize;
+    candidates.rotate_left(first);
+    let mut refusals = Vec::new();
+    for id in candidates {
+        match client.remove_node(v1::RemoveNodeRequest { id, force: false }).await {
+            Ok(_) => {
+                cluster.members.remove(&id);
+                cluster.stop(id);
+                return Ok(format!("added node {spare} in {site}; removed node {id}"));
+            }
+            Err(error) => refusals.push(format!("node {id}: {error}")),
+        }
+    }
+    Ok(format!("added node {spare} in {site}; no node could be removed: {}", refusals.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing() -> Timing {
+        Timing {
+            quiet: (Duration::from_secs(2), Duration::from_secs(4)),
+            hold: (Duration::from_secs(3), Duration::from_secs(5)),
+        }
+    }
+
+    #[test]
+    fn the_schedule_is_a_function_of_the_seed() {
+        let one = plan(&Fault::ALL, timing(), Duration::from_secs(120), 7);
+        assert_eq!(one, plan(&Fault::ALL, timing(), Duration::from_secs(120), 7));
+        assert_ne!(one, plan(&Fault::ALL, timing(), Duration::from_secs(120), 8));
+    }
+
+    #[test]
+    fn every_fault_comes_once_per_round_and_the_run_ends_quiet() {
+        let length = Duration::from_secs(300);
+        let schedule = plan(&Fault::ALL, timing(), length, 1);
+        let first_round: std::collections::BTreeSet<Fault> = schedule[..7].iter().map(|p| p.fault).collect();
+        assert_eq!(first_round.len(), 7);
+        for pair in schedule.windows(2) {
+            assert!(pair[1].at >= pair[0].at + pair[0].hold + timing().quiet.0);
+        }
+        let last = schedule.last().unwrap();
+        assert!(last.at + last.hold + timing().quiet.0 <= length);
+    }
+
+    #[test]
+    fn fault_lists_parse() {
+        assert_eq!(Fault::parse_list("all").unwrap().len(), 7);
+        assert_eq!(
+            Fault::parse_list("kill-site, power-loss").unwrap(),
+            vec![Fault::KillSite, Fault::PowerLoss]
+        );
+        assert!(Fault::parse_list("kill-everything").unwrap_err().contains("unknown nemesis"));
+    }
+}

@@ -1,0 +1,249 @@
+//! One run: start the cluster, open the bank, run the workload under the nemesis for the time
+//! limit, heal everything, read the final state, and check the history.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tally_client::v1;
+use tokio::sync::Mutex;
+
+use crate::cluster::Cluster;
+use crate::history::{FinalState, FoundTransfer, NodeDigest, Record, Writer};
+use crate::nemesis::{Fault, Timing};
+use crate::report::Report;
+use crate::workload::{Bank, Process, Recorder, balance_of};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `tally` binary under test.
+    pub binary: PathBuf,
+    /// Nodes per site.
+    pub layout: Vec<usize>,
+    pub faults: Vec<Fault>,
+    pub timing: Timing,
+    /// How long the workload runs.
+    pub time_limit: Duration,
+    pub seed: u64,
+    /// Client processes; every other one re-sends unknown writes (idempotence workload).
+    pub clients: usize,
+    pub customers: u64,
+    pub opening: u64,
+    /// Deadline of one client call, retries on other nodes included.
+    pub op_timeout: Duration,
+    /// Added to every link between two different sites, each way.
+    pub latency: Duration,
+    /// Where the history, summary, pictures and node logs go.
+    pub out: PathBuf,
+    pub progress: bool,
+    /// Extra flags for every `tally serve`.
+    pub serve_args: Vec<String>,
+}
+
+/// How long healing may take before the run is judged on what it has.
+const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(90);
+
+pub async fn run(options: Options) -> Result<Report, String> {
+    if !options.binary.is_file() {
+        return Err(format!(
+            "{} not found: build it with `cargo build --release -p raft-node` or pass --tally-bin",
+            options.binary.display()
+        ));
+    }
+    let logs = options.out.join("nodes");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    let data = tempfile::Builder::new()
+        .prefix("tally-jepsen-data-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a data directory: {e}"))?;
+    let schedule = crate::nemesis::plan(&options.faults, options.timing, options.time_limit, options.seed);
+    let spares = schedule.iter().filter(|p| p.fault == Fault::Churn).count();
+    let cluster = Cluster::start(
+        &options.binary,
+        &options.layout,
+        spares,
+        data.path(),
+        &logs,
+        options.serve_args.clone(),
+    )
+    .await?;
+    cluster.proxies.set_latency_between_sites(&cluster.site_of(), options.latency);
+    let all_nodes: Vec<u64> = cluster.nodes.keys().copied().collect();
+    let initial: Vec<u64> = cluster.members.iter().copied().collect();
+    let addresses: Vec<String> = all_nodes.iter().map(|id| cluster.address(*id)).collect();
+    let cluster = Arc::new(Mutex::new(cluster));
+
+    let recorder = Arc::new(Recorder::new(Writer::create(&options.out.join("history.jsonl"))?));
+    let bank = Arc::new(Bank::new(options.customers, options.opening));
+    {
+        let cluster = cluster.lock().await;
+        let client = cluster.client_of(&initial, Duration::from_secs(5))?;
+        bank.open(&client, &recorder, Duration::from_secs(60)).await?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut processes = tokio::task::JoinSet::new();
+    for index in 0..options.clients {
+        let mut order = addresses.clone();
+        order.rotate_left(index % initial.len().max(1));
+        let process = Process {
+            id: index as u32 + 1,
+            resend: index % 2 == 1,
+            addresses: order,
+            timeout: options.op_timeout,
+            seed: options.seed.wrapping_add(index as u64 * 0x9e37_79b9),
+        };
+        processes.spawn(process.run(bank.clone(), recorder.clone(), stop.clone()));
+    }
+    let started = tokio::time::Instant::now();
+    let current_fault = Arc::new(std::sync::Mutex::new(String::new()));
+    let nemesis = tokio::spawn(crate::nemesis::run(
+        schedule,
+        cluster.clone(),
+        recorder.clone(),
+        started,
+        current_fault.clone(),
+    ));
+
+    let crashes = watch(&options, &cluster, &recorder, &current_fault, started).await;
+    stop.store(true, Ordering::Relaxed);
+    nemesis.await.map_err(|e| format!("nemesis task: {e}"))??;
+    while let Some(finished) = processes.join_next().await {
+        finished.map_err(|e| format!("client task: {e}"))??;
+    }
+
+    let final_state = heal_and_read(&cluster, &bank, &initial).await;
+    recorder.record(Record::Final(final_state)).await?;
+    drop(cluster);
+    crate::report::write(&options.out, options.seed, crashes)
+}
+
+/// Shows progress until the time limit; returns the nodes that exited on their own.
+async fn watch(
+    options: &Options,
+    cluster: &Mutex<Cluster>,
+    recorder: &Recorder,
+    current_fault: &std::sync::Mutex<String>,
+    started: tokio::time::Instant,
+) -> Vec<String> {
+    let bar =
+        if options.progress { ProgressBar::new(options.time_limit.as_secs()) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let mut crashes = Vec::new();
+    while started.elapsed() < options.time_limit {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        bar.set_position(started.elapsed().as_secs());
+        let fault = current_fault.lock().expect("not poisoned").clone();
+        bar.set_message(format!(
+            "ok {} failed {} unknown {} {}",
+            recorder.ok.load(Ordering::Relaxed),
+            recorder.failed.load(Ordering::Relaxed),
+            recorder.unknown.load(Ordering::Relaxed),
+            if fault.is_empty() { String::new() } else { format!("| {fault}") }
+        ));
+        for (id, status) in cluster.lock().await.exited() {
+            let text = format!("node {id} at {:.1}s: {status}", started.elapsed().as_secs_f64());
+            let _ = recorder.nemesis("crash", crate::history::Phase::Start, text.clone()).await;
+            crashes.push(text);
+        }
+    }
+    bar.finish_and_clear();
+    crashes
+}
+
+/// Heals every fault, waits for the members to agree, and reads the final state.
+async fn heal_and_read(cluster: &Mutex<Cluster>, bank: &Bank, initial: &[u64]) -> FinalState {
+    let mut cluster = cluster.lock().await;
+    cluster.proxies.heal_all();
+    if let Err(error) = cluster.revive_all() {
+        return FinalState { error: Some(error), ..FinalState::default() };
+    }
+    let members: Vec<u64> = cluster.members.iter().copied().collect();
+    let mut state = FinalState::default();
+    // The workload has stopped: once the members agree, nothing moves while we read.
+    let statuses = match cluster.converge(CONVERGENCE_DEADLINE).await {
+        Ok(statuses) => statuses,
+        Err(error) => {
+            state.error = Some(error);
+            state.nodes = digests(&cluster.statuses().await);
+            return state;
+        }
+    };
+    state.nodes = digests(&statuses);
+    let client = match cluster
+        .client_of(if members.is_empty() { initial } else { &members }, Duration::from_secs(10))
+    {
+        Ok(client) => client,
+        Err(error) => {
+            state.error = Some(error);
+            return state;
+        }
+    };
+    if let Err(error) = read_final(&client, bank, &mut state).await {
+        state.error = Some(error);
+    }
+    state
+}
+
+fn digests(statuses: &std::collections::BTreeMap<u64, v1::NodeStatus>) -> Vec<NodeDigest> {
+    statuses
+        .values()
+        .map(|s| NodeDigest { id: s.id, applied_index: s.applied_index, digest: s.state_digest.clone() })
+        .collect()
+}
+
+/// Reads every account, and lists every stored transfer by paging through each account's
+/// debits (every transfer debits exactly one account).
+async fn read_final(
+    client: &tally_client::Client,
+    bank: &Bank,
+    state: &mut FinalState,
+) -> Result<(), String> {
+    let ids: Vec<u128> = bank.setup.accounts().into_iter().map(u128::from).collect();
+    let accounts = client
+        .lookup_accounts(&ids, v1::ReadConsistency::Linearizable)
+        .await
+        .map_err(|e| format!("final lookup of accounts: {e}"))?;
+    state.accounts = accounts.iter().map(balance_of).collect();
+    const PAGE: u32 = 8189;
+    for id in ids {
+        let mut after = 0u64;
+        loop {
+            let filter = v1::AccountFilter {
+                account_id: tally_client::u128_to(id),
+                timestamp_min: after,
+                timestamp_max: 0,
+                limit: PAGE,
+                flags: v1::AccountFilterFlag::Debits as u32,
+                consistency: v1::ReadConsistency::Linearizable as i32,
+            };
+            let page = client
+                .get_account_transfers(filter)
+                .await
+                .map_err(|e| format!("final listing of account {id}'s transfers: {e}"))?;
+            let full = page.len() == PAGE as usize;
+            for t in &page {
+                after = after.max(t.timestamp + 1);
+                state.transfers.push(FoundTransfer {
+                    id: tally_client::u128_from(t.id.as_ref()),
+                    debit: tally_client::u128_from(t.debit_account_id.as_ref()),
+                    credit: tally_client::u128_from(t.credit_account_id.as_ref()),
+                    amount: tally_client::u128_from(t.amount.as_ref()),
+                    pending_id: tally_client::u128_from(t.pending_id.as_ref()),
+                    flags: t.flags,
+                    timestamp: t.timestamp,
+                });
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! The CI smoke run: three sites of one node each, under payments, through a kill of the
+//! leader's site, a site cut off, and a power loss of the whole cluster. Every checker must pass.
+//! Longer runs: `cargo run --release -p tally-jepsen -- --nemesis all --time-limit 600`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tally_jepsen::nemesis::{Fault, Timing};
+use tally_jepsen::run::{Options, run};
+
+/// The `tally` binary of this build, built first if `cargo test -p tally-jepsen` ran alone.
+fn tally_binary() -> PathBuf {
+    if let Some(path) = tally_jepsen::tally_beside_me() {
+        return path;
+    }
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build.args(["build", "-p", "raft-node", "--bin", "tally"]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(status.success(), "building tally failed");
+    tally_jepsen::tally_beside_me().expect("tally is built beside the test binary")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sites_survive_leader_site_loss_a_cut_and_a_power_loss() {
+    let out = tempfile::tempdir().expect("output directory");
+    let options = Options {
+        binary: tally_binary(),
+        layout: vec![1, 1, 1],
+        faults: vec![Fault::KillLeaderSite, Fault::CutSite, Fault::PowerLoss],
+        timing: Timing {
+            quiet: (Duration::from_secs(3), Duration::from_secs(4)),
+            hold: (Duration::from_secs(3), Duration::from_secs(4)),
+        },
+        time_limit: Duration::from_secs(30),
+        seed: 20261124,
+        clients: 4,
+        customers: 6,
+        opening: 1000,
+        op_timeout: Duration::from_secs(2),
+        latency: Duration::from_millis(2),
+        out: out.path().to_path_buf(),
+        progress: false,
+        serve_args: Vec::new(),
+    };
+    let report = run(options).await.expect("the run finishes");
+    let text = report.text();
+    println!("{text}");
+    assert!(report.valid, "the smoke run found a problem:\n{text}\nhistory kept in {}", out.keep().display());
+    for fault in ["kill-leader-site", "cut-site", "power-loss"] {
+        assert!(report.worst_outage_by_fault.contains_key(fault), "{fault} never ran:\n{text}");
+    }
+    assert!(report.counts.get("transfers ok").copied().unwrap_or(0) > 100, "too little traffic:\n{text}");
+    for picture in ["latency.png", "throughput.png", "history.jsonl", "summary.json"] {
+        assert!(out.path().join(picture).is_file(), "{picture} missing");
+    }
+}
