@@ -22,7 +22,8 @@ use crate::wal::{self, Wal};
 const VOTE_FILE: &str = "vote";
 const PURGED_FILE: &str = "purged";
 const COMMITTED_FILE: &str = "committed";
-/// How often the committed log id is written: it costs two fsyncs, and a stale one is safe.
+/// How often the committed log id is written: it costs two fsyncs, and a stale one is safe as
+/// long as a restarted leader must win an election again (`enable_leader_restore` is off).
 const COMMITTED_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Shared between the store, its readers and the IO thread.

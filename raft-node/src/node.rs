@@ -194,6 +194,12 @@ fn raft_config(config: &NodeConfig) -> openraft::Config {
         max_in_snapshot_log_to_keep: config.snapshot_log_keep,
         install_snapshot_timeout: 60_000,
         enable_elect: true,
+        // A leader that restarts must win a new election before it serves. Restoring leadership
+        // at once (openraft's default) lets it answer linearizable reads from its persisted
+        // commit index, which we write lazily, and from sled, which does not fsync per apply:
+        // the chaos harness caught such a leader serving a read that missed payments
+        // acknowledged just before a power loss. A new election commits a fresh entry first.
+        enable_leader_restore: Some(false),
         ..openraft::Config::default()
     }
 }
