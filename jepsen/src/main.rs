@@ -52,6 +52,9 @@ struct Args {
     /// Extra flag for every `tally serve` (repeatable), e.g. --serve-arg=--election-timeout-ms=300.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// Run nothing: check the history.jsonl already in this folder again, and redraw its report.
+    #[arg(long)]
+    check: Option<PathBuf>,
 }
 
 fn range(values: &[u64], name: &str) -> Result<(Duration, Duration), String> {
@@ -95,7 +98,20 @@ fn options(args: Args) -> Result<Options, String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let options = match options(Args::parse()) {
+    let args = Args::parse();
+    if let Some(dir) = args.check {
+        return match tally_jepsen::report::write(&dir, args.seed.unwrap_or(0), Vec::new()) {
+            Ok(report) => {
+                print!("{}", report.text());
+                if report.valid { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+            }
+            Err(error) => {
+                eprintln!("tally-jepsen: {error}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
+    let options = match options(args) {
         Ok(options) => options,
         Err(error) => {
             eprintln!("tally-jepsen: {error}");

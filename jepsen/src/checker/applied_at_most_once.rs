@@ -93,6 +93,19 @@ mod tests {
     }
 
     #[test]
+    fn a_transfer_listed_twice_still_counts_once() {
+        // The ledger applied a retry again and indexed it twice: the listing shows it twice and
+        // the balances moved twice; counting it once exposes the double apply.
+        let moved = single(10, A, B, 30);
+        let mut stored = Builder::funding();
+        stored.push(found(&moved, 10));
+        stored.push(found(&moved, 11));
+        let history =
+            Builder::new().transfer(3, 4, vec![moved], Outcome::Ok).finish(balances_after(60), stored);
+        assert!(!check(&history).valid);
+    }
+
+    #[test]
     fn a_post_of_a_pending_transfer_that_is_not_stored_fails() {
         let post = TransferSpec {
             id: 11,

@@ -84,8 +84,10 @@ pub fn expected_flags(spec: &TransferSpec) -> u32 {
 /// (timestamp order), with two-phase semantics: a pending transfer reserves, a post moves the
 /// reservation to posted, a void releases it. `Err` if a post or void names a pending transfer
 /// that is not among them, or a sum overflows.
+/// A transfer listed more than once (by id) counts once: the ledger must not apply it twice.
 pub fn replay(transfers: &[FoundTransfer]) -> Result<BTreeMap<u128, Balance>, String> {
-    let mut ordered: Vec<&FoundTransfer> = transfers.iter().collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut ordered: Vec<&FoundTransfer> = transfers.iter().filter(|t| seen.insert(t.id)).collect();
     ordered.sort_by_key(|t| t.timestamp);
     let by_id: BTreeMap<u128, &FoundTransfer> = transfers.iter().map(|t| (t.id, t)).collect();
     let mut balances: BTreeMap<u128, Balance> = BTreeMap::new();
