@@ -15,6 +15,9 @@ use tally_client::{Client, v1};
 
 use crate::proxy::Proxies;
 
+/// How long a node may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// The name every node of a run shares (`--cluster`).
 const CLUSTER_NAME: &str = "jepsen";
 
@@ -35,6 +38,8 @@ pub struct Cluster {
     pub members: BTreeSet<u64>,
     processes: BTreeMap<u64, Child>,
     paused: BTreeSet<u64>,
+    /// Nodes removed from the cluster (or never admitted); never started again.
+    retired: BTreeSet<u64>,
     pub proxies: Proxies,
     /// Flags added to every `serve`.
     extra_args: Vec<String>,
@@ -91,6 +96,7 @@ impl Cluster {
             members: members.clone(),
             processes: BTreeMap::new(),
             paused: BTreeSet::new(),
+            retired: BTreeSet::new(),
             proxies,
             extra_args,
         };
@@ -160,21 +166,24 @@ impl Cluster {
         self.paused.remove(&id);
     }
 
-    /// SIGTERM and wait: a graceful stop (for a node removed from the cluster).
-    pub fn stop(&mut self, id: u64) {
+    /// SIGTERM and wait, asynchronously: a graceful stop (for a node removed from the
+    /// cluster). Returns how long the node took, or `None` if it had to be killed after
+    /// `STOP_GRACE`.
+    pub async fn stop(&mut self, id: u64) -> Option<Duration> {
         self.resume(id);
-        if let Some(mut child) = self.processes.remove(&id) {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        self.retired.insert(id);
+        let mut child = self.processes.remove(&id)?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        while started.elapsed() < STOP_GRACE {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(started.elapsed());
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     /// SIGSTOP: the process freezes with its sockets open, like a machine that hangs.
@@ -191,6 +200,13 @@ impl Cluster {
         {
             unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
         }
+    }
+
+    /// The next planned node that has never run, for membership churn.
+    pub fn spare(&self) -> Option<u64> {
+        self.nodes.keys().copied().find(|id| {
+            !self.members.contains(id) && !self.retired.contains(id) && !self.processes.contains_key(id)
+        })
     }
 
     pub fn is_running(&self, id: u64) -> bool {

@@ -171,6 +171,18 @@ pub async fn run(
     Ok(())
 }
 
+/// The current leader, asking for up to five seconds (an election may be under way).
+async fn find_leader(cluster: &Cluster) -> Option<u64> {
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Some(leader) = cluster.leader(Duration::from_secs(1)).await {
+            return Some(leader);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 fn pick<T: Clone>(candidates: &[T], pick: u64) -> Option<T> {
     (!candidates.is_empty()).then(|| candidates[(pick % candidates.len() as u64) as usize].clone())
 }
@@ -180,7 +192,7 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
     let sites: BTreeMap<String, Vec<u64>> = cluster.sites();
     let site_names: Vec<String> = sites.keys().cloned().collect();
     let leader = match planned.fault {
-        Fault::KillLeaderSite | Fault::CutLeader => cluster.leader(Duration::from_secs(2)).await,
+        Fault::KillLeaderSite | Fault::CutLeader => find_leader(&cluster).await,
         _ => None,
     };
     let chosen_site =
@@ -270,9 +282,7 @@ async fn heal(undo: Undo, cluster: &Mutex<Cluster>) -> Result<String, String> {
 
 /// Adds the next spare node (in its own new site) and removes another member.
 async fn churn(cluster: &mut Cluster, pick_value: u64) -> Result<String, String> {
-    let Some(spare) =
-        cluster.nodes.keys().copied().find(|id| !cluster.members.contains(id) && !cluster.is_running(*id))
-    else {
+    let Some(spare) = cluster.spare() else {
         return Ok("no spare node left to add".into());
     };
     let site = cluster.nodes[&spare].site.clone();
@@ -294,7 +304,7 @@ async fn churn(cluster: &mut Cluster, pick_value: u64) -> Result<String, String>
         Err(_) => client.cluster_status().await.is_ok_and(|s| now_members(&s)),
     };
     if !joined {
-        cluster.stop(spare);
+        cluster.stop(spare).await;
         let error = added.err().map_or("not in the membership".to_string(), |e| e.to_string());
         return Ok(format!("adding node {spare} in {site} failed: {error}"));
     }
@@ -308,8 +318,11 @@ async fn churn(cluster: &mut Cluster, pick_value: u64) -> Result<String, String>
         match client.remove_node(v1::RemoveNodeRequest { id, force: false }).await {
             Ok(_) => {
                 cluster.members.remove(&id);
-                cluster.stop(id);
-                return Ok(format!("added node {spare} in {site}; removed node {id}"));
+                let stopped = match cluster.stop(id).await {
+                    Some(took) => format!("it exited {:.2}s after SIGTERM", took.as_secs_f64()),
+                    None => "it did not exit within 10 s of SIGTERM and was killed".into(),
+                };
+                return Ok(format!("added node {spare} in {site}; removed node {id} ({stopped})"));
             }
             Err(error) => refusals.push(format!("node {id}: {error}")),
         }

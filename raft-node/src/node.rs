@@ -307,19 +307,41 @@ pub async fn serve_on(
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = tonic::transport::Server::builder()
+    let (stopping, stop_requested) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger)
         .add_service(cluster)
         .add_service(raft)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| format!("gRPC server: {e}"));
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = stopping.send(());
+        });
+    // A graceful stop waits for requests in flight, but not forever: a request waiting for a
+    // commit that will never come (this node was removed, or lost its quorum) must not keep
+    // the process alive after SIGTERM.
+    let drain_deadline = async {
+        if stop_requested.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_DRAIN_MAX).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        served = server => served.map_err(|e| format!("gRPC server: {e}")),
+        () = drain_deadline => {
+            eprintln!("tally: node {}: requests still in flight {SHUTDOWN_DRAIN_MAX:?} after the stop signal; stopping anyway", node.id());
+            Ok(())
+        }
+    };
     let _ = node.raft.shutdown().await;
     result
 }
+
+/// How long a stopping node waits for requests in flight to finish.
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
