@@ -45,11 +45,30 @@ pub struct Cluster {
     extra_args: Vec<String>,
 }
 
-/// A port that was free a moment ago.
-fn free_address() -> Result<SocketAddr, String> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-    listener.local_addr().map_err(|e| e.to_string())
+/// Node ports come from below Linux's ephemeral range (32768 and up), so that the proxies'
+/// and clients' outgoing connections cannot take a node's port while it is down.
+const NODE_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// `count` ports of `NODE_PORTS` that are free now, starting at a place that depends on this
+/// process, so that runs side by side rarely collide.
+fn free_addresses(count: usize) -> Result<Vec<SocketAddr>, String> {
+    let span = NODE_PORTS.end - NODE_PORTS.start;
+    let start = (std::process::id() as u64 * 7919 % u64::from(span)) as u16;
+    let mut found = Vec::new();
+    for offset in 0..span {
+        if found.len() == count {
+            break;
+        }
+        let port = NODE_PORTS.start + (start + offset) % span;
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(address).is_ok() {
+            found.push(address);
+        }
+    }
+    if found.len() < count {
+        return Err(format!("only {} free ports in {NODE_PORTS:?} on 127.0.0.1", found.len()));
+    }
+    Ok(found)
 }
 
 /// Site names: "site-a", "site-b", ...
@@ -76,12 +95,13 @@ impl Cluster {
         }
         let initial = plan.len();
         plan.extend((0..spares).map(|spare| site_name(layout.len() + spare)));
-        for (index, site) in plan.into_iter().enumerate() {
+        let addresses = free_addresses(plan.len())?;
+        for (index, (site, address)) in plan.into_iter().zip(addresses).enumerate() {
             let id = index as u64 + 1;
             let spec = NodeSpec {
                 id,
                 site,
-                address: free_address()?,
+                address,
                 data_dir: data_root.join(format!("node-{id}")),
                 log: logs.join(format!("node-{id}.log")),
             };
@@ -167,7 +187,7 @@ impl Cluster {
     }
 
     /// SIGTERM and wait, asynchronously: a graceful stop (for a node removed from the
-    /// cluster). Returns how long the node took, or `None` if it had to be killed after
+    /// cluster, which is never started again). Returns how long the node took, or `None` if it had to be killed after
     /// `STOP_GRACE`.
     pub async fn stop(&mut self, id: u64) -> Option<Duration> {
         self.resume(id);

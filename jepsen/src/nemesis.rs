@@ -145,9 +145,14 @@ pub async fn run(
     cluster: Arc<Mutex<Cluster>>,
     recorder: Arc<Recorder>,
     started: tokio::time::Instant,
+    end: Duration,
     current: Arc<std::sync::Mutex<String>>,
 ) -> Result<(), String> {
     for planned in schedule {
+        // A slow fault (churn waits for catch-up) can push the rest past the end: stop there.
+        if started.elapsed() > end {
+            break;
+        }
         tokio::time::sleep_until(started + planned.at).await;
         let name = planned.fault.name();
         *current.lock().expect("not poisoned") = name.to_string();
@@ -298,12 +303,16 @@ async fn churn(cluster: &mut Cluster, pick_value: u64) -> Result<String, String>
         force: false,
     };
     let added = client.add_node(request).await;
-    let now_members = |status: &v1::StatusReply| status.nodes.iter().any(|n| n.id == spare);
+    let now_members = |status: &v1::StatusReply| {
+        status.nodes.iter().any(|n| n.id == spare && n.role() == v1::NodeRole::Voter)
+    };
     let joined = match &added {
         Ok(status) => now_members(status),
         Err(_) => client.cluster_status().await.is_ok_and(|s| now_members(&s)),
     };
     if !joined {
+        // It may have stayed a learner: take it out again, so that it is not waited for.
+        let _ = client.remove_node(v1::RemoveNodeRequest { id: spare, force: false }).await;
         cluster.stop(spare).await;
         let error = added.err().map_or("not in the membership".to_string(), |e| e.to_string());
         return Ok(format!("adding node {spare} in {site} failed: {error}"));

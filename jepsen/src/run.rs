@@ -104,6 +104,7 @@ pub async fn run(options: Options) -> Result<Report, String> {
         cluster.clone(),
         recorder.clone(),
         started,
+        options.time_limit,
         current_fault.clone(),
     ));
 

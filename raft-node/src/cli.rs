@@ -330,6 +330,7 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
 }
 
 pub async fn serve(args: ServeArgs) -> ExitCode {
+    init_logging();
     let config = match node_config(args) {
         Ok(config) => config,
         Err(error) => return fail(&error),
@@ -341,6 +342,7 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         Err(error) => return fail(&error),
     };
     eprintln!("tally: node {id} serving on {listen}");
+    tokio::spawn(crate::node::log_leadership(node.clone()));
     match crate::node::serve(node, crate::node::shutdown_signal()).await {
         Ok(()) => {
             eprintln!("tally: node {id} stopped");
@@ -348,6 +350,18 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         }
         Err(error) => fail(&error),
     }
+}
+
+/// Logs to stderr, filtered by `TALLY_LOG` (tracing's env-filter syntax); by default this
+/// node's own events and Raft's warnings and errors.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,raft_node=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -332,7 +332,7 @@ pub async fn serve_on(
     let result = tokio::select! {
         served = server => served.map_err(|e| format!("gRPC server: {e}")),
         () = drain_deadline => {
-            eprintln!("tally: node {}: requests still in flight {SHUTDOWN_DRAIN_MAX:?} after the stop signal; stopping anyway", node.id());
+            tracing::warn!(node = node.id(), "requests still in flight {SHUTDOWN_DRAIN_MAX:?} after the stop signal; stopping anyway");
             Ok(())
         }
     };
@@ -342,6 +342,28 @@ pub async fn serve_on(
 
 /// How long a stopping node waits for requests in flight to finish.
 const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// Logs every change of leader or term this node sees, for the operator and chaos runs.
+pub async fn log_leadership(node: Arc<NodeHandle>) {
+    let mut metrics = node.raft.metrics();
+    let mut last = (None, 0);
+    loop {
+        let now = {
+            let m = metrics.borrow_watched();
+            (m.current_leader, m.current_term)
+        };
+        if now != last {
+            match now.0 {
+                Some(leader) => tracing::info!(node = node.id(), term = now.1, leader, "leader known"),
+                None => tracing::info!(node = node.id(), term = now.1, "no leader"),
+            }
+            last = now;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
