@@ -17,8 +17,12 @@ pub struct Outage {
     pub fault: String,
     pub detail: String,
     pub start_s: f64,
+    /// How long the fault was held before it was healed.
+    pub held_s: Option<f64>,
     /// Fault start to the first write acknowledged after it.
     pub first_write_s: Option<f64>,
+    /// Heal (restart, resume, reconnect) to the first write acknowledged after it.
+    pub first_write_after_heal_s: Option<f64>,
     pub longest_without_write_s: f64,
 }
 
@@ -90,9 +94,9 @@ fn outages(history: &History) -> Vec<Outage> {
     writes.sort_unstable();
     let starts: Vec<_> = history.nemesis.iter().filter(|e| e.phase == Phase::Start).collect();
     let run_end = history.ops.iter().filter_map(|op| op.complete_us).max().unwrap_or(0);
+    let first_write_after = |t: u64| writes.iter().copied().find(|w| *w >= t);
     let mut result = Vec::new();
     for (index, start) in starts.iter().enumerate() {
-        // Churn records two starts (the add, then the whole change); the window is the same.
         let until = starts.get(index + 1).map_or(run_end, |next| next.time_us).max(start.time_us);
         let inside: Vec<u64> =
             writes.iter().copied().filter(|t| *t >= start.time_us && *t <= until).collect();
@@ -102,11 +106,18 @@ fn outages(history: &History) -> Vec<Outage> {
             longest = longest.max(t - previous);
             previous = t;
         }
+        let end = history
+            .nemesis
+            .iter()
+            .find(|e| e.phase == Phase::End && e.fault == start.fault && e.time_us >= start.time_us);
         result.push(Outage {
             fault: start.fault.clone(),
-            detail: start.detail.clone(),
+            detail: end.map_or(start.detail.clone(), |end| format!("{}; {}", start.detail, end.detail)),
             start_s: seconds(start.time_us),
+            held_s: end.map(|end| seconds(end.time_us - start.time_us)),
             first_write_s: inside.first().map(|t| seconds(t - start.time_us)),
+            first_write_after_heal_s: end
+                .and_then(|end| first_write_after(end.time_us).map(|t| seconds(t - end.time_us))),
             longest_without_write_s: seconds(longest),
         });
     }
@@ -181,17 +192,88 @@ impl Report {
         for (kind, count) in &self.counts {
             out += &format!("  {kind:<20} {count}\n");
         }
-        out += "\nlongest time without a successful write after each fault:\n";
+        out += "\nafter each fault: the longest time without a successful write (from the fault's start \
+                to the next fault), how long the fault was held, and heal to the next write:\n";
+        let optional = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}s"));
         for outage in &self.outages {
             out += &format!(
-                "  {:>7.1}s  {:<17} {:>6.2}s  ({})\n",
-                outage.start_s, outage.fault, outage.longest_without_write_s, outage.detail
+                "  {:>7.1}s  {:<17} {:>6.2}s  held {:>6}  healed->write {:>6}  ({})\n",
+                outage.start_s,
+                outage.fault,
+                outage.longest_without_write_s,
+                optional(outage.held_s),
+                optional(outage.first_write_after_heal_s),
+                outage.detail
             );
         }
-        out += "\nworst per fault:\n";
+        out += "\nworst (longest without a successful write) per fault:\n";
         for (fault, worst) in &self.worst_outage_by_fault {
             out += &format!("  {fault:<17} {worst:.2}s\n");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Call, Record, TransferKind, TransferSpec};
+
+    fn write(op: u64, complete_us: u64) -> [Record; 2] {
+        let transfer = TransferSpec {
+            id: op,
+            debit: 2,
+            credit: 3,
+            amount: 1,
+            kind: TransferKind::Single,
+            linked: false,
+        };
+        [
+            Record::Invoke {
+                op,
+                process: 1,
+                time_us: complete_us - 1,
+                call: Call::Transfers { transfers: vec![transfer], retry: 0 },
+            },
+            Record::Complete {
+                op,
+                process: 1,
+                time_us: complete_us,
+                outcome: Outcome::Ok,
+                codes: vec![0],
+                balances: vec![],
+                error: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn outages_measure_the_gap_the_hold_and_the_recovery() {
+        let mut records: Vec<Record> = Vec::new();
+        records.extend(write(1, 500_000));
+        records.push(Record::Nemesis {
+            time_us: 1_000_000,
+            fault: "power-loss".into(),
+            phase: Phase::Start,
+            detail: "kill".into(),
+        });
+        records.push(Record::Nemesis {
+            time_us: 3_000_000,
+            fault: "power-loss".into(),
+            phase: Phase::End,
+            detail: "restart".into(),
+        });
+        records.extend(write(2, 3_400_000));
+        records.extend(write(3, 3_500_000));
+        records.extend(write(4, 9_000_000));
+        let history = History::from_records(records).unwrap();
+        let outages = outages(&history);
+        assert_eq!(outages.len(), 1);
+        let outage = &outages[0];
+        // From the fault at 1 s, writes resume at 3.4 s; the later gap 3.5 s -> 9 s is longer.
+        assert_eq!(outage.first_write_s, Some(2.4));
+        assert_eq!(outage.held_s, Some(2.0));
+        assert!((outage.first_write_after_heal_s.unwrap() - 0.4).abs() < 1e-9);
+        assert!((outage.longest_without_write_s - 5.5).abs() < 1e-9);
     }
 }
