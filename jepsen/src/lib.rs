@@ -6,6 +6,18 @@
 //!
 //! It speaks to tally only as a user and an operator would: gRPC through `tally-client`, and
 //! signals to processes.
+//!
+//! A run (`run::run`) goes through the modules in this order:
+//! - `nemesis::plan` draws the fault schedule from the seed;
+//! - `cluster` plans every node, starts `proxy::Proxies` (one per directed link) and the
+//!   `tally serve` processes, each routed to its peers through the proxies;
+//! - `workload::Bank::open` creates and funds the accounts; `workload::Process`es then send
+//!   payments and reads, each recorded by `workload::Recorder` into `history.jsonl`
+//!   (`history::Record`) before it is sent and when it completes;
+//! - `nemesis::run` strikes and heals on schedule, recording each fault;
+//! - after the time limit, everything is healed, the final state is read back and recorded;
+//! - `report::write` loads the history file (`history::History`), runs every `checker`, and
+//!   writes the summary and the pictures (`plot`).
 
 pub mod checker;
 pub mod cluster;

@@ -73,6 +73,8 @@ pub async fn run(options: Options) -> Result<Report, String> {
     let all_nodes: Vec<u64> = cluster.nodes.keys().copied().collect();
     let initial: Vec<u64> = cluster.members.iter().copied().collect();
     let addresses: Vec<String> = all_nodes.iter().map(|id| cluster.address(*id)).collect();
+    // A tokio mutex: the nemesis holds it across awaits (a membership change waits for the new
+    // node to catch up), and the progress watcher must wait for it, not block a worker thread.
     let cluster = Arc::new(Mutex::new(cluster));
 
     let recorder = Arc::new(Recorder::new(Writer::create(&options.out.join("history.jsonl"))?));
@@ -98,6 +100,7 @@ pub async fn run(options: Options) -> Result<Report, String> {
         processes.spawn(process.run(bank.clone(), recorder.clone(), stop.clone()));
     }
     let started = tokio::time::Instant::now();
+    // The fault under way, for the progress bar; a std mutex, never held across an await.
     let current_fault = Arc::new(std::sync::Mutex::new(String::new()));
     let nemesis = tokio::spawn(crate::nemesis::run(
         schedule,
