@@ -63,12 +63,16 @@ impl Error {
     }
 }
 
-/// Whether another node, or the same one later, may answer differently.
+/// Whether another node, or the same one later, may answer differently. A status that carries
+/// a local error as its source was made here from a broken connection (an HTTP/2 GOAWAY from a
+/// node that is stopping arrives as INTERNAL), not sent by a node: that is retryable too.
 fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled
-    )
+    let from_transport = std::error::Error::source(status).is_some();
+    from_transport
+        || matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled
+        )
 }
 
 pub fn u128_to(value: u128) -> Option<v1::U128> {
@@ -276,5 +280,20 @@ impl Client {
             async move { Ok(ClusterClient::new(channel).transfer_leader(request).await?.into_inner()) }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_retried_but_a_node_verdict_is_not() {
+        assert!(!retryable(&Status::internal("the node said so")));
+        assert!(!retryable(&Status::invalid_argument("8190 events")));
+        let mut goaway = Status::internal("h2 protocol error: http2 error");
+        goaway.set_source(std::sync::Arc::new(std::io::Error::other("GoAway(NO_ERROR, Remote)")));
+        assert!(retryable(&goaway));
+        assert!(retryable(&Status::unavailable("no leader yet")));
     }
 }
