@@ -289,10 +289,11 @@ impl Cluster {
     /// Each running member's own status.
     pub async fn statuses(&self) -> BTreeMap<u64, v1::NodeStatus> {
         let mut statuses = BTreeMap::new();
-        for id in self.members.iter().filter(|id| self.is_running(**id)) {
-            let Ok(client) = self.client_of(&[*id], Duration::from_secs(1)) else { continue };
-            if let Ok(status) = client.node_status(&self.address(*id)).await {
-                statuses.insert(*id, status);
+        let running: Vec<u64> = self.members.iter().copied().filter(|id| self.is_running(*id)).collect();
+        let Ok(client) = self.client_of(&running, Duration::from_secs(1)) else { return statuses };
+        for id in running {
+            if let Ok(status) = client.node_status(&self.address(id)).await {
+                statuses.insert(id, status);
             }
         }
         statuses

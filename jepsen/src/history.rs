@@ -295,14 +295,15 @@ impl History {
     pub fn from_records(records: impl IntoIterator<Item = Record>) -> Result<History, String> {
         let mut history = History::default();
         let mut open: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut invoked = std::collections::BTreeSet::new();
         for record in records {
             match record {
                 Record::Setup(setup) => history.setup = Some(setup),
                 Record::Invoke { op, process, time_us, call } => {
-                    if open.insert(op, history.ops.len()).is_some() || history.ops.iter().any(|o| o.op == op)
-                    {
+                    if !invoked.insert(op) {
                         return Err(format!("operation {op} invoked twice"));
                     }
+                    open.insert(op, history.ops.len());
                     history.ops.push(Op {
                         op,
                         process,

@@ -9,14 +9,9 @@ const GUARANTEE: &str = "every transfer acknowledged ok is stored after healing"
 
 pub fn check(history: &History) -> Verdict {
     let mut verdict = Verdict::new(NAME, GUARANTEE);
-    let Some(state) = &history.final_state else {
-        verdict.problem("the history has no final state: the run did not finish".into());
+    let Some(state) = super::complete_final_state(history, &mut verdict) else {
         return verdict;
     };
-    if let Some(error) = &state.error {
-        verdict.problem(format!("the final state could not be read: {error}"));
-        return verdict;
-    }
     let stored: std::collections::BTreeSet<u128> = state.transfers.iter().map(|t| t.id).collect();
     for (id, spec) in history.acknowledged() {
         verdict.checked += 1;

@@ -10,8 +10,7 @@ const GUARANTEE: &str = "final balances equal the sum of the stored transfers, e
 
 pub fn check(history: &History) -> Verdict {
     let mut verdict = Verdict::new(NAME, GUARANTEE);
-    let Some(state) = history.final_state.as_ref().filter(|s| s.error.is_none()) else {
-        verdict.problem("no complete final state to check".into());
+    let Some(state) = super::complete_final_state(history, &mut verdict) else {
         return verdict;
     };
     let expected = match replay(&state.transfers) {

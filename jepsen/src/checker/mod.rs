@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::history::{Balance, FoundTransfer, History, TransferKind, TransferSpec};
+use crate::history::{Balance, FinalState, FoundTransfer, History, TransferKind, TransferSpec};
 
 pub mod acknowledged_transfers_survive;
 pub mod applied_at_most_once;
@@ -46,6 +46,18 @@ impl Verdict {
             self.problems.push(text);
         }
     }
+}
+
+/// The final state, if the run read it completely; otherwise records why there is none.
+fn complete_final_state<'h>(history: &'h History, verdict: &mut Verdict) -> Option<&'h FinalState> {
+    match &history.final_state {
+        None => verdict.problem("the history has no final state: the run did not finish".into()),
+        Some(state) => match &state.error {
+            None => return Some(state),
+            Some(error) => verdict.problem(format!("the final state could not be read: {error}")),
+        },
+    }
+    None
 }
 
 /// Runs every checker.

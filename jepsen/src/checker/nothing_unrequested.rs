@@ -20,8 +20,7 @@ pub fn check(history: &History) -> Verdict {
 }
 
 fn check_stored(history: &History, verdict: &mut Verdict) {
-    let Some(state) = history.final_state.as_ref().filter(|s| s.error.is_none()) else {
-        verdict.problem("no complete final state to compare with the requests".into());
+    let Some(state) = super::complete_final_state(history, verdict) else {
         return;
     };
     let requested = history.requested();
