@@ -18,12 +18,9 @@
 pub mod batcher;
 pub mod cli;
 pub mod convert;
-pub mod dev;
-pub mod log_store;
-pub mod network;
+pub mod net;
 pub mod node;
 pub mod service;
-pub mod state_machine;
+pub mod storage;
 pub mod testkit;
 pub mod types;
-pub mod wal;

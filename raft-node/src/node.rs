@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use tally_proto::v1 as pb;
 
 use crate::batcher::Batcher;
-use crate::log_store::LogStore;
-use crate::network::{MESSAGE_BYTES_MAX, Network};
-use crate::state_machine::StateMachine;
+use crate::net::{MESSAGE_BYTES_MAX, Network};
+use crate::storage::log_store::LogStore;
+use crate::storage::state_machine::StateMachine;
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// Configuration of one node, from flags or a TOML file (same names).
@@ -143,7 +143,7 @@ pub fn claim_data_dir(config: &NodeConfig) -> Result<(), String> {
                 ));
             }
             let text = toml::to_string(&mine).expect("identity serializes");
-            crate::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+            crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))
         }
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
@@ -154,7 +154,7 @@ pub fn claim_data_dir(config: &NodeConfig) -> Result<(), String> {
 pub struct NodeHandle {
     pub config: NodeConfig,
     pub raft: Raft,
-    pub state: Arc<crate::state_machine::Shared>,
+    pub state: Arc<crate::storage::state_machine::Shared>,
     pub log: LogStore,
     pub batcher: Batcher,
 }
@@ -259,7 +259,7 @@ async fn join(node: Arc<NodeHandle>, address: String) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let channel = crate::network::channel(&address)?;
+            let channel = crate::net::channel(&address)?;
             let mut client = pb::cluster_client::ClusterClient::new(channel);
             client.add_node(request.clone()).await.map_err(|s| s.message().to_string())
         };
@@ -306,10 +306,11 @@ pub async fn serve_on(
     let raft = pb::raft_server::RaftServer::new(crate::service::RaftService::new(node.clone()))
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle's algorithm off on every accepted connection: small replies held back waiting for
+    // the client's delayed ACK cost 40 ms each. (`Server::tcp_nodelay` covers only `serve(addr)`.)
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stopping, stop_requested) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger)

@@ -110,6 +110,11 @@ impl TestCluster {
         }
     }
 
+    /// The process id of every running node.
+    pub fn pids(&self) -> BTreeMap<u64, u32> {
+        self.processes.iter().map(|(id, child)| (*id, child.id())).collect()
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.processes.contains_key(&id)
     }

@@ -2,8 +2,8 @@
 
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
-use raft_node::log_store::LogStore;
-use raft_node::state_machine::StateMachine;
+use raft_node::storage::log_store::LogStore;
+use raft_node::storage::state_machine::StateMachine;
 use raft_node::types::TypeConfig;
 
 struct Builder;

@@ -12,7 +12,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use raft_node::wal::Wal;
+use raft_node::storage::wal::Wal;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

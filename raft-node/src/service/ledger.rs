@@ -14,7 +14,7 @@ use tally_proto::v1::ledger_client::LedgerClient;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::network::MESSAGE_BYTES_MAX;
+use crate::net::MESSAGE_BYTES_MAX;
 use crate::node::NodeHandle;
 
 /// The largest client request accepted: a batch of 8189 events with every field set is about
@@ -47,7 +47,7 @@ impl LedgerService {
             .node
             .address_of(leader)
             .ok_or_else(|| Status::unavailable("the leader's address is unknown; retry"))?;
-        let channel = crate::network::channel(&address).map_err(Status::internal)?;
+        let channel = crate::net::channel(&address).map_err(Status::internal)?;
         Ok(LedgerClient::new(channel)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX))

@@ -8,9 +8,9 @@ use tally_proto::v1 as pb;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::network::{CLUSTER_HEADER, message, snapshot_header, unpack};
+use crate::net::raft::{CLUSTER_HEADER, message, snapshot_header, unpack};
 use crate::node::NodeHandle;
-use crate::state_machine::SnapshotFile;
+use crate::storage::state_machine::SnapshotFile;
 
 /// The most snapshot bytes one install may stream: bounds the disk an incoming install can use.
 const SNAPSHOT_BYTES_MAX: u64 = 1 << 40;

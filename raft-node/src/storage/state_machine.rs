@@ -22,10 +22,10 @@ use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::wal;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
 };
-use crate::wal;
 
 const STATE_DIR: &str = "state";
 const STATE_NEW_DIR: &str = "state.new";

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 
+use crate::storage::wal::{self, Wal};
 use crate::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
-use crate::wal::{self, Wal};
 
 const VOTE_FILE: &str = "vote";
 const PURGED_FILE: &str = "purged";

@@ -1,10 +1,21 @@
 //! `tally dev`: three nodes in three sites on 127.0.0.1, as separate processes of this binary,
 //! for a newcomer's first look. Ctrl-C stops them cleanly (SIGTERM, then wait).
 
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use crate::cli::DevArgs;
+use clap::Args;
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where the three nodes keep their data.
+    #[arg(long, default_value = "tally-dev")]
+    pub dir: PathBuf,
+    /// Node i listens on 127.0.0.1:(base_port + i).
+    #[arg(long, default_value_t = 7100)]
+    pub base_port: u16,
+}
 
 const NODES: u64 = 3;
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::Duration;
 
 use openraft::OptionalSend;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -20,16 +19,14 @@ use tally_proto::v1::raft_client::RaftClient;
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
-use crate::state_machine::SnapshotFile;
+use super::{MESSAGE_BYTES_MAX, channel};
+use crate::storage::state_machine::SnapshotFile;
 use crate::types::{NodeId, NodeInfo, Snapshot, SnapshotMeta, TypeConfig, Vote, decode, encode};
 
 /// Version of the postcard encoding inside `RaftMessage`.
 pub const RAFT_MESSAGE_VERSION: u32 = 1;
 /// Snapshot bytes per chunk: well under `MESSAGE_BYTES_MAX`.
 pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 4 << 20;
-/// The largest gRPC message a node sends or accepts: an entry of 8189 transfers is about 1 MiB,
-/// and group commit puts several batches in one entry.
-pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES_MAX * 2 <= MESSAGE_BYTES_MAX);
 
 pub fn message<T: serde::Serialize>(value: &T) -> pb::RaftMessage {
@@ -44,17 +41,6 @@ pub fn unpack<T: for<'de> serde::Deserialize<'de>>(message: &pb::RaftMessage) ->
         ));
     }
     decode(&message.payload).map_err(|e| format!("raft message: {e}"))
-}
-
-/// A lazily connected channel to `address` (host:port).
-pub fn channel(address: &str) -> Result<Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("address {address}: {e}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
-    Ok(endpoint.connect_lazy())
 }
 
 /// The metadata header that names the sender's cluster: a node refuses Raft traffic from

@@ -1,0 +1,131 @@
+//! `tally cluster`: status and membership, for operators.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::json;
+use tally_client::v1;
+
+use super::{ClientArgs, client, status_name, table};
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add a node: it joins as a learner, catches up, then becomes a voter (unless --learner).
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        learner: bool,
+        /// Accept a placement where losing one site loses the voter majority.
+        #[arg(long)]
+        force: bool,
+    },
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    TransferLeader {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+fn print_status(json: bool, status: &v1::StatusReply) {
+    if json {
+        let nodes: Vec<_> = status
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id, "address": n.address, "site": n.site,
+                    "role": status_name(v1::NodeRole::try_from(n.role).unwrap_or_default().as_str_name(), "NODE_ROLE_"),
+                    "leader": n.is_leader, "reachable": n.reachable, "term": n.term,
+                    "last_log_index": n.last_log_index, "applied_index": n.applied_index,
+                    "replication_lag": n.replication_lag, "state_digest": n.state_digest,
+                })
+            })
+            .collect();
+        let sites: Vec<_> = status
+            .sites
+            .iter()
+            .map(|s| json!({"site": s.site, "voters": s.voters, "learners": s.learners, "survives_loss": s.survives_loss}))
+            .collect();
+        let value = json!({"leader_id": status.leader_id, "term": status.term, "committed_index": status.committed_index, "nodes": nodes, "sites": sites});
+        println!("{value}");
+        return;
+    }
+    println!(
+        "leader: node {}   term: {}   committed index: {}",
+        status.leader_id, status.term, status.committed_index
+    );
+    let mut nodes = table(&[
+        "id", "address", "site", "role", "leader", "up", "term", "last log", "applied", "lag", "digest",
+    ]);
+    for n in &status.nodes {
+        nodes.add_row(vec![
+            n.id.to_string(),
+            n.address.clone(),
+            n.site.clone(),
+            status_name(v1::NodeRole::try_from(n.role).unwrap_or_default().as_str_name(), "NODE_ROLE_"),
+            if n.is_leader { "*".into() } else { String::new() },
+            if n.reachable { "yes".into() } else { "NO".into() },
+            n.term.to_string(),
+            n.last_log_index.to_string(),
+            n.applied_index.to_string(),
+            n.replication_lag.to_string(),
+            n.state_digest.chars().take(12).collect(),
+        ]);
+    }
+    println!("{nodes}");
+    let mut sites = table(&["site", "voters", "learners", "survives its loss"]);
+    for s in &status.sites {
+        sites.add_row(vec![
+            s.site.clone(),
+            s.voters.to_string(),
+            s.learners.to_string(),
+            if s.survives_loss { "yes".into() } else { "NO".into() },
+        ]);
+    }
+    println!("{sites}");
+}
+
+pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
+    let (args, status) = match command {
+        ClusterCommand::Status { client: args } => {
+            let status = client(&args)?.cluster_status().await;
+            (args, status)
+        }
+        ClusterCommand::Add { client: args, id, address, site, learner, force } => {
+            let request = v1::AddNodeRequest { id, address, site, learner_only: learner, force };
+            let status = client(&args)?.add_node(request).await;
+            (args, status)
+        }
+        ClusterCommand::Remove { client: args, id, force } => {
+            let status = client(&args)?.remove_node(v1::RemoveNodeRequest { id, force }).await;
+            (args, status)
+        }
+        ClusterCommand::TransferLeader { client: args, to } => {
+            let status = client(&args)?.transfer_leader(to).await;
+            (args, status)
+        }
+    };
+    let status = status.map_err(|e| e.to_string())?;
+    print_status(args.json, &status);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,379 @@
+//! The client commands: create accounts and transfers, look them up, an account's history.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tally_client::{u128_from, u128_to, v1};
+
+use super::{ClientArgs, Command, client, consistency, status_name, table};
+
+#[derive(Subcommand)]
+pub enum AccountCommand {
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u128,
+        #[arg(long)]
+        ledger: u32,
+        #[arg(long)]
+        code: u32,
+        /// Comma-separated: linked, debits-must-not-exceed-credits, credits-must-not-exceed-debits,
+        /// history, closed.
+        #[arg(long, value_delimiter = ',')]
+        flags: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        user_data_128: u128,
+        #[arg(long, default_value_t = 0)]
+        user_data_64: u64,
+        #[arg(long, default_value_t = 0)]
+        user_data_32: u32,
+    },
+}
+
+#[derive(Args)]
+pub struct TransferArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub id: u128,
+    #[arg(long, default_value_t = 0)]
+    pub debit: u128,
+    #[arg(long, default_value_t = 0)]
+    pub credit: u128,
+    /// For --post: omit to post the whole pending amount.
+    #[arg(long)]
+    pub amount: Option<u128>,
+    #[arg(long, default_value_t = 0)]
+    pub ledger: u32,
+    #[arg(long, default_value_t = 0)]
+    pub code: u32,
+    /// Reserve the amount; post or void it later.
+    #[arg(long)]
+    pub pending: bool,
+    /// Seconds after which a pending transfer expires.
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u32,
+    /// Post the pending transfer with this id.
+    #[arg(long, conflicts_with_all = ["void", "pending"])]
+    pub post: Option<u128>,
+    /// Void the pending transfer with this id.
+    #[arg(long, conflicts_with_all = ["post", "pending"])]
+    pub void: Option<u128>,
+    /// Extra flags, comma-separated: balancing-debit, balancing-credit, closing-debit, closing-credit.
+    #[arg(long, value_delimiter = ',')]
+    pub flags: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub user_data_128: u128,
+    #[arg(long, default_value_t = 0)]
+    pub user_data_64: u64,
+    #[arg(long, default_value_t = 0)]
+    pub user_data_32: u32,
+}
+
+#[derive(Subcommand)]
+pub enum LookupCommand {
+    Account {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(required = true)]
+        ids: Vec<u128>,
+    },
+    Transfer {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(required = true)]
+        ids: Vec<u128>,
+    },
+}
+
+#[derive(Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub account: u128,
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Newest first.
+    #[arg(long)]
+    pub reversed: bool,
+    /// Show the balances after each transfer (accounts with the history flag).
+    #[arg(long)]
+    pub balances: bool,
+}
+
+fn account_flags(names: &[String]) -> Result<u32, String> {
+    use v1::AccountFlag as F;
+    names.iter().filter(|n| !n.is_empty()).try_fold(0u32, |flags, name| {
+        let flag = match name.as_str() {
+            "linked" => F::Linked,
+            "debits-must-not-exceed-credits" => F::DebitsMustNotExceedCredits,
+            "credits-must-not-exceed-debits" => F::CreditsMustNotExceedDebits,
+            "history" => F::History,
+            "closed" => F::Closed,
+            other => return Err(format!("unknown account flag '{other}'")),
+        };
+        Ok(flags | flag as u32)
+    })
+}
+
+fn transfer_flags(args: &TransferArgs) -> Result<u32, String> {
+    use v1::TransferFlag as F;
+    let mut flags = 0u32;
+    if args.pending {
+        flags |= F::Pending as u32;
+    }
+    if args.post.is_some() {
+        flags |= F::PostPendingTransfer as u32;
+    }
+    if args.void.is_some() {
+        flags |= F::VoidPendingTransfer as u32;
+    }
+    for name in args.flags.iter().filter(|n| !n.is_empty()) {
+        flags |= match name.as_str() {
+            "linked" => F::Linked,
+            "balancing-debit" => F::BalancingDebit,
+            "balancing-credit" => F::BalancingCredit,
+            "closing-debit" => F::ClosingDebit,
+            "closing-credit" => F::ClosingCredit,
+            other => return Err(format!("unknown transfer flag '{other}'")),
+        } as u32;
+    }
+    Ok(flags)
+}
+
+/// Prints the results of a create and returns failure unless every event is ok or exists.
+fn report_results(json: bool, results: &[(String, u64)]) -> ExitCode {
+    if json {
+        let items: Vec<_> = results
+            .iter()
+            .map(|(status, timestamp)| json!({"status": status, "timestamp": timestamp}))
+            .collect();
+        println!("{}", serde_json::Value::Array(items));
+    } else {
+        let mut table = table(&["event", "result", "timestamp"]);
+        for (index, (status, timestamp)) in results.iter().enumerate() {
+            table.add_row(vec![index.to_string(), status.clone(), timestamp.to_string()]);
+        }
+        println!("{table}");
+    }
+    if results.iter().all(|(status, _)| status == "ok" || status == "exists") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn account_json(a: &v1::Account) -> serde_json::Value {
+    json!({
+        "id": u128_from(a.id.as_ref()).to_string(),
+        "ledger": a.ledger, "code": a.code, "flags": a.flags,
+        "debits_pending": u128_from(a.debits_pending.as_ref()).to_string(),
+        "debits_posted": u128_from(a.debits_posted.as_ref()).to_string(),
+        "credits_pending": u128_from(a.credits_pending.as_ref()).to_string(),
+        "credits_posted": u128_from(a.credits_posted.as_ref()).to_string(),
+        "user_data_128": u128_from(a.user_data_128.as_ref()).to_string(),
+        "user_data_64": a.user_data_64, "user_data_32": a.user_data_32,
+        "timestamp": a.timestamp,
+    })
+}
+
+fn transfer_json(t: &v1::Transfer) -> serde_json::Value {
+    json!({
+        "id": u128_from(t.id.as_ref()).to_string(),
+        "debit_account_id": u128_from(t.debit_account_id.as_ref()).to_string(),
+        "credit_account_id": u128_from(t.credit_account_id.as_ref()).to_string(),
+        "amount": u128_from(t.amount.as_ref()).to_string(),
+        "pending_id": u128_from(t.pending_id.as_ref()).to_string(),
+        "ledger": t.ledger, "code": t.code, "flags": t.flags, "timeout": t.timeout,
+        "user_data_128": u128_from(t.user_data_128.as_ref()).to_string(),
+        "user_data_64": t.user_data_64, "user_data_32": t.user_data_32,
+        "timestamp": t.timestamp,
+    })
+}
+
+fn print_accounts(json: bool, accounts: &[v1::Account]) {
+    if json {
+        println!("{}", serde_json::Value::Array(accounts.iter().map(account_json).collect()));
+        return;
+    }
+    let mut table = table(&[
+        "id",
+        "ledger",
+        "code",
+        "debits pending",
+        "debits posted",
+        "credits pending",
+        "credits posted",
+        "flags",
+    ]);
+    for a in accounts {
+        table.add_row(vec![
+            u128_from(a.id.as_ref()).to_string(),
+            a.ledger.to_string(),
+            a.code.to_string(),
+            u128_from(a.debits_pending.as_ref()).to_string(),
+            u128_from(a.debits_posted.as_ref()).to_string(),
+            u128_from(a.credits_pending.as_ref()).to_string(),
+            u128_from(a.credits_posted.as_ref()).to_string(),
+            format!("{:#x}", a.flags),
+        ]);
+    }
+    println!("{table}");
+}
+
+fn print_transfers(json: bool, transfers: &[v1::Transfer]) {
+    if json {
+        println!("{}", serde_json::Value::Array(transfers.iter().map(transfer_json).collect()));
+        return;
+    }
+    let mut table =
+        table(&["id", "debit", "credit", "amount", "pending id", "ledger", "code", "flags", "timestamp"]);
+    for t in transfers {
+        table.add_row(vec![
+            u128_from(t.id.as_ref()).to_string(),
+            u128_from(t.debit_account_id.as_ref()).to_string(),
+            u128_from(t.credit_account_id.as_ref()).to_string(),
+            u128_from(t.amount.as_ref()).to_string(),
+            u128_from(t.pending_id.as_ref()).to_string(),
+            t.ledger.to_string(),
+            t.code.to_string(),
+            format!("{:#x}", t.flags),
+            t.timestamp.to_string(),
+        ]);
+    }
+    println!("{table}");
+}
+
+pub async fn run(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Account(AccountCommand::Create {
+            client: args,
+            id,
+            ledger,
+            code,
+            flags,
+            user_data_128,
+            user_data_64,
+            user_data_32,
+        }) => {
+            let account = v1::Account {
+                id: u128_to(id),
+                ledger,
+                code,
+                flags: account_flags(&flags)?,
+                user_data_128: u128_to(user_data_128),
+                user_data_64,
+                user_data_32,
+                ..v1::Account::default()
+            };
+            let results = client(&args)?.create_accounts(vec![account]).await.map_err(|e| e.to_string())?;
+            let named = results
+                .iter()
+                .map(|r| (status_name(r.status().as_str_name(), "CREATE_ACCOUNT_STATUS_"), r.timestamp))
+                .collect::<Vec<_>>();
+            Ok(report_results(args.json, &named))
+        }
+        Command::Transfer(args) => {
+            let flags = transfer_flags(&args)?;
+            let settle = args.post.or(args.void);
+            let amount = match (args.amount, args.post) {
+                (Some(amount), _) => amount,
+                (None, Some(_)) => u128::MAX,
+                (None, None) if args.void.is_some() => 0,
+                (None, None) => return Err("--amount is required".into()),
+            };
+            let transfer = v1::Transfer {
+                id: u128_to(args.id),
+                debit_account_id: u128_to(args.debit),
+                credit_account_id: u128_to(args.credit),
+                amount: u128_to(amount),
+                pending_id: u128_to(settle.unwrap_or(0)),
+                user_data_128: u128_to(args.user_data_128),
+                user_data_64: args.user_data_64,
+                user_data_32: args.user_data_32,
+                timeout: args.timeout,
+                ledger: args.ledger,
+                code: args.code,
+                flags,
+                timestamp: 0,
+            };
+            let results =
+                client(&args.client)?.create_transfers(vec![transfer]).await.map_err(|e| e.to_string())?;
+            let named = results
+                .iter()
+                .map(|r| (status_name(r.status().as_str_name(), "CREATE_TRANSFER_STATUS_"), r.timestamp))
+                .collect::<Vec<_>>();
+            Ok(report_results(args.client.json, &named))
+        }
+        Command::Lookup(LookupCommand::Account { client: args, ids }) => {
+            let accounts =
+                client(&args)?.lookup_accounts(&ids, consistency(&args)).await.map_err(|e| e.to_string())?;
+            print_accounts(args.json, &accounts);
+            Ok(if accounts.len() == ids.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Lookup(LookupCommand::Transfer { client: args, ids }) => {
+            let transfers =
+                client(&args)?.lookup_transfers(&ids, consistency(&args)).await.map_err(|e| e.to_string())?;
+            print_transfers(args.json, &transfers);
+            Ok(if transfers.len() == ids.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::History(args) => {
+            use v1::AccountFilterFlag as F;
+            let mut flags = F::Debits as u32 | F::Credits as u32;
+            if args.reversed {
+                flags |= F::Reversed as u32;
+            }
+            let filter = v1::AccountFilter {
+                account_id: u128_to(args.account),
+                limit: args.limit,
+                flags,
+                consistency: consistency(&args.client) as i32,
+                ..v1::AccountFilter::default()
+            };
+            let client = client(&args.client)?;
+            if args.balances {
+                let balances = client.get_account_balances(filter).await.map_err(|e| e.to_string())?;
+                print_balances(args.client.json, &balances);
+            } else {
+                let transfers = client.get_account_transfers(filter).await.map_err(|e| e.to_string())?;
+                print_transfers(args.client.json, &transfers);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(_) | Command::Dev(_) | Command::Cluster(_) | Command::Benchmark(_) => {
+            unreachable!("not a ledger command")
+        }
+    }
+}
+
+fn print_balances(json: bool, balances: &[v1::AccountBalance]) {
+    let row = |b: &v1::AccountBalance| {
+        [
+            u128_from(b.debits_pending.as_ref()).to_string(),
+            u128_from(b.debits_posted.as_ref()).to_string(),
+            u128_from(b.credits_pending.as_ref()).to_string(),
+            u128_from(b.credits_posted.as_ref()).to_string(),
+        ]
+    };
+    if json {
+        let items: Vec<_> = balances
+            .iter()
+            .map(|b| {
+                let [dp, dpo, cp, cpo] = row(b);
+                json!({"timestamp": b.timestamp, "debits_pending": dp, "debits_posted": dpo, "credits_pending": cp, "credits_posted": cpo})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(items));
+        return;
+    }
+    let mut table =
+        table(&["timestamp", "debits pending", "debits posted", "credits pending", "credits posted"]);
+    for b in balances {
+        let mut cells = vec![b.timestamp.to_string()];
+        cells.extend(row(b));
+        table.add_row(cells);
+    }
+    println!("{table}");
+}

@@ -1,0 +1,111 @@
+//! The `tally` command line, one file per command group:
+//!
+//! - `serve`: run one node; `dev`: a local three-site cluster of `serve` processes;
+//! - `benchmark`: drive load at a cluster (its own or `--nodes`) and report throughput and latency;
+//! - `ledger`: accounts, transfers, lookups and history; `cluster`: status and membership.
+//!
+//! Client and operator commands talk gRPC through `tally-client`, like any other client.
+
+mod benchmark;
+mod cluster;
+mod dev;
+mod ledger;
+mod serve;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tally_client::{Client, v1};
+
+pub use benchmark::BenchmarkArgs;
+pub use cluster::ClusterCommand;
+pub use dev::DevArgs;
+pub use ledger::{AccountCommand, HistoryArgs, LookupCommand, TransferArgs};
+pub use serve::{ServeArgs, node_config};
+
+/// The dev cluster's client ports, which are also the client commands' default nodes.
+pub const DEV_NODES: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
+
+#[derive(Parser)]
+#[command(name = "tally", version, about = "tally: a replicated ledger database for payment services")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run one node.
+    Serve(ServeArgs),
+    /// Run a local cluster of three nodes in three sites, for trying tally out.
+    Dev(DevArgs),
+    /// Create accounts.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Create a transfer: a plain or pending one, or the post or void of a pending one.
+    Transfer(TransferArgs),
+    /// Look up accounts or transfers by id.
+    #[command(subcommand)]
+    Lookup(LookupCommand),
+    /// An account's transfers (or balances after each, with --balances).
+    History(HistoryArgs),
+    /// Cluster status and membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Measure throughput and latency: a fresh local cluster, or the nodes given.
+    Benchmark(BenchmarkArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Node addresses (host:port), comma-separated; any of them may be down.
+    #[arg(long, env = "TALLY_NODES", default_value = DEV_NODES, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up after this long, retries included.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+    /// Read from the answering node's state, possibly stale, instead of a linearizable read.
+    #[arg(long)]
+    pub local: bool,
+}
+
+fn or_fail(result: Result<ExitCode, String>) -> ExitCode {
+    result.unwrap_or_else(|error| fail(&error))
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("tally: error: {message}");
+    ExitCode::FAILURE
+}
+
+fn client(args: &ClientArgs) -> Result<Client, String> {
+    Client::new(&args.nodes, Duration::from_millis(args.timeout_ms))
+}
+
+fn consistency(args: &ClientArgs) -> v1::ReadConsistency {
+    if args.local { v1::ReadConsistency::Local } else { v1::ReadConsistency::Linearizable }
+}
+
+fn status_name(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_lowercase()
+}
+
+fn table(header: &[&str]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    table
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
+        Command::Benchmark(args) => benchmark::run(args).await,
+        Command::Cluster(command) => or_fail(cluster::run(command).await),
+        command => or_fail(ledger::run(command).await),
+    }
+}

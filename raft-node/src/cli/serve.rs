@@ -1,0 +1,172 @@
+//! `tally serve`: run one node from flags or a TOML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::fail;
+use crate::node::{NodeConfig, PeerConfig};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A TOML file with the node's settings (same names as the flags, with underscores);
+    /// flags given as well override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub id: Option<u64>,
+    #[arg(long)]
+    pub site: Option<String>,
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address others reach this node at (defaults to --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Cluster name; nodes refuse data and peers of another cluster.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Start a new cluster with this node and the --peer nodes as voters.
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Another initial voter, as ID=HOST:PORT@SITE (with --bootstrap).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    pub peers: Vec<PeerConfig>,
+    /// Join the cluster that the node at this address belongs to.
+    #[arg(long)]
+    pub join: Option<String>,
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    #[arg(long)]
+    pub group_commit_delay_us: Option<u64>,
+    #[arg(long)]
+    pub snapshot_entries: Option<u64>,
+    #[arg(long)]
+    pub snapshot_log_keep: Option<u64>,
+    /// Reach node ID at HOST:PORT instead of its advertised address, as ID=HOST:PORT
+    /// (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
+    #[arg(long = "route", value_parser = parse_route)]
+    pub routes: Vec<(u64, String)>,
+}
+
+fn parse_peer(text: &str) -> Result<PeerConfig, String> {
+    let error = || format!("'{text}': expected ID=HOST:PORT@SITE, e.g. 2=127.0.0.1:7102@site-b");
+    let (id, rest) = text.split_once('=').ok_or_else(error)?;
+    let (address, site) = rest.rsplit_once('@').ok_or_else(error)?;
+    let id = id.parse().map_err(|_| error())?;
+    if address.is_empty() || site.is_empty() {
+        return Err(error());
+    }
+    Ok(PeerConfig { id, address: address.to_string(), site: site.to_string() })
+}
+
+fn parse_route(text: &str) -> Result<(u64, String), String> {
+    let error = || format!("'{text}': expected ID=HOST:PORT, e.g. 2=127.0.0.1:9102");
+    let (id, address) = text.split_once('=').ok_or_else(error)?;
+    let id = id.parse().map_err(|_| error())?;
+    if address.is_empty() {
+        return Err(error());
+    }
+    Ok((id, address.to_string()))
+}
+
+/// Builds the node configuration from the file (if any) and the flags.
+pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
+    let file = args.config.as_deref().map(crate::node::read_config_file).transpose()?;
+    let missing = |name: &str| format!("--{name} is required (or set it in --config)");
+    let config = NodeConfig {
+        id: args.id.or(file.as_ref().map(|f| f.id)).ok_or_else(|| missing("id"))?,
+        site: args.site.or(file.as_ref().map(|f| f.site.clone())).ok_or_else(|| missing("site"))?,
+        listen: args.listen.or(file.as_ref().map(|f| f.listen)).ok_or_else(|| missing("listen"))?,
+        advertise: args.advertise.or(file.as_ref().and_then(|f| f.advertise.clone())),
+        data_dir: args
+            .data_dir
+            .or(file.as_ref().map(|f| f.data_dir.clone()))
+            .ok_or_else(|| missing("data-dir"))?,
+        cluster: args.cluster.or(file.as_ref().map(|f| f.cluster.clone())).unwrap_or_else(|| "tally".into()),
+        bootstrap: args.bootstrap || file.as_ref().is_some_and(|f| f.bootstrap),
+        peers: if args.peers.is_empty() {
+            file.as_ref().map(|f| f.peers.clone()).unwrap_or_default()
+        } else {
+            args.peers
+        },
+        join: args.join.or(file.as_ref().and_then(|f| f.join.clone())),
+        election_timeout_ms: args
+            .election_timeout_ms
+            .or(file.as_ref().map(|f| f.election_timeout_ms))
+            .unwrap_or(150),
+        heartbeat_ms: args.heartbeat_ms.or(file.as_ref().map(|f| f.heartbeat_ms)).unwrap_or(50),
+        group_commit_delay_us: args
+            .group_commit_delay_us
+            .or(file.as_ref().map(|f| f.group_commit_delay_us))
+            .unwrap_or(0),
+        snapshot_entries: args
+            .snapshot_entries
+            .or(file.as_ref().map(|f| f.snapshot_entries))
+            .unwrap_or(20_000),
+        snapshot_log_keep: args
+            .snapshot_log_keep
+            .or(file.as_ref().map(|f| f.snapshot_log_keep))
+            .unwrap_or(1000),
+        routes: if args.routes.is_empty() {
+            file.as_ref().map(|f| f.routes.clone()).unwrap_or_default()
+        } else {
+            args.routes.into_iter().collect()
+        },
+    };
+    if config.id == 0 {
+        return Err("--id must not be 0".into());
+    }
+    if config.cluster.is_empty()
+        || !config.cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!("--cluster '{}': use letters, digits, '-' and '_'", config.cluster));
+    }
+    if config.site.is_empty() {
+        return Err("--site must not be empty".into());
+    }
+    if config.heartbeat_ms == 0 || config.election_timeout_ms <= config.heartbeat_ms * 2 {
+        return Err("--election-timeout-ms must be more than twice --heartbeat-ms".into());
+    }
+    Ok(config)
+}
+
+pub async fn run(args: ServeArgs) -> ExitCode {
+    init_logging();
+    let config = match node_config(args) {
+        Ok(config) => config,
+        Err(error) => return fail(&error),
+    };
+    let id = config.id;
+    let listen = config.listen;
+    let node = match crate::node::start(config).await {
+        Ok(node) => node,
+        Err(error) => return fail(&error),
+    };
+    eprintln!("tally: node {id} serving on {listen}");
+    tokio::spawn(crate::node::log_leadership(node.clone()));
+    match crate::node::serve(node, crate::node::shutdown_signal()).await {
+        Ok(()) => {
+            eprintln!("tally: node {id} stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+/// Logs to stderr, filtered by `TALLY_LOG` (tracing's env-filter syntax); by default this
+/// node's own events and Raft's warnings and errors.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,raft_node=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
