@@ -200,6 +200,11 @@ fn raft_config(config: &NodeConfig) -> openraft::Config {
         // the chaos harness caught such a leader serving a read that missed payments
         // acknowledged just before a power loss. A new election commits a fresh entry first.
         enable_leader_restore: Some(false),
+        // A follower that was frozen or cut off must not bump its term when it comes back and
+        // depose a healthy leader: it first asks whether a quorum would vote for it, and one that
+        // still hears from the leader says no. (Without it, a follower thawed after a 6 s
+        // SIGSTOP under load forced an election every time.)
+        enable_pre_vote: Some(true),
         ..openraft::Config::default()
     }
 }
@@ -311,6 +316,11 @@ pub async fn serve_on(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stopping, stop_requested) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        // Streams a peer reset before this node got to them: every heartbeat to a frozen node
+        // times out after 50 ms and is reset, and h2's default of 20 answered a thawed node's
+        // peers with GOAWAY (too_many_resets), cutting replication. Still bounded, against
+        // rapid-reset floods.
+        .http2_max_pending_accept_reset_streams(Some(RESET_STREAMS_PENDING_MAX))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger)
@@ -340,6 +350,10 @@ pub async fn serve_on(
     let _ = node.raft.shutdown().await;
     result
 }
+
+/// Streams reset by the peer before they were accepted that a connection tolerates: a 50 ms
+/// heartbeat to a node frozen for 30 s makes 600.
+const RESET_STREAMS_PENDING_MAX: usize = 1024;
 
 /// How long a stopping node waits for requests in flight to finish.
 const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);

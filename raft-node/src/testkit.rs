@@ -110,6 +110,23 @@ impl TestCluster {
         }
     }
 
+    /// SIGSTOP: the node freezes (a stalled VM, a long GC pause, a swapped-out process), its
+    /// sockets stay open.
+    pub fn freeze(&self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn thaw(&self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    fn signal(&self, id: u64, signal: i32) {
+        if let Some(child) = self.processes.get(&id) {
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     /// The process id of every running node.
     pub fn pids(&self) -> BTreeMap<u64, u32> {
         self.processes.iter().map(|(id, child)| (*id, child.id())).collect()
@@ -209,6 +226,8 @@ impl Drop for TestCluster {
     fn drop(&mut self) {
         let ids: Vec<u64> = self.processes.keys().copied().collect();
         for id in ids {
+            // A frozen process dies of SIGKILL too; thawing first keeps its exit ordinary.
+            self.thaw(id);
             self.kill(id);
         }
     }

@@ -185,7 +185,9 @@ async fn benchmark(args: BenchmarkArgs) -> Result<bool, String> {
     let setup_client = Client::new(&target.nodes, REQUEST_TIMEOUT)?;
     create_accounts(&setup_client, args.accounts).await?;
     let cpu_before = (target.cpu_times(), self_cpu_time());
+    let term_before = current_term(&setup_client).await?;
     let writes = drive_writes(&args, &target.nodes).await?;
+    let term_after = current_term(&setup_client).await?;
     let cpu = cpu_report(&target, cpu_before, writes.measured.transfers_ok);
     let reads = if args.reads {
         vec![
@@ -195,7 +197,8 @@ async fn benchmark(args: BenchmarkArgs) -> Result<bool, String> {
     } else {
         Vec::new()
     };
-    let check = verify(&setup_client, &target, args.accounts, &writes).await;
+    let mut check = verify(&setup_client, &target, args.accounts, &writes).await;
+    check.terms = (term_before, term_after);
     let report = Report { args: &args, writes: &writes.measured, reads: &reads, cpu: &cpu, check: &check };
     if args.json {
         println!("{}", report.json());
@@ -560,6 +563,9 @@ fn cpu_report(target: &Target, before: (BTreeMap<u64, Duration>, Duration), tran
 /// The end-of-run checks: money conserved, every node at the same digest.
 struct Check {
     failures: Vec<String>,
+    /// The Raft term before and after the write phase: a higher one means an election happened
+    /// under load.
+    terms: (u64, u64),
     digest: String,
     applied_index: u64,
 }
@@ -571,7 +577,7 @@ impl Check {
 }
 
 async fn verify(client: &Client, target: &Target, accounts: u64, writes: &Writes) -> Check {
-    let mut check = Check { failures: Vec::new(), digest: String::new(), applied_index: 0 };
+    let mut check = Check { failures: Vec::new(), terms: (0, 0), digest: String::new(), applied_index: 0 };
     match balances(client, accounts).await {
         Ok(totals) => check_money(&mut check, &totals, accounts, writes),
         Err(error) => check.failures.push(format!("cannot read the balances: {error}")),
@@ -637,6 +643,10 @@ fn check_money(check: &mut Check, totals: &Totals, accounts: u64, writes: &Write
             totals.customer_credits
         ));
     }
+}
+
+async fn current_term(client: &Client) -> Result<u64, String> {
+    client.cluster_status().await.map(|s| s.term).map_err(|e| format!("cluster status: {e}"))
 }
 
 /// Waits until every node reports the same applied index and digest.
@@ -723,6 +733,10 @@ impl Report<'_> {
             }
             println!("{table}");
         }
+        let (term_before, term_after) = self.check.terms;
+        if term_after != term_before {
+            println!("ELECTIONS under load: term {term_before} -> {term_after}");
+        }
         if self.check.is_ok() {
             println!(
                 "check: money conserved; every node at applied index {} with digest {}",
@@ -757,6 +771,7 @@ impl Report<'_> {
             "cpu": self.cpu.rows.iter().map(|(name, used, per)| json!({
                 "process": name, "seconds": used.as_secs_f64(), "us_per_transfer": per,
             })).collect::<Vec<_>>(),
+            "terms": {"before": self.check.terms.0, "after": self.check.terms.1},
             "check": {"ok": self.check.is_ok(), "failures": self.check.failures,
                       "applied_index": self.check.applied_index, "digest": self.check.digest},
         })

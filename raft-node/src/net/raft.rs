@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::time::Duration;
 
 use openraft::OptionalSend;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -83,6 +84,28 @@ pub struct Peer {
     cluster: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
 }
 
+/// The deadline of one RPC: openraft's (votes, heartbeats), or one sized for what it carries.
+enum Deadline<'a> {
+    Fixed(&'a RPCOption),
+    BySize(&'a RPCOption),
+}
+
+/// Every AppendEntries that carries entries gets at least this long.
+const REPLICATION_DEADLINE_MIN: Duration = Duration::from_secs(1);
+/// The slowest link between sites we plan for: a message gets the time to cross it at this rate
+/// on top of `REPLICATION_DEADLINE_MIN`.
+const REPLICATION_BYTES_PER_SECOND_MIN: u64 = 8 << 20;
+
+/// openraft asks for its heartbeat interval (50 ms) as the deadline of every AppendEntries. A
+/// catch-up message of several MiB cannot make that, and each cancelled attempt resets an
+/// HTTP/2 stream until the follower's server answers GOAWAY (too many resets) and replication
+/// stalls. A message with entries gets a deadline sized for its bytes instead; an empty one (a
+/// heartbeat, or a probe) keeps openraft's.
+fn replication_deadline(option: &RPCOption, message_bytes: usize) -> Duration {
+    let transfer = Duration::from_millis(message_bytes as u64 * 1000 / REPLICATION_BYTES_PER_SECOND_MIN);
+    option.hard_ttl().max(REPLICATION_DEADLINE_MIN + transfer)
+}
+
 fn unreachable<E: std::fmt::Display>(target: NodeId) -> impl Fn(E) -> Unreachable<TypeConfig> {
     move |error| Unreachable::from_string(format!("node {target}: {error}"))
 }
@@ -97,7 +120,7 @@ impl Peer {
     async fn call<Req, Resp, F, Fut>(
         &self,
         request: &Req,
-        option: &RPCOption,
+        deadline: Deadline<'_>,
         rpc: F,
     ) -> Result<Resp, RPCError<TypeConfig>>
     where
@@ -106,8 +129,13 @@ impl Peer {
         F: FnOnce(RaftClient<Channel>, tonic::Request<pb::RaftMessage>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<pb::RaftMessage>, tonic::Status>>,
     {
-        let mut grpc_request = tonic::Request::new(message(request));
-        grpc_request.set_timeout(option.hard_ttl());
+        let message = message(request);
+        let timeout = match deadline {
+            Deadline::Fixed(option) => option.hard_ttl(),
+            Deadline::BySize(option) => replication_deadline(option, message.payload.len()),
+        };
+        let mut grpc_request = tonic::Request::new(message);
+        grpc_request.set_timeout(timeout);
         grpc_request.metadata_mut().insert(CLUSTER_HEADER, self.cluster.clone());
         let reply = rpc(self.client()?, grpc_request).await.map_err(unreachable(self.target))?;
         unpack(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
@@ -122,7 +150,9 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.append_entries(r).await }).await
+        let deadline =
+            if rpc.entries.is_empty() { Deadline::Fixed(&option) } else { Deadline::BySize(&option) };
+        self.call(&rpc, deadline, |mut c, r| async move { c.append_entries(r).await }).await
     }
 
     async fn vote(
@@ -130,7 +160,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.vote(r).await }).await
+        self.call(&rpc, Deadline::Fixed(&option), |mut c, r| async move { c.vote(r).await }).await
     }
 
     async fn pre_vote(
@@ -138,7 +168,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.pre_vote(r).await }).await
+        self.call(&rpc, Deadline::Fixed(&option), |mut c, r| async move { c.pre_vote(r).await }).await
     }
 
     async fn transfer_leader(
@@ -146,7 +176,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, &option, |mut c, r| async move { c.transfer_leader(r).await }).await
+        self.call(&rpc, Deadline::Fixed(&option), |mut c, r| async move { c.transfer_leader(r).await }).await
     }
 
     async fn full_snapshot(

@@ -26,6 +26,12 @@ const COMMITTED_FILE: &str = "committed";
 /// long as a restarted leader must win an election again (`enable_leader_restore` is off).
 const COMMITTED_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// The most entry bytes one AppendEntries message carries (at least one entry, whatever its
+/// size). Well under `net::MESSAGE_BYTES_MAX`, and small enough to cross a slow inter-site link
+/// within its deadline (`net::raft`).
+pub const APPEND_ENTRIES_BYTES_MAX: u64 = 8 << 20;
+const _: () = assert!(APPEND_ENTRIES_BYTES_MAX * 4 <= crate::net::MESSAGE_BYTES_MAX as u64);
+
 /// Shared between the store, its readers and the IO thread.
 struct Shared {
     dir: PathBuf,
@@ -76,6 +82,27 @@ impl LogStore {
         Ok(LogStore { shared, io })
     }
 
+    /// Entries `[start, end)` (Raft indexes), at most `bytes_max` of payload but at least one.
+    /// The read runs without the WAL's lock; if the range was truncated or purged meanwhile, it
+    /// is read again under the lock, which leaves out what is gone.
+    fn read_entries(&self, start: u64, end: u64, bytes_max: u64) -> io::Result<Vec<Entry>> {
+        let purged_next = self.shared.last_purged.lock().unwrap().map_or(0, |id| id.index + 1);
+        let start = start.max(purged_next);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let plan =
+            self.shared.wal.lock().unwrap().read_plan(start + 1, end + 1, bytes_max).map_err(io_error)?;
+        let records = match plan.read() {
+            Ok(records) => records,
+            Err(_) => {
+                let wal = self.shared.wal.lock().unwrap();
+                wal.read_plan(start + 1, end + 1, bytes_max).and_then(|plan| plan.read()).map_err(io_error)?
+            }
+        };
+        records.into_iter().map(|(_, payload)| decode::<Entry>(&payload).map_err(io_error)).collect()
+    }
+
     /// The last log index on disk, for status reports.
     pub fn last_index(&self) -> Option<u64> {
         self.shared.wal.lock().unwrap().last_index().map(|i| i - 1)
@@ -92,14 +119,22 @@ fn read_decoded<T: for<'de> serde::Deserialize<'de>>(dir: &Path, name: &str) -> 
 }
 
 /// The IO thread: one fdatasync for every group of appends waiting, then their callbacks.
+///
+/// The sync runs without the WAL's lock (`Wal::sync_plan`): appends of the next group, and reads
+/// for replication, go on while the disk works. Every append of this group was written before
+/// its job was sent, so before the plan was taken, so the sync covers it.
 fn sync_loop(shared: &Shared, jobs: mpsc::Receiver<IoJob>) {
     let mut committed_persisted_at = std::time::Instant::now();
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         group.extend(jobs.try_iter());
-        let result = shared.wal.lock().unwrap().sync().map_err(io_error);
+        // What is committed and on this node's log before the sync: only that may be written to
+        // the committed file after it. Read after the sync, it could name entries appended while
+        // the sync ran, which a power cut would lose.
+        let committed_before = (*shared.committed.lock().unwrap(), shared.wal.lock().unwrap().last_index());
+        let result = sync_wal(shared);
         if result.is_ok() && committed_persisted_at.elapsed() >= COMMITTED_PERSIST_INTERVAL {
-            persist_committed(shared);
+            persist_committed(shared, committed_before);
             committed_persisted_at = std::time::Instant::now();
         }
         for IoJob::Sync(callback) in group {
@@ -108,11 +143,17 @@ fn sync_loop(shared: &Shared, jobs: mpsc::Receiver<IoJob>) {
     }
 }
 
+/// Syncs every append so far without holding the WAL's lock across the fdatasync.
+fn sync_wal(shared: &Shared) -> io::Result<()> {
+    let plan = shared.wal.lock().unwrap().sync_plan().map_err(io_error)?;
+    plan.run().inspect_err(|_| shared.wal.lock().unwrap().sync_failed())
+}
+
 /// Best effort: the committed id only lets a restarted node re-apply sooner; a stale one is safe.
-fn persist_committed(shared: &Shared) {
-    let committed = *shared.committed.lock().unwrap();
-    let last_index = shared.wal.lock().unwrap().last_index();
-    if let (Some(committed), Some(last)) = (committed, last_index)
+/// `before` is the committed id and the WAL's last index as they were before the sync that made
+/// them durable.
+fn persist_committed(shared: &Shared, before: (Option<LogId>, Option<u64>)) {
+    if let (Some(committed), Some(last)) = before
         && committed.index < last
     {
         let _ = wal::write_file_atomic(&shared.dir, COMMITTED_FILE, &encode(&committed));
@@ -135,13 +176,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => *i,
             Bound::Unbounded => u64::MAX - 1,
         };
-        let purged_next = self.shared.last_purged.lock().unwrap().map_or(0, |id| id.index + 1);
-        let start = start.max(purged_next);
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        let records = self.shared.wal.lock().unwrap().read(start + 1, end + 1).map_err(io_error)?;
-        records.into_iter().map(|(_, payload)| decode::<Entry>(&payload).map_err(io_error)).collect()
+        self.read_entries(start, end, u64::MAX)
+    }
+
+    /// Replication's reads: at most `APPEND_ENTRIES_BYTES_MAX` of entries per message, so that
+    /// a follower catching up gets messages that fit the transport and its deadline.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.read_entries(start, end, APPEND_ENTRIES_BYTES_MAX)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {

@@ -53,6 +53,7 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A segment rolls over before a record would take it past this size. It bounds the memory
 /// recovery needs (a segment is read whole) and how much a purge can leave behind.
@@ -132,7 +133,9 @@ struct Segment {
     first_index: u64,
     path: PathBuf,
     /// Kept open for the segment's life: reads are preads on it, appends go to the last one.
-    file: File,
+    /// Shared so that a sync or a read can run on it without the log's lock (`SyncPlan`,
+    /// `ReadPlan`).
+    file: Arc<File>,
     /// `records[i]` holds index `first_index + i`. Never empty: a segment is created together with
     /// its first record, and recovery deletes a last segment left without any.
     records: Vec<RecordLoc>,
@@ -154,6 +157,7 @@ impl Segment {
         bytes.extend_from_slice(record);
         file.write_all_at(&bytes, 0)?;
         let records = vec![RecordLoc { offset: SEGMENT_HEADER_BYTES as u64, payload_len }];
+        let file = Arc::new(file);
         Ok(Segment { first_index, path, file, records, bytes_len: bytes.len() as u64, dirty: true })
     }
 
@@ -184,17 +188,45 @@ impl Segment {
         Ok(())
     }
 
-    /// Reads indexes `[start, end)`, all of which this segment holds, with one pread, verifying
-    /// every record again: disks rot, and a bad entry must never reach the state machine.
-    fn read(&self, start: u64, end: u64, entries: &mut Vec<(u64, Vec<u8>)>) -> Result<(), WalError> {
+    /// The records `[start, end)` of this segment, at most `bytes_max` payload bytes of them but
+    /// at least one, as a part of a `ReadPlan`. Returns the part and the payload bytes it holds.
+    fn read_part(&self, start: u64, end: u64, bytes_max: u64) -> (ReadPart, u64) {
         assert!(self.first_index <= start && start < end && end <= self.last_index() + 1);
-        let locs = &self.records[(start - self.first_index) as usize..(end - self.first_index) as usize];
-        let span_start = locs[0].offset;
-        let last = locs[locs.len() - 1];
+        let all = &self.records[(start - self.first_index) as usize..(end - self.first_index) as usize];
+        let mut bytes = 0u64;
+        let count = all
+            .iter()
+            .take_while(|loc| {
+                let first = bytes == 0;
+                bytes += u64::from(loc.payload_len);
+                first || bytes <= bytes_max
+            })
+            .count();
+        let bytes = all[..count].iter().map(|loc| u64::from(loc.payload_len)).sum();
+        let part =
+            ReadPart { file: self.file.clone(), path: self.path.clone(), start, locs: all[..count].to_vec() };
+        (part, bytes)
+    }
+}
+
+/// Records to read from one segment, taken under the log's lock and read without it.
+struct ReadPart {
+    file: Arc<File>,
+    path: PathBuf,
+    start: u64,
+    locs: Vec<RecordLoc>,
+}
+
+impl ReadPart {
+    /// Reads the records with one pread, verifying every record again: disks rot, and a bad
+    /// entry must never reach the state machine or another node.
+    fn read(&self, entries: &mut Vec<(u64, Vec<u8>)>) -> Result<(), WalError> {
+        let span_start = self.locs[0].offset;
+        let last = self.locs[self.locs.len() - 1];
         let span_end = last.offset + RECORD_HEADER_BYTES as u64 + u64::from(last.payload_len);
         let mut bytes = vec![0; (span_end - span_start) as usize];
         self.file.read_exact_at(&mut bytes, span_start)?;
-        for (index, loc) in (start..end).zip(locs) {
+        for (index, loc) in (self.start..).zip(&self.locs) {
             let decoded = decode_record(&bytes, (loc.offset - span_start) as usize)
                 .map_err(|reason| corrupt(&self.path, loc.offset, reason))?;
             if decoded.index != index {
@@ -202,6 +234,45 @@ impl Segment {
                 return Err(corrupt(&self.path, loc.offset, reason));
             }
             entries.push((index, bytes[decoded.payload].to_vec()));
+        }
+        Ok(())
+    }
+}
+
+/// A read of a range of records, planned under the log's lock (`Wal::read_plan`) and carried
+/// out without it, so that a large read (a follower catching up) does not hold up appends and
+/// syncs. A record truncated or purged between the plan and the read fails its checks and the
+/// read returns an error; the caller reads again under the lock.
+pub struct ReadPlan {
+    parts: Vec<ReadPart>,
+}
+
+impl ReadPlan {
+    pub fn read(&self) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
+        let mut entries = Vec::new();
+        for part in &self.parts {
+            part.read(&mut entries)?;
+        }
+        Ok(entries)
+    }
+}
+
+/// What one sync must make durable, taken under the log's lock (`Wal::sync_plan`) and run without
+/// it, so that appends go on while the disk syncs. An fdatasync through a shared handle covers
+/// every write to that file made before it started, whoever made it.
+pub struct SyncPlan {
+    files: Vec<Arc<File>>,
+    dir: Option<PathBuf>,
+}
+
+impl SyncPlan {
+    /// Syncs. On an error the caller must call `Wal::sync_failed`: see "Durability".
+    pub fn run(&self) -> io::Result<()> {
+        for file in &self.files {
+            file.sync_data()?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
         }
         Ok(())
     }
@@ -310,16 +381,52 @@ impl Wal {
     /// The records with indexes in `[start, end)`, in order. Indexes the log does not hold are
     /// left out, so the result can be shorter than the range, or empty.
     pub fn read(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
+        self.read_plan(start, end, u64::MAX)?.read()
+    }
+
+    /// Plans a read of the records in `[start, end)` the log holds, stopping before the payloads
+    /// would pass `bytes_max` (but taking at least one record).
+    pub fn read_plan(&self, start: u64, end: u64, bytes_max: u64) -> Result<ReadPlan, WalError> {
         self.check_usable()?;
-        let mut entries = Vec::new();
+        let mut parts = Vec::new();
+        let mut bytes_left = bytes_max;
         for segment in &self.segments {
             let segment_start = start.max(segment.first_index);
             let segment_end = end.min(segment.last_index() + 1);
-            if segment_start < segment_end {
-                segment.read(segment_start, segment_end, &mut entries)?;
+            if segment_start >= segment_end {
+                continue;
+            }
+            if bytes_left == 0 && !parts.is_empty() {
+                break;
+            }
+            let (part, bytes) = segment.read_part(segment_start, segment_end, bytes_left);
+            let whole = part.locs.len() as u64 == segment_end - segment_start;
+            parts.push(part);
+            bytes_left = bytes_left.saturating_sub(bytes);
+            if !whole {
+                break;
             }
         }
-        Ok(entries)
+        Ok(ReadPlan { parts })
+    }
+
+    /// Plans a sync of every append so far: the segments written since the last sync, and the
+    /// directory if a segment was created. They count as synced from here; the caller must run
+    /// the plan and report a failure with `sync_failed`.
+    pub fn sync_plan(&mut self) -> Result<SyncPlan, WalError> {
+        self.check_usable()?;
+        let mut files = Vec::new();
+        for segment in self.segments.iter_mut().filter(|segment| segment.dirty) {
+            files.push(segment.file.clone());
+            segment.dirty = false;
+        }
+        let dir = std::mem::take(&mut self.dir_dirty).then(|| self.dir.clone());
+        Ok(SyncPlan { files, dir })
+    }
+
+    /// A `SyncPlan` failed: the log is unusable until reopened (see "Durability").
+    pub fn sync_failed(&mut self) {
+        self.failed = true;
     }
 
     fn check_usable(&self) -> Result<(), WalError> {
@@ -521,6 +628,7 @@ fn recover_segment(
         remove_file_durably(dir, &path)?;
         return Ok(None);
     }
+    let file = Arc::new(file);
     Ok(Some(Segment { first_index, path, file, records: scan.records, bytes_len, dirty: false }))
 }
 
@@ -1000,6 +1108,33 @@ mod tests {
     /// Layouts for damage tests, as (segment_bytes_max, last index): the last record shares its
     /// segment with others, or sits alone in one, so that damage also lands in a segment header.
     const LAYOUTS: [(u64, u64); 2] = [(SEGMENT_BYTES_MAX, 5), (SEGMENT_BYTES_ONE_RECORD, 3)];
+
+    #[test]
+    fn a_read_plan_stops_at_its_byte_budget_but_takes_one_record() {
+        // 10 records of 100 bytes, 3 to a segment: (start, end, bytes_max) -> indexes read.
+        let dir = TempDir::new().unwrap();
+        let mut wal = Wal::open_with(dir.path(), 3 * (RECORD_HEADER_BYTES as u64 + 100) + 20).unwrap();
+        for index in 1..=10 {
+            wal.append(index, &[index as u8; 100]).unwrap();
+        }
+        let plan = wal.sync_plan().unwrap();
+        plan.run().unwrap();
+        assert_eq!(segment_paths(dir.path()).len(), 4);
+        let check = |start: u64, end: u64, bytes_max: u64, expected: Vec<u64>| {
+            let read = wal.read_plan(start, end, bytes_max).unwrap().read().unwrap();
+            let indexes: Vec<u64> = read.iter().map(|(index, _)| *index).collect();
+            assert_eq!(indexes, expected, "read_plan({start}, {end}, {bytes_max})");
+            assert!(read.iter().all(|(index, payload)| payload == &vec![*index as u8; 100]));
+        };
+        check(1, 11, u64::MAX, (1..=10).collect());
+        check(1, 11, 250, vec![1, 2]);
+        check(1, 11, 300, vec![1, 2, 3]);
+        check(2, 11, 450, vec![2, 3, 4, 5]);
+        check(5, 11, 1, vec![5]);
+        check(5, 11, 0, vec![5]);
+        check(9, 20, 1000, vec![9, 10]);
+        check(11, 20, 1000, vec![]);
+    }
 
     #[test]
     fn torn_tail_is_cut_at_every_offset() {
