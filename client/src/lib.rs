@@ -83,6 +83,22 @@ pub fn u128_from(value: Option<&v1::U128>) -> u128 {
     value.map_or(0, |v| (u128::from(v.hi) << 64) | u128::from(v.lo))
 }
 
+/// A reply, and the leader's address if a follower forwarded the request to it.
+struct Answer<T> {
+    value: T,
+    leader: Option<String>,
+}
+
+/// Unwraps a reply, keeping the leader hint a follower adds when it forwarded the request: the
+/// client then starts its next call at the leader, if the leader is in its node list.
+fn answer<T, U>(response: tonic::Response<T>, take: impl FnOnce(T) -> U) -> Answer<U> {
+    let leader = response.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Answer { value: take(response.into_inner()), leader }
+}
+
+/// Set by a node on a reply to a request it forwarded to the leader: the leader's address.
+const LEADER_HEADER: &str = "x-tally-leader";
+
 impl Client {
     /// A client of the nodes at `addresses` (host:port). Connections are made lazily.
     pub fn new(addresses: &[String], timeout: Duration) -> Result<Client, String> {
@@ -110,7 +126,7 @@ impl Client {
     async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
     where
         F: FnMut(Channel, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<T, Status>>,
+        Fut: std::future::Future<Output = Result<Answer<T>, Status>>,
     {
         let deadline = Instant::now() + self.timeout;
         let mut backoff = BACKOFF_MIN;
@@ -126,9 +142,10 @@ impl Client {
             // so that the others get their turn.
             let budget = if self.nodes.len() > 1 { left.min(self.timeout / 2) } else { left };
             match tokio::time::timeout(budget, call(channel, budget)).await {
-                Ok(Ok(value)) => {
-                    self.preferred.store(node, Ordering::Relaxed);
-                    return Ok(value);
+                Ok(Ok(answer)) => {
+                    let leader = answer.leader.and_then(|a| self.nodes.iter().position(|(n, _)| *n == a));
+                    self.preferred.store(leader.unwrap_or(node), Ordering::Relaxed);
+                    return Ok(answer.value);
                 }
                 Ok(Err(status)) if !retryable(&status) => return Err(Error::Rejected(status)),
                 Ok(Err(status)) => last_error = status,
@@ -165,7 +182,7 @@ impl Client {
         let message = v1::CreateAccountsRequest { accounts };
         self.with_retries(|channel, left| {
             let request = Self::request(message.clone(), left);
-            async move { Ok(Self::ledger(channel).create_accounts(request).await?.into_inner().results) }
+            async move { Ok(answer(Self::ledger(channel).create_accounts(request).await?, |r| r.results)) }
         })
         .await
     }
@@ -177,7 +194,7 @@ impl Client {
         let message = v1::CreateTransfersRequest { transfers };
         self.with_retries(|channel, left| {
             let request = Self::request(message.clone(), left);
-            async move { Ok(Self::ledger(channel).create_transfers(request).await?.into_inner().results) }
+            async move { Ok(answer(Self::ledger(channel).create_transfers(request).await?, |r| r.results)) }
         })
         .await
     }
@@ -193,7 +210,7 @@ impl Client {
         };
         self.with_retries(|channel, left| {
             let request = Self::request(message.clone(), left);
-            async move { Ok(Self::ledger(channel).lookup_accounts(request).await?.into_inner().accounts) }
+            async move { Ok(answer(Self::ledger(channel).lookup_accounts(request).await?, |r| r.accounts)) }
         })
         .await
     }
@@ -209,7 +226,7 @@ impl Client {
         };
         self.with_retries(|channel, left| {
             let request = Self::request(message.clone(), left);
-            async move { Ok(Self::ledger(channel).lookup_transfers(request).await?.into_inner().transfers) }
+            async move { Ok(answer(Self::ledger(channel).lookup_transfers(request).await?, |r| r.transfers)) }
         })
         .await
     }
@@ -217,7 +234,7 @@ impl Client {
     pub async fn get_account_transfers(&self, filter: v1::AccountFilter) -> Result<Vec<v1::Transfer>, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(filter, left);
-            async move { Ok(Self::ledger(channel).get_account_transfers(request).await?.into_inner().transfers) }
+            async move { Ok(answer(Self::ledger(channel).get_account_transfers(request).await?, |r| r.transfers)) }
         })
         .await
     }
@@ -228,7 +245,7 @@ impl Client {
     ) -> Result<Vec<v1::AccountBalance>, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(filter, left);
-            async move { Ok(Self::ledger(channel).get_account_balances(request).await?.into_inner().balances) }
+            async move { Ok(answer(Self::ledger(channel).get_account_balances(request).await?, |r| r.balances)) }
         })
         .await
     }
@@ -236,7 +253,7 @@ impl Client {
     pub async fn cluster_status(&self) -> Result<v1::StatusReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(v1::StatusRequest { local_only: false }, left);
-            async move { Ok(ClusterClient::new(channel).status(request).await?.into_inner()) }
+            async move { Ok(answer(ClusterClient::new(channel).status(request).await?, |r| r)) }
         })
         .await
     }
@@ -261,7 +278,7 @@ impl Client {
     pub async fn add_node(&self, request: v1::AddNodeRequest) -> Result<v1::StatusReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(request.clone(), left);
-            async move { Ok(ClusterClient::new(channel).add_node(request).await?.into_inner()) }
+            async move { Ok(answer(ClusterClient::new(channel).add_node(request).await?, |r| r)) }
         })
         .await
     }
@@ -269,7 +286,7 @@ impl Client {
     pub async fn remove_node(&self, request: v1::RemoveNodeRequest) -> Result<v1::StatusReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(request, left);
-            async move { Ok(ClusterClient::new(channel).remove_node(request).await?.into_inner()) }
+            async move { Ok(answer(ClusterClient::new(channel).remove_node(request).await?, |r| r)) }
         })
         .await
     }
@@ -277,7 +294,7 @@ impl Client {
     pub async fn transfer_leader(&self, to: u64) -> Result<v1::StatusReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(v1::TransferLeaderRequest { to }, left);
-            async move { Ok(ClusterClient::new(channel).transfer_leader(request).await?.into_inner()) }
+            async move { Ok(answer(ClusterClient::new(channel).transfer_leader(request).await?, |r| r)) }
         })
         .await
     }

@@ -157,6 +157,8 @@ pub struct NodeHandle {
     pub state: Arc<crate::storage::state_machine::Shared>,
     pub log: LogStore,
     pub batcher: Batcher,
+    /// Channels to other nodes for forwarded requests and status fan-out.
+    pub peers: crate::net::Pool,
 }
 
 impl NodeHandle {
@@ -170,6 +172,12 @@ impl NodeHandle {
 
     pub fn is_leader(&self) -> bool {
         self.leader() == Some(self.id())
+    }
+
+    /// The address the membership records for node `id`: what clients use to reach it.
+    pub fn advertised_address_of(&self, id: NodeId) -> Option<String> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        metrics.membership_config.membership().get_node(&id).map(|n| n.address.clone())
     }
 
     /// The address this node uses to reach node `id`: its route, or the membership's address.
@@ -230,7 +238,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
     .await
     .map_err(|e| format!("cannot start raft: {e}"))?;
     let batcher = Batcher::start(raft.clone(), Duration::from_micros(config.group_commit_delay_us));
-    let node = Arc::new(NodeHandle { config, raft, state, log, batcher });
+    let node = Arc::new(NodeHandle { config, raft, state, log, batcher, peers: crate::net::Pool::default() });
     if node.config.bootstrap {
         bootstrap(&node).await?;
     }
@@ -264,7 +272,7 @@ async fn join(node: Arc<NodeHandle>, address: String) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let channel = crate::net::channel(&address)?;
+            let channel = node.peers.channel(&address)?;
             let mut client = pb::cluster_client::ClusterClient::new(channel);
             client.add_node(request.clone()).await.map_err(|s| s.message().to_string())
         };

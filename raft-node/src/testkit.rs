@@ -94,6 +94,12 @@ impl TestCluster {
         self.spawn(id, false);
     }
 
+    /// Starts node `id` again with extra flags for this start only.
+    pub fn restart_with(&mut self, id: u64, args: &[&str]) {
+        let child = self.command(id, false).args(args).spawn().expect("spawn tally serve");
+        self.processes.insert(id, child);
+    }
+
     /// SIGKILL: the node stops dead, as in a power loss of its process.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut child) = self.processes.remove(&id) {

@@ -360,6 +360,41 @@ async fn bad_input_gets_a_clear_answer_and_changes_nothing() {
 }
 
 /// Sends `body` as a raw gRPC message (bypassing protobuf encoding) and returns the status code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_names_the_leader_and_a_failed_hop() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    // A forwarded reply tells the client where the leader is.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address(follower)))
+        .unwrap()
+        .connect_lazy();
+    let request = v1::CreateAccountsRequest { accounts: vec![account(1)] };
+    let reply = v1::ledger_client::LedgerClient::new(channel).create_accounts(request).await.unwrap();
+    let hint = reply.metadata().get("x-tally-leader").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(hint, Some(cluster.address(leader)));
+
+    // The follower reaches the leader at an address where nothing listens: the client hears
+    // which hop failed, as UNAVAILABLE (retryable), not a bare connection error.
+    cluster.stop(follower);
+    let nowhere = format!("{leader}=127.0.0.1:{}", raft_node::testkit::free_port());
+    cluster.restart_with(follower, &["--route", &nowhere]);
+    let client = cluster.client_of(&[follower], Duration::from_secs(2));
+    let expected = format!("node {follower} could not reach the leader, node {leader} at 127.0.0.1:");
+    let started = Instant::now();
+    loop {
+        let error = client.create_accounts(vec![account(2)]).await.unwrap_err();
+        let message = error.status().message();
+        if message.contains(&expected) {
+            assert_eq!(error.status().code(), tonic::Code::Unavailable);
+            break;
+        }
+        // Until it hears from the leader, the restarted follower knows none.
+        assert!(message.contains("no leader"), "{message}");
+        assert!(started.elapsed() < DEADLINE, "last error: {message}");
+    }
+}
+
 async fn raw_grpc_call(address: &str, path: &'static str, body: &[u8]) -> tonic::Code {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .unwrap()

@@ -1,12 +1,14 @@
-//! Node-to-node networking: the Raft RPC client (`raft`) and the channels every outgoing call
-//! uses.
+//! Node-to-node networking: the Raft RPC client (`raft`), the pool of long-lived channels for
+//! forwarded requests (`pool`), and how every outgoing channel is configured.
 
+pub mod pool;
 pub mod raft;
 
 use std::time::Duration;
 
 use tonic::transport::Channel;
 
+pub use pool::Pool;
 pub use raft::{CLUSTER_HEADER, Network};
 
 /// The largest gRPC message a node sends or accepts: an entry of 8189 transfers is about 1 MiB,

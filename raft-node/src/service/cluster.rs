@@ -102,7 +102,7 @@ impl ClusterService {
             reachable: false,
             ..pb::NodeStatus::default()
         };
-        let Ok(channel) = crate::net::channel(&info.address) else { return unreachable };
+        let Ok(channel) = self.node.peers.channel(&info.address) else { return unreachable };
         let mut client = pb::cluster_client::ClusterClient::new(channel);
         let mut request = Request::new(pb::StatusRequest { local_only: true });
         request.set_timeout(PEER_STATUS_TIMEOUT);
@@ -124,7 +124,7 @@ impl ClusterService {
         let address =
             self.node.address_of(leader).ok_or_else(|| Status::unavailable("leader address unknown"))?;
         Ok(Some(pb::cluster_client::ClusterClient::new(
-            crate::net::channel(&address).map_err(Status::internal)?,
+            self.node.peers.channel(&address).map_err(Status::internal)?,
         )))
     }
 

@@ -22,6 +22,9 @@ use crate::node::NodeHandle;
 pub const LEDGER_REQUEST_BYTES_MAX: usize = 4 << 20;
 /// Marks a request forwarded by another node.
 const FORWARDED_HEADER: &str = "x-tally-forwarded";
+/// On a forwarded reply: the leader's address, so a client can send its next request there
+/// directly and save the hop (`tally-client` does).
+pub const LEADER_HEADER: &str = "x-tally-leader";
 
 pub struct LedgerService {
     node: Arc<NodeHandle>,
@@ -32,12 +35,10 @@ impl LedgerService {
         LedgerService { node }
     }
 
-    /// A client to the current leader, or UNAVAILABLE if there is none this node can name, or if
-    /// this request was already forwarded once.
-    fn leader_client<T>(
-        &self,
-        request: &Request<T>,
-    ) -> Result<LedgerClient<tonic::transport::Channel>, Status> {
+    /// The leader to forward `request` to: its id, address and a client over the pooled
+    /// channel. UNAVAILABLE if this node knows no leader, or if the request was already
+    /// forwarded once (the leader changed under it: the client retries).
+    fn leader_hop<T>(&self, request: &Request<T>) -> Result<Hop, Status> {
         if request.metadata().contains_key(FORWARDED_HEADER) {
             return Err(Status::unavailable("forwarded to a node that is no longer the leader; retry"));
         }
@@ -47,10 +48,12 @@ impl LedgerService {
             .node
             .address_of(leader)
             .ok_or_else(|| Status::unavailable("the leader's address is unknown; retry"))?;
-        let channel = crate::net::channel(&address).map_err(Status::internal)?;
-        Ok(LedgerClient::new(channel)
+        let channel = self.node.peers.channel(&address).map_err(Status::internal)?;
+        let client = LedgerClient::new(channel)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        let advertised = self.node.advertised_address_of(leader);
+        Ok(Hop { from: self.node.id(), leader, address, advertised, client })
     }
 
     async fn write(&self, batch: Batch) -> Result<ledger::BatchReply, Status> {
@@ -79,10 +82,66 @@ impl LedgerService {
     }
 }
 
-fn forwarded<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
-    request
+/// One forwarding hop, from this node to the leader.
+struct Hop {
+    from: u64,
+    leader: u64,
+    /// Where this node reaches the leader (a route may differ from the membership's address).
+    address: String,
+    /// The leader's address as clients know it.
+    advertised: Option<String>,
+    client: LedgerClient<tonic::transport::Channel>,
+}
+
+impl Hop {
+    /// Sends `message` to the leader, marked as forwarded, with what is left of the caller's
+    /// deadline. An error says which hop failed: the leader's own answer keeps its code, a
+    /// failure to reach the leader is UNAVAILABLE naming both nodes.
+    async fn forward<T, R, F, Fut>(self, request: Request<T>, call: F) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(LedgerClient<tonic::transport::Channel>, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let timeout = grpc_timeout(request.metadata());
+        let mut forwarded = Request::new(request.into_inner());
+        forwarded.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        if let Some(timeout) = timeout {
+            forwarded.set_timeout(timeout);
+        }
+        let Hop { from, leader, address, advertised, client } = self;
+        match call(client, forwarded).await {
+            Ok(mut response) => {
+                if let Some(Ok(value)) = advertised.map(|a| a.parse()) {
+                    response.metadata_mut().insert(LEADER_HEADER, value);
+                }
+                Ok(response)
+            }
+            Err(status) if std::error::Error::source(&status).is_some() => Err(Status::unavailable(format!(
+                "node {from} could not reach the leader, node {leader} at {address}: {}; retry",
+                status.message()
+            ))),
+            Err(status) => {
+                let message = format!("from the leader, node {leader}: {}", status.message());
+                Err(Status::new(status.code(), message))
+            }
+        }
+    }
+}
+
+/// The caller's deadline (`grpc-timeout`), passed on so the leader stops when the caller has.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(value.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(value.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(value),
+        "m" => std::time::Duration::from_millis(value),
+        "u" => std::time::Duration::from_micros(value),
+        "n" => std::time::Duration::from_nanos(value),
+        _ => return None,
+    })
 }
 
 /// Runs a read here, or forwards it to the leader when it must be linearizable and this node
@@ -94,8 +153,8 @@ macro_rules! read {
                 Ok(()) => {}
                 Err(Some(status)) => return Err(status),
                 Err(None) => {
-                    let mut client = $self.leader_client(&$request)?;
-                    return client.$forward(forwarded($request.into_inner())).await;
+                    let hop = $self.leader_hop(&$request)?;
+                    return hop.forward($request, |mut c, r| async move { c.$forward(r).await }).await;
                 }
             }
         }
@@ -112,8 +171,8 @@ impl pb::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<pb::CreateAccountsReply>, Status> {
         let events = convert::accounts_from(&request.get_ref().accounts)?;
         if !self.node.is_leader() {
-            let mut client = self.leader_client(&request)?;
-            return client.create_accounts(forwarded(request.into_inner())).await;
+            let hop = self.leader_hop(&request)?;
+            return hop.forward(request, |mut c, r| async move { c.create_accounts(r).await }).await;
         }
         let reply = self.write(Batch::CreateAccounts(events)).await?;
         Ok(Response::new(convert::account_results_to(&convert::expect_accounts(reply))))
@@ -125,8 +184,8 @@ impl pb::ledger_server::Ledger for LedgerService {
     ) -> Result<Response<pb::CreateTransfersReply>, Status> {
         let events = convert::transfers_from(&request.get_ref().transfers)?;
         if !self.node.is_leader() {
-            let mut client = self.leader_client(&request)?;
-            return client.create_transfers(forwarded(request.into_inner())).await;
+            let hop = self.leader_hop(&request)?;
+            return hop.forward(request, |mut c, r| async move { c.create_transfers(r).await }).await;
         }
         let reply = self.write(Batch::CreateTransfers(events)).await?;
         Ok(Response::new(convert::transfer_results_to(&convert::expect_transfers(reply))))
