@@ -219,6 +219,18 @@ pub enum Record {
         detail: String,
     },
     Final(FinalState),
+    /// One request of the background load (`load.rs`), when it completed.
+    Load(LoadSample),
+}
+
+/// One background-load request: when it completed (or was shed), how long it took, how many
+/// transfers it carried, and "ok", "unknown", "shed" or "failed: <why>".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadSample {
+    pub time_us: u64,
+    pub latency_us: u64,
+    pub transfers: usize,
+    pub outcome: String,
 }
 
 /// Appends records to `history.jsonl`, flushing each line so a crash of the harness keeps them.
@@ -288,6 +300,8 @@ pub struct History {
     pub ops: Vec<Op>,
     pub nemesis: Vec<NemesisEvent>,
     pub final_state: Option<FinalState>,
+    /// The background load's requests, in completion order.
+    pub load: Vec<LoadSample>,
 }
 
 impl History {
@@ -330,6 +344,7 @@ impl History {
                     history.nemesis.push(NemesisEvent { time_us, fault, phase, detail })
                 }
                 Record::Final(state) => history.final_state = Some(state),
+                Record::Load(sample) => history.load.push(sample),
             }
         }
         Ok(history)

@@ -14,6 +14,8 @@
 //! - `workload::Bank::open` creates and funds the accounts; `workload::Process`es then send
 //!   payments and reads, each recorded by `workload::Recorder` into `history.jsonl`
 //!   (`history::Record`) before it is sent and when it completes;
+//! - with `--load`, `load::run` sends an open-loop stream of payments on a ledger of its own
+//!   next to the bank, so that faults strike a busy cluster, recording each request;
 //! - `nemesis::run` strikes and heals on schedule, recording each fault;
 //! - after the time limit, everything is healed, the final state is read back and recorded;
 //! - `report::write` loads the history file (`history::History`), runs every `checker`, and
@@ -22,6 +24,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod history;
+pub mod load;
 pub mod nemesis;
 pub mod plot;
 pub mod proxy;

@@ -52,6 +52,13 @@ struct Args {
     /// Extra flag for every `tally serve` (repeatable), e.g. --serve-arg=--election-timeout-ms=300.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// Background load: transfers per second, open loop, next to the checked bank workload
+    /// (batches of --load-batch, each followed by one single-transfer request).
+    #[arg(long)]
+    load: Option<f64>,
+    /// Transfers per batch request of the background load.
+    #[arg(long, default_value_t = 100)]
+    load_batch: usize,
     /// Run nothing: check the history.jsonl already in this folder again, and redraw its report.
     #[arg(long)]
     check: Option<PathBuf>,
@@ -71,6 +78,12 @@ fn options(args: Args) -> Result<Options, String> {
     }
     if args.clients == 0 || args.customers < 2 || args.opening < 10 {
         return Err("need --clients >= 1, --customers >= 2 and --opening >= 10".into());
+    }
+    if args.load.is_some_and(|rate| !(rate > 0.0 && rate.is_finite())) {
+        return Err("--load takes a positive number of transfers per second".into());
+    }
+    if args.load_batch == 0 || args.load_batch > 8189 {
+        return Err("--load-batch must be 1 to 8189".into());
     }
     let seed = args.seed.unwrap_or_else(rand::random);
     let binary = match args.tally_bin {
@@ -93,6 +106,12 @@ fn options(args: Args) -> Result<Options, String> {
         out: args.out.unwrap_or_else(|| PathBuf::from(format!("jepsen-runs/{seed}"))),
         progress: true,
         serve_args: args.serve_args,
+        load: args.load.map(|rate| tally_jepsen::load::LoadOptions {
+            rate,
+            batch: args.load_batch,
+            timeout: Duration::from_millis(args.op_timeout_ms),
+            seed,
+        }),
     })
 }
 

@@ -24,6 +24,23 @@ pub struct Outage {
     /// Heal (restart, resume, reconnect) to the first write acknowledged after it.
     pub first_write_after_heal_s: Option<f64>,
     pub longest_without_write_s: f64,
+    /// The same for the background load's writes, when the run had one.
+    pub load_longest_without_write_s: Option<f64>,
+}
+
+/// What the background load saw over the whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadSummary {
+    pub requests: u64,
+    pub transfers_ok: u64,
+    /// Transfers per second acknowledged, over the span of the load.
+    pub transfers_per_second: f64,
+    /// Requests by outcome: ok, unknown, shed, failed: ...
+    pub outcomes: BTreeMap<String, u64>,
+    /// Latency of acknowledged requests, milliseconds.
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+    pub latency_ms_max: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +55,9 @@ pub struct Report {
     pub worst_outage_by_fault: BTreeMap<String, f64>,
     /// Nodes that exited without being told to.
     pub crashes: Vec<String>,
+    pub load: Option<LoadSummary>,
+    /// Longest background-load write outage per fault kind, in seconds.
+    pub worst_load_outage_by_fault: BTreeMap<String, f64>,
 }
 
 /// Computes the report of the history in `dir`, writes `summary.json`, `summary.txt`,
@@ -48,12 +68,26 @@ pub fn write(dir: &Path, seed: u64, crashes: Vec<String>) -> Result<Report, Stri
     let valid = verdicts.iter().all(|v| v.valid) && crashes.is_empty();
     let outages = outages(&history);
     let mut worst_outage_by_fault: BTreeMap<String, f64> = BTreeMap::new();
+    let mut worst_load_outage_by_fault: BTreeMap<String, f64> = BTreeMap::new();
     for outage in &outages {
         let worst = worst_outage_by_fault.entry(outage.fault.clone()).or_default();
         *worst = worst.max(outage.longest_without_write_s);
+        if let Some(load) = outage.load_longest_without_write_s {
+            let worst = worst_load_outage_by_fault.entry(outage.fault.clone()).or_default();
+            *worst = worst.max(load);
+        }
     }
-    let report =
-        Report { valid, seed, verdicts, counts: counts(&history), outages, worst_outage_by_fault, crashes };
+    let report = Report {
+        valid,
+        seed,
+        verdicts,
+        counts: counts(&history),
+        outages,
+        worst_outage_by_fault,
+        crashes,
+        load: load_summary(&history),
+        worst_load_outage_by_fault,
+    };
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("summary.json"), json).map_err(|e| format!("summary.json: {e}"))?;
     std::fs::write(dir.join("summary.txt"), report.text()).map_err(|e| format!("summary.txt: {e}"))?;
@@ -84,6 +118,44 @@ fn seconds(us: u64) -> f64 {
     us as f64 / 1e6
 }
 
+fn load_summary(history: &History) -> Option<LoadSummary> {
+    if history.load.is_empty() {
+        return None;
+    }
+    let mut summary = LoadSummary { requests: history.load.len() as u64, ..LoadSummary::default() };
+    let mut latencies = Vec::new();
+    for sample in &history.load {
+        *summary.outcomes.entry(sample.outcome.clone()).or_default() += 1;
+        if sample.outcome == "ok" {
+            summary.transfers_ok += sample.transfers as u64;
+            latencies.push(sample.latency_us);
+        }
+    }
+    let first = history.load.iter().map(|s| s.time_us).min().unwrap_or(0);
+    let last = history.load.iter().map(|s| s.time_us).max().unwrap_or(0);
+    summary.transfers_per_second = summary.transfers_ok as f64 / seconds(last - first).max(1e-3);
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q).round() as usize)
+            .map_or(0.0, |us| *us as f64 / 1e3)
+    };
+    (summary.latency_ms_p50, summary.latency_ms_p99, summary.latency_ms_max) = (at(0.5), at(0.99), at(1.0));
+    Some(summary)
+}
+
+/// The longest stretch in `[from, until]` without one of the sorted `writes`.
+fn longest_gap(writes: &[u64], from: u64, until: u64) -> (u64, Option<u64>) {
+    let inside: Vec<u64> = writes.iter().copied().filter(|t| *t >= from && *t <= until).collect();
+    let mut previous = from;
+    let mut longest = 0;
+    for t in inside.iter().copied().chain(std::iter::once(until)) {
+        longest = longest.max(t - previous);
+        previous = t;
+    }
+    (longest, inside.first().copied())
+}
+
 fn outages(history: &History) -> Vec<Outage> {
     let mut writes: Vec<u64> = history
         .ops
@@ -92,20 +164,18 @@ fn outages(history: &History) -> Vec<Outage> {
         .filter_map(|op| op.complete_us)
         .collect();
     writes.sort_unstable();
+    let mut load_writes: Vec<u64> =
+        history.load.iter().filter(|s| s.outcome == "ok").map(|s| s.time_us).collect();
+    load_writes.sort_unstable();
     let starts: Vec<_> = history.nemesis.iter().filter(|e| e.phase == Phase::Start).collect();
     let run_end = history.ops.iter().filter_map(|op| op.complete_us).max().unwrap_or(0);
     let first_write_after = |t: u64| writes.iter().copied().find(|w| *w >= t);
     let mut result = Vec::new();
     for (index, start) in starts.iter().enumerate() {
         let until = starts.get(index + 1).map_or(run_end, |next| next.time_us).max(start.time_us);
-        let inside: Vec<u64> =
-            writes.iter().copied().filter(|t| *t >= start.time_us && *t <= until).collect();
-        let mut previous = start.time_us;
-        let mut longest = 0;
-        for t in inside.iter().copied().chain(std::iter::once(until)) {
-            longest = longest.max(t - previous);
-            previous = t;
-        }
+        let (longest, first_inside) = longest_gap(&writes, start.time_us, until);
+        let load_longest =
+            (!history.load.is_empty()).then(|| seconds(longest_gap(&load_writes, start.time_us, until).0));
         let end = history
             .nemesis
             .iter()
@@ -115,10 +185,11 @@ fn outages(history: &History) -> Vec<Outage> {
             detail: end.map_or(start.detail.clone(), |end| format!("{}; {}", start.detail, end.detail)),
             start_s: seconds(start.time_us),
             held_s: end.map(|end| seconds(end.time_us - start.time_us)),
-            first_write_s: inside.first().map(|t| seconds(t - start.time_us)),
+            first_write_s: first_inside.map(|t| seconds(t - start.time_us)),
             first_write_after_heal_s: end
                 .and_then(|end| first_write_after(end.time_us).map(|t| seconds(t - end.time_us))),
             longest_without_write_s: seconds(longest),
+            load_longest_without_write_s: load_longest,
         });
     }
     result
@@ -196,8 +267,10 @@ impl Report {
                 to the next fault), how long the fault was held, and heal to the next write:\n";
         let optional = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}s"));
         for outage in &self.outages {
+            let load =
+                outage.load_longest_without_write_s.map_or(String::new(), |s| format!("  load {s:>6.2}s"));
             out += &format!(
-                "  {:>7.1}s  {:<17} {:>6.2}s  held {:>6}  healed->write {:>6}  ({})\n",
+                "  {:>7.1}s  {:<17} {:>6.2}s  held {:>6}  healed->write {:>6}{load}  ({})\n",
                 outage.start_s,
                 outage.fault,
                 outage.longest_without_write_s,
@@ -208,7 +281,25 @@ impl Report {
         }
         out += "\nworst (longest without a successful write) per fault:\n";
         for (fault, worst) in &self.worst_outage_by_fault {
-            out += &format!("  {fault:<17} {worst:.2}s\n");
+            match self.worst_load_outage_by_fault.get(fault) {
+                Some(load) => out += &format!("  {fault:<17} {worst:.2}s   background load: {load:.2}s\n"),
+                None => out += &format!("  {fault:<17} {worst:.2}s\n"),
+            }
+        }
+        if let Some(load) = &self.load {
+            out += &format!(
+                "\nbackground load: {} requests, {} transfers acknowledged ({:.0}/s); latency of \
+                 acknowledged requests p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
+                load.requests,
+                load.transfers_ok,
+                load.transfers_per_second,
+                load.latency_ms_p50,
+                load.latency_ms_p99,
+                load.latency_ms_max
+            );
+            for (outcome, count) in &load.outcomes {
+                out += &format!("  {outcome:<20} {count}\n");
+            }
         }
         out
     }
@@ -275,5 +366,40 @@ mod tests {
         assert_eq!(outage.held_s, Some(2.0));
         assert!((outage.first_write_after_heal_s.unwrap() - 0.4).abs() < 1e-9);
         assert!((outage.longest_without_write_s - 5.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn load_outages_and_summary_come_from_the_load_samples() {
+        let sample = |time_us: u64, outcome: &str| {
+            Record::Load(crate::history::LoadSample {
+                time_us,
+                latency_us: 10_000,
+                transfers: 100,
+                outcome: outcome.into(),
+            })
+        };
+        let mut records: Vec<Record> = Vec::new();
+        records.extend(write(1, 500_000));
+        records.push(sample(600_000, "ok"));
+        records.push(Record::Nemesis {
+            time_us: 1_000_000,
+            fault: "kill-site".into(),
+            phase: Phase::Start,
+            detail: "kill".into(),
+        });
+        records.push(sample(1_100_000, "ok"));
+        records.push(sample(1_500_000, "unknown"));
+        records.push(sample(1_600_000, "shed"));
+        records.push(sample(2_900_000, "ok"));
+        records.extend(write(2, 3_000_000));
+        let history = History::from_records(records).unwrap();
+        let outages = outages(&history);
+        // Load writes at 1.1 s and 2.9 s: the gap between them is the longest until 3 s.
+        assert!((outages[0].load_longest_without_write_s.unwrap() - 1.8).abs() < 1e-9);
+        let summary = load_summary(&history).unwrap();
+        assert_eq!((summary.requests, summary.transfers_ok), (5, 300));
+        assert_eq!(summary.outcomes["unknown"], 1);
+        assert_eq!(summary.outcomes["shed"], 1);
+        assert!((summary.latency_ms_p50 - 10.0).abs() < 1e-9);
     }
 }

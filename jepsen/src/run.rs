@@ -40,6 +40,8 @@ pub struct Options {
     pub progress: bool,
     /// Extra flags for every `tally serve`.
     pub serve_args: Vec<String>,
+    /// An open-loop background load next to the bank workload.
+    pub load: Option<crate::load::LoadOptions>,
 }
 
 /// How long healing may take before the run is judged on what it has.
@@ -79,14 +81,22 @@ pub async fn run(options: Options) -> Result<Report, String> {
 
     let recorder = Arc::new(Recorder::new(Writer::create(&options.out.join("history.jsonl"))?));
     let bank = Arc::new(Bank::new(options.customers, options.opening));
-    {
+    let load_client = {
         let cluster = cluster.lock().await;
         let client = cluster.client_of(&initial, Duration::from_secs(5))?;
         bank.open(&client, &recorder, Duration::from_secs(60)).await?;
-    }
+        if options.load.is_some() {
+            crate::load::open(&client).await?;
+        }
+        let timeout = options.load.map_or(options.op_timeout, |load| load.timeout);
+        Arc::new(cluster.client_of(&all_nodes, timeout)?)
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut processes = tokio::task::JoinSet::new();
+    if let Some(load) = options.load {
+        processes.spawn(crate::load::run(load, load_client, recorder.clone(), stop.clone()));
+    }
     for index in 0..options.clients {
         let mut order = addresses.clone();
         order.rotate_left(index % initial.len().max(1));

@@ -1,10 +1,12 @@
 //! The CI smoke run: three sites of one node each, under payments, through a kill of the
-//! leader's site, a site cut off, and a power loss of the whole cluster. Every checker must pass.
+//! leader's site, a site cut off, and a power loss of the whole cluster, with a background load
+//! of 2,000 transfers a second so that the faults strike a busy cluster. Every checker must pass.
 //! Longer runs: `cargo run --release -p tally-jepsen -- --nemesis all --time-limit 600`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tally_jepsen::load::LoadOptions;
 use tally_jepsen::nemesis::{Fault, Timing};
 use tally_jepsen::run::{Options, run};
 
@@ -44,6 +46,7 @@ async fn three_sites_survive_leader_site_loss_a_cut_and_a_power_loss() {
         out: out.path().to_path_buf(),
         progress: false,
         serve_args: Vec::new(),
+        load: Some(LoadOptions { rate: 2000.0, batch: 100, timeout: Duration::from_secs(2), seed: 20261124 }),
     };
     let report = run(options).await.expect("the run finishes");
     let text = report.text();
@@ -53,6 +56,9 @@ async fn three_sites_survive_leader_site_loss_a_cut_and_a_power_loss() {
         assert!(report.worst_outage_by_fault.contains_key(fault), "{fault} never ran:\n{text}");
     }
     assert!(report.counts.get("transfers ok").copied().unwrap_or(0) > 100, "too little traffic:\n{text}");
+    let load = report.load.as_ref().expect("the background load ran");
+    assert!(load.transfers_ok > 10_000, "too little background load:\n{text}");
+    assert!(!load.outcomes.keys().any(|o| o.starts_with("failed")), "load transfers refused:\n{text}");
     for picture in ["latency.png", "throughput.png", "history.jsonl", "summary.json"] {
         assert!(out.path().join(picture).is_file(), "{picture} missing");
     }
