@@ -28,5 +28,5 @@ pub mod store;
 pub use exec::Ledger;
 pub use mem::MemStore;
 pub use model::*;
-pub use sled_store::SledStore;
-pub use store::{Changes, Store, StoreError, StoreResult};
+pub use sled_store::{FrozenView, SledStore};
+pub use store::{Changes, Records, Store, StoreError, StoreResult};

@@ -14,7 +14,7 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 
 use crate::codec::{self, PREFIX_META};
-use crate::store::{Store, StoreError, StoreResult};
+use crate::store::{Records, Store, StoreError, StoreResult};
 
 const MAGIC: &[u8; 8] = b"TALLYSNP";
 pub const FORMAT_VERSION: u32 = 1;
@@ -26,8 +26,9 @@ const IMPORT_CHUNK_RECORDS: usize = 4096;
 const RECORD_KEY_BYTES_MAX: usize = 64;
 const RECORD_VALUE_BYTES_MAX: usize = 1 << 20;
 
-/// Writes the whole state of `store` to `out`; returns the number of records.
-pub fn export(store: &impl Store, out: impl Write) -> StoreResult<u64> {
+/// Writes the whole state of `store` (a store, or a frozen view of one) to `out`; returns the
+/// number of records.
+pub fn export(store: &impl Records, out: impl Write) -> StoreResult<u64> {
     let mut out = HashingWriter { inner: BufWriter::new(out), hasher: blake3::Hasher::new() };
     out.write_all(MAGIC)?;
     out.write_all(&FORMAT_VERSION.to_le_bytes())?;

@@ -151,3 +151,21 @@ pub trait Store {
     /// Makes everything committed so far durable (fsync). A no-op in memory.
     fn flush(&self) -> StoreResult<()>;
 }
+
+/// Records listed in key order: a store, or a frozen view of one (`SledStore::freeze`). What a
+/// snapshot export reads.
+pub trait Records {
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()>;
+}
+
+impl<S: Store> Records for S {
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+        Store::for_each_record(self, visit)
+    }
+}
+
+impl Records for crate::sled_store::FrozenView {
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+        crate::sled_store::FrozenView::for_each_record(self, visit)
+    }
+}

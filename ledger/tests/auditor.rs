@@ -75,6 +75,49 @@ fn same_workload_same_bytes_on_memory_and_sled() {
     assert_ne!(other.meta().digest, memory.meta().digest);
 }
 
+/// A frozen view exports the state as it was when frozen, byte for byte, while later batches
+/// (new transfers, posts and voids that delete pending and expiry keys) are applied, first
+/// between the freeze and the export, then during it from another thread.
+#[test]
+fn a_frozen_sled_view_exports_the_frozen_state_while_applying_goes_on() {
+    let seed = seed(0x7a11_0006);
+    let dir = tempfile::tempdir().unwrap();
+    let mut sled = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    let mut memory = Ledger::open(MemStore::new()).unwrap();
+    let mut workload = Workload::new(seed);
+    let mut apply = |count: usize, sled: &mut Ledger<SledStore>| {
+        for _ in 0..count {
+            let (batch, proposed, _) = workload.next();
+            let batches = std::slice::from_ref(&batch);
+            assert_eq!(
+                sled.apply(batches, proposed, None).unwrap(),
+                memory.apply(batches, proposed, None).unwrap()
+            );
+        }
+    };
+    apply(300, &mut sled);
+    let frozen_bytes = export_bytes(sled.store());
+    let view = sled.store().freeze();
+    apply(300, &mut sled);
+    let mut from_view = Vec::new();
+    ledger::snapshot::export(&view, &mut from_view).unwrap();
+    assert_eq!(from_view, frozen_bytes, "seed {seed}: the view moved with the store");
+    drop(view);
+
+    let frozen_bytes = export_bytes(sled.store());
+    let view = sled.store().freeze();
+    let exporter = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        ledger::snapshot::export(&view, &mut bytes).unwrap();
+        bytes
+    });
+    apply(300, &mut sled);
+    assert_eq!(exporter.join().unwrap(), frozen_bytes, "seed {seed}: a concurrent export moved");
+    // Once the view is gone the store is itself again, and a new view can be taken.
+    drop(sled.store().freeze());
+    assert_eq!(export_bytes(sled.store()), export_bytes(memory.store()), "seed {seed}");
+}
+
 #[test]
 fn snapshot_round_trip_under_the_workload() {
     let seed = seed(0x7a11_0004);

@@ -146,19 +146,31 @@ impl StateMachine {
     }
 
     /// Exports the state to a durable snapshot file and records it as the current snapshot.
+    ///
+    /// Applying goes on while the export runs: the ledger lock is held only to freeze a view of
+    /// sled (`SledStore::freeze`) together with the applied state it matches; the export then
+    /// reads that view, which later entries do not change.
     fn build(&self) -> io::Result<Snapshot> {
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
         let temporary = dir.join("building.tmp");
-        // Holding the read lock keeps the export and the applied state in step; applying waits.
-        let meta = {
+        let (view, applied) = {
             let ledger = self.shared.ledger.read().unwrap();
             let ledger = ledger.as_ref().expect("ledger outside an install");
-            let applied = self.shared.applied.lock().unwrap().clone();
-            let file = std::fs::File::create(&temporary)?;
-            ledger::snapshot::export(ledger.store(), &file).map_err(io_error)?;
-            file.sync_all()?;
-            SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership }
+            (ledger.store().freeze(), self.shared.applied.lock().unwrap().clone())
         };
+        let file = std::fs::File::create(&temporary)?;
+        ledger::snapshot::export(&view, &file).map_err(io_error)?;
+        drop(view);
+        file.sync_all()?;
+        let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership };
+        // A snapshot installed from the leader while this one was exported is newer: keep it.
+        if let Some(current) = self.current_snapshot_meta()?
+            && current.last_log_id >= meta.last_log_id
+        {
+            std::fs::remove_file(&temporary)?;
+            let path = snapshot_path(&self.shared.data_dir, &current);
+            return Ok(Snapshot { meta: current, snapshot: SnapshotFile { path } });
+        }
         let path = snapshot_path(&self.shared.data_dir, &meta);
         std::fs::rename(&temporary, &path)?;
         std::fs::File::open(&dir)?.sync_all()?;
