@@ -276,6 +276,8 @@ struct Measured {
     transfers_ok: u64,
     /// Microseconds per request.
     latencies_us: Vec<u64>,
+    /// When each request that carried acknowledged transfers completed.
+    acknowledged_at: Vec<Instant>,
     /// Event results other than ok, and failed requests, by name.
     errors: BTreeMap<String, u64>,
 }
@@ -285,6 +287,7 @@ impl Measured {
         self.requests += other.requests;
         self.transfers_ok += other.transfers_ok;
         self.latencies_us.extend(other.latencies_us);
+        self.acknowledged_at.extend(other.acknowledged_at);
         for (name, count) in other.errors {
             *self.errors.entry(name).or_default() += count;
         }
@@ -292,6 +295,14 @@ impl Measured {
 
     fn per_second(&self, count: u64) -> f64 {
         count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The longest time between two acknowledgements, any clients: a commit stall shows here even
+    /// when every single request stays within its latency budget.
+    fn longest_gap(&self) -> Duration {
+        let mut times = self.acknowledged_at.clone();
+        times.sort();
+        times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
     }
 }
 
@@ -445,6 +456,9 @@ impl ClientLoad {
             if measured {
                 result.measured.requests += 1;
                 result.measured.latencies_us.push(latency.as_micros() as u64);
+                if ok > 0 {
+                    result.measured.acknowledged_at.push(Instant::now());
+                }
             }
             progress.transfers_ok.fetch_add(ok, Ordering::Relaxed);
             if let Some(interval) = self.interval {
@@ -720,10 +734,11 @@ impl Report<'_> {
         let w = self.writes;
         println!("{}", self.workload());
         println!(
-            "measured {:.1} s: {} requests, {} transfers ok",
+            "measured {:.1} s: {} requests, {} transfers ok; longest time without an acknowledgement {:.0} ms",
             w.elapsed.as_secs_f64(),
             w.requests,
-            w.transfers_ok
+            w.transfers_ok,
+            w.longest_gap().as_secs_f64() * 1000.0
         );
         let mut table = super::table(&["workload", "per second", "p50 ms", "p99 ms", "p99.9 ms", "max ms"]);
         let mut row = |name: &str, rate: f64, latencies: &[u64]| {
@@ -775,6 +790,7 @@ impl Report<'_> {
             "writes": {
                 "seconds": w.elapsed.as_secs_f64(), "requests": w.requests, "transfers_ok": w.transfers_ok,
                 "transfers_per_second": w.per_second(w.transfers_ok), "latency": latency(w), "errors": w.errors,
+                "longest_gap_us": w.longest_gap().as_micros() as u64,
             },
             "reads": self.reads.iter().map(|(name, m)| json!({
                 "name": name, "requests": m.requests, "per_second": m.per_second(m.requests),

@@ -146,7 +146,13 @@ fn sync_loop(shared: &Shared, jobs: mpsc::Receiver<IoJob>) {
 /// Syncs every append so far without holding the WAL's lock across the fdatasync.
 fn sync_wal(shared: &Shared) -> io::Result<()> {
     let plan = shared.wal.lock().unwrap().sync_plan().map_err(io_error)?;
-    plan.run().inspect_err(|_| shared.wal.lock().unwrap().sync_failed())
+    let result = plan.run();
+    let mut wal = shared.wal.lock().unwrap();
+    match &result {
+        Ok(()) => wal.sync_done(&plan),
+        Err(_) => wal.sync_failed(),
+    }
+    result
 }
 
 /// Best effort: the committed id only lets a restarted node re-apply sooner; a stale one is safe.

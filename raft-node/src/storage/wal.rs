@@ -141,8 +141,12 @@ struct Segment {
     records: Vec<RecordLoc>,
     /// The file's length: the end of the last record.
     bytes_len: u64,
-    /// Written since its last fdatasync.
-    dirty: bool,
+    /// The log's change counter (`Wal::version`) at this file's last change, and at the last
+    /// change an fdatasync is known to cover. Written since its last sync if `written > synced`.
+    /// Counters rather than a flag, because a sync runs without the log's lock (`SyncPlan`) and
+    /// may only mark as durable what was written before it began.
+    written: u64,
+    synced: u64,
 }
 
 impl Segment {
@@ -158,7 +162,8 @@ impl Segment {
         file.write_all_at(&bytes, 0)?;
         let records = vec![RecordLoc { offset: SEGMENT_HEADER_BYTES as u64, payload_len }];
         let file = Arc::new(file);
-        Ok(Segment { first_index, path, file, records, bytes_len: bytes.len() as u64, dirty: true })
+        let bytes_len = bytes.len() as u64;
+        Ok(Segment { first_index, path, file, records, bytes_len, written: 0, synced: 0 })
     }
 
     fn last_index(&self) -> u64 {
@@ -171,7 +176,6 @@ impl Segment {
         self.file.write_all_at(record, self.bytes_len)?;
         self.records.push(RecordLoc { offset: self.bytes_len, payload_len });
         self.bytes_len += record.len() as u64;
-        self.dirty = true;
         Ok(())
     }
 
@@ -184,7 +188,6 @@ impl Segment {
         self.file.set_len(offset)?;
         self.records.truncate(keep);
         self.bytes_len = offset;
-        self.dirty = true;
         Ok(())
     }
 
@@ -261,17 +264,20 @@ impl ReadPlan {
 /// it, so that appends go on while the disk syncs. An fdatasync through a shared handle covers
 /// every write to that file made before it started, whoever made it.
 pub struct SyncPlan {
-    files: Vec<Arc<File>>,
-    dir: Option<PathBuf>,
+    /// Each file to fdatasync, with its segment's first index and `written` when planned.
+    files: Vec<(Arc<File>, u64, u64)>,
+    /// The directory to fsync, with `dir_written` when planned.
+    dir: Option<(PathBuf, u64)>,
 }
 
 impl SyncPlan {
-    /// Syncs. On an error the caller must call `Wal::sync_failed`: see "Durability".
+    /// Syncs. The caller then reports the result to the log: `Wal::sync_done` on success,
+    /// `Wal::sync_failed` on an error (see "Durability").
     pub fn run(&self) -> io::Result<()> {
-        for file in &self.files {
+        for (file, _, _) in &self.files {
             file.sync_data()?;
         }
-        if let Some(dir) = &self.dir {
+        if let Some((dir, _)) = &self.dir {
             sync_dir(dir)?;
         }
         Ok(())
@@ -287,8 +293,13 @@ pub struct Wal {
     segment_bytes_max: u64,
     /// Ascending and contiguous: each starts at the index after the previous one's last.
     segments: Vec<Segment>,
-    /// A segment file was created since the directory was last fsynced.
-    dir_dirty: bool,
+    /// Counts every change that needs an fsync: a segment's `written` and `synced`, and the
+    /// directory's below, are values of it.
+    version: u64,
+    /// The directory changed (a segment was created) at `dir_written`; an fsync of it covers up to
+    /// `dir_synced`.
+    dir_written: u64,
+    dir_synced: u64,
     /// An I/O error hit a write path; see "Durability" above for why that is final.
     failed: bool,
 }
@@ -323,7 +334,15 @@ impl Wal {
             last.file.sync_data()?;
         }
         sync_dir(dir)?;
-        Ok(Wal { dir: dir.to_path_buf(), segment_bytes_max, segments, dir_dirty: false, failed: false })
+        Ok(Wal {
+            dir: dir.to_path_buf(),
+            segment_bytes_max,
+            segments,
+            version: 0,
+            dir_written: 0,
+            dir_synced: 0,
+            failed: false,
+        })
     }
 
     /// Appends one record. Writes to the OS without syncing; see `sync`.
@@ -410,23 +429,45 @@ impl Wal {
         Ok(ReadPlan { parts })
     }
 
-    /// Plans a sync of every append so far: the segments written since the last sync, and the
-    /// directory if a segment was created. They count as synced from here; the caller must run
-    /// the plan and report a failure with `sync_failed`.
-    pub fn sync_plan(&mut self) -> Result<SyncPlan, WalError> {
+    /// Plans a sync of every append so far: the segments written since their last sync, and the
+    /// directory if a segment was created since its last. Nothing counts as synced until the
+    /// caller has run the plan and reported it with `sync_done` (or `sync_failed`): until then,
+    /// a roll or a truncation syncs for itself, so "only the last segment can be torn" holds
+    /// whatever the IO thread is doing.
+    pub fn sync_plan(&self) -> Result<SyncPlan, WalError> {
         self.check_usable()?;
-        let mut files = Vec::new();
-        for segment in self.segments.iter_mut().filter(|segment| segment.dirty) {
-            files.push(segment.file.clone());
-            segment.dirty = false;
-        }
-        let dir = std::mem::take(&mut self.dir_dirty).then(|| self.dir.clone());
+        let files = self
+            .segments
+            .iter()
+            .filter(|segment| segment.written > segment.synced)
+            .map(|segment| (segment.file.clone(), segment.first_index, segment.written))
+            .collect();
+        let dir = (self.dir_written > self.dir_synced).then(|| (self.dir.clone(), self.dir_written));
         Ok(SyncPlan { files, dir })
+    }
+
+    /// `plan` ran without error: what it covered is durable. A segment deleted meanwhile is
+    /// skipped; one created meanwhile has a newer `written` than any in the plan.
+    pub fn sync_done(&mut self, plan: &SyncPlan) {
+        for (_, first_index, written) in &plan.files {
+            if let Some(segment) = self.segments.iter_mut().find(|s| s.first_index == *first_index) {
+                segment.synced = segment.synced.max(*written);
+            }
+        }
+        if let Some((_, written)) = plan.dir {
+            self.dir_synced = self.dir_synced.max(written);
+        }
     }
 
     /// A `SyncPlan` failed: the log is unusable until reopened (see "Durability").
     pub fn sync_failed(&mut self) {
         self.failed = true;
+    }
+
+    /// Records a change to the segment at `position` (an append, a truncation, its creation).
+    fn touch(&mut self, position: usize) {
+        self.version += 1;
+        self.segments[position].written = self.version;
     }
 
     fn check_usable(&self) -> Result<(), WalError> {
@@ -446,10 +487,12 @@ impl Wal {
         let segment_bytes_max = self.segment_bytes_max;
         match self.segments.last_mut() {
             Some(segment) if segment.bytes_len + record.len() as u64 <= segment_bytes_max => {
-                segment.append(record, payload_len)
+                segment.append(record, payload_len)?;
             }
-            _ => self.roll(index, record, payload_len),
+            _ => self.roll(index, record, payload_len)?,
         }
+        self.touch(self.segments.len() - 1);
+        Ok(())
     }
 
     /// Starts a new segment with `record` as its first.
@@ -459,18 +502,19 @@ impl Wal {
         self.sync_pending()?;
         let segment = Segment::create(&self.dir, index, record, payload_len)?;
         self.segments.push(segment);
-        self.dir_dirty = true;
+        self.version += 1;
+        self.dir_written = self.version;
         Ok(())
     }
 
     fn sync_pending(&mut self) -> io::Result<()> {
-        for segment in self.segments.iter_mut().filter(|segment| segment.dirty) {
+        for segment in self.segments.iter_mut().filter(|segment| segment.written > segment.synced) {
             segment.file.sync_data()?;
-            segment.dirty = false;
+            segment.synced = segment.written;
         }
-        if self.dir_dirty {
+        if self.dir_written > self.dir_synced {
             sync_dir(&self.dir)?;
-            self.dir_dirty = false;
+            self.dir_synced = self.dir_written;
         }
         Ok(())
     }
@@ -487,6 +531,7 @@ impl Wal {
             && segment.last_index() >= index
         {
             segment.truncate_from(index)?;
+            self.touch(self.segments.len() - 1);
         }
         self.sync_pending()
     }
@@ -629,7 +674,7 @@ fn recover_segment(
         return Ok(None);
     }
     let file = Arc::new(file);
-    Ok(Some(Segment { first_index, path, file, records: scan.records, bytes_len, dirty: false }))
+    Ok(Some(Segment { first_index, path, file, records: scan.records, bytes_len, written: 0, synced: 0 }))
 }
 
 fn read_segment_file(file: &File, path: &Path) -> Result<Vec<u8>, WalError> {
@@ -1109,6 +1154,36 @@ mod tests {
     /// segment with others, or sits alone in one, so that damage also lands in a segment header.
     const LAYOUTS: [(u64, u64); 2] = [(SEGMENT_BYTES_MAX, 5), (SEGMENT_BYTES_ONE_RECORD, 3)];
 
+    /// A sync planned (and running without the lock) does not count until it is done: a roll
+    /// meanwhile syncs the earlier segment itself, so that only the last segment can be torn; a
+    /// truncation after the plan still needs its own sync.
+    #[test]
+    fn a_planned_sync_counts_only_once_done() {
+        let dir = TempDir::new().unwrap();
+        let record_bytes = RECORD_HEADER_BYTES as u64 + 100;
+        let mut wal = Wal::open_with(dir.path(), SEGMENT_HEADER_BYTES as u64 + 2 * record_bytes).unwrap();
+        wal.append(1, &[1; 100]).unwrap();
+        let plan = wal.sync_plan().unwrap();
+        let dirty = |wal: &Wal| wal.segments.iter().map(|s| s.written > s.synced).collect::<Vec<_>>();
+        assert_eq!(dirty(&wal), [true], "planned is not synced");
+        wal.append(2, &[2; 100]).unwrap();
+        wal.append(3, &[3; 100]).unwrap(); // rolls: the first segment is synced by the roll
+        assert_eq!(dirty(&wal), [false, true]);
+        assert!(wal.dir_written > wal.dir_synced, "the new segment's directory entry");
+        plan.run().unwrap();
+        wal.sync_done(&plan);
+        assert_eq!(dirty(&wal), [false, true], "an old plan does not cover later writes");
+        let plan = wal.sync_plan().unwrap();
+        wal.truncate_from(3).unwrap();
+        wal.append(3, &[4; 100]).unwrap(); // a new segment with the same first index
+        plan.run().unwrap();
+        wal.sync_done(&plan);
+        assert_eq!(dirty(&wal), [false, true], "a plan for a deleted segment covers not its successor");
+        wal.sync().unwrap();
+        assert_eq!(dirty(&wal), [false, false]);
+        assert_eq!(wal.dir_written, wal.dir_synced);
+    }
+
     #[test]
     fn a_read_plan_stops_at_its_byte_budget_but_takes_one_record() {
         // 10 records of 100 bytes, 3 to a segment: (start, end, bytes_max) -> indexes read.
@@ -1119,6 +1194,7 @@ mod tests {
         }
         let plan = wal.sync_plan().unwrap();
         plan.run().unwrap();
+        wal.sync_done(&plan);
         assert_eq!(segment_paths(dir.path()).len(), 4);
         let check = |start: u64, end: u64, bytes_max: u64, expected: Vec<u64>| {
             let read = wal.read_plan(start, end, bytes_max).unwrap().read().unwrap();
