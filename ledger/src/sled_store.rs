@@ -43,7 +43,7 @@ impl SledStore {
         let mut pre_images = self.pre_images.lock().unwrap();
         assert!(pre_images.is_none(), "sled store: a second frozen view");
         *pre_images = Some(BTreeMap::new());
-        FrozenView { tree: self.tree.clone(), pre_images: self.pre_images.clone() }
+        FrozenView { db: self.db.clone(), tree: self.tree.clone(), pre_images: self.pre_images.clone() }
     }
 
     /// Records the current value of each key `changes` writes that has none recorded yet.
@@ -187,11 +187,19 @@ impl Store for SledStore {
 
 /// The state of a `SledStore` when `SledStore::freeze` was called, readable while commits go on.
 pub struct FrozenView {
+    db: sled::Db,
     tree: sled::Tree,
     pre_images: Arc<Mutex<Option<PreImages>>>,
 }
 
 impl FrozenView {
+    /// Flushes the live store: everything committed so far, the frozen state included, is
+    /// written out, and survives a process crash. Safe while commits go on.
+    pub fn flush_store(&self) -> StoreResult<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Every record of the frozen state in key order: the live tree, with each key changed since
     /// the freeze read from its pre-image instead (and keys deleted since then put back).
     ///

@@ -160,6 +160,11 @@ impl StateMachine {
         };
         let file = std::fs::File::create(&temporary)?;
         ledger::snapshot::export(&view, &file).map_err(io_error)?;
+        // sled flushes on a timer, so after a crash it can be behind a snapshot taken from its
+        // memory; `open` then reloads the whole snapshot, which takes minutes for a large
+        // state. Flushing it before the snapshot becomes current keeps sled at or past it, and
+        // a restart only re-applies the log after it.
+        view.flush_store().map_err(io_error)?;
         drop(view);
         file.sync_all()?;
         let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership };
