@@ -135,8 +135,8 @@ fn random_transfers(rng: &mut impl Rng, next_id: &mut u128, count: usize) -> Vec
 
 /// "ok" if every transfer was created (or already was: the client re-sent a request whose first
 /// attempt took effect unseen, and `EXISTS` is its idempotent answer), "failed" with the first
-/// refusal's name if the cluster refused one (a bug: these accounts have no limits), "unknown"
-/// if no answer came in time.
+/// refusal's name if the cluster refused one (a bug: these accounts have no limits), "busy" if
+/// the cluster pushed back, "unknown" if no answer came in time.
 fn outcome(reply: Result<Vec<v1::CreateTransferResult>, tally_client::Error>) -> String {
     use v1::CreateTransferStatus::{Exists, Ok as Created};
     match reply {
@@ -144,6 +144,10 @@ fn outcome(reply: Result<Vec<v1::CreateTransferResult>, tally_client::Error>) ->
             None => "ok".into(),
             Some(refused) => format!("failed: {}", refused.status().as_str_name()),
         },
+        // A full queue on the leader pushing back: the cluster is saturated, not wrong.
+        Err(tally_client::Error::Rejected(status)) if status.code() == tonic::Code::ResourceExhausted => {
+            "busy".into()
+        }
         Err(tally_client::Error::Rejected(status)) => {
             format!("failed: {:?} {}", status.code(), status.message())
         }

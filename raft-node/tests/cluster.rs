@@ -359,7 +359,6 @@ async fn bad_input_gets_a_clear_answer_and_changes_nothing() {
     assert_eq!(after, before);
 }
 
-/// Sends `body` as a raw gRPC message (bypassing protobuf encoding) and returns the status code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_request_names_the_leader_and_a_failed_hop() {
     let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
@@ -369,8 +368,17 @@ async fn a_forwarded_request_names_the_leader_and_a_failed_hop() {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address(follower)))
         .unwrap()
         .connect_lazy();
-    let request = v1::CreateAccountsRequest { accounts: vec![account(1)] };
-    let reply = v1::ledger_client::LedgerClient::new(channel).create_accounts(request).await.unwrap();
+    let mut ledger = v1::ledger_client::LedgerClient::new(channel);
+    let started = Instant::now();
+    // The follower may not have heard from the new leader yet: it answers UNAVAILABLE until then.
+    let reply = loop {
+        let request = v1::CreateAccountsRequest { accounts: vec![account(1)] };
+        match ledger.create_accounts(request).await {
+            Ok(reply) => break reply,
+            Err(status) => assert!(started.elapsed() < DEADLINE, "{status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let hint = reply.metadata().get("x-tally-leader").map(|v| v.to_str().unwrap().to_string());
     assert_eq!(hint, Some(cluster.address(leader)));
 
@@ -394,6 +402,7 @@ async fn a_forwarded_request_names_the_leader_and_a_failed_hop() {
     }
 }
 
+/// Sends `body` as a raw gRPC message (bypassing protobuf encoding) and returns the status code.
 async fn raw_grpc_call(address: &str, path: &'static str, body: &[u8]) -> tonic::Code {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .unwrap()

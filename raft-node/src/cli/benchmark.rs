@@ -658,14 +658,20 @@ fn check_money(check: &mut Check, before: &Totals, after: &Totals, writes: &Writ
             after.all_debits, after.all_credits
         ));
     }
-    let moved = after.customer_debits - before.customer_debits;
+    // Balances only grow; one that shrank is lost money, reported rather than overflowed.
+    let (Some(moved), Some(credited)) = (
+        after.customer_debits.checked_sub(before.customer_debits),
+        after.customer_credits.checked_sub(before.customer_credits),
+    ) else {
+        check.failures.push("customers' posted balances went down during the run".into());
+        return;
+    };
     if moved < writes.amount_ok || moved > writes.amount_ok + writes.amount_unknown {
         check.failures.push(format!(
             "customers' debits grew by {moved}, not by the acknowledged {} (plus up to {} unknown)",
             writes.amount_ok, writes.amount_unknown
         ));
     }
-    let credited = after.customer_credits - before.customer_credits;
     if credited != moved {
         check.failures.push(format!("customers were credited {credited} but debited {moved}"));
     }

@@ -94,8 +94,7 @@ struct Hop {
 }
 
 impl Hop {
-    /// Sends `message` to the leader, marked as forwarded, with what is left of the caller's
-    /// deadline. An error says which hop failed: the leader's own answer keeps its code, a
+    /// Sends `message` to the leader, marked as forwarded, with the caller's deadline (capped). An error says which hop failed: the leader's own answer keeps its code, a
     /// failure to reach the leader is UNAVAILABLE naming both nodes.
     async fn forward<T, R, F, Fut>(self, request: Request<T>, call: F) -> Result<Response<R>, Status>
     where
@@ -128,12 +127,21 @@ impl Hop {
     }
 }
 
-/// The caller's deadline (`grpc-timeout`), passed on so the leader stops when the caller has.
+/// The longest deadline a forwarded request carries, whatever the caller asked for.
+const FORWARD_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+/// gRPC allows at most 8 digits in a `grpc-timeout`; tonic panics on a duration it cannot encode.
+const GRPC_TIMEOUT_DIGITS_MAX: usize = 8;
+
+/// The caller's deadline (`grpc-timeout`), passed on so the leader stops when the caller has;
+/// at most `FORWARD_TIMEOUT_MAX`. A malformed one is ignored, as tonic's server ignores it.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
     let text = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if !text.is_ascii() || text.len() < 2 || text.len() > GRPC_TIMEOUT_DIGITS_MAX + 1 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
     let value: u64 = digits.parse().ok()?;
-    Some(match unit {
+    let timeout = match unit {
         "H" => std::time::Duration::from_secs(value.saturating_mul(3600)),
         "M" => std::time::Duration::from_secs(value.saturating_mul(60)),
         "S" => std::time::Duration::from_secs(value),
@@ -141,7 +149,8 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Du
         "u" => std::time::Duration::from_micros(value),
         "n" => std::time::Duration::from_nanos(value),
         _ => return None,
-    })
+    };
+    Some(timeout.min(FORWARD_TIMEOUT_MAX))
 }
 
 /// Runs a read here, or forwards it to the leader when it must be linearizable and this node
@@ -250,4 +259,30 @@ impl pb::ledger_server::Ledger for LedgerService {
 
 fn internal(error: impl std::fmt::Display) -> Status {
     Status::internal(format!("reading the ledger: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_capped_and_malformed_ones_are_ignored() {
+        let check = |value: &str, expected: Option<Duration>| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            assert_eq!(grpc_timeout(&metadata), expected, "{value}");
+        };
+        check("250m", Some(Duration::from_millis(250)));
+        check("3S", Some(Duration::from_secs(3)));
+        check("1500u", Some(Duration::from_micros(1500)));
+        check("2H", Some(FORWARD_TIMEOUT_MAX));
+        check("99999999H", Some(FORWARD_TIMEOUT_MAX));
+        check("100000000H", None);
+        check("999999999999S", None);
+        check("S", None);
+        check("10x", None);
+        check("-5S", None);
+    }
 }

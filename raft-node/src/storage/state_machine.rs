@@ -55,6 +55,11 @@ pub struct Shared {
     /// holds the lock exclusively while sled's directory is swapped.
     ledger: RwLock<Option<Ledger<SledStore>>>,
     pub applied: Mutex<AppliedState>,
+    /// Held by a snapshot build from before it freezes its view until its snapshot is current,
+    /// and by a snapshot install throughout: applying goes on during a build, so an install could
+    /// otherwise swap sled's directory under a live view, or be overwritten as current by an
+    /// older build. Never taken while holding the ledger lock.
+    snapshots: Mutex<()>,
 }
 
 impl Shared {
@@ -101,6 +106,7 @@ impl StateMachine {
                 data_dir: data_dir.to_path_buf(),
                 ledger: RwLock::new(Some(ledger)),
                 applied: Mutex::new(applied),
+                snapshots: Mutex::new(()),
             }),
         };
         if let Some(meta) = machine.current_snapshot_meta()? {
@@ -151,6 +157,7 @@ impl StateMachine {
     /// sled (`SledStore::freeze`) together with the applied state it matches; the export then
     /// reads that view, which later entries do not change.
     fn build(&self) -> io::Result<Snapshot> {
+        let _snapshots = self.shared.snapshots.lock().unwrap();
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
         let temporary = dir.join("building.tmp");
         let (view, applied) = {
@@ -304,6 +311,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: SnapshotFile,
     ) -> Result<(), io::Error> {
         tokio::task::block_in_place(|| {
+            let _snapshots = self.shared.snapshots.lock().unwrap();
             let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
             let path = snapshot_path(&self.shared.data_dir, meta);
             if snapshot.path != path {

@@ -191,21 +191,22 @@ impl Segment {
         Ok(())
     }
 
-    /// The records `[start, end)` of this segment, at most `bytes_max` payload bytes of them but
-    /// at least one, as a part of a `ReadPlan`. Returns the part and the payload bytes it holds.
-    fn read_part(&self, start: u64, end: u64, bytes_max: u64) -> (ReadPart, u64) {
+    /// The records `[start, end)` of this segment, as many as fit in `bytes_max` payload bytes
+    /// (and the first one anyway if `take_one`), as a part of a `ReadPlan`. Returns the part and
+    /// the payload bytes it holds.
+    fn read_part(&self, start: u64, end: u64, bytes_max: u64, take_one: bool) -> (ReadPart, u64) {
         assert!(self.first_index <= start && start < end && end <= self.last_index() + 1);
         let all = &self.records[(start - self.first_index) as usize..(end - self.first_index) as usize];
         let mut bytes = 0u64;
-        let count = all
-            .iter()
-            .take_while(|loc| {
-                let first = bytes == 0;
-                bytes += u64::from(loc.payload_len);
-                first || bytes <= bytes_max
-            })
-            .count();
-        let bytes = all[..count].iter().map(|loc| u64::from(loc.payload_len)).sum();
+        let mut count = 0;
+        for loc in all {
+            let next = bytes + u64::from(loc.payload_len);
+            if next > bytes_max && !(take_one && count == 0) {
+                break;
+            }
+            bytes = next;
+            count += 1;
+        }
         let part =
             ReadPart { file: self.file.clone(), path: self.path.clone(), start, locs: all[..count].to_vec() };
         (part, bytes)
@@ -244,8 +245,11 @@ impl ReadPart {
 
 /// A read of a range of records, planned under the log's lock (`Wal::read_plan`) and carried
 /// out without it, so that a large read (a follower catching up) does not hold up appends and
-/// syncs. A record truncated or purged between the plan and the read fails its checks and the
-/// read returns an error; the caller reads again under the lock.
+/// syncs. The plan holds the segment files open, so a record truncated or purged after the
+/// plan may still be read as it was; a record overwritten in place (truncated, then appended
+/// again) fails its checks or shows the new entry. The log store's callers tolerate both: a
+/// leader never truncates its own log, and openraft checks the log ids it gets back. On an
+/// error the log store reads again under the lock.
 pub struct ReadPlan {
     parts: Vec<ReadPart>,
 }
@@ -415,12 +419,11 @@ impl Wal {
             if segment_start >= segment_end {
                 continue;
             }
-            if bytes_left == 0 && !parts.is_empty() {
-                break;
-            }
-            let (part, bytes) = segment.read_part(segment_start, segment_end, bytes_left);
+            let (part, bytes) = segment.read_part(segment_start, segment_end, bytes_left, parts.is_empty());
             let whole = part.locs.len() as u64 == segment_end - segment_start;
-            parts.push(part);
+            if !part.locs.is_empty() {
+                parts.push(part);
+            }
             bytes_left = bytes_left.saturating_sub(bytes);
             if !whole {
                 break;
@@ -1206,6 +1209,8 @@ mod tests {
         check(1, 11, 250, vec![1, 2]);
         check(1, 11, 300, vec![1, 2, 3]);
         check(2, 11, 450, vec![2, 3, 4, 5]);
+        check(1, 11, 350, vec![1, 2, 3]);
+        check(3, 11, 150, vec![3]);
         check(5, 11, 1, vec![5]);
         check(5, 11, 0, vec![5]);
         check(9, 20, 1000, vec![9, 10]);
