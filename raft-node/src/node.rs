@@ -176,17 +176,14 @@ impl NodeHandle {
 
     /// The address the membership records for node `id`: what clients use to reach it.
     pub fn advertised_address_of(&self, id: NodeId) -> Option<String> {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        metrics.membership_config.membership().get_node(&id).map(|n| n.address.clone())
+        let metrics = self.raft.metrics();
+        let membership = metrics.borrow_watched().membership_config.clone();
+        membership.membership().get_node(&id).map(|n| n.address.clone())
     }
 
     /// The address this node uses to reach node `id`: its route, or the membership's address.
     pub fn address_of(&self, id: NodeId) -> Option<String> {
-        if let Some(address) = self.config.routes.get(&id) {
-            return Some(address.clone());
-        }
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        metrics.membership_config.membership().get_node(&id).map(|n| n.address.clone())
+        self.config.routes.get(&id).cloned().or_else(|| self.advertised_address_of(id))
     }
 }
 

@@ -49,22 +49,18 @@ fn before_opening(setup: &Setup, balances: &[Balance]) -> bool {
     let untouched = |b: &&Balance| {
         b.debits_posted == 0 && b.credits_posted == 0 && b.debits_pending == 0 && b.credits_pending == 0
     };
-    bank.is_empty()
-        || (bank.len() == accounts.len() && each_once(&accounts, balances) && bank.iter().all(untouched))
+    bank.is_empty() || (misplaced_account(&accounts, balances).is_none() && bank.iter().all(untouched))
 }
 
-/// Every one of `accounts` appears exactly once.
-fn each_once(accounts: &[u64], balances: &[Balance]) -> bool {
-    accounts.iter().all(|id| balances.iter().filter(|b| b.id == *id).count() == 1)
+/// The first of `accounts` that does not appear exactly once, and how often it appears.
+fn misplaced_account(accounts: &[u64], balances: &[Balance]) -> Option<(u64, usize)> {
+    accounts.iter().map(|id| (*id, balances.iter().filter(|b| b.id == *id).count())).find(|(_, n)| *n != 1)
 }
 
 /// `Err` says how the balances break conservation.
 fn conserves(setup: &Setup, balances: &[Balance]) -> Result<(), String> {
-    for id in setup.accounts() {
-        let count = balances.iter().filter(|b| b.id == id).count();
-        if count != 1 {
-            return Err(format!("account {id} appears {count} times in the read"));
-        }
+    if let Some((id, count)) = misplaced_account(&setup.accounts(), balances) {
+        return Err(format!("account {id} appears {count} times in the read"));
     }
     let all: Vec<&Balance> = balances.iter().collect();
     let customers: Vec<&Balance> = balances.iter().filter(|b| setup.customers.contains(&b.id)).collect();
