@@ -5,7 +5,9 @@
 //! TigerBeetle clients use the same 128-byte layouts. Keys are big-endian so that byte order is
 //! numeric order: a range scan over `(account_id, timestamp)` is a scan in time.
 //!
-//! Key space (one sled tree, so that one `apply_batch` writes a whole entry atomically):
+//! The logical key space: the records a snapshot carries and the state digest hashes, in this
+//! order. Both stores present exactly these; how `SledStore` lays them out on disk is its own
+//! business (`sled_store/mod.rs`).
 //!
 //! | prefix | key                           | value                                   |
 //! |--------|-------------------------------|-----------------------------------------|
@@ -14,12 +16,13 @@
 //! | `I`    | account id, timestamp         | transfer id, then balances if `history` |
 //! | `M`    | meta name                     | meta value                              |
 //! | `P`    | pending transfer id           | status (1 byte)                         |
-//! | `T`    | transfer id                   | transfer record (128 bytes)             |
+//! | `T`    | transfer timestamp            | transfer record (128 bytes)             |
 
 use crate::model::{Account, AccountBalance, AccountFlags, Transfer, TransferFlags};
 
 /// Bumped whenever a record or key layout changes; stored in the state and in snapshots.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2 keys transfers by timestamp (version 1: by id, one sled key per record).
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub const RECORD_BYTES: usize = 128;
 pub const BALANCE_BYTES: usize = 64;
@@ -39,12 +42,22 @@ pub const META_APP_KEY: &[u8] = b"Mapp";
 
 pub type IdKey = [u8; 17];
 pub type IndexKey = [u8; 25];
+pub type TransferKey = [u8; 9];
 pub type ExpiryKey = [u8; 25];
 
 pub fn id_key(prefix: u8, id: u128) -> IdKey {
     let mut key = [0u8; 17];
     key[0] = prefix;
     key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// A transfer's logical key: its timestamp, so that the stream lists transfers in the order they
+/// were created, which is how they are stored.
+pub fn transfer_key(timestamp: u64) -> TransferKey {
+    let mut key = [0u8; 9];
+    key[0] = PREFIX_TRANSFER;
+    key[1..].copy_from_slice(&timestamp.to_be_bytes());
     key
 }
 

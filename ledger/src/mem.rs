@@ -157,8 +157,10 @@ impl Store for MemStore {
         for (id, status) in sorted(&self.pending) {
             visit(&codec::id_key(PREFIX_PENDING, id), &[*status as u8])?;
         }
-        for (id, transfer) in sorted(&self.transfers) {
-            visit(&codec::id_key(PREFIX_TRANSFER, id), &codec::encode_transfer(transfer))?;
+        let mut transfers: Vec<&Transfer> = self.transfers.values().collect();
+        transfers.sort_unstable_by_key(|transfer| transfer.timestamp);
+        for transfer in transfers {
+            visit(&codec::transfer_key(transfer.timestamp), &codec::encode_transfer(transfer))?;
         }
         Ok(())
     }
@@ -199,8 +201,12 @@ fn put_record(store: &mut MemStore, key: &[u8], value: &[u8]) -> StoreResult<()>
         Some(PREFIX_ACCOUNT) if value.len() == codec::RECORD_BYTES => {
             store.accounts.insert(id()?, codec::decode_account(value));
         }
-        Some(PREFIX_TRANSFER) if value.len() == codec::RECORD_BYTES => {
-            store.transfers.insert(id()?, codec::decode_transfer(value));
+        Some(PREFIX_TRANSFER) if key.len() == 9 && value.len() == codec::RECORD_BYTES => {
+            let transfer = codec::decode_transfer(value);
+            if codec::transfer_key(transfer.timestamp) != key {
+                return Err(corrupt());
+            }
+            store.transfers.insert(transfer.id, transfer);
         }
         Some(PREFIX_PENDING) if value.len() == 1 => {
             let status = PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;

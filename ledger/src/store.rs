@@ -97,10 +97,7 @@ impl Changes {
             record(&codec::id_key(codec::PREFIX_PENDING, *id), Some(&[*status as u8]));
         }
         for transfer in &self.transfers {
-            record(
-                &codec::id_key(codec::PREFIX_TRANSFER, transfer.id),
-                Some(&codec::encode_transfer(transfer)),
-            );
+            record(&codec::transfer_key(transfer.timestamp), Some(&codec::encode_transfer(transfer)));
         }
     }
 }

@@ -44,7 +44,9 @@ fn same_workload_same_bytes_on_memory_and_sled() {
     let seed = seed(0x7a11_0003);
     let dir = tempfile::tempdir().unwrap();
     let mut memory = Ledger::open(MemStore::new()).unwrap();
-    let mut sled = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    // Merges inside `commit`, so that which runs exist is the same on every run of the test.
+    let inline = ledger::sled_store::Options { background_merges: false, ..Default::default() };
+    let mut sled = Ledger::open(SledStore::open_with(dir.path(), inline).unwrap()).unwrap();
     let mut workload = Workload::new(seed);
     for _ in 0..600 {
         let (batch, proposed, _) = workload.next();
@@ -57,6 +59,9 @@ fn same_workload_same_bytes_on_memory_and_sled() {
     let digest = ledger::snapshot::state_digest(memory.store()).unwrap();
     assert_eq!(digest, ledger::snapshot::state_digest(sled.store()).unwrap(), "seed {seed}");
     assert_eq!(export_bytes(memory.store()), export_bytes(sled.store()), "seed {seed}");
+    // 600 entries made hundreds of runs of each kind; merges keep a few dozen.
+    let (runs, _) = sled.store().run_counts();
+    assert!(runs.iter().all(|count| (1..=40).contains(count)), "seed {seed}: runs {runs:?}");
 
     // And the state survives closing and reopening sled.
     let meta = sled.meta();
@@ -195,4 +200,20 @@ fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
     // Importing over existing state is refused.
     let mut store = original.into_store();
     assert!(matches!(ledger::snapshot::import(&mut store, &bytes[..]), Err(StoreError::NotEmpty)));
+}
+
+/// A data directory written by the schema 1 layout (sled with its default segments, one key per
+/// record) is refused with a message that says how to rebuild it, and is left as it was.
+#[test]
+fn a_state_of_the_old_layout_is_refused_with_how_to_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        db.open_tree("ledger").unwrap().insert(b"Mledger", &[1, 0, 0, 0][..]).unwrap();
+        db.flush().unwrap();
+    }
+    let error = SledStore::open(dir.path()).err().expect("the old layout is refused").to_string();
+    assert!(error.contains("older tally") && error.contains("--join"), "{error}");
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    assert!(db.open_tree("ledger").unwrap().get(b"Mledger").unwrap().is_some());
 }

@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// log instead of needing the whole snapshot.
     #[serde(default = "default_snapshot_log_keep")]
     pub snapshot_log_keep: u64,
+    /// Memory for the ledger state's caches (sled's page cache and decoded accounts), in bytes.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
     /// Reach node ID at this address instead of the one the membership records, for all
     /// node-to-node traffic (Raft and forwarded requests): a NAT, a tunnel, or a chaos harness's
     /// fault-injecting proxy between this node and that one.
@@ -85,6 +88,9 @@ fn default_snapshot_entries() -> u64 {
 }
 fn default_snapshot_log_keep() -> u64 {
     1000
+}
+pub fn default_cache_bytes() -> u64 {
+    ledger::sled_store::Options::default().cache_bytes
 }
 
 impl NodeConfig {
@@ -220,7 +226,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
     let log = LogStore::open(&config.data_dir.join("wal")).map_err(|e| {
         format!("cannot open the write-ahead log in {}: {e}", config.data_dir.join("wal").display())
     })?;
-    let machine = StateMachine::open(&config.data_dir)
+    let machine = StateMachine::open(&config.data_dir, config.cache_bytes)
         .map_err(|e| format!("cannot open the ledger state in {}: {e}", config.data_dir.display()))?;
     let state = machine.shared.clone();
     let raft_config =

@@ -12,7 +12,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temporary directory");
         let log = LogStore::open(&dir.path().join("wal")).expect("open the log store");
-        let machine = StateMachine::open(dir.path()).expect("open the state machine");
+        let machine = StateMachine::open(dir.path(), raft_node::node::default_cache_bytes())
+            .expect("open the state machine");
         Ok((dir, log, machine))
     }
 }

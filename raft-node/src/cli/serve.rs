@@ -48,6 +48,9 @@ pub struct ServeArgs {
     pub snapshot_entries: Option<u64>,
     #[arg(long)]
     pub snapshot_log_keep: Option<u64>,
+    /// Memory for the ledger state's caches, e.g. 512MiB or 2GiB (default 512MiB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub cache_bytes: Option<u64>,
     /// Reach node ID at HOST:PORT instead of its advertised address, as ID=HOST:PORT
     /// (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
     #[arg(long = "route", value_parser = parse_route)]
@@ -63,6 +66,24 @@ fn parse_peer(text: &str) -> Result<PeerConfig, String> {
         return Err(error());
     }
     Ok(PeerConfig { id, address: address.to_string(), site: site.to_string() })
+}
+
+/// A size in bytes: a number, optionally followed by KiB, MiB or GiB.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let error = || format!("'{text}': expected a size such as 536870912, 512MiB or 2GiB");
+    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let shift = match unit.trim() {
+        "" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => return Err(error()),
+    };
+    let number: u64 = digits.parse().map_err(|_| error())?;
+    number
+        .checked_mul(1 << shift)
+        .filter(|bytes| *bytes >= 1 << 20)
+        .ok_or_else(|| format!("'{text}': the cache needs at least 1MiB and at most {} bytes", u64::MAX))
 }
 
 fn parse_route(text: &str) -> Result<(u64, String), String> {
@@ -113,6 +134,10 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .snapshot_log_keep
             .or(file.as_ref().map(|f| f.snapshot_log_keep))
             .unwrap_or(1000),
+        cache_bytes: args
+            .cache_bytes
+            .or(file.as_ref().map(|f| f.cache_bytes))
+            .unwrap_or_else(crate::node::default_cache_bytes),
         routes: if args.routes.is_empty() {
             file.as_ref().map(|f| f.routes.clone()).unwrap_or_default()
         } else {

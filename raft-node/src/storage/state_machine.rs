@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
+use ledger::sled_store::Options as StoreOptions;
 use ledger::{Ledger, SledStore, Store};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -50,6 +51,7 @@ pub struct SnapshotFile {
 /// Lock order: `ledger` before `applied`, always.
 pub struct Shared {
     data_dir: PathBuf,
+    options: StoreOptions,
     /// Reads (lookups, queries, digests) take it shared; applying an entry takes it exclusively.
     /// A std lock: it is never held across an await. `None` only inside `install_file`, which
     /// holds the lock exclusively while sled's directory is swapped.
@@ -83,8 +85,8 @@ fn io_error(error: impl std::fmt::Display) -> io::Error {
     io::Error::other(error.to_string())
 }
 
-fn open_ledger(path: &Path) -> io::Result<(Ledger<SledStore>, AppliedState)> {
-    let ledger = Ledger::open(SledStore::open(path).map_err(io_error)?).map_err(io_error)?;
+fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(Ledger<SledStore>, AppliedState)> {
+    let ledger = Ledger::open(SledStore::open_with(path, options).map_err(io_error)?).map_err(io_error)?;
     let applied = match ledger.store().meta_raw(ledger::codec::META_APP_KEY).map_err(io_error)? {
         Some(bytes) => {
             decode(&bytes).map_err(|e| io_error(format!("applied state in {}: {e}", path.display())))?
@@ -97,13 +99,15 @@ fn open_ledger(path: &Path) -> io::Result<(Ledger<SledStore>, AppliedState)> {
 impl StateMachine {
     /// Opens the state under `data_dir`, finishing or discarding a snapshot install that a crash
     /// interrupted, and reloading the newest snapshot if sled fell behind it.
-    pub fn open(data_dir: &Path) -> io::Result<StateMachine> {
+    pub fn open(data_dir: &Path, cache_bytes: u64) -> io::Result<StateMachine> {
+        let options = StoreOptions { cache_bytes, background_merges: true };
         std::fs::create_dir_all(data_dir.join(SNAPSHOT_DIR))?;
         recover_install(data_dir)?;
-        let (ledger, applied) = open_ledger(&data_dir.join(STATE_DIR))?;
+        let (ledger, applied) = open_ledger(&data_dir.join(STATE_DIR), options)?;
         let machine = StateMachine {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
+                options,
                 ledger: RwLock::new(Some(ledger)),
                 applied: Mutex::new(applied),
                 snapshots: Mutex::new(()),
@@ -198,7 +202,9 @@ impl StateMachine {
             std::fs::remove_dir_all(&fresh)?;
         }
         {
-            let mut store = SledStore::open(&fresh).map_err(io_error)?;
+            // No merges while importing: the imported runs merge once the store is live.
+            let importing = StoreOptions { background_merges: false, ..self.shared.options };
+            let mut store = SledStore::open_with(&fresh, importing).map_err(io_error)?;
             let file = std::fs::File::open(path)?;
             ledger::snapshot::import(&mut store, file).map_err(io_error)?;
             store.flush().map_err(io_error)?;
@@ -207,7 +213,7 @@ impl StateMachine {
         // sled holds a lock on its directory: close the current one before swapping.
         drop(ledger.take());
         swap_state_dirs(data_dir)?;
-        let (reopened, applied) = open_ledger(&data_dir.join(STATE_DIR))?;
+        let (reopened, applied) = open_ledger(&data_dir.join(STATE_DIR), self.shared.options)?;
         *ledger = Some(reopened);
         *self.shared.applied.lock().unwrap() = applied;
         Ok(())

@@ -1,0 +1,1029 @@
+//! `SledStore`: the state in one sled tree, laid out for a ledger's workload.
+//!
+//! Transfers never change once created and arrive in timestamp order; accounts are few and hot;
+//! lookups are by id, by (account, time) and by expiry. So the state is not one sled key per
+//! record (sled does tens of thousands of random inserts a second) but a few large values per
+//! applied entry:
+//!
+//! | physical key                      | value                                                |
+//! |-----------------------------------|------------------------------------------------------|
+//! | `T` first timestamp               | up to 256 transfer records of one entry, in time order |
+//! | `R` kind, run id, page number     | a page of a sorted run (`runs.rs`): accounts, transfer ids -> timestamp, per-account index |
+//! | `F` kind, run id, chunk number    | that run's description: page fences and Bloom filter |
+//! | `L` `layout`                      | the runs of each kind, oldest first, and runs awaiting deletion |
+//! | `E`, `M`, `P`                     | expiries, meta and pending statuses, as in the logical key space (`codec.rs`) |
+//!
+//! Each applied entry writes, in one atomic `apply_batch`: its transfers as chunks, one new run
+//! per kind it changed (the accounts it changed, the ids it created, its index entries), the
+//! layout naming those runs, and its plain keys. Runs are merged (`runs::pick_merge`), inline or
+//! on a background thread: a merge writes its run's pages under a fresh id recorded in the layout
+//! as garbage, then swaps it for its sources in one batch; the sources are deleted once no reader
+//! or frozen view holds them. A crash at any point leaves the layout of some whole entry and
+//! garbage that `open` deletes. Reading memory is bounded: run descriptions (about 10 bits per key
+//! of filter), sled's page cache and the account cache, both sized by `Options::cache_bytes`.
+//!
+//! sled may lose its newest batches on a crash (it flushes on a timer); the Raft log still has
+//! them, and the caller re-applies from the applied marker it keeps in `META_APP_KEY`.
+
+mod filter;
+pub mod runs;
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use foldhash::HashMap;
+
+use self::filter::KeyHash;
+use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
+use crate::codec::{
+    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
+};
+use crate::model::{Account, PendingStatus, Transfer};
+use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
+
+const TREE_NAME: &[u8] = b"ledger";
+const LAYOUT_KEY: &[u8] = b"Llayout";
+const LAYOUT_VERSION: u32 = 1;
+/// sled writes a value that does not fit a quarter of a segment to a file of its own; a node of
+/// sixteen 32 KiB pages must fit, or every page write creates and deletes files.
+const SEGMENT_BYTES: usize = 8 << 20;
+/// Transfers in one `T` value: 32 KiB, a size sled writes at several hundred MB/s here.
+const CHUNK_TRANSFERS: usize = 256;
+/// An import cuts its sorted input into runs of at most this many entries, which bounds the
+/// memory of a run's filter while it is built.
+const IMPORT_RUN_ENTRIES: u64 = 4 << 20;
+/// Writes a merge or an import sends to sled per batch.
+const WRITES_PER_BATCH: usize = 64;
+/// Memory an account takes in the cache, with the map's overhead.
+const CACHED_ACCOUNT_BYTES: u64 = 192;
+
+/// How a `SledStore` uses memory and threads.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Memory for caches: three quarters to sled's page cache, a quarter to decoded accounts.
+    pub cache_bytes: u64,
+    /// Merge runs on a thread of the store's own (the product), or inside `commit` (a benchmark
+    /// of one core, which then pays for every merge it causes).
+    pub background_merges: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { cache_bytes: 512 << 20, background_merges: true }
+    }
+}
+
+pub struct SledStore {
+    inner: Arc<Inner>,
+    merger: Option<JoinHandle<()>>,
+    background_merges: bool,
+    import: Option<Import>,
+}
+
+/// What a store shares with its merge thread and its frozen views.
+struct Inner {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// The runs readers use. Replaced, never changed in place, by the holder of `layout`.
+    runs: RwLock<Arc<Runs>>,
+    /// Held to change the layout (a commit, a merge's start and swap, garbage collection).
+    layout: Mutex<Layout>,
+    accounts: Mutex<AccountCache>,
+    /// While a `FrozenView` exists: the value each plain key (`E`, `M`, `P`) had when it was
+    /// frozen, recorded by `commit` before it first changes the key (`None`: the key did not
+    /// exist). Runs and transfer chunks need no such thing: they never change.
+    pre_images: Mutex<Option<PreImages>>,
+    merges: Mutex<MergeSignal>,
+    merges_wake: Condvar,
+}
+
+type PreImages = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+#[derive(Default)]
+struct MergeSignal {
+    pending: bool,
+    stop: bool,
+}
+
+/// The runs of each kind, oldest first.
+#[derive(Clone, Default)]
+pub struct Runs {
+    kinds: [Vec<Arc<Run>>; 3],
+}
+
+impl Runs {
+    fn of(&self, kind: Kind) -> &[Arc<Run>] {
+        &self.kinds[kind as usize]
+    }
+}
+
+/// The persisted layout, and what is waiting to be deleted.
+#[derive(Default)]
+struct Layout {
+    next_run: u64,
+    /// Merged away; deleted once nothing else holds them.
+    retired: Vec<Arc<Run>>,
+    /// Being written by a merge, or abandoned: not in `Runs`.
+    writing: Vec<(Kind, u64)>,
+    garbage: Vec<(Kind, u64)>,
+}
+
+impl Layout {
+    fn encode(&self, runs: &Runs) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&LAYOUT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.next_run.to_le_bytes());
+        for kind in Kind::ALL {
+            out.extend_from_slice(&(runs.of(kind).len() as u32).to_le_bytes());
+            for run in runs.of(kind) {
+                out.extend_from_slice(&run.id.to_le_bytes());
+            }
+        }
+        let garbage: Vec<(Kind, u64)> = self
+            .retired
+            .iter()
+            .map(|run| (run.kind, run.id))
+            .chain(self.writing.iter().copied())
+            .chain(self.garbage.iter().copied())
+            .collect();
+        out.extend_from_slice(&(garbage.len() as u32).to_le_bytes());
+        for (kind, id) in garbage {
+            out.push(kind as u8);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes the layout.
+    fn decode(bytes: &[u8]) -> StoreResult<StoredLayout> {
+        let corrupt = || StoreError::Corrupt("store layout".into());
+        let mut at = 0;
+        let mut take = |n: usize| -> StoreResult<&[u8]> {
+            let slice = bytes.get(at..at + n).ok_or_else(corrupt)?;
+            at += n;
+            Ok(slice)
+        };
+        let version = u32::from_le_bytes(take(4)?.try_into().unwrap());
+        if version != LAYOUT_VERSION {
+            return Err(StoreError::Corrupt(format!("store layout version {version}")));
+        }
+        let next_run = u64::from_le_bytes(take(8)?.try_into().unwrap());
+        let mut kinds: [Vec<u64>; 3] = Default::default();
+        for ids in &mut kinds {
+            let count = u32::from_le_bytes(take(4)?.try_into().unwrap());
+            for _ in 0..count {
+                ids.push(u64::from_le_bytes(take(8)?.try_into().unwrap()));
+            }
+        }
+        let count = u32::from_le_bytes(take(4)?.try_into().unwrap());
+        let mut garbage = Vec::new();
+        for _ in 0..count {
+            let kind = Kind::from_u8(take(1)?[0]).ok_or_else(corrupt)?;
+            garbage.push((kind, u64::from_le_bytes(take(8)?.try_into().unwrap())));
+        }
+        if at != bytes.len() {
+            return Err(corrupt());
+        }
+        Ok(StoredLayout { next_run, kinds, garbage })
+    }
+}
+
+/// The layout as stored: the next run id, the run ids of each kind, and the garbage.
+struct StoredLayout {
+    next_run: u64,
+    kinds: [Vec<u64>; 3],
+    garbage: Vec<(Kind, u64)>,
+}
+
+/// Decoded accounts by id, bounded: when full, an arbitrary eighth is dropped. Every account a
+/// commit writes goes in (they are the hot ones).
+struct AccountCache {
+    accounts: HashMap<u128, Account>,
+    capacity: usize,
+}
+
+impl AccountCache {
+    fn insert(&mut self, account: Account) {
+        if self.accounts.len() >= self.capacity && !self.accounts.contains_key(&account.id) {
+            let drop: Vec<u128> = self.accounts.keys().take(self.capacity / 8 + 1).copied().collect();
+            for id in drop {
+                self.accounts.remove(&id);
+            }
+        }
+        self.accounts.insert(account.id, account);
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in directory `path` with default options.
+    pub fn open(path: &Path) -> StoreResult<SledStore> {
+        SledStore::open_with(path, Options::default())
+    }
+
+    pub fn open_with(path: &Path, options: Options) -> StoreResult<SledStore> {
+        let db = sled::Config::new()
+            .path(path)
+            .segment_size(SEGMENT_BYTES)
+            .cache_capacity(options.cache_bytes / 4 * 3)
+            .open()
+            .map_err(|error| match error {
+                // Schema 1 kept sled's default segments; sled refuses to change them.
+                sled::Error::Unsupported(what) if what.contains("io buffer size") => old_layout(path),
+                error => error.into(),
+            })?;
+        let tree = db.open_tree(TREE_NAME)?;
+        let mut runs = Runs::default();
+        let mut layout = Layout::default();
+        if let Some(bytes) = tree.get(LAYOUT_KEY)? {
+            let stored = Layout::decode(&bytes)?;
+            layout.next_run = stored.next_run;
+            layout.garbage = stored.garbage;
+            for (kind, ids) in Kind::ALL.into_iter().zip(stored.kinds) {
+                for id in ids {
+                    runs.kinds[kind as usize].push(Arc::new(Run::load(&tree, kind, id)?));
+                }
+            }
+        } else if tree.get(codec::META_LEDGER_KEY)?.is_some() {
+            return Err(old_layout(path));
+        }
+        let capacity = (options.cache_bytes / 4 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
+        let inner = Arc::new(Inner {
+            db,
+            tree,
+            runs: RwLock::new(Arc::new(runs)),
+            layout: Mutex::new(layout),
+            accounts: Mutex::new(AccountCache { accounts: HashMap::default(), capacity }),
+            pre_images: Mutex::new(None),
+            merges: Mutex::new(MergeSignal { pending: true, stop: false }),
+            merges_wake: Condvar::new(),
+        });
+        inner.collect_garbage()?;
+        let merger = options.background_merges.then(|| {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("sled-merges".into())
+                .spawn(move || inner.merge_loop())
+                .expect("spawn the merge thread")
+        });
+        Ok(SledStore { inner, merger, background_merges: options.background_merges, import: None })
+    }
+
+    /// A view of the state as it is now that later commits do not change, for a snapshot export
+    /// that must not stop applying. Runs and transfer chunks never change, so the view keeps the
+    /// runs of this moment (a merge does not delete them while the view lives) and reads
+    /// transfers up to this moment's last timestamp; for the few plain keys that do change, from
+    /// here until the view is dropped `commit` keeps the old value of every key it changes. One
+    /// view at a time.
+    pub fn freeze(&self) -> FrozenView {
+        let mut pre_images = self.inner.pre_images.lock().unwrap();
+        assert!(pre_images.is_none(), "sled store: a second frozen view");
+        *pre_images = Some(BTreeMap::new());
+        FrozenView {
+            inner: self.inner.clone(),
+            runs: self.inner.current_runs(),
+            timestamp_last: self.inner.timestamp_last().unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Runs one merge if one is due; returns whether it did. For tests and benchmarks: the store
+    /// merges by itself.
+    pub fn merge(&self) -> StoreResult<bool> {
+        self.inner.merge_once()
+    }
+
+    /// How many runs each kind has (accounts, ids, index), and the memory their descriptions take.
+    pub fn run_counts(&self) -> ([usize; 3], usize) {
+        let runs = self.inner.current_runs();
+        let counts = Kind::ALL.map(|kind| runs.of(kind).len());
+        let bytes = runs.kinds.iter().flatten().map(|run| run.resident_bytes()).sum();
+        (counts, bytes)
+    }
+
+    fn ids_lookup(&self, id: u128) -> StoreResult<Option<u64>> {
+        let key = id.to_be_bytes();
+        let hash = KeyHash::of(&key);
+        let runs = self.inner.current_runs();
+        for run in runs.of(Kind::Ids).iter().rev() {
+            if run.may_contain(hash)
+                && let Some(timestamp) =
+                    run.get(&self.inner.tree, &key, |value| u64::from_le_bytes(value.try_into().unwrap()))?
+            {
+                return Ok(Some(timestamp));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The transfer with this timestamp, from its chunk.
+    fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
+        let key = chunk_key(timestamp);
+        let Some(entry) = self.inner.tree.range(..=key).next_back() else { return Ok(None) };
+        let (chunk_key, chunk) = entry?;
+        if chunk_key.first() != Some(&PREFIX_TRANSFER) {
+            return Ok(None);
+        }
+        Ok(find_in_chunk(&chunk, timestamp)?.map(codec::decode_transfer))
+    }
+
+    /// Writes of the plain keys (expiries, pending statuses, meta), in key order per kind.
+    fn plain_writes(changes: &Changes, mut write: impl FnMut(&[u8], Option<&[u8]>)) {
+        for key in &changes.expiry_delete {
+            write(&codec::expiry_key(key.0, key.1), None);
+        }
+        for key in &changes.expiry_put {
+            write(&codec::expiry_key(key.0, key.1), Some(&[]));
+        }
+        for (id, status) in &changes.pending {
+            write(&codec::id_key(PREFIX_PENDING, *id), Some(&[*status as u8]));
+        }
+        if let Some(app_meta) = &changes.app_meta {
+            write(codec::META_APP_KEY, Some(app_meta));
+        }
+        write(codec::META_LEDGER_KEY, Some(&codec::encode_ledger_meta(&changes.meta)));
+    }
+
+    /// Records the current value of each plain key `changes` writes that has none recorded yet.
+    fn keep_pre_images(&self, changes: &Changes) -> StoreResult<()> {
+        let mut guard = self.inner.pre_images.lock().unwrap();
+        let Some(pre_images) = guard.as_mut() else { return Ok(()) };
+        let mut result = Ok(());
+        Self::plain_writes(changes, |key, _| {
+            if result.is_ok() && !pre_images.contains_key(key) {
+                match self.inner.tree.get(key) {
+                    Ok(value) => {
+                        pre_images.insert(key.to_vec(), value.map(|v| v.to_vec()));
+                    }
+                    Err(error) => result = Err(error),
+                }
+            }
+        });
+        Ok(result?)
+    }
+
+    fn signal_merges(&self) -> StoreResult<()> {
+        if self.background_merges {
+            self.inner.merges.lock().unwrap().pending = true;
+            self.inner.merges_wake.notify_one();
+        } else {
+            while self.inner.merge_once()? {}
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if let Some(merger) = self.merger.take() {
+            self.inner.merges.lock().unwrap().stop = true;
+            self.inner.merges_wake.notify_one();
+            let _ = merger.join();
+        }
+    }
+}
+
+fn old_layout(path: &Path) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{} holds a ledger state written by an older tally (schema 1, one sled key per record), \
+         which this build does not read. Rebuild it from a peer: `tally cluster remove` this \
+         node, delete its data directory, and start it with `--join` (it receives a snapshot)",
+        path.display()
+    ))
+}
+
+fn chunk_key(timestamp: u64) -> [u8; 9] {
+    codec::transfer_key(timestamp)
+}
+
+/// The records of a transfer chunk, in time order.
+fn chunk_records(chunk: &[u8]) -> StoreResult<std::slice::ChunksExact<'_, u8>> {
+    if chunk.is_empty() || !chunk.len().is_multiple_of(codec::RECORD_BYTES) {
+        return Err(StoreError::Corrupt(format!("transfer chunk of {} bytes", chunk.len())));
+    }
+    Ok(chunk.chunks_exact(codec::RECORD_BYTES))
+}
+
+fn record_timestamp(record: &[u8]) -> u64 {
+    u64::from_le_bytes(record[120..128].try_into().unwrap())
+}
+
+/// The record with `timestamp` in a chunk of records sorted by timestamp.
+fn find_in_chunk(chunk: &[u8], timestamp: u64) -> StoreResult<Option<&[u8]>> {
+    let count = chunk_records(chunk)?.len();
+    let record = |i: usize| &chunk[i * codec::RECORD_BYTES..(i + 1) * codec::RECORD_BYTES];
+    let (mut low, mut high) = (0, count);
+    while low < high {
+        let middle = (low + high) / 2;
+        match record_timestamp(record(middle)).cmp(&timestamp) {
+            std::cmp::Ordering::Less => low = middle + 1,
+            std::cmp::Ordering::Greater => high = middle,
+            std::cmp::Ordering::Equal => return Ok(Some(record(middle))),
+        }
+    }
+    Ok(None)
+}
+
+impl Inner {
+    fn current_runs(&self) -> Arc<Runs> {
+        self.runs.read().unwrap().clone()
+    }
+
+    fn timestamp_last(&self) -> Option<u64> {
+        let bytes = self.tree.get(codec::META_LEDGER_KEY).ok()??;
+        codec::decode_ledger_meta(&bytes).ok().map(|meta| meta.timestamp_last)
+    }
+
+    /// Writes `writes`, `extra` and the layout with `runs` in one batch, then makes `runs` the
+    /// readers' runs. Called with the layout lock held.
+    fn write_layout(
+        &self,
+        layout: &Layout,
+        runs: Runs,
+        writes: Writes,
+        extra: sled::Batch,
+    ) -> StoreResult<()> {
+        let mut batch = extra;
+        for (key, value) in writes {
+            batch.insert(key, value);
+        }
+        batch.insert(LAYOUT_KEY, layout.encode(&runs));
+        self.tree.apply_batch(batch)?;
+        *self.runs.write().unwrap() = Arc::new(runs);
+        Ok(())
+    }
+
+    fn write_pages(&self, writes: &mut Writes) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes.drain(..) {
+            batch.insert(key, value);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn merge_loop(&self) {
+        loop {
+            {
+                let mut signal = self.merges.lock().unwrap();
+                while !signal.pending && !signal.stop {
+                    signal = self.merges_wake.wait(signal).unwrap();
+                }
+                if signal.stop {
+                    return;
+                }
+                signal.pending = false;
+            }
+            loop {
+                match self.merge_once() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(error) => {
+                        // The next commit signals again; a store that cannot write will fail
+                        // its commits too, and that is where the error surfaces.
+                        eprintln!("sled store: a merge failed: {error}");
+                        break;
+                    }
+                }
+                if self.merges.lock().unwrap().stop {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Merges the runs `runs::pick_merge` picks, if any: writes the merged run under a fresh id
+    /// (garbage until swapped in), swaps it for its sources, and collects garbage.
+    fn merge_once(&self) -> StoreResult<bool> {
+        let (kind, sources, id) = {
+            let mut layout = self.layout.lock().unwrap();
+            let runs = self.current_runs();
+            let Some((kind, range)) = Kind::ALL
+                .into_iter()
+                .find_map(|kind| runs::pick_merge(runs.of(kind)).map(|range| (kind, range)))
+            else {
+                return Ok(false);
+            };
+            let id = layout.next_run;
+            layout.next_run += 1;
+            layout.writing.push((kind, id));
+            self.write_layout(&layout, (*runs).clone(), Writes::new(), sled::Batch::default())?;
+            (kind, runs.of(kind)[range].to_vec(), id)
+        };
+        let distinct = sources.iter().map(|run| run.distinct).sum();
+        let mut builder = RunBuilder::new(kind, id, distinct);
+        let mut writes = Writes::new();
+        let mut stopped = false;
+        runs::scan_all(&sources, &self.tree, &mut |key, value| {
+            builder.push(key, value, &mut writes);
+            if writes.len() >= WRITES_PER_BATCH {
+                self.write_pages(&mut writes)?;
+                // A store being closed does not wait for a long merge to end.
+                stopped = self.merges.lock().unwrap().stop;
+            }
+            Ok(!stopped)
+        })?;
+        let merged = builder.finish(&mut writes).expect("merged runs hold entries");
+        self.write_pages(&mut writes)?;
+        {
+            let mut layout = self.layout.lock().unwrap();
+            layout.writing.retain(|writing| *writing != (kind, id));
+            let mut runs = (*self.current_runs()).clone();
+            let list = &mut runs.kinds[kind as usize];
+            match list.iter().position(|run| Arc::ptr_eq(run, &sources[0])) {
+                Some(start) if !stopped => {
+                    list.splice(start..start + sources.len(), [Arc::new(merged)]);
+                    layout.retired.extend(sources);
+                }
+                // Stopped, or the store was cleared meanwhile.
+                _ => layout.garbage.push((kind, id)),
+            }
+            self.write_layout(&layout, runs, Writes::new(), sled::Batch::default())?;
+        }
+        self.collect_garbage()?;
+        Ok(!stopped)
+    }
+
+    /// Deletes runs that are garbage, or retired and no longer held by any reader or view.
+    fn collect_garbage(&self) -> StoreResult<()> {
+        let doomed: Vec<(Kind, u64)> = {
+            let mut layout = self.layout.lock().unwrap();
+            let (free, held): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut layout.retired).into_iter().partition(|run| Arc::strong_count(run) == 1);
+            layout.retired = held;
+            let mut doomed = std::mem::take(&mut layout.garbage);
+            doomed.extend(free.iter().map(|run| (run.kind, run.id)));
+            // Still listed as garbage while they are deleted, in case of a crash.
+            layout.garbage = doomed.clone();
+            doomed
+        };
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for (kind, id) in &doomed {
+            for prefix in [PREFIX_PAGE, PREFIX_RUN_META] {
+                let mut batch = sled::Batch::default();
+                for key in self.tree.range(runs::run_key_range(prefix, *kind, *id)).keys() {
+                    batch.remove(key?);
+                }
+                self.tree.apply_batch(batch)?;
+            }
+        }
+        let mut layout = self.layout.lock().unwrap();
+        layout.garbage.retain(|run| !doomed.contains(run));
+        let runs = (*self.current_runs()).clone();
+        self.write_layout(&layout, runs, Writes::new(), sled::Batch::default())
+    }
+}
+
+fn record<T>(
+    value: Option<sled::IVec>,
+    decode: impl Fn(&[u8]) -> T,
+    expected: usize,
+) -> StoreResult<Option<T>> {
+    match value {
+        None => Ok(None),
+        Some(bytes) if bytes.len() == expected => Ok(Some(decode(&bytes))),
+        Some(bytes) => {
+            Err(StoreError::Corrupt(format!("record of {} bytes, expected {expected}", bytes.len())))
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn account(&self, id: u128) -> StoreResult<Option<Account>> {
+        if let Some(account) = self.inner.accounts.lock().unwrap().accounts.get(&id) {
+            return Ok(Some(*account));
+        }
+        let key = id.to_be_bytes();
+        let hash = KeyHash::of(&key);
+        let runs = self.inner.current_runs();
+        for run in runs.of(Kind::Accounts).iter().rev() {
+            if !run.may_contain(hash) {
+                continue;
+            }
+            if let Some(value) = run.get(&self.inner.tree, &key, <[u8]>::to_vec)? {
+                let account = record(Some(value.into()), codec::decode_account, codec::RECORD_BYTES)?;
+                let account = account.expect("a value was found");
+                self.inner.accounts.lock().unwrap().insert(account);
+                return Ok(Some(account));
+            }
+        }
+        Ok(None)
+    }
+
+    fn transfer(&self, id: u128) -> StoreResult<Option<Transfer>> {
+        match self.ids_lookup(id)? {
+            None => Ok(None),
+            Some(timestamp) => match self.transfer_at(timestamp)? {
+                Some(transfer) if transfer.id == id => Ok(Some(transfer)),
+                _ => {
+                    Err(StoreError::Corrupt(format!("transfer {id} is indexed at {timestamp} but not there")))
+                }
+            },
+        }
+    }
+
+    fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
+        let value = self.inner.tree.get(codec::id_key(PREFIX_PENDING, id))?;
+        match record(value, |bytes| PendingStatus::from_u8(bytes[0]), 1)? {
+            None => Ok(None),
+            Some(Some(status)) => Ok(Some(status)),
+            Some(None) => Err(StoreError::Corrupt("pending status byte".into())),
+        }
+    }
+
+    fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
+        let start = [PREFIX_EXPIRY];
+        let end = codec::expiry_key(now, u128::MAX);
+        let mut due = Vec::new();
+        for entry in self.inner.tree.range(&start[..]..=&end[..]) {
+            let (key, _) = entry?;
+            due.push(codec::decode_expiry_key(&key));
+        }
+        Ok(due)
+    }
+
+    fn scan_index(
+        &self,
+        account_id: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        let low = codec::index_key(account_id, timestamp_min);
+        let high = codec::index_key(account_id, timestamp_max);
+        let runs = self.inner.current_runs();
+        let hash = KeyHash::of(&account_id.to_be_bytes());
+        runs::scan(
+            runs.of(Kind::Index),
+            &self.inner.tree,
+            &low[1..],
+            &high[1..],
+            reversed,
+            Some(hash),
+            &mut |key, value| Ok(visit(u64::from_be_bytes(key[16..24].try_into().unwrap()), value)),
+        )
+    }
+
+    fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
+    }
+
+    fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
+        self.keep_pre_images(changes)?;
+        let mut batch = sled::Batch::default();
+        Self::plain_writes(changes, |key, value| match value {
+            Some(value) => batch.insert(key, value),
+            None => batch.remove(key),
+        });
+        for chunk in changes.transfers.chunks(CHUNK_TRANSFERS) {
+            let mut value = Vec::with_capacity(chunk.len() * codec::RECORD_BYTES);
+            for transfer in chunk {
+                value.extend_from_slice(&codec::encode_transfer(transfer));
+            }
+            batch.insert(&chunk_key(chunk[0].timestamp), value);
+        }
+
+        let mut layout = self.inner.layout.lock().unwrap();
+        let mut runs = (*self.inner.current_runs()).clone();
+        let mut writes = Writes::new();
+        let mut new_run =
+            |kind: Kind, entries: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>, count: usize| {
+                if count == 0 {
+                    return;
+                }
+                let mut builder = RunBuilder::new(kind, layout.next_run, count as u64);
+                layout.next_run += 1;
+                for (key, value) in entries {
+                    builder.push(&key, &value, &mut writes);
+                }
+                runs.kinds[kind as usize].push(Arc::new(builder.finish(&mut writes).expect("entries")));
+            };
+        new_run(
+            Kind::Accounts,
+            &mut changes
+                .accounts
+                .iter()
+                .map(|a| (a.id.to_be_bytes().to_vec(), codec::encode_account(a).to_vec())),
+            changes.accounts.len(),
+        );
+        let mut ids: Vec<(u128, u64)> = changes.transfers.iter().map(|t| (t.id, t.timestamp)).collect();
+        ids.sort_unstable();
+        new_run(
+            Kind::Ids,
+            &mut ids
+                .iter()
+                .map(|(id, timestamp)| (id.to_be_bytes().to_vec(), timestamp.to_le_bytes().to_vec())),
+            ids.len(),
+        );
+        let mut index: Vec<&crate::store::IndexWrite> = changes.index.iter().collect();
+        index.sort_unstable_by_key(|write| (write.account_id, write.timestamp));
+        new_run(
+            Kind::Index,
+            &mut index.iter().map(|write| {
+                let key = codec::index_key(write.account_id, write.timestamp);
+                (key[1..].to_vec(), codec::encode_index_value(write.transfer_id, write.balance.as_ref()))
+            }),
+            index.len(),
+        );
+        self.inner.write_layout(&layout, runs, writes, batch)?;
+        drop(layout);
+        let mut cache = self.inner.accounts.lock().unwrap();
+        for account in &changes.accounts {
+            cache.insert(*account);
+        }
+        drop(cache);
+        self.signal_merges()
+    }
+
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+        export(&self.inner, &self.inner.current_runs(), None, u64::MAX, visit)
+    }
+
+    fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
+        let mut import = self.import.take().unwrap_or_default();
+        let mut batch = sled::Batch::default();
+        for (key, value) in records {
+            if key.first() == Some(&PREFIX_META) && !import.finished {
+                import.finish(&self.inner)?;
+            }
+            import.put(&self.inner, key, value, &mut batch)?;
+        }
+        import.flush(&self.inner)?;
+        self.inner.tree.apply_batch(batch)?;
+        self.import = Some(import);
+        Ok(())
+    }
+
+    fn clear(&mut self) -> StoreResult<()> {
+        self.import = None;
+        let mut layout = self.inner.layout.lock().unwrap();
+        self.inner.tree.clear()?;
+        layout.retired.clear();
+        layout.garbage.clear();
+        *self.inner.runs.write().unwrap() = Arc::new(Runs::default());
+        self.inner.accounts.lock().unwrap().accounts.clear();
+        drop(layout);
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    fn is_empty(&self) -> StoreResult<bool> {
+        Ok(self.inner.tree.is_empty())
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+}
+
+/// A snapshot import in progress: records arrive in logical key order (`A`, `E`, `I`, `P`, `T`,
+/// then the meta last); sorted sections become runs directly, transfers become chunks, and their
+/// ids are sorted a million at a time into runs of their own. Merges fold the runs later.
+#[derive(Default)]
+struct Import {
+    accounts: Option<RunBuilder>,
+    index: Option<RunBuilder>,
+    ids: Vec<(u128, u64)>,
+    chunk: Vec<u8>,
+    runs: Runs,
+    writes: Writes,
+    finished: bool,
+}
+
+const IMPORT_IDS_SORTED: usize = 1 << 20;
+
+impl Import {
+    fn put(&mut self, inner: &Inner, key: &[u8], value: &[u8], batch: &mut sled::Batch) -> StoreResult<()> {
+        let corrupt = || StoreError::Corrupt(format!("snapshot record with key {key:02x?}"));
+        match key.first().copied() {
+            Some(PREFIX_ACCOUNT) if key.len() == 17 && value.len() == codec::RECORD_BYTES => {
+                self.push(inner, Kind::Accounts, &key[1..], value)?;
+            }
+            Some(PREFIX_INDEX) if key.len() == 25 && (value.len() == 16 || value.len() == 80) => {
+                self.push(inner, Kind::Index, &key[1..], value)?;
+            }
+            Some(PREFIX_EXPIRY) if key.len() == 25 && value.is_empty() => batch.insert(key, value),
+            Some(PREFIX_PENDING) if key.len() == 17 && value.len() == 1 => {
+                PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;
+                batch.insert(key, value);
+            }
+            Some(PREFIX_META) if self.finished => batch.insert(key, value),
+            Some(PREFIX_TRANSFER) if key.len() == 9 && value.len() == codec::RECORD_BYTES => {
+                let transfer = codec::decode_transfer(value);
+                if codec::transfer_key(transfer.timestamp) != key {
+                    return Err(corrupt());
+                }
+                if let Some(last) = self.chunk.rchunks_exact(codec::RECORD_BYTES).next()
+                    && codec::decode_transfer(last).timestamp >= transfer.timestamp
+                {
+                    return Err(corrupt());
+                }
+                self.chunk.extend_from_slice(value);
+                if self.chunk.len() == CHUNK_TRANSFERS * codec::RECORD_BYTES {
+                    self.write_chunk();
+                }
+                self.ids.push((transfer.id, transfer.timestamp));
+                if self.ids.len() == IMPORT_IDS_SORTED {
+                    self.write_ids(inner);
+                }
+            }
+            _ => return Err(corrupt()),
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, inner: &Inner, kind: Kind, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
+        if slot.as_ref().is_some_and(|builder| builder.entries() >= IMPORT_RUN_ENTRIES) {
+            let full = slot.take().unwrap();
+            self.runs.kinds[kind as usize].extend(full.finish(&mut self.writes).map(Arc::new));
+        }
+        let last = self.runs.of(kind).last().map(|run| run.last_key().to_vec());
+        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
+        let builder = slot.get_or_insert_with(|| RunBuilder::new(kind, next_run(inner), IMPORT_RUN_ENTRIES));
+        if !builder.accepts(key) || last.is_some_and(|last| builder.entries() == 0 && key <= last.as_slice())
+        {
+            return Err(StoreError::Corrupt("snapshot records out of order".into()));
+        }
+        builder.push(key, value, &mut self.writes);
+        Ok(())
+    }
+
+    fn write_chunk(&mut self) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let first = codec::decode_transfer(&self.chunk[..codec::RECORD_BYTES]).timestamp;
+        self.writes.push((chunk_key(first).to_vec(), std::mem::take(&mut self.chunk)));
+    }
+
+    fn write_ids(&mut self, inner: &Inner) {
+        if self.ids.is_empty() {
+            return;
+        }
+        self.ids.sort_unstable();
+        let mut builder = RunBuilder::new(Kind::Ids, next_run(inner), self.ids.len() as u64);
+        for (id, timestamp) in self.ids.drain(..) {
+            builder.push(&id.to_be_bytes(), &timestamp.to_le_bytes(), &mut self.writes);
+        }
+        self.runs.kinds[Kind::Ids as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
+    }
+
+    fn flush(&mut self, inner: &Inner) -> StoreResult<()> {
+        if !self.writes.is_empty() {
+            inner.write_pages(&mut self.writes)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left and the layout naming the imported runs.
+    fn finish(&mut self, inner: &Inner) -> StoreResult<()> {
+        for kind in [Kind::Accounts, Kind::Index] {
+            let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
+            if let Some(builder) = slot.take() {
+                self.runs.kinds[kind as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
+            }
+        }
+        self.write_chunk();
+        self.write_ids(inner);
+        self.finished = true;
+        let layout = inner.layout.lock().unwrap();
+        let writes = std::mem::take(&mut self.writes);
+        inner.write_layout(&layout, self.runs.clone(), writes, sled::Batch::default())
+    }
+}
+
+fn next_run(inner: &Inner) -> u64 {
+    let mut layout = inner.layout.lock().unwrap();
+    layout.next_run += 1;
+    layout.next_run - 1
+}
+
+/// Every logical record of the state, in key order (`A`, `E`, `I`, `M`, `P`, `T`): accounts and
+/// index entries merged from `runs`, plain keys from the tree (through `pre_images` for a frozen
+/// view), transfers from their chunks up to `timestamp_last`.
+fn export(
+    inner: &Inner,
+    runs: &Runs,
+    pre_images: Option<&Mutex<Option<PreImages>>>,
+    timestamp_last: u64,
+    visit: &mut RecordVisitor,
+) -> StoreResult<()> {
+    let mut key = Vec::with_capacity(25);
+    for (prefix, kind) in [(PREFIX_ACCOUNT, Kind::Accounts), (PREFIX_INDEX, Kind::Index)] {
+        if prefix == PREFIX_INDEX {
+            visit_plain(inner, PREFIX_EXPIRY, pre_images, visit)?;
+        }
+        runs::scan_all(runs.of(kind), &inner.tree, &mut |run_key, value| {
+            key.clear();
+            key.push(prefix);
+            key.extend_from_slice(run_key);
+            visit(&key, value)?;
+            Ok(true)
+        })?;
+    }
+    visit_plain(inner, PREFIX_META, pre_images, visit)?;
+    visit_plain(inner, PREFIX_PENDING, pre_images, visit)?;
+    for entry in inner.tree.scan_prefix([PREFIX_TRANSFER]) {
+        let (_, chunk) = entry?;
+        for record in chunk_records(&chunk)? {
+            let timestamp = record_timestamp(record);
+            if timestamp > timestamp_last {
+                return Ok(());
+            }
+            visit(&codec::transfer_key(timestamp), record)?;
+        }
+    }
+    Ok(())
+}
+
+/// The plain keys with one prefix, in key order, as they were when frozen if `pre_images` is
+/// given: the live tree, with each key changed since the freeze read from its pre-image instead
+/// (and keys deleted since then put back).
+///
+/// Why this is the frozen state although the tree moves underneath: `commit` records a key's
+/// pre-image before it changes the key, and this reads a tree entry before it looks the key up
+/// in the pre-images; so a changed value read from the tree always finds its pre-image. A key
+/// deleted since the freeze is not in the tree: it comes from the pre-images, between the tree
+/// keys around it. Each key is visited once, at increasing positions.
+fn visit_plain(
+    inner: &Inner,
+    prefix: u8,
+    pre_images: Option<&Mutex<Option<PreImages>>>,
+    visit: &mut RecordVisitor,
+) -> StoreResult<()> {
+    let Some(pre_images) = pre_images else {
+        for entry in inner.tree.scan_prefix([prefix]) {
+            let (key, value) = entry?;
+            visit(&key, &value)?;
+        }
+        return Ok(());
+    };
+    let pre_image = |key: &[u8]| pre_images.lock().unwrap().as_ref().expect("frozen").get(key).cloned();
+    let deleted_between = |after: Bound<&[u8]>, before: Bound<&[u8]>| -> Vec<(Vec<u8>, Vec<u8>)> {
+        let guard = pre_images.lock().unwrap();
+        guard
+            .as_ref()
+            .expect("frozen")
+            .range::<[u8], _>((after, before))
+            .filter_map(|(key, old)| Some((key.clone(), old.clone()?)))
+            .collect()
+    };
+    let start = [prefix];
+    let end = [prefix + 1];
+    let mut position: Vec<u8> = start.to_vec();
+    let mut first = true;
+    for entry in inner.tree.scan_prefix(start) {
+        let (key, value) = entry?;
+        let after =
+            if first { Bound::Included(position.as_slice()) } else { Bound::Excluded(position.as_slice()) };
+        for (old_key, old) in deleted_between(after, Bound::Excluded(&key)) {
+            visit(&old_key, &old)?;
+        }
+        match pre_image(&key) {
+            Some(Some(old)) => visit(&key, &old)?,
+            Some(None) => {}
+            None => visit(&key, &value)?,
+        }
+        position = key.to_vec();
+        first = false;
+    }
+    let after =
+        if first { Bound::Included(position.as_slice()) } else { Bound::Excluded(position.as_slice()) };
+    for (old_key, old) in deleted_between(after, Bound::Excluded(&end[..])) {
+        visit(&old_key, &old)?;
+    }
+    Ok(())
+}
+
+/// The state of a `SledStore` when `SledStore::freeze` was called, readable while commits go on.
+pub struct FrozenView {
+    inner: Arc<Inner>,
+    runs: Arc<Runs>,
+    timestamp_last: u64,
+}
+
+impl FrozenView {
+    /// Flushes the live store: everything committed so far, the frozen state included, is
+    /// written out, and survives a process crash. Safe while commits go on.
+    pub fn flush_store(&self) -> StoreResult<()> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    /// Every record of the frozen state in key order.
+    pub fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+        export(&self.inner, &self.runs, Some(&self.inner.pre_images), self.timestamp_last, visit)
+    }
+}
+
+impl Drop for FrozenView {
+    fn drop(&mut self) {
+        *self.inner.pre_images.lock().unwrap() = None;
+    }
+}

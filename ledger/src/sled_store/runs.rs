@@ -1,0 +1,626 @@
+//! Immutable sorted runs: the shape in which `SledStore` keeps everything looked up by key.
+//!
+//! A run is a sorted sequence of `(key, value)` entries written once and never changed, cut into
+//! pages of about 32 KiB, each page one sled value under `R | kind | run id | page number`. Its
+//! description (the first key of every page, its last key, and a Bloom filter over the first 16
+//! bytes of every key) is kept in memory and persisted beside the pages, under
+//! `F | kind | run id | chunk`. A lookup tests the filters of a kind's runs, newest first, and
+//! reads one page of each run whose filter says yes; a range scan merges cursors over the runs.
+//! When a key is in several runs (an account changed twice), the newest run's value wins.
+//!
+//! Page format: `count u16 | offset u16 x count | entries`, an entry `key | value length u8 |
+//! value`, keys strictly increasing. Offsets make a page binary-searchable in place.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use sled::IVec;
+
+use super::filter::{Filter, KeyHash};
+use crate::store::{StoreError, StoreResult};
+
+pub const PAGE_BYTES: usize = 32 * 1024;
+/// Runs of a kind merge when this many similar-sized runs sit at the newest end.
+pub const FANOUT: usize = 8;
+pub const PREFIX_PAGE: u8 = b'R';
+pub const PREFIX_RUN_META: u8 = b'F';
+
+/// What a run holds. Keys are big-endian, so byte order is numeric order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// account id -> account record: the newest version of each account.
+    Accounts = 0,
+    /// transfer id -> timestamp (u64 little-endian): where the transfer sits in the log.
+    Ids = 1,
+    /// (account id, timestamp) -> transfer id, and the balances after it for accounts with
+    /// `history`: the per-account index.
+    Index = 2,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Accounts, Kind::Ids, Kind::Index];
+
+    pub fn key_bytes(self) -> usize {
+        match self {
+            Kind::Accounts | Kind::Ids => 16,
+            Kind::Index => 24,
+        }
+    }
+
+    pub fn from_u8(tag: u8) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| *kind as u8 == tag)
+    }
+}
+
+fn physical_key(prefix: u8, kind: Kind, run: u64, number: u32) -> [u8; 14] {
+    let mut key = [0u8; 14];
+    key[0] = prefix;
+    key[1] = kind as u8;
+    key[2..10].copy_from_slice(&run.to_be_bytes());
+    key[10..].copy_from_slice(&number.to_be_bytes());
+    key
+}
+
+/// The range of physical keys (pages or description chunks) of one run.
+pub fn run_key_range(prefix: u8, kind: Kind, run: u64) -> Range<[u8; 14]> {
+    physical_key(prefix, kind, run, 0)..physical_key(prefix, kind, run + 1, 0)
+}
+
+fn filter_key(key: &[u8]) -> [u8; 16] {
+    key[..16].try_into().unwrap()
+}
+
+/// One run's description, in memory for as long as the run is in use.
+pub struct Run {
+    pub kind: Kind,
+    pub id: u64,
+    pub entries: u64,
+    /// Distinct filter keys (first 16 bytes of the key): what a merge sizes its filter by.
+    pub distinct: u64,
+    /// The first key of every page, `key_bytes` each.
+    fences: Vec<u8>,
+    last_key: Vec<u8>,
+    filter: Filter,
+}
+
+impl Run {
+    pub fn pages(&self) -> usize {
+        self.fences.len() / self.kind.key_bytes()
+    }
+
+    pub fn last_key(&self) -> &[u8] {
+        &self.last_key
+    }
+
+    fn fence(&self, page: usize) -> &[u8] {
+        let width = self.kind.key_bytes();
+        &self.fences[page * width..(page + 1) * width]
+    }
+
+    /// Memory this description takes.
+    pub fn resident_bytes(&self) -> usize {
+        self.fences.len() + self.filter.bytes()
+    }
+
+    /// A size class: runs of one class are within a factor of `FANOUT` of each other.
+    pub fn class(&self) -> u32 {
+        self.entries.max(1).ilog(FANOUT as u64)
+    }
+
+    pub fn may_contain(&self, hash: KeyHash) -> bool {
+        self.filter.may_contain(hash)
+    }
+
+    /// The last page whose first key is at or before `key`, if `key` is within the run's range.
+    fn page_for(&self, key: &[u8]) -> Option<usize> {
+        if key < self.fence(0) || key > self.last_key.as_slice() {
+            return None;
+        }
+        let (mut low, mut high) = (0, self.pages());
+        while high - low > 1 {
+            let middle = (low + high) / 2;
+            if self.fence(middle) <= key {
+                low = middle;
+            } else {
+                high = middle;
+            }
+        }
+        Some(low)
+    }
+
+    fn load_page(&self, tree: &sled::Tree, page: usize) -> StoreResult<Page> {
+        let key = physical_key(PREFIX_PAGE, self.kind, self.id, page as u32);
+        let bytes = tree.get(key)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("page {page} of {:?} run {} is missing", self.kind, self.id))
+        })?;
+        Page::new(bytes, self.kind.key_bytes())
+    }
+
+    /// The value stored under `key` in this run, passed to `read`.
+    pub fn get<T>(
+        &self,
+        tree: &sled::Tree,
+        key: &[u8],
+        read: impl FnOnce(&[u8]) -> T,
+    ) -> StoreResult<Option<T>> {
+        let Some(page) = self.page_for(key) else { return Ok(None) };
+        let page = self.load_page(tree, page)?;
+        let position = page.lower_bound(key);
+        if position < page.count() && page.key(position) == key {
+            return Ok(Some(read(page.value(position))));
+        }
+        Ok(None)
+    }
+
+    /// The description's persisted form.
+    fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(24 + self.fences.len() + self.last_key.len() + self.filter.bytes() + 8);
+        out.extend_from_slice(&self.entries.to_le_bytes());
+        out.extend_from_slice(&self.distinct.to_le_bytes());
+        out.extend_from_slice(&(self.pages() as u64).to_le_bytes());
+        out.extend_from_slice(&self.fences);
+        out.extend_from_slice(&self.last_key);
+        self.filter.encode_into(&mut out);
+        out
+    }
+
+    /// Reads a run's description back from sled.
+    pub fn load(tree: &sled::Tree, kind: Kind, id: u64) -> StoreResult<Run> {
+        let corrupt = || StoreError::Corrupt(format!("description of {kind:?} run {id}"));
+        let range = run_key_range(PREFIX_RUN_META, kind, id);
+        let mut bytes = Vec::new();
+        for chunk in tree.range(range) {
+            bytes.extend_from_slice(&chunk?.1);
+        }
+        let width = kind.key_bytes();
+        let number = |at: usize| -> StoreResult<u64> {
+            Ok(u64::from_le_bytes(bytes.get(at..at + 8).ok_or_else(corrupt)?.try_into().unwrap()))
+        };
+        let (entries, distinct, pages) = (number(0)?, number(8)?, number(16)? as usize);
+        let fences_end = 24 + pages.checked_mul(width).ok_or_else(corrupt)?;
+        let fences = bytes.get(24..fences_end).ok_or_else(corrupt)?.to_vec();
+        let last_key = bytes.get(fences_end..fences_end + width).ok_or_else(corrupt)?.to_vec();
+        let (filter, rest) = Filter::decode(&bytes[fences_end + width..]).ok_or_else(corrupt)?;
+        if pages == 0 || !rest.is_empty() {
+            return Err(corrupt());
+        }
+        Ok(Run { kind, id, entries, distinct, fences, last_key, filter })
+    }
+}
+
+/// One page, read in place.
+struct Page {
+    bytes: IVec,
+    key_bytes: usize,
+}
+
+impl Page {
+    fn new(bytes: IVec, key_bytes: usize) -> StoreResult<Page> {
+        let page = Page { bytes, key_bytes };
+        let count = page.bytes.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+        let fits = count.is_some_and(|count| {
+            count > 0
+                && page.bytes.len() >= 2 + 2 * count
+                && (0..count).all(|i| page.offset(i) + key_bytes < page.bytes.len())
+        });
+        if !fits {
+            return Err(StoreError::Corrupt("run page layout".into()));
+        }
+        Ok(page)
+    }
+
+    fn count(&self) -> usize {
+        u16::from_le_bytes([self.bytes[0], self.bytes[1]]) as usize
+    }
+
+    fn offset(&self, position: usize) -> usize {
+        let at = 2 + 2 * position;
+        let bytes: &[u8] = &self.bytes;
+        u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize
+    }
+
+    fn key(&self, position: usize) -> &[u8] {
+        let at = self.offset(position);
+        &self.bytes[at..at + self.key_bytes]
+    }
+
+    fn value(&self, position: usize) -> &[u8] {
+        let at = self.offset(position) + self.key_bytes;
+        let length = self.bytes[at] as usize;
+        &self.bytes[at + 1..at + 1 + length]
+    }
+
+    /// The first position whose key is not before `key`.
+    fn lower_bound(&self, key: &[u8]) -> usize {
+        let (mut low, mut high) = (0, self.count());
+        while low < high {
+            let middle = (low + high) / 2;
+            if self.key(middle) < key {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        low
+    }
+}
+
+/// Writes a run from entries given in strictly increasing key order. Pages and description
+/// chunks go to `out` as `(sled key, value)` for the caller to write; the run exists once its
+/// id is in the layout.
+pub struct RunBuilder {
+    kind: Kind,
+    id: u64,
+    page: Vec<u8>,
+    offsets: Vec<u16>,
+    fences: Vec<u8>,
+    last_key: Vec<u8>,
+    filter: Filter,
+    last_filter_key: Option<[u8; 16]>,
+    entries: u64,
+    distinct: u64,
+}
+
+pub type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Visits an entry: key, value; returns whether to go on.
+pub type EntryVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> StoreResult<bool> + 'a;
+
+impl RunBuilder {
+    /// `distinct_max`: at most this many distinct filter keys will be pushed (sizes the filter).
+    pub fn new(kind: Kind, id: u64, distinct_max: u64) -> RunBuilder {
+        RunBuilder {
+            kind,
+            id,
+            page: Vec::with_capacity(PAGE_BYTES),
+            offsets: Vec::new(),
+            fences: Vec::new(),
+            last_key: Vec::new(),
+            filter: Filter::with_capacity(distinct_max),
+            last_filter_key: None,
+            entries: 0,
+            distinct: 0,
+        }
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Whether `key` may come next: the right length, after the last key pushed.
+    pub fn accepts(&self, key: &[u8]) -> bool {
+        key.len() == self.kind.key_bytes() && (self.entries == 0 || key > self.last_key.as_slice())
+    }
+
+    pub fn push(&mut self, key: &[u8], value: &[u8], out: &mut Writes) {
+        assert_eq!(key.len(), self.kind.key_bytes(), "{:?} key length", self.kind);
+        assert!(value.len() <= u8::MAX as usize, "run value of {} bytes", value.len());
+        assert!(self.entries == 0 || key > self.last_key.as_slice(), "run keys out of order");
+        let entry_bytes = key.len() + 1 + value.len();
+        if 2 + 2 * (self.offsets.len() + 1) + self.page.len() + entry_bytes > PAGE_BYTES {
+            self.flush_page(out);
+        }
+        if self.offsets.is_empty() {
+            self.fences.extend_from_slice(key);
+        }
+        self.offsets.push(self.page.len() as u16);
+        self.page.extend_from_slice(key);
+        self.page.push(value.len() as u8);
+        self.page.extend_from_slice(value);
+        let filter_key = filter_key(key);
+        if self.last_filter_key != Some(filter_key) {
+            self.filter.insert(KeyHash::of(&filter_key));
+            self.last_filter_key = Some(filter_key);
+            self.distinct += 1;
+        }
+        self.last_key.clear();
+        self.last_key.extend_from_slice(key);
+        self.entries += 1;
+    }
+
+    fn flush_page(&mut self, out: &mut Writes) {
+        if self.offsets.is_empty() {
+            return;
+        }
+        let header = 2 + 2 * self.offsets.len();
+        let mut bytes = Vec::with_capacity(header + self.page.len());
+        bytes.extend_from_slice(&(self.offsets.len() as u16).to_le_bytes());
+        for offset in &self.offsets {
+            bytes.extend_from_slice(&(offset + header as u16).to_le_bytes());
+        }
+        bytes.extend_from_slice(&self.page);
+        let number = self.fences.len() / self.kind.key_bytes() - 1;
+        out.push((physical_key(PREFIX_PAGE, self.kind, self.id, number as u32).to_vec(), bytes));
+        self.page.clear();
+        self.offsets.clear();
+    }
+
+    /// Writes the last page and the description; `None` when no entry was pushed.
+    pub fn finish(mut self, out: &mut Writes) -> Option<Run> {
+        if self.entries == 0 {
+            return None;
+        }
+        self.flush_page(out);
+        let run = Run {
+            kind: self.kind,
+            id: self.id,
+            entries: self.entries,
+            distinct: self.distinct,
+            fences: self.fences,
+            last_key: self.last_key,
+            filter: self.filter,
+        };
+        for (number, chunk) in run.encode().chunks(PAGE_BYTES).enumerate() {
+            out.push((
+                physical_key(PREFIX_RUN_META, run.kind, run.id, number as u32).to_vec(),
+                chunk.to_vec(),
+            ));
+        }
+        Some(run)
+    }
+}
+
+/// A position in one run, moving forward or backward, reading a page at a time. The current
+/// key is copied out (keys are at most 24 bytes), so that merging compares plain arrays.
+struct Cursor<'r> {
+    run: &'r Run,
+    tree: &'r sled::Tree,
+    reversed: bool,
+    page_number: usize,
+    page: Option<Page>,
+    position: usize,
+    key: [u8; 24],
+    value: Range<usize>,
+}
+
+impl<'r> Cursor<'r> {
+    /// At the first entry at or after `key` (backward: at or before it).
+    fn seek(run: &'r Run, tree: &'r sled::Tree, key: &[u8], reversed: bool) -> StoreResult<Cursor<'r>> {
+        let mut cursor = Cursor {
+            run,
+            tree,
+            reversed,
+            page_number: 0,
+            page: None,
+            position: 0,
+            key: [0; 24],
+            value: 0..0,
+        };
+        if reversed {
+            let page_number = match run.page_for(key) {
+                Some(page) => page,
+                None if key > run.last_key.as_slice() => run.pages() - 1,
+                None => return Ok(cursor),
+            };
+            let page = run.load_page(tree, page_number)?;
+            let after = page.lower_bound(key);
+            let at_or_before = if after < page.count() && page.key(after) == key { after + 1 } else { after };
+            // The page's first key is at or before `key`, so this page holds the answer.
+            cursor.page_number = page_number;
+            cursor.position = at_or_before - 1;
+            cursor.page = Some(page);
+        } else {
+            let page_number = match run.page_for(key) {
+                Some(page) => page,
+                None if key < run.fence(0) => 0,
+                None => return Ok(cursor),
+            };
+            let page = run.load_page(tree, page_number)?;
+            cursor.page_number = page_number;
+            cursor.position = page.lower_bound(key);
+            let past_end = cursor.position == page.count();
+            cursor.page = Some(page);
+            if past_end {
+                cursor.next_page()?;
+            }
+        }
+        cursor.copy_current();
+        Ok(cursor)
+    }
+
+    fn copy_current(&mut self) {
+        if let Some(page) = &self.page {
+            let bytes: &[u8] = &page.bytes;
+            let width = page.key_bytes;
+            let at = page.offset(self.position);
+            self.key[..width].copy_from_slice(&bytes[at..at + width]);
+            let length = bytes[at + width] as usize;
+            self.value = at + width + 1..at + width + 1 + length;
+        }
+    }
+
+    fn current_key(&self) -> Option<&[u8]> {
+        self.page.as_ref().map(|page| &self.key[..page.key_bytes])
+    }
+
+    fn current_value(&self) -> &[u8] {
+        &self.page.as_ref().expect("a current entry").bytes[self.value.clone()]
+    }
+
+    fn advance(&mut self) -> StoreResult<()> {
+        let Some(page) = &self.page else { return Ok(()) };
+        if self.reversed {
+            if self.position > 0 {
+                self.position -= 1;
+            } else if self.page_number == 0 {
+                self.page = None;
+            } else {
+                self.page_number -= 1;
+                let page = self.run.load_page(self.tree, self.page_number)?;
+                self.position = page.count() - 1;
+                self.page = Some(page);
+            }
+        } else if self.position + 1 < page.count() {
+            self.position += 1;
+        } else {
+            self.next_page()?;
+        }
+        self.copy_current();
+        Ok(())
+    }
+
+    fn next_page(&mut self) -> StoreResult<()> {
+        self.page_number += 1;
+        self.position = 0;
+        self.page = if self.page_number < self.run.pages() {
+            Some(self.run.load_page(self.tree, self.page_number)?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+}
+
+/// Visits the entries of `runs` (oldest first) with `low <= key <= high` in key order (or
+/// reversed), each key once with its newest value, until `visit` returns false. `filter`, when
+/// given, skips the runs whose filter does not hold it.
+pub fn scan(
+    runs: &[Arc<Run>],
+    tree: &sled::Tree,
+    low: &[u8],
+    high: &[u8],
+    reversed: bool,
+    filter: Option<KeyHash>,
+    visit: &mut EntryVisitor,
+) -> StoreResult<()> {
+    let start = if reversed { high } else { low };
+    let mut cursors = Vec::with_capacity(runs.len());
+    for run in runs {
+        if filter.is_none_or(|hash| run.may_contain(hash)) {
+            cursors.push(Cursor::seek(run, tree, start, reversed)?);
+        }
+    }
+    let mut key = [0u8; 24];
+    loop {
+        // The next key among all cursors; on a tie the newest run (the later cursor) wins.
+        let mut best: Option<(usize, &[u8])> = None;
+        for (index, cursor) in cursors.iter().enumerate() {
+            let Some(candidate) = cursor.current_key() else { continue };
+            let better = best.is_none_or(
+                |(_, current)| if reversed { candidate >= current } else { candidate <= current },
+            );
+            if better {
+                best = Some((index, candidate));
+            }
+        }
+        let Some((best, best_key)) = best else { return Ok(()) };
+        let width = best_key.len();
+        key[..width].copy_from_slice(best_key);
+        let key = &key[..width];
+        if (reversed && key < low) || (!reversed && key > high) {
+            return Ok(());
+        }
+        if !visit(key, cursors[best].current_value())? {
+            return Ok(());
+        }
+        for cursor in &mut cursors {
+            if cursor.current_key() == Some(key) {
+                cursor.advance()?;
+            }
+        }
+    }
+}
+
+/// Every entry of `runs`, merged: what a merge writes and what an export reads.
+pub fn scan_all(runs: &[Arc<Run>], tree: &sled::Tree, visit: &mut EntryVisitor) -> StoreResult<()> {
+    let Some(first) = runs.first() else { return Ok(()) };
+    let width = first.kind.key_bytes();
+    scan(runs, tree, &vec![0u8; width], &vec![0xff; width], false, None, visit)
+}
+
+/// Which runs of a kind (oldest first) to merge now, if any: the newest runs of the newest run's
+/// size class or smaller, once there are `FANOUT` of them. New runs are small and join the tail;
+/// a merge makes a run of the next class, so classes fall from old to new and a kind holds at
+/// most about `FANOUT - 1` runs per class: a logarithmic number of runs, each entry rewritten
+/// once per class it climbs.
+pub fn pick_merge(runs: &[Arc<Run>]) -> Option<Range<usize>> {
+    let class = runs.last()?.class();
+    let start = runs.iter().rposition(|run| run.class() > class).map_or(0, |i| i + 1);
+    (runs.len() - start >= FANOUT).then_some(start..runs.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(tree: &sled::Tree, id: u64, entries: &[(u128, u64)]) -> Arc<Run> {
+        let mut out = Writes::new();
+        let mut builder = RunBuilder::new(Kind::Ids, id, entries.len() as u64);
+        for (key, value) in entries {
+            builder.push(&key.to_be_bytes(), &value.to_le_bytes(), &mut out);
+        }
+        let run = builder.finish(&mut out).unwrap();
+        for (key, value) in out {
+            tree.insert(key, value).unwrap();
+        }
+        Arc::new(run)
+    }
+
+    fn collect(
+        runs: &[Arc<Run>],
+        tree: &sled::Tree,
+        low: u128,
+        high: u128,
+        reversed: bool,
+    ) -> Vec<(u128, u64)> {
+        let mut seen = Vec::new();
+        scan(runs, tree, &low.to_be_bytes(), &high.to_be_bytes(), reversed, None, &mut |key, value| {
+            seen.push((
+                u128::from_be_bytes(key.try_into().unwrap()),
+                u64::from_le_bytes(value.try_into().unwrap()),
+            ));
+            Ok(true)
+        })
+        .unwrap();
+        seen
+    }
+
+    #[test]
+    fn lookups_and_scans_across_pages_and_runs_with_the_newest_value_winning() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        // 5,000 entries of 25 bytes: several pages. Even keys in the old run, multiples of 3 in
+        // the new one, so that multiples of 6 are in both.
+        let old: Vec<(u128, u64)> = (0..5_000).map(|n| (n * 2, 1)).collect();
+        let new: Vec<(u128, u64)> = (0..3_400).map(|n| (n * 3, 2)).collect();
+        let runs = [build(&tree, 1, &old), build(&tree, 2, &new)];
+        assert!(runs[0].pages() > 2);
+        let reloaded = Run::load(&tree, Kind::Ids, 1).unwrap();
+        assert_eq!((reloaded.entries, reloaded.pages()), (5_000, runs[0].pages()));
+
+        let get = |key: u128| {
+            runs.iter().rev().find_map(|run| {
+                run.get(&tree, &key.to_be_bytes(), |v| u64::from_le_bytes(v.try_into().unwrap())).unwrap()
+            })
+        };
+        assert_eq!((get(6), get(4), get(9), get(7), get(20_000)), (Some(2), Some(1), Some(2), None, None));
+
+        let expected: Vec<(u128, u64)> = (100..=2_000u128)
+            .filter(|n| n % 2 == 0 || n % 3 == 0)
+            .map(|n| (n, if n % 3 == 0 { 2 } else { 1 }))
+            .collect();
+        assert_eq!(collect(&runs, &tree, 100, 2_000, false), expected);
+        let mut reversed = expected.clone();
+        reversed.reverse();
+        assert_eq!(collect(&runs, &tree, 100, 2_000, true), reversed);
+        assert_eq!(collect(&runs, &tree, 10_001, 10_001, false), vec![]);
+        let both = (0..10_000u128).filter(|n| n % 6 == 0).count();
+        assert_eq!(collect(&runs, &tree, 0, u128::MAX, true).len(), 5_000 + 3_400 - both);
+    }
+
+    #[test]
+    fn merges_pick_the_newest_runs_of_one_class() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        let sized =
+            |id: u64, entries: u128| build(&tree, id, &(0..entries).map(|n| (n, 0)).collect::<Vec<_>>());
+        let mut runs = vec![sized(1, 5_000)];
+        for id in 2..9 {
+            runs.push(sized(id, 10));
+        }
+        assert_eq!(pick_merge(&runs), None);
+        runs.push(sized(9, 10));
+        assert_eq!(pick_merge(&runs), Some(1..9));
+    }
+}
