@@ -1,7 +1,8 @@
 //! Apply throughput of `CreateTransfers`: 10,000 accounts, batches of 8189 random transfers, on
 //! the in-memory store and on sled. One thread applies; that is the state machine's real shape.
 //!
-//! `cargo bench -p ledger --bench apply` (add `-- --batches N` to change the run length).
+//! `cargo bench -p ledger --bench apply` (add `-- --batches N` to change the run length,
+//! `-- --accounts N` for another number of accounts, `-- --store memory|sled` for one store).
 
 use std::time::Instant;
 
@@ -13,16 +14,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ledger::*;
 use rand::{Rng, SeedableRng};
 
-const ACCOUNTS: u128 = 10_000;
 const SEED: u64 = 0xbe7c4;
 
-fn accounts_batches() -> Vec<Batch> {
+fn accounts_batches(accounts: u128) -> Vec<Batch> {
     let accounts: Vec<Account> =
-        (1..=ACCOUNTS).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() }).collect();
+        (1..=accounts).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() }).collect();
     accounts.chunks(BATCH_EVENTS_MAX).map(|chunk| Batch::CreateAccounts(chunk.to_vec())).collect()
 }
 
-fn transfer_batches(count: usize) -> Vec<Batch> {
+fn transfer_batches(count: usize, accounts: u128) -> Vec<Batch> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(SEED);
     let mut next_id: u128 = 1 << 64;
     (0..count)
@@ -30,8 +30,8 @@ fn transfer_batches(count: usize) -> Vec<Batch> {
             let events = (0..BATCH_EVENTS_MAX)
                 .map(|_| {
                     next_id += 1;
-                    let debit_account_id = rng.random_range(1..=ACCOUNTS);
-                    let mut credit_account_id = rng.random_range(1..=ACCOUNTS - 1);
+                    let debit_account_id = rng.random_range(1..=accounts);
+                    let mut credit_account_id = rng.random_range(1..=accounts - 1);
                     if credit_account_id >= debit_account_id {
                         credit_account_id += 1;
                     }
@@ -51,10 +51,10 @@ fn transfer_batches(count: usize) -> Vec<Batch> {
         .collect()
 }
 
-fn run<S: Store>(name: &str, store: S, batches: &[Batch]) {
+fn run<S: Store>(name: &str, store: S, accounts: u128, batches: &[Batch]) {
     let mut ledger = Ledger::open(store).unwrap();
     let mut clock = 1_700_000_000 * NANOS_PER_SECOND;
-    for batch in accounts_batches() {
+    for batch in accounts_batches(accounts) {
         ledger.apply(&[batch], clock, None).unwrap();
     }
     let started = Instant::now();
@@ -87,14 +87,20 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(if smoke { 2 } else { 100 });
     let only = args.iter().position(|a| a == "--store").and_then(|i| args.get(i + 1)).cloned();
-    let batches = transfer_batches(batches);
+    let accounts = args
+        .iter()
+        .position(|a| a == "--accounts")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let batches = transfer_batches(batches, accounts);
     if only.as_deref().is_none_or(|s| s == "memory") {
-        run("memory", MemStore::new(), &batches);
+        run("memory", MemStore::new(), accounts, &batches);
     }
     if only.as_deref().is_none_or(|s| s == "sled") {
         let dir = tempfile::tempdir().unwrap();
         // Merges run inside `commit`: one core pays for all the work the store does.
         let options = ledger::sled_store::Options { background_merges: false, ..Default::default() };
-        run("sled", SledStore::open_with(dir.path(), options).unwrap(), &batches);
+        run("sled", SledStore::open_with(dir.path(), options).unwrap(), accounts, &batches);
     }
 }

@@ -51,7 +51,7 @@ const LAYOUT_VERSION: u32 = 1;
 /// sixteen 32 KiB pages must fit, or every page write creates and deletes files.
 const SEGMENT_BYTES: usize = 8 << 20;
 /// Transfers in one `T` value: 32 KiB, a size sled writes at several hundred MB/s here.
-const CHUNK_TRANSFERS: usize = 256;
+const CHUNK_TRANSFERS: usize = 64;
 /// An import cuts its sorted input into runs of at most this many entries, which bounds the
 /// memory of a run's filter while it is built.
 const IMPORT_RUN_ENTRIES: u64 = 4 << 20;

@@ -19,7 +19,7 @@ use sled::IVec;
 use super::filter::{Filter, KeyHash};
 use crate::store::{StoreError, StoreResult};
 
-pub const PAGE_BYTES: usize = 32 * 1024;
+pub const PAGE_BYTES: usize = 8 * 1024;
 /// Runs of a kind merge when this many similar-sized runs sit at the newest end.
 pub const FANOUT: usize = 8;
 pub const PREFIX_PAGE: u8 = b'R';
