@@ -1,7 +1,7 @@
 //! The storage engine as the ledger grows: apply throughput, resident memory, lookup latency by
 //! id and disk use, from an empty store to `--transfers` (default 100,000,000), in batches of
-//! 8189 random transfers between `--accounts` accounts (default 10,000); then the time to reopen
-//! the store and serve a lookup. Merges run inside `commit`, so the throughput is what one core
+//! 8189 random transfers between `--accounts` accounts (default 10,000); then the time to export
+//! a snapshot of the whole state, and to reopen the store and serve a lookup. Merges run inside `commit`, so the throughput is what one core
 //! sustains, merges included (sled's own IO threads write in the background).
 //!
 //! `cargo bench -p ledger --bench growth -- --transfers 100000000 --out docs/storage`
@@ -181,6 +181,11 @@ fn main() {
         );
         rows.push(row);
     }
+    let view = ledger.store().freeze();
+    let started = Instant::now();
+    let records = ledger::snapshot::export(&view, std::io::sink()).unwrap();
+    println!("exported a snapshot of {records} records in {:.1} s", started.elapsed().as_secs_f64());
+    drop(view);
     ledger.store().flush().unwrap();
     drop(ledger);
     let started = Instant::now();

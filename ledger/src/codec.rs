@@ -218,18 +218,33 @@ pub fn decode_transfer(bytes: &[u8]) -> Transfer {
     }
 }
 
+/// The value of an index entry, encoded in place (two of them per transfer: no allocation).
+pub struct IndexValue {
+    bytes: [u8; 16 + BALANCE_BYTES],
+    length: usize,
+}
+
+impl std::ops::Deref for IndexValue {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.length]
+    }
+}
+
 /// The value of an index entry: the transfer id, then the account's balances after the transfer
 /// when the account keeps history.
-pub fn encode_index_value(transfer_id: u128, balance: Option<&AccountBalance>) -> Vec<u8> {
-    let mut value = Vec::with_capacity(16 + BALANCE_BYTES);
-    value.extend_from_slice(&transfer_id.to_le_bytes());
+pub fn encode_index_value(transfer_id: u128, balance: Option<&AccountBalance>) -> IndexValue {
+    let mut bytes = [0u8; 16 + BALANCE_BYTES];
+    let mut w = Writer { bytes: &mut bytes, at: 0 };
+    w.put(&transfer_id.to_le_bytes());
     if let Some(balance) = balance {
-        value.extend_from_slice(&balance.debits_pending.to_le_bytes());
-        value.extend_from_slice(&balance.debits_posted.to_le_bytes());
-        value.extend_from_slice(&balance.credits_pending.to_le_bytes());
-        value.extend_from_slice(&balance.credits_posted.to_le_bytes());
+        w.put(&balance.debits_pending.to_le_bytes());
+        w.put(&balance.debits_posted.to_le_bytes());
+        w.put(&balance.credits_pending.to_le_bytes());
+        w.put(&balance.credits_posted.to_le_bytes());
     }
-    value
+    let length = w.at;
+    IndexValue { bytes, length }
 }
 
 /// Decodes an index value; the balance's timestamp is the index key's.

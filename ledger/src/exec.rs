@@ -101,7 +101,13 @@ impl<S: Store> Ledger<S> {
 /// The writes are framed into one buffer first: blake3 is several times faster over one large
 /// input than over many small `update` calls.
 fn digest_changes(previous: &[u8; 32], changes: &Changes) -> [u8; 32] {
-    let mut framed = Vec::with_capacity(1 << 16);
+    // Sized for the entry up front: growing a buffer of megabytes copies it again each time.
+    let capacity = 4096
+        + changes.accounts.len() * 160
+        + changes.transfers.len() * 150
+        + changes.index.len() * 120
+        + (changes.pending.len() + changes.expiry_put.len() + changes.expiry_delete.len()) * 48;
+    let mut framed = Vec::with_capacity(capacity);
     framed.extend_from_slice(previous);
     changes.for_each_write(|key, value| {
         framed.extend_from_slice(&(key.len() as u32).to_le_bytes());

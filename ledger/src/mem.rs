@@ -35,7 +35,7 @@ struct IndexList {
 }
 
 impl IndexList {
-    fn encode(&self, position: usize) -> Vec<u8> {
+    fn encode(&self, position: usize) -> codec::IndexValue {
         codec::encode_index_value(self.entries[position].1, self.balances.get(position))
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! | physical key                      | value                                                |
 //! |-----------------------------------|------------------------------------------------------|
-//! | `T` first timestamp               | up to 256 transfer records of one entry, in time order |
+//! | `T` first timestamp               | up to 64 transfer records of one entry, in time order   |
 //! | `R` kind, run id, page number     | a page of a sorted run (`runs.rs`): accounts, transfer ids -> timestamp, per-account index |
 //! | `F` kind, run id, chunk number    | that run's description: page fences and Bloom filter |
 //! | `L` `layout`                      | the runs of each kind, oldest first, and runs awaiting deletion |
@@ -48,22 +48,24 @@ const TREE_NAME: &[u8] = b"ledger";
 const LAYOUT_KEY: &[u8] = b"Llayout";
 const LAYOUT_VERSION: u32 = 1;
 /// sled writes a value that does not fit a quarter of a segment to a file of its own; a node of
-/// sixteen 32 KiB pages must fit, or every page write creates and deletes files.
+/// sixteen pages must fit, or every page write creates and deletes files.
 const SEGMENT_BYTES: usize = 8 << 20;
-/// Transfers in one `T` value: 32 KiB, a size sled writes at several hundred MB/s here.
+/// Transfers in one `T` value: 8 KiB, like a run page (see `runs::PAGE_BYTES`).
 const CHUNK_TRANSFERS: usize = 64;
 /// An import cuts its sorted input into runs of at most this many entries, which bounds the
 /// memory of a run's filter while it is built.
 const IMPORT_RUN_ENTRIES: u64 = 4 << 20;
 /// Writes a merge or an import sends to sled per batch.
 const WRITES_PER_BATCH: usize = 64;
-/// Memory an account takes in the cache, with the map's overhead.
-const CACHED_ACCOUNT_BYTES: u64 = 192;
+/// Memory an account takes in the cache: id and record, and the map's control byte and spare
+/// capacity.
+const CACHED_ACCOUNT_BYTES: u64 = 168;
 
 /// How a `SledStore` uses memory and threads.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
-    /// Memory for caches: three quarters to sled's page cache, a quarter to decoded accounts.
+    /// Memory for caches: half to sled's page cache, half to decoded accounts (the hottest
+    /// records: two lookups for every transfer).
     pub cache_bytes: u64,
     /// Merge runs on a thread of the store's own (the product), or inside `commit` (a benchmark
     /// of one core, which then pays for every merge it causes).
@@ -227,7 +229,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .segment_size(SEGMENT_BYTES)
-            .cache_capacity(options.cache_bytes / 4 * 3)
+            .cache_capacity(options.cache_bytes / 2)
             .open()
             .map_err(|error| match error {
                 // Schema 1 kept sled's default segments; sled refuses to change them.
@@ -249,7 +251,7 @@ impl SledStore {
         } else if tree.get(codec::META_LEDGER_KEY)?.is_some() {
             return Err(old_layout(path));
         }
-        let capacity = (options.cache_bytes / 4 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
+        let capacity = (options.cache_bytes / 2 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
         let inner = Arc::new(Inner {
             db,
             tree,
@@ -690,45 +692,37 @@ impl Store for SledStore {
         let mut layout = self.inner.layout.lock().unwrap();
         let mut runs = (*self.inner.current_runs()).clone();
         let mut writes = Writes::new();
-        let mut new_run =
-            |kind: Kind, entries: &mut dyn Iterator<Item = (Vec<u8>, Vec<u8>)>, count: usize| {
-                if count == 0 {
-                    return;
-                }
-                let mut builder = RunBuilder::new(kind, layout.next_run, count as u64);
-                layout.next_run += 1;
-                for (key, value) in entries {
-                    builder.push(&key, &value, &mut writes);
-                }
-                runs.kinds[kind as usize].push(Arc::new(builder.finish(&mut writes).expect("entries")));
-            };
-        new_run(
-            Kind::Accounts,
-            &mut changes
-                .accounts
-                .iter()
-                .map(|a| (a.id.to_be_bytes().to_vec(), codec::encode_account(a).to_vec())),
-            changes.accounts.len(),
-        );
+        // One run per kind this entry changed, each built from its entries in key order.
+        let mut new_run = |kind: Kind, count: usize, push: &mut dyn FnMut(&mut RunBuilder, &mut Writes)| {
+            if count == 0 {
+                return;
+            }
+            let mut builder = RunBuilder::new(kind, layout.next_run, count as u64);
+            layout.next_run += 1;
+            push(&mut builder, &mut writes);
+            runs.kinds[kind as usize].push(Arc::new(builder.finish(&mut writes).expect("entries")));
+        };
+        new_run(Kind::Accounts, changes.accounts.len(), &mut |builder, writes| {
+            for account in &changes.accounts {
+                builder.push(&account.id.to_be_bytes(), &codec::encode_account(account), writes);
+            }
+        });
         let mut ids: Vec<(u128, u64)> = changes.transfers.iter().map(|t| (t.id, t.timestamp)).collect();
         ids.sort_unstable();
-        new_run(
-            Kind::Ids,
-            &mut ids
-                .iter()
-                .map(|(id, timestamp)| (id.to_be_bytes().to_vec(), timestamp.to_le_bytes().to_vec())),
-            ids.len(),
-        );
+        new_run(Kind::Ids, ids.len(), &mut |builder, writes| {
+            for (id, timestamp) in &ids {
+                builder.push(&id.to_be_bytes(), &timestamp.to_le_bytes(), writes);
+            }
+        });
         let mut index: Vec<&crate::store::IndexWrite> = changes.index.iter().collect();
         index.sort_unstable_by_key(|write| (write.account_id, write.timestamp));
-        new_run(
-            Kind::Index,
-            &mut index.iter().map(|write| {
+        new_run(Kind::Index, index.len(), &mut |builder, writes| {
+            for write in &index {
                 let key = codec::index_key(write.account_id, write.timestamp);
-                (key[1..].to_vec(), codec::encode_index_value(write.transfer_id, write.balance.as_ref()))
-            }),
-            index.len(),
-        );
+                let value = codec::encode_index_value(write.transfer_id, write.balance.as_ref());
+                builder.push(&key[1..], &value, writes);
+            }
+        });
         self.inner.write_layout(&layout, runs, writes, batch)?;
         drop(layout);
         let mut cache = self.inner.accounts.lock().unwrap();

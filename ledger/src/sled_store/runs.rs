@@ -1,7 +1,7 @@
 //! Immutable sorted runs: the shape in which `SledStore` keeps everything looked up by key.
 //!
 //! A run is a sorted sequence of `(key, value)` entries written once and never changed, cut into
-//! pages of about 32 KiB, each page one sled value under `R | kind | run id | page number`. Its
+//! pages of about 8 KiB, each page one sled value under `R | kind | run id | page number`. Its
 //! description (the first key of every page, its last key, and a Bloom filter over the first 16
 //! bytes of every key) is kept in memory and persisted beside the pages, under
 //! `F | kind | run id | chunk`. A lookup tests the filters of a kind's runs, newest first, and
@@ -11,6 +11,7 @@
 //! Page format: `count u16 | offset u16 x count | entries`, an entry `key | value length u8 |
 //! value`, keys strictly increasing. Offsets make a page binary-searchable in place.
 
+use std::cmp::Ordering;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ use sled::IVec;
 use super::filter::{Filter, KeyHash};
 use crate::store::{StoreError, StoreResult};
 
+/// Small, because sled caches and reads whole tree nodes of up to sixteen values: with 32 KiB
+/// pages a cold lookup read 512 KiB and sled's cache, which under-counts such nodes, kept growing.
 pub const PAGE_BYTES: usize = 8 * 1024;
 /// Runs of a kind merge when this many similar-sized runs sit at the newest end.
 pub const FANOUT: usize = 8;
@@ -47,6 +50,19 @@ impl Kind {
         }
     }
 
+    /// Runs of this many entries or more are not merged again. The per-account index is most of
+    /// the bytes (two entries per transfer) and a query consults only the runs whose filter
+    /// holds its account, so its runs stop growing at 8M entries: at 100M transfers about 25
+    /// such runs, and each index entry is rewritten about three times instead of five. Ids and
+    /// accounts are looked up for every transfer: they merge all the way, to keep few filters
+    /// to test.
+    pub fn merged_entries_max(self) -> u64 {
+        match self {
+            Kind::Index => 8 << 20,
+            Kind::Accounts | Kind::Ids => u64::MAX,
+        }
+    }
+
     pub fn from_u8(tag: u8) -> Option<Kind> {
         Kind::ALL.into_iter().find(|kind| *kind as u8 == tag)
     }
@@ -64,6 +80,19 @@ fn physical_key(prefix: u8, kind: Kind, run: u64, number: u32) -> [u8; 14] {
 /// The range of physical keys (pages or description chunks) of one run.
 pub fn run_key_range(prefix: u8, kind: Kind, run: u64) -> Range<[u8; 14]> {
     physical_key(prefix, kind, run, 0)..physical_key(prefix, kind, run + 1, 0)
+}
+
+/// Byte order of two keys of one kind (16 or 24 bytes), compared as big-endian integers: the
+/// same order as comparing the bytes, without a call to `memcmp` for every step of a search.
+fn compare(a: &[u8], b: &[u8]) -> Ordering {
+    debug_assert_eq!(a.len(), b.len());
+    let high = |key: &[u8]| u128::from_be_bytes(key[..16].try_into().unwrap());
+    let low = |key: &[u8]| u64::from_be_bytes(key[16..24].try_into().unwrap());
+    match a.len() {
+        16 => high(a).cmp(&high(b)),
+        24 => (high(a), low(a)).cmp(&(high(b), low(b))),
+        _ => a.cmp(b),
+    }
 }
 
 fn filter_key(key: &[u8]) -> [u8; 16] {
@@ -119,7 +148,7 @@ impl Run {
         let (mut low, mut high) = (0, self.pages());
         while high - low > 1 {
             let middle = (low + high) / 2;
-            if self.fence(middle) <= key {
+            if compare(self.fence(middle), key) != Ordering::Greater {
                 low = middle;
             } else {
                 high = middle;
@@ -236,7 +265,7 @@ impl Page {
         let (mut low, mut high) = (0, self.count());
         while low < high {
             let middle = (low + high) / 2;
-            if self.key(middle) < key {
+            if compare(self.key(middle), key) == Ordering::Less {
                 low = middle + 1;
             } else {
                 high = middle;
@@ -497,9 +526,11 @@ pub fn scan(
         let mut best: Option<(usize, &[u8])> = None;
         for (index, cursor) in cursors.iter().enumerate() {
             let Some(candidate) = cursor.current_key() else { continue };
-            let better = best.is_none_or(
-                |(_, current)| if reversed { candidate >= current } else { candidate <= current },
-            );
+            let better = best.is_none_or(|(_, current)| match compare(candidate, current) {
+                Ordering::Equal => true,
+                Ordering::Greater => reversed,
+                Ordering::Less => !reversed,
+            });
             if better {
                 best = Some((index, candidate));
             }
@@ -533,10 +564,11 @@ pub fn scan_all(runs: &[Arc<Run>], tree: &sled::Tree, visit: &mut EntryVisitor) 
 /// size class or smaller, once there are `FANOUT` of them. New runs are small and join the tail;
 /// a merge makes a run of the next class, so classes fall from old to new and a kind holds at
 /// most about `FANOUT - 1` runs per class: a logarithmic number of runs, each entry rewritten
-/// once per class it climbs.
+/// once per class it climbs. Runs of `Kind::merged_entries_max` entries or more stay as they are.
 pub fn pick_merge(runs: &[Arc<Run>]) -> Option<Range<usize>> {
-    let class = runs.last()?.class();
-    let start = runs.iter().rposition(|run| run.class() > class).map_or(0, |i| i + 1);
+    let last = runs.last()?;
+    let (class, cap) = (last.class(), last.kind.merged_entries_max());
+    let start = runs.iter().rposition(|run| run.class() > class || run.entries >= cap).map_or(0, |i| i + 1);
     (runs.len() - start >= FANOUT).then_some(start..runs.len())
 }
 
