@@ -888,7 +888,8 @@ impl Import {
         self.finished = true;
         let layout = inner.layout.lock().unwrap();
         let writes = std::mem::take(&mut self.writes);
-        inner.write_layout(&layout, self.runs.clone(), writes, sled::Batch::default())
+        // Taken, not cloned: a run this holds could never be deleted after a merge.
+        inner.write_layout(&layout, std::mem::take(&mut self.runs), writes, sled::Batch::default())
     }
 }
 
