@@ -195,3 +195,20 @@ fn init_logging() {
         .with_ansi(false)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn cache_sizes_parse_with_units_and_bad_ones_say_what_is_expected() {
+        assert_eq!(parse_bytes("536870912"), Ok(512 << 20));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1024KiB"), Ok(1 << 20));
+        for bad in ["", "MiB", "12", "5TB", "1.5GiB", "-1GiB", "99999999999999999999GiB"] {
+            let error = parse_bytes(bad).expect_err(bad);
+            assert!(error.contains(&format!("'{bad}'")), "{error}");
+        }
+    }
+}
