@@ -30,7 +30,7 @@ pub mod runs;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -87,6 +87,7 @@ pub struct SledStore {
 
 /// What a store shares with its merge thread and its frozen views.
 struct Inner {
+    path: PathBuf,
     db: sled::Db,
     tree: sled::Tree,
     /// The runs readers use. Replaced, never changed in place, by the holder of `layout`.
@@ -236,6 +237,12 @@ impl SledStore {
                 sled::Error::Unsupported(what) if what.contains("io buffer size") => old_layout(path),
                 error => error.into(),
             })?;
+        // sled creates its directory and files but never fsyncs a directory: without this, a
+        // power cut can take the names of everything it flushed (faultfs's tests show it).
+        sync_directory(path)?;
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            sync_directory(parent)?;
+        }
         let tree = db.open_tree(TREE_NAME)?;
         let mut runs = Runs::default();
         let mut layout = Layout::default();
@@ -253,6 +260,7 @@ impl SledStore {
         }
         let capacity = (options.cache_bytes / 2 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
         let inner = Arc::new(Inner {
+            path: path.to_path_buf(),
             db,
             tree,
             runs: RwLock::new(Arc::new(runs)),
@@ -386,6 +394,24 @@ impl Drop for SledStore {
     }
 }
 
+/// fsyncs every file under `path`, then each directory after its contents.
+fn sync_tree(path: &Path) -> StoreResult<()> {
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        } else {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_directory(path)
+}
+
+fn sync_directory(path: &Path) -> StoreResult<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
 fn old_layout(path: &Path) -> StoreError {
     StoreError::Corrupt(format!(
         "{} holds a ledger state written by an older tally (schema 1, one sled key per record), \
@@ -428,6 +454,14 @@ fn find_in_chunk(chunk: &[u8], timestamp: u64) -> StoreResult<Option<&[u8]>> {
 }
 
 impl Inner {
+    /// Makes everything committed so far durable. sled's own flush ends in `sync_file_range`,
+    /// which writes the data pages but not the file's size nor any name, so a power cut could
+    /// still take what it wrote: fsync every file of sled's directory, and the directories.
+    fn flush(&self) -> StoreResult<()> {
+        self.db.flush()?;
+        sync_tree(&self.path)
+    }
+
     fn current_runs(&self) -> Arc<Runs> {
         self.runs.read().unwrap().clone()
     }
@@ -770,8 +804,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> StoreResult<()> {
-        self.inner.db.flush()?;
-        Ok(())
+        self.inner.flush()
     }
 }
 
@@ -1007,8 +1040,7 @@ impl FrozenView {
     /// Flushes the live store: everything committed so far, the frozen state included, is
     /// written out, and survives a process crash. Safe while commits go on.
     pub fn flush_store(&self) -> StoreResult<()> {
-        self.inner.db.flush()?;
-        Ok(())
+        self.inner.flush()
     }
 
     /// Every record of the frozen state in key order.

@@ -1,0 +1,638 @@
+//! `faultfs`: a FUSE filesystem that behaves like a disk behind a volatile page cache, for the
+//! chaos harness. Everything written is readable at once, but only what was made durable
+//! survives `FaultFs::power_cut`:
+//!
+//! - a file's contents and length are durable once the file is fsynced (`fsync` or `fdatasync`);
+//! - a name (a create, a rename, an unlink, a mkdir) is durable once its directory is fsynced;
+//! - a power cut puts every file back to its last fsynced contents and every directory back to its
+//!   last fsynced names, and may tear the last unsynced write (keep a prefix of it), as a disk that
+//!   lost power in the middle of a write would.
+//!
+//! That is the strict reading of POSIX that a database must assume; real filesystems are often
+//! kinder (ext4 orders some metadata), which is why a process kill (SIGKILL keeps the kernel's page
+//! cache) never tested any of this.
+//!
+//! The files live in the harness's memory: every byte written under the mount point, plus the
+//! pre-image of each synced byte overwritten since its file's last fsync. Sizes in chaos runs are
+//! hundreds of megabytes. Writes and fsyncs can also be made to fail (`FaultFs::fail`), for
+//! disk-full and I/O-error faults. Unix only, and mounting needs root (or `fusermount3`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+/// Attributes and names are never cached by the kernel: after a power cut, what a lookup
+/// returned before may be gone.
+const TTL: Duration = Duration::ZERO;
+const BLOCK_BYTES: u32 = 4096;
+
+/// A failure to inject into writes, fsyncs and creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// ENOSPC: the disk is full.
+    DiskFull,
+    /// EIO: the disk failed.
+    Io,
+}
+
+impl Fault {
+    fn errno(self) -> Errno {
+        match self {
+            Fault::DiskFull => Errno::ENOSPC,
+            Fault::Io => Errno::EIO,
+        }
+    }
+}
+
+/// What a power cut did, for the harness's report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PowerCut {
+    /// Files whose unsynced writes were discarded.
+    pub files_rolled_back: usize,
+    /// Bytes of unsynced writes discarded (appended or overwritten).
+    pub bytes_lost: u64,
+    /// Directories whose unsynced names were discarded.
+    pub directories_rolled_back: usize,
+    /// Bytes of the last unsynced write that were kept anyway (a torn write).
+    pub torn_bytes_kept: u64,
+}
+
+/// A mounted faultfs; unmounted when dropped.
+pub struct FaultFs {
+    disk: Arc<Mutex<Disk>>,
+    mountpoint: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl FaultFs {
+    /// Mounts an empty faultfs on `mountpoint`, an existing empty directory.
+    pub fn mount(mountpoint: &Path) -> io::Result<FaultFs> {
+        let disk = Arc::new(Mutex::new(Disk::new()));
+        let mut config = Config::default();
+        config.mount_options = vec![MountOption::FSName("faultfs".into()), MountOption::DefaultPermissions];
+        let session = fuser::spawn_mount(Handler { disk: disk.clone() }, mountpoint, &config)?;
+        Ok(FaultFs { disk, mountpoint: mountpoint.to_path_buf(), session: Some(session) })
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Loses everything not made durable. Stop (SIGKILL) every process writing here first: a
+    /// process still running would go on writing into the rolled-back state. `tear_seed`, if
+    /// given, keeps a prefix of the last unsynced write (its length drawn from the seed), as a
+    /// disk that lost power in the middle of it might.
+    pub fn power_cut(&self, tear_seed: Option<u64>) -> PowerCut {
+        self.disk.lock().unwrap().power_cut(tear_seed)
+    }
+
+    /// From now on, writes, fsyncs and creates fail with `fault` (or succeed again with `None`).
+    pub fn fail(&self, fault: Option<Fault>) {
+        self.disk.lock().unwrap().fault = fault;
+    }
+
+    /// Bytes written since their file's last fsync, over all files.
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.disk.lock().unwrap().unsynced_bytes()
+    }
+}
+
+impl Drop for FaultFs {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            // A lazy unmount: it succeeds even while a killed process's files are still closing.
+            let _ = session.umount_and_join();
+        }
+    }
+}
+
+struct Node {
+    kind: Kind,
+    perm: u16,
+    mtime: SystemTime,
+}
+
+enum Kind {
+    File(File),
+    Directory(Directory),
+}
+
+/// A file's bytes as they are now, and how to put back the ones that are not durable.
+#[derive(Default)]
+struct File {
+    data: Vec<u8>,
+    /// The length at the last fsync.
+    synced_length: usize,
+    /// `(offset, old bytes)` for every durable byte overwritten (or cut off) since the last
+    /// fsync, oldest first. Bytes past `synced_length` need none: they are cut off anyway.
+    undo: Vec<(usize, Vec<u8>)>,
+    unsynced_bytes: u64,
+}
+
+impl File {
+    /// Saves the durable bytes in `range` before they change.
+    fn keep_old(&mut self, start: usize, end: usize) {
+        let end = end.min(self.synced_length).min(self.data.len());
+        if start < end {
+            self.undo.push((start, self.data[start..end].to_vec()));
+        }
+    }
+
+    fn write(&mut self, offset: usize, bytes: &[u8]) {
+        self.keep_old(offset, offset + bytes.len());
+        if self.data.len() < offset + bytes.len() {
+            self.data.resize(offset + bytes.len(), 0);
+        }
+        self.data[offset..offset + bytes.len()].copy_from_slice(bytes);
+        self.unsynced_bytes += bytes.len() as u64;
+    }
+
+    fn truncate(&mut self, length: usize) {
+        self.keep_old(length, self.data.len());
+        self.unsynced_bytes += self.data.len().abs_diff(length) as u64;
+        self.data.resize(length, 0);
+    }
+
+    fn sync(&mut self) {
+        self.synced_length = self.data.len();
+        self.undo.clear();
+        self.unsynced_bytes = 0;
+    }
+
+    /// Back to the last fsync; returns the bytes lost.
+    fn roll_back(&mut self) -> u64 {
+        let lost = self.unsynced_bytes;
+        self.data.resize(self.synced_length, 0);
+        for (offset, old) in self.undo.drain(..).rev() {
+            self.data[offset..offset + old.len()].copy_from_slice(&old);
+        }
+        self.unsynced_bytes = 0;
+        lost
+    }
+}
+
+#[derive(Default)]
+struct Directory {
+    names: BTreeMap<OsString, u64>,
+    /// The names at the last fsync of this directory.
+    synced_names: BTreeMap<OsString, u64>,
+}
+
+struct Disk {
+    nodes: HashMap<u64, Node>,
+    next_inode: u64,
+    /// The newest write, while it is not durable: what a torn write keeps part of.
+    last_write: Option<(u64, usize, Vec<u8>)>,
+    fault: Option<Fault>,
+}
+
+const ROOT: u64 = 1;
+
+impl Disk {
+    fn new() -> Disk {
+        let root =
+            Node { kind: Kind::Directory(Directory::default()), perm: 0o755, mtime: SystemTime::now() };
+        Disk { nodes: HashMap::from([(ROOT, root)]), next_inode: ROOT + 1, last_write: None, fault: None }
+    }
+
+    fn attr(&self, inode: u64) -> Option<FileAttr> {
+        let node = self.nodes.get(&inode)?;
+        let (kind, size, nlink) = match &node.kind {
+            Kind::File(file) => (FileType::RegularFile, file.data.len() as u64, 1),
+            Kind::Directory(_) => (FileType::Directory, 0, 2),
+        };
+        Some(FileAttr {
+            ino: INodeNo(inode),
+            size,
+            blocks: size.div_ceil(512),
+            atime: node.mtime,
+            mtime: node.mtime,
+            ctime: node.mtime,
+            crtime: node.mtime,
+            kind,
+            perm: node.perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: BLOCK_BYTES,
+            flags: 0,
+        })
+    }
+
+    fn directory(&mut self, inode: u64) -> Result<&mut Directory, Errno> {
+        match self.nodes.get_mut(&inode).map(|node| &mut node.kind) {
+            Some(Kind::Directory(directory)) => Ok(directory),
+            Some(Kind::File(_)) => Err(Errno::ENOTDIR),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    fn file(&mut self, inode: u64) -> Result<&mut File, Errno> {
+        match self.nodes.get_mut(&inode).map(|node| &mut node.kind) {
+            Some(Kind::File(file)) => Ok(file),
+            Some(Kind::Directory(_)) => Err(Errno::EISDIR),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    fn check_fault(&self) -> Result<(), Errno> {
+        match self.fault {
+            Some(fault) => Err(fault.errno()),
+            None => Ok(()),
+        }
+    }
+
+    fn create(&mut self, parent: u64, name: &OsStr, kind: Kind, perm: u16) -> Result<FileAttr, Errno> {
+        self.check_fault()?;
+        if self.directory(parent)?.names.contains_key(name) {
+            return Err(Errno::EEXIST);
+        }
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        self.nodes.insert(inode, Node { kind, perm, mtime: SystemTime::now() });
+        self.directory(parent)?.names.insert(name.to_os_string(), inode);
+        Ok(self.attr(inode).expect("just created"))
+    }
+
+    fn remove(&mut self, parent: u64, name: &OsStr, directory: bool) -> Result<(), Errno> {
+        let inode = *self.directory(parent)?.names.get(name).ok_or(Errno::ENOENT)?;
+        match (&self.nodes[&inode].kind, directory) {
+            (Kind::Directory(d), true) if !d.names.is_empty() => return Err(Errno::ENOTEMPTY),
+            (Kind::Directory(_), true) | (Kind::File(_), false) => {}
+            (Kind::File(_), true) => return Err(Errno::ENOTDIR),
+            (Kind::Directory(_), false) => return Err(Errno::EISDIR),
+        }
+        // The node stays: the last fsynced names may still hold it.
+        self.directory(parent)?.names.remove(name);
+        Ok(())
+    }
+
+    fn rename(&mut self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr) -> Result<(), Errno> {
+        let inode = *self.directory(parent)?.names.get(name).ok_or(Errno::ENOENT)?;
+        if let Some(&target) = self.directory(new_parent)?.names.get(new_name)
+            && let Kind::Directory(d) = &self.nodes[&target].kind
+            && !d.names.is_empty()
+        {
+            return Err(Errno::ENOTEMPTY);
+        }
+        self.directory(parent)?.names.remove(name);
+        self.directory(new_parent)?.names.insert(new_name.to_os_string(), inode);
+        Ok(())
+    }
+
+    fn write(&mut self, inode: u64, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
+        self.check_fault()?;
+        self.file(inode)?.write(offset, bytes);
+        self.nodes.get_mut(&inode).unwrap().mtime = SystemTime::now();
+        self.last_write = Some((inode, offset, bytes.to_vec()));
+        Ok(())
+    }
+
+    fn sync_file(&mut self, inode: u64) -> Result<(), Errno> {
+        self.check_fault()?;
+        self.file(inode)?.sync();
+        if self.last_write.as_ref().is_some_and(|(written, _, _)| *written == inode) {
+            self.last_write = None;
+        }
+        Ok(())
+    }
+
+    fn sync_directory(&mut self, inode: u64) -> Result<(), Errno> {
+        self.check_fault()?;
+        let directory = self.directory(inode)?;
+        directory.synced_names = directory.names.clone();
+        Ok(())
+    }
+
+    fn unsynced_bytes(&self) -> u64 {
+        self.nodes
+            .values()
+            .map(|node| match &node.kind {
+                Kind::File(file) => file.unsynced_bytes,
+                Kind::Directory(_) => 0,
+            })
+            .sum()
+    }
+
+    fn power_cut(&mut self, tear_seed: Option<u64>) -> PowerCut {
+        let mut cut = PowerCut::default();
+        for node in self.nodes.values_mut() {
+            match &mut node.kind {
+                Kind::File(file) => {
+                    if file.unsynced_bytes > 0
+                        || !file.undo.is_empty()
+                        || file.data.len() != file.synced_length
+                    {
+                        cut.files_rolled_back += 1;
+                        cut.bytes_lost += file.roll_back();
+                    }
+                }
+                Kind::Directory(directory) => {
+                    if directory.names != directory.synced_names {
+                        cut.directories_rolled_back += 1;
+                        directory.names = directory.synced_names.clone();
+                    }
+                }
+            }
+        }
+        self.collect_unreachable();
+        if let (Some(seed), Some((inode, offset, bytes))) = (tear_seed, self.last_write.take())
+            && let Some(Kind::File(file)) = self.nodes.get_mut(&inode).map(|node| &mut node.kind)
+        {
+            let kept = (mix(seed) % (bytes.len() as u64 + 1)) as usize;
+            if kept > 0 {
+                file.write(offset, &bytes[..kept]);
+                // What the platter holds after the cut is durable by definition.
+                file.sync();
+                cut.torn_bytes_kept = kept as u64;
+            }
+        }
+        self.last_write = None;
+        cut
+    }
+
+    /// Drops the nodes no name leads to any more.
+    fn collect_unreachable(&mut self) {
+        let mut reachable = vec![ROOT];
+        let mut seen = std::collections::HashSet::from([ROOT]);
+        while let Some(inode) = reachable.pop() {
+            if let Some(Node { kind: Kind::Directory(directory), .. }) = self.nodes.get(&inode) {
+                for child in directory.names.values() {
+                    if seen.insert(*child) {
+                        reachable.push(*child);
+                    }
+                }
+            }
+        }
+        self.nodes.retain(|inode, _| seen.contains(inode));
+    }
+}
+
+/// splitmix64: a torn write's length from the harness's seed.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The FUSE side: each request takes the disk's lock for its duration.
+struct Handler {
+    disk: Arc<Mutex<Disk>>,
+}
+
+fn reply_entry(result: Result<FileAttr, Errno>, reply: ReplyEntry) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(errno) => reply.error(errno),
+    }
+}
+
+fn reply_empty(result: Result<(), Errno>, reply: ReplyEmpty) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(errno) => reply.error(errno),
+    }
+}
+
+impl Filesystem for Handler {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut disk = self.disk.lock().unwrap();
+        let found = disk.directory(parent.0).and_then(|d| d.names.get(name).copied().ok_or(Errno::ENOENT));
+        reply_entry(found.map(|inode| disk.attr(inode).expect("a named node exists")), reply);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.disk.lock().unwrap().attr(ino.0) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mut disk = self.disk.lock().unwrap();
+        let result = (|| {
+            if let Some(size) = size {
+                disk.check_fault()?;
+                disk.file(ino.0)?.truncate(size as usize);
+            }
+            let node = disk.nodes.get_mut(&ino.0).ok_or(Errno::ENOENT)?;
+            if let Some(mode) = mode {
+                node.perm = (mode & 0o7777) as u16;
+            }
+            if size.is_some() || mtime.is_some() {
+                node.mtime = SystemTime::now();
+            }
+            Ok(disk.attr(ino.0).expect("exists"))
+        })();
+        match result {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let perm = (mode & !umask & 0o7777) as u16;
+        let result =
+            self.disk.lock().unwrap().create(parent.0, name, Kind::Directory(Directory::default()), perm);
+        reply_entry(result, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.disk.lock().unwrap().remove(parent.0, name, false), reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.disk.lock().unwrap().remove(parent.0, name, true), reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(self.disk.lock().unwrap().rename(parent.0, name, newparent.0, newname), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.disk.lock().unwrap().file(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut disk = self.disk.lock().unwrap();
+        match disk.file(ino.0) {
+            Ok(file) => {
+                let start = (offset as usize).min(file.data.len());
+                let end = (start + size as usize).min(file.data.len());
+                reply.data(&file.data[start..end]);
+            }
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.disk.lock().unwrap().write(ino.0, offset as usize, data) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2): nothing becomes durable.
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply_empty(self.disk.lock().unwrap().sync_file(ino.0), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.disk.lock().unwrap().directory(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let mut disk = self.disk.lock().unwrap();
+        let names: Vec<(OsString, u64)> = match disk.directory(ino.0) {
+            Ok(directory) => directory.names.iter().map(|(name, inode)| (name.clone(), *inode)).collect(),
+            Err(errno) => return reply.error(errno),
+        };
+        let mut entries = vec![(OsString::from("."), ino.0, FileType::Directory)];
+        entries.push((OsString::from(".."), ROOT, FileType::Directory));
+        for (name, inode) in names {
+            let kind = match disk.nodes[&inode].kind {
+                Kind::File(_) => FileType::RegularFile,
+                Kind::Directory(_) => FileType::Directory,
+            };
+            entries.push((name, inode, kind));
+        }
+        for (index, (name, inode, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(inode), index as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply_empty(self.disk.lock().unwrap().sync_directory(ino.0), reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = 1 << 28;
+        reply.statfs(blocks, blocks / 2, blocks / 2, 1 << 20, 1 << 19, BLOCK_BYTES, 255, BLOCK_BYTES);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let perm = (mode & !umask & 0o7777) as u16;
+        match self.disk.lock().unwrap().create(parent.0, name, Kind::File(File::default()), perm) {
+            Ok(attr) => reply.created(&TTL, &attr, Generation(0), FileHandle(0), FopenFlags::empty()),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let mut disk = self.disk.lock().unwrap();
+        let result = (|| {
+            if mode != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            disk.check_fault()?;
+            let file = disk.file(ino.0)?;
+            let end = (offset + length) as usize;
+            if end > file.data.len() {
+                let old = file.data.len();
+                file.write(old, &vec![0; end - old]);
+            }
+            Ok(())
+        })();
+        reply_empty(result, reply);
+    }
+}
