@@ -4,6 +4,9 @@
 //! Every node the run may ever have is planned up front (the initial ones and those that
 //! membership churn will add), so that each process starts with a `--route` to every other
 //! node through the proxy of that directed link. Clients reach nodes directly.
+//!
+//! Each node's data directory is a disk of its own: a `faultfs` mount, so that a power cut loses
+//! what that node had not fsynced (`Cluster::power_cut`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -12,6 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tally_client::{Client, v1};
+
+use faultfs::{FaultFs, PowerCut};
 
 use crate::proxy::Proxies;
 
@@ -43,6 +48,9 @@ pub struct Cluster {
     pub proxies: Proxies,
     /// Flags added to every `serve`.
     extra_args: Vec<String>,
+    /// Each node's disk, mounted on its data directory. Declared last: unmounted after the
+    /// processes are gone.
+    disks: BTreeMap<u64, FaultFs>,
 }
 
 /// Node ports come from below Linux's ephemeral range (32768 and up), so that the proxies'
@@ -107,6 +115,15 @@ impl Cluster {
             };
             nodes.insert(id, spec);
         }
+        let mut disks = BTreeMap::new();
+        for spec in nodes.values() {
+            std::fs::create_dir_all(&spec.data_dir)
+                .map_err(|e| format!("cannot create {}: {e}", spec.data_dir.display()))?;
+            let disk = FaultFs::mount(&spec.data_dir).map_err(|e| {
+                format!("cannot mount faultfs on {} (needs root and /dev/fuse): {e}", spec.data_dir.display())
+            })?;
+            disks.insert(spec.id, disk);
+        }
         let targets = nodes.values().map(|n| (n.id, n.address)).collect();
         let proxies = Proxies::start(&targets).await?;
         let members: BTreeSet<u64> = (1..=initial as u64).collect();
@@ -119,6 +136,7 @@ impl Cluster {
             retired: BTreeSet::new(),
             proxies,
             extra_args,
+            disks,
         };
         for id in members {
             cluster.spawn(id, id == 1)?;
@@ -184,6 +202,20 @@ impl Cluster {
             let _ = child.wait();
         }
         self.paused.remove(&id);
+    }
+
+    /// A power cut of these nodes: SIGKILL, then each one's disk loses what was not fsynced (and
+    /// may tear its last unsynced write, as drawn from `seed`). Restart them with `spawn`.
+    pub fn power_cut(&mut self, ids: &[u64], seed: u64) -> Vec<(u64, PowerCut)> {
+        for id in ids {
+            self.kill(*id);
+        }
+        ids.iter()
+            .filter_map(|id| {
+                let disk = self.disks.get(id)?;
+                Some((*id, disk.power_cut(Some(seed ^ id))))
+            })
+            .collect()
     }
 
     /// SIGTERM and wait, asynchronously: a graceful stop (for a node removed from the

@@ -35,19 +35,27 @@ pub enum Fault {
     CutLeader,
     /// Add a node in a new site, then remove another node, under load.
     Churn,
-    /// SIGKILL every node at once; restart them all when healed.
-    PowerLoss,
+    /// SIGKILL every node at once; restart them all when healed. The kernel keeps each node's
+    /// unsynced writes (the page cache survives a process kill).
+    KillAll,
+    /// Cut the power of every node: SIGKILL, and each node's disk loses everything it had not
+    /// fsynced (a torn last write included); restart them all when healed.
+    PowerCut,
+    /// The same for the nodes of one site.
+    PowerCutSite,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 9] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
         Fault::CutSite,
         Fault::CutLeader,
         Fault::Churn,
-        Fault::PowerLoss,
+        Fault::KillAll,
+        Fault::PowerCut,
+        Fault::PowerCutSite,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,7 +66,9 @@ impl Fault {
             Fault::CutSite => "cut-site",
             Fault::CutLeader => "cut-leader",
             Fault::Churn => "churn",
-            Fault::PowerLoss => "power-loss",
+            Fault::KillAll => "kill-all",
+            Fault::PowerCut => "power-cut",
+            Fault::PowerCutSite => "power-cut-site",
         }
     }
 
@@ -244,12 +254,38 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
             }
             None => ("no leader to cut off".into(), Undo::Nothing),
         },
-        Fault::PowerLoss => {
+        Fault::KillAll => {
             let nodes: Vec<u64> = cluster.members.iter().copied().collect();
             for id in &nodes {
                 cluster.kill(*id);
             }
             (format!("SIGKILL every node: {nodes:?}"), Undo::Restart(nodes))
+        }
+        Fault::PowerCut | Fault::PowerCutSite => {
+            let nodes: Vec<u64> = if planned.fault == Fault::PowerCut {
+                cluster.members.iter().copied().collect()
+            } else {
+                let site = chosen_site(None);
+                sites.get(&site).cloned().unwrap_or_default()
+            };
+            let cuts = cluster.power_cut(&nodes, planned.pick);
+            let lost: Vec<String> = cuts
+                .iter()
+                .map(|(id, cut)| {
+                    format!(
+                        "node {id} lost {} bytes in {} files and {} directories{}",
+                        cut.bytes_lost,
+                        cut.files_rolled_back,
+                        cut.directories_rolled_back,
+                        if cut.torn_bytes_kept > 0 {
+                            format!(", {} torn bytes kept", cut.torn_bytes_kept)
+                        } else {
+                            String::new()
+                        }
+                    )
+                })
+                .collect();
+            (format!("power cut of nodes {nodes:?}: {}", lost.join("; ")), Undo::Restart(nodes))
         }
         Fault::Churn => {
             let detail = churn(&mut cluster, planned.pick).await?;
@@ -361,8 +397,9 @@ mod tests {
     fn every_fault_comes_once_per_round_and_the_run_ends_quiet() {
         let length = Duration::from_secs(300);
         let schedule = plan(&Fault::ALL, timing(), length, 1);
-        let first_round: std::collections::BTreeSet<Fault> = schedule[..7].iter().map(|p| p.fault).collect();
-        assert_eq!(first_round.len(), 7);
+        let count = Fault::ALL.len();
+        let first_round: std::collections::BTreeSet<Fault> = schedule[..count].iter().map(|p| p.fault).collect();
+        assert_eq!(first_round.len(), count);
         for pair in schedule.windows(2) {
             assert!(pair[1].at >= pair[0].at + pair[0].hold + timing().quiet.0);
         }
@@ -372,10 +409,10 @@ mod tests {
 
     #[test]
     fn fault_lists_parse() {
-        assert_eq!(Fault::parse_list("all").unwrap().len(), 7);
+        assert_eq!(Fault::parse_list("all").unwrap().len(), Fault::ALL.len());
         assert_eq!(
-            Fault::parse_list("kill-site, power-loss").unwrap(),
-            vec![Fault::KillSite, Fault::PowerLoss]
+            Fault::parse_list("kill-site, kill-all, power-cut").unwrap(),
+            vec![Fault::KillSite, Fault::KillAll, Fault::PowerCut]
         );
         assert!(Fault::parse_list("kill-everything").unwrap_err().contains("unknown nemesis"));
     }

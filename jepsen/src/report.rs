@@ -344,13 +344,13 @@ mod tests {
         records.extend(write(1, 500_000));
         records.push(Record::Nemesis {
             time_us: 1_000_000,
-            fault: "power-loss".into(),
+            fault: "kill-all".into(),
             phase: Phase::Start,
             detail: "kill".into(),
         });
         records.push(Record::Nemesis {
             time_us: 3_000_000,
-            fault: "power-loss".into(),
+            fault: "kill-all".into(),
             phase: Phase::End,
             detail: "restart".into(),
         });
