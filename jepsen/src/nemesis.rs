@@ -398,7 +398,8 @@ mod tests {
         let length = Duration::from_secs(300);
         let schedule = plan(&Fault::ALL, timing(), length, 1);
         let count = Fault::ALL.len();
-        let first_round: std::collections::BTreeSet<Fault> = schedule[..count].iter().map(|p| p.fault).collect();
+        let first_round: std::collections::BTreeSet<Fault> =
+            schedule[..count].iter().map(|p| p.fault).collect();
         assert_eq!(first_round.len(), count);
         for pair in schedule.windows(2) {
             assert!(pair[1].at >= pair[0].at + pair[0].hold + timing().quiet.0);

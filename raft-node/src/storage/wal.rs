@@ -41,7 +41,9 @@
 //! `open` verifies every record's CRC, that indexes run on from each segment's name, and that the
 //! segments are contiguous. An unreadable record (cut short, too long, bad CRC) in the last segment
 //! after which no valid record can be found is the torn tail of writes that were never synced: the
-//! file is cut back to the last good record, and a last segment left without records is deleted.
+//! file is cut back to the last good record, and a last segment left without records is deleted,
+//! as is a last segment whose header is zeros with no valid record after it (created, then a power
+//! cut before its first sync let a later write reach the disk but not the header).
 //! Any other damage is `WalError::Corrupt`, and the node refuses to start rather than lose
 //! acknowledged entries. That includes an unsynced write whose later pages reached the disk before
 //! its earlier ones in a power loss: it looks exactly like a damaged acknowledged record followed by
@@ -279,6 +281,11 @@ impl SyncPlan {
     /// `Wal::sync_failed` on an error (see "Durability").
     pub fn run(&self) -> io::Result<()> {
         for (file, _, _) in &self.files {
+            // A deliberately broken build, to show that the chaos harness's power cut catches a
+            // log that acknowledges before its appends are on disk (README, "Power cuts").
+            if cfg!(feature = "acknowledge-before-fsync") {
+                continue;
+            }
             file.sync_data()?;
         }
         if let Some((dir, _)) = &self.dir {
@@ -654,6 +661,12 @@ fn recover_segment(
             return Ok(None);
         }
         HeaderCheck::CutShort => return Err(corrupt(&path, 0, "header cut short in a segment not the last")),
+        // A power cut after the segment was created and before its first sync, with a later
+        // write reaching the disk and the header not: nothing in it was ever acknowledged.
+        HeaderCheck::Bad(_) if is_last && never_synced(&bytes, first_index) => {
+            remove_file_durably(dir, &path)?;
+            return Ok(None);
+        }
         HeaderCheck::Bad(reason) => return Err(corrupt(&path, 0, reason)),
     }
     let scan = scan_records(&bytes, first_index);
@@ -678,6 +691,14 @@ fn recover_segment(
     }
     let file = Arc::new(file);
     Ok(Some(Segment { first_index, path, file, records: scan.records, bytes_len, written: 0, synced: 0 }))
+}
+
+/// A last segment whose header is all zeros and which holds no valid record: its header never
+/// reached the disk, so neither did a sync of it. (A header zeroed at rest in front of valid
+/// records is damage, and stays `Corrupt`.)
+fn never_synced(bytes: &[u8], first_index: u64) -> bool {
+    let header = &bytes[..SEGMENT_HEADER_BYTES.min(bytes.len())];
+    header.iter().all(|byte| *byte == 0) && scan_records(bytes, first_index).records.is_empty()
 }
 
 fn read_segment_file(file: &File, path: &Path) -> Result<Vec<u8>, WalError> {
@@ -1231,6 +1252,28 @@ mod tests {
                 assert_recovers_prefix(dir.path(), segment_bytes_max, last, &context);
             }
         }
+    }
+
+    /// What the chaos harness's power cut produced: a new last segment whose header never reached
+    /// the disk while part of a later write did. Nothing in it was synced, so it goes; a zeroed
+    /// header in front of a whole record is damage and is refused.
+    #[test]
+    fn a_last_segment_whose_header_never_reached_the_disk_is_dropped() {
+        let (segment_bytes_max, last) = (SEGMENT_BYTES_ONE_RECORD, 3);
+        let golden = write_log(segment_bytes_max, last);
+        let (name, offset, _) = locate(golden.path(), last);
+        assert_eq!(offset, SEGMENT_HEADER_BYTES as u64, "the last record sits alone in its segment");
+
+        let dir = copy_dir(golden.path());
+        edit_file(&dir.path().join(&name), |bytes| bytes[..SEGMENT_HEADER_BYTES + 8].fill(0));
+        assert_recovers_prefix(dir.path(), segment_bytes_max, last, "header and record start zeroed");
+
+        let dir = copy_dir(golden.path());
+        edit_file(&dir.path().join(&name), |bytes| bytes[..SEGMENT_HEADER_BYTES].fill(0));
+        let error = Wal::open_with(dir.path(), segment_bytes_max)
+            .err()
+            .expect("a zeroed header before a whole record");
+        assert!(error.to_string().contains("bad magic"), "{error}");
     }
 
     #[test]
