@@ -23,6 +23,9 @@ use crate::proxy::Proxies;
 /// How long a node may take to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// `tally serve`'s exit code when its storage failed (`raft_node::node::EXIT_STORAGE_FAILED`).
+const EXIT_STORAGE_FAILED: u8 = 74;
+
 /// The name every node of a run shares (`--cluster`).
 const CLUSTER_NAME: &str = "jepsen";
 
@@ -48,6 +51,9 @@ pub struct Cluster {
     pub proxies: Proxies,
     /// Flags added to every `serve`.
     extra_args: Vec<String>,
+    /// Nodes whose disk fails now (`disk_fault`), and those whose disk ever failed.
+    disk_failing: BTreeSet<u64>,
+    disk_faulted: BTreeSet<u64>,
     /// Each node's disk, mounted on its data directory. Declared last: unmounted after the
     /// processes are gone.
     disks: BTreeMap<u64, FaultFs>,
@@ -136,6 +142,8 @@ impl Cluster {
             retired: BTreeSet::new(),
             proxies,
             extra_args,
+            disk_failing: BTreeSet::new(),
+            disk_faulted: BTreeSet::new(),
             disks,
         };
         for id in members {
@@ -182,6 +190,15 @@ impl Cluster {
     /// Starts every member that is not running and resumes every paused one.
     pub fn revive_all(&mut self) -> Result<Vec<u64>, String> {
         let mut revived = Vec::new();
+        // A process that died and was not reaped yet counts as not running.
+        let dead: Vec<u64> = self
+            .processes
+            .iter_mut()
+            .filter_map(|(id, child)| matches!(child.try_wait(), Ok(Some(_))).then_some(*id))
+            .collect();
+        for id in dead {
+            self.processes.remove(&id);
+        }
         for id in self.paused.clone() {
             self.resume(id);
             revived.push(id);
@@ -216,6 +233,30 @@ impl Cluster {
                 Some((*id, disk.power_cut(Some(seed ^ id))))
             })
             .collect()
+    }
+
+    /// Makes every write and fsync of node `id`'s disk fail with `fault`, or succeed again. A
+    /// node that exits while its disk fails is doing what it should (stop rather than go on
+    /// without durability): `exited` does not report it as a crash.
+    pub fn disk_fault(&mut self, id: u64, fault: Option<faultfs::Fault>) {
+        if let Some(disk) = self.disks.get(&id) {
+            disk.fail(fault);
+        }
+        if fault.is_some() {
+            self.disk_failing.insert(id);
+            self.disk_faulted.insert(id);
+        } else {
+            self.disk_failing.remove(&id);
+        }
+    }
+
+    /// Forgets node `id`'s process if it has exited; returns whether it had.
+    pub fn take_exited(&mut self, id: u64) -> bool {
+        let exited = self.processes.get_mut(&id).is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))));
+        if exited {
+            self.processes.remove(&id);
+        }
+        exited
     }
 
     /// SIGTERM and wait, asynchronously: a graceful stop (for a node removed from the
@@ -265,12 +306,29 @@ impl Cluster {
         self.processes.contains_key(&id)
     }
 
-    /// Processes that exited on their own (a crash): id and exit status.
-    pub fn exited(&mut self) -> Vec<(u64, String)> {
+    /// Processes that exited on their own (a crash): id and exit status. A node whose disk is
+    /// failing is left alone: the heal restarts it. A node that stopped on a storage error
+    /// (exit code `EXIT_STORAGE_FAILED`) after its disk failed is what it should do, and not a
+    /// crash: it is restarted at once, as a supervisor would (returned in `restarted`).
+    pub fn exited(&mut self, restarted: &mut Vec<u64>) -> Vec<(u64, String)> {
         let mut exited = Vec::new();
+        let mut stopped = Vec::new();
         for (id, child) in self.processes.iter_mut() {
+            if self.disk_failing.contains(id) {
+                continue;
+            }
             if let Ok(Some(status)) = child.try_wait() {
-                exited.push((*id, status.to_string()));
+                if status.code() == Some(i32::from(EXIT_STORAGE_FAILED)) && self.disk_faulted.contains(id) {
+                    stopped.push(*id);
+                } else {
+                    exited.push((*id, status.to_string()));
+                }
+            }
+        }
+        for id in stopped {
+            self.processes.remove(&id);
+            if self.members.contains(&id) && self.spawn(id, false).is_ok() {
+                restarted.push(id);
             }
         }
         for (id, _) in &exited {

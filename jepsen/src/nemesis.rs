@@ -43,10 +43,15 @@ pub enum Fault {
     PowerCut,
     /// The same for the nodes of one site.
     PowerCutSite,
+    /// Every write and fsync of one node fails with ENOSPC; when healed the disk has room again
+    /// and the node is restarted if it stopped.
+    DiskFull,
+    /// The same with EIO: the disk fails.
+    DiskError,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 11] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
@@ -56,6 +61,8 @@ impl Fault {
         Fault::KillAll,
         Fault::PowerCut,
         Fault::PowerCutSite,
+        Fault::DiskFull,
+        Fault::DiskError,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +76,8 @@ impl Fault {
             Fault::KillAll => "kill-all",
             Fault::PowerCut => "power-cut",
             Fault::PowerCutSite => "power-cut-site",
+            Fault::DiskFull => "disk-full",
+            Fault::DiskError => "eio",
         }
     }
 
@@ -144,6 +153,8 @@ pub fn plan(faults: &[Fault], timing: Timing, length: Duration, seed: u64) -> Ve
 /// How to undo a fault.
 enum Undo {
     Restart(Vec<u64>),
+    /// Clear a node's disk fault, then restart it if it stopped.
+    DiskHealthy(u64),
     Resume(Vec<u64>),
     Heal(Vec<(u64, u64)>),
     Nothing,
@@ -287,6 +298,21 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
                 .collect();
             (format!("power cut of nodes {nodes:?}: {}", lost.join("; ")), Undo::Restart(nodes))
         }
+        Fault::DiskFull | Fault::DiskError => {
+            let members: Vec<u64> = cluster.members.iter().copied().collect();
+            match pick(&members, planned.pick) {
+                Some(id) => {
+                    let (fault, what) = if planned.fault == Fault::DiskFull {
+                        (faultfs::Fault::DiskFull, "ENOSPC")
+                    } else {
+                        (faultfs::Fault::Io, "EIO")
+                    };
+                    cluster.disk_fault(id, Some(fault));
+                    (format!("node {id}: every write and fsync fails with {what}"), Undo::DiskHealthy(id))
+                }
+                None => ("no member to fail".into(), Undo::Nothing),
+            }
+        }
         Fault::Churn => {
             let detail = churn(&mut cluster, planned.pick).await?;
             (detail, Undo::Nothing)
@@ -304,6 +330,18 @@ async fn heal(undo: Undo, cluster: &Mutex<Cluster>) -> Result<String, String> {
                 }
             }
             format!("restarted {nodes:?}")
+        }
+        Undo::DiskHealthy(id) => {
+            let stopped = cluster.take_exited(id);
+            cluster.disk_fault(id, None);
+            if cluster.members.contains(&id) && !cluster.is_running(id) {
+                cluster.spawn(id, false)?;
+            }
+            if stopped {
+                format!("disk of node {id} healthy; it had stopped, restarted")
+            } else {
+                format!("disk of node {id} healthy")
+            }
         }
         Undo::Resume(nodes) => {
             for id in &nodes {

@@ -391,6 +391,26 @@ pub async fn log_leadership(node: Arc<NodeHandle>) {
     }
 }
 
+/// The exit code of a node that stopped because its storage failed (EX_IOERR): a supervisor
+/// restarts it once the disk is fixed; any other failure exits with 1.
+pub const EXIT_STORAGE_FAILED: u8 = 74;
+
+/// Resolves when Raft has stopped on a fatal error, with that error: a write or fsync of the log
+/// that failed (a full or failing disk), a state that could not be applied. The node cannot go on
+/// without its storage; restarted, it recovers from what is really on disk (see `storage/wal.rs`,
+/// "Durability"). Never resolves while Raft runs.
+pub async fn fatal(node: Arc<NodeHandle>) -> String {
+    let mut metrics = node.raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_watched().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "raft stopped".into();
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

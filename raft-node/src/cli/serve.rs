@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args;
 
@@ -175,12 +176,31 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     };
     eprintln!("tally: node {id} serving on {listen}");
     tokio::spawn(crate::node::log_leadership(node.clone()));
-    match crate::node::serve(node, crate::node::shutdown_signal()).await {
-        Ok(()) => {
+    // A node whose storage failed stops (fail-stop) rather than serve on without durability.
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let shutdown = {
+        let (failure, node) = (failure.clone(), node.clone());
+        async move {
+            tokio::select! {
+                _ = crate::node::shutdown_signal() => {}
+                error = crate::node::fatal(node) => *failure.lock().unwrap() = Some(error),
+            }
+        }
+    };
+    let served = crate::node::serve(node, shutdown).await;
+    match (served, failure.lock().unwrap().take()) {
+        (_, Some(error)) => {
+            eprintln!(
+                "tally: error: node {id} stops: {error}. It does not serve without its storage; fix \
+                 the disk and restart it, and it recovers from what is on disk"
+            );
+            ExitCode::from(crate::node::EXIT_STORAGE_FAILED)
+        }
+        (Ok(()), None) => {
             eprintln!("tally: node {id} stopped");
             ExitCode::SUCCESS
         }
-        Err(error) => fail(&error),
+        (Err(error), None) => fail(&error),
     }
 }
 

@@ -1,6 +1,8 @@
 //! `tally.v1.Raft`: node-to-node traffic, server side. Refuses callers of another cluster.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::types::Snapshot;
 use futures::StreamExt;
@@ -14,6 +16,19 @@ use crate::storage::state_machine::SnapshotFile;
 
 /// The most snapshot bytes one install may stream: bounds the disk an incoming install can use.
 const SNAPSHOT_BYTES_MAX: u64 = 1 << 40;
+
+/// Numbers incoming snapshot files, so that two streams arriving together never share one.
+static INCOMING: AtomicU64 = AtomicU64::new(0);
+
+/// Removes an incoming snapshot file that was not installed (a stream cut short, refused, or
+/// older than what the node has); an installed one has been renamed away already.
+struct Incoming(PathBuf);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
 
 pub struct RaftService {
     node: Arc<NodeHandle>,
@@ -87,7 +102,13 @@ impl pb::raft_server::Raft for RaftService {
         self.check_cluster(&request)?;
         let mut chunks = request.into_inner();
         let dir = self.node.config.data_dir.join("snapshots");
-        let path = dir.join(format!("incoming-{}.tmp", std::process::id()));
+        let number = INCOMING.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(
+            "{}{}-{number}.tmp",
+            crate::storage::state_machine::INCOMING_PREFIX,
+            std::process::id()
+        ));
+        let _incoming = Incoming(path.clone());
         let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
         let mut header = None;
         let mut received = 0u64;

@@ -32,6 +32,11 @@ const STATE_DIR: &str = "state";
 const STATE_NEW_DIR: &str = "state.new";
 const STATE_OLD_DIR: &str = "state.old";
 const SNAPSHOT_DIR: &str = "snapshots";
+/// Snapshot files being received (`service/raft.rs`); any found at start are leftovers of a
+/// process that died while receiving.
+pub const INCOMING_PREFIX: &str = "incoming-";
+/// A snapshot being exported, renamed into place once complete.
+const BUILDING_FILE: &str = "building.tmp";
 const SNAPSHOT_META_FILE: &str = "current.meta";
 
 /// What the state machine has applied, stored atomically with the state it describes.
@@ -102,6 +107,7 @@ impl StateMachine {
     pub fn open(data_dir: &Path, cache_bytes: u64) -> io::Result<StateMachine> {
         let options = StoreOptions { cache_bytes, background_merges: true };
         std::fs::create_dir_all(data_dir.join(SNAPSHOT_DIR))?;
+        remove_leftovers(&data_dir.join(SNAPSHOT_DIR))?;
         recover_install(data_dir)?;
         let (ledger, applied) = open_ledger(&data_dir.join(STATE_DIR), options)?;
         let machine = StateMachine {
@@ -163,7 +169,7 @@ impl StateMachine {
     fn build(&self) -> io::Result<Snapshot> {
         let _snapshots = self.shared.snapshots.lock().unwrap();
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
-        let temporary = dir.join("building.tmp");
+        let temporary = dir.join(BUILDING_FILE);
         let (view, applied) = {
             let ledger = self.shared.ledger.read().unwrap();
             let ledger = ledger.as_ref().expect("ledger outside an install");
@@ -218,6 +224,20 @@ impl StateMachine {
         *self.shared.applied.lock().unwrap() = applied;
         Ok(())
     }
+}
+
+/// Removes what a process that died left in the snapshot directory: files being received, and
+/// a snapshot being built.
+fn remove_leftovers(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if (name.starts_with(INCOMING_PREFIX) && name.ends_with(".tmp")) || name == BUILDING_FILE {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Where the snapshot described by `meta` lives: named by its last log id, so that a file being
