@@ -25,36 +25,35 @@
 //! sled may lose its newest batches on a crash (it flushes on a timer); the Raft log still has
 //! them, and the caller re-applies from the applied marker it keeps in `META_APP_KEY`.
 
+mod export;
 mod filter;
+mod import;
+mod layout;
 pub mod runs;
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use foldhash::HashMap;
 
+pub use self::export::FrozenView;
+use self::export::{PreImages, export};
 use self::filter::KeyHash;
+use self::import::Import;
+use self::layout::{LAYOUT_KEY, Layout, Runs};
 use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
-use crate::codec::{
-    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
-};
+use crate::codec::{self, PREFIX_EXPIRY, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER};
 use crate::model::{Account, PendingStatus, Transfer};
 use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 const TREE_NAME: &[u8] = b"ledger";
-const LAYOUT_KEY: &[u8] = b"Llayout";
-const LAYOUT_VERSION: u32 = 1;
 /// sled writes a value that does not fit a quarter of a segment to a file of its own; a node of
 /// sixteen pages must fit, or every page write creates and deletes files.
 const SEGMENT_BYTES: usize = 8 << 20;
 /// Transfers in one `T` value: 8 KiB, like a run page (see `runs::PAGE_BYTES`).
 const CHUNK_TRANSFERS: usize = 64;
-/// An import cuts its sorted input into runs of at most this many entries, which bounds the
-/// memory of a run's filter while it is built.
-const IMPORT_RUN_ENTRIES: u64 = 4 << 20;
 /// Writes a merge or an import sends to sled per batch.
 const WRITES_PER_BATCH: usize = 64;
 /// Memory an account takes in the cache: id and record, and the map's control byte and spare
@@ -103,102 +102,10 @@ struct Inner {
     merges_wake: Condvar,
 }
 
-type PreImages = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
-
 #[derive(Default)]
 struct MergeSignal {
     pending: bool,
     stop: bool,
-}
-
-/// The runs of each kind, oldest first.
-#[derive(Clone, Default)]
-pub struct Runs {
-    kinds: [Vec<Arc<Run>>; 3],
-}
-
-impl Runs {
-    fn of(&self, kind: Kind) -> &[Arc<Run>] {
-        &self.kinds[kind as usize]
-    }
-}
-
-/// The persisted layout, and what is waiting to be deleted.
-#[derive(Default)]
-struct Layout {
-    next_run: u64,
-    /// Merged away; deleted once nothing else holds them.
-    retired: Vec<Arc<Run>>,
-    /// Being written by a merge, or abandoned: not in `Runs`.
-    writing: Vec<(Kind, u64)>,
-    garbage: Vec<(Kind, u64)>,
-}
-
-impl Layout {
-    fn encode(&self, runs: &Runs) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&LAYOUT_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.next_run.to_le_bytes());
-        for kind in Kind::ALL {
-            out.extend_from_slice(&(runs.of(kind).len() as u32).to_le_bytes());
-            for run in runs.of(kind) {
-                out.extend_from_slice(&run.id.to_le_bytes());
-            }
-        }
-        let garbage: Vec<(Kind, u64)> = self
-            .retired
-            .iter()
-            .map(|run| (run.kind, run.id))
-            .chain(self.writing.iter().copied())
-            .chain(self.garbage.iter().copied())
-            .collect();
-        out.extend_from_slice(&(garbage.len() as u32).to_le_bytes());
-        for (kind, id) in garbage {
-            out.push(kind as u8);
-            out.extend_from_slice(&id.to_le_bytes());
-        }
-        out
-    }
-
-    /// Decodes the layout.
-    fn decode(bytes: &[u8]) -> StoreResult<StoredLayout> {
-        let corrupt = || StoreError::Corrupt("store layout".into());
-        let mut at = 0;
-        let mut take = |n: usize| -> StoreResult<&[u8]> {
-            let slice = bytes.get(at..at + n).ok_or_else(corrupt)?;
-            at += n;
-            Ok(slice)
-        };
-        let version = u32::from_le_bytes(take(4)?.try_into().unwrap());
-        if version != LAYOUT_VERSION {
-            return Err(StoreError::Corrupt(format!("store layout version {version}")));
-        }
-        let next_run = u64::from_le_bytes(take(8)?.try_into().unwrap());
-        let mut kinds: [Vec<u64>; 3] = Default::default();
-        for ids in &mut kinds {
-            let count = u32::from_le_bytes(take(4)?.try_into().unwrap());
-            for _ in 0..count {
-                ids.push(u64::from_le_bytes(take(8)?.try_into().unwrap()));
-            }
-        }
-        let count = u32::from_le_bytes(take(4)?.try_into().unwrap());
-        let mut garbage = Vec::new();
-        for _ in 0..count {
-            let kind = Kind::from_u8(take(1)?[0]).ok_or_else(corrupt)?;
-            garbage.push((kind, u64::from_le_bytes(take(8)?.try_into().unwrap())));
-        }
-        if at != bytes.len() {
-            return Err(corrupt());
-        }
-        Ok(StoredLayout { next_run, kinds, garbage })
-    }
-}
-
-/// The layout as stored: the next run id, the run ids of each kind, and the garbage.
-struct StoredLayout {
-    next_run: u64,
-    kinds: [Vec<u64>; 3],
-    garbage: Vec<(Kind, u64)>,
 }
 
 /// Decoded accounts by id, bounded: when full, an arbitrary eighth is dropped. Every account a
@@ -805,252 +712,5 @@ impl Store for SledStore {
 
     fn flush(&self) -> StoreResult<()> {
         self.inner.flush()
-    }
-}
-
-/// A snapshot import in progress: records arrive in logical key order (`A`, `E`, `I`, `P`, `T`,
-/// then the meta last); sorted sections become runs directly, transfers become chunks, and their
-/// ids are sorted a million at a time into runs of their own. Merges fold the runs later.
-#[derive(Default)]
-struct Import {
-    accounts: Option<RunBuilder>,
-    index: Option<RunBuilder>,
-    ids: Vec<(u128, u64)>,
-    chunk: Vec<u8>,
-    runs: Runs,
-    writes: Writes,
-    finished: bool,
-}
-
-const IMPORT_IDS_SORTED: usize = 1 << 20;
-
-impl Import {
-    fn put(&mut self, inner: &Inner, key: &[u8], value: &[u8], batch: &mut sled::Batch) -> StoreResult<()> {
-        let corrupt = || StoreError::Corrupt(format!("snapshot record with key {key:02x?}"));
-        match key.first().copied() {
-            Some(PREFIX_ACCOUNT) if key.len() == 17 && value.len() == codec::RECORD_BYTES => {
-                self.push(inner, Kind::Accounts, &key[1..], value)?;
-            }
-            Some(PREFIX_INDEX) if key.len() == 25 && (value.len() == 16 || value.len() == 80) => {
-                self.push(inner, Kind::Index, &key[1..], value)?;
-            }
-            Some(PREFIX_EXPIRY) if key.len() == 25 && value.is_empty() => batch.insert(key, value),
-            Some(PREFIX_PENDING) if key.len() == 17 && value.len() == 1 => {
-                PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;
-                batch.insert(key, value);
-            }
-            Some(PREFIX_META) if self.finished => batch.insert(key, value),
-            Some(PREFIX_TRANSFER) if key.len() == 9 && value.len() == codec::RECORD_BYTES => {
-                let transfer = codec::decode_transfer(value);
-                if codec::transfer_key(transfer.timestamp) != key {
-                    return Err(corrupt());
-                }
-                if let Some(last) = self.chunk.rchunks_exact(codec::RECORD_BYTES).next()
-                    && codec::decode_transfer(last).timestamp >= transfer.timestamp
-                {
-                    return Err(corrupt());
-                }
-                self.chunk.extend_from_slice(value);
-                if self.chunk.len() == CHUNK_TRANSFERS * codec::RECORD_BYTES {
-                    self.write_chunk();
-                }
-                self.ids.push((transfer.id, transfer.timestamp));
-                if self.ids.len() == IMPORT_IDS_SORTED {
-                    self.write_ids(inner);
-                }
-            }
-            _ => return Err(corrupt()),
-        }
-        Ok(())
-    }
-
-    fn push(&mut self, inner: &Inner, kind: Kind, key: &[u8], value: &[u8]) -> StoreResult<()> {
-        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
-        if slot.as_ref().is_some_and(|builder| builder.entries() >= IMPORT_RUN_ENTRIES) {
-            let full = slot.take().unwrap();
-            self.runs.kinds[kind as usize].extend(full.finish(&mut self.writes).map(Arc::new));
-        }
-        let last = self.runs.of(kind).last().map(|run| run.last_key().to_vec());
-        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
-        let builder = slot.get_or_insert_with(|| RunBuilder::new(kind, next_run(inner), IMPORT_RUN_ENTRIES));
-        if !builder.accepts(key) || last.is_some_and(|last| builder.entries() == 0 && key <= last.as_slice())
-        {
-            return Err(StoreError::Corrupt("snapshot records out of order".into()));
-        }
-        builder.push(key, value, &mut self.writes);
-        Ok(())
-    }
-
-    fn write_chunk(&mut self) {
-        if self.chunk.is_empty() {
-            return;
-        }
-        let first = codec::decode_transfer(&self.chunk[..codec::RECORD_BYTES]).timestamp;
-        self.writes.push((chunk_key(first).to_vec(), std::mem::take(&mut self.chunk)));
-    }
-
-    fn write_ids(&mut self, inner: &Inner) {
-        if self.ids.is_empty() {
-            return;
-        }
-        self.ids.sort_unstable();
-        let mut builder = RunBuilder::new(Kind::Ids, next_run(inner), self.ids.len() as u64);
-        for (id, timestamp) in self.ids.drain(..) {
-            builder.push(&id.to_be_bytes(), &timestamp.to_le_bytes(), &mut self.writes);
-        }
-        self.runs.kinds[Kind::Ids as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
-    }
-
-    fn flush(&mut self, inner: &Inner) -> StoreResult<()> {
-        if !self.writes.is_empty() {
-            inner.write_pages(&mut self.writes)?;
-        }
-        Ok(())
-    }
-
-    /// Writes what is left and the layout naming the imported runs.
-    fn finish(&mut self, inner: &Inner) -> StoreResult<()> {
-        for kind in [Kind::Accounts, Kind::Index] {
-            let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
-            if let Some(builder) = slot.take() {
-                self.runs.kinds[kind as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
-            }
-        }
-        self.write_chunk();
-        self.write_ids(inner);
-        self.finished = true;
-        let layout = inner.layout.lock().unwrap();
-        let writes = std::mem::take(&mut self.writes);
-        // Taken, not cloned: a run this holds could never be deleted after a merge.
-        inner.write_layout(&layout, std::mem::take(&mut self.runs), writes, sled::Batch::default())
-    }
-}
-
-fn next_run(inner: &Inner) -> u64 {
-    let mut layout = inner.layout.lock().unwrap();
-    layout.next_run += 1;
-    layout.next_run - 1
-}
-
-/// Every logical record of the state, in key order (`A`, `E`, `I`, `M`, `P`, `T`): accounts and
-/// index entries merged from `runs`, plain keys from the tree (through `pre_images` for a frozen
-/// view), transfers from their chunks up to `timestamp_last`.
-fn export(
-    inner: &Inner,
-    runs: &Runs,
-    pre_images: Option<&Mutex<Option<PreImages>>>,
-    timestamp_last: u64,
-    visit: &mut RecordVisitor,
-) -> StoreResult<()> {
-    let mut key = Vec::with_capacity(25);
-    for (prefix, kind) in [(PREFIX_ACCOUNT, Kind::Accounts), (PREFIX_INDEX, Kind::Index)] {
-        if prefix == PREFIX_INDEX {
-            visit_plain(inner, PREFIX_EXPIRY, pre_images, visit)?;
-        }
-        runs::scan_all(runs.of(kind), &inner.tree, &mut |run_key, value| {
-            key.clear();
-            key.push(prefix);
-            key.extend_from_slice(run_key);
-            visit(&key, value)?;
-            Ok(true)
-        })?;
-    }
-    visit_plain(inner, PREFIX_META, pre_images, visit)?;
-    visit_plain(inner, PREFIX_PENDING, pre_images, visit)?;
-    for entry in inner.tree.scan_prefix([PREFIX_TRANSFER]) {
-        let (_, chunk) = entry?;
-        for record in chunk_records(&chunk)? {
-            let timestamp = record_timestamp(record);
-            if timestamp > timestamp_last {
-                return Ok(());
-            }
-            visit(&codec::transfer_key(timestamp), record)?;
-        }
-    }
-    Ok(())
-}
-
-/// The plain keys with one prefix, in key order, as they were when frozen if `pre_images` is
-/// given: the live tree, with each key changed since the freeze read from its pre-image instead
-/// (and keys deleted since then put back).
-///
-/// Why this is the frozen state although the tree moves underneath: `commit` records a key's
-/// pre-image before it changes the key, and this reads a tree entry before it looks the key up
-/// in the pre-images; so a changed value read from the tree always finds its pre-image. A key
-/// deleted since the freeze is not in the tree: it comes from the pre-images, between the tree
-/// keys around it. Each key is visited once, at increasing positions.
-fn visit_plain(
-    inner: &Inner,
-    prefix: u8,
-    pre_images: Option<&Mutex<Option<PreImages>>>,
-    visit: &mut RecordVisitor,
-) -> StoreResult<()> {
-    let Some(pre_images) = pre_images else {
-        for entry in inner.tree.scan_prefix([prefix]) {
-            let (key, value) = entry?;
-            visit(&key, &value)?;
-        }
-        return Ok(());
-    };
-    let pre_image = |key: &[u8]| pre_images.lock().unwrap().as_ref().expect("frozen").get(key).cloned();
-    let deleted_between = |after: Bound<&[u8]>, before: Bound<&[u8]>| -> Vec<(Vec<u8>, Vec<u8>)> {
-        let guard = pre_images.lock().unwrap();
-        guard
-            .as_ref()
-            .expect("frozen")
-            .range::<[u8], _>((after, before))
-            .filter_map(|(key, old)| Some((key.clone(), old.clone()?)))
-            .collect()
-    };
-    let start = [prefix];
-    let end = [prefix + 1];
-    let mut position: Vec<u8> = start.to_vec();
-    let mut first = true;
-    for entry in inner.tree.scan_prefix(start) {
-        let (key, value) = entry?;
-        let after =
-            if first { Bound::Included(position.as_slice()) } else { Bound::Excluded(position.as_slice()) };
-        for (old_key, old) in deleted_between(after, Bound::Excluded(&key)) {
-            visit(&old_key, &old)?;
-        }
-        match pre_image(&key) {
-            Some(Some(old)) => visit(&key, &old)?,
-            Some(None) => {}
-            None => visit(&key, &value)?,
-        }
-        position = key.to_vec();
-        first = false;
-    }
-    let after =
-        if first { Bound::Included(position.as_slice()) } else { Bound::Excluded(position.as_slice()) };
-    for (old_key, old) in deleted_between(after, Bound::Excluded(&end[..])) {
-        visit(&old_key, &old)?;
-    }
-    Ok(())
-}
-
-/// The state of a `SledStore` when `SledStore::freeze` was called, readable while commits go on.
-pub struct FrozenView {
-    inner: Arc<Inner>,
-    runs: Arc<Runs>,
-    timestamp_last: u64,
-}
-
-impl FrozenView {
-    /// Flushes the live store: everything committed so far, the frozen state included, is
-    /// written out, and survives a process crash. Safe while commits go on.
-    pub fn flush_store(&self) -> StoreResult<()> {
-        self.inner.flush()
-    }
-
-    /// Every record of the frozen state in key order.
-    pub fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        export(&self.inner, &self.runs, Some(&self.inner.pre_images), self.timestamp_last, visit)
-    }
-}
-
-impl Drop for FrozenView {
-    fn drop(&mut self) {
-        *self.inner.pre_images.lock().unwrap() = None;
     }
 }

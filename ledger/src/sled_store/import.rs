@@ -1,0 +1,146 @@
+//! Snapshot import into a `SledStore`.
+
+use std::sync::Arc;
+
+use super::layout::Runs;
+use super::runs::{Kind, RunBuilder, Writes};
+use super::{CHUNK_TRANSFERS, Inner, chunk_key};
+use crate::codec::{
+    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
+};
+use crate::model::PendingStatus;
+use crate::store::{StoreError, StoreResult};
+
+/// An import cuts its sorted input into runs of at most this many entries, which bounds the
+/// memory of a run's filter while it is built.
+const IMPORT_RUN_ENTRIES: u64 = 4 << 20;
+
+/// A snapshot import in progress: records arrive in logical key order (`A`, `E`, `I`, `P`, `T`,
+/// then the meta last); sorted sections become runs directly, transfers become chunks, and their
+/// ids are sorted a million at a time into runs of their own. Merges fold the runs later.
+#[derive(Default)]
+pub(super) struct Import {
+    accounts: Option<RunBuilder>,
+    index: Option<RunBuilder>,
+    ids: Vec<(u128, u64)>,
+    chunk: Vec<u8>,
+    runs: Runs,
+    writes: Writes,
+    pub(super) finished: bool,
+}
+
+const IMPORT_IDS_SORTED: usize = 1 << 20;
+
+impl Import {
+    pub(super) fn put(
+        &mut self,
+        inner: &Inner,
+        key: &[u8],
+        value: &[u8],
+        batch: &mut sled::Batch,
+    ) -> StoreResult<()> {
+        let corrupt = || StoreError::Corrupt(format!("snapshot record with key {key:02x?}"));
+        match key.first().copied() {
+            Some(PREFIX_ACCOUNT) if key.len() == 17 && value.len() == codec::RECORD_BYTES => {
+                self.push(inner, Kind::Accounts, &key[1..], value)?;
+            }
+            Some(PREFIX_INDEX) if key.len() == 25 && (value.len() == 16 || value.len() == 80) => {
+                self.push(inner, Kind::Index, &key[1..], value)?;
+            }
+            Some(PREFIX_EXPIRY) if key.len() == 25 && value.is_empty() => batch.insert(key, value),
+            Some(PREFIX_PENDING) if key.len() == 17 && value.len() == 1 => {
+                PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;
+                batch.insert(key, value);
+            }
+            Some(PREFIX_META) if self.finished => batch.insert(key, value),
+            Some(PREFIX_TRANSFER) if key.len() == 9 && value.len() == codec::RECORD_BYTES => {
+                let transfer = codec::decode_transfer(value);
+                if codec::transfer_key(transfer.timestamp) != key {
+                    return Err(corrupt());
+                }
+                if let Some(last) = self.chunk.rchunks_exact(codec::RECORD_BYTES).next()
+                    && codec::decode_transfer(last).timestamp >= transfer.timestamp
+                {
+                    return Err(corrupt());
+                }
+                self.chunk.extend_from_slice(value);
+                if self.chunk.len() == CHUNK_TRANSFERS * codec::RECORD_BYTES {
+                    self.write_chunk();
+                }
+                self.ids.push((transfer.id, transfer.timestamp));
+                if self.ids.len() == IMPORT_IDS_SORTED {
+                    self.write_ids(inner);
+                }
+            }
+            _ => return Err(corrupt()),
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, inner: &Inner, kind: Kind, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
+        if slot.as_ref().is_some_and(|builder| builder.entries() >= IMPORT_RUN_ENTRIES) {
+            let full = slot.take().unwrap();
+            self.runs.kinds[kind as usize].extend(full.finish(&mut self.writes).map(Arc::new));
+        }
+        let last = self.runs.of(kind).last().map(|run| run.last_key().to_vec());
+        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
+        let builder = slot.get_or_insert_with(|| RunBuilder::new(kind, next_run(inner), IMPORT_RUN_ENTRIES));
+        if !builder.accepts(key) || last.is_some_and(|last| builder.entries() == 0 && key <= last.as_slice())
+        {
+            return Err(StoreError::Corrupt("snapshot records out of order".into()));
+        }
+        builder.push(key, value, &mut self.writes);
+        Ok(())
+    }
+
+    fn write_chunk(&mut self) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let first = codec::decode_transfer(&self.chunk[..codec::RECORD_BYTES]).timestamp;
+        self.writes.push((chunk_key(first).to_vec(), std::mem::take(&mut self.chunk)));
+    }
+
+    fn write_ids(&mut self, inner: &Inner) {
+        if self.ids.is_empty() {
+            return;
+        }
+        self.ids.sort_unstable();
+        let mut builder = RunBuilder::new(Kind::Ids, next_run(inner), self.ids.len() as u64);
+        for (id, timestamp) in self.ids.drain(..) {
+            builder.push(&id.to_be_bytes(), &timestamp.to_le_bytes(), &mut self.writes);
+        }
+        self.runs.kinds[Kind::Ids as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
+    }
+
+    pub(super) fn flush(&mut self, inner: &Inner) -> StoreResult<()> {
+        if !self.writes.is_empty() {
+            inner.write_pages(&mut self.writes)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left and the layout naming the imported runs.
+    pub(super) fn finish(&mut self, inner: &Inner) -> StoreResult<()> {
+        for kind in [Kind::Accounts, Kind::Index] {
+            let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
+            if let Some(builder) = slot.take() {
+                self.runs.kinds[kind as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
+            }
+        }
+        self.write_chunk();
+        self.write_ids(inner);
+        self.finished = true;
+        let layout = inner.layout.lock().unwrap();
+        let writes = std::mem::take(&mut self.writes);
+        // Taken, not cloned: a run this holds could never be deleted after a merge.
+        inner.write_layout(&layout, std::mem::take(&mut self.runs), writes, sled::Batch::default())
+    }
+}
+
+fn next_run(inner: &Inner) -> u64 {
+    let mut layout = inner.layout.lock().unwrap();
+    layout.next_run += 1;
+    layout.next_run - 1
+}
