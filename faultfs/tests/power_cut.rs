@@ -17,6 +17,15 @@ fn sync_dir(path: &Path) {
     File::open(path).unwrap().sync_all().unwrap();
 }
 
+/// Creates `name` under `root` holding `bytes`, made durable (file and name); returns it open.
+fn durable_file(root: &Path, name: &str, bytes: &[u8]) -> File {
+    let mut file = File::create(root.join(name)).unwrap();
+    file.write_all(bytes).unwrap();
+    file.sync_data().unwrap();
+    sync_dir(root);
+    file
+}
+
 fn read(path: &Path) -> Option<Vec<u8>> {
     let mut bytes = Vec::new();
     File::open(path).ok()?.read_to_end(&mut bytes).unwrap();
@@ -28,10 +37,7 @@ fn a_power_cut_keeps_what_was_fsynced_and_loses_the_rest() {
     let (_dir, fs) = mounted();
     let root = fs.mountpoint().to_path_buf();
     let path = root.join("log");
-    let mut file = File::create(&path).unwrap();
-    file.write_all(b"hello").unwrap();
-    file.sync_data().unwrap();
-    sync_dir(&root);
+    let mut file = durable_file(&root, "log", b"hello");
     file.write_all(b" world").unwrap();
     assert_eq!(read(&path).unwrap(), b"hello world", "written bytes are readable at once");
     assert_eq!(fs.unsynced_bytes(), 6);
@@ -103,10 +109,7 @@ fn a_torn_write_keeps_a_prefix_of_the_last_unsynced_write() {
     let (_dir, fs) = mounted();
     let root = fs.mountpoint().to_path_buf();
     let path = root.join("segment");
-    let mut file = File::create(&path).unwrap();
-    file.write_all(b"durable|").unwrap();
-    file.sync_data().unwrap();
-    sync_dir(&root);
+    let mut file = durable_file(&root, "segment", b"durable|");
     file.write_all(b"first unsynced|").unwrap();
     file.write_all(b"the last write, torn").unwrap();
     drop(file);

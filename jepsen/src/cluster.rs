@@ -309,8 +309,8 @@ impl Cluster {
     /// Processes that exited on their own (a crash): id and exit status. A node whose disk is
     /// failing is left alone: the heal restarts it. A node that stopped on a storage error
     /// (exit code `EXIT_STORAGE_FAILED`) after its disk failed is what it should do, and not a
-    /// crash: it is restarted at once, as a supervisor would (returned in `restarted`).
-    pub fn exited(&mut self, restarted: &mut Vec<u64>) -> Vec<(u64, String)> {
+    /// crash: it is restarted at once, as a supervisor would (its log says so).
+    pub fn exited(&mut self) -> Vec<(u64, String)> {
         let mut exited = Vec::new();
         let mut stopped = Vec::new();
         for (id, child) in self.processes.iter_mut() {
@@ -327,8 +327,9 @@ impl Cluster {
         }
         for id in stopped {
             self.processes.remove(&id);
-            if self.members.contains(&id) && self.spawn(id, false).is_ok() {
-                restarted.push(id);
+            if self.members.contains(&id) {
+                // If this fails, the node stays down and the final revive retries it.
+                let _ = self.spawn(id, false);
             }
         }
         for (id, _) in &exited {

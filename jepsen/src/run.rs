@@ -161,16 +161,12 @@ async fn watch(
             recorder.unknown.load(Ordering::Relaxed),
             if fault.is_empty() { String::new() } else { format!("| {fault}") }
         ));
-        let mut restarted = Vec::new();
-        let exited = cluster.lock().await.exited(&mut restarted);
+        let exited = cluster.lock().await.exited();
         for (id, status) in exited {
             let text = format!("node {id} at {:.1}s: {status}", started.elapsed().as_secs_f64());
             let _ = recorder.nemesis("crash", crate::history::Phase::Start, text.clone()).await;
             crashes.push(text);
         }
-        // Nodes that stopped on their failed disk were restarted, as a supervisor would; their
-        // logs say so, and the outage shows under the disk fault that caused it.
-        drop(restarted);
     }
     bar.finish_and_clear();
     crashes

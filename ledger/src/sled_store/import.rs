@@ -77,20 +77,25 @@ impl Import {
         Ok(())
     }
 
+    /// The run being built for a kind that arrives sorted.
+    fn builder(&mut self, kind: Kind) -> &mut Option<RunBuilder> {
+        if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index }
+    }
+
     fn push(&mut self, inner: &Inner, kind: Kind, key: &[u8], value: &[u8]) -> StoreResult<()> {
-        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
-        if slot.as_ref().is_some_and(|builder| builder.entries() >= IMPORT_RUN_ENTRIES) {
-            let full = slot.take().unwrap();
+        if self.builder(kind).as_ref().is_some_and(|builder| builder.entries() >= IMPORT_RUN_ENTRIES) {
+            let full = self.builder(kind).take().unwrap();
             self.runs.kinds[kind as usize].extend(full.finish(&mut self.writes).map(Arc::new));
         }
         let last = self.runs.of(kind).last().map(|run| run.last_key().to_vec());
-        let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
-        let builder = slot.get_or_insert_with(|| RunBuilder::new(kind, next_run(inner), IMPORT_RUN_ENTRIES));
+        let writes = &mut self.writes;
+        let builder = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index }
+            .get_or_insert_with(|| RunBuilder::new(kind, next_run(inner), IMPORT_RUN_ENTRIES));
         if !builder.accepts(key) || last.is_some_and(|last| builder.entries() == 0 && key <= last.as_slice())
         {
             return Err(StoreError::Corrupt("snapshot records out of order".into()));
         }
-        builder.push(key, value, &mut self.writes);
+        builder.push(key, value, writes);
         Ok(())
     }
 
@@ -124,8 +129,7 @@ impl Import {
     /// Writes what is left and the layout naming the imported runs.
     pub(super) fn finish(&mut self, inner: &Inner) -> StoreResult<()> {
         for kind in [Kind::Accounts, Kind::Index] {
-            let slot = if kind == Kind::Accounts { &mut self.accounts } else { &mut self.index };
-            if let Some(builder) = slot.take() {
+            if let Some(builder) = self.builder(kind).take() {
                 self.runs.kinds[kind as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
             }
         }

@@ -546,11 +546,16 @@ impl Store for SledStore {
             if !run.may_contain(hash) {
                 continue;
             }
-            if let Some(value) = run.get(&self.inner.tree, &key, <[u8]>::to_vec)? {
-                let account = record(Some(value.into()), codec::decode_account, codec::RECORD_BYTES)?;
-                let account = account.expect("a value was found");
-                self.inner.accounts.lock().unwrap().insert(account);
-                return Ok(Some(account));
+            let found = run.get(&self.inner.tree, &key, |value| {
+                (value.len() == codec::RECORD_BYTES).then(|| codec::decode_account(value))
+            })?;
+            match found {
+                Some(Some(account)) => {
+                    self.inner.accounts.lock().unwrap().insert(account);
+                    return Ok(Some(account));
+                }
+                Some(None) => return Err(StoreError::Corrupt(format!("account {id}: record length"))),
+                None => {}
             }
         }
         Ok(None)
