@@ -291,6 +291,15 @@ impl Client {
         .await
     }
 
+    /// Brings back member `id` after it lost its disk (`Cluster.ReplaceNode`).
+    pub async fn replace_node(&self, id: u64) -> Result<v1::StatusReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(v1::ReplaceNodeRequest { id }, left);
+            async move { Ok(answer(ClusterClient::new(channel).replace_node(request).await?, |r| r)) }
+        })
+        .await
+    }
+
     pub async fn transfer_leader(&self, to: u64) -> Result<v1::StatusReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(v1::TransferLeaderRequest { to }, left);

@@ -235,6 +235,26 @@ impl Cluster {
             .collect()
     }
 
+    /// Deletes every file of node `id`'s data directory (it must be stopped) and makes the
+    /// deletion durable: its disk was lost and replaced with an empty one. Returns how many
+    /// files and directories were deleted.
+    pub fn wipe(&mut self, id: u64) -> Result<usize, String> {
+        let dir = &self.nodes[&id].data_dir;
+        let failed = |e: std::io::Error| format!("cannot wipe {}: {e}", dir.display());
+        let mut deleted = 0;
+        for entry in std::fs::read_dir(dir).map_err(failed)? {
+            let path = entry.map_err(failed)?.path();
+            deleted += walkdir_count(&path);
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).map_err(failed)?;
+            } else {
+                std::fs::remove_file(&path).map_err(failed)?;
+            }
+        }
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(failed)?;
+        Ok(deleted)
+    }
+
     /// Makes every write and fsync of node `id`'s disk fail with `fault`, or succeed again. A
     /// node that exits while its disk fails is doing what it should (stop rather than go on
     /// without durability): `exited` does not report it as a crash.
@@ -418,6 +438,14 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Files and directories at and under `path`.
+fn walkdir_count(path: &Path) -> usize {
+    match std::fs::read_dir(path) {
+        Ok(entries) => 1 + entries.filter_map(Result::ok).map(|e| walkdir_count(&e.path())).sum::<usize>(),
+        Err(_) => 1,
     }
 }
 

@@ -48,10 +48,14 @@ pub enum Fault {
     DiskFull,
     /// The same with EIO: the disk fails.
     DiskError,
+    /// One node loses its disk: SIGKILL, every file of its data directory deleted, restarted
+    /// empty under the same id. Its peers must refuse it (another incarnation) until the heal
+    /// replaces it (`Cluster.ReplaceNode`), as an operator would.
+    Wipe,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
@@ -63,6 +67,7 @@ impl Fault {
         Fault::PowerCutSite,
         Fault::DiskFull,
         Fault::DiskError,
+        Fault::Wipe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +83,7 @@ impl Fault {
             Fault::PowerCutSite => "power-cut-site",
             Fault::DiskFull => "disk-full",
             Fault::DiskError => "eio",
+            Fault::Wipe => "wipe",
         }
     }
 
@@ -157,6 +163,8 @@ enum Undo {
     DiskHealthy(u64),
     Resume(Vec<u64>),
     Heal(Vec<(u64, u64)>),
+    /// Replace a node that lost its disk.
+    Replace(u64),
     Nothing,
 }
 
@@ -317,6 +325,18 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
             let detail = churn(&mut cluster, planned.pick).await?;
             (detail, Undo::Nothing)
         }
+        Fault::Wipe => {
+            let members: Vec<u64> = cluster.members.iter().copied().collect();
+            match pick(&members, planned.pick) {
+                Some(id) => {
+                    cluster.kill(id);
+                    let files = cluster.wipe(id)?;
+                    cluster.spawn(id, false)?;
+                    (format!("node {id} lost its disk ({files} files); restarted empty"), Undo::Replace(id))
+                }
+                None => ("no member to wipe".into(), Undo::Nothing),
+            }
+        }
     })
 }
 
@@ -355,8 +375,26 @@ async fn heal(undo: Undo, cluster: &Mutex<Cluster>) -> Result<String, String> {
             }
             format!("healed {} links", links.len())
         }
+        Undo::Replace(id) => replace(&cluster, id).await,
         Undo::Nothing => "nothing to heal".into(),
     })
+}
+
+/// `tally cluster replace --id ID`, through the other members, as an operator would run it.
+async fn replace(cluster: &Cluster, id: u64) -> String {
+    let others: Vec<u64> = cluster.members.iter().copied().filter(|other| *other != id).collect();
+    // ReplaceNode waits for the node to catch up (up to a minute).
+    let client = match cluster.client_of(&others, Duration::from_secs(75)) {
+        Ok(client) => client,
+        Err(error) => return format!("cannot replace node {id}: {error}"),
+    };
+    match client.replace_node(id).await {
+        Ok(status) => {
+            let role = status.nodes.iter().find(|n| n.id == id).map(|n| n.role().as_str_name());
+            format!("replaced node {id}: {}", role.unwrap_or("not listed"))
+        }
+        Err(error) => format!("replacing node {id} failed: {error}"),
+    }
 }
 
 /// Adds the next spare node (in its own new site) and removes another member.
@@ -375,6 +413,8 @@ async fn churn(cluster: &mut Cluster, pick_value: u64) -> Result<String, String>
         site: site.clone(),
         learner_only: false,
         force: false,
+        // Asked of the node by the leader.
+        incarnation: 0,
     };
     let added = client.add_node(request).await;
     let now_members = |status: &v1::StatusReply| {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tally_proto::v1 as pb;
 
 use crate::batcher::Batcher;
+use crate::net::identity::{Endpoint, Identities};
 use crate::net::{MESSAGE_BYTES_MAX, Network};
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::StateMachine;
@@ -98,8 +99,8 @@ impl NodeConfig {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
     }
 
-    pub fn info(&self) -> NodeInfo {
-        NodeInfo { address: self.advertise(), site: self.site.clone() }
+    pub fn info(&self, incarnation: u64) -> NodeInfo {
+        NodeInfo { address: self.advertise(), site: self.site.clone(), incarnation }
     }
 }
 
@@ -108,36 +109,36 @@ impl NodeConfig {
 struct Identity {
     cluster: String,
     node_id: NodeId,
+    /// Made at random when the directory is first used and never changed: a node that comes
+    /// back with an empty directory is another incarnation (`net::identity`). A directory made
+    /// by a build without incarnations reads as 0 and is given one.
+    #[serde(default)]
+    incarnation: u64,
+}
+
+/// A fresh incarnation: random, never 0 (0 means "not recorded").
+fn new_incarnation() -> u64 {
+    loop {
+        let incarnation: u64 = rand::random();
+        if incarnation != 0 {
+            return incarnation;
+        }
+    }
 }
 
 const IDENTITY_FILE: &str = "identity.toml";
 
 /// Refuses a data directory that holds another cluster's or another node's data, or data
-/// without an identity (not ours). An empty or new directory is claimed.
-pub fn claim_data_dir(config: &NodeConfig) -> Result<(), String> {
+/// without an identity (not ours). An empty or new directory is claimed with a new incarnation.
+/// Returns the directory's incarnation.
+pub fn claim_data_dir(config: &NodeConfig) -> Result<u64, String> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
-    let mine = Identity { cluster: config.cluster.clone(), node_id: config.id };
     let path = dir.join(IDENTITY_FILE);
-    match std::fs::read_to_string(&path) {
+    let mut found = match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let found: Identity =
-                toml::from_str(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?;
-            if found != mine {
-                return Err(format!(
-                    "data directory {} belongs to node {} of cluster '{}', not node {} of cluster '{}'; \
-                     start with --id {} --cluster {} or use another --data-dir",
-                    dir.display(),
-                    found.node_id,
-                    found.cluster,
-                    mine.node_id,
-                    mine.cluster,
-                    found.node_id,
-                    found.cluster
-                ));
-            }
-            Ok(())
+            toml::from_str::<Identity>(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?.count();
@@ -148,17 +149,37 @@ pub fn claim_data_dir(config: &NodeConfig) -> Result<(), String> {
                     dir.display()
                 ));
             }
-            let text = toml::to_string(&mine).expect("identity serializes");
-            crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            Identity { cluster: config.cluster.clone(), node_id: config.id, incarnation: 0 }
         }
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    if (found.cluster.as_str(), found.node_id) != (config.cluster.as_str(), config.id) {
+        return Err(format!(
+            "data directory {} belongs to node {} of cluster '{}', not node {} of cluster '{}'; \
+             start with --id {} --cluster {} or use another --data-dir",
+            dir.display(),
+            found.node_id,
+            found.cluster,
+            config.id,
+            config.cluster,
+            found.node_id,
+            found.cluster
+        ));
     }
+    if found.incarnation == 0 {
+        found.incarnation = new_incarnation();
+        let text = toml::to_string(&found).expect("identity serializes");
+        crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(found.incarnation)
 }
 
 /// Everything the gRPC services need.
 pub struct NodeHandle {
     pub config: NodeConfig,
+    /// This node's id and incarnation, and those its membership records (`net::identity`).
+    pub identities: Arc<Identities>,
     pub raft: Raft,
     pub state: Arc<crate::storage::state_machine::Shared>,
     pub log: LogStore,
@@ -174,6 +195,10 @@ impl NodeHandle {
 
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow_watched().current_leader
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.identities.me.incarnation
     }
 
     pub fn is_leader(&self) -> bool {
@@ -222,7 +247,8 @@ fn raft_config(config: &NodeConfig) -> openraft::Config {
 
 /// Opens the node's storage and starts Raft and the batcher.
 pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
-    claim_data_dir(&config)?;
+    let incarnation = claim_data_dir(&config)?;
+    let identities = Arc::new(Identities::new(Endpoint { id: config.id, incarnation }));
     let log = LogStore::open(&config.data_dir.join("wal")).map_err(|e| {
         format!("cannot open the write-ahead log in {}: {e}", config.data_dir.join("wal").display())
     })?;
@@ -234,14 +260,25 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
     let raft = Raft::new(
         config.id,
         raft_config,
-        Network::new(config.cluster.clone(), config.routes.clone()),
+        Network::new(config.cluster.clone(), config.routes.clone(), identities.clone()),
         log.clone(),
         machine,
     )
     .await
     .map_err(|e| format!("cannot start raft: {e}"))?;
     let batcher = Batcher::start(raft.clone(), Duration::from_micros(config.group_commit_delay_us));
-    let node = Arc::new(NodeHandle { config, raft, state, log, batcher, peers: crate::net::Pool::default() });
+    identities.update(raft.metrics().borrow_watched().membership_config.membership().nodes());
+    tokio::spawn(follow_membership(raft.clone(), identities.clone()));
+    let node = Arc::new(NodeHandle {
+        config,
+        identities,
+        raft,
+        state,
+        log,
+        batcher,
+        peers: crate::net::Pool::default(),
+    });
+    tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     if node.config.bootstrap {
         bootstrap(&node).await?;
     }
@@ -251,14 +288,27 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
     Ok(node)
 }
 
+/// Keeps the incarnations the Raft RPCs check in step with the membership in effect.
+async fn follow_membership(raft: Raft, identities: Arc<Identities>) {
+    let mut metrics = raft.metrics();
+    while metrics.changed().await.is_ok() {
+        let membership = metrics.borrow_watched().membership_config.clone();
+        identities.update(membership.membership().nodes());
+    }
+}
+
 async fn bootstrap(node: &NodeHandle) -> Result<(), String> {
     if node.raft.is_initialized().await.map_err(|e| e.to_string())? {
         return Ok(());
     }
     let mut members = BTreeMap::new();
-    members.insert(node.id(), node.config.info());
+    members.insert(node.id(), node.config.info(node.incarnation()));
+    // The peers' incarnations are not known yet: the leader records them once they answer.
     for peer in &node.config.peers {
-        members.insert(peer.id, NodeInfo { address: peer.address.clone(), site: peer.site.clone() });
+        members.insert(
+            peer.id,
+            NodeInfo { address: peer.address.clone(), site: peer.site.clone(), incarnation: 0 },
+        );
     }
     node.raft.initialize(members).await.map_err(|e| format!("cannot bootstrap the cluster: {e}"))
 }
@@ -271,6 +321,7 @@ async fn join(node: Arc<NodeHandle>, address: String) {
         site: node.config.site.clone(),
         learner_only: false,
         force: false,
+        incarnation: node.incarnation(),
     };
     let mut backoff = Duration::from_millis(100);
     loop {

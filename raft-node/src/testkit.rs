@@ -116,6 +116,12 @@ impl TestCluster {
         }
     }
 
+    /// Deletes node `id`'s data directory (it must be stopped): a disk lost, or replaced empty.
+    pub fn wipe(&mut self, id: u64) {
+        assert!(!self.is_running(id), "wipe node {id} only while it is stopped");
+        std::fs::remove_dir_all(&self.nodes[&id].data_dir).expect("remove the data directory");
+    }
+
     /// SIGSTOP: the node freezes (a stalled VM, a long GC pause, a swapped-out process), its
     /// sockets stay open.
     pub fn freeze(&self, id: u64) {

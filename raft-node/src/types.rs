@@ -36,6 +36,8 @@ pub struct NodeInfo {
     /// `host:port` of its gRPC server, as other nodes and clients reach it.
     pub address: String,
     pub site: String,
+    /// The incarnation of its data directory (`net::identity`); 0 until the leader records it.
+    pub incarnation: u64,
 }
 
 impl fmt::Display for NodeInfo {

@@ -222,6 +222,7 @@ async fn membership_changes_under_load_obey_the_site_rule() {
             site: "site-a".into(),
             learner_only: false,
             force: false,
+            incarnation: 0,
         })
         .await;
     match refused {
@@ -243,6 +244,7 @@ async fn membership_changes_under_load_obey_the_site_rule() {
         site: "site-d".into(),
         learner_only: false,
         force: false,
+        incarnation: 0,
     };
     let status = client.add_node(request).await.expect("add node 4");
     let node4 = status.nodes.iter().find(|n| n.id == 4).expect("node 4 listed");
@@ -546,4 +548,66 @@ async fn the_first_read_after_a_power_loss_sees_every_acknowledged_write() {
              transfers of 1 were acknowledged before it"
         );
     }
+}
+
+/// Raft amnesia: a voter whose disk was wiped restarts under its old id with an empty log. Had
+/// it voted, the lagging peer would have been elected without a write that was acknowledged by
+/// the old leader and the wiped node, and that write would have been lost. The wiped node is
+/// refused by its peers instead (another incarnation than the membership records), so the
+/// cluster waits for the old leader; `cluster replace` then brings the node back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_cannot_vote_until_replaced() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let others: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
+    let (lagging, wiped) = (others[0], others[1]);
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=2).await;
+    let started = Instant::now();
+    while !client.cluster_status().await.is_ok_and(|s| s.nodes.iter().all(|n| n.recorded_incarnation != 0)) {
+        assert!(started.elapsed() < DEADLINE, "the leader did not record every incarnation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The write is on the leader and on `wiped` only.
+    cluster.stop(lagging);
+    let results = client.create_transfers(vec![transfer(100, BANK, 2, 7)]).await.unwrap();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::Ok]);
+    cluster.kill(wiped);
+    cluster.wipe(wiped);
+    cluster.restart(wiped);
+    cluster.kill(leader);
+    cluster.restart(lagging);
+
+    // `lagging` and the empty `wiped` are two of three voters, but must not form a quorum.
+    let survivors = cluster.client_of(&[lagging, wiped], Duration::from_secs(3));
+    let refused = survivors.create_transfers(vec![transfer(101, BANK, 2, 1)]).await;
+    assert!(refused.is_err(), "a write committed without the old leader: {refused:?}");
+    let status = survivors.node_status(&cluster.address(lagging)).await.expect("lagging answers");
+    assert_ne!(status.term, 0);
+    let leaders: Vec<u64> =
+        cluster.node_statuses().await.values().filter(|s| s.is_leader).map(|s| s.id).collect();
+    assert!(leaders.is_empty(), "elected without the old leader: {leaders:?}\n{}", cluster.log_tails());
+
+    cluster.restart(leader);
+    cluster.wait_for_leader(DEADLINE).await;
+    let reader = cluster.client_of(&[leader, lagging], Duration::from_secs(10));
+    let accounts = reader.lookup_accounts(&[2], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(u128_from(accounts[0].credits_posted.as_ref()), 7, "the acknowledged transfer was lost");
+    let status = reader.cluster_status().await.unwrap();
+    let lost = status.nodes.iter().find(|n| n.id == wiped).unwrap();
+    assert!(lost.needs_replace, "status does not say node {wiped} lost its disk: {lost:?}");
+
+    let replaced = reader.replace_node(wiped).await.expect("replace");
+    let node = replaced.nodes.iter().find(|n| n.id == wiped).unwrap();
+    assert_eq!((node.role(), node.needs_replace), (v1::NodeRole::Voter, false), "{node:?}");
+    // A second replace has nothing to do, and says so.
+    let again = reader.replace_node(wiped).await;
+    assert!(
+        matches!(&again, Err(Error::Rejected(s)) if s.code() == tonic::Code::FailedPrecondition),
+        "{again:?}"
+    );
+    cluster.wait_for_convergence(DEADLINE).await;
+    let balances = local_balances(&cluster, &[2]).await;
+    assert!(balances.values().all(|b| b == &vec![7]), "{balances:?}");
 }

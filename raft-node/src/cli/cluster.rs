@@ -38,6 +38,14 @@ pub enum ClusterCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Bring back a node whose disk was lost: start it again, empty, under its old id, then run
+    /// this. It rejoins as a new incarnation, catches up and votes again.
+    Replace {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: u64,
+    },
     TransferLeader {
         #[command(flatten)]
         client: ClientArgs,
@@ -58,6 +66,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                     "leader": n.is_leader, "reachable": n.reachable, "term": n.term,
                     "last_log_index": n.last_log_index, "applied_index": n.applied_index,
                     "replication_lag": n.replication_lag, "state_digest": n.state_digest,
+                    "incarnation": n.incarnation, "needs_replace": n.needs_replace,
                 })
             })
             .collect();
@@ -76,6 +85,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
     );
     let mut nodes = table(&[
         "id", "address", "site", "role", "leader", "up", "term", "last log", "applied", "lag", "digest",
+        "disk",
     ]);
     for n in &status.nodes {
         nodes.add_row(vec![
@@ -90,9 +100,16 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             n.applied_index.to_string(),
             n.replication_lag.to_string(),
             n.state_digest.chars().take(12).collect(),
+            if n.needs_replace { "LOST: replace".into() } else { String::new() },
         ]);
     }
     println!("{nodes}");
+    for n in status.nodes.iter().filter(|n| n.needs_replace) {
+        println!(
+            "node {} runs on a new data directory (its disk was lost): run `tally cluster replace --id {}`",
+            n.id, n.id
+        );
+    }
     let mut sites = table(&["site", "voters", "learners", "survives its loss"]);
     for s in &status.sites {
         sites.add_row(vec![
@@ -112,12 +129,17 @@ pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
             (args, status)
         }
         ClusterCommand::Add { client: args, id, address, site, learner, force } => {
-            let request = v1::AddNodeRequest { id, address, site, learner_only: learner, force };
+            let request =
+                v1::AddNodeRequest { id, address, site, learner_only: learner, force, incarnation: 0 };
             let status = client(&args)?.add_node(request).await;
             (args, status)
         }
         ClusterCommand::Remove { client: args, id, force } => {
             let status = client(&args)?.remove_node(v1::RemoveNodeRequest { id, force }).await;
+            (args, status)
+        }
+        ClusterCommand::Replace { client: args, id } => {
+            let status = client(&args)?.replace_node(id).await;
             (args, status)
         }
         ClusterCommand::TransferLeader { client: args, to } => {

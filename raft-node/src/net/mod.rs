@@ -1,6 +1,7 @@
-//! Node-to-node networking: the Raft RPC client (`raft`), the pool of long-lived channels for
-//! forwarded requests (`pool`), and how every outgoing channel is configured.
+//! Node-to-node networking: the Raft RPC client (`raft`), who is at each end of it (`identity`),
+//! the pool of long-lived channels for forwarded requests (`pool`), and how every outgoing channel is configured.
 
+pub mod identity;
 pub mod pool;
 pub mod raft;
 

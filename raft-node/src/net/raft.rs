@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::OptionalSend;
@@ -20,6 +21,7 @@ use tally_proto::v1::raft_client::RaftClient;
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
+use super::identity::{Endpoint, FROM_HEADER, Identities, TO_HEADER};
 use super::{MESSAGE_BYTES_MAX, channel};
 use crate::storage::state_machine::SnapshotFile;
 use crate::types::{NodeId, NodeInfo, Snapshot, SnapshotMeta, TypeConfig, Vote, decode, encode};
@@ -53,11 +55,14 @@ pub struct Network {
     cluster: String,
     /// Addresses that override the membership's, per node (`NodeConfig::routes`).
     routes: BTreeMap<NodeId, String>,
+    /// This node's identity and the incarnations of the membership in effect: a replication
+    /// stream outlives membership changes, so each call looks the target's up afresh.
+    identities: Arc<Identities>,
 }
 
 impl Network {
-    pub fn new(cluster: String, routes: BTreeMap<NodeId, String>) -> Network {
-        Network { cluster, routes }
+    pub fn new(cluster: String, routes: BTreeMap<NodeId, String>, identities: Arc<Identities>) -> Network {
+        Network { cluster, routes, identities }
     }
 }
 
@@ -73,15 +78,25 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX)
         });
-        Peer { target, client, cluster }
+        Peer {
+            target,
+            incarnation_at_start: node.incarnation,
+            client,
+            cluster,
+            identities: self.identities.clone(),
+        }
     }
 }
 
 /// The connection to one other node.
 pub struct Peer {
     target: NodeId,
+    /// The target's incarnation in the membership this stream was made for, used while the
+    /// shared view does not know the target yet.
+    incarnation_at_start: u64,
     client: Option<RaftClient<Channel>>,
     cluster: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    identities: Arc<Identities>,
 }
 
 /// The deadline of one RPC: openraft's (votes, heartbeats), or one sized for what it carries.
@@ -111,6 +126,19 @@ fn unreachable<E: std::fmt::Display>(target: NodeId) -> impl Fn(E) -> Unreachabl
 }
 
 impl Peer {
+    /// Names the cluster, this node and the target on an outgoing call.
+    fn address<T>(&self, request: &mut tonic::Request<T>) {
+        let recorded = match self.identities.recorded(self.target) {
+            0 => self.incarnation_at_start,
+            known => known,
+        };
+        let to = Endpoint { id: self.target, incarnation: recorded };
+        let metadata = request.metadata_mut();
+        metadata.insert(CLUSTER_HEADER, self.cluster.clone());
+        metadata.insert(FROM_HEADER, self.identities.me.header().parse().expect("digits and a dot"));
+        metadata.insert(TO_HEADER, to.header().parse().expect("digits and a dot"));
+    }
+
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
         self.client
             .clone()
@@ -136,7 +164,7 @@ impl Peer {
         };
         let mut grpc_request = tonic::Request::new(message);
         grpc_request.set_timeout(timeout);
-        grpc_request.metadata_mut().insert(CLUSTER_HEADER, self.cluster.clone());
+        self.address(&mut grpc_request);
         let reply = rpc(self.client()?, grpc_request).await.map_err(unreachable(self.target))?;
         unpack(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
@@ -191,7 +219,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         let header = message(&(vote, snapshot.meta.clone()));
         let file = tokio::fs::File::open(&snapshot.snapshot.path).await.map_err(unreachable(target))?;
         let mut request = tonic::Request::new(snapshot_chunks(header, file));
-        request.metadata_mut().insert(CLUSTER_HEADER, self.cluster.clone());
+        self.address(&mut request);
         let send = async move { client.install_snapshot(request).await };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),

@@ -47,6 +47,9 @@ impl ClusterService {
             applied_index: metrics.last_applied.map_or(0, |id| id.index),
             replication_lag: 0,
             state_digest: hex(&digest),
+            incarnation: self.node.incarnation(),
+            needs_replace: false,
+            recorded_incarnation: membership.get_node(&self.node.id()).map_or(0, |n| n.incarnation),
         }
     }
 
@@ -77,6 +80,9 @@ impl ClusterService {
                         as i32;
                 report.is_leader = metrics.current_leader == Some(report.id);
                 report.replication_lag = lags.get(&report.id).copied().unwrap_or(0);
+                let recorded = nodes.get(&report.id).map_or(0, |n| n.incarnation);
+                report.needs_replace = report.reachable && recorded != 0 && report.incarnation != recorded;
+                report.recorded_incarnation = recorded;
                 report
             })
             .collect::<Vec<_>>();
@@ -102,14 +108,7 @@ impl ClusterService {
             reachable: false,
             ..pb::NodeStatus::default()
         };
-        let Ok(channel) = self.node.peers.channel(&info.address) else { return unreachable };
-        let mut client = pb::cluster_client::ClusterClient::new(channel);
-        let mut request = Request::new(pb::StatusRequest { local_only: true });
-        request.set_timeout(PEER_STATUS_TIMEOUT);
-        match tokio::time::timeout(PEER_STATUS_TIMEOUT, client.status(request)).await {
-            Ok(Ok(reply)) => reply.into_inner().nodes.into_iter().next().unwrap_or(unreachable),
-            _ => unreachable,
-        }
+        ask_status(&self.node, &info.address).await.unwrap_or(unreachable)
     }
 
     /// Runs a membership change on the leader, or forwards it.
@@ -176,10 +175,93 @@ impl ClusterService {
         }
     }
 
+    /// Waits until node `id` itself reports a log up to `index`: after a replacement the leader's
+    /// progress for it starts over only once the node has answered, so the node is asked.
+    async fn wait_has_log(&self, id: NodeId, address: &str, index: u64) -> Result<(), Status> {
+        let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+            loop {
+                if let Some(status) = ask_status(&self.node, address).await
+                    && status.last_log_index >= index
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        caught_up.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "node {id} was replaced and is a learner, but did not catch up within {CATCH_UP_TIMEOUT:?}; \
+                 check that it runs and is reachable at {address}, then promote it with `tally cluster add`"
+            ))
+        })
+    }
+
     fn membership(&self) -> (BTreeSet<NodeId>, BTreeMap<NodeId, NodeInfo>) {
         let metrics = self.node.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership();
         (membership.voter_ids().collect(), membership.nodes().map(|(id, n)| (*id, n.clone())).collect())
+    }
+}
+
+/// Node `address`'s report of itself, if it answers within `PEER_STATUS_TIMEOUT`.
+async fn ask_status(node: &NodeHandle, address: &str) -> Option<pb::NodeStatus> {
+    let channel = node.peers.channel(address).ok()?;
+    let mut client = pb::cluster_client::ClusterClient::new(channel);
+    let mut request = Request::new(pb::StatusRequest { local_only: true });
+    request.set_timeout(PEER_STATUS_TIMEOUT);
+    match tokio::time::timeout(PEER_STATUS_TIMEOUT, client.status(request)).await {
+        Ok(Ok(reply)) => reply.into_inner().nodes.into_iter().next(),
+        _ => None,
+    }
+}
+
+/// The incarnation node `id` reports, asked at `address` (the route this node uses to it).
+async fn ask_incarnation(node: &NodeHandle, id: NodeId, address: &str) -> Result<u64, Status> {
+    match ask_status(node, address).await {
+        Some(status) if status.id == id && status.incarnation != 0 => Ok(status.incarnation),
+        Some(status) if status.id != id => Err(Status::failed_precondition(format!(
+            "the node at {address} is node {}, not node {id}",
+            status.id
+        ))),
+        _ => Err(Status::unavailable(format!(
+            "node {id} does not answer at {address}; start it first, then retry"
+        ))),
+    }
+}
+
+/// How often the leader looks for members whose incarnation is not recorded yet.
+const RECORD_INCARNATIONS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// On the leader: records the incarnation of every member that has none yet (the peers named
+/// at bootstrap) as soon as it answers, so that from then on a wipe of its disk is noticed.
+/// Runs for the life of the node.
+pub async fn record_incarnations(node: Arc<NodeHandle>) {
+    loop {
+        tokio::time::sleep(RECORD_INCARNATIONS_INTERVAL).await;
+        if !node.is_leader() {
+            continue;
+        }
+        let unrecorded: Vec<(NodeId, NodeInfo)> = {
+            let metrics = node.raft.metrics().borrow_watched().clone();
+            let membership = metrics.membership_config.membership();
+            membership.nodes().filter(|(_, n)| n.incarnation == 0).map(|(id, n)| (*id, n.clone())).collect()
+        };
+        let mut learned = BTreeMap::new();
+        for (id, mut info) in unrecorded {
+            let Some(address) = node.address_of(id) else { continue };
+            if let Ok(incarnation) = ask_incarnation(&node, id, &address).await {
+                info.incarnation = incarnation;
+                learned.insert(id, info);
+            }
+        }
+        if !learned.is_empty() {
+            let ids: Vec<NodeId> = learned.keys().copied().collect();
+            match node.raft.change_membership(ChangeMembers::SetNodes(learned), false).await {
+                Ok(_) => tracing::info!(node = node.id(), "recorded the incarnations of nodes {ids:?}"),
+                Err(error) => tracing::debug!(node = node.id(), "recording incarnations: {error}"),
+            }
+        }
     }
 }
 
@@ -243,21 +325,40 @@ impl pb::cluster_server::Cluster for ClusterService {
         if add.id == 0 || add.address.is_empty() || add.site.is_empty() {
             return Err(Status::invalid_argument("id (not 0), address and site are required"));
         }
-        let info = NodeInfo { address: add.address.clone(), site: add.site.clone() };
         let (mut voters, mut nodes) = self.membership();
-        if let Some(existing) = nodes.get(&add.id)
-            && existing != &info
+        let existing = nodes.get(&add.id).cloned();
+        if let Some(existing) = &existing
+            && (&existing.address, &existing.site) != (&add.address, &add.site)
         {
             return Err(Status::already_exists(format!(
                 "node {} is already a member at {existing}; remove it first to change its address or site",
                 add.id
             )));
         }
-        nodes.insert(add.id, info.clone());
+        let placeholder = NodeInfo { address: add.address.clone(), site: add.site.clone(), incarnation: 0 };
+        nodes.insert(add.id, placeholder.clone());
         if !add.learner_only {
             voters.insert(add.id);
             self.check_sites(&voters, &nodes, add.force)?;
         }
+        let incarnation = match add.incarnation {
+            0 => {
+                let address = self.node.config.routes.get(&add.id).unwrap_or(&add.address).clone();
+                ask_incarnation(&self.node, add.id, &address).await?
+            }
+            given => given,
+        };
+        if let Some(existing) = &existing
+            && existing.incarnation != 0
+            && existing.incarnation != incarnation
+        {
+            return Err(Status::failed_precondition(format!(
+                "node {} is a member with another data directory than the one it runs on now: it lost its \
+                 disk; bring it back with ReplaceNode (`tally cluster replace --id {}`)",
+                add.id, add.id
+            )));
+        }
+        let info = NodeInfo { incarnation, ..placeholder };
         // Joins as a learner, then must catch up with the log up to its own addition before it
         // may vote: a voter that cannot be reached would weaken the quorum from the start.
         let added = self.node.raft.add_learner(add.id, info, false).await.map_err(change_error)?;
@@ -298,6 +399,66 @@ impl pb::cluster_server::Cluster for ClusterService {
         Ok(Response::new(self.cluster_status().await))
     }
 
+    async fn replace_node(
+        &self,
+        request: Request<pb::ReplaceNodeRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        if let Some(mut leader) = self.leader_client()? {
+            return leader.replace_node(request.into_inner()).await;
+        }
+        let id = request.get_ref().id;
+        let (voters, nodes) = self.membership();
+        let Some(recorded) = nodes.get(&id).cloned() else {
+            return Err(Status::not_found(format!(
+                "node {id} is not a member; add it with AddNode (`tally cluster add`)"
+            )));
+        };
+        if id == self.node.id() {
+            return Err(Status::failed_precondition(format!(
+                "node {id} is the leader and has its disk; nothing to replace"
+            )));
+        }
+        let address = self.node.address_of(id).unwrap_or_else(|| recorded.address.clone());
+        let incarnation = ask_incarnation(&self.node, id, &address).await?;
+        if incarnation == recorded.incarnation {
+            return Err(Status::failed_precondition(format!(
+                "node {id} still runs on the data directory the membership records; nothing to replace \
+                 (if an earlier replacement left it a learner, promote it with `tally cluster add`)"
+            )));
+        }
+        let was_voter = voters.contains(&id);
+        // The leader's replication progress still says what the old incarnation had; let it
+        // start over from nothing when the node answers that its log is empty.
+        match self.node.raft.trigger().allow_next_revert(&id, true).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(change_error(error)),
+            Err(fatal) => return Err(change_error(fatal)),
+        }
+        // One joint change: the old incarnation stops being a voter and the node is recorded as
+        // its new incarnation, a learner with an empty log. From the moment this entry is in the
+        // leader's log its Raft calls name the new incarnation, and the node accepts them; it
+        // acknowledges only what it really has on disk.
+        let new = NodeInfo { incarnation, ..recorded.clone() };
+        let mut changes = Vec::new();
+        if was_voter {
+            changes.push(ChangeMembers::RemoveVoters(BTreeSet::from([id])));
+        }
+        changes.push(ChangeMembers::SetNodes(BTreeMap::from([(id, new)])));
+        let changed = self
+            .node
+            .raft
+            .change_membership(ChangeMembers::Batch(changes), true)
+            .await
+            .map_err(change_error)?;
+        tracing::info!(node = self.node.id(), "node {id} replaced by incarnation {incarnation}; catching up");
+        self.wait_has_log(id, &address, changed.log_id.index).await?;
+        if was_voter {
+            let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+            self.node.raft.change_membership(change, false).await.map_err(change_error)?;
+        }
+        Ok(Response::new(self.cluster_status().await))
+    }
+
     async fn transfer_leader(
         &self,
         request: Request<pb::TransferLeaderRequest>,
@@ -334,7 +495,9 @@ mod tests {
     fn check(placement: &[(NodeId, &str, bool)], expected_survives: &[(&str, bool)]) {
         let nodes: BTreeMap<NodeId, NodeInfo> = placement
             .iter()
-            .map(|(id, site, _)| (*id, NodeInfo { address: format!("n{id}"), site: site.to_string() }))
+            .map(|(id, site, _)| {
+                (*id, NodeInfo { address: format!("n{id}"), site: site.to_string(), incarnation: 1 })
+            })
             .collect();
         let voters: BTreeSet<NodeId> =
             placement.iter().filter(|(_, _, voter)| *voter).map(|(id, _, _)| *id).collect();

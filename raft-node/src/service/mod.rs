@@ -1,7 +1,7 @@
 //! The gRPC services every node serves: `Ledger` (clients), `Cluster` (operators) and `Raft`
 //! (other nodes only).
 
-mod cluster;
+pub mod cluster;
 mod ledger;
 mod raft;
 

@@ -1,4 +1,6 @@
-//! `tally.v1.Raft`: node-to-node traffic, server side. Refuses callers of another cluster.
+//! `tally.v1.Raft`: node-to-node traffic, server side. Refuses callers of another cluster, calls
+//! meant for another node or another incarnation of this one, and senders whose incarnation the
+//! membership records differently (`net::identity`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use tally_proto::v1 as pb;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::net::identity::{FROM_HEADER, Refusal, TO_HEADER};
 use crate::net::raft::{CLUSTER_HEADER, message, snapshot_header, unpack};
 use crate::node::NodeHandle;
 use crate::storage::state_machine::SnapshotFile;
@@ -32,22 +35,61 @@ impl Drop for Incoming {
 
 pub struct RaftService {
     node: Arc<NodeHandle>,
+    /// When a refusal was last logged: a refused peer retries many times a second, and the log
+    /// should say what to do, not fill the disk.
+    refusal_logged: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// At most one refusal logged per this long.
+const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl RaftService {
     pub fn new(node: Arc<NodeHandle>) -> RaftService {
-        RaftService { node }
+        RaftService { node, refusal_logged: std::sync::Mutex::new(None) }
     }
 
-    fn check_cluster<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let theirs = request.metadata().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    fn check_caller<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
+        let theirs = header(CLUSTER_HEADER).unwrap_or("");
         if theirs != self.node.config.cluster {
             return Err(Status::permission_denied(format!(
                 "this node belongs to cluster '{}', the caller to '{theirs}'",
                 self.node.config.cluster
             )));
         }
-        Ok(())
+        self.node.identities.check(header(FROM_HEADER), header(TO_HEADER)).map_err(|refusal| {
+            self.log_refusal(&refusal);
+            Status::permission_denied("refused: the caller's membership does not match this node")
+        })
+    }
+
+    fn log_refusal(&self, refusal: &Refusal) {
+        let mut logged = self.refusal_logged.lock().expect("refusal log lock");
+        if logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL) {
+            return;
+        }
+        *logged = Some(std::time::Instant::now());
+        let me = self.node.identities.me;
+        match refusal {
+            Refusal::StaleTarget { recorded } => tracing::error!(
+                node = me.id,
+                "refusing Raft traffic: the cluster knows node {} as incarnation {recorded}, but this data \
+                 directory is incarnation {} (made anew: the old disk was lost or this is another node's). \
+                 This node will not vote or accept entries until an operator runs \
+                 `tally cluster replace --id {}`",
+                me.id,
+                me.incarnation,
+                me.id
+            ),
+            Refusal::StaleSender { id, recorded, claimed } => tracing::warn!(
+                node = me.id,
+                "refusing Raft traffic from node {id}: it runs incarnation {claimed}, the membership records \
+                 {recorded}; it lost its disk and must be replaced (`tally cluster replace --id {id}`)"
+            ),
+            Refusal::WrongTarget | Refusal::Malformed => {
+                tracing::warn!(node = me.id, "refusing Raft traffic not addressed to this node: {refusal:?}")
+            }
+        }
     }
 }
 
@@ -65,21 +107,21 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_cluster(&request)?;
+        self.check_caller(&request)?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.append_entries(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
     }
 
     async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_cluster(&request)?;
+        self.check_caller(&request)?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
     }
 
     async fn pre_vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_cluster(&request)?;
+        self.check_caller(&request)?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.pre_vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
@@ -89,7 +131,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_cluster(&request)?;
+        self.check_caller(&request)?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.handle_transfer_leader(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
@@ -99,7 +141,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_cluster(&request)?;
+        self.check_caller(&request)?;
         let mut chunks = request.into_inner();
         let dir = self.node.config.data_dir.join("snapshots");
         let number = INCOMING.fetch_add(1, Ordering::Relaxed);
