@@ -6,14 +6,17 @@
 //! proposes them as one entry. Up to `ENTRIES_IN_FLIGHT_MAX` entries are proposed at once; while
 //! they are in flight, new requests pile up in the queue and form the next, larger entry.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ledger::{Batch, BatchReply};
+use openraft::type_config::async_runtime::WatchReceiver;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
-use crate::types::{ENTRY_BATCHES_MAX, Raft, Request};
+use crate::clock::ClusterClock;
+use crate::types::{ENTRY_BATCHES_MAX, NodeId, Raft, Request};
 
 /// Events per entry: four full batches (about 4 MiB), well under the message limit.
 pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
@@ -37,9 +40,10 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn start(raft: Raft, delay: Duration) -> Batcher {
+    /// `clock` gives the timestamp of each entry; `me` is this node's id.
+    pub fn start(raft: Raft, delay: Duration, clock: Arc<ClusterClock>, me: NodeId) -> Batcher {
         let (queue, receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
-        tokio::spawn(run(raft, receiver, delay));
+        tokio::spawn(run(Proposer { raft, clock, me }, receiver, delay));
         Batcher { queue }
     }
 
@@ -54,7 +58,15 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut receiver: mpsc::Receiver<(Batch, Reply)>, delay: Duration) {
+/// What an entry is proposed with.
+#[derive(Clone)]
+struct Proposer {
+    raft: Raft,
+    clock: Arc<ClusterClock>,
+    me: NodeId,
+}
+
+async fn run(proposer: Proposer, mut receiver: mpsc::Receiver<(Batch, Reply)>, delay: Duration) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
     while let Some(first) = receiver.recv().await {
         // Waiting for a slot first lets the queue grow while earlier entries are in flight.
@@ -74,18 +86,30 @@ async fn run(raft: Raft, mut receiver: mpsc::Receiver<(Batch, Reply)>, delay: Du
             events += next.0.len();
             group.push(next);
         }
-        let raft = raft.clone();
+        let proposer = proposer.clone();
         tokio::spawn(async move {
-            propose(&raft, group).await;
+            propose(&proposer, group).await;
             drop(permit);
         });
     }
 }
 
-async fn propose(raft: &Raft, group: Vec<(Batch, Reply)>) {
+async fn propose(proposer: &Proposer, group: Vec<(Batch, Reply)>) {
     let (batches, replies): (Vec<Batch>, Vec<Reply>) = group.into_iter().unzip();
-    let request = Request { timestamp_proposed: now_ns(), batches };
-    match raft.client_write(request).await {
+    let voters: BTreeSet<NodeId> =
+        proposer.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+    let timestamp_proposed = match proposer.clock.stamp(&voters, proposer.me) {
+        Ok(timestamp) => timestamp,
+        Err(error) => {
+            let status = Status::unavailable(format!("{error}; nothing was written, retry"));
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+            return;
+        }
+    };
+    let request = Request { timestamp_proposed, batches };
+    match proposer.raft.client_write(request).await {
         Ok(written) => {
             let results = written.data.replies;
             assert_eq!(results.len(), replies.len(), "an entry's replies do not match its batches");
@@ -115,10 +139,4 @@ fn write_error_status(
         ),
         other => Status::unavailable(format!("write outcome unknown ({other}); retry with the same ids")),
     }
-}
-
-/// The leader's clock, proposed with each entry. The ledger keeps time strictly increasing
-/// whatever this says.
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }

@@ -12,11 +12,15 @@
 //! - Once committed, every node applies it in `state_machine::StateMachine`, which runs
 //!   `ledger::Ledger::apply` on sled and returns each batch's results to the batcher's callers.
 //!
+//! - The timestamp the batcher proposes is the leader's clock bounded by a majority of the
+//!   voters' clocks (`clock`); a leader whose clock is off does not stamp.
+//!
 //! `node` wires it together (data directory, Raft, gRPC server, shutdown) and `cli` is the
 //! `tally` command line.
 
 pub mod batcher;
 pub mod cli;
+pub mod clock;
 pub mod convert;
 pub mod net;
 pub mod node;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tally_proto::v1 as pb;
 
 use crate::batcher::Batcher;
+use crate::clock::ClusterClock;
 use crate::net::identity::{Endpoint, Identities};
 use crate::net::{MESSAGE_BYTES_MAX, Network};
 use crate::storage::log_store::LogStore;
@@ -66,6 +67,13 @@ pub struct NodeConfig {
     /// fault-injecting proxy between this node and that one.
     #[serde(default)]
     pub routes: BTreeMap<NodeId, String>,
+    /// How far this node's clock may be from a majority of the voters' before it stops stamping
+    /// entries as leader (`clock`).
+    #[serde(default = "default_clock_tolerance_ms")]
+    pub clock_tolerance_ms: u64,
+    /// Test hook: a file that skews this node's clock (`clock`). Never in production.
+    #[serde(default)]
+    pub clock_skew_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -83,6 +91,9 @@ fn default_election_timeout_ms() -> u64 {
 }
 fn default_heartbeat_ms() -> u64 {
     50
+}
+fn default_clock_tolerance_ms() -> u64 {
+    crate::clock::TOLERANCE_MS_DEFAULT
 }
 fn default_snapshot_entries() -> u64 {
     20_000
@@ -180,6 +191,8 @@ pub struct NodeHandle {
     pub config: NodeConfig,
     /// This node's id and incarnation, and those its membership records (`net::identity`).
     pub identities: Arc<Identities>,
+    /// This node's view of the voters' clocks: what the leader may stamp.
+    pub clock: Arc<ClusterClock>,
     pub raft: Raft,
     pub state: Arc<crate::storage::state_machine::Shared>,
     pub log: LogStore,
@@ -266,12 +279,19 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
     )
     .await
     .map_err(|e| format!("cannot start raft: {e}"))?;
-    let batcher = Batcher::start(raft.clone(), Duration::from_micros(config.group_commit_delay_us));
+    let clock = ClusterClock::new(config.clock_tolerance_ms, config.clock_skew_file.clone());
+    let batcher = Batcher::start(
+        raft.clone(),
+        Duration::from_micros(config.group_commit_delay_us),
+        clock.clone(),
+        config.id,
+    );
     identities.update(raft.metrics().borrow_watched().membership_config.membership().nodes());
     tokio::spawn(follow_membership(raft.clone(), identities.clone()));
     let node = Arc::new(NodeHandle {
         config,
         identities,
+        clock,
         raft,
         state,
         log,
@@ -279,6 +299,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
         peers: crate::net::Pool::default(),
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
+    tokio::spawn(crate::clock::sample_peers(node.clone()));
     if node.config.bootstrap {
         bootstrap(&node).await?;
     }

@@ -68,6 +68,7 @@ impl TestCluster {
         let mut command = Command::new(&self.binary);
         command.args(["serve", "--cluster", "test", "--id", &id.to_string(), "--site", &spec.site]);
         command.args(["--listen", &spec.address, "--data-dir"]).arg(&spec.data_dir);
+        command.arg("--clock-skew-file").arg(self.skew_file(id));
         if bootstrap {
             command.arg("--bootstrap");
             for peer in self.nodes.values().filter(|n| n.id != id && n.id <= 3) {
@@ -114,6 +115,19 @@ impl TestCluster {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
         }
+    }
+
+    fn skew_file(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}.clock"))
+    }
+
+    /// Makes node `id`'s clock read `offset_ms` off, drifting `drift_ppm` from now on (through
+    /// the `--clock-skew-file` test hook; the node picks it up within 100 ms).
+    pub fn skew_clock(&self, id: u64, offset_ms: i64, drift_ppm: i64) {
+        let path = self.skew_file(id);
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, format!("{offset_ms} {drift_ppm}\n")).expect("write the skew file");
+        std::fs::rename(&temporary, &path).expect("rename the skew file");
     }
 
     /// Deletes node `id`'s data directory (it must be stopped): a disk lost, or replaced empty.

@@ -611,3 +611,67 @@ async fn a_node_that_lost_its_disk_cannot_vote_until_replaced() {
     let balances = local_balances(&cluster, &[2]).await;
     assert!(balances.values().all(|b| b == &vec![7]), "{balances:?}");
 }
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// Writes transfer `id` and returns how far its ledger timestamp is from this machine's clock
+/// at the moment of the write (ns; positive: ahead).
+async fn timestamp_error_ns(client: &Client, id: u128) -> i128 {
+    let before = unix_now_ns();
+    let results = client.create_transfers(vec![transfer(id, BANK, 2, 1)]).await.expect("write");
+    let after = unix_now_ns();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::Ok]);
+    let stored = client.lookup_transfers(&[id], v1::ReadConsistency::Linearizable).await.unwrap();
+    let timestamp = stored[0].timestamp as i128;
+    if timestamp < before as i128 { timestamp - before as i128 } else { (timestamp - after as i128).max(0) }
+}
+
+/// Ledger time is the cluster's: a follower an hour off changes nothing, and a leader an hour
+/// fast neither stamps with its clock nor keeps the leadership. Without the bound, every
+/// transfer of that leader was stamped an hour ahead (and pending transfers expired early).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_time_follows_a_majority_of_clocks() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=2).await;
+    let tolerance_ns = 1_000_000_000i128;
+    let hour_ms = 3_600_000;
+
+    cluster.skew_clock(follower, -hour_ms, 0);
+    for id in 200..210 {
+        let error = timestamp_error_ns(&client, id).await;
+        assert!(error.abs() <= tolerance_ns, "a follower's clock moved ledger time by {error} ns");
+    }
+    assert_eq!(cluster.wait_for_leader(DEADLINE).await, leader, "a follower's clock moved the leadership");
+    cluster.skew_clock(follower, 0, 0);
+
+    cluster.skew_clock(leader, hour_ms, 0);
+    let started = Instant::now();
+    let mut id = 300;
+    loop {
+        // Every write answered ok, before or after the handover, carries the cluster's time.
+        if let Ok(results) = client.create_transfers(vec![transfer(id, BANK, 2, 1)]).await
+            && statuses(&results) == vec![v1::CreateTransferStatus::Ok]
+        {
+            let stored = client.lookup_transfers(&[id], v1::ReadConsistency::Linearizable).await.unwrap();
+            let error = stored[0].timestamp as i128 - unix_now_ns() as i128;
+            assert!(error.abs() <= 2 * tolerance_ns, "transfer {id} stamped {error} ns off");
+        }
+        id += 1;
+        let now_leader = cluster.wait_for_leader(DEADLINE).await;
+        if now_leader != leader {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "the leader with a wrong clock kept the leadership");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let error = timestamp_error_ns(&client, 400).await;
+    assert!(error.abs() <= tolerance_ns, "after the handover, ledger time is {error} ns off");
+    let status = client.node_status(&cluster.address(leader)).await.unwrap();
+    assert!(!status.clock_synchronized, "{status:?}");
+    assert!(status.clock_offset_ms < -hour_ms + 1000, "{status:?}");
+}

@@ -56,6 +56,14 @@ pub struct ServeArgs {
     /// (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
     #[arg(long = "route", value_parser = parse_route)]
     pub routes: Vec<(u64, String)>,
+    /// How far this node's clock may be from a majority of the voters' clocks before it stops
+    /// stamping entries as leader (default 1000).
+    #[arg(long)]
+    pub clock_tolerance_ms: Option<u64>,
+    /// Test hook for chaos runs: a file holding `OFFSET_MS [DRIFT_PPM]` that skews this node's
+    /// clock while it runs (re-read as it changes; missing means no skew). Never in production.
+    #[arg(long, hide = true)]
+    pub clock_skew_file: Option<PathBuf>,
 }
 
 fn parse_peer(text: &str) -> Result<PeerConfig, String> {
@@ -144,6 +152,11 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
         } else {
             args.routes.into_iter().collect()
         },
+        clock_tolerance_ms: args
+            .clock_tolerance_ms
+            .or(file.as_ref().map(|f| f.clock_tolerance_ms))
+            .unwrap_or(crate::clock::TOLERANCE_MS_DEFAULT),
+        clock_skew_file: args.clock_skew_file.or(file.as_ref().and_then(|f| f.clock_skew_file.clone())),
     };
     if config.id == 0 {
         return Err("--id must not be 0".into());
@@ -156,11 +169,19 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
     if config.site.is_empty() {
         return Err("--site must not be empty".into());
     }
+    if config.clock_tolerance_ms < CLOCK_TOLERANCE_MS_MIN {
+        return Err(format!(
+            "--clock-tolerance-ms must be at least {CLOCK_TOLERANCE_MS_MIN}: a round trip between sites must fit in a quarter of it"
+        ));
+    }
     if config.heartbeat_ms == 0 || config.election_timeout_ms <= config.heartbeat_ms * 2 {
         return Err("--election-timeout-ms must be more than twice --heartbeat-ms".into());
     }
     Ok(config)
 }
+
+/// Below this, round trips between sites would make most clock samples too uncertain to use.
+const CLOCK_TOLERANCE_MS_MIN: u64 = 100;
 
 pub async fn run(args: ServeArgs) -> ExitCode {
     init_logging();

@@ -70,8 +70,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Peer {
-        let cluster = tonic::metadata::MetadataValue::try_from(self.cluster.as_str())
-            .expect("cluster name is a valid header value");
         let address = self.routes.get(&target).unwrap_or(&node.address);
         let client = channel(address).ok().map(|channel| {
             RaftClient::new(channel)
@@ -82,7 +80,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             incarnation_at_start: node.incarnation,
             client,
-            cluster,
+            cluster: self.cluster.clone(),
             identities: self.identities.clone(),
         }
     }
@@ -95,7 +93,7 @@ pub struct Peer {
     /// shared view does not know the target yet.
     incarnation_at_start: u64,
     client: Option<RaftClient<Channel>>,
-    cluster: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    cluster: String,
     identities: Arc<Identities>,
 }
 
@@ -125,18 +123,31 @@ fn unreachable<E: std::fmt::Display>(target: NodeId) -> impl Fn(E) -> Unreachabl
     move |error| Unreachable::from_string(format!("node {target}: {error}"))
 }
 
+/// Names the cluster, this node and the target on an outgoing Raft call. The target's
+/// incarnation is the one the membership in effect records, else `incarnation_otherwise`.
+pub fn name_ends<T>(
+    request: &mut tonic::Request<T>,
+    cluster: &str,
+    identities: &Identities,
+    target: NodeId,
+    incarnation_otherwise: u64,
+) {
+    let recorded = match identities.recorded(target) {
+        0 => incarnation_otherwise,
+        known => known,
+    };
+    let to = Endpoint { id: target, incarnation: recorded };
+    let metadata = request.metadata_mut();
+    if let Ok(cluster) = cluster.parse() {
+        metadata.insert(CLUSTER_HEADER, cluster);
+    }
+    metadata.insert(FROM_HEADER, identities.me.header().parse().expect("digits and a dot"));
+    metadata.insert(TO_HEADER, to.header().parse().expect("digits and a dot"));
+}
+
 impl Peer {
-    /// Names the cluster, this node and the target on an outgoing call.
     fn address<T>(&self, request: &mut tonic::Request<T>) {
-        let recorded = match self.identities.recorded(self.target) {
-            0 => self.incarnation_at_start,
-            known => known,
-        };
-        let to = Endpoint { id: self.target, incarnation: recorded };
-        let metadata = request.metadata_mut();
-        metadata.insert(CLUSTER_HEADER, self.cluster.clone());
-        metadata.insert(FROM_HEADER, self.identities.me.header().parse().expect("digits and a dot"));
-        metadata.insert(TO_HEADER, to.header().parse().expect("digits and a dot"));
+        name_ends(request, &self.cluster, &self.identities, self.target, self.incarnation_at_start);
     }
 
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {

@@ -35,6 +35,9 @@ impl ClusterService {
         let membership = metrics.membership_config.membership();
         let voter = membership.voter_ids().any(|id| id == self.node.id());
         let digest = self.node.state.read(|ledger| ledger.meta().digest);
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let clock = self.node.clock.estimate(&voters, self.node.id());
+        let clock_ok = self.node.clock.stamp(&voters, self.node.id()).is_ok();
         pb::NodeStatus {
             id: self.node.id(),
             address: self.node.config.advertise(),
@@ -50,6 +53,8 @@ impl ClusterService {
             incarnation: self.node.incarnation(),
             needs_replace: false,
             recorded_incarnation: membership.get_node(&self.node.id()).map_or(0, |n| n.incarnation),
+            clock_offset_ms: clock.offset_ns / 1_000_000,
+            clock_synchronized: clock_ok,
         }
     }
 

@@ -137,6 +137,11 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(message(&reply)))
     }
 
+    async fn clock(&self, request: Request<pb::ClockRequest>) -> Result<Response<pb::ClockReply>, Status> {
+        self.check_caller(&request)?;
+        Ok(Response::new(pb::ClockReply { time_ns: self.node.clock.now_ns() }))
+    }
+
     async fn install_snapshot(
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
