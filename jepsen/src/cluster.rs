@@ -26,6 +26,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// `tally serve`'s exit code when its storage failed (`raft_node::node::EXIT_STORAGE_FAILED`).
 const EXIT_STORAGE_FAILED: u8 = 74;
 
+/// Every node's `--clock-tolerance-ms`, which `timestamps-follow-real-time` holds them to.
+pub const CLOCK_TOLERANCE_MS: u64 = 1000;
+
 /// The name every node of a run shares (`--cluster`).
 const CLUSTER_NAME: &str = "jepsen";
 
@@ -40,6 +43,9 @@ pub struct NodeSpec {
 
 pub struct Cluster {
     binary: PathBuf,
+    /// Where each node's clock-skew file is (`--clock-skew-file`, the `clock` nemesis): beside
+    /// the logs, not on the node's disk.
+    skew_dir: PathBuf,
     /// Every planned node, started or not.
     pub nodes: BTreeMap<u64, NodeSpec>,
     /// Voters as the harness last changed them.
@@ -135,6 +141,7 @@ impl Cluster {
         let members: BTreeSet<u64> = (1..=initial as u64).collect();
         let mut cluster = Cluster {
             binary: binary.to_path_buf(),
+            skew_dir: logs.to_path_buf(),
             nodes,
             members: members.clone(),
             processes: BTreeMap::new(),
@@ -157,6 +164,8 @@ impl Cluster {
         let mut command = Command::new(&self.binary);
         command.args(["serve", "--cluster", CLUSTER_NAME, "--id", &id.to_string(), "--site", &spec.site]);
         command.args(["--listen", &spec.address.to_string(), "--data-dir"]).arg(&spec.data_dir);
+        command.args(["--clock-tolerance-ms", &CLOCK_TOLERANCE_MS.to_string()]);
+        command.arg("--clock-skew-file").arg(self.skew_file(id));
         for other in self.nodes.keys().filter(|other| **other != id) {
             command.args(["--route", &format!("{other}={}", self.proxies.address(id, *other))]);
         }
@@ -233,6 +242,20 @@ impl Cluster {
                 Some((*id, disk.power_cut(Some(seed ^ id))))
             })
             .collect()
+    }
+
+    fn skew_file(&self, id: u64) -> PathBuf {
+        self.skew_dir.join(format!("node-{id}.clock"))
+    }
+
+    /// Makes node `id`'s clock read `offset_ms` off, drifting `drift_ppm` from now on; (0, 0)
+    /// puts it right. The node picks it up within 100 ms.
+    pub fn skew_clock(&self, id: u64, offset_ms: i64, drift_ppm: i64) -> Result<(), String> {
+        let path = self.skew_file(id);
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, format!("{offset_ms} {drift_ppm}\n"))
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     /// Deletes every file of node `id`'s data directory (it must be stopped) and makes the

@@ -26,6 +26,19 @@ pub struct Setup {
     /// Customer accounts, each opened with `opening` and flagged debits-must-not-exceed-credits.
     pub customers: Vec<u64>,
     pub opening: u64,
+    /// The wall clock at the run's time 0, and how far the nodes let ledger time stray from
+    /// it; absent in histories of older runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockBase>,
+}
+
+/// What `timestamps-follow-real-time` needs to turn a history's times into wall-clock time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockBase {
+    /// The harness's wall clock (µs since the Unix epoch) at `time_us` 0.
+    pub epoch_unix_us: u64,
+    /// The nodes' `--clock-tolerance-ms`.
+    pub tolerance_ms: u64,
 }
 
 impl Setup {
@@ -420,7 +433,7 @@ mod tests {
             linked: false,
         };
         let records = vec![
-            Record::Setup(Setup { ledger: 1, equity: 1, customers: vec![2, 3], opening: 100 }),
+            Record::Setup(Setup { ledger: 1, equity: 1, customers: vec![2, 3], opening: 100, clock: None }),
             Record::Invoke {
                 op: 1,
                 process: 0,

@@ -14,7 +14,8 @@ struct Args {
     #[arg(long, default_value = "1,1,1", value_delimiter = ',')]
     layout: Vec<usize>,
     /// Faults: all, none, or a comma-separated list of kill-site, kill-leader-site, pause-site,
-    /// cut-site, cut-leader, churn, kill-all, power-cut, power-cut-site, disk-full, eio.
+    /// cut-site, cut-leader, churn, kill-all, power-cut, power-cut-site, disk-full, eio, wipe,
+    /// clock.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Seconds of workload.

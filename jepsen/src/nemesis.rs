@@ -52,10 +52,13 @@ pub enum Fault {
     /// empty under the same id. Its peers must refuse it (another incarnation) until the heal
     /// replaces it (`Cluster.ReplaceNode`), as an operator would.
     Wipe,
+    /// One node's clock goes wrong: an hour ahead, an hour behind, 400 ms ahead (within the
+    /// tolerance), or running 40% fast; the leader's, every other time. Put right when healed.
+    Clock,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 13] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
@@ -68,6 +71,7 @@ impl Fault {
         Fault::DiskFull,
         Fault::DiskError,
         Fault::Wipe,
+        Fault::Clock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -84,6 +88,7 @@ impl Fault {
             Fault::DiskFull => "disk-full",
             Fault::DiskError => "eio",
             Fault::Wipe => "wipe",
+            Fault::Clock => "clock",
         }
     }
 
@@ -165,6 +170,8 @@ enum Undo {
     Heal(Vec<(u64, u64)>),
     /// Replace a node that lost its disk.
     Replace(u64),
+    /// Put a node's clock right.
+    ClockRight(u64),
     Nothing,
 }
 
@@ -227,6 +234,7 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
     let site_names: Vec<String> = sites.keys().cloned().collect();
     let leader = match planned.fault {
         Fault::KillLeaderSite | Fault::CutLeader => find_leader(&cluster).await,
+        Fault::Clock if planned.pick % 2 == 0 => find_leader(&cluster).await,
         _ => None,
     };
     let chosen_site =
@@ -325,6 +333,23 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
             let detail = churn(&mut cluster, planned.pick).await?;
             (detail, Undo::Nothing)
         }
+        Fault::Clock => {
+            let members: Vec<u64> = cluster.members.iter().copied().collect();
+            match leader.or_else(|| pick(&members, planned.pick / 2)) {
+                Some(id) => {
+                    let (offset_ms, drift_ppm, what) = match (planned.pick / 2) % 4 {
+                        0 => (3_600_000, 0, "an hour ahead"),
+                        1 => (-3_600_000, 0, "an hour behind"),
+                        2 => (400, 0, "400 ms ahead"),
+                        _ => (0, 400_000, "running 40% fast"),
+                    };
+                    cluster.skew_clock(id, offset_ms, drift_ppm)?;
+                    let role = if leader == Some(id) { "leader " } else { "" };
+                    (format!("{role}node {id}'s clock is {what}"), Undo::ClockRight(id))
+                }
+                None => ("no member to skew".into(), Undo::Nothing),
+            }
+        }
         Fault::Wipe => {
             let members: Vec<u64> = cluster.members.iter().copied().collect();
             match pick(&members, planned.pick) {
@@ -376,6 +401,10 @@ async fn heal(undo: Undo, cluster: &Mutex<Cluster>) -> Result<String, String> {
             format!("healed {} links", links.len())
         }
         Undo::Replace(id) => replace(&cluster, id).await,
+        Undo::ClockRight(id) => {
+            cluster.skew_clock(id, 0, 0)?;
+            format!("node {id}'s clock is right again")
+        }
         Undo::Nothing => "nothing to heal".into(),
     })
 }

@@ -17,7 +17,7 @@ use tally_client::{Client, Error, u128_from, u128_to, v1};
 use tokio::sync::Mutex;
 
 use crate::history::{
-    Balance, Call, Consistency, Outcome, Phase, Record, Setup, TransferKind, TransferSpec, Writer,
+    Balance, Call, ClockBase, Consistency, Outcome, Phase, Record, Setup, TransferKind, TransferSpec, Writer,
 };
 
 /// Records every event with its time since the run started, and counts outcomes for the
@@ -25,6 +25,8 @@ use crate::history::{
 pub struct Recorder {
     writer: Mutex<Writer>,
     started: Instant,
+    /// The wall clock (µs since the Unix epoch) when `started` was taken.
+    pub epoch_unix_us: u64,
     next_op: AtomicU64,
     pub ok: AtomicU64,
     pub failed: AtomicU64,
@@ -36,6 +38,9 @@ impl Recorder {
         Recorder {
             writer: Mutex::new(writer),
             started: Instant::now(),
+            epoch_unix_us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
             next_op: AtomicU64::new(1),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -103,6 +108,8 @@ impl Reply {
     }
 }
 
+use crate::cluster::CLOCK_TOLERANCE_MS;
+
 const LEDGER: u32 = 1;
 const CODE: u32 = 1;
 const ACCOUNT_FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS: u32 = 2;
@@ -116,7 +123,13 @@ pub struct Bank {
 
 impl Bank {
     pub fn new(customers: u64, opening: u64) -> Bank {
-        let setup = Setup { ledger: LEDGER, equity: 1, customers: (2..customers + 2).collect(), opening };
+        let setup = Setup {
+            ledger: LEDGER,
+            equity: 1,
+            customers: (2..customers + 2).collect(),
+            opening,
+            clock: None,
+        };
         Bank { setup, next_id: AtomicU64::new(customers + 1) }
     }
 
@@ -127,7 +140,8 @@ impl Bank {
     /// Creates the accounts and funds every customer, retrying until done or `deadline`.
     /// The funding transfers are recorded as operations of process 0.
     pub async fn open(&self, client: &Client, recorder: &Recorder, deadline: Duration) -> Result<(), String> {
-        recorder.record(Record::Setup(self.setup.clone())).await?;
+        let clock = ClockBase { epoch_unix_us: recorder.epoch_unix_us, tolerance_ms: CLOCK_TOLERANCE_MS };
+        recorder.record(Record::Setup(Setup { clock: Some(clock), ..self.setup.clone() })).await?;
         let started = Instant::now();
         let accounts: Vec<v1::Account> = self
             .setup

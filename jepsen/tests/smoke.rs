@@ -1,6 +1,7 @@
 //! The CI smoke run: three sites of one node each, under payments, through a kill of the
-//! leader's site, a site cut off, and a power cut of the whole cluster (unsynced writes lost), with a background load
-//! of 2,000 transfers a second so that the faults strike a busy cluster. Every checker must pass.
+//! leader's site, a site cut off, a power cut of the whole cluster (unsynced writes lost), a node
+//! that loses its disk and is replaced, and a wrong clock, with a background load of 2,000
+//! transfers a second so that the faults strike a busy cluster. Every checker must pass.
 //! Longer runs: `cargo run --release -p tally-jepsen -- --nemesis all --time-limit 600`.
 
 use std::path::PathBuf;
@@ -26,17 +27,17 @@ fn tally_binary() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_sites_survive_leader_site_loss_a_cut_and_a_power_loss() {
+async fn three_sites_survive_site_loss_a_cut_a_power_cut_a_lost_disk_and_a_wrong_clock() {
     let out = tempfile::tempdir().expect("output directory");
     let options = Options {
         binary: tally_binary(),
         layout: vec![1, 1, 1],
-        faults: vec![Fault::KillLeaderSite, Fault::CutSite, Fault::PowerCut],
+        faults: vec![Fault::KillLeaderSite, Fault::CutSite, Fault::PowerCut, Fault::Wipe, Fault::Clock],
         timing: Timing {
             quiet: (Duration::from_secs(3), Duration::from_secs(4)),
             hold: (Duration::from_secs(3), Duration::from_secs(4)),
         },
-        time_limit: Duration::from_secs(30),
+        time_limit: Duration::from_secs(40),
         seed: 20261124,
         clients: 4,
         customers: 6,
@@ -52,7 +53,7 @@ async fn three_sites_survive_leader_site_loss_a_cut_and_a_power_loss() {
     let text = report.text();
     println!("{text}");
     assert!(report.valid, "the smoke run found a problem:\n{text}\nhistory kept in {}", out.keep().display());
-    for fault in ["kill-leader-site", "cut-site", "power-cut"] {
+    for fault in ["kill-leader-site", "cut-site", "power-cut", "wipe", "clock"] {
         assert!(report.worst_outage_by_fault.contains_key(fault), "{fault} never ran:\n{text}");
     }
     assert!(report.counts.get("transfers ok").copied().unwrap_or(0) > 100, "too little traffic:\n{text}");

@@ -171,6 +171,9 @@ impl ClusterClock {
     /// majority of the voters' clocks; or why it must not stamp.
     pub fn stamp(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Result<u64, ClockError> {
         let now = self.now_ns();
+        if cfg!(feature = "stamp-with-own-clock") {
+            return Ok(now);
+        }
         let needed = voters.len() / 2 + 1;
         let estimate = self.estimate_at(voters, me, now);
         if estimate.agreeing < needed {

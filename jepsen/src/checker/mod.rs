@@ -16,6 +16,7 @@ pub mod money_is_conserved;
 pub mod nodes_agree;
 pub mod nothing_unrequested;
 pub mod reads_see_acknowledged;
+pub mod timestamps_follow_real_time;
 
 /// The listed problems stop at this many; the count goes on.
 const PROBLEMS_SHOWN_MAX: usize = 20;
@@ -70,6 +71,7 @@ pub fn check_all(history: &History) -> Vec<Verdict> {
         balance_limits_hold::check(history),
         reads_see_acknowledged::check(history),
         nodes_agree::check(history),
+        timestamps_follow_real_time::check(history),
     ]
 }
 
@@ -159,6 +161,8 @@ pub mod fixture {
     pub const A: u64 = 2;
     pub const B: u64 = 3;
     pub const OPENING: u64 = 100;
+    /// The wall clock at a fixture's time 0.
+    pub const EPOCH_US: u64 = 1_800_000_000_000_000;
 
     /// A bank of two customers, each funded with 100 by transfers 1 and 2 at t=1..2.
     pub struct Builder {
@@ -205,6 +209,7 @@ pub mod fixture {
                 equity: EQUITY,
                 customers: vec![A, B],
                 opening: OPENING,
+                clock: Some(ClockBase { epoch_unix_us: EPOCH_US, tolerance_ms: 1000 }),
             }));
             builder.transfer(1, 2, vec![single(1, EQUITY, A, OPENING)], Outcome::Ok);
             builder.transfer(1, 2, vec![single(2, EQUITY, B, OPENING)], Outcome::Ok);
