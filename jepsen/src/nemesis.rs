@@ -234,7 +234,7 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
     let site_names: Vec<String> = sites.keys().cloned().collect();
     let leader = match planned.fault {
         Fault::KillLeaderSite | Fault::CutLeader => find_leader(&cluster).await,
-        Fault::Clock if planned.pick % 2 == 0 => find_leader(&cluster).await,
+        Fault::Clock if planned.pick.is_multiple_of(2) => find_leader(&cluster).await,
         _ => None,
     };
     let chosen_site =
