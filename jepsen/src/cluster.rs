@@ -25,6 +25,9 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// `tally serve`'s exit code when its storage failed (`raft_node::node::EXIT_STORAGE_FAILED`).
 const EXIT_STORAGE_FAILED: u8 = 74;
+/// `tally serve`'s exit code when it cannot read its own data back
+/// (`raft_node::node::EXIT_DATA_UNREADABLE`).
+pub const EXIT_DATA_UNREADABLE: i32 = 65;
 
 /// Every node's `--clock-tolerance-ms`, which `timestamps-follow-real-time` holds them to.
 pub const CLOCK_TOLERANCE_MS: u64 = 1000;
@@ -60,6 +63,9 @@ pub struct Cluster {
     /// Nodes whose disk fails now (`disk_fault`), and those whose disk ever failed.
     disk_failing: BTreeSet<u64>,
     disk_faulted: BTreeSet<u64>,
+    /// Nodes whose files the `corrupt` nemesis damaged, until its heal has looked at them: a
+    /// refusal to start is what they should do, not a crash.
+    damaged: BTreeSet<u64>,
     /// Each node's disk, mounted on its data directory. Declared last: unmounted after the
     /// processes are gone.
     disks: BTreeMap<u64, FaultFs>,
@@ -151,6 +157,7 @@ impl Cluster {
             extra_args,
             disk_failing: BTreeSet::new(),
             disk_faulted: BTreeSet::new(),
+            damaged: BTreeSet::new(),
             disks,
         };
         for id in members {
@@ -278,6 +285,53 @@ impl Cluster {
         Ok(deleted)
     }
 
+    /// Damages node `id`'s files at rest (it must be stopped): flips `flips` bytes, at offsets
+    /// drawn from `seed`, in one of its WAL segments or sled's files, chosen by `seed`, and makes
+    /// the damage durable. Returns what it did.
+    pub fn corrupt(&mut self, id: u64, seed: u64, flips: usize) -> Result<String, String> {
+        use rand::{Rng, SeedableRng};
+        let dir = self.nodes[&id].data_dir.clone();
+        let mut files: Vec<PathBuf> = Vec::new();
+        collect_files(&dir.join("wal"), &mut files);
+        collect_files(&dir.join("state"), &mut files);
+        files.retain(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let wal_segment = name.ends_with(".wal");
+            let sled = path.starts_with(dir.join("state"));
+            (wal_segment || sled) && std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
+        });
+        files.sort();
+        if files.is_empty() {
+            return Ok(format!("node {id} has no WAL segment or state file to damage"));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let path = files[rng.random_range(0..files.len())].clone();
+        let failed = |e: std::io::Error| format!("cannot damage {}: {e}", path.display());
+        let mut bytes = std::fs::read(&path).map_err(failed)?;
+        let mut offsets = Vec::new();
+        for _ in 0..flips {
+            let offset = rng.random_range(0..bytes.len());
+            bytes[offset] ^= rng.random_range(1..=255u8);
+            offsets.push(offset);
+        }
+        offsets.sort_unstable();
+        std::fs::write(&path, &bytes)
+            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .map_err(failed)?;
+        self.damaged.insert(id);
+        let shown = path.strip_prefix(&dir).unwrap_or(&path).display().to_string();
+        Ok(format!("node {id}: {flips} bytes flipped in {shown} ({} bytes) at {offsets:?}", bytes.len()))
+    }
+
+    /// After `corrupt`: the node's exit code if it stopped (a refusal to start is 65), or `None`
+    /// while it runs. From then on an exit is a crash again.
+    pub fn damage_outcome(&mut self, id: u64) -> Option<Option<i32>> {
+        self.damaged.remove(&id);
+        let status = self.processes.get_mut(&id)?.try_wait().ok()??;
+        self.processes.remove(&id);
+        Some(status.code())
+    }
+
     /// Makes every write and fsync of node `id`'s disk fail with `fault`, or succeed again. A
     /// node that exits while its disk fails is doing what it should (stop rather than go on
     /// without durability): `exited` does not report it as a crash.
@@ -357,7 +411,7 @@ impl Cluster {
         let mut exited = Vec::new();
         let mut stopped = Vec::new();
         for (id, child) in self.processes.iter_mut() {
-            if self.disk_failing.contains(id) {
+            if self.disk_failing.contains(id) || self.damaged.contains(id) {
                 continue;
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -460,6 +514,19 @@ impl Cluster {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Every regular file under `dir`, recursively.
+fn collect_files(dir: &Path, files: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, files);
+        } else {
+            files.push(path);
         }
     }
 }

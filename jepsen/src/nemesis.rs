@@ -55,10 +55,15 @@ pub enum Fault {
     /// One node's clock goes wrong: an hour ahead, an hour behind, 400 ms ahead (within the
     /// tolerance), or running 40% fast; the leader's, every other time. Put right when healed.
     Clock,
+    /// One node's files are damaged at rest: SIGKILL, bytes flipped in one of its WAL segments
+    /// or sled's files, restarted. It must notice: either it recovers by itself, or it refuses
+    /// to start (exit code 65) and the heal does what its message says (an empty data
+    /// directory, then `cluster replace`). It must never serve or replicate the damage.
+    Corrupt,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; 14] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
@@ -72,6 +77,7 @@ impl Fault {
         Fault::DiskError,
         Fault::Wipe,
         Fault::Clock,
+        Fault::Corrupt,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +95,7 @@ impl Fault {
             Fault::DiskError => "eio",
             Fault::Wipe => "wipe",
             Fault::Clock => "clock",
+            Fault::Corrupt => "corrupt",
         }
     }
 
@@ -161,6 +168,9 @@ pub fn plan(faults: &[Fault], timing: Timing, length: Duration, seed: u64) -> Ve
     }
 }
 
+/// Bytes the `corrupt` nemesis flips in one file.
+const CORRUPT_FLIPS: usize = 16;
+
 /// How to undo a fault.
 enum Undo {
     Restart(Vec<u64>),
@@ -172,6 +182,8 @@ enum Undo {
     Replace(u64),
     /// Put a node's clock right.
     ClockRight(u64),
+    /// See what a node with damaged files did, and repair it from its peers if it refused.
+    Repair(u64),
     Nothing,
 }
 
@@ -350,6 +362,18 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
                 None => ("no member to skew".into(), Undo::Nothing),
             }
         }
+        Fault::Corrupt => {
+            let members: Vec<u64> = cluster.members.iter().copied().collect();
+            match pick(&members, planned.pick) {
+                Some(id) => {
+                    cluster.kill(id);
+                    let detail = cluster.corrupt(id, planned.pick, CORRUPT_FLIPS)?;
+                    cluster.spawn(id, false)?;
+                    (format!("{detail}; restarted"), Undo::Repair(id))
+                }
+                None => ("no member to damage".into(), Undo::Nothing),
+            }
+        }
         Fault::Wipe => {
             let members: Vec<u64> = cluster.members.iter().copied().collect();
             match pick(&members, planned.pick) {
@@ -401,6 +425,22 @@ async fn heal(undo: Undo, cluster: &Mutex<Cluster>) -> Result<String, String> {
             format!("healed {} links", links.len())
         }
         Undo::Replace(id) => replace(&cluster, id).await,
+        Undo::Repair(id) => match cluster.damage_outcome(id) {
+            None => format!("node {id} runs on its damaged files (it recovered by itself)"),
+            Some(Some(crate::cluster::EXIT_DATA_UNREADABLE)) => {
+                let files = cluster.wipe(id)?;
+                cluster.spawn(id, false)?;
+                let replaced = replace(&cluster, id).await;
+                format!(
+                    "node {id} refused to start on damaged data; emptied ({files} files), restarted; {replaced}"
+                )
+            }
+            Some(code) => {
+                // A crash on damaged data: restarted as any crash, and the checkers judge the rest.
+                cluster.spawn(id, false)?;
+                format!("node {id} exited with {code:?} on damaged data (not a refusal); restarted")
+            }
+        },
         Undo::ClockRight(id) => {
             cluster.skew_clock(id, 0, 0)?;
             format!("node {id}'s clock is right again")

@@ -258,15 +258,54 @@ fn raft_config(config: &NodeConfig) -> openraft::Config {
     }
 }
 
+/// Why a node did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Its write-ahead log or its state cannot be read back (damaged, or a failing disk): it
+    /// cannot serve, and what to do is in the message. Exit code `EXIT_DATA_UNREADABLE`.
+    DataUnreadable(String),
+    Other(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::DataUnreadable(message) | StartError::Other(message) => f.write_str(message),
+        }
+    }
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> StartError {
+        StartError::Other(message)
+    }
+}
+
+/// What an operator does about a data directory the node cannot read back.
+fn unreadable(config: &NodeConfig, what: &str, error: impl std::fmt::Display) -> StartError {
+    StartError::DataUnreadable(format!(
+        "cannot read {what} in {}: {error}. This node cannot repair it by itself and will not serve \
+         from it. If the disk fails, replace it first. Then move {} aside (keep it to find out what \
+         happened), start this node again with the same flags on an empty data directory, and run \
+         `tally cluster replace --id {}` against any node: it rejoins as a new incarnation and copies \
+         the ledger from its peers",
+        config.data_dir.display(),
+        config.data_dir.display(),
+        config.id
+    ))
+}
+
+/// The exit code of a node that cannot read its own data back (EX_DATAERR): see `StartError`.
+pub const EXIT_DATA_UNREADABLE: u8 = 65;
+
 /// Opens the node's storage and starts Raft and the batcher.
-pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, String> {
+pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     let incarnation = claim_data_dir(&config)?;
     let identities = Arc::new(Identities::new(Endpoint { id: config.id, incarnation }));
-    let log = LogStore::open(&config.data_dir.join("wal")).map_err(|e| {
-        format!("cannot open the write-ahead log in {}: {e}", config.data_dir.join("wal").display())
-    })?;
+    let log = LogStore::open(&config.data_dir.join("wal"))
+        .map_err(|e| unreadable(&config, "the write-ahead log (wal/)", e))?;
     let machine = StateMachine::open(&config.data_dir, config.cache_bytes)
-        .map_err(|e| format!("cannot open the ledger state in {}: {e}", config.data_dir.display()))?;
+        .map_err(|e| unreadable(&config, "the ledger state (state/, snapshots/)", e))?;
     let state = machine.shared.clone();
     let raft_config =
         Arc::new(raft_config(&config).validate().map_err(|e| format!("raft configuration: {e}"))?);
@@ -318,8 +357,8 @@ async fn follow_membership(raft: Raft, identities: Arc<Identities>) {
     }
 }
 
-async fn bootstrap(node: &NodeHandle) -> Result<(), String> {
-    if node.raft.is_initialized().await.map_err(|e| e.to_string())? {
+async fn bootstrap(node: &NodeHandle) -> Result<(), StartError> {
+    if node.raft.is_initialized().await.map_err(|e| StartError::Other(e.to_string()))? {
         return Ok(());
     }
     let mut members = BTreeMap::new();
@@ -331,7 +370,7 @@ async fn bootstrap(node: &NodeHandle) -> Result<(), String> {
             NodeInfo { address: peer.address.clone(), site: peer.site.clone(), incarnation: 0 },
         );
     }
-    node.raft.initialize(members).await.map_err(|e| format!("cannot bootstrap the cluster: {e}"))
+    node.raft.initialize(members).await.map_err(|e| format!("cannot bootstrap the cluster: {e}").into())
 }
 
 /// Asks the cluster at `address` to add this node, retrying until it answers.

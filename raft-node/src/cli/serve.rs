@@ -193,7 +193,11 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let listen = config.listen;
     let node = match crate::node::start(config).await {
         Ok(node) => node,
-        Err(error) => return fail(&error),
+        Err(error @ crate::node::StartError::DataUnreadable(_)) => {
+            eprintln!("tally: error: {error}");
+            return ExitCode::from(crate::node::EXIT_DATA_UNREADABLE);
+        }
+        Err(error) => return fail(&error.to_string()),
     };
     eprintln!("tally: node {id} serving on {listen}");
     tokio::spawn(crate::node::log_leadership(node.clone()));

@@ -6,10 +6,15 @@
 //! entries (Raft amnesia). So every data directory has an incarnation, a random number made when
 //! it is first used (`node::claim_data_dir`) and recorded in the membership (`NodeInfo`), and
 //! every Raft RPC names the sender's and the target's `id.incarnation` (`FROM_HEADER`,
-//! `TO_HEADER`). A node refuses a call meant for another incarnation of itself, and one from a
-//! sender whose incarnation its membership records differently. A node that lost its disk is
-//! therefore cut off from Raft until an operator replaces it (`Cluster.ReplaceNode`), which
-//! makes it a new member with an empty log, as it really is.
+//! `TO_HEADER`). A node refuses a call meant for another incarnation of itself, and a vote
+//! request from a candidate whose incarnation its membership records differently. A node that
+//! lost its disk is therefore cut off from Raft until an operator replaces it
+//! (`Cluster.ReplaceNode`), which makes it a new member with an empty log, as it really is.
+//!
+//! Only vote requests are held to the sender's incarnation: a node catching up replays old
+//! membership entries, so its view of others can be behind, and it must still accept the
+//! entries of a leader that was itself replaced since. Raft's own checks decide those (the
+//! leader's term); the target check is what keeps a node from acting on promises it forgot.
 //!
 //! Incarnation 0 means "not recorded yet": the peers named at bootstrap are recorded by the
 //! leader as soon as they answer (`service::cluster::record_incarnations`).
@@ -81,8 +86,9 @@ impl Identities {
         self.recorded.read().expect("identities lock").get(&id).copied().unwrap_or(0)
     }
 
-    /// Checks the headers of an incoming Raft RPC.
-    pub fn check(&self, from: Option<&str>, to: Option<&str>) -> Result<(), Refusal> {
+    /// Checks the headers of an incoming Raft RPC; `vote` for a vote or pre-vote request, whose
+    /// sender is held to the incarnation the membership records.
+    pub fn check(&self, from: Option<&str>, to: Option<&str>, vote: bool) -> Result<(), Refusal> {
         let from = from.and_then(Endpoint::parse).ok_or(Refusal::Malformed)?;
         let to = to.and_then(Endpoint::parse).ok_or(Refusal::Malformed)?;
         if to.id != self.me.id {
@@ -92,7 +98,7 @@ impl Identities {
             return Err(Refusal::StaleTarget { recorded: to.incarnation });
         }
         let recorded = self.recorded(from.id);
-        if recorded != 0 && recorded != from.incarnation {
+        if vote && recorded != 0 && recorded != from.incarnation {
             return Err(Refusal::StaleSender { id: from.id, recorded, claimed: from.incarnation });
         }
         Ok(())
@@ -116,7 +122,16 @@ mod tests {
     }
 
     fn check(from: Option<&str>, to: Option<&str>, expected: Result<(), Refusal>) {
-        assert_eq!(identities().check(from, to), expected, "from {from:?} to {to:?}");
+        assert_eq!(identities().check(from, to, true), expected, "from {from:?} to {to:?}");
+    }
+
+    #[test]
+    fn entries_are_taken_from_a_sender_this_node_knows_only_by_an_older_incarnation() {
+        assert_eq!(identities().check(Some("2.23"), Some("1.11"), false), Ok(()));
+        assert_eq!(
+            identities().check(Some("2.23"), Some("1.12"), false),
+            Err(Refusal::StaleTarget { recorded: 12 })
+        );
     }
 
     #[test]

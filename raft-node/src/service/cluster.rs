@@ -425,13 +425,24 @@ impl pb::cluster_server::Cluster for ClusterService {
         }
         let address = self.node.address_of(id).unwrap_or_else(|| recorded.address.clone());
         let incarnation = ask_incarnation(&self.node, id, &address).await?;
-        if incarnation == recorded.incarnation {
-            return Err(Status::failed_precondition(format!(
-                "node {id} still runs on the data directory the membership records; nothing to replace \
-                 (if an earlier replacement left it a learner, promote it with `tally cluster add`)"
-            )));
-        }
         let was_voter = voters.contains(&id);
+        if incarnation == recorded.incarnation {
+            if was_voter {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} still runs on the data directory the membership records; nothing to replace"
+                )));
+            }
+            // A replacement whose caller gave up waiting (and retries): finish it, under the
+            // site rule, since this learner may as well be one on purpose.
+            let mut with = voters.clone();
+            with.insert(id);
+            self.check_sites(&with, &nodes, false)?;
+            let index = self.node.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+            self.wait_has_log(id, &address, index).await?;
+            let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+            self.node.raft.change_membership(change, false).await.map_err(change_error)?;
+            return Ok(Response::new(self.cluster_status().await));
+        }
         // The leader's replication progress still says what the old incarnation had; let it
         // start over from nothing when the node answers that its log is empty.
         match self.node.raft.trigger().allow_next_revert(&id, true).await {

@@ -49,6 +49,16 @@ impl RaftService {
     }
 
     fn check_caller<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.check(request, false)
+    }
+
+    /// `check_caller` for a vote or pre-vote request: the candidate must be the incarnation
+    /// this node's membership records.
+    fn check_candidate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.check(request, true)
+    }
+
+    fn check<T>(&self, request: &Request<T>, vote: bool) -> Result<(), Status> {
         let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
         let theirs = header(CLUSTER_HEADER).unwrap_or("");
         if theirs != self.node.config.cluster {
@@ -57,7 +67,7 @@ impl RaftService {
                 self.node.config.cluster
             )));
         }
-        self.node.identities.check(header(FROM_HEADER), header(TO_HEADER)).map_err(|refusal| {
+        self.node.identities.check(header(FROM_HEADER), header(TO_HEADER), vote).map_err(|refusal| {
             self.log_refusal(&refusal);
             Status::permission_denied("refused: the caller's membership does not match this node")
         })
@@ -114,14 +124,14 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_caller(&request)?;
+        self.check_candidate(&request)?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
     }
 
     async fn pre_vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_caller(&request)?;
+        self.check_candidate(&request)?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.pre_vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))

@@ -91,7 +91,18 @@ fn io_error(error: impl std::fmt::Display) -> io::Error {
 }
 
 fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(Ledger<SledStore>, AppliedState)> {
-    let ledger = Ledger::open(SledStore::open_with(path, options).map_err(io_error)?).map_err(io_error)?;
+    // sled 0.34 panics on some damage it finds while recovering its log (a flipped byte in its
+    // `db` file: "tried to serialize Uninitialized") instead of returning an error. A node must
+    // refuse damaged data with a message that says what to do, not crash on every start.
+    let opened = std::panic::catch_unwind(|| SledStore::open_with(path, options)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        io::Error::new(io::ErrorKind::InvalidData, format!("sled cannot recover {}: {what}", path.display()))
+    })?;
+    let ledger = Ledger::open(opened.map_err(io_error)?).map_err(io_error)?;
     let applied = match ledger.store().meta_raw(ledger::codec::META_APP_KEY).map_err(io_error)? {
         Some(bytes) => {
             decode(&bytes).map_err(|e| io_error(format!("applied state in {}: {e}", path.display())))?
