@@ -67,6 +67,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                     "last_log_index": n.last_log_index, "applied_index": n.applied_index,
                     "replication_lag": n.replication_lag, "state_digest": n.state_digest,
                     "incarnation": n.incarnation, "needs_replace": n.needs_replace,
+                    "clock_offset_ms": n.clock_offset_ms, "clock_synchronized": n.clock_synchronized,
                 })
             })
             .collect();
