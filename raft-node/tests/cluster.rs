@@ -675,3 +675,55 @@ async fn ledger_time_follows_a_majority_of_clocks() {
     assert!(!status.clock_synchronized, "{status:?}");
     assert!(status.clock_offset_ms < -hour_ms + 1000, "{status:?}");
 }
+
+/// A damaged last record of the WAL looks like a torn write and recovery drops it; but when the
+/// node had recorded it as committed, it was synced and acknowledged, and dropping it would be
+/// amnesia of one entry. The node refuses to start instead (exit code 65), saying what to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_log_lost_a_committed_entry_refuses_to_start() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=2).await;
+    for id in 500..520 {
+        client.create_transfers(vec![transfer(id, BANK, 2, 1)]).await.expect("write");
+    }
+    // The committed file is written at most every 200 ms, after a sync.
+    let wal_dir = cluster.nodes[&1].data_dir.join("wal");
+    let started = Instant::now();
+    while !wal_dir.join("committed").exists() {
+        assert!(started.elapsed() < DEADLINE, "no committed file");
+        client.create_transfers(vec![transfer(600, BANK, 2, 1)]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.stop(1);
+    let mut segments: Vec<_> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a WAL segment").clone();
+    // Cut the segment short in its records: whatever follows the cut reads as a torn tail.
+    let length = std::fs::metadata(&last).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(length / 2).unwrap();
+    let mut node = cluster.command(1, false).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = node.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = node.kill();
+            panic!("the node started on a log that lost a committed entry\n{}", cluster.log_tails());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut message = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().unwrap(), &mut message).unwrap();
+    assert_eq!(status.code(), Some(65), "{message}");
+    assert!(
+        message.contains("recorded as committed") && message.contains("cluster replace --id 1"),
+        "{message}"
+    );
+}

@@ -66,7 +66,8 @@ impl LogStore {
         let wal = Wal::open(dir).map_err(io_error)?;
         let vote = read_decoded(dir, VOTE_FILE)?;
         let last_purged = read_decoded(dir, PURGED_FILE)?;
-        let committed = read_decoded(dir, COMMITTED_FILE)?;
+        let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;
+        check_committed_on_log(dir, committed, wal.last_index().map(|i| i - 1), last_purged)?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             wal: Mutex::new(wal),
@@ -153,6 +154,34 @@ fn sync_wal(shared: &Shared) -> io::Result<()> {
         Err(_) => wal.sync_failed(),
     }
     result
+}
+
+/// The committed file never names an entry this node did not have on disk when it was written
+/// (`persist_committed`), and committed entries are never truncated. So a log that ends below it
+/// after recovery lost an entry that was synced and acknowledged: a damaged last record that
+/// recovery took for a torn write. Refused as damaged data (the node must not vote or
+/// acknowledge as if it still had the entry) instead of carrying on with a hole.
+fn check_committed_on_log(
+    dir: &Path,
+    committed: Option<LogId>,
+    last_index: Option<u64>,
+    last_purged: Option<LogId>,
+) -> io::Result<()> {
+    let Some(committed) = committed else { return Ok(()) };
+    let end = last_index.max(last_purged.map(|id| id.index));
+    if end.is_some_and(|end| committed.index <= end) {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{}: entry {} is recorded as committed on this node, but the log ends at {}: an entry that \
+             was on disk is damaged or lost",
+            dir.display(),
+            committed.index,
+            end.map_or("nothing".into(), |e| e.to_string())
+        ),
+    ))
 }
 
 /// Best effort: the committed id only lets a restarted node re-apply sooner; a stale one is safe.
