@@ -214,6 +214,18 @@ fn a_state_of_the_old_layout_is_refused_with_how_to_rebuild() {
     }
     let error = SledStore::open(dir.path()).err().expect("the old layout is refused").to_string();
     assert!(error.contains("older tally") && error.contains("--join"), "{error}");
-    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    // sled's worker threads may hold the refused store's file lock for a moment after it is
+    // dropped: wait for the lock, with a deadline.
+    let started = std::time::Instant::now();
+    let db = loop {
+        match sled::Config::new().path(dir.path()).open() {
+            Ok(db) => break db,
+            Err(error) if started.elapsed() < std::time::Duration::from_secs(10) => {
+                assert!(error.to_string().contains("could not acquire lock"), "{error}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => panic!("the refused store still holds its lock after 10 s: {error}"),
+        }
+    };
     assert!(db.open_tree("ledger").unwrap().get(b"Mledger").unwrap().is_some());
 }
