@@ -6,12 +6,10 @@
 //! proposes them as one entry. Up to `ENTRIES_IN_FLIGHT_MAX` entries are proposed at once; while
 //! they are in flight, new requests pile up in the queue and form the next, larger entry.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ledger::{Batch, BatchReply};
-use openraft::type_config::async_runtime::WatchReceiver;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
@@ -96,8 +94,7 @@ async fn run(proposer: Proposer, mut receiver: mpsc::Receiver<(Batch, Reply)>, d
 
 async fn propose(proposer: &Proposer, group: Vec<(Batch, Reply)>) {
     let (batches, replies): (Vec<Batch>, Vec<Reply>) = group.into_iter().unzip();
-    let voters: BTreeSet<NodeId> =
-        proposer.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+    let voters = crate::clock::voters(&proposer.raft);
     let timestamp_proposed = match proposer.clock.stamp(&voters, proposer.me) {
         Ok(timestamp) => timestamp,
         Err(error) => {

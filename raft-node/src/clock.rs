@@ -174,15 +174,21 @@ impl ClusterClock {
         if cfg!(feature = "stamp-with-own-clock") {
             return Ok(now);
         }
-        let needed = voters.len() / 2 + 1;
         let estimate = self.estimate_at(voters, me, now);
+        self.judge(&estimate, voters.len())?;
+        Ok((i128::from(now) + i128::from(estimate.offset_ns)).clamp(0, i128::from(u64::MAX)) as u64)
+    }
+
+    /// Whether a node whose clock stands at `estimate` against `voters` voters may stamp.
+    pub fn judge(&self, estimate: &Estimate, voters: usize) -> Result<(), ClockError> {
+        let needed = voters / 2 + 1;
         if estimate.agreeing < needed {
             return Err(ClockError::NoMajority { agreeing: estimate.agreeing, needed });
         }
         if estimate.offset_ns.abs() > self.tolerance_ns {
             return Err(ClockError::Off { offset_ms: estimate.offset_ns / 1_000_000 });
         }
-        Ok((i128::from(now) + i128::from(estimate.offset_ns)).clamp(0, i128::from(u64::MAX)) as u64)
+        Ok(())
     }
 
     /// A voter whose clock sits in the majority's window, to hand leadership to.
@@ -290,8 +296,8 @@ async fn reload_skew(clock: Arc<ClusterClock>, path: PathBuf) {
 }
 
 /// The voters of the membership in effect.
-pub fn voters(node: &NodeHandle) -> BTreeSet<NodeId> {
-    node.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect()
+pub fn voters(raft: &crate::types::Raft) -> BTreeSet<NodeId> {
+    raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect()
 }
 
 /// Samples every other voter's clock every `SAMPLE_INTERVAL`; on the leader, hands leadership
@@ -300,7 +306,7 @@ pub async fn sample_peers(node: Arc<NodeHandle>) {
     let mut stepped_down: Option<Instant> = None;
     loop {
         tokio::time::sleep(SAMPLE_INTERVAL).await;
-        let voters = voters(&node);
+        let voters = voters(&node.raft);
         let asks = voters.iter().filter(|id| **id != node.id()).map(|id| sample_one(&node, *id));
         futures::future::join_all(asks).await;
         if !node.is_leader() || stepped_down.is_some_and(|at| at.elapsed() < STEP_DOWN_INTERVAL) {

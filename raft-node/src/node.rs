@@ -349,10 +349,20 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
 }
 
 /// Keeps the incarnations the Raft RPCs check in step with the membership in effect.
+/// Metrics change on every append and apply; the membership seldom, so only a new membership
+/// entry is copied.
 async fn follow_membership(raft: Raft, identities: Arc<Identities>) {
     let mut metrics = raft.metrics();
+    let mut followed = *metrics.borrow_watched().membership_config.log_id();
     while metrics.changed().await.is_ok() {
-        let membership = metrics.borrow_watched().membership_config.clone();
+        let membership = {
+            let current = metrics.borrow_watched();
+            if current.membership_config.log_id() == &followed {
+                continue;
+            }
+            current.membership_config.clone()
+        };
+        followed = *membership.log_id();
         identities.update(membership.membership().nodes());
     }
 }

@@ -37,7 +37,7 @@ impl ClusterService {
         let digest = self.node.state.read(|ledger| ledger.meta().digest);
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let clock = self.node.clock.estimate(&voters, self.node.id());
-        let clock_ok = self.node.clock.stamp(&voters, self.node.id()).is_ok();
+        let clock_ok = self.node.clock.judge(&clock, voters.len()).is_ok();
         pb::NodeStatus {
             id: self.node.id(),
             address: self.node.config.advertise(),
