@@ -66,7 +66,35 @@ pub fn import<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64> {
     result
 }
 
+/// Reads a whole stream written by `export` without storing it: the same checks as `import`
+/// (header, every record's bounds, count, checksum, ledger meta present). Returns the number of
+/// records. For a snapshot received from the network or read back from disk, before anything
+/// depends on it.
+pub fn verify(input: impl Read) -> StoreResult<u64> {
+    read_stream(input, &mut |_| Ok(()))
+}
+
+/// A raw key and value, as the stream carries them.
+type Record = (Vec<u8>, Vec<u8>);
+
 fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64> {
+    let mut meta = Vec::new();
+    let count = read_stream(input, &mut |records| {
+        let (metas, rest): (Vec<_>, Vec<_>) =
+            records.drain(..).partition(|(key, _)| key.first() == Some(&PREFIX_META));
+        meta.extend(metas);
+        store.put_records(&rest)
+    })?;
+    store.put_records(&meta)?;
+    Ok(count)
+}
+
+/// Walks the stream, handing records to `sink` in chunks of up to `IMPORT_CHUNK_RECORDS` (the
+/// last one only after the trailer checked out), and checks everything `verify` promises.
+fn read_stream(
+    input: impl Read,
+    sink: &mut dyn FnMut(&mut Vec<Record>) -> StoreResult<()>,
+) -> StoreResult<u64> {
     let mut input = HashingReader { inner: BufReader::new(input), hasher: blake3::Hasher::new() };
     let magic: [u8; 8] = read_array(&mut input)?;
     if &magic != MAGIC {
@@ -81,7 +109,7 @@ fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64>
         )));
     }
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK_RECORDS);
-    let mut meta = Vec::new();
+    let mut has_ledger_meta = false;
     let mut count = 0u64;
     loop {
         let [tag] = read_array(&mut input)?;
@@ -93,13 +121,10 @@ fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64>
         }
         let (key, value) = read_record(&mut input)?;
         count += 1;
-        if key.first() == Some(&PREFIX_META) {
-            meta.push((key, value));
-            continue;
-        }
+        has_ledger_meta |= key == codec::META_LEDGER_KEY;
         chunk.push((key, value));
         if chunk.len() == IMPORT_CHUNK_RECORDS {
-            store.put_records(&chunk)?;
+            sink(&mut chunk)?;
             chunk.clear();
         }
     }
@@ -109,11 +134,14 @@ fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64>
     if count != count_expected || hash.as_bytes() != &hash_expected {
         return Err(StoreError::Corrupt("snapshot checksum or record count mismatch".into()));
     }
-    if !meta.iter().any(|(key, _)| key == codec::META_LEDGER_KEY) {
+    if !has_ledger_meta {
         return Err(StoreError::Corrupt("snapshot without ledger meta".into()));
     }
-    store.put_records(&chunk)?;
-    store.put_records(&meta)?;
+    let mut trailing = [0u8; 1];
+    if input.inner.read(&mut trailing)? != 0 {
+        return Err(StoreError::Corrupt("bytes after the snapshot's trailer".into()));
+    }
+    sink(&mut chunk)?;
     Ok(count)
 }
 

@@ -186,8 +186,16 @@ fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
             b
         }),
         ("nothing at all", Vec::new()),
+        ("bytes after the trailer", {
+            let mut b = bytes.clone();
+            b.push(0);
+            b
+        }),
     ];
+    let imported = ledger::snapshot::import(&mut MemStore::new(), &bytes[..]).unwrap();
+    assert_eq!(ledger::snapshot::verify(&bytes[..]).unwrap(), imported, "verify counts what import writes");
     for (what, bytes) in damaged {
+        assert!(ledger::snapshot::verify(&bytes[..]).is_err(), "{what} was verified");
         let dir = tempfile::tempdir().unwrap();
         let mut sled = SledStore::open(dir.path()).unwrap();
         let error = ledger::snapshot::import(&mut sled, &bytes[..]);

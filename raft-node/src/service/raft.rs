@@ -184,6 +184,13 @@ impl pb::raft_server::Raft for RaftService {
         drop(file);
         let (vote, meta) =
             header.ok_or_else(|| Status::invalid_argument("snapshot stream without a header"))?;
+        // Checked whole before openraft hears of it: a damaged stream is refused here (the
+        // leader sends it again) and never becomes this node's current snapshot.
+        let checked = path.clone();
+        tokio::task::spawn_blocking(move || ledger::snapshot::verify(std::fs::File::open(&checked)?))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::data_loss(format!("snapshot received damaged: {e}")))?;
         let snapshot = Snapshot { meta, snapshot: SnapshotFile { path } };
         let reply = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))

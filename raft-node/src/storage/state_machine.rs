@@ -213,6 +213,13 @@ impl StateMachine {
 
     /// Imports the snapshot file into a fresh sled directory and swaps it in.
     fn install_file(&self, path: &Path) -> io::Result<()> {
+        self.import_fresh(path)?;
+        self.swap_in_fresh()
+    }
+
+    /// Imports the snapshot file into `state.new`, flushed; an error (a damaged file) leaves
+    /// nothing behind.
+    fn import_fresh(&self, path: &Path) -> io::Result<()> {
         let data_dir = &self.shared.data_dir;
         let fresh = data_dir.join(STATE_NEW_DIR);
         if fresh.exists() {
@@ -223,9 +230,21 @@ impl StateMachine {
             let importing = StoreOptions { background_merges: false, ..self.shared.options };
             let mut store = SledStore::open_with(&fresh, importing).map_err(io_error)?;
             let file = std::fs::File::open(path)?;
-            ledger::snapshot::import(&mut store, file).map_err(io_error)?;
-            store.flush().map_err(io_error)?;
+            let imported = ledger::snapshot::import(&mut store, file)
+                .map_err(|e| io_error(format!("snapshot {}: {e}", path.display())))
+                .and_then(|_| store.flush().map(|_| ()).map_err(io_error));
+            if let Err(error) = imported {
+                drop(store);
+                std::fs::remove_dir_all(&fresh)?;
+                return Err(error);
+            }
         }
+        Ok(())
+    }
+
+    /// Swaps the imported `state.new` in for the live state and reopens it.
+    fn swap_in_fresh(&self) -> io::Result<()> {
+        let data_dir = &self.shared.data_dir;
         let mut ledger = self.shared.ledger.write().unwrap();
         // sled holds a lock on its directory: close the current one before swapping.
         drop(ledger.take());
@@ -355,8 +374,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 std::fs::rename(&snapshot.path, &path)?;
                 std::fs::File::open(&dir)?.sync_all()?;
             }
+            // Imported (which checks it whole) before it becomes current: a damaged file is
+            // refused with the old state and the old current snapshot untouched. Once current,
+            // a crash before the swap finishes makes `open` import it again.
+            self.import_fresh(&path)?;
             make_current(&dir, meta)?;
-            self.install_file(&path)?;
+            self.swap_in_fresh()?;
             let applied = self.shared.applied.lock().unwrap().last_applied;
             if applied != meta.last_log_id {
                 return Err(io_error(format!(
