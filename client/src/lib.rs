@@ -307,6 +307,15 @@ impl Client {
         })
         .await
     }
+
+    /// Has the leader snapshot its state now, and with `purge_log` drop its log behind it.
+    pub async fn take_snapshot(&self, purge_log: bool) -> Result<v1::TakeSnapshotReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(v1::TakeSnapshotRequest { purge_log }, left);
+            async move { Ok(answer(ClusterClient::new(channel).take_snapshot(request).await?, |r| r)) }
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

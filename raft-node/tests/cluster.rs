@@ -204,6 +204,39 @@ async fn a_node_that_missed_a_purged_log_catches_up_by_snapshot() {
     }
 }
 
+/// `tally cluster snapshot --purge-log`: the leader snapshots at once and drops its whole log
+/// behind the snapshot, so a member that was down catches up from the snapshot, with the
+/// default snapshot settings (20,000 entries between snapshots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_snapshot_purges_the_log_and_a_lagging_node_installs_it() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let lagging = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let follower = *cluster.nodes.keys().find(|id| **id != leader && **id != lagging).unwrap();
+    // Asked of a follower: it forwards to the leader.
+    let client = cluster.client_of(&[follower], Duration::from_secs(10));
+    create_accounts(&client, 1..=3).await;
+    cluster.kill(lagging);
+    for i in 0..20u128 {
+        let results = client.create_transfers(vec![transfer(10_000 + i, BANK, 2 + i % 2, 1)]).await.unwrap();
+        assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok);
+    }
+    let applied = cluster.node_statuses().await[&leader].applied_index;
+    let taken = client.take_snapshot(true).await.expect("snapshot");
+    assert!(taken.index >= applied, "snapshot {} behind applied {applied}", taken.index);
+    assert_eq!(taken.purged, taken.index, "the whole log behind the snapshot is purged");
+    cluster.restart(lagging);
+    cluster.wait_for_convergence(DEADLINE).await;
+    let snapshots = std::fs::read_dir(cluster.nodes[&lagging].data_dir.join("snapshots")).unwrap();
+    assert!(
+        snapshots.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "snap")),
+        "the lagging node caught up without installing a snapshot"
+    );
+    for seen in local_balances(&cluster, &[2, 3]).await.values() {
+        assert_eq!(seen, &vec![10, 10]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_under_load_obey_the_site_rule() {
     let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);

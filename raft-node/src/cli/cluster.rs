@@ -52,6 +52,14 @@ pub enum ClusterCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Have the leader snapshot its state now; with --purge-log, also drop its whole log behind
+    /// the snapshot (members behind it then catch up from the snapshot).
+    Snapshot {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        purge_log: bool,
+    },
 }
 
 fn print_status(json: bool, status: &v1::StatusReply) {
@@ -146,6 +154,15 @@ pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
         ClusterCommand::TransferLeader { client: args, to } => {
             let status = client(&args)?.transfer_leader(to).await;
             (args, status)
+        }
+        ClusterCommand::Snapshot { client: args, purge_log } => {
+            let taken = client(&args)?.take_snapshot(purge_log).await.map_err(|e| e.to_string())?;
+            if args.json {
+                println!("{}", serde_json::json!({ "index": taken.index, "purged": taken.purged }));
+            } else {
+                println!("snapshot up to log index {}; log purged up to {}", taken.index, taken.purged);
+            }
+            return Ok(ExitCode::SUCCESS);
         }
     };
     let status = status.map_err(|e| e.to_string())?;

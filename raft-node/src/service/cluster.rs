@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status};
 use crate::node::NodeHandle;
 use crate::types::{NodeId, NodeInfo};
 
+/// How long `TakeSnapshot` waits for the snapshot (and the purge) before giving up.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+
 /// How long Status waits for each other node's own report.
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long AddNode waits for a new node to catch up before leaving it a learner.
@@ -501,6 +504,47 @@ impl pb::cluster_server::Cluster for ClusterService {
         })
         .await;
         Ok(Response::new(self.cluster_status().await))
+    }
+
+    async fn take_snapshot(
+        &self,
+        request: Request<pb::TakeSnapshotRequest>,
+    ) -> Result<Response<pb::TakeSnapshotReply>, Status> {
+        if let Some(mut leader) = self.leader_client()? {
+            return leader.take_snapshot(request.into_inner()).await;
+        }
+        let purge_log = request.get_ref().purge_log;
+        let mut metrics = self.node.raft.metrics();
+        let wanted = metrics.borrow_watched().last_applied.map_or(0, |id| id.index);
+        let index = |m: &openraft::RaftMetrics<crate::types::TypeConfig>| m.snapshot.map_or(0, |id| id.index);
+        let purged = |m: &openraft::RaftMetrics<crate::types::TypeConfig>| m.purged.map_or(0, |id| id.index);
+        let fatal = |e: openraft::error::Fatal<crate::types::TypeConfig>| Status::unavailable(e.to_string());
+        self.node.raft.trigger().snapshot().await.map_err(fatal)?;
+        let built = tokio::time::timeout(SNAPSHOT_WAIT, async {
+            while index(&metrics.borrow_watched()) < wanted {
+                metrics.changed().await.map_err(|_| Status::unavailable("this node is shutting down"))?;
+            }
+            let snapshot = index(&metrics.borrow_watched());
+            if purge_log {
+                self.node.raft.trigger().purge_log(snapshot).await.map_err(fatal)?;
+                while purged(&metrics.borrow_watched()) < snapshot {
+                    metrics.changed().await.map_err(|_| Status::unavailable("this node is shutting down"))?;
+                }
+            }
+            Ok::<_, Status>(())
+        })
+        .await;
+        match built {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Status::unavailable(format!(
+                    "no snapshot up to index {wanted} within {} s; retry",
+                    SNAPSHOT_WAIT.as_secs()
+                )));
+            }
+        }
+        let metrics = metrics.borrow_watched();
+        Ok(Response::new(pb::TakeSnapshotReply { index: index(&metrics), purged: purged(&metrics) }))
     }
 }
 
