@@ -100,6 +100,29 @@ impl FaultFs {
         self.disk.lock().unwrap().fault = fault;
     }
 
+    /// Arms a trip wire, for a power cut at a chosen step of the writer: once a change names
+    /// something `matches` accepts (a file or directory created or removed, either name of a
+    /// rename), `after` more changes succeed (that one included), and from then on every change
+    /// fails with EIO, as if the power had gone at that instant. `tripped` then says so; the
+    /// harness kills the writer and calls `power_cut`, which disarms. Replaces an earlier wire.
+    pub fn arm(&self, matches: impl Fn(&OsStr) -> bool + Send + 'static, after: u32) {
+        let mut disk = self.disk.lock().unwrap();
+        disk.trip = Some(Trip { matches: Box::new(matches), after, left: None });
+        disk.tripped = false;
+    }
+
+    /// Whether an armed wire went off (until the power cut or `disarm`).
+    pub fn tripped(&self) -> bool {
+        self.disk.lock().unwrap().tripped
+    }
+
+    /// Takes the wire away, tripped or not: changes succeed again.
+    pub fn disarm(&self) {
+        let mut disk = self.disk.lock().unwrap();
+        disk.trip = None;
+        disk.tripped = false;
+    }
+
     /// Bytes written since their file's last fsync, over all files.
     pub fn unsynced_bytes(&self) -> u64 {
         self.disk.lock().unwrap().unsynced_bytes()
@@ -193,6 +216,17 @@ struct Disk {
     /// The newest write, while it is not durable: what a torn write keeps part of.
     last_write: Option<(u64, usize, Vec<u8>)>,
     fault: Option<Fault>,
+    trip: Option<Trip>,
+    /// A trip wire went off: every change fails until the power cut (or `disarm`).
+    tripped: bool,
+}
+
+/// Where a power cut is to land: at a named step of the program writing to the disk.
+struct Trip {
+    matches: Box<dyn Fn(&OsStr) -> bool + Send>,
+    after: u32,
+    /// Changes still allowed, counted from the first that named a match.
+    left: Option<u32>,
 }
 
 const ROOT: u64 = 1;
@@ -201,7 +235,14 @@ impl Disk {
     fn new() -> Disk {
         let root =
             Node { kind: Kind::Directory(Directory::default()), perm: 0o755, mtime: SystemTime::now() };
-        Disk { nodes: HashMap::from([(ROOT, root)]), next_inode: ROOT + 1, last_write: None, fault: None }
+        Disk {
+            nodes: HashMap::from([(ROOT, root)]),
+            next_inode: ROOT + 1,
+            last_write: None,
+            fault: None,
+            trip: None,
+            tripped: false,
+        }
     }
 
     fn attr(&self, inode: u64) -> Option<FileAttr> {
@@ -252,7 +293,32 @@ impl Disk {
         }
     }
 
+    /// Every change to the disk goes through here first, with the name it touches if any: a
+    /// tripped wire fails it, as the power is gone.
+    fn step(&mut self, names: &[&OsStr]) -> Result<(), Errno> {
+        if self.tripped {
+            return Err(Errno::EIO);
+        }
+        let Some(trip) = &mut self.trip else { return Ok(()) };
+        if trip.left.is_none() && names.iter().any(|name| (trip.matches)(name)) {
+            trip.left = Some(trip.after);
+        }
+        match &mut trip.left {
+            Some(0) => {
+                self.trip = None;
+                self.tripped = true;
+                Err(Errno::EIO)
+            }
+            Some(left) => {
+                *left -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn create(&mut self, parent: u64, name: &OsStr, kind: Kind, perm: u16) -> Result<FileAttr, Errno> {
+        self.step(&[name])?;
         self.check_fault()?;
         if self.directory(parent)?.names.contains_key(name) {
             return Err(Errno::EEXIST);
@@ -265,6 +331,7 @@ impl Disk {
     }
 
     fn remove(&mut self, parent: u64, name: &OsStr, directory: bool) -> Result<(), Errno> {
+        self.step(&[name])?;
         let inode = *self.directory(parent)?.names.get(name).ok_or(Errno::ENOENT)?;
         match (&self.nodes[&inode].kind, directory) {
             (Kind::Directory(d), true) if !d.names.is_empty() => return Err(Errno::ENOTEMPTY),
@@ -278,6 +345,7 @@ impl Disk {
     }
 
     fn rename(&mut self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr) -> Result<(), Errno> {
+        self.step(&[name, new_name])?;
         let inode = *self.directory(parent)?.names.get(name).ok_or(Errno::ENOENT)?;
         if let Some(&target) = self.directory(new_parent)?.names.get(new_name)
             && let Kind::Directory(d) = &self.nodes[&target].kind
@@ -291,6 +359,7 @@ impl Disk {
     }
 
     fn write(&mut self, inode: u64, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
+        self.step(&[])?;
         self.check_fault()?;
         self.file(inode)?.write(offset, bytes);
         self.nodes.get_mut(&inode).unwrap().mtime = SystemTime::now();
@@ -299,6 +368,7 @@ impl Disk {
     }
 
     fn sync_file(&mut self, inode: u64) -> Result<(), Errno> {
+        self.step(&[])?;
         self.check_fault()?;
         self.file(inode)?.sync();
         if self.last_write.as_ref().is_some_and(|(written, _, _)| *written == inode) {
@@ -308,6 +378,7 @@ impl Disk {
     }
 
     fn sync_directory(&mut self, inode: u64) -> Result<(), Errno> {
+        self.step(&[])?;
         self.check_fault()?;
         let directory = self.directory(inode)?;
         directory.synced_names = directory.names.clone();
@@ -325,6 +396,8 @@ impl Disk {
     }
 
     fn power_cut(&mut self, tear_seed: Option<u64>) -> PowerCut {
+        self.trip = None;
+        self.tripped = false;
         let mut cut = PowerCut::default();
         for node in self.nodes.values_mut() {
             match &mut node.kind {
@@ -440,6 +513,7 @@ impl Filesystem for Handler {
         let mut disk = self.disk.lock().unwrap();
         let result = (|| {
             if let Some(size) = size {
+                disk.step(&[])?;
                 disk.check_fault()?;
                 disk.file(ino.0)?.truncate(size as usize);
             }
@@ -624,6 +698,7 @@ impl Filesystem for Handler {
             if mode != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
+            disk.step(&[])?;
             disk.check_fault()?;
             let file = disk.file(ino.0)?;
             let end = (offset + length) as usize;

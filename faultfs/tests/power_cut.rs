@@ -142,6 +142,41 @@ fn injected_faults_fail_writes_and_fsyncs_and_clear_again() {
     file.sync_all().unwrap();
 }
 
+/// A trip wire set off by a name lets `after` more changes through, then fails every change
+/// (EIO) until the power cut, which loses what was not synced by then and disarms the wire.
+#[test]
+fn a_trip_wire_stops_the_disk_at_a_named_step_until_the_power_cut() {
+    let (_dir, fs) = mounted();
+    let root = fs.mountpoint().to_path_buf();
+    let mut log = durable_file(&root, "log", b"synced");
+    fs.arm(|name| name.to_string_lossy().ends_with(".new"), 3);
+    log.write_all(b" unsynced").unwrap();
+    assert!(!fs.tripped(), "no matching name yet");
+    // The create of `segment.new` is the first of its three changes, then a write and a sync.
+    let mut segment = File::create(root.join("segment.new")).unwrap();
+    segment.write_all(b"header").unwrap();
+    segment.sync_data().unwrap();
+    assert!(!fs.tripped());
+    assert_eq!(segment.write_all(b"more").unwrap_err().raw_os_error(), Some(5), "EIO");
+    assert!(fs.tripped());
+    assert_eq!(log.sync_data().unwrap_err().raw_os_error(), Some(5), "every change fails");
+    assert_eq!(read(&root.join("log")).unwrap(), b"synced unsynced", "reads still work");
+    drop((log, segment));
+
+    fs.power_cut(None);
+    assert!(!fs.tripped());
+    assert_eq!(read(&root.join("log")).unwrap(), b"synced");
+    assert_eq!(read(&root.join("segment.new")), None, "its name was never synced");
+    File::create(root.join("after")).unwrap().sync_all().unwrap();
+
+    // With no changes allowed, the matching change itself fails.
+    fs.arm(|name| name == "victim", 0);
+    assert!(File::create(root.join("victim")).is_err());
+    assert!(fs.tripped());
+    fs.disarm();
+    File::create(root.join("victim")).unwrap();
+}
+
 /// The ledger's sled state on faultfs: a child process applies, flushes, applies once more and
 /// dies without closing anything; after a power cut the state reopens at the flush or later, as a
 /// whole entry. Before `SledStore::open` fsynced its directories, it reopened empty: sled never
