@@ -35,6 +35,17 @@ use fuser::{
 const TTL: Duration = Duration::ZERO;
 const BLOCK_BYTES: u32 = 4096;
 
+/// A change to a name, for a trip wire to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A file or directory created.
+    Create,
+    /// A file or directory removed.
+    Remove,
+    /// A rename, matched by either name.
+    Rename,
+}
+
 /// A failure to inject into writes, fsyncs and creates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -105,7 +116,7 @@ impl FaultFs {
     /// rename), `after` more changes succeed (that one included), and from then on every change
     /// fails with EIO, as if the power had gone at that instant. `tripped` then says so; the
     /// harness kills the writer and calls `power_cut`, which disarms. Replaces an earlier wire.
-    pub fn arm(&self, matches: impl Fn(&OsStr) -> bool + Send + 'static, after: u32) {
+    pub fn arm(&self, matches: impl Fn(Change, &OsStr) -> bool + Send + 'static, after: u32) {
         let mut disk = self.disk.lock().unwrap();
         disk.trip = Some(Trip { matches: Box::new(matches), after, left: None });
         disk.tripped = false;
@@ -221,9 +232,12 @@ struct Disk {
     tripped: bool,
 }
 
+/// What sets a trip wire off: a change and the name it touches.
+type Matcher = dyn Fn(Change, &OsStr) -> bool + Send;
+
 /// Where a power cut is to land: at a named step of the program writing to the disk.
 struct Trip {
-    matches: Box<dyn Fn(&OsStr) -> bool + Send>,
+    matches: Box<Matcher>,
     after: u32,
     /// Changes still allowed, counted from the first that named a match.
     left: Option<u32>,
@@ -295,12 +309,14 @@ impl Disk {
 
     /// Every change to the disk goes through here first, with the name it touches if any: a
     /// tripped wire fails it, as the power is gone.
-    fn step(&mut self, names: &[&OsStr]) -> Result<(), Errno> {
+    fn step(&mut self, change: Option<Change>, names: &[&OsStr]) -> Result<(), Errno> {
         if self.tripped {
             return Err(Errno::EIO);
         }
         let Some(trip) = &mut self.trip else { return Ok(()) };
-        if trip.left.is_none() && names.iter().any(|name| (trip.matches)(name)) {
+        if trip.left.is_none()
+            && change.is_some_and(|change| names.iter().any(|name| (trip.matches)(change, name)))
+        {
             trip.left = Some(trip.after);
         }
         match &mut trip.left {
@@ -318,7 +334,7 @@ impl Disk {
     }
 
     fn create(&mut self, parent: u64, name: &OsStr, kind: Kind, perm: u16) -> Result<FileAttr, Errno> {
-        self.step(&[name])?;
+        self.step(Some(Change::Create), &[name])?;
         self.check_fault()?;
         if self.directory(parent)?.names.contains_key(name) {
             return Err(Errno::EEXIST);
@@ -331,7 +347,7 @@ impl Disk {
     }
 
     fn remove(&mut self, parent: u64, name: &OsStr, directory: bool) -> Result<(), Errno> {
-        self.step(&[name])?;
+        self.step(Some(Change::Remove), &[name])?;
         let inode = *self.directory(parent)?.names.get(name).ok_or(Errno::ENOENT)?;
         match (&self.nodes[&inode].kind, directory) {
             (Kind::Directory(d), true) if !d.names.is_empty() => return Err(Errno::ENOTEMPTY),
@@ -345,7 +361,7 @@ impl Disk {
     }
 
     fn rename(&mut self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr) -> Result<(), Errno> {
-        self.step(&[name, new_name])?;
+        self.step(Some(Change::Rename), &[name, new_name])?;
         let inode = *self.directory(parent)?.names.get(name).ok_or(Errno::ENOENT)?;
         if let Some(&target) = self.directory(new_parent)?.names.get(new_name)
             && let Kind::Directory(d) = &self.nodes[&target].kind
@@ -359,7 +375,7 @@ impl Disk {
     }
 
     fn write(&mut self, inode: u64, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
-        self.step(&[])?;
+        self.step(None, &[])?;
         self.check_fault()?;
         self.file(inode)?.write(offset, bytes);
         self.nodes.get_mut(&inode).unwrap().mtime = SystemTime::now();
@@ -368,7 +384,7 @@ impl Disk {
     }
 
     fn sync_file(&mut self, inode: u64) -> Result<(), Errno> {
-        self.step(&[])?;
+        self.step(None, &[])?;
         self.check_fault()?;
         self.file(inode)?.sync();
         if self.last_write.as_ref().is_some_and(|(written, _, _)| *written == inode) {
@@ -378,7 +394,7 @@ impl Disk {
     }
 
     fn sync_directory(&mut self, inode: u64) -> Result<(), Errno> {
-        self.step(&[])?;
+        self.step(None, &[])?;
         self.check_fault()?;
         let directory = self.directory(inode)?;
         directory.synced_names = directory.names.clone();
@@ -513,7 +529,7 @@ impl Filesystem for Handler {
         let mut disk = self.disk.lock().unwrap();
         let result = (|| {
             if let Some(size) = size {
-                disk.step(&[])?;
+                disk.step(None, &[])?;
                 disk.check_fault()?;
                 disk.file(ino.0)?.truncate(size as usize);
             }
@@ -698,7 +714,7 @@ impl Filesystem for Handler {
             if mode != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
-            disk.step(&[])?;
+            disk.step(None, &[])?;
             disk.check_fault()?;
             let file = disk.file(ino.0)?;
             let end = (offset + length) as usize;

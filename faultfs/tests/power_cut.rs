@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use faultfs::{Fault, FaultFs};
+use faultfs::{Change, Fault, FaultFs};
 
 fn mounted() -> (tempfile::TempDir, FaultFs) {
     let dir = tempfile::tempdir().unwrap();
@@ -149,7 +149,7 @@ fn a_trip_wire_stops_the_disk_at_a_named_step_until_the_power_cut() {
     let (_dir, fs) = mounted();
     let root = fs.mountpoint().to_path_buf();
     let mut log = durable_file(&root, "log", b"synced");
-    fs.arm(|name| name.to_string_lossy().ends_with(".new"), 3);
+    fs.arm(|change, name| change == Change::Create && name.to_string_lossy().ends_with(".new"), 3);
     log.write_all(b" unsynced").unwrap();
     assert!(!fs.tripped(), "no matching name yet");
     // The create of `segment.new` is the first of its three changes, then a write and a sync.
@@ -170,7 +170,7 @@ fn a_trip_wire_stops_the_disk_at_a_named_step_until_the_power_cut() {
     File::create(root.join("after")).unwrap().sync_all().unwrap();
 
     // With no changes allowed, the matching change itself fails.
-    fs.arm(|name| name == "victim", 0);
+    fs.arm(|_, name| name == "victim", 0);
     assert!(File::create(root.join("victim")).is_err());
     assert!(fs.tripped());
     fs.disarm();

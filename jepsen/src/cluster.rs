@@ -31,6 +31,10 @@ pub const EXIT_DATA_UNREADABLE: i32 = 65;
 
 /// Every node's `--clock-tolerance-ms`, which `timestamps-follow-real-time` holds them to.
 pub const CLOCK_TOLERANCE_MS: u64 = 1000;
+/// WAL segments roll over at this size in chaos runs (64 MiB in production): at 2,000
+/// transfers/s a node rolls a segment every few seconds, so that faults (and the
+/// `power-cut-roll` nemesis) land in rolls.
+pub const WAL_SEGMENT_BYTES: &str = "1MiB";
 
 /// The name every node of a run shares (`--cluster`).
 const CLUSTER_NAME: &str = "jepsen";
@@ -173,6 +177,7 @@ impl Cluster {
         command.args(["--listen", &spec.address.to_string(), "--data-dir"]).arg(&spec.data_dir);
         command.args(["--clock-tolerance-ms", &CLOCK_TOLERANCE_MS.to_string()]);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
+        command.args(["--wal-segment-bytes", WAL_SEGMENT_BYTES]);
         for other in self.nodes.keys().filter(|other| **other != id) {
             command.args(["--route", &format!("{other}={}", self.proxies.address(id, *other))]);
         }
@@ -249,6 +254,30 @@ impl Cluster {
                 Some((*id, disk.power_cut(Some(seed ^ id))))
             })
             .collect()
+    }
+
+    /// Arms a trip wire on node `id`'s disk (`faultfs::FaultFs::arm`): once it goes off, every
+    /// change to the disk fails until `power_cut`.
+    pub fn arm_power_cut(
+        &self,
+        id: u64,
+        matches: impl Fn(faultfs::Change, &std::ffi::OsStr) -> bool + Send + 'static,
+        after: u32,
+    ) {
+        if let Some(disk) = self.disks.get(&id) {
+            disk.arm(matches, after);
+        }
+    }
+
+    /// Whether node `id`'s trip wire went off.
+    pub fn tripped(&self, id: u64) -> bool {
+        self.disks.get(&id).is_some_and(FaultFs::tripped)
+    }
+
+    pub fn disarm(&self, id: u64) {
+        if let Some(disk) = self.disks.get(&id) {
+            disk.disarm();
+        }
     }
 
     fn skew_file(&self, id: u64) -> PathBuf {

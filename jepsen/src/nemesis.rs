@@ -43,6 +43,15 @@ pub enum Fault {
     PowerCut,
     /// The same for the nodes of one site.
     PowerCutSite,
+    /// Cut the power of one node (the leader's, every other time) in the middle of a WAL
+    /// segment roll: a few changes after it creates its next segment (chaos runs roll a segment
+    /// every MiB).
+    PowerCutRoll,
+    /// Cut the power of a follower in the middle of a snapshot install: it loses its disk
+    /// (`wipe`), the leader snapshots and purges its log, the follower is replaced and so must
+    /// install the snapshot; the power goes while it receives the file, imports it, makes it
+    /// current or swaps it in. Restarted, it must finish catching up by itself.
+    PowerCutInstall,
     /// Every write and fsync of one node fails with ENOSPC; when healed the disk has room again
     /// and the node is restarted if it stopped.
     DiskFull,
@@ -63,7 +72,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 16] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
@@ -73,6 +82,8 @@ impl Fault {
         Fault::KillAll,
         Fault::PowerCut,
         Fault::PowerCutSite,
+        Fault::PowerCutRoll,
+        Fault::PowerCutInstall,
         Fault::DiskFull,
         Fault::DiskError,
         Fault::Wipe,
@@ -91,6 +102,8 @@ impl Fault {
             Fault::KillAll => "kill-all",
             Fault::PowerCut => "power-cut",
             Fault::PowerCutSite => "power-cut-site",
+            Fault::PowerCutRoll => "power-cut-roll",
+            Fault::PowerCutInstall => "power-cut-install",
             Fault::DiskFull => "disk-full",
             Fault::DiskError => "eio",
             Fault::Wipe => "wipe",
@@ -166,6 +179,105 @@ pub fn plan(faults: &[Fault], timing: Timing, length: Duration, seed: u64) -> Ve
         schedule.push(Planned { at, fault, hold, pick: rng.random() });
         at += hold;
     }
+}
+
+/// How long `power-cut-roll` waits for its node to roll a WAL segment.
+const ROLL_WAIT: Duration = Duration::from_secs(30);
+/// How long `power-cut-install` waits for the snapshot install to reach the chosen step.
+const INSTALL_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether a change to a name starts a step of a snapshot install.
+type StepStart = fn(faultfs::Change, &str) -> bool;
+
+/// The steps of a snapshot install a power cut can land in: what starts the step, and up to
+/// how many changes into it the power goes.
+const INSTALL_STEPS: [(&str, StepStart, u64); 4] = [
+    (
+        "receiving the file",
+        |change, name| change == faultfs::Change::Create && name.starts_with("incoming-"),
+        24,
+    ),
+    ("importing it", |change, name| change == faultfs::Change::Create && name == "state.new", 200),
+    ("making it current", |change, name| change == faultfs::Change::Rename && name == "current.meta", 4),
+    ("swapping it in", |change, name| change == faultfs::Change::Rename && name == "state.old", 6),
+];
+
+fn describe_cut(id: u64, cut: &faultfs::PowerCut) -> String {
+    format!(
+        "node {id} lost {} bytes in {} files and {} directories{}",
+        cut.bytes_lost,
+        cut.files_rolled_back,
+        cut.directories_rolled_back,
+        if cut.torn_bytes_kept > 0 {
+            format!(", {} torn bytes kept", cut.torn_bytes_kept)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Waits (up to `wait`) for node `id`'s armed trip wire, then cuts its power; `None` (and the
+/// wire taken away) if it never went off.
+async fn cut_when_tripped(cluster: &mut Cluster, id: u64, seed: u64, wait: Duration) -> Option<String> {
+    let started = tokio::time::Instant::now();
+    while !cluster.tripped(id) {
+        if started.elapsed() > wait {
+            cluster.disarm(id);
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cuts = cluster.power_cut(&[id], seed);
+    Some(cuts.iter().map(|(id, cut)| describe_cut(*id, cut)).collect::<Vec<_>>().join("; "))
+}
+
+/// `power-cut-install`: see `Fault::PowerCutInstall`.
+async fn power_cut_install(
+    cluster: &mut Cluster,
+    leader: Option<u64>,
+    pick_value: u64,
+) -> Result<(String, Undo), String> {
+    let followers: Vec<u64> = cluster.members.iter().copied().filter(|id| Some(*id) != leader).collect();
+    let (Some(_), Some(id)) = (leader, pick(&followers, pick_value)) else {
+        return Ok(("no leader, or no follower to install a snapshot on".into(), Undo::Nothing));
+    };
+    let (step, matches, most) = INSTALL_STEPS[((pick_value / 2) % INSTALL_STEPS.len() as u64) as usize];
+    let after = ((pick_value / 8) % most) as u32;
+    cluster.kill(id);
+    let files = cluster.wipe(id)?;
+    cluster.spawn(id, false)?;
+    let others: Vec<u64> = cluster.members.iter().copied().filter(|other| *other != id).collect();
+    let client = cluster.client_of(&others, Duration::from_secs(75))?;
+    let snapshot = match client.take_snapshot(true).await {
+        Ok(taken) => format!("leader snapshot at {}, log purged to {}", taken.index, taken.purged),
+        Err(error) => format!("leader snapshot failed ({error})"),
+    };
+    cluster.arm_power_cut(id, move |change, name| matches(change, &name.to_string_lossy()), after);
+    let replacing = tokio::spawn(async move { client.replace_node(id).await });
+    let started = tokio::time::Instant::now();
+    while !cluster.tripped(id) && !replacing.is_finished() && started.elapsed() < INSTALL_WAIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cut = if cluster.tripped(id) {
+        let cut = cluster.power_cut(&[id], pick_value);
+        cluster.spawn(id, false)?;
+        format!("power cut {after} changes into {step}: {}; restarted", describe_cut(id, &cut[0].1))
+    } else {
+        cluster.disarm(id);
+        format!("the install never reached {step} {after} changes in; no cut")
+    };
+    // The replacement goes on by itself after the restart (the node keeps its incarnation); the
+    // heal replaces it again only if it did not finish.
+    let replaced = match tokio::time::timeout(Duration::from_secs(90), replacing).await {
+        Ok(Ok(Ok(_))) => "replacement finished".to_string(),
+        Ok(Ok(Err(error))) => format!("replacement failed: {error}"),
+        Ok(Err(error)) => format!("replacement task failed: {error}"),
+        Err(_) => "replacement still running after 90 s".to_string(),
+    };
+    Ok((
+        format!("node {id} lost its disk ({files} files), restarted empty; {snapshot}; {cut}; {replaced}"),
+        Undo::Replace(id),
+    ))
 }
 
 /// Bytes the `corrupt` nemesis flips in one file.
@@ -246,7 +358,8 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
     let site_names: Vec<String> = sites.keys().cloned().collect();
     let leader = match planned.fault {
         Fault::KillLeaderSite | Fault::CutLeader => find_leader(&cluster).await,
-        Fault::Clock if planned.pick.is_multiple_of(2) => find_leader(&cluster).await,
+        Fault::Clock | Fault::PowerCutRoll if planned.pick.is_multiple_of(2) => find_leader(&cluster).await,
+        Fault::PowerCutInstall => find_leader(&cluster).await,
         _ => None,
     };
     let chosen_site =
@@ -308,24 +421,42 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
                 sites.get(&site).cloned().unwrap_or_default()
             };
             let cuts = cluster.power_cut(&nodes, planned.pick);
-            let lost: Vec<String> = cuts
-                .iter()
-                .map(|(id, cut)| {
-                    format!(
-                        "node {id} lost {} bytes in {} files and {} directories{}",
-                        cut.bytes_lost,
-                        cut.files_rolled_back,
-                        cut.directories_rolled_back,
-                        if cut.torn_bytes_kept > 0 {
-                            format!(", {} torn bytes kept", cut.torn_bytes_kept)
-                        } else {
-                            String::new()
-                        }
-                    )
-                })
-                .collect();
+            let lost: Vec<String> = cuts.iter().map(|(id, cut)| describe_cut(*id, cut)).collect();
             (format!("power cut of nodes {nodes:?}: {}", lost.join("; ")), Undo::Restart(nodes))
         }
+        Fault::PowerCutRoll => {
+            let members: Vec<u64> = cluster.members.iter().copied().collect();
+            match leader.or_else(|| pick(&members, planned.pick / 2)) {
+                Some(id) => {
+                    let after = ((planned.pick / 16) % 6) as u32;
+                    cluster.arm_power_cut(
+                        id,
+                        |change, name| {
+                            change == faultfs::Change::Create && name.to_string_lossy().ends_with(".wal")
+                        },
+                        after,
+                    );
+                    let role = if leader == Some(id) { "leader " } else { "" };
+                    match cut_when_tripped(&mut cluster, id, planned.pick, ROLL_WAIT).await {
+                        Some(cut) => (
+                            format!(
+                                "{role}node {id} rolled its WAL to a new segment; power cut {after} changes in: {cut}"
+                            ),
+                            Undo::Restart(vec![id]),
+                        ),
+                        None => (
+                            format!(
+                                "{role}node {id} did not roll a WAL segment within {} s; no cut",
+                                ROLL_WAIT.as_secs()
+                            ),
+                            Undo::Nothing,
+                        ),
+                    }
+                }
+                None => ("no member to cut".into(), Undo::Nothing),
+            }
+        }
+        Fault::PowerCutInstall => power_cut_install(&mut cluster, leader, planned.pick).await?,
         Fault::DiskFull | Fault::DiskError => {
             let members: Vec<u64> = cluster.members.iter().copied().collect();
             match pick(&members, planned.pick) {
@@ -457,6 +588,11 @@ async fn replace(cluster: &Cluster, id: u64) -> String {
         Ok(client) => client,
         Err(error) => return format!("cannot replace node {id}: {error}"),
     };
+    if let Ok(status) = client.cluster_status().await
+        && status.nodes.iter().any(|n| n.id == id && n.role() == v1::NodeRole::Voter && !n.needs_replace)
+    {
+        return format!("node {id} is a voter of its current incarnation: nothing to replace");
+    }
     match client.replace_node(id).await {
         Ok(status) => {
             let role = status.nodes.iter().find(|n| n.id == id).map(|n| n.role().as_str_name());

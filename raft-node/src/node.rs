@@ -74,6 +74,10 @@ pub struct NodeConfig {
     /// Test hook: a file that skews this node's clock (`clock`). Never in production.
     #[serde(default)]
     pub clock_skew_file: Option<PathBuf>,
+    /// Test hook: WAL segments roll over at this size instead of 64 MiB, so that chaos runs
+    /// roll segments often. Never in production.
+    #[serde(default)]
+    pub wal_segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -302,7 +306,8 @@ pub const EXIT_DATA_UNREADABLE: u8 = 65;
 pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     let incarnation = claim_data_dir(&config)?;
     let identities = Arc::new(Identities::new(Endpoint { id: config.id, incarnation }));
-    let log = LogStore::open(&config.data_dir.join("wal"))
+    let segment_bytes = config.wal_segment_bytes.unwrap_or(crate::storage::wal::SEGMENT_BYTES_MAX);
+    let log = LogStore::open_with(&config.data_dir.join("wal"), segment_bytes)
         .map_err(|e| unreadable(&config, "the write-ahead log (wal/)", e))?;
     let machine = StateMachine::open(&config.data_dir, config.cache_bytes)
         .map_err(|e| unreadable(&config, "the ledger state (state/, snapshots/)", e))?;

@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// clock while it runs (re-read as it changes; missing means no skew). Never in production.
     #[arg(long, hide = true)]
     pub clock_skew_file: Option<PathBuf>,
+    /// Test hook for chaos runs: WAL segments roll over at this size (e.g. 1MiB) instead of
+    /// 64 MiB. Never in production.
+    #[arg(long, hide = true, value_parser = parse_bytes)]
+    pub wal_segment_bytes: Option<u64>,
 }
 
 fn parse_peer(text: &str) -> Result<PeerConfig, String> {
@@ -157,7 +161,17 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .or(file.as_ref().map(|f| f.clock_tolerance_ms))
             .unwrap_or(crate::clock::TOLERANCE_MS_DEFAULT),
         clock_skew_file: args.clock_skew_file.or(file.as_ref().and_then(|f| f.clock_skew_file.clone())),
+        wal_segment_bytes: args.wal_segment_bytes.or(file.as_ref().and_then(|f| f.wal_segment_bytes)),
     };
+    if config
+        .wal_segment_bytes
+        .is_some_and(|bytes| bytes == 0 || bytes > crate::storage::wal::SEGMENT_BYTES_MAX)
+    {
+        return Err(format!(
+            "--wal-segment-bytes must be between 1 and {} bytes",
+            crate::storage::wal::SEGMENT_BYTES_MAX
+        ));
+    }
     if config.id == 0 {
         return Err("--id must not be 0".into());
     }

@@ -62,8 +62,14 @@ impl LogStore {
     /// Opens the log under `dir` (created if missing) and starts its IO thread. Fails if the WAL
     /// is damaged beyond a torn tail.
     pub fn open(dir: &Path) -> io::Result<LogStore> {
-        std::fs::create_dir_all(dir)?;
-        let wal = Wal::open(dir).map_err(io_error)?;
+        LogStore::open_with(dir, wal::SEGMENT_BYTES_MAX)
+    }
+
+    /// `open` with WAL segments that roll over at `segment_bytes_max`: small in chaos runs, so
+    /// that segment rolls happen every few seconds and power cuts can land in one.
+    pub fn open_with(dir: &Path, segment_bytes_max: u64) -> io::Result<LogStore> {
+        wal::create_dir_durably(dir)?;
+        let wal = Wal::open_with(dir, segment_bytes_max).map_err(io_error)?;
         let vote = read_decoded(dir, VOTE_FILE)?;
         let last_purged = read_decoded(dir, PURGED_FILE)?;
         let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;

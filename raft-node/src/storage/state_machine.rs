@@ -117,7 +117,7 @@ impl StateMachine {
     /// interrupted, and reloading the newest snapshot if sled fell behind it.
     pub fn open(data_dir: &Path, cache_bytes: u64) -> io::Result<StateMachine> {
         let options = StoreOptions { cache_bytes, background_merges: true };
-        std::fs::create_dir_all(data_dir.join(SNAPSHOT_DIR))?;
+        wal::create_dir_durably(&data_dir.join(SNAPSHOT_DIR))?;
         remove_leftovers(&data_dir.join(SNAPSHOT_DIR))?;
         recover_install(data_dir)?;
         let (ledger, applied) = open_ledger(&data_dir.join(STATE_DIR), options)?;

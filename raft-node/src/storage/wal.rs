@@ -586,7 +586,8 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn create_dir_durably(dir: &Path) -> io::Result<()> {
+/// Creates `dir` (and its parents) and fsyncs its parent, so that its name survives a power cut.
+pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
