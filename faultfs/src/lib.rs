@@ -90,6 +90,9 @@ impl FaultFs {
         let disk = Arc::new(Mutex::new(Disk::new()));
         let mut config = Config::default();
         config.mount_options = vec![MountOption::FSName("faultfs".into()), MountOption::DefaultPermissions];
+        // Several request threads: a slow fsync (`slow_syncs`) must not hold up the writes
+        // that come in while it runs, as a real disk's would not.
+        config.n_threads = Some(4);
         let session = fuser::spawn_mount(Handler { disk: disk.clone() }, mountpoint, &config)?;
         Ok(FaultFs { disk, mountpoint: mountpoint.to_path_buf(), session: Some(session) })
     }
@@ -101,7 +104,7 @@ impl FaultFs {
     /// Loses everything not made durable. Stop (SIGKILL) every process writing here first: a
     /// process still running would go on writing into the rolled-back state. `tear_seed`, if
     /// given, keeps a prefix of the last unsynced write (its length drawn from the seed), as a
-    /// disk that lost power in the middle of it might.
+    /// disk that lost power in the middle of it might. Trip wires and slow syncs end with it.
     pub fn power_cut(&self, tear_seed: Option<u64>) -> PowerCut {
         self.disk.lock().unwrap().power_cut(tear_seed)
     }
@@ -132,6 +135,15 @@ impl FaultFs {
         let mut disk = self.disk.lock().unwrap();
         disk.trip = None;
         disk.tripped = false;
+    }
+
+    /// From now on every fsync makes durable what was written before it, then takes `delay`
+    /// before it returns (`None`: at once); writes to other files go on meanwhile and are not
+    /// covered (the kernel holds a FUSE file's inode lock across its fsync, so writes to the
+    /// same file wait). A real disk's fsync takes milliseconds, which is when races between
+    /// writing one file and syncing another show: a WAL segment roll, the commit file.
+    pub fn slow_syncs(&self, delay: Option<Duration>) {
+        self.disk.lock().unwrap().sync_delay = delay;
     }
 
     /// Bytes written since their file's last fsync, over all files.
@@ -228,6 +240,7 @@ struct Disk {
     last_write: Option<(u64, usize, Vec<u8>)>,
     fault: Option<Fault>,
     trip: Option<Trip>,
+    sync_delay: Option<Duration>,
     /// A trip wire went off: every change fails until the power cut (or `disarm`).
     tripped: bool,
 }
@@ -255,6 +268,7 @@ impl Disk {
             last_write: None,
             fault: None,
             trip: None,
+            sync_delay: None,
             tripped: false,
         }
     }
@@ -413,6 +427,7 @@ impl Disk {
 
     fn power_cut(&mut self, tear_seed: Option<u64>) -> PowerCut {
         self.trip = None;
+        self.sync_delay = None;
         self.tripped = false;
         let mut cut = PowerCut::default();
         for node in self.nodes.values_mut() {
@@ -636,7 +651,14 @@ impl Filesystem for Handler {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_empty(self.disk.lock().unwrap().sync_file(ino.0), reply);
+        let (result, delay) = {
+            let mut disk = self.disk.lock().unwrap();
+            (disk.sync_file(ino.0), disk.sync_delay)
+        };
+        if let (Ok(()), Some(delay)) = (result, delay) {
+            std::thread::sleep(delay);
+        }
+        reply_empty(result, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -670,7 +692,14 @@ impl Filesystem for Handler {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_empty(self.disk.lock().unwrap().sync_directory(ino.0), reply);
+        let (result, delay) = {
+            let mut disk = self.disk.lock().unwrap();
+            (disk.sync_directory(ino.0), disk.sync_delay)
+        };
+        if let (Ok(()), Some(delay)) = (result, delay) {
+            std::thread::sleep(delay);
+        }
+        reply_empty(result, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

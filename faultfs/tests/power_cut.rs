@@ -177,6 +177,36 @@ fn a_trip_wire_stops_the_disk_at_a_named_step_until_the_power_cut() {
     File::create(root.join("victim")).unwrap();
 }
 
+/// A slow fsync makes durable what was written before it; a write to another file that comes
+/// in while it takes its time goes through at once and is not covered. (The kernel holds a
+/// FUSE file's inode lock across its fsync, so writes to the same file wait for it.)
+#[test]
+fn a_slow_fsync_covers_only_what_was_written_before_it() {
+    let (_dir, fs) = mounted();
+    let root = fs.mountpoint().to_path_buf();
+    let mut log = durable_file(&root, "log", b"");
+    let mut other = durable_file(&root, "other", b"");
+    log.write_all(b"before").unwrap();
+    fs.slow_syncs(Some(std::time::Duration::from_secs(1)));
+    let syncing = log.try_clone().unwrap();
+    let sync = std::thread::spawn(move || {
+        syncing.sync_data().unwrap();
+        std::time::Instant::now()
+    });
+    // The sync has run once nothing is unsynced; then write while it is still sleeping.
+    while fs.unsynced_bytes() > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    other.write_all(b"during").unwrap();
+    let written = std::time::Instant::now();
+    let synced = sync.join().unwrap();
+    assert!(written < synced, "the write waited for the slow fsync");
+    drop((log, other));
+    fs.power_cut(None);
+    assert_eq!(read(&root.join("log")).unwrap(), b"before");
+    assert_eq!(read(&root.join("other")).unwrap(), b"");
+}
+
 /// The ledger's sled state on faultfs: a child process applies, flushes, applies once more and
 /// dies without closing anything; after a power cut the state reopens at the flush or later, as a
 /// whole entry. Before `SledStore::open` fsynced its directories, it reopened empty: sled never

@@ -269,6 +269,14 @@ impl Cluster {
         }
     }
 
+    /// Makes node `id`'s fsyncs take `delay` (`faultfs::FaultFs::slow_syncs`) until its next
+    /// power cut.
+    pub fn slow_syncs(&self, id: u64, delay: Option<Duration>) {
+        if let Some(disk) = self.disks.get(&id) {
+            disk.slow_syncs(delay);
+        }
+    }
+
     /// Whether node `id`'s trip wire went off.
     pub fn tripped(&self, id: u64) -> bool {
         self.disks.get(&id).is_some_and(FaultFs::tripped)

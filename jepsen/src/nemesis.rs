@@ -47,6 +47,10 @@ pub enum Fault {
     /// segment roll: a few changes after it creates its next segment (chaos runs roll a segment
     /// every MiB).
     PowerCutRoll,
+    /// Cut the power of one node right after it recorded its commit index (the `committed`
+    /// file renamed into place and its directory synced), before its next log sync: the file
+    /// must not name an entry the cut takes from its log.
+    PowerCutCommit,
     /// Cut the power of a follower in the middle of a snapshot install: it loses its disk
     /// (`wipe`), the leader snapshots and purges its log, the follower is replaced and so must
     /// install the snapshot; the power goes while it receives the file, imports it, makes it
@@ -72,7 +76,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 16] = [
+    pub const ALL: [Fault; 17] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
@@ -83,6 +87,7 @@ impl Fault {
         Fault::PowerCut,
         Fault::PowerCutSite,
         Fault::PowerCutRoll,
+        Fault::PowerCutCommit,
         Fault::PowerCutInstall,
         Fault::DiskFull,
         Fault::DiskError,
@@ -103,6 +108,7 @@ impl Fault {
             Fault::PowerCut => "power-cut",
             Fault::PowerCutSite => "power-cut-site",
             Fault::PowerCutRoll => "power-cut-roll",
+            Fault::PowerCutCommit => "power-cut-commit",
             Fault::PowerCutInstall => "power-cut-install",
             Fault::DiskFull => "disk-full",
             Fault::DiskError => "eio",
@@ -181,8 +187,10 @@ pub fn plan(faults: &[Fault], timing: Timing, length: Duration, seed: u64) -> Ve
     }
 }
 
-/// How long `power-cut-roll` waits for its node to roll a WAL segment.
-const ROLL_WAIT: Duration = Duration::from_secs(30);
+/// How long `power-cut-roll` and `power-cut-commit` wait for their node to reach the step.
+const TRIP_WAIT: Duration = Duration::from_secs(30);
+/// How long each fsync of the `power-cut-commit` node takes while the nemesis waits for it.
+const COMMIT_SYNC_DELAY: Duration = Duration::from_millis(5);
 /// How long `power-cut-install` waits for the snapshot install to reach the chosen step.
 const INSTALL_WAIT: Duration = Duration::from_secs(60);
 
@@ -223,6 +231,7 @@ async fn cut_when_tripped(cluster: &mut Cluster, id: u64, seed: u64, wait: Durat
     while !cluster.tripped(id) {
         if started.elapsed() > wait {
             cluster.disarm(id);
+            cluster.slow_syncs(id, None);
             return None;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -358,7 +367,9 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
     let site_names: Vec<String> = sites.keys().cloned().collect();
     let leader = match planned.fault {
         Fault::KillLeaderSite | Fault::CutLeader => find_leader(&cluster).await,
-        Fault::Clock | Fault::PowerCutRoll if planned.pick.is_multiple_of(2) => find_leader(&cluster).await,
+        Fault::Clock | Fault::PowerCutRoll | Fault::PowerCutCommit if planned.pick.is_multiple_of(2) => {
+            find_leader(&cluster).await
+        }
         Fault::PowerCutInstall => find_leader(&cluster).await,
         _ => None,
     };
@@ -424,30 +435,38 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
             let lost: Vec<String> = cuts.iter().map(|(id, cut)| describe_cut(*id, cut)).collect();
             (format!("power cut of nodes {nodes:?}: {}", lost.join("; ")), Undo::Restart(nodes))
         }
-        Fault::PowerCutRoll => {
+        Fault::PowerCutRoll | Fault::PowerCutCommit => {
             let members: Vec<u64> = cluster.members.iter().copied().collect();
             match leader.or_else(|| pick(&members, planned.pick / 2)) {
                 Some(id) => {
-                    let after = ((planned.pick / 16) % 6) as u32;
-                    cluster.arm_power_cut(
-                        id,
-                        |change, name| {
+                    let (when, after) = if planned.fault == Fault::PowerCutRoll {
+                        let after = ((planned.pick / 16) % 6) as u32;
+                        let roll = |change, name: &std::ffi::OsStr| {
                             change == faultfs::Change::Create && name.to_string_lossy().ends_with(".wal")
-                        },
-                        after,
-                    );
+                        };
+                        cluster.arm_power_cut(id, roll, after);
+                        ("rolling its WAL to a new segment", after)
+                    } else {
+                        // The rename, then the directory's fsync: the file is durable. Syncs of
+                        // milliseconds, as on a real disk, so that the log is written while the
+                        // commit file syncs.
+                        let commit = |change, name: &std::ffi::OsStr| {
+                            change == faultfs::Change::Rename && name == "committed"
+                        };
+                        cluster.slow_syncs(id, Some(COMMIT_SYNC_DELAY));
+                        cluster.arm_power_cut(id, commit, 2);
+                        ("recording its commit index", 2)
+                    };
                     let role = if leader == Some(id) { "leader " } else { "" };
-                    match cut_when_tripped(&mut cluster, id, planned.pick, ROLL_WAIT).await {
+                    match cut_when_tripped(&mut cluster, id, planned.pick, TRIP_WAIT).await {
                         Some(cut) => (
-                            format!(
-                                "{role}node {id} rolled its WAL to a new segment; power cut {after} changes in: {cut}"
-                            ),
+                            format!("{role}node {id}: power cut {after} changes into {when}: {cut}"),
                             Undo::Restart(vec![id]),
                         ),
                         None => (
                             format!(
-                                "{role}node {id} did not roll a WAL segment within {} s; no cut",
-                                ROLL_WAIT.as_secs()
+                                "{role}node {id} was not {when} within {} s; no cut",
+                                TRIP_WAIT.as_secs()
                             ),
                             Undo::Nothing,
                         ),
