@@ -607,8 +607,16 @@ async fn replace(cluster: &Cluster, id: u64) -> String {
         Ok(client) => client,
         Err(error) => return format!("cannot replace node {id}: {error}"),
     };
+    // Only a node that answers with the incarnation the membership records is done: one that
+    // is still starting (not reachable) reports no incarnation, and must be replaced.
     if let Ok(status) = client.cluster_status().await
-        && status.nodes.iter().any(|n| n.id == id && n.role() == v1::NodeRole::Voter && !n.needs_replace)
+        && status.nodes.iter().any(|n| {
+            n.id == id
+                && n.role() == v1::NodeRole::Voter
+                && n.reachable
+                && n.incarnation != 0
+                && n.incarnation == n.recorded_incarnation
+        })
     {
         return format!("node {id} is a voter of its current incarnation: nothing to replace");
     }
