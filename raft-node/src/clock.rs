@@ -334,7 +334,7 @@ async fn sample_one(node: &NodeHandle, peer: NodeId) {
     let mut request = tonic::Request::new(pb::ClockRequest {});
     let timeout = Duration::from_nanos((node.clock.tolerance_ns / 2) as u64);
     request.set_timeout(timeout);
-    crate::net::raft::name_ends(&mut request, &node.config.cluster, &node.identities, peer, 0);
+    crate::net::raft::name_ends(&mut request, &node.identities, peer, 0);
     let sent_ns = node.clock.now_ns();
     if let Ok(Ok(reply)) = tokio::time::timeout(timeout, client.clock(request)).await {
         node.clock.record(peer, sent_ns, reply.get_ref().time_ns, node.clock.now_ns());

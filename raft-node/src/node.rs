@@ -129,6 +129,29 @@ struct Identity {
     /// by a build without incarnations reads as 0 and is given one.
     #[serde(default)]
     incarnation: u64,
+    /// The cluster's id (`net::identity`): made by the bootstrap, or adopted from the leader's
+    /// first call; absent until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<String>,
+}
+
+/// What `claim_data_dir` found or made.
+pub struct Claimed {
+    pub incarnation: u64,
+    pub cluster_id: Option<String>,
+}
+
+/// Records `cluster_id` in the data directory's identity, durably (a bootstrap, or a new node
+/// adopting its leader's).
+pub fn save_cluster_id(dir: &std::path::Path, cluster_id: &str) -> Result<(), String> {
+    let path = dir.join(IDENTITY_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut identity: Identity =
+        toml::from_str(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?;
+    identity.cluster_id = Some(cluster_id.to_string());
+    let text = toml::to_string(&identity).expect("identity serializes");
+    crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// A fresh incarnation: random, never 0 (0 means "not recorded").
@@ -145,8 +168,8 @@ const IDENTITY_FILE: &str = "identity.toml";
 
 /// Refuses a data directory that holds another cluster's or another node's data, or data
 /// without an identity (not ours). An empty or new directory is claimed with a new incarnation.
-/// Returns the directory's incarnation.
-pub fn claim_data_dir(config: &NodeConfig) -> Result<u64, String> {
+/// Returns the directory's incarnation and cluster id.
+pub fn claim_data_dir(config: &NodeConfig) -> Result<Claimed, String> {
     let dir = &config.data_dir;
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
@@ -164,7 +187,7 @@ pub fn claim_data_dir(config: &NodeConfig) -> Result<u64, String> {
                     dir.display()
                 ));
             }
-            Identity { cluster: config.cluster.clone(), node_id: config.id, incarnation: 0 }
+            Identity { cluster: config.cluster.clone(), node_id: config.id, incarnation: 0, cluster_id: None }
         }
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
@@ -187,7 +210,12 @@ pub fn claim_data_dir(config: &NodeConfig) -> Result<u64, String> {
         crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    Ok(found.incarnation)
+    if let Some(id) = &found.cluster_id
+        && !crate::net::identity::is_cluster_id(id)
+    {
+        return Err(format!("{} is damaged: cluster_id '{id}' is not 32 hex digits", path.display()));
+    }
+    Ok(Claimed { incarnation: found.incarnation, cluster_id: found.cluster_id })
 }
 
 /// Everything the gRPC services need.
@@ -203,9 +231,44 @@ pub struct NodeHandle {
     pub batcher: Batcher,
     /// Channels to other nodes for forwarded requests and status fan-out.
     pub peers: crate::net::Pool,
+    /// When this node last accepted a leader's AppendEntries (for health).
+    pub leader_contact: LeaderContact,
+}
+
+/// When a leader was last heard from: milliseconds since the node started, `u64::MAX` for never.
+pub struct LeaderContact {
+    started: std::time::Instant,
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> LeaderContact {
+        LeaderContact {
+            started: std::time::Instant::now(),
+            at_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl LeaderContact {
+    pub fn record(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.at_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn within(&self, window: Duration) -> bool {
+        match self.at_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => false,
+            at => (self.started.elapsed().as_millis() as u64).saturating_sub(at) < window.as_millis() as u64,
+        }
+    }
 }
 
 impl NodeHandle {
+    pub fn heard_from_leader_within(&self, window: Duration) -> bool {
+        self.leader_contact.within(window)
+    }
+
     pub fn id(&self) -> NodeId {
         self.config.id
     }
@@ -304,8 +367,11 @@ pub const EXIT_DATA_UNREADABLE: u8 = 65;
 
 /// Opens the node's storage and starts Raft and the batcher.
 pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
-    let incarnation = claim_data_dir(&config)?;
-    let identities = Arc::new(Identities::new(Endpoint { id: config.id, incarnation }));
+    let claimed = claim_data_dir(&config)?;
+    let identities = Arc::new(Identities::new(
+        Endpoint { id: config.id, incarnation: claimed.incarnation },
+        claimed.cluster_id,
+    ));
     let segment_bytes = config.wal_segment_bytes.unwrap_or(crate::storage::wal::SEGMENT_BYTES_MAX);
     let log = LogStore::open_with(&config.data_dir.join("wal"), segment_bytes)
         .map_err(|e| unreadable(&config, "the write-ahead log (wal/)", e))?;
@@ -317,7 +383,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     let raft = Raft::new(
         config.id,
         raft_config,
-        Network::new(config.cluster.clone(), config.routes.clone(), identities.clone()),
+        Network::new(config.routes.clone(), identities.clone()),
         log.clone(),
         machine,
     )
@@ -341,6 +407,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         log,
         batcher,
         peers: crate::net::Pool::default(),
+        leader_contact: LeaderContact::default(),
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
@@ -375,6 +442,12 @@ async fn follow_membership(raft: Raft, identities: Arc<Identities>) {
 async fn bootstrap(node: &NodeHandle) -> Result<(), StartError> {
     if node.raft.is_initialized().await.map_err(|e| StartError::Other(e.to_string()))? {
         return Ok(());
+    }
+    // The cluster id first, durably: a crash before `initialize` bootstraps again with it.
+    if node.identities.cluster_id().is_none() {
+        let id = crate::net::identity::new_cluster_id();
+        save_cluster_id(&node.config.data_dir, &id)?;
+        node.identities.check_cluster(Some(&id), true, |_| Ok(())).map_err(|e| format!("{e:?}"))?;
     }
     let mut members = BTreeMap::new();
     members.insert(node.id(), node.config.info(node.incarnation()));
@@ -419,6 +492,56 @@ async fn join(node: Arc<NodeHandle>, address: String) {
     }
 }
 
+/// How recently a leader must have been heard from (a follower) or have heard from a quorum
+/// (the leader) for health to say SERVING.
+fn leader_contact_max(config: &NodeConfig) -> Duration {
+    Duration::from_millis((config.election_timeout_ms * 6).max(1000))
+}
+
+/// How often health is re-evaluated.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Keeps gRPC health true to what a load balancer needs to know: SERVING only while this node
+/// is a member and in contact with a leader (it can take writes, forwarding them);
+/// NOT_SERVING when no leader is elected, when it is cut off from the leader (or, as leader,
+/// from a quorum), and once it is removed from the cluster. For the whole server ("") and for
+/// `tally.v1.Ledger`.
+async fn report_health(node: Arc<NodeHandle>, reporter: tonic_health::server::HealthReporter) {
+    let ledger =
+        <pb::ledger_server::LedgerServer<crate::service::LedgerService> as tonic::server::NamedService>::NAME;
+    let contact_max = leader_contact_max(&node.config);
+    let metrics = node.raft.metrics();
+    let mut reported = None;
+    let mut ticks = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let serving = {
+            let current = metrics.borrow_watched();
+            let member = current.membership_config.membership().get_node(&node.id()).is_some();
+            let in_contact = if current.current_leader == Some(node.id()) {
+                current
+                    .last_quorum_acked
+                    .as_ref()
+                    .is_some_and(|acked| openraft::Instant::elapsed(&**acked) < contact_max)
+            } else {
+                current.current_leader.is_some() && node.heard_from_leader_within(contact_max)
+            };
+            member && in_contact
+        };
+        if reported != Some(serving) {
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for service in ["", ledger] {
+                reporter.set_service_status(service, status).await;
+            }
+            reported = Some(serving);
+        }
+    }
+}
+
 /// Serves gRPC on the configured address until `shutdown` resolves, then stops Raft.
 pub async fn serve(
     node: Arc<NodeHandle>,
@@ -436,7 +559,7 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<pb::ledger_server::LedgerServer<crate::service::LedgerService>>().await;
+    tokio::spawn(report_health(node.clone(), health_reporter));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -448,6 +571,10 @@ pub async fn serve_on(
     let raft = pb::raft_server::RaftServer::new(crate::service::RaftService::new(node.clone()))
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let raft = tonic::service::interceptor::InterceptedService::new(
+        raft,
+        crate::service::refuse_strangers(node.identities.clone()),
+    );
     // Nagle's algorithm off on every accepted connection: small replies held back waiting for
     // the client's delayed ACK cost 40 ms each. (`Server::tcp_nodelay` covers only `serve(addr)`.)
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

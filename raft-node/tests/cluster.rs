@@ -760,3 +760,183 @@ async fn a_node_whose_log_lost_a_committed_entry_refuses_to_start() {
         "{message}"
     );
 }
+
+/// The cluster id a node's data directory records, as an insider (a peer's operator) could read it.
+fn cluster_id_of(cluster: &TestCluster, id: u64) -> String {
+    let text = std::fs::read_to_string(cluster.nodes[&id].data_dir.join("identity.toml")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("cluster_id")).expect("a cluster id after bootstrap");
+    line.split('"').nth(1).unwrap().to_string()
+}
+
+/// Sends one AppendEntries with the given headers to `address`; returns the status code.
+async fn forged_append(
+    address: &str,
+    headers: &[(&'static str, String)],
+    request: openraft::raft::AppendEntriesRequest<raft_node::types::TypeConfig>,
+) -> tonic::Code {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+    let mut client = tally_proto::v1::raft_client::RaftClient::new(channel);
+    let mut call = tonic::Request::new(raft_node::net::raft::message(&request));
+    for (name, value) in headers {
+        call.metadata_mut().insert(*name, value.parse().unwrap());
+    }
+    match client.append_entries(call).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// The attack from the "locked down" issue: one AppendEntries sent from outside, claiming term
+/// 1,000,000 from a made-up node 99, moved every node to term 1,000,001; one with term u64::MAX
+/// made every Raft core panic on `term + 1`, and again after every restart (the term is saved
+/// with the vote). Now a stranger's message is refused whatever it claims (it has no cluster
+/// id), and even an insider's with an out-of-bounds term or index is refused before openraft
+/// sees it: every node stays at its term and the cluster keeps serving, restarts included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
+    use openraft::raft::AppendEntriesRequest;
+    use openraft::testing::{blank_ent, log_id};
+    use raft_node::types::{TypeConfig, Vote};
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=2).await;
+    // Every node has heard from the cluster, so has its id. (A node that has not is the one
+    // window: it takes the id of the first Raft call that reaches it; certificates close it.)
+    cluster.wait_for_convergence(DEADLINE).await;
+    let terms_before: Vec<u64> = cluster.node_statuses().await.values().map(|s| s.term).collect();
+    let cluster_id = cluster_id_of(&cluster, 1);
+    for id in cluster.nodes.keys() {
+        assert_eq!(cluster_id_of(&cluster, *id), cluster_id, "node {id}");
+    }
+    let made_up = format!("{:032x}", 0x5eed_u128);
+    let append = |term: u64, entry_index: Option<u64>| AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(term, 99),
+        prev_log_id: None,
+        entries: entry_index.map(|index| blank_ent::<TypeConfig>(1, 99, index)).into_iter().collect(),
+        leader_commit: Some(log_id::<TypeConfig>(1, 99, 0)),
+    };
+    for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
+        let address = cluster.address(id);
+        let to = format!("{id}.0");
+        let stranger = |cluster: &str| {
+            vec![
+                ("x-tally-cluster", cluster.to_string()),
+                ("x-tally-from", "99.0".into()),
+                ("x-tally-to", to.clone()),
+            ]
+        };
+        type Row<'a> = (&'a str, Vec<(&'static str, String)>, AppendEntriesRequest<TypeConfig>, tonic::Code);
+        let rows: Vec<Row> = vec![
+            (
+                "the original recipe",
+                stranger("tally"),
+                append(1_000_000, None),
+                tonic::Code::PermissionDenied,
+            ),
+            ("no headers", vec![], append(1_000_000, None), tonic::Code::PermissionDenied),
+            (
+                "a made-up cluster id",
+                stranger(&made_up),
+                append(u64::MAX, None),
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                "an insider, term u64::MAX",
+                stranger(&cluster_id),
+                append(u64::MAX, None),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "an insider, entry index u64::MAX",
+                stranger(&cluster_id),
+                append(1, Some(u64::MAX)),
+                tonic::Code::InvalidArgument,
+            ),
+        ];
+        for (what, headers, request, expected) in rows {
+            assert_eq!(forged_append(&address, &headers, request).await, expected, "node {id}: {what}");
+        }
+        // Refused before the body is read: garbage from a stranger is not even decoded.
+        let garbage = vec![0xff; 4096];
+        let code = raw_grpc_call(&address, "/tally.v1.Raft/AppendEntries", &garbage).await;
+        assert_eq!(code, tonic::Code::PermissionDenied, "node {id}: garbage");
+    }
+    let statuses = cluster.node_statuses().await;
+    for (id, status) in &statuses {
+        assert!(status.reachable, "node {id} stopped answering");
+        assert!(status.term < 1000, "node {id} moved to term {}", status.term);
+    }
+    assert!(terms_before.iter().all(|t| *t < 1000));
+    let results = client.create_transfers(vec![transfer(500, BANK, 2, 7)]).await.unwrap();
+    assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok);
+
+    // Nothing was saved: every node starts again and the cluster serves.
+    for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
+        cluster.kill(id);
+        cluster.restart(id);
+    }
+    cluster.wait_for_leader(DEADLINE).await;
+    let results = client.create_transfers(vec![transfer(501, BANK, 2, 7)]).await.unwrap();
+    assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok);
+    cluster.wait_for_convergence(DEADLINE).await;
+    for seen in local_balances(&cluster, &[2]).await.values() {
+        assert_eq!(seen, &vec![14]);
+    }
+}
+
+async fn health(address: &str) -> Option<i32> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).ok()?.connect().await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+    client.check(request).await.ok().map(|reply| reply.into_inner().status)
+}
+
+async fn wait_for_health(address: &str, serving: bool) {
+    let wanted = if serving {
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    } else {
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    } as i32;
+    let started = Instant::now();
+    loop {
+        let status = health(address).await;
+        if status == Some(wanted) {
+            return;
+        }
+        assert!(started.elapsed() < DEADLINE, "{address}: health {status:?}, waiting for {wanted}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A load balancer asks gRPC health where to send traffic: SERVING only on a member in touch
+/// with a leader; NOT_SERVING when it is cut off from a majority and once it is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_not_serving_without_a_leader_or_after_removal() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    for id in cluster.nodes.keys() {
+        wait_for_health(&cluster.address(*id), true).await;
+    }
+    // The leader alone: no quorum answers it any more.
+    let others: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
+    for id in &others {
+        cluster.kill(*id);
+    }
+    wait_for_health(&cluster.address(leader), false).await;
+    for id in &others {
+        cluster.restart(*id);
+    }
+    for id in cluster.nodes.keys() {
+        wait_for_health(&cluster.address(*id), true).await;
+    }
+    // A removed node keeps running, but takes no traffic.
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let removed = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let client = cluster.client_of(&[leader], Duration::from_secs(10));
+    client.remove_node(v1::RemoveNodeRequest { id: removed, force: true }).await.expect("remove");
+    wait_for_health(&cluster.address(removed), false).await;
+    wait_for_health(&cluster.address(leader), true).await;
+}

@@ -18,6 +18,13 @@
 //!
 //! Incarnation 0 means "not recorded yet": the peers named at bootstrap are recorded by the
 //! leader as soon as they answer (`service::cluster::record_incarnations`).
+//!
+//! Every Raft RPC also carries the cluster id (`net::raft::CLUSTER_HEADER`): 128 random bits
+//! made when the cluster is bootstrapped, kept in each data directory's `identity.toml`, never
+//! a guessable name. A node refuses any other id without saying what it expected. A new node
+//! (named in the bootstrap, joining, or replaced) has none until the first vote request,
+//! AppendEntries or snapshot reaches it; it adopts that one, durably, and refuses every other
+//! from then on.
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
@@ -60,6 +67,22 @@ pub enum Refusal {
     StaleTarget { recorded: u64 },
     /// From a node whose incarnation differs from what this node's membership records.
     StaleSender { id: NodeId, recorded: u64, claimed: u64 },
+    /// No cluster id, a malformed one, or another cluster's.
+    OtherCluster,
+    /// This node has no cluster id yet and could not save the one offered.
+    CannotAdopt(String),
+}
+
+/// The length of a cluster id: 128 bits in lowercase hex.
+const CLUSTER_ID_CHARS: usize = 32;
+
+/// A fresh cluster id, for a bootstrap.
+pub fn new_cluster_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+pub fn is_cluster_id(text: &str) -> bool {
+    text.len() == CLUSTER_ID_CHARS && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// This node's identity and the incarnations its membership records, shared by the Raft
@@ -68,11 +91,44 @@ pub enum Refusal {
 pub struct Identities {
     pub me: Endpoint,
     recorded: RwLock<BTreeMap<NodeId, u64>>,
+    /// `None` until bootstrapped or adopted.
+    cluster_id: RwLock<Option<String>>,
 }
 
 impl Identities {
-    pub fn new(me: Endpoint) -> Identities {
-        Identities { me, recorded: RwLock::new(BTreeMap::new()) }
+    pub fn new(me: Endpoint, cluster_id: Option<String>) -> Identities {
+        Identities { me, recorded: RwLock::new(BTreeMap::new()), cluster_id: RwLock::new(cluster_id) }
+    }
+
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id.read().expect("identities lock").clone()
+    }
+
+    /// Checks the cluster id a caller sent. Without one of its own, this node adopts `theirs`
+    /// if `adopt` allows (a vote request, an AppendEntries or a snapshot) and `save` stores it.
+    pub fn check_cluster(
+        &self,
+        theirs: Option<&str>,
+        adopt: bool,
+        save: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<(), Refusal> {
+        let theirs = theirs.filter(|id| is_cluster_id(id)).ok_or(Refusal::OtherCluster)?;
+        if let Some(mine) = self.cluster_id.read().expect("identities lock").as_deref() {
+            return if mine == theirs { Ok(()) } else { Err(Refusal::OtherCluster) };
+        }
+        if !adopt {
+            return Err(Refusal::OtherCluster);
+        }
+        let mut mine = self.cluster_id.write().expect("identities lock");
+        match mine.as_deref() {
+            Some(adopted) if adopted == theirs => Ok(()),
+            Some(_) => Err(Refusal::OtherCluster),
+            None => {
+                save(theirs).map_err(Refusal::CannotAdopt)?;
+                *mine = Some(theirs.to_string());
+                Ok(())
+            }
+        }
     }
 
     /// Takes the incarnations of the membership now in effect.
@@ -115,7 +171,7 @@ mod tests {
 
     /// Node 1, incarnation 11, whose membership records node 2 as 22 and node 3 as unrecorded.
     fn identities() -> Identities {
-        let identities = Identities::new(Endpoint { id: 1, incarnation: 11 });
+        let identities = Identities::new(Endpoint { id: 1, incarnation: 11 }, None);
         let nodes = BTreeMap::from([(1, node(11)), (2, node(22)), (3, node(0))]);
         identities.update(nodes.iter());
         identities
@@ -150,5 +206,49 @@ mod tests {
         check(Some("2"), Some("1.11"), Err(Refusal::Malformed));
         check(Some("2.22"), Some("1.x"), Err(Refusal::Malformed));
         check(Some("2.22"), Some("1.18446744073709551616"), Err(Refusal::Malformed));
+    }
+
+    /// One row per cluster id a caller may send, to a node with an id and to one without.
+    #[test]
+    fn a_cluster_id_is_adopted_once_from_a_leader_and_held_to_from_then_on() {
+        let ours = new_cluster_id();
+        let other = new_cluster_id();
+        assert!(is_cluster_id(&ours) && ours != other);
+        let with_id = Identities::new(Endpoint { id: 1, incarnation: 11 }, Some(ours.clone()));
+        let never = |_: &str| -> Result<(), String> { panic!("a node with an id saves nothing") };
+        for (theirs, adopt, expected) in [
+            (Some(ours.as_str()), false, Ok(())),
+            (Some(other.as_str()), true, Err(Refusal::OtherCluster)),
+            (Some("tally"), true, Err(Refusal::OtherCluster)),
+            (Some(&ours[..31]), true, Err(Refusal::OtherCluster)),
+            (None, true, Err(Refusal::OtherCluster)),
+        ] {
+            assert_eq!(with_id.check_cluster(theirs, adopt, never), expected, "{theirs:?}");
+        }
+
+        let fresh = Identities::new(Endpoint { id: 2, incarnation: 22 }, None);
+        assert_eq!(
+            fresh.check_cluster(Some(&ours), false, never),
+            Err(Refusal::OtherCluster),
+            "a vote or clock call"
+        );
+        assert_eq!(
+            fresh.check_cluster(Some(&ours), true, |_| Err("disk full".into())),
+            Err(Refusal::CannotAdopt("disk full".into()))
+        );
+        assert_eq!(fresh.cluster_id(), None, "not adopted if it could not be saved");
+        let mut saved = None;
+        assert_eq!(
+            fresh.check_cluster(Some(&ours), true, |id| {
+                saved = Some(id.to_string());
+                Ok(())
+            }),
+            Ok(())
+        );
+        assert_eq!(
+            (saved.as_deref(), fresh.cluster_id().as_deref()),
+            (Some(ours.as_str()), Some(ours.as_str()))
+        );
+        assert_eq!(fresh.check_cluster(Some(&other), true, never), Err(Refusal::OtherCluster));
     }
 }

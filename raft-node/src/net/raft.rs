@@ -21,6 +21,7 @@ use tally_proto::v1::raft_client::RaftClient;
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
+use super::bounds::Bounded;
 use super::identity::{Endpoint, FROM_HEADER, Identities, TO_HEADER};
 use super::{MESSAGE_BYTES_MAX, channel};
 use crate::storage::state_machine::SnapshotFile;
@@ -36,23 +37,27 @@ pub fn message<T: serde::Serialize>(value: &T) -> pb::RaftMessage {
     pb::RaftMessage { version: RAFT_MESSAGE_VERSION, payload: encode(value) }
 }
 
-pub fn unpack<T: for<'de> serde::Deserialize<'de>>(message: &pb::RaftMessage) -> Result<T, String> {
+/// Decodes a Raft message from a peer, and refuses terms and indexes near overflow
+/// (`net::bounds`).
+pub fn unpack<T: for<'de> serde::Deserialize<'de> + Bounded>(message: &pb::RaftMessage) -> Result<T, String> {
     if message.version != RAFT_MESSAGE_VERSION {
         return Err(format!(
             "raft message version {}, this build speaks {RAFT_MESSAGE_VERSION}",
             message.version
         ));
     }
-    decode(&message.payload).map_err(|e| format!("raft message: {e}"))
+    let value: T = decode(&message.payload).map_err(|e| format!("raft message: {e}"))?;
+    value.check_bounds().map_err(|e| format!("raft message: {e}"))?;
+    Ok(value)
 }
 
-/// The metadata header that names the sender's cluster: a node refuses Raft traffic from
-/// another cluster, so that a misconfigured address cannot merge two clusters' logs.
+/// The metadata header that carries the cluster's id (`net::identity`): a node refuses Raft
+/// traffic from another cluster, so that neither a misconfigured address nor a stranger on the
+/// network can reach its log.
 pub const CLUSTER_HEADER: &str = "x-tally-cluster";
 
 #[derive(Clone)]
 pub struct Network {
-    cluster: String,
     /// Addresses that override the membership's, per node (`NodeConfig::routes`).
     routes: BTreeMap<NodeId, String>,
     /// This node's identity and the incarnations of the membership in effect: a replication
@@ -61,8 +66,8 @@ pub struct Network {
 }
 
 impl Network {
-    pub fn new(cluster: String, routes: BTreeMap<NodeId, String>, identities: Arc<Identities>) -> Network {
-        Network { cluster, routes, identities }
+    pub fn new(routes: BTreeMap<NodeId, String>, identities: Arc<Identities>) -> Network {
+        Network { routes, identities }
     }
 }
 
@@ -76,13 +81,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX)
         });
-        Peer {
-            target,
-            incarnation_at_start: node.incarnation,
-            client,
-            cluster: self.cluster.clone(),
-            identities: self.identities.clone(),
-        }
+        Peer { target, incarnation_at_start: node.incarnation, client, identities: self.identities.clone() }
     }
 }
 
@@ -93,7 +92,6 @@ pub struct Peer {
     /// shared view does not know the target yet.
     incarnation_at_start: u64,
     client: Option<RaftClient<Channel>>,
-    cluster: String,
     identities: Arc<Identities>,
 }
 
@@ -124,10 +122,10 @@ fn unreachable<E: std::fmt::Display>(target: NodeId) -> impl Fn(E) -> Unreachabl
 }
 
 /// Names the cluster, this node and the target on an outgoing Raft call. The target's
-/// incarnation is the one the membership in effect records, else `incarnation_otherwise`.
+/// incarnation is the one the membership in effect records, else `incarnation_otherwise`. A
+/// node without a cluster id yet sends none, and is refused.
 pub fn name_ends<T>(
     request: &mut tonic::Request<T>,
-    cluster: &str,
     identities: &Identities,
     target: NodeId,
     incarnation_otherwise: u64,
@@ -138,7 +136,7 @@ pub fn name_ends<T>(
     };
     let to = Endpoint { id: target, incarnation: recorded };
     let metadata = request.metadata_mut();
-    if let Ok(cluster) = cluster.parse() {
+    if let Some(cluster) = identities.cluster_id().and_then(|id| id.parse().ok()) {
         metadata.insert(CLUSTER_HEADER, cluster);
     }
     metadata.insert(FROM_HEADER, identities.me.header().parse().expect("digits and a dot"));
@@ -147,7 +145,7 @@ pub fn name_ends<T>(
 
 impl Peer {
     fn address<T>(&self, request: &mut tonic::Request<T>) {
-        name_ends(request, &self.cluster, &self.identities, self.target, self.incarnation_at_start);
+        name_ends(request, &self.identities, self.target, self.incarnation_at_start);
     }
 
     fn client(&self) -> Result<RaftClient<Channel>, Unreachable<TypeConfig>> {
@@ -164,7 +162,7 @@ impl Peer {
     ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: serde::Serialize,
-        Resp: for<'de> serde::Deserialize<'de>,
+        Resp: for<'de> serde::Deserialize<'de> + Bounded,
         F: FnOnce(RaftClient<Channel>, tonic::Request<pb::RaftMessage>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<pb::RaftMessage>, tonic::Status>>,
     {

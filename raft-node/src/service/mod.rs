@@ -7,4 +7,4 @@ mod raft;
 
 pub use cluster::{ClusterService, site_status};
 pub use ledger::{LEDGER_REQUEST_BYTES_MAX, LedgerService};
-pub use raft::RaftService;
+pub use raft::{RaftService, refuse_strangers};

@@ -12,7 +12,7 @@ use tally_proto::v1 as pb;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::net::identity::{FROM_HEADER, Refusal, TO_HEADER};
+use crate::net::identity::{FROM_HEADER, Identities, Refusal, TO_HEADER};
 use crate::net::raft::{CLUSTER_HEADER, message, snapshot_header, unpack};
 use crate::node::NodeHandle;
 use crate::storage::state_machine::SnapshotFile;
@@ -33,6 +33,30 @@ impl Drop for Incoming {
     }
 }
 
+/// Runs on every Raft call before its body is read: a caller that does not send this cluster's
+/// id is refused before the node buffers a message (up to 64 MiB) for it. A node without an id
+/// yet lets calls through to the full check (`RaftService::check`), which adopts a leader's.
+pub fn refuse_strangers(
+    identities: Arc<Identities>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let Some(mine) = identities.cluster_id() else { return Ok(request) };
+        let theirs = request.metadata().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok());
+        if theirs == Some(mine.as_str()) { Ok(request) } else { Err(Status::permission_denied("refused")) }
+    }
+}
+
+/// Who a Raft call comes from, for what it is checked against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// Any peer: clock samples, leadership transfers.
+    Peer,
+    /// A vote or pre-vote request.
+    Candidate,
+    /// AppendEntries or a snapshot.
+    Leader,
+}
+
 pub struct RaftService {
     node: Arc<NodeHandle>,
     /// When a refusal was last logged: a refused peer retries many times a second, and the log
@@ -49,28 +73,39 @@ impl RaftService {
     }
 
     fn check_caller<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        self.check(request, false)
+        self.check(request, Caller::Peer)
     }
 
     /// `check_caller` for a vote or pre-vote request: the candidate must be the incarnation
-    /// this node's membership records.
+    /// this node's membership records. The first election of a bootstrap is how the peers
+    /// named in it learn the cluster id.
     fn check_candidate<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        self.check(request, true)
+        self.check(request, Caller::Candidate)
     }
 
-    fn check<T>(&self, request: &Request<T>, vote: bool) -> Result<(), Status> {
+    /// `check_caller` for a leader's AppendEntries or snapshot. Like a candidate's, it may
+    /// carry the cluster id to a node without one yet (new, or replaced), which adopts it.
+    fn check_leader<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.check(request, Caller::Leader)
+    }
+
+    /// Every refusal reads the same to the caller: it learns nothing of what was expected.
+    fn check<T>(&self, request: &Request<T>, caller: Caller) -> Result<(), Status> {
         let header = |name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok());
-        let theirs = header(CLUSTER_HEADER).unwrap_or("");
-        if theirs != self.node.config.cluster {
-            return Err(Status::permission_denied(format!(
-                "this node belongs to cluster '{}', the caller to '{theirs}'",
-                self.node.config.cluster
-            )));
-        }
-        self.node.identities.check(header(FROM_HEADER), header(TO_HEADER), vote).map_err(|refusal| {
-            self.log_refusal(&refusal);
-            Status::permission_denied("refused: the caller's membership does not match this node")
-        })
+        let identities = &self.node.identities;
+        identities
+            .check(header(FROM_HEADER), header(TO_HEADER), caller == Caller::Candidate)
+            .and_then(|()| {
+                identities.check_cluster(header(CLUSTER_HEADER), caller != Caller::Peer, |id| {
+                    crate::node::save_cluster_id(&self.node.config.data_dir, id)?;
+                    tracing::info!(node = identities.me.id, "joined cluster {id} (from its first Raft call)");
+                    Ok(())
+                })
+            })
+            .map_err(|refusal| {
+                self.log_refusal(&refusal);
+                Status::permission_denied("refused")
+            })
     }
 
     fn log_refusal(&self, refusal: &Refusal) {
@@ -99,6 +134,14 @@ impl RaftService {
             Refusal::WrongTarget | Refusal::Malformed => {
                 tracing::warn!(node = me.id, "refusing Raft traffic not addressed to this node: {refusal:?}")
             }
+            Refusal::OtherCluster => tracing::warn!(
+                node = me.id,
+                "refusing Raft traffic without this cluster's id (another cluster's, or a stranger's). If this \
+                 node was meant to join that cluster, empty its data directory and start it without --bootstrap"
+            ),
+            Refusal::CannotAdopt(error) => {
+                tracing::error!(node = me.id, "cannot record the cluster id the leader sent: {error}")
+            }
         }
     }
 }
@@ -117,9 +160,12 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_caller(&request)?;
+        self.check_leader(&request)?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.append_entries(rpc).await.map_err(raft_failed)?;
+        if !matches!(reply, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+            self.node.leader_contact.record();
+        }
         Ok(Response::new(message(&reply)))
     }
 
@@ -156,7 +202,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        self.check_caller(&request)?;
+        self.check_leader(&request)?;
         let mut chunks = request.into_inner();
         let dir = self.node.config.data_dir.join("snapshots");
         let number = INCOMING.fetch_add(1, Ordering::Relaxed);

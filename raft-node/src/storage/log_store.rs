@@ -74,7 +74,15 @@ impl LogStore {
     pub fn open_with(dir: &Path, segment_bytes_max: u64) -> io::Result<LogStore> {
         wal::create_dir_durably(dir)?;
         let wal = Wal::open_with(dir, segment_bytes_max).map_err(io_error)?;
-        let vote = read_decoded(dir, VOTE_FILE)?;
+        let vote: Option<Vote> = read_decoded(dir, VOTE_FILE)?;
+        if let Some(vote) = &vote {
+            crate::net::bounds::check_vote(vote).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: the saved vote is damaged: {e}", dir.join(VOTE_FILE).display()),
+                )
+            })?;
+        }
         let last_purged = read_decoded(dir, PURGED_FILE)?;
         let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;
         check_committed_on_log(dir, committed, wal.last_index().map(|i| i - 1), last_purged)?;
