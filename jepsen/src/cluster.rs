@@ -70,6 +70,9 @@ pub struct Cluster {
     /// Nodes whose files the `corrupt` nemesis damaged, until its heal has looked at them: a
     /// refusal to start is what they should do, not a crash.
     damaged: BTreeSet<u64>,
+    /// Nodes the `corrupt` nemesis damaged and that still run on those files (until wiped):
+    /// damage it did not notice at start may surface later, and stopping on it is right.
+    ever_damaged: BTreeSet<u64>,
     /// Each node's disk, mounted on its data directory. Declared last: unmounted after the
     /// processes are gone.
     disks: BTreeMap<u64, FaultFs>,
@@ -162,6 +165,7 @@ impl Cluster {
             disk_failing: BTreeSet::new(),
             disk_faulted: BTreeSet::new(),
             damaged: BTreeSet::new(),
+            ever_damaged: BTreeSet::new(),
             disks,
         };
         for id in members {
@@ -306,6 +310,7 @@ impl Cluster {
     /// deletion durable: its disk was lost and replaced with an empty one. Returns how many
     /// files and directories were deleted.
     pub fn wipe(&mut self, id: u64) -> Result<usize, String> {
+        self.ever_damaged.remove(&id);
         let dir = &self.nodes[&id].data_dir;
         let failed = |e: std::io::Error| format!("cannot wipe {}: {e}", dir.display());
         let mut deleted = 0;
@@ -356,6 +361,7 @@ impl Cluster {
             .and_then(|()| std::fs::File::open(&path)?.sync_all())
             .map_err(failed)?;
         self.damaged.insert(id);
+        self.ever_damaged.insert(id);
         let shown = path.strip_prefix(&dir).unwrap_or(&path).display().to_string();
         Ok(format!("node {id}: {flips} bytes flipped in {shown} ({} bytes) at {offsets:?}", bytes.len()))
     }
@@ -442,8 +448,9 @@ impl Cluster {
 
     /// Processes that exited on their own (a crash): id and exit status. A node whose disk is
     /// failing is left alone: the heal restarts it. A node that stopped on a storage error
-    /// (exit code `EXIT_STORAGE_FAILED`) after its disk failed is what it should do, and not a
-    /// crash: it is restarted at once, as a supervisor would (its log says so).
+    /// (exit code `EXIT_STORAGE_FAILED`) after its disk failed, or after it found damage the
+    /// `corrupt` nemesis left in its files, is what it should do, and not a crash: it is
+    /// restarted at once, as a supervisor would (its log says so).
     pub fn exited(&mut self) -> Vec<(u64, String)> {
         let mut exited = Vec::new();
         let mut stopped = Vec::new();
@@ -452,7 +459,8 @@ impl Cluster {
                 continue;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                if status.code() == Some(i32::from(EXIT_STORAGE_FAILED)) && self.disk_faulted.contains(id) {
+                let expected = self.disk_faulted.contains(id) || self.ever_damaged.contains(id);
+                if status.code() == Some(i32::from(EXIT_STORAGE_FAILED)) && expected {
                     stopped.push(*id);
                 } else {
                     exited.push((*id, status.to_string()));

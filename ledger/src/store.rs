@@ -18,6 +18,9 @@ pub enum StoreError {
     Corrupt(String),
     /// An import was asked of a store that already holds state.
     NotEmpty,
+    /// The state was written by a version of tally this build does not read (not damage: it
+    /// must be left as it is).
+    OtherVersion(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -27,11 +30,20 @@ impl std::fmt::Display for StoreError {
             StoreError::Io(error) => write!(f, "io: {error}"),
             StoreError::Corrupt(what) => write!(f, "corrupt ledger state: {what}"),
             StoreError::NotEmpty => write!(f, "cannot import a snapshot into a non-empty store"),
+            StoreError::OtherVersion(what) => write!(f, "{what}"),
         }
     }
 }
 
 impl std::error::Error for StoreError {}
+
+impl StoreError {
+    /// The stored bytes are damaged (a checksum or a decoding failed), as opposed to a disk that
+    /// fails: the state cannot be trusted, but a copy of it can be rebuilt.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, StoreError::Corrupt(_) | StoreError::Sled(sled::Error::Corruption { .. }))
+    }
+}
 
 impl From<sled::Error> for StoreError {
     fn from(error: sled::Error) -> Self {

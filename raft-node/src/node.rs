@@ -154,10 +154,11 @@ pub fn save_cluster_id(dir: &std::path::Path, cluster_id: &str) -> Result<(), St
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// A fresh incarnation: random, never 0 (0 means "not recorded").
+/// A fresh incarnation: random, never 0 (0 means "not recorded"), and 63 bits, as TOML's
+/// integers are signed 64-bit (`identity.toml`).
 fn new_incarnation() -> u64 {
     loop {
-        let incarnation: u64 = rand::random();
+        let incarnation: u64 = rand::random::<u64>() >> 1;
         if incarnation != 0 {
             return incarnation;
         }
@@ -331,13 +332,18 @@ pub enum StartError {
     /// Its write-ahead log or its state cannot be read back (damaged, or a failing disk): it
     /// cannot serve, and what to do is in the message. Exit code `EXIT_DATA_UNREADABLE`.
     DataUnreadable(String),
+    /// Re-applying the log at start found the ledger state damaged and marked it: started again
+    /// (a supervisor's restart), the node rebuilds it. Exit code `EXIT_STORAGE_FAILED`.
+    StateDamaged(String),
     Other(String),
 }
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::DataUnreadable(message) | StartError::Other(message) => f.write_str(message),
+            StartError::DataUnreadable(message)
+            | StartError::StateDamaged(message)
+            | StartError::Other(message) => f.write_str(message),
         }
     }
 }
@@ -377,6 +383,17 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         .map_err(|e| unreadable(&config, "the write-ahead log (wal/)", e))?;
     let machine = StateMachine::open(&config.data_dir, config.cache_bytes)
         .map_err(|e| unreadable(&config, "the ledger state (state/, snapshots/)", e))?;
+    // A rebuilt state starts at the local snapshot; the log must go on from there.
+    let (applied, purged) = (machine.shared.applied().last_applied, log.last_purged());
+    if applied < purged {
+        return Err(unreadable(
+            &config,
+            "the ledger state (state/, snapshots/)",
+            format!(
+                "it ends at {applied:?}, but the log was purged up to {purged:?}, with no snapshot to cover the gap"
+            ),
+        ));
+    }
     let state = machine.shared.clone();
     let raft_config =
         Arc::new(raft_config(&config).validate().map_err(|e| format!("raft configuration: {e}"))?);
@@ -388,7 +405,16 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         machine,
     )
     .await
-    .map_err(|e| format!("cannot start raft: {e}"))?;
+    .map_err(|e| {
+        if crate::storage::state_machine::marked_damaged(&config.data_dir) {
+            StartError::StateDamaged(format!(
+                "re-applying the log found the ledger state damaged ({e}); it is marked, and this node \
+                 rebuilds it from its snapshot and log when started again"
+            ))
+        } else {
+            StartError::Other(format!("cannot start raft: {e}"))
+        }
+    })?;
     let clock = ClusterClock::new(config.clock_tolerance_ms, config.clock_skew_file.clone());
     let batcher = Batcher::start(
         raft.clone(),

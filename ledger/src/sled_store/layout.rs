@@ -70,7 +70,9 @@ impl Layout {
         };
         let version = u32::from_le_bytes(take(4)?.try_into().unwrap());
         if version != LAYOUT_VERSION {
-            return Err(StoreError::Corrupt(format!("store layout version {version}")));
+            return Err(StoreError::OtherVersion(format!(
+                "store layout version {version}; this build reads version {LAYOUT_VERSION}"
+            )));
         }
         let next_run = u64::from_le_bytes(take(8)?.try_into().unwrap());
         let mut kinds: [Vec<u64>; 3] = Default::default();

@@ -320,7 +320,7 @@ fn sync_directory(path: &Path) -> StoreResult<()> {
 }
 
 fn old_layout(path: &Path) -> StoreError {
-    StoreError::Corrupt(format!(
+    StoreError::OtherVersion(format!(
         "{} holds a ledger state written by an older tally (schema 1, one sled key per record), \
          which this build does not read. Rebuild it from a peer: `tally cluster remove` this \
          node, delete its data directory, and start it with `--join` (it receives a snapshot)",

@@ -211,6 +211,10 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             eprintln!("tally: error: {error}");
             return ExitCode::from(crate::node::EXIT_DATA_UNREADABLE);
         }
+        Err(error @ crate::node::StartError::StateDamaged(_)) => {
+            eprintln!("tally: error: {error}");
+            return ExitCode::from(crate::node::EXIT_STORAGE_FAILED);
+        }
         Err(error) => return fail(&error.to_string()),
     };
     eprintln!("tally: node {id} serving on {listen}");

@@ -69,6 +69,11 @@ impl LogStore {
         LogStore::open_with(dir, wal::SEGMENT_BYTES_MAX)
     }
 
+    /// The last log id purged from the log (behind a snapshot), if any.
+    pub fn last_purged(&self) -> Option<LogId> {
+        *self.shared.last_purged.lock().unwrap()
+    }
+
     /// `open` with WAL segments that roll over at `segment_bytes_max`: small in chaos runs, so
     /// that segment rolls happen every few seconds and power cuts can land in one.
     pub fn open_with(dir: &Path, segment_bytes_max: u64) -> io::Result<LogStore> {

@@ -38,6 +38,9 @@ pub const INCOMING_PREFIX: &str = "incoming-";
 /// A snapshot being exported, renamed into place once complete.
 const BUILDING_FILE: &str = "building.tmp";
 const SNAPSHOT_META_FILE: &str = "current.meta";
+/// Written when applying finds the ledger state damaged: the next start discards the state and
+/// rebuilds it (`StateMachine::open`).
+pub const DAMAGED_MARKER: &str = "state.damaged";
 
 /// What the state machine has applied, stored atomically with the state it describes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -90,6 +93,52 @@ fn io_error(error: impl std::fmt::Display) -> io::Error {
     io::Error::other(error.to_string())
 }
 
+/// A ledger error while applying. Damage (a checksum that does not match) marks the state for
+/// a rebuild at the next start, durably, and is reported as `InvalidData`.
+fn apply_error(data_dir: &Path, error: ledger::StoreError) -> io::Error {
+    if !error.is_damage() {
+        return io_error(error);
+    }
+    let marked = wal::write_file_atomic(data_dir, DAMAGED_MARKER, error.to_string().as_bytes());
+    let then = match marked {
+        Ok(()) => "restarted, the node rebuilds it from its snapshot and log",
+        Err(_) => "it could not even be marked for a rebuild",
+    };
+    io::Error::new(io::ErrorKind::InvalidData, format!("the ledger state is damaged ({error}); {then}"))
+}
+
+/// Whether applying found the state damaged (see `apply_error`).
+pub fn marked_damaged(data_dir: &Path) -> bool {
+    data_dir.join(DAMAGED_MARKER).exists()
+}
+
+/// Discards a damaged state and opens an empty one in its place. `open` then reloads the local
+/// snapshot (checked whole as it is imported), and openraft re-applies the log after it; a log
+/// is purged only behind a durable snapshot, so together they hold every applied entry
+/// (`node::start` refuses the one case where they would not: no snapshot and a purged log).
+fn rebuild(
+    data_dir: &Path,
+    options: StoreOptions,
+    why: &io::Error,
+) -> io::Result<(Ledger<SledStore>, AppliedState)> {
+    tracing::warn!(
+        "the ledger state in {} is damaged ({why}); rebuilding it from the local snapshot and log",
+        data_dir.display()
+    );
+    let state = data_dir.join(STATE_DIR);
+    if state.exists() {
+        std::fs::remove_dir_all(&state)?;
+    }
+    std::fs::File::open(data_dir)?.sync_all()?;
+    let opened = open_ledger(&state, options)?;
+    let marker = data_dir.join(DAMAGED_MARKER);
+    if marker.exists() {
+        std::fs::remove_file(&marker)?;
+        std::fs::File::open(data_dir)?.sync_all()?;
+    }
+    Ok(opened)
+}
+
 fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(Ledger<SledStore>, AppliedState)> {
     // sled 0.34 panics on some damage it finds while recovering its log (a flipped byte in its
     // `db` file: "tried to serialize Uninitialized") instead of returning an error. A node must
@@ -102,7 +151,17 @@ fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(Ledger<SledSto
             .unwrap_or_else(|| "a panic".into());
         io::Error::new(io::ErrorKind::InvalidData, format!("sled cannot recover {}: {what}", path.display()))
     })?;
-    let ledger = Ledger::open(opened.map_err(io_error)?).map_err(io_error)?;
+    // Damage found while opening (a checksum, a record that does not decode) is `InvalidData`,
+    // which `StateMachine::open` rebuilds; anything else (another version's state, a failing
+    // disk) is left as it is.
+    let opened_error = |error: ledger::StoreError| {
+        if error.is_damage() {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {error}", path.display()))
+        } else {
+            io_error(error)
+        }
+    };
+    let ledger = Ledger::open(opened.map_err(opened_error)?).map_err(opened_error)?;
     let applied = match ledger.store().meta_raw(ledger::codec::META_APP_KEY).map_err(io_error)? {
         Some(bytes) => {
             decode(&bytes).map_err(|e| io_error(format!("applied state in {}: {e}", path.display())))?
@@ -120,7 +179,16 @@ impl StateMachine {
         wal::create_dir_durably(&data_dir.join(SNAPSHOT_DIR))?;
         remove_leftovers(&data_dir.join(SNAPSHOT_DIR))?;
         recover_install(data_dir)?;
-        let (ledger, applied) = open_ledger(&data_dir.join(STATE_DIR), options)?;
+        let opened = if marked_damaged(data_dir) {
+            Err(io::Error::new(io::ErrorKind::InvalidData, "marked damaged when an entry was applied"))
+        } else {
+            open_ledger(&data_dir.join(STATE_DIR), options)
+        };
+        let (ledger, applied) = match opened {
+            Ok(opened) => opened,
+            Err(error) if error.kind() == io::ErrorKind::InvalidData => rebuild(data_dir, options, &error)?,
+            Err(error) => return Err(error),
+        };
         let machine = StateMachine {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
@@ -162,10 +230,10 @@ impl StateMachine {
             EntryPayload::Normal(request) => Response {
                 replies: ledger
                     .apply(&request.batches, request.timestamp_proposed, Some(&meta))
-                    .map_err(io_error)?,
+                    .map_err(|e| apply_error(&self.shared.data_dir, e))?,
             },
             _ => {
-                ledger.apply(&[], 0, Some(&meta)).map_err(io_error)?;
+                ledger.apply(&[], 0, Some(&meta)).map_err(|e| apply_error(&self.shared.data_dir, e))?;
                 Response::default()
             }
         };
