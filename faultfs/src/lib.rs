@@ -495,6 +495,21 @@ struct Handler {
     disk: Arc<Mutex<Disk>>,
 }
 
+impl Handler {
+    /// Runs an fsync under the disk's lock, then takes the slow-sync delay without it (writes
+    /// to other files go on meanwhile).
+    fn sync(&self, sync: impl FnOnce(&mut Disk) -> Result<(), Errno>) -> Result<(), Errno> {
+        let (result, delay) = {
+            let mut disk = self.disk.lock().unwrap();
+            (sync(&mut disk), disk.sync_delay)
+        };
+        if let (Ok(()), Some(delay)) = (result, delay) {
+            std::thread::sleep(delay);
+        }
+        result
+    }
+}
+
 fn reply_entry(result: Result<FileAttr, Errno>, reply: ReplyEntry) {
     match result {
         Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -651,14 +666,7 @@ impl Filesystem for Handler {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let (result, delay) = {
-            let mut disk = self.disk.lock().unwrap();
-            (disk.sync_file(ino.0), disk.sync_delay)
-        };
-        if let (Ok(()), Some(delay)) = (result, delay) {
-            std::thread::sleep(delay);
-        }
-        reply_empty(result, reply);
+        reply_empty(self.sync(|disk| disk.sync_file(ino.0)), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -692,14 +700,7 @@ impl Filesystem for Handler {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let (result, delay) = {
-            let mut disk = self.disk.lock().unwrap();
-            (disk.sync_directory(ino.0), disk.sync_delay)
-        };
-        if let (Ok(()), Some(delay)) = (result, delay) {
-            std::thread::sleep(delay);
-        }
-        reply_empty(result, reply);
+        reply_empty(self.sync(|disk| disk.sync_directory(ino.0)), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
