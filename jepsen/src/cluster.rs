@@ -43,7 +43,10 @@ const CLUSTER_NAME: &str = "jepsen";
 pub struct NodeSpec {
     pub id: u64,
     pub site: String,
+    /// The client door: clients and operators (the workload, the nemeses) call it directly.
     pub address: SocketAddr,
+    /// The peer door: other nodes reach it only through the proxies (`--route`).
+    pub peer_address: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -128,13 +131,15 @@ impl Cluster {
         }
         let initial = plan.len();
         plan.extend((0..spares).map(|spare| site_name(layout.len() + spare)));
-        let addresses = free_addresses(plan.len())?;
-        for (index, (site, address)) in plan.into_iter().zip(addresses).enumerate() {
+        let mut addresses = free_addresses(plan.len() * 2)?.into_iter();
+        for (index, site) in plan.into_iter().enumerate() {
             let id = index as u64 + 1;
+            let (address, peer_address) = (addresses.next().unwrap(), addresses.next().unwrap());
             let spec = NodeSpec {
                 id,
                 site,
                 address,
+                peer_address,
                 data_dir: data_root.join(format!("node-{id}")),
                 log: logs.join(format!("node-{id}.log")),
             };
@@ -149,7 +154,7 @@ impl Cluster {
             })?;
             disks.insert(spec.id, disk);
         }
-        let targets = nodes.values().map(|n| (n.id, n.address)).collect();
+        let targets = nodes.values().map(|n| (n.id, n.peer_address)).collect();
         let proxies = Proxies::start(&targets).await?;
         let members: BTreeSet<u64> = (1..=initial as u64).collect();
         let mut cluster = Cluster {
@@ -178,7 +183,13 @@ impl Cluster {
         let spec = &self.nodes[&id];
         let mut command = Command::new(&self.binary);
         command.args(["serve", "--cluster", CLUSTER_NAME, "--id", &id.to_string(), "--site", &spec.site]);
-        command.args(["--listen", &spec.address.to_string(), "--data-dir"]).arg(&spec.data_dir);
+        command.args([
+            "--listen",
+            &spec.address.to_string(),
+            "--peer-listen",
+            &spec.peer_address.to_string(),
+        ]);
+        command.arg("--data-dir").arg(&spec.data_dir);
         command.args(["--clock-tolerance-ms", &CLOCK_TOLERANCE_MS.to_string()]);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
         command.args(["--wal-segment-bytes", WAL_SEGMENT_BYTES]);
@@ -189,7 +200,8 @@ impl Cluster {
             command.arg("--bootstrap");
             for peer in self.members.iter().filter(|peer| **peer != id) {
                 let peer = &self.nodes[peer];
-                command.args(["--peer", &format!("{}={}@{}", peer.id, peer.address, peer.site)]);
+                let addresses = format!("{},{}", peer.address, peer.peer_address);
+                command.args(["--peer", &format!("{}={addresses}@{}", peer.id, peer.site)]);
             }
         }
         command.args(&self.extra_args);

@@ -642,6 +642,7 @@ async fn churn(cluster: &mut Cluster, pick_value: u64) -> Result<String, String>
     let request = v1::AddNodeRequest {
         id: spare,
         address: cluster.address(spare),
+        peer_address: cluster.nodes[&spare].peer_address.to_string(),
         site: site.clone(),
         learner_only: false,
         force: false,

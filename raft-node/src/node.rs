@@ -28,10 +28,17 @@ use crate::types::{NodeId, NodeInfo, Raft};
 pub struct NodeConfig {
     pub id: NodeId,
     pub site: String,
-    /// Address to listen on for gRPC.
+    /// Address of the client door: `tally.v1.Ledger` for clients, `tally.v1.Cluster` for
+    /// operators, health and reflection.
     pub listen: SocketAddr,
-    /// Address other nodes and clients use to reach this node; defaults to `listen`.
+    /// Address clients and operators use to reach this node; defaults to `listen`.
     pub advertise: Option<String>,
+    /// Address of the peer door: `tally.v1.Raft` and the requests other nodes forward, for this
+    /// cluster's nodes only. Bind it to the network between the sites.
+    pub peer_listen: SocketAddr,
+    /// Address other nodes use to reach this node's peer door; defaults to `peer_listen`.
+    #[serde(default)]
+    pub peer_advertise: Option<String>,
     pub data_dir: PathBuf,
     /// A name shared by all nodes of one cluster; a node refuses data and peers of another.
     #[serde(default = "default_cluster")]
@@ -42,7 +49,7 @@ pub struct NodeConfig {
     /// The other initial voters, for `bootstrap`.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
-    /// Ask the node at this address to add this one to its cluster (as a voter).
+    /// Ask the node whose peer door is at this address to add this one to its cluster (as a voter).
     #[serde(default)]
     pub join: Option<String>,
     #[serde(default = "default_election_timeout_ms")]
@@ -62,8 +69,8 @@ pub struct NodeConfig {
     /// Memory for the ledger state's caches (sled's page cache and decoded accounts), in bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
-    /// Reach node ID at this address instead of the one the membership records, for all
-    /// node-to-node traffic (Raft and forwarded requests): a NAT, a tunnel, or a chaos harness's
+    /// Reach node ID's peer door at this address instead of the one the membership records, for
+    /// all node-to-node traffic (Raft and forwarded requests): a NAT, a tunnel, or a chaos harness's
     /// fault-injecting proxy between this node and that one.
     #[serde(default)]
     pub routes: BTreeMap<NodeId, String>,
@@ -83,7 +90,10 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerConfig {
     pub id: NodeId,
+    /// Its client door.
     pub address: String,
+    /// Its peer door.
+    pub peer_address: String,
     pub site: String,
 }
 
@@ -114,8 +124,17 @@ impl NodeConfig {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
     }
 
+    pub fn peer_advertise(&self) -> String {
+        self.peer_advertise.clone().unwrap_or_else(|| self.peer_listen.to_string())
+    }
+
     pub fn info(&self, incarnation: u64) -> NodeInfo {
-        NodeInfo { address: self.advertise(), site: self.site.clone(), incarnation }
+        NodeInfo {
+            address: self.advertise(),
+            peer_address: self.peer_advertise(),
+            site: self.site.clone(),
+            incarnation,
+        }
     }
 }
 
@@ -286,16 +305,21 @@ impl NodeHandle {
         self.leader() == Some(self.id())
     }
 
-    /// The address the membership records for node `id`: what clients use to reach it.
+    /// Node `id`'s client door, as the membership records it: what clients use to reach it.
     pub fn advertised_address_of(&self, id: NodeId) -> Option<String> {
-        let metrics = self.raft.metrics();
-        let membership = metrics.borrow_watched().membership_config.clone();
-        membership.membership().get_node(&id).map(|n| n.address.clone())
+        self.member(id).map(|n| n.address)
     }
 
-    /// The address this node uses to reach node `id`: its route, or the membership's address.
+    /// The address this node uses to reach node `id`'s peer door: its route, or the
+    /// membership's peer address.
     pub fn address_of(&self, id: NodeId) -> Option<String> {
-        self.config.routes.get(&id).cloned().or_else(|| self.advertised_address_of(id))
+        self.config.routes.get(&id).cloned().or_else(|| self.member(id).map(|n| n.peer_address))
+    }
+
+    fn member(&self, id: NodeId) -> Option<NodeInfo> {
+        let metrics = self.raft.metrics();
+        let membership = metrics.borrow_watched().membership_config.clone();
+        membership.membership().get_node(&id).cloned()
     }
 }
 
@@ -379,8 +403,11 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         claimed.cluster_id,
     ));
     let segment_bytes = config.wal_segment_bytes.unwrap_or(crate::storage::wal::SEGMENT_BYTES_MAX);
-    let log = LogStore::open_with(&config.data_dir.join("wal"), segment_bytes)
-        .map_err(|e| unreadable(&config, "the write-ahead log (wal/)", e))?;
+    let log =
+        LogStore::open_with(&config.data_dir.join("wal"), segment_bytes).map_err(|e| match e.kind() {
+            std::io::ErrorKind::Unsupported => StartError::Other(e.to_string()),
+            _ => unreadable(&config, "the write-ahead log (wal/)", e),
+        })?;
     let machine = StateMachine::open(&config.data_dir, config.cache_bytes)
         .map_err(|e| unreadable(&config, "the ledger state (state/, snapshots/)", e))?;
     // A rebuilt state starts at the local snapshot; the log must go on from there.
@@ -481,7 +508,12 @@ async fn bootstrap(node: &NodeHandle) -> Result<(), StartError> {
     for peer in &node.config.peers {
         members.insert(
             peer.id,
-            NodeInfo { address: peer.address.clone(), site: peer.site.clone(), incarnation: 0 },
+            NodeInfo {
+                address: peer.address.clone(),
+                peer_address: peer.peer_address.clone(),
+                site: peer.site.clone(),
+                incarnation: 0,
+            },
         );
     }
     node.raft.initialize(members).await.map_err(|e| format!("cannot bootstrap the cluster: {e}").into())
@@ -492,6 +524,7 @@ async fn join(node: Arc<NodeHandle>, address: String) {
     let request = pb::AddNodeRequest {
         id: node.id(),
         address: node.config.advertise(),
+        peer_address: node.config.peer_advertise(),
         site: node.config.site.clone(),
         learner_only: false,
         force: false,
@@ -568,20 +601,31 @@ async fn report_health(node: Arc<NodeHandle>, reporter: tonic_health::server::He
     }
 }
 
-/// Serves gRPC on the configured address until `shutdown` resolves, then stops Raft.
+/// Serves the client door and the peer door on the configured addresses until `shutdown`
+/// resolves, then stops Raft.
 pub async fn serve(
     node: Arc<NodeHandle>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(node.config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", node.config.listen))?;
-    serve_on(node, listener, shutdown).await
+    let bind = |address: SocketAddr, door: &'static str| async move {
+        tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| format!("cannot listen on {address} ({door}): {e}"))
+    };
+    let clients = bind(node.config.listen, "the client door, --listen").await?;
+    let peers = bind(node.config.peer_listen, "the peer door, --peer-listen").await?;
+    serve_on(node, clients, peers, shutdown).await
 }
 
+/// The two doors (DESIGN.md, decision 11). The client door serves clients (`tally.v1.Ledger`),
+/// operators (`tally.v1.Cluster`), health and reflection. The peer door serves only what nodes
+/// ask of each other: `tally.v1.Raft`, and the Ledger and Cluster requests a node forwards to
+/// the leader or fans out for status, so that all node-to-node traffic goes one way, through
+/// one route (`--route`).
 pub async fn serve_on(
     node: Arc<NodeHandle>,
-    listener: tokio::net::TcpListener,
+    clients: tokio::net::TcpListener,
+    peers: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -590,10 +634,13 @@ pub async fn serve_on(
         .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| e.to_string())?;
-    let ledger = pb::ledger_server::LedgerServer::new(crate::service::LedgerService::new(node.clone()))
-        .max_decoding_message_size(crate::service::LEDGER_REQUEST_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_BYTES_MAX);
-    let cluster = pb::cluster_server::ClusterServer::new(crate::service::ClusterService::new(node.clone()));
+    let ledger = || {
+        pb::ledger_server::LedgerServer::new(crate::service::LedgerService::new(node.clone()))
+            .max_decoding_message_size(crate::service::LEDGER_REQUEST_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    };
+    let cluster =
+        || pb::cluster_server::ClusterServer::new(crate::service::ClusterService::new(node.clone()));
     let raft = pb::raft_server::RaftServer::new(crate::service::RaftService::new(node.clone()))
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
@@ -601,37 +648,35 @@ pub async fn serve_on(
         raft,
         crate::service::refuse_strangers(node.identities.clone()),
     );
-    // Nagle's algorithm off on every accepted connection: small replies held back waiting for
-    // the client's delayed ACK cost 40 ms each. (`Server::tcp_nodelay` covers only `serve(addr)`.)
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let (stopping, stop_requested) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        // Streams a peer reset before this node got to them: every heartbeat to a frozen node
-        // times out after 50 ms and is reset, and h2's default of 20 answered a thawed node's
-        // peers with GOAWAY (too_many_resets), cutting replication. Still bounded, against
-        // rapid-reset floods.
-        .http2_max_pending_accept_reset_streams(Some(RESET_STREAMS_PENDING_MAX))
+    let (stopping, stop_requested) = tokio::sync::watch::channel(false);
+    let stopped = |mut watch: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = watch.wait_for(|stopping| *stopping).await;
+    };
+    let client_door = door_server()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ledger)
-        .add_service(cluster)
+        .add_service(ledger())
+        .add_service(cluster())
+        .serve_with_incoming_shutdown(incoming(clients), stopped(stop_requested.clone()));
+    let peer_door = door_server()
         .add_service(raft)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            let _ = stopping.send(());
-        });
+        .add_service(ledger())
+        .add_service(cluster())
+        .serve_with_incoming_shutdown(incoming(peers), stopped(stop_requested.clone()));
+    let doors = async { tokio::try_join!(client_door, peer_door).map(|_| ()) };
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
     // A graceful stop waits for requests in flight, but not forever: a request waiting for a
     // commit that will never come (this node was removed, or lost its quorum) must not keep
     // the process alive after SIGTERM.
     let drain_deadline = async {
-        if stop_requested.await.is_ok() {
-            tokio::time::sleep(SHUTDOWN_DRAIN_MAX).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
+        signal.await;
+        tokio::time::sleep(SHUTDOWN_DRAIN_MAX).await;
     };
     let result = tokio::select! {
-        served = server => served.map_err(|e| format!("gRPC server: {e}")),
+        served = doors => served.map_err(|e| format!("gRPC server: {e}")),
         () = drain_deadline => {
             tracing::warn!(node = node.id(), "requests still in flight {SHUTDOWN_DRAIN_MAX:?} after the stop signal; stopping anyway");
             Ok(())
@@ -639,6 +684,21 @@ pub async fn serve_on(
     };
     let _ = node.raft.shutdown().await;
     result
+}
+
+fn door_server() -> tonic::transport::Server {
+    // Streams a peer reset before this node got to them: every heartbeat to a frozen node
+    // times out after 50 ms and is reset, and h2's default of 20 answered a thawed node's
+    // peers with GOAWAY (too_many_resets), cutting replication. Still bounded, against
+    // rapid-reset floods.
+    tonic::transport::Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(RESET_STREAMS_PENDING_MAX))
+}
+
+/// Accepted connections, with Nagle's algorithm off: small replies held back waiting for the
+/// client's delayed ACK cost 40 ms each. (`Server::tcp_nodelay` covers only `serve(addr)`.)
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Streams reset by the peer before they were accepted that a connection tolerates: a 50 ms

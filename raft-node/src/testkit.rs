@@ -13,7 +13,10 @@ use tally_client::{Client, v1};
 pub struct NodeSpec {
     pub id: u64,
     pub site: String,
+    /// The client door.
     pub address: String,
+    /// The peer door.
+    pub peer_address: String,
     pub data_dir: PathBuf,
 }
 
@@ -57,6 +60,7 @@ impl TestCluster {
             id,
             site: site.to_string(),
             address: format!("127.0.0.1:{}", free_port()),
+            peer_address: format!("127.0.0.1:{}", free_port()),
             data_dir: self.dir.path().join(format!("node-{id}")),
         };
         self.nodes.insert(id, spec);
@@ -67,12 +71,14 @@ impl TestCluster {
         let spec = &self.nodes[&id];
         let mut command = Command::new(&self.binary);
         command.args(["serve", "--cluster", "test", "--id", &id.to_string(), "--site", &spec.site]);
-        command.args(["--listen", &spec.address, "--data-dir"]).arg(&spec.data_dir);
+        command.args(["--listen", &spec.address, "--peer-listen", &spec.peer_address, "--data-dir"]);
+        command.arg(&spec.data_dir);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
         if bootstrap {
             command.arg("--bootstrap");
             for peer in self.nodes.values().filter(|n| n.id != id && n.id <= 3) {
-                command.args(["--peer", &format!("{}={}@{}", peer.id, peer.address, peer.site)]);
+                let addresses = format!("{},{}", peer.address, peer.peer_address);
+                command.args(["--peer", &format!("{}={addresses}@{}", peer.id, peer.site)]);
             }
         }
         command.args(&self.extra_args);
@@ -168,6 +174,10 @@ impl TestCluster {
 
     pub fn address(&self, id: u64) -> String {
         self.nodes[&id].address.clone()
+    }
+
+    pub fn peer_address(&self, id: u64) -> String {
+        self.nodes[&id].peer_address.clone()
     }
 
     pub fn client(&self, timeout: Duration) -> Client {

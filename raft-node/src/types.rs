@@ -33,8 +33,12 @@ pub type Snapshot =
 /// A member of the cluster: where to reach it and which site (data center) it is in.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
-    /// `host:port` of its gRPC server, as other nodes and clients reach it.
+    /// `host:port` of its client door (`tally.v1.Ledger` and `tally.v1.Cluster`), as clients and
+    /// operators reach it.
     pub address: String,
+    /// `host:port` of its peer door (`tally.v1.Raft` and requests other nodes forward), as
+    /// other nodes reach it.
+    pub peer_address: String,
     pub site: String,
     /// The incarnation of its data directory (`net::identity`); 0 until the leader records it.
     pub incarnation: u64,
@@ -42,7 +46,7 @@ pub struct NodeInfo {
 
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.address, self.site)
+        write!(f, "{} (peers {})@{}", self.address, self.peer_address, self.site)
     }
 }
 

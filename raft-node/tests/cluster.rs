@@ -252,6 +252,7 @@ async fn membership_changes_under_load_obey_the_site_rule() {
         .add_node(v1::AddNodeRequest {
             id: 5,
             address: "127.0.0.1:1".into(),
+            peer_address: "127.0.0.1:2".into(),
             site: "site-a".into(),
             learner_only: false,
             force: false,
@@ -274,6 +275,7 @@ async fn membership_changes_under_load_obey_the_site_rule() {
     let request = v1::AddNodeRequest {
         id: 4,
         address: address.clone(),
+        peer_address: cluster.peer_address(4),
         site: "site-d".into(),
         learner_only: false,
         force: false,
@@ -488,9 +490,11 @@ async fn a_node_refuses_someone_elses_data_directory() {
     cluster.stop(1);
     let data_dir = cluster.nodes[&1].data_dir.clone();
     let address = format!("127.0.0.1:{}", raft_node::testkit::free_port());
+    let peer_address = format!("127.0.0.1:{}", raft_node::testkit::free_port());
     let run = |args: &[&str]| {
         std::process::Command::new(TALLY)
-            .args(["serve", "--site", "site-a", "--listen", &address, "--data-dir"])
+            .args(["serve", "--site", "site-a", "--listen", &address, "--peer-listen", &peer_address])
+            .arg("--data-dir")
             .arg(&data_dir)
             .args(args)
             .output()
@@ -508,7 +512,8 @@ async fn a_node_refuses_someone_elses_data_directory() {
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("something"), b"not tally").unwrap();
     let output = std::process::Command::new(TALLY)
-        .args(["serve", "--id", "1", "--site", "a", "--listen", &address, "--data-dir"])
+        .args(["serve", "--id", "1", "--site", "a", "--listen", &address, "--peer-listen", &peer_address])
+        .arg("--data-dir")
         .arg(&foreign)
         .output()
         .unwrap();
@@ -818,7 +823,11 @@ async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
         leader_commit: Some(log_id::<TypeConfig>(1, 99, 0)),
     };
     for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
-        let address = cluster.address(id);
+        // The client door has no Raft service at all.
+        let original = vec![("x-tally-cluster", "tally".to_string()), ("x-tally-from", "99.0".into())];
+        let code = forged_append(&cluster.address(id), &original, append(1_000_000, None)).await;
+        assert_eq!(code, tonic::Code::Unimplemented, "node {id}: Raft at the client door");
+        let address = cluster.peer_address(id);
         let to = format!("{id}.0");
         let stranger = |cluster: &str| {
             vec![

@@ -20,8 +20,12 @@ pub enum ClusterCommand {
         client: ClientArgs,
         #[arg(long)]
         id: u64,
+        /// Its client door (its --advertise, or --listen).
         #[arg(long)]
         address: String,
+        /// Its peer door (its --peer-advertise, or --peer-listen).
+        #[arg(long)]
+        peer_address: String,
         #[arg(long)]
         site: String,
         #[arg(long)]
@@ -69,7 +73,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             .iter()
             .map(|n| {
                 json!({
-                    "id": n.id, "address": n.address, "site": n.site,
+                    "id": n.id, "address": n.address, "peer_address": n.peer_address, "site": n.site,
                     "role": status_name(v1::NodeRole::try_from(n.role).unwrap_or_default().as_str_name(), "NODE_ROLE_"),
                     "leader": n.is_leader, "reachable": n.reachable, "term": n.term,
                     "last_log_index": n.last_log_index, "applied_index": n.applied_index,
@@ -137,9 +141,16 @@ pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
             let status = client(&args)?.cluster_status().await;
             (args, status)
         }
-        ClusterCommand::Add { client: args, id, address, site, learner, force } => {
-            let request =
-                v1::AddNodeRequest { id, address, site, learner_only: learner, force, incarnation: 0 };
+        ClusterCommand::Add { client: args, id, address, peer_address, site, learner, force } => {
+            let request = v1::AddNodeRequest {
+                id,
+                address,
+                peer_address,
+                site,
+                learner_only: learner,
+                force,
+                incarnation: 0,
+            };
             let status = client(&args)?.add_node(request).await;
             (args, status)
         }

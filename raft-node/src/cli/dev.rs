@@ -12,7 +12,7 @@ pub struct DevArgs {
     /// Where the three nodes keep their data.
     #[arg(long, default_value = "tally-dev")]
     pub dir: PathBuf,
-    /// Node i listens on 127.0.0.1:(base_port + i).
+    /// Node i's client door is 127.0.0.1:(base_port + i), its peer door 127.0.0.1:(base_port + 100 + i).
     #[arg(long, default_value_t = 7100)]
     pub base_port: u16,
 }
@@ -26,16 +26,22 @@ fn address(args: &DevArgs, id: u64) -> String {
     format!("127.0.0.1:{}", args.base_port as u64 + id)
 }
 
+fn peer_address(args: &DevArgs, id: u64) -> String {
+    format!("127.0.0.1:{}", args.base_port as u64 + 100 + id)
+}
+
 fn spawn_node(args: &DevArgs, id: u64) -> std::io::Result<Child> {
     let exe = std::env::current_exe()?;
     let data_dir = args.dir.join(format!("node-{id}"));
     let mut command = Command::new(exe);
     command.args(["serve", "--cluster", "dev", "--id", &id.to_string(), "--site", SITES[id as usize - 1]]);
-    command.args(["--listen", &address(args, id), "--data-dir"]).arg(&data_dir);
+    command.args(["--listen", &address(args, id), "--peer-listen", &peer_address(args, id), "--data-dir"]);
+    command.arg(&data_dir);
     if id == 1 {
         command.arg("--bootstrap");
         for peer in 2..=NODES {
-            command.args(["--peer", &format!("{peer}={}@{}", address(args, peer), SITES[peer as usize - 1])]);
+            let addresses = format!("{},{}", address(args, peer), peer_address(args, peer));
+            command.args(["--peer", &format!("{peer}={addresses}@{}", SITES[peer as usize - 1])]);
         }
     }
     command.spawn()
@@ -86,7 +92,12 @@ pub async fn run(args: DevArgs) -> ExitCode {
     };
     println!("tally dev: 3 nodes in 3 sites, data under {}", args.dir.display());
     for (id, node) in nodes.iter().enumerate() {
-        println!("  node {} ({}): {node}", id + 1, SITES[id]);
+        println!(
+            "  node {} ({}): {node} (peer door {})",
+            id + 1,
+            SITES[id],
+            peer_address(&args, id as u64 + 1)
+        );
     }
     println!("  leader: node {leader}");
     println!();

@@ -20,11 +20,20 @@ pub struct ServeArgs {
     pub id: Option<u64>,
     #[arg(long)]
     pub site: Option<String>,
+    /// The client door: the address clients and operators call (tally.v1.Ledger and
+    /// tally.v1.Cluster).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Address others reach this node at (defaults to --listen).
+    /// Address clients and operators reach the client door at (defaults to --listen).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// The peer door: the address other nodes of the cluster call (tally.v1.Raft and forwarded
+    /// requests), for this cluster's nodes only.
+    #[arg(long)]
+    pub peer_listen: Option<SocketAddr>,
+    /// Address other nodes reach the peer door at (defaults to --peer-listen).
+    #[arg(long)]
+    pub peer_advertise: Option<String>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Cluster name; nodes refuse data and peers of another cluster.
@@ -33,10 +42,10 @@ pub struct ServeArgs {
     /// Start a new cluster with this node and the --peer nodes as voters.
     #[arg(long)]
     pub bootstrap: bool,
-    /// Another initial voter, as ID=HOST:PORT@SITE (with --bootstrap).
+    /// Another initial voter, as ID=CLIENT_HOST:PORT,PEER_HOST:PORT@SITE (with --bootstrap).
     #[arg(long = "peer", value_parser = parse_peer)]
     pub peers: Vec<PeerConfig>,
-    /// Join the cluster that the node at this address belongs to.
+    /// Join the cluster of the node whose peer door is at this address.
     #[arg(long)]
     pub join: Option<String>,
     #[arg(long)]
@@ -52,8 +61,8 @@ pub struct ServeArgs {
     /// Memory for the ledger state's caches, e.g. 512MiB or 2GiB (default 512MiB).
     #[arg(long, value_parser = parse_bytes)]
     pub cache_bytes: Option<u64>,
-    /// Reach node ID at HOST:PORT instead of its advertised address, as ID=HOST:PORT
-    /// (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
+    /// Reach node ID's peer door at HOST:PORT instead of its advertised peer address, as
+    /// ID=HOST:PORT (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
     #[arg(long = "route", value_parser = parse_route)]
     pub routes: Vec<(u64, String)>,
     /// How far this node's clock may be from a majority of the voters' clocks before it stops
@@ -71,14 +80,19 @@ pub struct ServeArgs {
 }
 
 fn parse_peer(text: &str) -> Result<PeerConfig, String> {
-    let error = || format!("'{text}': expected ID=HOST:PORT@SITE, e.g. 2=127.0.0.1:7102@site-b");
+    let error = || {
+        format!(
+            "'{text}': expected ID=CLIENT_HOST:PORT,PEER_HOST:PORT@SITE, e.g. 2=127.0.0.1:7102,127.0.0.1:7202@site-b"
+        )
+    };
     let (id, rest) = text.split_once('=').ok_or_else(error)?;
-    let (address, site) = rest.rsplit_once('@').ok_or_else(error)?;
+    let (addresses, site) = rest.rsplit_once('@').ok_or_else(error)?;
+    let (address, peer_address) = addresses.split_once(',').ok_or_else(error)?;
     let id = id.parse().map_err(|_| error())?;
-    if address.is_empty() || site.is_empty() {
+    if address.is_empty() || peer_address.is_empty() || site.is_empty() {
         return Err(error());
     }
-    Ok(PeerConfig { id, address: address.to_string(), site: site.to_string() })
+    Ok(PeerConfig { id, address: address.into(), peer_address: peer_address.into(), site: site.into() })
 }
 
 /// A size in bytes: a number, optionally followed by KiB, MiB or GiB.
@@ -118,6 +132,11 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
         site: args.site.or(file.as_ref().map(|f| f.site.clone())).ok_or_else(|| missing("site"))?,
         listen: args.listen.or(file.as_ref().map(|f| f.listen)).ok_or_else(|| missing("listen"))?,
         advertise: args.advertise.or(file.as_ref().and_then(|f| f.advertise.clone())),
+        peer_listen: args
+            .peer_listen
+            .or(file.as_ref().map(|f| f.peer_listen))
+            .ok_or_else(|| missing("peer-listen"))?,
+        peer_advertise: args.peer_advertise.or(file.as_ref().and_then(|f| f.peer_advertise.clone())),
         data_dir: args
             .data_dir
             .or(file.as_ref().map(|f| f.data_dir.clone()))
@@ -174,6 +193,12 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
     }
     if config.id == 0 {
         return Err("--id must not be 0".into());
+    }
+    if config.peer_listen == config.listen {
+        return Err(format!(
+            "--peer-listen {} is the client door's --listen: the peer door needs its own address",
+            config.peer_listen
+        ));
     }
     if config.cluster.is_empty()
         || !config.cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')

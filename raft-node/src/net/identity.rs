@@ -166,7 +166,7 @@ mod tests {
     use super::*;
 
     fn node(incarnation: u64) -> NodeInfo {
-        NodeInfo { address: "a".into(), site: "s".into(), incarnation }
+        NodeInfo { address: "a".into(), peer_address: "p".into(), site: "s".into(), incarnation }
     }
 
     /// Node 1, incarnation 11, whose membership records node 2 as 22 and node 3 as unrecorded.

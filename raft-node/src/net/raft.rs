@@ -75,7 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Peer {
-        let address = self.routes.get(&target).unwrap_or(&node.address);
+        let address = self.routes.get(&target).unwrap_or(&node.peer_address);
         let client = channel(address).ok().map(|channel| {
             RaftClient::new(channel)
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)

@@ -44,6 +44,7 @@ impl ClusterService {
         pb::NodeStatus {
             id: self.node.id(),
             address: self.node.config.advertise(),
+            peer_address: self.node.config.peer_advertise(),
             site: self.node.config.site.clone(),
             role: if voter { pb::NodeRole::Voter } else { pb::NodeRole::Learner } as i32,
             is_leader: metrics.current_leader == Some(self.node.id()),
@@ -112,11 +113,13 @@ impl ClusterService {
         let unreachable = pb::NodeStatus {
             id,
             address: info.address.clone(),
+            peer_address: info.peer_address.clone(),
             site: info.site.clone(),
             reachable: false,
             ..pb::NodeStatus::default()
         };
-        ask_status(&self.node, &info.address).await.unwrap_or(unreachable)
+        let address = self.node.address_of(id).unwrap_or_else(|| info.peer_address.clone());
+        ask_status(&self.node, &address).await.unwrap_or(unreachable)
     }
 
     /// Runs a membership change on the leader, or forwards it.
@@ -330,20 +333,26 @@ impl pb::cluster_server::Cluster for ClusterService {
             return leader.add_node(request.into_inner()).await;
         }
         let add = request.into_inner();
-        if add.id == 0 || add.address.is_empty() || add.site.is_empty() {
-            return Err(Status::invalid_argument("id (not 0), address and site are required"));
+        if add.id == 0 || add.address.is_empty() || add.peer_address.is_empty() || add.site.is_empty() {
+            return Err(Status::invalid_argument("id (not 0), address, peer_address and site are required"));
         }
         let (mut voters, mut nodes) = self.membership();
         let existing = nodes.get(&add.id).cloned();
         if let Some(existing) = &existing
-            && (&existing.address, &existing.site) != (&add.address, &add.site)
+            && (&existing.address, &existing.peer_address, &existing.site)
+                != (&add.address, &add.peer_address, &add.site)
         {
             return Err(Status::already_exists(format!(
-                "node {} is already a member at {existing}; remove it first to change its address or site",
+                "node {} is already a member at {existing}; remove it first to change its addresses or site",
                 add.id
             )));
         }
-        let placeholder = NodeInfo { address: add.address.clone(), site: add.site.clone(), incarnation: 0 };
+        let placeholder = NodeInfo {
+            address: add.address.clone(),
+            peer_address: add.peer_address.clone(),
+            site: add.site.clone(),
+            incarnation: 0,
+        };
         nodes.insert(add.id, placeholder.clone());
         if !add.learner_only {
             voters.insert(add.id);
@@ -351,7 +360,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         }
         let incarnation = match add.incarnation {
             0 => {
-                let address = self.node.config.routes.get(&add.id).unwrap_or(&add.address).clone();
+                let address = self.node.config.routes.get(&add.id).unwrap_or(&add.peer_address).clone();
                 ask_incarnation(&self.node, add.id, &address).await?
             }
             given => given,
@@ -370,7 +379,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         // Joins as a learner, then must catch up with the log up to its own addition before it
         // may vote: a voter that cannot be reached would weaken the quorum from the start.
         let added = self.node.raft.add_learner(add.id, info, false).await.map_err(change_error)?;
-        self.wait_caught_up(add.id, &add.address, added.log_id.index).await?;
+        self.wait_caught_up(add.id, &add.peer_address, added.log_id.index).await?;
         if !add.learner_only {
             let change = ChangeMembers::AddVoterIds(BTreeSet::from([add.id]));
             self.node.raft.change_membership(change, false).await.map_err(change_error)?;
@@ -426,7 +435,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 "node {id} is the leader and has its disk; nothing to replace"
             )));
         }
-        let address = self.node.address_of(id).unwrap_or_else(|| recorded.address.clone());
+        let address = self.node.address_of(id).unwrap_or_else(|| recorded.peer_address.clone());
         let incarnation = ask_incarnation(&self.node, id, &address).await?;
         let was_voter = voters.contains(&id);
         if incarnation == recorded.incarnation {
@@ -556,7 +565,15 @@ mod tests {
         let nodes: BTreeMap<NodeId, NodeInfo> = placement
             .iter()
             .map(|(id, site, _)| {
-                (*id, NodeInfo { address: format!("n{id}"), site: site.to_string(), incarnation: 1 })
+                (
+                    *id,
+                    NodeInfo {
+                        address: format!("n{id}"),
+                        site: site.to_string(),
+                        incarnation: 1,
+                        ..NodeInfo::default()
+                    },
+                )
             })
             .collect();
         let voters: BTreeSet<NodeId> =

@@ -78,7 +78,11 @@ impl LogStore {
     /// that segment rolls happen every few seconds and power cuts can land in one.
     pub fn open_with(dir: &Path, segment_bytes_max: u64) -> io::Result<LogStore> {
         wal::create_dir_durably(dir)?;
-        let wal = Wal::open_with(dir, segment_bytes_max).map_err(io_error)?;
+        let wal = Wal::open_with(dir, segment_bytes_max).map_err(|e| match e {
+            // Not damage: the data is whole, only this build cannot read it.
+            wal::WalError::OtherVersion { .. } => io::Error::new(io::ErrorKind::Unsupported, e.to_string()),
+            e => io_error(e),
+        })?;
         let vote: Option<Vote> = read_decoded(dir, VOTE_FILE)?;
         if let Some(vote) = &vote {
             crate::net::bounds::check_vote(vote).map_err(|e| {

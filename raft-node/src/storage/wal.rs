@@ -1,9 +1,12 @@
 //! A segmented write-ahead log: the durable Raft log of a tally node.
 //!
-//! # On-disk format, version 1
+//! # On-disk format, version 2
 //!
 //! The format is a promise to every node's disk: change it only together with `FORMAT_VERSION`,
-//! and keep a reader for the old version.
+//! and keep a reader for the old version. Version 2 changed no framing: it marks logs whose
+//! membership entries give every member a peer address (`NodeInfo::peer_address`, the three
+//! doors). Version 1 logs come only from pre-release builds and are refused
+//! (`WalError::OtherVersion`), not read: no release wrote them.
 //!
 //! A log is one directory of segment files, each named `<first index, 20 digits, zero-padded>.wal`
 //! (`00000000000000000001.wal`). Files whose names do not end in `.wal` are not the log's and are
@@ -13,7 +16,7 @@
 //!
 //! ```text
 //! segment: header record*
-//! header:  magic "TALLYWAL" (8 bytes) | format version: u32 LE (1)
+//! header:  magic "TALLYWAL" (8 bytes) | format version: u32 LE (2)
 //! record:  payload_len: u32 LE | crc: u32 LE | index: u64 LE | payload (payload_len bytes)
 //! ```
 //!
@@ -65,7 +68,7 @@ pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 pub const RECORD_BYTES_MAX: u32 = 64 * 1024 * 1024;
 
 const SEGMENT_MAGIC: [u8; 8] = *b"TALLYWAL";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 const SEGMENT_HEADER_BYTES: usize = SEGMENT_MAGIC.len() + size_of::<u32>();
 /// Where the fields of a record header sit: `payload_len`, `crc`, `index`.
 const RECORD_CRC_OFFSET: usize = size_of::<u32>();
@@ -92,6 +95,11 @@ pub enum WalError {
         offset: u64,
         reason: String,
     },
+    /// A whole, valid segment of another format version: written by another build.
+    OtherVersion {
+        path: PathBuf,
+        version: u32,
+    },
 }
 
 impl fmt::Display for WalError {
@@ -101,6 +109,12 @@ impl fmt::Display for WalError {
             WalError::Corrupt { path, offset, reason } => {
                 write!(f, "wal corrupt: {} at offset {offset}: {reason}", path.display())
             }
+            WalError::OtherVersion { path, version } => write!(
+                f,
+                "{} was written by another build of tally (log format {version}; this build reads format \
+                 {FORMAT_VERSION}): run this data directory with the build that wrote it",
+                path.display()
+            ),
         }
     }
 }
@@ -109,7 +123,7 @@ impl std::error::Error for WalError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             WalError::Io(error) => Some(error),
-            WalError::Corrupt { .. } => None,
+            WalError::Corrupt { .. } | WalError::OtherVersion { .. } => None,
         }
     }
 }
@@ -669,6 +683,7 @@ fn recover_segment(
             return Ok(None);
         }
         HeaderCheck::Bad(reason) => return Err(corrupt(&path, 0, reason)),
+        HeaderCheck::OtherVersion(version) => return Err(WalError::OtherVersion { path, version }),
     }
     let scan = scan_records(&bytes, first_index);
     let bytes_len = match &scan.damage {
@@ -748,6 +763,8 @@ enum HeaderCheck {
     /// Shorter than a header, and what is there is a prefix of a valid one.
     CutShort,
     Bad(String),
+    /// A valid header of another format version.
+    OtherVersion(u32),
 }
 
 fn check_header(bytes: &[u8]) -> HeaderCheck {
@@ -763,9 +780,7 @@ fn check_header(bytes: &[u8]) -> HeaderCheck {
     }
     let version = u32_at(bytes, SEGMENT_MAGIC.len());
     if version != FORMAT_VERSION {
-        return HeaderCheck::Bad(format!(
-            "format version {version}, but this build reads version {FORMAT_VERSION}"
-        ));
+        return HeaderCheck::OtherVersion(version);
     }
     HeaderCheck::Valid
 }
@@ -1344,7 +1359,7 @@ mod tests {
 
     #[test]
     fn damaged_layout_is_corrupt() {
-        let cases: [(&str, Damager); 11] = [
+        let cases: [(&str, Damager); 10] = [
             ("bad magic, first segment", |dir| {
                 edit_file(&segment_path(dir, 1), |bytes| bytes[0] ^= 1);
                 (segment_path(dir, 1), 0, "magic")
@@ -1352,10 +1367,6 @@ mod tests {
             ("bad magic, last segment", |dir| {
                 edit_file(&segment_path(dir, 4), |bytes| bytes[3] ^= 1);
                 (segment_path(dir, 4), 0, "magic")
-            }),
-            ("a format version from the future", |dir| {
-                edit_file(&segment_path(dir, 3), |bytes| bytes[8..12].copy_from_slice(&2u32.to_le_bytes()));
-                (segment_path(dir, 3), 0, "version 2")
             }),
             ("header cut short in a segment not the last", |dir| {
                 File::options().write(true).open(segment_path(dir, 3)).unwrap().set_len(5).unwrap();
@@ -1404,6 +1415,21 @@ mod tests {
             let dir = copy_dir(golden.path());
             let (path, offset, reason_part) = damage(dir.path());
             assert_corrupt(Wal::open(dir.path()).err(), &path, offset, reason_part, name);
+        }
+    }
+
+    #[test]
+    fn a_segment_of_another_format_version_is_refused_as_such() {
+        for version in [1u32, FORMAT_VERSION + 1] {
+            let dir = write_log(70, 4);
+            let path = segment_path(dir.path(), 3);
+            edit_file(&path, |bytes| bytes[8..12].copy_from_slice(&version.to_le_bytes()));
+            match Wal::open(dir.path()).err() {
+                Some(WalError::OtherVersion { path: error_path, version: found }) => {
+                    assert_eq!((error_path, found), (path, version));
+                }
+                other => panic!("version {version}: expected OtherVersion, got {other:?}"),
+            }
         }
     }
 
@@ -1467,6 +1493,7 @@ mod tests {
                 (None, HeaderCheck::Valid) => {}
                 (Some("cut short"), HeaderCheck::CutShort) => {}
                 (Some(part), HeaderCheck::Bad(reason)) if reason.contains(part) => {}
+                (Some("version 0"), HeaderCheck::OtherVersion(0)) => {}
                 _ => panic!("{bytes:?}: expected {expected:?}, got {got:?}"),
             }
         }
