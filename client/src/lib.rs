@@ -8,12 +8,17 @@
 //! `EXISTS` and moves nothing. The client remembers which node answered last and starts there.
 //!
 //! Results are the generated protobuf types (`v1`), whose enums are typed (`status()`).
+//!
+//! Every connection is TLS (`Security::Tls`): the nodes' certificates are checked against the
+//! cluster's CA, and a client certificate, when given, says who the caller is (the operator
+//! role is needed to change the membership). `Security::Insecure` talks plaintext to a cluster
+//! started with `--insecure`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use tally_proto::v1;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use v1::cluster_client::ClusterClient;
 use v1::ledger_client::LedgerClient;
@@ -23,6 +28,33 @@ pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// The pause after the first failed attempt; it doubles up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// How a client connects.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// TLS, trusting the nodes whose certificates `ca_pem` (PEM) signed; with a client
+    /// certificate and its key (PEM) when given.
+    Tls { ca_pem: Vec<u8>, identity: Option<(Vec<u8>, Vec<u8>)> },
+    /// Plaintext, for a cluster started with `--insecure` only.
+    Insecure,
+}
+
+impl Security {
+    /// TLS from PEM files: the CA, and optionally a client certificate and its key.
+    pub fn from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Security, String> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let identity = match identity {
+            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            None => None,
+        };
+        Ok(Security::Tls { ca_pem: read(ca)?, identity })
+    }
+}
 
 /// A client of a tally cluster.
 pub struct Client {
@@ -100,18 +132,33 @@ fn answer<T, U>(response: tonic::Response<T>, take: impl FnOnce(T) -> U) -> Answ
 const LEADER_HEADER: &str = "x-tally-leader";
 
 impl Client {
-    /// A client of the nodes at `addresses` (host:port). Connections are made lazily.
-    pub fn new(addresses: &[String], timeout: Duration) -> Result<Client, String> {
+    /// A client of the nodes at `addresses` (host:port, their client doors). Connections are
+    /// made lazily.
+    pub fn new(addresses: &[String], timeout: Duration, security: &Security) -> Result<Client, String> {
         if addresses.is_empty() {
             return Err("no node addresses given".into());
         }
+        let tls = match security {
+            Security::Tls { ca_pem, identity } => {
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+                if let Some((cert, key)) = identity {
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                Some(tls)
+            }
+            Security::Insecure => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let nodes = addresses
             .iter()
             .map(|address| {
-                let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
                     .map_err(|e| format!("bad node address '{address}': {e}"))?
                     .connect_timeout(Duration::from_millis(500).min(timeout))
                     .tcp_nodelay(true);
+                if let Some(tls) = &tls {
+                    endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS settings: {e}"))?;
+                }
                 Ok((address.clone(), endpoint.connect_lazy()))
             })
             .collect::<Result<Vec<_>, String>>()?;

@@ -7,6 +7,10 @@
 //!
 //! Each node's data directory is a disk of its own: a `faultfs` mount, so that a power cut loses
 //! what that node had not fsynced (`Cluster::power_cut`).
+//!
+//! TLS is on, as in production: the run makes its own CA and certificates with `tally certs`
+//! (beside the logs), every node serves both doors with its node certificate, and the harness's
+//! clients call as an operator.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -14,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tally_client::{Client, v1};
+use tally_client::{Client, Security, v1};
 
 use faultfs::{FaultFs, PowerCut};
 
@@ -67,6 +71,10 @@ pub struct Cluster {
     pub proxies: Proxies,
     /// Flags added to every `serve`.
     extra_args: Vec<String>,
+    /// The run's CA and certificates (`tally certs`).
+    certs: PathBuf,
+    /// How the harness's clients connect: as the run's operator.
+    pub security: Security,
     /// Nodes whose disk fails now (`disk_fault`), and those whose disk ever failed.
     disk_failing: BTreeSet<u64>,
     disk_faulted: BTreeSet<u64>,
@@ -79,6 +87,44 @@ pub struct Cluster {
     /// Each node's disk, mounted on its data directory. Declared last: unmounted after the
     /// processes are gone.
     disks: BTreeMap<u64, FaultFs>,
+}
+
+/// The operator the harness's clients call as.
+const OPERATOR: &str = "jepsen";
+
+/// Makes a CA, a certificate for each node and one for the harness's operator in `dir` with
+/// `tally certs`, as an operator would; returns how clients connect with them.
+fn make_certificates(
+    binary: &Path,
+    dir: &Path,
+    nodes: impl Iterator<Item = u64>,
+) -> Result<Security, String> {
+    let run = |args: &[&str]| -> Result<(), String> {
+        let output = Command::new(binary)
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run {} certs: {e}", binary.display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "tally certs {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        Ok(())
+    };
+    run(&["ca", "--name", CLUSTER_NAME])?;
+    for id in nodes {
+        run(&["node", "--id", &id.to_string(), "--host", "127.0.0.1"])?;
+    }
+    run(&["operator", "--name", OPERATOR])?;
+    Security::from_files(
+        &dir.join("ca.pem"),
+        Some((&dir.join(format!("operator-{OPERATOR}.pem")), &dir.join(format!("operator-{OPERATOR}.key")))),
+    )
 }
 
 /// Node ports come from below Linux's ephemeral range (32768 and up), so that the proxies'
@@ -154,6 +200,8 @@ impl Cluster {
             })?;
             disks.insert(spec.id, disk);
         }
+        let certs = logs.join("certs");
+        let security = make_certificates(binary, &certs, nodes.keys().copied())?;
         let targets = nodes.values().map(|n| (n.id, n.peer_address)).collect();
         let proxies = Proxies::start(&targets).await?;
         let members: BTreeSet<u64> = (1..=initial as u64).collect();
@@ -167,6 +215,8 @@ impl Cluster {
             retired: BTreeSet::new(),
             proxies,
             extra_args,
+            certs,
+            security,
             disk_failing: BTreeSet::new(),
             disk_faulted: BTreeSet::new(),
             damaged: BTreeSet::new(),
@@ -190,6 +240,9 @@ impl Cluster {
             &spec.peer_address.to_string(),
         ]);
         command.arg("--data-dir").arg(&spec.data_dir);
+        command.arg("--ca").arg(self.certs.join("ca.pem"));
+        command.arg("--cert").arg(self.certs.join(format!("node-{id}.pem")));
+        command.arg("--key").arg(self.certs.join(format!("node-{id}.key")));
         command.args(["--clock-tolerance-ms", &CLOCK_TOLERANCE_MS.to_string()]);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
         command.args(["--wal-segment-bytes", WAL_SEGMENT_BYTES]);
@@ -512,7 +565,7 @@ impl Cluster {
     /// A client of the given nodes, trying them in that order.
     pub fn client_of(&self, ids: &[u64], timeout: Duration) -> Result<Client, String> {
         let addresses: Vec<String> = ids.iter().map(|id| self.address(*id)).collect();
-        Client::new(&addresses, timeout)
+        Client::new(&addresses, timeout, &self.security)
     }
 
     /// The leader, as the running members see it, if one answers within `timeout`.

@@ -75,6 +75,7 @@ pub async fn run(options: Options) -> Result<Report, String> {
     let all_nodes: Vec<u64> = cluster.nodes.keys().copied().collect();
     let initial: Vec<u64> = cluster.members.iter().copied().collect();
     let addresses: Vec<String> = all_nodes.iter().map(|id| cluster.address(*id)).collect();
+    let security = cluster.security.clone();
     // A tokio mutex: the nemesis holds it across awaits (a membership change waits for the new
     // node to catch up), and the progress watcher must wait for it, not block a worker thread.
     let cluster = Arc::new(Mutex::new(cluster));
@@ -104,6 +105,7 @@ pub async fn run(options: Options) -> Result<Report, String> {
             id: index as u32 + 1,
             resend: index % 2 == 1,
             addresses: order,
+            security: security.clone(),
             timeout: options.op_timeout,
             seed: options.seed.wrapping_add(index as u64 * 0x9e37_79b9),
         };

@@ -282,6 +282,7 @@ pub struct Process {
     pub resend: bool,
     /// Node addresses, in the order this process tries them.
     pub addresses: Vec<String>,
+    pub security: tally_client::Security,
     pub timeout: Duration,
     pub seed: u64,
 }
@@ -297,7 +298,7 @@ impl Process {
         stop: Arc<AtomicBool>,
     ) -> Result<(), String> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        let client = Client::new(&self.addresses, self.timeout)?;
+        let client = Client::new(&self.addresses, self.timeout, &self.security)?;
         let setup = &bank.setup;
         let mut open_pendings: Vec<TransferSpec> = Vec::new();
         while !stop.load(Ordering::Relaxed) {
@@ -373,7 +374,7 @@ impl Process {
             let mut addresses = self.addresses.clone();
             let count = addresses.len();
             addresses.rotate_left(rng.random_range(1..count.max(2)) % count.max(1));
-            let elsewhere = Client::new(&addresses, self.timeout)?;
+            let elsewhere = Client::new(&addresses, self.timeout, &self.security)?;
             outcome = transfer_op(&elsewhere, recorder, self.id, transfers, retry).await?;
         }
         Ok(outcome)

@@ -24,6 +24,7 @@ pub mod clock;
 pub mod convert;
 pub mod net;
 pub mod node;
+pub mod security;
 pub mod service;
 pub mod storage;
 pub mod testkit;

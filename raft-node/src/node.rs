@@ -18,6 +18,7 @@ use crate::batcher::Batcher;
 use crate::clock::ClusterClock;
 use crate::net::identity::{Endpoint, Identities};
 use crate::net::{MESSAGE_BYTES_MAX, Network};
+use crate::security::doors::{self, Door, Limits};
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::StateMachine;
 use crate::types::{NodeId, NodeInfo, Raft};
@@ -39,6 +40,19 @@ pub struct NodeConfig {
     /// Address other nodes use to reach this node's peer door; defaults to `peer_listen`.
     #[serde(default)]
     pub peer_advertise: Option<String>,
+    /// The cluster's CA and this node's certificate and key: TLS on both doors and to peers.
+    #[serde(default)]
+    pub tls: Option<crate::security::tls::TlsFiles>,
+    /// Plaintext on both doors and to peers, anyone may call anything: only with this set, and
+    /// never with `tls`.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Connections each door holds at a time; one more is closed at once.
+    #[serde(default = "default_connections_max")]
+    pub connections_max: usize,
+    /// A connection that sends and receives nothing for this long is closed.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
     pub data_dir: PathBuf,
     /// A name shared by all nodes of one cluster; a node refuses data and peers of another.
     #[serde(default = "default_cluster")]
@@ -99,6 +113,12 @@ pub struct PeerConfig {
 
 fn default_cluster() -> String {
     "tally".into()
+}
+pub fn default_connections_max() -> usize {
+    4096
+}
+pub fn default_idle_timeout_s() -> u64 {
+    300
 }
 fn default_election_timeout_ms() -> u64 {
     150
@@ -251,6 +271,8 @@ pub struct NodeHandle {
     pub batcher: Batcher,
     /// Channels to other nodes for forwarded requests and status fan-out.
     pub peers: crate::net::Pool,
+    /// This node's TLS (None with `--insecure`); reloaded on SIGHUP.
+    pub tls: Option<Arc<crate::security::tls::Tls>>,
     /// When this node last accepted a leader's AppendEntries (for health).
     pub leader_contact: LeaderContact,
 }
@@ -397,6 +419,23 @@ pub const EXIT_DATA_UNREADABLE: u8 = 65;
 
 /// Opens the node's storage and starts Raft and the batcher.
 pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
+    let tls = match (&config.tls, config.insecure) {
+        (Some(files), false) => Some(Arc::new(crate::security::tls::Tls::load(files.clone(), config.id)?)),
+        (None, true) => None,
+        (Some(_), true) => {
+            return Err("--insecure and TLS files (--ca, --cert, --key) exclude each other"
+                .to_string()
+                .into());
+        }
+        (None, false) => {
+            return Err(
+                "TLS needs --ca, --cert and --key (make them with `tally certs`); plaintext only with \
+                 --insecure"
+                    .to_string()
+                    .into(),
+            );
+        }
+    };
     let claimed = claim_data_dir(&config)?;
     let identities = Arc::new(Identities::new(
         Endpoint { id: config.id, incarnation: claimed.incarnation },
@@ -427,7 +466,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     let raft = Raft::new(
         config.id,
         raft_config,
-        Network::new(config.routes.clone(), identities.clone()),
+        Network::new(config.routes.clone(), identities.clone(), tls.clone()),
         log.clone(),
         machine,
     )
@@ -459,7 +498,8 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         state,
         log,
         batcher,
-        peers: crate::net::Pool::default(),
+        peers: crate::net::Pool::new(tls.clone()),
+        tls,
         leader_contact: LeaderContact::default(),
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
@@ -652,17 +692,34 @@ pub async fn serve_on(
     let stopped = |mut watch: tokio::sync::watch::Receiver<bool>| async move {
         let _ = watch.wait_for(|stopping| *stopping).await;
     };
+    let limits = Limits {
+        connections_max: node.config.connections_max,
+        idle_max: Duration::from_secs(node.config.idle_timeout_s),
+    };
+    if node.tls.is_none() {
+        tracing::warn!(
+            node = node.id(),
+            "--insecure: both doors are plaintext and anyone who reaches them may write, change the membership \
+             or pose as a node; never outside a test machine"
+        );
+    }
     let client_door = door_server()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ledger())
         .add_service(cluster())
-        .serve_with_incoming_shutdown(incoming(clients), stopped(stop_requested.clone()));
+        .serve_with_incoming_shutdown(
+            doors::incoming(clients, Door::Clients, node.tls.clone(), limits),
+            stopped(stop_requested.clone()),
+        );
     let peer_door = door_server()
         .add_service(raft)
         .add_service(ledger())
         .add_service(cluster())
-        .serve_with_incoming_shutdown(incoming(peers), stopped(stop_requested.clone()));
+        .serve_with_incoming_shutdown(
+            doors::incoming(peers, Door::Peers, node.tls.clone(), limits),
+            stopped(stop_requested.clone()),
+        );
     let doors = async { tokio::try_join!(client_door, peer_door).map(|_| ()) };
     let signal = async move {
         shutdown.await;
@@ -687,19 +744,19 @@ pub async fn serve_on(
 }
 
 fn door_server() -> tonic::transport::Server {
-    // Streams a peer reset before this node got to them: every heartbeat to a frozen node
-    // times out after 50 ms and is reset, and h2's default of 20 answered a thawed node's
-    // peers with GOAWAY (too_many_resets), cutting replication. Still bounded, against
-    // rapid-reset floods.
     tonic::transport::Server::builder()
+        // Streams a peer reset before this node got to them: every heartbeat to a frozen node
+        // times out after 50 ms and is reset, and h2's default of 20 answered a thawed node's
+        // peers with GOAWAY (too_many_resets), cutting replication. Still bounded, against
+        // rapid-reset floods.
         .http2_max_pending_accept_reset_streams(Some(RESET_STREAMS_PENDING_MAX))
+        // Calls one connection may have open at once; h2 refuses more (REFUSED_STREAM), and
+        // well-behaved clients queue them.
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
 }
 
-/// Accepted connections, with Nagle's algorithm off: small replies held back waiting for the
-/// client's delayed ACK cost 40 ms each. (`Server::tcp_nodelay` covers only `serve(addr)`.)
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
+/// Calls open at once on one connection, on either door.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 
 /// Streams reset by the peer before they were accepted that a connection tolerates: a 50 ms
 /// heartbeat to a node frozen for 30 s makes 600.

@@ -1,14 +1,19 @@
 //! A local cluster of real `tally serve` processes on 127.0.0.1, for tests and measurements.
 //!
 //! Ports are picked free by binding port 0; data lives in a temporary directory removed on drop;
-//! every process is killed on drop. Waiting is always for a condition, with a deadline.
+//! every process is killed on drop. Waiting is always for a condition, with a deadline. TLS is
+//! on, with a throwaway CA in the directory's `certs/` (`security::certs::make_local`); clients
+//! are the local operator unless a test asks for another role (`security_as`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tally_client::{Client, v1};
+use tally_client::{Client, Security, v1};
+
+use crate::security::certs;
+use crate::security::roles::Role;
 
 pub struct NodeSpec {
     pub id: u64,
@@ -27,6 +32,25 @@ pub struct TestCluster {
     processes: BTreeMap<u64, Child>,
     /// Extra flags for every `serve`.
     pub extra_args: Vec<String>,
+}
+
+/// A channel to `address` (either door) connecting as `security` says.
+pub fn channel_with(address: &str, security: &Security) -> tonic::transport::Channel {
+    let endpoint = match security.clone() {
+        Security::Insecure => tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap(),
+        Security::Tls { ca_pem, identity } => {
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+            if let Some((cert, key)) = identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+                .unwrap()
+                .tls_config(tls)
+                .expect("TLS settings")
+        }
+    };
+    endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy()
 }
 
 /// A port that was free a moment ago.
@@ -48,11 +72,48 @@ impl TestCluster {
         for (index, site) in sites.iter().enumerate() {
             cluster.define_node(index as u64 + 1, site);
         }
+        certs::make_local(&cluster.certs_dir(), 0).expect("the test cluster's CA");
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in ids {
             cluster.spawn(id, id == 1);
         }
         cluster
+    }
+
+    /// The cluster's CA and certificates.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    fn insecure(&self) -> bool {
+        self.extra_args.iter().any(|a| a == "--insecure")
+    }
+
+    /// How a client of role `role` connects (None: TLS without a client certificate); makes the
+    /// certificate the first time.
+    pub fn security_as(&self, role: Option<Role>) -> Security {
+        if self.insecure() {
+            return Security::Insecure;
+        }
+        let dir = self.certs_dir();
+        let ca = dir.join(certs::CA_CERT);
+        let Some(role) = role else { return Security::from_files(&ca, None).expect("the CA") };
+        let (cert, key) = certs::paths(&dir, &role);
+        if !cert.exists() {
+            certs::make(&dir, &role, &["127.0.0.1".into()], 1).expect("a certificate");
+        }
+        Security::from_files(&ca, Some((&cert, &key))).expect("the certificate")
+    }
+
+    /// A channel to `address` (either door) as `role` (None: no client certificate), for tests
+    /// that make calls the client library does not.
+    pub fn channel_as(&self, address: &str, role: Option<Role>) -> tonic::transport::Channel {
+        channel_with(address, &self.security_as(role))
+    }
+
+    /// The local operator's: what `client` and `client_of` use.
+    pub fn security(&self) -> Security {
+        self.security_as(Some(Role::Operator(certs::LOCAL_OPERATOR.into())))
     }
 
     pub fn define_node(&mut self, id: u64, site: &str) -> &NodeSpec {
@@ -74,6 +135,14 @@ impl TestCluster {
         command.args(["--listen", &spec.address, "--peer-listen", &spec.peer_address, "--data-dir"]);
         command.arg(&spec.data_dir);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
+        if !self.insecure() {
+            let dir = self.certs_dir();
+            let (cert, key) = certs::paths(&dir, &Role::Node(id));
+            if !cert.exists() {
+                certs::make(&dir, &Role::Node(id), &["127.0.0.1".into()], 1).expect("a node certificate");
+            }
+            command.arg("--ca").arg(dir.join(certs::CA_CERT)).arg("--cert").arg(cert).arg("--key").arg(key);
+        }
         if bootstrap {
             command.arg("--bootstrap");
             for peer in self.nodes.values().filter(|n| n.id != id && n.id <= 3) {
@@ -181,12 +250,12 @@ impl TestCluster {
     }
 
     pub fn client(&self, timeout: Duration) -> Client {
-        Client::new(&self.addresses(), timeout).expect("client")
+        Client::new(&self.addresses(), timeout, &self.security()).expect("client")
     }
 
     pub fn client_of(&self, ids: &[u64], timeout: Duration) -> Client {
         let addresses: Vec<String> = ids.iter().map(|id| self.address(*id)).collect();
-        Client::new(&addresses, timeout).expect("client")
+        Client::new(&addresses, timeout, &self.security()).expect("client")
     }
 
     /// Waits until a leader is elected among the running nodes and they all answer; returns it.

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use raft_node::security::roles::Role;
 use raft_node::testkit::TestCluster;
-use tally_client::{Client, Error, u128_from, u128_to, v1};
+use tally_client::{Client, Error, Security, u128_from, u128_to, v1};
 
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
@@ -48,7 +49,9 @@ async fn local_balances(cluster: &TestCluster, ids: &[u128]) -> BTreeMap<u64, Ve
         if !cluster.is_running(*id) {
             continue;
         }
-        let client = Client::new(std::slice::from_ref(&node.address), Duration::from_secs(5)).unwrap();
+        let client =
+            Client::new(std::slice::from_ref(&node.address), Duration::from_secs(5), &cluster.security())
+                .unwrap();
         let accounts = client.lookup_accounts(ids, v1::ReadConsistency::Local).await.expect("local lookup");
         let balances = accounts
             .iter()
@@ -376,7 +379,7 @@ async fn bad_input_gets_a_clear_answer_and_changes_nothing() {
         tonic::Code::InvalidArgument
     );
     let garbage = raw_grpc_call(
-        &cluster.address(1),
+        cluster.channel_as(&cluster.address(1), None),
         "/tally.v1.Ledger/CreateTransfers",
         &[0xff, 0xff, 0xff, 0x07, 0x01],
     )
@@ -392,9 +395,8 @@ async fn a_forwarded_request_names_the_leader_and_a_failed_hop() {
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     // A forwarded reply tells the client where the leader is.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address(follower)))
-        .unwrap()
-        .connect_lazy();
+    // A client without a certificate: the client door takes it.
+    let channel = cluster.channel_as(&cluster.address(follower), None);
     let mut ledger = v1::ledger_client::LedgerClient::new(channel);
     let started = Instant::now();
     // The follower may not have heard from the new leader yet: it answers UNAVAILABLE until then.
@@ -430,14 +432,11 @@ async fn a_forwarded_request_names_the_leader_and_a_failed_hop() {
 }
 
 /// Sends `body` as a raw gRPC message (bypassing protobuf encoding) and returns the status code.
-async fn raw_grpc_call(address: &str, path: &'static str, body: &[u8]) -> tonic::Code {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+async fn raw_grpc_call(channel: tonic::transport::Channel, path: &'static str, body: &[u8]) -> tonic::Code {
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
+    if let Err(e) = grpc.ready().await {
+        panic!("{path}: no connection: {e}");
+    }
     let codec = RawCodec;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
     match grpc.unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(body.to_vec()), path, codec).await {
@@ -494,7 +493,7 @@ async fn a_node_refuses_someone_elses_data_directory() {
     let run = |args: &[&str]| {
         std::process::Command::new(TALLY)
             .args(["serve", "--site", "site-a", "--listen", &address, "--peer-listen", &peer_address])
-            .arg("--data-dir")
+            .args(["--insecure", "--data-dir"])
             .arg(&data_dir)
             .args(args)
             .output()
@@ -513,7 +512,7 @@ async fn a_node_refuses_someone_elses_data_directory() {
     std::fs::write(foreign.join("something"), b"not tally").unwrap();
     let output = std::process::Command::new(TALLY)
         .args(["serve", "--id", "1", "--site", "a", "--listen", &address, "--peer-listen", &peer_address])
-        .arg("--data-dir")
+        .args(["--insecure", "--data-dir"])
         .arg(&foreign)
         .output()
         .unwrap();
@@ -773,14 +772,12 @@ fn cluster_id_of(cluster: &TestCluster, id: u64) -> String {
     line.split('"').nth(1).unwrap().to_string()
 }
 
-/// Sends one AppendEntries with the given headers to `address`; returns the status code.
+/// Sends one AppendEntries with the given headers on `channel`; returns the status code.
 async fn forged_append(
-    address: &str,
+    channel: tonic::transport::Channel,
     headers: &[(&'static str, String)],
     request: openraft::raft::AppendEntriesRequest<raft_node::types::TypeConfig>,
 ) -> tonic::Code {
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect_lazy();
     let mut client = tally_proto::v1::raft_client::RaftClient::new(channel);
     let mut call = tonic::Request::new(raft_node::net::raft::message(&request));
     for (name, value) in headers {
@@ -795,9 +792,11 @@ async fn forged_append(
 /// The attack from the "locked down" issue: one AppendEntries sent from outside, claiming term
 /// 1,000,000 from a made-up node 99, moved every node to term 1,000,001; one with term u64::MAX
 /// made every Raft core panic on `term + 1`, and again after every restart (the term is saved
-/// with the vote). Now a stranger's message is refused whatever it claims (it has no cluster
-/// id), and even an insider's with an out-of-bounds term or index is refused before openraft
-/// sees it: every node stays at its term and the cluster keeps serving, restarts included.
+/// with the vote). Now Raft is served only at the peer door, which takes only node certificates
+/// of the cluster's CA; a node's message is refused unless its certificate is the node it
+/// claims to be and it names the cluster's id; and even a member's with an out-of-bounds term
+/// or index is refused before openraft sees it: every node stays at its term and the cluster
+/// keeps serving, restarts included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
     use openraft::raft::AppendEntriesRequest;
@@ -807,8 +806,8 @@ async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
     cluster.wait_for_leader(DEADLINE).await;
     let client = cluster.client(Duration::from_secs(10));
     create_accounts(&client, 1..=2).await;
-    // Every node has heard from the cluster, so has its id. (A node that has not is the one
-    // window: it takes the id of the first Raft call that reaches it; certificates close it.)
+    // Every node has heard from the cluster, so has its id. (A node that has not takes the id
+    // of the first Raft call that reaches it, but only from a node certificate of the CA.)
     cluster.wait_for_convergence(DEADLINE).await;
     let terms_before: Vec<u64> = cluster.node_statuses().await.values().map(|s| s.term).collect();
     let cluster_id = cluster_id_of(&cluster, 1);
@@ -822,54 +821,97 @@ async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
         entries: entry_index.map(|index| blank_ent::<TypeConfig>(1, 99, index)).into_iter().collect(),
         leader_commit: Some(log_id::<TypeConfig>(1, 99, 0)),
     };
+    // A node certificate from another CA, for node 1.
+    let elsewhere = tempfile::tempdir().unwrap();
+    raft_node::security::certs::make_local(elsewhere.path(), 1).unwrap();
+    let (cert, key) = raft_node::security::certs::paths(elsewhere.path(), &Role::Node(1));
+    let other_ca = match cluster.security_as(None) {
+        Security::Tls { ca_pem, .. } => Security::Tls {
+            ca_pem,
+            identity: Some((std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())),
+        },
+        Security::Insecure => unreachable!("the test cluster runs TLS"),
+    };
     for id in cluster.nodes.keys().copied().collect::<Vec<_>>() {
         // The client door has no Raft service at all.
         let original = vec![("x-tally-cluster", "tally".to_string()), ("x-tally-from", "99.0".into())];
-        let code = forged_append(&cluster.address(id), &original, append(1_000_000, None)).await;
+        let operator = cluster.channel_as(&cluster.address(id), Some(Role::Operator("cli".into())));
+        let code = forged_append(operator, &original, append(1_000_000, None)).await;
         assert_eq!(code, tonic::Code::Unimplemented, "node {id}: Raft at the client door");
-        let address = cluster.peer_address(id);
+        let peer_door = cluster.peer_address(id);
+        // The peer door takes only node certificates of this cluster's CA: no connection for
+        // a caller without one, an operator, or a node certificate of another CA.
+        let refused_at_the_door = [
+            ("no certificate", cluster.channel_as(&peer_door, None)),
+            ("an operator's certificate", cluster.channel_as(&peer_door, Some(Role::Operator("cli".into())))),
+            ("another CA's node 1", raft_node::testkit::channel_with(&peer_door, &other_ca)),
+        ];
+        for (what, channel) in refused_at_the_door {
+            // With TLS 1.3 the client learns of the refusal only when it sends: a transport
+            // error, never an answer from the Raft service.
+            let code = forged_append(channel, &original, append(1_000_000, None)).await;
+            let transport =
+                matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled);
+            assert!(transport, "node {id}: {what}: {code:?}");
+        }
         let to = format!("{id}.0");
-        let stranger = |cluster: &str| {
+        let headers = |cluster: &str, from: u64| {
             vec![
                 ("x-tally-cluster", cluster.to_string()),
-                ("x-tally-from", "99.0".into()),
+                ("x-tally-from", format!("{from}.0")),
                 ("x-tally-to", to.clone()),
             ]
         };
-        type Row<'a> = (&'a str, Vec<(&'static str, String)>, AppendEntriesRequest<TypeConfig>, tonic::Code);
+        // Node 99: a certificate this CA signed for a node that is not a member. A member:
+        // another node's own certificate, as an insider with its key would have it.
+        let member = id % 3 + 1;
+        let as_node = |node: u64| cluster.channel_as(&peer_door, Some(Role::Node(node)));
+        type Row<'a> =
+            (&'a str, u64, Vec<(&'static str, String)>, AppendEntriesRequest<TypeConfig>, tonic::Code);
         let rows: Vec<Row> = vec![
             (
                 "the original recipe",
-                stranger("tally"),
+                99,
+                headers("tally", 99),
                 append(1_000_000, None),
                 tonic::Code::PermissionDenied,
             ),
-            ("no headers", vec![], append(1_000_000, None), tonic::Code::PermissionDenied),
+            ("no headers", 99, vec![], append(1_000_000, None), tonic::Code::PermissionDenied),
             (
                 "a made-up cluster id",
-                stranger(&made_up),
+                99,
+                headers(&made_up, 99),
                 append(u64::MAX, None),
                 tonic::Code::PermissionDenied,
             ),
             (
-                "an insider, term u64::MAX",
-                stranger(&cluster_id),
+                "a member's certificate, claiming to be another node",
+                member,
+                headers(&cluster_id, 99),
+                append(1_000_000, None),
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                "a member, term u64::MAX",
+                member,
+                headers(&cluster_id, member),
                 append(u64::MAX, None),
                 tonic::Code::InvalidArgument,
             ),
             (
-                "an insider, entry index u64::MAX",
-                stranger(&cluster_id),
+                "a member, entry index u64::MAX",
+                member,
+                headers(&cluster_id, member),
                 append(1, Some(u64::MAX)),
                 tonic::Code::InvalidArgument,
             ),
         ];
-        for (what, headers, request, expected) in rows {
-            assert_eq!(forged_append(&address, &headers, request).await, expected, "node {id}: {what}");
+        for (what, node, headers, request, expected) in rows {
+            assert_eq!(forged_append(as_node(node), &headers, request).await, expected, "node {id}: {what}");
         }
         // Refused before the body is read: garbage from a stranger is not even decoded.
         let garbage = vec![0xff; 4096];
-        let code = raw_grpc_call(&address, "/tally.v1.Raft/AppendEntries", &garbage).await;
+        let code = raw_grpc_call(as_node(99), "/tally.v1.Raft/AppendEntries", &garbage).await;
         assert_eq!(code, tonic::Code::PermissionDenied, "node {id}: garbage");
     }
     let statuses = cluster.node_statuses().await;
@@ -895,15 +937,14 @@ async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
     }
 }
 
-async fn health(address: &str) -> Option<i32> {
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{address}")).ok()?.connect().await.ok()?;
+async fn health(cluster: &TestCluster, address: &str) -> Option<i32> {
+    let channel = cluster.channel_as(address, None);
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
     client.check(request).await.ok().map(|reply| reply.into_inner().status)
 }
 
-async fn wait_for_health(address: &str, serving: bool) {
+async fn wait_for_health(cluster: &TestCluster, address: &str, serving: bool) {
     let wanted = if serving {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     } else {
@@ -911,7 +952,7 @@ async fn wait_for_health(address: &str, serving: bool) {
     } as i32;
     let started = Instant::now();
     loop {
-        let status = health(address).await;
+        let status = health(cluster, address).await;
         if status == Some(wanted) {
             return;
         }
@@ -927,27 +968,27 @@ async fn health_says_not_serving_without_a_leader_or_after_removal() {
     let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
     let leader = cluster.wait_for_leader(DEADLINE).await;
     for id in cluster.nodes.keys() {
-        wait_for_health(&cluster.address(*id), true).await;
+        wait_for_health(&cluster, &cluster.address(*id), true).await;
     }
     // The leader alone: no quorum answers it any more.
     let others: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
     for id in &others {
         cluster.kill(*id);
     }
-    wait_for_health(&cluster.address(leader), false).await;
+    wait_for_health(&cluster, &cluster.address(leader), false).await;
     for id in &others {
         cluster.restart(*id);
     }
     for id in cluster.nodes.keys() {
-        wait_for_health(&cluster.address(*id), true).await;
+        wait_for_health(&cluster, &cluster.address(*id), true).await;
     }
     // A removed node keeps running, but takes no traffic.
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let removed = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     let client = cluster.client_of(&[leader], Duration::from_secs(10));
     client.remove_node(v1::RemoveNodeRequest { id: removed, force: true }).await.expect("remove");
-    wait_for_health(&cluster.address(removed), false).await;
-    wait_for_health(&cluster.address(leader), true).await;
+    wait_for_health(&cluster, &cluster.address(removed), false).await;
+    wait_for_health(&cluster, &cluster.address(leader), true).await;
 }
 
 /// A node whose ledger state (sled's files) is damaged at rest rebuilds it by itself, from its

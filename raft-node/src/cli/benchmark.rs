@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tally_client::{Client, u128_from, u128_to, v1};
+use tally_client::{Client, Security, u128_from, u128_to, v1};
 
 use super::fail;
 use crate::testkit::TestCluster;
@@ -47,6 +47,9 @@ pub struct BenchmarkArgs {
     /// three-site cluster in a temporary directory and remove it afterwards.
     #[arg(long, value_delimiter = ',')]
     pub nodes: Vec<String>,
+    /// How to connect to --nodes (a local cluster uses its own CA).
+    #[command(flatten)]
+    pub tls: super::TlsArgs,
     /// Customer accounts; transfers go between two of them chosen at random.
     #[arg(long, default_value_t = 10_000)]
     pub accounts: u64,
@@ -142,13 +145,14 @@ pub async fn run(args: BenchmarkArgs) -> ExitCode {
 /// Where the load goes: a cluster this run started (and stops), or one given by `--nodes`.
 struct Target {
     nodes: Vec<String>,
+    security: Security,
     local: Option<TestCluster>,
 }
 
 impl Target {
     async fn open(args: &BenchmarkArgs) -> Result<Target, String> {
         if !args.nodes.is_empty() {
-            return Ok(Target { nodes: args.nodes.clone(), local: None });
+            return Ok(Target { nodes: args.nodes.clone(), security: args.tls.security()?, local: None });
         }
         let binary = std::env::current_exe().map_err(|e| format!("cannot find the tally binary: {e}"))?;
         let extra: Vec<String> =
@@ -161,7 +165,7 @@ impl Target {
         tokio::time::timeout(CLUSTER_READY_TIMEOUT, cluster.wait_for_leader(CLUSTER_READY_TIMEOUT))
             .await
             .map_err(|_| format!("the local cluster elected no leader:\n{}", cluster.log_tails()))?;
-        Ok(Target { nodes: cluster.addresses(), local: Some(cluster) })
+        Ok(Target { nodes: cluster.addresses(), security: cluster.security(), local: Some(cluster) })
     }
 
     /// Each local node's CPU time so far (user + system).
@@ -187,18 +191,18 @@ fn self_cpu_time() -> Duration {
 
 async fn benchmark(args: BenchmarkArgs) -> Result<bool, String> {
     let target = Target::open(&args).await?;
-    let setup_client = Client::new(&target.nodes, REQUEST_TIMEOUT)?;
+    let setup_client = Client::new(&target.nodes, REQUEST_TIMEOUT, &target.security)?;
     create_accounts(&setup_client, args.accounts).await?;
     let cpu_before = (target.cpu_times(), self_cpu_time());
     let term_before = current_term(&setup_client).await?;
     let totals_before = balances(&setup_client, args.accounts).await?;
-    let writes = drive_writes(&args, &target.nodes).await?;
+    let writes = drive_writes(&args, &target.nodes, &target.security).await?;
     let term_after = current_term(&setup_client).await?;
     let cpu = cpu_report(&target, cpu_before, writes.measured.transfers_ok);
     let reads = if args.reads {
         vec![
-            drive_reads(&args, &target.nodes, v1::ReadConsistency::Linearizable).await?,
-            drive_reads(&args, &target.nodes, v1::ReadConsistency::Local).await?,
+            drive_reads(&args, &target.nodes, &target.security, v1::ReadConsistency::Linearizable).await?,
+            drive_reads(&args, &target.nodes, &target.security, v1::ReadConsistency::Local).await?,
         ]
     } else {
         Vec::new()
@@ -321,7 +325,7 @@ struct Progress {
     stop: AtomicBool,
 }
 
-async fn drive_writes(args: &BenchmarkArgs, nodes: &[String]) -> Result<Writes, String> {
+async fn drive_writes(args: &BenchmarkArgs, nodes: &[String], security: &Security) -> Result<Writes, String> {
     let progress = Arc::new(Progress { transfers_ok: AtomicU64::new(0), stop: AtomicBool::new(false) });
     let started = Instant::now();
     let measure_from = started + args.warmup;
@@ -331,7 +335,7 @@ async fn drive_writes(args: &BenchmarkArgs, nodes: &[String]) -> Result<Writes, 
         if args.spread {
             order.rotate_left(index % nodes.len());
         }
-        let client = Client::new(&order, REQUEST_TIMEOUT)?;
+        let client = Client::new(&order, REQUEST_TIMEOUT, security)?;
         let load = ClientLoad::new(args, index, measure_from);
         tasks.push(tokio::spawn(load.run(client, progress.clone())));
     }
@@ -525,12 +529,13 @@ fn tally(
 async fn drive_reads(
     args: &BenchmarkArgs,
     nodes: &[String],
+    security: &Security,
     consistency: v1::ReadConsistency,
 ) -> Result<(String, Measured), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for index in 0..args.clients {
-        let client = Client::new(nodes, REQUEST_TIMEOUT)?;
+        let client = Client::new(nodes, REQUEST_TIMEOUT, security)?;
         let (stop, accounts) = (stop.clone(), args.accounts);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(index as u64));
         tasks.push(tokio::spawn(async move {
@@ -683,7 +688,7 @@ async fn current_term(client: &Client) -> Result<u64, String> {
 
 /// Waits until every node reports the same applied index and digest.
 async fn converged(target: &Target) -> Result<(u64, String), String> {
-    let client = Client::new(&target.nodes, Duration::from_secs(2))?;
+    let client = Client::new(&target.nodes, Duration::from_secs(2), &target.security)?;
     let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
     let mut last = Vec::new();
     while Instant::now() < deadline {

@@ -7,10 +7,16 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+/// Where `tally dev` keeps its data and certificates unless told otherwise.
+pub const DIR_DEFAULT: &str = "tally-dev";
+/// The operator whose certificate `tally dev` makes for the CLI.
+pub const OPERATOR: &str = crate::security::certs::LOCAL_OPERATOR;
+
 #[derive(Args)]
 pub struct DevArgs {
-    /// Where the three nodes keep their data.
-    #[arg(long, default_value = "tally-dev")]
+    /// Where the three nodes keep their data, and the cluster's throwaway CA and certificates
+    /// (under certs/, made on first use).
+    #[arg(long, default_value = DIR_DEFAULT)]
     pub dir: PathBuf,
     /// Node i's client door is 127.0.0.1:(base_port + i), its peer door 127.0.0.1:(base_port + 100 + i).
     #[arg(long, default_value_t = 7100)]
@@ -37,6 +43,10 @@ fn spawn_node(args: &DevArgs, id: u64) -> std::io::Result<Child> {
     command.args(["serve", "--cluster", "dev", "--id", &id.to_string(), "--site", SITES[id as usize - 1]]);
     command.args(["--listen", &address(args, id), "--peer-listen", &peer_address(args, id), "--data-dir"]);
     command.arg(&data_dir);
+    let certs = args.dir.join(super::DEV_CERTS);
+    let (cert, key) = crate::security::certs::paths(&certs, &crate::security::roles::Role::Node(id));
+    command.arg("--ca").arg(certs.join(crate::security::certs::CA_CERT));
+    command.arg("--cert").arg(cert).arg("--key").arg(key);
     if id == 1 {
         command.arg("--bootstrap");
         for peer in 2..=NODES {
@@ -62,6 +72,23 @@ pub async fn run(args: DevArgs) -> ExitCode {
         eprintln!("tally dev: cannot create {}: {e}", args.dir.display());
         return ExitCode::FAILURE;
     }
+    let certs = args.dir.join(super::DEV_CERTS);
+    if let Err(e) = crate::security::certs::make_local(&certs, NODES) {
+        eprintln!("tally dev: cannot make the cluster's certificates in {}: {e}", certs.display());
+        return ExitCode::FAILURE;
+    }
+    let operator = crate::security::roles::Role::Operator(OPERATOR.into());
+    let (cert, key) = crate::security::certs::paths(&certs, &operator);
+    let security = match tally_client::Security::from_files(
+        &certs.join(crate::security::certs::CA_CERT),
+        Some((&cert, &key)),
+    ) {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("tally dev: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut children = Vec::new();
     for id in 1..=NODES {
         match spawn_node(&args, id) {
@@ -74,7 +101,8 @@ pub async fn run(args: DevArgs) -> ExitCode {
         }
     }
     let nodes: Vec<String> = (1..=NODES).map(|id| address(&args, id)).collect();
-    let client = tally_client::Client::new(&nodes, Duration::from_secs(2)).expect("valid addresses");
+    let client =
+        tally_client::Client::new(&nodes, Duration::from_secs(2), &security).expect("valid addresses");
     let started = Instant::now();
     let leader = loop {
         if let Ok(status) = client.cluster_status().await
@@ -100,6 +128,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         );
     }
     println!("  leader: node {leader}");
+    println!("  TLS: CA and certificates in {} (the CLI finds them when run from here)", certs.display());
     println!();
     println!("Try, in another terminal:");
     println!("  tally account create --id 1 --ledger 1 --code 1");

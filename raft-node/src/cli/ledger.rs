@@ -342,7 +342,11 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve(_) | Command::Dev(_) | Command::Cluster(_) | Command::Benchmark(_) => {
+        Command::Serve(_)
+        | Command::Dev(_)
+        | Command::Cluster(_)
+        | Command::Benchmark(_)
+        | Command::Certs(_) => {
             unreachable!("not a ledger command")
         }
     }

@@ -7,18 +7,21 @@
 //! Client and operator commands talk gRPC through `tally-client`, like any other client.
 
 mod benchmark;
+mod certs;
 mod cluster;
 mod dev;
 mod ledger;
 mod serve;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tally_client::{Client, v1};
+use tally_client::{Client, Security, v1};
 
 pub use benchmark::BenchmarkArgs;
+pub use certs::CertsCommand;
 pub use cluster::ClusterCommand;
 pub use dev::DevArgs;
 pub use ledger::{AccountCommand, HistoryArgs, LookupCommand, TransferArgs};
@@ -37,7 +40,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run one node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a local cluster of three nodes in three sites, for trying tally out.
     Dev(DevArgs),
     /// Create accounts.
@@ -55,6 +58,9 @@ pub enum Command {
     Cluster(ClusterCommand),
     /// Measure throughput and latency: a fresh local cluster, or the nodes given.
     Benchmark(BenchmarkArgs),
+    /// Make a cluster's CA and its node, operator and client certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
 }
 
 #[derive(Args, Clone)]
@@ -71,6 +77,54 @@ pub struct ClientArgs {
     /// Read from the answering node's state, possibly stale, instead of a linearizable read.
     #[arg(long)]
     pub local: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How a command connects to the nodes' client doors.
+#[derive(Args, Clone)]
+pub struct TlsArgs {
+    /// The cluster's CA certificate (PEM). Default: `tally dev`'s, if ./tally-dev/certs exists.
+    #[arg(long, env = "TALLY_CA")]
+    pub ca: Option<PathBuf>,
+    /// A client or operator certificate (PEM) to prove a role: changing the cluster needs an
+    /// operator's. Default with `tally dev`'s CA: its operator certificate.
+    #[arg(long, env = "TALLY_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "TALLY_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Plaintext, for a cluster started with --insecure.
+    #[arg(long, env = "TALLY_INSECURE", conflicts_with_all = ["ca", "cert", "key"])]
+    pub insecure: bool,
+}
+
+/// Where `tally dev` keeps its certificates, relative to its --dir.
+pub const DEV_CERTS: &str = "certs";
+
+impl TlsArgs {
+    pub fn security(&self) -> Result<Security, String> {
+        if self.insecure {
+            return Ok(Security::Insecure);
+        }
+        let identity = self.cert.as_deref().zip(self.key.as_deref());
+        if let Some(ca) = &self.ca {
+            return Security::from_files(ca, identity);
+        }
+        let dev = Path::new(dev::DIR_DEFAULT).join(DEV_CERTS);
+        if dev.join(crate::security::certs::CA_CERT).exists() {
+            let operator = crate::security::roles::Role::Operator(dev::OPERATOR.into());
+            let (cert, key) = crate::security::certs::paths(&dev, &operator);
+            let identity = identity.or(Some((cert.as_path(), key.as_path())));
+            return Security::from_files(&dev.join(crate::security::certs::CA_CERT), identity);
+        }
+        Err(format!(
+            "no CA certificate to check the nodes with: pass --ca FILE (with --cert and --key for a \
+             client or operator certificate; `tally certs`), run from the directory of `tally dev` (it \
+             keeps its own in {}/{DEV_CERTS}), or --insecure for a cluster started with --insecure",
+            dev::DIR_DEFAULT
+        ))
+    }
 }
 
 fn or_fail(result: Result<ExitCode, String>) -> ExitCode {
@@ -83,7 +137,7 @@ fn fail(message: &str) -> ExitCode {
 }
 
 fn client(args: &ClientArgs) -> Result<Client, String> {
-    Client::new(&args.nodes, Duration::from_millis(args.timeout_ms))
+    Client::new(&args.nodes, Duration::from_millis(args.timeout_ms), &args.tls.security()?)
 }
 
 fn consistency(args: &ClientArgs) -> v1::ReadConsistency {
@@ -102,9 +156,10 @@ fn table(header: &[&str]) -> comfy_table::Table {
 
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve(args) => serve::run(args).await,
+        Command::Serve(args) => serve::run(*args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Benchmark(args) => benchmark::run(args).await,
+        Command::Certs(command) => or_fail(certs::run(command)),
         Command::Cluster(command) => or_fail(cluster::run(command).await),
         command => or_fail(ledger::run(command).await),
     }

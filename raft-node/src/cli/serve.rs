@@ -34,6 +34,25 @@ pub struct ServeArgs {
     /// Address other nodes reach the peer door at (defaults to --peer-listen).
     #[arg(long)]
     pub peer_advertise: Option<String>,
+    /// The cluster's CA certificate (PEM): peers and client certificates must chain to it.
+    #[arg(long, requires_all = ["cert", "key"])]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM, from `tally certs node`); reloaded on SIGHUP.
+    #[arg(long, requires_all = ["ca", "key"])]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM); reloaded on SIGHUP.
+    #[arg(long, requires_all = ["ca", "cert"])]
+    pub key: Option<PathBuf>,
+    /// Plaintext on both doors, and anyone who reaches them may write, change the membership or
+    /// pose as a node. Test machines only.
+    #[arg(long, conflicts_with_all = ["ca", "cert", "key"])]
+    pub insecure: bool,
+    /// Connections each door holds at a time; one more is closed at once (default 4096).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a connection may send and receive nothing before it is closed (default 300).
+    #[arg(long)]
+    pub idle_timeout_s: Option<u64>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Cluster name; nodes refuse data and peers of another cluster.
@@ -137,6 +156,19 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .or(file.as_ref().map(|f| f.peer_listen))
             .ok_or_else(|| missing("peer-listen"))?,
         peer_advertise: args.peer_advertise.or(file.as_ref().and_then(|f| f.peer_advertise.clone())),
+        tls: match (args.ca, args.cert, args.key) {
+            (Some(ca), Some(cert), Some(key)) => Some(crate::security::tls::TlsFiles { ca, cert, key }),
+            _ => file.as_ref().and_then(|f| f.tls.clone()),
+        },
+        insecure: args.insecure || file.as_ref().is_some_and(|f| f.insecure),
+        connections_max: args
+            .max_connections
+            .or(file.as_ref().map(|f| f.connections_max))
+            .unwrap_or_else(crate::node::default_connections_max),
+        idle_timeout_s: args
+            .idle_timeout_s
+            .or(file.as_ref().map(|f| f.idle_timeout_s))
+            .unwrap_or_else(crate::node::default_idle_timeout_s),
         data_dir: args
             .data_dir
             .or(file.as_ref().map(|f| f.data_dir.clone()))
@@ -194,6 +226,9 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
     if config.id == 0 {
         return Err("--id must not be 0".into());
     }
+    if config.connections_max == 0 || config.idle_timeout_s == 0 {
+        return Err("--max-connections and --idle-timeout-s must be above 0".into());
+    }
     if config.peer_listen == config.listen {
         return Err(format!(
             "--peer-listen {} is the client door's --listen: the peer door needs its own address",
@@ -229,7 +264,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         Err(error) => return fail(&error),
     };
     let id = config.id;
-    let listen = config.listen;
+    let (listen, peer_listen) = (config.listen, config.peer_listen);
     let node = match crate::node::start(config).await {
         Ok(node) => node,
         Err(error @ crate::node::StartError::DataUnreadable(_)) => {
@@ -242,8 +277,11 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         }
         Err(error) => return fail(&error.to_string()),
     };
-    eprintln!("tally: node {id} serving on {listen}");
+    eprintln!("tally: node {id} serving clients on {listen}, peers on {peer_listen}");
     tokio::spawn(crate::node::log_leadership(node.clone()));
+    if let Some(tls) = node.tls.clone() {
+        tokio::spawn(reload_on_hangup(id, tls));
+    }
     // A node whose storage failed stops (fail-stop) rather than serve on without durability.
     let failure = Arc::new(std::sync::Mutex::new(None));
     let shutdown = {
@@ -269,6 +307,24 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         (Err(error), None) => fail(&error),
+    }
+}
+
+/// Reads the TLS files again on every SIGHUP: renewed certificates without a restart.
+async fn reload_on_hangup(id: u64, tls: Arc<crate::security::tls::Tls>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!(node = id, "cannot watch for SIGHUP: certificates reload only with a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => {
+                tracing::info!(node = id, "SIGHUP: TLS certificates reloaded; new connections use them")
+            }
+            Err(e) => {
+                tracing::error!(node = id, "SIGHUP: TLS certificates not reloaded, the old ones stay: {e}")
+            }
+        }
     }
 }
 

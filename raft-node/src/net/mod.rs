@@ -7,7 +7,7 @@ pub mod identity;
 pub mod pool;
 pub mod raft;
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use tonic::transport::Channel;
 
@@ -18,13 +18,12 @@ pub use raft::{CLUSTER_HEADER, Network};
 /// and group commit puts several batches in one entry.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 
-/// A lazily connected channel to `address` (host:port).
-pub fn channel(address: &str) -> Result<Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("address {address}: {e}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
-    Ok(endpoint.connect_lazy())
+/// A lazily connected channel to the peer door at `address` (host:port), over TLS with this
+/// node's certificate (unless `--insecure`), to node `expect` when given.
+pub fn channel(
+    address: &str,
+    tls: Option<&Arc<crate::security::tls::Tls>>,
+    expect: Option<crate::types::NodeId>,
+) -> Result<Channel, String> {
+    crate::security::doors::peer_channel(address, tls, expect)
 }

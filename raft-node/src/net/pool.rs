@@ -4,21 +4,28 @@
 //! forwarded request left 1,150 sockets in TIME_WAIT after 4 s of 16 clients.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tonic::transport::Channel;
+
+use crate::security::tls::Tls;
 
 /// Distinct peer addresses kept; past it the pool starts over (addresses change only with
 /// membership, so this is reached only by churn, and dropping idle channels is harmless).
 pub const POOL_ADDRESSES_MAX: usize = 256;
 
-#[derive(Default)]
 pub struct Pool {
     /// A std mutex: held only to clone or insert a channel, never across an await.
     channels: Mutex<BTreeMap<String, Channel>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Pool {
+    /// Channels over TLS with `tls` (None: plaintext, `--insecure`).
+    pub fn new(tls: Option<Arc<Tls>>) -> Pool {
+        Pool { channels: Mutex::default(), tls }
+    }
+
     /// The channel to `address` (host:port), made on first use; connects lazily.
     pub fn channel(&self, address: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().unwrap();
@@ -28,7 +35,7 @@ impl Pool {
         if channels.len() >= POOL_ADDRESSES_MAX {
             channels.clear();
         }
-        let channel = super::channel(address)?;
+        let channel = super::channel(address, self.tls.as_ref(), None)?;
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
@@ -48,7 +55,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_channel_per_address_and_a_bounded_count() {
-        let pool = Pool::default();
+        let pool = Pool::new(None);
         pool.channel("127.0.0.1:1").unwrap();
         pool.channel("127.0.0.1:1").unwrap();
         pool.channel("127.0.0.1:2").unwrap();

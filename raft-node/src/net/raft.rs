@@ -63,11 +63,17 @@ pub struct Network {
     /// This node's identity and the incarnations of the membership in effect: a replication
     /// stream outlives membership changes, so each call looks the target's up afresh.
     identities: Arc<Identities>,
+    /// TLS to the peers, each checked to be the node meant (None: `--insecure`).
+    tls: Option<Arc<crate::security::tls::Tls>>,
 }
 
 impl Network {
-    pub fn new(routes: BTreeMap<NodeId, String>, identities: Arc<Identities>) -> Network {
-        Network { routes, identities }
+    pub fn new(
+        routes: BTreeMap<NodeId, String>,
+        identities: Arc<Identities>,
+        tls: Option<Arc<crate::security::tls::Tls>>,
+    ) -> Network {
+        Network { routes, identities, tls }
     }
 }
 
@@ -76,7 +82,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Peer {
         let address = self.routes.get(&target).unwrap_or(&node.peer_address);
-        let client = channel(address).ok().map(|channel| {
+        let client = channel(address, self.tls.as_ref(), Some(target)).ok().map(|channel| {
             RaftClient::new(channel)
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX)

@@ -14,6 +14,7 @@ use tally_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::node::NodeHandle;
+use crate::security::roles::require_operator;
 use crate::types::{NodeId, NodeInfo};
 
 /// How long `TakeSnapshot` waits for the snapshot (and the purge) before giving up.
@@ -329,6 +330,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        require_operator(&request)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.add_node(request.into_inner()).await;
         }
@@ -391,6 +393,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        require_operator(&request)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.remove_node(request.into_inner()).await;
         }
@@ -420,6 +423,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::ReplaceNodeRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        require_operator(&request)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.replace_node(request.into_inner()).await;
         }
@@ -491,6 +495,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        require_operator(&request)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.transfer_leader(request.into_inner()).await;
         }
@@ -519,6 +524,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::TakeSnapshotRequest>,
     ) -> Result<Response<pb::TakeSnapshotReply>, Status> {
+        require_operator(&request)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.take_snapshot(request.into_inner()).await;
         }

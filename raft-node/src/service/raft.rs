@@ -12,9 +12,10 @@ use tally_proto::v1 as pb;
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::net::identity::{FROM_HEADER, Identities, Refusal, TO_HEADER};
+use crate::net::identity::{Endpoint, FROM_HEADER, Identities, Refusal, TO_HEADER};
 use crate::net::raft::{CLUSTER_HEADER, message, snapshot_header, unpack};
 use crate::node::NodeHandle;
+use crate::security::roles::Role;
 use crate::storage::state_machine::SnapshotFile;
 
 /// The most snapshot bytes one install may stream: bounds the disk an incoming install can use.
@@ -33,16 +34,29 @@ impl Drop for Incoming {
     }
 }
 
-/// Runs on every Raft call before its body is read: a caller that does not send this cluster's
-/// id is refused before the node buffers a message (up to 64 MiB) for it. A node without an id
+/// Runs on every Raft call before its body is read: a caller whose node certificate is not the
+/// node it claims to be (`x-tally-from`), or that does not send this cluster's id, is refused
+/// before the node buffers a message (up to 64 MiB) for it. A node without an id
 /// yet lets calls through to the full check (`RaftService::check`), which adopts a leader's.
 pub fn refuse_strangers(
     identities: Arc<Identities>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
+        let refused = || Err(Status::permission_denied("refused"));
+        // The node the certificate names must be the node the call claims to come from.
+        match crate::security::roles::caller_of(&request) {
+            Role::Insecure => {}
+            Role::Node(id) => {
+                let from = request.metadata().get(FROM_HEADER).and_then(|v| v.to_str().ok());
+                if from.and_then(Endpoint::parse).map(|from| from.id) != Some(id) {
+                    return refused();
+                }
+            }
+            _ => return refused(),
+        }
         let Some(mine) = identities.cluster_id() else { return Ok(request) };
         let theirs = request.metadata().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok());
-        if theirs == Some(mine.as_str()) { Ok(request) } else { Err(Status::permission_denied("refused")) }
+        if theirs == Some(mine.as_str()) { Ok(request) } else { refused() }
     }
 }
 
