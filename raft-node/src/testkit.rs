@@ -129,19 +129,27 @@ impl TestCluster {
     }
 
     pub fn command(&self, id: u64, bootstrap: bool) -> Command {
+        let tls = (!self.insecure()).then(|| {
+            let dir = self.certs_dir();
+            let (cert, key) = certs::paths(&dir, &Role::Node(id));
+            if !cert.exists() {
+                certs::make(&dir, &Role::Node(id), &["127.0.0.1".into()], 1).expect("a node certificate");
+            }
+            [dir.join(certs::CA_CERT), cert, key]
+        });
+        self.command_with_tls(id, bootstrap, tls)
+    }
+
+    /// `command` with these TLS files (CA, certificate, key) instead of the node's own.
+    pub fn command_with_tls(&self, id: u64, bootstrap: bool, tls: Option<[PathBuf; 3]>) -> Command {
         let spec = &self.nodes[&id];
         let mut command = Command::new(&self.binary);
         command.args(["serve", "--cluster", "test", "--id", &id.to_string(), "--site", &spec.site]);
         command.args(["--listen", &spec.address, "--peer-listen", &spec.peer_address, "--data-dir"]);
         command.arg(&spec.data_dir);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
-        if !self.insecure() {
-            let dir = self.certs_dir();
-            let (cert, key) = certs::paths(&dir, &Role::Node(id));
-            if !cert.exists() {
-                certs::make(&dir, &Role::Node(id), &["127.0.0.1".into()], 1).expect("a node certificate");
-            }
-            command.arg("--ca").arg(dir.join(certs::CA_CERT)).arg("--cert").arg(cert).arg("--key").arg(key);
+        if let Some([ca, cert, key]) = tls {
+            command.arg("--ca").arg(ca).arg("--cert").arg(cert).arg("--key").arg(key);
         }
         if bootstrap {
             command.arg("--bootstrap");

@@ -1,0 +1,291 @@
+//! Who may do what, against real `tally serve` processes with TLS on: the operator role, node
+//! certificates for joining, certificate reload on SIGHUP, and the limits on each door.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raft_node::security::certs;
+use raft_node::security::roles::Role;
+use raft_node::testkit::{TestCluster, channel_with};
+use tally_client::{Client, Error, Security, v1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TALLY: &str = env!("CARGO_BIN_EXE_tally");
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn code_of<T: std::fmt::Debug>(result: Result<T, Error>) -> tonic::Code {
+    match result {
+        Ok(value) => panic!("expected a refusal, got {value:?}"),
+        Err(error) => error.status().code(),
+    }
+}
+
+/// A client without the operator role reads the cluster's status but cannot change it, whatever
+/// the change; an operator can, through any node (a follower forwards it to the leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_operator_changes_the_cluster() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let addresses = cluster.addresses();
+    let callers = [
+        ("a client without a certificate", cluster.security_as(None)),
+        ("a client's certificate", cluster.security_as(Some(Role::Client("payments".into())))),
+    ];
+    for (who, security) in callers {
+        let client = Client::new(&addresses, Duration::from_secs(5), &security).unwrap();
+        let status = client.cluster_status().await.expect("status is for everyone");
+        assert_eq!(status.leader_id, leader);
+        let removal = client.remove_node(v1::RemoveNodeRequest { id: follower, force: true }).await;
+        let message = match &removal {
+            Err(Error::Rejected(status)) if status.code() == tonic::Code::PermissionDenied => {
+                status.message()
+            }
+            other => panic!("{who}: remove_node: {other:?}"),
+        };
+        assert!(message.contains("operator certificate"), "{who}: {message}");
+        assert_eq!(code_of(client.transfer_leader(follower).await), tonic::Code::PermissionDenied, "{who}");
+        assert_eq!(code_of(client.take_snapshot(false).await), tonic::Code::PermissionDenied, "{who}");
+        assert_eq!(code_of(client.replace_node(follower).await), tonic::Code::PermissionDenied, "{who}");
+        let add = v1::AddNodeRequest {
+            id: 9,
+            address: "127.0.0.1:1".into(),
+            peer_address: "127.0.0.1:2".into(),
+            site: "site-d".into(),
+            ..v1::AddNodeRequest::default()
+        };
+        assert_eq!(code_of(client.add_node(add).await), tonic::Code::PermissionDenied, "{who}");
+        // Clients still write.
+        let account =
+            v1::Account { id: tally_client::u128_to(1), ledger: 1, code: 1, ..v1::Account::default() };
+        client.create_accounts(vec![account]).await.expect("a client writes");
+    }
+    let voters =
+        |status: &v1::StatusReply| status.nodes.iter().filter(|n| n.role() == v1::NodeRole::Voter).count();
+    let operator = cluster.client_of(&[follower], Duration::from_secs(10));
+    assert_eq!(voters(&operator.cluster_status().await.unwrap()), 3, "a refused change changed something");
+    let moved = operator.transfer_leader(follower).await.expect("an operator moves the leader");
+    assert_eq!(moved.leader_id, follower);
+}
+
+/// Waits until `check` holds, or panics with `what` at the deadline.
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < DEADLINE, "not within {DEADLINE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A node must hold a certificate of this cluster's CA for its own id: one that names another
+/// node does not start; one from another CA starts but is refused by every peer, so it never
+/// joins; with the right certificate the same node joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_valid_certificate_cannot_join() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster.define_node(4, "site-d");
+    let dir = cluster.certs_dir();
+    let ca = dir.join(certs::CA_CERT);
+    let join = ["--join".to_string(), cluster.peer_address(1)];
+    let join: Vec<&str> = join.iter().map(String::as_str).collect();
+
+    // Node 1's certificate, for node 4: refused at start.
+    let (cert, key) = certs::paths(&dir, &Role::Node(1));
+    let output = cluster
+        .command_with_tls(4, false, Some([ca.clone(), cert, key]))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("is the certificate of node 1, not of node 4"), "{message}");
+
+    // A certificate for node 4 from another CA: the node runs, but no peer lets it in.
+    let elsewhere = tempfile::tempdir().unwrap();
+    certs::make_local(elsewhere.path(), 4).unwrap();
+    let (cert, key) = certs::paths(elsewhere.path(), &Role::Node(4));
+    let other_ca = elsewhere.path().join(certs::CA_CERT);
+    let mut stranger =
+        cluster.command_with_tls(4, false, Some([other_ca, cert, key])).args(&join).spawn().unwrap();
+    let operator = cluster.client(Duration::from_secs(5));
+    // Its join attempts reach node 1's peer door and are turned away there.
+    wait_until("node 1 refuses the stranger's handshake", async || {
+        cluster.log_tails().contains("TLS handshake refused")
+    })
+    .await;
+    let status = operator.cluster_status().await.unwrap();
+    assert!(status.nodes.iter().all(|n| n.id != 4), "a node of another CA joined: {status:?}");
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+
+    // The same node with its own certificate from this CA joins (the test kit passes it).
+    cluster.wipe(4);
+    cluster.restart_with(4, &join);
+    wait_until("node 4 joins as a voter", async || {
+        operator.cluster_status().await.is_ok_and(|s| {
+            s.nodes.iter().any(|n| n.id == 4 && n.role() == v1::NodeRole::Voter && n.reachable)
+        })
+    })
+    .await;
+}
+
+/// The node's certificate and CA are read again on SIGHUP: after the files are replaced by
+/// those of a new CA, new connections need the new CA, and a reload of broken files keeps the
+/// certificates in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_on_sighup() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let address = cluster.address(1);
+    let dir = cluster.certs_dir();
+    let pid = cluster.pids()[&1] as i32;
+    let answers = async |security: &Security| {
+        // A fresh client: a new connection, with the certificates the node serves now.
+        let client = Client::new(std::slice::from_ref(&address), Duration::from_secs(2), security).unwrap();
+        client.cluster_status().await.is_ok()
+    };
+    let old = cluster.security_as(None);
+    assert!(answers(&old).await);
+
+    // A new CA and node certificate, in new files; the node's files replaced with them.
+    let renewed = tempfile::tempdir().unwrap();
+    certs::make_local(renewed.path(), 1).unwrap();
+    let new = Security::from_files(&renewed.path().join(certs::CA_CERT), None).unwrap();
+    assert!(!answers(&new).await, "the new CA is trusted before the reload");
+    let (cert, key) = certs::paths(&dir, &Role::Node(1));
+    let (new_cert, new_key) = certs::paths(renewed.path(), &Role::Node(1));
+    let replace = |from: &Path, to: &Path| {
+        let temporary = to.with_extension("new");
+        std::fs::copy(from, &temporary).unwrap();
+        std::fs::rename(&temporary, to).unwrap();
+    };
+    // First a broken key: the reload fails and the old certificates stay.
+    let saved_key = std::fs::read(&key).unwrap();
+    std::fs::write(&key, b"not a key").unwrap();
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(answers(&old).await, "a failed reload dropped the certificates in use");
+    std::fs::write(&key, saved_key).unwrap();
+
+    replace(&renewed.path().join(certs::CA_CERT), &dir.join(certs::CA_CERT));
+    replace(&new_cert, &cert);
+    replace(&new_key, &key);
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_until("the new certificate is served", async || answers(&new).await).await;
+    assert!(!answers(&old).await, "the old CA still checks out after the reload");
+    let log = cluster.log_tails();
+    assert!(log.contains("TLS certificates not reloaded"), "{log}");
+    assert!(log.contains("TLS certificates reloaded"), "{log}");
+}
+
+/// A TLS connection to `address` trusting the cluster's CA, without a client certificate.
+async fn tls_connection(
+    cluster: &TestCluster,
+    address: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca =
+        rustls::pki_types::CertificateDer::from_pem_file(cluster.certs_dir().join(certs::CA_CERT)).unwrap();
+    roots.add(ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.unwrap()
+}
+
+/// Reads until the peer closes the connection; the bytes read, or None past `within`.
+async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin), within: Duration) -> Option<Vec<u8>> {
+    let mut seen = Vec::new();
+    let read_all = async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read_all).await.ok().map(|()| seen)
+}
+
+/// Each door holds at most --max-connections connections: one more is closed at once, before
+/// any TLS work, and once the others go the door takes connections again. A connection that
+/// sends nothing for --idle-timeout-s is closed. Every connection is told how many calls it may
+/// have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_door_limits_its_connections() {
+    let args = ["--max-connections", "3", "--idle-timeout-s", "2"];
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &args);
+    cluster.wait_for_leader(DEADLINE).await;
+    for address in [cluster.address(1), cluster.peer_address(1)] {
+        // Connections that never start TLS take every place (the first may find one still
+        // held by the test kit's last client, closing): no more than three are kept, and once
+        // one is refused, so is the next.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut held = Vec::new();
+        loop {
+            let mut connection = tokio::net::TcpStream::connect(&address).await.unwrap();
+            if read_until_closed(&mut connection, Duration::from_millis(500)).await == Some(Vec::new()) {
+                break;
+            }
+            held.push(connection);
+            assert!(held.len() <= 3, "{address}: a fourth connection was kept");
+        }
+        let mut one_more = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let closed = read_until_closed(&mut one_more, Duration::from_secs(2)).await;
+        assert_eq!(closed, Some(Vec::new()), "{address}: a connection past the limit was kept");
+        drop(held);
+        // The places are free again (the node notices the closes at once). A node's
+        // certificate, which both doors take.
+        let node = cluster.security_as(Some(Role::Node(1)));
+        wait_until("the door takes connections again", async || {
+            let mut client = v1::cluster_client::ClusterClient::new(channel_with(&address, &node));
+            client.status(v1::StatusRequest { local_only: true }).await.is_ok()
+        })
+        .await;
+    }
+
+    // Idle: a TLS connection that says nothing after the handshake is closed after 2 s. The
+    // node speaks first (its HTTP/2 SETTINGS), which tells this connection's stream limit.
+    let mut idle = tls_connection(&cluster, &cluster.address(1)).await;
+    let started = Instant::now();
+    let sent =
+        read_until_closed(&mut idle, Duration::from_secs(10)).await.expect("the idle connection stays open");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1500), "closed after {waited:?}, before it was idle for 2 s");
+    assert_eq!(
+        max_concurrent_streams(&sent),
+        Some(raft_node::node::STREAMS_PER_CONNECTION_MAX),
+        "the node's first frames: {sent:?}"
+    );
+    let _ = idle.shutdown().await;
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS from the first SETTINGS frame in `bytes` (HTTP/2 frames).
+fn max_concurrent_streams(bytes: &[u8]) -> Option<u32> {
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let length = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+        let (kind, flags) = (bytes[at + 3], bytes[at + 4]);
+        let payload = bytes.get(at + 9..at + 9 + length)?;
+        // A SETTINGS frame (type 4) that is not an acknowledgement: 6-byte entries.
+        if kind == 4 && flags & 1 == 0 {
+            return payload.chunks(6).find_map(|entry| {
+                (u16::from_be_bytes([entry[0], entry[1]]) == 3)
+                    .then(|| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]))
+            });
+        }
+        at += 9 + length;
+    }
+    None
+}
