@@ -29,25 +29,59 @@ pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
 /// Batches waiting for the batcher; a full queue pushes back on clients.
 pub const QUEUE_BATCHES_MAX: usize = 16 * 1024;
+/// The default bytes of events submitted and not yet answered (`--max-queued-bytes`): 256
+/// full batches. The count above alone allowed 16 GiB of 1 MiB batches.
+pub const QUEUE_BYTES_DEFAULT: u64 = 256 << 20;
 
 type Reply = oneshot::Sender<Result<BatchReply, Status>>;
 
 #[derive(Clone)]
 pub struct Batcher {
     queue: mpsc::Sender<(Batch, Reply)>,
+    /// One permit per byte of events submitted and not answered yet.
+    bytes: Arc<Semaphore>,
+    bytes_max: usize,
+}
+
+/// The memory a batch's events take.
+fn batch_bytes(batch: &Batch) -> usize {
+    match batch {
+        Batch::CreateAccounts(accounts) => std::mem::size_of_val(&accounts[..]),
+        Batch::CreateTransfers(transfers) => std::mem::size_of_val(&transfers[..]),
+    }
 }
 
 impl Batcher {
     /// `clock` gives the timestamp of each entry; `me` is this node's id.
-    pub fn start(raft: Raft, delay: Duration, clock: Arc<ClusterClock>, me: NodeId) -> Batcher {
+    /// At most `bytes_max` bytes of events are waiting or in flight at a time.
+    pub fn start(
+        raft: Raft,
+        delay: Duration,
+        clock: Arc<ClusterClock>,
+        me: NodeId,
+        bytes_max: u64,
+    ) -> Batcher {
         let (queue, receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
         tokio::spawn(run(Proposer { raft, clock, me }, receiver, delay));
-        Batcher { queue }
+        let bytes_max = (bytes_max as usize).min(Semaphore::MAX_PERMITS);
+        Batcher { queue, bytes: Arc::new(Semaphore::new(bytes_max)), bytes_max }
     }
 
     /// Proposes `batch` and waits for its reply. UNAVAILABLE means the outcome is unknown only
-    /// when it says so; either way, retrying with the same ids is safe.
+    /// when it says so; either way, retrying with the same ids is safe. RESOURCE_EXHAUSTED
+    /// means nothing was proposed: the node holds as many bytes of events as it takes.
     pub async fn submit(&self, batch: Batch) -> Result<BatchReply, Status> {
+        let bytes = batch_bytes(&batch);
+        let _held = u32::try_from(bytes)
+            .ok()
+            .and_then(|bytes| self.bytes.clone().try_acquire_many_owned(bytes).ok())
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "this node holds as many events as it takes ({} MiB waiting or being replicated; this \
+                     batch is {bytes} bytes): nothing was proposed; retry later, or send to another node",
+                    self.bytes_max >> 20
+                ))
+            })?;
         let (reply, receiver) = oneshot::channel();
         self.queue.send((batch, reply)).await.map_err(|_| Status::unavailable("node is shutting down"))?;
         receiver.await.map_err(|_| {

@@ -53,6 +53,13 @@ pub struct NodeConfig {
     /// A connection that sends and receives nothing for this long is closed.
     #[serde(default = "default_idle_timeout_s")]
     pub idle_timeout_s: u64,
+    /// Bytes of events submitted to this node and not yet answered; past it a write is refused
+    /// with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_queued_bytes_max")]
+    pub queued_bytes_max: u64,
+    /// The largest snapshot this node accepts from a leader, in bytes.
+    #[serde(default = "default_snapshot_bytes_max")]
+    pub snapshot_bytes_max: u64,
     pub data_dir: PathBuf,
     /// A name shared by all nodes of one cluster; a node refuses data and peers of another.
     #[serde(default = "default_cluster")]
@@ -119,6 +126,12 @@ pub fn default_connections_max() -> usize {
 }
 pub fn default_idle_timeout_s() -> u64 {
     300
+}
+pub fn default_queued_bytes_max() -> u64 {
+    crate::batcher::QUEUE_BYTES_DEFAULT
+}
+pub fn default_snapshot_bytes_max() -> u64 {
+    1 << 40
 }
 fn default_election_timeout_ms() -> u64 {
     150
@@ -487,6 +500,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         Duration::from_micros(config.group_commit_delay_us),
         clock.clone(),
         config.id,
+        config.queued_bytes_max,
     );
     identities.update(raft.metrics().borrow_watched().membership_config.membership().nodes());
     tokio::spawn(follow_membership(raft.clone(), identities.clone()));

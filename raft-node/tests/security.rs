@@ -289,3 +289,115 @@ fn max_concurrent_streams(bytes: &[u8]) -> Option<u32> {
     }
     None
 }
+
+fn transfer(id: u128) -> v1::Transfer {
+    v1::Transfer {
+        id: tally_client::u128_to(id),
+        debit_account_id: tally_client::u128_to(1),
+        credit_account_id: tally_client::u128_to(2),
+        amount: tally_client::u128_to(1),
+        ledger: 1,
+        code: 1,
+        ..v1::Transfer::default()
+    }
+}
+
+/// Bytes of events waiting or in flight on a node are bounded, not only their count: a batch
+/// past the budget is refused with RESOURCE_EXHAUSTED and moves nothing; smaller ones go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_the_queued_bytes_budget_are_refused() {
+    // A full batch of 8189 transfers is about 1 MiB of events.
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &["--max-queued-bytes", "512KiB"]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    let accounts = (1..=2).map(|id| v1::Account {
+        id: tally_client::u128_to(id),
+        ledger: 1,
+        code: 1,
+        ..v1::Account::default()
+    });
+    client.create_accounts(accounts.collect()).await.unwrap();
+    let full: Vec<v1::Transfer> = (1..=8189).map(transfer).collect();
+    let refused = client.create_transfers(full).await;
+    let status = match &refused {
+        Err(Error::Rejected(status)) if status.code() == tonic::Code::ResourceExhausted => status,
+        other => panic!("a batch past the budget: {other:?}"),
+    };
+    assert!(status.message().contains("nothing was proposed"), "{}", status.message());
+    let small: Vec<v1::Transfer> = (10_001..=10_100).map(transfer).collect();
+    let results = client.create_transfers(small).await.expect("a batch within the budget");
+    assert!(results.iter().all(|r| r.status() == v1::CreateTransferStatus::Ok));
+    let found = client.lookup_transfers(&[1, 8189, 10_001], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(found.len(), 1, "only the batch within the budget was applied");
+}
+
+fn cluster_id_of(cluster: &TestCluster, id: u64) -> String {
+    let text = std::fs::read_to_string(cluster.nodes[&id].data_dir.join("identity.toml")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("cluster_id")).expect("a cluster id after bootstrap");
+    line.split('"').nth(1).unwrap().to_string()
+}
+
+/// A node takes one snapshot install at a time, and none larger than --max-snapshot-bytes: a
+/// second stream while one is open, and a stream past the size, get RESOURCE_EXHAUSTED, and the
+/// place is free again once the first stream ends. (Sent as a member would, with node 1's
+/// certificate and the cluster's id, to node 2's peer door.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_installs_are_one_at_a_time_and_bounded_in_size() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &["--max-snapshot-bytes", "64KiB"]);
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster.wait_for_convergence(DEADLINE).await;
+    let channel = channel_with(&cluster.peer_address(2), &cluster.security_as(Some(Role::Node(1))));
+    let cluster_id = cluster_id_of(&cluster, 2);
+    let install = |chunks: tokio::sync::mpsc::Receiver<v1::SnapshotChunk>| {
+        let mut raft = v1::raft_client::RaftClient::new(channel.clone());
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(chunks));
+        let metadata = request.metadata_mut();
+        metadata.insert("x-tally-cluster", cluster_id.parse().unwrap());
+        metadata.insert("x-tally-from", "1.0".parse().unwrap());
+        metadata.insert("x-tally-to", "2.0".parse().unwrap());
+        async move {
+            raft.install_snapshot(request).await.map(|_| ()).map_err(|s| (s.code(), s.message().to_string()))
+        }
+    };
+    let chunk = |bytes: usize| v1::SnapshotChunk { header: None, data: vec![7; bytes] };
+
+    // Too large: 80 KiB against 64 KiB.
+    let (send, chunks) = tokio::sync::mpsc::channel(4);
+    for _ in 0..2 {
+        send.send(chunk(40 << 10)).await.unwrap();
+    }
+    drop(send);
+    let (code, message) = install(chunks).await.unwrap_err();
+    assert_eq!(code, tonic::Code::ResourceExhausted, "{message}");
+    assert!(message.contains("--max-snapshot-bytes"), "{message}");
+
+    // One open stream, kept alive by a small chunk every 500 ms, holds the only place.
+    let (first, chunks) = tokio::sync::mpsc::channel(4);
+    let open = tokio::spawn(install(chunks));
+    let feeder = tokio::spawn({
+        let first = first.clone();
+        async move {
+            while first.send(chunk(16)).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    let second = async || {
+        let (send, chunks) = tokio::sync::mpsc::channel(1);
+        drop(send);
+        install(chunks).await
+    };
+    wait_until("a second install is refused while one is open", async || {
+        matches!(second().await, Err((tonic::Code::ResourceExhausted, ref m)) if m.contains("one at a time"))
+    })
+    .await;
+    feeder.abort();
+    drop(first);
+    // The first stream ends without a header: refused for that, and the place is free.
+    let (code, message) = open.await.unwrap().unwrap_err();
+    assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+    let (code, message) = second().await.unwrap_err();
+    assert_eq!(code, tonic::Code::InvalidArgument, "the place stayed taken: {message}");
+    // Nothing of it became the node's: it still serves and agrees with the others.
+    cluster.wait_for_convergence(DEADLINE).await;
+}

@@ -53,6 +53,13 @@ pub struct ServeArgs {
     /// Seconds a connection may send and receive nothing before it is closed (default 300).
     #[arg(long)]
     pub idle_timeout_s: Option<u64>,
+    /// Bytes of events submitted to this node and not answered yet, e.g. 256MiB (the default);
+    /// past it writes are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, value_parser = parse_limit)]
+    pub max_queued_bytes: Option<u64>,
+    /// The largest snapshot this node accepts from a leader, e.g. 512GiB (default 1TiB).
+    #[arg(long, value_parser = parse_limit)]
+    pub max_snapshot_bytes: Option<u64>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Cluster name; nodes refuse data and peers of another cluster.
@@ -114,22 +121,36 @@ fn parse_peer(text: &str) -> Result<PeerConfig, String> {
     Ok(PeerConfig { id, address: address.into(), peer_address: peer_address.into(), site: site.into() })
 }
 
-/// A size in bytes: a number, optionally followed by KiB, MiB or GiB.
+/// A size in bytes of at least 1MiB: a number, optionally followed by KiB, MiB or GiB.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_size(text)?
+        .checked_mul(1)
+        .filter(|bytes| *bytes >= 1 << 20)
+        .ok_or_else(|| format!("'{text}': at least 1MiB and at most {} bytes", u64::MAX))
+}
+
+/// A limit in bytes, above 0: a number, optionally followed by KiB, MiB, GiB or TiB.
+fn parse_limit(text: &str) -> Result<u64, String> {
+    parse_size(text)?.checked_mul(1).filter(|bytes| *bytes > 0).ok_or_else(|| format!("'{text}': above 0"))
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
     let error = || format!("'{text}': expected a size such as 536870912, 512MiB or 2GiB");
+    let too_large = || format!("'{text}': at most {} bytes", u64::MAX);
     let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
     let shift = match unit.trim() {
         "" => 0,
         "KiB" => 10,
         "MiB" => 20,
         "GiB" => 30,
+        "TiB" => 40,
         _ => return Err(error()),
     };
-    let number: u64 = digits.parse().map_err(|_| error())?;
-    number
-        .checked_mul(1 << shift)
-        .filter(|bytes| *bytes >= 1 << 20)
-        .ok_or_else(|| format!("'{text}': the cache needs at least 1MiB and at most {} bytes", u64::MAX))
+    if digits.is_empty() {
+        return Err(error());
+    }
+    let number: u64 = digits.parse().map_err(|_| too_large())?;
+    number.checked_mul(1 << shift).ok_or_else(too_large)
 }
 
 fn parse_route(text: &str) -> Result<(u64, String), String> {
@@ -169,6 +190,14 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .idle_timeout_s
             .or(file.as_ref().map(|f| f.idle_timeout_s))
             .unwrap_or_else(crate::node::default_idle_timeout_s),
+        queued_bytes_max: args
+            .max_queued_bytes
+            .or(file.as_ref().map(|f| f.queued_bytes_max))
+            .unwrap_or_else(crate::node::default_queued_bytes_max),
+        snapshot_bytes_max: args
+            .max_snapshot_bytes
+            .or(file.as_ref().map(|f| f.snapshot_bytes_max))
+            .unwrap_or_else(crate::node::default_snapshot_bytes_max),
         data_dir: args
             .data_dir
             .or(file.as_ref().map(|f| f.data_dir.clone()))

@@ -18,8 +18,8 @@ use crate::node::NodeHandle;
 use crate::security::roles::Role;
 use crate::storage::state_machine::SnapshotFile;
 
-/// The most snapshot bytes one install may stream: bounds the disk an incoming install can use.
-const SNAPSHOT_BYTES_MAX: u64 = 1 << 40;
+/// How long an install waits for the next chunk of its stream.
+const SNAPSHOT_CHUNK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Numbers incoming snapshot files, so that two streams arriving together never share one.
 static INCOMING: AtomicU64 = AtomicU64::new(0);
@@ -73,6 +73,8 @@ enum Caller {
 
 pub struct RaftService {
     node: Arc<NodeHandle>,
+    /// One snapshot install at a time: each takes a file as large as the ledger.
+    installing: tokio::sync::Semaphore,
     /// When a refusal was last logged: a refused peer retries many times a second, and the log
     /// should say what to do, not fill the disk.
     refusal_logged: std::sync::Mutex<Option<std::time::Instant>>,
@@ -83,7 +85,11 @@ const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 
 impl RaftService {
     pub fn new(node: Arc<NodeHandle>) -> RaftService {
-        RaftService { node, refusal_logged: std::sync::Mutex::new(None) }
+        RaftService {
+            node,
+            installing: tokio::sync::Semaphore::new(1),
+            refusal_logged: std::sync::Mutex::new(None),
+        }
     }
 
     fn check_caller<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -217,6 +223,10 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
         self.check_leader(&request)?;
+        let _installing = self.installing.try_acquire().map_err(|_| {
+            Status::resource_exhausted("a snapshot is being installed on this node already; one at a time")
+        })?;
+        let bytes_max = self.node.config.snapshot_bytes_max;
         let mut chunks = request.into_inner();
         let dir = self.node.config.data_dir.join("snapshots");
         let number = INCOMING.fetch_add(1, Ordering::Relaxed);
@@ -229,14 +239,23 @@ impl pb::raft_server::Raft for RaftService {
         let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
         let mut header = None;
         let mut received = 0u64;
-        while let Some(chunk) = chunks.next().await {
+        // A stream that stalls (a cut link drops bytes without a reset) would hold the one
+        // install place until the connection times out: it gets this long per chunk.
+        let next = async |chunks: &mut Streaming<pb::SnapshotChunk>| {
+            tokio::time::timeout(SNAPSHOT_CHUNK_WAIT_MAX, chunks.next())
+                .await
+                .map_err(|_| Status::deadline_exceeded("snapshot stream stalled"))
+        };
+        while let Some(chunk) = next(&mut chunks).await? {
             let chunk = chunk?;
             if let Some(h) = chunk.header {
                 header = Some(snapshot_header(&h).map_err(bad_message)?);
             }
             received += chunk.data.len() as u64;
-            if received > SNAPSHOT_BYTES_MAX {
-                return Err(Status::resource_exhausted("snapshot larger than this node accepts"));
+            if received > bytes_max {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than this node accepts (--max-snapshot-bytes {bytes_max})"
+                )));
             }
             file.write_all(&chunk.data).await.map_err(|e| Status::internal(e.to_string()))?;
         }
