@@ -219,7 +219,8 @@ async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin), within: Dur
 }
 
 /// Each door holds at most --max-connections connections: one more is closed at once, before
-/// any TLS work, and once the others go the door takes connections again. A connection that
+/// any TLS work, one that does not finish its handshake is dropped, and once the others go the
+/// door takes connections again. A connection that
 /// sends nothing for --idle-timeout-s is closed. Every connection is told how many calls it may
 /// have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,6 +245,12 @@ async fn every_door_limits_its_connections() {
         let mut one_more = tokio::net::TcpStream::connect(&address).await.unwrap();
         let closed = read_until_closed(&mut one_more, Duration::from_secs(2)).await;
         assert_eq!(closed, Some(Vec::new()), "{address}: a connection past the limit was kept");
+        // Slow: a connection that does not finish its TLS handshake within the idle timeout
+        // (2 s here) is dropped.
+        let started = Instant::now();
+        let closed = read_until_closed(&mut held[0], Duration::from_secs(10)).await;
+        assert_eq!(closed, Some(Vec::new()), "{address}: a silent handshake was kept");
+        assert!(started.elapsed() < Duration::from_secs(5), "{address}: {:?}", started.elapsed());
         drop(held);
         // The places are free again (the node notices the closes at once). A node's
         // certificate, which both doors take.

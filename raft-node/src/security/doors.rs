@@ -3,8 +3,8 @@
 //!
 //! Limits on every door (DESIGN.md, decision 11): at most `connections_max` connections at a
 //! time (one more is closed at once, before any TLS work); a TLS handshake that takes longer
-//! than `HANDSHAKE_MAX` is dropped; a connection that neither sends nor receives a byte for
-//! `idle_max` is closed (clients reconnect by themselves). Handshakes run in their own tasks,
+//! than `HANDSHAKE_MAX` (or `idle_max`, if shorter) is dropped; a connection that neither sends
+//! nor receives a byte for `idle_max` is closed (clients reconnect by themselves). Handshakes run in their own tasks,
 //! so a slow one does not hold up the next connection.
 
 use std::future::Future;
@@ -124,8 +124,9 @@ async fn handshake(
         Door::Clients => configs.client_door.clone(),
         Door::Peers => configs.peer_door.clone(),
     };
+    let handshake_max = HANDSHAKE_MAX.min(idle_max);
     let accepted =
-        tokio::time::timeout(HANDSHAKE_MAX, tokio_rustls::TlsAcceptor::from(config).accept(stream)).await;
+        tokio::time::timeout(handshake_max, tokio_rustls::TlsAcceptor::from(config).accept(stream)).await;
     let stream = match accepted {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
@@ -134,7 +135,7 @@ async fn handshake(
         }
         Err(_) => {
             warned.warn(
-                || tracing::warn!(%door, %remote, "TLS handshake not finished within {HANDSHAKE_MAX:?}"),
+                || tracing::warn!(%door, %remote, "TLS handshake not finished within {handshake_max:?}"),
             );
             return None;
         }
