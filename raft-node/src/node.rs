@@ -684,10 +684,15 @@ pub async fn serve_on(
 ) -> Result<(), String> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(node.clone(), health_reporter));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| e.to_string())?;
+    // Reflection as v1 and as v1alpha, which older tools (Python's grpcio-reflection, older
+    // grpcurl) still ask for.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| e.to_string())?;
+    let reflection = reflection().build_v1().map_err(|e| e.to_string())?;
     let ledger = || {
         pb::ledger_server::LedgerServer::new(crate::service::LedgerService::new(node.clone()))
             .max_decoding_message_size(crate::service::LEDGER_REQUEST_BYTES_MAX)
@@ -720,6 +725,7 @@ pub async fn serve_on(
     let client_door = door_server()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(ledger())
         .add_service(cluster())
         .serve_with_incoming_shutdown(

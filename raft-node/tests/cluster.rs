@@ -1036,3 +1036,62 @@ async fn a_node_whose_ledger_state_is_damaged_rebuilds_it_from_its_snapshot_and_
     assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok);
     cluster.wait_for_convergence(DEADLINE).await;
 }
+
+/// Older tools ask for reflection as `grpc.reflection.v1alpha` (Python's grpcio-reflection,
+/// older grpcurl): the client door answers that as well as v1, listing every service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_to_v1alpha_and_v1_clients() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let channel = cluster.channel_as(&cluster.address(1), None);
+    let expected = ["grpc.health.v1.Health", "tally.v1.Cluster", "tally.v1.Ledger"];
+
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut replies =
+        alpha.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let reply = replies.message().await.unwrap().expect("a v1alpha reply");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("not a service list: {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in expected {
+        assert!(names.iter().any(|n| n == name), "v1alpha lists {names:?}, not {name}");
+    }
+
+    let mut current = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut replies =
+        current.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let reply = replies.message().await.unwrap().expect("a v1 reply");
+    assert!(format!("{reply:?}").contains("tally.v1.Ledger"), "{reply:?}");
+}
+
+/// `--log-format json`: every line a node writes to stderr is one JSON object with a level and
+/// a message, start-up and stop included, for log collectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &["--log-format", "json"]);
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster.stop(1);
+    let text = std::fs::read_to_string(cluster.dir.path().join("node-1.log")).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{text}");
+    for line in &lines {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(event["level"].is_string() && event["message"].is_string(), "{line}");
+    }
+    assert!(lines.iter().any(|l| l.contains("serving clients on")), "{text}");
+    assert!(lines.iter().any(|l| l.contains("node 1 stopped")), "{text}");
+}

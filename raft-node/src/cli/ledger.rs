@@ -154,7 +154,7 @@ fn report_results(json: bool, results: &[(String, u64)]) -> ExitCode {
     } else {
         let mut table = table(&["event", "result", "timestamp"]);
         for (index, (status, timestamp)) in results.iter().enumerate() {
-            table.add_row(vec![index.to_string(), status.clone(), timestamp.to_string()]);
+            table.add_row(vec![index.to_string(), status.clone(), super::rfc3339(*timestamp)]);
         }
         println!("{table}");
     }
@@ -240,7 +240,7 @@ fn print_transfers(json: bool, transfers: &[v1::Transfer]) {
             t.ledger.to_string(),
             t.code.to_string(),
             format!("{:#x}", t.flags),
-            t.timestamp.to_string(),
+            super::rfc3339(t.timestamp),
         ]);
     }
     println!("{table}");
@@ -375,7 +375,7 @@ fn print_balances(json: bool, balances: &[v1::AccountBalance]) {
     let mut table =
         table(&["timestamp", "debits pending", "debits posted", "credits pending", "credits posted"]);
     for b in balances {
-        let mut cells = vec![b.timestamp.to_string()];
+        let mut cells = vec![super::rfc3339(b.timestamp)];
         cells.extend(row(b));
         table.add_row(cells);
     }

@@ -82,6 +82,16 @@ pub struct ClientArgs {
 }
 
 /// How a command connects to the nodes' client doors.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_read_as_rfc3339() {
+        assert_eq!(super::rfc3339(1_796_128_768_389_841_106), "2026-12-01T12:39:28.389841106Z");
+        assert_eq!(super::rfc3339(1_000_000_000), "1970-01-01T00:00:01Z");
+        assert_eq!(super::rfc3339(0), "-");
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct TlsArgs {
     /// The cluster's CA certificate (PEM). Default: `tally dev`'s, if ./tally-dev/certs exists.
@@ -142,6 +152,18 @@ fn client(args: &ClientArgs) -> Result<Client, String> {
 
 fn consistency(args: &ClientArgs) -> v1::ReadConsistency {
     if args.local { v1::ReadConsistency::Local } else { v1::ReadConsistency::Linearizable }
+}
+
+/// A ledger timestamp (ns since the Unix epoch) as RFC 3339 in UTC with nanoseconds, as tables
+/// show it (`--json` keeps the number); 0, which no applied event has, as "-".
+fn rfc3339(ns: u64) -> String {
+    if ns == 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ns.to_string())
 }
 
 fn status_name(name: &str, prefix: &str) -> String {

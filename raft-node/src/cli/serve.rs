@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::fail;
 use crate::node::{NodeConfig, PeerConfig};
 
 #[derive(Args)]
@@ -95,6 +94,10 @@ pub struct ServeArgs {
     /// stamping entries as leader (default 1000).
     #[arg(long)]
     pub clock_tolerance_ms: Option<u64>,
+    /// How the node logs to stderr: text (one line per event) or json (one JSON object per
+    /// line, for log collectors).
+    #[arg(long, value_enum, env = "TALLY_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
     /// Test hook for chaos runs: a file holding `OFFSET_MS [DRIFT_PPM]` that skews this node's
     /// clock while it runs (re-read as it changes; missing means no skew). Never in production.
     #[arg(long, hide = true)]
@@ -103,6 +106,12 @@ pub struct ServeArgs {
     /// 64 MiB. Never in production.
     #[arg(long, hide = true, value_parser = parse_bytes)]
     pub wal_segment_bytes: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_peer(text: &str) -> Result<PeerConfig, String> {
@@ -286,8 +295,24 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
 /// Below this, round trips between sites would make most clock samples too uncertain to use.
 const CLOCK_TOLERANCE_MS_MIN: u64 = 100;
 
+/// Says what the node does as a whole (started, stopped, why it cannot go on): a plain line on
+/// stderr, or with `--log-format json` a log event like every other.
+fn say(format: LogFormat, error: bool, message: &str) {
+    match (format, error) {
+        (LogFormat::Text, false) => eprintln!("tally: {message}"),
+        (LogFormat::Text, true) => eprintln!("tally: error: {message}"),
+        (LogFormat::Json, false) => tracing::info!("{message}"),
+        (LogFormat::Json, true) => tracing::error!("{message}"),
+    }
+}
+
 pub async fn run(args: ServeArgs) -> ExitCode {
-    init_logging();
+    let format = args.log_format;
+    init_logging(format);
+    let fail = |message: &str| {
+        say(format, true, message);
+        ExitCode::FAILURE
+    };
     let config = match node_config(args) {
         Ok(config) => config,
         Err(error) => return fail(&error),
@@ -297,16 +322,16 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let node = match crate::node::start(config).await {
         Ok(node) => node,
         Err(error @ crate::node::StartError::DataUnreadable(_)) => {
-            eprintln!("tally: error: {error}");
+            say(format, true, &error.to_string());
             return ExitCode::from(crate::node::EXIT_DATA_UNREADABLE);
         }
         Err(error @ crate::node::StartError::StateDamaged(_)) => {
-            eprintln!("tally: error: {error}");
+            say(format, true, &error.to_string());
             return ExitCode::from(crate::node::EXIT_STORAGE_FAILED);
         }
         Err(error) => return fail(&error.to_string()),
     };
-    eprintln!("tally: node {id} serving clients on {listen}, peers on {peer_listen}");
+    say(format, false, &format!("node {id} serving clients on {listen}, peers on {peer_listen}"));
     tokio::spawn(crate::node::log_leadership(node.clone()));
     if let Some(tls) = node.tls.clone() {
         tokio::spawn(reload_on_hangup(id, tls));
@@ -325,14 +350,15 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     let served = crate::node::serve(node, shutdown).await;
     match (served, failure.lock().unwrap().take()) {
         (_, Some(error)) => {
-            eprintln!(
-                "tally: error: node {id} stops: {error}. It does not serve without its storage; fix \
-                 the disk and restart it, and it recovers from what is on disk"
+            let message = format!(
+                "node {id} stops: {error}. It does not serve without its storage; fix the disk and \
+                 restart it, and it recovers from what is on disk"
             );
+            say(format, true, &message);
             ExitCode::from(crate::node::EXIT_STORAGE_FAILED)
         }
         (Ok(()), None) => {
-            eprintln!("tally: node {id} stopped");
+            say(format, false, &format!("node {id} stopped"));
             ExitCode::SUCCESS
         }
         (Err(error), None) => fail(&error),
@@ -359,14 +385,15 @@ async fn reload_on_hangup(id: u64, tls: Arc<crate::security::tls::Tls>) {
 
 /// Logs to stderr, filtered by `TALLY_LOG` (tracing's env-filter syntax); by default this
 /// node's own events and Raft's warnings and errors.
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,raft_node=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+    let logs =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    let _ = match format {
+        LogFormat::Text => logs.try_init(),
+        LogFormat::Json => logs.json().flatten_event(true).try_init(),
+    };
 }
 
 #[cfg(test)]
