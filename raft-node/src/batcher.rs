@@ -34,10 +34,12 @@ pub const QUEUE_BATCHES_MAX: usize = 16 * 1024;
 pub const QUEUE_BYTES_DEFAULT: u64 = 256 << 20;
 
 type Reply = oneshot::Sender<Result<BatchReply, Status>>;
+/// A batch, where its reply goes, and when it was submitted.
+type Queued = (Batch, Reply, std::time::Instant);
 
 #[derive(Clone)]
 pub struct Batcher {
-    queue: mpsc::Sender<(Batch, Reply)>,
+    queue: mpsc::Sender<Queued>,
     /// One permit per byte of events submitted and not answered yet.
     bytes: Arc<Semaphore>,
     bytes_max: usize,
@@ -82,8 +84,12 @@ impl Batcher {
                     self.bytes_max >> 20
                 ))
             })?;
+        crate::metrics::BATCH_EVENTS.observe(batch.len() as f64);
         let (reply, receiver) = oneshot::channel();
-        self.queue.send((batch, reply)).await.map_err(|_| Status::unavailable("node is shutting down"))?;
+        self.queue
+            .send((batch, reply, std::time::Instant::now()))
+            .await
+            .map_err(|_| Status::unavailable("node is shutting down"))?;
         receiver.await.map_err(|_| {
             Status::unavailable("node is shutting down; outcome unknown, retry with the same ids")
         })?
@@ -98,7 +104,7 @@ struct Proposer {
     me: NodeId,
 }
 
-async fn run(proposer: Proposer, mut receiver: mpsc::Receiver<(Batch, Reply)>, delay: Duration) {
+async fn run(proposer: Proposer, mut receiver: mpsc::Receiver<Queued>, delay: Duration) {
     let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
     while let Some(first) = receiver.recv().await {
         // Waiting for a slot first lets the queue grow while earlier entries are in flight.
@@ -118,6 +124,11 @@ async fn run(proposer: Proposer, mut receiver: mpsc::Receiver<(Batch, Reply)>, d
             events += next.0.len();
             group.push(next);
         }
+        for (_, _, submitted) in &group {
+            crate::metrics::GROUP_COMMIT_WAIT.observe(submitted.elapsed().as_secs_f64());
+        }
+        crate::metrics::ENTRY_BATCHES.observe(group.len() as f64);
+        crate::metrics::ENTRY_EVENTS.observe(events as f64);
         let proposer = proposer.clone();
         tokio::spawn(async move {
             propose(&proposer, group).await;
@@ -126,8 +137,8 @@ async fn run(proposer: Proposer, mut receiver: mpsc::Receiver<(Batch, Reply)>, d
     }
 }
 
-async fn propose(proposer: &Proposer, group: Vec<(Batch, Reply)>) {
-    let (batches, replies): (Vec<Batch>, Vec<Reply>) = group.into_iter().unzip();
+async fn propose(proposer: &Proposer, group: Vec<Queued>) {
+    let (batches, replies): (Vec<Batch>, Vec<Reply>) = group.into_iter().map(|(b, r, _)| (b, r)).unzip();
     let voters = crate::clock::voters(&proposer.raft);
     let timestamp_proposed = match proposer.clock.stamp(&voters, proposer.me) {
         Ok(timestamp) => timestamp,
@@ -140,7 +151,10 @@ async fn propose(proposer: &Proposer, group: Vec<(Batch, Reply)>) {
         }
     };
     let request = Request { timestamp_proposed, batches };
-    match proposer.raft.client_write(request).await {
+    let proposed = std::time::Instant::now();
+    let written = proposer.raft.client_write(request).await;
+    crate::metrics::COMMIT_SECONDS.observe(proposed.elapsed().as_secs_f64());
+    match written {
         Ok(written) => {
             let results = written.data.replies;
             assert_eq!(results.len(), replies.len(), "an entry's replies do not match its batches");

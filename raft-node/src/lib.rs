@@ -22,6 +22,7 @@ pub mod batcher;
 pub mod cli;
 pub mod clock;
 pub mod convert;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod security;

@@ -57,6 +57,9 @@ pub struct NodeConfig {
     /// with RESOURCE_EXHAUSTED.
     #[serde(default = "default_queued_bytes_max")]
     pub queued_bytes_max: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP); none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// The largest snapshot this node accepts from a leader, in bytes.
     #[serde(default = "default_snapshot_bytes_max")]
     pub snapshot_bytes_max: u64,
@@ -723,6 +726,7 @@ pub async fn serve_on(
         );
     }
     let client_door = door_server()
+        .layer(crate::metrics::layer::Observe { door: "client" })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -733,6 +737,7 @@ pub async fn serve_on(
             stopped(stop_requested.clone()),
         );
     let peer_door = door_server()
+        .layer(crate::metrics::layer::Observe { door: "peer" })
         .add_service(raft)
         .add_service(ledger())
         .add_service(cluster())
@@ -796,8 +801,16 @@ pub async fn log_leadership(node: Arc<NodeHandle>) {
         };
         if now != last {
             match now.0 {
-                Some(leader) => tracing::info!(node = node.id(), term = now.1, leader, "leader known"),
+                Some(leader) => {
+                    if last.0 != Some(leader) {
+                        crate::metrics::LEADER_CHANGES.inc();
+                    }
+                    tracing::info!(node = node.id(), term = now.1, leader, "leader known")
+                }
                 None => tracing::info!(node = node.id(), term = now.1, "no leader"),
+            }
+            if now.1 > last.1 {
+                crate::metrics::TERMS.inc();
             }
             last = now;
         }

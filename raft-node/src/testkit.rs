@@ -22,6 +22,8 @@ pub struct NodeSpec {
     pub address: String,
     /// The peer door.
     pub peer_address: String,
+    /// Its Prometheus endpoint (`--metrics-listen`).
+    pub metrics_address: String,
     pub data_dir: PathBuf,
 }
 
@@ -122,6 +124,7 @@ impl TestCluster {
             site: site.to_string(),
             address: format!("127.0.0.1:{}", free_port()),
             peer_address: format!("127.0.0.1:{}", free_port()),
+            metrics_address: format!("127.0.0.1:{}", free_port()),
             data_dir: self.dir.path().join(format!("node-{id}")),
         };
         self.nodes.insert(id, spec);
@@ -147,6 +150,7 @@ impl TestCluster {
         command.args(["serve", "--cluster", "test", "--id", &id.to_string(), "--site", &spec.site]);
         command.args(["--listen", &spec.address, "--peer-listen", &spec.peer_address, "--data-dir"]);
         command.arg(&spec.data_dir);
+        command.args(["--metrics-listen", &spec.metrics_address]);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
         if let Some([ca, cert, key]) = tls {
             command.arg("--ca").arg(ca).arg("--cert").arg(cert).arg("--key").arg(key);
@@ -281,6 +285,17 @@ impl TestCluster {
             assert!(started.elapsed() < deadline, "no leader within {deadline:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Node `id`'s metrics, as Prometheus would scrape them.
+    pub async fn scrape(&self, id: u64) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream =
+            tokio::net::TcpStream::connect(&self.nodes[&id].metrics_address).await.expect("metrics endpoint");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: tally\r\n\r\n").await.expect("send a scrape");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.expect("read the scrape");
+        text
     }
 
     /// Each running node's own status.

@@ -1095,3 +1095,85 @@ async fn json_logs_are_one_object_per_line() {
     assert!(lines.iter().any(|l| l.contains("serving clients on")), "{text}");
     assert!(lines.iter().any(|l| l.contains("node 1 stopped")), "{text}");
 }
+
+/// The value of the Prometheus sample `name` (with exactly these labels, or none) in `text`;
+/// the sum over every sample of `name` when `labels` is None.
+fn sample(text: &str, name: &str, labels: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            let (metric, rest) =
+                key.split_once('{').map_or((key, None), |(m, r)| (m, Some(r.trim_end_matches('}'))));
+            let wanted = metric == name && labels.is_none_or(|labels| rest.unwrap_or("") == labels);
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Prometheus scrapes each node at `--metrics-listen`: under load the request counts and
+/// latencies, batch and entry sizes, group-commit waits, fsyncs, the Raft indexes and the bytes
+/// on disk move, and a follower reports the writes it forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_under_load() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let before = cluster.scrape(leader).await;
+    assert!(before.starts_with("HTTP/1.") && before.contains("200"), "{}", &before[..before.len().min(200)]);
+    for name in
+        ["tally_grpc_requests_total", "tally_wal_fsync_seconds_count", "tally_raft_term", "tally_disk_bytes"]
+    {
+        assert!(before.contains(name), "{name} missing");
+    }
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=2).await;
+    for batch in 0..20u128 {
+        let transfers = (0..50).map(|i| transfer(1000 + batch * 50 + i, BANK, 2, 1)).collect();
+        client.create_transfers(transfers).await.unwrap();
+    }
+    // One write through the follower, which forwards it.
+    let via_follower = cluster.client_of(&[follower], Duration::from_secs(10));
+    via_follower.create_transfers(vec![transfer(9999, BANK, 2, 1)]).await.unwrap();
+    let after = cluster.scrape(leader).await;
+    let method = r#"code="0",door="client",method="/tally.v1.Ledger/CreateTransfers""#;
+    let moved =
+        |name: &str, labels: Option<&str>| sample(&after, name, labels) - sample(&before, name, labels);
+    assert!(moved("tally_grpc_requests_total", Some(method)) >= 20.0, "{after}");
+    assert!(moved("tally_grpc_request_seconds_count", None) >= 20.0);
+    assert!(moved("tally_batch_events_sum", None) >= 1000.0);
+    assert!(moved("tally_entry_events_sum", None) >= 1000.0);
+    assert!(moved("tally_group_commit_wait_seconds_count", None) >= 20.0);
+    assert!(moved("tally_entry_commit_seconds_count", None) >= 1.0);
+    assert!(moved("tally_wal_fsync_seconds_count", None) >= 1.0);
+    assert!(moved("tally_raft_applied_index", None) >= 20.0);
+    assert_eq!(sample(&after, "tally_raft_is_leader", None), 1.0);
+    assert!(sample(&after, "tally_raft_term", None) >= 1.0);
+    assert!(sample(&after, "tally_disk_bytes", Some(r#"part="wal""#)) > 0.0);
+    assert!(sample(&after, "tally_connections", Some(r#"door="peer""#)) >= 2.0, "the peers' connections");
+    assert!(after.contains("tally_raft_replication_lag{peer="), "the leader reports each peer's lag");
+    let follower_metrics = cluster.scrape(follower).await;
+    assert!(sample(&follower_metrics, "tally_forwarded_requests_total", None) >= 1.0);
+    assert_eq!(sample(&follower_metrics, "tally_raft_is_leader", None), 0.0);
+    // Every metric the Grafana dashboard queries is one a node serves.
+    let dashboard = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/tally.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard).unwrap()).unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("tally_"))
+            {
+                let served = ["", "_bucket", "_sum", "_count"].iter().any(|suffix| {
+                    word.strip_suffix(suffix).is_some_and(|base| after.contains(&format!("# TYPE {base} ")))
+                });
+                assert!(served, "the dashboard queries {word}, which no node serves");
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 10);
+}

@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// past it writes are refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = parse_limit)]
     pub max_queued_bytes: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, read-only: bind it to the
+    /// monitoring network).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// The largest snapshot this node accepts from a leader, e.g. 512GiB (default 1TiB).
     #[arg(long, value_parser = parse_limit)]
     pub max_snapshot_bytes: Option<u64>,
@@ -203,6 +207,7 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .max_queued_bytes
             .or(file.as_ref().map(|f| f.queued_bytes_max))
             .unwrap_or_else(crate::node::default_queued_bytes_max),
+        metrics_listen: args.metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)),
         snapshot_bytes_max: args
             .max_snapshot_bytes
             .or(file.as_ref().map(|f| f.snapshot_bytes_max))
@@ -335,6 +340,12 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     tokio::spawn(crate::node::log_leadership(node.clone()));
     if let Some(tls) = node.tls.clone() {
         tokio::spawn(reload_on_hangup(id, tls));
+    }
+    crate::metrics::init();
+    if let Some(address) = node.config.metrics_listen
+        && let Err(error) = crate::metrics::http::serve(node.clone(), address).await
+    {
+        return fail(&error);
     }
     // A node whose storage failed stops (fail-stop) rather than serve on without durability.
     let failure = Arc::new(std::sync::Mutex::new(None));

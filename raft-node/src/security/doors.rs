@@ -38,6 +38,16 @@ pub enum Door {
     Peers,
 }
 
+impl Door {
+    /// The door's name in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Door::Clients => "client",
+            Door::Peers => "peer",
+        }
+    }
+}
+
 impl std::fmt::Display for Door {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -88,6 +98,7 @@ async fn accept(
             () = ready.closed() => return,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            crate::metrics::CONNECTIONS_REFUSED.with_label_values(&[door.label(), "limit"]).inc();
             warned.warn(|| {
                 tracing::warn!(
                     %door, %remote, max = limits.connections_max,
@@ -100,7 +111,9 @@ async fn accept(
         let (tls, ready, warned) = (tls.clone(), ready.clone(), warned.clone());
         tokio::spawn(async move {
             let conn = match tls {
-                None => Some(Conn::new(Io::Plain(stream), Role::Insecure, remote, permit, limits.idle_max)),
+                None => {
+                    Some(Conn::new(Io::Plain(stream), door, Role::Insecure, remote, permit, limits.idle_max))
+                }
                 Some(tls) => handshake(stream, remote, door, &tls, permit, limits.idle_max, &warned).await,
             };
             if let Some(conn) = conn {
@@ -127,13 +140,17 @@ async fn handshake(
     let handshake_max = HANDSHAKE_MAX.min(idle_max);
     let accepted =
         tokio::time::timeout(handshake_max, tokio_rustls::TlsAcceptor::from(config).accept(stream)).await;
+    let refused =
+        || crate::metrics::CONNECTIONS_REFUSED.with_label_values(&[door.label(), "handshake"]).inc();
     let stream = match accepted {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
+            refused();
             warned.warn(|| tracing::warn!(%door, %remote, "TLS handshake refused: {e}"));
             return None;
         }
         Err(_) => {
+            refused();
             warned.warn(
                 || tracing::warn!(%door, %remote, "TLS handshake not finished within {handshake_max:?}"),
             );
@@ -157,7 +174,7 @@ async fn handshake(
         }
         (Door::Peers, None) => return None,
     };
-    Some(Conn::new(Io::Tls(Box::new(stream)), role, remote, permit, idle_max))
+    Some(Conn::new(Io::Tls(Box::new(stream)), door, role, remote, permit, idle_max))
 }
 
 /// At most one warning a second: a refused peer retries many times a second.
@@ -188,6 +205,7 @@ enum Io {
 /// connection limit (given back when it closes), and its idle timer.
 pub struct Conn {
     io: Io,
+    door: Door,
     caller: Caller,
     _permit: OwnedSemaphorePermit,
     idle_max: Duration,
@@ -196,9 +214,18 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(io: Io, role: Role, remote: SocketAddr, permit: OwnedSemaphorePermit, idle_max: Duration) -> Conn {
+    fn new(
+        io: Io,
+        door: Door,
+        role: Role,
+        remote: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        idle_max: Duration,
+    ) -> Conn {
+        crate::metrics::CONNECTIONS.with_label_values(&[door.label()]).inc();
         Conn {
             io,
+            door,
             caller: Caller { role, remote },
             _permit: permit,
             idle_max,
@@ -228,6 +255,12 @@ impl Conn {
             }
             Poll::Pending => self.check_idle(cx).map(Err),
         }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        crate::metrics::CONNECTIONS.with_label_values(&[self.door.label()]).dec();
     }
 }
 

@@ -102,6 +102,7 @@ impl Hop {
         Fut: std::future::Future<Output = Result<Response<R>, Status>>,
     {
         let timeout = grpc_timeout(request.metadata());
+        crate::metrics::FORWARDED.inc();
         let mut forwarded = Request::new(request.into_inner());
         forwarded.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         if let Some(timeout) = timeout {

@@ -183,7 +183,9 @@ fn sync_wal(shared: &Shared) -> io::Result<()> {
         let _ = paused.send(());
         let _ = go.recv();
     }
+    let started = std::time::Instant::now();
     let result = plan.run();
+    crate::metrics::FSYNC_SECONDS.observe(started.elapsed().as_secs_f64());
     let mut wal = shared.wal.lock().unwrap();
     match &result {
         Ok(()) => wal.sync_done(&plan),

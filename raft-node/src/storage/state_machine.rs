@@ -246,6 +246,7 @@ impl StateMachine {
     /// sled (`SledStore::freeze`) together with the applied state it matches; the export then
     /// reads that view, which later entries do not change.
     fn build(&self) -> io::Result<Snapshot> {
+        let started = std::time::Instant::now();
         let _snapshots = self.shared.snapshots.lock().unwrap();
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
         let temporary = dir.join(BUILDING_FILE);
@@ -276,6 +277,8 @@ impl StateMachine {
         std::fs::rename(&temporary, &path)?;
         std::fs::File::open(&dir)?.sync_all()?;
         make_current(&dir, &meta)?;
+        crate::metrics::SNAPSHOT_SECONDS.observe(started.elapsed().as_secs_f64());
+        crate::metrics::SNAPSHOT_BYTES.set(std::fs::metadata(&path).map_or(0, |m| m.len()) as i64);
         Ok(Snapshot { meta, snapshot: SnapshotFile { path } })
     }
 

@@ -1,0 +1,218 @@
+//! What a node tells Prometheus (`--metrics-listen`, `GET /metrics`, the text format).
+//!
+//! One registry per process, since one process is one node: the counters and histograms are
+//! statics that the code paths they measure update (`layer` for every gRPC call of both doors,
+//! the batcher, the log's IO thread, snapshots, forwarding, the doors' connections). What
+//! openraft already tracks (term, indexes, leader, replication) and the bytes on disk are read
+//! when scraped (`render`).
+
+pub mod http;
+pub mod layer;
+
+use std::path::Path;
+use std::sync::LazyLock;
+
+use openraft::type_config::async_runtime::WatchReceiver;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::node::NodeHandle;
+
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(metric: T) -> T {
+    REGISTRY.register(Box::new(metric.clone())).expect("metric names are unique");
+    metric
+}
+
+/// Seconds, from 100 µs to 10 s.
+fn seconds_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.0001, 2.5, 13).expect("valid buckets")
+}
+
+/// Counts, from 1 to 16,384.
+fn count_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(1.0, 4.0, 8).expect("valid buckets")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    register(Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric"))
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register(IntGauge::new(name, help).expect("valid metric"))
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+}
+
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "tally_grpc_requests_total",
+        "gRPC calls answered, by door, method and status code",
+        &["door", "method", "code"],
+    )
+});
+pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("tally_grpc_request_seconds", "Time to answer a gRPC call (its headers)")
+        .buckets(seconds_buckets());
+    register(HistogramVec::new(opts, &["door", "method"]).expect("valid metric"))
+});
+pub static BATCH_EVENTS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tally_batch_events",
+        "Events (accounts or transfers) per batch a client submitted",
+        count_buckets(),
+    )
+});
+pub static ENTRY_BATCHES: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram("tally_entry_batches", "Client batches per Raft entry the leader proposed", count_buckets())
+});
+pub static ENTRY_EVENTS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram("tally_entry_events", "Events per Raft entry the leader proposed", count_buckets())
+});
+pub static GROUP_COMMIT_WAIT: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tally_group_commit_wait_seconds",
+        "How long a batch waited in the leader's queue before it was proposed",
+        seconds_buckets(),
+    )
+});
+pub static COMMIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tally_entry_commit_seconds",
+        "From proposing an entry to its commit and apply (replication and fsync on a majority)",
+        seconds_buckets(),
+    )
+});
+pub static FSYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tally_wal_fsync_seconds",
+        "Time of one sync of the write-ahead log (fdatasync)",
+        seconds_buckets(),
+    )
+});
+pub static SNAPSHOT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram("tally_snapshot_build_seconds", "Time to build a snapshot of the ledger", seconds_buckets())
+});
+pub static SNAPSHOT_BYTES: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("tally_snapshot_bytes", "Size of the last snapshot built or installed"));
+pub static FORWARDED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new("tally_forwarded_requests_total", "Requests this node forwarded to the leader")
+            .expect("valid metric"),
+    )
+});
+pub static CONNECTIONS: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| gauge_vec("tally_connections", "Connections open, by door", &["door"]));
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "tally_connections_refused_total",
+        "Connections closed at once, by door and why (limit, handshake)",
+        &["door", "reason"],
+    )
+});
+pub static LEADER_CHANGES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new("tally_raft_leader_changes_total", "Times this node saw the leader change")
+            .expect("valid metric"),
+    )
+});
+pub static TERMS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new("tally_raft_elections_total", "Terms this node saw begin (each is an election)")
+            .expect("valid metric"),
+    )
+});
+
+static TERM: LazyLock<IntGauge> = LazyLock::new(|| gauge("tally_raft_term", "The current Raft term"));
+static IS_LEADER: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("tally_raft_is_leader", "1 on the leader, else 0"));
+static LAST_LOG: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("tally_raft_last_log_index", "Index of the last entry in this node's log"));
+static COMMITTED: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("tally_raft_committed_index", "Index of the last entry known committed"));
+static APPLIED: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("tally_raft_applied_index", "Index of the last entry applied to the ledger"));
+static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "tally_raft_replication_lag",
+        "Entries a peer is behind this leader's log (on the leader only)",
+        &["peer"],
+    )
+});
+static DISK: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec("tally_disk_bytes", "Bytes on disk, by part of the data directory", &["part"])
+});
+
+/// Makes every metric exist from the start (at zero), so a scrape lists them all.
+pub fn init() {
+    for metric in [&*BATCH_EVENTS, &*ENTRY_BATCHES, &*ENTRY_EVENTS, &*GROUP_COMMIT_WAIT, &*COMMIT_SECONDS] {
+        let _ = metric.get_sample_count();
+    }
+    let _ = (FSYNC_SECONDS.get_sample_count(), SNAPSHOT_SECONDS.get_sample_count(), SNAPSHOT_BYTES.get());
+    let _ = (FORWARDED.get(), LEADER_CHANGES.get(), TERMS.get());
+    let _ = (TERM.get(), IS_LEADER.get(), LAST_LOG.get(), COMMITTED.get(), APPLIED.get());
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&REQUEST_SECONDS);
+    LazyLock::force(&LAG);
+    for door in ["client", "peer"] {
+        CONNECTIONS.with_label_values(&[door]).set(0);
+        for reason in ["limit", "handshake"] {
+            CONNECTIONS_REFUSED.with_label_values(&[door, reason]).reset();
+        }
+    }
+    for part in ["wal", "state", "snapshots"] {
+        DISK.with_label_values(&[part]).set(0);
+    }
+}
+
+/// Bytes of the files under `path`, recursively; 0 for what cannot be read.
+fn bytes_under(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => bytes_under(&entry.path()),
+            Ok(_) => entry.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The text format of every metric, with what openraft and the disk say now.
+pub fn render(node: &NodeHandle) -> String {
+    {
+        let metrics = node.raft.metrics();
+        let current = metrics.borrow_watched();
+        TERM.set(current.current_term as i64);
+        IS_LEADER.set(i64::from(current.current_leader == Some(node.id())));
+        LAST_LOG.set(current.last_log_index.unwrap_or(0) as i64);
+        APPLIED.set(current.last_applied.map_or(0, |id| id.index) as i64);
+        COMMITTED.set(current.local_committed.map_or(0, |id| id.index) as i64);
+        LAG.reset();
+        if let Some(replication) = &current.replication {
+            let last = current.last_log_index.unwrap_or(0);
+            for (peer, matched) in replication {
+                let matched = matched.as_ref().map_or(0, |m| m.index);
+                LAG.with_label_values(&[&peer.to_string()]).set(last.saturating_sub(matched) as i64);
+            }
+        }
+    }
+    let dir = &node.config.data_dir;
+    for (part, path) in
+        [("wal", dir.join("wal")), ("state", dir.join("state")), ("snapshots", dir.join("snapshots"))]
+    {
+        DISK.with_label_values(&[part]).set(bytes_under(&path) as i64);
+    }
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&REGISTRY.gather(), &mut out).expect("text encoding into a Vec");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
