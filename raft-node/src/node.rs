@@ -291,6 +291,11 @@ pub struct NodeHandle {
     pub tls: Option<Arc<crate::security::tls::Tls>>,
     /// When this node last accepted a leader's AppendEntries (for health).
     pub leader_contact: LeaderContact,
+    /// What gRPC health says now (SERVING): also `GET /ready` on the metrics endpoint, for
+    /// probes that cannot speak TLS.
+    pub serving: std::sync::atomic::AtomicBool,
+    /// When the node started, for its uptime.
+    pub started: std::time::Instant,
 }
 
 /// When a leader was last heard from: milliseconds since the node started, `u64::MAX` for never.
@@ -518,6 +523,8 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         peers: crate::net::Pool::new(tls.clone()),
         tls,
         leader_contact: LeaderContact::default(),
+        serving: std::sync::atomic::AtomicBool::new(false),
+        started: std::time::Instant::now(),
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
@@ -644,6 +651,7 @@ async fn report_health(node: Arc<NodeHandle>, reporter: tonic_health::server::He
             };
             member && in_contact
         };
+        node.serving.store(serving, std::sync::atomic::Ordering::Relaxed);
         if reported != Some(serving) {
             let status = if serving {
                 tonic_health::ServingStatus::Serving

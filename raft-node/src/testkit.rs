@@ -287,14 +287,20 @@ impl TestCluster {
         }
     }
 
-    /// Node `id`'s metrics, as Prometheus would scrape them.
+    /// Node `id`'s metrics, as Prometheus would scrape them (the whole HTTP response).
     pub async fn scrape(&self, id: u64) -> String {
+        self.http_get(id, "/metrics").await
+    }
+
+    /// `GET path` on node `id`'s metrics endpoint: the whole HTTP response.
+    pub async fn http_get(&self, id: u64, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream =
-            tokio::net::TcpStream::connect(&self.nodes[&id].metrics_address).await.expect("metrics endpoint");
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: tally\r\n\r\n").await.expect("send a scrape");
+        let address = &self.nodes[&id].metrics_address;
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("metrics endpoint");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: tally\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send the request");
         let mut text = String::new();
-        stream.read_to_string(&mut text).await.expect("read the scrape");
+        stream.read_to_string(&mut text).await.expect("read the response");
         text
     }
 

@@ -976,12 +976,17 @@ async fn health_says_not_serving_without_a_leader_or_after_removal() {
         cluster.kill(*id);
     }
     wait_for_health(&cluster, &cluster.address(leader), false).await;
+    // The same answer for probes that cannot speak TLS, on the metrics endpoint.
+    let ready = cluster.http_get(leader, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 503") || ready.starts_with("HTTP/1.0 503"), "{ready}");
     for id in &others {
         cluster.restart(*id);
     }
     for id in cluster.nodes.keys() {
         wait_for_health(&cluster, &cluster.address(*id), true).await;
     }
+    let ready = cluster.http_get(leader, "/ready").await;
+    assert!(ready.contains(" 200 ") && ready.contains("SERVING"), "{ready}");
     // A removed node keeps running, but takes no traffic.
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let removed = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
@@ -1152,6 +1157,12 @@ async fn metrics_move_under_load() {
     assert!(sample(&after, "tally_disk_bytes", Some(r#"part="wal""#)) > 0.0);
     assert!(sample(&after, "tally_connections", Some(r#"door="peer""#)) >= 2.0, "the peers' connections");
     assert!(after.contains("tally_raft_replication_lag{peer="), "the leader reports each peer's lag");
+    // Status says what each node runs and for how long.
+    let status = client.cluster_status().await.unwrap();
+    for node in &status.nodes {
+        assert_eq!(node.version, env!("CARGO_PKG_VERSION"), "node {}", node.id);
+        assert!(node.uptime_seconds < 600, "node {}: up {} s", node.id, node.uptime_seconds);
+    }
     let follower_metrics = cluster.scrape(follower).await;
     assert!(sample(&follower_metrics, "tally_forwarded_requests_total", None) >= 1.0);
     assert_eq!(sample(&follower_metrics, "tally_raft_is_leader", None), 0.0);

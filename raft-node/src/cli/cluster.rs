@@ -8,6 +8,28 @@ use tally_client::v1;
 
 use super::{ClientArgs, client, status_name, table};
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptimes_and_site_losses_read_in_words() {
+        for (seconds, text) in [(42, "42s"), (725, "12m 5s"), (7_380, "2h 3m"), (273_600, "3d 4h")] {
+            assert_eq!(uptime(seconds), text);
+        }
+        let site = |name: &str, voters, survives_loss| v1::SiteStatus {
+            site: name.into(),
+            voters,
+            learners: 0,
+            survives_loss,
+        };
+        let lines = survival(&[site("a", 2, false), site("b", 1, true), site("c", 0, true)]);
+        assert!(lines[0].contains("leaves 1 of 3 voters, no majority"), "{}", lines[0]);
+        assert!(lines[1].contains("leaves 2 of 3 voters, a majority"), "{}", lines[1]);
+        assert!(lines[2].contains("loses no voter"), "{}", lines[2]);
+    }
+}
+
 #[derive(Subcommand)]
 pub enum ClusterCommand {
     Status {
@@ -66,6 +88,42 @@ pub enum ClusterCommand {
     },
 }
 
+/// Seconds as the two largest units: 3d 4h, 12m 5s, 42s.
+fn uptime(seconds: u64) -> String {
+    let (days, hours, minutes) = (seconds / 86_400, seconds / 3600 % 24, seconds / 60 % 60);
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{seconds}s"),
+        (0, 0, m) => format!("{m}m {}s", seconds % 60),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
+    }
+}
+
+/// What losing each site would do, in words.
+fn survival(sites: &[v1::SiteStatus]) -> Vec<String> {
+    let voters: u32 = sites.iter().map(|s| s.voters).sum();
+    sites
+        .iter()
+        .map(|s| {
+            let left = voters - s.voters;
+            if s.voters == 0 {
+                format!("Losing {} loses no voter: the cluster keeps serving.", s.site)
+            } else if s.survives_loss {
+                format!(
+                    "Losing {} leaves {left} of {voters} voters, a majority: the cluster keeps serving.",
+                    s.site
+                )
+            } else {
+                format!(
+                    "Losing {} leaves {left} of {voters} voters, no majority: writes stop until it is back. \
+                     Move a voter elsewhere, or add one in another site.",
+                    s.site
+                )
+            }
+        })
+        .collect()
+}
+
 fn print_status(json: bool, status: &v1::StatusReply) {
     if json {
         let nodes: Vec<_> = status
@@ -80,6 +138,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                     "replication_lag": n.replication_lag, "state_digest": n.state_digest,
                     "incarnation": n.incarnation, "needs_replace": n.needs_replace,
                     "clock_offset_ms": n.clock_offset_ms, "clock_synchronized": n.clock_synchronized,
+                    "uptime_seconds": n.uptime_seconds, "version": n.version,
                 })
             })
             .collect();
@@ -97,8 +156,8 @@ fn print_status(json: bool, status: &v1::StatusReply) {
         status.leader_id, status.term, status.committed_index
     );
     let mut nodes = table(&[
-        "id", "address", "site", "role", "leader", "up", "term", "last log", "applied", "lag", "digest",
-        "disk",
+        "id", "address", "site", "role", "leader", "up", "uptime", "version", "term", "last log", "applied",
+        "lag", "digest", "disk",
     ]);
     for n in &status.nodes {
         nodes.add_row(vec![
@@ -108,6 +167,8 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             status_name(v1::NodeRole::try_from(n.role).unwrap_or_default().as_str_name(), "NODE_ROLE_"),
             if n.is_leader { "*".into() } else { String::new() },
             if n.reachable { "yes".into() } else { "NO".into() },
+            if n.reachable { uptime(n.uptime_seconds) } else { String::new() },
+            n.version.clone(),
             n.term.to_string(),
             n.last_log_index.to_string(),
             n.applied_index.to_string(),
@@ -133,6 +194,9 @@ fn print_status(json: bool, status: &v1::StatusReply) {
         ]);
     }
     println!("{sites}");
+    for line in survival(&status.sites) {
+        println!("{line}");
+    }
 }
 
 pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {

@@ -1,8 +1,13 @@
-//! The admin HTTP endpoint: `GET /metrics` in Prometheus's text format, on `--metrics-listen`.
-//! Plain HTTP and read-only: bind it to an address only the monitoring network reaches.
+//! The admin HTTP endpoint on `--metrics-listen`: `GET /metrics` in Prometheus's text format,
+//! and `GET /ready`, 200 while gRPC health says SERVING and 503 otherwise (for probes that
+//! cannot speak TLS, such as Kubernetes' readiness probe). Plain HTTP and read-only: bind it
+//! to an address only the monitoring network reaches.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::http::{StatusCode, header};
 
 use crate::node::NodeHandle;
 
@@ -10,17 +15,26 @@ pub async fn serve(node: Arc<NodeHandle>, address: SocketAddr) -> Result<(), Str
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| format!("cannot listen on {address} (--metrics-listen): {e}"))?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let node = node.clone();
-            async move {
-                let text =
-                    tokio::task::spawn_blocking(move || super::render(&node)).await.unwrap_or_default();
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    let ready = node.clone();
+    let metrics = move || {
+        let node = node.clone();
+        async move {
+            let text = tokio::task::spawn_blocking(move || super::render(&node)).await.unwrap_or_default();
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+        }
+    };
+    let ready = move || {
+        let serving = ready.serving.load(Ordering::Relaxed);
+        async move {
+            match serving {
+                true => (StatusCode::OK, "SERVING\n"),
+                false => (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n"),
             }
-        }),
-    );
+        }
+    };
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/ready", axum::routing::get(ready));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("the metrics endpoint stopped: {e}");

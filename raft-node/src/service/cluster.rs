@@ -60,6 +60,8 @@ impl ClusterService {
             recorded_incarnation: membership.get_node(&self.node.id()).map_or(0, |n| n.incarnation),
             clock_offset_ms: clock.offset_ns / 1_000_000,
             clock_synchronized: clock_ok,
+            uptime_seconds: self.node.started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 
