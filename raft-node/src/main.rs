@@ -9,6 +9,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = raft_node::cli::Cli::parse();
+    // A client command piped into `head` stops quietly when the pipe closes, as Unix tools do,
+    // instead of panicking on the failed print. Processes that serve keep SIGPIPE ignored (a
+    // peer closing a socket must not kill a node).
+    if cli.command.prints_only() {
+        // SAFETY: called before any thread starts; restores the default action of one signal.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(raft_node::cli::run(cli))
 }

@@ -63,6 +63,14 @@ pub enum Command {
     Certs(CertsCommand),
 }
 
+impl Command {
+    /// A command that talks to a cluster or makes files and prints, but serves nothing and
+    /// starts no node.
+    pub fn prints_only(&self) -> bool {
+        !matches!(self, Command::Serve(_) | Command::Dev(_) | Command::Benchmark(_))
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct ClientArgs {
     /// Node addresses (host:port), comma-separated; any of them may be down.
