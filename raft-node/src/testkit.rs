@@ -97,14 +97,20 @@ impl TestCluster {
         if self.insecure() {
             return Security::Insecure;
         }
-        let dir = self.certs_dir();
-        let ca = dir.join(certs::CA_CERT);
+        let ca = self.certs_dir().join(certs::CA_CERT);
         let Some(role) = role else { return Security::from_files(&ca, None).expect("the CA") };
-        let (cert, key) = certs::paths(&dir, &role);
-        if !cert.exists() {
-            certs::make(&dir, &role, &["127.0.0.1".into()], 1).expect("a certificate");
-        }
+        let (cert, key) = self.certificate(&role);
         Security::from_files(&ca, Some((&cert, &key))).expect("the certificate")
+    }
+
+    /// The certificate and key of `role` signed by the cluster's CA, made the first time.
+    fn certificate(&self, role: &Role) -> (PathBuf, PathBuf) {
+        let dir = self.certs_dir();
+        let (cert, key) = certs::paths(&dir, role);
+        if !cert.exists() {
+            certs::make(&dir, role, &["127.0.0.1".into()], 1).expect("a certificate");
+        }
+        (cert, key)
     }
 
     /// A channel to `address` (either door) as `role` (None: no client certificate), for tests
@@ -133,12 +139,8 @@ impl TestCluster {
 
     pub fn command(&self, id: u64, bootstrap: bool) -> Command {
         let tls = (!self.insecure()).then(|| {
-            let dir = self.certs_dir();
-            let (cert, key) = certs::paths(&dir, &Role::Node(id));
-            if !cert.exists() {
-                certs::make(&dir, &Role::Node(id), &["127.0.0.1".into()], 1).expect("a node certificate");
-            }
-            [dir.join(certs::CA_CERT), cert, key]
+            let (cert, key) = self.certificate(&Role::Node(id));
+            [self.certs_dir().join(certs::CA_CERT), cert, key]
         });
         self.command_with_tls(id, bootstrap, tls)
     }
@@ -259,6 +261,13 @@ impl TestCluster {
 
     pub fn peer_address(&self, id: u64) -> String {
         self.nodes[&id].peer_address.clone()
+    }
+
+    /// The cluster id node `id` keeps in its `identity.toml` (once bootstrapped or adopted).
+    pub fn cluster_id(&self, id: u64) -> String {
+        let text = std::fs::read_to_string(self.nodes[&id].data_dir.join("identity.toml")).unwrap();
+        let line = text.lines().find(|l| l.starts_with("cluster_id")).expect("a cluster id after bootstrap");
+        line.split('"').nth(1).unwrap().to_string()
     }
 
     pub fn client(&self, timeout: Duration) -> Client {

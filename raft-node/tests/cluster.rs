@@ -766,12 +766,6 @@ async fn a_node_whose_log_lost_a_committed_entry_refuses_to_start() {
 }
 
 /// The cluster id a node's data directory records, as an insider (a peer's operator) could read it.
-fn cluster_id_of(cluster: &TestCluster, id: u64) -> String {
-    let text = std::fs::read_to_string(cluster.nodes[&id].data_dir.join("identity.toml")).unwrap();
-    let line = text.lines().find(|l| l.starts_with("cluster_id")).expect("a cluster id after bootstrap");
-    line.split('"').nth(1).unwrap().to_string()
-}
-
 /// Sends one AppendEntries with the given headers on `channel`; returns the status code.
 async fn forged_append(
     channel: tonic::transport::Channel,
@@ -810,9 +804,9 @@ async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
     // of the first Raft call that reaches it, but only from a node certificate of the CA.)
     cluster.wait_for_convergence(DEADLINE).await;
     let terms_before: Vec<u64> = cluster.node_statuses().await.values().map(|s| s.term).collect();
-    let cluster_id = cluster_id_of(&cluster, 1);
+    let cluster_id = cluster.cluster_id(1);
     for id in cluster.nodes.keys() {
-        assert_eq!(cluster_id_of(&cluster, *id), cluster_id, "node {id}");
+        assert_eq!(cluster.cluster_id(*id), cluster_id, "node {id}");
     }
     let made_up = format!("{:032x}", 0x5eed_u128);
     let append = |term: u64, entry_index: Option<u64>| AppendEntriesRequest::<TypeConfig> {

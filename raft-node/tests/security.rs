@@ -338,12 +338,6 @@ async fn writes_past_the_queued_bytes_budget_are_refused() {
     assert_eq!(found.len(), 1, "only the batch within the budget was applied");
 }
 
-fn cluster_id_of(cluster: &TestCluster, id: u64) -> String {
-    let text = std::fs::read_to_string(cluster.nodes[&id].data_dir.join("identity.toml")).unwrap();
-    let line = text.lines().find(|l| l.starts_with("cluster_id")).expect("a cluster id after bootstrap");
-    line.split('"').nth(1).unwrap().to_string()
-}
-
 /// A node takes one snapshot install at a time, and none larger than --max-snapshot-bytes: a
 /// second stream while one is open, and a stream past the size, get RESOURCE_EXHAUSTED, and the
 /// place is free again once the first stream ends. (Sent as a member would, with node 1's
@@ -354,7 +348,7 @@ async fn snapshot_installs_are_one_at_a_time_and_bounded_in_size() {
     cluster.wait_for_leader(DEADLINE).await;
     cluster.wait_for_convergence(DEADLINE).await;
     let channel = channel_with(&cluster.peer_address(2), &cluster.security_as(Some(Role::Node(1))));
-    let cluster_id = cluster_id_of(&cluster, 2);
+    let cluster_id = cluster.cluster_id(2);
     let install = |chunks: tokio::sync::mpsc::Receiver<v1::SnapshotChunk>| {
         let mut raft = v1::raft_client::RaftClient::new(channel.clone());
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(chunks));

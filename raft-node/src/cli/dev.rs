@@ -9,8 +9,6 @@ use clap::Args;
 
 /// Where `tally dev` keeps its data and certificates unless told otherwise.
 pub const DIR_DEFAULT: &str = "tally-dev";
-/// The operator whose certificate `tally dev` makes for the CLI.
-pub const OPERATOR: &str = crate::security::certs::LOCAL_OPERATOR;
 
 #[derive(Args)]
 pub struct DevArgs {
@@ -77,12 +75,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
         eprintln!("tally dev: cannot make the cluster's certificates in {}: {e}", certs.display());
         return ExitCode::FAILURE;
     }
-    let operator = crate::security::roles::Role::Operator(OPERATOR.into());
-    let (cert, key) = crate::security::certs::paths(&certs, &operator);
-    let security = match tally_client::Security::from_files(
-        &certs.join(crate::security::certs::CA_CERT),
-        Some((&cert, &key)),
-    ) {
+    let security = match super::local_operator(&certs) {
         Ok(security) => security,
         Err(e) => {
             eprintln!("tally dev: {e}");

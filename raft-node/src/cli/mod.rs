@@ -117,6 +117,13 @@ pub struct TlsArgs {
     pub insecure: bool,
 }
 
+/// How the operator of a local cluster connects, with the certificates `make_local` made in `dir`.
+pub fn local_operator(dir: &Path) -> Result<Security, String> {
+    let operator = crate::security::roles::Role::Operator(crate::security::certs::LOCAL_OPERATOR.into());
+    let (cert, key) = crate::security::certs::paths(dir, &operator);
+    Security::from_files(&dir.join(crate::security::certs::CA_CERT), Some((&cert, &key)))
+}
+
 /// Where `tally dev` keeps its certificates, relative to its --dir.
 pub const DEV_CERTS: &str = "certs";
 
@@ -131,10 +138,12 @@ impl TlsArgs {
         }
         let dev = Path::new(dev::DIR_DEFAULT).join(DEV_CERTS);
         if dev.join(crate::security::certs::CA_CERT).exists() {
-            let operator = crate::security::roles::Role::Operator(dev::OPERATOR.into());
-            let (cert, key) = crate::security::certs::paths(&dev, &operator);
-            let identity = identity.or(Some((cert.as_path(), key.as_path())));
-            return Security::from_files(&dev.join(crate::security::certs::CA_CERT), identity);
+            return match identity {
+                Some(identity) => {
+                    Security::from_files(&dev.join(crate::security::certs::CA_CERT), Some(identity))
+                }
+                None => local_operator(&dev),
+            };
         }
         Err(format!(
             "no CA certificate to check the nodes with: pass --ca FILE (with --cert and --key for a \

@@ -154,12 +154,17 @@ static DISK: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 
 /// Makes every metric exist from the start (at zero), so a scrape lists them all.
 pub fn init() {
-    for metric in [&*BATCH_EVENTS, &*ENTRY_BATCHES, &*ENTRY_EVENTS, &*GROUP_COMMIT_WAIT, &*COMMIT_SECONDS] {
-        let _ = metric.get_sample_count();
+    for histogram in [&BATCH_EVENTS, &ENTRY_BATCHES, &ENTRY_EVENTS, &GROUP_COMMIT_WAIT, &COMMIT_SECONDS] {
+        LazyLock::force(histogram);
     }
-    let _ = (FSYNC_SECONDS.get_sample_count(), SNAPSHOT_SECONDS.get_sample_count(), SNAPSHOT_BYTES.get());
-    let _ = (FORWARDED.get(), LEADER_CHANGES.get(), TERMS.get());
-    let _ = (TERM.get(), IS_LEADER.get(), LAST_LOG.get(), COMMITTED.get(), APPLIED.get());
+    LazyLock::force(&FSYNC_SECONDS);
+    LazyLock::force(&SNAPSHOT_SECONDS);
+    for counter in [&FORWARDED, &LEADER_CHANGES, &TERMS] {
+        LazyLock::force(counter);
+    }
+    for gauge in [&SNAPSHOT_BYTES, &TERM, &IS_LEADER, &LAST_LOG, &COMMITTED, &APPLIED] {
+        LazyLock::force(gauge);
+    }
     LazyLock::force(&REQUESTS);
     LazyLock::force(&REQUEST_SECONDS);
     LazyLock::force(&LAG);
