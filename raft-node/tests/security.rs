@@ -372,26 +372,41 @@ async fn snapshot_installs_are_one_at_a_time_and_bounded_in_size() {
     assert_eq!(code, tonic::Code::ResourceExhausted, "{message}");
     assert!(message.contains("--max-snapshot-bytes"), "{message}");
 
-    // One open stream, kept alive by a small chunk every 500 ms, holds the only place.
-    let (first, chunks) = tokio::sync::mpsc::channel(4);
-    let open = tokio::spawn(install(chunks));
-    let feeder = tokio::spawn({
-        let first = first.clone();
-        async move {
-            while first.send(chunk(16)).await.is_ok() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+    // One open stream, kept alive by a small chunk every 500 ms, holds the only place. A probe
+    // takes the place for a moment too: an open stream that arrived during one was refused, and
+    // is opened again.
+    let open_one = || {
+        let (first, chunks) = tokio::sync::mpsc::channel(4);
+        let open = tokio::spawn(install(chunks));
+        let feeder = tokio::spawn({
+            let first = first.clone();
+            async move {
+                while first.send(chunk(16)).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             }
-        }
-    });
+        });
+        (first, open, feeder)
+    };
     let second = async || {
         let (send, chunks) = tokio::sync::mpsc::channel(1);
         drop(send);
         install(chunks).await
     };
-    wait_until("a second install is refused while one is open", async || {
-        matches!(second().await, Err((tonic::Code::ResourceExhausted, ref m)) if m.contains("one at a time"))
-    })
-    .await;
+    let (mut first, mut open, mut feeder) = open_one();
+    let started = Instant::now();
+    loop {
+        if matches!(second().await, Err((tonic::Code::ResourceExhausted, ref m)) if m.contains("one at a time"))
+        {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "a second install was never refused while one was open");
+        if open.is_finished() {
+            feeder.abort();
+            (first, open, feeder) = open_one();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     feeder.abort();
     drop(first);
     // The first stream ends without a header: refused for that, and the place is free.
