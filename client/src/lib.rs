@@ -355,6 +355,17 @@ impl Client {
         .await
     }
 
+    /// Streams a backup of the state of the first node in the list (`Cluster.Backup`), as that
+    /// node has applied it. No deadline on the call: a large state takes a while; the caller
+    /// times out a stream that stalls.
+    pub async fn backup(&self) -> Result<tonic::Streaming<v1::BackupChunk>, Error> {
+        let channel = self.nodes[0].1.clone();
+        let reply = ClusterClient::new(channel).backup(v1::BackupRequest {}).await.map_err(|status| {
+            if retryable(&status) { Error::Unavailable(status) } else { Error::Rejected(status) }
+        })?;
+        Ok(reply.into_inner())
+    }
+
     /// Has the leader snapshot its state now, and with `purge_log` drop its log behind it.
     pub async fn take_snapshot(&self, purge_log: bool) -> Result<v1::TakeSnapshotReply, Error> {
         self.with_retries(|channel, left| {

@@ -89,7 +89,12 @@ impl<S: Store> Ledger<S> {
             replies.push(tx.execute(batch, timestamp_proposed)?);
         }
         let mut changes = tx.work.into_changes();
-        changes.meta.digest = digest_changes(&self.meta.digest, &changes);
+        // An entry without batches (Raft's blank and membership entries) is no event of the
+        // ledger: the digest follows the ledger's history, not the log's, so that a cluster
+        // restored from a backup reads the backup's digest until its first write.
+        if !batches.is_empty() {
+            changes.meta.digest = digest_changes(&self.meta.digest, &changes);
+        }
         changes.app_meta = app_meta.map(<[u8]>::to_vec);
         self.store.commit(&changes)?;
         self.meta = changes.meta;

@@ -29,28 +29,73 @@ const RECORD_VALUE_BYTES_MAX: usize = 1 << 20;
 /// Writes the whole state of `store` (a store, or a frozen view of one) to `out`; returns the
 /// number of records.
 pub fn export(store: &impl Records, out: impl Write) -> StoreResult<u64> {
-    let mut out = HashingWriter { inner: BufWriter::new(out), hasher: blake3::Hasher::new() };
-    out.write_all(MAGIC)?;
-    out.write_all(&FORMAT_VERSION.to_le_bytes())?;
-    out.write_all(&codec::SCHEMA_VERSION.to_le_bytes())?;
-    let mut count = 0u64;
-    store.for_each_record(&mut |key, value| {
-        assert!(key.len() <= RECORD_KEY_BYTES_MAX && value.len() <= RECORD_VALUE_BYTES_MAX);
-        out.write_all(&[TAG_RECORD])?;
-        out.write_all(&(key.len() as u16).to_le_bytes())?;
-        out.write_all(key)?;
-        out.write_all(&(value.len() as u32).to_le_bytes())?;
-        out.write_all(value)?;
-        count += 1;
+    let mut stream = StreamWriter::start(out)?;
+    store.for_each_record(&mut |key, value| stream.record(key, value))?;
+    stream.finish()
+}
+
+/// Copies a stream written by `export` from `input` to `out` with the embedding application's
+/// meta (`META_APP_KEY`) set to `app_meta`, checking `input` as `verify` does. For seeding a new
+/// cluster from a backup, whose applied log id is not the old cluster's. `out` holds a valid
+/// stream only if this returns `Ok`.
+pub fn rewrite_app_meta(input: impl Read, out: impl Write, app_meta: &[u8]) -> StoreResult<Verified> {
+    let mut stream = StreamWriter::start(out)?;
+    let mut app_written = false;
+    let verified = read_stream(input, &mut |records| {
+        for (key, value) in records.drain(..) {
+            if !app_written && key.as_slice() >= codec::META_APP_KEY {
+                stream.record(codec::META_APP_KEY, app_meta)?;
+                app_written = true;
+                if key == codec::META_APP_KEY {
+                    continue;
+                }
+            }
+            stream.record(&key, &value)?;
+        }
         Ok(())
     })?;
-    out.write_all(&[TAG_END])?;
-    let hash = out.hasher.finalize();
-    let mut inner = out.inner;
-    inner.write_all(&count.to_le_bytes())?;
-    inner.write_all(hash.as_bytes())?;
-    inner.flush()?;
-    Ok(count)
+    if !app_written {
+        stream.record(codec::META_APP_KEY, app_meta)?;
+    }
+    stream.finish()?;
+    Ok(verified)
+}
+
+/// Writes the stream format: `record` in key order, then `finish`.
+struct StreamWriter<W: Write> {
+    out: HashingWriter<BufWriter<W>>,
+    count: u64,
+}
+
+impl<W: Write> StreamWriter<W> {
+    fn start(out: W) -> StoreResult<StreamWriter<W>> {
+        let mut out = HashingWriter { inner: BufWriter::new(out), hasher: blake3::Hasher::new() };
+        out.write_all(MAGIC)?;
+        out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        out.write_all(&codec::SCHEMA_VERSION.to_le_bytes())?;
+        Ok(StreamWriter { out, count: 0 })
+    }
+
+    fn record(&mut self, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        assert!(key.len() <= RECORD_KEY_BYTES_MAX && value.len() <= RECORD_VALUE_BYTES_MAX);
+        self.out.write_all(&[TAG_RECORD])?;
+        self.out.write_all(&(key.len() as u16).to_le_bytes())?;
+        self.out.write_all(key)?;
+        self.out.write_all(&(value.len() as u32).to_le_bytes())?;
+        self.out.write_all(value)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> StoreResult<u64> {
+        self.out.write_all(&[TAG_END])?;
+        let hash = self.out.hasher.finalize();
+        let mut inner = self.out.inner;
+        inner.write_all(&self.count.to_le_bytes())?;
+        inner.write_all(hash.as_bytes())?;
+        inner.flush()?;
+        Ok(self.count)
+    }
 }
 
 /// Reads a stream written by `export` into `store`, which must be empty. On any error the store
@@ -66,11 +111,20 @@ pub fn import<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64> {
     result
 }
 
+/// What a whole stream checked out to hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    /// The ledger's bookkeeping: its last timestamp and running digest.
+    pub ledger: codec::LedgerMeta,
+    /// The embedding application's meta, if the state has one.
+    pub app: Option<Vec<u8>>,
+}
+
 /// Reads a whole stream written by `export` without storing it: the same checks as `import`
-/// (header, every record's bounds, count, checksum, ledger meta present). Returns the number of
-/// records. For a snapshot received from the network or read back from disk, before anything
-/// depends on it.
-pub fn verify(input: impl Read) -> StoreResult<u64> {
+/// (header, every record's bounds, count, checksum, ledger meta present and readable). For a
+/// snapshot received from the network or read back from disk, before anything depends on it.
+pub fn verify(input: impl Read) -> StoreResult<Verified> {
     read_stream(input, &mut |_| Ok(()))
 }
 
@@ -79,14 +133,14 @@ type Record = (Vec<u8>, Vec<u8>);
 
 fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64> {
     let mut meta = Vec::new();
-    let count = read_stream(input, &mut |records| {
+    let verified = read_stream(input, &mut |records| {
         let (metas, rest): (Vec<_>, Vec<_>) =
             records.drain(..).partition(|(key, _)| key.first() == Some(&PREFIX_META));
         meta.extend(metas);
         store.put_records(&rest)
     })?;
     store.put_records(&meta)?;
-    Ok(count)
+    Ok(verified.records)
 }
 
 /// Walks the stream, handing records to `sink` in chunks of up to `IMPORT_CHUNK_RECORDS` (the
@@ -94,7 +148,7 @@ fn import_records<S: Store>(store: &mut S, input: impl Read) -> StoreResult<u64>
 fn read_stream(
     input: impl Read,
     sink: &mut dyn FnMut(&mut Vec<Record>) -> StoreResult<()>,
-) -> StoreResult<u64> {
+) -> StoreResult<Verified> {
     let mut input = HashingReader { inner: BufReader::new(input), hasher: blake3::Hasher::new() };
     let magic: [u8; 8] = read_array(&mut input)?;
     if &magic != MAGIC {
@@ -109,7 +163,7 @@ fn read_stream(
         )));
     }
     let mut chunk = Vec::with_capacity(IMPORT_CHUNK_RECORDS);
-    let mut has_ledger_meta = false;
+    let (mut ledger, mut app) = (None, None);
     let mut count = 0u64;
     loop {
         let [tag] = read_array(&mut input)?;
@@ -121,7 +175,13 @@ fn read_stream(
         }
         let (key, value) = read_record(&mut input)?;
         count += 1;
-        has_ledger_meta |= key == codec::META_LEDGER_KEY;
+        if key == codec::META_LEDGER_KEY {
+            let meta = codec::decode_ledger_meta(&value)
+                .map_err(|schema| StoreError::Corrupt(format!("snapshot ledger meta of schema {schema}")))?;
+            ledger = Some(meta);
+        } else if key == codec::META_APP_KEY {
+            app = Some(value.clone());
+        }
         chunk.push((key, value));
         if chunk.len() == IMPORT_CHUNK_RECORDS {
             sink(&mut chunk)?;
@@ -134,15 +194,15 @@ fn read_stream(
     if count != count_expected || hash.as_bytes() != &hash_expected {
         return Err(StoreError::Corrupt("snapshot checksum or record count mismatch".into()));
     }
-    if !has_ledger_meta {
+    let Some(ledger) = ledger else {
         return Err(StoreError::Corrupt("snapshot without ledger meta".into()));
-    }
+    };
     let mut trailing = [0u8; 1];
     if input.inner.read(&mut trailing)? != 0 {
         return Err(StoreError::Corrupt("bytes after the snapshot's trailer".into()));
     }
     sink(&mut chunk)?;
-    Ok(count)
+    Ok(Verified { records: count, ledger, app })
 }
 
 fn read_record(input: &mut impl Read) -> StoreResult<(Vec<u8>, Vec<u8>)> {

@@ -193,9 +193,18 @@ fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
         }),
     ];
     let imported = ledger::snapshot::import(&mut MemStore::new(), &bytes[..]).unwrap();
-    assert_eq!(ledger::snapshot::verify(&bytes[..]).unwrap(), imported, "verify counts what import writes");
+    assert_eq!(
+        ledger::snapshot::verify(&bytes[..]).unwrap().records,
+        imported,
+        "verify counts what import writes"
+    );
     for (what, bytes) in damaged {
         assert!(ledger::snapshot::verify(&bytes[..]).is_err(), "{what} was verified");
+        let mut rewritten = Vec::new();
+        assert!(
+            ledger::snapshot::rewrite_app_meta(&bytes[..], &mut rewritten, b"app").is_err(),
+            "{what} was rewritten"
+        );
         let dir = tempfile::tempdir().unwrap();
         let mut sled = SledStore::open(dir.path()).unwrap();
         let error = ledger::snapshot::import(&mut sled, &bytes[..]);
@@ -208,6 +217,37 @@ fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
     // Importing over existing state is refused.
     let mut store = original.into_store();
     assert!(matches!(ledger::snapshot::import(&mut store, &bytes[..]), Err(StoreError::NotEmpty)));
+}
+
+/// A backup seeds a new cluster with the same state under the new cluster's applied log id: the
+/// copy changes the application's meta and nothing else, whether the state had one or not.
+#[test]
+fn a_rewritten_snapshot_differs_only_in_the_application_meta() {
+    let mut workload = Workload::new(seed(0x7a11_0006));
+    for app_before in [None, Some(&b"old applied id"[..])] {
+        let mut original = Ledger::open(MemStore::new()).unwrap();
+        for _ in 0..30 {
+            let (batch, proposed, _) = workload.next();
+            original.apply(&[batch], proposed, app_before).unwrap();
+        }
+        let bytes = export_bytes(original.store());
+        let before = ledger::snapshot::verify(&bytes[..]).unwrap();
+        assert_eq!(before.app.as_deref(), app_before);
+        let mut rewritten = Vec::new();
+        let read = ledger::snapshot::rewrite_app_meta(&bytes[..], &mut rewritten, b"new applied id").unwrap();
+        assert_eq!(read, before, "it reports what it read");
+        let after = ledger::snapshot::verify(&rewritten[..]).unwrap();
+        assert_eq!(after.app.as_deref(), Some(&b"new applied id"[..]));
+        assert_eq!(after.ledger, before.ledger);
+        assert_eq!(after.records, before.records + u64::from(app_before.is_none()));
+        let mut copy = MemStore::new();
+        ledger::snapshot::import(&mut copy, &rewritten[..]).unwrap();
+        assert_eq!(
+            ledger::snapshot::state_digest(&copy).unwrap(),
+            ledger::snapshot::state_digest(original.store()).unwrap(),
+            "the state is the same but for the application meta"
+        );
+    }
 }
 
 /// A data directory written by the schema 1 layout (sled with its default segments, one key per

@@ -18,6 +18,7 @@
 //! `node` wires it together (data directory, Raft, gRPC server, shutdown) and `cli` is the
 //! `tally` command line.
 
+pub mod backup;
 pub mod batcher;
 pub mod cli;
 pub mod clock;

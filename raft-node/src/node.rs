@@ -221,6 +221,30 @@ fn new_incarnation() -> u64 {
 }
 
 const IDENTITY_FILE: &str = "identity.toml";
+/// The write-ahead log's directory under the data directory.
+pub const WAL_DIR: &str = "wal";
+
+/// Gives the data directory `dir` its identity: node `id` of `cluster`, a new incarnation, and
+/// `cluster_id` if given (else the node adopts its leader's). For a directory that a restore
+/// seeds; `claim_data_dir` does the same for an empty one at the first start. Returns the
+/// incarnation.
+pub fn write_identity(
+    dir: &std::path::Path,
+    cluster: &str,
+    id: NodeId,
+    cluster_id: Option<&str>,
+) -> Result<u64, String> {
+    let identity = Identity {
+        cluster: cluster.to_string(),
+        node_id: id,
+        incarnation: new_incarnation(),
+        cluster_id: cluster_id.map(str::to_string),
+    };
+    let text = toml::to_string(&identity).expect("identity serializes");
+    crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(IDENTITY_FILE).display()))?;
+    Ok(identity.incarnation)
+}
 
 /// Refuses a data directory that holds another cluster's or another node's data, or data
 /// without an identity (not ours). An empty or new directory is claimed with a new incarnation.
@@ -464,7 +488,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     ));
     let segment_bytes = config.wal_segment_bytes.unwrap_or(crate::storage::wal::SEGMENT_BYTES_MAX);
     let log =
-        LogStore::open_with(&config.data_dir.join("wal"), segment_bytes).map_err(|e| match e.kind() {
+        LogStore::open_with(&config.data_dir.join(WAL_DIR), segment_bytes).map_err(|e| match e.kind() {
             std::io::ErrorKind::Unsupported => StartError::Other(e.to_string()),
             _ => unreadable(&config, "the write-ahead log (wal/)", e),
         })?;

@@ -63,6 +63,17 @@ pub fn free_port() -> u16 {
 impl TestCluster {
     /// Starts `sites.len()` nodes, node i+1 in `sites[i]`, bootstrapped by node 1.
     pub fn start(binary: &Path, sites: &[&str], extra_args: &[&str]) -> TestCluster {
+        let mut cluster = TestCluster::define(binary, sites, extra_args);
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.spawn(id, id == 1);
+        }
+        cluster
+    }
+
+    /// `start` without starting anything: the nodes' addresses, directories and certificates,
+    /// for a test that prepares their data directories first.
+    pub fn define(binary: &Path, sites: &[&str], extra_args: &[&str]) -> TestCluster {
         let dir = tempfile::tempdir().expect("temporary directory");
         let mut cluster = TestCluster {
             binary: binary.to_path_buf(),
@@ -75,11 +86,29 @@ impl TestCluster {
             cluster.define_node(index as u64 + 1, site);
         }
         certs::make_local(&cluster.certs_dir(), 0).expect("the test cluster's CA");
-        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
-        for id in ids {
-            cluster.spawn(id, id == 1);
-        }
         cluster
+    }
+
+    /// Every node as `--peer`/`--voter` names it: ID=CLIENT,PEER@SITE.
+    pub fn peer_specs(&self) -> Vec<String> {
+        self.nodes.values().map(|n| format!("{}={},{}@{}", n.id, n.address, n.peer_address, n.site)).collect()
+    }
+
+    /// The flags with which a CLI command connects to this cluster as `role` (None: TLS without
+    /// a client certificate): --nodes and the TLS files.
+    pub fn cli_args(&self, role: Option<Role>) -> Vec<String> {
+        let mut args = vec!["--nodes".to_string(), self.addresses().join(",")];
+        if self.insecure() {
+            args.push("--insecure".into());
+            return args;
+        }
+        args.extend(["--ca".to_string(), self.certs_dir().join(certs::CA_CERT).display().to_string()]);
+        if let Some(role) = role {
+            let (cert, key) = self.certificate(&role);
+            args.extend(["--cert".to_string(), cert.display().to_string()]);
+            args.extend(["--key".to_string(), key.display().to_string()]);
+        }
+        args
     }
 
     /// The cluster's CA and certificates.

@@ -346,7 +346,9 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
         | Command::Dev(_)
         | Command::Cluster(_)
         | Command::Benchmark(_)
-        | Command::Certs(_) => {
+        | Command::Certs(_)
+        | Command::Backup(_)
+        | Command::Restore(_) => {
             unreachable!("not a ledger command")
         }
     }

@@ -6,6 +6,7 @@
 //!
 //! Client and operator commands talk gRPC through `tally-client`, like any other client.
 
+mod backup;
 mod benchmark;
 mod certs;
 mod cluster;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tally_client::{Client, Security, v1};
 
+pub use backup::{BackupArgs, RestoreArgs};
 pub use benchmark::BenchmarkArgs;
 pub use certs::CertsCommand;
 pub use cluster::ClusterCommand;
@@ -61,6 +63,10 @@ pub enum Command {
     /// Make a cluster's CA and its node, operator and client certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Back up a running cluster's state to a file (from a follower), or check a backup file.
+    Backup(BackupArgs),
+    /// Seed one node's data directory of a new cluster from a backup file.
+    Restore(RestoreArgs),
 }
 
 impl Command {
@@ -199,6 +205,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Dev(args) => dev::run(args).await,
         Command::Benchmark(args) => benchmark::run(args).await,
         Command::Certs(command) => or_fail(certs::run(command)),
+        Command::Backup(args) => or_fail(backup::run_backup(args).await),
+        Command::Restore(args) => or_fail(backup::run_restore(args)),
         Command::Cluster(command) => or_fail(cluster::run(command).await),
         command => or_fail(ledger::run(command).await),
     }

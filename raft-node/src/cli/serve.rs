@@ -118,7 +118,7 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_peer(text: &str) -> Result<PeerConfig, String> {
+pub(super) fn parse_peer(text: &str) -> Result<PeerConfig, String> {
     let error = || {
         format!(
             "'{text}': expected ID=CLIENT_HOST:PORT,PEER_HOST:PORT@SITE, e.g. 2=127.0.0.1:7102,127.0.0.1:7202@site-b"

@@ -303,16 +303,55 @@ pub fn site_status(voters: &BTreeSet<NodeId>, nodes: &BTreeMap<NodeId, NodeInfo>
         .collect()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::backup::hex;
 
 fn change_error(error: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("membership change failed: {error}; retry"))
 }
 
+/// A backup's stream: its header, then the exported state in chunks.
+type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
+    type BackupStream = BackupStream;
+
+    async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<BackupStream>, Status> {
+        require_operator(&request)?;
+        let state = self.node.state.clone();
+        let exported = tokio::task::spawn_blocking(move || state.export_backup())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("cannot export this node's state: {e}")))?;
+        let header = crate::backup::header_of(&exported, &self.node.config.cluster, self.node.id());
+        tracing::info!(
+            "streaming a backup of {} bytes at applied index {}",
+            header.stream_bytes,
+            header.applied_index
+        );
+        let mut file = tokio::fs::File::from_std(exported.file);
+        let stream = async_stream::try_stream! {
+            use tokio::io::AsyncReadExt;
+            let mut header = Some(header);
+            loop {
+                let mut data = Vec::with_capacity(crate::backup::CHUNK_BYTES);
+                (&mut file)
+                    .take(crate::backup::CHUNK_BYTES as u64)
+                    .read_to_end(&mut data)
+                    .await
+                    .map_err(|e| Status::internal(format!("cannot read the exported state: {e}")))?;
+                let last = data.len() < crate::backup::CHUNK_BYTES;
+                if !data.is_empty() || header.is_some() {
+                    yield pb::BackupChunk { header: header.take(), data };
+                }
+                if last {
+                    break;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         if request.get_ref().local_only {
             let metrics = self.node.raft.metrics().borrow_watched().clone();

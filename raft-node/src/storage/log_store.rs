@@ -133,6 +133,20 @@ impl LogStore {
         records.into_iter().map(|(_, payload)| decode::<Entry>(&payload).map_err(io_error)).collect()
     }
 
+    /// Makes `dir` (which must hold no log) the log of a node whose state starts at `purged`: an
+    /// empty WAL purged up to it, no vote, nothing committed. For restoring a backup, whose
+    /// state `state_machine::seed` makes the snapshot at `purged`.
+    pub fn seed(dir: &Path, purged: LogId) -> io::Result<()> {
+        wal::create_dir_durably(dir)?;
+        if std::fs::read_dir(dir)?.next().is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} is not empty: a log is there already", dir.display()),
+            ));
+        }
+        wal::write_file_atomic(dir, PURGED_FILE, &encode(&purged))
+    }
+
     /// The last log index on disk, for status reports.
     pub fn last_index(&self) -> Option<u64> {
         self.shared.wal.lock().unwrap().last_index().map(|i| i - 1)

@@ -37,6 +37,9 @@ const SNAPSHOT_DIR: &str = "snapshots";
 pub const INCOMING_PREFIX: &str = "incoming-";
 /// A snapshot being exported, renamed into place once complete.
 const BUILDING_FILE: &str = "building.tmp";
+/// A backup being exported (`Shared::export_backup`): unlinked once written, so only a process
+/// that died while writing one leaves it.
+const BACKUP_FILE: &str = "backup.tmp";
 const SNAPSHOT_META_FILE: &str = "current.meta";
 /// Written when applying finds the ledger state damaged: the next start discards the state and
 /// rebuilds it (`StateMachine::open`).
@@ -82,6 +85,41 @@ impl Shared {
     pub fn applied(&self) -> AppliedState {
         self.applied.lock().unwrap().clone()
     }
+
+    /// Exports the applied state as it is now, for a backup, into a temporary file that is
+    /// unlinked once written: the returned handle reads it from the start, and nothing is left
+    /// behind when the reader goes away. Applying goes on meanwhile (a frozen view, as in
+    /// `StateMachine::build`); snapshot builds and installs wait, as the view is one at a time.
+    pub fn export_backup(&self) -> io::Result<Exported> {
+        let _snapshots = self.snapshots.lock().unwrap();
+        let path = self.data_dir.join(SNAPSHOT_DIR).join(BACKUP_FILE);
+        let (view, applied, meta) = {
+            let ledger = self.ledger.read().unwrap();
+            let ledger = ledger.as_ref().expect("ledger outside an install");
+            (ledger.store().freeze(), self.applied.lock().unwrap().last_applied, ledger.meta())
+        };
+        let mut file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+        let exported = ledger::snapshot::export(&view, &file).map_err(io_error);
+        drop(view);
+        std::fs::remove_file(&path)?;
+        exported?;
+        let bytes = io::Seek::seek(&mut file, io::SeekFrom::Current(0))?;
+        io::Seek::rewind(&mut file)?;
+        Ok(Exported { file, applied, ledger: meta, bytes })
+    }
+}
+
+/// A backup's export (`Shared::export_backup`).
+pub struct Exported {
+    /// The snapshot stream, read from its start; the file has no name any more.
+    pub file: std::fs::File,
+    /// The last entry the state includes.
+    pub applied: Option<LogId>,
+    /// The ledger's bookkeeping as of that entry: last timestamp and running digest.
+    pub ledger: ledger::codec::LedgerMeta,
+    /// The stream's length.
+    pub bytes: u64,
 }
 
 #[derive(Clone)]
@@ -327,6 +365,38 @@ impl StateMachine {
     }
 }
 
+/// Makes the snapshot stream `stream` the current snapshot of the empty data directory
+/// `data_dir`, as the snapshot `meta` describes: the state it holds is then applied up to
+/// `meta.last_log_id` with `meta.last_membership`, whatever the stream's own applied state said.
+/// For restoring a backup into a new cluster; `StateMachine::open` imports it at the first start.
+/// The stream is checked whole (`ledger::snapshot::verify`) before it becomes current.
+pub fn seed(
+    data_dir: &Path,
+    meta: &SnapshotMeta,
+    stream: impl io::Read,
+) -> io::Result<ledger::snapshot::Verified> {
+    let dir = data_dir.join(SNAPSHOT_DIR);
+    wal::create_dir_durably(&dir)?;
+    let applied = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+    let temporary = dir.join(BUILDING_FILE);
+    let file = std::fs::File::create(&temporary)?;
+    let verified = ledger::snapshot::rewrite_app_meta(stream, &file, &encode(&applied))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+    let verified = match verified {
+        Ok(verified) => verified,
+        Err(error) => {
+            drop(file);
+            std::fs::remove_file(&temporary)?;
+            return Err(error);
+        }
+    };
+    file.sync_all()?;
+    std::fs::rename(&temporary, snapshot_path(data_dir, meta))?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    make_current(&dir, meta)?;
+    Ok(verified)
+}
+
 /// Removes what a process that died left in the snapshot directory: files being received, and
 /// a snapshot being built.
 fn remove_leftovers(dir: &Path) -> io::Result<()> {
@@ -334,7 +404,10 @@ fn remove_leftovers(dir: &Path) -> io::Result<()> {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if (name.starts_with(INCOMING_PREFIX) && name.ends_with(".tmp")) || name == BUILDING_FILE {
+        if (name.starts_with(INCOMING_PREFIX) && name.ends_with(".tmp"))
+            || name == BUILDING_FILE
+            || name == BACKUP_FILE
+        {
             std::fs::remove_file(entry.path())?;
         }
     }
