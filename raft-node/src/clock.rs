@@ -283,9 +283,13 @@ async fn reload_skew(clock: Arc<ClusterClock>, path: PathBuf) {
             match if text.trim().is_empty() { Ok((0, 0)) } else { parse_skew(&text) } {
                 Ok((offset_ms, drift_ppm)) => {
                     clock.skew.set(offset_ms, drift_ppm);
-                    tracing::warn!(
-                        "test hook: this node's clock is now off by {offset_ms} ms, drifting {drift_ppm} ppm"
-                    );
+                    if (offset_ms, drift_ppm) != (0, 0) {
+                        tracing::warn!(
+                            "test hook: this node's clock is now off by {offset_ms} ms, drifting {drift_ppm} ppm"
+                        );
+                    } else if applied.is_some() {
+                        tracing::info!("test hook: this node's clock is right again");
+                    }
                 }
                 Err(error) => tracing::warn!("test hook {}: {error}", path.display()),
             }

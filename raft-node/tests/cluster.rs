@@ -1095,6 +1095,63 @@ async fn json_logs_are_one_object_per_line() {
     assert!(lines.iter().any(|l| l.contains("node 1 stopped")), "{text}");
 }
 
+/// Waits until node `id`'s log has a line containing every one of `parts`; returns the log.
+async fn wait_for_log(cluster: &TestCluster, id: u64, parts: &[&str]) -> String {
+    let path = cluster.dir.path().join(format!("node-{id}.log"));
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().any(|line| parts.iter().all(|part| line.contains(part))) {
+            return text;
+        }
+        assert!(started.elapsed() < DEADLINE, "node {id} never logged {parts:?}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn warnings(cluster: &TestCluster) -> Vec<String> {
+    cluster
+        .nodes
+        .keys()
+        .map(|id| std::fs::read_to_string(cluster.dir.path().join(format!("node-{id}.log"))).unwrap())
+        .collect::<String>()
+        .lines()
+        .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A node started before its peers says it waits for them, once each, and warns of nothing;
+/// a peer that goes away is one warning on the leader once it has been silent a while, and its
+/// return is said too. (openraft's own warnings for each failed call are not logged.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_logs_say_peers_are_awaited_and_warn_of_nothing() {
+    let mut cluster = TestCluster::define(Path::new(TALLY), &SITES, &[]);
+    cluster.spawn(1, true);
+    for peer in [2, 3] {
+        let waiting = format!("waiting for node {peer} at {}", cluster.peer_address(peer));
+        wait_for_log(&cluster, 1, &[&waiting]).await;
+    }
+    cluster.spawn(2, false);
+    cluster.spawn(3, false);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    cluster.wait_for_convergence(DEADLINE).await;
+    assert_eq!(warnings(&cluster), Vec::<String>::new(), "{}", cluster.log_tails());
+
+    let gone = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    cluster.kill(gone);
+    let silent = format!("node {gone} at {} has not answered for", cluster.peer_address(gone));
+    wait_for_log(&cluster, leader, &[" WARN ", &silent]).await;
+    cluster.restart(gone);
+    let back = format!("node {gone} at {} answers again", cluster.peer_address(gone));
+    wait_for_log(&cluster, leader, &[&back]).await;
+    let warned = warnings(&cluster);
+    assert!(
+        !warned.is_empty() && warned.len() <= 2 && warned.iter().all(|line| line.contains(&silent)),
+        "{warned:#?}"
+    );
+}
+
 /// The value of the Prometheus sample `name` (with exactly these labels, or none) in `text`;
 /// the sum over every sample of `name` when `labels` is None.
 fn sample(text: &str, name: &str, labels: Option<&str>) -> f64 {

@@ -16,7 +16,8 @@ pub struct DevArgs {
     /// (under certs/, made on first use).
     #[arg(long, default_value = DIR_DEFAULT)]
     pub dir: PathBuf,
-    /// Node i's client door is 127.0.0.1:(base_port + i), its peer door 127.0.0.1:(base_port + 100 + i).
+    /// Node i's client door is 127.0.0.1:(base_port + i), its peer door 127.0.0.1:(base_port +
+    /// 100 + i), its metrics 127.0.0.1:(base_port + 200 + i).
     #[arg(long, default_value_t = 7100)]
     pub base_port: u16,
 }
@@ -34,6 +35,10 @@ fn peer_address(args: &DevArgs, id: u64) -> String {
     format!("127.0.0.1:{}", args.base_port as u64 + 100 + id)
 }
 
+fn metrics_address(args: &DevArgs, id: u64) -> String {
+    format!("127.0.0.1:{}", args.base_port as u64 + 200 + id)
+}
+
 fn spawn_node(args: &DevArgs, id: u64) -> std::io::Result<Child> {
     let exe = std::env::current_exe()?;
     let data_dir = args.dir.join(format!("node-{id}"));
@@ -41,6 +46,7 @@ fn spawn_node(args: &DevArgs, id: u64) -> std::io::Result<Child> {
     command.args(["serve", "--cluster", "dev", "--id", &id.to_string(), "--site", SITES[id as usize - 1]]);
     command.args(["--listen", &address(args, id), "--peer-listen", &peer_address(args, id), "--data-dir"]);
     command.arg(&data_dir);
+    command.args(["--metrics-listen", &metrics_address(args, id)]);
     let certs = args.dir.join(super::DEV_CERTS);
     let (cert, key) = crate::security::certs::paths(&certs, &crate::security::roles::Role::Node(id));
     command.arg("--ca").arg(certs.join(crate::security::certs::CA_CERT));
@@ -113,11 +119,12 @@ pub async fn run(args: DevArgs) -> ExitCode {
     };
     println!("tally dev: 3 nodes in 3 sites, data under {}", args.dir.display());
     for (id, node) in nodes.iter().enumerate() {
+        let id = id as u64 + 1;
         println!(
-            "  node {} ({}): {node} (peer door {})",
-            id + 1,
-            SITES[id],
-            peer_address(&args, id as u64 + 1)
+            "  node {id} ({}): {node} (peer door {}, metrics http://{}/metrics)",
+            SITES[id as usize - 1],
+            peer_address(&args, id),
+            metrics_address(&args, id)
         );
     }
     println!("  leader: node {leader}");
@@ -129,6 +136,7 @@ pub async fn run(args: DevArgs) -> ExitCode {
     println!("  tally transfer --id 1 --debit 1 --credit 2 --amount 100 --ledger 1 --code 1");
     println!("  tally lookup account 1 2");
     println!("  tally cluster status");
+    println!("  tally backup --out ledger.tally");
     println!("Ctrl-C stops the cluster.");
     let mut terminate_signal =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -395,15 +395,22 @@ async fn reload_on_hangup(id: u64, tls: Arc<crate::security::tls::Tls>) {
 }
 
 /// Logs to stderr, filtered by `TALLY_LOG` (tracing's env-filter syntax); by default this
-/// node's own events and Raft's warnings and errors.
+/// node's own events and Raft's warnings and errors, less openraft's about peers it could not
+/// reach (`net::reach` says those once per turn of events instead).
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,raft_node=info"));
-    let logs =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    let filter = filter.and(crate::net::reach::RaftNoise);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+    let registry = tracing_subscriber::registry();
     let _ = match format {
-        LogFormat::Text => logs.try_init(),
-        LogFormat::Json => logs.json().flatten_event(true).try_init(),
+        LogFormat::Text => registry.with(tracing_subscriber::Layer::with_filter(logs, filter)).try_init(),
+        LogFormat::Json => registry
+            .with(tracing_subscriber::Layer::with_filter(logs.json().flatten_event(true), filter))
+            .try_init(),
     };
 }
 

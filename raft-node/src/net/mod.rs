@@ -1,11 +1,12 @@
 //! Node-to-node networking: the Raft RPC client (`raft`), who is at each end of it (`identity`),
-//! the bounds on what a peer's messages may say (`bounds`),
+//! the bounds on what a peer's messages may say (`bounds`), which peers answer (`reach`),
 //! the pool of long-lived channels for forwarded requests (`pool`), and how every outgoing channel is configured.
 
 pub mod bounds;
 pub mod identity;
 pub mod pool;
 pub mod raft;
+pub mod reach;
 
 use std::sync::Arc;
 

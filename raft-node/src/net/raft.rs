@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 
 use super::bounds::Bounded;
 use super::identity::{Endpoint, FROM_HEADER, Identities, TO_HEADER};
+use super::reach::{Outcome, Reachability};
 use super::{MESSAGE_BYTES_MAX, channel};
 use crate::storage::state_machine::SnapshotFile;
 use crate::types::{NodeId, NodeInfo, Snapshot, SnapshotMeta, TypeConfig, Vote, decode, encode};
@@ -65,6 +66,8 @@ pub struct Network {
     identities: Arc<Identities>,
     /// TLS to the peers, each checked to be the node meant (None: `--insecure`).
     tls: Option<Arc<crate::security::tls::Tls>>,
+    /// Which peers answer, for the log.
+    reach: Arc<Reachability>,
 }
 
 impl Network {
@@ -73,7 +76,7 @@ impl Network {
         identities: Arc<Identities>,
         tls: Option<Arc<crate::security::tls::Tls>>,
     ) -> Network {
-        Network { routes, identities, tls }
+        Network { routes, identities, tls, reach: Arc::new(Reachability::default()) }
     }
 }
 
@@ -87,18 +90,28 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX)
         });
-        Peer { target, incarnation_at_start: node.incarnation, client, identities: self.identities.clone() }
+        Peer {
+            target,
+            address: address.clone(),
+            incarnation_at_start: node.incarnation,
+            client,
+            identities: self.identities.clone(),
+            reach: self.reach.clone(),
+        }
     }
 }
 
 /// The connection to one other node.
 pub struct Peer {
     target: NodeId,
+    /// Its peer door, as this node reaches it.
+    address: String,
     /// The target's incarnation in the membership this stream was made for, used while the
     /// shared view does not know the target yet.
     incarnation_at_start: u64,
     client: Option<RaftClient<Channel>>,
     identities: Arc<Identities>,
+    reach: Arc<Reachability>,
 }
 
 /// The deadline of one RPC: openraft's (votes, heartbeats), or one sized for what it carries.
@@ -180,7 +193,15 @@ impl Peer {
         let mut grpc_request = tonic::Request::new(message);
         grpc_request.set_timeout(timeout);
         self.address(&mut grpc_request);
-        let reply = rpc(self.client()?, grpc_request).await.map_err(unreachable(self.target))?;
+        let reply = rpc(self.client()?, grpc_request).await;
+        let outcome = match &reply {
+            Ok(_) => Outcome::Answered,
+            Err(status) if status.code() == tonic::Code::PermissionDenied => Outcome::Refused,
+            Err(_) => Outcome::Unreachable,
+        };
+        let error = reply.as_ref().err().map_or_else(String::new, |status| status.message().to_string());
+        self.reach.observe(self.target, &self.address, outcome, &error);
+        let reply = reply.map_err(unreachable(self.target))?;
         unpack(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
 }

@@ -154,6 +154,11 @@ impl RaftService {
             Refusal::WrongTarget | Refusal::Malformed => {
                 tracing::warn!(node = me.id, "refusing Raft traffic not addressed to this node: {refusal:?}")
             }
+            // Not given one yet: the leader's first vote request or AppendEntries will.
+            Refusal::OtherCluster if self.node.identities.cluster_id().is_none() => tracing::info!(
+                node = me.id,
+                "no cluster id yet: refusing Raft calls other than a leader's or a candidate's until one gives it"
+            ),
             Refusal::OtherCluster => tracing::warn!(
                 node = me.id,
                 "refusing Raft traffic without this cluster's id (another cluster's, or a stranger's). If this \
