@@ -17,12 +17,18 @@
 //! | `M`    | meta name                     | meta value                              |
 //! | `P`    | pending transfer id           | status (1 byte)                         |
 //! | `T`    | transfer timestamp            | transfer record (128 bytes)             |
+//! | `X`    | id of a transfer that failed  | the transient result code (u32)         |
 
-use crate::model::{Account, AccountBalance, AccountFlags, Transfer, TransferFlags};
+use crate::model::{Account, AccountBalance, AccountFlags, CreateTransferResult, Transfer, TransferFlags};
 
 /// Bumped whenever a record or key layout changes; stored in the state and in snapshots.
-/// Version 2 keys transfers by timestamp (version 1: by id, one sled key per record).
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version 2 keys transfers by timestamp (version 1: by id, one sled key per record); version 3
+/// adds the ids of transfers that failed for a transient reason (`X`).
+pub const SCHEMA_VERSION: u32 = 3;
+/// The versions this build reads: a version 2 state is a version 3 state without failed ids, and
+/// is written as version 3 from its next entry on. A build that reads only version 2 refuses a
+/// version 3 state, rather than dropping its failed ids from the snapshots it sends.
+pub const SCHEMA_VERSIONS_READ: [u32; 2] = [2, 3];
 
 pub const RECORD_BYTES: usize = 128;
 pub const BALANCE_BYTES: usize = 64;
@@ -33,6 +39,7 @@ pub const PREFIX_INDEX: u8 = b'I';
 pub const PREFIX_META: u8 = b'M';
 pub const PREFIX_PENDING: u8 = b'P';
 pub const PREFIX_TRANSFER: u8 = b'T';
+pub const PREFIX_FAILED: u8 = b'X';
 
 /// The ledger's own bookkeeping: schema version, last timestamp, batch count, running digest.
 pub const META_LEDGER_KEY: &[u8] = b"Mledger";
@@ -295,8 +302,19 @@ pub fn decode_ledger_meta(bytes: &[u8]) -> Result<LedgerMeta, u32> {
     }
     let mut r = Reader { bytes };
     let version = r.u32();
-    if version != SCHEMA_VERSION {
+    if !SCHEMA_VERSIONS_READ.contains(&version) {
         return Err(version);
     }
     Ok(LedgerMeta { timestamp_last: r.u64(), batches_applied: r.u64(), digest: r.take() })
+}
+
+/// The value of a failed id (`X`): the transient result code it failed with.
+pub fn encode_failed(result: CreateTransferResult) -> [u8; 4] {
+    (result as u32).to_le_bytes()
+}
+
+/// `None` unless `bytes` is a transient result code.
+pub fn decode_failed(bytes: &[u8]) -> Option<CreateTransferResult> {
+    let code = u32::from_le_bytes(bytes.try_into().ok()?);
+    CreateTransferResult::from_u32(code).filter(|result| result.is_transient())
 }

@@ -152,6 +152,8 @@ struct Work {
     pending: HashMap<u128, PendingStatus>,
     expiry_put: BTreeSet<(u64, u128)>,
     expiry_delete: BTreeSet<(u64, u128)>,
+    /// Not undone by a chain's rollback: the event failed, whatever became of its chain.
+    failed: HashMap<u128, CreateTransferResult>,
     index: Vec<IndexWrite>,
     meta: LedgerMeta,
 }
@@ -162,12 +164,15 @@ impl Work {
         accounts.sort_unstable_by_key(|a| a.id);
         let mut pending: Vec<(u128, PendingStatus)> = self.pending.into_iter().collect();
         pending.sort_unstable_by_key(|(id, _)| *id);
+        let mut failed: Vec<(u128, CreateTransferResult)> = self.failed.into_iter().collect();
+        failed.sort_unstable_by_key(|(id, _)| *id);
         Changes {
             accounts,
             transfers: self.transfers,
             pending,
             expiry_put: self.expiry_put,
             expiry_delete: self.expiry_delete,
+            failed,
             index: self.index,
             meta: self.meta,
             app_meta: None,
@@ -325,6 +330,13 @@ impl<'s, S: Store> Tx<'s, S> {
         }
     }
 
+    fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>> {
+        match self.work.failed.get(&id) {
+            Some(result) => Ok(Some(*result)),
+            None => self.store.failed_transfer(id),
+        }
+    }
+
     fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
         match self.work.pending.get(&id) {
             Some(status) => Ok(Some(*status)),
@@ -459,7 +471,16 @@ impl<'s, S: Store> Tx<'s, S> {
         Ok((result, 0))
     }
 
+    /// Creates a transfer, and remembers its id if it failed for a transient reason.
     fn create_transfer(&mut self, t: &Transfer, timestamp: u64) -> Outcome<CreateTransferResult> {
+        let (result, timestamp) = self.try_create_transfer(t, timestamp)?;
+        if result.is_transient() {
+            self.work.failed.insert(t.id, result);
+        }
+        Ok((result, timestamp))
+    }
+
+    fn try_create_transfer(&mut self, t: &Transfer, timestamp: u64) -> Outcome<CreateTransferResult> {
         use CreateTransferResult as R;
         if t.flags.has_reserved_bits() {
             return Ok((R::ReservedFlag, 0));
@@ -472,6 +493,9 @@ impl<'s, S: Store> Tx<'s, S> {
         }
         if let Some(existing) = self.transfer(t.id)? {
             return self.transfer_exists(t, &existing);
+        }
+        if self.failed_transfer(t.id)?.is_some() {
+            return Ok((R::IdAlreadyFailed, 0));
         }
         if t.is_post_or_void() {
             return self.post_or_void_pending_transfer(t, timestamp);

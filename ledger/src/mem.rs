@@ -10,9 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use foldhash::HashMap;
 
 use crate::codec::{
-    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
+    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
+    PREFIX_TRANSFER,
 };
-use crate::model::{Account, AccountBalance, PendingStatus, Transfer};
+use crate::model::{Account, AccountBalance, CreateTransferResult, PendingStatus, Transfer};
 use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 #[derive(Default, Clone)]
@@ -21,6 +22,7 @@ pub struct MemStore {
     transfers: HashMap<u128, Transfer>,
     pending: HashMap<u128, PendingStatus>,
     expiries: BTreeSet<(u64, u128)>,
+    failed: HashMap<u128, CreateTransferResult>,
     index: HashMap<u128, IndexList>,
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
 }
@@ -80,6 +82,10 @@ impl Store for MemStore {
         Ok(self.transfers.get(&id).copied())
     }
 
+    fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>> {
+        Ok(self.failed.get(&id).copied())
+    }
+
     fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
         Ok(self.pending.get(&id).copied())
     }
@@ -124,6 +130,7 @@ impl Store for MemStore {
         self.accounts.extend(changes.accounts.iter().map(|account| (account.id, *account)));
         self.transfers.extend(changes.transfers.iter().map(|transfer| (transfer.id, *transfer)));
         self.pending.extend(changes.pending.iter().copied());
+        self.failed.extend(changes.failed.iter().copied());
         for key in &changes.expiry_delete {
             assert!(self.expiries.remove(key), "deleted expiry {key:?} was not stored");
         }
@@ -139,7 +146,7 @@ impl Store for MemStore {
     }
 
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        // In prefix order: A, E, I, M, P, T.
+        // In prefix order: A, E, I, M, P, T, X.
         for (id, account) in sorted(&self.accounts) {
             visit(&codec::id_key(PREFIX_ACCOUNT, id), &codec::encode_account(account))?;
         }
@@ -162,6 +169,9 @@ impl Store for MemStore {
         for transfer in transfers {
             visit(&codec::transfer_key(transfer.timestamp), &codec::encode_transfer(transfer))?;
         }
+        for (id, result) in sorted(&self.failed) {
+            visit(&codec::id_key(PREFIX_FAILED, id), &codec::encode_failed(*result))?;
+        }
         Ok(())
     }
 
@@ -182,6 +192,7 @@ impl Store for MemStore {
             && self.transfers.is_empty()
             && self.pending.is_empty()
             && self.expiries.is_empty()
+            && self.failed.is_empty()
             && self.index.is_empty()
             && self.meta.is_empty())
     }
@@ -211,6 +222,9 @@ fn put_record(store: &mut MemStore, key: &[u8], value: &[u8]) -> StoreResult<()>
         Some(PREFIX_PENDING) if value.len() == 1 => {
             let status = PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;
             store.pending.insert(id()?, status);
+        }
+        Some(PREFIX_FAILED) if key.len() == 17 => {
+            store.failed.insert(id()?, codec::decode_failed(value).ok_or_else(corrupt)?);
         }
         Some(PREFIX_EXPIRY) if key.len() == 25 && value.is_empty() => {
             store.expiries.insert(codec::decode_expiry_key(key));

@@ -329,6 +329,7 @@ result_codes! {
         ExistsWithDifferentLedger = 16,
         ExistsWithDifferentCode = 17,
         Exists = 18,
+        IdAlreadyFailed = 59,
         FlagsAreMutuallyExclusive = 19,
         PendingIdMustNotBeZero = 20,
         PendingIdMustNotBeIntMax = 21,
@@ -369,6 +370,26 @@ result_codes! {
         OverflowsTimeout = 56,
         ExceedsCredits = 57,
         ExceedsDebits = 58,
+    }
+}
+
+impl CreateTransferResult {
+    /// A failure that depends on the state at the moment (TigerBeetle's transient errors): the
+    /// same transfer could succeed later. The ledger remembers the id of a transfer that failed
+    /// so, and refuses it from then on (`IdAlreadyFailed`), so that a retry never turns a
+    /// refused payment into an accepted one.
+    pub fn is_transient(self) -> bool {
+        use CreateTransferResult as R;
+        matches!(
+            self,
+            R::DebitAccountNotFound
+                | R::CreditAccountNotFound
+                | R::PendingTransferNotFound
+                | R::ExceedsCredits
+                | R::ExceedsDebits
+                | R::DebitAccountAlreadyClosed
+                | R::CreditAccountAlreadyClosed
+        )
     }
 }
 

@@ -156,7 +156,7 @@ fn read_stream(
     }
     let format = u32::from_le_bytes(read_array(&mut input)?);
     let schema = u32::from_le_bytes(read_array(&mut input)?);
-    if format != FORMAT_VERSION || schema != codec::SCHEMA_VERSION {
+    if format != FORMAT_VERSION || !codec::SCHEMA_VERSIONS_READ.contains(&schema) {
         return Err(StoreError::Corrupt(format!(
             "snapshot format {format} schema {schema}; this build reads format {FORMAT_VERSION} schema {}",
             codec::SCHEMA_VERSION

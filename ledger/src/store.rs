@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 use crate::codec::{self, LedgerMeta};
-use crate::model::{Account, AccountBalance, PendingStatus, Transfer};
+use crate::model::{Account, AccountBalance, CreateTransferResult, PendingStatus, Transfer};
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -71,6 +71,8 @@ pub struct Changes {
     pub pending: Vec<(u128, PendingStatus)>,
     pub expiry_put: BTreeSet<(u64, u128)>,
     pub expiry_delete: BTreeSet<(u64, u128)>,
+    /// Ids of transfers that failed for a transient reason, with it; sorted by id.
+    pub failed: Vec<(u128, CreateTransferResult)>,
     /// In the order written, which is timestamp order.
     pub index: Vec<IndexWrite>,
     pub meta: LedgerMeta,
@@ -111,6 +113,9 @@ impl Changes {
         for transfer in &self.transfers {
             record(&codec::transfer_key(transfer.timestamp), Some(&codec::encode_transfer(transfer)));
         }
+        for (id, result) in &self.failed {
+            record(&codec::id_key(codec::PREFIX_FAILED, *id), Some(&codec::encode_failed(*result)));
+        }
     }
 }
 
@@ -133,6 +138,8 @@ pub trait Store {
     fn account(&self, id: u128) -> StoreResult<Option<Account>>;
     fn transfer(&self, id: u128) -> StoreResult<Option<Transfer>>;
     fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>>;
+    /// The transient result a transfer with this id failed with, if one did.
+    fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>>;
     /// Pending transfers with `expires_at <= now`, oldest first, as `(expires_at, id)`.
     fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>>;
     /// Index entries of one account with `timestamp_min <= timestamp <= timestamp_max`, in time

@@ -21,6 +21,7 @@ fn auditor_predicts_every_reply_and_balance() {
         let mut workload = Workload::new(seed);
         run_audited(&mut ledger, &mut workload, AUDIT_BATCHES_PER_SEED, seed);
         assert!(workload.model.transfers.len() > AUDIT_BATCHES_PER_SEED, "seed {seed}: workload too idle");
+        assert!(workload.model.refused_again > 10, "seed {seed}: too few retries of failed ids");
     }
 }
 
@@ -276,4 +277,30 @@ fn a_state_of_the_old_layout_is_refused_with_how_to_rebuild() {
         }
     };
     assert!(db.open_tree("ledger").unwrap().get(b"Mledger").unwrap().is_some());
+}
+
+/// A state of schema 2 (before failed ids) is read, and written as schema 3 from its next entry;
+/// a schema this build does not know is refused.
+#[test]
+fn a_schema_2_state_is_read_and_upgraded() {
+    let mut workload = Workload::new(seed(0x7a11_0007));
+    let mut original = Ledger::open(MemStore::new()).unwrap();
+    for _ in 0..20 {
+        let (batch, proposed, _) = workload.next();
+        original.apply(&[batch], proposed, None).unwrap();
+    }
+    let with_version = |version: u32| {
+        let mut store = original.store().clone();
+        let mut meta = codec::encode_ledger_meta(&original.meta()).to_vec();
+        meta[..4].copy_from_slice(&version.to_le_bytes());
+        store.put_records(&[(codec::META_LEDGER_KEY.to_vec(), meta)]).unwrap();
+        store
+    };
+    let mut upgraded = Ledger::open(with_version(2)).expect("a schema 2 state opens");
+    assert_eq!(upgraded.meta(), original.meta());
+    let (batch, proposed, _) = workload.next();
+    upgraded.apply(&[batch], proposed, None).unwrap();
+    let stored = upgraded.store().meta_raw(codec::META_LEDGER_KEY).unwrap().unwrap();
+    assert_eq!(stored[..4], codec::SCHEMA_VERSION.to_le_bytes(), "written as the current schema");
+    assert!(Ledger::open(with_version(9)).is_err(), "an unknown schema opened");
 }

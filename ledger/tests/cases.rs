@@ -581,3 +581,112 @@ fn several_batches_in_one_entry_commit_together() {
     assert_eq!(ledger.meta().batches_applied, 4);
     assert_eq!(ledger.store().meta_raw(ledger::codec::META_APP_KEY).unwrap().unwrap(), b"applied 7");
 }
+
+/// What a row of `a_failed_id_stays_failed` says: what it checks, the refused transfer, what
+/// happens in between, the retry, and the two codes.
+type FailedIdRow<'a> = (&'a str, Transfer, &'a [Transfer], Transfer, R, R);
+
+/// A transfer refused for a transient reason stays refused: retried after the state changed so
+/// that it would now succeed, it gets `IdAlreadyFailed`, whether in a later batch or the same
+/// one, alone or in a chain. One row per reason: the refused transfer, what changes the state in
+/// between, the retry (the same id, possibly otherwise different), and the retry's code.
+#[test]
+fn a_failed_id_stays_failed() {
+    let base = t(100, 1, 2, 10);
+    let fund_3 = t(900, 1, 3, 50);
+    let credit_4 = t(901, 4, 1, 0);
+    let rows: &[FailedIdRow] = &[
+        (
+            "debit account missing",
+            with(base, |t| t.debit_account_id = 8),
+            &[],
+            base,
+            R::DebitAccountNotFound,
+            R::IdAlreadyFailed,
+        ),
+        (
+            "credit account missing",
+            with(base, |t| t.credit_account_id = 8),
+            &[],
+            base,
+            R::CreditAccountNotFound,
+            R::IdAlreadyFailed,
+        ),
+        (
+            "exceeds credits, then funded",
+            with(base, |t| t.debit_account_id = 3),
+            &[fund_3],
+            with(base, |t| t.debit_account_id = 3),
+            R::ExceedsCredits,
+            R::IdAlreadyFailed,
+        ),
+        (
+            "exceeds debits",
+            with(base, |t| t.credit_account_id = 4),
+            &[credit_4],
+            base,
+            R::ExceedsDebits,
+            R::IdAlreadyFailed,
+        ),
+        (
+            "debit account closed",
+            with(base, |t| t.debit_account_id = 7),
+            &[],
+            base,
+            R::DebitAccountAlreadyClosed,
+            R::IdAlreadyFailed,
+        ),
+        (
+            "credit account closed",
+            with(base, |t| t.credit_account_id = 7),
+            &[],
+            base,
+            R::CreditAccountAlreadyClosed,
+            R::IdAlreadyFailed,
+        ),
+        (
+            "pending transfer missing",
+            settle(100, 555, TF::POST_PENDING_TRANSFER, 0),
+            &[flagged(t(555, 1, 2, 5), TF::PENDING)],
+            settle(100, 555, TF::POST_PENDING_TRANSFER, 0),
+            R::PendingTransferNotFound,
+            R::IdAlreadyFailed,
+        ),
+        // Not transient: the same id may be sent again, corrected.
+        ("ledger zero", with(base, |t| t.ledger = 0), &[], base, R::LedgerMustNotBeZero, R::Ok),
+        (
+            "different ledgers",
+            with(base, |t| t.credit_account_id = 5),
+            &[],
+            base,
+            R::AccountsMustHaveTheSameLedger,
+            R::Ok,
+        ),
+        ("reserved flag", flagged(base, 1 << 9), &[], base, R::ReservedFlag, R::Ok),
+    ];
+    for (what, refused, between, retry, first, then) in rows {
+        let (results, mut ledger) = run(&[], &[*refused], 0);
+        assert_eq!(results, [*first], "{what}: the first attempt");
+        if !between.is_empty() {
+            let done = transfers(&mut ledger, between, T0 + 3 * NANOS_PER_SECOND);
+            assert!(done.iter().all(|r| r.result == R::Ok), "{what}: {done:?}");
+        }
+        let again = transfers(&mut ledger, &[*retry], T0 + 4 * NANOS_PER_SECOND);
+        assert_eq!(again[0].result, *then, "{what}: the retry");
+        assert_eq!(again[0].timestamp == 0, *then != R::Ok, "{what}");
+    }
+
+    // In one batch: the second event with the id is refused as already failed; in a chain, the
+    // failed event's id is remembered though the chain is undone, the others' ids are not.
+    let l = |t: Transfer| flagged(t, t.flags.0 | TF::LINKED);
+    let cases: &[(&[Transfer], &[R])] = &[
+        (&[t(100, 3, 1, 5), t(100, 1, 2, 5)], &[R::ExceedsCredits, R::IdAlreadyFailed]),
+        (
+            &[l(t(100, 1, 2, 5)), t(101, 3, 1, 5), t(100, 1, 2, 5), t(101, 1, 2, 5)],
+            &[R::LinkedEventFailed, R::ExceedsCredits, R::Ok, R::IdAlreadyFailed],
+        ),
+    ];
+    for (batch, expected) in cases {
+        check(&[], batch, expected);
+    }
+}

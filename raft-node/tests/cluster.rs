@@ -1095,6 +1095,54 @@ async fn json_logs_are_one_object_per_line() {
     assert!(lines.iter().any(|l| l.contains("node 1 stopped")), "{text}");
 }
 
+/// A payment refused for lack of funds is refused again when retried after the account was
+/// funded: on the leader, on a new leader, and on a node that got the state from a snapshot
+/// only (the failed id is part of the replicated state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_payment_stays_refused_on_every_node() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=1).await;
+    let guarded = v1::Account { flags: v1::AccountFlag::DebitsMustNotExceedCredits as u32, ..account(2) };
+    let results = client.create_accounts(vec![guarded]).await.unwrap();
+    assert_eq!(results[0].status(), v1::CreateAccountStatus::Ok);
+    let payment = transfer(10, 2, BANK, 5);
+    let results = client.create_transfers(vec![payment]).await.unwrap();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::ExceedsCredits]);
+    let results = client.create_transfers(vec![transfer(11, BANK, 2, 100)]).await.unwrap();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::Ok]);
+    let refused_again = vec![v1::CreateTransferStatus::IdAlreadyFailed];
+    let results = client.create_transfers(vec![payment]).await.unwrap();
+    assert_eq!(statuses(&results), refused_again);
+
+    // A fourth node catches up from a snapshot (the log behind it is gone) and leads.
+    client.take_snapshot(true).await.expect("snapshot and purge");
+    cluster.define_node(4, "site-d");
+    cluster.spawn(4, false);
+    let request = v1::AddNodeRequest {
+        id: 4,
+        address: cluster.address(4),
+        peer_address: cluster.peer_address(4),
+        site: "site-d".into(),
+        learner_only: false,
+        force: false,
+        incarnation: 0,
+    };
+    client.add_node(request).await.expect("add node 4");
+    client.transfer_leader(4).await.expect("leader to node 4");
+    let started = Instant::now();
+    while cluster.wait_for_leader(DEADLINE).await != 4 {
+        assert!(started.elapsed() < DEADLINE, "node 4 never led");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on_four = cluster.client_of(&[4], Duration::from_secs(10));
+    let results = on_four.create_transfers(vec![payment]).await.unwrap();
+    assert_eq!(statuses(&results), refused_again);
+    let accounts = on_four.lookup_accounts(&[2], v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(u128_from(accounts[0].debits_posted.as_ref()), 0, "the refused payment moved money");
+}
+
 /// Waits until node `id`'s log has a line containing every one of `parts`; returns the log.
 async fn wait_for_log(cluster: &TestCluster, id: u64, parts: &[&str]) -> String {
     let path = cluster.dir.path().join(format!("node-{id}.log"));

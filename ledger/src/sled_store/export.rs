@@ -9,13 +9,14 @@ use super::layout::Runs;
 use super::runs::{self, Kind};
 use super::{Inner, chunk_records, record_timestamp};
 use crate::codec::{
-    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
+    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
+    PREFIX_TRANSFER,
 };
 use crate::store::{RecordVisitor, StoreResult};
 
 pub(super) type PreImages = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// Every logical record of the state, in key order (`A`, `E`, `I`, `M`, `P`, `T`): accounts and
+/// Every logical record of the state, in key order (`A`, `E`, `I`, `M`, `P`, `T`, `X`): accounts and
 /// index entries merged from `runs`, plain keys from the tree (through `pre_images` for a frozen
 /// view), transfers from their chunks up to `timestamp_last`.
 pub(super) fn export(
@@ -40,17 +41,17 @@ pub(super) fn export(
     }
     visit_plain(inner, PREFIX_META, pre_images, visit)?;
     visit_plain(inner, PREFIX_PENDING, pre_images, visit)?;
-    for entry in inner.tree.scan_prefix([PREFIX_TRANSFER]) {
+    'chunks: for entry in inner.tree.scan_prefix([PREFIX_TRANSFER]) {
         let (_, chunk) = entry?;
         for record in chunk_records(&chunk)? {
             let timestamp = record_timestamp(record);
             if timestamp > timestamp_last {
-                return Ok(());
+                break 'chunks;
             }
             visit(&codec::transfer_key(timestamp), record)?;
         }
     }
-    Ok(())
+    visit_plain(inner, PREFIX_FAILED, pre_images, visit)
 }
 
 /// The plain keys with one prefix, in key order, as they were when frozen if `pre_images` is

@@ -6,7 +6,8 @@ use super::layout::Runs;
 use super::runs::{Kind, RunBuilder, Writes};
 use super::{CHUNK_TRANSFERS, Inner, chunk_key};
 use crate::codec::{
-    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
+    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
+    PREFIX_TRANSFER,
 };
 use crate::model::PendingStatus;
 use crate::store::{StoreError, StoreResult};
@@ -48,6 +49,10 @@ impl Import {
                 self.push(inner, Kind::Index, &key[1..], value)?;
             }
             Some(PREFIX_EXPIRY) if key.len() == 25 && value.is_empty() => batch.insert(key, value),
+            Some(PREFIX_FAILED) if key.len() == 17 => {
+                codec::decode_failed(value).ok_or_else(corrupt)?;
+                batch.insert(key, value);
+            }
             Some(PREFIX_PENDING) if key.len() == 17 && value.len() == 1 => {
                 PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;
                 batch.insert(key, value);

@@ -11,7 +11,7 @@
 //! | `R` kind, run id, page number     | a page of a sorted run (`runs.rs`): accounts, transfer ids -> timestamp, per-account index |
 //! | `F` kind, run id, chunk number    | that run's description: page fences and Bloom filter |
 //! | `L` `layout`                      | the runs of each kind, oldest first, and runs awaiting deletion |
-//! | `E`, `M`, `P`                     | expiries, meta and pending statuses, as in the logical key space (`codec.rs`) |
+//! | `E`, `M`, `P`, `X`                | expiries, meta, pending statuses and failed ids, as in the logical key space (`codec.rs`) |
 //!
 //! Each applied entry writes, in one atomic `apply_batch`: its transfers as chunks, one new run
 //! per kind it changed (the accounts it changed, the ids it created, its index entries), the
@@ -44,8 +44,8 @@ use self::filter::KeyHash;
 use self::import::Import;
 use self::layout::{LAYOUT_KEY, Layout, Runs};
 use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
-use crate::codec::{self, PREFIX_EXPIRY, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER};
-use crate::model::{Account, PendingStatus, Transfer};
+use crate::codec::{self, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER};
+use crate::model::{Account, CreateTransferResult, PendingStatus, Transfer};
 use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 const TREE_NAME: &[u8] = b"ledger";
@@ -245,7 +245,8 @@ impl SledStore {
         Ok(find_in_chunk(&chunk, timestamp)?.map(codec::decode_transfer))
     }
 
-    /// Writes of the plain keys (expiries, pending statuses, meta), in key order per kind.
+    /// Writes of the plain keys (expiries, pending statuses, failed ids, meta), in key order per
+    /// kind.
     fn plain_writes(changes: &Changes, mut write: impl FnMut(&[u8], Option<&[u8]>)) {
         for key in &changes.expiry_delete {
             write(&codec::expiry_key(key.0, key.1), None);
@@ -255,6 +256,9 @@ impl SledStore {
         }
         for (id, status) in &changes.pending {
             write(&codec::id_key(PREFIX_PENDING, *id), Some(&[*status as u8]));
+        }
+        for (id, result) in &changes.failed {
+            write(&codec::id_key(PREFIX_FAILED, *id), Some(&codec::encode_failed(*result)));
         }
         if let Some(app_meta) = &changes.app_meta {
             write(codec::META_APP_KEY, Some(app_meta));
@@ -579,6 +583,15 @@ impl Store for SledStore {
             None => Ok(None),
             Some(Some(status)) => Ok(Some(status)),
             Some(None) => Err(StoreError::Corrupt("pending status byte".into())),
+        }
+    }
+
+    fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>> {
+        match self.inner.tree.get(codec::id_key(PREFIX_FAILED, id))? {
+            None => Ok(None),
+            Some(bytes) => codec::decode_failed(&bytes)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt(format!("failed id {id}: {bytes:02x?}"))),
         }
     }
 

@@ -55,6 +55,10 @@ pub struct Model {
     /// Per account with history: balances after each transfer.
     pub history: BTreeMap<u128, Vec<AccountBalance>>,
     pub timestamp_last: u64,
+    /// Transfers that failed for a transient reason: never rolled back, never created later.
+    pub failed: BTreeMap<u128, CreateTransferResult>,
+    /// How many retries were refused as already failed.
+    pub refused_again: u64,
     /// What the open linked chain changed besides accounts, to roll it back.
     journal: Vec<Change>,
 }
@@ -244,12 +248,31 @@ impl Model {
             let r = self.transfer_exists(&t, e);
             return (r, if r == R::Exists { e.timestamp } else { 0 });
         }
+        if self.failed.contains_key(&t.id) {
+            self.refused_again += 1;
+            return (R::IdAlreadyFailed, 0);
+        }
         let settles =
             t.flags.contains(TF::POST_PENDING_TRANSFER) || t.flags.contains(TF::VOID_PENDING_TRANSFER);
         let result = if settles { self.settle(t, timestamp) } else { self.new_transfer(t, timestamp) };
         match result {
             Ok(()) => (R::Ok, timestamp),
-            Err(r) => (r, 0),
+            Err(r) => {
+                // The transient codes, spelled out here rather than asking the ledger.
+                if matches!(
+                    r,
+                    R::DebitAccountNotFound
+                        | R::CreditAccountNotFound
+                        | R::PendingTransferNotFound
+                        | R::ExceedsCredits
+                        | R::ExceedsDebits
+                        | R::DebitAccountAlreadyClosed
+                        | R::CreditAccountAlreadyClosed
+                ) {
+                    self.failed.insert(t.id, r);
+                }
+                (r, 0)
+            }
         }
     }
 
@@ -550,6 +573,8 @@ pub struct Workload {
     account_ids: Vec<u128>,
     pending_ids: Vec<u128>,
     sent: Vec<Transfer>,
+    /// Transfers refused for a transient reason, to be retried.
+    refused: Vec<Transfer>,
 }
 
 /// Accounts near the top of u128, so that overflow checks get exercised.
@@ -565,6 +590,7 @@ impl Workload {
             account_ids: Vec::new(),
             pending_ids: Vec::new(),
             sent: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -614,6 +640,12 @@ impl Workload {
                         }
                         self.sent.push(*event);
                     }
+                    if self.model.failed.get(&event.id) == Some(&result.result) {
+                        self.refused.push(*event);
+                    }
+                }
+                if self.refused.len() > 256 {
+                    self.refused.drain(..128);
                 }
                 if self.pending_ids.len() > 64 {
                     self.pending_ids.drain(..32);
@@ -804,6 +836,11 @@ impl Workload {
     }
 
     fn retry(&mut self) -> Transfer {
+        // A payment refused earlier, sent again (a client retrying after a timeout): whatever
+        // balances did since, it must not go through now.
+        if !self.refused.is_empty() && self.rng.random_ratio(1, 3) {
+            return self.refused[self.rng.random_range(0..self.refused.len())];
+        }
         if self.sent.is_empty() {
             return self.plain(0);
         }
