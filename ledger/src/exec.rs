@@ -63,6 +63,12 @@ impl<S: Store> Ledger<S> {
         Ok(Ledger { store, meta })
     }
 
+    /// When the earliest pending transfer with a timeout expires (ns of ledger time), if any:
+    /// the leader proposes a tick (`apply` with no batches) once its time has come.
+    pub fn next_expiry(&self) -> StoreResult<Option<u64>> {
+        self.store.next_expiry()
+    }
+
     pub fn meta(&self) -> LedgerMeta {
         self.meta
     }
@@ -88,11 +94,15 @@ impl<S: Store> Ledger<S> {
         for batch in batches {
             replies.push(tx.execute(batch, timestamp_proposed)?);
         }
+        let tick = batches.is_empty() && timestamp_proposed != 0;
+        if tick {
+            tx.tick(timestamp_proposed)?;
+        }
         let mut changes = tx.work.into_changes();
-        // An entry without batches (Raft's blank and membership entries) is no event of the
-        // ledger: the digest follows the ledger's history, not the log's, so that a cluster
-        // restored from a backup reads the backup's digest until its first write.
-        if !batches.is_empty() {
+        // An entry without batches and without a time (Raft's blank and membership entries) is
+        // no event of the ledger: the digest follows the ledger's history, not the log's, so
+        // that a cluster restored from a backup reads the backup's digest until its first write.
+        if !batches.is_empty() || tick {
             changes.meta.digest = digest_changes(&self.meta.digest, &changes);
         }
         changes.app_meta = app_meta.map(<[u8]>::to_vec);
@@ -395,8 +405,23 @@ impl<'s, S: Store> Tx<'s, S> {
         self.record(|| Undo::Index);
     }
 
+    /// An entry of time alone (`apply` with no batches and a proposed timestamp): expires every
+    /// pending transfer due at that time, or just after the ledger's last timestamp if that is
+    /// later, and moves ledger time there if anything expired. How an idle ledger expires
+    /// reservations without waiting for a write.
+    fn tick(&mut self, timestamp_proposed: u64) -> StoreResult<()> {
+        let now = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
+        let writes = self.writes;
+        self.expire_pending(now)?;
+        if self.writes != writes {
+            self.work.meta.timestamp_last = now;
+        }
+        Ok(())
+    }
+
     /// Expires every pending transfer due at `now`, releasing its reservation. Runs at the start
-    /// of each batch, so a transfer is expired by the first batch whose time reaches its expiry.
+    /// of each batch, so a transfer is expired by the first batch whose time reaches its expiry
+    /// (or by a tick, on an idle ledger).
     fn expire_pending(&mut self, now: u64) -> StoreResult<()> {
         let mut due: Vec<(u64, u128)> = self
             .store

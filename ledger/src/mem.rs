@@ -90,6 +90,10 @@ impl Store for MemStore {
         Ok(self.pending.get(&id).copied())
     }
 
+    fn next_expiry(&self) -> StoreResult<Option<u64>> {
+        Ok(self.expiries.first().map(|(expires_at, _)| *expires_at))
+    }
+
     fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
         Ok(self.expiries.range(..=(now, u128::MAX)).copied().collect())
     }

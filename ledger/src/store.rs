@@ -140,6 +140,8 @@ pub trait Store {
     fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>>;
     /// The transient result a transfer with this id failed with, if one did.
     fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>>;
+    /// The earliest `expires_at` of a pending transfer, if any.
+    fn next_expiry(&self) -> StoreResult<Option<u64>>;
     /// Pending transfers with `expires_at <= now`, oldest first, as `(expires_at, id)`.
     fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>>;
     /// Index entries of one account with `timestamp_min <= timestamp <= timestamp_max`, in time

@@ -395,6 +395,44 @@ fn pending_expiry() {
     assert_eq!(balances(&ledger, 1), (0, 3, 0, 0));
 }
 
+/// An idle ledger expires reservations on a tick (an entry of time alone, which the leader
+/// proposes when the earliest timeout falls due). One row per tick time: whether the pending
+/// transfer is expired after it, and where ledger time stands.
+#[test]
+fn a_tick_expires_without_a_write() {
+    let p = with(flagged(t(50, 1, 2, 100), TF::PENDING), |t| t.timeout = 2);
+    let created = T0 + NANOS_PER_SECOND;
+    let expiry = created + 2 * NANOS_PER_SECOND;
+    for (tick_at, expired, timestamp_last) in [
+        (expiry - 1, false, created),
+        (expiry, true, expiry),
+        (expiry + 7, true, expiry + 7),
+        // A tick from a leader whose clock is behind still moves time forwards only.
+        (created - 5 * NANOS_PER_SECOND, false, created),
+    ] {
+        let mut ledger = new_ledger();
+        transfers(&mut ledger, &[p], created);
+        let digest = ledger.meta().digest;
+        assert!(ledger.apply(&[], tick_at, None).unwrap().is_empty());
+        let expected = if expired { (0, 0, 0, 0) } else { (100, 0, 0, 0) };
+        assert_eq!(balances(&ledger, 1), expected, "tick at {tick_at}");
+        assert_eq!(ledger.meta().timestamp_last, timestamp_last, "tick at {tick_at}");
+        assert_eq!(ledger.next_expiry().unwrap(), (!expired).then_some(expiry), "tick at {tick_at}");
+        assert_ne!(ledger.meta().digest, digest, "a tick is in the ledger's history");
+        let post = settle(100, 50, TF::POST_PENDING_TRANSFER, u128::MAX);
+        let results = transfers(&mut ledger, &[post], created + NANOS_PER_SECOND);
+        let code = if expired { R::PendingTransferExpired } else { R::Ok };
+        assert_eq!(results[0].result, code, "tick at {tick_at}");
+        assert!(results[0].timestamp == 0 || results[0].timestamp > timestamp_last);
+    }
+    // Raft's own entries (no batches, no time) change nothing, the digest included.
+    let mut ledger = new_ledger();
+    transfers(&mut ledger, &[p], created);
+    let meta = ledger.meta();
+    ledger.apply(&[], 0, None).unwrap();
+    assert_eq!(ledger.meta(), meta);
+}
+
 #[test]
 fn closing_transfers() {
     let close_debit = flagged(t(50, 1, 2, 0), TF::PENDING | TF::CLOSING_DEBIT);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ledger::{Batch, BatchReply};
+use openraft::type_config::async_runtime::WatchReceiver;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
 
@@ -183,5 +184,47 @@ fn write_error_status(
             "this node stopped being the leader before proposing; nothing was written, retry",
         ),
         other => Status::unavailable(format!("write outcome unknown ({other}); retry with the same ids")),
+    }
+}
+
+/// How often the leader looks whether the earliest timeout of a pending transfer has come.
+pub const EXPIRY_POLL: Duration = Duration::from_millis(100);
+
+/// On the leader, for the life of the node: once the earliest timeout of a pending transfer is
+/// due by the time the leader may stamp (its clock bounded by a majority's, as for any entry),
+/// proposes a tick, an entry of that time and no batch, which expires what is due
+/// (`ledger::Ledger::apply`). So an idle ledger releases reservations within about
+/// `EXPIRY_POLL` plus a commit of their timeout, instead of at the next write. A leader that
+/// may not stamp proposes nothing; a tick that finds nothing due (a write expired it first)
+/// changes nothing but the digest.
+pub async fn expire_when_due(
+    raft: Raft,
+    state: Arc<crate::storage::state_machine::Shared>,
+    clock: Arc<ClusterClock>,
+    me: NodeId,
+) {
+    let mut poll = tokio::time::interval(EXPIRY_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        poll.tick().await;
+        if raft.metrics().borrow_watched().current_leader != Some(me) {
+            continue;
+        }
+        let due = match state.read(|ledger| ledger.next_expiry()) {
+            Ok(Some(due)) => due,
+            Ok(None) => continue,
+            Err(error) => {
+                tracing::error!("cannot read the next expiry: {error}");
+                continue;
+            }
+        };
+        let Ok(now) = clock.stamp(&crate::clock::voters(&raft), me) else { continue };
+        if now < due {
+            continue;
+        }
+        match raft.client_write(Request { timestamp_proposed: now, batches: Vec::new() }).await {
+            Ok(_) => crate::metrics::EXPIRY_TICKS.inc(),
+            Err(error) => tracing::debug!("expiry tick not written: {error}"),
+        }
     }
 }

@@ -552,6 +552,12 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
+    tokio::spawn(crate::batcher::expire_when_due(
+        node.raft.clone(),
+        node.state.clone(),
+        node.clock.clone(),
+        node.id(),
+    ));
     if node.config.bootstrap {
         bootstrap(&node).await?;
     }

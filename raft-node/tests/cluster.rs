@@ -1143,6 +1143,46 @@ async fn a_refused_payment_stays_refused_on_every_node() {
     assert_eq!(u128_from(accounts[0].debits_posted.as_ref()), 0, "the refused payment moved money");
 }
 
+/// A reservation on an idle ledger expires on time, without a write, even when the leader that
+/// took it is gone: the new leader proposes the expiry when the timeout falls due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_ledger_expires_reservations_without_a_write() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=2).await;
+    let pending =
+        v1::Transfer { flags: v1::TransferFlag::Pending as u32, timeout: 2, ..transfer(10, BANK, 2, 25) };
+    let created = Instant::now();
+    let results = client.create_transfers(vec![pending]).await.unwrap();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::Ok]);
+    cluster.kill(leader);
+    let survivors: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
+    let reader = cluster.client_of(&survivors, Duration::from_secs(10));
+    let reserved = |accounts: &[v1::Account]| u128_from(accounts[0].debits_pending.as_ref());
+    loop {
+        let accounts = reader.lookup_accounts(&[BANK], v1::ReadConsistency::Linearizable).await.unwrap();
+        if reserved(&accounts) == 0 {
+            break;
+        }
+        assert_eq!(reserved(&accounts), 25);
+        assert!(created.elapsed() < DEADLINE, "the reservation never expired:\n{}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Ledger time is the majority's clock, a few ms off this one at most.
+    assert!(created.elapsed() >= Duration::from_millis(1900), "expired before its timeout");
+    let new_leader = cluster.wait_for_leader(DEADLINE).await;
+    let ticks = sample(&cluster.scrape(new_leader).await, "tally_expiry_ticks_total", None);
+    assert!(ticks >= 1.0, "the new leader proposed no expiry: {ticks}");
+    let post = v1::Transfer {
+        flags: v1::TransferFlag::PostPendingTransfer as u32,
+        pending_id: u128_to(10),
+        ..transfer(11, 0, 0, 0)
+    };
+    let results = reader.create_transfers(vec![v1::Transfer { ledger: 0, code: 0, ..post }]).await.unwrap();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::PendingTransferExpired]);
+}
+
 /// Waits until node `id`'s log has a line containing every one of `parts`; returns the log.
 async fn wait_for_log(cluster: &TestCluster, id: u64, parts: &[&str]) -> String {
     let path = cluster.dir.path().join(format!("node-{id}.log"));

@@ -595,6 +595,13 @@ impl Store for SledStore {
         }
     }
 
+    fn next_expiry(&self) -> StoreResult<Option<u64>> {
+        match self.inner.tree.scan_prefix([PREFIX_EXPIRY]).next() {
+            None => Ok(None),
+            Some(entry) => Ok(Some(codec::decode_expiry_key(&entry?.0).0)),
+        }
+    }
+
     fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
         let start = [PREFIX_EXPIRY];
         let end = codec::expiry_key(now, u128::MAX);

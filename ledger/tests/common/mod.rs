@@ -59,6 +59,8 @@ pub struct Model {
     pub failed: BTreeMap<u128, CreateTransferResult>,
     /// How many retries were refused as already failed.
     pub refused_again: u64,
+    /// How many pending transfers a tick (no write) expired.
+    pub expired_by_ticks: usize,
     /// What the open linked chain changed besides accounts, to roll it back.
     journal: Vec<Change>,
 }
@@ -163,7 +165,19 @@ impl Model {
         self.journal.push(Change::Status(id, previous));
     }
 
-    fn expire(&mut self, now: u64) {
+    /// An entry of time alone (`Ledger::apply` with no batches): expiries due then, and ledger
+    /// time moved there if anything expired.
+    pub fn tick(&mut self, proposed: u64) {
+        let now = proposed.max(self.timestamp_last + 1);
+        let expired = self.expire(now);
+        if expired > 0 {
+            self.timestamp_last = now;
+            self.expired_by_ticks += expired;
+        }
+    }
+
+    /// Expires what is due at `now`; returns how many.
+    fn expire(&mut self, now: u64) -> usize {
         let due: Vec<u128> = self
             .status
             .iter()
@@ -172,6 +186,7 @@ impl Model {
             .filter(|p| p.timeout > 0 && p.timestamp + p.timeout as u64 * NANOS_PER_SECOND <= now)
             .map(|p| p.id)
             .collect();
+        let count = due.len();
         for id in due {
             let p = self.transfers[&id];
             let dr = self.accounts.get_mut(&p.debit_account_id).unwrap();
@@ -186,6 +201,7 @@ impl Model {
             }
             self.set_status(id, PendingStatus::Expired);
         }
+        count
     }
 
     fn create_account(&mut self, a: Account, timestamp: u64) -> (CreateAccountResult, u64) {
@@ -922,6 +938,12 @@ pub fn run_audited<S: Store>(ledger: &mut Ledger<S>, workload: &mut Workload, co
         for ((batch, reply), expected) in entry.iter().zip(&replies).zip(&expected_replies) {
             check_reply(batch, reply, expected, seed, batch_index);
             batch_index += 1;
+        }
+        // Now and then the ledger idles and its leader proposes a tick: expiries without a write.
+        if entry_rng.random_ratio(1, 6) {
+            workload.clock += entry_rng.random_range(0..3 * NANOS_PER_SECOND);
+            ledger.apply(&[], workload.clock, None).unwrap();
+            workload.model.tick(workload.clock);
         }
         let ids = workload.account_ids();
         let accounts = ledger.lookup_accounts(&ids).unwrap();

@@ -110,6 +110,15 @@ pub static FORWARDED: LazyLock<IntCounter> = LazyLock::new(|| {
             .expect("valid metric"),
     )
 });
+pub static EXPIRY_TICKS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register(
+        IntCounter::new(
+            "tally_expiry_ticks_total",
+            "Entries this node proposed as leader to expire pending transfers on an idle ledger",
+        )
+        .expect("valid metric"),
+    )
+});
 pub static CONNECTIONS: LazyLock<IntGaugeVec> =
     LazyLock::new(|| gauge_vec("tally_connections", "Connections open, by door", &["door"]));
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -159,7 +168,7 @@ pub fn init() {
     }
     LazyLock::force(&FSYNC_SECONDS);
     LazyLock::force(&SNAPSHOT_SECONDS);
-    for counter in [&FORWARDED, &LEADER_CHANGES, &TERMS] {
+    for counter in [&FORWARDED, &EXPIRY_TICKS, &LEADER_CHANGES, &TERMS] {
         LazyLock::force(counter);
     }
     for gauge in [&SNAPSHOT_BYTES, &TERM, &IS_LEADER, &LAST_LOG, &COMMITTED, &APPLIED] {
