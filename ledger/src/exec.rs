@@ -212,21 +212,38 @@ impl<'s, S: Store> Tx<'s, S> {
 
     fn execute(&mut self, batch: &Batch, timestamp_proposed: u64) -> StoreResult<BatchReply> {
         assert!(batch.len() <= BATCH_EVENTS_MAX, "batch of {} events reached the ledger", batch.len());
+        let imported = match batch {
+            Batch::CreateAccounts(events) => events.first().is_some_and(Event::imported),
+            Batch::CreateTransfers(events) => events.first().is_some_and(Event::imported),
+        };
+        if imported {
+            // History from another system: each event brings its own (past) timestamp, and
+            // ledger time moves to each one that is created. Nothing expires meanwhile: that
+            // follows the cluster's time, at the next batch or tick.
+            let clock = Clock::Imported { now: timestamp_proposed };
+            let reply = match batch {
+                Batch::CreateAccounts(events) => {
+                    BatchReply::CreateAccounts(self.execute_chains(events, clock, Self::create_account)?)
+                }
+                Batch::CreateTransfers(events) => {
+                    BatchReply::CreateTransfers(self.execute_chains(events, clock, Self::create_transfer)?)
+                }
+            };
+            self.work.meta.batches_applied += 1;
+            return Ok(reply);
+        }
         let timestamp_first = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
         let timestamp_last =
             timestamp_first.checked_add(batch.len() as u64).expect("ledger time overflowed u64");
         self.expire_pending(timestamp_first)?;
+        let clock = Clock::Assigned { first: timestamp_first };
         let reply = match batch {
-            Batch::CreateAccounts(events) => BatchReply::CreateAccounts(self.execute_chains(
-                events,
-                timestamp_first,
-                Self::create_account,
-            )?),
-            Batch::CreateTransfers(events) => BatchReply::CreateTransfers(self.execute_chains(
-                events,
-                timestamp_first,
-                Self::create_transfer,
-            )?),
+            Batch::CreateAccounts(events) => {
+                BatchReply::CreateAccounts(self.execute_chains(events, clock, Self::create_account)?)
+            }
+            Batch::CreateTransfers(events) => {
+                BatchReply::CreateTransfers(self.execute_chains(events, clock, Self::create_transfer)?)
+            }
         };
         if !batch.is_empty() {
             assert!(timestamp_last - 1 > self.work.meta.timestamp_last, "ledger time went backwards");
@@ -240,16 +257,16 @@ impl<'s, S: Store> Tx<'s, S> {
     fn execute_chains<E: Event, R: ResultCode>(
         &mut self,
         events: &[E],
-        timestamp_first: u64,
+        clock: Clock,
         create: impl Fn(&mut Self, &E, u64) -> Outcome<R>,
     ) -> StoreResult<Vec<EventResult<R>>> {
         let mut results: Vec<EventResult<R>> = Vec::with_capacity(events.len());
-        let mut chain: Option<(usize, usize)> = None; // (first event, undo savepoint)
+        // (first event, undo savepoint, ledger time before it)
+        let mut chain: Option<(usize, usize, u64)> = None;
         let mut chain_broken = false;
         for (index, event) in events.iter().enumerate() {
-            let timestamp = timestamp_first + index as u64;
             if event.linked() && chain.is_none() {
-                chain = Some((index, self.undo.len()));
+                chain = Some((index, self.undo.len(), self.work.meta.timestamp_last));
                 self.recording = true;
             }
             let writes_before = self.writes;
@@ -257,18 +274,37 @@ impl<'s, S: Store> Tx<'s, S> {
                 (R::LINKED_EVENT_CHAIN_OPEN, 0)
             } else if chain_broken {
                 (R::LINKED_EVENT_FAILED, 0)
-            } else if event.timestamp() != 0 {
-                (R::TIMESTAMP_MUST_BE_ZERO, 0)
             } else {
-                create(self, event, timestamp)?
+                match clock {
+                    Clock::Assigned { .. } if event.imported() => (R::IMPORTED_EVENT_NOT_EXPECTED, 0),
+                    Clock::Imported { .. } if !event.imported() => (R::IMPORTED_EVENT_EXPECTED, 0),
+                    Clock::Assigned { .. } if event.timestamp() != 0 => (R::TIMESTAMP_MUST_BE_ZERO, 0),
+                    Clock::Assigned { first } => create(self, event, first + index as u64)?,
+                    Clock::Imported { .. }
+                        if event.timestamp() == 0 || event.timestamp() >= IMPORTED_TIMESTAMP_END =>
+                    {
+                        (R::IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE, 0)
+                    }
+                    Clock::Imported { now } if event.timestamp() > now => {
+                        (R::IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE, 0)
+                    }
+                    Clock::Imported { .. } => {
+                        let created = create(self, event, event.timestamp())?;
+                        if created.0 == R::OK {
+                            self.work.meta.timestamp_last = event.timestamp();
+                        }
+                        created
+                    }
+                }
             };
             if result != R::OK {
                 assert_eq!(self.writes, writes_before, "a rejected event changed the state");
-                if let Some((chain_first, savepoint)) = chain
+                if let Some((chain_first, savepoint, timestamp_before)) = chain
                     && !chain_broken
                 {
                     chain_broken = true;
                     self.rollback(savepoint);
+                    self.work.meta.timestamp_last = timestamp_before;
                     for earlier in &mut results[chain_first..index] {
                         *earlier = EventResult { result: R::LINKED_EVENT_FAILED, timestamp: 0 };
                     }
@@ -489,6 +525,8 @@ impl<'s, S: Store> Tx<'s, S> {
             R::LedgerMustNotBeZero
         } else if a.code == 0 {
             R::CodeMustNotBeZero
+        } else if a.flags.contains(AccountFlags::IMPORTED) && timestamp <= self.work.meta.timestamp_last {
+            R::ImportedEventTimestampMustNotRegress
         } else {
             self.put_account(Account { timestamp, ..*a });
             return Ok((R::Ok, timestamp));
@@ -535,7 +573,9 @@ impl<'s, S: Store> Tx<'s, S> {
         let Some(credit) = self.account(t.credit_account_id)? else {
             return Ok((R::CreditAccountNotFound, 0));
         };
-        let result = new_transfer_check(t, &debit, &credit, timestamp);
+        let imported_after =
+            t.flags.contains(TransferFlags::IMPORTED).then_some(self.work.meta.timestamp_last);
+        let result = new_transfer_check(t, &debit, &credit, timestamp, imported_after);
         let amount = match result {
             Ok(amount) => amount,
             Err(result) => return Ok((result, 0)),
@@ -598,6 +638,11 @@ impl<'s, S: Store> Tx<'s, S> {
         let post = t.flags.contains(TransferFlags::POST_PENDING_TRANSFER);
         let mut debit = self.account(p.debit_account_id)?.expect("pending transfer's debit account");
         let mut credit = self.account(p.credit_account_id)?.expect("pending transfer's credit account");
+        if t.flags.contains(TransferFlags::IMPORTED)
+            && let Err(result) = imported_check(timestamp, self.work.meta.timestamp_last, &debit, &credit)
+        {
+            return Ok((result, 0));
+        }
         if post && debit.flags.contains(AccountFlags::CLOSED) {
             return Ok((R::DebitAccountAlreadyClosed, 0));
         }
@@ -667,12 +712,16 @@ impl<'s, S: Store> Tx<'s, S> {
 /// What `execute_chains` needs to know of an event.
 trait Event {
     fn linked(&self) -> bool;
+    fn imported(&self) -> bool;
     fn timestamp(&self) -> u64;
 }
 
 impl Event for Account {
     fn linked(&self) -> bool {
         self.flags.contains(AccountFlags::LINKED)
+    }
+    fn imported(&self) -> bool {
+        self.flags.contains(AccountFlags::IMPORTED)
     }
     fn timestamp(&self) -> u64 {
         self.timestamp
@@ -682,6 +731,9 @@ impl Event for Account {
 impl Event for Transfer {
     fn linked(&self) -> bool {
         self.flags.contains(TransferFlags::LINKED)
+    }
+    fn imported(&self) -> bool {
+        self.flags.contains(TransferFlags::IMPORTED)
     }
     fn timestamp(&self) -> u64 {
         self.timestamp
@@ -693,22 +745,43 @@ trait ResultCode: Copy + PartialEq {
     const OK: Self;
     const LINKED_EVENT_FAILED: Self;
     const LINKED_EVENT_CHAIN_OPEN: Self;
+    const IMPORTED_EVENT_EXPECTED: Self;
+    const IMPORTED_EVENT_NOT_EXPECTED: Self;
     const TIMESTAMP_MUST_BE_ZERO: Self;
+    const IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE: Self;
+    const IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE: Self;
 }
 
-impl ResultCode for CreateAccountResult {
-    const OK: Self = CreateAccountResult::Ok;
-    const LINKED_EVENT_FAILED: Self = CreateAccountResult::LinkedEventFailed;
-    const LINKED_EVENT_CHAIN_OPEN: Self = CreateAccountResult::LinkedEventChainOpen;
-    const TIMESTAMP_MUST_BE_ZERO: Self = CreateAccountResult::TimestampMustBeZero;
+macro_rules! result_code {
+    ($name:ident) => {
+        impl ResultCode for $name {
+            const OK: Self = $name::Ok;
+            const LINKED_EVENT_FAILED: Self = $name::LinkedEventFailed;
+            const LINKED_EVENT_CHAIN_OPEN: Self = $name::LinkedEventChainOpen;
+            const IMPORTED_EVENT_EXPECTED: Self = $name::ImportedEventExpected;
+            const IMPORTED_EVENT_NOT_EXPECTED: Self = $name::ImportedEventNotExpected;
+            const TIMESTAMP_MUST_BE_ZERO: Self = $name::TimestampMustBeZero;
+            const IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE: Self = $name::ImportedEventTimestampOutOfRange;
+            const IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE: Self =
+                $name::ImportedEventTimestampMustNotAdvance;
+        }
+    };
 }
 
-impl ResultCode for CreateTransferResult {
-    const OK: Self = CreateTransferResult::Ok;
-    const LINKED_EVENT_FAILED: Self = CreateTransferResult::LinkedEventFailed;
-    const LINKED_EVENT_CHAIN_OPEN: Self = CreateTransferResult::LinkedEventChainOpen;
-    const TIMESTAMP_MUST_BE_ZERO: Self = CreateTransferResult::TimestampMustBeZero;
+result_code!(CreateAccountResult);
+result_code!(CreateTransferResult);
+
+/// Where a batch's events get their timestamps.
+#[derive(Clone, Copy)]
+enum Clock {
+    /// From the ledger: event `i` of the batch gets `first + i`.
+    Assigned { first: u64 },
+    /// From the events themselves (imported), each before `now`, the entry's proposed time.
+    Imported { now: u64 },
 }
+
+/// Imported timestamps are below 2^63, as TigerBeetle's are.
+const IMPORTED_TIMESTAMP_END: u64 = 1 << 63;
 
 fn account_exists(a: &Account, e: &Account) -> (CreateAccountResult, u64) {
     use CreateAccountResult as R;
@@ -862,6 +935,26 @@ fn post_or_void_check(
     Ok(amount)
 }
 
+/// The checks of an imported transfer's timestamp against the ledger's last one and its accounts'.
+fn imported_check(
+    timestamp: u64,
+    timestamp_last: u64,
+    dr: &Account,
+    cr: &Account,
+) -> Result<(), CreateTransferResult> {
+    use CreateTransferResult as R;
+    if timestamp <= timestamp_last {
+        return Err(R::ImportedEventTimestampMustNotRegress);
+    }
+    if timestamp <= dr.timestamp {
+        return Err(R::ImportedEventTimestampMustPostdateDebitAccount);
+    }
+    if timestamp <= cr.timestamp {
+        return Err(R::ImportedEventTimestampMustPostdateCreditAccount);
+    }
+    Ok(())
+}
+
 /// The checks of a new transfer that need no stored state.
 fn new_transfer_precheck(t: &Transfer) -> CreateTransferResult {
     use CreateTransferResult as R;
@@ -898,6 +991,7 @@ fn new_transfer_check(
     dr: &Account,
     cr: &Account,
     timestamp: u64,
+    imported_after: Option<u64>,
 ) -> Result<u128, CreateTransferResult> {
     use CreateTransferResult as R;
     use TransferFlags as F;
@@ -906,6 +1000,12 @@ fn new_transfer_check(
     }
     if t.ledger != dr.ledger {
         return Err(R::TransferMustHaveTheSameLedgerAsAccounts);
+    }
+    if let Some(timestamp_last) = imported_after {
+        imported_check(timestamp, timestamp_last, dr, cr)?;
+        if t.timeout != 0 {
+            return Err(R::ImportedEventTimeoutMustBeZero);
+        }
     }
     if dr.flags.contains(AccountFlags::CLOSED) {
         return Err(R::DebitAccountAlreadyClosed);

@@ -52,7 +52,7 @@ macro_rules! flags {
 }
 
 flags! {
-    /// Account flags. Bit positions match TigerBeetle's; bit 4 (`imported`) is reserved here.
+    /// Account flags. Bit positions match TigerBeetle's.
     AccountFlags {
         /// This event and the next one succeed or fail together.
         LINKED = 0,
@@ -62,13 +62,16 @@ flags! {
         CREDITS_MUST_NOT_EXCEED_DEBITS = 2,
         /// Keep the account's balances after each of its transfers, for `GetAccountBalances`.
         HISTORY = 3,
+        /// Loaded from another system with its own timestamp (`Account::timestamp`), which must be
+        /// in the past and after every event so far. A batch is imported or not as a whole.
+        IMPORTED = 4,
         /// The account takes no new transfers. Set by a closing transfer, or at creation.
         CLOSED = 5,
     }
 }
 
 flags! {
-    /// Transfer flags. Bit positions match TigerBeetle's; bit 8 (`imported`) is reserved here.
+    /// Transfer flags. Bit positions match TigerBeetle's.
     TransferFlags {
         /// This event and the next one succeed or fail together.
         LINKED = 0,
@@ -86,6 +89,10 @@ flags! {
         CLOSING_DEBIT = 6,
         /// Close the credit account (pending only, so voiding reopens it).
         CLOSING_CREDIT = 7,
+        /// Loaded from another system with its own timestamp (`Transfer::timestamp`), which must
+        /// be in the past, after every event so far and after both accounts'. A batch is imported
+        /// or not as a whole; an imported pending transfer has no timeout.
+        IMPORTED = 8,
     }
 }
 
@@ -284,7 +291,11 @@ result_codes! {
         Ok = 0,
         LinkedEventFailed = 1,
         LinkedEventChainOpen = 2,
+        ImportedEventExpected = 21,
+        ImportedEventNotExpected = 22,
         TimestampMustBeZero = 3,
+        ImportedEventTimestampOutOfRange = 23,
+        ImportedEventTimestampMustNotAdvance = 24,
         ReservedFlag = 4,
         IdMustNotBeZero = 5,
         IdMustNotBeIntMax = 6,
@@ -302,6 +313,7 @@ result_codes! {
         CreditsPostedMustBeZero = 18,
         LedgerMustNotBeZero = 19,
         CodeMustNotBeZero = 20,
+        ImportedEventTimestampMustNotRegress = 25,
     }
 }
 
@@ -313,7 +325,11 @@ result_codes! {
         Ok = 0,
         LinkedEventFailed = 1,
         LinkedEventChainOpen = 2,
+        ImportedEventExpected = 60,
+        ImportedEventNotExpected = 61,
         TimestampMustBeZero = 3,
+        ImportedEventTimestampOutOfRange = 62,
+        ImportedEventTimestampMustNotAdvance = 63,
         ReservedFlag = 4,
         IdMustNotBeZero = 5,
         IdMustNotBeIntMax = 6,
@@ -359,6 +375,10 @@ result_codes! {
         CreditAccountNotFound = 45,
         AccountsMustHaveTheSameLedger = 46,
         TransferMustHaveTheSameLedgerAsAccounts = 47,
+        ImportedEventTimestampMustNotRegress = 64,
+        ImportedEventTimestampMustPostdateDebitAccount = 65,
+        ImportedEventTimestampMustPostdateCreditAccount = 66,
+        ImportedEventTimeoutMustBeZero = 67,
         DebitAccountAlreadyClosed = 48,
         CreditAccountAlreadyClosed = 49,
         OverflowsDebitsPending = 50,

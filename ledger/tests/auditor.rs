@@ -23,6 +23,7 @@ fn auditor_predicts_every_reply_and_balance() {
         assert!(workload.model.transfers.len() > AUDIT_BATCHES_PER_SEED, "seed {seed}: workload too idle");
         assert!(workload.model.refused_again > 10, "seed {seed}: too few retries of failed ids");
         assert!(workload.model.expired_by_ticks > 10, "seed {seed}: too few expiries without a write");
+        assert!(workload.model.imported > 50, "seed {seed}: too few imported events");
     }
 }
 

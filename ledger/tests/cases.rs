@@ -76,7 +76,7 @@ fn create_account_codes() {
     let cases: &[(Account, A)] = &[
         (base, A::Ok),
         (Account { timestamp: 1, ..base }, A::TimestampMustBeZero),
-        (Account { flags: AccountFlags(1 << 4), ..base }, A::ReservedFlag),
+        (Account { flags: AccountFlags(1 << 6), ..base }, A::ReservedFlag),
         (Account { flags: AccountFlags(1 << 15), ..base }, A::ReservedFlag),
         (Account { id: 0, ..base }, A::IdMustNotBeZero),
         (Account { id: u128::MAX, ..base }, A::IdMustNotBeIntMax),
@@ -158,7 +158,7 @@ fn create_transfer_validation_codes() {
         (base, R::Ok),
         (with(base, |t| t.amount = 0), R::Ok),
         (with(base, |t| t.timestamp = 1), R::TimestampMustBeZero),
-        (flagged(base, 1 << 8), R::ReservedFlag),
+        (flagged(base, 1 << 9), R::ReservedFlag),
         (with(base, |t| t.id = 0), R::IdMustNotBeZero),
         (with(base, |t| t.id = u128::MAX), R::IdMustNotBeIntMax),
         (with(base, |t| t.debit_account_id = 0), R::DebitAccountIdMustNotBeZero),
@@ -727,4 +727,133 @@ fn a_failed_id_stays_failed() {
     for (batch, expected) in cases {
         check(&[], batch, expected);
     }
+}
+
+/// Imported events (history from another system): one row per batch, proposed at `P`, on the
+/// accounts of `new_ledger` (created at T0 and just after), with the codes expected in
+/// precedence order.
+#[test]
+fn imported_events() {
+    const P: u64 = T0 + 10 * NANOS_PER_SECOND;
+    let at = |seconds: u64| T0 + seconds * NANOS_PER_SECOND;
+    let imp = |id: u128, timestamp: u64| Transfer { timestamp, ..flagged(t(id, 1, 2, 10), TF::IMPORTED) };
+    let l = |t: Transfer| flagged(t, t.flags.0 | TF::LINKED);
+    let pending = |t: Transfer| flagged(t, t.flags.0 | TF::PENDING);
+    let post = Transfer { timestamp: at(3), ..settle(101, 100, TF::POST_PENDING_TRANSFER | TF::IMPORTED, 4) };
+    let rows: &[(&str, &[Transfer], &[R])] = &[
+        ("one", &[imp(100, at(1))], &[R::Ok]),
+        ("in order", &[imp(100, at(1)), imp(101, at(2))], &[R::Ok, R::Ok]),
+        (
+            "out of order",
+            &[imp(100, at(2)), imp(101, at(1))],
+            &[R::Ok, R::ImportedEventTimestampMustNotRegress],
+        ),
+        (
+            "the same time twice",
+            &[imp(100, at(1)), imp(101, at(1))],
+            &[R::Ok, R::ImportedEventTimestampMustNotRegress],
+        ),
+        ("mixed, imported first", &[imp(100, at(1)), t(101, 1, 2, 1)], &[R::Ok, R::ImportedEventExpected]),
+        (
+            "mixed, imported second",
+            &[t(100, 1, 2, 1), imp(101, at(1))],
+            &[R::Ok, R::ImportedEventNotExpected],
+        ),
+        ("no timestamp", &[imp(100, 0)], &[R::ImportedEventTimestampOutOfRange]),
+        ("timestamp 2^63", &[imp(100, 1 << 63)], &[R::ImportedEventTimestampOutOfRange]),
+        ("in the future", &[imp(100, P + 1)], &[R::ImportedEventTimestampMustNotAdvance]),
+        ("exactly now", &[imp(100, P)], &[R::Ok]),
+        ("before the ledger's last event", &[imp(100, T0 + 3)], &[R::ImportedEventTimestampMustNotRegress]),
+        // Out of range ranks above a reserved flag; the flag above everything after it.
+        (
+            "range before flags",
+            &[flagged(imp(100, 0), TF::IMPORTED | 1 << 9)],
+            &[R::ImportedEventTimestampOutOfRange],
+        ),
+        ("then flags", &[flagged(imp(100, at(1)), TF::IMPORTED | 1 << 9)], &[R::ReservedFlag]),
+        (
+            "ledger checks before time",
+            &[Transfer { ledger: 2, ..imp(100, T0 + 3) }],
+            &[R::TransferMustHaveTheSameLedgerAsAccounts],
+        ),
+        (
+            "time before closed",
+            &[Transfer { debit_account_id: 7, ..imp(100, T0 + 3) }],
+            &[R::ImportedEventTimestampMustNotRegress],
+        ),
+        ("closed", &[Transfer { debit_account_id: 7, ..imp(100, at(1)) }], &[R::DebitAccountAlreadyClosed]),
+        (
+            "pending with a timeout",
+            &[Transfer { timeout: 1, ..pending(imp(100, at(1))) }],
+            &[R::ImportedEventTimeoutMustBeZero],
+        ),
+        ("pending, then posted", &[pending(imp(100, at(1))), post], &[R::Ok, R::Ok]),
+        (
+            "a post before its pending",
+            &[pending(imp(100, at(4))), post],
+            &[R::Ok, R::ImportedEventTimestampMustNotRegress],
+        ),
+        // A chain undone gives its time back: the next event may use it.
+        (
+            "chain",
+            &[l(imp(100, at(1))), imp(101, at(1)), imp(102, at(1))],
+            &[R::LinkedEventFailed, R::ImportedEventTimestampMustNotRegress, R::Ok],
+        ),
+    ];
+    for (what, batch, expected) in rows {
+        let mut ledger = new_ledger();
+        let results = transfers(&mut ledger, batch, P);
+        let codes: Vec<R> = results.iter().map(|r| r.result).collect();
+        assert_eq!(codes, *expected, "{what}");
+        for (event, result) in batch.iter().zip(&results) {
+            if result.result == R::Ok && event.flags.contains(TF::IMPORTED) {
+                assert_eq!(result.timestamp, event.timestamp, "{what}: an imported event keeps its time");
+            }
+        }
+        check_invariants(&ledger.lookup_accounts(&[1, 2, 3, 4, 5, 6, 7]).unwrap());
+    }
+
+    // Ledger time moves to the last imported event; the next batch of the ledger's own follows.
+    let mut ledger = new_ledger();
+    transfers(&mut ledger, &[imp(100, at(1)), imp(101, at(2))], P);
+    assert_eq!(ledger.meta().timestamp_last, at(2));
+    let later = transfers(&mut ledger, &[t(102, 1, 2, 1)], at(1));
+    assert_eq!((later[0].result, later[0].timestamp), (R::Ok, at(2) + 1));
+    assert_eq!(ledger.lookup_transfers(&[101]).unwrap()[0].timestamp, at(2));
+
+    // Accounts: the same rules, the time checked last (after the fields).
+    let acc = |id: u128, timestamp: u64| Account { timestamp, ..account(id, 1, AF::IMPORTED) };
+    let rows: &[(&str, &[Account], &[A])] = &[
+        ("one", &[acc(20, at(1))], &[A::Ok]),
+        (
+            "out of order",
+            &[acc(20, at(2)), acc(21, at(1))],
+            &[A::Ok, A::ImportedEventTimestampMustNotRegress],
+        ),
+        ("mixed", &[acc(20, at(1)), account(21, 1, 0)], &[A::Ok, A::ImportedEventExpected]),
+        ("mixed the other way", &[account(20, 1, 0), acc(21, at(1))], &[A::Ok, A::ImportedEventNotExpected]),
+        ("no timestamp", &[acc(20, 0)], &[A::ImportedEventTimestampOutOfRange]),
+        ("in the future", &[acc(20, P + 1)], &[A::ImportedEventTimestampMustNotAdvance]),
+        ("fields before time", &[Account { code: 0, ..acc(20, T0) }], &[A::CodeMustNotBeZero]),
+        ("regress", &[acc(20, T0)], &[A::ImportedEventTimestampMustNotRegress]),
+        // An account that exists is the same account whatever time the retry carries.
+        (
+            "a stamped account not imported",
+            &[Account { timestamp: at(1), ..account(20, 1, 0) }],
+            &[A::TimestampMustBeZero],
+        ),
+        ("exists, not imported", &[acc(1, at(1))], &[A::ExistsWithDifferentFlags]),
+        ("exists, imported", &[acc(20, at(1)), acc(20, at(2))], &[A::Ok, A::Exists]),
+    ];
+    for (what, batch, expected) in rows {
+        let mut ledger = new_ledger();
+        let mut reply = ledger.apply(&[Batch::CreateAccounts(batch.to_vec())], P, None).unwrap();
+        let Some(BatchReply::CreateAccounts(results)) = reply.pop() else { unreachable!() };
+        let codes: Vec<A> = results.iter().map(|r| r.result).collect();
+        assert_eq!(codes, *expected, "{what}");
+    }
+    let mut ledger = new_ledger();
+    ledger.apply(&[Batch::CreateAccounts(vec![acc(20, at(1))])], P, None).unwrap();
+    let imported = ledger.lookup_accounts(&[20]).unwrap()[0];
+    assert_eq!((imported.timestamp, imported.flags.contains(AF::IMPORTED)), (at(1), true));
 }

@@ -222,6 +222,7 @@ mod tests {
         );
         assert_eq!(pb::AccountFlag::History as u16, AccountFlags::HISTORY);
         assert_eq!(pb::AccountFlag::Closed as u16, AccountFlags::CLOSED);
+        assert_eq!(pb::AccountFlag::Imported as u16, AccountFlags::IMPORTED);
         assert_eq!(pb::TransferFlag::Linked as u16, TransferFlags::LINKED);
         assert_eq!(pb::TransferFlag::Pending as u16, TransferFlags::PENDING);
         assert_eq!(pb::TransferFlag::PostPendingTransfer as u16, TransferFlags::POST_PENDING_TRANSFER);
@@ -230,6 +231,7 @@ mod tests {
         assert_eq!(pb::TransferFlag::BalancingCredit as u16, TransferFlags::BALANCING_CREDIT);
         assert_eq!(pb::TransferFlag::ClosingDebit as u16, TransferFlags::CLOSING_DEBIT);
         assert_eq!(pb::TransferFlag::ClosingCredit as u16, TransferFlags::CLOSING_CREDIT);
+        assert_eq!(pb::TransferFlag::Imported as u16, TransferFlags::IMPORTED);
     }
 
     #[test]

@@ -1183,6 +1183,71 @@ async fn an_idle_ledger_expires_reservations_without_a_write() {
     assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::PendingTransferExpired]);
 }
 
+/// History from another system through the API: imported accounts and transfers keep their
+/// own past timestamps, in order, on every node; the ledger's own events follow them; a batch
+/// that mixes them or goes back in time is refused event by event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_imported_with_its_own_timestamps() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    let day = 86_400 * 1_000_000_000u64;
+    let then = unix_now_ns() - 30 * day;
+    let imported_account = |id: u128, timestamp: u64| v1::Account {
+        flags: v1::AccountFlag::Imported as u32,
+        timestamp,
+        ..account(id)
+    };
+    let results =
+        client.create_accounts(vec![imported_account(1, then), imported_account(2, then + 1)]).await.unwrap();
+    assert!(results.iter().all(|r| r.status() == v1::CreateAccountStatus::Ok), "{results:?}");
+    let imported = |id: u128, timestamp: u64| v1::Transfer {
+        flags: v1::TransferFlag::Imported as u32,
+        timestamp,
+        ..transfer(id, 1, 2, 10)
+    };
+    let results = client
+        .create_transfers(vec![imported(10, then + day), imported(11, then + 2 * day), transfer(12, 1, 2, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        statuses(&results),
+        vec![
+            v1::CreateTransferStatus::Ok,
+            v1::CreateTransferStatus::Ok,
+            v1::CreateTransferStatus::ImportedEventExpected
+        ]
+    );
+    assert_eq!(results[1].timestamp, then + 2 * day);
+    let results = client
+        .create_transfers(vec![imported(13, then + day / 2), imported(14, unix_now_ns() + day)])
+        .await
+        .unwrap();
+    assert_eq!(
+        statuses(&results),
+        vec![
+            v1::CreateTransferStatus::ImportedEventTimestampMustNotRegress,
+            v1::CreateTransferStatus::ImportedEventTimestampMustNotAdvance
+        ]
+    );
+    let results = client.create_transfers(vec![transfer(15, 1, 2, 5)]).await.unwrap();
+    assert_eq!(statuses(&results), vec![v1::CreateTransferStatus::Ok]);
+    assert!(results[0].timestamp > then + 2 * day, "the ledger's own events follow the imports");
+    cluster.wait_for_convergence(DEADLINE).await;
+    for id in cluster.nodes.keys() {
+        let local = cluster.client_of(&[*id], Duration::from_secs(5));
+        let found = local.lookup_transfers(&[10, 11, 15], v1::ReadConsistency::Local).await.unwrap();
+        let times: Vec<u64> = found.iter().map(|t| t.timestamp).collect();
+        assert_eq!(&times[..2], &[then + day, then + 2 * day], "node {id}");
+        let accounts = local.lookup_accounts(&[1, 2], v1::ReadConsistency::Local).await.unwrap();
+        assert_eq!(
+            (accounts[0].timestamp, u128_from(accounts[0].debits_posted.as_ref())),
+            (then, 25),
+            "node {id}"
+        );
+    }
+}
+
 /// Waits until node `id`'s log has a line containing every one of `parts`; returns the log.
 async fn wait_for_log(cluster: &TestCluster, id: u64, parts: &[&str]) -> String {
     let path = cluster.dir.path().join(format!("node-{id}.log"));

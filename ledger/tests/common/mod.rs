@@ -61,6 +61,8 @@ pub struct Model {
     pub refused_again: u64,
     /// How many pending transfers a tick (no write) expired.
     pub expired_by_ticks: usize,
+    /// How many imported events were created.
+    pub imported: usize,
     /// What the open linked chain changed besides accounts, to roll it back.
     journal: Vec<Change>,
 }
@@ -74,33 +76,50 @@ enum Change {
 
 impl Model {
     pub fn apply(&mut self, batch: &Batch, proposed: u64) -> BatchReply {
+        let imported = match batch {
+            Batch::CreateAccounts(events) => events.first().is_some_and(|e| e.flags.contains(AF::IMPORTED)),
+            Batch::CreateTransfers(events) => events.first().is_some_and(|e| e.flags.contains(TF::IMPORTED)),
+        };
         let first = proposed.max(self.timestamp_last + 1);
-        self.expire(first);
+        // An imported batch: no expiry, each event at its own time, before `proposed`.
+        let time = if imported { Err(proposed) } else { Ok(first) };
+        if !imported {
+            self.expire(first);
+        }
         let reply = match batch {
             Batch::CreateAccounts(events) => BatchReply::CreateAccounts(self.run(
                 events,
-                first,
-                (|e: &Account| e.flags.contains(AF::LINKED), |e: &Account| e.timestamp),
+                time,
+                (
+                    |e: &Account| e.flags.contains(AF::LINKED),
+                    |e: &Account| e.timestamp,
+                    |e: &Account| e.flags.contains(AF::IMPORTED),
+                ),
                 Model::create_account,
             )),
             Batch::CreateTransfers(events) => BatchReply::CreateTransfers(self.run(
                 events,
-                first,
-                (|e: &Transfer| e.flags.contains(TF::LINKED), |e: &Transfer| e.timestamp),
+                time,
+                (
+                    |e: &Transfer| e.flags.contains(TF::LINKED),
+                    |e: &Transfer| e.timestamp,
+                    |e: &Transfer| e.flags.contains(TF::IMPORTED),
+                ),
                 Model::create_transfer,
             )),
         };
-        if !batch.is_empty() {
+        if !batch.is_empty() && !imported {
             self.timestamp_last = first + batch.len() as u64 - 1;
         }
         reply
     }
 
+    /// `time`: `Ok(first)` for a batch the ledger stamps, `Err(now)` for an imported one.
     fn run<E: Copy, R: Copy + PartialEq + std::fmt::Debug + Code>(
         &mut self,
         events: &[E],
-        first: u64,
-        (linked, stamp): (impl Fn(&E) -> bool, impl Fn(&E) -> u64),
+        time: Result<u64, u64>,
+        (linked, stamp, imported): (impl Fn(&E) -> bool, impl Fn(&E) -> u64, impl Fn(&E) -> bool),
         create: impl Fn(&mut Model, E, u64) -> (R, u64),
     ) -> Vec<EventResult<R>> {
         let mut results = Vec::new();
@@ -114,6 +133,7 @@ impl Model {
             let open = end == events.len();
             let end = end.min(events.len() - 1);
             let accounts_before = self.accounts.clone();
+            let timestamp_before = self.timestamp_last;
             self.journal.clear();
             let mut chain = Vec::new();
             let mut failed = false;
@@ -122,13 +142,29 @@ impl Model {
                     (R::CHAIN_OPEN, 0)
                 } else if failed {
                     (R::LINKED_FAILED, 0)
-                } else if stamp(event) != 0 {
-                    (R::TIMESTAMP_NOT_ZERO, 0)
                 } else {
-                    create(self, *event, first + i as u64)
+                    match time {
+                        Ok(_) if imported(event) => (R::IMPORTED_NOT_EXPECTED, 0),
+                        Err(_) if !imported(event) => (R::IMPORTED_EXPECTED, 0),
+                        Ok(_) if stamp(event) != 0 => (R::TIMESTAMP_NOT_ZERO, 0),
+                        Ok(first) => create(self, *event, first + i as u64),
+                        Err(_) if stamp(event) == 0 || stamp(event) >= 1 << 63 => {
+                            (R::IMPORTED_OUT_OF_RANGE, 0)
+                        }
+                        Err(now) if stamp(event) > now => (R::IMPORTED_IN_THE_FUTURE, 0),
+                        Err(_) => {
+                            let created = create(self, *event, stamp(event));
+                            if created.0 == R::OK {
+                                self.timestamp_last = stamp(event);
+                                self.imported += 1;
+                            }
+                            created
+                        }
+                    }
                 };
                 if result.0 != R::OK && !failed {
                     failed = true;
+                    self.timestamp_last = timestamp_before;
                     self.accounts = accounts_before.clone();
                     self.roll_back();
                     chain.fill((R::LINKED_FAILED, 0));
@@ -241,6 +277,10 @@ impl Model {
             (a.credits_posted != 0, R::CreditsPostedMustBeZero),
             (a.ledger == 0, R::LedgerMustNotBeZero),
             (a.code == 0, R::CodeMustNotBeZero),
+            (
+                f.contains(AF::IMPORTED) && timestamp <= self.timestamp_last,
+                R::ImportedEventTimestampMustNotRegress,
+            ),
         ];
         if let Some((_, r)) = checks.iter().find(|(bad, _)| *bad) {
             return (*r, 0);
@@ -380,6 +420,9 @@ impl Model {
         fail_if(expired, R::PendingTransferExpired)?;
         let mut dr = self.accounts[&p.debit_account_id];
         let mut cr = self.accounts[&p.credit_account_id];
+        if f.contains(TF::IMPORTED) {
+            self.imported_check(timestamp, &dr, &cr)?;
+        }
         fail_if(post && dr.flags.contains(AF::CLOSED), R::DebitAccountAlreadyClosed)?;
         fail_if(post && cr.flags.contains(AF::CLOSED), R::CreditAccountAlreadyClosed)?;
         dr.debits_pending -= p.amount;
@@ -416,6 +459,13 @@ impl Model {
         Ok(())
     }
 
+    fn imported_check(&self, timestamp: u64, dr: &Account, cr: &Account) -> Result<(), CreateTransferResult> {
+        use CreateTransferResult as R;
+        fail_if(timestamp <= self.timestamp_last, R::ImportedEventTimestampMustNotRegress)?;
+        fail_if(timestamp <= dr.timestamp, R::ImportedEventTimestampMustPostdateDebitAccount)?;
+        fail_if(timestamp <= cr.timestamp, R::ImportedEventTimestampMustPostdateCreditAccount)
+    }
+
     fn new_transfer(&mut self, t: Transfer, timestamp: u64) -> Result<(), CreateTransferResult> {
         use CreateTransferResult as R;
         let f = t.flags;
@@ -435,6 +485,10 @@ impl Model {
         let mut cr = *self.accounts.get(&t.credit_account_id).ok_or(R::CreditAccountNotFound)?;
         fail_if(dr.ledger != cr.ledger, R::AccountsMustHaveTheSameLedger)?;
         fail_if(t.ledger != dr.ledger, R::TransferMustHaveTheSameLedgerAsAccounts)?;
+        if f.contains(TF::IMPORTED) {
+            self.imported_check(timestamp, &dr, &cr)?;
+            fail_if(t.timeout != 0, R::ImportedEventTimeoutMustBeZero)?;
+        }
         fail_if(dr.flags.contains(AF::CLOSED), R::DebitAccountAlreadyClosed)?;
         fail_if(cr.flags.contains(AF::CLOSED), R::CreditAccountAlreadyClosed)?;
         let mut amount = t.amount;
@@ -522,6 +576,10 @@ pub trait Code: Sized {
     const CHAIN_OPEN: Self;
     const LINKED_FAILED: Self;
     const TIMESTAMP_NOT_ZERO: Self;
+    const IMPORTED_EXPECTED: Self;
+    const IMPORTED_NOT_EXPECTED: Self;
+    const IMPORTED_OUT_OF_RANGE: Self;
+    const IMPORTED_IN_THE_FUTURE: Self;
 }
 
 impl Code for CreateAccountResult {
@@ -529,6 +587,10 @@ impl Code for CreateAccountResult {
     const CHAIN_OPEN: Self = Self::LinkedEventChainOpen;
     const LINKED_FAILED: Self = Self::LinkedEventFailed;
     const TIMESTAMP_NOT_ZERO: Self = Self::TimestampMustBeZero;
+    const IMPORTED_EXPECTED: Self = Self::ImportedEventExpected;
+    const IMPORTED_NOT_EXPECTED: Self = Self::ImportedEventNotExpected;
+    const IMPORTED_OUT_OF_RANGE: Self = Self::ImportedEventTimestampOutOfRange;
+    const IMPORTED_IN_THE_FUTURE: Self = Self::ImportedEventTimestampMustNotAdvance;
 }
 
 impl Code for CreateTransferResult {
@@ -536,6 +598,10 @@ impl Code for CreateTransferResult {
     const CHAIN_OPEN: Self = Self::LinkedEventChainOpen;
     const LINKED_FAILED: Self = Self::LinkedEventFailed;
     const TIMESTAMP_NOT_ZERO: Self = Self::TimestampMustBeZero;
+    const IMPORTED_EXPECTED: Self = Self::ImportedEventExpected;
+    const IMPORTED_NOT_EXPECTED: Self = Self::ImportedEventNotExpected;
+    const IMPORTED_OUT_OF_RANGE: Self = Self::ImportedEventTimestampOutOfRange;
+    const IMPORTED_IN_THE_FUTURE: Self = Self::ImportedEventTimestampMustNotAdvance;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -629,7 +695,9 @@ impl Workload {
         // Now and then a leader with a slow clock: time must still move forwards.
         let slow = self.rng.random_ratio(1, 20);
         let proposed = proposed.unwrap_or(if slow { self.clock - 5 * NANOS_PER_SECOND } else { self.clock });
-        let batch = if self.account_ids.len() < 4 || self.rng.random_ratio(1, 25) {
+        let batch = if self.account_ids.len() >= 4 && self.rng.random_ratio(1, 12) {
+            self.imported_batch(proposed)
+        } else if self.account_ids.len() < 4 || self.rng.random_ratio(1, 25) {
             Batch::CreateAccounts(self.accounts_batch())
         } else {
             Batch::CreateTransfers(self.transfers_batch())
@@ -672,6 +740,67 @@ impl Workload {
             }
             _ => unreachable!(),
         }
+    }
+
+    /// History loaded from another system: accounts or transfers with their own timestamps,
+    /// increasing from just after the ledger's last one, each before `proposed` (mostly); now
+    /// and then one that breaks a rule of imports.
+    fn imported_batch(&mut self, proposed: u64) -> Batch {
+        let count = self.rng.random_range(1..=5);
+        let mut at = self.model.timestamp_last;
+        let mut stamps: Vec<u64> = (0..count)
+            .map(|_| {
+                at += self.rng.random_range(1..NANOS_PER_SECOND / 4);
+                at
+            })
+            .collect();
+        let broken = self.rng.random_ratio(1, 3).then(|| self.rng.random_range(0..count));
+        let rule = self.rng.random_range(0..6);
+        if let Some(i) = broken {
+            stamps[i] = match rule {
+                0 => 0,
+                1 => 1 << 63,
+                2 => proposed + 1,
+                3 => self.model.timestamp_last,
+                _ => stamps[i],
+            };
+        }
+        if self.rng.random_ratio(1, 3) {
+            let mut events: Vec<Account> = stamps
+                .iter()
+                .map(|stamp| {
+                    let mut a = account(self.id(), self.rng.random_range(1..=2), AF::IMPORTED);
+                    a.code = self.rng.random_range(1..=3);
+                    a.timestamp = *stamp;
+                    a
+                })
+                .collect();
+            if let Some(i) = broken.filter(|_| rule == 4) {
+                events[i].flags.0 &= !AF::IMPORTED;
+            }
+            if let Some(i) = broken.filter(|_| rule == 5) {
+                events[i].flags.0 |= AF::LINKED;
+            }
+            return Batch::CreateAccounts(events);
+        }
+        let mut events: Vec<Transfer> = stamps
+            .iter()
+            .map(|stamp| {
+                let pending = self.rng.random_ratio(1, 4);
+                let mut t = self.plain(TF::IMPORTED | if pending { TF::PENDING } else { 0 });
+                t.timestamp = *stamp;
+                t
+            })
+            .collect();
+        match broken {
+            Some(i) if rule == 4 => events[i].flags.0 &= !TF::IMPORTED,
+            Some(i) if rule == 5 => {
+                events[i].flags.0 |= TF::PENDING;
+                events[i].timeout = 1;
+            }
+            _ => {}
+        }
+        Batch::CreateTransfers(events)
     }
 
     fn accounts_batch(&mut self) -> Vec<Account> {
@@ -951,7 +1080,8 @@ pub fn run_audited<S: Store>(ledger: &mut Ledger<S>, workload: &mut Workload, co
         assert_eq!(accounts, expected, "seed {seed}: batch {batch_index}: balances differ from the model's");
         check_invariants(&accounts);
         let meta = ledger.meta();
-        assert!(meta.timestamp_last > timestamp_last, "seed {seed}: time did not advance");
+        // Imported batches that created nothing leave time where it was.
+        assert!(meta.timestamp_last >= timestamp_last, "seed {seed}: time went back");
         assert_eq!(
             meta.timestamp_last, workload.model.timestamp_last,
             "seed {seed}: timestamps differ from the model's"
