@@ -50,8 +50,13 @@ impl Import {
             }
             Some(PREFIX_EXPIRY) if key.len() == 25 && value.is_empty() => batch.insert(key, value),
             Some(PREFIX_FAILED) if key.len() == 17 => {
-                codec::decode_failed(value).ok_or_else(corrupt)?;
+                let result = codec::decode_failed(value).ok_or_else(corrupt)?;
                 batch.insert(key, value);
+                let id = u128::from_be_bytes(key[1..].try_into().expect("17-byte key"));
+                self.ids.push((id, super::FAILED_MARK | result as u64));
+                if self.ids.len() == IMPORT_IDS_SORTED {
+                    self.write_ids(inner);
+                }
             }
             Some(PREFIX_PENDING) if key.len() == 17 && value.len() == 1 => {
                 PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;
