@@ -216,27 +216,16 @@ impl<'s, S: Store> Tx<'s, S> {
             Batch::CreateAccounts(events) => events.first().is_some_and(Event::imported),
             Batch::CreateTransfers(events) => events.first().is_some_and(Event::imported),
         };
-        if imported {
+        let clock = if imported {
             // History from another system: each event brings its own (past) timestamp, and
             // ledger time moves to each one that is created. Nothing expires meanwhile: that
             // follows the cluster's time, at the next batch or tick.
-            let clock = Clock::Imported { now: timestamp_proposed };
-            let reply = match batch {
-                Batch::CreateAccounts(events) => {
-                    BatchReply::CreateAccounts(self.execute_chains(events, clock, Self::create_account)?)
-                }
-                Batch::CreateTransfers(events) => {
-                    BatchReply::CreateTransfers(self.execute_chains(events, clock, Self::create_transfer)?)
-                }
-            };
-            self.work.meta.batches_applied += 1;
-            return Ok(reply);
-        }
-        let timestamp_first = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
-        let timestamp_last =
-            timestamp_first.checked_add(batch.len() as u64).expect("ledger time overflowed u64");
-        self.expire_pending(timestamp_first)?;
-        let clock = Clock::Assigned { first: timestamp_first };
+            Clock::Imported { now: timestamp_proposed }
+        } else {
+            let first = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
+            self.expire_pending(first)?;
+            Clock::Assigned { first }
+        };
         let reply = match batch {
             Batch::CreateAccounts(events) => {
                 BatchReply::CreateAccounts(self.execute_chains(events, clock, Self::create_account)?)
@@ -245,9 +234,12 @@ impl<'s, S: Store> Tx<'s, S> {
                 BatchReply::CreateTransfers(self.execute_chains(events, clock, Self::create_transfer)?)
             }
         };
-        if !batch.is_empty() {
-            assert!(timestamp_last - 1 > self.work.meta.timestamp_last, "ledger time went backwards");
-            self.work.meta.timestamp_last = timestamp_last - 1;
+        if let Clock::Assigned { first } = clock
+            && !batch.is_empty()
+        {
+            let last = first.checked_add(batch.len() as u64 - 1).expect("ledger time overflowed u64");
+            assert!(last > self.work.meta.timestamp_last, "ledger time went backwards");
+            self.work.meta.timestamp_last = last;
         }
         self.work.meta.batches_applied += 1;
         Ok(reply)
