@@ -29,6 +29,10 @@ pub enum AccountCommand {
         user_data_64: u64,
         #[arg(long, default_value_t = 0)]
         user_data_32: u32,
+        /// Import the account from another system as created at this time (RFC 3339, or ns
+        /// since the Unix epoch): in the past, after the ledger's last event.
+        #[arg(long, value_parser = parse_time)]
+        imported_at: Option<u64>,
     },
 }
 
@@ -70,6 +74,20 @@ pub struct TransferArgs {
     pub user_data_64: u64,
     #[arg(long, default_value_t = 0)]
     pub user_data_32: u32,
+    /// Import the transfer from another system as made at this time (RFC 3339, or ns since the
+    /// Unix epoch): in the past, after the ledger's last event and after both accounts.
+    #[arg(long, value_parser = parse_time)]
+    pub imported_at: Option<u64>,
+}
+
+/// A time as RFC 3339 (`2026-11-01T09:30:00Z`) or as nanoseconds since the Unix epoch.
+fn parse_time(text: &str) -> Result<u64, String> {
+    if let Ok(ns) = text.parse::<u64>() {
+        return Ok(ns);
+    }
+    let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("'{text}': not RFC 3339 (e.g. 2026-11-01T09:30:00Z) nor nanoseconds: {e}"))?;
+    u64::try_from(time.unix_timestamp_nanos()).map_err(|_| format!("'{text}' is before 1970"))
 }
 
 #[derive(Subcommand)]
@@ -129,6 +147,9 @@ fn transfer_flags(args: &TransferArgs) -> Result<u32, String> {
     }
     if args.void.is_some() {
         flags |= F::VoidPendingTransfer as u32;
+    }
+    if args.imported_at.is_some() {
+        flags |= F::Imported as u32;
     }
     for name in args.flags.iter().filter(|n| !n.is_empty()) {
         flags |= match name.as_str() {
@@ -257,15 +278,18 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
             user_data_128,
             user_data_64,
             user_data_32,
+            imported_at,
         }) => {
+            let imported = if imported_at.is_some() { v1::AccountFlag::Imported as u32 } else { 0 };
             let account = v1::Account {
                 id: u128_to(id),
                 ledger,
                 code,
-                flags: account_flags(&flags)?,
+                flags: account_flags(&flags)? | imported,
                 user_data_128: u128_to(user_data_128),
                 user_data_64,
                 user_data_32,
+                timestamp: imported_at.unwrap_or(0),
                 ..v1::Account::default()
             };
             let results = client(&args)?.create_accounts(vec![account]).await.map_err(|e| e.to_string())?;
@@ -297,7 +321,7 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
                 ledger: args.ledger,
                 code: args.code,
                 flags,
-                timestamp: 0,
+                timestamp: args.imported_at.unwrap_or(0),
             };
             let results =
                 client(&args.client)?.create_transfers(vec![transfer]).await.map_err(|e| e.to_string())?;
@@ -382,4 +406,20 @@ fn print_balances(json: bool, balances: &[v1::AccountBalance]) {
         table.add_row(cells);
     }
     println!("{table}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn import_times_read_as_rfc3339_or_nanoseconds() {
+        assert_eq!(parse_time("1796128768389841106"), Ok(1_796_128_768_389_841_106));
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1_000_000_000));
+        assert_eq!(parse_time("2026-12-01T12:39:28.389841106Z"), Ok(1_796_128_768_389_841_106));
+        assert_eq!(parse_time("2026-12-01T13:39:28.5+01:00"), Ok(1_796_128_768_500_000_000));
+        for bad in ["", "yesterday", "1969-12-31T23:59:59Z", "-5", "2026-13-01T00:00:00Z"] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
 }
