@@ -37,6 +37,10 @@ fn count_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(1.0, 4.0, 8).expect("valid buckets")
 }
 
+fn counter(name: &str, help: &str) -> IntCounter {
+    register(IntCounter::new(name, help).expect("valid metric"))
+}
+
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
 }
@@ -104,19 +108,12 @@ pub static SNAPSHOT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
 });
 pub static SNAPSHOT_BYTES: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_snapshot_bytes", "Size of the last snapshot built or installed"));
-pub static FORWARDED: LazyLock<IntCounter> = LazyLock::new(|| {
-    register(
-        IntCounter::new("tally_forwarded_requests_total", "Requests this node forwarded to the leader")
-            .expect("valid metric"),
-    )
-});
+pub static FORWARDED: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("tally_forwarded_requests_total", "Requests this node forwarded to the leader"));
 pub static EXPIRY_TICKS: LazyLock<IntCounter> = LazyLock::new(|| {
-    register(
-        IntCounter::new(
-            "tally_expiry_ticks_total",
-            "Entries this node proposed as leader to expire pending transfers on an idle ledger",
-        )
-        .expect("valid metric"),
+    counter(
+        "tally_expiry_ticks_total",
+        "Entries this node proposed as leader to expire pending transfers on an idle ledger",
     )
 });
 pub static CONNECTIONS: LazyLock<IntGaugeVec> =
@@ -128,17 +125,10 @@ pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["door", "reason"],
     )
 });
-pub static LEADER_CHANGES: LazyLock<IntCounter> = LazyLock::new(|| {
-    register(
-        IntCounter::new("tally_raft_leader_changes_total", "Times this node saw the leader change")
-            .expect("valid metric"),
-    )
-});
+pub static LEADER_CHANGES: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("tally_raft_leader_changes_total", "Times this node saw the leader change"));
 pub static TERMS: LazyLock<IntCounter> = LazyLock::new(|| {
-    register(
-        IntCounter::new("tally_raft_elections_total", "Terms this node saw begin (each is an election)")
-            .expect("valid metric"),
-    )
+    counter("tally_raft_elections_total", "Terms this node saw begin (each is an election)")
 });
 
 static TERM: LazyLock<IntGauge> = LazyLock::new(|| gauge("tally_raft_term", "The current Raft term"));
