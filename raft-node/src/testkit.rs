@@ -320,7 +320,7 @@ impl TestCluster {
             {
                 return status.leader_id;
             }
-            assert!(started.elapsed() < deadline, "no leader within {deadline:?}");
+            assert!(started.elapsed() < deadline, "no leader within {deadline:?}:\n{}", self.log_tails());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
