@@ -194,7 +194,8 @@ pub const EXPIRY_POLL: Duration = Duration::from_millis(100);
 /// due by the time the leader may stamp (its clock bounded by a majority's, as for any entry),
 /// proposes a tick, an entry of that time and no batch, which expires what is due
 /// (`ledger::Ledger::apply`). So an idle ledger releases reservations within about
-/// `EXPIRY_POLL` plus a commit of their timeout, instead of at the next write. A leader that
+/// `EXPIRY_POLL` plus a commit of their timeout, instead of at the next write (polls that find
+/// an entry being applied are skipped). A leader that
 /// may not stamp proposes nothing; a tick that finds nothing due (a write expired it first)
 /// changes nothing but the digest.
 pub async fn expire_when_due(
@@ -210,10 +211,13 @@ pub async fn expire_when_due(
         if raft.metrics().borrow_watched().current_leader != Some(me) {
             continue;
         }
-        let due = match state.read(|ledger| ledger.next_expiry()) {
-            Ok(Some(due)) => due,
-            Ok(None) => continue,
-            Err(error) => {
+        // Never waits for the ledger: a poll during an apply is skipped (the batch being applied
+        // expires what is due anyway). Blocking here held a runtime worker for the length of each
+        // apply under batch load, and heartbeats starved into elections.
+        let due = match state.try_read(|ledger| ledger.next_expiry()) {
+            None | Some(Ok(None)) => continue,
+            Some(Ok(Some(due))) => due,
+            Some(Err(error)) => {
                 tracing::error!("cannot read the next expiry: {error}");
                 continue;
             }

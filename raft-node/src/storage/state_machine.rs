@@ -82,6 +82,14 @@ impl Shared {
         read(ledger.as_ref().expect("ledger outside an install"))
     }
 
+    /// Runs `read` against the ledger if no entry is being applied (nor waiting to be) right
+    /// now, else returns `None` at once. For periodic tasks on the async runtime, which must not
+    /// hold a worker thread for the length of an apply.
+    pub fn try_read<T>(&self, read: impl FnOnce(&Ledger<SledStore>) -> T) -> Option<T> {
+        let ledger = self.ledger.try_read().ok()?;
+        ledger.as_ref().map(read)
+    }
+
     pub fn applied(&self) -> AppliedState {
         self.applied.lock().unwrap().clone()
     }
