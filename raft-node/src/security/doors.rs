@@ -144,6 +144,13 @@ async fn handshake(
         || crate::metrics::CONNECTIONS_REFUSED.with_label_values(&[door.label(), "handshake"]).inc();
     let stream = match accepted {
         Ok(Ok(stream)) => stream,
+        // rustls's refusals (a certificate not of the cluster's CA, a bad message) come as
+        // `InvalidData`; anything else is the connection going away mid-handshake: a peer that
+        // was killed or gave up, not worth a warning.
+        Ok(Err(e)) if e.kind() != std::io::ErrorKind::InvalidData => {
+            tracing::debug!(%door, %remote, "connection closed during the TLS handshake: {e}");
+            return None;
+        }
         Ok(Err(e)) => {
             refused();
             warned.warn(|| tracing::warn!(%door, %remote, "TLS handshake refused: {e}"));
