@@ -278,21 +278,45 @@ impl Client {
         .await
     }
 
-    pub async fn get_account_transfers(&self, filter: v1::AccountFilter) -> Result<Vec<v1::Transfer>, Error> {
+    /// One account's transfers. A reply with a non-zero `resume_timestamp` ran out of scan
+    /// budget before `limit` results: ask again from there for the rest (`ledger.proto`).
+    pub async fn get_account_transfers(
+        &self,
+        filter: v1::AccountFilter,
+    ) -> Result<v1::GetAccountTransfersReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(filter, left);
-            async move { Ok(answer(Self::ledger(channel).get_account_transfers(request).await?, |r| r.transfers)) }
+            async move { Ok(answer(Self::ledger(channel).get_account_transfers(request).await?, |reply| reply)) }
         })
         .await
     }
 
+    /// One account's balance history; `resume_timestamp` as in `get_account_transfers`.
     pub async fn get_account_balances(
         &self,
         filter: v1::AccountFilter,
-    ) -> Result<Vec<v1::AccountBalance>, Error> {
+    ) -> Result<v1::GetAccountBalancesReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(filter, left);
-            async move { Ok(answer(Self::ledger(channel).get_account_balances(request).await?, |r| r.balances)) }
+            async move { Ok(answer(Self::ledger(channel).get_account_balances(request).await?, |reply| reply)) }
+        })
+        .await
+    }
+
+    /// Accounts selected by their fields; `resume_timestamp` as in `get_account_transfers`.
+    pub async fn query_accounts(&self, filter: v1::QueryFilter) -> Result<v1::QueryAccountsReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(filter, left);
+            async move { Ok(answer(Self::ledger(channel).query_accounts(request).await?, |reply| reply)) }
+        })
+        .await
+    }
+
+    /// Transfers selected by their fields; `resume_timestamp` as in `get_account_transfers`.
+    pub async fn query_transfers(&self, filter: v1::QueryFilter) -> Result<v1::QueryTransfersReply, Error> {
+        self.with_retries(|channel, left| {
+            let request = Self::request(filter, left);
+            async move { Ok(answer(Self::ledger(channel).query_transfers(request).await?, |reply| reply)) }
         })
         .await
     }

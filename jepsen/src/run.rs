@@ -239,13 +239,18 @@ async fn read_final(
                 limit: PAGE,
                 flags: v1::AccountFilterFlag::Debits as u32,
                 consistency: v1::ReadConsistency::Linearizable as i32,
+                ..v1::AccountFilter::default()
             };
             let page = client
                 .get_account_transfers(filter)
                 .await
                 .map_err(|e| format!("final listing of account {id}'s transfers: {e}"))?;
-            let full = page.len() == PAGE as usize;
-            for t in &page {
+            // More to come: a full page, or a scan budget that ran out (`resume_timestamp`).
+            let full = page.transfers.len() == PAGE as usize || page.resume_timestamp != 0;
+            if page.resume_timestamp != 0 {
+                after = page.resume_timestamp;
+            }
+            for t in &page.transfers {
                 after = after.max(t.timestamp + 1);
                 state.transfers.push(FoundTransfer {
                     id: tally_client::u128_from(t.id.as_ref()),

@@ -106,6 +106,7 @@ impl<S: Store> Ledger<S> {
             changes.meta.digest = digest_changes(&self.meta.digest, &changes);
         }
         changes.app_meta = app_meta.map(<[u8]>::to_vec);
+        changes.timestamp_before = self.meta.timestamp_last;
         self.store.commit(&changes)?;
         self.meta = changes.meta;
         Ok(replies)
@@ -186,6 +187,7 @@ impl Work {
             index: self.index,
             meta: self.meta,
             app_meta: None,
+            timestamp_before: 0,
         }
     }
 }

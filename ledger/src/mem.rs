@@ -13,7 +13,7 @@ use crate::codec::{
     self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
     PREFIX_TRANSFER,
 };
-use crate::model::{Account, AccountBalance, CreateTransferResult, PendingStatus, Transfer};
+use crate::model::{Account, AccountBalance, CreateTransferResult, Field, PendingStatus, Transfer};
 use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 #[derive(Default, Clone)]
@@ -25,6 +25,12 @@ pub struct MemStore {
     failed: HashMap<u128, CreateTransferResult>,
     index: HashMap<u128, IndexList>,
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Derived, for queries (not records): transfer ids by timestamp, and the field indexes,
+    /// `(field, value, timestamp)` for transfers and `(field, value, timestamp, id)` for
+    /// accounts (`None`: every account, value zero). Zero values are not indexed.
+    transfer_times: BTreeMap<u64, u128>,
+    transfer_fields: BTreeSet<(Field, u128, u64)>,
+    account_fields: BTreeSet<(Option<Field>, u128, u64, u128)>,
 }
 
 /// One account's index: `(timestamp, transfer id)` in time order, and for an account with
@@ -52,6 +58,27 @@ fn sorted<K: Ord + Copy, V>(map: &HashMap<K, V>) -> Vec<(K, &V)> {
 impl MemStore {
     pub fn new() -> MemStore {
         MemStore::default()
+    }
+
+    fn insert_transfer(&mut self, transfer: Transfer) {
+        self.transfer_times.insert(transfer.timestamp, transfer.id);
+        for field in Field::ALL {
+            let value = field.of_transfer(&transfer);
+            if value != 0 {
+                self.transfer_fields.insert((field, value, transfer.timestamp));
+            }
+        }
+        self.transfers.insert(transfer.id, transfer);
+    }
+
+    fn index_new_account(&mut self, account: &Account) {
+        self.account_fields.insert((None, 0, account.timestamp, account.id));
+        for field in Field::ALL {
+            let value = field.of_account(account);
+            if value != 0 {
+                self.account_fields.insert((Some(field), value, account.timestamp, account.id));
+            }
+        }
     }
 
     fn append_index(
@@ -126,13 +153,83 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
+        Ok(self.transfer_times.get(&timestamp).map(|id| self.transfers[id]))
+    }
+
+    fn scan_transfers(
+        &self,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
+    ) -> StoreResult<()> {
+        let range = self.transfer_times.range(timestamp_min..=timestamp_max.max(timestamp_min));
+        let mut visit = |(_, id): (&u64, &u128)| visit(&self.transfers[id]);
+        if reversed {
+            range.rev().take_while(|entry| visit(*entry)).for_each(drop);
+        } else {
+            range.take_while(|entry| visit(*entry)).for_each(drop);
+        }
+        Ok(())
+    }
+
+    fn scan_transfer_field(
+        &self,
+        field: Field,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64) -> bool,
+    ) -> StoreResult<()> {
+        let range = self
+            .transfer_fields
+            .range((field, value, timestamp_min)..=(field, value, timestamp_max.max(timestamp_min)));
+        let mut visit = |(_, _, timestamp): &(Field, u128, u64)| visit(*timestamp);
+        if reversed {
+            range.rev().take_while(|entry| visit(entry)).for_each(drop);
+        } else {
+            range.take_while(|entry| visit(entry)).for_each(drop);
+        }
+        Ok(())
+    }
+
+    fn scan_account_field(
+        &self,
+        field: Option<Field>,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64, u128) -> bool,
+    ) -> StoreResult<()> {
+        let max = timestamp_max.max(timestamp_min);
+        let range =
+            self.account_fields.range((field, value, timestamp_min, 0)..=(field, value, max, u128::MAX));
+        let mut visit = |(_, _, timestamp, id): &(Option<Field>, u128, u64, u128)| visit(*timestamp, *id);
+        if reversed {
+            range.rev().take_while(|entry| visit(entry)).for_each(drop);
+        } else {
+            range.take_while(|entry| visit(entry)).for_each(drop);
+        }
+        Ok(())
+    }
+
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         Ok(self.meta.get(key).cloned())
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        self.accounts.extend(changes.accounts.iter().map(|account| (account.id, *account)));
-        self.transfers.extend(changes.transfers.iter().map(|transfer| (transfer.id, *transfer)));
+        for account in &changes.accounts {
+            if account.timestamp > changes.timestamp_before {
+                self.index_new_account(account);
+            }
+            self.accounts.insert(account.id, *account);
+        }
+        for transfer in &changes.transfers {
+            self.insert_transfer(*transfer);
+        }
         self.pending.extend(changes.pending.iter().copied());
         self.failed.extend(changes.failed.iter().copied());
         for key in &changes.expiry_delete {
@@ -214,14 +311,19 @@ fn put_record(store: &mut MemStore, key: &[u8], value: &[u8]) -> StoreResult<()>
     };
     match key.first().copied() {
         Some(PREFIX_ACCOUNT) if value.len() == codec::RECORD_BYTES => {
-            store.accounts.insert(id()?, codec::decode_account(value));
+            let account = codec::decode_account(value);
+            if account.id != id()? {
+                return Err(corrupt());
+            }
+            store.index_new_account(&account);
+            store.accounts.insert(account.id, account);
         }
         Some(PREFIX_TRANSFER) if key.len() == 9 && value.len() == codec::RECORD_BYTES => {
             let transfer = codec::decode_transfer(value);
             if codec::transfer_key(transfer.timestamp) != key {
                 return Err(corrupt());
             }
-            store.transfers.insert(transfer.id, transfer);
+            store.insert_transfer(transfer);
         }
         Some(PREFIX_PENDING) if value.len() == 1 => {
             let status = PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;

@@ -197,10 +197,23 @@ pub struct AccountBalance {
     pub timestamp: u64,
 }
 
+/// The most index entries or records one query examines before it answers with what it found
+/// and where to go on (`Page::resume`): a query whose filter matches little of a long range must
+/// not hold a replica's state for seconds.
+pub const QUERY_SCAN_MAX: usize = 8 * BATCH_EVENTS_MAX;
+
 /// A query over one account's transfers, for `GetAccountTransfers` and `GetAccountBalances`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AccountFilter {
     pub account_id: u128,
+    /// Only transfers with this `user_data_128`; zero means any.
+    pub user_data_128: u128,
+    /// Only transfers with this `user_data_64`; zero means any.
+    pub user_data_64: u64,
+    /// Only transfers with this `user_data_32`; zero means any.
+    pub user_data_32: u32,
+    /// Only transfers with this `code`; zero means any.
+    pub code: u16,
     /// Inclusive lower bound; zero means no bound.
     pub timestamp_min: u64,
     /// Inclusive upper bound; zero means no bound.
@@ -215,10 +228,31 @@ pub struct AccountFilter {
     pub reversed: bool,
 }
 
+/// A query over all accounts or all transfers, for `QueryAccounts` and `QueryTransfers`
+/// (TigerBeetle's `QueryFilter`): every non-zero field must match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct QueryFilter {
+    pub user_data_128: u128,
+    pub user_data_64: u64,
+    pub user_data_32: u32,
+    pub ledger: u32,
+    pub code: u16,
+    /// Inclusive lower bound; zero means no bound.
+    pub timestamp_min: u64,
+    /// Inclusive upper bound; zero means no bound.
+    pub timestamp_max: u64,
+    /// At most this many results, 1 to `QUERY_RESULTS_MAX`.
+    pub limit: u32,
+    /// Newest first.
+    pub reversed: bool,
+}
+
 /// Why a filter was refused. The API turns these into `INVALID_ARGUMENT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FilterError {
     AccountIdInvalid,
+    TimestampMinInvalid,
+    TimestampMaxInvalid,
     TimestampRangeInvalid,
     LimitInvalid,
     NoSideSelected,
@@ -228,6 +262,8 @@ impl std::fmt::Display for FilterError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             FilterError::AccountIdInvalid => "account_id must not be zero or 2^128-1",
+            FilterError::TimestampMinInvalid => "timestamp_min must not exceed 2^63",
+            FilterError::TimestampMaxInvalid => "timestamp_max must not exceed 2^63",
             FilterError::TimestampRangeInvalid => "timestamp_min must not exceed timestamp_max",
             FilterError::LimitInvalid => "limit must be between 1 and 8189",
             FilterError::NoSideSelected => "at least one of debits and credits must be selected",
@@ -235,17 +271,33 @@ impl std::fmt::Display for FilterError {
     }
 }
 
+/// Checked in this order, for both kinds of filter: timestamp_min, timestamp_max, their order,
+/// limit (and for an account filter: the account id first, the sides last).
+fn validate_range(timestamp_min: u64, timestamp_max: u64, limit: u32) -> Result<(), FilterError> {
+    if timestamp_min > TIMESTAMP_QUERY_MAX {
+        return Err(FilterError::TimestampMinInvalid);
+    }
+    if timestamp_max > TIMESTAMP_QUERY_MAX {
+        return Err(FilterError::TimestampMaxInvalid);
+    }
+    if timestamp_max != 0 && timestamp_min > timestamp_max {
+        return Err(FilterError::TimestampRangeInvalid);
+    }
+    if limit == 0 || limit as usize > QUERY_RESULTS_MAX {
+        return Err(FilterError::LimitInvalid);
+    }
+    Ok(())
+}
+
+/// TigerBeetle's bound on a filter's timestamps: ledger time stays below 2^63.
+pub const TIMESTAMP_QUERY_MAX: u64 = 1 << 63;
+
 impl AccountFilter {
     pub fn validate(&self) -> Result<(), FilterError> {
         if self.account_id == 0 || self.account_id == ID_RESERVED_MAX {
             return Err(FilterError::AccountIdInvalid);
         }
-        if self.timestamp_max != 0 && self.timestamp_min > self.timestamp_max {
-            return Err(FilterError::TimestampRangeInvalid);
-        }
-        if self.limit == 0 || self.limit as usize > QUERY_RESULTS_MAX {
-            return Err(FilterError::LimitInvalid);
-        }
+        validate_range(self.timestamp_min, self.timestamp_max, self.limit)?;
         if !self.debits && !self.credits {
             return Err(FilterError::NoSideSelected);
         }
@@ -255,6 +307,102 @@ impl AccountFilter {
     pub fn timestamp_max_inclusive(&self) -> u64 {
         if self.timestamp_max == 0 { u64::MAX } else { self.timestamp_max }
     }
+
+    /// Whether a transfer of this account matches the filter: its side, and every non-zero field.
+    pub fn matches(&self, transfer: &Transfer) -> bool {
+        let side = (self.debits && transfer.debit_account_id == self.account_id)
+            || (self.credits && transfer.credit_account_id == self.account_id);
+        side && (self.user_data_128 == 0 || transfer.user_data_128 == self.user_data_128)
+            && (self.user_data_64 == 0 || transfer.user_data_64 == self.user_data_64)
+            && (self.user_data_32 == 0 || transfer.user_data_32 == self.user_data_32)
+            && (self.code == 0 || transfer.code == self.code)
+    }
+
+    /// Whether the side and fields need the transfer itself to decide (the index holds neither).
+    pub fn needs_transfer(&self) -> bool {
+        !(self.debits && self.credits)
+            || self.user_data_128 != 0
+            || self.user_data_64 != 0
+            || self.user_data_32 != 0
+            || self.code != 0
+    }
+}
+
+impl QueryFilter {
+    pub fn validate(&self) -> Result<(), FilterError> {
+        validate_range(self.timestamp_min, self.timestamp_max, self.limit)
+    }
+
+    pub fn timestamp_max_inclusive(&self) -> u64 {
+        if self.timestamp_max == 0 { u64::MAX } else { self.timestamp_max }
+    }
+
+    /// The filter's non-zero fields, most selective first (by what they usually hold: references,
+    /// then categories), as values of a `Field`.
+    pub fn fields(&self) -> Vec<(Field, u128)> {
+        [
+            (Field::UserData128, self.user_data_128),
+            (Field::UserData64, u128::from(self.user_data_64)),
+            (Field::UserData32, u128::from(self.user_data_32)),
+            (Field::Code, u128::from(self.code)),
+            (Field::Ledger, u128::from(self.ledger)),
+        ]
+        .into_iter()
+        .filter(|(_, value)| *value != 0)
+        .collect()
+    }
+
+    pub fn matches_transfer(&self, transfer: &Transfer) -> bool {
+        self.fields().iter().all(|(field, value)| field.of_transfer(transfer) == *value)
+    }
+
+    pub fn matches_account(&self, account: &Account) -> bool {
+        self.fields().iter().all(|(field, value)| field.of_account(account) == *value)
+    }
+}
+
+/// A field queries can select accounts and transfers by; each has an index in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Field {
+    UserData128 = 0,
+    UserData64 = 1,
+    UserData32 = 2,
+    Ledger = 3,
+    Code = 4,
+}
+
+impl Field {
+    pub const ALL: [Field; 5] =
+        [Field::UserData128, Field::UserData64, Field::UserData32, Field::Ledger, Field::Code];
+
+    pub fn of_transfer(self, transfer: &Transfer) -> u128 {
+        match self {
+            Field::UserData128 => transfer.user_data_128,
+            Field::UserData64 => u128::from(transfer.user_data_64),
+            Field::UserData32 => u128::from(transfer.user_data_32),
+            Field::Ledger => u128::from(transfer.ledger),
+            Field::Code => u128::from(transfer.code),
+        }
+    }
+
+    pub fn of_account(self, account: &Account) -> u128 {
+        match self {
+            Field::UserData128 => account.user_data_128,
+            Field::UserData64 => u128::from(account.user_data_64),
+            Field::UserData32 => u128::from(account.user_data_32),
+            Field::Ledger => u128::from(account.ledger),
+            Field::Code => u128::from(account.code),
+        }
+    }
+}
+
+/// One answer of a bounded query: the results, and when the scan budget (`QUERY_SCAN_MAX`) ran
+/// out before `limit` results were found, the timestamp to go on from. Asking again with
+/// `timestamp_min` (or, reversed, `timestamp_max`) set to it continues where this one stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    pub results: Vec<T>,
+    pub resume: Option<u64>,
 }
 
 macro_rules! result_codes {

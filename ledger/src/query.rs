@@ -1,8 +1,12 @@
-//! Reads: lookups by id and the two history queries, each bounded by its limit.
+//! Reads: lookups by id, the two per-account history queries, and the queries over all accounts
+//! and transfers; each bounded by its limit and by the scan budget (`QUERY_SCAN_MAX`).
 
 use crate::codec;
 use crate::exec::Ledger;
-use crate::model::{Account, AccountBalance, AccountFilter, FilterError, QUERY_RESULTS_MAX, Transfer};
+use crate::model::{
+    Account, AccountBalance, AccountFilter, FilterError, Page, QUERY_RESULTS_MAX, QUERY_SCAN_MAX,
+    QueryFilter, Transfer,
+};
 use crate::store::{Store, StoreError, StoreResult};
 
 /// Why a history query failed: a bad filter (the caller's fault) or storage (ours).
@@ -49,58 +53,107 @@ impl<S: Store> Ledger<S> {
     }
 
     /// The transfers of one account that match the filter, in time order (or reversed).
-    pub fn account_transfers(&self, filter: &AccountFilter) -> Result<Vec<Transfer>, QueryError> {
+    pub fn account_transfers(&self, filter: &AccountFilter) -> Result<Page<Transfer>, QueryError> {
         filter.validate()?;
-        let mut transfers = Vec::new();
-        let mut error = None;
-        self.scan(filter, &mut |_, value| {
-            let (transfer_id, _) = codec::decode_index_value(value, 0);
-            match self.store().transfer(transfer_id) {
-                Ok(Some(transfer)) => {
-                    if side_matches(filter, &transfer) {
-                        transfers.push(transfer);
-                    }
-                }
-                Ok(None) => panic!("index names transfer {transfer_id}, which is missing"),
-                Err(e) => error = Some(e),
-            }
-            error.is_none() && transfers.len() < filter.limit as usize
+        let mut page = Collect::new(filter.limit);
+        self.scan(filter, &mut |timestamp, _| {
+            page.examine(timestamp, || {
+                let transfer = self.indexed_transfer(filter.account_id, timestamp)?;
+                Ok(filter.matches(&transfer).then_some(transfer))
+            })
         })?;
-        match error {
-            Some(error) => Err(error.into()),
-            None => Ok(transfers),
-        }
+        page.finish()
     }
 
     /// The balances of an account after each of its transfers that match the filter. Empty for an
     /// account without the `history` flag.
-    pub fn account_balances(&self, filter: &AccountFilter) -> Result<Vec<AccountBalance>, QueryError> {
+    pub fn account_balances(&self, filter: &AccountFilter) -> Result<Page<AccountBalance>, QueryError> {
         filter.validate()?;
-        let mut balances = Vec::new();
-        let mut error = None;
-        let wants_both = filter.debits && filter.credits;
+        let mut page = Collect::new(filter.limit);
+        let mut history = true;
         self.scan(filter, &mut |timestamp, value| {
-            let (transfer_id, balance) = codec::decode_index_value(value, timestamp);
+            let (_, balance) = codec::decode_index_value(value, timestamp);
             let Some(balance) = balance else {
+                history = false;
                 return false;
             };
-            let matches = wants_both
-                || match self.store().transfer(transfer_id) {
-                    Ok(transfer) => side_matches(filter, &transfer.expect("indexed transfer")),
-                    Err(e) => {
-                        error = Some(e);
-                        return false;
-                    }
-                };
-            if matches {
-                balances.push(balance);
-            }
-            balances.len() < filter.limit as usize
+            page.examine(timestamp, || {
+                let matches = !filter.needs_transfer()
+                    || filter.matches(&self.indexed_transfer(filter.account_id, timestamp)?);
+                Ok(matches.then_some(balance))
+            })
         })?;
-        match error {
-            Some(error) => Err(error.into()),
-            None => Ok(balances),
+        if !history {
+            return Ok(Page { results: Vec::new(), resume: None });
         }
+        page.finish()
+    }
+
+    /// Accounts whose fields match the filter, in time order (or reversed), from the query index
+    /// of the filter's first non-zero field (or every account by time); the others are checked
+    /// on the records.
+    pub fn query_accounts(&self, filter: &QueryFilter) -> Result<Page<Account>, QueryError> {
+        filter.validate()?;
+        let fields = filter.fields();
+        let (field, value) = fields.first().map_or((None, 0), |(field, value)| (Some(*field), *value));
+        let mut page = Collect::new(filter.limit);
+        self.store().scan_account_field(
+            field,
+            value,
+            filter.timestamp_min,
+            filter.timestamp_max_inclusive(),
+            filter.reversed,
+            &mut |timestamp, id| {
+                page.examine(timestamp, || {
+                    let account = self.store().account(id)?.ok_or_else(|| {
+                        StoreError::Corrupt(format!("query index names account {id}, which is missing"))
+                    })?;
+                    Ok(filter.matches_account(&account).then_some(account))
+                })
+            },
+        )?;
+        page.finish()
+    }
+
+    /// Transfers whose fields match the filter, in time order (or reversed), from the query index
+    /// of the filter's first non-zero field (or all transfers by time); the others are checked on
+    /// the records.
+    pub fn query_transfers(&self, filter: &QueryFilter) -> Result<Page<Transfer>, QueryError> {
+        filter.validate()?;
+        let (min, max) = (filter.timestamp_min, filter.timestamp_max_inclusive());
+        let mut page = Collect::new(filter.limit);
+        match filter.fields().first() {
+            None => self.store().scan_transfers(min, max, filter.reversed, &mut |transfer| {
+                page.examine(transfer.timestamp, || Ok(Some(*transfer)))
+            })?,
+            Some((field, value)) => self.store().scan_transfer_field(
+                *field,
+                *value,
+                min,
+                max,
+                filter.reversed,
+                &mut |timestamp| {
+                    page.examine(timestamp, || {
+                        let transfer = self.store().transfer_at(timestamp)?.ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "query index names a transfer at {timestamp}, which is missing"
+                            ))
+                        })?;
+                        Ok(filter.matches_transfer(&transfer).then_some(transfer))
+                    })
+                },
+            )?,
+        }
+        page.finish()
+    }
+
+    /// The transfer an account's index entry names.
+    fn indexed_transfer(&self, account_id: u128, timestamp: u64) -> StoreResult<Transfer> {
+        self.store().transfer_at(timestamp)?.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "index of account {account_id} names a transfer at {timestamp}, which is missing"
+            ))
+        })
     }
 
     fn scan(&self, filter: &AccountFilter, visit: &mut dyn FnMut(u64, &[u8]) -> bool) -> StoreResult<()> {
@@ -114,7 +167,44 @@ impl<S: Store> Ledger<S> {
     }
 }
 
-fn side_matches(filter: &AccountFilter, transfer: &Transfer) -> bool {
-    (filter.debits && transfer.debit_account_id == filter.account_id)
-        || (filter.credits && transfer.credit_account_id == filter.account_id)
+/// The results of a query being gathered, within its limit and the scan budget.
+struct Collect<T> {
+    results: Vec<T>,
+    limit: usize,
+    examined: usize,
+    resume: Option<u64>,
+    error: Option<StoreError>,
+}
+
+impl<T> Collect<T> {
+    fn new(limit: u32) -> Collect<T> {
+        Collect { results: Vec::new(), limit: limit as usize, examined: 0, resume: None, error: None }
+    }
+
+    /// Examines the entry at `timestamp` (`read` says whether it is a result); returns whether
+    /// the scan goes on. Once `QUERY_SCAN_MAX` entries were examined, the next one is where the
+    /// caller resumes.
+    fn examine(&mut self, timestamp: u64, read: impl FnOnce() -> StoreResult<Option<T>>) -> bool {
+        if self.examined == QUERY_SCAN_MAX {
+            self.resume = Some(timestamp);
+            return false;
+        }
+        self.examined += 1;
+        match read() {
+            Ok(Some(result)) => self.results.push(result),
+            Ok(None) => {}
+            Err(error) => {
+                self.error = Some(error);
+                return false;
+            }
+        }
+        self.results.len() < self.limit
+    }
+
+    fn finish(self) -> Result<Page<T>, QueryError> {
+        match self.error {
+            Some(error) => Err(error.into()),
+            None => Ok(Page { results: self.results, resume: self.resume }),
+        }
+    }
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 use crate::codec::{self, LedgerMeta};
-use crate::model::{Account, AccountBalance, CreateTransferResult, PendingStatus, Transfer};
+use crate::model::{Account, AccountBalance, CreateTransferResult, Field, PendingStatus, Transfer};
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -78,6 +78,10 @@ pub struct Changes {
     pub meta: LedgerMeta,
     /// Written with the state, atomically; `None` leaves the stored value as it is.
     pub app_meta: Option<Vec<u8>>,
+    /// The ledger's last timestamp before this entry: the accounts with a later one are the
+    /// ones it created (one timeline, imported events included), the others it changed. Not a
+    /// write: stores index new accounts by it.
+    pub timestamp_before: u64,
 }
 
 impl Changes {
@@ -154,6 +158,40 @@ pub trait Store {
         timestamp_max: u64,
         reversed: bool,
         visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+    ) -> StoreResult<()>;
+    /// The transfer created at `timestamp`, if one was.
+    fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>>;
+    /// Transfers with `timestamp_min <= timestamp <= timestamp_max`, in time order (or reversed),
+    /// until `visit` returns false.
+    fn scan_transfers(
+        &self,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
+    ) -> StoreResult<()>;
+    /// Timestamps of the transfers whose `field` holds `value` (never zero: zero is not
+    /// indexed), within the bounds, in time order (or reversed), until `visit` returns false.
+    fn scan_transfer_field(
+        &self,
+        field: Field,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64) -> bool,
+    ) -> StoreResult<()>;
+    /// `(timestamp, id)` of the accounts whose `field` holds `value` (never zero), or of every
+    /// account for `None`, within the bounds, in time order (or reversed), until `visit` returns
+    /// false.
+    fn scan_account_field(
+        &self,
+        field: Option<Field>,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64, u128) -> bool,
     ) -> StoreResult<()>;
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
     /// Writes all of `changes` atomically: after a crash, either all of it or none of it is there.

@@ -24,6 +24,7 @@ fn auditor_predicts_every_reply_and_balance() {
         assert!(workload.model.refused_again > 10, "seed {seed}: too few retries of failed ids");
         assert!(workload.model.expired_by_ticks > 10, "seed {seed}: too few expiries without a write");
         assert!(workload.model.imported > 50, "seed {seed}: too few imported events");
+        assert!(workload.model.query_results > 1000, "seed {seed}: queries selected too little");
     }
 }
 

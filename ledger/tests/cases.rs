@@ -554,38 +554,31 @@ fn history_queries() {
     let events = [t(100, 6, 1, 10), t(101, 1, 6, 3), t(102, 6, 2, 4), flagged(t(103, 2, 6, 7), TF::PENDING)];
     let (codes, ledger) = run(&[], &events, 0);
     assert!(codes.iter().all(|c| *c == R::Ok));
-    let filter = AccountFilter {
-        account_id: 6,
-        timestamp_min: 0,
-        timestamp_max: 0,
-        limit: 10,
-        debits: true,
-        credits: true,
-        reversed: false,
-    };
+    let filter =
+        AccountFilter { account_id: 6, limit: 10, debits: true, credits: true, ..AccountFilter::default() };
     let ids = |f: &AccountFilter| -> Vec<u128> {
-        ledger.account_transfers(f).unwrap().iter().map(|t| t.id).collect()
+        ledger.account_transfers(f).unwrap().results.iter().map(|t| t.id).collect()
     };
     assert_eq!(ids(&filter), [100, 101, 102, 103]);
     assert_eq!(ids(&AccountFilter { credits: false, ..filter }), [100, 102]);
     assert_eq!(ids(&AccountFilter { debits: false, ..filter }), [101, 103]);
     assert_eq!(ids(&AccountFilter { reversed: true, limit: 2, ..filter }), [103, 102]);
     // Paging by moving the timestamp bound.
-    let page = ledger.account_transfers(&AccountFilter { limit: 2, ..filter }).unwrap();
+    let page = ledger.account_transfers(&AccountFilter { limit: 2, ..filter }).unwrap().results;
     let next = AccountFilter { timestamp_min: page[1].timestamp + 1, limit: 2, ..filter };
     assert_eq!(ids(&next), [102, 103]);
     let window =
         AccountFilter { timestamp_min: page[1].timestamp, timestamp_max: page[1].timestamp, ..filter };
     assert_eq!(ids(&window), [101], "bounds are inclusive");
 
-    let balances = ledger.account_balances(&filter).unwrap();
+    let balances = ledger.account_balances(&filter).unwrap().results;
     let debits_posted: Vec<u128> = balances.iter().map(|b| b.debits_posted).collect();
     let credits_pending: Vec<u128> = balances.iter().map(|b| b.credits_pending).collect();
     assert_eq!(debits_posted, [10, 10, 14, 14]);
     assert_eq!(credits_pending, [0, 0, 0, 7]);
     assert_eq!(balances[0].timestamp, page[0].timestamp);
     let without_history = AccountFilter { account_id: 1, ..filter };
-    assert!(ledger.account_balances(&without_history).unwrap().is_empty());
+    assert!(ledger.account_balances(&without_history).unwrap().results.is_empty());
 
     let invalid = [
         (AccountFilter { account_id: 0, ..filter }, FilterError::AccountIdInvalid),
@@ -593,6 +586,14 @@ fn history_queries() {
         (AccountFilter { limit: 8190, ..filter }, FilterError::LimitInvalid),
         (AccountFilter { debits: false, credits: false, ..filter }, FilterError::NoSideSelected),
         (AccountFilter { timestamp_min: 5, timestamp_max: 4, ..filter }, FilterError::TimestampRangeInvalid),
+        (AccountFilter { timestamp_min: (1 << 63) + 1, ..filter }, FilterError::TimestampMinInvalid),
+        (AccountFilter { timestamp_max: (1 << 63) + 1, ..filter }, FilterError::TimestampMaxInvalid),
+        // The first rule broken is the one named.
+        (AccountFilter { account_id: 0, limit: 0, ..filter }, FilterError::AccountIdInvalid),
+        (
+            AccountFilter { timestamp_min: 5, timestamp_max: 4, limit: 0, ..filter },
+            FilterError::TimestampRangeInvalid,
+        ),
     ];
     for (filter, expected) in invalid {
         match ledger.account_transfers(&filter) {
@@ -856,4 +857,241 @@ fn imported_events() {
     ledger.apply(&[Batch::CreateAccounts(vec![acc(20, at(1))])], P, None).unwrap();
     let imported = ledger.lookup_accounts(&[20]).unwrap()[0];
     assert_eq!((imported.timestamp, imported.flags.contains(AF::IMPORTED)), (at(1), true));
+}
+
+/// One history for the query rows: accounts 10-15 and transfers 100-111 with user data, ledgers
+/// and codes set, one event per entry (so that the sled store holds several runs per index and
+/// merges some).
+fn query_history<S: Store>(ledger: &mut Ledger<S>) -> Vec<u64> {
+    let accounts = [
+        // id, ledger, code, user_data_128, user_data_64, user_data_32
+        (10, 1, 7, 0xA, 0, 0),
+        (11, 1, 8, 0xA, 5, 0),
+        (12, 1, 7, 0xB, 5, 3),
+        (13, 2, 7, 0, 0, 3),
+        (14, 2, 8, 0xA, 0, 0),
+        (15, 1, 7, 0, 5, 0),
+    ];
+    let mut at = T0;
+    let mut timestamps = Vec::new();
+    for (id, ledger_id, code, u128_, u64_, u32_) in accounts {
+        let a = Account {
+            code,
+            user_data_128: u128_,
+            user_data_64: u64_,
+            user_data_32: u32_,
+            ..account(id, ledger_id, 0)
+        };
+        at += NANOS_PER_SECOND;
+        let reply = ledger.apply(&[Batch::CreateAccounts(vec![a])], at, None).unwrap();
+        assert!(matches!(&reply[0], BatchReply::CreateAccounts(r) if r[0].result == A::Ok));
+    }
+    let transfers = [
+        // id, debit, credit, code, user_data_128, user_data_64, user_data_32
+        (100, 10, 11, 1, 500, 9, 0),
+        (101, 11, 12, 1, 501, 9, 2),
+        (102, 10, 12, 2, 0, 0, 2),
+        (103, 12, 10, 1, 500, 0, 0),
+        (104, 13, 14, 2, 0, 9, 0),
+        (105, 14, 13, 1, 500, 0, 2),
+        (106, 10, 15, 2, 502, 0, 0),
+        (107, 15, 10, 1, 0, 0, 0),
+        (108, 11, 10, 2, 500, 9, 2),
+        (109, 13, 14, 1, 0, 0, 0),
+        (110, 12, 15, 2, 503, 0, 0),
+        (111, 15, 11, 1, 500, 9, 0),
+    ];
+    for (id, debit, credit, code, u128_, u64_, u32_) in transfers {
+        let ledger_id = if debit == 13 || debit == 14 { 2 } else { 1 };
+        let t = Transfer {
+            code,
+            ledger: ledger_id,
+            user_data_128: u128_,
+            user_data_64: u64_,
+            user_data_32: u32_,
+            ..transfer(id, debit, credit, 1)
+        };
+        at += NANOS_PER_SECOND;
+        let reply = ledger.apply(&[Batch::CreateTransfers(vec![t])], at, None).unwrap();
+        let BatchReply::CreateTransfers(results) = &reply[0] else { unreachable!() };
+        assert_eq!(results[0].result, R::Ok, "{t:?}");
+        timestamps.push(results[0].timestamp);
+    }
+    timestamps
+}
+
+/// Each row: a filter and the ids it selects, in order.
+fn check_query_rows<S: Store>(ledger: &Ledger<S>, ts: &[u64], store: &str) {
+    let at = |id: u64| ts[(id - 100) as usize];
+    let q = QueryFilter { limit: 100, ..QueryFilter::default() };
+    let transfer_rows: &[(QueryFilter, &[u128])] = &[
+        (QueryFilter { user_data_128: 500, ..q }, &[100, 103, 105, 108, 111]),
+        (QueryFilter { user_data_128: 500, reversed: true, ..q }, &[111, 108, 105, 103, 100]),
+        (QueryFilter { user_data_128: 500, limit: 2, ..q }, &[100, 103]),
+        (QueryFilter { user_data_128: 500, user_data_64: 9, ..q }, &[100, 108, 111]),
+        (QueryFilter { user_data_128: 500, user_data_64: 9, user_data_32: 2, ..q }, &[108]),
+        (QueryFilter { user_data_64: 9, ..q }, &[100, 101, 104, 108, 111]),
+        (QueryFilter { user_data_32: 2, ..q }, &[101, 102, 105, 108]),
+        (QueryFilter { code: 2, ..q }, &[102, 104, 106, 108, 110]),
+        (QueryFilter { ledger: 2, ..q }, &[104, 105, 109]),
+        (QueryFilter { ledger: 2, code: 1, ..q }, &[105, 109]),
+        (QueryFilter { ledger: 1, user_data_128: 500, ..q }, &[100, 103, 108, 111]),
+        (
+            QueryFilter { user_data_128: 500, timestamp_min: at(103), timestamp_max: at(108), ..q },
+            &[103, 105, 108],
+        ),
+        (
+            QueryFilter { user_data_128: 500, timestamp_min: at(104), reversed: true, limit: 2, ..q },
+            &[111, 108],
+        ),
+        (QueryFilter { limit: 3, ..q }, &[100, 101, 102]),
+        (QueryFilter { reversed: true, limit: 2, ..q }, &[111, 110]),
+        (QueryFilter { timestamp_min: at(110), ..q }, &[110, 111]),
+        (QueryFilter { timestamp_max: at(101), reversed: true, ..q }, &[101, 100]),
+        (QueryFilter { user_data_128: 999, ..q }, &[]),
+        (QueryFilter { code: 3, ..q }, &[]),
+        (QueryFilter { ledger: 3, ..q }, &[]),
+        (QueryFilter { user_data_128: 500, code: 2, ledger: 2, ..q }, &[]),
+    ];
+    for (filter, expected) in transfer_rows {
+        let page = ledger.query_transfers(filter).unwrap();
+        let ids: Vec<u128> = page.results.iter().map(|t| t.id).collect();
+        assert_eq!((ids.as_slice(), page.resume), (*expected, None), "{store}: {filter:?}");
+    }
+    let account_rows: &[(QueryFilter, &[u128])] = &[
+        (q, &[10, 11, 12, 13, 14, 15]),
+        (QueryFilter { reversed: true, limit: 2, ..q }, &[15, 14]),
+        (QueryFilter { user_data_128: 0xA, ..q }, &[10, 11, 14]),
+        (QueryFilter { user_data_128: 0xA, ledger: 1, ..q }, &[10, 11]),
+        (QueryFilter { user_data_64: 5, ..q }, &[11, 12, 15]),
+        (QueryFilter { user_data_32: 3, ..q }, &[12, 13]),
+        (QueryFilter { code: 8, ..q }, &[11, 14]),
+        (QueryFilter { ledger: 2, reversed: true, ..q }, &[14, 13]),
+        (QueryFilter { code: 7, ledger: 1, user_data_64: 5, ..q }, &[12, 15]),
+        (QueryFilter { user_data_128: 0xC, ..q }, &[]),
+    ];
+    for (filter, expected) in account_rows {
+        let page = ledger.query_accounts(filter).unwrap();
+        let ids: Vec<u128> = page.results.iter().map(|a| a.id).collect();
+        assert_eq!((ids.as_slice(), page.resume), (*expected, None), "{store}: {filter:?}");
+    }
+    // An account's history, by its transfers' fields.
+    let f =
+        AccountFilter { account_id: 10, limit: 100, debits: true, credits: true, ..AccountFilter::default() };
+    let history_rows: &[(AccountFilter, &[u128])] = &[
+        (f, &[100, 102, 103, 106, 107, 108]),
+        (AccountFilter { user_data_128: 500, ..f }, &[100, 103, 108]),
+        (AccountFilter { user_data_128: 500, credits: false, ..f }, &[100]),
+        (AccountFilter { user_data_64: 9, ..f }, &[100, 108]),
+        (AccountFilter { user_data_32: 2, reversed: true, ..f }, &[108, 102]),
+        (AccountFilter { code: 2, ..f }, &[102, 106, 108]),
+        (AccountFilter { code: 2, user_data_128: 502, ..f }, &[106]),
+        (AccountFilter { code: 3, ..f }, &[]),
+    ];
+    for (filter, expected) in history_rows {
+        let page = ledger.account_transfers(filter).unwrap();
+        let ids: Vec<u128> = page.results.iter().map(|t| t.id).collect();
+        assert_eq!((ids.as_slice(), page.resume), (*expected, None), "{store}: {filter:?}");
+    }
+    let invalid = [
+        (QueryFilter { limit: 0, ..q }, FilterError::LimitInvalid),
+        (QueryFilter { limit: 8190, ..q }, FilterError::LimitInvalid),
+        (QueryFilter { timestamp_min: 5, timestamp_max: 4, ..q }, FilterError::TimestampRangeInvalid),
+        (QueryFilter { timestamp_min: (1 << 63) + 1, ..q }, FilterError::TimestampMinInvalid),
+        (QueryFilter { timestamp_max: (1 << 63) + 1, limit: 0, ..q }, FilterError::TimestampMaxInvalid),
+    ];
+    for (filter, expected) in invalid {
+        for error in [ledger.query_transfers(&filter).err(), ledger.query_accounts(&filter).err()] {
+            match error {
+                Some(ledger::query::QueryError::Filter(error)) => assert_eq!(error, expected, "{filter:?}"),
+                other => panic!("{store}: {filter:?} gave {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn queries_select_accounts_and_transfers_by_their_fields() {
+    let mut memory = Ledger::open(MemStore::new()).unwrap();
+    let ts = query_history(&mut memory);
+    check_query_rows(&memory, &ts, "memory");
+    // The sled store serves them from its query indexes: as written, after a reopen, and after
+    // a snapshot import (indexes are not in snapshots: an import builds them).
+    let dir = tempfile::tempdir().unwrap();
+    let inline = ledger::sled_store::Options { background_merges: false, ..Default::default() };
+    let mut sled = Ledger::open(SledStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
+    assert_eq!(query_history(&mut sled), ts);
+    check_query_rows(&sled, &ts, "sled");
+    drop(sled);
+    let sled = Ledger::open(SledStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
+    check_query_rows(&sled, &ts, "sled, reopened");
+    let mut bytes = Vec::new();
+    ledger::snapshot::export(sled.store(), &mut bytes).unwrap();
+    let mut imported = SledStore::open_with(&dir.path().join("b"), inline).unwrap();
+    ledger::snapshot::import(&mut imported, &mut bytes.as_slice()).unwrap();
+    check_query_rows(&Ledger::open(imported).unwrap(), &ts, "sled, imported");
+}
+
+/// A query whose filter matches little of a long range stops at the scan budget, says where, and
+/// goes on from there when asked again.
+#[test]
+fn a_query_stops_at_its_scan_budget_and_resumes() {
+    let mut ledger = new_ledger();
+    let count = QUERY_SCAN_MAX + 100;
+    let mut at = T0 + NANOS_PER_SECOND;
+    let mut made = 0;
+    let mut timestamps = Vec::new();
+    while made < count {
+        // All with user_data_32 1 and code 1, but the very last: code 2.
+        let events: Vec<Transfer> = (made..count.min(made + BATCH_EVENTS_MAX))
+            .map(|n| {
+                let code = if n + 1 == count { 2 } else { 1 };
+                Transfer { user_data_32: 1, code, ..t(10_000 + n as u128, 1, 2, 1) }
+            })
+            .collect();
+        made += events.len();
+        at += NANOS_PER_SECOND;
+        let results = transfers(&mut ledger, &events, at);
+        assert!(results.iter().all(|r| r.result == R::Ok));
+        timestamps.extend(results.iter().map(|r| r.timestamp));
+    }
+    let rare = 10_000 + count as u128 - 1;
+    // Driven by user_data_32 (every transfer has 1), checked for code 2: only the last matches,
+    // beyond the budget. The first ask stops there and says where; the second finds it.
+    let filter = QueryFilter { user_data_32: 1, code: 2, limit: 10, ..QueryFilter::default() };
+    let page = ledger.query_transfers(&filter).unwrap();
+    assert_eq!((page.results.len(), page.resume), (0, Some(timestamps[QUERY_SCAN_MAX])));
+    let rest =
+        ledger.query_transfers(&QueryFilter { timestamp_min: page.resume.unwrap(), ..filter }).unwrap();
+    let ids: Vec<u128> = rest.results.iter().map(|t| t.id).collect();
+    assert_eq!((ids, rest.resume), (vec![rare], None));
+    // Backwards, the match comes first and the limit is not reached: the budget runs out at
+    // the other end.
+    let reversed = QueryFilter { reversed: true, ..filter };
+    let page = ledger.query_transfers(&reversed).unwrap();
+    assert_eq!(page.results.len(), 1);
+    assert_eq!(page.resume, Some(timestamps[count - 1 - QUERY_SCAN_MAX]));
+    let rest =
+        ledger.query_transfers(&QueryFilter { timestamp_max: page.resume.unwrap(), ..reversed }).unwrap();
+    assert_eq!((rest.results.len(), rest.resume), (0, None));
+    // An account's history filtered by a field its index does not hold: the same.
+    let f = AccountFilter {
+        account_id: 1,
+        limit: 10,
+        debits: true,
+        credits: true,
+        code: 2,
+        ..AccountFilter::default()
+    };
+    let page = ledger.account_transfers(&f).unwrap();
+    assert_eq!((page.results.len(), page.resume), (0, Some(timestamps[QUERY_SCAN_MAX])));
+    let rest = ledger.account_transfers(&AccountFilter { timestamp_min: page.resume.unwrap(), ..f }).unwrap();
+    assert_eq!((rest.results.iter().map(|t| t.id).collect::<Vec<_>>(), rest.resume), (vec![rare], None));
+    // A limit reached within the budget is no resume.
+    let wide = QueryFilter { code: 1, limit: 8189, reversed: true, ..QueryFilter::default() };
+    let page = ledger.query_transfers(&wide).unwrap();
+    assert_eq!(
+        (page.results.len(), page.resume, page.results[0].timestamp),
+        (8189, None, timestamps[count - 2])
+    );
 }

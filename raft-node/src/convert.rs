@@ -6,7 +6,7 @@
 
 use ledger::{
     Account, AccountBalance, AccountFilter, AccountFlags, BATCH_EVENTS_MAX, BatchReply, CreateAccountResult,
-    CreateTransferResult, EventResult, Transfer, TransferFlags,
+    CreateTransferResult, EventResult, QueryFilter, Transfer, TransferFlags,
 };
 use tally_proto::v1 as pb;
 use tonic::Status;
@@ -152,6 +152,10 @@ pub fn filter_from(filter: &pb::AccountFilter) -> Result<AccountFilter, Status> 
     }
     let converted = AccountFilter {
         account_id: u128_from(filter.account_id.as_ref()),
+        user_data_128: u128_from(filter.user_data_128.as_ref()),
+        user_data_64: filter.user_data_64,
+        user_data_32: filter.user_data_32,
+        code: filter_code(filter.code)?,
         timestamp_min: filter.timestamp_min,
         timestamp_max: filter.timestamp_max,
         limit: filter.limit,
@@ -161,6 +165,39 @@ pub fn filter_from(filter: &pb::AccountFilter) -> Result<AccountFilter, Status> 
     };
     converted.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(converted)
+}
+
+pub fn query_filter_from(filter: &pb::QueryFilter) -> Result<QueryFilter, Status> {
+    use pb::QueryFilterFlag as F;
+    let known = F::Reversed as u32;
+    if filter.flags & !known != 0 {
+        return Err(Status::invalid_argument(format!(
+            "unknown query filter flags {:#x}",
+            filter.flags & !known
+        )));
+    }
+    let converted = QueryFilter {
+        user_data_128: u128_from(filter.user_data_128.as_ref()),
+        user_data_64: filter.user_data_64,
+        user_data_32: filter.user_data_32,
+        ledger: filter.ledger,
+        code: filter_code(filter.code)?,
+        timestamp_min: filter.timestamp_min,
+        timestamp_max: filter.timestamp_max,
+        limit: filter.limit,
+        reversed: filter.flags & F::Reversed as u32 != 0,
+    };
+    converted.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(converted)
+}
+
+fn filter_code(code: u32) -> Result<u16, Status> {
+    u16::try_from(code).map_err(|_| Status::invalid_argument(format!("code {code} is over 65535")))
+}
+
+/// A page's `resume_timestamp`: 0 when complete.
+pub fn resume_to(resume: Option<u64>) -> u64 {
+    resume.unwrap_or(0)
 }
 
 pub fn balance_to(b: &AccountBalance) -> pb::AccountBalance {

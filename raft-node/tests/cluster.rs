@@ -1145,6 +1145,107 @@ async fn a_refused_payment_stays_refused_on_every_node() {
     assert_eq!(u128_from(accounts[0].debits_posted.as_ref()), 0, "the refused payment moved money");
 }
 
+/// A payment is found by the reference it carries (user_data_128), on every node: on one that
+/// got the state from a snapshot only (query indexes are not in snapshots: the import builds
+/// them), through the API and through `tally query`. A bad filter is refused, naming the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_are_found_by_their_reference_on_every_node() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=3).await;
+    // Order 7001 is paid in three parts, to two merchants; other orders in between.
+    let part = |id: u128, credit: u128, order: u128, code: u32| v1::Transfer {
+        user_data_128: u128_to(order),
+        code,
+        ..transfer(id, BANK, credit, 10)
+    };
+    let batches = [
+        vec![part(10, 2, 7001, 1), part(11, 3, 7002, 1)],
+        vec![part(12, 2, 7003, 1), part(13, 3, 7001, 2)],
+        vec![part(14, 2, 7002, 1), part(15, 2, 7001, 1)],
+    ];
+    for batch in batches {
+        let results = client.create_transfers(batch).await.unwrap();
+        assert!(statuses(&results).iter().all(|s| *s == v1::CreateTransferStatus::Ok), "{results:?}");
+    }
+    client.take_snapshot(true).await.expect("snapshot and purge");
+    cluster.define_node(4, "site-d");
+    cluster.spawn(4, false);
+    let request = v1::AddNodeRequest {
+        id: 4,
+        address: cluster.address(4),
+        peer_address: cluster.peer_address(4),
+        site: "site-d".into(),
+        learner_only: true,
+        force: false,
+        incarnation: 0,
+    };
+    client.add_node(request).await.expect("add node 4");
+    cluster.wait_for_convergence(DEADLINE).await;
+
+    let order = |order: u128, consistency: v1::ReadConsistency| v1::QueryFilter {
+        user_data_128: u128_to(order),
+        limit: 10,
+        consistency: consistency as i32,
+        ..v1::QueryFilter::default()
+    };
+    let ids =
+        |transfers: &[v1::Transfer]| transfers.iter().map(|t| u128_from(t.id.as_ref())).collect::<Vec<_>>();
+    let on_four = cluster.client_of(&[4], Duration::from_secs(10));
+    for consistency in [v1::ReadConsistency::Local, v1::ReadConsistency::Linearizable] {
+        let page = on_four.query_transfers(order(7001, consistency)).await.unwrap();
+        assert_eq!((ids(&page.transfers), page.resume_timestamp), (vec![10, 13, 15], 0), "{consistency:?}");
+    }
+    let by_code = v1::QueryFilter { code: 2, ..order(7001, v1::ReadConsistency::Local) };
+    assert_eq!(ids(&on_four.query_transfers(by_code).await.unwrap().transfers), vec![13]);
+    let merchant = v1::AccountFilter {
+        account_id: u128_to(2),
+        user_data_128: u128_to(7001),
+        limit: 10,
+        flags: v1::AccountFilterFlag::Credits as u32 | v1::AccountFilterFlag::Reversed as u32,
+        consistency: v1::ReadConsistency::Local as i32,
+        ..v1::AccountFilter::default()
+    };
+    assert_eq!(ids(&on_four.get_account_transfers(merchant).await.unwrap().transfers), vec![15, 10]);
+    let accounts = v1::QueryFilter { ledger: LEDGER, ..order(0, v1::ReadConsistency::Local) };
+    let found = on_four.query_accounts(accounts).await.unwrap().accounts;
+    assert_eq!(found.iter().map(|a| u128_from(a.id.as_ref())).collect::<Vec<_>>(), vec![1, 2, 3]);
+
+    // The CLI, against node 4 only.
+    let mut args =
+        vec!["query".to_string(), "transfers".to_string(), "--user-data-128".into(), "7001".into()];
+    args.extend(["--reversed".to_string(), "--json".into(), "--local".into()]);
+    let mut cli = cluster.cli_args(Some(Role::Client("app".into())));
+    cli[1] = cluster.address(4);
+    args.extend(cli);
+    let output = std::process::Command::new(TALLY).args(&args).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let listed: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["15", "13", "10"]);
+
+    // Bad filters change nothing and say what is wrong.
+    for (filter, says) in [
+        (v1::QueryFilter { limit: 0, ..order(7001, v1::ReadConsistency::Linearizable) }, "limit"),
+        (v1::QueryFilter { code: 70_000, ..order(7001, v1::ReadConsistency::Linearizable) }, "code 70000"),
+        (v1::QueryFilter { flags: 2, ..order(7001, v1::ReadConsistency::Linearizable) }, "flags"),
+        (
+            v1::QueryFilter {
+                timestamp_min: 5,
+                timestamp_max: 4,
+                ..order(7001, v1::ReadConsistency::Linearizable)
+            },
+            "timestamp_min",
+        ),
+    ] {
+        let error = client.query_transfers(filter).await.unwrap_err();
+        let status = error.status();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{filter:?}");
+        assert!(status.message().contains(says), "{filter:?}: {}", status.message());
+    }
+}
+
 /// A reservation on an idle ledger expires on time, without a write, even when the leader that
 /// took it is gone: the new leader proposes the expiry when the timeout falls due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use super::fields::Indexer;
 use super::layout::Runs;
 use super::runs::{Kind, RunBuilder, Writes};
-use super::{CHUNK_TRANSFERS, Inner, chunk_key};
+use super::{CHUNK_TRANSFERS, Inner, chunk_key, next_run};
 use crate::codec::{
     self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
     PREFIX_TRANSFER,
@@ -18,7 +19,8 @@ const IMPORT_RUN_ENTRIES: u64 = 4 << 20;
 
 /// A snapshot import in progress: records arrive in logical key order (`A`, `E`, `I`, `P`, `T`,
 /// then the meta last); sorted sections become runs directly, transfers become chunks, and their
-/// ids are sorted a million at a time into runs of their own. Merges fold the runs later.
+/// ids are sorted a million at a time into runs of their own, as are the query index entries of
+/// transfers and accounts (`fields::Indexer`). Merges fold the runs later.
 #[derive(Default)]
 pub(super) struct Import {
     accounts: Option<RunBuilder>,
@@ -27,6 +29,8 @@ pub(super) struct Import {
     chunk: Vec<u8>,
     runs: Runs,
     writes: Writes,
+    /// The query indexes, built from the accounts and transfers as they arrive.
+    fields: Indexer,
     pub(super) finished: bool,
 }
 
@@ -44,6 +48,12 @@ impl Import {
         match key.first().copied() {
             Some(PREFIX_ACCOUNT) if key.len() == 17 && value.len() == codec::RECORD_BYTES => {
                 self.push(inner, Kind::Accounts, &key[1..], value)?;
+                self.fields.add_account(
+                    inner,
+                    codec::decode_account(value),
+                    &mut self.runs,
+                    &mut self.writes,
+                );
             }
             Some(PREFIX_INDEX) if key.len() == 25 && (value.len() == 16 || value.len() == 80) => {
                 self.push(inner, Kind::Index, &key[1..], value)?;
@@ -78,6 +88,7 @@ impl Import {
                     self.write_chunk();
                 }
                 self.ids.push((transfer.id, transfer.timestamp));
+                self.fields.add_transfer(inner, transfer, &mut self.runs, &mut self.writes);
                 if self.ids.len() == IMPORT_IDS_SORTED {
                     self.write_ids(inner);
                 }
@@ -145,16 +156,11 @@ impl Import {
         }
         self.write_chunk();
         self.write_ids(inner);
+        self.fields.finish(inner, &mut self.runs, &mut self.writes);
         self.finished = true;
         let layout = inner.layout.lock().unwrap();
         let writes = std::mem::take(&mut self.writes);
         // Taken, not cloned: a run this holds could never be deleted after a merge.
         inner.write_layout(&layout, std::mem::take(&mut self.runs), writes, sled::Batch::default())
     }
-}
-
-fn next_run(inner: &Inner) -> u64 {
-    let mut layout = inner.layout.lock().unwrap();
-    layout.next_run += 1;
-    layout.next_run - 1
 }

@@ -4,16 +4,19 @@
 
 use std::sync::Arc;
 
-use super::runs::{Kind, Run};
+use super::runs::{KINDS, Kind, Run};
 use crate::store::{StoreError, StoreResult};
 
 pub(super) const LAYOUT_KEY: &[u8] = b"Llayout";
-const LAYOUT_VERSION: u32 = 1;
+/// Version 2 adds the query indexes (kinds 3 to 13); a version 1 layout lists the first three
+/// kinds, and `SledStore::open` builds the query indexes of such a store once.
+const LAYOUT_VERSION: u32 = 2;
+const LAYOUT_VERSIONS_READ: [u32; 2] = [1, 2];
 
 /// The runs of each kind, oldest first.
 #[derive(Clone, Default)]
 pub struct Runs {
-    pub(super) kinds: [Vec<Arc<Run>>; 3],
+    pub(super) kinds: [Vec<Arc<Run>>; KINDS],
 }
 
 impl Runs {
@@ -69,14 +72,15 @@ impl Layout {
             Ok(slice)
         };
         let version = u32::from_le_bytes(take(4)?.try_into().unwrap());
-        if version != LAYOUT_VERSION {
+        if !LAYOUT_VERSIONS_READ.contains(&version) {
             return Err(StoreError::OtherVersion(format!(
-                "store layout version {version}; this build reads version {LAYOUT_VERSION}"
+                "store layout version {version}; this build reads versions {LAYOUT_VERSIONS_READ:?}"
             )));
         }
         let next_run = u64::from_le_bytes(take(8)?.try_into().unwrap());
-        let mut kinds: [Vec<u64>; 3] = Default::default();
-        for ids in &mut kinds {
+        let stored_kinds = if version == 1 { 3 } else { KINDS };
+        let mut kinds: [Vec<u64>; KINDS] = Default::default();
+        for ids in &mut kinds[..stored_kinds] {
             let count = u32::from_le_bytes(take(4)?.try_into().unwrap());
             for _ in 0..count {
                 ids.push(u64::from_le_bytes(take(8)?.try_into().unwrap()));
@@ -91,13 +95,15 @@ impl Layout {
         if at != bytes.len() {
             return Err(corrupt());
         }
-        Ok(StoredLayout { next_run, kinds, garbage })
+        Ok(StoredLayout { next_run, kinds, garbage, query_indexes: version >= 2 })
     }
 }
 
 /// The layout as stored: the next run id, the run ids of each kind, and the garbage.
 pub(super) struct StoredLayout {
     pub(super) next_run: u64,
-    pub(super) kinds: [Vec<u64>; 3],
+    pub(super) kinds: [Vec<u64>; KINDS],
     pub(super) garbage: Vec<(Kind, u64)>,
+    /// False for a version 1 layout: the store has no query indexes yet.
+    pub(super) query_indexes: bool,
 }

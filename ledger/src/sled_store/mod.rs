@@ -8,7 +8,7 @@
 //! | physical key                      | value                                                |
 //! |-----------------------------------|------------------------------------------------------|
 //! | `T` first timestamp               | up to 64 transfer records of one entry, in time order   |
-//! | `R` kind, run id, page number     | a page of a sorted run (`runs.rs`): accounts, transfer ids -> timestamp, per-account index |
+//! | `R` kind, run id, page number     | a page of a sorted run (`runs.rs`): accounts, transfer ids -> timestamp, per-account index, query indexes |
 //! | `F` kind, run id, chunk number    | that run's description: page fences and Bloom filter |
 //! | `L` `layout`                      | the runs of each kind, oldest first, and runs awaiting deletion |
 //! | `E`, `M`, `P`, `X`                | expiries, meta, pending statuses and failed ids, as in the logical key space (`codec.rs`) |
@@ -18,8 +18,13 @@
 //! the price of a hash, where a tree lookup per transfer cost a sixth of the batch throughput.
 //! The `X` keys are what export and the digest read.
 //!
+//! The query indexes (`fields.rs`) are runs too, one kind per field: `(value, timestamp)` of every
+//! record whose field is not zero. They are derived data: export and the digest leave them out,
+//! import and the first open of a layout-1 store build them from the records.
+//!
 //! Each applied entry writes, in one atomic `apply_batch`: its transfers as chunks, one new run
-//! per kind it changed (the accounts it changed, the ids it created, its index entries), the
+//! per kind it changed (the accounts it changed, the ids it created, its index entries, its
+//! query index entries), the
 //! layout naming those runs, and its plain keys. Runs are merged (`runs::pick_merge`), inline or
 //! on a background thread: a merge writes its run's pages under a fresh id recorded in the layout
 //! as garbage, then swaps it for its sources in one batch; the sources are deleted once no reader
@@ -31,6 +36,7 @@
 //! them, and the caller re-applies from the applied marker it keeps in `META_APP_KEY`.
 
 mod export;
+mod fields;
 mod filter;
 mod import;
 mod layout;
@@ -50,7 +56,7 @@ use self::import::Import;
 use self::layout::{LAYOUT_KEY, Layout, Runs};
 use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
 use crate::codec::{self, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER};
-use crate::model::{Account, CreateTransferResult, PendingStatus, Transfer};
+use crate::model::{Account, CreateTransferResult, Field, PendingStatus, Transfer};
 use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 const TREE_NAME: &[u8] = b"ledger";
@@ -161,8 +167,10 @@ impl SledStore {
         let tree = db.open_tree(TREE_NAME)?;
         let mut runs = Runs::default();
         let mut layout = Layout::default();
+        let mut query_indexes = true;
         if let Some(bytes) = tree.get(LAYOUT_KEY)? {
             let stored = Layout::decode(&bytes)?;
+            query_indexes = stored.query_indexes;
             layout.next_run = stored.next_run;
             layout.garbage = stored.garbage;
             for (kind, ids) in Kind::ALL.into_iter().zip(stored.kinds) {
@@ -186,6 +194,9 @@ impl SledStore {
             merges_wake: Condvar::new(),
         });
         inner.collect_garbage()?;
+        if !query_indexes {
+            inner.build_query_indexes()?;
+        }
         let merger = options.background_merges.then(|| {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -219,8 +230,8 @@ impl SledStore {
         self.inner.merge_once()
     }
 
-    /// How many runs each kind has (accounts, ids, index), and the memory their descriptions take.
-    pub fn run_counts(&self) -> ([usize; 3], usize) {
+    /// How many runs each kind has (`Kind::ALL` order), and the memory their descriptions take.
+    pub fn run_counts(&self) -> ([usize; runs::KINDS], usize) {
         let runs = self.inner.current_runs();
         let counts = Kind::ALL.map(|kind| runs.of(kind).len());
         let bytes = runs.kinds.iter().flatten().map(|run| run.resident_bytes()).sum();
@@ -374,7 +385,47 @@ fn find_in_chunk(chunk: &[u8], timestamp: u64) -> StoreResult<Option<&[u8]>> {
     Ok(None)
 }
 
+/// A fresh run id.
+fn next_run(inner: &Inner) -> u64 {
+    let mut layout = inner.layout.lock().unwrap();
+    layout.next_run += 1;
+    layout.next_run - 1
+}
+
 impl Inner {
+    /// Builds the query indexes of a store written with layout version 1, from its transfers and
+    /// accounts, and writes the layout of version 2 naming them. Until then the store still reads
+    /// as version 1 (a crash midway leaves pages no layout names, overwritten by the next try).
+    fn build_query_indexes(&self) -> StoreResult<()> {
+        let mut indexer = fields::Indexer::default();
+        let mut runs = (*self.current_runs()).clone();
+        let mut writes = Writes::new();
+        for entry in self.tree.scan_prefix([PREFIX_TRANSFER]) {
+            for record in chunk_records(&entry?.1)? {
+                indexer.add_transfer(self, codec::decode_transfer(record), &mut runs, &mut writes);
+            }
+            if writes.len() >= WRITES_PER_BATCH {
+                self.write_pages(&mut writes)?;
+            }
+        }
+        let accounts = runs.of(Kind::Accounts).to_vec();
+        runs::scan_all(&accounts, &self.tree, &mut |_, value| {
+            if value.len() != codec::RECORD_BYTES {
+                return Err(StoreError::Corrupt("account record length".into()));
+            }
+            indexer.add_account(self, codec::decode_account(value), &mut runs, &mut writes);
+            if writes.len() >= WRITES_PER_BATCH {
+                self.write_pages(&mut writes)?;
+            }
+            Ok(true)
+        })?;
+        indexer.finish(self, &mut runs, &mut writes);
+        let layout = self.layout.lock().unwrap();
+        self.write_layout(&layout, runs, writes, sled::Batch::default())?;
+        drop(layout);
+        self.flush()
+    }
+
     /// Makes everything committed so far durable. sled's own flush ends in `sync_file_range`,
     /// which writes the data pages but not the file's size nor any name, so a power cut could
     /// still take what it wrote: fsync every file of sled's directory, and the directories.
@@ -647,6 +698,101 @@ impl Store for SledStore {
         )
     }
 
+    fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
+        SledStore::transfer_at(self, timestamp)
+    }
+
+    fn scan_transfers(
+        &self,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
+    ) -> StoreResult<()> {
+        if timestamp_min > timestamp_max {
+            return Ok(());
+        }
+        let tree = &self.inner.tree;
+        let first = chunk_key(timestamp_min);
+        // The chunk holding `timestamp_min` starts at or before it.
+        let start = match tree.range(..=first).next_back().transpose()? {
+            Some((key, _)) if key.first() == Some(&PREFIX_TRANSFER) => key.to_vec(),
+            _ => first.to_vec(),
+        };
+        let chunks = tree.range(start..=chunk_key(timestamp_max).to_vec());
+        let mut visit_chunk = |chunk: &[u8]| -> StoreResult<bool> {
+            let mut records = chunk_records(chunk)?;
+            let mut go_on = |record: &[u8]| {
+                let timestamp = record_timestamp(record);
+                if timestamp < timestamp_min || timestamp > timestamp_max {
+                    return true;
+                }
+                visit(&codec::decode_transfer(record))
+            };
+            Ok(if reversed { records.rev().all(&mut go_on) } else { records.all(&mut go_on) })
+        };
+        if reversed {
+            for entry in chunks.rev() {
+                if !visit_chunk(&entry?.1)? {
+                    break;
+                }
+            }
+        } else {
+            for entry in chunks {
+                if !visit_chunk(&entry?.1)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan_transfer_field(
+        &self,
+        field: Field,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64) -> bool,
+    ) -> StoreResult<()> {
+        let runs = self.inner.current_runs();
+        runs::scan(
+            runs.of(Kind::of_transfer_field(field)),
+            &self.inner.tree,
+            &runs::field_key(value, timestamp_min),
+            &runs::field_key(value, timestamp_max),
+            reversed,
+            Some(KeyHash::of(&value.to_be_bytes())),
+            &mut |key, _| Ok(visit(u64::from_be_bytes(key[16..24].try_into().unwrap()))),
+        )
+    }
+
+    fn scan_account_field(
+        &self,
+        field: Option<Field>,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64, u128) -> bool,
+    ) -> StoreResult<()> {
+        let runs = self.inner.current_runs();
+        let corrupt = || StoreError::Corrupt("account query index value".into());
+        runs::scan(
+            runs.of(Kind::of_account_field(field)),
+            &self.inner.tree,
+            &runs::field_key(value, timestamp_min),
+            &runs::field_key(value, timestamp_max),
+            reversed,
+            field.map(|_| KeyHash::of(&value.to_be_bytes())),
+            &mut |key, id| {
+                let id = u128::from_be_bytes(id.try_into().map_err(|_| corrupt())?);
+                Ok(visit(u64::from_be_bytes(key[16..24].try_into().unwrap()), id))
+            },
+        )
+    }
+
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
     }
@@ -701,6 +847,22 @@ impl Store for SledStore {
                 builder.push(&key[1..], &value, writes);
             }
         });
+        for field in Field::ALL {
+            let entries = fields::transfer_entries(&changes.transfers, field);
+            new_run(Kind::of_transfer_field(field), entries.len(), &mut |builder, writes| {
+                fields::push_transfer_entries(builder, &entries, writes)
+            });
+        }
+        let created =
+            || changes.accounts.iter().filter(|account| account.timestamp > changes.timestamp_before);
+        if created().next().is_some() {
+            for field in fields::ACCOUNT_FIELDS {
+                let entries = fields::account_entries(created(), field);
+                new_run(Kind::of_account_field(field), entries.len(), &mut |builder, writes| {
+                    fields::push_account_entries(builder, &entries, writes)
+                });
+            }
+        }
         self.inner.write_layout(&layout, runs, writes, batch)?;
         drop(layout);
         let mut cache = self.inner.accounts.lock().unwrap();

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use sled::IVec;
 
 use super::filter::{Filter, KeyHash};
+use crate::model::Field;
 use crate::store::{StoreError, StoreResult};
 
 /// Small, because sled caches and reads whole tree nodes of up to sixteen values: with 32 KiB
@@ -38,34 +39,99 @@ pub enum Kind {
     /// (account id, timestamp) -> transfer id, and the balances after it for accounts with
     /// `history`: the per-account index.
     Index = 2,
+    /// The query indexes, one kind per field: (value, timestamp) -> nothing for transfers (the
+    /// timestamp finds the transfer's chunk), -> account id for accounts. Zero values are not
+    /// indexed (a zero in a filter means "any"). Derived from the records, so neither snapshots
+    /// nor the digest carry them: a store builds them as it writes or imports.
+    TransferUserData128 = 3,
+    TransferUserData64 = 4,
+    TransferUserData32 = 5,
+    TransferLedger = 6,
+    TransferCode = 7,
+    AccountUserData128 = 8,
+    AccountUserData64 = 9,
+    AccountUserData32 = 10,
+    AccountLedger = 11,
+    AccountCode = 12,
+    /// (0, timestamp) -> account id, for every account: accounts in time order.
+    AccountTimes = 13,
 }
 
+/// How many kinds there are: the length of the layout's lists.
+pub const KINDS: usize = 14;
+
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Accounts, Kind::Ids, Kind::Index];
+    pub const ALL: [Kind; KINDS] = [
+        Kind::Accounts,
+        Kind::Ids,
+        Kind::Index,
+        Kind::TransferUserData128,
+        Kind::TransferUserData64,
+        Kind::TransferUserData32,
+        Kind::TransferLedger,
+        Kind::TransferCode,
+        Kind::AccountUserData128,
+        Kind::AccountUserData64,
+        Kind::AccountUserData32,
+        Kind::AccountLedger,
+        Kind::AccountCode,
+        Kind::AccountTimes,
+    ];
+
+    /// The query index of a transfer field.
+    pub fn of_transfer_field(field: Field) -> Kind {
+        match field {
+            Field::UserData128 => Kind::TransferUserData128,
+            Field::UserData64 => Kind::TransferUserData64,
+            Field::UserData32 => Kind::TransferUserData32,
+            Field::Ledger => Kind::TransferLedger,
+            Field::Code => Kind::TransferCode,
+        }
+    }
+
+    /// The query index of an account field; `None`: every account, by time.
+    pub fn of_account_field(field: Option<Field>) -> Kind {
+        match field {
+            Some(Field::UserData128) => Kind::AccountUserData128,
+            Some(Field::UserData64) => Kind::AccountUserData64,
+            Some(Field::UserData32) => Kind::AccountUserData32,
+            Some(Field::Ledger) => Kind::AccountLedger,
+            Some(Field::Code) => Kind::AccountCode,
+            None => Kind::AccountTimes,
+        }
+    }
 
     pub fn key_bytes(self) -> usize {
         match self {
             Kind::Accounts | Kind::Ids => 16,
-            Kind::Index => 24,
+            _ => 24,
         }
     }
 
     /// Runs of this many entries or more are not merged again. The per-account index is most of
     /// the bytes (two entries per transfer) and a query consults only the runs whose filter
     /// holds its account, so its runs stop growing at 8M entries: at 100M transfers about 25
-    /// such runs, and each index entry is rewritten about three times instead of five. Ids and
-    /// accounts are looked up for every transfer: they merge all the way, to keep few filters
-    /// to test.
+    /// such runs, and each index entry is rewritten about three times instead of five. The
+    /// query indexes are read the same way. Ids and accounts are looked up for every transfer:
+    /// they merge all the way, to keep few filters to test.
     pub fn merged_entries_max(self) -> u64 {
         match self {
-            Kind::Index => 8 << 20,
             Kind::Accounts | Kind::Ids => u64::MAX,
+            _ => 8 << 20,
         }
     }
 
     pub fn from_u8(tag: u8) -> Option<Kind> {
         Kind::ALL.into_iter().find(|kind| *kind as u8 == tag)
     }
+}
+
+/// A query index key: the field's value, then the record's timestamp.
+pub fn field_key(value: u128, timestamp: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(&value.to_be_bytes());
+    key[16..].copy_from_slice(&timestamp.to_be_bytes());
+    key
 }
 
 fn physical_key(prefix: u8, kind: Kind, run: u64, number: u32) -> [u8; 14] {

@@ -59,6 +59,8 @@ pub struct Model {
     pub failed: BTreeMap<u128, CreateTransferResult>,
     /// How many retries were refused as already failed.
     pub refused_again: u64,
+    /// Results the queries against the model found (to assert the filters select something).
+    pub query_results: usize,
     /// How many pending transfers a tick (no write) expired.
     pub expired_by_ticks: usize,
     /// How many imported events were created.
@@ -555,6 +557,12 @@ impl Model {
                     || (f.credits && t.credit_account_id == f.account_id)
             })
             .filter(|t| t.timestamp >= f.timestamp_min && t.timestamp <= max)
+            .filter(|t| {
+                (f.user_data_128 == 0 || t.user_data_128 == f.user_data_128)
+                    && (f.user_data_64 == 0 || t.user_data_64 == f.user_data_64)
+                    && (f.user_data_32 == 0 || t.user_data_32 == f.user_data_32)
+                    && (f.code == 0 || t.code == f.code)
+            })
             .copied()
             .collect();
         found.sort_by_key(|t| t.timestamp);
@@ -564,6 +572,48 @@ impl Model {
         found.truncate(f.limit as usize);
         found
     }
+
+    /// The transfers matching a query filter, as the ledger should return them.
+    pub fn query_transfers(&self, f: &QueryFilter) -> Vec<Transfer> {
+        let fields =
+            |t: &Transfer| (t.user_data_128, t.user_data_64, t.user_data_32, t.ledger, t.code, t.timestamp);
+        query(self.transfers.values().copied(), f, fields)
+    }
+
+    /// The accounts matching a query filter, as the ledger should return them.
+    pub fn query_accounts(&self, f: &QueryFilter) -> Vec<Account> {
+        let fields =
+            |a: &Account| (a.user_data_128, a.user_data_64, a.user_data_32, a.ledger, a.code, a.timestamp);
+        query(self.accounts.values().copied(), f, fields)
+    }
+}
+
+/// Records matching a query filter by their (user_data_128, user_data_64, user_data_32, ledger,
+/// code, timestamp), in time order (or reversed), up to the limit.
+fn query<T>(
+    records: impl Iterator<Item = T>,
+    f: &QueryFilter,
+    fields: impl Fn(&T) -> (u128, u64, u32, u32, u16, u64),
+) -> Vec<T> {
+    let max = if f.timestamp_max == 0 { u64::MAX } else { f.timestamp_max };
+    let mut found: Vec<T> = records
+        .filter(|r| {
+            let (u128_, u64_, u32_, ledger, code, timestamp) = fields(r);
+            (f.user_data_128 == 0 || u128_ == f.user_data_128)
+                && (f.user_data_64 == 0 || u64_ == f.user_data_64)
+                && (f.user_data_32 == 0 || u32_ == f.user_data_32)
+                && (f.ledger == 0 || ledger == f.ledger)
+                && (f.code == 0 || code == f.code)
+                && timestamp >= f.timestamp_min
+                && timestamp <= max
+        })
+        .collect();
+    found.sort_by_key(|r| fields(r).5);
+    if f.reversed {
+        found.reverse();
+    }
+    found.truncate(f.limit as usize);
+    found
 }
 
 fn fail_if(bad: bool, result: CreateTransferResult) -> Result<(), CreateTransferResult> {
@@ -810,6 +860,8 @@ impl Workload {
             let mut a = account(self.id(), self.rng.random_range(1..=2), 0);
             a.code = self.rng.random_range(1..=3);
             a.user_data_64 = self.rng.random_range(0..3);
+            a.user_data_128 = self.rng.random_range(0..5);
+            a.user_data_32 = self.rng.random_range(0..3);
             a.flags.0 = match self.rng.random_range(0..10) {
                 0..=2 => 0,
                 3..=4 => AF::DEBITS_MUST_NOT_EXCEED_CREDITS,
@@ -936,6 +988,9 @@ impl Workload {
         t.ledger = dr.ledger;
         t.code = self.rng.random_range(1..=3);
         t.user_data_32 = self.rng.random_range(0..4);
+        // A few references shared by several transfers, for the queries.
+        t.user_data_128 = self.rng.random_range(0..12);
+        t.user_data_64 = self.rng.random_range(0..3);
         t.flags.0 = flags;
         t
     }
@@ -1034,13 +1089,59 @@ impl Workload {
             _ => (true, true),
         };
         let timestamp_min = if self.rng.random_bool(0.3) { self.clock - 20 * NANOS_PER_SECOND } else { 0 };
-        AccountFilter {
+        // Fields from one of the account's transfers, so that filters select something.
+        let mut f = AccountFilter {
             account_id,
             timestamp_min,
-            timestamp_max: 0,
             limit: self.rng.random_range(1..=50),
             debits,
             credits,
+            reversed: self.rng.random_bool(0.5),
+            ..AccountFilter::default()
+        };
+        let sample = self
+            .model
+            .transfers
+            .values()
+            .filter(|t| t.debit_account_id == account_id || t.credit_account_id == account_id)
+            .min_by_key(|t| (t.id ^ self.rng.random::<u128>()) % 7);
+        if let Some(t) = sample.copied() {
+            let mut pick = |p: f64| self.rng.random_bool(p);
+            f.user_data_128 = if pick(0.3) { t.user_data_128 } else { 0 };
+            f.user_data_64 = if pick(0.2) { t.user_data_64 } else { 0 };
+            f.user_data_32 = if pick(0.2) { t.user_data_32 } else { 0 };
+            f.code = if pick(0.2) { t.code } else { 0 };
+        }
+        f
+    }
+
+    /// A random query filter, with fields taken from a known transfer or account.
+    pub fn query_filter(&mut self, of_transfers: bool) -> QueryFilter {
+        let fields: Option<(u128, u64, u32, u32, u16)> = if of_transfers {
+            let count = self.model.transfers.len();
+            (count > 0).then(|| {
+                let t = self.model.transfers.values().nth(self.rng.random_range(0..count)).unwrap();
+                (t.user_data_128, t.user_data_64, t.user_data_32, t.ledger, t.code)
+            })
+        } else {
+            let count = self.model.accounts.len();
+            (count > 0).then(|| {
+                let a = self.model.accounts.values().nth(self.rng.random_range(0..count)).unwrap();
+                (a.user_data_128, a.user_data_64, a.user_data_32, a.ledger, a.code)
+            })
+        };
+        let (u128_, u64_, u32_, ledger, code) = fields.unwrap_or_default();
+        let mut pick = |p: f64| self.rng.random_bool(p);
+        let (a, b, c, d, e, g) = (pick(0.4), pick(0.3), pick(0.3), pick(0.3), pick(0.3), pick(0.3));
+        QueryFilter {
+            user_data_128: if a { u128_ } else { 0 },
+            user_data_64: if b { u64_ } else { 0 },
+            user_data_32: if c { u32_ } else { 0 },
+            ledger: if d { ledger } else { 0 },
+            code: if e { code } else { 0 },
+            timestamp_min: if g { self.clock - 30 * NANOS_PER_SECOND } else { 0 },
+            timestamp_max: 0,
+            limit: self.rng.random_range(1..=60),
             reversed: self.rng.random_bool(0.5),
         }
     }
@@ -1110,14 +1211,40 @@ fn check_reply(batch: &Batch, reply: &BatchReply, expected: &BatchReply, seed: u
 }
 
 fn check_queries<S: Store>(ledger: &Ledger<S>, workload: &mut Workload, seed: u64, batch_index: usize) {
+    for of_transfers in [true, false] {
+        let filter = workload.query_filter(of_transfers);
+        let what = if of_transfers { "transfers" } else { "accounts" };
+        let matches = if of_transfers {
+            let page = ledger.query_transfers(&filter).unwrap();
+            assert_eq!(page.resume, None, "seed {seed}: a workload this small fits the scan budget");
+            let expected = workload.model.query_transfers(&filter);
+            assert_eq!(
+                page.results, expected,
+                "seed {seed}: batch {batch_index}: {what} differ for {filter:?}"
+            );
+            expected.len()
+        } else {
+            let page = ledger.query_accounts(&filter).unwrap();
+            assert_eq!(page.resume, None, "seed {seed}: a workload this small fits the scan budget");
+            let expected = workload.model.query_accounts(&filter);
+            assert_eq!(
+                page.results, expected,
+                "seed {seed}: batch {batch_index}: {what} differ for {filter:?}"
+            );
+            expected.len()
+        };
+        workload.model.query_results += matches;
+    }
     let filter = workload.filter();
     let transfers = ledger.account_transfers(&filter).unwrap();
+    assert_eq!(transfers.resume, None);
+    let transfers = transfers.results;
     assert_eq!(
         transfers,
         workload.model.account_transfers(&filter),
         "seed {seed}: batch {batch_index}: account transfers differ for {filter:?}"
     );
-    let balances = ledger.account_balances(&filter).unwrap();
+    let balances = ledger.account_balances(&filter).unwrap().results;
     let history = workload.model.history.get(&filter.account_id).cloned().unwrap_or_default();
     let mut expected: Vec<AccountBalance> = history
         .into_iter()
@@ -1139,5 +1266,9 @@ fn transfers_side_of(model: &Model, account_id: u128, timestamp: u64, filter: &A
         t.timestamp == timestamp
             && ((filter.debits && t.debit_account_id == account_id)
                 || (filter.credits && t.credit_account_id == account_id))
+            && (filter.user_data_128 == 0 || t.user_data_128 == filter.user_data_128)
+            && (filter.user_data_64 == 0 || t.user_data_64 == filter.user_data_64)
+            && (filter.user_data_32 == 0 || t.user_data_32 == filter.user_data_32)
+            && (filter.code == 0 || t.code == filter.code)
     })
 }

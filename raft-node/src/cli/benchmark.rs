@@ -228,6 +228,9 @@ fn plain_transfer(id: u128, debit: u128, credit: u128, amount: u128) -> v1::Tran
         debit_account_id: u128_to(debit),
         credit_account_id: u128_to(credit),
         amount: u128_to(amount),
+        // A payment carries its own reference (an order id, say), which the ledger indexes for
+        // queries: as many index entries as a real payment costs.
+        user_data_128: u128_to(id ^ (1 << 127)),
         ledger: LEDGER,
         code: CODE,
         ..v1::Transfer::default()

@@ -111,14 +111,91 @@ pub struct HistoryArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     pub account: u128,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+    #[command(flatten)]
+    pub range: RangeArgs,
+    /// Show the balances after each transfer (accounts with the history flag).
+    #[arg(long)]
+    pub balances: bool,
+}
+
+/// Fields a query selects by: every one given must match.
+#[derive(Args, Clone, Copy)]
+pub struct FieldArgs {
+    #[arg(long, default_value_t = 0)]
+    pub user_data_128: u128,
+    #[arg(long, default_value_t = 0)]
+    pub user_data_64: u64,
+    #[arg(long, default_value_t = 0)]
+    pub user_data_32: u32,
+    #[arg(long, default_value_t = 0)]
+    pub code: u32,
+}
+
+/// Which part of the timeline, how many results, in which order.
+#[derive(Args, Clone, Copy)]
+pub struct RangeArgs {
+    /// From this time on (RFC 3339, or ns since the Unix epoch).
+    #[arg(long, value_parser = parse_time)]
+    pub after: Option<u64>,
+    /// Up to this time (RFC 3339, or ns since the Unix epoch).
+    #[arg(long, value_parser = parse_time)]
+    pub before: Option<u64>,
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
     /// Newest first.
     #[arg(long)]
     pub reversed: bool,
-    /// Show the balances after each transfer (accounts with the history flag).
-    #[arg(long)]
-    pub balances: bool,
+}
+
+#[derive(Subcommand)]
+pub enum QueryCommand {
+    /// Accounts selected by their fields, in the order they were created.
+    Accounts(QueryArgs),
+    /// Transfers selected by their fields, in the order they were made: find a payment by the
+    /// reference it carries.
+    Transfers(QueryArgs),
+}
+
+#[derive(Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+    #[arg(long, default_value_t = 0)]
+    pub ledger: u32,
+    #[command(flatten)]
+    pub range: RangeArgs,
+}
+
+impl QueryArgs {
+    fn filter(&self) -> v1::QueryFilter {
+        v1::QueryFilter {
+            user_data_128: u128_to(self.fields.user_data_128),
+            user_data_64: self.fields.user_data_64,
+            user_data_32: self.fields.user_data_32,
+            ledger: self.ledger,
+            code: self.fields.code,
+            timestamp_min: self.range.after.unwrap_or(0),
+            timestamp_max: self.range.before.unwrap_or(0),
+            limit: self.range.limit,
+            flags: if self.range.reversed { v1::QueryFilterFlag::Reversed as u32 } else { 0 },
+            consistency: consistency(&self.client) as i32,
+        }
+    }
+}
+
+/// Says where a query whose scan budget ran out stopped, and how to go on (on stderr, so that
+/// `--json` output stays one document).
+fn print_resume(resume_timestamp: u64, reversed: bool) {
+    if resume_timestamp != 0 {
+        let option = if reversed { "--before" } else { "--after" };
+        eprintln!(
+            "the scan stopped at its budget before the limit; more may follow: ask again with {option} {resume_timestamp}"
+        );
+    }
 }
 
 fn account_flags(names: &[String]) -> Result<u32, String> {
@@ -343,26 +420,48 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
             print_transfers(args.json, &transfers);
             Ok(if transfers.len() == ids.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Query(QueryCommand::Accounts(args)) => {
+            let page =
+                client(&args.client)?.query_accounts(args.filter()).await.map_err(|e| e.to_string())?;
+            print_accounts(args.client.json, &page.accounts);
+            print_resume(page.resume_timestamp, args.range.reversed);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Query(QueryCommand::Transfers(args)) => {
+            let page =
+                client(&args.client)?.query_transfers(args.filter()).await.map_err(|e| e.to_string())?;
+            print_transfers(args.client.json, &page.transfers);
+            print_resume(page.resume_timestamp, args.range.reversed);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::History(args) => {
             use v1::AccountFilterFlag as F;
             let mut flags = F::Debits as u32 | F::Credits as u32;
-            if args.reversed {
+            let reversed = args.range.reversed;
+            if reversed {
                 flags |= F::Reversed as u32;
             }
             let filter = v1::AccountFilter {
                 account_id: u128_to(args.account),
-                limit: args.limit,
+                user_data_128: u128_to(args.fields.user_data_128),
+                user_data_64: args.fields.user_data_64,
+                user_data_32: args.fields.user_data_32,
+                code: args.fields.code,
+                timestamp_min: args.range.after.unwrap_or(0),
+                timestamp_max: args.range.before.unwrap_or(0),
+                limit: args.range.limit,
                 flags,
                 consistency: consistency(&args.client) as i32,
-                ..v1::AccountFilter::default()
             };
             let client = client(&args.client)?;
             if args.balances {
-                let balances = client.get_account_balances(filter).await.map_err(|e| e.to_string())?;
-                print_balances(args.client.json, &balances);
+                let page = client.get_account_balances(filter).await.map_err(|e| e.to_string())?;
+                print_balances(args.client.json, &page.balances);
+                print_resume(page.resume_timestamp, reversed);
             } else {
-                let transfers = client.get_account_transfers(filter).await.map_err(|e| e.to_string())?;
-                print_transfers(args.client.json, &transfers);
+                let page = client.get_account_transfers(filter).await.map_err(|e| e.to_string())?;
+                print_transfers(args.client.json, &page.transfers);
+                print_resume(page.resume_timestamp, reversed);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -26,7 +26,7 @@ pub use benchmark::BenchmarkArgs;
 pub use certs::CertsCommand;
 pub use cluster::ClusterCommand;
 pub use dev::DevArgs;
-pub use ledger::{AccountCommand, HistoryArgs, LookupCommand, TransferArgs};
+pub use ledger::{AccountCommand, HistoryArgs, LookupCommand, QueryCommand, TransferArgs};
 pub use serve::{ServeArgs, node_config};
 
 /// The dev cluster's client ports, which are also the client commands' default nodes.
@@ -55,6 +55,9 @@ pub enum Command {
     Lookup(LookupCommand),
     /// An account's transfers (or balances after each, with --balances).
     History(HistoryArgs),
+    /// Accounts or transfers selected by their fields (user data, ledger, code).
+    #[command(subcommand)]
+    Query(QueryCommand),
     /// Cluster status and membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),

@@ -234,9 +234,10 @@ impl pb::ledger_server::Ledger for LedgerService {
         let filter = convert::filter_from(request.get_ref())?;
         let consistency = request.get_ref().consistency;
         read!(self, request, consistency, get_account_transfers, {
-            self.node.state.read(|ledger| ledger.account_transfers(&filter)).map_err(internal).map(
-                |transfers| pb::GetAccountTransfersReply {
-                    transfers: transfers.iter().map(convert::transfer_to).collect(),
+            self.node.state.read(|ledger| ledger.account_transfers(&filter)).map_err(query_error).map(
+                |page| pb::GetAccountTransfersReply {
+                    transfers: page.results.iter().map(convert::transfer_to).collect(),
+                    resume_timestamp: convert::resume_to(page.resume),
                 },
             )
         })
@@ -249,12 +250,53 @@ impl pb::ledger_server::Ledger for LedgerService {
         let filter = convert::filter_from(request.get_ref())?;
         let consistency = request.get_ref().consistency;
         read!(self, request, consistency, get_account_balances, {
-            self.node.state.read(|ledger| ledger.account_balances(&filter)).map_err(internal).map(
-                |balances| pb::GetAccountBalancesReply {
-                    balances: balances.iter().map(convert::balance_to).collect(),
-                },
-            )
+            self.node.state.read(|ledger| ledger.account_balances(&filter)).map_err(query_error).map(|page| {
+                pb::GetAccountBalancesReply {
+                    balances: page.results.iter().map(convert::balance_to).collect(),
+                    resume_timestamp: convert::resume_to(page.resume),
+                }
+            })
         })
+    }
+
+    async fn query_accounts(
+        &self,
+        request: Request<pb::QueryFilter>,
+    ) -> Result<Response<pb::QueryAccountsReply>, Status> {
+        let filter = convert::query_filter_from(request.get_ref())?;
+        let consistency = request.get_ref().consistency;
+        read!(self, request, consistency, query_accounts, {
+            self.node.state.read(|ledger| ledger.query_accounts(&filter)).map_err(query_error).map(|page| {
+                pb::QueryAccountsReply {
+                    accounts: page.results.iter().map(convert::account_to).collect(),
+                    resume_timestamp: convert::resume_to(page.resume),
+                }
+            })
+        })
+    }
+
+    async fn query_transfers(
+        &self,
+        request: Request<pb::QueryFilter>,
+    ) -> Result<Response<pb::QueryTransfersReply>, Status> {
+        let filter = convert::query_filter_from(request.get_ref())?;
+        let consistency = request.get_ref().consistency;
+        read!(self, request, consistency, query_transfers, {
+            self.node.state.read(|ledger| ledger.query_transfers(&filter)).map_err(query_error).map(|page| {
+                pb::QueryTransfersReply {
+                    transfers: page.results.iter().map(convert::transfer_to).collect(),
+                    resume_timestamp: convert::resume_to(page.resume),
+                }
+            })
+        })
+    }
+}
+
+/// A filter is checked before the read, so what fails here is storage.
+fn query_error(error: ledger::query::QueryError) -> Status {
+    match error {
+        ledger::query::QueryError::Filter(error) => Status::invalid_argument(error.to_string()),
+        ledger::query::QueryError::Store(error) => internal(error),
     }
 }
 

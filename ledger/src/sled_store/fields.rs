@@ -1,0 +1,270 @@
+//! The query indexes (`Kind::TransferUserData128` to `Kind::AccountTimes`): for each field a
+//! record can be selected by, `(value, timestamp)` entries in runs of their own. Built by every
+//! commit from the records it creates; by an import, and by the first open of a store of layout
+//! version 1, from records in any order (`Indexer`).
+
+use std::sync::Arc;
+
+use super::layout::Runs;
+use super::runs::{self, Kind, RunBuilder, Writes};
+use super::{Inner, next_run};
+use crate::model::{Account, Field, Transfer};
+
+/// The account kinds' fields, `None` being every account by time.
+pub(super) const ACCOUNT_FIELDS: [Option<Field>; 6] = [
+    Some(Field::UserData128),
+    Some(Field::UserData64),
+    Some(Field::UserData32),
+    Some(Field::Ledger),
+    Some(Field::Code),
+    None,
+];
+
+/// Records an `Indexer` holds (32 MiB of transfers, as much of accounts) before it writes their
+/// entries as one run per kind.
+const SORTED_ENTRIES: usize = 256 << 10;
+
+/// `(value, timestamp)` of the transfers' non-zero `field`, sorted.
+pub(super) fn transfer_entries(transfers: &[Transfer], field: Field) -> Vec<(u128, u64)> {
+    let mut entries: Vec<(u128, u64)> = transfers
+        .iter()
+        .map(|transfer| (field.of_transfer(transfer), transfer.timestamp))
+        .filter(|(value, _)| *value != 0)
+        .collect();
+    entries.sort_unstable();
+    entries
+}
+
+/// `(value, timestamp, id)` of the accounts' non-zero `field` (every account for `None`, value
+/// zero), sorted.
+pub(super) fn account_entries<'a>(
+    accounts: impl Iterator<Item = &'a Account>,
+    field: Option<Field>,
+) -> Vec<(u128, u64, u128)> {
+    let mut entries: Vec<(u128, u64, u128)> = accounts
+        .map(|account| (field.map_or(0, |field| field.of_account(account)), account.timestamp, account.id))
+        .filter(|(value, _, _)| *value != 0 || field.is_none())
+        .collect();
+    entries.sort_unstable();
+    entries
+}
+
+/// Pushes sorted transfer entries into a builder.
+pub(super) fn push_transfer_entries(builder: &mut RunBuilder, entries: &[(u128, u64)], writes: &mut Writes) {
+    for (value, timestamp) in entries {
+        builder.push(&runs::field_key(*value, *timestamp), &[], writes);
+    }
+}
+
+/// Pushes sorted account entries into a builder.
+pub(super) fn push_account_entries(
+    builder: &mut RunBuilder,
+    entries: &[(u128, u64, u128)],
+    writes: &mut Writes,
+) {
+    for (value, timestamp, id) in entries {
+        builder.push(&runs::field_key(*value, *timestamp), &id.to_be_bytes(), writes);
+    }
+}
+
+/// Builds the query indexes of records given in any order, a bounded number of entries at a time
+/// per kind: each batch becomes a run, and merges fold them later.
+#[derive(Default)]
+pub(super) struct Indexer {
+    transfers: Vec<Transfer>,
+    accounts: Vec<Account>,
+}
+
+impl Indexer {
+    pub(super) fn add_transfer(
+        &mut self,
+        inner: &Inner,
+        transfer: Transfer,
+        runs: &mut Runs,
+        writes: &mut Writes,
+    ) {
+        self.transfers.push(transfer);
+        if self.transfers.len() == SORTED_ENTRIES {
+            self.write_transfers(inner, runs, writes);
+        }
+    }
+
+    pub(super) fn add_account(
+        &mut self,
+        inner: &Inner,
+        account: Account,
+        runs: &mut Runs,
+        writes: &mut Writes,
+    ) {
+        self.accounts.push(account);
+        if self.accounts.len() == SORTED_ENTRIES {
+            self.write_accounts(inner, runs, writes);
+        }
+    }
+
+    /// Writes what is left.
+    pub(super) fn finish(&mut self, inner: &Inner, runs: &mut Runs, writes: &mut Writes) {
+        self.write_transfers(inner, runs, writes);
+        self.write_accounts(inner, runs, writes);
+    }
+
+    fn write_transfers(&mut self, inner: &Inner, runs: &mut Runs, writes: &mut Writes) {
+        let transfers = std::mem::take(&mut self.transfers);
+        for field in Field::ALL {
+            let entries = transfer_entries(&transfers, field);
+            let kind = Kind::of_transfer_field(field);
+            write_run(inner, kind, entries.len(), runs, writes, &mut |builder, writes| {
+                push_transfer_entries(builder, &entries, writes)
+            });
+        }
+    }
+
+    fn write_accounts(&mut self, inner: &Inner, runs: &mut Runs, writes: &mut Writes) {
+        let accounts = std::mem::take(&mut self.accounts);
+        for field in ACCOUNT_FIELDS {
+            let entries = account_entries(accounts.iter(), field);
+            let kind = Kind::of_account_field(field);
+            write_run(inner, kind, entries.len(), runs, writes, &mut |builder, writes| {
+                push_account_entries(builder, &entries, writes)
+            });
+        }
+    }
+}
+
+fn write_run(
+    inner: &Inner,
+    kind: Kind,
+    count: usize,
+    runs: &mut Runs,
+    writes: &mut Writes,
+    push: &mut dyn FnMut(&mut RunBuilder, &mut Writes),
+) {
+    if count == 0 {
+        return;
+    }
+    let mut builder = RunBuilder::new(kind, next_run(inner), count as u64);
+    push(&mut builder, writes);
+    runs.kinds[kind as usize].extend(builder.finish(writes).map(Arc::new));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::layout::{LAYOUT_KEY, Layout};
+    use super::super::runs::{PREFIX_PAGE, PREFIX_RUN_META, run_key_range};
+    use super::super::{Options, SledStore, TREE_NAME};
+    use crate::model::{Account, Batch, QueryFilter, Transfer};
+    use crate::{Ledger, Store};
+
+    fn answers(ledger: &Ledger<SledStore>) -> Vec<Vec<u128>> {
+        let q = QueryFilter { limit: 100, ..QueryFilter::default() };
+        let filters = [
+            QueryFilter { user_data_128: 3, ..q },
+            QueryFilter { user_data_64: 2, reversed: true, ..q },
+            QueryFilter { code: 2, ledger: 1, ..q },
+            QueryFilter { user_data_32: 1, ..q },
+        ];
+        let mut all: Vec<Vec<u128>> = filters
+            .iter()
+            .map(|f| ledger.query_transfers(f).unwrap().results.iter().map(|t| t.id).collect())
+            .collect();
+        all.extend(
+            filters.iter().map(|f| ledger.query_accounts(f).unwrap().results.iter().map(|a| a.id).collect()),
+        );
+        all
+    }
+
+    /// A store written before the query indexes (layout version 1) gets them at its first open.
+    #[test]
+    fn a_layout_1_store_gets_its_query_indexes_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let inline = Options { background_merges: false, ..Options::default() };
+        let mut ledger = Ledger::open(SledStore::open_with(dir.path(), inline).unwrap()).unwrap();
+        let accounts: Vec<Account> = (1..=6)
+            .map(|id| Account {
+                id,
+                ledger: 1,
+                code: 1 + (id % 2) as u16,
+                user_data_128: id % 4,
+                user_data_64: (id % 3) as u64,
+                user_data_32: 1,
+                ..Account::default()
+            })
+            .collect();
+        ledger.apply(&[Batch::CreateAccounts(accounts)], 1_000, None).unwrap();
+        for entry in 0..30u128 {
+            let transfers = (0..7u128)
+                .map(|n| Transfer {
+                    id: 100 + entry * 7 + n,
+                    debit_account_id: 1 + n % 6,
+                    credit_account_id: 1 + (n + 1) % 6,
+                    amount: 1,
+                    ledger: 1,
+                    code: 1 + (n % 2) as u16,
+                    user_data_128: (entry + n) % 5,
+                    user_data_64: (n % 3) as u64,
+                    user_data_32: (entry % 2) as u32,
+                    ..Transfer::default()
+                })
+                .collect();
+            ledger.apply(&[Batch::CreateTransfers(transfers)], 2_000 + entry as u64 * 1_000, None).unwrap();
+        }
+        let expected = answers(&ledger);
+        assert!(expected.iter().all(|ids| !ids.is_empty()), "{expected:?}");
+        drop(ledger);
+
+        // Rewrite it as layout version 1 would have left it: three kinds, no query runs.
+        {
+            let db = sled::Config::new()
+                .path(dir.path())
+                .segment_size(super::super::SEGMENT_BYTES)
+                .open()
+                .unwrap();
+            let tree = db.open_tree(TREE_NAME).unwrap();
+            let stored = Layout::decode(&tree.get(LAYOUT_KEY).unwrap().unwrap()).unwrap();
+            assert!(stored.query_indexes);
+            let mut v1 = Vec::new();
+            v1.extend_from_slice(&1u32.to_le_bytes());
+            v1.extend_from_slice(&stored.next_run.to_le_bytes());
+            for ids in &stored.kinds[..3] {
+                v1.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+                ids.iter().for_each(|id| v1.extend_from_slice(&id.to_le_bytes()));
+            }
+            v1.extend_from_slice(&0u32.to_le_bytes());
+            for (kind, ids) in super::super::runs::Kind::ALL.iter().zip(&stored.kinds).skip(3) {
+                for id in ids {
+                    for prefix in [PREFIX_PAGE, PREFIX_RUN_META] {
+                        for key in tree.range(run_key_range(prefix, *kind, *id)).keys() {
+                            tree.remove(key.unwrap()).unwrap();
+                        }
+                    }
+                }
+            }
+            tree.insert(LAYOUT_KEY, v1).unwrap();
+            db.flush().unwrap();
+        }
+        let reopened = wait_open(dir.path(), inline);
+        let (runs, _) = reopened.run_counts();
+        assert!(runs[3..].iter().all(|count| *count > 0), "query runs {runs:?}");
+        let ledger = Ledger::open(reopened).unwrap();
+        assert_eq!(answers(&ledger), expected);
+        drop(ledger);
+        let again = Ledger::open(wait_open(dir.path(), inline)).unwrap();
+        assert_eq!(answers(&again), expected, "written as layout 2");
+        assert!(!again.store().is_empty().unwrap());
+    }
+
+    /// sled's threads may hold a closed store's lock for a moment: open with a deadline.
+    fn wait_open(path: &std::path::Path, options: Options) -> SledStore {
+        let started = std::time::Instant::now();
+        loop {
+            match SledStore::open_with(path, options) {
+                Ok(store) => return store,
+                Err(error) if started.elapsed() < std::time::Duration::from_secs(10) => {
+                    assert!(error.to_string().contains("lock"), "{error}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+    }
+}
