@@ -181,12 +181,13 @@ impl Store for MemStore {
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
-        visit: &mut dyn FnMut(u64) -> bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
     ) -> StoreResult<()> {
         let range = self
             .transfer_fields
             .range((field, value, timestamp_min)..=(field, value, timestamp_max.max(timestamp_min)));
-        let mut visit = |(_, _, timestamp): &(Field, u128, u64)| visit(*timestamp);
+        let mut visit =
+            |(_, _, timestamp): &(Field, u128, u64)| visit(&self.transfers[&self.transfer_times[timestamp]]);
         if reversed {
             range.rev().take_while(|entry| visit(entry)).for_each(drop);
         } else {

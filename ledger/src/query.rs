@@ -116,7 +116,7 @@ impl<S: Store> Ledger<S> {
     }
 
     /// Transfers whose fields match the filter, in time order (or reversed), from the query index
-    /// of the filter's first non-zero field (or all transfers by time); the others are checked on
+    /// of the filter's first non-zero field (or all transfers by time); every field is checked on
     /// the records.
     pub fn query_transfers(&self, filter: &QueryFilter) -> Result<Page<Transfer>, QueryError> {
         filter.validate()?;
@@ -132,14 +132,9 @@ impl<S: Store> Ledger<S> {
                 min,
                 max,
                 filter.reversed,
-                &mut |timestamp| {
-                    page.examine(timestamp, || {
-                        let transfer = self.store().transfer_at(timestamp)?.ok_or_else(|| {
-                            StoreError::Corrupt(format!(
-                                "query index names a transfer at {timestamp}, which is missing"
-                            ))
-                        })?;
-                        Ok(filter.matches_transfer(&transfer).then_some(transfer))
+                &mut |transfer| {
+                    page.examine(transfer.timestamp, || {
+                        Ok(filter.matches_transfer(transfer).then_some(*transfer))
                     })
                 },
             )?,

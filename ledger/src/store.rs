@@ -170,8 +170,9 @@ pub trait Store {
         reversed: bool,
         visit: &mut dyn FnMut(&Transfer) -> bool,
     ) -> StoreResult<()>;
-    /// Timestamps of the transfers whose `field` holds `value` (never zero: zero is not
-    /// indexed), within the bounds, in time order (or reversed), until `visit` returns false.
+    /// Transfers within the bounds, in time order (or reversed), that may have `field` equal to
+    /// `value` (never zero): each one that has is visited, and others may be (a store may serve a
+    /// field from a coarse index; the caller checks), until `visit` returns false.
     fn scan_transfer_field(
         &self,
         field: Field,
@@ -179,7 +180,7 @@ pub trait Store {
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
-        visit: &mut dyn FnMut(u64) -> bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
     ) -> StoreResult<()>;
     /// `(timestamp, id)` of the accounts whose `field` holds `value` (never zero), or of every
     /// account for `None`, within the bounds, in time order (or reversed), until `visit` returns

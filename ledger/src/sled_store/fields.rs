@@ -1,7 +1,11 @@
-//! The query indexes (`Kind::TransferUserData128` to `Kind::AccountTimes`): for each field a
-//! record can be selected by, `(value, timestamp)` entries in runs of their own. Built by every
-//! commit from the records it creates; by an import, and by the first open of a store of layout
-//! version 1, from records in any order (`Indexer`).
+//! The query indexes. For each field a record can be selected by, either runs of
+//! `(value, timestamp)` entries (`Kind::TransferUserData128` to `Kind::AccountTimes`), or, for a
+//! transfer's ledger and code, a zone map: beside each transfer chunk, the few ledgers and codes
+//! its transfers have. A ledger or a code is shared by many transfers, so an entry per transfer
+//! would cost the write path much and tell a scan little: a query by ledger reads the chunks
+//! whose zone holds it, and skips the others. References (user data) tell transfers apart and
+//! get entries. Built by every commit from the records it creates; by an import, and by the
+//! first open of a store of layout version 1, from records in any order (`Indexer`).
 
 use std::sync::Arc;
 
@@ -9,6 +13,7 @@ use super::layout::Runs;
 use super::runs::{self, Kind, RunBuilder, Writes};
 use super::{Inner, next_run};
 use crate::model::{Account, Field, Transfer};
+use crate::store::{StoreError, StoreResult};
 
 /// The account kinds' fields, `None` being every account by time.
 pub(super) const ACCOUNT_FIELDS: [Option<Field>; 6] = [
@@ -19,6 +24,78 @@ pub(super) const ACCOUNT_FIELDS: [Option<Field>; 6] = [
     Some(Field::Code),
     None,
 ];
+
+/// Physical prefix of a zone map, keyed like its chunk (`Z`, first timestamp).
+pub(super) const PREFIX_ZONE: u8 = b'Z';
+/// A zone lists at most this many ledgers and as many codes; a chunk with more says "any".
+const ZONE_VALUES_MAX: usize = 8;
+const ZONE_ANY: u8 = u8::MAX;
+
+pub(super) fn zone_key(chunk_first: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = PREFIX_ZONE;
+    key[1..].copy_from_slice(&chunk_first.to_be_bytes());
+    key
+}
+
+/// The zone map of one chunk's transfers: `ledger count | ledgers (u32 each) | code count | codes
+/// (u16 each)`, little-endian, sorted; a count of `ZONE_ANY` (no list) for more than
+/// `ZONE_VALUES_MAX` distinct values.
+pub(super) fn zone_of(transfers: &[Transfer]) -> Vec<u8> {
+    let mut ledgers: Vec<u32> = transfers.iter().map(|t| t.ledger).collect();
+    ledgers.sort_unstable();
+    ledgers.dedup();
+    let mut codes: Vec<u16> = transfers.iter().map(|t| t.code).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    let mut zone = Vec::with_capacity(16);
+    push_list(&mut zone, ledgers.len(), |zone| {
+        ledgers.iter().for_each(|v| zone.extend_from_slice(&v.to_le_bytes()))
+    });
+    push_list(&mut zone, codes.len(), |zone| {
+        codes.iter().for_each(|v| zone.extend_from_slice(&v.to_le_bytes()))
+    });
+    zone
+}
+
+fn push_list(zone: &mut Vec<u8>, count: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    if count > ZONE_VALUES_MAX {
+        zone.push(ZONE_ANY);
+    } else {
+        zone.push(count as u8);
+        write(zone);
+    }
+}
+
+/// Whether the chunk of this zone may hold a transfer whose `field` (ledger or code) is `value`.
+pub(super) fn zone_may_hold(zone: &[u8], field: Field, value: u128) -> StoreResult<bool> {
+    let corrupt = || StoreError::Corrupt(format!("zone map of {} bytes", zone.len()));
+    let list = |at: usize, width: usize| -> StoreResult<(Option<&[u8]>, usize)> {
+        let count = *zone.get(at).ok_or_else(corrupt)?;
+        if count == ZONE_ANY {
+            return Ok((None, at + 1));
+        }
+        let end = at + 1 + count as usize * width;
+        Ok((Some(zone.get(at + 1..end).ok_or_else(corrupt)?), end))
+    };
+    let (ledgers, codes_at) = list(0, 4)?;
+    let (codes, end) = list(codes_at, 2)?;
+    if end != zone.len() {
+        return Err(corrupt());
+    }
+    Ok(match field {
+        Field::Ledger => ledgers.is_none_or(|list| {
+            list.chunks_exact(4).any(|v| u128::from(u32::from_le_bytes(v.try_into().unwrap())) == value)
+        }),
+        Field::Code => codes.is_none_or(|list| {
+            list.chunks_exact(2).any(|v| u128::from(u16::from_le_bytes(v.try_into().unwrap())) == value)
+        }),
+        Field::UserData128 | Field::UserData64 | Field::UserData32 => true,
+    })
+}
+
+/// The transfer fields with entries in runs (the others have zone maps).
+pub(super) const TRANSFER_INDEXED: [Field; 3] = [Field::UserData128, Field::UserData64, Field::UserData32];
 
 /// Records an `Indexer` holds (32 MiB of transfers, as much of accounts) before it writes their
 /// entries as one run per kind.
@@ -110,9 +187,9 @@ impl Indexer {
 
     fn write_transfers(&mut self, inner: &Inner, runs: &mut Runs, writes: &mut Writes) {
         let transfers = std::mem::take(&mut self.transfers);
-        for field in Field::ALL {
+        for field in TRANSFER_INDEXED {
             let entries = transfer_entries(&transfers, field);
-            let kind = Kind::of_transfer_field(field);
+            let kind = Kind::of_transfer_field(field).expect("an indexed field");
             write_run(inner, kind, entries.len(), runs, writes, &mut |builder, writes| {
                 push_transfer_entries(builder, &entries, writes)
             });
@@ -251,6 +328,25 @@ mod tests {
         let again = Ledger::open(wait_open(dir.path(), inline)).unwrap();
         assert_eq!(answers(&again), expected, "written as layout 2");
         assert!(!again.store().is_empty().unwrap());
+    }
+
+    #[test]
+    fn a_zone_map_lists_few_values_and_says_any_for_many() {
+        use super::{zone_may_hold, zone_of};
+        use crate::model::Field;
+        let transfer = |ledger: u32, code: u16| Transfer { ledger, code, ..Transfer::default() };
+        let few: Vec<Transfer> = [(1, 5), (2, 5), (1, 6), (1, 5)].iter().map(|(l, c)| transfer(*l, *c)).collect();
+        let zone = zone_of(&few);
+        let holds = |zone: &[u8], field, value| zone_may_hold(zone, field, value).unwrap();
+        assert!(holds(&zone, Field::Ledger, 1) && holds(&zone, Field::Ledger, 2) && !holds(&zone, Field::Ledger, 3));
+        assert!(holds(&zone, Field::Code, 6) && !holds(&zone, Field::Code, 7) && !holds(&zone, Field::Code, 1));
+        // Nine codes: any code may be there; the one ledger is still listed.
+        let many: Vec<Transfer> = (1..=9).map(|code| transfer(4, code)).collect();
+        let zone = zone_of(&many);
+        assert!(holds(&zone, Field::Code, 1_000) && holds(&zone, Field::Ledger, 4) && !holds(&zone, Field::Ledger, 1));
+        for cut in 0..zone.len() {
+            assert!(zone_may_hold(&zone[..cut], Field::Code, 1).is_err(), "a zone cut at {cut} was read");
+        }
     }
 
     /// sled's threads may hold a closed store's lock for a moment: open with a deadline.

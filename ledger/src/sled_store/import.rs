@@ -124,7 +124,10 @@ impl Import {
         if self.chunk.is_empty() {
             return;
         }
-        let first = codec::decode_transfer(&self.chunk[..codec::RECORD_BYTES]).timestamp;
+        let transfers: Vec<_> =
+            self.chunk.chunks_exact(codec::RECORD_BYTES).map(codec::decode_transfer).collect();
+        let first = transfers[0].timestamp;
+        self.writes.push((super::fields::zone_key(first).to_vec(), super::fields::zone_of(&transfers)));
         self.writes.push((chunk_key(first).to_vec(), std::mem::take(&mut self.chunk)));
     }
 

@@ -8,7 +8,7 @@ use super::runs::{KINDS, Kind, Run};
 use crate::store::{StoreError, StoreResult};
 
 pub(super) const LAYOUT_KEY: &[u8] = b"Llayout";
-/// Version 2 adds the query indexes (kinds 3 to 13); a version 1 layout lists the first three
+/// Version 2 adds the query indexes (kinds 3 to 11) and the transfers' zone maps; a version 1 layout lists the first three
 /// kinds, and `SledStore::open` builds the query indexes of such a store once.
 const LAYOUT_VERSION: u32 = 2;
 const LAYOUT_VERSIONS_READ: [u32; 2] = [1, 2];

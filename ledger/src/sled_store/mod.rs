@@ -11,6 +11,7 @@
 //! | `R` kind, run id, page number     | a page of a sorted run (`runs.rs`): accounts, transfer ids -> timestamp, per-account index, query indexes |
 //! | `F` kind, run id, chunk number    | that run's description: page fences and Bloom filter |
 //! | `L` `layout`                      | the runs of each kind, oldest first, and runs awaiting deletion |
+//! | `Z` first timestamp               | the zone map of that chunk: its transfers' ledgers and codes (`fields.rs`) |
 //! | `E`, `M`, `P`, `X`                | expiries, meta, pending statuses and failed ids, as in the logical key space (`codec.rs`) |
 //!
 //! A failed id is also in the ids runs, with `FAILED_MARK | result code` for a timestamp: every
@@ -19,8 +20,9 @@
 //! The `X` keys are what export and the digest read.
 //!
 //! The query indexes (`fields.rs`) are runs too, one kind per field: `(value, timestamp)` of every
-//! record whose field is not zero. They are derived data: export and the digest leave them out,
-//! import and the first open of a layout-1 store build them from the records.
+//! record whose field is not zero; a transfer's ledger and code have zone maps instead. They are
+//! derived data: export and the digest leave them out, import and the first open of a layout-1
+//! store build them from the records.
 //!
 //! Each applied entry writes, in one atomic `apply_batch`: its transfers as chunks, one new run
 //! per kind it changed (the accounts it changed, the ids it created, its index entries, its
@@ -266,6 +268,62 @@ impl SledStore {
         Ok(find_in_chunk(&chunk, timestamp)?.map(codec::decode_transfer))
     }
 
+    /// The transfers within the bounds of the chunks whose zone map `select` takes, in time
+    /// order (or reversed), until `visit` returns false. Every chunk has a zone map under the
+    /// same timestamp.
+    fn scan_chunks(
+        &self,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        select: &dyn Fn(&[u8]) -> StoreResult<bool>,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
+    ) -> StoreResult<()> {
+        if timestamp_min > timestamp_max {
+            return Ok(());
+        }
+        let tree = &self.inner.tree;
+        let first = fields::zone_key(timestamp_min);
+        // The chunk holding `timestamp_min` starts at or before it.
+        let start = match tree.range(..=first).next_back().transpose()? {
+            Some((key, _)) if key.first() == Some(&fields::PREFIX_ZONE) => key.to_vec(),
+            _ => first.to_vec(),
+        };
+        let zones = tree.range(start..=fields::zone_key(timestamp_max).to_vec());
+        let mut visit_zone = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> StoreResult<bool> {
+            let (key, zone) = entry?;
+            if !select(&zone)? {
+                return Ok(true);
+            }
+            let chunk = tree.get(chunk_key(u64::from_be_bytes(key[1..9].try_into().unwrap())))?;
+            let chunk =
+                chunk.ok_or_else(|| StoreError::Corrupt(format!("zone map {key:02x?} without its chunk")))?;
+            let mut records = chunk_records(&chunk)?;
+            let mut go_on = |record: &[u8]| {
+                let timestamp = record_timestamp(record);
+                if timestamp < timestamp_min || timestamp > timestamp_max {
+                    return true;
+                }
+                visit(&codec::decode_transfer(record))
+            };
+            Ok(if reversed { records.rev().all(&mut go_on) } else { records.all(&mut go_on) })
+        };
+        if reversed {
+            for entry in zones.rev() {
+                if !visit_zone(entry)? {
+                    break;
+                }
+            }
+        } else {
+            for entry in zones {
+                if !visit_zone(entry)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Writes of the plain keys (expiries, pending statuses, failed ids, meta), in key order per
     /// kind.
     fn plain_writes(changes: &Changes, mut write: impl FnMut(&[u8], Option<&[u8]>)) {
@@ -401,8 +459,12 @@ impl Inner {
         let mut runs = (*self.current_runs()).clone();
         let mut writes = Writes::new();
         for entry in self.tree.scan_prefix([PREFIX_TRANSFER]) {
-            for record in chunk_records(&entry?.1)? {
-                indexer.add_transfer(self, codec::decode_transfer(record), &mut runs, &mut writes);
+            let (key, chunk) = entry?;
+            let transfers: Vec<Transfer> = chunk_records(&chunk)?.map(codec::decode_transfer).collect();
+            let first = u64::from_be_bytes(key[1..9].try_into().unwrap());
+            writes.push((fields::zone_key(first).to_vec(), fields::zone_of(&transfers)));
+            for transfer in transfers {
+                indexer.add_transfer(self, transfer, &mut runs, &mut writes);
             }
             if writes.len() >= WRITES_PER_BATCH {
                 self.write_pages(&mut writes)?;
@@ -709,42 +771,7 @@ impl Store for SledStore {
         reversed: bool,
         visit: &mut dyn FnMut(&Transfer) -> bool,
     ) -> StoreResult<()> {
-        if timestamp_min > timestamp_max {
-            return Ok(());
-        }
-        let tree = &self.inner.tree;
-        let first = chunk_key(timestamp_min);
-        // The chunk holding `timestamp_min` starts at or before it.
-        let start = match tree.range(..=first).next_back().transpose()? {
-            Some((key, _)) if key.first() == Some(&PREFIX_TRANSFER) => key.to_vec(),
-            _ => first.to_vec(),
-        };
-        let chunks = tree.range(start..=chunk_key(timestamp_max).to_vec());
-        let mut visit_chunk = |chunk: &[u8]| -> StoreResult<bool> {
-            let mut records = chunk_records(chunk)?;
-            let mut go_on = |record: &[u8]| {
-                let timestamp = record_timestamp(record);
-                if timestamp < timestamp_min || timestamp > timestamp_max {
-                    return true;
-                }
-                visit(&codec::decode_transfer(record))
-            };
-            Ok(if reversed { records.rev().all(&mut go_on) } else { records.all(&mut go_on) })
-        };
-        if reversed {
-            for entry in chunks.rev() {
-                if !visit_chunk(&entry?.1)? {
-                    break;
-                }
-            }
-        } else {
-            for entry in chunks {
-                if !visit_chunk(&entry?.1)? {
-                    break;
-                }
-            }
-        }
-        Ok(())
+        self.scan_chunks(timestamp_min, timestamp_max, reversed, &|_| Ok(true), visit)
     }
 
     fn scan_transfer_field(
@@ -754,17 +781,29 @@ impl Store for SledStore {
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
-        visit: &mut dyn FnMut(u64) -> bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
     ) -> StoreResult<()> {
+        let Some(kind) = Kind::of_transfer_field(field) else {
+            let select = |zone: &[u8]| fields::zone_may_hold(zone, field, value);
+            return self.scan_chunks(timestamp_min, timestamp_max, reversed, &select, visit);
+        };
         let runs = self.inner.current_runs();
         runs::scan(
-            runs.of(Kind::of_transfer_field(field)),
+            runs.of(kind),
             &self.inner.tree,
             &runs::field_key(value, timestamp_min),
             &runs::field_key(value, timestamp_max),
             reversed,
             Some(KeyHash::of(&value.to_be_bytes())),
-            &mut |key, _| Ok(visit(u64::from_be_bytes(key[16..24].try_into().unwrap()))),
+            &mut |key, _| {
+                let timestamp = u64::from_be_bytes(key[16..24].try_into().unwrap());
+                let transfer = self.transfer_at(timestamp)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "query index names a transfer at {timestamp}, which is missing"
+                    ))
+                })?;
+                Ok(visit(&transfer))
+            },
         )
     }
 
@@ -810,6 +849,7 @@ impl Store for SledStore {
                 value.extend_from_slice(&codec::encode_transfer(transfer));
             }
             batch.insert(&chunk_key(chunk[0].timestamp), value);
+            batch.insert(&fields::zone_key(chunk[0].timestamp), fields::zone_of(chunk));
         }
 
         let mut layout = self.inner.layout.lock().unwrap();
@@ -847,9 +887,10 @@ impl Store for SledStore {
                 builder.push(&key[1..], &value, writes);
             }
         });
-        for field in Field::ALL {
+        for field in fields::TRANSFER_INDEXED {
             let entries = fields::transfer_entries(&changes.transfers, field);
-            new_run(Kind::of_transfer_field(field), entries.len(), &mut |builder, writes| {
+            let kind = Kind::of_transfer_field(field).expect("an indexed field");
+            new_run(kind, entries.len(), &mut |builder, writes| {
                 fields::push_transfer_entries(builder, &entries, writes)
             });
         }

@@ -39,26 +39,26 @@ pub enum Kind {
     /// (account id, timestamp) -> transfer id, and the balances after it for accounts with
     /// `history`: the per-account index.
     Index = 2,
-    /// The query indexes, one kind per field: (value, timestamp) -> nothing for transfers (the
-    /// timestamp finds the transfer's chunk), -> account id for accounts. Zero values are not
-    /// indexed (a zero in a filter means "any"). Derived from the records, so neither snapshots
-    /// nor the digest carry them: a store builds them as it writes or imports.
+    /// The query indexes of the fields that tell records apart, one kind per field: (value,
+    /// timestamp) -> nothing for transfers (the timestamp finds the transfer's chunk), -> account
+    /// id for accounts. Zero values are not indexed (a zero in a filter means "any"). A
+    /// transfer's ledger and code, which few values share among many transfers, have zone maps
+    /// instead (`fields.rs`). Derived from the records, so neither snapshots nor the digest carry
+    /// them: a store builds them as it writes or imports.
     TransferUserData128 = 3,
     TransferUserData64 = 4,
     TransferUserData32 = 5,
-    TransferLedger = 6,
-    TransferCode = 7,
-    AccountUserData128 = 8,
-    AccountUserData64 = 9,
-    AccountUserData32 = 10,
-    AccountLedger = 11,
-    AccountCode = 12,
+    AccountUserData128 = 6,
+    AccountUserData64 = 7,
+    AccountUserData32 = 8,
+    AccountLedger = 9,
+    AccountCode = 10,
     /// (0, timestamp) -> account id, for every account: accounts in time order.
-    AccountTimes = 13,
+    AccountTimes = 11,
 }
 
 /// How many kinds there are: the length of the layout's lists.
-pub const KINDS: usize = 14;
+pub const KINDS: usize = 12;
 
 impl Kind {
     pub const ALL: [Kind; KINDS] = [
@@ -68,8 +68,6 @@ impl Kind {
         Kind::TransferUserData128,
         Kind::TransferUserData64,
         Kind::TransferUserData32,
-        Kind::TransferLedger,
-        Kind::TransferCode,
         Kind::AccountUserData128,
         Kind::AccountUserData64,
         Kind::AccountUserData32,
@@ -78,14 +76,13 @@ impl Kind {
         Kind::AccountTimes,
     ];
 
-    /// The query index of a transfer field.
-    pub fn of_transfer_field(field: Field) -> Kind {
+    /// The query index of a transfer field; `None` for ledger and code (zone maps).
+    pub fn of_transfer_field(field: Field) -> Option<Kind> {
         match field {
-            Field::UserData128 => Kind::TransferUserData128,
-            Field::UserData64 => Kind::TransferUserData64,
-            Field::UserData32 => Kind::TransferUserData32,
-            Field::Ledger => Kind::TransferLedger,
-            Field::Code => Kind::TransferCode,
+            Field::UserData128 => Some(Kind::TransferUserData128),
+            Field::UserData64 => Some(Kind::TransferUserData64),
+            Field::UserData32 => Some(Kind::TransferUserData32),
+            Field::Ledger | Field::Code => None,
         }
     }
 
