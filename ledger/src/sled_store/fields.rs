@@ -335,15 +335,26 @@ mod tests {
         use super::{zone_may_hold, zone_of};
         use crate::model::Field;
         let transfer = |ledger: u32, code: u16| Transfer { ledger, code, ..Transfer::default() };
-        let few: Vec<Transfer> = [(1, 5), (2, 5), (1, 6), (1, 5)].iter().map(|(l, c)| transfer(*l, *c)).collect();
+        let few: Vec<Transfer> =
+            [(1, 5), (2, 5), (1, 6), (1, 5)].iter().map(|(l, c)| transfer(*l, *c)).collect();
         let zone = zone_of(&few);
         let holds = |zone: &[u8], field, value| zone_may_hold(zone, field, value).unwrap();
-        assert!(holds(&zone, Field::Ledger, 1) && holds(&zone, Field::Ledger, 2) && !holds(&zone, Field::Ledger, 3));
-        assert!(holds(&zone, Field::Code, 6) && !holds(&zone, Field::Code, 7) && !holds(&zone, Field::Code, 1));
+        assert!(
+            holds(&zone, Field::Ledger, 1)
+                && holds(&zone, Field::Ledger, 2)
+                && !holds(&zone, Field::Ledger, 3)
+        );
+        assert!(
+            holds(&zone, Field::Code, 6) && !holds(&zone, Field::Code, 7) && !holds(&zone, Field::Code, 1)
+        );
         // Nine codes: any code may be there; the one ledger is still listed.
         let many: Vec<Transfer> = (1..=9).map(|code| transfer(4, code)).collect();
         let zone = zone_of(&many);
-        assert!(holds(&zone, Field::Code, 1_000) && holds(&zone, Field::Ledger, 4) && !holds(&zone, Field::Ledger, 1));
+        assert!(
+            holds(&zone, Field::Code, 1_000)
+                && holds(&zone, Field::Ledger, 4)
+                && !holds(&zone, Field::Ledger, 1)
+        );
         for cut in 0..zone.len() {
             assert!(zone_may_hold(&zone[..cut], Field::Code, 1).is_err(), "a zone cut at {cut} was read");
         }
