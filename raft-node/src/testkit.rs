@@ -55,9 +55,19 @@ pub fn channel_with(address: &str, security: &Security) -> tonic::transport::Cha
     endpoint.connect_timeout(Duration::from_secs(2)).connect_lazy()
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, and never handed out before by this process: the kernel
+/// may give a released port to the next `bind(0)`, and CI saw a node's metrics port be another
+/// node's client port (tests run in parallel threads of one process).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 impl TestCluster {
