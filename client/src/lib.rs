@@ -321,6 +321,21 @@ impl Client {
         .await
     }
 
+    /// The change stream of the first node that answers, from `timestamp_min` on (see
+    /// `ledger.proto`). The stream does not end; on an error, subscribe again (to any node)
+    /// from the last timestamp received + 1.
+    pub async fn subscribe_changes(
+        &self,
+        timestamp_min: u64,
+    ) -> Result<tonic::Streaming<v1::ChangeEvent>, Error> {
+        let message = v1::SubscribeChangesRequest { timestamp_min };
+        self.with_retries(|channel, _| {
+            let request = tonic::Request::new(message);
+            async move { Ok(answer(Self::ledger(channel).subscribe_changes(request).await?, |reply| reply)) }
+        })
+        .await
+    }
+
     pub async fn cluster_status(&self) -> Result<v1::StatusReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(v1::StatusRequest { local_only: false }, left);

@@ -122,6 +122,7 @@ fn digest_changes(previous: &[u8; 32], changes: &Changes) -> [u8; 32] {
         + changes.accounts.len() * 160
         + changes.transfers.len() * 150
         + changes.index.len() * 120
+        + changes.changes.len() * 170
         + (changes.pending.len() + changes.expiry_put.len() + changes.expiry_delete.len()) * 48;
     let mut framed = Vec::with_capacity(capacity);
     framed.extend_from_slice(previous);
@@ -149,6 +150,7 @@ enum Undo {
     /// The key, and whether it was a put of this same entry (rather than a stored key).
     ExpiryDelete((u64, u128), bool),
     Index,
+    Change,
 }
 
 /// The overlay of one entry's uncommitted changes, shaped for speed while executing (hash maps
@@ -166,6 +168,7 @@ struct Work {
     /// Not undone by a chain's rollback: the event failed, whatever became of its chain.
     failed: HashMap<u128, CreateTransferResult>,
     index: Vec<IndexWrite>,
+    changes: Vec<ChangeRecord>,
     meta: LedgerMeta,
 }
 
@@ -185,6 +188,7 @@ impl Work {
             expiry_delete: self.expiry_delete,
             failed,
             index: self.index,
+            changes: self.changes,
             meta: self.meta,
             app_meta: None,
             timestamp_before: 0,
@@ -224,9 +228,11 @@ impl<'s, S: Store> Tx<'s, S> {
             // follows the cluster's time, at the next batch or tick.
             Clock::Imported { now: timestamp_proposed }
         } else {
-            let first = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
-            self.expire_pending(first)?;
-            Clock::Assigned { first }
+            // Expiries due by then come first, each at a timestamp of its own; the batch's
+            // events follow them.
+            let now = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
+            self.expire_pending(now)?;
+            Clock::Assigned { first: now.max(self.work.meta.timestamp_last + 1) }
         };
         let reply = match batch {
             Batch::CreateAccounts(events) => {
@@ -350,6 +356,9 @@ impl<'s, S: Store> Tx<'s, S> {
                 Undo::Index => {
                     changes.index.pop();
                 }
+                Undo::Change => {
+                    changes.changes.pop();
+                }
             }
         }
     }
@@ -435,23 +444,33 @@ impl<'s, S: Store> Tx<'s, S> {
         self.record(|| Undo::Index);
     }
 
+    fn put_change(&mut self, kind: ChangeKind, id: u128, timestamp: u64, debit: &Account, credit: &Account) {
+        if let Some(last) = self.work.changes.last() {
+            assert!(timestamp > last.timestamp, "change records out of time order");
+        }
+        self.work.changes.push(ChangeRecord {
+            timestamp,
+            kind,
+            id,
+            debit: debit.balance(timestamp),
+            credit: credit.balance(timestamp),
+        });
+        self.record(|| Undo::Change);
+    }
+
     /// An entry of time alone (`apply` with no batches and a proposed timestamp): expires every
     /// pending transfer due at that time, or just after the ledger's last timestamp if that is
     /// later, and moves ledger time there if anything expired. How an idle ledger expires
     /// reservations without waiting for a write.
     fn tick(&mut self, timestamp_proposed: u64) -> StoreResult<()> {
         let now = timestamp_proposed.max(self.work.meta.timestamp_last + 1);
-        let writes = self.writes;
-        self.expire_pending(now)?;
-        if self.writes != writes {
-            self.work.meta.timestamp_last = now;
-        }
-        Ok(())
+        self.expire_pending(now)
     }
 
-    /// Expires every pending transfer due at `now`, releasing its reservation. Runs at the start
-    /// of each batch, so a transfer is expired by the first batch whose time reaches its expiry
-    /// (or by a tick, on an idle ledger).
+    /// Expires every pending transfer due at `now`, releasing its reservation, oldest expiry
+    /// first, each at its own timestamp from `now` on (ledger time moves to the last). Runs at
+    /// the start of each batch, so a transfer is expired by the first batch whose time reaches
+    /// its expiry (or by a tick, on an idle ledger).
     fn expire_pending(&mut self, now: u64) -> StoreResult<()> {
         let mut due: Vec<(u64, u128)> = self
             .store
@@ -462,13 +481,15 @@ impl<'s, S: Store> Tx<'s, S> {
         due.extend(self.work.expiry_put.range(..=(now, u128::MAX)).copied());
         due.sort_unstable();
         for key in due {
-            self.expire(key)?;
+            let timestamp = now.max(self.work.meta.timestamp_last + 1);
+            self.expire(key, timestamp)?;
+            self.work.meta.timestamp_last = timestamp;
         }
         self.undo.clear();
         Ok(())
     }
 
-    fn expire(&mut self, (expires_at, id): (u64, u128)) -> StoreResult<()> {
+    fn expire(&mut self, (expires_at, id): (u64, u128), timestamp: u64) -> StoreResult<()> {
         let pending = self.transfer(id)?.expect("expiry of an unknown transfer");
         assert_eq!(self.pending_status(id)?, Some(PendingStatus::Pending), "expiry of a settled transfer");
         assert_eq!(expires_at, pending.timestamp + u64::from(pending.timeout) * NANOS_PER_SECOND);
@@ -482,6 +503,7 @@ impl<'s, S: Store> Tx<'s, S> {
         if pending.flags.contains(TransferFlags::CLOSING_CREDIT) {
             credit.flags.0 &= !AccountFlags::CLOSED;
         }
+        self.put_change(ChangeKind::TwoPhaseExpired, id, timestamp, &debit, &credit);
         self.put_account(debit);
         self.put_account(credit);
         self.put_pending_status(id, PendingStatus::Expired);
@@ -522,7 +544,9 @@ impl<'s, S: Store> Tx<'s, S> {
         } else if a.flags.contains(AccountFlags::IMPORTED) && timestamp <= self.work.meta.timestamp_last {
             R::ImportedEventTimestampMustNotRegress
         } else {
-            self.put_account(Account { timestamp, ..*a });
+            let created = Account { timestamp, ..*a };
+            self.put_change(ChangeKind::AccountCreated, a.id, timestamp, &created, &Account::default());
+            self.put_account(created);
             return Ok((R::Ok, timestamp));
         };
         Ok((result, 0))
@@ -607,6 +631,13 @@ impl<'s, S: Store> Tx<'s, S> {
         self.put_transfer(transfer);
         self.put_index(&debit, &transfer);
         self.put_index(&credit, &transfer);
+        self.put_change(
+            ChangeKind::of_transfer(transfer.flags),
+            transfer.id,
+            transfer.timestamp,
+            &debit,
+            &credit,
+        );
         self.put_account(debit);
         self.put_account(credit);
     }
@@ -680,6 +711,13 @@ impl<'s, S: Store> Tx<'s, S> {
         self.put_transfer(transfer);
         self.put_index(&debit, &transfer);
         self.put_index(&credit, &transfer);
+        self.put_change(
+            ChangeKind::of_transfer(transfer.flags),
+            transfer.id,
+            transfer.timestamp,
+            &debit,
+            &credit,
+        );
         self.put_account(debit);
         self.put_account(credit);
         Ok((R::Ok, timestamp))

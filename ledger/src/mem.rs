@@ -10,10 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use foldhash::HashMap;
 
 use crate::codec::{
-    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
-    PREFIX_TRANSFER,
+    self, PREFIX_ACCOUNT, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META,
+    PREFIX_PENDING, PREFIX_TRANSFER,
 };
-use crate::model::{Account, AccountBalance, CreateTransferResult, Field, PendingStatus, Transfer};
+use crate::model::{
+    Account, AccountBalance, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer,
+};
 use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 #[derive(Default, Clone)]
@@ -24,6 +26,7 @@ pub struct MemStore {
     expiries: BTreeSet<(u64, u128)>,
     failed: HashMap<u128, CreateTransferResult>,
     index: HashMap<u128, IndexList>,
+    changes: BTreeMap<u64, ChangeRecord>,
     meta: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Derived, for queries (not records): transfer ids by timestamp, and the field indexes,
     /// `(field, value, timestamp)` for transfers and `(field, value, timestamp, id)` for
@@ -217,6 +220,15 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn scan_changes(
+        &self,
+        timestamp_min: u64,
+        visit: &mut dyn FnMut(&ChangeRecord) -> bool,
+    ) -> StoreResult<()> {
+        self.changes.range(timestamp_min..).take_while(|(_, change)| visit(change)).for_each(drop);
+        Ok(())
+    }
+
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         Ok(self.meta.get(key).cloned())
     }
@@ -231,6 +243,7 @@ impl Store for MemStore {
         for transfer in &changes.transfers {
             self.insert_transfer(*transfer);
         }
+        self.changes.extend(changes.changes.iter().map(|change| (change.timestamp, *change)));
         self.pending.extend(changes.pending.iter().copied());
         self.failed.extend(changes.failed.iter().copied());
         for key in &changes.expiry_delete {
@@ -248,9 +261,12 @@ impl Store for MemStore {
     }
 
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        // In prefix order: A, E, I, M, P, T, X.
+        // In prefix order: A, C, E, I, M, P, T, X.
         for (id, account) in sorted(&self.accounts) {
             visit(&codec::id_key(PREFIX_ACCOUNT, id), &codec::encode_account(account))?;
+        }
+        for change in self.changes.values() {
+            visit(&codec::change_key(change.timestamp), &codec::encode_change(change))?;
         }
         for (expires_at, id) in &self.expiries {
             visit(&codec::expiry_key(*expires_at, *id), &[])?;
@@ -296,6 +312,7 @@ impl Store for MemStore {
             && self.expiries.is_empty()
             && self.failed.is_empty()
             && self.index.is_empty()
+            && self.changes.is_empty()
             && self.meta.is_empty())
     }
 
@@ -325,6 +342,10 @@ fn put_record(store: &mut MemStore, key: &[u8], value: &[u8]) -> StoreResult<()>
                 return Err(corrupt());
             }
             store.insert_transfer(transfer);
+        }
+        Some(PREFIX_CHANGE) if key.len() == 9 => {
+            let timestamp = u64::from_be_bytes(key[1..].try_into().expect("9-byte key"));
+            store.changes.insert(timestamp, codec::decode_change(timestamp, value).ok_or_else(corrupt)?);
         }
         Some(PREFIX_PENDING) if value.len() == 1 => {
             let status = PendingStatus::from_u8(value[0]).ok_or_else(corrupt)?;

@@ -197,6 +197,65 @@ pub struct AccountBalance {
     pub timestamp: u64,
 }
 
+/// What an event of the change stream did (TigerBeetle's CDC event types, and account creation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ChangeKind {
+    AccountCreated = 1,
+    /// A transfer that is neither pending nor settles one.
+    SinglePhase = 2,
+    TwoPhasePending = 3,
+    TwoPhasePosted = 4,
+    TwoPhaseVoided = 5,
+    /// A pending transfer's timeout passed: its reservation is released.
+    TwoPhaseExpired = 6,
+}
+
+impl ChangeKind {
+    pub fn from_u8(value: u8) -> Option<ChangeKind> {
+        [
+            ChangeKind::AccountCreated,
+            ChangeKind::SinglePhase,
+            ChangeKind::TwoPhasePending,
+            ChangeKind::TwoPhasePosted,
+            ChangeKind::TwoPhaseVoided,
+            ChangeKind::TwoPhaseExpired,
+        ]
+        .into_iter()
+        .find(|kind| *kind as u8 == value)
+    }
+
+    /// The kind of event a created transfer is.
+    pub fn of_transfer(flags: TransferFlags) -> ChangeKind {
+        if flags.contains(TransferFlags::PENDING) {
+            ChangeKind::TwoPhasePending
+        } else if flags.contains(TransferFlags::POST_PENDING_TRANSFER) {
+            ChangeKind::TwoPhasePosted
+        } else if flags.contains(TransferFlags::VOID_PENDING_TRANSFER) {
+            ChangeKind::TwoPhaseVoided
+        } else {
+            ChangeKind::SinglePhase
+        }
+    }
+}
+
+/// One event of the change stream, as the ledger records it when it applies the event: every
+/// account created, transfer created and pending transfer expired, in ledger time, each with its
+/// own timestamp (an expiry's is the ledger time it happened at), and the balances of the
+/// accounts it touched just after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChangeRecord {
+    pub timestamp: u64,
+    pub kind: ChangeKind,
+    /// The account created, the transfer created, or the pending transfer that expired.
+    pub id: u128,
+    /// The debit account's balances after the event (the created account's, zero, for
+    /// `AccountCreated`). Their `timestamp` is the event's.
+    pub debit: AccountBalance,
+    /// The credit account's balances after the event (zero for `AccountCreated`).
+    pub credit: AccountBalance,
+}
+
 /// The most index entries or records one query examines before it answers with what it found
 /// and where to go on (`Page::resume`): a query whose filter matches little of a long range must
 /// not hold a replica's state for seconds.

@@ -4,8 +4,8 @@
 use crate::codec;
 use crate::exec::Ledger;
 use crate::model::{
-    Account, AccountBalance, AccountFilter, FilterError, Page, QUERY_RESULTS_MAX, QUERY_SCAN_MAX,
-    QueryFilter, Transfer,
+    Account, AccountBalance, AccountFilter, ChangeKind, ChangeRecord, FilterError, Page, QUERY_RESULTS_MAX,
+    QUERY_SCAN_MAX, QueryFilter, Transfer,
 };
 use crate::store::{Store, StoreError, StoreResult};
 
@@ -142,6 +142,48 @@ impl<S: Store> Ledger<S> {
         page.finish()
     }
 
+    /// Up to `limit` events of the change stream from `timestamp_min` on, in ledger time, each
+    /// with the records it concerns.
+    pub fn changes(&self, timestamp_min: u64, limit: usize) -> StoreResult<Vec<ChangeEvent>> {
+        let mut records = Vec::new();
+        self.store().scan_changes(timestamp_min, &mut |change| {
+            records.push(*change);
+            records.len() < limit
+        })?;
+        records.into_iter().map(|change| self.change_event(change)).collect()
+    }
+
+    fn change_event(&self, change: ChangeRecord) -> StoreResult<ChangeEvent> {
+        let missing =
+            |what: String| StoreError::Corrupt(format!("change at {}: {what} is missing", change.timestamp));
+        let account = |id: u128, balance: &AccountBalance| -> StoreResult<Account> {
+            let account = self.store().account(id)?.ok_or_else(|| missing(format!("account {id}")))?;
+            Ok(Account {
+                debits_pending: balance.debits_pending,
+                debits_posted: balance.debits_posted,
+                credits_pending: balance.credits_pending,
+                credits_posted: balance.credits_posted,
+                ..account
+            })
+        };
+        if change.kind == ChangeKind::AccountCreated {
+            let created = account(change.id, &change.debit)?;
+            return Ok(ChangeEvent { change, transfer: None, debit_account: created, credit_account: None });
+        }
+        let transfer = if change.kind == ChangeKind::TwoPhaseExpired {
+            self.store().transfer(change.id)?
+        } else {
+            self.store().transfer_at(change.timestamp)?
+        };
+        let transfer = transfer.ok_or_else(|| missing(format!("transfer {}", change.id)))?;
+        Ok(ChangeEvent {
+            change,
+            transfer: Some(transfer),
+            debit_account: account(transfer.debit_account_id, &change.debit)?,
+            credit_account: Some(account(transfer.credit_account_id, &change.credit)?),
+        })
+    }
+
     /// The transfer an account's index entry names.
     fn indexed_transfer(&self, account_id: u128, timestamp: u64) -> StoreResult<Transfer> {
         self.store().transfer_at(timestamp)?.ok_or_else(|| {
@@ -202,4 +244,16 @@ impl<T> Collect<T> {
             None => Ok(Page { results: self.results, resume: self.resume }),
         }
     }
+}
+
+/// One event of the change stream, with its records: the transfer (for an expiry, the pending
+/// transfer that expired) and its accounts with their balances just after the event (their other
+/// fields, flags included, as they are now); for an account's creation, the account with zero
+/// balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub change: ChangeRecord,
+    pub transfer: Option<Transfer>,
+    pub debit_account: Account,
+    pub credit_account: Option<Account>,
 }

@@ -8,7 +8,9 @@
 use std::collections::BTreeSet;
 
 use crate::codec::{self, LedgerMeta};
-use crate::model::{Account, AccountBalance, CreateTransferResult, Field, PendingStatus, Transfer};
+use crate::model::{
+    Account, AccountBalance, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer,
+};
 
 #[derive(Debug)]
 pub enum StoreError {
@@ -75,6 +77,8 @@ pub struct Changes {
     pub failed: Vec<(u128, CreateTransferResult)>,
     /// In the order written, which is timestamp order.
     pub index: Vec<IndexWrite>,
+    /// The change records of the entry's events, in timestamp order.
+    pub changes: Vec<ChangeRecord>,
     pub meta: LedgerMeta,
     /// Written with the state, atomically; `None` leaves the stored value as it is.
     pub app_meta: Option<Vec<u8>>,
@@ -91,6 +95,12 @@ impl Changes {
     pub fn for_each_write(&self, mut record: impl FnMut(&[u8], Option<&[u8]>)) {
         for account in &self.accounts {
             record(&codec::id_key(codec::PREFIX_ACCOUNT, account.id), Some(&codec::encode_account(account)));
+        }
+        let mut encoded = Vec::with_capacity(codec::CHANGE_BYTES_MAX);
+        for change in &self.changes {
+            encoded.clear();
+            codec::encode_change_into(change, &mut encoded);
+            record(&codec::change_key(change.timestamp), Some(&encoded));
         }
         let mut expiries: Vec<((u64, u128), bool)> = self
             .expiry_put
@@ -193,6 +203,13 @@ pub trait Store {
         timestamp_max: u64,
         reversed: bool,
         visit: &mut dyn FnMut(u64, u128) -> bool,
+    ) -> StoreResult<()>;
+    /// Change records with `timestamp >= timestamp_min`, in time order, until `visit` returns
+    /// false.
+    fn scan_changes(
+        &self,
+        timestamp_min: u64,
+        visit: &mut dyn FnMut(&ChangeRecord) -> bool,
     ) -> StoreResult<()>;
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
     /// Writes all of `changes` atomically: after a crash, either all of it or none of it is there.

@@ -20,6 +20,7 @@ fn auditor_predicts_every_reply_and_balance() {
         let mut ledger = Ledger::open(MemStore::new()).unwrap();
         let mut workload = Workload::new(seed);
         run_audited(&mut ledger, &mut workload, AUDIT_BATCHES_PER_SEED, seed);
+        check_whole_change_stream(&ledger, &workload.model, seed);
         assert!(workload.model.transfers.len() > AUDIT_BATCHES_PER_SEED, "seed {seed}: workload too idle");
         assert!(workload.model.refused_again > 10, "seed {seed}: too few retries of failed ids");
         assert!(workload.model.expired_by_ticks > 10, "seed {seed}: too few expiries without a write");
@@ -35,6 +36,7 @@ fn auditor_on_sled() {
     let mut ledger = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
     let mut workload = Workload::new(seed);
     run_audited(&mut ledger, &mut workload, 400, seed);
+    check_whole_change_stream(&ledger, &workload.model, seed);
 }
 
 fn export_bytes(store: &impl Store) -> Vec<u8> {

@@ -225,6 +225,28 @@ pub fn expect_transfers(reply: BatchReply) -> Vec<EventResult<CreateTransferResu
     }
 }
 
+pub fn change_event_to(event: &ledger::query::ChangeEvent) -> pb::ChangeEvent {
+    use ledger::ChangeKind as K;
+    use pb::ChangeType as T;
+    let kind = match event.change.kind {
+        K::AccountCreated => T::AccountCreated,
+        K::SinglePhase => T::SinglePhase,
+        K::TwoPhasePending => T::TwoPhasePending,
+        K::TwoPhasePosted => T::TwoPhasePosted,
+        K::TwoPhaseVoided => T::TwoPhaseVoided,
+        K::TwoPhaseExpired => T::TwoPhaseExpired,
+    };
+    let created = event.change.kind == K::AccountCreated;
+    pb::ChangeEvent {
+        timestamp: event.change.timestamp,
+        r#type: kind as i32,
+        transfer: event.transfer.as_ref().map(transfer_to),
+        debit_account: (!created).then(|| account_to(&event.debit_account)),
+        credit_account: event.credit_account.as_ref().map(account_to),
+        account: created.then(|| account_to(&event.debit_account)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1246,6 +1246,135 @@ async fn payments_are_found_by_their_reference_on_every_node() {
     }
 }
 
+/// The change stream survives the loss of the node it is read from: a subscriber on the leader,
+/// which is killed under load, resumes on another node from the last timestamp it got, and ends
+/// up with every event exactly once, in ledger time, as the survivors list them from the start:
+/// each account created, each acknowledged transfer, and each expiry, with balances that add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_stream_resumes_on_another_node_with_every_event_once() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    create_accounts(&client, 1..=3).await;
+    // Load from another task: 40 batches of 5, one pending transfer of 1 s in each.
+    let writer = {
+        let client = cluster.client(Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for batch in 0..40u128 {
+                let mut events: Vec<v1::Transfer> =
+                    (0..4).map(|n| transfer(1_000 + batch * 5 + n, BANK, 2 + n % 2, 1)).collect();
+                events.push(v1::Transfer {
+                    flags: v1::TransferFlag::Pending as u32,
+                    timeout: 1,
+                    ..transfer(1_000 + batch * 5 + 4, BANK, 3, 1)
+                });
+                let ids: Vec<u128> = events.iter().map(|t| u128_from(t.id.as_ref())).collect();
+                // Retried through the leader's loss: idempotent by id.
+                let results = loop {
+                    match client.create_transfers(events.clone()).await {
+                        Ok(results) => break results,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                };
+                for (id, result) in ids.iter().zip(&results) {
+                    let status = result.status();
+                    assert!(
+                        matches!(status, v1::CreateTransferStatus::Ok | v1::CreateTransferStatus::Exists),
+                        "{status:?}"
+                    );
+                    acknowledged.push(*id);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            acknowledged
+        })
+    };
+
+    let mut received: Vec<v1::ChangeEvent> = Vec::new();
+    let on_leader = cluster.client_of(&[leader], Duration::from_secs(10));
+    let mut stream = on_leader.subscribe_changes(0).await.expect("subscribe on the leader");
+    while received.len() < 60 {
+        let event = tokio::time::timeout(DEADLINE, stream.message()).await.expect("an event in time");
+        received.push(event.expect("the stream").expect("not ended"));
+    }
+    cluster.kill(leader);
+    // The stream breaks (or ends); whatever it still delivered counts.
+    while let Ok(Some(event)) =
+        tokio::time::timeout(DEADLINE, stream.message()).await.expect("the stream breaks in time")
+    {
+        received.push(event);
+    }
+    let acknowledged = tokio::time::timeout(2 * DEADLINE, writer).await.expect("the writer ends").unwrap();
+    let survivors: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
+    let others = cluster.client_of(&survivors, Duration::from_secs(10));
+    let last_id = *acknowledged.last().unwrap();
+    let resume_from = received.last().unwrap().timestamp + 1;
+    let mut stream = others.subscribe_changes(resume_from).await.expect("subscribe on a survivor");
+    // Until the last transfer and every expiry (40 pending transfers of 1 s) have come.
+    let expired = |events: &[v1::ChangeEvent]| {
+        events.iter().filter(|e| e.r#type() == v1::ChangeType::TwoPhaseExpired).count()
+    };
+    let started = Instant::now();
+    let has_last = |events: &[v1::ChangeEvent]| {
+        events.iter().any(|e| e.transfer.as_ref().is_some_and(|t| u128_from(t.id.as_ref()) == last_id))
+    };
+    while !(has_last(&received) && expired(&received) == 40) {
+        assert!(started.elapsed() < 2 * DEADLINE, "the resumed stream stalled at {} events", received.len());
+        match tokio::time::timeout(DEADLINE, stream.message()).await.expect("an event in time") {
+            Ok(Some(event)) => received.push(event),
+            other => panic!("the resumed stream broke: {other:?}"),
+        }
+    }
+
+    // Exactly once, in ledger time, and the same as a survivor lists from the start.
+    assert!(received.windows(2).all(|w| w[0].timestamp < w[1].timestamp), "a duplicate or a step back");
+    let mut listed: Vec<v1::ChangeEvent> = Vec::new();
+    let mut stream = others.subscribe_changes(0).await.expect("subscribe from the start");
+    while listed.len() < received.len() {
+        let event = tokio::time::timeout(DEADLINE, stream.message()).await.expect("an event in time");
+        listed.push(event.expect("the stream").expect("not ended"));
+    }
+    assert_eq!(listed, received, "the resumed stream differs from the survivors' history");
+    let created: Vec<u128> = received
+        .iter()
+        .filter(|e| e.r#type() == v1::ChangeType::AccountCreated)
+        .map(|e| u128_from(e.account.as_ref().unwrap().id.as_ref()))
+        .collect();
+    assert_eq!(created, vec![1, 2, 3]);
+    let mut transfers: Vec<u128> = received
+        .iter()
+        .filter(|e| !matches!(e.r#type(), v1::ChangeType::AccountCreated | v1::ChangeType::TwoPhaseExpired))
+        .map(|e| u128_from(e.transfer.as_ref().unwrap().id.as_ref()))
+        .collect();
+    transfers.sort_unstable();
+    assert_eq!(transfers, acknowledged, "every acknowledged transfer once, nothing else");
+    // Balances after each event add up: the bank's debits move by each event's amount.
+    let mut bank_debits: i128 = 0;
+    for event in received.iter().filter(|e| e.r#type() != v1::ChangeType::AccountCreated) {
+        let amount = u128_from(event.transfer.as_ref().unwrap().amount.as_ref()) as i128;
+        let debit = event.debit_account.as_ref().unwrap();
+        let now =
+            (u128_from(debit.debits_posted.as_ref()) + u128_from(debit.debits_pending.as_ref())) as i128;
+        let step = if event.r#type() == v1::ChangeType::TwoPhaseExpired { -amount } else { amount };
+        assert_eq!(now, bank_debits + step, "at {}", event.timestamp);
+        bank_debits = now;
+    }
+
+    // `tally watch` prints the same events, one JSON object per line.
+    let mut args = vec!["watch".to_string(), "--json".into(), "--count".into(), "5".into()];
+    let mut cli = cluster.cli_args(Some(Role::Client("app".into())));
+    cli[1] = survivors.iter().map(|id| cluster.address(*id)).collect::<Vec<_>>().join(",");
+    args.extend(cli);
+    let output = std::process::Command::new(TALLY).args(&args).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let timestamps: Vec<u64> = lines.iter().map(|l| l["timestamp"].as_u64().unwrap()).collect();
+    assert_eq!(timestamps, received[..5].iter().map(|e| e.timestamp).collect::<Vec<_>>());
+    assert_eq!(lines[0]["type"], "account_created");
+}
+
 /// A reservation on an idle ledger expires on time, without a write, even when the leader that
 /// took it is gone: the new leader proposes the expiry when the timeout falls due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,18 +7,18 @@ use std::sync::{Arc, Mutex};
 
 use super::layout::Runs;
 use super::runs::{self, Kind};
-use super::{Inner, chunk_records, record_timestamp};
+use super::{Inner, change_records, chunk_records, record_timestamp};
 use crate::codec::{
-    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
-    PREFIX_TRANSFER,
+    self, PREFIX_ACCOUNT, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META,
+    PREFIX_PENDING, PREFIX_TRANSFER,
 };
 use crate::store::{RecordVisitor, StoreResult};
 
 pub(super) type PreImages = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// Every logical record of the state, in key order (`A`, `E`, `I`, `M`, `P`, `T`, `X`): accounts and
-/// index entries merged from `runs`, plain keys from the tree (through `pre_images` for a frozen
-/// view), transfers from their chunks up to `timestamp_last`.
+/// Every logical record of the state, in key order (`A`, `C`, `E`, `I`, `M`, `P`, `T`, `X`):
+/// accounts and index entries merged from `runs`, plain keys from the tree (through `pre_images`
+/// for a frozen view), change records and transfers from their chunks up to `timestamp_last`.
 pub(super) fn export(
     inner: &Inner,
     runs: &Runs,
@@ -29,6 +29,15 @@ pub(super) fn export(
     let mut key = Vec::with_capacity(25);
     for (prefix, kind) in [(PREFIX_ACCOUNT, Kind::Accounts), (PREFIX_INDEX, Kind::Index)] {
         if prefix == PREFIX_INDEX {
+            'changes: for entry in inner.tree.scan_prefix([PREFIX_CHANGE]) {
+                let (_, chunk) = entry?;
+                for (timestamp, record) in change_records(&chunk)? {
+                    if timestamp > timestamp_last {
+                        break 'changes;
+                    }
+                    visit(&codec::change_key(timestamp), record)?;
+                }
+            }
             visit_plain(inner, PREFIX_EXPIRY, pre_images, visit)?;
         }
         runs::scan_all(runs.of(kind), &inner.tree, &mut |run_key, value| {

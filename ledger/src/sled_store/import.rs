@@ -7,8 +7,8 @@ use super::layout::Runs;
 use super::runs::{Kind, RunBuilder, Writes};
 use super::{CHUNK_TRANSFERS, Inner, chunk_key, next_run};
 use crate::codec::{
-    self, PREFIX_ACCOUNT, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META, PREFIX_PENDING,
-    PREFIX_TRANSFER,
+    self, PREFIX_ACCOUNT, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META,
+    PREFIX_PENDING, PREFIX_TRANSFER,
 };
 use crate::model::PendingStatus;
 use crate::store::{StoreError, StoreResult};
@@ -17,8 +17,8 @@ use crate::store::{StoreError, StoreResult};
 /// memory of a run's filter while it is built.
 const IMPORT_RUN_ENTRIES: u64 = 4 << 20;
 
-/// A snapshot import in progress: records arrive in logical key order (`A`, `E`, `I`, `P`, `T`,
-/// then the meta last); sorted sections become runs directly, transfers become chunks, and their
+/// A snapshot import in progress: records arrive in logical key order (`A`, `C`, `E`, `I`, `P`,
+/// `T`, `X`; the meta is written last); sorted sections become runs directly, transfers become chunks, and their
 /// ids are sorted a million at a time into runs of their own, as are the query index entries of
 /// transfers and accounts (`fields::Indexer`). Merges fold the runs later.
 #[derive(Default)]
@@ -27,6 +27,9 @@ pub(super) struct Import {
     index: Option<RunBuilder>,
     ids: Vec<(u128, u64)>,
     chunk: Vec<u8>,
+    /// Change records of the chunk being gathered, and the last one written.
+    changes: Vec<crate::model::ChangeRecord>,
+    changes_last: Option<u64>,
     runs: Runs,
     writes: Writes,
     /// The query indexes, built from the accounts and transfers as they arrive.
@@ -57,6 +60,19 @@ impl Import {
             }
             Some(PREFIX_INDEX) if key.len() == 25 && (value.len() == 16 || value.len() == 80) => {
                 self.push(inner, Kind::Index, &key[1..], value)?;
+            }
+            Some(PREFIX_CHANGE) if key.len() == 9 => {
+                let timestamp = u64::from_be_bytes(key[1..].try_into().expect("9-byte key"));
+                let change = codec::decode_change(timestamp, value).ok_or_else(corrupt)?;
+                if self.changes.last().is_some_and(|last| last.timestamp >= timestamp)
+                    || self.changes_last.is_some_and(|last| last >= timestamp)
+                {
+                    return Err(corrupt());
+                }
+                self.changes.push(change);
+                if self.changes.len() == CHUNK_TRANSFERS {
+                    self.write_changes();
+                }
             }
             Some(PREFIX_EXPIRY) if key.len() == 25 && value.is_empty() => batch.insert(key, value),
             Some(PREFIX_FAILED) if key.len() == 17 => {
@@ -131,6 +147,14 @@ impl Import {
         self.writes.push((chunk_key(first).to_vec(), std::mem::take(&mut self.chunk)));
     }
 
+    fn write_changes(&mut self) {
+        let Some(last) = self.changes.last() else { return };
+        self.changes_last = Some(last.timestamp);
+        let key = codec::change_key(self.changes[0].timestamp).to_vec();
+        self.writes.push((key, super::encode_change_chunk(&self.changes)));
+        self.changes.clear();
+    }
+
     fn write_ids(&mut self, inner: &Inner) {
         if self.ids.is_empty() {
             return;
@@ -158,6 +182,7 @@ impl Import {
             }
         }
         self.write_chunk();
+        self.write_changes();
         self.write_ids(inner);
         self.fields.finish(inner, &mut self.runs, &mut self.writes);
         self.finished = true;

@@ -11,6 +11,7 @@
 //! | `R` kind, run id, page number     | a page of a sorted run (`runs.rs`): accounts, transfer ids -> timestamp, per-account index, query indexes |
 //! | `F` kind, run id, chunk number    | that run's description: page fences and Bloom filter |
 //! | `L` `layout`                      | the runs of each kind, oldest first, and runs awaiting deletion |
+//! | `C` first timestamp               | up to 64 change records of one entry, each with its timestamp, in time order |
 //! | `Z` first timestamp               | the zone map of that chunk: its transfers' ledgers and codes (`fields.rs`) |
 //! | `E`, `M`, `P`, `X`                | expiries, meta, pending statuses and failed ids, as in the logical key space (`codec.rs`) |
 //!
@@ -57,8 +58,10 @@ use self::filter::KeyHash;
 use self::import::Import;
 use self::layout::{LAYOUT_KEY, Layout, Runs};
 use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
-use crate::codec::{self, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER};
-use crate::model::{Account, CreateTransferResult, Field, PendingStatus, Transfer};
+use crate::codec::{
+    self, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
+};
+use crate::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
 use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 const TREE_NAME: &[u8] = b"ledger";
@@ -421,6 +424,37 @@ fn chunk_records(chunk: &[u8]) -> StoreResult<std::slice::ChunksExact<'_, u8>> {
         return Err(StoreError::Corrupt(format!("transfer chunk of {} bytes", chunk.len())));
     }
     Ok(chunk.chunks_exact(codec::RECORD_BYTES))
+}
+
+/// A change chunk's entries: the timestamp (u64 little-endian), the record's length (u8), the
+/// change record. The `(timestamp, record bytes)` of a chunk, in time order.
+fn change_records(chunk: &[u8]) -> StoreResult<Vec<(u64, &[u8])>> {
+    let corrupt = || StoreError::Corrupt(format!("change chunk of {} bytes", chunk.len()));
+    let mut records = Vec::with_capacity(CHUNK_TRANSFERS);
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let timestamp = u64::from_le_bytes(rest.get(..8).ok_or_else(corrupt)?.try_into().unwrap());
+        let length = *rest.get(8).ok_or_else(corrupt)? as usize;
+        records.push((timestamp, rest.get(9..9 + length).ok_or_else(corrupt)?));
+        rest = &rest[9 + length..];
+    }
+    if records.is_empty() {
+        return Err(corrupt());
+    }
+    Ok(records)
+}
+
+/// One change chunk's value.
+fn encode_change_chunk(changes: &[ChangeRecord]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(changes.len() * 64);
+    for change in changes {
+        value.extend_from_slice(&change.timestamp.to_le_bytes());
+        let length_at = value.len();
+        value.push(0);
+        codec::encode_change_into(change, &mut value);
+        value[length_at] = (value.len() - length_at - 1) as u8;
+    }
+    value
 }
 
 fn record_timestamp(record: &[u8]) -> u64 {
@@ -832,6 +866,34 @@ impl Store for SledStore {
         )
     }
 
+    fn scan_changes(
+        &self,
+        timestamp_min: u64,
+        visit: &mut dyn FnMut(&ChangeRecord) -> bool,
+    ) -> StoreResult<()> {
+        let tree = &self.inner.tree;
+        let first = codec::change_key(timestamp_min);
+        // The chunk holding `timestamp_min` starts at or before it.
+        let start = match tree.range(..=first).next_back().transpose()? {
+            Some((key, _)) if key.first() == Some(&PREFIX_CHANGE) => key.to_vec(),
+            _ => first.to_vec(),
+        };
+        for entry in tree.range(start..[PREFIX_CHANGE + 1].to_vec()) {
+            let (_, chunk) = entry?;
+            for (timestamp, bytes) in change_records(&chunk)? {
+                if timestamp < timestamp_min {
+                    continue;
+                }
+                let change = codec::decode_change(timestamp, bytes)
+                    .ok_or_else(|| StoreError::Corrupt(format!("change record at {timestamp}")))?;
+                if !visit(&change) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
     }
@@ -850,6 +912,9 @@ impl Store for SledStore {
             }
             batch.insert(&chunk_key(chunk[0].timestamp), value);
             batch.insert(&fields::zone_key(chunk[0].timestamp), fields::zone_of(chunk));
+        }
+        for chunk in changes.changes.chunks(CHUNK_TRANSFERS) {
+            batch.insert(&codec::change_key(chunk[0].timestamp), encode_change_chunk(chunk));
         }
 
         let mut layout = self.inner.layout.lock().unwrap();

@@ -67,6 +67,8 @@ pub struct Model {
     pub imported: usize,
     /// What the open linked chain changed besides accounts, to roll it back.
     journal: Vec<Change>,
+    /// Every event's change record, in ledger time: what the change stream must list.
+    pub changes: Vec<ChangeRecord>,
 }
 
 #[derive(Clone, Debug)]
@@ -74,6 +76,7 @@ enum Change {
     Transfer(u128),
     Status(u128, Option<PendingStatus>),
     History(u128),
+    Event,
 }
 
 impl Model {
@@ -82,12 +85,14 @@ impl Model {
             Batch::CreateAccounts(events) => events.first().is_some_and(|e| e.flags.contains(AF::IMPORTED)),
             Batch::CreateTransfers(events) => events.first().is_some_and(|e| e.flags.contains(TF::IMPORTED)),
         };
-        let first = proposed.max(self.timestamp_last + 1);
-        // An imported batch: no expiry, each event at its own time, before `proposed`.
-        let time = if imported { Err(proposed) } else { Ok(first) };
+        let now = proposed.max(self.timestamp_last + 1);
+        // An imported batch: no expiry, each event at its own time, before `proposed`. Otherwise
+        // the expiries due come first, at timestamps of their own, and the events after them.
         if !imported {
-            self.expire(first);
+            self.expire(now);
         }
+        let first = now.max(self.timestamp_last + 1);
+        let time = if imported { Err(proposed) } else { Ok(first) };
         let reply = match batch {
             Batch::CreateAccounts(events) => BatchReply::CreateAccounts(self.run(
                 events,
@@ -194,6 +199,9 @@ impl Model {
                 Change::History(account_id) => {
                     self.history.get_mut(&account_id).unwrap().pop();
                 }
+                Change::Event => {
+                    self.changes.pop();
+                }
             }
         }
     }
@@ -207,25 +215,26 @@ impl Model {
     /// time moved there if anything expired.
     pub fn tick(&mut self, proposed: u64) {
         let now = proposed.max(self.timestamp_last + 1);
-        let expired = self.expire(now);
-        if expired > 0 {
-            self.timestamp_last = now;
-            self.expired_by_ticks += expired;
-        }
+        self.expired_by_ticks += self.expire(now);
     }
 
-    /// Expires what is due at `now`; returns how many.
+    /// Expires what is due at `now`, earliest expiry first (then by id), each at its own
+    /// timestamp from `now` on; returns how many.
     fn expire(&mut self, now: u64) -> usize {
-        let due: Vec<u128> = self
+        let mut due: Vec<(u64, u128)> = self
             .status
             .iter()
             .filter(|(_, status)| **status == PendingStatus::Pending)
             .map(|(id, _)| self.transfers[id])
-            .filter(|p| p.timeout > 0 && p.timestamp + p.timeout as u64 * NANOS_PER_SECOND <= now)
-            .map(|p| p.id)
+            .map(|p| (p.timestamp + p.timeout as u64 * NANOS_PER_SECOND, p))
+            .filter(|(expires_at, p)| p.timeout > 0 && *expires_at <= now)
+            .map(|(expires_at, p)| (expires_at, p.id))
             .collect();
+        due.sort_unstable();
         let count = due.len();
-        for id in due {
+        for (_, id) in due {
+            let timestamp = now.max(self.timestamp_last + 1);
+            self.timestamp_last = timestamp;
             let p = self.transfers[&id];
             let dr = self.accounts.get_mut(&p.debit_account_id).unwrap();
             dr.debits_pending -= p.amount;
@@ -237,9 +246,29 @@ impl Model {
             if p.flags.contains(TF::CLOSING_CREDIT) {
                 cr.flags.0 &= !AF::CLOSED;
             }
+            let (debit, credit) = (self.accounts[&p.debit_account_id], self.accounts[&p.credit_account_id]);
+            self.event(
+                ChangeKind::TwoPhaseExpired,
+                id,
+                timestamp,
+                debit.balance(timestamp),
+                credit.balance(timestamp),
+            );
             self.set_status(id, PendingStatus::Expired);
         }
         count
+    }
+
+    fn event(
+        &mut self,
+        kind: ChangeKind,
+        id: u128,
+        timestamp: u64,
+        debit: AccountBalance,
+        credit: AccountBalance,
+    ) {
+        self.changes.push(ChangeRecord { timestamp, kind, id, debit, credit });
+        self.journal.push(Change::Event);
     }
 
     fn create_account(&mut self, a: Account, timestamp: u64) -> (CreateAccountResult, u64) {
@@ -288,6 +317,8 @@ impl Model {
             return (*r, 0);
         }
         self.accounts.insert(a.id, Account { timestamp, ..a });
+        let zero = AccountBalance { timestamp, ..AccountBalance::default() };
+        self.event(ChangeKind::AccountCreated, a.id, timestamp, zero, zero);
         (R::Ok, timestamp)
     }
 
@@ -544,6 +575,16 @@ impl Model {
         }
         self.transfers.insert(t.id, t);
         self.journal.push(Change::Transfer(t.id));
+        let kind = if t.flags.contains(TF::PENDING) {
+            ChangeKind::TwoPhasePending
+        } else if t.flags.contains(TF::POST_PENDING_TRANSFER) {
+            ChangeKind::TwoPhasePosted
+        } else if t.flags.contains(TF::VOID_PENDING_TRANSFER) {
+            ChangeKind::TwoPhaseVoided
+        } else {
+            ChangeKind::SinglePhase
+        };
+        self.event(kind, t.id, t.timestamp, dr.balance(t.timestamp), cr.balance(t.timestamp));
     }
 
     /// The transfers of an account matching the filter, as the ledger should return them.
@@ -1115,6 +1156,15 @@ impl Workload {
         f
     }
 
+    /// A timestamp to read the change stream from: one of the model's events, or before all.
+    pub fn change_start(&mut self) -> u64 {
+        let changes = &self.model.changes;
+        if changes.is_empty() || self.rng.random_ratio(1, 10) {
+            return 0;
+        }
+        changes[self.rng.random_range(0..changes.len())].timestamp
+    }
+
     /// A random query filter, with fields taken from a known transfer or account.
     pub fn query_filter(&mut self, of_transfers: bool) -> QueryFilter {
         let fields: Option<(u128, u64, u32, u32, u16)> = if of_transfers {
@@ -1235,6 +1285,15 @@ fn check_queries<S: Store>(ledger: &Ledger<S>, workload: &mut Workload, seed: u6
         };
         workload.model.query_results += matches;
     }
+    let start = workload.change_start();
+    let expected: Vec<ChangeRecord> =
+        workload.model.changes.iter().filter(|c| c.timestamp >= start).take(50).copied().collect();
+    let events = ledger.changes(start, 50).unwrap();
+    let got: Vec<ChangeRecord> = events.iter().map(|event| event.change).collect();
+    assert_eq!(got, expected, "seed {seed}: batch {batch_index}: change stream from {start}");
+    for event in &events {
+        check_change_event(&workload.model, event, seed);
+    }
     let filter = workload.filter();
     let transfers = ledger.account_transfers(&filter).unwrap();
     assert_eq!(transfers.resume, None);
@@ -1259,6 +1318,52 @@ fn check_queries<S: Store>(ledger: &Ledger<S>, workload: &mut Workload, seed: u6
         balances, expected,
         "seed {seed}: batch {batch_index}: balances history differs for {filter:?}"
     );
+}
+
+/// A change event's records agree with the model: the transfer it names, its accounts, and the
+/// balances in its record.
+fn check_change_event(model: &Model, event: &ledger::query::ChangeEvent, seed: u64) {
+    let change = &event.change;
+    let balances = |a: &Account| (a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted);
+    let recorded =
+        |b: &AccountBalance| (b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted);
+    match change.kind {
+        ChangeKind::AccountCreated => {
+            let account = model.accounts[&change.id];
+            assert_eq!(event.debit_account.id, change.id, "seed {seed}");
+            assert_eq!(event.debit_account.timestamp, account.timestamp, "seed {seed}");
+            assert_eq!(balances(&event.debit_account), (0, 0, 0, 0), "seed {seed}");
+            assert!(event.transfer.is_none() && event.credit_account.is_none(), "seed {seed}");
+        }
+        kind => {
+            let transfer = event.transfer.expect("a transfer event has its transfer");
+            assert_eq!(transfer, model.transfers[&change.id], "seed {seed}: {kind:?}");
+            if kind != ChangeKind::TwoPhaseExpired {
+                assert_eq!(transfer.timestamp, change.timestamp, "seed {seed}");
+            }
+            let credit = event.credit_account.expect("a transfer event has its credit account");
+            assert_eq!(
+                (event.debit_account.id, credit.id),
+                (transfer.debit_account_id, transfer.credit_account_id)
+            );
+            assert_eq!(balances(&event.debit_account), recorded(&change.debit), "seed {seed}");
+            assert_eq!(balances(&credit), recorded(&change.credit), "seed {seed}");
+        }
+    }
+}
+
+/// The whole change stream, read in pages, is the model's: every event once, in ledger time.
+pub fn check_whole_change_stream<S: Store>(ledger: &Ledger<S>, model: &Model, seed: u64) {
+    let mut read = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = ledger.changes(from, 777).unwrap();
+        let Some(last) = page.last() else { break };
+        from = last.change.timestamp + 1;
+        read.extend(page.iter().map(|event| event.change));
+    }
+    assert_eq!(read.len(), model.changes.len(), "seed {seed}: change stream length");
+    assert_eq!(read, model.changes, "seed {seed}: the change stream differs from the model's");
 }
 
 fn transfers_side_of(model: &Model, account_id: u128, timestamp: u64, filter: &AccountFilter) -> bool {

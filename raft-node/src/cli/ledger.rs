@@ -149,6 +149,98 @@ pub struct RangeArgs {
     pub reversed: bool,
 }
 
+#[derive(Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Start at the first event at or after this time (RFC 3339, or ns since the Unix epoch);
+    /// the whole history by default.
+    #[arg(long, value_parser = parse_time)]
+    pub from: Option<u64>,
+    /// Stop after this many events (never, by default).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+/// One change event as a line: JSON (one object per line), or text.
+fn change_line(json: bool, event: &v1::ChangeEvent) -> String {
+    let kind = status_name(event.r#type().as_str_name(), "CHANGE_TYPE_");
+    if json {
+        let mut line = json!({ "timestamp": event.timestamp, "type": kind });
+        for (name, account) in [
+            ("account", &event.account),
+            ("debit_account", &event.debit_account),
+            ("credit_account", &event.credit_account),
+        ] {
+            if let Some(account) = account {
+                line[name] = account_json(account);
+            }
+        }
+        if let Some(transfer) = &event.transfer {
+            line["transfer"] = transfer_json(transfer);
+        }
+        return line.to_string();
+    }
+    let at = super::rfc3339(event.timestamp);
+    let posted = |a: &v1::Account| {
+        format!(
+            "{} (debits {}+{} pending, credits {}+{} pending)",
+            u128_from(a.id.as_ref()),
+            u128_from(a.debits_posted.as_ref()),
+            u128_from(a.debits_pending.as_ref()),
+            u128_from(a.credits_posted.as_ref()),
+            u128_from(a.credits_pending.as_ref()),
+        )
+    };
+    match (&event.account, &event.transfer, &event.debit_account, &event.credit_account) {
+        (Some(account), ..) => format!("{at} {kind} {}", u128_from(account.id.as_ref())),
+        (None, Some(t), Some(debit), Some(credit)) => format!(
+            "{at} {kind} transfer {} amount {}: {} -> {}",
+            u128_from(t.id.as_ref()),
+            u128_from(t.amount.as_ref()),
+            posted(debit),
+            posted(credit)
+        ),
+        _ => format!("{at} {kind}"),
+    }
+}
+
+/// Follows the change stream, resuming from the last event printed whenever the node it reads
+/// from goes away (any node serves it): every event is printed once.
+async fn watch(args: &WatchArgs) -> Result<ExitCode, String> {
+    let client = client(&args.client)?;
+    let mut from = args.from.unwrap_or(0);
+    let mut printed = 0u64;
+    loop {
+        let mut stream = match client.subscribe_changes(from).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                eprintln!("tally watch: no node serves the change stream now ({error}); retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) => {
+                    println!("{}", change_line(args.client.json, &event));
+                    from = event.timestamp + 1;
+                    printed += 1;
+                    if args.count.is_some_and(|count| printed >= count) {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    eprintln!("tally watch: the stream broke ({}); resuming from {from}", status.message());
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[derive(Subcommand)]
 pub enum QueryCommand {
     /// Accounts selected by their fields, in the order they were created.
@@ -420,6 +512,7 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
             print_transfers(args.json, &transfers);
             Ok(if transfers.len() == ids.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Watch(args) => watch(&args).await,
         Command::Query(QueryCommand::Accounts(args)) => {
             let page =
                 client(&args.client)?.query_accounts(args.filter()).await.map_err(|e| e.to_string())?;

@@ -26,7 +26,7 @@ pub use benchmark::BenchmarkArgs;
 pub use certs::CertsCommand;
 pub use cluster::ClusterCommand;
 pub use dev::DevArgs;
-pub use ledger::{AccountCommand, HistoryArgs, LookupCommand, QueryCommand, TransferArgs};
+pub use ledger::{AccountCommand, HistoryArgs, LookupCommand, QueryCommand, TransferArgs, WatchArgs};
 pub use serve::{ServeArgs, node_config};
 
 /// The dev cluster's client ports, which are also the client commands' default nodes.
@@ -58,6 +58,10 @@ pub enum Command {
     /// Accounts or transfers selected by their fields (user data, ledger, code).
     #[command(subcommand)]
     Query(QueryCommand),
+    /// Follow the change stream: every event (account created, transfer, expiry) with the
+    /// balances after it, from the start or from --from, then each new one; survives a node
+    /// going away.
+    Watch(WatchArgs),
     /// Cluster status and membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use ledger::Batch;
 use openraft::ReadPolicy;
+use openraft::type_config::async_runtime::WatchReceiver;
 use tally_proto::v1 as pb;
 use tally_proto::v1::ledger_client::LedgerClient;
 use tonic::{Request, Response, Status};
@@ -173,8 +174,63 @@ macro_rules! read {
     }};
 }
 
+/// Events a change stream reads from storage at a time, and holds for a subscriber at most
+/// (twice this: one page being sent, one in the channel).
+const CHANGE_PAGE: usize = 512;
+/// How long a caught-up change stream waits for a new entry before it looks again anyway.
+const CHANGE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Feeds one subscriber: reads a page of events from this node's applied state, sends it (the
+/// send waits while the subscriber is slow: nothing more is read meanwhile), and once caught up
+/// waits for the next applied entry. Ends when the subscriber goes away.
+async fn feed_changes(
+    node: Arc<NodeHandle>,
+    mut from: u64,
+    events: tokio::sync::mpsc::Sender<Result<pb::ChangeEvent, Status>>,
+) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        let state = node.state.clone();
+        let page =
+            tokio::task::spawn_blocking(move || state.read(|ledger| ledger.changes(from, CHANGE_PAGE))).await;
+        let page = match page {
+            Ok(Ok(page)) => page,
+            Ok(Err(error)) => {
+                let _ = events.send(Err(internal(error))).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let caught_up = page.len() < CHANGE_PAGE;
+        for event in &page {
+            from = event.change.timestamp + 1;
+            if events.send(Ok(convert::change_event_to(event))).await.is_err() {
+                return;
+            }
+        }
+        if caught_up {
+            tokio::select! {
+                _ = metrics.changed() => {}
+                _ = tokio::time::sleep(CHANGE_POLL) => {}
+                _ = events.closed() => return,
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::ledger_server::Ledger for LedgerService {
+    type SubscribeChangesStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ChangeEvent, Status>>;
+
+    async fn subscribe_changes(
+        &self,
+        request: Request<pb::SubscribeChangesRequest>,
+    ) -> Result<Response<Self::SubscribeChangesStream>, Status> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(CHANGE_PAGE);
+        tokio::spawn(feed_changes(self.node.clone(), request.get_ref().timestamp_min, sender));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(receiver)))
+    }
+
     async fn create_accounts(
         &self,
         request: Request<pb::CreateAccountsRequest>,
