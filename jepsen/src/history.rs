@@ -234,6 +234,29 @@ pub enum Record {
     Final(FinalState),
     /// One request of the background load (`load.rs`), when it completed.
     Load(LoadSample),
+    /// Events of the change stream, as the subscriber (`stream.rs`) received them.
+    Streamed {
+        time_us: u64,
+        events: Vec<StreamedEvent>,
+    },
+    /// The subscriber stopped: whether it had reached the ledger's last event, and the last
+    /// timestamp it received.
+    StreamEnd {
+        time_us: u64,
+        caught_up: bool,
+        last_timestamp: u64,
+    },
+}
+
+/// One change stream event, as far as the checker needs it: its timestamp, its type
+/// (`account_created`, `single_phase`, `two_phase_pending`, ... `two_phase_expired`) and the id
+/// of the account or transfer it is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamedEvent {
+    pub timestamp: u64,
+    pub kind: String,
+    #[serde(with = "decimal")]
+    pub id: u128,
 }
 
 /// One background-load request: when it completed (or was shed), how long it took, how many
@@ -315,6 +338,11 @@ pub struct History {
     pub final_state: Option<FinalState>,
     /// The background load's requests, in completion order.
     pub load: Vec<LoadSample>,
+    /// The change stream's events in the order received, resumptions included.
+    pub streamed: Vec<StreamedEvent>,
+    /// `(caught up, last timestamp)` when the subscriber stopped; `None` for a history recorded
+    /// without one.
+    pub stream_end: Option<(bool, u64)>,
 }
 
 impl History {
@@ -358,6 +386,10 @@ impl History {
                 }
                 Record::Final(state) => history.final_state = Some(state),
                 Record::Load(sample) => history.load.push(sample),
+                Record::Streamed { events, .. } => history.streamed.extend(events),
+                Record::StreamEnd { caught_up, last_timestamp, .. } => {
+                    history.stream_end = Some((caught_up, last_timestamp))
+                }
             }
         }
         Ok(history)

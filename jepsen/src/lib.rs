@@ -30,6 +30,7 @@ pub mod plot;
 pub mod proxy;
 pub mod report;
 pub mod run;
+pub mod stream;
 pub mod workload;
 
 /// The `tally` binary beside this program (target/<profile>/tally), if it is there.

@@ -111,6 +111,12 @@ pub async fn run(options: Options) -> Result<Report, String> {
         };
         processes.spawn(process.run(bank.clone(), recorder.clone(), stop.clone()));
     }
+    // The change stream's subscriber, through every fault until the final state is read.
+    let (stream_last, stream_target) = tokio::sync::watch::channel(None);
+    let subscriber = {
+        let client = Arc::new(cluster.lock().await.client_of(&all_nodes, options.op_timeout)?);
+        tokio::spawn(crate::stream::follow(client, recorder.clone(), stream_target))
+    };
     let started = tokio::time::Instant::now();
     // The fault under way, for the progress bar; a std mutex, never held across an await.
     let current_fault = Arc::new(std::sync::Mutex::new(String::new()));
@@ -131,7 +137,11 @@ pub async fn run(options: Options) -> Result<Report, String> {
     }
 
     let final_state = heal_and_read(&cluster, &bank, &initial).await;
+    // The ledger's last event is at least its last transfer's; the subscriber reads on to it.
+    let last = final_state.transfers.iter().map(|t| t.timestamp).max().unwrap_or(0);
     recorder.record(Record::Final(final_state)).await?;
+    let _ = stream_last.send(Some(last));
+    subscriber.await.map_err(|e| format!("change stream task: {e}"))??;
     drop(cluster);
     crate::report::write(&options.out, options.seed, crashes)
 }

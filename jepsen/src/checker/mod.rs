@@ -12,6 +12,7 @@ use crate::history::{Balance, FinalState, FoundTransfer, History, TransferKind, 
 pub mod acknowledged_transfers_survive;
 pub mod applied_at_most_once;
 pub mod balance_limits_hold;
+pub mod change_stream_matches;
 pub mod money_is_conserved;
 pub mod nodes_agree;
 pub mod nothing_unrequested;
@@ -72,6 +73,7 @@ pub fn check_all(history: &History) -> Vec<Verdict> {
         reads_see_acknowledged::check(history),
         nodes_agree::check(history),
         timestamps_follow_real_time::check(history),
+        change_stream_matches::check(history),
     ]
 }
 
