@@ -1095,3 +1095,93 @@ fn a_query_stops_at_its_scan_budget_and_resumes() {
         (8189, None, timestamps[count - 2])
     );
 }
+
+/// The change records one batch leaves, as (kind, id, debit account's (pending, posted) debits,
+/// credit account's (pending, posted) credits), after the setup (which must all succeed; its own
+/// records are not compared). Each row's batch runs `delay_s` seconds after the setup's second
+/// (the setup's pending transfer is due two seconds after it).
+#[test]
+fn each_event_leaves_one_change_record_with_the_balances_after_it() {
+    use ChangeKind as K;
+    let pending = with(flagged(t(50, 1, 2, 30), TF::PENDING), |t| t.timeout = 2);
+    type Row = (Vec<Transfer>, Vec<Transfer>, u64, Vec<(ChangeKind, u128, (u128, u128), (u128, u128))>);
+    let rows: Vec<Row> = vec![
+        (vec![], vec![t(10, 1, 2, 5)], 0, vec![(K::SinglePhase, 10, (0, 5), (0, 5))]),
+        (
+            vec![],
+            vec![t(10, 1, 2, 5), t(11, 2, 1, 3)],
+            0,
+            vec![(K::SinglePhase, 10, (0, 5), (0, 5)), (K::SinglePhase, 11, (0, 3), (0, 3))],
+        ),
+        (vec![], vec![pending], 0, vec![(K::TwoPhasePending, 50, (30, 0), (30, 0))]),
+        (
+            vec![pending],
+            vec![settle(51, 50, TF::POST_PENDING_TRANSFER, 20)],
+            0,
+            vec![(K::TwoPhasePosted, 51, (0, 20), (0, 20))],
+        ),
+        (
+            vec![pending],
+            vec![settle(51, 50, TF::VOID_PENDING_TRANSFER, 0)],
+            0,
+            vec![(K::TwoPhaseVoided, 51, (0, 0), (0, 0))],
+        ),
+        // Due before the batch: the expiry first, at its own timestamp, then the batch's event.
+        (
+            vec![pending],
+            vec![t(12, 1, 2, 1)],
+            5,
+            vec![(K::TwoPhaseExpired, 50, (0, 0), (0, 0)), (K::SinglePhase, 12, (0, 1), (0, 1))],
+        ),
+        // Refused events and failed chains leave nothing.
+        (vec![], vec![t(13, 1, 1, 1), t(14, 1, 99, 1)], 0, vec![]),
+        (
+            vec![],
+            vec![flagged(t(15, 1, 2, 1), TF::LINKED), t(16, 1, 99, 1), t(17, 1, 2, 2)],
+            0,
+            vec![(K::SinglePhase, 17, (0, 2), (0, 2))],
+        ),
+    ];
+    for (setup, batch, delay_s, expected) in rows {
+        let (_, ledger) = run(&setup, &[], 0);
+        let before = ledger.meta().timestamp_last;
+        let mut ledger = ledger;
+        let at = T0 + (2 + delay_s) * NANOS_PER_SECOND;
+        let results = transfers(&mut ledger, &batch, at);
+        let events = ledger.changes(before + 1, 100).unwrap();
+        let got: Vec<_> = events
+            .iter()
+            .map(|e| {
+                let c = &e.change;
+                (
+                    c.kind,
+                    c.id,
+                    (c.debit.debits_pending, c.debit.debits_posted),
+                    (c.credit.credits_pending, c.credit.credits_posted),
+                )
+            })
+            .collect();
+        assert_eq!(got, expected, "setup {setup:?}\nbatch {batch:?}\nresults {results:?}");
+        // A transfer's record has the transfer's timestamp; an expiry's comes before the batch's.
+        for event in &events {
+            if let (Some(transfer), false) = (event.transfer, event.change.kind == K::TwoPhaseExpired) {
+                assert_eq!(transfer.timestamp, event.change.timestamp);
+                assert!(results.iter().any(|r| r.timestamp == transfer.timestamp));
+            }
+        }
+        assert!(events.windows(2).all(|w| w[0].change.timestamp < w[1].change.timestamp));
+    }
+    // Accounts: one record each, zero balances, at the account's timestamp; a tick's expiry too.
+    let ledger = new_ledger();
+    let created = ledger.changes(0, 100).unwrap();
+    assert_eq!(
+        created.iter().map(|e| (e.change.kind, e.change.id)).collect::<Vec<_>>(),
+        (1..=7).map(|id| (K::AccountCreated, id)).collect::<Vec<_>>()
+    );
+    let (_, mut ledger) = run(&[pending], &[], 0);
+    let due = T0 + 3 * NANOS_PER_SECOND;
+    ledger.apply(&[], due, None).unwrap();
+    let last = *ledger.changes(0, 100).unwrap().last().unwrap();
+    assert_eq!((last.change.kind, last.change.id, last.change.timestamp), (K::TwoPhaseExpired, 50, due));
+    assert_eq!(ledger.meta().timestamp_last, due);
+}

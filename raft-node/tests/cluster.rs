@@ -1591,7 +1591,13 @@ async fn metrics_move_under_load() {
     assert_eq!(sample(&after, "tally_raft_is_leader", None), 1.0);
     assert!(sample(&after, "tally_raft_term", None) >= 1.0);
     assert!(sample(&after, "tally_disk_bytes", Some(r#"part="wal""#)) > 0.0);
-    assert!(sample(&after, "tally_connections", Some(r#"door="peer""#)) >= 2.0, "the peers' connections");
+    // The leader replicates to both followers over connections to their peer doors (who else
+    // connected to the leader's own door depends on who called whom first: CI saw none).
+    let mut peer_connections = 0.0;
+    for id in cluster.nodes.keys() {
+        peer_connections += sample(&cluster.scrape(*id).await, "tally_connections", Some(r#"door="peer""#));
+    }
+    assert!(peer_connections >= 2.0, "the peers' connections: {peer_connections}");
     assert!(after.contains("tally_raft_replication_lag{peer="), "the leader reports each peer's lag");
     // Status says what each node runs and for how long.
     let status = client.cluster_status().await.unwrap();
