@@ -284,8 +284,8 @@ fn a_state_of_the_old_layout_is_refused_with_how_to_rebuild() {
     assert!(db.open_tree("ledger").unwrap().get(b"Mledger").unwrap().is_some());
 }
 
-/// A state of schema 2 (before failed ids) is read, and written as schema 3 from its next entry;
-/// a schema this build does not know is refused.
+/// A state of schema 2 (before failed ids) or 3 (before change records) is read, and written as
+/// the current schema from its next entry; a schema this build does not know is refused.
 #[test]
 fn a_schema_2_state_is_read_and_upgraded() {
     let mut workload = Workload::new(seed(0x7a11_0007));
@@ -301,6 +301,7 @@ fn a_schema_2_state_is_read_and_upgraded() {
         store.put_records(&[(codec::META_LEDGER_KEY.to_vec(), meta)]).unwrap();
         store
     };
+    assert!(Ledger::open(with_version(3)).is_ok(), "a schema 3 state opens");
     let mut upgraded = Ledger::open(with_version(2)).expect("a schema 2 state opens");
     assert_eq!(upgraded.meta(), original.meta());
     let (batch, proposed, _) = workload.next();

@@ -1097,6 +1097,22 @@ async fn json_logs_are_one_object_per_line() {
     assert!(lines.iter().any(|l| l.contains("node 1 stopped")), "{text}");
 }
 
+/// Starts node 4, empty, in site-d, and adds it (as a learner, or a voter once caught up).
+async fn add_fourth_node(cluster: &mut TestCluster, client: &Client, learner_only: bool) {
+    cluster.define_node(4, "site-d");
+    cluster.spawn(4, false);
+    let request = v1::AddNodeRequest {
+        id: 4,
+        address: cluster.address(4),
+        peer_address: cluster.peer_address(4),
+        site: "site-d".into(),
+        learner_only,
+        force: false,
+        incarnation: 0,
+    };
+    client.add_node(request).await.expect("add node 4");
+}
+
 /// A payment refused for lack of funds is refused again when retried after the account was
 /// funded: on the leader, on a new leader, and on a node that got the state from a snapshot
 /// only (the failed id is part of the replicated state).
@@ -1120,18 +1136,7 @@ async fn a_refused_payment_stays_refused_on_every_node() {
 
     // A fourth node catches up from a snapshot (the log behind it is gone) and leads.
     client.take_snapshot(true).await.expect("snapshot and purge");
-    cluster.define_node(4, "site-d");
-    cluster.spawn(4, false);
-    let request = v1::AddNodeRequest {
-        id: 4,
-        address: cluster.address(4),
-        peer_address: cluster.peer_address(4),
-        site: "site-d".into(),
-        learner_only: false,
-        force: false,
-        incarnation: 0,
-    };
-    client.add_node(request).await.expect("add node 4");
+    add_fourth_node(&mut cluster, &client, false).await;
     client.transfer_leader(4).await.expect("leader to node 4");
     let started = Instant::now();
     while cluster.wait_for_leader(DEADLINE).await != 4 {
@@ -1170,18 +1175,7 @@ async fn payments_are_found_by_their_reference_on_every_node() {
         assert!(statuses(&results).iter().all(|s| *s == v1::CreateTransferStatus::Ok), "{results:?}");
     }
     client.take_snapshot(true).await.expect("snapshot and purge");
-    cluster.define_node(4, "site-d");
-    cluster.spawn(4, false);
-    let request = v1::AddNodeRequest {
-        id: 4,
-        address: cluster.address(4),
-        peer_address: cluster.peer_address(4),
-        site: "site-d".into(),
-        learner_only: true,
-        force: false,
-        incarnation: 0,
-    };
-    client.add_node(request).await.expect("add node 4");
+    add_fourth_node(&mut cluster, &client, true).await;
     cluster.wait_for_convergence(DEADLINE).await;
 
     let order = |order: u128, consistency: v1::ReadConsistency| v1::QueryFilter {
