@@ -310,3 +310,27 @@ fn a_schema_2_state_is_read_and_upgraded() {
     assert_eq!(stored[..4], codec::SCHEMA_VERSION.to_le_bytes(), "written as the current schema");
     assert!(Ledger::open(with_version(9)).is_err(), "an unknown schema opened");
 }
+
+/// A store dropped and opened again at once opens (sled's threads may still hold the directory's
+/// lock for a moment: `open_with` waits for it), as a snapshot install does when it swaps the
+/// imported state in: here a state imported from a snapshot, as there.
+#[test]
+fn a_store_reopens_at_once_after_it_is_dropped() {
+    let mut workload = Workload::new(seed(0x7a11_0008));
+    let mut source = Ledger::open(MemStore::new()).unwrap();
+    for _ in 0..300 {
+        let (batch, proposed, _) = workload.next();
+        source.apply(&[batch], proposed, None).unwrap();
+    }
+    let bytes = export_bytes(source.store());
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..10 {
+        let path = dir.path().join(format!("state-{round}"));
+        let mut store = SledStore::open(&path).unwrap();
+        ledger::snapshot::import(&mut store, &mut bytes.as_slice()).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let reopened = Ledger::open(SledStore::open(&path).unwrap()).unwrap();
+        assert_eq!(reopened.meta(), source.meta());
+    }
+}

@@ -73,6 +73,8 @@ const CHUNK_TRANSFERS: usize = 64;
 /// Marks an ids-run entry as a failed id rather than a transfer's timestamp (timestamps stay
 /// below 2^63: ledger time is nanoseconds since 1970, and imported ones are checked).
 pub(super) const FAILED_MARK: u64 = 1 << 63;
+/// How long opening waits for sled's lock on the directory (see `open_with`).
+const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// Writes a merge or an import sends to sled per batch.
 const WRITES_PER_BATCH: usize = 64;
 /// Memory an account takes in the cache: id and record, and the map's control byte and spare
@@ -153,16 +155,29 @@ impl SledStore {
     }
 
     pub fn open_with(path: &Path, options: Options) -> StoreResult<SledStore> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .segment_size(SEGMENT_BYTES)
-            .cache_capacity(options.cache_bytes / 2)
-            .open()
-            .map_err(|error| match error {
+            .cache_capacity(options.cache_bytes / 2);
+        // sled's threads of a store this process just dropped hold its directory's lock a
+        // moment longer: a snapshot install that reopens the swapped-in state met it (CI). Wait
+        // for the lock, with a deadline; another process's lock is still refused after it.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(error))
+                    if error.to_string().contains("could not acquire lock")
+                        && started.elapsed() < LOCK_WAIT_MAX =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
                 // Schema 1 kept sled's default segments; sled refuses to change them.
-                sled::Error::Unsupported(what) if what.contains("io buffer size") => old_layout(path),
-                error => error.into(),
-            })?;
+                Err(sled::Error::Unsupported(what)) if what.contains("io buffer size") => {
+                    return Err(old_layout(path));
+                }
+                opened => break opened?,
+            }
+        };
         // sled creates its directory and files but never fsyncs a directory: without this, a
         // power cut can take the names of everything it flushed (faultfs's tests show it).
         sync_directory(path)?;
@@ -200,7 +215,14 @@ impl SledStore {
         });
         inner.collect_garbage()?;
         if !query_indexes {
+            // Once per store; it reads every transfer, so a large one takes a while to open.
+            eprintln!(
+                "sled store {}: building the query indexes (a store of layout 1, once)",
+                path.display()
+            );
+            let started = std::time::Instant::now();
             inner.build_query_indexes()?;
+            eprintln!("sled store {}: query indexes built in {:.1?}", path.display(), started.elapsed());
         }
         let merger = options.background_merges.then(|| {
             let inner = inner.clone();
