@@ -51,6 +51,19 @@ impl IndexList {
     }
 }
 
+/// Visits a range forwards (or backwards) until `visit` returns false.
+fn visit_in_order<T: Copy>(
+    range: impl DoubleEndedIterator<Item = T>,
+    reversed: bool,
+    visit: &mut impl FnMut(T) -> bool,
+) {
+    if reversed {
+        range.rev().take_while(|entry| visit(*entry)).for_each(drop);
+    } else {
+        range.take_while(|entry| visit(*entry)).for_each(drop);
+    }
+}
+
 /// A hash map's entries in key order, for everything that must not depend on hashing.
 fn sorted<K: Ord + Copy, V>(map: &HashMap<K, V>) -> Vec<(K, &V)> {
     let mut entries: Vec<(K, &V)> = map.iter().map(|(k, v)| (*k, v)).collect();
@@ -169,11 +182,7 @@ impl Store for MemStore {
     ) -> StoreResult<()> {
         let range = self.transfer_times.range(timestamp_min..=timestamp_max.max(timestamp_min));
         let mut visit = |(_, id): (&u64, &u128)| visit(&self.transfers[id]);
-        if reversed {
-            range.rev().take_while(|entry| visit(*entry)).for_each(drop);
-        } else {
-            range.take_while(|entry| visit(*entry)).for_each(drop);
-        }
+        visit_in_order(range, reversed, &mut visit);
         Ok(())
     }
 
@@ -191,11 +200,7 @@ impl Store for MemStore {
             .range((field, value, timestamp_min)..=(field, value, timestamp_max.max(timestamp_min)));
         let mut visit =
             |(_, _, timestamp): &(Field, u128, u64)| visit(&self.transfers[&self.transfer_times[timestamp]]);
-        if reversed {
-            range.rev().take_while(|entry| visit(entry)).for_each(drop);
-        } else {
-            range.take_while(|entry| visit(entry)).for_each(drop);
-        }
+        visit_in_order(range, reversed, &mut visit);
         Ok(())
     }
 
@@ -212,11 +217,7 @@ impl Store for MemStore {
         let range =
             self.account_fields.range((field, value, timestamp_min, 0)..=(field, value, max, u128::MAX));
         let mut visit = |(_, _, timestamp, id): &(Option<Field>, u128, u64, u128)| visit(*timestamp, *id);
-        if reversed {
-            range.rev().take_while(|entry| visit(entry)).for_each(drop);
-        } else {
-            range.take_while(|entry| visit(entry)).for_each(drop);
-        }
+        visit_in_order(range, reversed, &mut visit);
         Ok(())
     }
 

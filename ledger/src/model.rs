@@ -398,7 +398,7 @@ impl QueryFilter {
 
     /// The filter's non-zero fields, most selective first (by what they usually hold: references,
     /// then categories), as values of a `Field`.
-    pub fn fields(&self) -> Vec<(Field, u128)> {
+    pub fn fields(&self) -> impl Iterator<Item = (Field, u128)> {
         [
             (Field::UserData128, self.user_data_128),
             (Field::UserData64, u128::from(self.user_data_64)),
@@ -408,15 +408,15 @@ impl QueryFilter {
         ]
         .into_iter()
         .filter(|(_, value)| *value != 0)
-        .collect()
     }
 
+    /// Checked on every record a query examines: no allocation.
     pub fn matches_transfer(&self, transfer: &Transfer) -> bool {
-        self.fields().iter().all(|(field, value)| field.of_transfer(transfer) == *value)
+        self.fields().all(|(field, value)| field.of_transfer(transfer) == value)
     }
 
     pub fn matches_account(&self, account: &Account) -> bool {
-        self.fields().iter().all(|(field, value)| field.of_account(account) == *value)
+        self.fields().all(|(field, value)| field.of_account(account) == value)
     }
 }
 

@@ -94,8 +94,7 @@ impl<S: Store> Ledger<S> {
     /// on the records.
     pub fn query_accounts(&self, filter: &QueryFilter) -> Result<Page<Account>, QueryError> {
         filter.validate()?;
-        let fields = filter.fields();
-        let (field, value) = fields.first().map_or((None, 0), |(field, value)| (Some(*field), *value));
+        let (field, value) = filter.fields().next().map_or((None, 0), |(field, value)| (Some(field), value));
         let mut page = Collect::new(filter.limit);
         self.store().scan_account_field(
             field,
@@ -122,13 +121,13 @@ impl<S: Store> Ledger<S> {
         filter.validate()?;
         let (min, max) = (filter.timestamp_min, filter.timestamp_max_inclusive());
         let mut page = Collect::new(filter.limit);
-        match filter.fields().first() {
+        match filter.fields().next() {
             None => self.store().scan_transfers(min, max, filter.reversed, &mut |transfer| {
                 page.examine(transfer.timestamp, || Ok(Some(*transfer)))
             })?,
             Some((field, value)) => self.store().scan_transfer_field(
-                *field,
-                *value,
+                field,
+                value,
                 min,
                 max,
                 filter.reversed,

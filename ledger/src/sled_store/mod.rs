@@ -308,12 +308,7 @@ impl SledStore {
             return Ok(());
         }
         let tree = &self.inner.tree;
-        let first = fields::zone_key(timestamp_min);
-        // The chunk holding `timestamp_min` starts at or before it.
-        let start = match tree.range(..=first).next_back().transpose()? {
-            Some((key, _)) if key.first() == Some(&fields::PREFIX_ZONE) => key.to_vec(),
-            _ => first.to_vec(),
-        };
+        let start = chunk_start(tree, fields::zone_key(timestamp_min))?;
         let zones = tree.range(start..=fields::zone_key(timestamp_max).to_vec());
         let mut visit_zone = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> StoreResult<bool> {
             let (key, zone) = entry?;
@@ -446,6 +441,15 @@ fn chunk_records(chunk: &[u8]) -> StoreResult<std::slice::ChunksExact<'_, u8>> {
         return Err(StoreError::Corrupt(format!("transfer chunk of {} bytes", chunk.len())));
     }
     Ok(chunk.chunks_exact(codec::RECORD_BYTES))
+}
+
+/// Where a scan of chunks keyed `prefix | first timestamp` from `key`'s timestamp begins: at the
+/// chunk that holds it, which starts at or before it, if one of the prefix does.
+fn chunk_start(tree: &sled::Tree, key: [u8; 9]) -> StoreResult<Vec<u8>> {
+    Ok(match tree.range(..=key).next_back().transpose()? {
+        Some((found, _)) if found.first() == Some(&key[0]) => found.to_vec(),
+        _ => key.to_vec(),
+    })
 }
 
 /// A change chunk's entries: the timestamp (u64 little-endian), the record's length (u8), the
@@ -894,12 +898,7 @@ impl Store for SledStore {
         visit: &mut dyn FnMut(&ChangeRecord) -> bool,
     ) -> StoreResult<()> {
         let tree = &self.inner.tree;
-        let first = codec::change_key(timestamp_min);
-        // The chunk holding `timestamp_min` starts at or before it.
-        let start = match tree.range(..=first).next_back().transpose()? {
-            Some((key, _)) if key.first() == Some(&PREFIX_CHANGE) => key.to_vec(),
-            _ => first.to_vec(),
-        };
+        let start = chunk_start(tree, codec::change_key(timestamp_min))?;
         for entry in tree.range(start..[PREFIX_CHANGE + 1].to_vec()) {
             let (_, chunk) = entry?;
             for (timestamp, bytes) in change_records(&chunk)? {
