@@ -77,6 +77,11 @@ impl<S: Store> Ledger<S> {
         &self.store
     }
 
+    /// The store, for work that changes no record (a checkpoint of `Checkpointed`).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     pub fn into_store(self) -> S {
         self.store
     }

@@ -16,6 +16,7 @@
 //! There is no async, no clock and no randomness here: time comes in as the leader's proposed
 //! timestamp, and identical inputs give identical bytes.
 
+pub mod checkpoint;
 pub mod codec;
 pub mod exec;
 pub mod mem;
@@ -25,6 +26,7 @@ pub mod sled_store;
 pub mod snapshot;
 pub mod store;
 
+pub use checkpoint::Checkpointed;
 pub use exec::Ledger;
 pub use mem::MemStore;
 pub use model::*;

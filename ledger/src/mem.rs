@@ -16,7 +16,7 @@ use crate::codec::{
 use crate::model::{
     Account, AccountBalance, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer,
 };
-use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
+use crate::store::{Changes, IndexWrite, RecordVisitor, Store, StoreError, StoreResult};
 
 #[derive(Default, Clone)]
 pub struct MemStore {
@@ -114,6 +114,67 @@ impl MemStore {
             list.balances.push(balance);
         }
     }
+
+    /// `commit`, but for the expiries: the store above keeps them (`checkpoint::Checkpointed`).
+    pub(crate) fn commit_without_expiries(&mut self, changes: &Changes) {
+        for account in &changes.accounts {
+            if account.timestamp > changes.timestamp_before {
+                self.index_new_account(account);
+            }
+            self.accounts.insert(account.id, *account);
+        }
+        for transfer in &changes.transfers {
+            self.insert_transfer(*transfer);
+        }
+        self.changes.extend(changes.changes.iter().map(|change| (change.timestamp, *change)));
+        self.pending.extend(changes.pending.iter().copied());
+        self.failed.extend(changes.failed.iter().copied());
+        for write in &changes.index {
+            self.append_index(write.account_id, write.timestamp, write.transfer_id, write.balance);
+        }
+        if let Some(app_meta) = &changes.app_meta {
+            self.meta.insert(codec::META_APP_KEY.to_vec(), app_meta.clone());
+        }
+        self.meta.insert(codec::META_LEDGER_KEY.to_vec(), codec::encode_ledger_meta(&changes.meta).to_vec());
+    }
+
+    /// Everything this store holds but expiries, as the changes of one commit, for a store whose
+    /// state was `timestamp_before` before it (`checkpoint::Checkpointed`).
+    pub(crate) fn into_changes(self, meta: codec::LedgerMeta, timestamp_before: u64) -> Changes {
+        let mut accounts: Vec<Account> = self.accounts.into_values().collect();
+        accounts.sort_unstable_by_key(|account| account.id);
+        let mut pending: Vec<(u128, PendingStatus)> = self.pending.into_iter().collect();
+        pending.sort_unstable_by_key(|(id, _)| *id);
+        let mut failed: Vec<(u128, CreateTransferResult)> = self.failed.into_iter().collect();
+        failed.sort_unstable_by_key(|(id, _)| *id);
+        let transfers = self.transfer_times.values().map(|id| self.transfers[id]).collect();
+        let mut index = Vec::new();
+        for (account_id, list) in self.index {
+            for (position, (timestamp, transfer_id)) in list.entries.iter().enumerate() {
+                let balance = list.balances.get(position).copied();
+                index.push(IndexWrite {
+                    account_id,
+                    timestamp: *timestamp,
+                    transfer_id: *transfer_id,
+                    balance,
+                });
+            }
+        }
+        index.sort_unstable_by_key(|write| (write.timestamp, write.account_id));
+        Changes {
+            accounts,
+            transfers,
+            pending,
+            expiry_put: BTreeSet::new(),
+            expiry_delete: BTreeSet::new(),
+            failed,
+            index,
+            changes: self.changes.into_values().collect(),
+            meta,
+            app_meta: self.meta.get(codec::META_APP_KEY).cloned(),
+            timestamp_before,
+        }
+    }
 }
 
 impl Store for MemStore {
@@ -135,6 +196,10 @@ impl Store for MemStore {
 
     fn next_expiry(&self) -> StoreResult<Option<u64>> {
         Ok(self.expiries.first().map(|(expires_at, _)| *expires_at))
+    }
+
+    fn first_expiries(&self, count: usize) -> StoreResult<Vec<(u64, u128)>> {
+        Ok(self.expiries.iter().take(count).copied().collect())
     }
 
     fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
@@ -235,29 +300,11 @@ impl Store for MemStore {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        for account in &changes.accounts {
-            if account.timestamp > changes.timestamp_before {
-                self.index_new_account(account);
-            }
-            self.accounts.insert(account.id, *account);
-        }
-        for transfer in &changes.transfers {
-            self.insert_transfer(*transfer);
-        }
-        self.changes.extend(changes.changes.iter().map(|change| (change.timestamp, *change)));
-        self.pending.extend(changes.pending.iter().copied());
-        self.failed.extend(changes.failed.iter().copied());
+        self.commit_without_expiries(changes);
         for key in &changes.expiry_delete {
             assert!(self.expiries.remove(key), "deleted expiry {key:?} was not stored");
         }
         self.expiries.extend(changes.expiry_put.iter().copied());
-        for write in &changes.index {
-            self.append_index(write.account_id, write.timestamp, write.transfer_id, write.balance);
-        }
-        if let Some(app_meta) = &changes.app_meta {
-            self.meta.insert(codec::META_APP_KEY.to_vec(), app_meta.clone());
-        }
-        self.meta.insert(codec::META_LEDGER_KEY.to_vec(), codec::encode_ledger_meta(&changes.meta).to_vec());
         Ok(())
     }
 

@@ -156,6 +156,8 @@ pub trait Store {
     fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>>;
     /// The earliest `expires_at` of a pending transfer, if any.
     fn next_expiry(&self) -> StoreResult<Option<u64>>;
+    /// The first `count` expiries, oldest first, as `(expires_at, id)`.
+    fn first_expiries(&self, count: usize) -> StoreResult<Vec<(u64, u128)>>;
     /// Pending transfers with `expires_at <= now`, oldest first, as `(expires_at, id)`.
     fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>>;
     /// Index entries of one account with `timestamp_min <= timestamp <= timestamp_max`, in time

@@ -786,6 +786,14 @@ impl Store for SledStore {
         }
     }
 
+    fn first_expiries(&self, count: usize) -> StoreResult<Vec<(u64, u128)>> {
+        let mut first = Vec::with_capacity(count.min(1024));
+        for entry in self.inner.tree.scan_prefix([PREFIX_EXPIRY]).take(count) {
+            first.push(codec::decode_expiry_key(&entry?.0));
+        }
+        Ok(first)
+    }
+
     fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
         let start = [PREFIX_EXPIRY];
         let end = codec::expiry_key(now, u128::MAX);

@@ -106,6 +106,13 @@ pub static FSYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
 pub static SNAPSHOT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram("tally_snapshot_build_seconds", "Time to build a snapshot of the ledger", seconds_buckets())
 });
+pub static CHECKPOINT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tally_checkpoint_seconds",
+        "Time to write what was applied since the last checkpoint to the state store",
+        seconds_buckets(),
+    )
+});
 pub static SNAPSHOT_BYTES: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_snapshot_bytes", "Size of the last snapshot built or installed"));
 pub static FORWARDED: LazyLock<IntCounter> =
@@ -158,6 +165,7 @@ pub fn init() {
     }
     LazyLock::force(&FSYNC_SECONDS);
     LazyLock::force(&SNAPSHOT_SECONDS);
+    LazyLock::force(&CHECKPOINT_SECONDS);
     for counter in [&FORWARDED, &EXPIRY_TICKS, &LEADER_CHANGES, &TERMS] {
         LazyLock::force(counter);
     }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
 use ledger::sled_store::Options as StoreOptions;
-use ledger::{Ledger, SledStore, Store};
+use ledger::{Checkpointed, Ledger, SledStore, Store};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,15 @@ use crate::storage::wal;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
 };
+
+/// The ledger as a node keeps it: applied in memory, written to sled in checkpoints.
+pub type State = Ledger<Checkpointed<SledStore>>;
+
+/// A checkpoint is written once this much memory waits for one (`Checkpointed::recent_bytes`)...
+const CHECKPOINT_BYTES_MAX: u64 = 64 << 20;
+/// ... or this long after the last one. A restart re-applies what no checkpoint carried from the
+/// log, so this bounds that work too (together with sled's own flush interval).
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 const STATE_DIR: &str = "state";
 const STATE_NEW_DIR: &str = "state.new";
@@ -66,18 +75,20 @@ pub struct Shared {
     /// Reads (lookups, queries, digests) take it shared; applying an entry takes it exclusively.
     /// A std lock: it is never held across an await. `None` only inside `install_file`, which
     /// holds the lock exclusively while sled's directory is swapped.
-    ledger: RwLock<Option<Ledger<SledStore>>>,
+    ledger: RwLock<Option<State>>,
     pub applied: Mutex<AppliedState>,
     /// Held by a snapshot build from before it freezes its view until its snapshot is current,
     /// and by a snapshot install throughout: applying goes on during a build, so an install could
     /// otherwise swap sled's directory under a live view, or be overwritten as current by an
     /// older build. Never taken while holding the ledger lock.
     snapshots: Mutex<()>,
+    /// When the last checkpoint was written (`checkpoint_when_due`).
+    checkpointed_at: Mutex<std::time::Instant>,
 }
 
 impl Shared {
     /// Runs `read` against the ledger.
-    pub fn read<T>(&self, read: impl FnOnce(&Ledger<SledStore>) -> T) -> T {
+    pub fn read<T>(&self, read: impl FnOnce(&State) -> T) -> T {
         let ledger = self.ledger.read().unwrap();
         read(ledger.as_ref().expect("ledger outside an install"))
     }
@@ -85,13 +96,34 @@ impl Shared {
     /// Runs `read` against the ledger if no entry is being applied (nor waiting to be) right
     /// now, else returns `None` at once. For periodic tasks on the async runtime, which must not
     /// hold a worker thread for the length of an apply.
-    pub fn try_read<T>(&self, read: impl FnOnce(&Ledger<SledStore>) -> T) -> Option<T> {
+    pub fn try_read<T>(&self, read: impl FnOnce(&State) -> T) -> Option<T> {
         let ledger = self.ledger.try_read().ok()?;
         ledger.as_ref().map(read)
     }
 
     pub fn applied(&self) -> AppliedState {
         self.applied.lock().unwrap().clone()
+    }
+
+    /// Writes what was applied since the last checkpoint to sled, in one atomic batch. Called
+    /// with the ledger lock held exclusively.
+    fn checkpoint(&self, ledger: &mut State) -> io::Result<()> {
+        let started = std::time::Instant::now();
+        let commits = ledger.store_mut().checkpoint().map_err(|e| apply_error(&self.data_dir, e))?;
+        *self.checkpointed_at.lock().unwrap() = started;
+        if commits > 0 {
+            crate::metrics::CHECKPOINT_SECONDS.observe(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// Checkpoints if enough memory waits for it or the last one is old enough.
+    fn checkpoint_when_due(&self, ledger: &mut State) -> io::Result<()> {
+        let store = ledger.store();
+        let due = store.recent_bytes() >= CHECKPOINT_BYTES_MAX
+            || (store.recent_commits() > 0
+                && self.checkpointed_at.lock().unwrap().elapsed() >= CHECKPOINT_INTERVAL);
+        if due { self.checkpoint(ledger) } else { Ok(()) }
     }
 
     /// Exports the applied state as it is now, for a backup, into a temporary file that is
@@ -102,9 +134,10 @@ impl Shared {
         let _snapshots = self.snapshots.lock().unwrap();
         let path = self.data_dir.join(SNAPSHOT_DIR).join(BACKUP_FILE);
         let (view, applied, meta) = {
-            let ledger = self.ledger.read().unwrap();
-            let ledger = ledger.as_ref().expect("ledger outside an install");
-            (ledger.store().freeze(), self.applied.lock().unwrap().last_applied, ledger.meta())
+            let mut ledger = self.ledger.write().unwrap();
+            let ledger = ledger.as_mut().expect("ledger outside an install");
+            self.checkpoint(ledger)?;
+            (ledger.store().base().freeze(), self.applied.lock().unwrap().last_applied, ledger.meta())
         };
         let mut file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
@@ -162,11 +195,7 @@ pub fn marked_damaged(data_dir: &Path) -> bool {
 /// snapshot (checked whole as it is imported), and openraft re-applies the log after it; a log
 /// is purged only behind a durable snapshot, so together they hold every applied entry
 /// (`node::start` refuses the one case where they would not: no snapshot and a purged log).
-fn rebuild(
-    data_dir: &Path,
-    options: StoreOptions,
-    why: &io::Error,
-) -> io::Result<(Ledger<SledStore>, AppliedState)> {
+fn rebuild(data_dir: &Path, options: StoreOptions, why: &io::Error) -> io::Result<(State, AppliedState)> {
     tracing::warn!(
         "the ledger state in {} is damaged ({why}); rebuilding it from the local snapshot and log",
         data_dir.display()
@@ -185,7 +214,7 @@ fn rebuild(
     Ok(opened)
 }
 
-fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(Ledger<SledStore>, AppliedState)> {
+fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(State, AppliedState)> {
     // sled 0.34 panics on some damage it finds while recovering its log (a flipped byte in its
     // `db` file: "tried to serialize Uninitialized") instead of returning an error. A node must
     // refuse damaged data with a message that says what to do, not crash on every start.
@@ -207,7 +236,7 @@ fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(Ledger<SledSto
             io_error(error)
         }
     };
-    let ledger = Ledger::open(opened.map_err(opened_error)?).map_err(opened_error)?;
+    let ledger = Ledger::open(Checkpointed::new(opened.map_err(opened_error)?)).map_err(opened_error)?;
     let applied = match ledger.store().meta_raw(ledger::codec::META_APP_KEY).map_err(io_error)? {
         Some(bytes) => {
             decode(&bytes).map_err(|e| io_error(format!("applied state in {}: {e}", path.display())))?
@@ -242,6 +271,7 @@ impl StateMachine {
                 ledger: RwLock::new(Some(ledger)),
                 applied: Mutex::new(applied),
                 snapshots: Mutex::new(()),
+                checkpointed_at: Mutex::new(std::time::Instant::now()),
             }),
         };
         if let Some(meta) = machine.current_snapshot_meta()? {
@@ -283,6 +313,8 @@ impl StateMachine {
                 Response::default()
             }
         };
+        drop(applied);
+        self.shared.checkpoint_when_due(ledger)?;
         Ok(response)
     }
 
@@ -297,9 +329,10 @@ impl StateMachine {
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
         let temporary = dir.join(BUILDING_FILE);
         let (view, applied) = {
-            let ledger = self.shared.ledger.read().unwrap();
-            let ledger = ledger.as_ref().expect("ledger outside an install");
-            (ledger.store().freeze(), self.shared.applied.lock().unwrap().clone())
+            let mut ledger = self.shared.ledger.write().unwrap();
+            let ledger = ledger.as_mut().expect("ledger outside an install");
+            self.shared.checkpoint(ledger)?;
+            (ledger.store().base().freeze(), self.shared.applied.lock().unwrap().clone())
         };
         let file = std::fs::File::create(&temporary)?;
         ledger::snapshot::export(&view, &file).map_err(io_error)?;
