@@ -3,27 +3,33 @@
 //!
 //! A node makes a write durable in its Raft log, not in its state store: after a crash it
 //! re-applies the log from the last entry its store holds. So applying an entry need not touch
-//! the store at all. `commit` adds the entry's changes to `recent`, a `MemStore` of everything
-//! applied since the last checkpoint, and `checkpoint` writes all of it to the store underneath
-//! in one atomic commit, with the applied marker of the newest entry in it. One payment then
-//! pays for a few map inserts, and the store's fixed cost per commit (its runs, its atomic batch,
-//! its IO threads) is paid once per checkpoint instead of once per entry.
+//! the store at all. `commit` adds a small entry's changes to `recent`, a `MemStore` of what was
+//! applied since the last checkpoint; `seal` hands all of it to a `CheckpointJob`, which another
+//! thread writes to the store underneath in one atomic commit (with the applied marker of the
+//! newest entry in it) while applying goes on into a new `recent`. One payment then pays for a
+//! few map inserts, and the store's fixed cost per commit (its runs, its atomic batch, its IO
+//! threads) is paid once per checkpoint instead of once per entry. An entry of many records
+//! (a full batch) already amortizes that cost, and would only pay for the copy: it is committed
+//! to the store directly, after whatever waits before it.
 //!
-//! Reads see `recent` over the store: a point lookup asks `recent` first; every record keyed by
-//! time (transfers, index entries, change records, the query indexes) is newer in `recent` than
-//! anything underneath, because ledger time only grows, so a scan is the store's part followed by
-//! `recent`'s (or the reverse). Expiries are the one set whose members go away: the ones that
-//! `recent` added are in `expiry_put`, the ones of the store it removed are in `expiry_deleted`.
+//! Reads see `recent` over the sealed layer (a checkpoint being written) over the store: a point
+//! lookup asks the newest layer first; every record keyed by time (transfers, index entries,
+//! change records, the query indexes) is newer in a newer layer, because ledger time only grows,
+//! so a scan is each layer's part in turn, each cut at the time where the next one starts.
+//! Expiries are the one set whose members go away: a layer keeps the ones it added and the ones
+//! of the layers below that it removed.
 //!
-//! When to checkpoint is the caller's choice (the node checkpoints by bytes and by time, and
-//! before every snapshot); `recent_bytes` tells how much memory waits.
+//! `ledger` owns no thread and no clock: when to seal and where a job runs is the caller's
+//! choice (the node: by bytes and by time, on a thread of its own, and a whole checkpoint before
+//! every snapshot).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::codec::{self, LedgerMeta};
 use crate::mem::MemStore;
 use crate::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
-use crate::store::{Changes, RecordVisitor, Store, StoreResult};
+use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
 
 /// Memory one record of each kind takes in `recent`, roughly (the record, its map entries and
 /// its query index entries): what `recent_bytes` counts.
@@ -32,326 +38,44 @@ const TRANSFER_BYTES: u64 = 320;
 const INDEX_BYTES: u64 = 64;
 const CHANGE_BYTES: u64 = 160;
 const SMALL_BYTES: u64 = 64;
+/// An entry that writes at least this many accounts and transfers is committed to the store
+/// directly: a batch of this size already spreads the store's fixed cost per commit thin, and
+/// going through memory first cost a full batch 30% of its throughput.
+pub const DIRECT_RECORDS_MIN: usize = 1024;
 
-pub struct Checkpointed<S> {
-    base: S,
-    /// Everything committed since the last checkpoint but expiries (`MemStore` keeps a plain
-    /// set of them, which cannot say that a key of the store underneath is gone).
-    recent: MemStore,
-    /// Expiries added since the last checkpoint and still there.
+/// A store that can take a commit while it is being read, from another thread: what a
+/// background checkpoint writes to.
+pub trait SharedStore: Store + Send + Sync {
+    /// `Store::commit`, through a shared reference.
+    fn commit_shared(&self, changes: &Changes) -> StoreResult<()>;
+}
+
+/// What was applied since one checkpoint: one layer over the store.
+#[derive(Default)]
+struct Layer {
+    /// Every record but expiries (`MemStore` keeps a plain set of them, which cannot say that a
+    /// key of a layer below is gone).
+    store: MemStore,
+    /// Expiries this layer added and still has.
     expiry_put: BTreeSet<(u64, u128)>,
-    /// Expiries of the store underneath removed since the last checkpoint.
+    /// Expiries of the layers below that this one removed.
     expiry_deleted: BTreeSet<(u64, u128)>,
     /// The ledger's meta after the newest commit, and the newest application meta.
     meta: Option<LedgerMeta>,
     app_meta: Option<Vec<u8>>,
-    /// The ledger's last timestamp before the first commit since the last checkpoint: every
-    /// time-keyed record after it is in `recent`, none before it.
+    /// The ledger's last timestamp before the first commit: every time-keyed record after it is
+    /// in this layer or a newer one, none before it.
     timestamp_before: u64,
-    recent_bytes: u64,
-    recent_commits: u64,
+    bytes: u64,
+    commits: u64,
 }
 
-impl<S: Store> Checkpointed<S> {
-    pub fn new(base: S) -> Checkpointed<S> {
-        Checkpointed {
-            base,
-            recent: MemStore::new(),
-            expiry_put: BTreeSet::new(),
-            expiry_deleted: BTreeSet::new(),
-            meta: None,
-            app_meta: None,
-            timestamp_before: 0,
-            recent_bytes: 0,
-            recent_commits: 0,
-        }
-    }
-
-    /// The durable store underneath, as of the last checkpoint.
-    pub fn base(&self) -> &S {
-        &self.base
-    }
-
-    pub fn into_base(self) -> S {
-        assert_eq!(self.recent_commits, 0, "a checkpointed store dropped {} commits", self.recent_commits);
-        self.base
-    }
-
-    /// Memory held by commits since the last checkpoint, roughly.
-    pub fn recent_bytes(&self) -> u64 {
-        self.recent_bytes
-    }
-
-    /// Commits since the last checkpoint.
-    pub fn recent_commits(&self) -> u64 {
-        self.recent_commits
-    }
-
-    /// Writes everything committed since the last checkpoint to the store underneath, in one
-    /// atomic commit. Returns how many commits it carried.
-    pub fn checkpoint(&mut self) -> StoreResult<u64> {
-        let commits = self.recent_commits;
-        if commits == 0 {
-            return Ok(0);
-        }
-        let meta = self.meta.expect("a commit since the last checkpoint");
-        let mut changes = std::mem::take(&mut self.recent).into_changes(meta, self.timestamp_before);
-        changes.expiry_put = std::mem::take(&mut self.expiry_put);
-        changes.expiry_delete = std::mem::take(&mut self.expiry_deleted);
-        changes.app_meta = self.app_meta.take();
-        if let Err(error) = self.base.commit(&changes) {
-            // Nothing is lost: put it all back, so that a retry (or the node's stop) sees the
-            // state as it was.
-            self.recent = MemStore::new();
-            self.recent.commit_without_expiries(&changes);
-            self.expiry_put = changes.expiry_put;
-            self.expiry_deleted = changes.expiry_delete;
-            self.app_meta = changes.app_meta;
-            return Err(error);
-        }
-        self.forget_recent();
-        Ok(commits)
-    }
-
-    fn forget_recent(&mut self) {
-        self.recent = MemStore::new();
-        self.expiry_put.clear();
-        self.expiry_deleted.clear();
-        self.meta = None;
-        self.app_meta = None;
-        self.recent_bytes = 0;
-        self.recent_commits = 0;
-    }
-
-    fn clipped(&self, timestamp_max: u64) -> u64 {
-        if self.recent_commits == 0 { timestamp_max } else { timestamp_max.min(self.timestamp_before) }
-    }
-
-    /// Runs `older` then `newer` (or the reverse), stopping when one of them stopped: `visit`
-    /// returned false inside it.
-    fn in_order(
-        reversed: bool,
-        older: impl FnOnce(&mut bool) -> StoreResult<()>,
-        newer: impl FnOnce(&mut bool) -> StoreResult<()>,
-    ) -> StoreResult<()> {
-        let mut stopped = false;
-        if reversed {
-            newer(&mut stopped)?;
-            if !stopped {
-                older(&mut stopped)?;
-            }
-        } else {
-            older(&mut stopped)?;
-            if !stopped {
-                newer(&mut stopped)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Wraps `visit` so that a `false` it returns is recorded in `stopped`.
-fn noting<'v, T: ?Sized>(
-    stopped: &'v mut bool,
-    visit: &'v mut dyn FnMut(&T) -> bool,
-) -> impl FnMut(&T) -> bool + 'v {
-    move |item| {
-        let go = visit(item);
-        *stopped |= !go;
-        go
-    }
-}
-
-impl<S: Store> Store for Checkpointed<S> {
-    fn account(&self, id: u128) -> StoreResult<Option<Account>> {
-        match self.recent.account(id)? {
-            Some(account) => Ok(Some(account)),
-            None => self.base.account(id),
-        }
-    }
-
-    fn transfer(&self, id: u128) -> StoreResult<Option<Transfer>> {
-        match self.recent.transfer(id)? {
-            Some(transfer) => Ok(Some(transfer)),
-            None => self.base.transfer(id),
-        }
-    }
-
-    fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
-        match self.recent.pending_status(id)? {
-            Some(status) => Ok(Some(status)),
-            None => self.base.pending_status(id),
-        }
-    }
-
-    fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>> {
-        match self.recent.failed_transfer(id)? {
-            Some(result) => Ok(Some(result)),
-            None => self.base.failed_transfer(id),
-        }
-    }
-
-    fn next_expiry(&self) -> StoreResult<Option<u64>> {
-        // At most `expiry_deleted.len()` of the store's first expiries are hidden.
-        let base = self.base.first_expiries(self.expiry_deleted.len() + 1)?;
-        let base = base.into_iter().find(|key| !self.expiry_deleted.contains(key));
-        let recent = self.expiry_put.first().copied();
-        Ok([base, recent].into_iter().flatten().min().map(|(expires_at, _)| expires_at))
-    }
-
-    fn first_expiries(&self, count: usize) -> StoreResult<Vec<(u64, u128)>> {
-        let base = self.base.first_expiries(self.expiry_deleted.len() + count)?;
-        let mut first: Vec<(u64, u128)> =
-            base.into_iter().filter(|key| !self.expiry_deleted.contains(key)).collect();
-        first.extend(self.expiry_put.iter().take(count).copied());
-        first.sort_unstable();
-        first.truncate(count);
-        Ok(first)
-    }
-
-    fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
-        let mut due = self.base.expiries_due(now)?;
-        due.retain(|key| !self.expiry_deleted.contains(key));
-        due.extend(self.expiry_put.range(..=(now, u128::MAX)).copied());
-        due.sort_unstable();
-        Ok(due)
-    }
-
-    fn scan_index(
-        &self,
-        account_id: u128,
-        timestamp_min: u64,
-        timestamp_max: u64,
-        reversed: bool,
-        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
-    ) -> StoreResult<()> {
-        let clipped = self.clipped(timestamp_max);
-        let visit = std::cell::RefCell::new(visit);
-        let scan = |store: &dyn Store, max: u64, stopped: &mut bool| {
-            store.scan_index(account_id, timestamp_min, max, reversed, &mut |timestamp, value| {
-                let go = (visit.borrow_mut())(timestamp, value);
-                *stopped |= !go;
-                go
-            })
-        };
-        Self::in_order(
-            reversed,
-            |stopped| if timestamp_min <= clipped { scan(&self.base, clipped, stopped) } else { Ok(()) },
-            |stopped| scan(&self.recent, timestamp_max, stopped),
-        )
-    }
-
-    fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
-        match self.recent.transfer_at(timestamp)? {
-            Some(transfer) => Ok(Some(transfer)),
-            None => self.base.transfer_at(timestamp),
-        }
-    }
-
-    fn scan_transfers(
-        &self,
-        timestamp_min: u64,
-        timestamp_max: u64,
-        reversed: bool,
-        visit: &mut dyn FnMut(&Transfer) -> bool,
-    ) -> StoreResult<()> {
-        let clipped = self.clipped(timestamp_max);
-        let visit = std::cell::RefCell::new(visit);
-        let scan = |store: &dyn Store, max: u64, stopped: &mut bool| {
-            let mut visit = visit.borrow_mut();
-            store.scan_transfers(timestamp_min, max, reversed, &mut noting(stopped, &mut **visit))
-        };
-        Self::in_order(
-            reversed,
-            |stopped| if timestamp_min <= clipped { scan(&self.base, clipped, stopped) } else { Ok(()) },
-            |stopped| scan(&self.recent, timestamp_max, stopped),
-        )
-    }
-
-    fn scan_transfer_field(
-        &self,
-        field: Field,
-        value: u128,
-        timestamp_min: u64,
-        timestamp_max: u64,
-        reversed: bool,
-        visit: &mut dyn FnMut(&Transfer) -> bool,
-    ) -> StoreResult<()> {
-        let clipped = self.clipped(timestamp_max);
-        let visit = std::cell::RefCell::new(visit);
-        let scan = |store: &dyn Store, max: u64, stopped: &mut bool| {
-            let mut visit = visit.borrow_mut();
-            let mut visit = noting(stopped, &mut **visit);
-            store.scan_transfer_field(field, value, timestamp_min, max, reversed, &mut visit)
-        };
-        Self::in_order(
-            reversed,
-            |stopped| if timestamp_min <= clipped { scan(&self.base, clipped, stopped) } else { Ok(()) },
-            |stopped| scan(&self.recent, timestamp_max, stopped),
-        )
-    }
-
-    fn scan_account_field(
-        &self,
-        field: Option<Field>,
-        value: u128,
-        timestamp_min: u64,
-        timestamp_max: u64,
-        reversed: bool,
-        visit: &mut dyn FnMut(u64, u128) -> bool,
-    ) -> StoreResult<()> {
-        let clipped = self.clipped(timestamp_max);
-        let visit = std::cell::RefCell::new(visit);
-        let scan = |store: &dyn Store, max: u64, stopped: &mut bool| {
-            store.scan_account_field(field, value, timestamp_min, max, reversed, &mut |timestamp, id| {
-                let go = (visit.borrow_mut())(timestamp, id);
-                *stopped |= !go;
-                go
-            })
-        };
-        Self::in_order(
-            reversed,
-            |stopped| if timestamp_min <= clipped { scan(&self.base, clipped, stopped) } else { Ok(()) },
-            |stopped| scan(&self.recent, timestamp_max, stopped),
-        )
-    }
-
-    fn scan_changes(
-        &self,
-        timestamp_min: u64,
-        visit: &mut dyn FnMut(&ChangeRecord) -> bool,
-    ) -> StoreResult<()> {
-        let mut stopped = false;
-        if self.recent_commits == 0 || timestamp_min <= self.timestamp_before {
-            let before = self.timestamp_before;
-            let all = self.recent_commits == 0;
-            self.base.scan_changes(timestamp_min, &mut |change| {
-                if !all && change.timestamp > before {
-                    return false;
-                }
-                let go = visit(change);
-                stopped |= !go;
-                go
-            })?;
-        }
-        if !stopped {
-            self.recent.scan_changes(timestamp_min, visit)?;
-        }
-        Ok(())
-    }
-
-    fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        match self.recent.meta_raw(key)? {
-            Some(value) => Ok(Some(value)),
-            None => self.base.meta_raw(key),
-        }
-    }
-
-    fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        if self.recent_commits == 0 {
+impl Layer {
+    fn absorb(&mut self, changes: &Changes) {
+        if self.commits == 0 {
             self.timestamp_before = changes.timestamp_before;
         }
-        self.recent.commit_without_expiries(changes);
+        self.store.commit_without_expiries(changes);
         for key in &changes.expiry_delete {
             if !self.expiry_put.remove(key) {
                 assert!(self.expiry_deleted.insert(*key), "expiry {key:?} deleted twice");
@@ -365,7 +89,7 @@ impl<S: Store> Store for Checkpointed<S> {
         if changes.app_meta.is_some() {
             self.app_meta = changes.app_meta.clone();
         }
-        self.recent_bytes += changes.accounts.len() as u64 * ACCOUNT_BYTES
+        self.bytes += changes.accounts.len() as u64 * ACCOUNT_BYTES
             + changes.transfers.len() as u64 * TRANSFER_BYTES
             + changes.index.len() as u64 * INDEX_BYTES
             + changes.changes.len() as u64 * CHANGE_BYTES
@@ -375,57 +99,452 @@ impl<S: Store> Store for Checkpointed<S> {
                 + changes.expiry_delete.len()) as u64
                 * SMALL_BYTES
             + SMALL_BYTES;
-        self.recent_commits += 1;
+        self.commits += 1;
+    }
+
+    /// All of this layer as the changes of one commit.
+    fn to_changes(&self) -> Changes {
+        let meta = self.meta.expect("a layer with commits");
+        let mut changes = self.store.to_changes(meta, self.timestamp_before);
+        changes.expiry_put = self.expiry_put.clone();
+        changes.expiry_delete = self.expiry_deleted.clone();
+        changes.app_meta = self.app_meta.clone();
+        changes
+    }
+}
+
+/// A layer handed to a `CheckpointJob`: read by the store's readers until the job is done.
+struct Sealed {
+    layer: Layer,
+    /// The job's outcome once it ran (or was dropped without running).
+    outcome: Mutex<Option<Result<(), String>>>,
+    finished: Condvar,
+}
+
+impl Sealed {
+    fn finish(&self, outcome: Result<(), String>) {
+        let mut slot = self.outcome.lock().unwrap();
+        if slot.is_none() {
+            *slot = Some(outcome);
+            self.finished.notify_all();
+        }
+    }
+
+    /// The outcome, waiting for it if `wait`, else `None` while the job runs.
+    fn outcome(&self, wait: bool) -> Option<Result<(), String>> {
+        let mut slot = self.outcome.lock().unwrap();
+        while wait && slot.is_none() {
+            slot = self.finished.wait(slot).unwrap();
+        }
+        slot.clone()
+    }
+}
+
+/// A checkpoint to write: `run` it on any thread. Dropped without running, it fails, and the
+/// store it came from reports that at its next commit.
+pub struct CheckpointJob<S> {
+    base: Arc<S>,
+    sealed: Arc<Sealed>,
+}
+
+impl<S: SharedStore> CheckpointJob<S> {
+    /// Entries the checkpoint carries.
+    pub fn commits(&self) -> u64 {
+        self.sealed.layer.commits
+    }
+
+    /// Writes the checkpoint to the store, in one atomic commit.
+    pub fn run(self) -> StoreResult<()> {
+        let written = self.base.commit_shared(&self.sealed.layer.to_changes());
+        self.sealed.finish(written.as_ref().map(|_| ()).map_err(|error| error.to_string()));
+        written
+    }
+}
+
+impl<S> Drop for CheckpointJob<S> {
+    fn drop(&mut self) {
+        self.sealed.finish(Err("the checkpoint was dropped before it was written".into()));
+    }
+}
+
+pub struct Checkpointed<S: SharedStore> {
+    /// Shared with a `CheckpointJob` while one runs.
+    base: Arc<S>,
+    sealed: Option<Arc<Sealed>>,
+    recent: Layer,
+}
+
+impl<S: SharedStore> Checkpointed<S> {
+    pub fn new(base: S) -> Checkpointed<S> {
+        Checkpointed { base: Arc::new(base), sealed: None, recent: Layer::default() }
+    }
+
+    /// The durable store underneath: as of the last checkpoint once `checkpoint` returned.
+    pub fn base(&self) -> &S {
+        &self.base
+    }
+
+    /// The store underneath, once everything was checkpointed.
+    pub fn into_base(mut self) -> StoreResult<S> {
+        self.checkpoint()?;
+        let base = self.base.clone();
+        drop(self);
+        Ok(Arc::try_unwrap(base).unwrap_or_else(|_| panic!("a checkpoint job outlived its store")))
+    }
+
+    /// Memory held by commits since the last seal, roughly.
+    pub fn recent_bytes(&self) -> u64 {
+        self.recent.bytes
+    }
+
+    /// Commits since the last seal.
+    pub fn recent_commits(&self) -> u64 {
+        self.recent.commits
+    }
+
+    /// Whether a sealed checkpoint has not been seen written yet.
+    pub fn checkpoint_in_flight(&self) -> bool {
+        self.sealed.is_some()
+    }
+
+    /// Hands what was applied since the last seal to a job that writes it, for another thread;
+    /// `None` when there is nothing, or while the previous job runs (call again later). An error
+    /// is a previous job's.
+    pub fn seal(&mut self) -> StoreResult<Option<CheckpointJob<S>>> {
+        if !self.retire(false)? || self.recent.commits == 0 {
+            return Ok(None);
+        }
+        let sealed = Arc::new(Sealed {
+            layer: std::mem::take(&mut self.recent),
+            outcome: Mutex::new(None),
+            finished: Condvar::new(),
+        });
+        self.sealed = Some(sealed.clone());
+        Ok(Some(CheckpointJob { base: self.base.clone(), sealed }))
+    }
+
+    /// Writes everything committed so far to the store underneath, here and now: waits for a
+    /// job that runs, then writes the rest. Returns how many commits it wrote itself.
+    pub fn checkpoint(&mut self) -> StoreResult<u64> {
+        self.retire(true)?;
+        match self.seal()? {
+            Some(job) => {
+                let commits = job.commits();
+                job.run()?;
+                self.retire(true)?;
+                Ok(commits)
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Drops the sealed layer if its job is done (waiting for it if `wait`); whether none is
+    /// left. A job that failed fails the store from then on.
+    fn retire(&mut self, wait: bool) -> StoreResult<bool> {
+        let Some(sealed) = &self.sealed else { return Ok(true) };
+        match sealed.outcome(wait) {
+            None => Ok(false),
+            Some(Ok(())) => {
+                self.sealed = None;
+                Ok(true)
+            }
+            Some(Err(error)) => Err(StoreError::Io(std::io::Error::other(format!("checkpoint: {error}")))),
+        }
+    }
+
+    /// The layers over the store, oldest first, each with the time its successor starts at.
+    fn layers(&self) -> Vec<(&Layer, u64)> {
+        let mut layers: Vec<&Layer> = Vec::with_capacity(2);
+        if let Some(sealed) = &self.sealed {
+            layers.push(&sealed.layer);
+        }
+        if self.recent.commits > 0 {
+            layers.push(&self.recent);
+        }
+        let mut cut = Vec::with_capacity(layers.len());
+        for (i, layer) in layers.iter().enumerate() {
+            let next = layers.get(i + 1).map_or(u64::MAX, |next| next.timestamp_before);
+            cut.push((*layer, next));
+        }
+        cut
+    }
+
+    /// The first point lookup that finds something, newest layer first.
+    fn lookup<T>(&self, find: impl Fn(&dyn Store) -> StoreResult<Option<T>>) -> StoreResult<Option<T>> {
+        if let Some(found) = find(&self.recent.store)? {
+            return Ok(Some(found));
+        }
+        if let Some(sealed) = &self.sealed
+            && let Some(found) = find(&sealed.layer.store)?
+        {
+            return Ok(Some(found));
+        }
+        find(&*self.base)
+    }
+
+    /// Runs `scan` over the store and each layer in time order (or reversed), each with the
+    /// highest timestamp it may give (`timestamp_max` or where the next layer starts), until one
+    /// stops: sets the flag it gets.
+    fn scan_layers(
+        &self,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        mut scan: impl FnMut(&dyn Store, u64, &mut bool) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        let layers = self.layers();
+        let base_cut = layers.first().map_or(u64::MAX, |(layer, _)| layer.timestamp_before);
+        let mut parts: Vec<(&dyn Store, u64)> = vec![(&*self.base, base_cut)];
+        parts.extend(layers.iter().map(|(layer, cut)| (&layer.store as &dyn Store, *cut)));
+        if reversed {
+            parts.reverse();
+        }
+        let mut stopped = false;
+        for (store, cut) in parts {
+            let max = timestamp_max.min(cut);
+            if timestamp_min <= max {
+                scan(store, max, &mut stopped)?;
+            }
+            if stopped {
+                break;
+            }
+        }
         Ok(())
     }
 
-    /// The store's records with `recent`'s over them, in key order. Reads `recent` whole into
+    /// Expiries the layers removed from the ones below them.
+    fn hidden_expiries(&self) -> usize {
+        self.layers().iter().map(|(layer, _)| layer.expiry_deleted.len()).sum()
+    }
+
+    /// Whether none of `layers` removed this expiry.
+    fn expiry_visible(&self, key: &(u64, u128), layers: &[(&Layer, u64)]) -> bool {
+        layers.iter().all(|(layer, _)| !layer.expiry_deleted.contains(key))
+    }
+
+    /// Expiries of every layer up to `bound` (`None`: all), visible ones only, each up to
+    /// `count` (or all) from the start, sorted and without duplicates.
+    fn visible_expiries(&self, bound: Option<u64>, count: Option<usize>) -> StoreResult<Vec<(u64, u128)>> {
+        let layers = self.layers();
+        let take = count.map(|count| count + self.hidden_expiries());
+        let mut found = match (bound, take) {
+            (Some(now), _) => self.base.expiries_due(now)?,
+            (None, Some(take)) => self.base.first_expiries(take)?,
+            (None, None) => unreachable!("a bound or a count"),
+        };
+        found.retain(|key| self.expiry_visible(key, &layers));
+        for (position, (layer, _)) in layers.iter().enumerate() {
+            let newer = &layers[position + 1..];
+            let range = layer.expiry_put.range(..=(bound.unwrap_or(u64::MAX), u128::MAX));
+            let puts = range.filter(|key| self.expiry_visible(key, newer));
+            found.extend(puts.take(take.unwrap_or(usize::MAX)));
+        }
+        found.sort_unstable();
+        found.dedup();
+        if let Some(count) = count {
+            found.truncate(count);
+        }
+        Ok(found)
+    }
+}
+
+impl<S: SharedStore> Drop for Checkpointed<S> {
+    /// Waits for a job that runs: it holds the store, which (sled) holds its directory.
+    fn drop(&mut self) {
+        if let Some(sealed) = &self.sealed {
+            sealed.outcome(true);
+        }
+    }
+}
+
+impl<S: SharedStore> Store for Checkpointed<S> {
+    fn account(&self, id: u128) -> StoreResult<Option<Account>> {
+        self.lookup(|store| store.account(id))
+    }
+
+    fn transfer(&self, id: u128) -> StoreResult<Option<Transfer>> {
+        self.lookup(|store| store.transfer(id))
+    }
+
+    fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
+        self.lookup(|store| store.pending_status(id))
+    }
+
+    fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>> {
+        self.lookup(|store| store.failed_transfer(id))
+    }
+
+    fn next_expiry(&self) -> StoreResult<Option<u64>> {
+        Ok(self.visible_expiries(None, Some(1))?.first().map(|(expires_at, _)| *expires_at))
+    }
+
+    fn first_expiries(&self, count: usize) -> StoreResult<Vec<(u64, u128)>> {
+        self.visible_expiries(None, Some(count))
+    }
+
+    fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
+        self.visible_expiries(Some(now), None)
+    }
+
+    fn scan_index(
+        &self,
+        account_id: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        self.scan_layers(timestamp_min, timestamp_max, reversed, |store, max, stopped| {
+            store.scan_index(account_id, timestamp_min, max, reversed, &mut |timestamp, value| {
+                let go = visit(timestamp, value);
+                *stopped |= !go;
+                go
+            })
+        })
+    }
+
+    fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
+        self.lookup(|store| store.transfer_at(timestamp))
+    }
+
+    fn scan_transfers(
+        &self,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
+    ) -> StoreResult<()> {
+        self.scan_layers(timestamp_min, timestamp_max, reversed, |store, max, stopped| {
+            store.scan_transfers(timestamp_min, max, reversed, &mut |transfer| {
+                let go = visit(transfer);
+                *stopped |= !go;
+                go
+            })
+        })
+    }
+
+    fn scan_transfer_field(
+        &self,
+        field: Field,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(&Transfer) -> bool,
+    ) -> StoreResult<()> {
+        self.scan_layers(timestamp_min, timestamp_max, reversed, |store, max, stopped| {
+            store.scan_transfer_field(field, value, timestamp_min, max, reversed, &mut |transfer| {
+                let go = visit(transfer);
+                *stopped |= !go;
+                go
+            })
+        })
+    }
+
+    fn scan_account_field(
+        &self,
+        field: Option<Field>,
+        value: u128,
+        timestamp_min: u64,
+        timestamp_max: u64,
+        reversed: bool,
+        visit: &mut dyn FnMut(u64, u128) -> bool,
+    ) -> StoreResult<()> {
+        self.scan_layers(timestamp_min, timestamp_max, reversed, |store, max, stopped| {
+            store.scan_account_field(field, value, timestamp_min, max, reversed, &mut |timestamp, id| {
+                let go = visit(timestamp, id);
+                *stopped |= !go;
+                go
+            })
+        })
+    }
+
+    fn scan_changes(
+        &self,
+        timestamp_min: u64,
+        visit: &mut dyn FnMut(&ChangeRecord) -> bool,
+    ) -> StoreResult<()> {
+        self.scan_layers(timestamp_min, u64::MAX, false, |store, max, stopped| {
+            store.scan_changes(timestamp_min, &mut |change| {
+                let go = change.timestamp <= max && visit(change);
+                *stopped |= !go;
+                go
+            })
+        })
+    }
+
+    fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        self.lookup(|store| store.meta_raw(key))
+    }
+
+    fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
+        self.retire(false)?;
+        if changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN {
+            self.checkpoint()?;
+            return self.base.commit_shared(changes);
+        }
+        self.recent.absorb(changes);
+        Ok(())
+    }
+
+    /// The store's records with the layers' over them, in key order. Reads the layers whole into
     /// memory first (bounded by the checkpoint size).
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        let mut newer: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        self.recent.for_each_record(&mut |key, value| {
-            newer.push((key.to_vec(), value.to_vec()));
-            Ok(())
-        })?;
-        newer.extend(
-            self.expiry_put.iter().map(|(at, id)| (codec::expiry_key(*at, *id).to_vec(), Vec::new())),
-        );
-        newer.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let hidden: BTreeSet<Vec<u8>> =
-            self.expiry_deleted.iter().map(|(at, id)| codec::expiry_key(*at, *id).to_vec()).collect();
+        // Each layer's writes over the older ones': a value, or `None` for a removed expiry.
+        let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for (layer, _) in self.layers() {
+            for (at, id) in &layer.expiry_deleted {
+                newer.insert(codec::expiry_key(*at, *id).to_vec(), None);
+            }
+            for (at, id) in &layer.expiry_put {
+                newer.insert(codec::expiry_key(*at, *id).to_vec(), Some(Vec::new()));
+            }
+            layer.store.for_each_record(&mut |key, value| {
+                newer.insert(key.to_vec(), Some(value.to_vec()));
+                Ok(())
+            })?;
+        }
         let mut newer = newer.into_iter().peekable();
         self.base.for_each_record(&mut |key, value| {
             while let Some((newer_key, newer_value)) =
                 newer.next_if(|(newer_key, _)| newer_key.as_slice() <= key)
             {
-                visit(&newer_key, &newer_value)?;
+                if let Some(newer_value) = &newer_value {
+                    visit(&newer_key, newer_value)?;
+                }
                 if newer_key == key {
                     return Ok(());
                 }
             }
-            if hidden.contains(key) { Ok(()) } else { visit(key, value) }
+            visit(key, value)
         })?;
         for (key, value) in newer {
-            visit(&key, &value)?;
+            if let Some(value) = value {
+                visit(&key, &value)?;
+            }
         }
         Ok(())
     }
 
     fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
-        assert_eq!(self.recent_commits, 0, "an import into a store with commits in memory");
-        self.base.put_records(records)
+        assert!(
+            self.sealed.is_none() && self.recent.commits == 0,
+            "an import into a store with commits in memory"
+        );
+        Arc::get_mut(&mut self.base).expect("no checkpoint job").put_records(records)
     }
 
     fn clear(&mut self) -> StoreResult<()> {
-        self.forget_recent();
-        self.base.clear()
+        self.retire(true)?;
+        self.recent = Layer::default();
+        Arc::get_mut(&mut self.base).expect("no checkpoint job").clear()
     }
 
     fn is_empty(&self) -> StoreResult<bool> {
-        Ok(self.recent_commits == 0 && self.base.is_empty()?)
+        Ok(self.layers().is_empty() && self.base.is_empty()?)
     }
 
-    /// Makes the store underneath durable: everything up to the last checkpoint.
+    /// Makes the store underneath durable: everything up to the last checkpoint written.
     fn flush(&self) -> StoreResult<()> {
         self.base.flush()
     }

@@ -140,16 +140,13 @@ impl MemStore {
 
     /// Everything this store holds but expiries, as the changes of one commit, for a store whose
     /// state was `timestamp_before` before it (`checkpoint::Checkpointed`).
-    pub(crate) fn into_changes(self, meta: codec::LedgerMeta, timestamp_before: u64) -> Changes {
-        let mut accounts: Vec<Account> = self.accounts.into_values().collect();
-        accounts.sort_unstable_by_key(|account| account.id);
-        let mut pending: Vec<(u128, PendingStatus)> = self.pending.into_iter().collect();
-        pending.sort_unstable_by_key(|(id, _)| *id);
-        let mut failed: Vec<(u128, CreateTransferResult)> = self.failed.into_iter().collect();
-        failed.sort_unstable_by_key(|(id, _)| *id);
+    pub(crate) fn to_changes(&self, meta: codec::LedgerMeta, timestamp_before: u64) -> Changes {
+        let accounts = sorted(&self.accounts).into_iter().map(|(_, account)| *account).collect();
+        let pending = sorted(&self.pending).into_iter().map(|(id, status)| (id, *status)).collect();
+        let failed = sorted(&self.failed).into_iter().map(|(id, result)| (id, *result)).collect();
         let transfers = self.transfer_times.values().map(|id| self.transfers[id]).collect();
         let mut index = Vec::new();
-        for (account_id, list) in self.index {
+        for (&account_id, list) in &self.index {
             for (position, (timestamp, transfer_id)) in list.entries.iter().enumerate() {
                 let balance = list.balances.get(position).copied();
                 index.push(IndexWrite {
@@ -169,7 +166,7 @@ impl MemStore {
             expiry_delete: BTreeSet::new(),
             failed,
             index,
-            changes: self.changes.into_values().collect(),
+            changes: self.changes.values().copied().collect(),
             meta,
             app_meta: self.meta.get(codec::META_APP_KEY).cloned(),
             timestamp_before,

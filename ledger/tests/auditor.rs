@@ -336,53 +336,84 @@ fn a_store_reopens_at_once_after_it_is_dropped() {
 }
 
 /// A store that applies in memory and writes checkpoints (what a node runs) answers every reply,
-/// balance, query and change record as the model predicts, with checkpoints at random points,
-/// over memory and over sled; its export, before and after the last checkpoint, is byte for byte
-/// the plain store's, and sled reopened holds the state of the last checkpoint.
+/// balance, query and change record as the model predicts: one checkpoints here and now at
+/// random points, the other seals and writes its checkpoints on another thread, read meanwhile.
+/// Their exports, at random points, are byte for byte the plain store's; a batch large enough to
+/// bypass memory lands after what waited; sled reopened holds the state of the last checkpoint.
 #[test]
 fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
     use rand::{Rng, SeedableRng};
     let seed = seed(0x7a11_0004);
-    let dir = tempfile::tempdir().unwrap();
-    let sled = SledStore::open(dir.path()).unwrap();
-    let mut stores = (
-        Ledger::open(Checkpointed::new(MemStore::new())).unwrap(),
-        Ledger::open(Checkpointed::new(sled)).unwrap(),
-    );
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut here = Ledger::open(Checkpointed::new(SledStore::open(dirs.0.path()).unwrap())).unwrap();
+    let mut behind = Ledger::open(Checkpointed::new(SledStore::open(dirs.1.path()).unwrap())).unwrap();
     let mut plain = Ledger::open(MemStore::new()).unwrap();
     let mut workloads = (Workload::new(seed), Workload::new(seed), Workload::new(seed));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xc4e);
-    let mut checkpoints = 0;
+    let mut job: Option<std::thread::JoinHandle<()>> = None;
+    let (mut checkpoints, mut sealed) = (0, 0);
     let mut done = 0;
     while done < 900 {
         let count = rng.random_range(1..=40);
-        run_audited(&mut stores.0, &mut workloads.0, count, seed);
-        run_audited(&mut stores.1, &mut workloads.1, count, seed);
+        run_audited(&mut here, &mut workloads.0, count, seed);
+        run_audited(&mut behind, &mut workloads.1, count, seed);
         run_audited(&mut plain, &mut workloads.2, count, seed);
         done += count;
-        assert_eq!(stores.0.meta(), plain.meta(), "seed {seed}: digests diverged");
-        assert_eq!(stores.1.meta(), plain.meta(), "seed {seed}: digests diverged");
+        assert_eq!(here.meta(), plain.meta(), "seed {seed}: digests diverged");
+        assert_eq!(behind.meta(), plain.meta(), "seed {seed}: digests diverged");
         if rng.random_ratio(1, 3) {
-            assert_eq!(export_bytes(stores.0.store()), export_bytes(plain.store()), "seed {seed}");
-            assert_eq!(export_bytes(stores.1.store()), export_bytes(plain.store()), "seed {seed}");
+            assert_eq!(export_bytes(here.store()), export_bytes(plain.store()), "seed {seed}");
+            assert_eq!(export_bytes(behind.store()), export_bytes(plain.store()), "seed {seed}");
         }
         if rng.random_ratio(1, 2) {
-            assert!(stores.0.store_mut().checkpoint().unwrap() > 0, "seed {seed}");
-            assert!(stores.1.store_mut().checkpoint().unwrap() > 0, "seed {seed}");
-            assert_eq!(stores.0.store().recent_commits(), 0);
+            assert!(here.store_mut().checkpoint().unwrap() > 0, "seed {seed}");
+            assert_eq!(here.store().recent_commits(), 0);
             checkpoints += 1;
         }
+        if rng.random_ratio(1, 3)
+            && let Some(running) = job.take()
+        {
+            running.join().unwrap();
+        }
+        if let Some(sealing) = behind.store_mut().seal().unwrap() {
+            job = Some(std::thread::spawn(move || sealing.run().unwrap()));
+            sealed += 1;
+        }
     }
-    assert!(checkpoints > 5, "seed {seed}: too few checkpoints");
-    check_whole_change_stream(&stores.1, &workloads.1.model, seed);
-    assert_eq!(export_bytes(stores.1.store()), export_bytes(plain.store()), "seed {seed}");
-    stores.1.store_mut().checkpoint().unwrap();
-    let meta = stores.1.meta();
-    let (_, sled) = stores;
-    let sled = sled.into_store().into_base();
+    assert!(checkpoints > 5 && sealed > 5, "seed {seed}: too few checkpoints");
+    check_whole_change_stream(&behind, &workloads.1.model, seed);
+
+    // A batch of many new accounts goes to the store directly, after the commits waiting.
+    let last = plain.meta().timestamp_last;
+    let many: Vec<Account> = (0..1500u128).map(|i| account((1 << 100) + i, 1, 0)).collect();
+    for ledger in [&mut here as &mut dyn ApplyBatch, &mut behind, &mut plain] {
+        ledger.apply_one(Batch::CreateAccounts(many.clone()), last + 1_000_000);
+    }
+    assert_eq!(export_bytes(here.store()), export_bytes(plain.store()), "seed {seed}");
+    assert_eq!(export_bytes(behind.store()), export_bytes(plain.store()), "seed {seed}");
+    assert_eq!(behind.store().recent_commits(), 0, "seed {seed}: a large batch went through memory");
+
+    if let Some(running) = job.take() {
+        running.join().unwrap();
+    }
+    let meta = behind.meta();
+    let sled = behind.into_store().into_base().unwrap();
     assert_eq!(export_bytes(&sled), export_bytes(plain.store()), "seed {seed}");
     drop(sled);
-    let reopened = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    let reopened = Ledger::open(SledStore::open(dirs.1.path()).unwrap()).unwrap();
     assert_eq!(reopened.meta(), meta, "seed {seed}: sled reopened is not at the last checkpoint");
     assert_eq!(export_bytes(reopened.store()), export_bytes(plain.store()), "seed {seed}");
+}
+
+/// Applies one batch to ledgers over different stores alike.
+trait ApplyBatch {
+    fn apply_one(&mut self, batch: Batch, proposed: u64);
+}
+
+impl<S: Store> ApplyBatch for Ledger<S> {
+    fn apply_one(&mut self, batch: Batch, proposed: u64) {
+        let replies = self.apply(&[batch], proposed, None).unwrap();
+        let BatchReply::CreateAccounts(results) = &replies[0] else { panic!("accounts were created") };
+        assert!(results.iter().all(|event| event.result == CreateAccountResult::Ok), "{results:?}");
+    }
 }

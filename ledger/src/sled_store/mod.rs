@@ -928,6 +928,55 @@ impl Store for SledStore {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
+        crate::checkpoint::SharedStore::commit_shared(self, changes)
+    }
+
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+        export(&self.inner, &self.inner.current_runs(), None, u64::MAX, visit)
+    }
+
+    fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
+        let mut import = self.import.take().unwrap_or_default();
+        let mut batch = sled::Batch::default();
+        for (key, value) in records {
+            if key.first() == Some(&PREFIX_META) && !import.finished {
+                import.finish(&self.inner)?;
+            }
+            import.put(&self.inner, key, value, &mut batch)?;
+        }
+        import.flush(&self.inner)?;
+        self.inner.tree.apply_batch(batch)?;
+        self.import = Some(import);
+        Ok(())
+    }
+
+    fn clear(&mut self) -> StoreResult<()> {
+        self.import = None;
+        let mut layout = self.inner.layout.lock().unwrap();
+        self.inner.tree.clear()?;
+        layout.retired.clear();
+        layout.garbage.clear();
+        *self.inner.runs.write().unwrap() = Arc::new(Runs::default());
+        self.inner.accounts.lock().unwrap().accounts.clear();
+        drop(layout);
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    fn is_empty(&self) -> StoreResult<bool> {
+        Ok(self.inner.tree.is_empty())
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.inner.flush()
+    }
+}
+
+impl crate::checkpoint::SharedStore for SledStore {
+    /// Everything a commit changes is behind the store's own locks (the layout, the runs, the
+    /// account cache), and the runs it adds appear to readers in one swap: readers and merges
+    /// may go on meanwhile. Two commits must not run at once (`Checkpointed` runs one at a time).
+    fn commit_shared(&self, changes: &Changes) -> StoreResult<()> {
         self.keep_pre_images(changes)?;
         let mut batch = sled::Batch::default();
         Self::plain_writes(changes, |key, value| match value {
@@ -1006,45 +1055,5 @@ impl Store for SledStore {
         }
         drop(cache);
         self.signal_merges()
-    }
-
-    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        export(&self.inner, &self.inner.current_runs(), None, u64::MAX, visit)
-    }
-
-    fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
-        let mut import = self.import.take().unwrap_or_default();
-        let mut batch = sled::Batch::default();
-        for (key, value) in records {
-            if key.first() == Some(&PREFIX_META) && !import.finished {
-                import.finish(&self.inner)?;
-            }
-            import.put(&self.inner, key, value, &mut batch)?;
-        }
-        import.flush(&self.inner)?;
-        self.inner.tree.apply_batch(batch)?;
-        self.import = Some(import);
-        Ok(())
-    }
-
-    fn clear(&mut self) -> StoreResult<()> {
-        self.import = None;
-        let mut layout = self.inner.layout.lock().unwrap();
-        self.inner.tree.clear()?;
-        layout.retired.clear();
-        layout.garbage.clear();
-        *self.inner.runs.write().unwrap() = Arc::new(Runs::default());
-        self.inner.accounts.lock().unwrap().accounts.clear();
-        drop(layout);
-        self.inner.db.flush()?;
-        Ok(())
-    }
-
-    fn is_empty(&self) -> StoreResult<bool> {
-        Ok(self.inner.tree.is_empty())
-    }
-
-    fn flush(&self) -> StoreResult<()> {
-        self.inner.flush()
     }
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
+use ledger::checkpoint::CheckpointJob;
 use ledger::sled_store::Options as StoreOptions;
 use ledger::{Checkpointed, Ledger, SledStore, Store};
 use openraft::EntryPayload;
@@ -31,7 +32,7 @@ use crate::types::{
 /// The ledger as a node keeps it: applied in memory, written to sled in checkpoints.
 pub type State = Ledger<Checkpointed<SledStore>>;
 
-/// A checkpoint is written once this much memory waits for one (`Checkpointed::recent_bytes`)...
+/// A checkpoint is sealed once this much memory waits for one (`Checkpointed::recent_bytes`)...
 const CHECKPOINT_BYTES_MAX: u64 = 64 << 20;
 /// ... or this long after the last one. A restart re-applies what no checkpoint carried from the
 /// log, so this bounds that work too (together with sled's own flush interval).
@@ -82,8 +83,27 @@ pub struct Shared {
     /// otherwise swap sled's directory under a live view, or be overwritten as current by an
     /// older build. Never taken while holding the ledger lock.
     snapshots: Mutex<()>,
-    /// When the last checkpoint was written (`checkpoint_when_due`).
+    /// When the last checkpoint was sealed or written (`checkpoint_when_due`).
     checkpointed_at: Mutex<std::time::Instant>,
+    /// To the checkpoint thread (`checkpoint_thread`). A std channel: its sender is called with
+    /// the ledger lock held, outside any async context.
+    checkpoints: std::sync::mpsc::Sender<CheckpointJob<SledStore>>,
+}
+
+/// Writes sealed checkpoints to sled, one at a time, until the state machine is dropped. A
+/// failed one is reported by the store's next commit, which stops the node.
+fn checkpoint_thread() -> io::Result<std::sync::mpsc::Sender<CheckpointJob<SledStore>>> {
+    let (sender, receiver) = std::sync::mpsc::channel::<CheckpointJob<SledStore>>();
+    std::thread::Builder::new().name("tally-checkpoint".into()).spawn(move || {
+        for job in receiver {
+            let started = std::time::Instant::now();
+            match job.run() {
+                Ok(()) => crate::metrics::CHECKPOINT_SECONDS.observe(started.elapsed().as_secs_f64()),
+                Err(error) => tracing::error!("writing a checkpoint of the ledger state failed: {error}"),
+            }
+        }
+    })?;
+    Ok(sender)
 }
 
 impl Shared {
@@ -105,8 +125,9 @@ impl Shared {
         self.applied.lock().unwrap().clone()
     }
 
-    /// Writes what was applied since the last checkpoint to sled, in one atomic batch. Called
-    /// with the ledger lock held exclusively.
+    /// Writes everything applied so far to sled, here and now (waiting for a checkpoint being
+    /// written): before a snapshot or a backup freezes sled. Called with the ledger lock held
+    /// exclusively.
     fn checkpoint(&self, ledger: &mut State) -> io::Result<()> {
         let started = std::time::Instant::now();
         let commits = ledger.store_mut().checkpoint().map_err(|e| apply_error(&self.data_dir, e))?;
@@ -117,13 +138,29 @@ impl Shared {
         Ok(())
     }
 
-    /// Checkpoints if enough memory waits for it or the last one is old enough.
+    /// Once enough memory waits for a checkpoint or the last one is old enough, seals what was
+    /// applied since for the checkpoint thread, which writes it while applying goes on. If the
+    /// thread is still busy with the previous one and twice the memory waits, writes here.
     fn checkpoint_when_due(&self, ledger: &mut State) -> io::Result<()> {
         let store = ledger.store();
-        let due = store.recent_bytes() >= CHECKPOINT_BYTES_MAX
+        let bytes = store.recent_bytes();
+        let due = bytes >= CHECKPOINT_BYTES_MAX
             || (store.recent_commits() > 0
                 && self.checkpointed_at.lock().unwrap().elapsed() >= CHECKPOINT_INTERVAL);
-        if due { self.checkpoint(ledger) } else { Ok(()) }
+        if !due {
+            return Ok(());
+        }
+        match ledger.store_mut().seal().map_err(|e| apply_error(&self.data_dir, e))? {
+            Some(job) => {
+                *self.checkpointed_at.lock().unwrap() = std::time::Instant::now();
+                // The thread lives as long as `Shared`; a job that cannot be sent fails when
+                // dropped, and the next commit reports it.
+                let _ = self.checkpoints.send(job);
+                Ok(())
+            }
+            None if bytes >= 2 * CHECKPOINT_BYTES_MAX => self.checkpoint(ledger),
+            None => Ok(()),
+        }
     }
 
     /// Exports the applied state as it is now, for a backup, into a temporary file that is
@@ -272,6 +309,7 @@ impl StateMachine {
                 applied: Mutex::new(applied),
                 snapshots: Mutex::new(()),
                 checkpointed_at: Mutex::new(std::time::Instant::now()),
+                checkpoints: checkpoint_thread()?,
             }),
         };
         if let Some(meta) = machine.current_snapshot_meta()? {
