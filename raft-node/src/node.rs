@@ -567,11 +567,12 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     Ok(node)
 }
 
-/// Keeps the incarnations the Raft RPCs check in step with the membership in effect.
-/// Metrics change on every append and apply; the membership seldom, so only a new membership
-/// entry is copied.
+/// Keeps the incarnations the Raft RPCs check in step with the membership in effect. Watches
+/// openraft's server metrics, which change with the vote, the leader and the membership only:
+/// its full metrics change on every append and apply, and each change woke this task (and two
+/// others like it) thousands of times a second under load.
 async fn follow_membership(raft: Raft, identities: Arc<Identities>) {
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     let mut followed = *metrics.borrow_watched().membership_config.log_id();
     while metrics.changed().await.is_ok() {
         let membership = {
@@ -830,12 +831,13 @@ const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Logs every change of leader or term this node sees, for the operator and chaos runs.
 pub async fn log_leadership(node: Arc<NodeHandle>) {
-    let mut metrics = node.raft.metrics();
+    // Server metrics: they change with the leader and the vote, not with every append.
+    let mut metrics = node.raft.server_metrics();
     let mut last = (None, 0);
     loop {
         let now = {
             let m = metrics.borrow_watched();
-            (m.current_leader, m.current_term)
+            (m.current_leader, m.vote.leader_id().term)
         };
         if now != last {
             match now.0 {
@@ -867,16 +869,28 @@ pub const EXIT_STORAGE_FAILED: u8 = 74;
 /// without its storage; restarted, it recovers from what is really on disk (see `storage/wal.rs`,
 /// "Durability"). Never resolves while Raft runs.
 pub async fn fatal(node: Arc<NodeHandle>) -> String {
-    let mut metrics = node.raft.metrics();
+    // Looks at the full metrics only when the server metrics change (openraft stopping drops
+    // their sender) or once a second: the full ones change on every append and apply.
+    let mut changes = node.raft.server_metrics();
+    let mut ticks = tokio::time::interval(FATAL_POLL);
     loop {
-        if let Err(fatal) = &metrics.borrow_watched().running_state {
+        if let Err(fatal) = &node.raft.metrics().borrow_watched().running_state {
             return fatal.to_string();
         }
-        if metrics.changed().await.is_err() {
-            return "raft stopped".into();
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() {
+                if let Err(fatal) = &node.raft.metrics().borrow_watched().running_state {
+                    return fatal.to_string();
+                }
+                return "raft stopped".into();
+            },
+            _ = ticks.tick() => {}
         }
     }
 }
+
+/// How often `fatal` looks whether Raft stopped, beside the changes it is told of.
+const FATAL_POLL: Duration = Duration::from_secs(1);
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
