@@ -158,7 +158,8 @@ impl Shared {
                 let _ = self.checkpoints.send(job);
                 Ok(())
             }
-            None if bytes >= 2 * CHECKPOINT_BYTES_MAX => self.checkpoint(ledger),
+            // Rare, and long: the worker is handed over (a no-op when it already was).
+            None if bytes >= 2 * CHECKPOINT_BYTES_MAX => tokio::task::block_in_place(|| self.checkpoint(ledger)),
             None => Ok(()),
         }
     }
@@ -329,11 +330,29 @@ impl StateMachine {
         }
     }
 
+    /// Applies one entry: on the async worker itself when it is small and the ledger is free
+    /// (applying it is memory work of microseconds, and handing the worker over to another
+    /// thread, as `block_in_place` does, cost more than that on every entry), else with the
+    /// worker handed over, since it may wait for the lock or write to sled.
     fn apply_entry(&self, entry: &Entry) -> io::Result<Response> {
+        let events = match &entry.payload {
+            EntryPayload::Normal(request) => request.batches.iter().map(ledger::Batch::len).sum(),
+            _ => 0,
+        };
+        if events < ledger::checkpoint::DIRECT_RECORDS_MIN
+            && let Ok(mut ledger) = self.shared.ledger.try_write()
+        {
+            return self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry);
+        }
+        tokio::task::block_in_place(|| {
+            let mut ledger = self.shared.ledger.write().unwrap();
+            self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry)
+        })
+    }
+
+    fn apply_locked(&self, ledger: &mut State, entry: &Entry) -> io::Result<Response> {
         // Lock order everywhere: the ledger, then the applied state. `build` runs in its own task
         // and takes them in that order too; the other order deadlocked under snapshotting.
-        let mut ledger = self.shared.ledger.write().unwrap();
-        let ledger = ledger.as_mut().expect("ledger outside an install");
         let mut applied = self.shared.applied.lock().unwrap();
         applied.last_applied = Some(entry.log_id);
         if let EntryPayload::Membership(membership) = &entry.payload {
@@ -572,7 +591,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let response = tokio::task::block_in_place(|| self.apply_entry(&entry))?;
+            let response = self.apply_entry(&entry)?;
             if let Some(responder) = responder {
                 responder.send(response);
             }
