@@ -75,7 +75,14 @@ impl Batcher {
         let proposer = Proposer { raft, clock, me };
         tokio::spawn(run(proposer.clone(), receiver, delay, in_flight.clone()));
         let bytes_max = (bytes_max as usize).min(Semaphore::MAX_PERMITS);
-        Batcher { queue, in_flight, proposer, direct: delay.is_zero(), bytes: Arc::new(Semaphore::new(bytes_max)), bytes_max }
+        Batcher {
+            queue,
+            in_flight,
+            proposer,
+            direct: delay.is_zero(),
+            bytes: Arc::new(Semaphore::new(bytes_max)),
+            bytes_max,
+        }
     }
 
     /// Proposes `batch` and waits for its reply. UNAVAILABLE means the outcome is unknown only

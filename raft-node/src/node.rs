@@ -93,6 +93,12 @@ pub struct NodeConfig {
     /// Memory for the ledger state's caches (sled's page cache and decoded accounts), in bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// Applied entries reach the ledger state's store in checkpoints: at least this often...
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// ... and once this many bytes of applied state wait in memory for one.
+    #[serde(default = "default_checkpoint_bytes")]
+    pub checkpoint_bytes: u64,
     /// Reach node ID's peer door at this address instead of the one the membership records, for
     /// all node-to-node traffic (Raft and forwarded requests): a NAT, a tunnel, or a chaos harness's
     /// fault-injecting proxy between this node and that one.
@@ -150,6 +156,12 @@ fn default_snapshot_entries() -> u64 {
 }
 fn default_snapshot_log_keep() -> u64 {
     1000
+}
+pub fn default_checkpoint_interval_ms() -> u64 {
+    1000
+}
+pub fn default_checkpoint_bytes() -> u64 {
+    64 << 20
 }
 pub fn default_cache_bytes() -> u64 {
     ledger::sled_store::Options::default().cache_bytes
@@ -492,7 +504,11 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
             std::io::ErrorKind::Unsupported => StartError::Other(e.to_string()),
             _ => unreadable(&config, "the write-ahead log (wal/)", e),
         })?;
-    let machine = StateMachine::open(&config.data_dir, config.cache_bytes)
+    let checkpoints = crate::storage::state_machine::CheckpointPolicy {
+        interval: Duration::from_millis(config.checkpoint_interval_ms),
+        bytes_max: config.checkpoint_bytes,
+    };
+    let machine = StateMachine::open(&config.data_dir, config.cache_bytes, checkpoints)
         .map_err(|e| unreadable(&config, "the ledger state (state/, snapshots/)", e))?;
     // A rebuilt state starts at the local snapshot; the log must go on from there.
     let (applied, purged) = (machine.shared.applied().last_applied, log.last_purged());

@@ -178,6 +178,68 @@ async fn leader_sigkill_loses_nothing_and_the_node_catches_up() {
     cluster.wait_for_convergence(DEADLINE).await;
 }
 
+/// Applying is memory work, and the state reaches sled in checkpoints: a follower, then the
+/// leader, SIGKILLed while writes are acknowledged, restart, re-apply their log from their last
+/// checkpoint and reach the same applied index and running digest as the others, with every
+/// acknowledged transfer there once. Once with no checkpoint written before the kills (every ten
+/// minutes: the whole log is re-applied), once with checkpoints every 200 ms (the log after the
+/// last one is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_between_checkpoints_replays_its_log_to_the_same_digest() {
+    for interval_ms in ["600000", "200"] {
+        let checkpoints = interval_ms == "200";
+        let mut cluster =
+            TestCluster::start(Path::new(TALLY), &SITES, &["--checkpoint-interval-ms", interval_ms]);
+        let leader = cluster.wait_for_leader(DEADLINE).await;
+        let client = Arc::new(cluster.client(Duration::from_secs(10)));
+        create_accounts(&client, 1..=2).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = write_load(client.clone(), stop.clone(), 1000);
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        for victim in [follower, leader] {
+            wait_for_writes(&cluster, 100).await;
+            let started = Instant::now();
+            let written = loop {
+                let metrics = cluster.scrape(victim).await;
+                let written = sample(&metrics, "tally_checkpoint_seconds_count", None);
+                if !checkpoints || written > 0.0 || started.elapsed() > DEADLINE {
+                    break written;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert_eq!(written > 0.0, checkpoints, "node {victim}: {written} checkpoints written");
+            cluster.kill(victim);
+            cluster.wait_for_leader(DEADLINE).await;
+            wait_for_writes(&cluster, 50).await;
+            cluster.restart(victim);
+        }
+        wait_for_writes(&cluster, 50).await;
+        stop.store(true, Ordering::Relaxed);
+        let (acknowledged, _) = load.await.unwrap();
+        cluster.wait_for_convergence(DEADLINE).await;
+        let balances = local_balances(&cluster, &[2]).await;
+        assert_eq!(balances.len(), 3);
+        for (id, balance) in &balances {
+            assert_eq!(balance[0], acknowledged.len() as i128, "node {id}: {balances:?}");
+        }
+        let found = client.lookup_transfers(&acknowledged, v1::ReadConsistency::Linearizable).await.unwrap();
+        assert_eq!(found.len(), acknowledged.len(), "acknowledged transfers are missing");
+    }
+}
+
+/// Waits until some node has applied `count` entries more than when called.
+async fn wait_for_writes(cluster: &TestCluster, count: u64) {
+    let applied_max = |statuses: BTreeMap<u64, v1::NodeStatus>| {
+        statuses.values().map(|s| s.applied_index).max().unwrap_or(0)
+    };
+    let before = applied_max(cluster.node_statuses().await);
+    let started = Instant::now();
+    while applied_max(cluster.node_statuses().await) < before + count {
+        assert!(started.elapsed() < DEADLINE, "writes did not flow\n{}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_missed_a_purged_log_catches_up_by_snapshot() {
     let args = ["--snapshot-entries", "40", "--snapshot-log-keep", "5"];

@@ -12,8 +12,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("temporary directory");
         let log = LogStore::open(&dir.path().join("wal")).expect("open the log store");
-        let machine = StateMachine::open(dir.path(), raft_node::node::default_cache_bytes())
-            .expect("open the state machine");
+        let machine =
+            StateMachine::open(dir.path(), raft_node::node::default_cache_bytes(), Default::default())
+                .expect("open the state machine");
         Ok((dir, log, machine))
     }
 }
@@ -33,7 +34,8 @@ fn leftover_snapshot_files_are_removed_at_start() {
     for name in ["incoming-4242-0.tmp", "incoming-4242-1.tmp", "building.tmp", "keep.snap"] {
         std::fs::write(snapshots.join(name), b"partial").unwrap();
     }
-    let _machine = StateMachine::open(dir.path(), raft_node::node::default_cache_bytes()).expect("open");
+    let _machine = StateMachine::open(dir.path(), raft_node::node::default_cache_bytes(), Default::default())
+        .expect("open");
     let mut left: Vec<String> = std::fs::read_dir(&snapshots)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -62,11 +64,11 @@ async fn a_damaged_snapshot_is_refused_and_the_old_state_kept() {
     use raft_node::storage::state_machine::SnapshotFile;
     let cache = raft_node::node::default_cache_bytes();
     let (leader_dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut leader = StateMachine::open(leader_dir.path(), cache).unwrap();
+    let mut leader = StateMachine::open(leader_dir.path(), cache, Default::default()).unwrap();
     apply_blanks(&mut leader, 1..=9).await;
     let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
 
-    let mut follower = StateMachine::open(follower_dir.path(), cache).unwrap();
+    let mut follower = StateMachine::open(follower_dir.path(), cache, Default::default()).unwrap();
     apply_blanks(&mut follower, 1..=3).await;
     let own = follower.get_snapshot_builder().await.build_snapshot().await.expect("build");
     let mut bytes = std::fs::read(&snapshot.snapshot.path).unwrap();
@@ -84,7 +86,8 @@ async fn a_damaged_snapshot_is_refused_and_the_old_state_kept() {
     assert_eq!(current.meta.last_log_id, own.meta.last_log_id);
     drop(follower);
 
-    let mut reopened = StateMachine::open(follower_dir.path(), cache).expect("opens after a refused install");
+    let mut reopened = StateMachine::open(follower_dir.path(), cache, Default::default())
+        .expect("opens after a refused install");
     assert_eq!(applied_index(&reopened), Some(3));
     assert!(!follower_dir.path().join("state.new").exists());
 
@@ -93,6 +96,6 @@ async fn a_damaged_snapshot_is_refused_and_the_old_state_kept() {
     std::fs::copy(&snapshot.snapshot.path, &received).unwrap();
     reopened.install_snapshot(&snapshot.meta, SnapshotFile { path: received }).await.expect("install");
     drop(reopened);
-    let reopened = StateMachine::open(follower_dir.path(), cache).unwrap();
+    let reopened = StateMachine::open(follower_dir.path(), cache, Default::default()).unwrap();
     assert_eq!(applied_index(&reopened), Some(9));
 }

@@ -90,6 +90,13 @@ pub struct ServeArgs {
     /// Memory for the ledger state's caches, e.g. 512MiB or 2GiB (default 512MiB).
     #[arg(long, value_parser = parse_bytes)]
     pub cache_bytes: Option<u64>,
+    /// Write what was applied to the ledger state's store at least this often (default 1000).
+    /// Applying is memory work; a restart re-applies the log since the last checkpoint.
+    #[arg(long)]
+    pub checkpoint_interval_ms: Option<u64>,
+    /// ... or once this much memory waits for a checkpoint, e.g. 64MiB (the default).
+    #[arg(long, value_parser = parse_bytes)]
+    pub checkpoint_bytes: Option<u64>,
     /// Reach node ID's peer door at HOST:PORT instead of its advertised peer address, as
     /// ID=HOST:PORT (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
     #[arg(long = "route", value_parser = parse_route)]
@@ -245,6 +252,14 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .cache_bytes
             .or(file.as_ref().map(|f| f.cache_bytes))
             .unwrap_or_else(crate::node::default_cache_bytes),
+        checkpoint_interval_ms: args
+            .checkpoint_interval_ms
+            .or(file.as_ref().map(|f| f.checkpoint_interval_ms))
+            .unwrap_or_else(crate::node::default_checkpoint_interval_ms),
+        checkpoint_bytes: args
+            .checkpoint_bytes
+            .or(file.as_ref().map(|f| f.checkpoint_bytes))
+            .unwrap_or_else(crate::node::default_checkpoint_bytes),
         routes: if args.routes.is_empty() {
             file.as_ref().map(|f| f.routes.clone()).unwrap_or_default()
         } else {

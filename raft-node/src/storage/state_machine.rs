@@ -32,11 +32,26 @@ use crate::types::{
 /// The ledger as a node keeps it: applied in memory, written to sled in checkpoints.
 pub type State = Ledger<Checkpointed<SledStore>>;
 
-/// A checkpoint is sealed once this much memory waits for one (`Checkpointed::recent_bytes`)...
-const CHECKPOINT_BYTES_MAX: u64 = 64 << 20;
-/// ... or this long after the last one. A restart re-applies what no checkpoint carried from the
-/// log, so this bounds that work too (together with sled's own flush interval).
-const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// When applied entries go from memory to sled (`--checkpoint-bytes`, `--checkpoint-interval-ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// A checkpoint is sealed this long after the last one. A restart re-applies what no
+    /// checkpoint carried from the log, so this bounds that work too (with sled's own flush
+    /// interval)...
+    pub interval: std::time::Duration,
+    /// ... or once this much memory waits for one (`Checkpointed::recent_bytes`); at twice this
+    /// while the checkpoint thread is still busy, applying waits for it.
+    pub bytes_max: u64,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> CheckpointPolicy {
+        CheckpointPolicy {
+            interval: std::time::Duration::from_millis(crate::node::default_checkpoint_interval_ms()),
+            bytes_max: crate::node::default_checkpoint_bytes(),
+        }
+    }
+}
 
 const STATE_DIR: &str = "state";
 const STATE_NEW_DIR: &str = "state.new";
@@ -83,6 +98,7 @@ pub struct Shared {
     /// otherwise swap sled's directory under a live view, or be overwritten as current by an
     /// older build. Never taken while holding the ledger lock.
     snapshots: Mutex<()>,
+    checkpoint_policy: CheckpointPolicy,
     /// When the last checkpoint was sealed or written (`checkpoint_when_due`).
     checkpointed_at: Mutex<std::time::Instant>,
     /// To the checkpoint thread (`checkpoint_thread`). A std channel: its sender is called with
@@ -144,9 +160,9 @@ impl Shared {
     fn checkpoint_when_due(&self, ledger: &mut State) -> io::Result<()> {
         let store = ledger.store();
         let bytes = store.recent_bytes();
-        let due = bytes >= CHECKPOINT_BYTES_MAX
+        let due = bytes >= self.checkpoint_policy.bytes_max
             || (store.recent_commits() > 0
-                && self.checkpointed_at.lock().unwrap().elapsed() >= CHECKPOINT_INTERVAL);
+                && self.checkpointed_at.lock().unwrap().elapsed() >= self.checkpoint_policy.interval);
         if !due {
             return Ok(());
         }
@@ -159,7 +175,9 @@ impl Shared {
                 Ok(())
             }
             // Rare, and long: the worker is handed over (a no-op when it already was).
-            None if bytes >= 2 * CHECKPOINT_BYTES_MAX => tokio::task::block_in_place(|| self.checkpoint(ledger)),
+            None if bytes >= 2 * self.checkpoint_policy.bytes_max => {
+                tokio::task::block_in_place(|| self.checkpoint(ledger))
+            }
             None => Ok(()),
         }
     }
@@ -287,7 +305,11 @@ fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(State, Applied
 impl StateMachine {
     /// Opens the state under `data_dir`, finishing or discarding a snapshot install that a crash
     /// interrupted, and reloading the newest snapshot if sled fell behind it.
-    pub fn open(data_dir: &Path, cache_bytes: u64) -> io::Result<StateMachine> {
+    pub fn open(
+        data_dir: &Path,
+        cache_bytes: u64,
+        checkpoint_policy: CheckpointPolicy,
+    ) -> io::Result<StateMachine> {
         let options = StoreOptions { cache_bytes, background_merges: true };
         wal::create_dir_durably(&data_dir.join(SNAPSHOT_DIR))?;
         remove_leftovers(&data_dir.join(SNAPSHOT_DIR))?;
@@ -309,6 +331,7 @@ impl StateMachine {
                 ledger: RwLock::new(Some(ledger)),
                 applied: Mutex::new(applied),
                 snapshots: Mutex::new(()),
+                checkpoint_policy,
                 checkpointed_at: Mutex::new(std::time::Instant::now()),
                 checkpoints: checkpoint_thread()?,
             }),
