@@ -466,7 +466,12 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     ) -> StoreResult<()> {
         self.scan_layers(timestamp_min, u64::MAX, false, |store, max, stopped| {
             store.scan_changes(timestamp_min, &mut |change| {
-                let go = change.timestamp <= max && visit(change);
+                // Past the cut, the next layer has it (the store may hold a sealed layer already
+                // written): this part ends, the scan goes on.
+                if change.timestamp > max {
+                    return false;
+                }
+                let go = visit(change);
                 *stopped |= !go;
                 go
             })
