@@ -158,7 +158,7 @@ fn default_snapshot_log_keep() -> u64 {
     1000
 }
 pub fn default_checkpoint_interval_ms() -> u64 {
-    1000
+    200
 }
 pub fn default_checkpoint_bytes() -> u64 {
     64 << 20

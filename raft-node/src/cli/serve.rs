@@ -90,7 +90,7 @@ pub struct ServeArgs {
     /// Memory for the ledger state's caches, e.g. 512MiB or 2GiB (default 512MiB).
     #[arg(long, value_parser = parse_bytes)]
     pub cache_bytes: Option<u64>,
-    /// Write what was applied to the ledger state's store at least this often (default 1000).
+    /// Write what was applied to the ledger state's store at least this often (default 200).
     /// Applying is memory work; a restart re-applies the log since the last checkpoint.
     #[arg(long)]
     pub checkpoint_interval_ms: Option<u64>,

@@ -37,7 +37,9 @@ pub type State = Ledger<Checkpointed<SledStore>>;
 pub struct CheckpointPolicy {
     /// A checkpoint is sealed this long after the last one. A restart re-applies what no
     /// checkpoint carried from the log, so this bounds that work too (with sled's own flush
-    /// interval)...
+    /// interval). Each checkpoint is a burst of work on a busy machine: every 200 ms rather
+    /// than every second cut p99.9 with 64 single-transfer clients from 67-85 ms to ~31 ms at
+    /// the same throughput...
     pub interval: std::time::Duration,
     /// ... or once this much memory waits for one (`Checkpointed::recent_bytes`); at twice this
     /// while the checkpoint thread is still busy, applying waits for it.
