@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::codec::{self, LedgerMeta};
 use crate::mem::MemStore;
 use crate::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
-use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
+use crate::store::{Changes, RecordVisitor, SharedStore, Store, StoreError, StoreResult};
 
 /// Memory one record of each kind takes in `recent`, roughly (the record, its map entries and
 /// its query index entries): what `recent_bytes` counts.
@@ -42,13 +42,6 @@ const SMALL_BYTES: u64 = 64;
 /// directly: a batch of this size already spreads the store's fixed cost per commit thin, and
 /// going through memory first cost a full batch 30% of its throughput.
 pub const DIRECT_RECORDS_MIN: usize = 1024;
-
-/// A store that can take a commit while it is being read, from another thread: what a
-/// background checkpoint writes to.
-pub trait SharedStore: Store + Send + Sync {
-    /// `Store::commit`, through a shared reference.
-    fn commit_shared(&self, changes: &Changes) -> StoreResult<()>;
-}
 
 /// What was applied since one checkpoint: one layer over the store.
 #[derive(Default)]

@@ -31,4 +31,4 @@ pub use exec::Ledger;
 pub use mem::MemStore;
 pub use model::*;
 pub use sled_store::{FrozenView, SledStore};
-pub use store::{Changes, Records, Store, StoreError, StoreResult};
+pub use store::{Changes, Records, SharedStore, Store, StoreError, StoreResult};

@@ -228,6 +228,13 @@ pub trait Store {
     fn flush(&self) -> StoreResult<()>;
 }
 
+/// A store that can take a commit while it is being read, from another thread: what a
+/// background checkpoint writes to (`checkpoint::Checkpointed`).
+pub trait SharedStore: Store + Send + Sync {
+    /// `Store::commit`, through a shared reference. Two must not run at once.
+    fn commit_shared(&self, changes: &Changes) -> StoreResult<()>;
+}
+
 /// Records listed in key order: a store, or a frozen view of one (`SledStore::freeze`). What a
 /// snapshot export reads.
 pub trait Records {

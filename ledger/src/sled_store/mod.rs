@@ -928,7 +928,7 @@ impl Store for SledStore {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        crate::checkpoint::SharedStore::commit_shared(self, changes)
+        crate::store::SharedStore::commit_shared(self, changes)
     }
 
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
@@ -972,7 +972,7 @@ impl Store for SledStore {
     }
 }
 
-impl crate::checkpoint::SharedStore for SledStore {
+impl crate::store::SharedStore for SledStore {
     /// Everything a commit changes is behind the store's own locks (the layout, the runs, the
     /// account cache), and the runs it adds appear to readers in one swap: readers and merges
     /// may go on meanwhile. Two commits must not run at once (`Checkpointed` runs one at a time).
