@@ -110,12 +110,27 @@ impl Layer {
 struct Sealed {
     layer: Layer,
     /// The job's outcome once it ran (or was dropped without running).
-    outcome: Mutex<Option<Result<(), String>>>,
+    outcome: Mutex<Option<Result<(), Failed>>>,
     finished: Condvar,
 }
 
+/// Why a checkpoint was not written, kept so that every later commit reports it alike.
+#[derive(Clone)]
+struct Failed {
+    /// The stored bytes are damaged (`StoreError::is_damage`): the node rebuilds its state.
+    damage: bool,
+    what: String,
+}
+
+impl Failed {
+    fn error(&self) -> StoreError {
+        let what = format!("checkpoint: {}", self.what);
+        if self.damage { StoreError::Corrupt(what) } else { StoreError::Io(std::io::Error::other(what)) }
+    }
+}
+
 impl Sealed {
-    fn finish(&self, outcome: Result<(), String>) {
+    fn finish(&self, outcome: Result<(), Failed>) {
         let mut slot = self.outcome.lock().unwrap();
         if slot.is_none() {
             *slot = Some(outcome);
@@ -124,7 +139,7 @@ impl Sealed {
     }
 
     /// The outcome, waiting for it if `wait`, else `None` while the job runs.
-    fn outcome(&self, wait: bool) -> Option<Result<(), String>> {
+    fn outcome(&self, wait: bool) -> Option<Result<(), Failed>> {
         let mut slot = self.outcome.lock().unwrap();
         while wait && slot.is_none() {
             slot = self.finished.wait(slot).unwrap();
@@ -149,14 +164,16 @@ impl<S: SharedStore> CheckpointJob<S> {
     /// Writes the checkpoint to the store, in one atomic commit.
     pub fn run(self) -> StoreResult<()> {
         let written = self.base.commit_shared(&self.sealed.layer.to_changes());
-        self.sealed.finish(written.as_ref().map(|_| ()).map_err(|error| error.to_string()));
+        let failed = |error: &StoreError| Failed { damage: error.is_damage(), what: error.to_string() };
+        self.sealed.finish(written.as_ref().map(|_| ()).map_err(failed));
         written
     }
 }
 
 impl<S> Drop for CheckpointJob<S> {
     fn drop(&mut self) {
-        self.sealed.finish(Err("the checkpoint was dropped before it was written".into()));
+        let what = "the checkpoint was dropped before it was written".into();
+        self.sealed.finish(Err(Failed { damage: false, what }));
     }
 }
 
@@ -241,7 +258,7 @@ impl<S: SharedStore> Checkpointed<S> {
                 self.sealed = None;
                 Ok(true)
             }
-            Some(Err(error)) => Err(StoreError::Io(std::io::Error::other(format!("checkpoint: {error}")))),
+            Some(Err(failed)) => Err(failed.error()),
         }
     }
 
@@ -545,5 +562,154 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     /// Makes the store underneath durable: everything up to the last checkpoint written.
     fn flush(&self) -> StoreResult<()> {
         self.base.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::exec::Ledger;
+    use crate::model::{AccountFlags, Batch};
+
+    /// A store in memory whose shared commits fail with damage on demand.
+    #[derive(Default)]
+    struct Failing {
+        inner: Mutex<MemStore>,
+        damaged: AtomicBool,
+    }
+
+    impl SharedStore for Failing {
+        fn commit_shared(&self, changes: &Changes) -> StoreResult<()> {
+            if self.damaged.load(Ordering::Relaxed) {
+                return Err(StoreError::Corrupt("a checksum does not match".into()));
+            }
+            self.inner.lock().unwrap().commit(changes)
+        }
+    }
+
+    /// Only what these tests read.
+    impl Store for Failing {
+        fn account(&self, id: u128) -> StoreResult<Option<Account>> {
+            self.inner.lock().unwrap().account(id)
+        }
+        fn transfer(&self, id: u128) -> StoreResult<Option<Transfer>> {
+            self.inner.lock().unwrap().transfer(id)
+        }
+        fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
+            self.inner.lock().unwrap().pending_status(id)
+        }
+        fn failed_transfer(&self, id: u128) -> StoreResult<Option<CreateTransferResult>> {
+            self.inner.lock().unwrap().failed_transfer(id)
+        }
+        fn next_expiry(&self) -> StoreResult<Option<u64>> {
+            self.inner.lock().unwrap().next_expiry()
+        }
+        fn first_expiries(&self, count: usize) -> StoreResult<Vec<(u64, u128)>> {
+            self.inner.lock().unwrap().first_expiries(count)
+        }
+        fn expiries_due(&self, now: u64) -> StoreResult<Vec<(u64, u128)>> {
+            self.inner.lock().unwrap().expiries_due(now)
+        }
+        fn scan_index(
+            &self,
+            _: u128,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: &mut dyn FnMut(u64, &[u8]) -> bool,
+        ) -> StoreResult<()> {
+            unreachable!("not read here")
+        }
+        fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
+            self.inner.lock().unwrap().transfer_at(timestamp)
+        }
+        fn scan_transfers(
+            &self,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: &mut dyn FnMut(&Transfer) -> bool,
+        ) -> StoreResult<()> {
+            unreachable!("not read here")
+        }
+        fn scan_transfer_field(
+            &self,
+            _: Field,
+            _: u128,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: &mut dyn FnMut(&Transfer) -> bool,
+        ) -> StoreResult<()> {
+            unreachable!("not read here")
+        }
+        fn scan_account_field(
+            &self,
+            _: Option<Field>,
+            _: u128,
+            _: u64,
+            _: u64,
+            _: bool,
+            _: &mut dyn FnMut(u64, u128) -> bool,
+        ) -> StoreResult<()> {
+            unreachable!("not read here")
+        }
+        fn scan_changes(&self, _: u64, _: &mut dyn FnMut(&ChangeRecord) -> bool) -> StoreResult<()> {
+            unreachable!("not read here")
+        }
+        fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+            self.inner.lock().unwrap().meta_raw(key)
+        }
+        fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
+            self.commit_shared(changes)
+        }
+        fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+            self.inner.lock().unwrap().for_each_record(visit)
+        }
+        fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
+            self.inner.lock().unwrap().put_records(records)
+        }
+        fn clear(&mut self) -> StoreResult<()> {
+            self.inner.lock().unwrap().clear()
+        }
+        fn is_empty(&self) -> StoreResult<bool> {
+            self.inner.lock().unwrap().is_empty()
+        }
+        fn flush(&self) -> StoreResult<()> {
+            Ok(())
+        }
+    }
+
+    fn accounts(first: u128) -> Batch {
+        Batch::CreateAccounts(
+            (first..first + 2)
+                .map(|id| Account { id, ledger: 1, code: 1, flags: AccountFlags(0), ..Account::default() })
+                .collect(),
+        )
+    }
+
+    /// A checkpoint written on another thread that finds the store damaged fails every later
+    /// commit as damage (so the node marks its state for a rebuild, as when applying finds it),
+    /// and what was applied stays readable meanwhile; one that is dropped unwritten fails them
+    /// as an IO error, and dropping the store does not wait for it forever.
+    #[test]
+    fn a_failed_checkpoint_fails_later_commits_and_says_whether_it_was_damage() {
+        for damaged in [true, false] {
+            let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
+            ledger.apply(&[accounts(1)], 1_000, Some(b"1")).unwrap();
+            ledger.store().base().damaged.store(damaged, Ordering::Relaxed);
+            let job = ledger.store_mut().seal().unwrap().expect("a layer to write");
+            if damaged {
+                assert!(job.run().unwrap_err().is_damage());
+            } else {
+                drop(job);
+            }
+            assert!(ledger.store().account(1).unwrap().is_some(), "the sealed layer is still read");
+            let error = ledger.apply(&[accounts(3)], 2_000, Some(b"2")).unwrap_err();
+            assert_eq!(error.is_damage(), damaged, "{error}");
+            assert!(error.to_string().contains("checkpoint"), "{error}");
+        }
     }
 }
