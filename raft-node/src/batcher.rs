@@ -112,22 +112,15 @@ impl Batcher {
             && self.queue.capacity() == QUEUE_BATCHES_MAX
             && let Ok(permit) = self.in_flight.clone().try_acquire_owned()
         {
-            crate::metrics::GROUP_COMMIT_WAIT.observe(0.0);
-            crate::metrics::ENTRY_BATCHES.observe(1.0);
-            crate::metrics::ENTRY_EVENTS.observe(batch.len() as f64);
             propose(&self.proposer, vec![(batch, reply, std::time::Instant::now())]).await;
             drop(permit);
-            return receiver.await.map_err(|_| {
-                Status::unavailable("node is shutting down; outcome unknown, retry with the same ids")
-            })?;
+            return receiver.await.map_err(reply_lost)?;
         }
         self.queue
             .send((batch, reply, std::time::Instant::now()))
             .await
             .map_err(|_| Status::unavailable("node is shutting down"))?;
-        receiver.await.map_err(|_| {
-            Status::unavailable("node is shutting down; outcome unknown, retry with the same ids")
-        })?
+        receiver.await.map_err(reply_lost)?
     }
 }
 
@@ -163,11 +156,6 @@ async fn run(
             events += next.0.len();
             group.push(next);
         }
-        for (_, _, submitted) in &group {
-            crate::metrics::GROUP_COMMIT_WAIT.observe(submitted.elapsed().as_secs_f64());
-        }
-        crate::metrics::ENTRY_BATCHES.observe(group.len() as f64);
-        crate::metrics::ENTRY_EVENTS.observe(events as f64);
         let proposer = proposer.clone();
         tokio::spawn(async move {
             propose(&proposer, group).await;
@@ -176,7 +164,18 @@ async fn run(
     }
 }
 
+/// What a caller hears when its reply was dropped unsent: the node stopped mid-write.
+fn reply_lost(_: oneshot::error::RecvError) -> Status {
+    Status::unavailable("node is shutting down; outcome unknown, retry with the same ids")
+}
+
+/// Proposes `group` as one entry and answers each of its callers.
 async fn propose(proposer: &Proposer, group: Vec<Queued>) {
+    for (_, _, submitted) in &group {
+        crate::metrics::GROUP_COMMIT_WAIT.observe(submitted.elapsed().as_secs_f64());
+    }
+    crate::metrics::ENTRY_BATCHES.observe(group.len() as f64);
+    crate::metrics::ENTRY_EVENTS.observe(group.iter().map(|(batch, _, _)| batch.len()).sum::<usize>() as f64);
     let (batches, replies): (Vec<Batch>, Vec<Reply>) = group.into_iter().map(|(b, r, _)| (b, r)).unzip();
     let voters = crate::clock::voters(&proposer.raft);
     let timestamp_proposed = match proposer.clock.stamp(&voters, proposer.me) {
