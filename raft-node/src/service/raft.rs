@@ -34,6 +34,22 @@ impl Drop for Incoming {
     }
 }
 
+/// Runs `install` (openraft installing the file `incoming` names) on a task of its own, which
+/// holds the file until the install is done. The caller's future may be dropped at any await
+/// (a reset stream, a cut link, a leader that gives up); openraft may have queued the install
+/// by then, and a file removed under it made the rename fail and the node exit.
+async fn install_holding<T: Send + 'static>(
+    incoming: Incoming,
+    install: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    let task = tokio::spawn(async move {
+        let output = install.await;
+        drop(incoming);
+        output
+    });
+    task.await.map_err(|e| Status::internal(format!("snapshot install task: {e}")))
+}
+
 /// Runs on every Raft call before its body is read: a caller whose node certificate is not the
 /// node it claims to be (`x-tally-from`), or that does not send this cluster's id, is refused
 /// before the node buffers a message (up to 64 MiB) for it. A node without an id
@@ -240,7 +256,7 @@ impl pb::raft_server::Raft for RaftService {
             crate::storage::state_machine::INCOMING_PREFIX,
             std::process::id()
         ));
-        let _incoming = Incoming(path.clone());
+        let incoming = Incoming(path.clone());
         let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
         let mut header = None;
         let mut received = 0u64;
@@ -276,7 +292,44 @@ impl pb::raft_server::Raft for RaftService {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::data_loss(format!("snapshot received damaged: {e}")))?;
         let snapshot = Snapshot { meta, snapshot: SnapshotFile { path } };
-        let reply = self.node.raft.install_full_snapshot(vote, snapshot).await.map_err(raft_failed)?;
+        let raft = self.node.raft.clone();
+        let install = async move { raft.install_full_snapshot(vote, snapshot).await };
+        let reply = install_holding(incoming, install).await?.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The install outlives a caller dropped mid-way, and the file stays until the install is
+    /// done: with the guard held by the handler (before), the file was gone when openraft got to
+    /// it.
+    #[tokio::test]
+    async fn a_dropped_caller_leaves_the_file_to_the_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("incoming-1.tmp");
+        std::fs::write(&path, b"snapshot").unwrap();
+        let (entered_tx, entered) = tokio::sync::oneshot::channel();
+        let (start, started) = tokio::sync::oneshot::channel::<()>();
+        let (found_tx, found) = tokio::sync::oneshot::channel();
+        let checked = path.clone();
+        let install = async move {
+            entered_tx.send(()).unwrap();
+            started.await.unwrap();
+            found_tx.send(checked.exists()).unwrap();
+        };
+        let caller = tokio::spawn(install_holding(Incoming(path.clone()), install));
+        entered.await.unwrap();
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        start.send(()).unwrap();
+        assert!(found.await.unwrap(), "the file was removed while the install ran");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while path.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "the file outlived its install");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 }

@@ -78,7 +78,7 @@ impl LogStore {
     /// that segment rolls happen every few seconds and power cuts can land in one.
     pub fn open_with(dir: &Path, segment_bytes_max: u64) -> io::Result<LogStore> {
         wal::create_dir_durably(dir)?;
-        let wal = Wal::open_with(dir, segment_bytes_max).map_err(|e| match e {
+        let mut wal = Wal::open_with(dir, segment_bytes_max).map_err(|e| match e {
             // Not damage: the data is whole, only this build cannot read it.
             wal::WalError::OtherVersion { .. } => io::Error::new(io::ErrorKind::Unsupported, e.to_string()),
             e => io_error(e),
@@ -92,7 +92,13 @@ impl LogStore {
                 )
             })?;
         }
-        let last_purged = read_decoded(dir, PURGED_FILE)?;
+        let last_purged: Option<LogId> = read_decoded(dir, PURGED_FILE)?;
+        if let Some(purged) = last_purged {
+            // A crash between writing the marker and deleting the segments leaves entries the
+            // marker covers; when they are the whole log, the next append (after the marker) must
+            // not find them.
+            wal.purge_upto(purged.index + 1).map_err(io_error)?;
+        }
         let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;
         check_committed_on_log(dir, committed, wal.last_index().map(|i| i - 1), last_purged)?;
         let shared = Arc::new(Shared {
@@ -369,6 +375,29 @@ mod tests {
         let (flushed, receiver) = TypeConfig::oneshot();
         store.append([blank_ent::<TypeConfig>(1, 1, index)], IOFlushed::signal(flushed)).await.unwrap();
         receiver
+    }
+
+    /// A follower whose log ended at 100 installed a snapshot at 300: the purge marker says 300,
+    /// then the node crashed before deleting the segments. At restart the log continues after
+    /// the marker, and the next append must succeed (it panicked: the WAL still ended at 100).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_between_the_purge_marker_and_the_segment_deletion_leaves_a_log_that_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::open(dir.path()).unwrap();
+            for index in 0..=100 {
+                let _ = append(&mut store, index).await;
+            }
+            append(&mut store, 101).await.await.unwrap().unwrap();
+        }
+        // What `purge` writes first; the crash comes before `purge_upto`.
+        wal::write_file_atomic(dir.path(), PURGED_FILE, &encode(&log_id::<TypeConfig>(1, 1, 300))).unwrap();
+        let mut store = LogStore::open(dir.path()).unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(1, 1, 300)));
+        append(&mut store, 301).await.await.unwrap().unwrap();
+        let entries = store.try_get_log_entries(0..302).await.unwrap();
+        assert_eq!(entries.iter().map(|entry| entry.log_id.index).collect::<Vec<_>>(), [301]);
     }
 
     /// Entries appended while a sync runs are not covered by it, and openraft may report them
