@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ledger::{Batch, BatchReply};
 use openraft::type_config::async_runtime::WatchReceiver;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tonic::Status;
 
 use crate::clock::ClusterClock;
@@ -35,8 +35,17 @@ pub const QUEUE_BATCHES_MAX: usize = 16 * 1024;
 pub const QUEUE_BYTES_DEFAULT: u64 = 256 << 20;
 
 type Reply = oneshot::Sender<Result<BatchReply, Status>>;
-/// A batch, where its reply goes, and when it was submitted.
-type Queued = (Batch, Reply, std::time::Instant);
+
+/// A batch waiting for its entry, where its reply goes, when it was submitted, and its share of
+/// `--max-queued-bytes`, which goes back only once the entry is done: the caller may be gone
+/// long before (a deadline, a reset stream) while the batch still waits or replicates. (`None`
+/// when a `Slot` holds it.)
+struct Queued {
+    batch: Batch,
+    reply: Reply,
+    submitted: std::time::Instant,
+    bytes: Option<OwnedSemaphorePermit>,
+}
 
 #[derive(Clone)]
 pub struct Batcher {
@@ -90,7 +99,7 @@ impl Batcher {
     /// means nothing was proposed: the node holds as many bytes of events as it takes.
     pub async fn submit(&self, batch: Batch) -> Result<BatchReply, Status> {
         let bytes = batch_bytes(&batch);
-        let _held = u32::try_from(bytes)
+        let held = u32::try_from(bytes)
             .ok()
             .and_then(|bytes| self.bytes.clone().try_acquire_many_owned(bytes).ok())
             .ok_or_else(|| {
@@ -102,6 +111,7 @@ impl Batcher {
             })?;
         crate::metrics::BATCH_EVENTS.observe(batch.len() as f64);
         let (reply, receiver) = oneshot::channel();
+        let mut queued = Queued { batch, reply, submitted: std::time::Instant::now(), bytes: Some(held) };
         // A lone request on an idle leader proposes its entry from its own task: through the
         // queue it cost two more hand-offs (the batcher task, then a task per entry) for an
         // entry of one batch all the same. Only when nothing queues (the batcher's first
@@ -112,15 +122,47 @@ impl Batcher {
             && self.queue.capacity() == QUEUE_BATCHES_MAX
             && let Ok(permit) = self.in_flight.clone().try_acquire_owned()
         {
-            propose(&self.proposer, vec![(batch, reply, std::time::Instant::now())]).await;
-            drop(permit);
+            // Dropped with this future (the caller went away) while Raft still holds the entry,
+            // the slot and the bytes stay taken until the log as it stands now is applied.
+            let slot =
+                Slot { permits: Some((permit, queued.bytes.take())), raft: self.proposer.raft.clone() };
+            propose(&self.proposer, vec![queued]).await;
+            slot.release();
             return receiver.await.map_err(reply_lost)?;
         }
-        self.queue
-            .send((batch, reply, std::time::Instant::now()))
-            .await
-            .map_err(|_| Status::unavailable("node is shutting down"))?;
+        self.queue.send(queued).await.map_err(|_| Status::unavailable("node is shutting down"))?;
         receiver.await.map_err(reply_lost)?
+    }
+}
+
+/// An entry slot taken by a request proposing for itself (`Batcher::submit`).
+struct Slot {
+    /// The entry slot and the batch's bytes.
+    permits: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+    raft: Raft,
+}
+
+impl Slot {
+    /// The entry is done: the slot and the bytes are free.
+    fn release(mut self) {
+        self.permits.take();
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(permits) = self.permits.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let mut metrics = self.raft.metrics();
+        let proposed = metrics.borrow_watched().last_log_index;
+        runtime.spawn(async move {
+            while metrics.borrow_watched().last_applied.map(|id| id.index) < proposed {
+                if metrics.changed().await.is_err() {
+                    break;
+                }
+            }
+            drop(permits);
+        });
     }
 }
 
@@ -141,7 +183,7 @@ async fn run(
     while let Some(first) = receiver.recv().await {
         // Waiting for a slot first lets the queue grow while earlier entries are in flight.
         let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
-        let mut events = first.0.len();
+        let mut events = first.batch.len();
         let mut group = vec![first];
         let deadline = tokio::time::Instant::now() + delay;
         while group.len() < ENTRY_BATCHES_MAX && events < ENTRY_EVENTS_MAX {
@@ -153,7 +195,7 @@ async fn run(
                     _ => break,
                 },
             };
-            events += next.0.len();
+            events += next.batch.len();
             group.push(next);
         }
         let proposer = proposer.clone();
@@ -171,12 +213,20 @@ fn reply_lost(_: oneshot::error::RecvError) -> Status {
 
 /// Proposes `group` as one entry and answers each of its callers.
 async fn propose(proposer: &Proposer, group: Vec<Queued>) {
-    for (_, _, submitted) in &group {
-        crate::metrics::GROUP_COMMIT_WAIT.observe(submitted.elapsed().as_secs_f64());
+    for queued in &group {
+        crate::metrics::GROUP_COMMIT_WAIT.observe(queued.submitted.elapsed().as_secs_f64());
     }
     crate::metrics::ENTRY_BATCHES.observe(group.len() as f64);
-    crate::metrics::ENTRY_EVENTS.observe(group.iter().map(|(batch, _, _)| batch.len()).sum::<usize>() as f64);
-    let (batches, replies): (Vec<Batch>, Vec<Reply>) = group.into_iter().map(|(b, r, _)| (b, r)).unzip();
+    crate::metrics::ENTRY_EVENTS.observe(group.iter().map(|queued| queued.batch.len()).sum::<usize>() as f64);
+    let mut batches = Vec::with_capacity(group.len());
+    let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+    // The bytes go back when this function ends, after the replies are sent.
+    let mut _held = Vec::with_capacity(group.len());
+    for Queued { batch, reply, bytes, .. } in group {
+        batches.push(batch);
+        replies.push(reply);
+        _held.push(bytes);
+    }
     let voters = crate::clock::voters(&proposer.raft);
     let timestamp_proposed = match proposer.clock.stamp(&voters, proposer.me) {
         Ok(timestamp) => timestamp,

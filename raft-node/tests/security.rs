@@ -338,6 +338,64 @@ async fn writes_past_the_queued_bytes_budget_are_refused() {
     assert_eq!(found.len(), 1, "only the batch within the budget was applied");
 }
 
+/// A request that gives up (its deadline passes, its stream is reset) does not give back its
+/// share of --max-queued-bytes while its batch still waits or replicates: with the followers
+/// stopped, writes that time out one after another fill the budget and the next is refused, where
+/// before each cancelled request freed its bytes and the node queued without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_writes_keep_their_queued_bytes_until_their_entry_is_done() {
+    // Eight single-transfer batches of 128 bytes.
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &["--max-queued-bytes", "1KiB"]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client(Duration::from_secs(10));
+    let accounts = (1..=2).map(|id| v1::Account {
+        id: tally_client::u128_to(id),
+        ledger: 1,
+        code: 1,
+        ..v1::Account::default()
+    });
+    client.create_accounts(accounts.collect()).await.unwrap();
+    cluster.wait_for_convergence(DEADLINE).await;
+    let followers: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
+    for id in &followers {
+        cluster.freeze(*id);
+    }
+    let mut ledger = v1::ledger_client::LedgerClient::new(cluster.channel_as(&cluster.address(leader), None));
+    let mut codes = Vec::new();
+    for id in 1..=16u128 {
+        let mut request = tonic::Request::new(v1::CreateTransfersRequest { transfers: vec![transfer(id)] });
+        request.set_timeout(Duration::from_millis(100));
+        let code =
+            ledger.create_transfers(request).await.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code());
+        codes.push(code);
+        if code == tonic::Code::ResourceExhausted {
+            break;
+        }
+    }
+    for id in &followers {
+        cluster.thaw(*id);
+    }
+    assert_eq!(
+        codes.last(),
+        Some(&tonic::Code::ResourceExhausted),
+        "cancelled writes freed their bytes while their batches were still held: {codes:?}"
+    );
+    assert!(codes.len() >= 9, "refused before the budget was full: {codes:?}");
+    // Once the entries are done, the bytes come back and writes go on.
+    let started = Instant::now();
+    loop {
+        match client.create_transfers(vec![transfer(100)]).await {
+            Ok(results) => {
+                assert!(results.iter().all(|r| r.status() == v1::CreateTransferStatus::Ok));
+                break;
+            }
+            Err(error) => assert!(started.elapsed() < DEADLINE, "the budget never came back: {error:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.wait_for_convergence(DEADLINE).await;
+}
+
 /// A node takes one snapshot install at a time, and none larger than --max-snapshot-bytes: a
 /// second stream while one is open, and a stream past the size, get RESOURCE_EXHAUSTED, and the
 /// place is free again once the first stream ends. (Sent as a member would, with node 1's

@@ -386,9 +386,8 @@ mod tests {
         {
             let mut store = LogStore::open(dir.path()).unwrap();
             for index in 0..=100 {
-                let _ = append(&mut store, index).await;
+                append(&mut store, index).await.await.unwrap().unwrap();
             }
-            append(&mut store, 101).await.await.unwrap().unwrap();
         }
         // What `purge` writes first; the crash comes before `purge_upto`.
         wal::write_file_atomic(dir.path(), PURGED_FILE, &encode(&log_id::<TypeConfig>(1, 1, 300))).unwrap();
