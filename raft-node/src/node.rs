@@ -568,6 +568,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
+    tokio::spawn(crate::service::cluster::watch_divergence(node.clone()));
     tokio::spawn(crate::batcher::expire_when_due(
         node.raft.clone(),
         node.state.clone(),

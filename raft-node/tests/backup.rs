@@ -148,12 +148,14 @@ async fn a_backup_taken_under_load_restores_to_a_new_cluster_with_the_same_state
 
     // Restore into three new data directories, one per node of a new cluster.
     let mut restored = TestCluster::define(Path::new(TALLY), &SITES, &[]);
+    let mut made_ids = Vec::new();
     for id in 1..=3 {
         let data_dir = restored.nodes[&id].data_dir.clone();
         let made = json(&tally(restore_args(&file, &restored, id, &data_dir)).await);
         assert_eq!(made["state_digest"], backed_up["state_digest"]);
-        assert_eq!(made["cluster_id_maker"], 1);
+        made_ids.push(made["cluster_id"].clone());
     }
+    assert!(made_ids.iter().all(|id| *id == made_ids[0]), "one cluster id: {made_ids:?}");
     // A directory that holds a node already, and a node that is not among the voters.
     let data_dir = restored.nodes[&1].data_dir.clone();
     let over = tally(restore_args(&file, &restored, 1, &data_dir)).await;
@@ -265,5 +267,152 @@ async fn damaged_backups_are_refused(file: &Path, cluster: &TestCluster) {
         assert!(!restore.status.success(), "{what}: restored");
         assert!(stderr(&restore).contains(says), "{what}: {}", stderr(&restore));
         assert!(!data_dir.exists(), "{what}: a restore left {} behind", data_dir.display());
+    }
+}
+
+/// Writes transfers `ids` one per request (one Raft entry each).
+async fn write_one_by_one(client: &tally_client::Client, ids: std::ops::RangeInclusive<u128>) {
+    for id in ids {
+        let transfer = v1::Transfer {
+            id: u128_to(id),
+            debit_account_id: u128_to(1),
+            credit_account_id: u128_to(2),
+            amount: u128_to(1),
+            ledger: LEDGER,
+            code: 1,
+            ..v1::Transfer::default()
+        };
+        let results = client.create_transfers(vec![transfer]).await.unwrap();
+        assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok, "transfer {id}");
+    }
+}
+
+/// A one-node cluster with accounts 1 and 2 and the transfers `ids`, written one per entry, and
+/// its backups.
+struct Source {
+    cluster: TestCluster,
+    client: tally_client::Client,
+}
+
+impl Source {
+    async fn start(ids: std::ops::RangeInclusive<u128>) -> Source {
+        let cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &[]);
+        cluster.wait_for_leader(DEADLINE).await;
+        let client = cluster.client(Duration::from_secs(10));
+        let accounts: Vec<v1::Account> = (1..=2)
+            .map(|id| v1::Account { id: u128_to(id), ledger: LEDGER, code: 1, ..v1::Account::default() })
+            .collect();
+        client.create_accounts(accounts).await.unwrap();
+        write_one_by_one(&client, ids).await;
+        Source { cluster, client }
+    }
+
+    /// `tally backup` into `file`: its JSON.
+    async fn backup(&self, file: &Path) -> serde_json::Value {
+        let mut command = args(&["backup", "--json", "--out", &path(file)]);
+        command.extend(self.cluster.cli_args(operator()));
+        json(&tally(command).await)
+    }
+}
+
+/// Restores node `id` of `cluster` from `file`; returns the new cluster id.
+async fn restore_node(cluster: &TestCluster, id: u64, file: &Path) -> String {
+    let data_dir = cluster.nodes[&id].data_dir.clone();
+    let made = json(&tally(restore_args(file, cluster, id, &data_dir)).await);
+    made["cluster_id"].as_str().unwrap().to_string()
+}
+
+/// Nodes restored from different backups are different clusters: nodes 1 and 2 restored from a
+/// backup, node 3 from a later one, the same --voter list, refuse each other, and node 3 stays
+/// at its backup's state while 1 and 2 take writes. (Before, node 3 adopted the cluster id the
+/// lowest voter made, took entries after its own backup's index onto another state, and members
+/// showed other digests at the same index, without a word.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_restored_from_different_backups_refuse_each_other() {
+    let files = tempfile::tempdir().unwrap();
+    let (earlier, later) = (files.path().join("earlier.tally"), files.path().join("later.tally"));
+    let source = Source::start(1..=20).await;
+    source.backup(&earlier).await;
+    write_one_by_one(&source.client, 21..=120).await;
+    let later_header = source.backup(&later).await;
+    let later_index = later_header["applied_index"].as_u64().unwrap();
+    drop(source);
+
+    let mut restored = TestCluster::define(Path::new(TALLY), &SITES, &[]);
+    let ids = [
+        restore_node(&restored, 1, &earlier).await,
+        restore_node(&restored, 2, &earlier).await,
+        restore_node(&restored, 3, &later).await,
+    ];
+    assert_eq!(ids[0], ids[1], "restored alike, one cluster");
+    assert_ne!(ids[0], ids[2], "restored from another backup, another cluster");
+    for id in 1..=3 {
+        restored.spawn(id, false);
+    }
+    restored.wait_for_leader(DEADLINE).await;
+    let survivors = restored.client_of(&[1, 2], Duration::from_secs(10));
+    write_one_by_one(&survivors, 1001..=1200).await;
+    let statuses = restored.node_statuses().await;
+    assert!(statuses[&1].applied_index > later_index + 50, "{statuses:?}");
+    assert_eq!(statuses[&3].applied_index, later_index, "node 3 took entries from another cluster");
+    assert_eq!(statuses[&3].state_digest, later_header["state_digest"].as_str().unwrap());
+    assert_eq!(restored.cluster_id(3), ids[2]);
+}
+
+/// When members do apply the same log to different states (here forced: node 3 restored from
+/// another cluster's backup at the same index, and given the others' cluster id by hand), it is
+/// said loudly: `tally cluster status` names the index and the digests and exits non-zero, and
+/// the nodes set `tally_state_diverged`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_with_different_states_at_one_index_are_reported() {
+    let files = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (files.path().join("ours.tally"), files.path().join("theirs.tally"));
+    let ours_header = Source::start(1..=20).await.backup(&ours).await;
+    let theirs_header = Source::start(501..=520).await.backup(&theirs).await;
+    assert_eq!(ours_header["applied_index"], theirs_header["applied_index"], "two histories of one length");
+    assert_ne!(ours_header["state_digest"], theirs_header["state_digest"]);
+
+    let mut restored = TestCluster::define(Path::new(TALLY), &SITES, &[]);
+    let id = restore_node(&restored, 1, &ours).await;
+    restore_node(&restored, 2, &ours).await;
+    let other_id = restore_node(&restored, 3, &theirs).await;
+    let identity = restored.nodes[&3].data_dir.join("identity.toml");
+    let text = std::fs::read_to_string(&identity).unwrap().replace(&other_id, &id);
+    std::fs::write(&identity, text).unwrap();
+    for id in 1..=3 {
+        restored.spawn(id, false);
+    }
+    restored.wait_for_leader(DEADLINE).await;
+    let client = restored.client(Duration::from_secs(10));
+    let mut status = args(&["cluster", "status", "--json"]);
+    status.extend(restored.cli_args(operator()));
+    let started = Instant::now();
+    let mut next = 2001;
+    let reported = loop {
+        write_one_by_one(&client, next..=next).await;
+        next += 1;
+        let output = tally(status.clone()).await;
+        let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        if let Some(first) = value["divergences"].as_array().and_then(|d| d.first()) {
+            assert!(!output.status.success(), "status exits 0 on divergent books");
+            break first.clone();
+        }
+        assert!(started.elapsed() < DEADLINE, "no divergence reported: {value}\n{}", restored.log_tails());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let digests = reported["digests"].as_object().unwrap();
+    assert!(
+        digests.contains_key("3") && (digests.contains_key("1") || digests.contains_key("2")),
+        "{reported}"
+    );
+    let text_status = tally(status.iter().filter(|a| *a != "--json").cloned().collect()).await;
+    let said = String::from_utf8_lossy(&text_status.stdout);
+    assert!(said.starts_with("THE MEMBERS' BOOKS DISAGREE"), "{said}");
+    let mut text = String::new();
+    let started = Instant::now();
+    while !text.contains("tally_state_diverged 1") {
+        assert!(started.elapsed() < DEADLINE, "tally_state_diverged not set: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        text = restored.scrape(1).await;
     }
 }

@@ -8,9 +8,15 @@
 //! the leader records them), so their logs agree where they start; the first election then runs
 //! at term 1 as after a bootstrap, and the first leader's blank entry follows the backup's index.
 //!
-//! The new cluster gets a new cluster id: the lowest voter's directory makes one, and the others
-//! adopt it from that node's first vote request, as the peers of a bootstrap do. Nothing of the
-//! old cluster's identity carries over, so a restored node never talks Raft with the old cluster.
+//! The new cluster's id is made from what the restore starts from: the backup (its cluster,
+//! source node, applied index and term, state digest and time taken), the new cluster's name and
+//! its voters (`restored_cluster_id`). Every restored directory gets it at once, so nodes restored
+//! alike are one cluster whatever order they start in, and nodes restored from another backup or
+//! with another voter list are another cluster to them: every Raft call between the two is
+//! refused (`net::identity`), where before the lowest voter made a random id that every node
+//! adopted, and nodes restored from backups at different indexes took each other's logs as their
+//! own and diverged silently. Nothing of the old cluster's identity carries over, so a restored
+//! node never talks Raft with the old cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -38,8 +44,9 @@ pub struct Restored {
     pub header: Header,
     /// The new data directory's incarnation.
     pub incarnation: u64,
-    /// The voter whose directory holds the new cluster id (the lowest id).
-    pub id_maker: NodeId,
+    /// The new cluster's id: the same in every directory restored from this backup for these
+    /// voters.
+    pub cluster_id: String,
 }
 
 /// Seeds `target.data_dir` (absent or empty) from the backup file at `backup`, checked whole
@@ -71,8 +78,8 @@ fn seed(
     header: &Header,
 ) -> Result<Restored, String> {
     let dir = target.data_dir;
-    let id_maker = *voters.keys().next().expect("voters checked");
-    let leader_id = <TypeConfig as RaftTypeConfig>::LeaderId::new_committed(0, id_maker);
+    let lowest = *voters.keys().next().expect("voters checked");
+    let leader_id = <TypeConfig as RaftTypeConfig>::LeaderId::new_committed(0, lowest);
     let log_id = LogId::new(leader_id, header.applied_index);
     let meta = SnapshotMeta {
         last_log_id: Some(log_id),
@@ -87,9 +94,36 @@ fn seed(
         .map_err(|e| format!("cannot write the log into {}: {e}", dir.display()))?;
     // The identity last: a directory that a failed restore left without one is refused by
     // `tally serve` as not a node's.
-    let cluster_id = (target.id == id_maker).then(crate::net::identity::new_cluster_id);
-    let incarnation = crate::node::write_identity(dir, target.cluster, target.id, cluster_id.as_deref())?;
-    Ok(Restored { header: header.clone(), incarnation, id_maker })
+    let cluster_id = restored_cluster_id(header, target.cluster, voters);
+    let incarnation = crate::node::write_identity(dir, target.cluster, target.id, Some(&cluster_id))?;
+    Ok(Restored { header: header.clone(), incarnation, cluster_id })
+}
+
+/// The id of the cluster restored from the backup `header` describes, named `cluster`, of
+/// `voters`: a hash of all of them, in the form of `identity::new_cluster_id`.
+pub fn restored_cluster_id(header: &Header, cluster: &str, voters: &BTreeMap<NodeId, NodeInfo>) -> String {
+    let mut hasher = blake3::Hasher::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(b"tally restored cluster 1");
+    field(header.cluster.as_bytes());
+    field(&header.node_id.to_le_bytes());
+    field(&header.applied_index.to_le_bytes());
+    field(&header.applied_term.to_le_bytes());
+    field(header.state_digest.as_bytes());
+    field(&header.created_ns.to_le_bytes());
+    field(cluster.as_bytes());
+    for (id, voter) in voters {
+        field(&id.to_le_bytes());
+        field(voter.address.as_bytes());
+        field(voter.peer_address.as_bytes());
+        field(voter.site.as_bytes());
+    }
+    let id = super::hex(&hasher.finalize().as_bytes()[..16]);
+    debug_assert!(crate::net::identity::is_cluster_id(&id));
+    id
 }
 
 /// The voters as a membership: at least one, each id once, this node among them.
@@ -122,4 +156,64 @@ fn empty_dir(dir: &Path) -> std::io::Result<()> {
         if path.is_dir() { std::fs::remove_dir_all(&path)? } else { std::fs::remove_file(&path)? }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(applied_index: u64, digest: &str) -> Header {
+        Header {
+            cluster: "prod".into(),
+            node_id: 2,
+            applied_index,
+            applied_term: 3,
+            state_digest: digest.into(),
+            timestamp_last: 1,
+            stream_bytes: 10,
+            created_ns: 5,
+            written_by: "tally 0.1.0".into(),
+        }
+    }
+
+    fn voters(ids: &[NodeId]) -> BTreeMap<NodeId, NodeInfo> {
+        ids.iter()
+            .map(|id| {
+                let info = NodeInfo {
+                    address: format!("n{id}:7100"),
+                    peer_address: format!("n{id}:7200"),
+                    site: format!("s{id}"),
+                    incarnation: 0,
+                };
+                (*id, info)
+            })
+            .collect()
+    }
+
+    /// Nodes restored from one backup for one voter list share a cluster id; another backup or
+    /// another voter list (nodes 1, 2 with {1,2,3} and 3, 4 with {1,3,4}: two quorums, two leaders
+    /// before) is another cluster, whose Raft calls are refused.
+    #[test]
+    fn a_restored_cluster_id_binds_the_backup_and_the_voters() {
+        let id = |header: &Header, cluster: &str, ids: &[NodeId]| {
+            restored_cluster_id(header, cluster, &voters(ids))
+        };
+        let base = id(&header(100, "aa"), "prod", &[1, 2, 3]);
+        assert!(crate::net::identity::is_cluster_id(&base));
+        assert_eq!(base, id(&header(100, "aa"), "prod", &[1, 2, 3]), "the same restore, the same id");
+        for (what, other) in [
+            ("a later backup", id(&header(150, "bb"), "prod", &[1, 2, 3])),
+            ("another voter list", id(&header(100, "aa"), "prod", &[1, 3, 4])),
+            ("another name", id(&header(100, "aa"), "staging", &[1, 2, 3])),
+            (
+                "another backup at the same index",
+                id(&Header { created_ns: 6, ..header(100, "aa") }, "prod", &[1, 2, 3]),
+            ),
+        ] {
+            assert_ne!(base, other, "{what}");
+        }
+        let mut moved = voters(&[1, 2, 3]);
+        moved.get_mut(&2).unwrap().peer_address = "elsewhere:7200".into();
+        assert_ne!(base, restored_cluster_id(&header(100, "aa"), "prod", &moved), "a voter at another door");
+    }
 }

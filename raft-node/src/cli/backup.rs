@@ -135,7 +135,7 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode, String> {
         let value = json!({
             "data_dir": args.data_dir.display().to_string(), "id": args.id, "cluster": cluster,
             "incarnation": restored.incarnation, "applied_index": restored.header.applied_index,
-            "state_digest": restored.header.state_digest, "cluster_id_maker": restored.id_maker,
+            "state_digest": restored.header.state_digest, "cluster_id": restored.cluster_id,
         });
         println!("{value}");
         return Ok(ExitCode::SUCCESS);
@@ -153,13 +153,11 @@ pub fn run_restore(args: RestoreArgs) -> Result<ExitCode, String> {
         args.id,
         args.data_dir.display()
     );
-    if restored.id_maker == args.id {
-        println!(
-            "This node makes the new cluster's id; the other voters take it from it when it first calls them."
-        );
-    } else {
-        println!("Node {} makes the new cluster's id: restore and start it too.", restored.id_maker);
-    }
+    println!(
+        "The new cluster's id is {}: restore every voter from this same file with the same --voter list, \
+         or it is another cluster to this one and they refuse each other.",
+        restored.cluster_id
+    );
     Ok(ExitCode::SUCCESS)
 }
 

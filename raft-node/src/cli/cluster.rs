@@ -147,9 +147,31 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             .iter()
             .map(|s| json!({"site": s.site, "voters": s.voters, "learners": s.learners, "survives_loss": s.survives_loss}))
             .collect();
-        let value = json!({"leader_id": status.leader_id, "term": status.term, "committed_index": status.committed_index, "nodes": nodes, "sites": sites});
+        let divergences: Vec<_> = status
+            .divergences
+            .iter()
+            .map(|d| {
+                let digests: serde_json::Map<String, serde_json::Value> =
+                    d.digests.iter().map(|(id, digest)| (id.to_string(), json!(digest))).collect();
+                json!({"index": d.index, "digests": digests})
+            })
+            .collect();
+        let value = json!({"leader_id": status.leader_id, "term": status.term, "committed_index": status.committed_index, "nodes": nodes, "sites": sites, "divergences": divergences});
         println!("{value}");
         return;
+    }
+    if let Some(first) = status.divergences.first() {
+        println!(
+            "THE MEMBERS' BOOKS DISAGREE: after index {} their states differ ({}){}. They apply the same log \
+             to different states (restored from different backups, or built with other semantics): stop \
+             writes, and find which state is right before anything else.",
+            first.index,
+            crate::service::cluster::describe_digests(&first.digests),
+            match status.divergences.len() {
+                1 => String::new(),
+                n => format!(", and at {} more indexes", n - 1),
+            }
+        );
     }
     println!(
         "leader: node {}   term: {}   committed index: {}",
@@ -242,5 +264,8 @@ pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
     };
     let status = status.map_err(|e| e.to_string())?;
     print_status(args.json, &status);
+    if !status.divergences.is_empty() {
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }

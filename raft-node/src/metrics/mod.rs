@@ -115,6 +115,12 @@ pub static CHECKPOINT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
 });
 pub static SNAPSHOT_BYTES: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_snapshot_bytes", "Size of the last snapshot built or installed"));
+pub static STATE_DIVERGED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "tally_state_diverged",
+        "1 when this node last found two members with different digests after the same index, else 0",
+    )
+});
 pub static FORWARDED: LazyLock<IntCounter> =
     LazyLock::new(|| counter("tally_forwarded_requests_total", "Requests this node forwarded to the leader"));
 pub static EXPIRY_TICKS: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -169,7 +175,7 @@ pub fn init() {
     for counter in [&FORWARDED, &EXPIRY_TICKS, &LEADER_CHANGES, &TERMS] {
         LazyLock::force(counter);
     }
-    for gauge in [&SNAPSHOT_BYTES, &TERM, &IS_LEADER, &LAST_LOG, &COMMITTED, &APPLIED] {
+    for gauge in [&SNAPSHOT_BYTES, &STATE_DIVERGED, &TERM, &IS_LEADER, &LAST_LOG, &COMMITTED, &APPLIED] {
         LazyLock::force(gauge);
     }
     LazyLock::force(&REQUESTS);

@@ -38,7 +38,8 @@ impl ClusterService {
         let metrics = self.node.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership();
         let voter = membership.voter_ids().any(|id| id == self.node.id());
-        let digest = self.node.state.read(|ledger| ledger.meta().digest);
+        // Not from the ledger: its lock is held for the length of an apply or an install.
+        let published = self.node.state.published();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let clock = self.node.clock.estimate(&voters, self.node.id());
         let clock_ok = self.node.clock.judge(&clock, voters.len()).is_ok();
@@ -52,9 +53,9 @@ impl ClusterService {
             reachable: true,
             term: metrics.current_term,
             last_log_index: metrics.last_log_index.unwrap_or(0),
-            applied_index: metrics.last_applied.map_or(0, |id| id.index),
+            applied_index: published.index,
             replication_lag: 0,
-            state_digest: hex(&digest),
+            state_digest: hex(&published.digest),
             incarnation: self.node.incarnation(),
             needs_replace: false,
             recorded_incarnation: membership.get_node(&self.node.id()).map_or(0, |n| n.incarnation),
@@ -62,6 +63,11 @@ impl ClusterService {
             clock_synchronized: clock_ok,
             uptime_seconds: self.node.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            digest_marks: published
+                .marks
+                .iter()
+                .map(|(index, digest)| pb::DigestMark { index: *index, digest: hex(digest) })
+                .collect(),
         }
     }
 
@@ -99,6 +105,7 @@ impl ClusterService {
             })
             .collect::<Vec<_>>();
         let sites = site_status(&voters, &membership.nodes().map(|(id, n)| (*id, n.clone())).collect());
+        let divergences = divergences(&nodes);
         pb::StatusReply {
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
@@ -106,6 +113,7 @@ impl ClusterService {
             nodes,
             sites,
             answered_by: self.node.id(),
+            divergences,
         }
     }
 
@@ -280,6 +288,67 @@ pub async fn record_incarnations(node: Arc<NodeHandle>) {
 }
 
 /// For each site: its voters and learners, and whether the others keep a majority without it.
+/// Every index after which two reachable members report different digests, with each member's
+/// digest there (from their current state and their digest marks).
+pub fn divergences(nodes: &[pb::NodeStatus]) -> Vec<pb::Divergence> {
+    let mut at: BTreeMap<u64, BTreeMap<NodeId, &str>> = BTreeMap::new();
+    for node in nodes.iter().filter(|n| n.reachable && !n.state_digest.is_empty()) {
+        let marks = node.digest_marks.iter().map(|m| (m.index, m.digest.as_str()));
+        for (index, digest) in marks.chain([(node.applied_index, node.state_digest.as_str())]) {
+            at.entry(index).or_default().insert(node.id, digest);
+        }
+    }
+    at.into_iter()
+        .filter(|(_, digests)| digests.values().collect::<BTreeSet<_>>().len() > 1)
+        .map(|(index, digests)| pb::Divergence {
+            index,
+            digests: digests.into_iter().map(|(id, d)| (id, d.to_string())).collect(),
+        })
+        .collect()
+}
+
+/// How often each node compares its digests with the other members' (`watch_divergence`).
+const DIVERGENCE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// For the life of the node: asks every member for its digests now and then, and when two
+/// differ after the same index, logs it as an error (once per index) and sets
+/// `tally_state_diverged`, so that a split in the books is loud on every node, not only in a
+/// status someone asks for.
+pub async fn watch_divergence(node: Arc<NodeHandle>) {
+    let service = ClusterService::new(node);
+    let mut reported: BTreeSet<u64> = BTreeSet::new();
+    let mut interval = tokio::time::interval(DIVERGENCE_CHECK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let found = service.cluster_status().await.divergences;
+        crate::metrics::STATE_DIVERGED.set(i64::from(!found.is_empty()));
+        for divergence in found {
+            if reported.insert(divergence.index) {
+                tracing::error!(
+                    "members' states differ after index {}: {}; they apply the same log to different states \
+                     (restored from different backups, or built with other semantics): stop writes and find \
+                     which state is right",
+                    divergence.index,
+                    describe_digests(&divergence.digests)
+                );
+            }
+        }
+        while reported.len() > 1024 {
+            reported.pop_first();
+        }
+    }
+}
+
+/// "node 1 a1b2c3d4e5f6, node 3 ffee..." (12 hex digits each).
+pub fn describe_digests(digests: &std::collections::HashMap<NodeId, String>) -> String {
+    let mut sorted: Vec<_> = digests.iter().collect();
+    sorted.sort();
+    let parts: Vec<String> =
+        sorted.iter().map(|(id, digest)| format!("node {id} {}", &digest[..digest.len().min(12)])).collect();
+    parts.join(", ")
+}
+
 pub fn site_status(voters: &BTreeSet<NodeId>, nodes: &BTreeMap<NodeId, NodeInfo>) -> Vec<pb::SiteStatus> {
     let mut sites: BTreeMap<String, (u32, u32)> = BTreeMap::new();
     for (id, info) in nodes {
@@ -362,6 +431,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 nodes: vec![self.local_status()],
                 sites: Vec::new(),
                 answered_by: self.node.id(),
+                divergences: Vec::new(),
             }));
         }
         Ok(Response::new(self.cluster_status().await))
@@ -607,6 +677,60 @@ impl pb::cluster_server::Cluster for ClusterService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(
+        id: NodeId,
+        reachable: bool,
+        applied: u64,
+        digest: &str,
+        marks: &[(u64, &str)],
+    ) -> pb::NodeStatus {
+        pb::NodeStatus {
+            id,
+            reachable,
+            applied_index: applied,
+            state_digest: digest.into(),
+            digest_marks: marks
+                .iter()
+                .map(|(index, d)| pb::DigestMark { index: *index, digest: d.to_string() })
+                .collect(),
+            ..pb::NodeStatus::default()
+        }
+    }
+
+    /// One row per cluster: the indexes found divergent, from current digests and marks alike.
+    #[test]
+    fn divergences_are_found_where_two_members_differ_after_one_index() {
+        for (what, nodes, expected) in [
+            (
+                "all agree",
+                vec![report(1, true, 70, "a", &[(64, "m")]), report(2, true, 70, "a", &[(64, "m")])],
+                vec![],
+            ),
+            (
+                "apart, no shared index",
+                vec![report(1, true, 70, "a", &[]), report(2, true, 71, "b", &[])],
+                vec![],
+            ),
+            ("current digests", vec![report(1, true, 70, "a", &[]), report(2, true, 70, "b", &[])], vec![70]),
+            (
+                "a mark against a current digest",
+                vec![
+                    report(1, true, 130, "a", &[(64, "m"), (128, "x")]),
+                    report(2, true, 128, "y", &[(64, "m")]),
+                ],
+                vec![128],
+            ),
+            (
+                "an unreachable member",
+                vec![report(1, true, 70, "a", &[]), report(2, false, 70, "", &[])],
+                vec![],
+            ),
+        ] {
+            let found: Vec<u64> = divergences(&nodes).iter().map(|d| d.index).collect();
+            assert_eq!(found, expected, "{what}");
+        }
+    }
 
     fn check(placement: &[(NodeId, &str, bool)], expected_survives: &[(&str, bool)]) {
         let nodes: BTreeMap<NodeId, NodeInfo> = placement

@@ -79,6 +79,43 @@ pub struct AppliedState {
     pub membership: StoredMembership,
 }
 
+/// Digest marks are taken after every index that is a multiple of this.
+pub const DIGEST_MARK_EVERY: u64 = 64;
+/// Digest marks kept (the newest): 4,096 entries' worth, so that members a little apart under
+/// load still share some.
+const DIGEST_MARKS_KEPT: usize = 64;
+
+/// Where the applied state stands, as status reports it: kept beside the ledger and read
+/// without its lock, which an apply or a snapshot install holds for up to seconds (status held
+/// a runtime worker meanwhile).
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    /// The last applied index (0: none).
+    pub index: u64,
+    /// The ledger's running digest after it.
+    pub digest: [u8; 32],
+    /// The digest after each recent multiple of `DIGEST_MARK_EVERY` applied, oldest first; since
+    /// the last start or snapshot install only.
+    pub marks: std::collections::VecDeque<(u64, [u8; 32])>,
+}
+
+impl Published {
+    fn applied(&mut self, index: u64, digest: [u8; 32]) {
+        self.index = index;
+        self.digest = digest;
+        if index.is_multiple_of(DIGEST_MARK_EVERY) {
+            if self.marks.len() == DIGEST_MARKS_KEPT {
+                self.marks.pop_front();
+            }
+            self.marks.push_back((index, digest));
+        }
+    }
+
+    fn reset(&mut self, index: u64, digest: [u8; 32]) {
+        *self = Published { index, digest, marks: Default::default() };
+    }
+}
+
 /// A snapshot's data: a file holding the ledger's export stream.
 #[derive(Debug)]
 pub struct SnapshotFile {
@@ -95,6 +132,8 @@ pub struct Shared {
     /// holds the lock exclusively while sled's directory is swapped.
     ledger: RwLock<Option<State>>,
     pub applied: Mutex<AppliedState>,
+    /// Taken after `applied`, never while waiting for anything else.
+    published: Mutex<Published>,
     /// Held by a snapshot build from before it freezes its view until its snapshot is current,
     /// and by a snapshot install throughout: applying goes on during a build, so an install could
     /// otherwise swap sled's directory under a live view, or be overwritten as current by an
@@ -141,6 +180,11 @@ impl Shared {
 
     pub fn applied(&self) -> AppliedState {
         self.applied.lock().unwrap().clone()
+    }
+
+    /// Where the applied state stands; never waits for an apply.
+    pub fn published(&self) -> Published {
+        self.published.lock().unwrap().clone()
     }
 
     /// Writes everything applied so far to sled, here and now (waiting for a checkpoint being
@@ -326,12 +370,15 @@ impl StateMachine {
             Err(error) if error.kind() == io::ErrorKind::InvalidData => rebuild(data_dir, options, &error)?,
             Err(error) => return Err(error),
         };
+        let mut published = Published::default();
+        published.reset(applied.last_applied.map_or(0, |id| id.index), ledger.meta().digest);
         let machine = StateMachine {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
                 options,
                 ledger: RwLock::new(Some(ledger)),
                 applied: Mutex::new(applied),
+                published: Mutex::new(published),
                 snapshots: Mutex::new(()),
                 checkpoint_policy,
                 checkpointed_at: Mutex::new(std::time::Instant::now()),
@@ -395,6 +442,7 @@ impl StateMachine {
                 Response::default()
             }
         };
+        self.shared.published.lock().unwrap().applied(entry.log_id.index, ledger.meta().digest);
         drop(applied);
         self.shared.checkpoint_when_due(ledger)?;
         Ok(response)
@@ -482,6 +530,8 @@ impl StateMachine {
         drop(ledger.take());
         swap_state_dirs(data_dir)?;
         let (reopened, applied) = open_ledger(&data_dir.join(STATE_DIR), self.shared.options)?;
+        let index = applied.last_applied.map_or(0, |id| id.index);
+        self.shared.published.lock().unwrap().reset(index, reopened.meta().digest);
         *ledger = Some(reopened);
         *self.shared.applied.lock().unwrap() = applied;
         Ok(())
@@ -662,5 +712,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(meta) = self.current_snapshot_meta()? else { return Ok(None) };
         let path = snapshot_path(&self.shared.data_dir, &meta);
         Ok(Some(Snapshot { meta, snapshot: SnapshotFile { path } }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Status reads where the applied state stands without the ledger's lock, which an apply or
+    /// an install holds for up to seconds: it read the digest under that lock, and two status
+    /// calls held both runtime workers of a 2-core node meanwhile.
+    #[test]
+    fn where_the_state_stands_is_read_while_an_apply_holds_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = StateMachine::open(dir.path(), 8 << 20, CheckpointPolicy::default()).unwrap();
+        let shared = machine.shared.clone();
+        let held = shared.ledger.write().unwrap();
+        let (published_tx, published) = std::sync::mpsc::channel();
+        let (read_tx, read) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| published_tx.send(shared.published()).unwrap());
+            scope.spawn(|| read_tx.send(shared.read(|ledger| ledger.meta().digest)).unwrap());
+            let deadline = std::time::Duration::from_secs(10);
+            let found = published.recv_timeout(deadline).expect("published waited for the ledger lock");
+            assert_eq!(found.index, 0);
+            // The ledger itself is not readable meanwhile (what status used to wait for).
+            assert!(read.recv_timeout(std::time::Duration::from_millis(200)).is_err());
+            drop(held);
+            assert_eq!(read.recv_timeout(deadline).unwrap(), found.digest);
+        });
     }
 }
