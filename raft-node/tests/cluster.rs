@@ -949,6 +949,22 @@ async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
                 append(1_000_000, None),
                 tonic::Code::PermissionDenied,
             ),
+            // A node certificate the CA signed, with the cluster's id, outside the membership
+            // (never added, or removed): it moved every node's term before.
+            (
+                "a non-member with the cluster's id",
+                99,
+                headers(&cluster_id, 99),
+                append(1_000_000, None),
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                "a member sending entries as another leader",
+                member,
+                headers(&cluster_id, member),
+                AppendEntriesRequest { vote: Vote::new_committed(1_000_000, id), ..append(1, None) },
+                tonic::Code::PermissionDenied,
+            ),
             (
                 "a member, term u64::MAX",
                 member,
@@ -967,6 +983,23 @@ async fn a_forged_raft_message_is_refused_and_the_cluster_keeps_serving() {
         for (what, node, headers, request, expected) in rows {
             assert_eq!(forged_append(as_node(node), &headers, request).await, expected, "node {id}: {what}");
         }
+        // Operator rights are an operator's: a node certificate outside the membership may not
+        // change it, and a member's (which may forward an operator's change) may not take the
+        // books away in a backup.
+        let mut stranger = v1::cluster_client::ClusterClient::new(as_node(99));
+        let removed = stranger.remove_node(v1::RemoveNodeRequest { id: member, force: true }).await;
+        assert_eq!(
+            removed.map(|_| ()).unwrap_err().code(),
+            tonic::Code::PermissionDenied,
+            "node {id}: remove"
+        );
+        let mut insider = v1::cluster_client::ClusterClient::new(as_node(member));
+        let backup = insider.backup(v1::BackupRequest {}).await;
+        assert_eq!(
+            backup.map(|_| ()).unwrap_err().code(),
+            tonic::Code::PermissionDenied,
+            "node {id}: backup"
+        );
         // Refused before the body is read: garbage from a stranger is not even decoded.
         let garbage = vec![0xff; 4096];
         let code = raw_grpc_call(as_node(99), "/tally.v1.Raft/AppendEntries", &garbage).await;

@@ -67,6 +67,8 @@ pub enum Refusal {
     StaleTarget { recorded: u64 },
     /// From a node whose incarnation differs from what this node's membership records.
     StaleSender { id: NodeId, recorded: u64, claimed: u64 },
+    /// From a node outside this node's membership (removed, or never added).
+    NotMember { id: NodeId },
     /// No cluster id, a malformed one, or another cluster's.
     OtherCluster,
     /// This node has no cluster id yet and could not save the one offered.
@@ -142,8 +144,17 @@ impl Identities {
         self.recorded.read().expect("identities lock").get(&id).copied().unwrap_or(0)
     }
 
+    /// Whether `id` is a voter or learner of the membership in effect here.
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.recorded.read().expect("identities lock").contains_key(&id)
+    }
+
     /// Checks the headers of an incoming Raft RPC; `vote` for a vote or pre-vote request, whose
-    /// sender is held to the incarnation the membership records.
+    /// sender is held to the incarnation the membership records. Once this node has a
+    /// membership, a sender outside it is refused: a removed node's certificate (or any node
+    /// certificate of the CA) moved every member's term before. A node not yet given a
+    /// membership (new, bootstrapping) takes calls from anyone of the cluster: that is how it
+    /// receives its first entries.
     pub fn check(&self, from: Option<&str>, to: Option<&str>, vote: bool) -> Result<(), Refusal> {
         let from = from.and_then(Endpoint::parse).ok_or(Refusal::Malformed)?;
         let to = to.and_then(Endpoint::parse).ok_or(Refusal::Malformed)?;
@@ -152,6 +163,12 @@ impl Identities {
         }
         if to.incarnation != 0 && to.incarnation != self.me.incarnation {
             return Err(Refusal::StaleTarget { recorded: to.incarnation });
+        }
+        {
+            let members = self.recorded.read().expect("identities lock");
+            if !members.is_empty() && !members.contains_key(&from.id) {
+                return Err(Refusal::NotMember { id: from.id });
+            }
         }
         let recorded = self.recorded(from.id);
         if vote && recorded != 0 && recorded != from.incarnation {
@@ -195,9 +212,12 @@ mod tests {
         check(Some("2.22"), Some("1.11"), Ok(()));
         // The sender does not know this node's incarnation yet (bootstrap peers).
         check(Some("2.22"), Some("1.0"), Ok(()));
-        // A sender the membership has not recorded, or does not know.
+        // A sender the membership has not recorded; one it does not know (removed, or never
+        // added) is refused, unless this node knows no membership yet.
         check(Some("3.99"), Some("1.11"), Ok(()));
-        check(Some("7.70"), Some("1.11"), Ok(()));
+        check(Some("7.70"), Some("1.11"), Err(Refusal::NotMember { id: 7 }));
+        let fresh = Identities::new(Endpoint { id: 1, incarnation: 11 }, None);
+        assert_eq!(fresh.check(Some("7.70"), Some("1.11"), true), Ok(()), "no membership yet");
         check(Some("2.23"), Some("1.11"), Err(Refusal::StaleSender { id: 2, recorded: 22, claimed: 23 }));
         check(Some("2.22"), Some("1.12"), Err(Refusal::StaleTarget { recorded: 12 }));
         check(Some("2.22"), Some("4.11"), Err(Refusal::WrongTarget));

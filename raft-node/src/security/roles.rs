@@ -66,10 +66,11 @@ impl Role {
         }
     }
 
-    /// May change the membership, transfer leadership or snapshot: operators, and nodes (a
-    /// follower forwards an operator's request to the leader; a new node asks to join).
+    /// May change the membership, transfer leadership, snapshot or back up: operators only. (A
+    /// member node forwards an operator's request to the leader, and a new node asks to join:
+    /// `service::cluster` allows those two by name, not every node certificate of the CA.)
     pub fn may_operate(&self) -> bool {
-        matches!(self, Role::Operator(_) | Role::Node(_) | Role::Insecure)
+        matches!(self, Role::Operator(_) | Role::Insecure)
     }
 }
 

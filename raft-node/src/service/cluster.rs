@@ -14,7 +14,7 @@ use tally_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::node::NodeHandle;
-use crate::security::roles::require_operator;
+use crate::security::roles::{Role, caller_of, require_operator};
 use crate::types::{NodeId, NodeInfo};
 
 /// How long `TakeSnapshot` waits for the snapshot (and the purge) before giving up.
@@ -32,6 +32,24 @@ pub struct ClusterService {
 impl ClusterService {
     pub fn new(node: Arc<NodeHandle>) -> ClusterService {
         ClusterService { node }
+    }
+
+    /// An operator, or a member node forwarding an operator's request (the follower checked
+    /// the operator: `require_operator` runs before any forwarding); `joining` also lets that
+    /// node ask for itself to be added. A removed node's certificate, or any other node
+    /// certificate of the CA, could change the membership before.
+    fn require_operator_or_member<T>(
+        &self,
+        request: &Request<T>,
+        joining: Option<NodeId>,
+    ) -> Result<(), Status> {
+        match caller_of(request) {
+            Role::Node(id) if self.node.identities.is_member(id) || joining == Some(id) => Ok(()),
+            Role::Node(id) => Err(Status::permission_denied(format!(
+                "node {id} is not a member of this cluster: it may not change it"
+            ))),
+            _ => require_operator(request),
+        }
     }
 
     fn local_status(&self) -> pb::NodeStatus {
@@ -441,7 +459,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        require_operator(&request)?;
+        let joining = Some(request.get_ref().id).filter(|_| !request.get_ref().force);
+        self.require_operator_or_member(&request, joining)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.add_node(request.into_inner()).await;
         }
@@ -504,7 +523,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        require_operator(&request)?;
+        self.require_operator_or_member(&request, None)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.remove_node(request.into_inner()).await;
         }
@@ -534,7 +553,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::ReplaceNodeRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        require_operator(&request)?;
+        self.require_operator_or_member(&request, None)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.replace_node(request.into_inner()).await;
         }
@@ -606,7 +625,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
-        require_operator(&request)?;
+        self.require_operator_or_member(&request, None)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.transfer_leader(request.into_inner()).await;
         }
@@ -635,7 +654,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::TakeSnapshotRequest>,
     ) -> Result<Response<pb::TakeSnapshotReply>, Status> {
-        require_operator(&request)?;
+        self.require_operator_or_member(&request, None)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.take_snapshot(request.into_inner()).await;
         }

@@ -50,6 +50,25 @@ async fn install_holding<T: Send + 'static>(
     task.await.map_err(|e| Status::internal(format!("snapshot install task: {e}")))
 }
 
+/// A vote (a candidate's request, or the vote a leader sends entries or a snapshot under) must
+/// name the caller as its leader: a member must not speak for another.
+fn check_claimed<T>(request: &Request<T>, vote: &crate::types::Vote) -> Result<(), Status> {
+    check_claimed_from(caller_id(request), vote)
+}
+
+fn caller_id<T>(request: &Request<T>) -> Option<crate::types::NodeId> {
+    let from = request.metadata().get(FROM_HEADER).and_then(|v| v.to_str().ok());
+    from.and_then(Endpoint::parse).map(|from| from.id)
+}
+
+fn check_claimed_from(from: Option<crate::types::NodeId>, vote: &crate::types::Vote) -> Result<(), Status> {
+    use openraft::vote::RaftLeaderId;
+    if from == Some(*vote.leader_id().node_id()) {
+        return Ok(());
+    }
+    Err(Status::permission_denied("refused"))
+}
+
 /// Runs on every Raft call before its body is read: a caller whose node certificate is not the
 /// node it claims to be (`x-tally-from`), or that does not send this cluster's id, is refused
 /// before the node buffers a message (up to 64 MiB) for it. A node without an id
@@ -167,6 +186,11 @@ impl RaftService {
                 "refusing Raft traffic from node {id}: it runs incarnation {claimed}, the membership records \
                  {recorded}; it lost its disk and must be replaced (`tally cluster replace --id {id}`)"
             ),
+            Refusal::NotMember { id } => tracing::warn!(
+                node = me.id,
+                "refusing Raft traffic from node {id}: it is not a member (removed, or never added); if it \
+                 should be, add it with `tally cluster add`"
+            ),
             Refusal::WrongTarget | Refusal::Malformed => {
                 tracing::warn!(node = me.id, "refusing Raft traffic not addressed to this node: {refusal:?}")
             }
@@ -202,7 +226,9 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
         self.check_leader(&request)?;
-        let rpc = unpack(request.get_ref()).map_err(bad_message)?;
+        let rpc: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> =
+            unpack(request.get_ref()).map_err(bad_message)?;
+        check_claimed(&request, &rpc.vote)?;
         let reply = self.node.raft.append_entries(rpc).await.map_err(raft_failed)?;
         if !matches!(reply, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
             self.node.leader_contact.record();
@@ -212,14 +238,18 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         self.check_candidate(&request)?;
-        let rpc = unpack(request.get_ref()).map_err(bad_message)?;
+        let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
+            unpack(request.get_ref()).map_err(bad_message)?;
+        check_claimed(&request, &rpc.vote)?;
         let reply = self.node.raft.vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
     }
 
     async fn pre_vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         self.check_candidate(&request)?;
-        let rpc = unpack(request.get_ref()).map_err(bad_message)?;
+        let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
+            unpack(request.get_ref()).map_err(bad_message)?;
+        check_claimed(&request, &rpc.vote)?;
         let reply = self.node.raft.pre_vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))
     }
@@ -248,6 +278,7 @@ impl pb::raft_server::Raft for RaftService {
             Status::resource_exhausted("a snapshot is being installed on this node already; one at a time")
         })?;
         let bytes_max = self.node.config.snapshot_bytes_max;
+        let from = caller_id(&request);
         let mut chunks = request.into_inner();
         let dir = self.node.config.data_dir.join("snapshots");
         let number = INCOMING.fetch_add(1, Ordering::Relaxed);
@@ -284,6 +315,7 @@ impl pb::raft_server::Raft for RaftService {
         drop(file);
         let (vote, meta) =
             header.ok_or_else(|| Status::invalid_argument("snapshot stream without a header"))?;
+        check_claimed_from(from, &vote)?;
         // Checked whole before openraft hears of it: a damaged stream is refused here (the
         // leader sends it again) and never becomes this node's current snapshot.
         let checked = path.clone();
