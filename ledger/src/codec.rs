@@ -28,13 +28,15 @@ use crate::model::{
 /// Bumped whenever a record or key layout changes; stored in the state and in snapshots.
 /// Version 2 keys transfers by timestamp (version 1: by id, one sled key per record); version 3
 /// adds the ids of transfers that failed for a transient reason (`X`); version 4 the change
-/// records (`C`), and gives each expiry a timestamp of its own.
-pub const SCHEMA_VERSION: u32 = 4;
+/// records (`C`), and gives each expiry a timestamp of its own; version 5 stores the semantics
+/// version in the ledger meta.
+pub const SCHEMA_VERSION: u32 = 5;
 /// The versions this build reads: a version 2 state is a version 3 state without failed ids, a
-/// version 3 state one without change records (its change stream starts at its upgrade); each is
-/// written as version 4 from its next entry on. A build that reads only older versions refuses a
-/// newer state, rather than dropping what it does not know from the snapshots it sends.
-pub const SCHEMA_VERSIONS_READ: [u32; 3] = [2, 3, 4];
+/// version 3 state one without change records (its change stream starts at its upgrade), a
+/// version 4 state one at semantics 1; each is written as version 5 from its next entry on. A
+/// build that reads only older versions refuses a newer state, rather than dropping what it does
+/// not know from the snapshots it sends.
+pub const SCHEMA_VERSIONS_READ: [u32; 4] = [2, 3, 4, 5];
 
 pub const RECORD_BYTES: usize = 128;
 pub const BALANCE_BYTES: usize = 64;
@@ -363,7 +365,7 @@ pub fn decode_index_value(value: &[u8], timestamp: u64) -> (u128, Option<Account
 }
 
 /// The ledger's bookkeeping, stored under `META_LEDGER_KEY`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LedgerMeta {
     /// The timestamp of the newest event; the next event gets a larger one.
     pub timestamp_last: u64,
@@ -371,9 +373,25 @@ pub struct LedgerMeta {
     pub batches_applied: u64,
     /// blake3 over every change ever applied, chained: equal digests mean equal histories.
     pub digest: [u8; 32],
+    /// The rules entries are applied with (`crate::semantics`): replicated state, switched by
+    /// an entry of its own (`Ledger::switch_semantics`).
+    pub semantics: u32,
 }
 
-pub const LEDGER_META_BYTES: usize = 4 + 8 + 8 + 32;
+impl Default for LedgerMeta {
+    fn default() -> LedgerMeta {
+        LedgerMeta {
+            timestamp_last: 0,
+            batches_applied: 0,
+            digest: [0; 32],
+            semantics: crate::semantics::GENESIS,
+        }
+    }
+}
+
+pub const LEDGER_META_BYTES: usize = 4 + 8 + 8 + 32 + 4;
+/// The meta of schema versions 2 to 4: no semantics version (1).
+const LEDGER_META_BYTES_V4: usize = 4 + 8 + 8 + 32;
 
 pub fn encode_ledger_meta(meta: &LedgerMeta) -> [u8; LEDGER_META_BYTES] {
     let mut bytes = [0u8; LEDGER_META_BYTES];
@@ -382,20 +400,48 @@ pub fn encode_ledger_meta(meta: &LedgerMeta) -> [u8; LEDGER_META_BYTES] {
     w.put(&meta.timestamp_last.to_le_bytes());
     w.put(&meta.batches_applied.to_le_bytes());
     w.put(&meta.digest);
+    w.put(&meta.semantics.to_le_bytes());
+    bytes
+}
+
+/// The ledger meta as semantics 1 hashes it into the digest: the schema 4 layout, with its
+/// version number, whatever layout the store writes. (Semantics 1 hashed the stored bytes, so a
+/// change of storage layout changed every digest; semantics 2 hashes `encode_meta_for_digest`.)
+pub fn encode_ledger_meta_v4(meta: &LedgerMeta) -> [u8; LEDGER_META_BYTES_V4] {
+    let mut bytes = [0u8; LEDGER_META_BYTES_V4];
+    let mut w = Writer { bytes: &mut bytes, at: 0 };
+    w.put(&4u32.to_le_bytes());
+    w.put(&meta.timestamp_last.to_le_bytes());
+    w.put(&meta.batches_applied.to_le_bytes());
+    w.put(&meta.digest);
+    bytes
+}
+
+/// The ledger meta as semantics 2 hashes it: the semantics version, not a storage layout's.
+pub fn encode_meta_for_digest(meta: &LedgerMeta) -> [u8; LEDGER_META_BYTES_V4] {
+    let mut bytes = [0u8; LEDGER_META_BYTES_V4];
+    let mut w = Writer { bytes: &mut bytes, at: 0 };
+    w.put(&meta.semantics.to_le_bytes());
+    w.put(&meta.timestamp_last.to_le_bytes());
+    w.put(&meta.batches_applied.to_le_bytes());
+    w.put(&meta.digest);
     bytes
 }
 
 /// Decodes the ledger meta; `Err` carries the schema version found when it is not ours.
 pub fn decode_ledger_meta(bytes: &[u8]) -> Result<LedgerMeta, u32> {
-    if bytes.len() != LEDGER_META_BYTES {
-        return Err(0);
-    }
     let mut r = Reader { bytes };
-    let version = r.u32();
+    let version = if bytes.len() >= 4 { r.u32() } else { 0 };
     if !SCHEMA_VERSIONS_READ.contains(&version) {
         return Err(version);
     }
-    Ok(LedgerMeta { timestamp_last: r.u64(), batches_applied: r.u64(), digest: r.take() })
+    let expected = if version == SCHEMA_VERSION { LEDGER_META_BYTES } else { LEDGER_META_BYTES_V4 };
+    if bytes.len() != expected {
+        return Err(version);
+    }
+    let (timestamp_last, batches_applied, digest) = (r.u64(), r.u64(), r.take());
+    let semantics = if version == SCHEMA_VERSION { r.u32() } else { 1 };
+    Ok(LedgerMeta { timestamp_last, batches_applied, digest, semantics })
 }
 
 /// The value of a failed id (`X`): the transient result code it failed with.

@@ -48,10 +48,20 @@ impl<S: Store> Ledger<S> {
     pub fn open(store: S) -> StoreResult<Ledger<S>> {
         let meta = match store.meta_raw(crate::codec::META_LEDGER_KEY)? {
             Some(bytes) => crate::codec::decode_ledger_meta(&bytes).map_err(|version| {
-                StoreError::Corrupt(format!(
-                    "ledger schema version {version}, this build reads version {}",
-                    crate::codec::SCHEMA_VERSION
-                ))
+                // A newer schema is no damage: a newer build wrote it (a rollback), and it must
+                // be left as it is, not rebuilt.
+                if version > crate::codec::SCHEMA_VERSION {
+                    StoreError::OtherVersion(format!(
+                        "the ledger state was written by a newer tally (schema version {version}; this build \
+                         reads up to {}): run that version or a later one",
+                        crate::codec::SCHEMA_VERSION
+                    ))
+                } else {
+                    StoreError::Corrupt(format!(
+                        "ledger schema version {version}, this build reads version {}",
+                        crate::codec::SCHEMA_VERSION
+                    ))
+                }
             })?,
             None if store.is_empty()? => LedgerMeta::default(),
             None => {
@@ -60,7 +70,48 @@ impl<S: Store> Ledger<S> {
                 ));
             }
         };
+        if !crate::semantics::known(meta.semantics) {
+            return Err(StoreError::OtherVersion(format!(
+                "the ledger applies entries under semantics version {}; this build knows {} to {}: \
+                 run a newer tally",
+                meta.semantics,
+                crate::semantics::GENESIS,
+                crate::semantics::MAX
+            )));
+        }
         Ok(Ledger { store, meta })
+    }
+
+    /// Applies an entry that switches the rules of every later entry to semantics `version`
+    /// (`crate::semantics`), and stores `app_meta` with it. The switch is part of the history:
+    /// it moves the digest. A version this build does not know, or one below the current, is
+    /// refused and nothing is written.
+    pub fn switch_semantics(&mut self, version: u32, app_meta: Option<&[u8]>) -> StoreResult<()> {
+        if !crate::semantics::known(version) || version < self.meta.semantics {
+            return Err(StoreError::OtherVersion(format!(
+                "an entry switches to semantics version {version}; this build applies {} to {} and the \
+                 ledger is at {}",
+                crate::semantics::GENESIS,
+                crate::semantics::MAX,
+                self.meta.semantics
+            )));
+        }
+        let mut meta = self.meta;
+        meta.semantics = version;
+        let mut framed = Vec::with_capacity(32 + 16 + 4);
+        framed.extend_from_slice(&self.meta.digest);
+        framed.extend_from_slice(b"semantics");
+        framed.extend_from_slice(&version.to_le_bytes());
+        meta.digest = *blake3::hash(&framed).as_bytes();
+        let changes = crate::store::Changes {
+            meta,
+            app_meta: app_meta.map(<[u8]>::to_vec),
+            timestamp_before: self.meta.timestamp_last,
+            ..crate::store::Changes::default()
+        };
+        self.store.commit(&changes)?;
+        self.meta = meta;
+        Ok(())
     }
 
     /// When the earliest pending transfer with a timeout expires (ns of ledger time), if any:
@@ -103,12 +154,19 @@ impl<S: Store> Ledger<S> {
         if tick {
             tx.tick(timestamp_proposed)?;
         }
+        let wrote = tx.writes > 0;
         let mut changes = tx.work.into_changes();
         // An entry without batches and without a time (Raft's blank and membership entries) is
         // no event of the ledger: the digest follows the ledger's history, not the log's, so
         // that a cluster restored from a backup reads the backup's digest until its first write.
-        if !batches.is_empty() || tick {
-            changes.meta.digest = digest_changes(&self.meta.digest, &changes);
+        // From semantics 2 on, neither is an entry that wrote no record (a tick that found
+        // nothing due).
+        let moves = match self.meta.semantics {
+            1 => !batches.is_empty() || tick,
+            _ => (!batches.is_empty() || tick) && (wrote || changes.meta != self.meta),
+        };
+        if moves {
+            changes.meta.digest = digest_changes(&self.meta.digest, &changes, self.meta.semantics);
         }
         changes.app_meta = app_meta.map(<[u8]>::to_vec);
         changes.timestamp_before = self.meta.timestamp_last;
@@ -121,7 +179,7 @@ impl<S: Store> Ledger<S> {
 /// The running digest: blake3 of the previous digest and every write of this entry in key order.
 /// The writes are framed into one buffer first: blake3 is several times faster over one large
 /// input than over many small `update` calls.
-fn digest_changes(previous: &[u8; 32], changes: &Changes) -> [u8; 32] {
+fn digest_changes(previous: &[u8; 32], changes: &Changes, semantics: u32) -> [u8; 32] {
     // Sized for the entry up front: growing a buffer of megabytes copies it again each time.
     let capacity = 4096
         + changes.accounts.len() * 160
@@ -131,7 +189,13 @@ fn digest_changes(previous: &[u8; 32], changes: &Changes) -> [u8; 32] {
         + (changes.pending.len() + changes.expiry_put.len() + changes.expiry_delete.len()) * 48;
     let mut framed = Vec::with_capacity(capacity);
     framed.extend_from_slice(previous);
+    // The meta as the semantics hashes it, not as the store lays it out.
+    let meta = match semantics {
+        1 => crate::codec::encode_ledger_meta_v4(&changes.meta),
+        _ => crate::codec::encode_meta_for_digest(&changes.meta),
+    };
     changes.for_each_write(|key, value| {
+        let value = if key == crate::codec::META_LEDGER_KEY { Some(&meta[..]) } else { value };
         framed.extend_from_slice(&(key.len() as u32).to_le_bytes());
         framed.extend_from_slice(key);
         match value {

@@ -22,6 +22,7 @@ pub mod exec;
 pub mod mem;
 pub mod model;
 pub mod query;
+pub mod semantics;
 pub mod sled_store;
 pub mod snapshot;
 pub mod store;
