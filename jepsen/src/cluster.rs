@@ -42,6 +42,10 @@ pub const WAL_SEGMENT_BYTES: &str = "1MiB";
 
 /// The name every node of a run shares (`--cluster`).
 const CLUSTER_NAME: &str = "jepsen";
+/// The semantics version the previous build knows, which the `upgrade` nemesis upgrades from:
+/// one below the newest the binary under test knows (`ledger::semantics::MAX`; a node started
+/// with a cap it does not know refuses to start, so a stale value here fails loudly).
+const PREVIOUS_SEMANTICS: u32 = 1;
 
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
@@ -84,6 +88,9 @@ pub struct Cluster {
     /// Nodes the `corrupt` nemesis damaged and that still run on those files (until wiped):
     /// damage it did not notice at start may surface later, and stopping on it is right.
     ever_damaged: BTreeSet<u64>,
+    /// Nodes that run the previous build (`--semantics-max` one below the current build's),
+    /// until the `upgrade` nemesis replaces them.
+    old_build: BTreeSet<u64>,
     /// Each node's disk, mounted on its data directory. Declared last: unmounted after the
     /// processes are gone.
     disks: BTreeMap<u64, FaultFs>,
@@ -169,6 +176,7 @@ impl Cluster {
         data_root: &Path,
         logs: &Path,
         extra_args: Vec<String>,
+        old_build: bool,
     ) -> Result<Cluster, String> {
         let mut nodes = BTreeMap::new();
         let mut plan: Vec<String> = Vec::new();
@@ -221,6 +229,7 @@ impl Cluster {
             disk_faulted: BTreeSet::new(),
             damaged: BTreeSet::new(),
             ever_damaged: BTreeSet::new(),
+            old_build: if old_build { members.clone() } else { BTreeSet::new() },
             disks,
         };
         for id in members {
@@ -258,6 +267,9 @@ impl Cluster {
             }
         }
         command.args(&self.extra_args);
+        if self.old_build.contains(&id) {
+            command.args(["--semantics-max", &PREVIOUS_SEMANTICS.to_string()]);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -300,6 +312,16 @@ impl Cluster {
             }
         }
         Ok(revived)
+    }
+
+    /// Whether node `id` still runs the previous build.
+    pub fn runs_old_build(&self, id: u64) -> bool {
+        self.old_build.contains(&id)
+    }
+
+    /// Node `id` runs the current build from its next start.
+    pub fn upgrade(&mut self, id: u64) {
+        self.old_build.remove(&id);
     }
 
     /// SIGKILL: the node stops dead, as in a power cut.

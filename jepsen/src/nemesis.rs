@@ -73,10 +73,15 @@ pub enum Fault {
     /// to start (exit code 65) and the heal does what its message says (an empty data
     /// directory, then `cluster replace`). It must never serve or replicate the damage.
     Corrupt,
+    /// A rolling upgrade: every node in turn (the leader last) is stopped and started on the
+    /// current build, under load. With this nemesis the nodes start on the previous build (the
+    /// binary with `--semantics-max` one version down), so the first time is an upgrade whose
+    /// last step switches the cluster's rules; later times are rolling restarts.
+    Upgrade,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 17] = [
+    pub const ALL: [Fault; 18] = [
         Fault::KillSite,
         Fault::KillLeaderSite,
         Fault::PauseSite,
@@ -94,6 +99,7 @@ impl Fault {
         Fault::Wipe,
         Fault::Clock,
         Fault::Corrupt,
+        Fault::Upgrade,
     ];
 
     pub fn name(self) -> &'static str {
@@ -115,6 +121,7 @@ impl Fault {
             Fault::Wipe => "wipe",
             Fault::Clock => "clock",
             Fault::Corrupt => "corrupt",
+            Fault::Upgrade => "upgrade",
         }
     }
 
@@ -181,7 +188,7 @@ pub fn plan(faults: &[Fault], timing: Timing, length: Duration, seed: u64) -> Ve
             round.shuffle(&mut rng);
         }
         let fault = round.pop().expect("a round is refilled when empty");
-        let hold = if fault == Fault::Churn { Duration::ZERO } else { hold };
+        let hold = if matches!(fault, Fault::Churn | Fault::Upgrade) { Duration::ZERO } else { hold };
         schedule.push(Planned { at, fault, hold, pick: rng.random() });
         at += hold;
     }
@@ -289,6 +296,47 @@ async fn power_cut_install(
     ))
 }
 
+/// How long `upgrade` waits for each restarted node to answer before going on to the next.
+const UPGRADE_NODE_WAIT: Duration = Duration::from_secs(30);
+/// How long `upgrade` lets the cluster run between two nodes.
+const UPGRADE_PAUSE: Duration = Duration::from_secs(1);
+
+/// `upgrade`: see `Fault::Upgrade`.
+async fn rolling_upgrade(cluster: &mut Cluster, leader: Option<u64>) -> Result<String, String> {
+    let mut order: Vec<u64> = cluster.members.iter().copied().filter(|id| Some(*id) != leader).collect();
+    order.extend(leader.filter(|id| cluster.members.contains(id)));
+    let mut steps = Vec::new();
+    for id in order {
+        let was_old = cluster.runs_old_build(id);
+        cluster.kill(id);
+        cluster.upgrade(id);
+        cluster.spawn(id, false)?;
+        let client = cluster.client_of(&[id], Duration::from_secs(2))?;
+        let address = cluster.address(id);
+        let started = tokio::time::Instant::now();
+        let answered = loop {
+            if let Ok(status) = client.node_status(&address).await {
+                break Some(status);
+            }
+            if started.elapsed() > UPGRADE_NODE_WAIT {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        steps.push(match answered {
+            Some(status) => format!(
+                "node {id}{} (knows semantics {}, applies {})",
+                if was_old { " upgraded" } else { " restarted" },
+                status.semantics_known,
+                status.semantics_version
+            ),
+            None => format!("node {id} did not answer within {} s", UPGRADE_NODE_WAIT.as_secs()),
+        });
+        tokio::time::sleep(UPGRADE_PAUSE).await;
+    }
+    Ok(format!("rolling upgrade, the leader ({leader:?}) last: {}", steps.join("; ")))
+}
+
 /// Bytes the `corrupt` nemesis flips in one file.
 const CORRUPT_FLIPS: usize = 16;
 
@@ -325,12 +373,14 @@ pub async fn run(
         tokio::time::sleep_until(started + planned.at).await;
         let name = planned.fault.name();
         *current.lock().expect("not poisoned") = name.to_string();
-        if planned.fault == Fault::Churn {
-            // A membership change takes a while (the new node catches up first): the window
-            // opens when it begins and closes with what it did.
-            recorder
-                .nemesis(name, Phase::Start, "add a node in a new site, then remove another".into())
-                .await?;
+        if matches!(planned.fault, Fault::Churn | Fault::Upgrade) {
+            // A membership change takes a while (the new node catches up first), and so does a
+            // rolling upgrade: the window opens when it begins and closes with what it did.
+            let what = match planned.fault {
+                Fault::Churn => "add a node in a new site, then remove another",
+                _ => "stop and start every node on the current build, one at a time",
+            };
+            recorder.nemesis(name, Phase::Start, what.into()).await?;
             let (detail, _) = strike(&planned, &cluster).await?;
             recorder.nemesis(name, Phase::End, detail).await?;
         } else {
@@ -370,12 +420,13 @@ async fn strike(planned: &Planned, cluster: &Mutex<Cluster>) -> Result<(String, 
         Fault::Clock | Fault::PowerCutRoll | Fault::PowerCutCommit if planned.pick.is_multiple_of(2) => {
             find_leader(&cluster).await
         }
-        Fault::PowerCutInstall => find_leader(&cluster).await,
+        Fault::PowerCutInstall | Fault::Upgrade => find_leader(&cluster).await,
         _ => None,
     };
     let chosen_site =
         |site: Option<String>| site.or_else(|| pick(&site_names, planned.pick)).unwrap_or_default();
     Ok(match planned.fault {
+        Fault::Upgrade => (rolling_upgrade(&mut cluster, leader).await?, Undo::Nothing),
         Fault::KillSite | Fault::KillLeaderSite => {
             let site = chosen_site(leader.map(|id| cluster.nodes[&id].site.clone()));
             let nodes = sites.get(&site).cloned().unwrap_or_default();

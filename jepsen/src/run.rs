@@ -69,6 +69,7 @@ pub async fn run(options: Options) -> Result<Report, String> {
         data.path(),
         &logs,
         options.serve_args.clone(),
+        options.faults.contains(&Fault::Upgrade),
     )
     .await?;
     cluster.proxies.set_latency_between_sites(&cluster.site_of(), options.latency);

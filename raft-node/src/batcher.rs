@@ -238,7 +238,7 @@ async fn propose(proposer: &Proposer, group: Vec<Queued>) {
             return;
         }
     };
-    let request = Request { timestamp_proposed, batches };
+    let request = Request::batches(timestamp_proposed, batches);
     let proposed = std::time::Instant::now();
     let written = proposer.raft.client_write(request).await;
     crate::metrics::COMMIT_SECONDS.observe(proposed.elapsed().as_secs_f64());
@@ -313,7 +313,7 @@ pub async fn expire_when_due(
         if now < due {
             continue;
         }
-        match raft.client_write(Request { timestamp_proposed: now, batches: Vec::new() }).await {
+        match raft.client_write(Request::batches(now, Vec::new())).await {
             Ok(_) => crate::metrics::EXPIRY_TICKS.inc(),
             Err(error) => tracing::debug!("expiry tick not written: {error}"),
         }

@@ -99,6 +99,9 @@ pub struct NodeConfig {
     /// ... and once this many bytes of applied state wait in memory for one.
     #[serde(default = "default_checkpoint_bytes")]
     pub checkpoint_bytes: u64,
+    /// The newest semantics version this node applies (`--semantics-max`; default: the build's).
+    #[serde(default = "default_semantics_max")]
+    pub semantics_max: u32,
     /// Reach node ID's peer door at this address instead of the one the membership records, for
     /// all node-to-node traffic (Raft and forwarded requests): a NAT, a tunnel, or a chaos harness's
     /// fault-injecting proxy between this node and that one.
@@ -160,6 +163,10 @@ fn default_snapshot_log_keep() -> u64 {
 pub fn default_checkpoint_interval_ms() -> u64 {
     200
 }
+pub fn default_semantics_max() -> u32 {
+    ledger::semantics::MAX
+}
+
 pub fn default_checkpoint_bytes() -> u64 {
     64 << 20
 }
@@ -510,6 +517,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     };
     let machine = StateMachine::open(&config.data_dir, config.cache_bytes, checkpoints)
         .map_err(|e| unreadable(&config, "the ledger state (state/, snapshots/)", e))?;
+    machine.shared.limit_semantics(config.semantics_max).map_err(|e| e.to_string())?;
     // A rebuilt state starts at the local snapshot; the log must go on from there.
     let (applied, purged) = (machine.shared.applied().last_applied, log.last_purged());
     if applied < purged {
@@ -569,6 +577,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
     tokio::spawn(crate::service::cluster::watch_divergence(node.clone()));
+    tokio::spawn(crate::service::cluster::raise_semantics(node.clone()));
     tokio::spawn(crate::batcher::expire_when_due(
         node.raft.clone(),
         node.state.clone(),

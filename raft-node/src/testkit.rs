@@ -322,18 +322,38 @@ impl TestCluster {
     }
 
     /// Waits until a leader is elected among the running nodes and they all answer; returns it.
+    /// Each running node is asked on its own: a client sticks to the node that last answered,
+    /// which may be one that knows no leader (a node refused by the others).
     pub async fn wait_for_leader(&self, deadline: Duration) -> u64 {
         let started = Instant::now();
-        let running: Vec<u64> = self.processes.keys().copied().collect();
-        let client = self.client_of(&running, Duration::from_secs(1));
         loop {
-            if let Ok(status) = client.cluster_status().await
-                && status.leader_id != 0
-                && running.contains(&status.leader_id)
-            {
-                return status.leader_id;
+            let statuses = self.node_statuses().await;
+            let term = statuses.values().map(|s| s.term).max().unwrap_or(0);
+            if let Some(leader) = statuses.values().find(|s| s.is_leader && s.term == term) {
+                return leader.id;
             }
             assert!(started.elapsed() < deadline, "no leader within {deadline:?}:\n{}", self.log_tails());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running node applies the newest semantics version its build knows (a
+    /// new cluster starts at the first and its leader switches within a second or so): for tests
+    /// that count entries or compare digests across clusters.
+    pub async fn wait_for_newest_semantics(&self, deadline: Duration) {
+        let started = Instant::now();
+        loop {
+            let statuses = self.node_statuses().await;
+            if statuses.len() == self.processes.len()
+                && statuses.values().all(|s| s.semantics_version == s.semantics_known)
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "semantics never settled: {statuses:?}\n{}",
+                self.log_tails()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -56,10 +56,28 @@ pub struct Request {
     /// The leader's clock (ns since the epoch) when it proposed the entry.
     pub timestamp_proposed: u64,
     pub batches: Vec<Batch>,
+    /// An entry that switches the ledger to this semantics version (`ledger::semantics`), with
+    /// no batches and no time.
+    pub switch_semantics: Option<u32>,
+}
+
+impl Request {
+    /// An entry of batches (none: a tick that expires what is due at `timestamp_proposed`).
+    pub fn batches(timestamp_proposed: u64, batches: Vec<Batch>) -> Request {
+        Request { timestamp_proposed, batches, switch_semantics: None }
+    }
+
+    /// An entry that switches the ledger's rules to semantics `version` from here on.
+    pub fn switch_semantics(version: u32) -> Request {
+        Request { timestamp_proposed: 0, batches: Vec::new(), switch_semantics: Some(version) }
+    }
 }
 
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(version) = self.switch_semantics {
+            return write!(f, "Request(switch to semantics {version})");
+        }
         let events: usize = self.batches.iter().map(Batch::len).sum();
         write!(f, "Request({} batches, {} events @{})", self.batches.len(), events, self.timestamp_proposed)
     }
@@ -72,12 +90,20 @@ pub struct Response {
 }
 
 const REQUEST_FORMAT_VERSION: u8 = 1;
+/// An entry that switches semantics: this byte, then the version (u32). Written only once every
+/// member runs a build that reads it.
+const REQUEST_FORMAT_SWITCH: u8 = 2;
 const BATCH_KIND_ACCOUNTS: u8 = 1;
 const BATCH_KIND_TRANSFERS: u8 = 2;
 /// The most batches one entry may carry; group commit stops adding at this many.
 pub const ENTRY_BATCHES_MAX: usize = 1024;
 
 pub fn encode_request(request: &Request) -> Vec<u8> {
+    if let Some(version) = request.switch_semantics {
+        let mut out = vec![REQUEST_FORMAT_SWITCH];
+        out.extend_from_slice(&version.to_le_bytes());
+        return out;
+    }
     let events: usize = request.batches.iter().map(Batch::len).sum();
     let mut out = Vec::with_capacity(13 + request.batches.len() * 5 + events * ledger::codec::RECORD_BYTES);
     out.push(REQUEST_FORMAT_VERSION);
@@ -133,6 +159,13 @@ impl<'a> Cursor<'a> {
 pub fn decode_request(bytes: &[u8]) -> Result<Request, String> {
     let mut cursor = Cursor { bytes };
     let version = cursor.u8()?;
+    if version == REQUEST_FORMAT_SWITCH {
+        let semantics = cursor.u32()?;
+        if !cursor.bytes.is_empty() {
+            return Err(format!("{} trailing bytes", cursor.bytes.len()));
+        }
+        return Ok(Request::switch_semantics(semantics));
+    }
     if version != REQUEST_FORMAT_VERSION {
         return Err(format!("entry format version {version}, this build reads {REQUEST_FORMAT_VERSION}"));
     }
@@ -163,7 +196,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, String> {
     if !cursor.bytes.is_empty() {
         return Err(format!("{} trailing bytes", cursor.bytes.len()));
     }
-    Ok(Request { timestamp_proposed, batches })
+    Ok(Request::batches(timestamp_proposed, batches))
 }
 
 /// Accounts carry 4 reserved bytes that must be zero; the ledger's decoder asserts it, so an
@@ -283,6 +316,7 @@ mod tests {
                 Batch::CreateAccounts(vec![Account { id: 7, ledger: 1, code: 1, ..Account::default() }]),
                 Batch::CreateTransfers(vec![Transfer { id: 9, amount: u128::MAX, ..Transfer::default() }; 3]),
             ],
+            switch_semantics: None,
         };
         let bytes = encode_request(&request);
         assert_eq!(decode_request(&bytes).unwrap(), request);
@@ -293,6 +327,13 @@ mod tests {
         let mut wrong_version = bytes.clone();
         wrong_version[0] = 9;
         assert!(decode_request(&wrong_version).is_err());
+        let switch = Request::switch_semantics(2);
+        let bytes = encode_request(&switch);
+        assert_eq!(decode_request(&bytes).unwrap(), switch);
+        for cut in 0..bytes.len() {
+            assert!(decode_request(&bytes[..cut]).is_err(), "a switch cut at {cut} decoded");
+        }
+        assert!(decode_request(&[bytes.clone(), vec![0]].concat()).is_err(), "a switch with trailing bytes");
     }
 
     #[test]

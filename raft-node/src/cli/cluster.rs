@@ -139,6 +139,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                     "incarnation": n.incarnation, "needs_replace": n.needs_replace,
                     "clock_offset_ms": n.clock_offset_ms, "clock_synchronized": n.clock_synchronized,
                     "uptime_seconds": n.uptime_seconds, "version": n.version,
+                    "semantics_version": n.semantics_version, "semantics_known": n.semantics_known,
                 })
             })
             .collect();
@@ -219,6 +220,31 @@ fn print_status(json: bool, status: &v1::StatusReply) {
     for line in survival(&status.sites) {
         println!("{line}");
     }
+    if let Some(line) = semantics_line(&status.nodes) {
+        println!("{line}");
+    }
+}
+
+/// The rules the ledger applies, and what holds a newer version back, in words.
+fn semantics_line(nodes: &[v1::NodeStatus]) -> Option<String> {
+    let up: Vec<&v1::NodeStatus> = nodes.iter().filter(|n| n.reachable).collect();
+    let applied = up.iter().map(|n| n.semantics_version).max()?;
+    let newest = up.iter().map(|n| n.semantics_known).max()?;
+    let behind: Vec<String> =
+        up.iter().filter(|n| n.semantics_known < newest).map(|n| n.id.to_string()).collect();
+    Some(if behind.is_empty() && applied == newest {
+        format!("Ledger rules: semantics version {applied}, the newest every member knows.")
+    } else if behind.is_empty() {
+        format!(
+            "Ledger rules: semantics version {applied}; every member knows {newest}: the leader switches shortly."
+        )
+    } else {
+        format!(
+            "Ledger rules: semantics version {applied}; node(s) {} run an older build: the cluster moves to \
+             version {newest} once they run one that knows it (upgrade them one at a time).",
+            behind.join(", ")
+        )
+    })
 }
 
 pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {

@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// ... or once this much memory waits for a checkpoint, e.g. 64MiB (the default).
     #[arg(long, value_parser = parse_bytes)]
     pub checkpoint_bytes: Option<u64>,
+    /// Apply semantics versions up to N only, as a build that knows no later one would (default:
+    /// every version this build knows). For rehearsing a rolling upgrade from an older build.
+    #[arg(long, hide = true)]
+    pub semantics_max: Option<u32>,
     /// Reach node ID's peer door at HOST:PORT instead of its advertised peer address, as
     /// ID=HOST:PORT (repeatable): for a NAT, a tunnel, or a fault-injecting proxy.
     #[arg(long = "route", value_parser = parse_route)]
@@ -260,6 +264,10 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .checkpoint_bytes
             .or(file.as_ref().map(|f| f.checkpoint_bytes))
             .unwrap_or_else(crate::node::default_checkpoint_bytes),
+        semantics_max: args
+            .semantics_max
+            .or(file.as_ref().map(|f| f.semantics_max))
+            .unwrap_or(ledger::semantics::MAX),
         routes: if args.routes.is_empty() {
             file.as_ref().map(|f| f.routes.clone()).unwrap_or_default()
         } else {

@@ -86,6 +86,8 @@ impl ClusterService {
                 .iter()
                 .map(|(index, digest)| pb::DigestMark { index: *index, digest: hex(digest) })
                 .collect(),
+            semantics_version: published.semantics,
+            semantics_known: self.node.state.semantics_max(),
         }
     }
 
@@ -354,6 +356,43 @@ pub async fn watch_divergence(node: Arc<NodeHandle>) {
         }
         while reported.len() > 1024 {
             reported.pop_first();
+        }
+    }
+}
+
+/// How often the leader looks whether every member knows a newer semantics version than the
+/// ledger applies (only while one is newer than the ledger's: during an upgrade, and at the
+/// start of a new cluster).
+const SEMANTICS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// For the life of the node: on the leader, once every member (voters and learners) answers
+/// and runs a build that knows a newer semantics version than the ledger applies, proposes the
+/// entry that switches to the newest they all know. Rolling upgrades end here: until the last
+/// node runs the new build, every entry is applied with the old rules on every node.
+pub async fn raise_semantics(node: Arc<NodeHandle>) {
+    let service = ClusterService::new(node.clone());
+    let mut interval = tokio::time::interval(SEMANTICS_CHECK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let current = node.state.published().semantics;
+        if !node.is_leader() || current >= node.state.semantics_max() {
+            continue;
+        }
+        let status = service.cluster_status().await;
+        if status.nodes.iter().any(|n| !n.reachable) {
+            continue;
+        }
+        let target = status.nodes.iter().map(|n| n.semantics_known).min().unwrap_or(current);
+        if target <= current {
+            continue;
+        }
+        match node.raft.client_write(crate::types::Request::switch_semantics(target)).await {
+            Ok(written) => tracing::info!(
+                "every member knows semantics version {target}: switched from {current} at entry {}",
+                written.log_id.index
+            ),
+            Err(error) => tracing::debug!("switch to semantics version {target} not written: {error}"),
         }
     }
 }

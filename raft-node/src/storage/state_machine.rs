@@ -97,12 +97,16 @@ pub struct Published {
     /// The digest after each recent multiple of `DIGEST_MARK_EVERY` applied, oldest first; since
     /// the last start or snapshot install only.
     pub marks: std::collections::VecDeque<(u64, [u8; 32])>,
+    /// The semantics version the ledger applies entries with (`ledger::semantics`).
+    pub semantics: u32,
 }
 
 impl Published {
-    fn applied(&mut self, index: u64, digest: [u8; 32]) {
+    fn applied(&mut self, index: u64, meta: &ledger::codec::LedgerMeta) {
+        let digest = meta.digest;
         self.index = index;
         self.digest = digest;
+        self.semantics = meta.semantics;
         if index.is_multiple_of(DIGEST_MARK_EVERY) {
             if self.marks.len() == DIGEST_MARKS_KEPT {
                 self.marks.pop_front();
@@ -111,8 +115,9 @@ impl Published {
         }
     }
 
-    fn reset(&mut self, index: u64, digest: [u8; 32]) {
-        *self = Published { index, digest, marks: Default::default() };
+    fn reset(&mut self, index: u64, meta: &ledger::codec::LedgerMeta) {
+        *self =
+            Published { index, digest: meta.digest, marks: Default::default(), semantics: meta.semantics };
     }
 }
 
@@ -134,6 +139,8 @@ pub struct Shared {
     pub applied: Mutex<AppliedState>,
     /// Taken after `applied`, never while waiting for anything else.
     published: Mutex<Published>,
+    /// The newest semantics version this node applies (`--semantics-max`, else the build's).
+    semantics_max: std::sync::atomic::AtomicU32,
     /// Held by a snapshot build from before it freezes its view until its snapshot is current,
     /// and by a snapshot install throughout: applying goes on during a build, so an install could
     /// otherwise swap sled's directory under a live view, or be overwritten as current by an
@@ -180,6 +187,28 @@ impl Shared {
 
     pub fn applied(&self) -> AppliedState {
         self.applied.lock().unwrap().clone()
+    }
+
+    /// The newest semantics version this node applies.
+    pub fn semantics_max(&self) -> u32 {
+        self.semantics_max.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes this node apply semantics versions up to `max` only (`--semantics-max`): it behaves
+    /// as a build that knows no later one. Refused when the ledger is past it already.
+    pub fn limit_semantics(&self, max: u32) -> io::Result<()> {
+        let current = self.published().semantics;
+        if !ledger::semantics::known(max) || current > max {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the ledger applies entries under semantics version {current}, and this node would know up to \
+                     {max} only: run it with a build (and --semantics-max) that knows {current}"
+                ),
+            ));
+        }
+        self.semantics_max.store(max, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Where the applied state stands; never waits for an apply.
@@ -371,7 +400,7 @@ impl StateMachine {
             Err(error) => return Err(error),
         };
         let mut published = Published::default();
-        published.reset(applied.last_applied.map_or(0, |id| id.index), ledger.meta().digest);
+        published.reset(applied.last_applied.map_or(0, |id| id.index), &ledger.meta());
         let machine = StateMachine {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
@@ -379,6 +408,7 @@ impl StateMachine {
                 ledger: RwLock::new(Some(ledger)),
                 applied: Mutex::new(applied),
                 published: Mutex::new(published),
+                semantics_max: std::sync::atomic::AtomicU32::new(ledger::semantics::MAX),
                 snapshots: Mutex::new(()),
                 checkpoint_policy,
                 checkpointed_at: Mutex::new(std::time::Instant::now()),
@@ -432,6 +462,28 @@ impl StateMachine {
         }
         let meta = encode(&*applied);
         let response = match &entry.payload {
+            EntryPayload::Normal(request) if let Some(version) = request.switch_semantics => {
+                let max = self.shared.semantics_max();
+                if version > max {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        format!(
+                            "entry {} switches the ledger to semantics version {version}, and this node knows up \
+                             to {max} only: it stops rather than apply later entries with other rules than the \
+                             cluster's; run a build that knows {version} (without --semantics-max {max})",
+                            entry.log_id.index
+                        ),
+                    ));
+                }
+                ledger
+                    .switch_semantics(version, Some(&meta))
+                    .map_err(|e| apply_error(&self.shared.data_dir, e))?;
+                tracing::info!(
+                    "entry {}: the ledger applies semantics version {version} from here on",
+                    entry.log_id.index
+                );
+                Response::default()
+            }
             EntryPayload::Normal(request) => Response {
                 replies: ledger
                     .apply(&request.batches, request.timestamp_proposed, Some(&meta))
@@ -442,7 +494,7 @@ impl StateMachine {
                 Response::default()
             }
         };
-        self.shared.published.lock().unwrap().applied(entry.log_id.index, ledger.meta().digest);
+        self.shared.published.lock().unwrap().applied(entry.log_id.index, &ledger.meta());
         drop(applied);
         self.shared.checkpoint_when_due(ledger)?;
         Ok(response)
@@ -531,7 +583,7 @@ impl StateMachine {
         swap_state_dirs(data_dir)?;
         let (reopened, applied) = open_ledger(&data_dir.join(STATE_DIR), self.shared.options)?;
         let index = applied.last_applied.map_or(0, |id| id.index);
-        self.shared.published.lock().unwrap().reset(index, reopened.meta().digest);
+        self.shared.published.lock().unwrap().reset(index, &reopened.meta());
         *ledger = Some(reopened);
         *self.shared.applied.lock().unwrap() = applied;
         Ok(())
