@@ -13,10 +13,8 @@ struct Args {
     /// Nodes per site, comma-separated: 1,1,1 is three sites of one node; 2,2,1 five nodes.
     #[arg(long, default_value = "1,1,1", value_delimiter = ',')]
     layout: Vec<usize>,
-    /// Faults: all, none, or a comma-separated list of kill-site, kill-leader-site, pause-site,
-    /// cut-site, cut-leader, churn, kill-all, power-cut, power-cut-site, disk-full, eio, wipe,
-    /// clock.
-    #[arg(long, default_value = "all")]
+    /// Faults (the list is made from every fault the harness knows: `nemesis_help`).
+    #[arg(long, default_value = "all", help = nemesis_help())]
     nemesis: String,
     /// Seconds of workload.
     #[arg(long, default_value_t = 60)]
@@ -114,6 +112,12 @@ fn options(args: Args) -> Result<Options, String> {
             seed,
         }),
     })
+}
+
+/// `--nemesis`'s help: every name `Fault::parse_list` accepts (a hand-kept list missed some).
+fn nemesis_help() -> String {
+    let names: Vec<&str> = Fault::ALL.iter().map(|fault| fault.name()).collect();
+    format!("Faults: all, none, or a comma-separated list of {}", names.join(", "))
 }
 
 #[tokio::main]
