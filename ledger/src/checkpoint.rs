@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::codec::{self, LedgerMeta};
 use crate::mem::MemStore;
 use crate::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
-use crate::store::{Changes, RecordVisitor, SharedStore, Store, StoreError, StoreResult};
+use crate::store::{Changes, RecordVisitor, Scanned, SharedStore, Store, StoreError, StoreResult};
 
 /// Memory one record of each kind takes in `recent`, roughly (the record, its map entries and
 /// its query index entries): what `recent_bytes` counts.
@@ -440,7 +440,7 @@ impl<S: SharedStore> Store for Checkpointed<S> {
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
-        visit: &mut dyn FnMut(&Transfer) -> bool,
+        visit: &mut dyn FnMut(Scanned<'_>) -> bool,
     ) -> StoreResult<()> {
         self.scan_layers(timestamp_min, timestamp_max, reversed, |store, max, stopped| {
             store.scan_transfer_field(field, value, timestamp_min, max, reversed, &mut |transfer| {
@@ -641,7 +641,7 @@ mod tests {
             _: u64,
             _: u64,
             _: bool,
-            _: &mut dyn FnMut(&Transfer) -> bool,
+            _: &mut dyn FnMut(Scanned<'_>) -> bool,
         ) -> StoreResult<()> {
             unreachable!("not read here")
         }

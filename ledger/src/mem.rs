@@ -16,7 +16,7 @@ use crate::codec::{
 use crate::model::{
     Account, AccountBalance, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer,
 };
-use crate::store::{Changes, IndexWrite, RecordVisitor, Store, StoreError, StoreResult};
+use crate::store::{Changes, IndexWrite, RecordVisitor, Scanned, Store, StoreError, StoreResult};
 
 #[derive(Default, Clone)]
 pub struct MemStore {
@@ -255,13 +255,14 @@ impl Store for MemStore {
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
-        visit: &mut dyn FnMut(&Transfer) -> bool,
+        visit: &mut dyn FnMut(Scanned<'_>) -> bool,
     ) -> StoreResult<()> {
         let range = self
             .transfer_fields
             .range((field, value, timestamp_min)..=(field, value, timestamp_max.max(timestamp_min)));
-        let mut visit =
-            |(_, _, timestamp): &(Field, u128, u64)| visit(&self.transfers[&self.transfer_times[timestamp]]);
+        let mut visit = |(_, _, timestamp): &(Field, u128, u64)| {
+            visit(Scanned::Transfer(&self.transfers[&self.transfer_times[timestamp]]))
+        };
         visit_in_order(range, reversed, &mut visit);
         Ok(())
     }

@@ -7,7 +7,7 @@ use crate::model::{
     Account, AccountBalance, AccountFilter, ChangeKind, ChangeRecord, FilterError, Page, QUERY_RESULTS_MAX,
     QUERY_SCAN_MAX, QueryFilter, Transfer,
 };
-use crate::store::{Store, StoreError, StoreResult};
+use crate::store::{Scanned, Store, StoreError, StoreResult};
 
 /// Why a history query failed: a bad filter (the caller's fault) or storage (ours).
 #[derive(Debug)]
@@ -125,18 +125,18 @@ impl<S: Store> Ledger<S> {
             None => self.store().scan_transfers(min, max, filter.reversed, &mut |transfer| {
                 page.examine(transfer.timestamp, || Ok(Some(*transfer)))
             })?,
-            Some((field, value)) => self.store().scan_transfer_field(
-                field,
-                value,
-                min,
-                max,
-                filter.reversed,
-                &mut |transfer| {
-                    page.examine(transfer.timestamp, || {
-                        Ok(filter.matches_transfer(transfer).then_some(*transfer))
-                    })
-                },
-            )?,
+            Some((field, value)) => {
+                self.store().scan_transfer_field(field, value, min, max, filter.reversed, &mut |scanned| {
+                    match scanned {
+                        Scanned::Transfer(transfer) => page.examine(transfer.timestamp, || {
+                            Ok(filter.matches_transfer(transfer).then_some(*transfer))
+                        }),
+                        // Ruled out by a zone map: each transfer counts as examined, or a query by
+                        // a value no transfer has walked every zone under the ledger's lock.
+                        Scanned::Skipped { resume, transfers } => page.skip(resume, transfers),
+                    }
+                })?
+            }
         }
         page.finish()
     }
@@ -235,6 +235,17 @@ impl<T> Collect<T> {
             }
         }
         self.results.len() < self.limit
+    }
+
+    /// Counts up to `transfers` entries ruled out at once as examined; returns whether the scan
+    /// goes on (else it resumes at `resume`).
+    fn skip(&mut self, resume: u64, transfers: usize) -> bool {
+        if self.examined + transfers > QUERY_SCAN_MAX {
+            self.resume = Some(resume);
+            return false;
+        }
+        self.examined += transfers;
+        true
     }
 
     fn finish(self) -> Result<Page<T>, QueryError> {

@@ -61,6 +61,17 @@ impl From<std::io::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// What a field scan of transfers meets (`Store::scan_transfer_field`).
+#[derive(Debug, Clone, Copy)]
+pub enum Scanned<'a> {
+    /// A transfer that may match.
+    Transfer(&'a Transfer),
+    /// Up to `transfers` transfers ruled out at once (a chunk whose zone map does not hold the
+    /// value); a scan resumed at `resume` (its lower bound, or its upper bound when reversed)
+    /// goes on with them.
+    Skipped { resume: u64, transfers: usize },
+}
+
 /// Everything one applied entry changes, with final values, in an order fixed by the entry alone
 /// (sorted, or creation order), so that the digest and the writes never depend on hashing.
 #[derive(Debug, Default, Clone)]
@@ -184,7 +195,9 @@ pub trait Store {
     ) -> StoreResult<()>;
     /// Transfers within the bounds, in time order (or reversed), that may have `field` equal to
     /// `value` (never zero): each one that has is visited, and others may be (a store may serve a
-    /// field from a coarse index; the caller checks), until `visit` returns false.
+    /// field from a coarse index; the caller checks), until `visit` returns false. A stretch of
+    /// transfers a coarse index rules out is visited too (`Scanned::Skipped`): it is work all
+    /// the same, which a query counts against its budget.
     fn scan_transfer_field(
         &self,
         field: Field,
@@ -192,7 +205,7 @@ pub trait Store {
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
-        visit: &mut dyn FnMut(&Transfer) -> bool,
+        visit: &mut dyn FnMut(Scanned<'_>) -> bool,
     ) -> StoreResult<()>;
     /// `(timestamp, id)` of the accounts whose `field` holds `value` (never zero), or of every
     /// account for `None`, within the bounds, in time order (or reversed), until `visit` returns

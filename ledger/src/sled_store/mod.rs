@@ -62,7 +62,7 @@ use crate::codec::{
     self, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
 };
 use crate::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
-use crate::store::{Changes, RecordVisitor, Store, StoreError, StoreResult};
+use crate::store::{Changes, RecordVisitor, Scanned, Store, StoreError, StoreResult};
 
 const TREE_NAME: &[u8] = b"ledger";
 /// sled writes a value that does not fit a quarter of a segment to a file of its own; a node of
@@ -294,15 +294,15 @@ impl SledStore {
     }
 
     /// The transfers within the bounds of the chunks whose zone map `select` takes, in time
-    /// order (or reversed), until `visit` returns false. Every chunk has a zone map under the
-    /// same timestamp.
+    /// order (or reversed), until `visit` returns false; a chunk it does not take is visited as
+    /// skipped. Every chunk has a zone map under the same timestamp.
     fn scan_chunks(
         &self,
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
         select: &dyn Fn(&[u8]) -> StoreResult<bool>,
-        visit: &mut dyn FnMut(&Transfer) -> bool,
+        visit: &mut dyn FnMut(Scanned<'_>) -> bool,
     ) -> StoreResult<()> {
         if timestamp_min > timestamp_max {
             return Ok(());
@@ -310,12 +310,18 @@ impl SledStore {
         let tree = &self.inner.tree;
         let start = chunk_start(tree, fields::zone_key(timestamp_min))?;
         let zones = tree.range(start..=fields::zone_key(timestamp_max).to_vec());
+        // Reversed, a skipped chunk ends before the chunk visited after it in time begins.
+        let mut later_first = timestamp_max.saturating_add(1);
         let mut visit_zone = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> StoreResult<bool> {
             let (key, zone) = entry?;
+            let first = u64::from_be_bytes(key[1..9].try_into().unwrap());
             if !select(&zone)? {
-                return Ok(true);
+                let resume = if reversed { later_first - 1 } else { first.max(timestamp_min) };
+                later_first = first.max(timestamp_min);
+                return Ok(visit(Scanned::Skipped { resume, transfers: CHUNK_TRANSFERS }));
             }
-            let chunk = tree.get(chunk_key(u64::from_be_bytes(key[1..9].try_into().unwrap())))?;
+            later_first = first.max(timestamp_min);
+            let chunk = tree.get(chunk_key(first))?;
             let chunk =
                 chunk.ok_or_else(|| StoreError::Corrupt(format!("zone map {key:02x?} without its chunk")))?;
             let mut records = chunk_records(&chunk)?;
@@ -324,7 +330,7 @@ impl SledStore {
                 if timestamp < timestamp_min || timestamp > timestamp_max {
                     return true;
                 }
-                visit(&codec::decode_transfer(record))
+                visit(Scanned::Transfer(&codec::decode_transfer(record)))
             };
             Ok(if reversed { records.rev().all(&mut go_on) } else { records.all(&mut go_on) })
         };
@@ -839,7 +845,17 @@ impl Store for SledStore {
         reversed: bool,
         visit: &mut dyn FnMut(&Transfer) -> bool,
     ) -> StoreResult<()> {
-        self.scan_chunks(timestamp_min, timestamp_max, reversed, &|_| Ok(true), visit)
+        // Every zone is taken: nothing is skipped.
+        self.scan_chunks(
+            timestamp_min,
+            timestamp_max,
+            reversed,
+            &|_| Ok(true),
+            &mut |scanned| match scanned {
+                Scanned::Transfer(transfer) => visit(transfer),
+                Scanned::Skipped { .. } => true,
+            },
+        )
     }
 
     fn scan_transfer_field(
@@ -849,7 +865,7 @@ impl Store for SledStore {
         timestamp_min: u64,
         timestamp_max: u64,
         reversed: bool,
-        visit: &mut dyn FnMut(&Transfer) -> bool,
+        visit: &mut dyn FnMut(Scanned<'_>) -> bool,
     ) -> StoreResult<()> {
         let Some(kind) = Kind::of_transfer_field(field) else {
             let select = |zone: &[u8]| fields::zone_may_hold(zone, field, value);
@@ -870,7 +886,7 @@ impl Store for SledStore {
                         "query index names a transfer at {timestamp}, which is missing"
                     ))
                 })?;
-                Ok(visit(&transfer))
+                Ok(visit(Scanned::Transfer(&transfer)))
             },
         )
     }
