@@ -57,6 +57,14 @@ pub struct NodeConfig {
     /// with RESOURCE_EXHAUSTED.
     #[serde(default = "default_queued_bytes_max")]
     pub queued_bytes_max: u64,
+    /// Bytes of request bodies the client door receives at a time, over all its connections;
+    /// past it a request is refused with RESOURCE_EXHAUSTED (`security::budget`).
+    #[serde(default = "default_receiving_bytes_max")]
+    pub receiving_bytes_max: u64,
+    /// Change-stream subscribers this node serves at a time; one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[serde(default = "default_subscribers_max")]
+    pub subscribers_max: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP); none when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -139,6 +147,14 @@ pub fn default_connections_max() -> usize {
 pub fn default_idle_timeout_s() -> u64 {
     300
 }
+pub fn default_receiving_bytes_max() -> u64 {
+    crate::security::budget::RECEIVING_BYTES_DEFAULT
+}
+
+pub fn default_subscribers_max() -> usize {
+    256
+}
+
 pub fn default_queued_bytes_max() -> u64 {
     crate::batcher::QUEUE_BYTES_DEFAULT
 }
@@ -339,6 +355,8 @@ pub struct NodeHandle {
     pub serving: std::sync::atomic::AtomicBool,
     /// When the node started, for its uptime.
     pub started: std::time::Instant,
+    /// One permit per change-stream subscriber this node may serve (`--max-subscribers`).
+    pub subscribers: Arc<tokio::sync::Semaphore>,
 }
 
 /// When a leader was last heard from: milliseconds since the node started, `u64::MAX` for never.
@@ -560,6 +578,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     );
     identities.update(raft.metrics().borrow_watched().membership_config.membership().nodes());
     tokio::spawn(follow_membership(raft.clone(), identities.clone()));
+    let subscribers_max = config.subscribers_max;
     let node = Arc::new(NodeHandle {
         config,
         identities,
@@ -573,6 +592,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         leader_contact: LeaderContact::default(),
         serving: std::sync::atomic::AtomicBool::new(false),
         started: std::time::Instant::now(),
+        subscribers: Arc::new(tokio::sync::Semaphore::new(subscribers_max)),
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
@@ -790,8 +810,9 @@ pub async fn serve_on(
              or pose as a node; never outside a test machine"
         );
     }
-    let client_door = door_server()
+    let client_door = door_server(CLIENT_STREAMS_PER_CONNECTION_MAX)
         .layer(crate::metrics::layer::Observe { door: "client" })
+        .layer(crate::security::budget::ReceiveBudget::new(node.config.receiving_bytes_max))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -801,7 +822,7 @@ pub async fn serve_on(
             doors::incoming(clients, Door::Clients, node.tls.clone(), limits),
             stopped(stop_requested.clone()),
         );
-    let peer_door = door_server()
+    let peer_door = door_server(STREAMS_PER_CONNECTION_MAX)
         .layer(crate::metrics::layer::Observe { door: "peer" })
         .add_service(raft)
         .add_service(ledger())
@@ -833,7 +854,7 @@ pub async fn serve_on(
     result
 }
 
-fn door_server() -> tonic::transport::Server {
+fn door_server(streams_per_connection: u32) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         // Streams a peer reset before this node got to them: every heartbeat to a frozen node
         // times out after 50 ms and is reset, and h2's default of 20 answered a thawed node's
@@ -842,11 +863,15 @@ fn door_server() -> tonic::transport::Server {
         .http2_max_pending_accept_reset_streams(Some(RESET_STREAMS_PENDING_MAX))
         // Calls one connection may have open at once; h2 refuses more (REFUSED_STREAM), and
         // well-behaved clients queue them.
-        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
+        .max_concurrent_streams(Some(streams_per_connection))
 }
 
-/// Calls open at once on one connection, on either door.
+/// Calls open at once on one connection of the peer door (a leader's replication and
+/// heartbeats, forwarded writes).
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
+/// ... and of the client door: an application's pool of calls, whose bytes the receive budget
+/// bounds over all connections too.
+pub const CLIENT_STREAMS_PER_CONNECTION_MAX: u32 = 256;
 
 /// Streams reset by the peer before they were accepted that a connection tolerates: a 50 ms
 /// heartbeat to a node frozen for 30 s makes 600.

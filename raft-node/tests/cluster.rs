@@ -10,6 +10,10 @@ use raft_node::security::roles::Role;
 use raft_node::testkit::TestCluster;
 use tally_client::{Client, Error, Security, u128_from, u128_to, v1};
 
+mod common;
+
+use common::raw_grpc_call;
+
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -490,57 +494,6 @@ async fn a_forwarded_request_names_the_leader_and_a_failed_hop() {
         }
         // Until it is up and hears from the leader, the restarted follower answers otherwise.
         assert!(started.elapsed() < DEADLINE, "last error: {message}");
-    }
-}
-
-/// Sends `body` as a raw gRPC message (bypassing protobuf encoding) and returns the status code.
-async fn raw_grpc_call(channel: tonic::transport::Channel, path: &'static str, body: &[u8]) -> tonic::Code {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    if let Err(e) = grpc.ready().await {
-        panic!("{path}: no connection: {e}");
-    }
-    let codec = RawCodec;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-    match grpc.unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(body.to_vec()), path, codec).await {
-        Ok(_) => tonic::Code::Ok,
-        Err(status) => status.code(),
-    }
-}
-
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use bytes::Buf;
-        let mut out = vec![0u8; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
     }
 }
 

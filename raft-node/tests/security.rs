@@ -11,6 +11,8 @@ use raft_node::testkit::{TestCluster, channel_with};
 use tally_client::{Client, Error, Security, v1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -394,6 +396,91 @@ async fn cancelled_writes_keep_their_queued_bytes_until_their_entry_is_done() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.wait_for_convergence(DEADLINE).await;
+}
+
+/// A transfer of 1 from account 1 to 2 with every 128-bit field set, so that its encoding is
+/// large: for filling a request to a given size.
+fn wide_transfer(id: u128) -> v1::Transfer {
+    let wide = u128::MAX - id;
+    v1::Transfer { user_data_128: tally_client::u128_to(wide), ..transfer(id) }
+}
+
+/// A CreateTransfers request of about `bytes` encoded.
+fn request_of(bytes: usize, first_id: u128) -> v1::CreateTransfersRequest {
+    let one = prost::Message::encoded_len(&wide_transfer(first_id)) + 3;
+    let transfers = (first_id..first_id + (bytes / one) as u128).map(wide_transfer).collect();
+    v1::CreateTransfersRequest { transfers }
+}
+
+/// Anonymous callers cannot make a node hold unbounded memory. Request bytes being received are
+/// bounded over all connections of the client door: two calls that each sent a message of
+/// 3.9 MiB and keep their streams open hold 7.8 MiB of an 8 MiB budget, and a 500 KiB write is
+/// refused with RESOURCE_EXHAUSTED (nothing applied) until they end; then it goes through.
+/// Change-stream subscribers are bounded too: with --max-subscribers 2 a third is refused, and
+/// the place comes back when one goes away. (Before: no budget and no cap.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_being_received_and_subscribers_are_bounded() {
+    let args = ["--max-receiving-bytes", "8MiB", "--max-subscribers", "2"];
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &args);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = cluster.client_of(&[leader], Duration::from_secs(10));
+    let accounts = (1..=2).map(|id| v1::Account {
+        id: tally_client::u128_to(id),
+        ledger: 1,
+        code: 1,
+        ..v1::Account::default()
+    });
+    client.create_accounts(accounts.collect()).await.unwrap();
+    let door = cluster.address(leader);
+    let held = prost::Message::encode_to_vec(&request_of(4_000 << 10, 1_000_000));
+    assert!(held.len() < 4 << 20, "{} bytes: within the message limit", held.len());
+    let holders: Vec<_> = (0..2)
+        .map(|_| {
+            common::open_call(
+                cluster.channel_as(&door, None),
+                "/tally.v1.Ledger/CreateTransfers",
+                held.clone(),
+            )
+        })
+        .collect();
+    let mut ledger = v1::ledger_client::LedgerClient::new(cluster.channel_as(&door, None))
+        .max_encoding_message_size(8 << 20);
+    let write = request_of(500 << 10, 1);
+    let started = Instant::now();
+    let refused = loop {
+        match ledger.create_transfers(write.clone()).await {
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => break status,
+            other => {
+                assert!(started.elapsed() < DEADLINE, "never refused: {:?}", other.map(|_| ()));
+                // Written before the held messages arrived whole: the same ids again are EXISTS.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(refused.message().contains("--max-receiving-bytes"), "{}", refused.message());
+    for (sender, call) in holders {
+        drop(sender);
+        // Too many transfers for one batch: refused once received whole, never applied.
+        assert_eq!(call.await.unwrap(), tonic::Code::InvalidArgument);
+    }
+    let written = ledger.create_transfers(request_of(500 << 10, 500_000)).await.expect("the bytes came back");
+    assert!(written.get_ref().results.iter().all(|r| r.status() == v1::CreateTransferStatus::Ok));
+
+    let subscribe = || {
+        let mut ledger = v1::ledger_client::LedgerClient::new(cluster.channel_as(&door, None));
+        async move { ledger.subscribe_changes(v1::SubscribeChangesRequest { timestamp_min: 0 }).await }
+    };
+    let first = subscribe().await.expect("a first subscriber");
+    let _second = subscribe().await.expect("a second subscriber");
+    let third = subscribe().await.map(|_| ()).unwrap_err();
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{}", third.message());
+    assert!(third.message().contains("--max-subscribers"), "{}", third.message());
+    drop(first);
+    let started = Instant::now();
+    while subscribe().await.is_err() {
+        assert!(started.elapsed() < DEADLINE, "the place of a subscriber that left never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A node takes one snapshot install at a time, and none larger than --max-snapshot-bytes: a

@@ -56,6 +56,14 @@ pub struct ServeArgs {
     /// past it writes are refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = parse_limit)]
     pub max_queued_bytes: Option<u64>,
+    /// Bytes of requests the client door receives at a time over all connections, e.g. 256MiB
+    /// (the default; at least 8MiB); past it a request is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, value_parser = parse_limit)]
+    pub max_receiving_bytes: Option<u64>,
+    /// Change-stream subscribers served at a time (default 256); one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long)]
+    pub max_subscribers: Option<usize>,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, read-only: bind it to the
     /// monitoring network).
     #[arg(long)]
@@ -214,6 +222,14 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .idle_timeout_s
             .or(file.as_ref().map(|f| f.idle_timeout_s))
             .unwrap_or_else(crate::node::default_idle_timeout_s),
+        receiving_bytes_max: args
+            .max_receiving_bytes
+            .or(file.as_ref().map(|f| f.receiving_bytes_max))
+            .unwrap_or_else(crate::node::default_receiving_bytes_max),
+        subscribers_max: args
+            .max_subscribers
+            .or(file.as_ref().map(|f| f.subscribers_max))
+            .unwrap_or_else(crate::node::default_subscribers_max),
         queued_bytes_max: args
             .max_queued_bytes
             .or(file.as_ref().map(|f| f.queued_bytes_max))
@@ -292,8 +308,14 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
     if config.id == 0 {
         return Err("--id must not be 0".into());
     }
-    if config.connections_max == 0 || config.idle_timeout_s == 0 {
-        return Err("--max-connections and --idle-timeout-s must be above 0".into());
+    if config.connections_max == 0 || config.idle_timeout_s == 0 || config.subscribers_max == 0 {
+        return Err("--max-connections, --idle-timeout-s and --max-subscribers must be above 0".into());
+    }
+    if config.receiving_bytes_max < RECEIVING_BYTES_MIN {
+        return Err(format!(
+            "--max-receiving-bytes must be at least {} MiB: twice the largest request, so that one always fits",
+            RECEIVING_BYTES_MIN >> 20
+        ));
     }
     if config.peer_listen == config.listen {
         return Err(format!(
@@ -322,6 +344,8 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
 
 /// Below this, round trips between sites would make most clock samples too uncertain to use.
 const CLOCK_TOLERANCE_MS_MIN: u64 = 100;
+/// The smallest `--max-receiving-bytes`: twice the largest request the client door decodes.
+const RECEIVING_BYTES_MIN: u64 = 2 * crate::service::LEDGER_REQUEST_BYTES_MAX as u64;
 
 /// Says what the node does as a whole (started, stopped, why it cannot go on): a plain line on
 /// stderr, or with `--log-format json` a log event like every other.

@@ -226,8 +226,21 @@ impl pb::ledger_server::Ledger for LedgerService {
         &self,
         request: Request<pb::SubscribeChangesRequest>,
     ) -> Result<Response<Self::SubscribeChangesStream>, Status> {
+        // Each subscriber holds up to two pages of events and a read per applied entry: their
+        // number is bounded, and the place is given back when the subscriber goes away.
+        let place = self.node.subscribers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this node serves as many change-stream subscribers as it takes ({}, --max-subscribers): \
+                 subscribe on another node, or retry later",
+                self.node.config.subscribers_max
+            ))
+        })?;
         let (sender, receiver) = tokio::sync::mpsc::channel(CHANGE_PAGE);
-        tokio::spawn(feed_changes(self.node.clone(), request.get_ref().timestamp_min, sender));
+        let (node, from) = (self.node.clone(), request.get_ref().timestamp_min);
+        tokio::spawn(async move {
+            feed_changes(node, from, sender).await;
+            drop(place);
+        });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(receiver)))
     }
 
