@@ -123,6 +123,11 @@ struct Inner {
     merges_wake: Condvar,
 }
 
+/// Background merges that failed in this process, for a node's metrics
+/// (`tally_state_merges_failed`): a failure is printed and the merge tried again at the next
+/// commit, and a store that keeps failing would otherwise go unseen until its reads slow down.
+pub static MERGES_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Default)]
 struct MergeSignal {
     pending: bool,
@@ -618,6 +623,7 @@ impl Inner {
                     Err(error) => {
                         // The next commit signals again; a store that cannot write will fail
                         // its commits too, and that is where the error surfaces.
+                        MERGES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         eprintln!("sled store: a merge failed: {error}");
                         break;
                     }

@@ -291,10 +291,16 @@ impl Page {
     fn new(bytes: IVec, key_bytes: usize) -> StoreResult<Page> {
         let page = Page { bytes, key_bytes };
         let count = page.bytes.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+        // Every entry's key, length byte and value within the page: the bytes came off the disk,
+        // and a damaged length made `value` panic instead of reporting damage.
+        let len = page.bytes.len();
         let fits = count.is_some_and(|count| {
             count > 0
-                && page.bytes.len() >= 2 + 2 * count
-                && (0..count).all(|i| page.offset(i) + key_bytes < page.bytes.len())
+                && len >= 2 + 2 * count
+                && (0..count).all(|i| {
+                    let at = page.offset(i) + key_bytes;
+                    at < len && at + 1 + page.bytes[at] as usize <= len
+                })
         });
         if !fits {
             return Err(StoreError::Corrupt("run page layout".into()));
@@ -638,6 +644,39 @@ pub fn pick_merge(runs: &[Arc<Run>]) -> Option<Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page as `RunBuilder` lays it out: a count, offsets, then key, length byte and value.
+    fn page_bytes(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut bytes = (entries.len() as u16).to_le_bytes().to_vec();
+        let mut at = 2 + 2 * entries.len();
+        for (key, value) in entries {
+            bytes.extend_from_slice(&(at as u16).to_le_bytes());
+            at += key.len() + 1 + value.len();
+        }
+        for (key, value) in entries {
+            bytes.extend_from_slice(key);
+            bytes.push(value.len() as u8);
+            bytes.extend_from_slice(value);
+        }
+        bytes
+    }
+
+    /// A page whose length byte runs past its end (damage on disk) is refused as damage when it is
+    /// read, not a panic when a value is taken from it.
+    #[test]
+    fn a_page_with_a_value_length_past_its_end_is_damage() {
+        let key = [7u8; 16];
+        let good = page_bytes(&[(&key, b"abc"), (&key, b"de")]);
+        let page = Page::new(IVec::from(good.clone()), 16).expect("a whole page");
+        assert_eq!((page.value(0), page.value(1)), (&b"abc"[..], &b"de"[..]));
+        let mut damaged = good;
+        let last_length = damaged.len() - 3;
+        damaged[last_length] = 200;
+        match Page::new(IVec::from(damaged), 16) {
+            Err(StoreError::Corrupt(what)) => assert!(what.contains("page"), "{what}"),
+            other => panic!("a damaged length: {:?}", other.map(|_| ())),
+        }
+    }
 
     fn build(tree: &sled::Tree, id: u64, entries: &[(u128, u64)]) -> Arc<Run> {
         let mut out = Writes::new();

@@ -115,6 +115,12 @@ pub static CHECKPOINT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
 });
 pub static SNAPSHOT_BYTES: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_snapshot_bytes", "Size of the last snapshot built or installed"));
+static MERGES_FAILED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "tally_state_merges_failed",
+        "Background merges of the state store that failed since the process started (each is retried)",
+    )
+});
 pub static STATE_DIVERGED: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "tally_state_diverged",
@@ -175,7 +181,9 @@ pub fn init() {
     for counter in [&FORWARDED, &EXPIRY_TICKS, &LEADER_CHANGES, &TERMS] {
         LazyLock::force(counter);
     }
-    for gauge in [&SNAPSHOT_BYTES, &STATE_DIVERGED, &TERM, &IS_LEADER, &LAST_LOG, &COMMITTED, &APPLIED] {
+    for gauge in
+        [&SNAPSHOT_BYTES, &STATE_DIVERGED, &MERGES_FAILED, &TERM, &IS_LEADER, &LAST_LOG, &COMMITTED, &APPLIED]
+    {
         LazyLock::force(gauge);
     }
     LazyLock::force(&REQUESTS);
@@ -224,6 +232,7 @@ pub fn render(node: &NodeHandle) -> String {
             }
         }
     }
+    MERGES_FAILED.set(ledger::sled_store::MERGES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as i64);
     let dir = &node.config.data_dir;
     for (part, path) in
         [("wal", dir.join("wal")), ("state", dir.join("state")), ("snapshots", dir.join("snapshots"))]
