@@ -15,6 +15,11 @@ fn main() -> std::process::ExitCode {
     if cli.command.prints_only() {
         // SAFETY: called before any thread starts; restores the default action of one signal.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    } else {
+        // A SIGHUP (a certificate reload, a closed terminal) must not stop a node or `tally dev`
+        // while it starts; `tally serve` takes it over for reloads before anything slow.
+        // SAFETY: called before any thread starts; ignores one signal.
+        unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(raft_node::cli::run(cli))

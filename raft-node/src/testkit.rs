@@ -293,6 +293,11 @@ impl TestCluster {
         self.processes.contains_key(&id)
     }
 
+    /// How node `id`'s process ended, if it has (a node this cluster started and did not stop).
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        self.processes.get_mut(&id).and_then(|child| child.try_wait().ok().flatten())
+    }
+
     pub fn addresses(&self) -> Vec<String> {
         self.nodes.values().map(|n| n.address.clone()).collect()
     }

@@ -183,6 +183,40 @@ async fn certificates_reload_on_sighup() {
     assert!(log.contains("TLS certificates reloaded"), "{log}");
 }
 
+/// A SIGHUP while a node is still starting (opening its state, joining its peers) does not stop
+/// it: SIGHUPs are sent every few milliseconds from the moment its data directory exists until
+/// it serves, and it serves. (The handler was installed only once the node served: such a
+/// SIGHUP killed it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_starting_does_not_stop_the_node() {
+    let mut cluster = TestCluster::define(Path::new(TALLY), &SITES[..1], &[]);
+    cluster.spawn(1, true);
+    let pid = cluster.pids()[&1] as i32;
+    let identity = cluster.nodes[&1].data_dir.join("identity.toml");
+    let client = cluster.client(Duration::from_millis(200));
+    let address = cluster.address(1);
+    let started = Instant::now();
+    let mut sent = 0;
+    loop {
+        if identity.exists() {
+            unsafe { libc::kill(pid, libc::SIGHUP) };
+            sent += 1;
+        }
+        if client.node_status(&address).await.is_ok_and(|s| s.is_leader) {
+            break;
+        }
+        if let Some(status) = cluster.exited(1) {
+            panic!("the node stopped ({status}) after {sent} SIGHUPs:\n{}", cluster.log_tails());
+        }
+        assert!(started.elapsed() < DEADLINE, "the node never served:\n{}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(sent > 0, "no SIGHUP was sent while it started");
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(cluster.exited(1), None, "the node stopped on a SIGHUP while serving");
+}
+
 /// A TLS connection to `address` trusting the cluster's CA, without a client certificate.
 async fn tls_connection(
     cluster: &TestCluster,

@@ -359,6 +359,9 @@ fn say(format: LogFormat, error: bool, message: &str) {
 }
 
 pub async fn run(args: ServeArgs) -> ExitCode {
+    // Taken before anything slow (opening the state, replaying the log): a SIGHUP meant for a
+    // certificate reload killed a node that was still starting (`main` ignores it until here).
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let format = args.log_format;
     init_logging(format);
     let fail = |message: &str| {
@@ -385,8 +388,14 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     };
     say(format, false, &format!("node {id} serving clients on {listen}, peers on {peer_listen}"));
     tokio::spawn(crate::node::log_leadership(node.clone()));
-    if let Some(tls) = node.tls.clone() {
-        tokio::spawn(reload_on_hangup(id, tls));
+    match (node.tls.clone(), hangups) {
+        (Some(tls), Ok(hangups)) => drop(tokio::spawn(reload_on_hangup(id, tls, hangups))),
+        (Some(_), Err(_)) => {
+            tracing::warn!(node = id, "cannot watch for SIGHUP: certificates reload only with a restart")
+        }
+        // Nothing to reload. (tokio never takes a handler back: a SIGHUP still does not stop
+        // the node once the stream is dropped.)
+        (None, _) => {}
     }
     crate::metrics::init();
     if let Some(address) = node.config.metrics_listen
@@ -424,11 +433,11 @@ pub async fn run(args: ServeArgs) -> ExitCode {
 }
 
 /// Reads the TLS files again on every SIGHUP: renewed certificates without a restart.
-async fn reload_on_hangup(id: u64, tls: Arc<crate::security::tls::Tls>) {
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!(node = id, "cannot watch for SIGHUP: certificates reload only with a restart");
-        return;
-    };
+async fn reload_on_hangup(
+    id: u64,
+    tls: Arc<crate::security::tls::Tls>,
+    mut hangups: tokio::signal::unix::Signal,
+) {
     while hangups.recv().await.is_some() {
         match tls.reload() {
             Ok(()) => {
