@@ -357,6 +357,9 @@ pub struct NodeHandle {
     pub started: std::time::Instant,
     /// One permit per change-stream subscriber this node may serve (`--max-subscribers`).
     pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// The last whole-cluster status and when it was gathered, shared by callers without an
+    /// operator's or a node's certificate (`service::cluster`).
+    pub status_cache: tokio::sync::Mutex<Option<(std::time::Instant, tally_proto::v1::StatusReply)>>,
 }
 
 /// When a leader was last heard from: milliseconds since the node started, `u64::MAX` for never.
@@ -593,6 +596,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         serving: std::sync::atomic::AtomicBool::new(false),
         started: std::time::Instant::now(),
         subscribers: Arc::new(tokio::sync::Semaphore::new(subscribers_max)),
+        status_cache: tokio::sync::Mutex::new(None),
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));

@@ -217,6 +217,46 @@ async fn a_sighup_while_starting_does_not_stop_the_node() {
     assert_eq!(cluster.exited(1), None, "the node stopped on a SIGHUP while serving");
 }
 
+/// Status calls a node's peer door answered (the fan-out of other nodes' whole-cluster status).
+fn peer_status_calls(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("tally_grpc_requests_total{")
+                && line.contains(r#"door="peer""#)
+                && line.contains(r#"method="/tally.v1.Cluster/Status""#)
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// Anyone who reaches the client door may ask for the whole cluster's status, which costs a call
+/// to every other member: callers without an operator's certificate share one status gathered at
+/// most a second ago. Fifty anonymous calls at once cost a follower a few status calls, not
+/// fifty (before, each one fanned out); an operator's call is still answered fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_status_calls_share_one_fan_out() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    cluster.wait_for_newest_semantics(DEADLINE).await;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let before = peer_status_calls(&cluster.scrape(follower).await);
+    let anonymous = cluster.security_as(None);
+    let calls = (0..50).map(|_| {
+        let client = Client::new(&[cluster.address(leader)], Duration::from_secs(5), &anonymous).unwrap();
+        async move { client.cluster_status().await.map(|status| status.nodes.len()) }
+    });
+    for answered in futures::future::join_all(calls).await {
+        assert_eq!(answered.expect("status is for everyone"), 3);
+    }
+    let after = peer_status_calls(&cluster.scrape(follower).await);
+    // Besides the shared fan-out: every node compares digests every 5 s.
+    assert!(after - before <= 6, "{} status calls reached node {follower}", after - before);
+    let operator = cluster.client_of(&[leader], Duration::from_secs(5));
+    operator.cluster_status().await.unwrap();
+    assert!(peer_status_calls(&cluster.scrape(follower).await) > after, "an operator's status was not fresh");
+}
+
 /// A TLS connection to `address` trusting the cluster's CA, without a client certificate.
 async fn tls_connection(
     cluster: &TestCluster,

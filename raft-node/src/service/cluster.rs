@@ -20,6 +20,10 @@ use crate::types::{NodeId, NodeInfo};
 /// How long `TakeSnapshot` waits for the snapshot (and the purge) before giving up.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
 
+/// How long a whole-cluster status gathered for one caller without a certificate serves others:
+/// each costs a call to every other member, and anyone who reaches the client door may ask.
+const SHARED_STATUS_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// How long Status waits for each other node's own report.
 const PEER_STATUS_TIMEOUT: Duration = Duration::from_millis(700);
 /// How long AddNode waits for a new node to catch up before leaving it a learner.
@@ -491,7 +495,20 @@ impl pb::cluster_server::Cluster for ClusterService {
                 divergences: Vec::new(),
             }));
         }
-        Ok(Response::new(self.cluster_status().await))
+        // Operators and nodes get a fresh status (they act on it); anyone else shares one
+        // gathered at most a second ago, and concurrent callers wait for the same one.
+        if matches!(caller_of(&request), Role::Operator(_) | Role::Node(_) | Role::Insecure) {
+            return Ok(Response::new(self.cluster_status().await));
+        }
+        let mut cache = self.node.status_cache.lock().await;
+        if let Some((at, status)) = cache.as_ref()
+            && at.elapsed() < SHARED_STATUS_MAX_AGE
+        {
+            return Ok(Response::new(status.clone()));
+        }
+        let status = self.cluster_status().await;
+        *cache = Some((std::time::Instant::now(), status.clone()));
+        Ok(Response::new(status))
     }
 
     async fn add_node(
