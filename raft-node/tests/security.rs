@@ -257,6 +257,31 @@ async fn anonymous_status_calls_share_one_fan_out() {
     assert!(peer_status_calls(&cluster.scrape(follower).await) > after, "an operator's status was not fresh");
 }
 
+/// TCP clients that never finish TLS cannot take a door's places: with --max-connections 8,
+/// eight sockets open at node 2's peer door and silent, a node's TLS connection made after them
+/// is still served. (A connection took its place before its handshake: they held every place for
+/// 10 s each, and the node's connection was closed at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_tls_do_not_take_a_doors_places() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &["--max-connections", "8"]);
+    cluster.wait_for_leader(DEADLINE).await;
+    cluster.wait_for_convergence(DEADLINE).await;
+    let door = cluster.peer_address(2);
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(tokio::net::TcpStream::connect(&door).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cluster_id = cluster.cluster_id(2);
+    let mut raft = v1::raft_client::RaftClient::new(cluster.channel_as(&door, Some(Role::Node(1))));
+    let mut request = tonic::Request::new(v1::ClockRequest::default());
+    request.metadata_mut().insert("x-tally-cluster", cluster_id.parse().unwrap());
+    request.metadata_mut().insert("x-tally-from", "1.0".parse().unwrap());
+    request.metadata_mut().insert("x-tally-to", "2.0".parse().unwrap());
+    let answered = raft.clock(request).await;
+    assert!(answered.is_ok(), "a node's connection behind {} silent sockets: {answered:?}", silent.len());
+}
+
 /// A TLS connection to `address` trusting the cluster's CA, without a client certificate.
 async fn tls_connection(
     cluster: &TestCluster,
@@ -294,43 +319,45 @@ async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin), within: Dur
     tokio::time::timeout(within, read_all).await.ok().map(|()| seen)
 }
 
-/// Each door holds at most --max-connections connections: one more is closed at once, before
-/// any TLS work, one that does not finish its handshake is dropped, and once the others go the
-/// door takes connections again. A connection that
-/// sends nothing for --idle-timeout-s is closed. Every connection is told how many calls it may
-/// have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+/// Each door holds at most --max-connections connections: with three connections open, one more
+/// is closed at once, before any TLS work. A connection that does not finish its handshake is
+/// dropped, and holds a handshake place meanwhile, not one of the door's. Once the others go, the
+/// door takes connections again. A connection that sends nothing for --idle-timeout-s is closed.
+/// Every connection is told how many calls it may have open at once
+/// (SETTINGS_MAX_CONCURRENT_STREAMS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_door_limits_its_connections() {
     let args = ["--max-connections", "3", "--idle-timeout-s", "2"];
     let cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &args);
     cluster.wait_for_leader(DEADLINE).await;
+    // A node's certificate, which both doors take.
+    let node = cluster.security_as(Some(Role::Node(1)));
     for address in [cluster.address(1), cluster.peer_address(1)] {
-        // Connections that never start TLS take every place (the first may find one still
-        // held by the test kit's last client, closing): no more than three are kept, and once
-        // one is refused, so is the next.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut held = Vec::new();
-        loop {
-            let mut connection = tokio::net::TcpStream::connect(&address).await.unwrap();
-            if read_until_closed(&mut connection, Duration::from_millis(500)).await == Some(Vec::new()) {
-                break;
-            }
-            held.push(connection);
-            assert!(held.len() <= 3, "{address}: a fourth connection was kept");
-        }
-        let mut one_more = tokio::net::TcpStream::connect(&address).await.unwrap();
-        let closed = read_until_closed(&mut one_more, Duration::from_secs(2)).await;
-        assert_eq!(closed, Some(Vec::new()), "{address}: a connection past the limit was kept");
         // Slow: a connection that does not finish its TLS handshake within the idle timeout
         // (2 s here) is dropped.
+        let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
         let started = Instant::now();
-        let closed = read_until_closed(&mut held[0], Duration::from_secs(10)).await;
+        let closed = read_until_closed(&mut silent, Duration::from_secs(10)).await;
         assert_eq!(closed, Some(Vec::new()), "{address}: a silent handshake was kept");
         assert!(started.elapsed() < Duration::from_secs(5), "{address}: {:?}", started.elapsed());
-        drop(held);
-        // The places are free again (the node notices the closes at once). A node's
-        // certificate, which both doors take.
-        let node = cluster.security_as(Some(Role::Node(1)));
+        // Three connections fill the door (the first may find a place still held by the test
+        // kit's last client, closing: filled once one more is closed at once).
+        let mut open = Vec::new();
+        let started = Instant::now();
+        loop {
+            let mut client = v1::cluster_client::ClusterClient::new(channel_with(&address, &node));
+            if client.status(v1::StatusRequest { local_only: true }).await.is_ok() {
+                open.push(client);
+            }
+            let mut one_more = tokio::net::TcpStream::connect(&address).await.unwrap();
+            if read_until_closed(&mut one_more, Duration::from_millis(300)).await == Some(Vec::new()) {
+                break;
+            }
+            assert!(open.len() <= 3, "{address}: a fourth connection was kept");
+            assert!(started.elapsed() < DEADLINE, "{address}: the door never filled");
+        }
+        drop(open);
+        // The places are free again (the node notices the closes at once).
         wait_until("the door takes connections again", async || {
             let mut client = v1::cluster_client::ClusterClient::new(channel_with(&address, &node));
             client.status(v1::StatusRequest { local_only: true }).await.is_ok()
@@ -348,7 +375,7 @@ async fn every_door_limits_its_connections() {
     assert!(waited >= Duration::from_millis(1500), "closed after {waited:?}, before it was idle for 2 s");
     assert_eq!(
         max_concurrent_streams(&sent),
-        Some(raft_node::node::STREAMS_PER_CONNECTION_MAX),
+        Some(raft_node::node::CLIENT_STREAMS_PER_CONNECTION_MAX),
         "the node's first frames: {sent:?}"
     );
     let _ = idle.shutdown().await;

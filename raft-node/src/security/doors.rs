@@ -2,10 +2,13 @@
 //! dialing a peer's door.
 //!
 //! Limits on every door (DESIGN.md, decision 11): at most `connections_max` connections at a
-//! time (one more is closed at once, before any TLS work); a TLS handshake that takes longer
-//! than `HANDSHAKE_MAX` (or `idle_max`, if shorter) is dropped; a connection that neither sends
-//! nor receives a byte for `idle_max` is closed (clients reconnect by themselves). Handshakes run in their own tasks,
-//! so a slow one does not hold up the next connection.
+//! time (one more is closed at once, before any TLS work); at most `HANDSHAKES_MAX` TLS
+//! handshakes under way, each within `HANDSHAKE_MAX` (or `idle_max`, if shorter), and a
+//! connection takes its place among the `connections_max` only once its handshake is done, so
+//! that TCP clients that never finish TLS cannot take the places of real ones (they held all
+//! 4,096 for 10 s each); a connection that neither sends nor receives a byte for `idle_max` is
+//! closed (clients reconnect by themselves). Handshakes run in their own tasks, so a slow one does
+//! not hold up the next connection.
 
 use std::future::Future;
 use std::io;
@@ -28,6 +31,8 @@ use crate::types::NodeId;
 
 /// A TLS handshake that takes longer than this is dropped.
 pub const HANDSHAKE_MAX: Duration = Duration::from_secs(10);
+/// TLS handshakes under way at once, per door; one more connection is closed at once.
+pub const HANDSHAKES_MAX: usize = 256;
 
 /// Which door a listener is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +88,7 @@ async fn accept(
     ready: mpsc::Sender<io::Result<Conn>>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
     let warned = Arc::new(RateLimit::default());
     loop {
         let (stream, remote) = tokio::select! {
@@ -97,7 +103,7 @@ async fn accept(
             },
             () = ready.closed() => return,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let full = || {
             crate::metrics::CONNECTIONS_REFUSED.with_label_values(&[door.label(), "limit"]).inc();
             warned.warn(|| {
                 tracing::warn!(
@@ -105,16 +111,40 @@ async fn accept(
                     "connection refused: the door has as many connections as it takes"
                 )
             });
+        };
+        // With TLS, a connection takes its place once its handshake is done, and no TLS work is
+        // started while the door is full.
+        let entry = match &tls {
+            None => permits.clone().try_acquire_owned().ok().map(Entry::Connected),
+            Some(_) if permits.available_permits() == 0 => None,
+            Some(_) => handshakes.clone().try_acquire_owned().ok().map(Entry::Handshaking),
+        };
+        let Some(entry) = entry else {
+            full();
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (tls, ready, warned) = (tls.clone(), ready.clone(), warned.clone());
+        let (tls, ready, warned, permits) = (tls.clone(), ready.clone(), warned.clone(), permits.clone());
         tokio::spawn(async move {
-            let conn = match tls {
-                None => {
+            let conn = match (tls, entry) {
+                (_, Entry::Connected(permit)) => {
                     Some(Conn::new(Io::Plain(stream), door, Role::Insecure, remote, permit, limits.idle_max))
                 }
-                Some(tls) => handshake(stream, remote, door, &tls, permit, limits.idle_max, &warned).await,
+                (Some(tls), Entry::Handshaking(handshaking)) => {
+                    let accepted = handshake(stream, remote, door, &tls, limits.idle_max, &warned).await;
+                    drop(handshaking);
+                    accepted.and_then(|(stream, role)| {
+                        let Ok(permit) = permits.try_acquire_owned() else {
+                            crate::metrics::CONNECTIONS_REFUSED.with_label_values(&[door.label(), "limit"]).inc();
+                            warned.warn(|| {
+                                tracing::warn!(%door, %remote, "connection refused after its handshake: the door is full")
+                            });
+                            return None;
+                        };
+                        Some(Conn::new(Io::Tls(Box::new(stream)), door, role, remote, permit, limits.idle_max))
+                    })
+                }
+                (None, Entry::Handshaking(_)) => unreachable!("a plain door takes connections at once"),
             };
             if let Some(conn) = conn {
                 let _ = ready.send(Ok(conn)).await;
@@ -123,15 +153,22 @@ async fn accept(
     }
 }
 
+/// What a new connection holds: its place among the door's connections, or (with TLS) one of
+/// the door's handshake places until its handshake is done.
+enum Entry {
+    Connected(OwnedSemaphorePermit),
+    Handshaking(OwnedSemaphorePermit),
+}
+
+/// The TLS handshake of a connection, and the role its certificate names; `None` when refused.
 async fn handshake(
     stream: TcpStream,
     remote: SocketAddr,
     door: Door,
     tls: &Tls,
-    permit: OwnedSemaphorePermit,
     idle_max: Duration,
     warned: &RateLimit,
-) -> Option<Conn> {
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Role)> {
     let configs = tls.current();
     let config = match door {
         Door::Clients => configs.client_door.clone(),
@@ -181,7 +218,7 @@ async fn handshake(
         }
         (Door::Peers, None) => return None,
     };
-    Some(Conn::new(Io::Tls(Box::new(stream)), door, role, remote, permit, idle_max))
+    Some((stream, role))
 }
 
 /// At most one warning a second: a refused peer retries many times a second.
