@@ -333,7 +333,7 @@ pub async fn sample_peers(node: Arc<NodeHandle>) {
 
 async fn sample_one(node: &NodeHandle, peer: NodeId) {
     let Some(address) = node.address_of(peer) else { return };
-    let Ok(channel) = node.peers.channel(&address) else { return };
+    let Ok(channel) = node.peers.channel(Some(peer), &address) else { return };
     let mut client = pb::raft_client::RaftClient::new(channel);
     let mut request = tonic::Request::new(pb::ClockRequest {});
     let timeout = Duration::from_nanos((node.clock.tolerance_ns / 2) as u64);

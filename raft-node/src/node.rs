@@ -678,7 +678,7 @@ async fn join(node: Arc<NodeHandle>, address: String) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let channel = node.peers.channel(&address)?;
+            let channel = node.peers.channel(None, &address)?;
             let mut client = pb::cluster_client::ClusterClient::new(channel);
             client.add_node(request.clone()).await.map_err(|s| s.message().to_string())
         };

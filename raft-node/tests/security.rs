@@ -282,6 +282,33 @@ async fn connections_that_never_finish_tls_do_not_take_a_doors_places() {
     assert!(answered.is_ok(), "a node's connection behind {} silent sockets: {answered:?}", silent.len());
 }
 
+/// A node's calls to a peer (forwarded writes, membership changes, status, incarnations) reach
+/// the node it means: through node 1's channel pool, node 2's peer door answers a channel for
+/// node 2, and a channel for node 3 at the same address is refused, since the certificate there
+/// names node 2. (The pool dialed an address and took whoever answered, and a node's
+/// incarnation was what the answer said.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_the_peer_it_means_or_none() {
+    use raft_node::security::tls::{Tls, TlsFiles};
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let dir = cluster.certs_dir();
+    let (cert, key) = certs::paths(&dir, &Role::Node(1));
+    let tls = Tls::load(TlsFiles { ca: dir.join(certs::CA_CERT), cert, key }, 1).unwrap();
+    let pool = raft_node::net::Pool::new(Some(Arc::new(tls)));
+    let door = cluster.peer_address(2);
+    let ask = async |node: u64| {
+        let mut client = v1::cluster_client::ClusterClient::new(pool.channel(Some(node), &door).unwrap());
+        client
+            .status(v1::StatusRequest { local_only: true })
+            .await
+            .map(|reply| reply.into_inner().nodes[0].id)
+    };
+    assert_eq!(ask(2).await.expect("node 2 at its own door"), 2);
+    let wrong = ask(3).await.expect_err("node 2 answered for node 3");
+    assert!(wrong.message().contains("not node 3") || wrong.code() == tonic::Code::Unavailable, "{wrong}");
+}
+
 /// A TLS connection to `address` trusting the cluster's CA, without a client certificate.
 async fn tls_connection(
     cluster: &TestCluster,

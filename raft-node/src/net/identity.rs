@@ -144,9 +144,14 @@ impl Identities {
         self.recorded.read().expect("identities lock").get(&id).copied().unwrap_or(0)
     }
 
-    /// Whether `id` is a voter or learner of the membership in effect here.
+    /// Whether `id` is a voter or learner of the membership in effect here; any node is, to a
+    /// node that knows no membership yet (new, or empty after losing its disk), as for Raft calls
+    /// (`check`): such a node cannot tell, and forwards or refuses as it would for a member. (A
+    /// wiped node, taken for the leader a moment longer by the others, refused an operator's
+    /// forwarded `replace` as a stranger's, which ended the replacement.)
     pub fn is_member(&self, id: NodeId) -> bool {
-        self.recorded.read().expect("identities lock").contains_key(&id)
+        let members = self.recorded.read().expect("identities lock");
+        members.is_empty() || members.contains_key(&id)
     }
 
     /// Checks the headers of an incoming Raft RPC; `vote` for a vote or pre-vote request, whose
@@ -218,6 +223,7 @@ mod tests {
         check(Some("7.70"), Some("1.11"), Err(Refusal::NotMember { id: 7 }));
         let fresh = Identities::new(Endpoint { id: 1, incarnation: 11 }, None);
         assert_eq!(fresh.check(Some("7.70"), Some("1.11"), true), Ok(()), "no membership yet");
+        assert!(fresh.is_member(7) && identities().is_member(3) && !identities().is_member(7));
         check(Some("2.23"), Some("1.11"), Err(Refusal::StaleSender { id: 2, recorded: 22, claimed: 23 }));
         check(Some("2.22"), Some("1.12"), Err(Refusal::StaleTarget { recorded: 12 }));
         check(Some("2.22"), Some("4.11"), Err(Refusal::WrongTarget));

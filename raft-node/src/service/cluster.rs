@@ -154,7 +154,7 @@ impl ClusterService {
             ..pb::NodeStatus::default()
         };
         let address = self.node.address_of(id).unwrap_or_else(|| info.peer_address.clone());
-        ask_status(&self.node, &address).await.unwrap_or(unreachable)
+        ask_status(&self.node, id, &address).await.unwrap_or(unreachable)
     }
 
     /// Runs a membership change on the leader, or forwards it.
@@ -169,7 +169,7 @@ impl ClusterService {
         let address =
             self.node.address_of(leader).ok_or_else(|| Status::unavailable("leader address unknown"))?;
         Ok(Some(pb::cluster_client::ClusterClient::new(
-            self.node.peers.channel(&address).map_err(Status::internal)?,
+            self.node.peers.channel(Some(leader), &address).map_err(Status::internal)?,
         )))
     }
 
@@ -226,7 +226,7 @@ impl ClusterService {
     async fn wait_has_log(&self, id: NodeId, address: &str, index: u64) -> Result<(), Status> {
         let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
             loop {
-                if let Some(status) = ask_status(&self.node, address).await
+                if let Some(status) = ask_status(&self.node, id, address).await
                     && status.last_log_index >= index
                 {
                     return;
@@ -250,9 +250,11 @@ impl ClusterService {
     }
 }
 
-/// Node `address`'s report of itself, if it answers within `PEER_STATUS_TIMEOUT`.
-async fn ask_status(node: &NodeHandle, address: &str) -> Option<pb::NodeStatus> {
-    let channel = node.peers.channel(address).ok()?;
+/// Node `id`'s report of itself, asked at `address` (the route this node uses to it), if it
+/// answers within `PEER_STATUS_TIMEOUT`; `None` too when another node answers there (its
+/// certificate names another node).
+async fn ask_status(node: &NodeHandle, id: NodeId, address: &str) -> Option<pb::NodeStatus> {
+    let channel = node.peers.channel(Some(id), address).ok()?;
     let mut client = pb::cluster_client::ClusterClient::new(channel);
     let mut request = Request::new(pb::StatusRequest { local_only: true });
     request.set_timeout(PEER_STATUS_TIMEOUT);
@@ -264,7 +266,7 @@ async fn ask_status(node: &NodeHandle, address: &str) -> Option<pb::NodeStatus> 
 
 /// The incarnation node `id` reports, asked at `address` (the route this node uses to it).
 async fn ask_incarnation(node: &NodeHandle, id: NodeId, address: &str) -> Result<u64, Status> {
-    match ask_status(node, address).await {
+    match ask_status(node, id, address).await {
         Some(status) if status.id == id && status.incarnation != 0 => Ok(status.incarnation),
         Some(status) if status.id != id => Err(Status::failed_precondition(format!(
             "the node at {address} is node {}, not node {id}",

@@ -49,7 +49,7 @@ impl LedgerService {
             .node
             .address_of(leader)
             .ok_or_else(|| Status::unavailable("the leader's address is unknown; retry"))?;
-        let channel = self.node.peers.channel(&address).map_err(Status::internal)?;
+        let channel = self.node.peers.channel(Some(leader), &address).map_err(Status::internal)?;
         let client = LedgerClient::new(channel)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
