@@ -56,6 +56,8 @@ enum IoJob {
 pub struct LogStore {
     shared: Arc<Shared>,
     io: mpsc::Sender<IoJob>,
+    /// To the thread that deletes purged segments (`purge_thread`).
+    purges: mpsc::Sender<Vec<std::path::PathBuf>>,
 }
 
 fn io_error(error: impl std::fmt::Display) -> io::Error {
@@ -115,7 +117,8 @@ impl LogStore {
         std::thread::Builder::new()
             .name("tally-wal-sync".into())
             .spawn(move || sync_loop(&thread_shared, jobs))?;
-        Ok(LogStore { shared, io })
+        let purges = purge_thread(dir)?;
+        Ok(LogStore { shared, io, purges })
     }
 
     /// Entries `[start, end)` (Raft indexes), at most `bytes_max` of payload but at least one.
@@ -242,6 +245,27 @@ fn check_committed_on_log(
     ))
 }
 
+/// Deletes the segments each purge detached, in the order of the purges, until the log is
+/// dropped. After a failure it deletes nothing more (deleting a later purge's files would leave
+/// a gap, which a reopened log refuses); the purge marker covers what is left, and the next
+/// open deletes it.
+fn purge_thread(dir: &Path) -> io::Result<mpsc::Sender<Vec<std::path::PathBuf>>> {
+    let (sender, receiver) = mpsc::channel::<Vec<std::path::PathBuf>>();
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new().name("tally-wal-purge".into()).spawn(move || {
+        for paths in &receiver {
+            if let Err(error) = wal::remove_files_durably(&dir, &paths) {
+                tracing::error!(
+                    "cannot delete purged log segments in {}: {error}; they stay until the next start",
+                    dir.display()
+                );
+                return;
+            }
+        }
+    })?;
+    Ok(sender)
+}
+
 /// Best effort: the committed id only lets a restarted node re-apply sooner; a stale one is safe.
 /// `before` is the committed id and the WAL's last index as they were before the sync that made
 /// them durable.
@@ -358,7 +382,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // read again, even if their segment survived.
         wal::write_file_atomic(&self.shared.dir, PURGED_FILE, &encode(&log_id))?;
         *self.shared.last_purged.lock().unwrap() = Some(log_id);
-        self.shared.wal.lock().unwrap().purge_upto(log_id.index + 1).map_err(io_error)?;
+        // The files go on another thread: a directory fsync each, which held the WAL's lock
+        // (and so the next append's sync) and the Raft core that awaits this call.
+        let detached = self.shared.wal.lock().unwrap().detach_upto(log_id.index + 1);
+        if !detached.is_empty() {
+            let _ = self.purges.send(detached);
+        }
         Ok(())
     }
 }
@@ -397,6 +426,43 @@ mod tests {
         append(&mut store, 301).await.await.unwrap().unwrap();
         let entries = store.try_get_log_entries(0..302).await.unwrap();
         assert_eq!(entries.iter().map(|entry| entry.log_id.index).collect::<Vec<_>>(), [301]);
+    }
+
+    /// A purge takes the segments it covers out of the log at once and deletes their files on
+    /// another thread (a directory fsync each, which held the WAL's lock and the Raft core): the
+    /// next append goes on, the files go, and the log reopens with what the purge left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_deletes_its_segments_on_another_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = || {
+            let mut names: Vec<u64> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(|entry| entry.unwrap().file_name().to_str()?.strip_suffix(".wal")?.parse().ok())
+                .collect();
+            names.sort();
+            names
+        };
+        {
+            let mut store = LogStore::open_with(dir.path(), 256).unwrap();
+            for index in 0..=50 {
+                append(&mut store, index).await.await.unwrap().unwrap();
+            }
+            assert!(segments().len() > 3, "small segments: {:?}", segments());
+            store.purge(log_id::<TypeConfig>(1, 1, 40)).await.unwrap();
+            append(&mut store, 51).await.await.unwrap().unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            // The segment holding entry 41 (WAL index 42) stays; every one before it goes.
+            while segments().len() > 1 && segments()[1] <= 42 {
+                assert!(std::time::Instant::now() < deadline, "purged segments left: {:?}", segments());
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        let mut store = LogStore::open_with(dir.path(), 256).unwrap();
+        let entries = store.try_get_log_entries(0..52).await.unwrap();
+        assert_eq!(
+            entries.iter().map(|entry| entry.log_id.index).collect::<Vec<_>>(),
+            (41..=51).collect::<Vec<_>>()
+        );
     }
 
     /// Entries appended while a sync runs are not covered by it, and openraft may report them

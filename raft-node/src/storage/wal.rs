@@ -561,14 +561,18 @@ impl Wal {
     }
 
     fn purge_upto_unchecked(&mut self, index: u64) -> io::Result<()> {
-        // Oldest first: a crash part-way leaves a log that starts later, never one with a gap.
-        while let Some(segment) = self.segments.first()
-            && segment.last_index() <= index
-        {
-            let segment = self.segments.remove(0);
-            remove_file_durably(&self.dir, &segment.path)?;
-        }
-        Ok(())
+        let detached = self.detach_upto(index);
+        remove_files_durably(&self.dir, &detached)
+    }
+
+    /// Takes every segment whose last index is at most `index` out of the log, oldest first, and
+    /// returns their files, which the caller deletes with `remove_files_durably` (in that order,
+    /// one caller at a time): the deletion, a directory fsync per file, need not hold up appends.
+    /// Only for records a durable purge marker covers, which nothing reads again and which a
+    /// reopened log drops whatever a crash left of them.
+    pub fn detach_upto(&mut self, index: u64) -> Vec<PathBuf> {
+        let covered = self.segments.iter().take_while(|segment| segment.last_index() <= index).count();
+        self.segments.drain(..covered).map(|segment| segment.path).collect()
     }
 }
 
@@ -614,6 +618,15 @@ pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
 fn remove_file_durably(dir: &Path, path: &Path) -> io::Result<()> {
     fs::remove_file(path)?;
     sync_dir(dir)
+}
+
+/// Deletes `paths` (segments `detach_upto` returned) durably, in order: oldest first, so that a
+/// crash part-way leaves a log that starts later, never one with a gap.
+pub fn remove_files_durably(dir: &Path, paths: &[PathBuf]) -> io::Result<()> {
+    for path in paths {
+        remove_file_durably(dir, path)?;
+    }
+    Ok(())
 }
 
 fn segment_file_name(first_index: u64) -> String {
