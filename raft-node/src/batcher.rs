@@ -28,6 +28,11 @@ pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
 /// 8,300/s at a lower p99 (`tally benchmark --clients 64 --batch 1`). One alone leaves the disk
 /// idle while an entry replicates.
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
+/// Entries a leader may have committed and not applied and still take writes; past it, it refuses
+/// them and hands leadership to a voter that has applied (`service::cluster`). A few entries of
+/// group commit are normal, hundreds are a backlog (a restart's replay, an election won while
+/// catching up).
+pub const APPLY_BACKLOG_MAX: u64 = 128;
 /// Batches waiting for the batcher; a full queue pushes back on clients.
 pub const QUEUE_BATCHES_MAX: usize = 16 * 1024;
 /// The default bytes of events submitted and not yet answered (`--max-queued-bytes`): 256
@@ -98,6 +103,21 @@ impl Batcher {
     /// when it says so; either way, retrying with the same ids is safe. RESOURCE_EXHAUSTED
     /// means nothing was proposed: the node holds as many bytes of events as it takes.
     pub async fn submit(&self, batch: Batch) -> Result<BatchReply, Status> {
+        // A leader with a backlog to apply would answer only once it is through it (seconds):
+        // it hands leadership over (`service::cluster::hand_over_while_applying`), and refuses
+        // meanwhile, so that the client retries on the next leader.
+        let backlog = {
+            let metrics = self.proposer.raft.metrics();
+            let current = metrics.borrow_watched();
+            let applied = current.last_applied.map_or(0, |id| id.index);
+            current.local_committed.map_or(0, |id| id.index).saturating_sub(applied)
+        };
+        if backlog > APPLY_BACKLOG_MAX {
+            return Err(Status::unavailable(format!(
+                "this node leads but still applies {backlog} committed entries; it hands leadership to a node \
+                 that has applied them: nothing was written, retry"
+            )));
+        }
         let bytes = batch_bytes(&batch);
         let held = u32::try_from(bytes)
             .ok()

@@ -122,6 +122,9 @@ pub struct NodeConfig {
     /// Test hook: a file that skews this node's clock (`clock`). Never in production.
     #[serde(default)]
     pub clock_skew_file: Option<PathBuf>,
+    /// Test hook: milliseconds added to every applied entry. Never in production.
+    #[serde(default)]
+    pub apply_delay_ms: u64,
     /// Test hook: WAL segments roll over at this size instead of 64 MiB, so that chaos runs
     /// roll segments often. Never in production.
     #[serde(default)]
@@ -539,6 +542,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     let machine = StateMachine::open(&config.data_dir, config.cache_bytes, checkpoints)
         .map_err(|e| unreadable(&config, "the ledger state (state/, snapshots/)", e))?;
     machine.shared.limit_semantics(config.semantics_max).map_err(|e| e.to_string())?;
+    machine.shared.delay_applies(Duration::from_millis(config.apply_delay_ms));
     // A rebuilt state starts at the local snapshot; the log must go on from there.
     let (applied, purged) = (machine.shared.applied().last_applied, log.last_purged());
     if applied < purged {
@@ -602,6 +606,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     tokio::spawn(crate::clock::sample_peers(node.clone()));
     tokio::spawn(crate::service::cluster::watch_divergence(node.clone()));
     tokio::spawn(crate::service::cluster::raise_semantics(node.clone()));
+    tokio::spawn(crate::service::cluster::hand_over_while_applying(node.clone()));
     tokio::spawn(crate::batcher::expire_when_due(
         node.raft.clone(),
         node.state.clone(),

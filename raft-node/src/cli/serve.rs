@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// clock while it runs (re-read as it changes; missing means no skew). Never in production.
     #[arg(long, hide = true)]
     pub clock_skew_file: Option<PathBuf>,
+    /// Test hook: every applied entry takes this many milliseconds longer, as on a node with a
+    /// backlog to apply. Never in production.
+    #[arg(long, hide = true)]
+    pub apply_delay_ms: Option<u64>,
     /// Test hook for chaos runs: WAL segments roll over at this size (e.g. 1MiB) instead of
     /// 64 MiB. Never in production.
     #[arg(long, hide = true, value_parser = parse_bytes)]
@@ -294,6 +298,7 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .or(file.as_ref().map(|f| f.clock_tolerance_ms))
             .unwrap_or(crate::clock::TOLERANCE_MS_DEFAULT),
         clock_skew_file: args.clock_skew_file.or(file.as_ref().and_then(|f| f.clock_skew_file.clone())),
+        apply_delay_ms: args.apply_delay_ms.or(file.as_ref().map(|f| f.apply_delay_ms)).unwrap_or(0),
         wal_segment_bytes: args.wal_segment_bytes.or(file.as_ref().and_then(|f| f.wal_segment_bytes)),
     };
     if config

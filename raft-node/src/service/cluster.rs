@@ -13,6 +13,7 @@ use openraft::type_config::async_runtime::WatchReceiver;
 use tally_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::batcher::APPLY_BACKLOG_MAX;
 use crate::node::NodeHandle;
 use crate::security::roles::{Role, caller_of, require_operator};
 use crate::types::{NodeId, NodeInfo};
@@ -400,6 +401,65 @@ pub async fn raise_semantics(node: Arc<NodeHandle>) {
             ),
             Err(error) => tracing::debug!("switch to semantics version {target} not written: {error}"),
         }
+    }
+}
+
+/// How often the leader looks at its apply backlog; it hands over once per this at most.
+const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(250);
+
+/// For the life of the node: a leader whose applied index trails its committed index by more
+/// than `APPLY_BACKLOG_MAX` (it restarted and is replaying, or was elected while catching up)
+/// hands leadership to the voter that has applied the most, if that one trails less. Raft elects
+/// on the log, not on what a node has applied, and writes wait for the leader's apply: the
+/// batcher keeps two entries in flight until they are applied, so a leader with a backlog
+/// proposed nothing new, and writes stopped for seconds (issue 24's first suspect).
+pub async fn hand_over_while_applying(node: Arc<NodeHandle>) {
+    let mut interval = tokio::time::interval(APPLY_BACKLOG_CHECK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if !node.is_leader() {
+            continue;
+        }
+        let (committed, applied) = {
+            let metrics = node.raft.metrics();
+            let current = metrics.borrow_watched();
+            let applied = current.last_applied.map_or(0, |id| id.index);
+            (current.local_committed.map_or(0, |id| id.index), applied)
+        };
+        if committed.saturating_sub(applied) <= APPLY_BACKLOG_MAX {
+            continue;
+        }
+        let voters: Vec<(NodeId, NodeInfo)> = {
+            let metrics = node.raft.metrics();
+            let current = metrics.borrow_watched();
+            let membership = current.membership_config.membership();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            membership
+                .nodes()
+                .filter(|(id, _)| voters.contains(id) && **id != node.id())
+                .map(|(id, n)| (*id, n.clone()))
+                .collect()
+        };
+        let mut best: Option<(NodeId, u64)> = None;
+        for (id, info) in &voters {
+            let address = node.address_of(*id).unwrap_or_else(|| info.peer_address.clone());
+            if let Some(status) = ask_status(&node, *id, &address).await
+                && best.is_none_or(|(_, applied)| status.applied_index > applied)
+            {
+                best = Some((*id, status.applied_index));
+            }
+        }
+        let Some((to, their_applied)) = best else { continue };
+        if their_applied <= applied + APPLY_BACKLOG_MAX || !node.is_leader() {
+            continue;
+        }
+        tracing::warn!(
+            node = node.id(),
+            "applied {applied} of {committed} committed entries: handing leadership to node {to}, which applied \
+             {their_applied}, so that writes do not wait for this node's backlog"
+        );
+        let _ = node.raft.trigger().transfer_leader(to).await;
     }
 }
 

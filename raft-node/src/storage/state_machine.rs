@@ -141,6 +141,8 @@ pub struct Shared {
     published: Mutex<Published>,
     /// The newest semantics version this node applies (`--semantics-max`, else the build's).
     semantics_max: std::sync::atomic::AtomicU32,
+    /// Test hook (`--apply-delay-ms`): added to every applied entry, in microseconds.
+    apply_delay_us: std::sync::atomic::AtomicU64,
     /// Held by a snapshot build from before it freezes its view until its snapshot is current,
     /// and by a snapshot install throughout: applying goes on during a build, so an install could
     /// otherwise swap sled's directory under a live view, or be overwritten as current by an
@@ -209,6 +211,11 @@ impl Shared {
         }
         self.semantics_max.store(max, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Test hook: every applied entry takes `delay` longer (`--apply-delay-ms`).
+    pub fn delay_applies(&self, delay: std::time::Duration) {
+        self.apply_delay_us.store(delay.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Where the applied state stands; never waits for an apply.
@@ -409,6 +416,7 @@ impl StateMachine {
                 applied: Mutex::new(applied),
                 published: Mutex::new(published),
                 semantics_max: std::sync::atomic::AtomicU32::new(ledger::semantics::MAX),
+                apply_delay_us: std::sync::atomic::AtomicU64::new(0),
                 snapshots: Mutex::new(()),
                 checkpoint_policy,
                 checkpointed_at: Mutex::new(std::time::Instant::now()),
@@ -453,6 +461,10 @@ impl StateMachine {
     }
 
     fn apply_locked(&self, ledger: &mut State, entry: &Entry) -> io::Result<Response> {
+        let delay = self.shared.apply_delay_us.load(std::sync::atomic::Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
         // Lock order everywhere: the ledger, then the applied state. `build` runs in its own task
         // and takes them in that order too; the other order deadlocked under snapshotting.
         let mut applied = self.shared.applied.lock().unwrap();
