@@ -439,6 +439,17 @@ fn transfer(id: u128) -> v1::Transfer {
     }
 }
 
+/// Accounts 1 and 2 on ledger 1, which `transfer` moves money between.
+async fn create_accounts_1_and_2(client: &Client) {
+    let accounts = (1..=2).map(|id| v1::Account {
+        id: tally_client::u128_to(id),
+        ledger: 1,
+        code: 1,
+        ..v1::Account::default()
+    });
+    client.create_accounts(accounts.collect()).await.unwrap();
+}
+
 /// Bytes of events waiting or in flight on a node are bounded, not only their count: a batch
 /// past the budget is refused with RESOURCE_EXHAUSTED and moves nothing; smaller ones go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,13 +458,7 @@ async fn writes_past_the_queued_bytes_budget_are_refused() {
     let cluster = TestCluster::start(Path::new(TALLY), &SITES, &["--max-queued-bytes", "512KiB"]);
     cluster.wait_for_leader(DEADLINE).await;
     let client = cluster.client(Duration::from_secs(10));
-    let accounts = (1..=2).map(|id| v1::Account {
-        id: tally_client::u128_to(id),
-        ledger: 1,
-        code: 1,
-        ..v1::Account::default()
-    });
-    client.create_accounts(accounts.collect()).await.unwrap();
+    create_accounts_1_and_2(&client).await;
     let full: Vec<v1::Transfer> = (1..=8189).map(transfer).collect();
     let refused = client.create_transfers(full).await;
     let status = match &refused {
@@ -478,13 +483,7 @@ async fn cancelled_writes_keep_their_queued_bytes_until_their_entry_is_done() {
     let cluster = TestCluster::start(Path::new(TALLY), &SITES, &["--max-queued-bytes", "1KiB"]);
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let client = cluster.client(Duration::from_secs(10));
-    let accounts = (1..=2).map(|id| v1::Account {
-        id: tally_client::u128_to(id),
-        ledger: 1,
-        code: 1,
-        ..v1::Account::default()
-    });
-    client.create_accounts(accounts.collect()).await.unwrap();
+    create_accounts_1_and_2(&client).await;
     cluster.wait_for_convergence(DEADLINE).await;
     let followers: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
     for id in &followers {
@@ -552,13 +551,7 @@ async fn bytes_being_received_and_subscribers_are_bounded() {
     let cluster = TestCluster::start(Path::new(TALLY), &SITES, &args);
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let client = cluster.client_of(&[leader], Duration::from_secs(10));
-    let accounts = (1..=2).map(|id| v1::Account {
-        id: tally_client::u128_to(id),
-        ledger: 1,
-        code: 1,
-        ..v1::Account::default()
-    });
-    client.create_accounts(accounts.collect()).await.unwrap();
+    create_accounts_1_and_2(&client).await;
     let door = cluster.address(leader);
     let held = prost::Message::encode_to_vec(&request_of(4_000 << 10, 1_000_000));
     assert!(held.len() < 4 << 20, "{} bytes: within the message limit", held.len());

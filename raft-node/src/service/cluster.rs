@@ -421,26 +421,21 @@ pub async fn hand_over_while_applying(node: Arc<NodeHandle>) {
         if !node.is_leader() {
             continue;
         }
-        let (committed, applied) = {
+        let (committed, applied, voters) = {
             let metrics = node.raft.metrics();
             let current = metrics.borrow_watched();
+            let membership = current.membership_config.membership();
+            let voters: Vec<(NodeId, NodeInfo)> = membership
+                .voter_ids()
+                .filter(|id| *id != node.id())
+                .filter_map(|id| membership.get_node(&id).map(|info| (id, info.clone())))
+                .collect();
             let applied = current.last_applied.map_or(0, |id| id.index);
-            (current.local_committed.map_or(0, |id| id.index), applied)
+            (current.local_committed.map_or(0, |id| id.index), applied, voters)
         };
         if committed.saturating_sub(applied) <= APPLY_BACKLOG_MAX {
             continue;
         }
-        let voters: Vec<(NodeId, NodeInfo)> = {
-            let metrics = node.raft.metrics();
-            let current = metrics.borrow_watched();
-            let membership = current.membership_config.membership();
-            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-            membership
-                .nodes()
-                .filter(|(id, _)| voters.contains(id) && **id != node.id())
-                .map(|(id, n)| (*id, n.clone()))
-                .collect()
-        };
         let mut best: Option<(NodeId, u64)> = None;
         for (id, info) in &voters {
             let address = node.address_of(*id).unwrap_or_else(|| info.peer_address.clone());
