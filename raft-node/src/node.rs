@@ -98,6 +98,12 @@ pub struct NodeConfig {
     /// log instead of needing the whole snapshot.
     #[serde(default = "default_snapshot_log_keep")]
     pub snapshot_log_keep: u64,
+    /// The log behind a snapshot keeps at least its newest this many bytes ...
+    #[serde(default = "default_log_keep_bytes")]
+    pub log_keep_bytes: u64,
+    /// ... and every entry written within this many milliseconds (`log_store::LogKeep`).
+    #[serde(default = "default_log_keep_ms")]
+    pub log_keep_ms: u64,
     /// Memory for the ledger state's caches (sled's page cache and decoded accounts), in bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
@@ -178,6 +184,12 @@ fn default_snapshot_entries() -> u64 {
 }
 fn default_snapshot_log_keep() -> u64 {
     1000
+}
+pub fn default_log_keep_bytes() -> u64 {
+    4 << 30
+}
+pub fn default_log_keep_ms() -> u64 {
+    15 * 60 * 1000
 }
 pub fn default_checkpoint_interval_ms() -> u64 {
     200
@@ -363,6 +375,45 @@ pub struct NodeHandle {
     /// The last whole-cluster status and when it was gathered, shared by callers without an
     /// operator's or a node's certificate (`service::cluster`).
     pub status_cache: tokio::sync::Mutex<Option<(std::time::Instant, tally_proto::v1::StatusReply)>>,
+    /// The whole state arriving from the leader, while it does (`service::raft`).
+    pub receiving: Receiving,
+}
+
+/// A snapshot being received: whether one is, and its bytes so far.
+#[derive(Default)]
+pub struct Receiving {
+    active: std::sync::atomic::AtomicBool,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Receiving {
+    /// Marks a snapshot as arriving until the guard is dropped.
+    pub fn start(&self) -> ReceivingGuard<'_> {
+        self.bytes.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.active.store(true, std::sync::atomic::Ordering::Relaxed);
+        ReceivingGuard(self)
+    }
+
+    /// Bytes received so far, or `None` when no snapshot is arriving.
+    pub fn bytes(&self) -> Option<u64> {
+        self.active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.bytes.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+pub struct ReceivingGuard<'a>(&'a Receiving);
+
+impl ReceivingGuard<'_> {
+    pub fn received(&self, bytes: u64) {
+        self.0.bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReceivingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// When a leader was last heard from: milliseconds since the node started, `u64::MAX` for never.
@@ -442,7 +493,9 @@ fn raft_config(config: &NodeConfig) -> openraft::Config {
         // Entries per append: up to 64 MiB messages fit a few hundred 1 MiB entries.
         max_payload_entries: 64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
-        max_in_snapshot_log_to_keep: config.snapshot_log_keep,
+        // The log behind a snapshot is purged by `service::cluster::purge_behind_snapshots`, by
+        // entries, bytes and age; openraft would purge by entries alone.
+        max_in_snapshot_log_to_keep: u64::MAX,
         install_snapshot_timeout: 60_000,
         enable_elect: true,
         // A leader that restarts must win a new election before it serves. Restoring leadership
@@ -601,12 +654,14 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         started: std::time::Instant::now(),
         subscribers: Arc::new(tokio::sync::Semaphore::new(subscribers_max)),
         status_cache: tokio::sync::Mutex::new(None),
+        receiving: Receiving::default(),
     });
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
     tokio::spawn(crate::service::cluster::watch_divergence(node.clone()));
     tokio::spawn(crate::service::cluster::raise_semantics(node.clone()));
     tokio::spawn(crate::service::cluster::hand_over_while_applying(node.clone()));
+    tokio::spawn(crate::service::cluster::purge_behind_snapshots(node.clone()));
     tokio::spawn(crate::batcher::expire_when_due(
         node.raft.clone(),
         node.state.clone(),

@@ -60,10 +60,10 @@ pub struct BenchmarkArgs {
     #[arg(long, default_value_t = 8189)]
     pub batch: usize,
     /// How long to measure, after the warm-up (e.g. 10s, 500ms, 2m).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     pub duration: Duration,
     /// Load sent before measuring starts, not counted.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
     pub warmup: Duration,
     /// Stop after this many transfers instead (warm-up included, measured from the start).
     #[arg(long)]
@@ -92,22 +92,6 @@ pub struct BenchmarkArgs {
     /// (e.g. "--group-commit-delay-us 200").
     #[arg(long, allow_hyphen_values = true)]
     pub serve_args: Option<String>,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let error = || format!("'{text}': expected a duration such as 10s, 500ms or 2m");
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(at) => text.split_at(at),
-        None => (text, "s"),
-    };
-    let value: f64 = number.parse().map_err(|_| error())?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(error()),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| error())
 }
 
 impl BenchmarkArgs {
@@ -823,21 +807,6 @@ impl Report<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        let check = |text: &str, expected: Option<Duration>| {
-            assert_eq!(parse_duration(text).ok(), expected, "{text}")
-        };
-        check("10s", Some(Duration::from_secs(10)));
-        check("10", Some(Duration::from_secs(10)));
-        check("500ms", Some(Duration::from_millis(500)));
-        check("2m", Some(Duration::from_secs(120)));
-        check("1.5s", Some(Duration::from_millis(1500)));
-        check("ten", None);
-        check("5h", None);
-        check("-1s", None);
-    }
 
     #[test]
     fn percentiles_of_a_known_distribution() {

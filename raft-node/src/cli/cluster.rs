@@ -140,6 +140,9 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                     "clock_offset_ms": n.clock_offset_ms, "clock_synchronized": n.clock_synchronized,
                     "uptime_seconds": n.uptime_seconds, "version": n.version,
                     "semantics_version": n.semantics_version, "semantics_known": n.semantics_known,
+                    "snapshot_index": n.snapshot_index, "log_first_index": n.log_first_index,
+                    "redundancy": redundancy_name(n), "entries_behind": n.entries_behind,
+                    "state_bytes_received": n.state_bytes_received,
                 })
             })
             .collect();
@@ -179,8 +182,21 @@ fn print_status(json: bool, status: &v1::StatusReply) {
         status.leader_id, status.term, status.committed_index
     );
     let mut nodes = table(&[
-        "id", "address", "site", "role", "leader", "up", "uptime", "version", "term", "last log", "applied",
-        "lag", "digest", "disk",
+        "id",
+        "address",
+        "site",
+        "role",
+        "leader",
+        "up",
+        "uptime",
+        "version",
+        "term",
+        "last log",
+        "applied",
+        "lag",
+        "redundancy",
+        "digest",
+        "disk",
     ]);
     for n in &status.nodes {
         nodes.add_row(vec![
@@ -196,6 +212,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             n.last_log_index.to_string(),
             n.applied_index.to_string(),
             n.replication_lag.to_string(),
+            redundancy_text(n),
             n.state_digest.chars().take(12).collect(),
             if n.needs_replace { "LOST: replace".into() } else { String::new() },
         ]);
@@ -207,6 +224,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             n.id, n.id
         );
     }
+    println!("{}", redundancy_line(&status.nodes));
     let mut sites = table(&["site", "voters", "learners", "survives its loss"]);
     for s in &status.sites {
         sites.add_row(vec![
@@ -222,6 +240,38 @@ fn print_status(json: bool, status: &v1::StatusReply) {
     }
     if let Some(line) = semantics_line(&status.nodes) {
         println!("{line}");
+    }
+}
+
+fn redundancy_name(node: &v1::NodeStatus) -> String {
+    let name = v1::Redundancy::try_from(node.redundancy).unwrap_or_default().as_str_name();
+    status_name(name, "REDUNDANCY_")
+}
+
+/// "up to date", "catching up: 1234 entries", "receiving state: 12 MiB", "down".
+fn redundancy_text(node: &v1::NodeStatus) -> String {
+    match v1::Redundancy::try_from(node.redundancy).unwrap_or_default() {
+        v1::Redundancy::UpToDate => "up to date".into(),
+        v1::Redundancy::CatchingUp => format!("catching up: {} entries", node.entries_behind),
+        v1::Redundancy::ReceivingState => {
+            format!("receiving state: {} MiB", node.state_bytes_received >> 20)
+        }
+        v1::Redundancy::Down => "down".into(),
+        v1::Redundancy::Unspecified => String::new(),
+    }
+}
+
+/// Whether every member holds the ledger now, in words.
+fn redundancy_line(nodes: &[v1::NodeStatus]) -> String {
+    let lacking: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.redundancy != v1::Redundancy::UpToDate as i32)
+        .map(|n| format!("node {} {}", n.id, redundancy_text(n)))
+        .collect();
+    if lacking.is_empty() {
+        "Full redundancy: every member is up to date.".into()
+    } else {
+        format!("Redundancy reduced: {}.", lacking.join(", "))
     }
 }
 

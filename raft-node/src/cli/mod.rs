@@ -103,16 +103,6 @@ pub struct ClientArgs {
 }
 
 /// How a command connects to the nodes' client doors.
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn timestamps_read_as_rfc3339() {
-        assert_eq!(super::rfc3339(1_796_128_768_389_841_106), "2026-12-01T12:39:28.389841106Z");
-        assert_eq!(super::rfc3339(1_000_000_000), "1970-01-01T00:00:01Z");
-        assert_eq!(super::rfc3339(0), "-");
-    }
-}
-
 #[derive(Args, Clone)]
 pub struct TlsArgs {
     /// The cluster's CA certificate (PEM). Default: `tally dev`'s, if ./tally-dev/certs exists.
@@ -216,5 +206,52 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Restore(args) => or_fail(backup::run_restore(args)),
         Command::Cluster(command) => or_fail(cluster::run(command).await),
         command => or_fail(ledger::run(command).await),
+    }
+}
+
+/// A duration such as 10s, 500ms, 2m or 1h (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let error = || format!("'{text}': expected a duration such as 10s, 500ms, 2m or 1h");
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number.parse().map_err(|_| error())?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(error()),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| error())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_read_as_rfc3339() {
+        assert_eq!(rfc3339(1_796_128_768_389_841_106), "2026-12-01T12:39:28.389841106Z");
+        assert_eq!(rfc3339(1_000_000_000), "1970-01-01T00:00:01Z");
+        assert_eq!(rfc3339(0), "-");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        let check = |text: &str, expected: Option<Duration>| {
+            assert_eq!(parse_duration(text).ok(), expected, "{text}")
+        };
+        check("10s", Some(Duration::from_secs(10)));
+        check("10", Some(Duration::from_secs(10)));
+        check("500ms", Some(Duration::from_millis(500)));
+        check("2m", Some(Duration::from_secs(120)));
+        check("1.5s", Some(Duration::from_millis(1500)));
+        check("ten", None);
+        check("5h", Some(Duration::from_secs(5 * 3600)));
+        check("0s", Some(Duration::ZERO));
+        check("5d", None);
+        check("-1s", None);
     }
 }

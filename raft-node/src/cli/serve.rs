@@ -93,8 +93,18 @@ pub struct ServeArgs {
     pub group_commit_delay_us: Option<u64>,
     #[arg(long)]
     pub snapshot_entries: Option<u64>,
+    /// Log entries kept behind a snapshot at least (default 1000).
     #[arg(long)]
     pub snapshot_log_keep: Option<u64>,
+    /// Keep at least this much of the newest log behind a snapshot, e.g. 4GiB (the default) or 0,
+    /// so that a node that was away catches up from the entries it missed instead of receiving
+    /// the whole state.
+    #[arg(long, value_parser = parse_size)]
+    pub log_keep_bytes: Option<u64>,
+    /// ... and everything written within this long, e.g. 15m (the default), 1h or 0s; whichever
+    /// of the two reaches further back.
+    #[arg(long, value_parser = super::parse_duration)]
+    pub log_keep_time: Option<std::time::Duration>,
     /// Memory for the ledger state's caches, e.g. 512MiB or 2GiB (default 512MiB).
     #[arg(long, value_parser = parse_bytes)]
     pub cache_bytes: Option<u64>,
@@ -272,6 +282,15 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .snapshot_log_keep
             .or(file.as_ref().map(|f| f.snapshot_log_keep))
             .unwrap_or(1000),
+        log_keep_bytes: args
+            .log_keep_bytes
+            .or(file.as_ref().map(|f| f.log_keep_bytes))
+            .unwrap_or_else(crate::node::default_log_keep_bytes),
+        log_keep_ms: args
+            .log_keep_time
+            .map(|time| time.as_millis() as u64)
+            .or(file.as_ref().map(|f| f.log_keep_ms))
+            .unwrap_or_else(crate::node::default_log_keep_ms),
         cache_bytes: args
             .cache_bytes
             .or(file.as_ref().map(|f| f.cache_bytes))

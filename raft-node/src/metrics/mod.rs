@@ -115,6 +115,15 @@ pub static CHECKPOINT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
 });
 pub static SNAPSHOT_BYTES: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_snapshot_bytes", "Size of the last snapshot built or installed"));
+pub static SNAPSHOTS_SENT: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "tally_snapshots_sent_total",
+        "Whole-state snapshots this node sent to a member that could not catch up from its log",
+    )
+});
+pub static SNAPSHOTS_RECEIVED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter("tally_snapshots_received_total", "Whole-state snapshots this node received and installed")
+});
 static MERGES_FAILED: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "tally_state_merges_failed",
@@ -159,6 +168,20 @@ static COMMITTED: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_raft_committed_index", "Index of the last entry known committed"));
 static APPLIED: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_raft_applied_index", "Index of the last entry applied to the ledger"));
+static SNAPSHOT_INDEX: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("tally_raft_snapshot_index", "Index of this node's last snapshot"));
+static LOG_FIRST: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "tally_raft_log_first_index",
+        "First entry this node's log still holds (the log behind a snapshot is purged)",
+    )
+});
+static RECEIVING_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "tally_receiving_state_bytes",
+        "Bytes received of the whole state (a snapshot) arriving now; -1 when none is",
+    )
+});
 static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge_vec(
         "tally_raft_replication_lag",
@@ -178,7 +201,8 @@ pub fn init() {
     LazyLock::force(&FSYNC_SECONDS);
     LazyLock::force(&SNAPSHOT_SECONDS);
     LazyLock::force(&CHECKPOINT_SECONDS);
-    for counter in [&FORWARDED, &EXPIRY_TICKS, &LEADER_CHANGES, &TERMS] {
+    for counter in [&FORWARDED, &EXPIRY_TICKS, &LEADER_CHANGES, &TERMS, &SNAPSHOTS_SENT, &SNAPSHOTS_RECEIVED]
+    {
         LazyLock::force(counter);
     }
     for gauge in
@@ -186,6 +210,10 @@ pub fn init() {
     {
         LazyLock::force(gauge);
     }
+    for gauge in [&SNAPSHOT_INDEX, &LOG_FIRST, &RECEIVING_STATE] {
+        LazyLock::force(gauge);
+    }
+    RECEIVING_STATE.set(-1);
     LazyLock::force(&REQUESTS);
     LazyLock::force(&REQUEST_SECONDS);
     LazyLock::force(&LAG);
@@ -223,6 +251,9 @@ pub fn render(node: &NodeHandle) -> String {
         LAST_LOG.set(current.last_log_index.unwrap_or(0) as i64);
         APPLIED.set(current.last_applied.map_or(0, |id| id.index) as i64);
         COMMITTED.set(current.local_committed.map_or(0, |id| id.index) as i64);
+        SNAPSHOT_INDEX.set(current.snapshot.map_or(0, |id| id.index) as i64);
+        LOG_FIRST.set(current.purged.map_or(0, |id| id.index + 1) as i64);
+        RECEIVING_STATE.set(node.receiving.bytes().map_or(-1, |bytes| bytes as i64));
         LAG.reset();
         if let Some(replication) = &current.replication {
             let last = current.last_log_index.unwrap_or(0);

@@ -261,7 +261,10 @@ impl RaftNetworkV2<TypeConfig> for Peer {
             closed = cancel => Err(StreamingError::Closed(closed)),
             reply = send => {
                 let reply = reply.map_err(unreachable(target))?;
-                unpack(reply.get_ref()).map_err(|e| StreamingError::Network(NetworkError::from_string(e)))
+                let response = unpack(reply.get_ref())
+                    .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
+                crate::metrics::SNAPSHOTS_SENT.inc();
+                Ok(response)
             }
         }
     }

@@ -93,6 +93,12 @@ impl ClusterService {
                 .collect(),
             semantics_version: published.semantics,
             semantics_known: self.node.state.semantics_max(),
+            snapshot_index: metrics.snapshot.map_or(0, |id| id.index),
+            log_first_index: metrics.purged.map_or(0, |id| id.index + 1),
+            receiving_state: self.node.receiving.bytes().is_some(),
+            state_bytes_received: self.node.receiving.bytes().unwrap_or(0),
+            redundancy: pb::Redundancy::Unspecified as i32,
+            entries_behind: 0,
         }
     }
 
@@ -129,6 +135,7 @@ impl ClusterService {
                 report
             })
             .collect::<Vec<_>>();
+        let nodes = judge_redundancy(nodes, metrics.replication.is_some());
         let sites = site_status(&voters, &membership.nodes().map(|(id, n)| (*id, n.clone())).collect());
         let divergences = divergences(&nodes);
         pb::StatusReply {
@@ -404,6 +411,43 @@ pub async fn raise_semantics(node: Arc<NodeHandle>) {
     }
 }
 
+/// How often a node looks whether its log behind the last snapshot may be purged.
+const PURGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// For the life of the node: purges the log behind the last snapshot down to what it keeps
+/// (`--snapshot-log-keep` entries, `--log-keep-bytes`, `--log-keep-time`, whichever keeps the
+/// most). A follower that was down, paused or cut off for minutes then needs only the entries it
+/// missed, streamed from the log, instead of the whole state (issue 24, item 2). openraft does
+/// not purge entries a replication still reads.
+pub async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
+    let keep = crate::storage::log_store::LogKeep {
+        bytes: node.config.log_keep_bytes,
+        age: Duration::from_millis(node.config.log_keep_ms),
+    };
+    let mut interval = tokio::time::interval(PURGE_CHECK_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let (snapshot, purged) = {
+            let metrics = node.raft.metrics();
+            let current = metrics.borrow_watched();
+            (current.snapshot.map(|id| id.index), current.purged.map(|id| id.index))
+        };
+        let Some(by_entries) = snapshot.and_then(|index| index.checked_sub(node.config.snapshot_log_keep))
+        else {
+            continue;
+        };
+        let log = node.log.clone();
+        let Ok(Some(by_size)) = tokio::task::spawn_blocking(move || log.purge_bound(keep)).await else {
+            continue;
+        };
+        let upto = by_entries.min(by_size);
+        if purged.is_none_or(|purged| upto > purged) {
+            let _ = node.raft.trigger().purge_log(upto).await;
+        }
+    }
+}
+
 /// How often the leader looks at its apply backlog; it hands over once per this at most.
 const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(250);
 
@@ -456,6 +500,32 @@ pub async fn hand_over_while_applying(node: Arc<NodeHandle>) {
         );
         let _ = node.raft.trigger().transfer_leader(to).await;
     }
+}
+
+/// A member this many entries or fewer behind the leader's log, and with as few still to apply,
+/// counts as up to date: a moment of work at load.
+const UP_TO_DATE_ENTRIES_MAX: u64 = 128;
+
+/// Sets each member's `redundancy` and `entries_behind`: what it lacks of the newest log a
+/// reachable member reports (the leader's replication lag, when the leader answers) or has still
+/// to apply, whichever is more.
+fn judge_redundancy(mut nodes: Vec<pb::NodeStatus>, leader_answers: bool) -> Vec<pb::NodeStatus> {
+    let newest = nodes.iter().filter(|n| n.reachable).map(|n| n.last_log_index).max().unwrap_or(0);
+    for node in &mut nodes {
+        let lacking =
+            if leader_answers { node.replication_lag } else { newest.saturating_sub(node.last_log_index) };
+        node.entries_behind = lacking.max(node.last_log_index.saturating_sub(node.applied_index));
+        node.redundancy = if !node.reachable {
+            pb::Redundancy::Down
+        } else if node.receiving_state {
+            pb::Redundancy::ReceivingState
+        } else if node.entries_behind > UP_TO_DATE_ENTRIES_MAX {
+            pb::Redundancy::CatchingUp
+        } else {
+            pb::Redundancy::UpToDate
+        } as i32;
+    }
+    nodes
 }
 
 /// "node 1 a1b2c3d4e5f6, node 3 ffee..." (12 hex digits each).
@@ -904,6 +974,60 @@ mod tests {
         check(
             &[(1, "a", true), (2, "b", true), (3, "c", true), (4, "d", false)],
             &[("a", true), ("b", true), ("c", true), ("d", true)],
+        );
+    }
+
+    /// Up to date, catching up, receiving the state, down: from the leader's replication lag when
+    /// the leader answers, else from the newest log a member reports; applying counts too.
+    #[test]
+    fn redundancy_is_judged_from_what_a_member_lacks_or_has_to_apply() {
+        let member =
+            |id, reachable, last_log_index, applied_index, replication_lag, receiving_state| pb::NodeStatus {
+                id,
+                reachable,
+                last_log_index,
+                applied_index,
+                replication_lag,
+                receiving_state,
+                ..pb::NodeStatus::default()
+            };
+        let judged = |nodes, leader_answers| -> Vec<(pb::Redundancy, u64)> {
+            judge_redundancy(nodes, leader_answers)
+                .iter()
+                .map(|n| (n.redundancy(), n.entries_behind))
+                .collect()
+        };
+        let nodes = vec![
+            member(1, true, 5000, 4990, 0, false),
+            member(2, true, 4900, 4900, 100, false),
+            member(3, true, 3000, 3000, 2000, false),
+            member(4, true, 5000, 1000, 0, false),
+            member(5, true, 0, 0, 5000, true),
+            member(6, false, 0, 0, 4000, false),
+        ];
+        use pb::Redundancy::*;
+        assert_eq!(
+            judged(nodes.clone(), true),
+            [
+                (UpToDate, 10),
+                (UpToDate, 100),
+                (CatchingUp, 2000),
+                (CatchingUp, 4000),
+                (ReceivingState, 5000),
+                (Down, 4000)
+            ]
+        );
+        // Answered by a follower: measured against the newest log reported.
+        assert_eq!(
+            judged(nodes, false),
+            [
+                (UpToDate, 10),
+                (UpToDate, 100),
+                (CatchingUp, 2000),
+                (CatchingUp, 4000),
+                (ReceivingState, 5000),
+                (Down, 5000)
+            ]
         );
     }
 }

@@ -277,6 +277,7 @@ impl pb::raft_server::Raft for RaftService {
         let _installing = self.installing.try_acquire().map_err(|_| {
             Status::resource_exhausted("a snapshot is being installed on this node already; one at a time")
         })?;
+        let receiving = self.node.receiving.start();
         let bytes_max = self.node.config.snapshot_bytes_max;
         let from = caller_id(&request);
         let mut chunks = request.into_inner();
@@ -304,6 +305,7 @@ impl pb::raft_server::Raft for RaftService {
                 header = Some(snapshot_header(&h).map_err(bad_message)?);
             }
             received += chunk.data.len() as u64;
+            receiving.received(received);
             if received > bytes_max {
                 return Err(Status::resource_exhausted(format!(
                     "snapshot larger than this node accepts (--max-snapshot-bytes {bytes_max})"
@@ -327,6 +329,7 @@ impl pb::raft_server::Raft for RaftService {
         let raft = self.node.raft.clone();
         let install = async move { raft.install_full_snapshot(vote, snapshot).await };
         let reply = install_holding(incoming, install).await?.map_err(raft_failed)?;
+        crate::metrics::SNAPSHOTS_RECEIVED.inc();
         Ok(Response::new(message(&reply)))
     }
 }

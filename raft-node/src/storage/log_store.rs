@@ -160,6 +160,52 @@ impl LogStore {
     pub fn last_index(&self) -> Option<u64> {
         self.shared.wal.lock().unwrap().last_index().map(|i| i - 1)
     }
+
+    /// The newest Raft index `keep` lets a purge reach, by whole segments, or `None` if it keeps
+    /// the whole log. Whether a snapshot covers it is the caller's question.
+    pub fn purge_bound(&self, keep: LogKeep) -> Option<u64> {
+        let segments = self.shared.wal.lock().unwrap().segments();
+        let now = std::time::SystemTime::now();
+        // A segment's modification time is its last append's. One that cannot be read counts as
+        // written now: kept.
+        let written_ago = |segment: &wal::SegmentSummary| {
+            std::fs::metadata(&segment.path)
+                .and_then(|meta| meta.modified())
+                .ok()
+                .and_then(|modified| now.duration_since(modified).ok())
+                .unwrap_or(std::time::Duration::ZERO)
+        };
+        let aged: Vec<(wal::SegmentSummary, std::time::Duration)> =
+            segments.into_iter().map(|segment| (segment.clone(), written_ago(&segment))).collect();
+        purge_bound(&aged, keep).checked_sub(1)
+    }
+}
+
+/// What the log keeps behind the last snapshot, so that a follower that was down, paused or cut
+/// off catches up from the entries it missed instead of receiving the whole state: at least the
+/// newest `bytes` of log, and everything written in the last `age`, whichever reaches further
+/// back (`--log-keep-bytes`, `--log-keep-time`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogKeep {
+    pub bytes: u64,
+    pub age: std::time::Duration,
+}
+
+/// The newest WAL index a purge may reach under `keep`, given each segment (oldest first) and how
+/// long ago it was last written; 0 when every segment must stay. Whole segments only: a segment
+/// is kept while the newer ones hold less than `keep.bytes`, or while it was written within
+/// `keep.age`.
+fn purge_bound(segments: &[(wal::SegmentSummary, std::time::Duration)], keep: LogKeep) -> u64 {
+    let mut bound = segments.last().map_or(0, |(segment, _)| segment.last_index);
+    let mut newer_bytes = 0u64;
+    for (segment, written_ago) in segments.iter().rev() {
+        if newer_bytes >= keep.bytes && *written_ago >= keep.age {
+            break;
+        }
+        newer_bytes = newer_bytes.saturating_add(segment.bytes);
+        bound = segment.first_index - 1;
+    }
+    bound
 }
 
 fn read_decoded<T: for<'de> serde::Deserialize<'de>>(dir: &Path, name: &str) -> io::Result<Option<T>> {
@@ -497,5 +543,43 @@ mod tests {
             "the committed file names entry {} after a sync that covered 2",
             persisted.index
         );
+    }
+
+    /// Four segments of 10 entries and 100 bytes each, written 40, 30, 20 and 10 minutes ago.
+    fn aged_segments() -> Vec<(wal::SegmentSummary, std::time::Duration)> {
+        (0..4u64)
+            .map(|i| {
+                let segment = wal::SegmentSummary {
+                    first_index: 1 + 10 * i,
+                    last_index: 10 + 10 * i,
+                    bytes: 100,
+                    path: PathBuf::from(format!("segment-{i}")),
+                };
+                (segment, std::time::Duration::from_secs(60 * (40 - 10 * i)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_log_keeps_whichever_of_its_bytes_and_its_age_reaches_further_back() {
+        let minutes = |m: u64| std::time::Duration::from_secs(60 * m);
+        let segments = aged_segments();
+        let bound = |bytes, age| purge_bound(&segments, LogKeep { bytes, age });
+        // Nothing to keep: the whole log may go (the caller stops at the snapshot).
+        assert_eq!(bound(0, minutes(0)), 40);
+        // By bytes: the newest segments holding at least that many.
+        assert_eq!(bound(100, minutes(0)), 30);
+        assert_eq!(bound(101, minutes(0)), 20);
+        assert_eq!(bound(400, minutes(0)), 0);
+        assert_eq!(bound(u64::MAX, minutes(0)), 0);
+        // By age: every segment written within it.
+        assert_eq!(bound(0, minutes(15)), 30);
+        assert_eq!(bound(0, minutes(25)), 20);
+        assert_eq!(bound(0, minutes(45)), 0);
+        // Both: whichever reaches further back.
+        assert_eq!(bound(250, minutes(15)), 10);
+        assert_eq!(bound(100, minutes(35)), 10);
+        assert_eq!(bound(100, minutes(41)), 0);
+        assert_eq!(purge_bound(&[], LogKeep { bytes: 1, age: minutes(1) }), 0);
     }
 }

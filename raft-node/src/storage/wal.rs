@@ -309,6 +309,15 @@ impl SyncPlan {
     }
 }
 
+/// One segment as a purge policy sees it: the indexes it holds, its size and its file.
+#[derive(Clone, Debug)]
+pub struct SegmentSummary {
+    pub first_index: u64,
+    pub last_index: u64,
+    pub bytes: u64,
+    pub path: PathBuf,
+}
+
 /// The log of one node, owned by one caller (the log store, behind a lock). Nothing stops a second
 /// `Wal` on the same directory, in this process or another, and two writers would corrupt it: a
 /// node opens its log once. (A lock file would need `File::lock`, newer than our rust-version.)
@@ -411,6 +420,17 @@ impl Wal {
         self.check_usable()?;
         let result = self.purge_upto_unchecked(index);
         self.poison_on_error(result)
+    }
+
+    /// Every segment, oldest first: what a purge policy looks at (`log_store::purge_bound`).
+    pub fn segments(&self) -> Vec<SegmentSummary> {
+        let summary = |segment: &Segment| SegmentSummary {
+            first_index: segment.first_index,
+            last_index: segment.last_index(),
+            bytes: segment.bytes_len,
+            path: segment.path.clone(),
+        };
+        self.segments.iter().map(summary).collect()
     }
 
     /// The first index still readable, or `None` if the log is empty.
