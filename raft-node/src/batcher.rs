@@ -35,9 +35,25 @@ pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
 pub const APPLY_BACKLOG_MAX: u64 = 128;
 /// Batches waiting for the batcher; a full queue pushes back on clients.
 pub const QUEUE_BATCHES_MAX: usize = 16 * 1024;
+/// The default longest wait in the leader's queue that still takes more writes
+/// (`--max-queue-wait-ms`): past what the cluster can commit, requests are refused at once
+/// rather than queued for seconds.
+pub const QUEUE_WAIT_MS_DEFAULT: u64 = 50;
 /// The default bytes of events submitted and not yet answered (`--max-queued-bytes`): 256
 /// full batches. The count above alone allowed 16 GiB of 1 MiB batches.
 pub const QUEUE_BYTES_DEFAULT: u64 = 256 << 20;
+
+/// gRPC's header for how long a client should wait before retrying a refused call.
+pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
+
+/// What a batcher takes before it refuses writes.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes of events waiting or in flight (`--max-queued-bytes`).
+    pub bytes_max: u64,
+    /// The longest wait in the queue (`--max-queue-wait-ms`).
+    pub queue_wait_max: Duration,
+}
 
 type Reply = oneshot::Sender<Result<BatchReply, Status>>;
 
@@ -64,6 +80,10 @@ pub struct Batcher {
     /// One permit per byte of events submitted and not answered yet.
     bytes: Arc<Semaphore>,
     bytes_max: usize,
+    /// How long the last entry's first batch waited in the queue, in microseconds (`run`).
+    queue_wait_us: Arc<std::sync::atomic::AtomicU64>,
+    /// Past this wait, while batches queue, new ones are refused (RESOURCE_EXHAUSTED).
+    queue_wait_max: Duration,
 }
 
 /// The memory a batch's events take.
@@ -77,18 +97,22 @@ fn batch_bytes(batch: &Batch) -> usize {
 impl Batcher {
     /// `clock` gives the timestamp of each entry; `me` is this node's id.
     /// At most `bytes_max` bytes of events are waiting or in flight at a time.
+    /// A queue whose batches wait longer than `limits.queue_wait_max` refuses more.
     pub fn start(
         raft: Raft,
         delay: Duration,
         clock: Arc<ClusterClock>,
         me: NodeId,
-        bytes_max: u64,
+        limits: Limits,
     ) -> Batcher {
         let (queue, receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
         let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
-        let proposer = Proposer { raft, clock, me };
-        tokio::spawn(run(proposer.clone(), receiver, delay, in_flight.clone()));
-        let bytes_max = (bytes_max as usize).min(Semaphore::MAX_PERMITS);
+        let last_commit_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let proposer = Proposer { raft, clock, me, last_commit_us };
+        let queue_wait_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        tokio::spawn(run(proposer.clone(), receiver, delay, in_flight.clone(), queue_wait_us.clone()));
+
+        let bytes_max = (limits.bytes_max as usize).min(Semaphore::MAX_PERMITS);
         Batcher {
             queue,
             in_flight,
@@ -96,6 +120,8 @@ impl Batcher {
             direct: delay.is_zero(),
             bytes: Arc::new(Semaphore::new(bytes_max)),
             bytes_max,
+            queue_wait_us,
+            queue_wait_max: limits.queue_wait_max,
         }
     }
 
@@ -117,6 +143,29 @@ impl Batcher {
                 "this node leads but still applies {backlog} committed entries; it hands leadership to a node \
                  that has applied them: nothing was written, retry"
             )));
+        }
+        // At capacity: the last entry's first batch waited longer than we let a write queue, and
+        // longer than an entry takes to commit, and batches queue still. A batch that arrives
+        // while both entries are in flight waits for the older one, less than a commit, and the
+        // next entry takes all that waits, up to its bounds: a longer wait means entries are full
+        // and a backlog grows (large entries of group commit only make each commit longer). Refused at once, with when to come back,
+        // rather than queued for seconds behind what the cluster cannot commit in time (issue 24,
+        // item 5).
+        let load = |value: &std::sync::atomic::AtomicU64| {
+            Duration::from_micros(value.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        let waited = load(&self.queue_wait_us);
+        let commit = load(&self.proposer.last_commit_us);
+        if waited > self.queue_wait_max.max(commit) && self.queue.capacity() < QUEUE_BATCHES_MAX {
+            let retry_ms = waited.as_millis().max(1) as u64;
+            let mut status = Status::resource_exhausted(format!(
+                "the leader is at capacity (writes waited {} ms to be proposed, more than {} ms): nothing was \
+                 written; retry in about {retry_ms} ms with the same ids, or send fewer requests",
+                waited.as_millis(),
+                self.queue_wait_max.as_millis()
+            ));
+            status.metadata_mut().insert(RETRY_PUSHBACK_HEADER, retry_ms.into());
+            return Err(status);
         }
         let bytes = batch_bytes(&batch);
         let held = u32::try_from(bytes)
@@ -192,6 +241,8 @@ struct Proposer {
     raft: Raft,
     clock: Arc<ClusterClock>,
     me: NodeId,
+    /// How long the last entry took from proposal to commit and apply, in microseconds.
+    last_commit_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 async fn run(
@@ -199,10 +250,13 @@ async fn run(
     mut receiver: mpsc::Receiver<Queued>,
     delay: Duration,
     in_flight: Arc<Semaphore>,
+    queue_wait_us: Arc<std::sync::atomic::AtomicU64>,
 ) {
     while let Some(first) = receiver.recv().await {
         // Waiting for a slot first lets the queue grow while earlier entries are in flight.
         let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let waited = first.submitted.elapsed().as_micros() as u64;
+        queue_wait_us.store(waited, std::sync::atomic::Ordering::Relaxed);
         let mut events = first.batch.len();
         let mut group = vec![first];
         let deadline = tokio::time::Instant::now() + delay;
@@ -262,6 +316,9 @@ async fn propose(proposer: &Proposer, group: Vec<Queued>) {
     let proposed = std::time::Instant::now();
     let written = proposer.raft.client_write(request).await;
     crate::metrics::COMMIT_SECONDS.observe(proposed.elapsed().as_secs_f64());
+    proposer
+        .last_commit_us
+        .store(proposed.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
     match written {
         Ok(written) => {
             let results = written.data.replies;

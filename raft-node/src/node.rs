@@ -57,6 +57,10 @@ pub struct NodeConfig {
     /// with RESOURCE_EXHAUSTED.
     #[serde(default = "default_queued_bytes_max")]
     pub queued_bytes_max: u64,
+    /// The longest a write may wait in the leader's queue to be proposed; while writes wait
+    /// longer (the cluster at capacity), new ones are refused at once with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_queue_wait_max_ms")]
+    pub queue_wait_max_ms: u64,
     /// Bytes of request bodies the client door receives at a time, over all its connections;
     /// past it a request is refused with RESOURCE_EXHAUSTED (`security::budget`).
     #[serde(default = "default_receiving_bytes_max")]
@@ -164,6 +168,9 @@ pub fn default_subscribers_max() -> usize {
     256
 }
 
+pub fn default_queue_wait_max_ms() -> u64 {
+    crate::batcher::QUEUE_WAIT_MS_DEFAULT
+}
 pub fn default_queued_bytes_max() -> u64 {
     crate::batcher::QUEUE_BYTES_DEFAULT
 }
@@ -634,7 +641,10 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         Duration::from_micros(config.group_commit_delay_us),
         clock.clone(),
         config.id,
-        config.queued_bytes_max,
+        crate::batcher::Limits {
+            bytes_max: config.queued_bytes_max,
+            queue_wait_max: Duration::from_millis(config.queue_wait_max_ms),
+        },
     );
     identities.update(raft.metrics().borrow_watched().membership_config.membership().nodes());
     tokio::spawn(follow_membership(raft.clone(), identities.clone()));

@@ -267,6 +267,10 @@ struct Measured {
     transfers_ok: u64,
     /// Microseconds per request.
     latencies_us: Vec<u64>,
+    /// Microseconds per request answered (not refused, not failed).
+    accepted_latencies_us: Vec<u64>,
+    /// Requests refused at once because the cluster was at capacity (RESOURCE_EXHAUSTED).
+    refused: u64,
     /// When each request that carried acknowledged transfers completed.
     acknowledged_at: Vec<Instant>,
     /// Event results other than ok, and failed requests, by name.
@@ -278,6 +282,8 @@ impl Measured {
         self.requests += other.requests;
         self.transfers_ok += other.transfers_ok;
         self.latencies_us.extend(other.latencies_us);
+        self.accepted_latencies_us.extend(other.accepted_latencies_us);
+        self.refused += other.refused;
         self.acknowledged_at.extend(other.acknowledged_at);
         for (name, count) in other.errors {
             *self.errors.entry(name).or_default() += count;
@@ -392,6 +398,7 @@ struct ClientLoad {
     measure_from: Instant,
 }
 
+#[derive(Default)]
 struct ClientResult {
     measured: Measured,
     amount_ok: u128,
@@ -428,36 +435,94 @@ impl ClientLoad {
         (transfers, amount_total)
     }
 
-    async fn run(mut self, client: Client, progress: Arc<Progress>) -> ClientResult {
-        let mut result = ClientResult { measured: Measured::default(), amount_ok: 0, amount_unknown: 0 };
+    async fn run(self, client: Client, progress: Arc<Progress>) -> ClientResult {
+        match self.interval {
+            Some(interval) => self.run_open(interval, Arc::new(client), progress).await,
+            None => self.run_closed(client, progress).await,
+        }
+    }
+
+    /// Closed loop: the next request once the last is answered.
+    async fn run_closed(mut self, client: Client, progress: Arc<Progress>) -> ClientResult {
+        let mut result = ClientResult::default();
         let mut sequence = 0u128;
-        let mut due = Instant::now();
         while !progress.stop.load(Ordering::Relaxed) {
-            if self.interval.is_some() {
-                tokio::time::sleep_until(due.into()).await;
-            } else {
-                due = Instant::now();
-            }
+            let due = Instant::now();
             let (transfers, amount) = self.next_batch(&mut sequence);
             let count = transfers.len();
             let reply = client.create_transfers(transfers).await;
-            let latency = due.elapsed();
-            let measured = due >= self.measure_from;
-            let ok = tally(&mut result, reply, amount, count, measured);
-            if measured {
-                result.measured.requests += 1;
-                result.measured.latencies_us.push(latency.as_micros() as u64);
-                if ok > 0 {
-                    result.measured.acknowledged_at.push(Instant::now());
-                }
-            }
-            progress.transfers_ok.fetch_add(ok, Ordering::Relaxed);
-            if let Some(interval) = self.interval {
-                due += interval;
-            }
+            record(&mut result, reply, (amount, count), due, self.measure_from, &progress);
         }
         result
     }
+
+    /// Open loop: each request goes out when due, answered or not those before it (at most
+    /// `OPEN_LOOP_OUTSTANDING_MAX` at once, a connection's streams), and its latency counts
+    /// from when it was due, so that a queue anywhere shows.
+    async fn run_open(
+        mut self,
+        interval: Duration,
+        client: Arc<Client>,
+        progress: Arc<Progress>,
+    ) -> ClientResult {
+        let result = Arc::new(std::sync::Mutex::new(ClientResult::default()));
+        let outstanding = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_OUTSTANDING_MAX));
+        let mut sent = tokio::task::JoinSet::new();
+        let mut sequence = 0u128;
+        let mut due = Instant::now();
+        while !progress.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep_until(due.into()).await;
+            let permit = outstanding.clone().acquire_owned().await.expect("semaphore never closed");
+            let (transfers, amount) = self.next_batch(&mut sequence);
+            let (client, result, progress, measure_from) =
+                (client.clone(), result.clone(), progress.clone(), self.measure_from);
+            sent.spawn(async move {
+                let count = transfers.len();
+                let reply = client.create_transfers(transfers).await;
+                record(&mut result.lock().unwrap(), reply, (amount, count), due, measure_from, &progress);
+                drop(permit);
+            });
+            while sent.try_join_next().is_some() {}
+            due += interval;
+        }
+        while sent.join_next().await.is_some() {}
+        let result = std::mem::take(&mut *result.lock().unwrap());
+        result
+    }
+}
+
+/// Requests one open-loop client has sent and not seen answered, at most: the streams a node
+/// takes on one connection (`node::CLIENT_STREAMS_PER_CONNECTION_MAX`).
+const OPEN_LOOP_OUTSTANDING_MAX: usize = 256;
+
+/// Records one request due at `due` of `sent` (its amount, its transfers) and its reply.
+fn record(
+    result: &mut ClientResult,
+    reply: Result<Vec<v1::CreateTransferResult>, tally_client::Error>,
+    sent: (u128, usize),
+    due: Instant,
+    measure_from: Instant,
+    progress: &Progress,
+) {
+    let latency_us = due.elapsed().as_micros() as u64;
+    let measured = due >= measure_from;
+    let accepted = reply.is_ok();
+    let refused = matches!(&reply, Err(tally_client::Error::Rejected(status))
+        if status.code() == tonic::Code::ResourceExhausted);
+    let ok = tally(result, reply, sent.0, sent.1, measured);
+    if measured {
+        let measured = &mut result.measured;
+        measured.requests += 1;
+        measured.latencies_us.push(latency_us);
+        if accepted {
+            measured.accepted_latencies_us.push(latency_us);
+        }
+        measured.refused += u64::from(refused);
+        if ok > 0 {
+            measured.acknowledged_at.push(Instant::now());
+        }
+    }
+    progress.transfers_ok.fetch_add(ok, Ordering::Relaxed);
 }
 
 /// Counts one reply: ok transfers and their amount, errors by name. Returns the ok count.
@@ -744,10 +809,22 @@ impl Report<'_> {
             table.add_row(vec![name.to_string(), format!("{rate:.0}"), ms(p50), ms(p99), ms(p999), ms(max)]);
         };
         row("transfers (latency per request)", w.per_second(w.transfers_ok), &w.latencies_us);
+        if w.accepted_latencies_us.len() as u64 != w.requests {
+            let accepted = w.accepted_latencies_us.len() as u64;
+            row("  requests answered only", w.per_second(accepted), &w.accepted_latencies_us);
+        }
         for (name, m) in self.reads {
             row(name, m.per_second(m.requests), &m.latencies_us);
         }
         println!("{table}");
+        if w.refused > 0 {
+            println!(
+                "refused at once, the cluster at capacity (RESOURCE_EXHAUSTED): {} of {} requests ({:.1}%)",
+                w.refused,
+                w.requests,
+                100.0 * w.refused as f64 / w.requests.max(1) as f64
+            );
+        }
         for (name, count) in w.errors.iter().chain(self.reads.iter().flat_map(|(_, m)| m.errors.iter())) {
             println!("errors: {count} x {name}");
         }
@@ -780,6 +857,8 @@ impl Report<'_> {
             json!({"p50_us": p50, "p99_us": p99, "p999_us": p999, "max_us": max})
         };
         let w = self.writes;
+        let [p50, p99, p999, max] = percentiles(&w.accepted_latencies_us);
+        let accepted_latency = json!({"p50_us": p50, "p99_us": p99, "p999_us": p999, "max_us": max});
         json!({
             "workload": {
                 "clients": self.args.clients, "batch": self.args.batch, "accounts": self.args.accounts,
@@ -788,6 +867,7 @@ impl Report<'_> {
             "writes": {
                 "seconds": w.elapsed.as_secs_f64(), "requests": w.requests, "transfers_ok": w.transfers_ok,
                 "transfers_per_second": w.per_second(w.transfers_ok), "latency": latency(w), "errors": w.errors,
+                "refused": w.refused, "accepted_latency": accepted_latency,
                 "longest_gap_us": w.longest_gap().as_micros() as u64,
             },
             "reads": self.reads.iter().map(|(name, m)| json!({

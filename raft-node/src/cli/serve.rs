@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// past it writes are refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = parse_limit)]
     pub max_queued_bytes: Option<u64>,
+    /// The longest a write may wait in the leader's queue (default 50): while writes wait longer,
+    /// the cluster is at capacity and new ones are refused at once with RESOURCE_EXHAUSTED and a
+    /// retry hint, instead of queueing for seconds.
+    #[arg(long)]
+    pub max_queue_wait_ms: Option<u64>,
     /// Bytes of requests the client door receives at a time over all connections, e.g. 256MiB
     /// (the default; at least 8MiB); past it a request is refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = parse_limit)]
@@ -248,6 +253,10 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .max_queued_bytes
             .or(file.as_ref().map(|f| f.queued_bytes_max))
             .unwrap_or_else(crate::node::default_queued_bytes_max),
+        queue_wait_max_ms: args
+            .max_queue_wait_ms
+            .or(file.as_ref().map(|f| f.queue_wait_max_ms))
+            .unwrap_or_else(crate::node::default_queue_wait_max_ms),
         metrics_listen: args.metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)),
         snapshot_bytes_max: args
             .max_snapshot_bytes
