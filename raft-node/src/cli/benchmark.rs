@@ -486,8 +486,8 @@ impl ClientLoad {
             due += interval;
         }
         while sent.join_next().await.is_some() {}
-        let result = std::mem::take(&mut *result.lock().unwrap());
-        result
+        // Every request task has ended: this is the last reference.
+        Arc::try_unwrap(result).map(|result| result.into_inner().unwrap()).unwrap_or_default()
     }
 }
 
