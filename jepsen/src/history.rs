@@ -239,6 +239,15 @@ pub enum Record {
         time_us: u64,
         events: Vec<StreamedEvent>,
     },
+    /// Whether every member was up to date (full redundancy), as `tally cluster status` judged
+    /// it: recorded when it changes (`run::watch_redundancy`).
+    Redundancy {
+        time_us: u64,
+        full: bool,
+        /// The members that were not, and why ("node 3 down", "node 2 catching up: 1200
+        /// entries"), or why nothing answered.
+        detail: String,
+    },
     /// The subscriber stopped: whether it had reached the ledger's last event, and the last
     /// timestamp it received.
     StreamEnd {
@@ -343,6 +352,8 @@ pub struct History {
     /// `(caught up, last timestamp)` when the subscriber stopped; `None` for a history recorded
     /// without one.
     pub stream_end: Option<(bool, u64)>,
+    /// `(time, every member up to date)` at each change, in time order.
+    pub redundancy: Vec<(u64, bool)>,
 }
 
 impl History {
@@ -387,6 +398,7 @@ impl History {
                 Record::Final(state) => history.final_state = Some(state),
                 Record::Load(sample) => history.load.push(sample),
                 Record::Streamed { events, .. } => history.streamed.extend(events),
+                Record::Redundancy { time_us, full, .. } => history.redundancy.push((time_us, full)),
                 Record::StreamEnd { caught_up, last_timestamp, .. } => {
                     history.stream_end = Some((caught_up, last_timestamp))
                 }

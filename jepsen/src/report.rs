@@ -26,6 +26,9 @@ pub struct Outage {
     pub longest_without_write_s: f64,
     /// The same for the background load's writes, when the run had one.
     pub load_longest_without_write_s: Option<f64>,
+    /// Heal to every member up to date again (full redundancy), when the run watched it and
+    /// it came back before the next fault.
+    pub redundancy_restored_s: Option<f64>,
 }
 
 /// What the background load saw over the whole run.
@@ -58,6 +61,9 @@ pub struct Report {
     pub load: Option<LoadSummary>,
     /// Longest background-load write outage per fault kind, in seconds.
     pub worst_load_outage_by_fault: BTreeMap<String, f64>,
+    /// Longest time from heal to full redundancy per fault kind, in seconds (faults after
+    /// which it did not come back before the next one are not counted: see `outages`).
+    pub worst_redundancy_restored_by_fault: BTreeMap<String, f64>,
 }
 
 /// Computes the report of the history in `dir`, writes `summary.json`, `summary.txt`,
@@ -69,12 +75,17 @@ pub fn write(dir: &Path, seed: u64, crashes: Vec<String>) -> Result<Report, Stri
     let outages = outages(&history);
     let mut worst_outage_by_fault: BTreeMap<String, f64> = BTreeMap::new();
     let mut worst_load_outage_by_fault: BTreeMap<String, f64> = BTreeMap::new();
+    let mut worst_redundancy_restored_by_fault: BTreeMap<String, f64> = BTreeMap::new();
     for outage in &outages {
         let worst = worst_outage_by_fault.entry(outage.fault.clone()).or_default();
         *worst = worst.max(outage.longest_without_write_s);
         if let Some(load) = outage.load_longest_without_write_s {
             let worst = worst_load_outage_by_fault.entry(outage.fault.clone()).or_default();
             *worst = worst.max(load);
+        }
+        if let Some(restored) = outage.redundancy_restored_s {
+            let worst = worst_redundancy_restored_by_fault.entry(outage.fault.clone()).or_default();
+            *worst = worst.max(restored);
         }
     }
     let report = Report {
@@ -87,6 +98,7 @@ pub fn write(dir: &Path, seed: u64, crashes: Vec<String>) -> Result<Report, Stri
         crashes,
         load: load_summary(&history),
         worst_load_outage_by_fault,
+        worst_redundancy_restored_by_fault,
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("summary.json"), json).map_err(|e| format!("summary.json: {e}"))?;
@@ -144,6 +156,16 @@ fn load_summary(history: &History) -> Option<LoadSummary> {
     Some(summary)
 }
 
+/// When, in `[from, until]`, every member was up to date: `from` itself if they were then (the
+/// last change before it says so), or the first change to full redundancy after it.
+fn redundancy_restored(changes: &[(u64, bool)], from: u64, until: u64) -> Option<u64> {
+    let before = changes.iter().rev().find(|(t, _)| *t <= from);
+    if before.is_some_and(|(_, full)| *full) {
+        return Some(from);
+    }
+    changes.iter().find(|(t, full)| *full && *t > from && *t <= until).map(|(t, _)| *t)
+}
+
 /// The longest stretch in `[from, until]` without one of the sorted `writes`.
 fn longest_gap(writes: &[u64], from: u64, until: u64) -> (u64, Option<u64>) {
     let inside: Vec<u64> = writes.iter().copied().filter(|t| *t >= from && *t <= until).collect();
@@ -180,7 +202,11 @@ fn outages(history: &History) -> Vec<Outage> {
             .nemesis
             .iter()
             .find(|e| e.phase == Phase::End && e.fault == start.fault && e.time_us >= start.time_us);
+        let redundancy_restored_s = end.and_then(|end| {
+            redundancy_restored(&history.redundancy, end.time_us, until).map(|t| seconds(t - end.time_us))
+        });
         result.push(Outage {
+            redundancy_restored_s,
             fault: start.fault.clone(),
             detail: end.map_or(start.detail.clone(), |end| format!("{}; {}", start.detail, end.detail)),
             start_s: seconds(start.time_us),
@@ -264,27 +290,33 @@ impl Report {
             out += &format!("  {kind:<20} {count}\n");
         }
         out += "\nafter each fault: the longest time without a successful write (from the fault's start \
-                to the next fault), how long the fault was held, and heal to the next write:\n";
+                to the next fault), how long the fault was held, heal to the next write, and heal to \
+                every member up to date again (redundancy restored after):\n";
         let optional = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}s"));
         for outage in &self.outages {
             let load =
                 outage.load_longest_without_write_s.map_or(String::new(), |s| format!("  load {s:>6.2}s"));
             out += &format!(
-                "  {:>7.1}s  {:<17} {:>6.2}s  held {:>6}  healed->write {:>6}{load}  ({})\n",
+                "  {:>7.1}s  {:<17} {:>6.2}s  held {:>6}  healed->write {:>6}{load}  redundancy {:>6}  ({})\n",
                 outage.start_s,
                 outage.fault,
                 outage.longest_without_write_s,
                 optional(outage.held_s),
                 optional(outage.first_write_after_heal_s),
+                optional(outage.redundancy_restored_s),
                 outage.detail
             );
         }
         out += "\nworst (longest without a successful write) per fault:\n";
         for (fault, worst) in &self.worst_outage_by_fault {
-            match self.worst_load_outage_by_fault.get(fault) {
-                Some(load) => out += &format!("  {fault:<17} {worst:.2}s   background load: {load:.2}s\n"),
-                None => out += &format!("  {fault:<17} {worst:.2}s\n"),
+            out += &format!("  {fault:<17} {worst:.2}s");
+            if let Some(load) = self.worst_load_outage_by_fault.get(fault) {
+                out += &format!("   background load: {load:.2}s");
             }
+            if let Some(restored) = self.worst_redundancy_restored_by_fault.get(fault) {
+                out += &format!("   redundancy restored after: {restored:.2}s");
+            }
+            out += "\n";
         }
         if let Some(load) = &self.load {
             out += &format!(
@@ -366,6 +398,19 @@ mod tests {
         assert_eq!(outage.held_s, Some(2.0));
         assert!((outage.first_write_after_heal_s.unwrap() - 0.4).abs() < 1e-9);
         assert!((outage.longest_without_write_s - 5.5).abs() < 1e-9);
+        assert_eq!(outage.redundancy_restored_s, None, "not watched");
+    }
+
+    #[test]
+    fn redundancy_is_restored_at_the_first_change_to_full_after_the_heal() {
+        let changes = [(500, true), (1_000, false), (3_600, true), (4_000, false), (5_000, true)];
+        // Healed at 3 s: full again at 3.6 s.
+        assert_eq!(redundancy_restored(&changes, 3_000, 9_000), Some(3_600));
+        // Healed while full: at once.
+        assert_eq!(redundancy_restored(&changes, 3_700, 9_000), Some(3_700));
+        // Not before the next fault.
+        assert_eq!(redundancy_restored(&changes, 4_100, 4_900), None);
+        assert_eq!(redundancy_restored(&[], 100, 200), None);
     }
 
     #[test]

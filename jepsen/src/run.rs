@@ -118,6 +118,10 @@ pub async fn run(options: Options) -> Result<Report, String> {
         let client = Arc::new(cluster.lock().await.client_of(&all_nodes, options.op_timeout)?);
         tokio::spawn(crate::stream::follow(client, recorder.clone(), stream_target))
     };
+    let redundancy = {
+        let client = Arc::new(cluster.lock().await.client_of(&all_nodes, options.op_timeout)?);
+        tokio::spawn(watch_redundancy(client, recorder.clone(), stop.clone()))
+    };
     let started = tokio::time::Instant::now();
     // The fault under way, for the progress bar; a std mutex, never held across an await.
     let current_fault = Arc::new(std::sync::Mutex::new(String::new()));
@@ -136,6 +140,7 @@ pub async fn run(options: Options) -> Result<Report, String> {
     while let Some(finished) = processes.join_next().await {
         finished.map_err(|e| format!("client task: {e}"))??;
     }
+    redundancy.await.map_err(|e| format!("redundancy watcher: {e}"))??;
 
     let final_state = heal_and_read(&cluster, &bank, &initial).await;
     // The ledger's last event is at least its last transfer's; the subscriber reads on to it.
@@ -145,6 +150,42 @@ pub async fn run(options: Options) -> Result<Report, String> {
     subscriber.await.map_err(|e| format!("change stream task: {e}"))??;
     drop(cluster);
     crate::report::write(&options.out, options.seed, crashes)
+}
+
+/// How often the harness asks whether every member is up to date.
+const REDUNDANCY_POLL: Duration = Duration::from_millis(250);
+
+/// Until `stop`: records each change of whether every member is up to date, as `tally cluster
+/// status` judges it (`Record::Redundancy`), so that the report can say, after each fault, how
+/// long until the cluster had full redundancy again.
+async fn watch_redundancy(
+    client: Arc<tally_client::Client>,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let mut last = None;
+    while !stop.load(Ordering::Relaxed) {
+        let (full, detail) = match client.cluster_status().await {
+            Ok(status) => {
+                let lacking: Vec<String> = status
+                    .nodes
+                    .iter()
+                    .filter(|n| n.redundancy() != v1::Redundancy::UpToDate)
+                    .map(|n| {
+                        format!("node {} {:?} ({} entries behind)", n.id, n.redundancy(), n.entries_behind)
+                    })
+                    .collect();
+                (lacking.is_empty() && !status.nodes.is_empty(), lacking.join(", "))
+            }
+            Err(error) => (false, format!("no status: {error}")),
+        };
+        if last != Some(full) {
+            recorder.record(Record::Redundancy { time_us: recorder.now_us(), full, detail }).await?;
+            last = Some(full);
+        }
+        tokio::time::sleep(REDUNDANCY_POLL).await;
+    }
+    Ok(())
 }
 
 /// Shows progress until the time limit; returns the nodes that exited on their own.
