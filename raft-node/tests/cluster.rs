@@ -1948,3 +1948,45 @@ async fn writes_past_capacity_are_refused_at_once_and_nothing_of_them_is_written
     let found = client.lookup_transfers(&taken_ends, v1::ReadConsistency::Linearizable).await.unwrap();
     assert_eq!(found.len(), taken_ends.len());
 }
+
+/// A follower that lost its disk is replaced under load after the leader purged its log: it
+/// receives the whole state (a snapshot) while the load goes on, writes never stop for 1 s, and
+/// status says when it is up to date again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_node_receives_the_state_under_load_and_writes_never_stop() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let wiped = (1..=3).find(|id| *id != leader).unwrap();
+    let client = Arc::new(cluster.client(Duration::from_secs(10)));
+    create_accounts(&client, 1..=2).await;
+    let started = Instant::now();
+    while !client.cluster_status().await.is_ok_and(|s| s.nodes.iter().all(|n| n.recorded_incarnation != 0)) {
+        assert!(started.elapsed() < DEADLINE, "the leader did not record every incarnation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let writers = Writers::start(&client, 4);
+    wait_for_writes(&cluster, 300).await;
+    cluster.kill(wiped);
+    cluster.wipe(wiped);
+    cluster.restart(wiped);
+    // Nothing of the log is left to catch up from.
+    client.take_snapshot(true).await.expect("snapshot and purge");
+    let since = Instant::now();
+    let replaced = client.replace_node(wiped).await.expect("replace");
+    let node = replaced.nodes.iter().find(|n| n.id == wiped).unwrap();
+    assert_eq!((node.role(), node.needs_replace), (v1::NodeRole::Voter, false), "{node:?}");
+    loop {
+        let status = member_status(&client, wiped).await;
+        if status.as_ref().is_some_and(|s| s.redundancy() == v1::Redundancy::UpToDate) {
+            break;
+        }
+        assert!(since.elapsed() < DEADLINE, "node {wiped} did not catch up: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (count, longest) = writers.stop(since).await;
+    eprintln!("node {wiped} replaced and up to date in {:?}; {count} writes meanwhile", since.elapsed());
+    assert!(longest < Duration::from_secs(1), "writes stopped for {longest:?}\n{}", cluster.log_tails());
+    let metrics = cluster.scrape(wiped).await;
+    assert!(sample(&metrics, "tally_snapshots_received_total", None) >= 1.0, "no snapshot installed");
+    cluster.wait_for_convergence(DEADLINE).await;
+}
