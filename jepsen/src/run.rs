@@ -165,23 +165,26 @@ async fn watch_redundancy(
 ) -> Result<(), String> {
     let mut last = None;
     while !stop.load(Ordering::Relaxed) {
-        let (full, detail) = match client.cluster_status().await {
+        // Who lacks what, without the entry counts, which move all the time: each change of it
+        // is recorded, with the counts of the moment.
+        let (lacking, detail) = match client.cluster_status().await {
             Ok(status) => {
-                let lacking: Vec<String> = status
-                    .nodes
-                    .iter()
-                    .filter(|n| n.redundancy() != v1::Redundancy::UpToDate)
+                let members = status.nodes.iter().filter(|n| n.redundancy() != v1::Redundancy::UpToDate);
+                let lacking: Vec<(u64, v1::Redundancy)> =
+                    members.clone().map(|n| (n.id, n.redundancy())).collect();
+                let detail: Vec<String> = members
                     .map(|n| {
                         format!("node {} {:?} ({} entries behind)", n.id, n.redundancy(), n.entries_behind)
                     })
                     .collect();
-                (lacking.is_empty() && !status.nodes.is_empty(), lacking.join(", "))
+                (Some(lacking).filter(|_| !status.nodes.is_empty()), detail.join(", "))
             }
-            Err(error) => (false, format!("no status: {error}")),
+            Err(error) => (None, format!("no status: {}", error.status().message())),
         };
-        if last != Some(full) {
+        if last.as_ref() != Some(&lacking) {
+            let full = lacking.as_ref().is_some_and(Vec::is_empty);
             recorder.record(Record::Redundancy { time_us: recorder.now_us(), full, detail }).await?;
-            last = Some(full);
+            last = Some(lacking);
         }
         tokio::time::sleep(REDUNDANCY_POLL).await;
     }
