@@ -315,10 +315,9 @@ async fn propose(proposer: &Proposer, group: Vec<Queued>) {
     let request = Request::batches(timestamp_proposed, batches);
     let proposed = std::time::Instant::now();
     let written = proposer.raft.client_write(request).await;
-    crate::metrics::COMMIT_SECONDS.observe(proposed.elapsed().as_secs_f64());
-    proposer
-        .last_commit_us
-        .store(proposed.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    let took = proposed.elapsed();
+    crate::metrics::COMMIT_SECONDS.observe(took.as_secs_f64());
+    proposer.last_commit_us.store(took.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
     match written {
         Ok(written) => {
             let results = written.data.replies;

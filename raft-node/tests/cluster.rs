@@ -244,19 +244,22 @@ async fn wait_for_writes(cluster: &TestCluster, count: u64) {
     }
 }
 
+/// A snapshot every 40 entries, and the log behind it purged down to 5 entries: nothing kept by
+/// bytes or age.
+const SNAPSHOT_AND_PURGE_OFTEN: [&str; 8] = [
+    "--snapshot-entries",
+    "40",
+    "--snapshot-log-keep",
+    "5",
+    "--log-keep-bytes",
+    "0",
+    "--log-keep-time",
+    "0s",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_missed_a_purged_log_catches_up_by_snapshot() {
-    let args = [
-        "--snapshot-entries",
-        "40",
-        "--snapshot-log-keep",
-        "5",
-        "--log-keep-bytes",
-        "0",
-        "--log-keep-time",
-        "0s",
-    ];
-    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &args);
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &SNAPSHOT_AND_PURGE_OFTEN);
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let lagging = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     let client = cluster.client_of(&[leader], Duration::from_secs(10));
@@ -1054,17 +1057,7 @@ async fn health_says_not_serving_without_a_leader_or_after_removal() {
 /// operator, no `cluster replace`. (It refused to start before, exit 65.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_ledger_state_is_damaged_rebuilds_it_from_its_snapshot_and_log() {
-    let args = [
-        "--snapshot-entries",
-        "40",
-        "--snapshot-log-keep",
-        "5",
-        "--log-keep-bytes",
-        "0",
-        "--log-keep-time",
-        "0s",
-    ];
-    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &args);
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &SNAPSHOT_AND_PURGE_OFTEN);
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let damaged = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     let client = cluster.client_of(&[leader], Duration::from_secs(10));

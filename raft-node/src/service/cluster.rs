@@ -66,6 +66,7 @@ impl ClusterService {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let clock = self.node.clock.estimate(&voters, self.node.id());
         let clock_ok = self.node.clock.judge(&clock, voters.len()).is_ok();
+        let receiving = self.node.receiving.bytes();
         pb::NodeStatus {
             id: self.node.id(),
             address: self.node.config.advertise(),
@@ -95,8 +96,8 @@ impl ClusterService {
             semantics_known: self.node.state.semantics_max(),
             snapshot_index: metrics.snapshot.map_or(0, |id| id.index),
             log_first_index: metrics.purged.map_or(0, |id| id.index + 1),
-            receiving_state: self.node.receiving.bytes().is_some(),
-            state_bytes_received: self.node.receiving.bytes().unwrap_or(0),
+            receiving_state: receiving.is_some(),
+            state_bytes_received: receiving.unwrap_or(0),
             redundancy: pb::Redundancy::Unspecified as i32,
             entries_behind: 0,
         }

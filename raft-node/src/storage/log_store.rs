@@ -175,8 +175,13 @@ impl LogStore {
                 .and_then(|modified| now.duration_since(modified).ok())
                 .unwrap_or(std::time::Duration::ZERO)
         };
-        let aged: Vec<(wal::SegmentSummary, std::time::Duration)> =
-            segments.into_iter().map(|segment| (segment.clone(), written_ago(&segment))).collect();
+        let aged: Vec<(wal::SegmentSummary, std::time::Duration)> = segments
+            .into_iter()
+            .map(|segment| {
+                let age = written_ago(&segment);
+                (segment, age)
+            })
+            .collect();
         purge_bound(&aged, keep).checked_sub(1)
     }
 }
