@@ -14,6 +14,10 @@
 //! role is needed to change the membership). `Security::Insecure` talks plaintext to a cluster
 //! started with `--insecure`.
 
+mod door;
+
+pub use door::diagnose;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -40,20 +44,64 @@ pub enum Security {
 }
 
 impl Security {
-    /// TLS from PEM files: the CA, and optionally a client certificate and its key.
+    /// TLS from PEM files: the CA, and optionally a client certificate and its key. Each file
+    /// must hold what its flag names: a key given as the CA (or the reverse) is refused here,
+    /// with the file named, rather than failing every connection later.
     pub fn from_files(
         ca: &std::path::Path,
         identity: Option<(&std::path::Path, &std::path::Path)>,
     ) -> Result<Security, String> {
-        let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-        };
         let identity = match identity {
-            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            Some((cert, key)) => {
+                Some((read_pem(cert, Pem::Certificate, "--cert")?, read_pem(key, Pem::PrivateKey, "--key")?))
+            }
             None => None,
         };
-        Ok(Security::Tls { ca_pem: read(ca)?, identity })
+        Ok(Security::Tls { ca_pem: read_pem(ca, Pem::Certificate, "--ca")?, identity })
     }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pem {
+    Certificate,
+    PrivateKey,
+}
+
+/// A PEM file's contents, if it holds the `wanted` kind of object.
+fn read_pem(path: &std::path::Path, wanted: Pem, flag: &str) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {} ({flag}): {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let holds_certificate = text.contains("-----BEGIN CERTIFICATE-----");
+    let holds_key = text.contains("PRIVATE KEY-----");
+    let what = match wanted {
+        Pem::Certificate => "a certificate",
+        Pem::PrivateKey => "a private key",
+    };
+    let found = match (holds_certificate, holds_key) {
+        (true, _) if wanted == Pem::Certificate => return Ok(bytes),
+        (_, true) if wanted == Pem::PrivateKey => return Ok(bytes),
+        (_, true) => "a private key",
+        (true, _) => "a certificate",
+        _ => "no PEM certificate or key",
+    };
+    let hint = match flag {
+        "--ca" => ": pass the cluster's CA certificate (ca.pem from `tally certs`)",
+        "--cert" => ": pass the client or operator certificate (the .pem beside its .key)",
+        _ => ": pass the certificate's private key (the .key beside its .pem)",
+    };
+    Err(format!("{} ({flag}) holds {found}, not {what}{hint}", path.display()))
+}
+
+/// Checks that a node address is host:port, as the client doors are given.
+pub fn check_address(address: &str) -> Result<(), String> {
+    let example = "write each node's client door as host:port, e.g. 127.0.0.1:7101";
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("'{address}' is not host:port: {example}"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("'{address}' is not host:port: {example}"));
+    }
+    Ok(())
 }
 
 /// A client of a tally cluster.
@@ -152,6 +200,7 @@ impl Client {
         let nodes = addresses
             .iter()
             .map(|address| {
+                check_address(address)?;
                 let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
                     .map_err(|e| format!("bad node address '{address}': {e}"))?
                     .connect_timeout(Duration::from_millis(500).min(timeout))

@@ -342,6 +342,10 @@ async fn sample_one(node: &NodeHandle, peer: NodeId) {
     let sent_ns = node.clock.now_ns();
     if let Ok(Ok(reply)) = tokio::time::timeout(timeout, client.clock(request)).await {
         node.clock.record(peer, sent_ns, reply.get_ref().time_ns, node.clock.now_ns());
+        // A build from before the field does not say: its followers trust its heartbeats alone.
+        if node.leader() == Some(peer) && reply.get_ref().leads_a_quorum != Some(false) {
+            node.leader_quorum.record();
+        }
     }
 }
 

@@ -9,12 +9,23 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = raft_node::cli::Cli::parse();
-    // A client command piped into `head` stops quietly when the pipe closes, as Unix tools do,
-    // instead of panicking on the failed print. Processes that serve keep SIGPIPE ignored (a
-    // peer closing a socket must not kill a node).
+    // SIGPIPE stays ignored in every command: a node that closes a connection (a TLS door asked
+    // in plaintext, a peer door) must not kill a client command in silence. A client command
+    // piped into `head` instead finds stdout closed: it stops quietly, as Unix tools do.
     if cli.command.prints_only() {
-        // SAFETY: called before any thread starts; restores the default action of one signal.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+                std::process::exit(141);
+            }
+            default_hook(info)
+        }));
     } else {
         // A SIGHUP (a certificate reload, a closed terminal) must not stop a node or `tally dev`
         // while it starts; `tally serve` takes it over for reloads before anything slow.

@@ -372,6 +372,9 @@ pub struct NodeHandle {
     pub tls: Option<Arc<crate::security::tls::Tls>>,
     /// When this node last accepted a leader's AppendEntries (for health).
     pub leader_contact: LeaderContact,
+    /// When the leader last said, asked for its clock, that a majority of voters acknowledged
+    /// it lately (for health: a leader cut off from its quorum still sends heartbeats).
+    pub leader_quorum: LeaderContact,
     /// What gRPC health says now (SERVING): also `GET /ready` on the metrics endpoint, for
     /// probes that cannot speak TLS.
     pub serving: std::sync::atomic::AtomicBool,
@@ -423,7 +426,7 @@ impl Drop for ReceivingGuard<'_> {
     }
 }
 
-/// When a leader was last heard from: milliseconds since the node started, `u64::MAX` for never.
+/// When a leader was last heard from (or said it had a quorum): milliseconds since the node started, `u64::MAX` for never.
 pub struct LeaderContact {
     started: std::time::Instant,
     at_ms: std::sync::atomic::AtomicU64,
@@ -444,7 +447,7 @@ impl LeaderContact {
         self.at_ms.store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn within(&self, window: Duration) -> bool {
+    pub fn within(&self, window: Duration) -> bool {
         match self.at_ms.load(std::sync::atomic::Ordering::Relaxed) {
             u64::MAX => false,
             at => (self.started.elapsed().as_millis() as u64).saturating_sub(at) < window.as_millis() as u64,
@@ -453,6 +456,25 @@ impl LeaderContact {
 }
 
 impl NodeHandle {
+    /// Whether this node serves now (what health reports): a member in contact with a leader
+    /// that has heard from a majority of voters lately; as the leader, that it has.
+    pub fn judge_serving(&self) -> bool {
+        let contact_max = leader_contact_max(&self.config);
+        let current = self.raft.metrics().borrow_watched().clone();
+        let member = current.membership_config.membership().get_node(&self.id()).is_some();
+        let in_contact = if current.current_leader == Some(self.id()) {
+            current
+                .last_quorum_acked
+                .as_ref()
+                .is_some_and(|acked| openraft::Instant::elapsed(&**acked) < contact_max)
+        } else {
+            current.current_leader.is_some()
+                && self.heard_from_leader_within(contact_max)
+                && self.leader_quorum.within(contact_max)
+        };
+        member && in_contact
+    }
+
     pub fn heard_from_leader_within(&self, window: Duration) -> bool {
         self.leader_contact.within(window)
     }
@@ -678,6 +700,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         peers: crate::net::Pool::new(tls.clone()),
         tls,
         leader_contact: LeaderContact::default(),
+        leader_quorum: LeaderContact::default(),
         serving: std::sync::atomic::AtomicBool::new(false),
         started: std::time::Instant::now(),
         subscribers: Arc::new(tokio::sync::Semaphore::new(subscribers_max)),
@@ -794,32 +817,18 @@ fn leader_contact_max(config: &NodeConfig) -> Duration {
 const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Keeps gRPC health true to what a load balancer needs to know: SERVING only while this node
-/// is a member and in contact with a leader (it can take writes, forwarding them);
-/// NOT_SERVING when no leader is elected, when it is cut off from the leader (or, as leader,
-/// from a quorum), and once it is removed from the cluster. For the whole server ("") and for
-/// `tally.v1.Ledger`.
+/// is a member and in contact with a leader that is in contact with a quorum (it can take
+/// writes, forwarding them); NOT_SERVING when no leader is elected, when it is cut off from the
+/// leader, when the leader is cut off from a quorum, and once it is removed from the cluster.
+/// For the whole server ("") and for `tally.v1.Ledger`.
 async fn report_health(node: Arc<NodeHandle>, reporter: tonic_health::server::HealthReporter) {
     let ledger =
         <pb::ledger_server::LedgerServer<crate::service::LedgerService> as tonic::server::NamedService>::NAME;
-    let contact_max = leader_contact_max(&node.config);
-    let metrics = node.raft.metrics();
     let mut reported = None;
     let mut ticks = tokio::time::interval(HEALTH_INTERVAL);
     loop {
         ticks.tick().await;
-        let serving = {
-            let current = metrics.borrow_watched();
-            let member = current.membership_config.membership().get_node(&node.id()).is_some();
-            let in_contact = if current.current_leader == Some(node.id()) {
-                current
-                    .last_quorum_acked
-                    .as_ref()
-                    .is_some_and(|acked| openraft::Instant::elapsed(&**acked) < contact_max)
-            } else {
-                current.current_leader.is_some() && node.heard_from_leader_within(contact_max)
-            };
-            member && in_contact
-        };
+        let serving = node.judge_serving();
         node.serving.store(serving, std::sync::atomic::Ordering::Relaxed);
         if reported != Some(serving) {
             let status = if serving {

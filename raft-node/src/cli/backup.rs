@@ -8,6 +8,7 @@ use clap::Args;
 use serde_json::json;
 use tally_client::{Client, v1};
 
+use super::explain::{Call, answered};
 use super::{ClientArgs, client, rfc3339, table};
 use crate::backup::{self, Checked, restore};
 use crate::node::PeerConfig;
@@ -63,7 +64,7 @@ pub async fn run_backup(args: BackupArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     let out = args.out.as_ref().expect("clap requires --out or --check");
-    let status = client(&args.client)?.cluster_status().await.map_err(|e| e.to_string())?;
+    let status = answered(&args.client, Call::Read, client(&args.client)?.cluster_status()).await?;
     let node = pick_node(&status, args.node)?;
     let security = args.client.tls.security()?;
     let one = Client::new(

@@ -6,6 +6,7 @@ use clap::Subcommand;
 use serde_json::json;
 use tally_client::v1;
 
+use super::explain::{Call, answered};
 use super::{ClientArgs, client, status_name, table};
 
 #[cfg(test)]
@@ -13,25 +14,86 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uptimes_and_site_losses_read_in_words() {
+    fn uptimes_read_in_words() {
         for (seconds, text) in [(42, "42s"), (725, "12m 5s"), (7_380, "2h 3m"), (273_600, "3d 4h")] {
             assert_eq!(uptime(seconds), text);
         }
-        let site = |name: &str, voters, survives_loss| v1::SiteStatus {
+    }
+
+    fn node(id: u64, site: &str, reachable: bool) -> v1::NodeStatus {
+        v1::NodeStatus { id, site: site.into(), reachable, ..v1::NodeStatus::default() }
+    }
+
+    fn site(name: &str, voters: u32, voters_up: u32, survives_loss_now: bool) -> v1::SiteStatus {
+        v1::SiteStatus {
             site: name.into(),
             voters,
-            learners: 0,
-            survives_loss,
+            voters_up,
+            survives_loss_now,
+            ..v1::SiteStatus::default()
+        }
+    }
+
+    /// Four voters, two of them down: the verdict says the cluster cannot commit, which
+    /// members are missing and how many bring it back; no site line claims survival.
+    #[test]
+    fn a_cluster_without_a_quorum_is_told_so_first() {
+        let status = v1::StatusReply {
+            leader_id: 4,
+            can_commit: false,
+            voters: 4,
+            voters_up: 2,
+            nodes: vec![node(1, "a", false), node(2, "b", true), node(3, "c", false), node(4, "d", true)],
+            sites: vec![
+                site("a", 1, 0, false),
+                site("b", 1, 1, false),
+                site("c", 1, 0, false),
+                site("d", 1, 1, false),
+            ],
+            ..v1::StatusReply::default()
         };
-        let lines = survival(&[site("a", 2, false), site("b", 1, true), site("c", 0, true)]);
-        assert!(lines[0].contains("leaves 1 of 3 voters, no majority"), "{}", lines[0]);
-        assert!(lines[1].contains("leaves 2 of 3 voters, a majority"), "{}", lines[1]);
-        assert!(lines[2].contains("loses no voter"), "{}", lines[2]);
+        let verdict = commit_verdict(&status);
+        assert!(verdict.starts_with("THE CLUSTER CANNOT COMMIT"), "{verdict}");
+        assert!(verdict.contains("2 of 4 voters are up"), "{verdict}");
+        assert!(verdict.contains("a majority is 3"), "{verdict}");
+        assert!(verdict.contains("bring back 1 of nodes 1, 3"), "{verdict}");
+        assert!(verdict.contains("node 4 leads but has not heard from a majority"), "{verdict}");
+        let lines = survival(&status);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(!lines[0].contains("keeps serving"), "{lines:?}");
+    }
+
+    #[test]
+    fn site_losses_are_judged_from_here() {
+        let status = v1::StatusReply {
+            leader_id: 1,
+            can_commit: true,
+            voters: 5,
+            voters_up: 4,
+            nodes: vec![
+                node(1, "a", true),
+                node(2, "a", true),
+                node(3, "b", true),
+                node(4, "b", false),
+                node(5, "c", true),
+            ],
+            sites: vec![site("a", 2, 2, false), site("b", 2, 1, true), site("c", 1, 1, true)],
+            ..v1::StatusReply::default()
+        };
+        let verdict = commit_verdict(&status);
+        assert!(verdict.starts_with("The cluster commits"), "{verdict}");
+        let lines = survival(&status);
+        assert!(lines[0].contains("Losing a now leaves 2 of 5 voters up, no majority"), "{}", lines[0]);
+        assert!(lines[1].contains("Losing b now leaves 3 of 5 voters up, a majority"), "{}", lines[1]);
+        assert!(lines[2].contains("Losing c now leaves 3 of 5 voters up, a majority"), "{}", lines[2]);
     }
 }
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
+    /// Whether the cluster commits now, each member and each site, and what losing a site now
+    /// would do. Exits 0 when it commits, 2 when it cannot or members' books disagree, 1 when
+    /// no node answered.
     Status {
         #[command(flatten)]
         client: ClientArgs,
@@ -56,11 +118,13 @@ pub enum ClusterCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Remove a member (voter or learner); its process stops serving once it learns it.
     Remove {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(long)]
         id: u64,
+        /// Accept a placement where losing one site loses the voter majority.
         #[arg(long)]
         force: bool,
     },
@@ -72,6 +136,7 @@ pub enum ClusterCommand {
         #[arg(long)]
         id: u64,
     },
+    /// Hand leadership to another voter (before maintenance on the leader's machine).
     TransferLeader {
         #[command(flatten)]
         client: ClientArgs,
@@ -88,6 +153,10 @@ pub enum ClusterCommand {
     },
 }
 
+/// The exit code of a status that answered but found the cluster unable to commit, or its
+/// members' books disagreeing (1 is for errors: no node answered, bad arguments).
+const UNHEALTHY: u8 = 2;
+
 /// Seconds as the two largest units: 3d 4h, 12m 5s, 42s.
 fn uptime(seconds: u64) -> String {
     let (days, hours, minutes) = (seconds / 86_400, seconds / 3600 % 24, seconds / 60 % 60);
@@ -99,24 +168,66 @@ fn uptime(seconds: u64) -> String {
     }
 }
 
-/// What losing each site would do, in words.
-fn survival(sites: &[v1::SiteStatus]) -> Vec<String> {
-    let voters: u32 = sites.iter().map(|s| s.voters).sum();
-    sites
+/// Whether the cluster commits now, in words: first line of the status.
+pub(super) fn commit_verdict(status: &v1::StatusReply) -> String {
+    let quorum = status.voters / 2 + 1;
+    let verb = if status.voters_up == 1 { "is" } else { "are" };
+    let up = format!("{} of {} voters {verb} up (a majority is {quorum})", status.voters_up, status.voters);
+    if status.can_commit {
+        return format!("The cluster commits: leader node {}; {up}.", status.leader_id);
+    }
+    let leader = status.nodes.iter().find(|n| n.id == status.leader_id);
+    let why = match leader {
+        _ if status.leader_id == 0 => "no leader is elected".to_string(),
+        None => format!("node {} is named leader but is not a member", status.leader_id),
+        Some(n) if !n.reachable => format!("node {} is named leader but does not answer", n.id),
+        Some(n) => format!("node {} leads but has not heard from a majority of voters lately", n.id),
+    };
+    let down: Vec<String> = status
+        .nodes
+        .iter()
+        .filter(|n| !n.reachable && n.role != v1::NodeRole::Learner as i32)
+        .map(|n| n.id.to_string())
+        .collect();
+    let next = if status.voters_up >= quorum || down.is_empty() {
+        "wait a few seconds for an election, and look again".to_string()
+    } else {
+        format!("bring back {} of nodes {}", quorum - status.voters_up, down.join(", "))
+    };
+    format!("THE CLUSTER CANNOT COMMIT: writes fail; {why}. {up}: {next}.")
+}
+
+/// What losing each site now would do, in words (one line when writes are stopped already).
+fn survival(status: &v1::StatusReply) -> Vec<String> {
+    if !status.can_commit {
+        return vec![
+            "Writes are stopped already: losing any further site changes nothing until a majority is back."
+                .to_string(),
+        ];
+    }
+    let (voters, up) = (status.voters, status.voters_up);
+    status
+        .sites
         .iter()
         .map(|s| {
-            let left = voters - s.voters;
-            if s.voters == 0 {
-                format!("Losing {} loses no voter: the cluster keeps serving.", s.site)
+            let left = up - s.voters_up.min(up);
+            if s.voters_up == 0 {
+                format!("Losing {} now loses no voter that is up: the cluster keeps committing.", s.site)
+            } else if s.survives_loss_now {
+                format!(
+                    "Losing {} now leaves {left} of {voters} voters up, a majority: the cluster keeps committing.",
+                    s.site
+                )
             } else if s.survives_loss {
                 format!(
-                    "Losing {} leaves {left} of {voters} voters, a majority: the cluster keeps serving.",
+                    "Losing {} now leaves {left} of {voters} voters up, no majority: writes would stop. It would \
+                     not with every member up: bring the others back.",
                     s.site
                 )
             } else {
                 format!(
-                    "Losing {} leaves {left} of {voters} voters, no majority: writes stop until it is back. \
-                     Move a voter elsewhere, or add one in another site.",
+                    "Losing {} now leaves {left} of {voters} voters up, no majority: writes would stop until it is \
+                     back. Move a voter elsewhere, or add one in another site.",
                     s.site
                 )
             }
@@ -142,14 +253,19 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                     "semantics_version": n.semantics_version, "semantics_known": n.semantics_known,
                     "snapshot_index": n.snapshot_index, "log_first_index": n.log_first_index,
                     "redundancy": redundancy_name(n), "entries_behind": n.entries_behind,
-                    "state_bytes_received": n.state_bytes_received,
+                    "state_bytes_received": n.state_bytes_received, "serving": n.serving,
                 })
             })
             .collect();
         let sites: Vec<_> = status
             .sites
             .iter()
-            .map(|s| json!({"site": s.site, "voters": s.voters, "learners": s.learners, "survives_loss": s.survives_loss}))
+            .map(|s| {
+                json!({
+                    "site": s.site, "voters": s.voters, "learners": s.learners, "survives_loss": s.survives_loss,
+                    "voters_up": s.voters_up, "survives_loss_now": s.survives_loss_now,
+                })
+            })
             .collect();
         let divergences: Vec<_> = status
             .divergences
@@ -160,10 +276,15 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                 json!({"index": d.index, "digests": digests})
             })
             .collect();
-        let value = json!({"leader_id": status.leader_id, "term": status.term, "committed_index": status.committed_index, "nodes": nodes, "sites": sites, "divergences": divergences});
+        let value = json!({
+            "can_commit": status.can_commit, "voters": status.voters, "voters_up": status.voters_up,
+            "leader_id": status.leader_id, "term": status.term, "committed_index": status.committed_index,
+            "answered_by": status.answered_by, "nodes": nodes, "sites": sites, "divergences": divergences,
+        });
         println!("{value}");
         return;
     }
+    println!("{}", commit_verdict(status));
     if let Some(first) = status.divergences.first() {
         println!(
             "THE MEMBERS' BOOKS DISAGREE: after index {} their states differ ({}){}. They apply the same log \
@@ -177,9 +298,13 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             }
         );
     }
+    let leader = match status.leader_id {
+        0 => "none".to_string(),
+        id => format!("node {id}"),
+    };
     println!(
-        "leader: node {}   term: {}   committed index: {}",
-        status.leader_id, status.term, status.committed_index
+        "leader: {leader}   term: {}   committed index: {}   (as node {} sees it)",
+        status.term, status.committed_index, status.answered_by
     );
     let mut nodes = table(&[
         "id",
@@ -196,9 +321,10 @@ fn print_status(json: bool, status: &v1::StatusReply) {
         "lag",
         "redundancy",
         "digest",
-        "disk",
     ]);
     for n in &status.nodes {
+        // A member that did not answer reported nothing: blanks, not zeros.
+        let reported = |value: String| if n.reachable { value } else { String::new() };
         nodes.add_row(vec![
             n.id.to_string(),
             n.address.clone(),
@@ -206,15 +332,14 @@ fn print_status(json: bool, status: &v1::StatusReply) {
             status_name(v1::NodeRole::try_from(n.role).unwrap_or_default().as_str_name(), "NODE_ROLE_"),
             if n.is_leader { "*".into() } else { String::new() },
             if n.reachable { "yes".into() } else { "NO".into() },
-            if n.reachable { uptime(n.uptime_seconds) } else { String::new() },
+            reported(uptime(n.uptime_seconds)),
             n.version.clone(),
-            n.term.to_string(),
-            n.last_log_index.to_string(),
-            n.applied_index.to_string(),
-            n.replication_lag.to_string(),
-            redundancy_text(n),
+            reported(n.term.to_string()),
+            reported(n.last_log_index.to_string()),
+            reported(n.applied_index.to_string()),
+            reported(n.replication_lag.to_string()),
+            if n.needs_replace { "DISK LOST: replace".into() } else { redundancy_text(n) },
             n.state_digest.chars().take(12).collect(),
-            if n.needs_replace { "LOST: replace".into() } else { String::new() },
         ]);
     }
     println!("{nodes}");
@@ -225,17 +350,20 @@ fn print_status(json: bool, status: &v1::StatusReply) {
         );
     }
     println!("{}", redundancy_line(&status.nodes));
-    let mut sites = table(&["site", "voters", "learners", "survives its loss"]);
+    let mut sites = table(&["site", "voters", "up", "learners", "survives its loss now", "with all up"]);
+    let yes = |yes: bool| if yes { "yes".to_string() } else { "NO".to_string() };
     for s in &status.sites {
         sites.add_row(vec![
             s.site.clone(),
             s.voters.to_string(),
+            s.voters_up.to_string(),
             s.learners.to_string(),
-            if s.survives_loss { "yes".into() } else { "NO".into() },
+            if status.can_commit { yes(s.survives_loss_now) } else { "-".into() },
+            yes(s.survives_loss),
         ]);
     }
     println!("{sites}");
-    for line in survival(&status.sites) {
+    for line in survival(status) {
         println!("{line}");
     }
     if let Some(line) = semantics_line(&status.nodes) {
@@ -298,6 +426,7 @@ fn semantics_line(nodes: &[v1::NodeStatus]) -> Option<String> {
 }
 
 pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
+    let asks_status = matches!(command, ClusterCommand::Status { .. });
     let (args, status) = match command {
         ClusterCommand::Status { client: args } => {
             let status = client(&args)?.cluster_status().await;
@@ -329,7 +458,7 @@ pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
             (args, status)
         }
         ClusterCommand::Snapshot { client: args, purge_log } => {
-            let taken = client(&args)?.take_snapshot(purge_log).await.map_err(|e| e.to_string())?;
+            let taken = answered(&args, Call::Read, client(&args)?.take_snapshot(purge_log)).await?;
             if args.json {
                 println!("{}", serde_json::json!({ "index": taken.index, "purged": taken.purged }));
             } else {
@@ -338,10 +467,14 @@ pub async fn run(command: ClusterCommand) -> Result<ExitCode, String> {
             return Ok(ExitCode::SUCCESS);
         }
     };
-    let status = status.map_err(|e| e.to_string())?;
+    let status = match status {
+        Ok(status) => status,
+        Err(error) => return Err(super::explain::failure(error, &args, Call::Read).await),
+    };
     print_status(args.json, &status);
-    if !status.divergences.is_empty() {
-        return Ok(ExitCode::FAILURE);
+    // A membership change that was made succeeded, whatever the moment's status.
+    if asks_status && (!status.can_commit || !status.divergences.is_empty()) {
+        return Ok(ExitCode::from(UNHEALTHY));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tally_client::{u128_from, u128_to, v1};
 
+use super::explain::{Call, answered};
 use super::{ClientArgs, Command, client, consistency, status_name, table};
 
 #[derive(Subcommand)]
@@ -461,7 +462,7 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
                 timestamp: imported_at.unwrap_or(0),
                 ..v1::Account::default()
             };
-            let results = client(&args)?.create_accounts(vec![account]).await.map_err(|e| e.to_string())?;
+            let results = answered(&args, Call::Write, client(&args)?.create_accounts(vec![account])).await?;
             let named = results
                 .iter()
                 .map(|r| (status_name(r.status().as_str_name(), "CREATE_ACCOUNT_STATUS_"), r.timestamp))
@@ -493,7 +494,8 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
                 timestamp: args.imported_at.unwrap_or(0),
             };
             let results =
-                client(&args.client)?.create_transfers(vec![transfer]).await.map_err(|e| e.to_string())?;
+                answered(&args.client, Call::Write, client(&args.client)?.create_transfers(vec![transfer]))
+                    .await?;
             let named = results
                 .iter()
                 .map(|r| (status_name(r.status().as_str_name(), "CREATE_TRANSFER_STATUS_"), r.timestamp))
@@ -502,27 +504,30 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
         }
         Command::Lookup(LookupCommand::Account { client: args, ids }) => {
             let accounts =
-                client(&args)?.lookup_accounts(&ids, consistency(&args)).await.map_err(|e| e.to_string())?;
+                answered(&args, Call::Read, client(&args)?.lookup_accounts(&ids, consistency(&args))).await?;
             print_accounts(args.json, &accounts);
             Ok(if accounts.len() == ids.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Lookup(LookupCommand::Transfer { client: args, ids }) => {
             let transfers =
-                client(&args)?.lookup_transfers(&ids, consistency(&args)).await.map_err(|e| e.to_string())?;
+                answered(&args, Call::Read, client(&args)?.lookup_transfers(&ids, consistency(&args)))
+                    .await?;
             print_transfers(args.json, &transfers);
             Ok(if transfers.len() == ids.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Watch(args) => watch(&args).await,
         Command::Query(QueryCommand::Accounts(args)) => {
             let page =
-                client(&args.client)?.query_accounts(args.filter()).await.map_err(|e| e.to_string())?;
+                answered(&args.client, Call::Read, client(&args.client)?.query_accounts(args.filter()))
+                    .await?;
             print_accounts(args.client.json, &page.accounts);
             print_resume(page.resume_timestamp, args.range.reversed);
             Ok(ExitCode::SUCCESS)
         }
         Command::Query(QueryCommand::Transfers(args)) => {
             let page =
-                client(&args.client)?.query_transfers(args.filter()).await.map_err(|e| e.to_string())?;
+                answered(&args.client, Call::Read, client(&args.client)?.query_transfers(args.filter()))
+                    .await?;
             print_transfers(args.client.json, &page.transfers);
             print_resume(page.resume_timestamp, args.range.reversed);
             Ok(ExitCode::SUCCESS)
@@ -548,11 +553,11 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
             };
             let client = client(&args.client)?;
             if args.balances {
-                let page = client.get_account_balances(filter).await.map_err(|e| e.to_string())?;
+                let page = answered(&args.client, Call::Read, client.get_account_balances(filter)).await?;
                 print_balances(args.client.json, &page.balances);
                 print_resume(page.resume_timestamp, reversed);
             } else {
-                let page = client.get_account_transfers(filter).await.map_err(|e| e.to_string())?;
+                let page = answered(&args.client, Call::Read, client.get_account_transfers(filter)).await?;
                 print_transfers(args.client.json, &page.transfers);
                 print_resume(page.resume_timestamp, reversed);
             }

@@ -11,6 +11,7 @@ mod benchmark;
 mod certs;
 mod cluster;
 mod dev;
+mod explain;
 mod ledger;
 mod serve;
 

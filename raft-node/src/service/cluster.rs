@@ -100,6 +100,7 @@ impl ClusterService {
             state_bytes_received: receiving.unwrap_or(0),
             redundancy: pb::Redundancy::Unspecified as i32,
             entries_behind: 0,
+            serving: self.node.judge_serving(),
         }
     }
 
@@ -139,7 +140,7 @@ impl ClusterService {
         let nodes = judge_redundancy(nodes, metrics.replication.is_some());
         let sites = site_status(&voters, &membership.nodes().map(|(id, n)| (*id, n.clone())).collect());
         let divergences = divergences(&nodes);
-        pb::StatusReply {
+        let mut reply = pb::StatusReply {
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
             committed_index: metrics.local_committed.map_or(0, |id| id.index),
@@ -147,7 +148,10 @@ impl ClusterService {
             sites,
             answered_by: self.node.id(),
             divergences,
-        }
+            ..pb::StatusReply::default()
+        };
+        judge_commit(&mut reply, &voters);
+        reply
     }
 
     async fn node_report(&self, id: NodeId, info: &NodeInfo) -> pb::NodeStatus {
@@ -529,6 +533,34 @@ fn judge_redundancy(mut nodes: Vec<pb::NodeStatus>, leader_answers: bool) -> Vec
     nodes
 }
 
+/// Whether the cluster commits now, and what losing each site would do from here: sets the
+/// reply's `can_commit`, `voters_up` and `voters`, and each site's `voters_up` and
+/// `survives_loss_now`. A voter counts as up when it answered and is not receiving the whole
+/// state (it acknowledges no entry until it has it). The leader's own health decides whether
+/// commits go on: it alone knows whether a majority acknowledged it lately.
+fn judge_commit(reply: &mut pb::StatusReply, voters: &BTreeSet<NodeId>) {
+    let up = |n: &pb::NodeStatus| n.reachable && !n.receiving_state && voters.contains(&n.id);
+    let up_by_site = |site: &str| reply.nodes.iter().filter(|n| n.site == site && up(n)).count() as u32;
+    let voters_up = reply.nodes.iter().filter(|n| up(n)).count() as u32;
+    let quorum = voters.len() as u32 / 2 + 1;
+    let leader_serving = reply.nodes.iter().any(|n| n.id == reply.leader_id && n.reachable && n.serving);
+    let sites: Vec<(u32, bool)> = reply
+        .sites
+        .iter()
+        .map(|s| {
+            let site_up = up_by_site(&s.site);
+            (site_up, voters_up - site_up >= quorum)
+        })
+        .collect();
+    for (site, (site_up, survives)) in reply.sites.iter_mut().zip(sites) {
+        site.voters_up = site_up;
+        site.survives_loss_now = survives;
+    }
+    reply.voters = voters.len() as u32;
+    reply.voters_up = voters_up;
+    reply.can_commit = reply.leader_id != 0 && leader_serving;
+}
+
 /// "node 1 a1b2c3d4e5f6, node 3 ffee..." (12 hex digits each).
 pub fn describe_digests(digests: &std::collections::HashMap<NodeId, String>) -> String {
     let mut sorted: Vec<_> = digests.iter().collect();
@@ -557,6 +589,7 @@ pub fn site_status(voters: &BTreeSet<NodeId>, nodes: &BTreeMap<NodeId, NodeInfo>
             voters: site_voters,
             learners,
             survives_loss: total - site_voters >= quorum,
+            ..pb::SiteStatus::default()
         })
         .collect()
 }
@@ -618,9 +651,8 @@ impl pb::cluster_server::Cluster for ClusterService {
                 term: metrics.current_term,
                 committed_index: metrics.local_committed.map_or(0, |id| id.index),
                 nodes: vec![self.local_status()],
-                sites: Vec::new(),
                 answered_by: self.node.id(),
-                divergences: Vec::new(),
+                ..pb::StatusReply::default()
             }));
         }
         // Operators and nodes get a fresh status (they act on it); anyone else shares one

@@ -266,7 +266,11 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn clock(&self, request: Request<pb::ClockRequest>) -> Result<Response<pb::ClockReply>, Status> {
         self.check_caller(&request)?;
-        Ok(Response::new(pb::ClockReply { time_ns: self.node.clock.now_ns() }))
+        let leads_a_quorum = self.node.is_leader() && self.node.judge_serving();
+        Ok(Response::new(pb::ClockReply {
+            time_ns: self.node.clock.now_ns(),
+            leads_a_quorum: Some(leads_a_quorum),
+        }))
     }
 
     async fn install_snapshot(

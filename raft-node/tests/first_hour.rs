@@ -1,0 +1,152 @@
+//! What an operator in a fire and a newcomer at a terminal are told, by the real `tally`
+//! command against real `tally serve` processes with TLS on: whether the cluster commits, and
+//! what is wrong with an address, a certificate or a flag.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use raft_node::security::certs;
+use raft_node::security::roles::Role;
+use raft_node::testkit::TestCluster;
+
+const TALLY: &str = env!("CARGO_BIN_EXE_tally");
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn tally(args: &[String]) -> Output {
+    std::process::Command::new(TALLY).args(args).output().expect("run tally")
+}
+
+fn text(output: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&output.stdout).into(), String::from_utf8_lossy(&output.stderr).into())
+}
+
+fn args(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
+fn operator() -> Option<Role> {
+    Some(Role::Operator(certs::LOCAL_OPERATOR.into()))
+}
+
+/// Four voters in four sites; two followers killed. The surviving follower still hears the
+/// leader's heartbeats, but the leader has no majority: `tally cluster status` asked of the
+/// follower says first that the cluster cannot commit and what brings it back, claims no
+/// survival, and exits 2; both survivors' `/ready` say NOT_SERVING; a write through the CLI says
+/// why it failed and that its outcome is unknown. Before, status said "the cluster keeps
+/// serving" and exited 0, and the follower's `/ready` said SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_lost_its_quorum_says_so_in_status_health_and_errors() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &["site-a", "site-b", "site-c", "site-d"], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let mut add = args(&["cluster", "add", "--id", "4", "--site", "site-d", "--address"]);
+    add.extend([cluster.address(4), "--peer-address".into(), cluster.peer_address(4)]);
+    add.extend(cluster.cli_args(operator()));
+    let output = tally(&add);
+    assert!(output.status.success(), "cluster add: {:?}", text(&output));
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let followers: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
+    let kept = followers[0];
+    let status_of_kept = {
+        let mut command = args(&["cluster", "status"]);
+        command.extend(cluster.cli_args(operator()));
+        let at = command.iter().position(|a| a == "--nodes").unwrap() + 1;
+        command[at] = cluster.address(kept);
+        command
+    };
+    let started = Instant::now();
+    loop {
+        let output = tally(&status_of_kept);
+        let (stdout, _) = text(&output);
+        if output.status.code() == Some(0) && stdout.contains("4 of 4 voters are up (a majority is 3)") {
+            assert!(stdout.starts_with("The cluster commits: leader node"), "{stdout}");
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "status never said the cluster commits: {:?}", text(&output));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for id in &followers[1..] {
+        cluster.kill(*id);
+    }
+    let started = Instant::now();
+    let (stdout, stderr) = loop {
+        let output = tally(&status_of_kept);
+        if output.status.code() == Some(2) {
+            break text(&output);
+        }
+        assert!(started.elapsed() < DEADLINE, "status still says it commits: {:?}", text(&output));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(stdout.starts_with("THE CLUSTER CANNOT COMMIT: writes fail"), "{stdout}{stderr}");
+    assert!(stdout.contains("2 of 4 voters are up (a majority is 3)"), "{stdout}");
+    assert!(stdout.contains(&format!("node {leader} leads but has not heard from a majority")), "{stdout}");
+    let down: Vec<String> = followers[1..].iter().map(u64::to_string).collect();
+    assert!(stdout.contains(&format!("bring back 1 of nodes {}", down.join(", "))), "{stdout}");
+    assert!(!stdout.contains("keeps committing") && !stdout.contains("keeps serving"), "{stdout}");
+
+    for id in [leader, kept] {
+        let started = Instant::now();
+        loop {
+            let ready = cluster.http_get(id, "/ready").await;
+            if ready.contains("503") && ready.contains("NOT_SERVING") {
+                break;
+            }
+            assert!(started.elapsed() < DEADLINE, "node {id} still says it is ready: {ready}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let mut write =
+        args(&["account", "create", "--id", "7", "--ledger", "1", "--code", "1", "--timeout-ms", "1500"]);
+    write.extend(cluster.cli_args(Some(Role::Client("app".into()))));
+    let output = tally(&write);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("THE CLUSTER CANNOT COMMIT"), "{stderr}");
+    assert!(stderr.contains("The write's outcome is unknown"), "{stderr}");
+    for id in &followers[1..] {
+        let address = cluster.address(*id);
+        assert!(stderr.contains(&format!("{address}: nothing listens there")), "{stderr}");
+    }
+}
+
+/// Each mistake with an address or a certificate gets its own words and exit code 1, never a
+/// silent death (before: exit 141 from SIGPIPE with no output for --insecure against TLS, a
+/// peer door, a metrics port): plaintext against TLS, a peer door, a metrics port, a port
+/// without a host, a closed port, a key passed as the CA, another cluster's CA, an operator
+/// certificate given as the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_names_what_is_wrong_with_an_address_or_a_certificate() {
+    let cluster = TestCluster::start(Path::new(TALLY), &["site-a", "site-b", "site-c"], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let node = &cluster.nodes[&1];
+    let ca = cluster.certs_dir().join(certs::CA_CERT).display().to_string();
+    let ca_key = cluster.certs_dir().join(certs::CA_KEY).display().to_string();
+    let other = tempfile::tempdir().unwrap();
+    certs::make_local(other.path(), 0).unwrap();
+    let other_ca = other.path().join(certs::CA_CERT).display().to_string();
+    let closed = format!("127.0.0.1:{}", raft_node::testkit::free_port());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--nodes", &node.address, "--insecure"], "it speaks TLS: drop --insecure"),
+        (vec!["--nodes", &node.peer_address, "--ca", &ca], "a node's peer door (--peer-listen) admits only"),
+        (vec!["--nodes", &node.metrics_address, "--ca", &ca], "a node's metrics port"),
+        (vec!["--nodes", &node.metrics_address, "--insecure"], "a node's metrics port"),
+        (vec!["--nodes", "7101", "--ca", &ca], "'7101' is not host:port"),
+        (vec!["--nodes", &closed, "--ca", &ca], "nothing listens there (connection refused)"),
+        (vec!["--nodes", &node.address, "--ca", &ca_key], "(--ca) holds a private key, not a certificate"),
+        (vec!["--nodes", &node.address, "--ca", &other_ca], "its certificate is not signed by the CA given"),
+        (
+            vec!["--nodes", &node.address, "--ca", &ca, "--cert", &ca, "--key", &ca],
+            "(--key) holds a certificate",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let mut command = args(&["lookup", "account", "1", "--timeout-ms", "1000"]);
+        command.extend(flags.iter().map(|f| f.to_string()));
+        let output = tally(&command);
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(1), "{flags:?}: {stdout}{stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: expected '{expected}' in: {stderr}");
+    }
+}
