@@ -124,7 +124,9 @@ fn nemesis_help() -> String {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(dir) = args.check {
-        return match tally_jepsen::report::write(&dir, args.seed.unwrap_or(0), Vec::new()) {
+        // The run's own seed and crashes, from its summary, unless --seed says otherwise.
+        let (seed, crashes) = tally_jepsen::report::previous(&dir);
+        return match tally_jepsen::report::write(&dir, args.seed.or(seed).unwrap_or(0), crashes) {
             Ok(report) => {
                 print!("{}", report.text());
                 if report.valid { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }

@@ -194,6 +194,23 @@ pub fn plan(faults: &[Fault], timing: Timing, length: Duration, seed: u64) -> Ve
     }
 }
 
+/// The faults asked for that the schedule leaves out (the run is too short for them), in words.
+pub fn unscheduled(faults: &[Fault], schedule: &[Planned], length: Duration) -> Option<String> {
+    let left_out: Vec<&str> =
+        faults.iter().filter(|f| !schedule.iter().any(|p| p.fault == **f)).map(|f| f.name()).collect();
+    if left_out.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} s leaves room for {} of the {} faults asked for; not run: {}. A longer --time-limit (or shorter \
+         --quiet and --hold) runs them all.",
+        length.as_secs(),
+        faults.len() - left_out.len(),
+        faults.len(),
+        left_out.join(", ")
+    ))
+}
+
 /// How long `power-cut-roll` and `power-cut-commit` wait for their node to reach the step.
 const TRIP_WAIT: Duration = Duration::from_secs(30);
 /// How long each fsync of the `power-cut-commit` node takes while the nemesis waits for it.
@@ -768,6 +785,21 @@ mod tests {
         }
         let last = schedule.last().unwrap();
         assert!(last.at + last.hold + timing().quiet.0 <= length);
+    }
+
+    /// Two faults asked for, room for one: the run says which one it leaves out.
+    #[test]
+    fn a_run_too_short_for_every_fault_says_which_it_leaves_out() {
+        let faults = [Fault::KillLeaderSite, Fault::CutSite];
+        let short = Duration::from_secs(12);
+        let schedule = plan(&faults, timing(), short, 3);
+        assert_eq!(schedule.len(), 1, "{schedule:?}");
+        let warning = unscheduled(&faults, &schedule, short).expect("a warning");
+        let left_out = if schedule[0].fault == Fault::CutSite { "kill-leader-site" } else { "cut-site" };
+        assert!(warning.contains(&format!("not run: {left_out}.")), "{warning}");
+        assert!(warning.contains("room for 1 of the 2 faults"), "{warning}");
+        let long = Duration::from_secs(60);
+        assert_eq!(unscheduled(&faults, &plan(&faults, timing(), long, 3), long), None);
     }
 
     #[test]

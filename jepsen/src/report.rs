@@ -66,6 +66,18 @@ pub struct Report {
     pub worst_redundancy_restored_by_fault: BTreeMap<String, f64>,
 }
 
+/// The seed and the crashes an earlier report of `dir` recorded (for `--check`, which checks
+/// the history again and must not forget them).
+pub fn previous(dir: &Path) -> (Option<u64>, Vec<String>) {
+    let Ok(text) = std::fs::read_to_string(dir.join("summary.json")) else { return (None, Vec::new()) };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { return (None, Vec::new()) };
+    let crashes = value["crashes"]
+        .as_array()
+        .map(|list| list.iter().filter_map(|c| c.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    (value["seed"].as_u64(), crashes)
+}
+
 /// Computes the report of the history in `dir`, writes `summary.json`, `summary.txt`,
 /// `latency.png` and `throughput.png` there.
 pub fn write(dir: &Path, seed: u64, crashes: Vec<String>) -> Result<Report, String> {
@@ -368,6 +380,17 @@ mod tests {
                 error: None,
             },
         ]
+    }
+
+    /// `--check` checks a run again with the seed and crashes its summary recorded (it wrote
+    /// "seed 0" and forgot the crashes).
+    #[test]
+    fn a_check_again_keeps_the_runs_seed_and_crashes() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(previous(dir.path()), (None, Vec::new()));
+        let summary = r#"{"valid": false, "seed": 4242, "crashes": ["node 2 panicked"], "verdicts": []}"#;
+        std::fs::write(dir.path().join("summary.json"), summary).unwrap();
+        assert_eq!(previous(dir.path()), (Some(4242), vec!["node 2 panicked".to_string()]));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub async fn run(options: Options) -> Result<Report, String> {
         .tempdir()
         .map_err(|e| format!("cannot create a data directory: {e}"))?;
     let schedule = crate::nemesis::plan(&options.faults, options.timing, options.time_limit, options.seed);
+    if let Some(warning) = crate::nemesis::unscheduled(&options.faults, &schedule, options.time_limit) {
+        eprintln!("tally-jepsen: {warning}");
+    }
     let spares = schedule.iter().filter(|p| p.fault == Fault::Churn).count();
     let cluster = Cluster::start(
         &options.binary,

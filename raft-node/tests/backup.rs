@@ -130,6 +130,12 @@ async fn a_backup_taken_under_load_restores_to_a_new_cluster_with_the_same_state
     let digest = backed_up["state_digest"].as_str().unwrap().to_string();
     assert_eq!(digest.len(), 64);
     assert!(backed_up["applied_index"].as_u64().unwrap() > 0, "{backed_up}");
+    // The size said is the file's (it was the state stream's alone).
+    assert_eq!(
+        backed_up["file_bytes"].as_u64(),
+        Some(std::fs::metadata(&file).unwrap().len()),
+        "{backed_up}"
+    );
 
     // Misuse, refused with what is wrong: the file exists; a client certificate is no operator's.
     let again = tally(backup).await;

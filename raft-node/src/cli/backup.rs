@@ -98,12 +98,13 @@ fn pick_node(status: &v1::StatusReply, asked: Option<u64>) -> Result<v1::NodeSta
 
 fn print_checked(json: bool, path: &std::path::Path, checked: &Checked) {
     let header = &checked.header;
+    let file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
     if json {
         let value = json!({
             "file": path.display().to_string(), "cluster": header.cluster, "node_id": header.node_id,
             "applied_index": header.applied_index, "applied_term": header.applied_term,
             "state_digest": header.state_digest, "timestamp_last": header.timestamp_last,
-            "records": checked.state.records, "stream_bytes": header.stream_bytes,
+            "records": checked.state.records, "stream_bytes": header.stream_bytes, "file_bytes": file_bytes,
             "created_ns": header.created_ns, "written_by": header.written_by,
         });
         println!("{value}");
@@ -118,7 +119,8 @@ fn print_checked(json: bool, path: &std::path::Path, checked: &Checked) {
         ("state digest", header.state_digest.clone()),
         ("newest event", rfc3339(header.timestamp_last)),
         ("records", checked.state.records.to_string()),
-        ("bytes", header.stream_bytes.to_string()),
+        ("file size", format!("{file_bytes} bytes ({:.1} MiB)", file_bytes as f64 / (1 << 20) as f64)),
+        ("state", format!("{} bytes, the rest is the header", header.stream_bytes)),
         ("taken", rfc3339(header.created_ns)),
     ] {
         rows.add_row(vec![what.to_string(), value]);

@@ -64,11 +64,13 @@ impl PeerState {
             self.told_waiting = true;
             return first.then_some(Report::Waiting);
         }
-        let silent_enough = !self.answered_once || now.duration_since(since) >= DOWN_AFTER;
+        // Silent since the first call that failed: a peer this node never had to call before
+        // (a follower calls the leader only once the leader is gone) has been silent since then,
+        // not since this node started.
+        let silent = now.duration_since(since);
         let due = self.warned_at.is_none_or(|at| now.duration_since(at) >= WARN_INTERVAL);
-        if silent_enough && due {
+        if silent >= DOWN_AFTER && due {
             self.warned_at = Some(now);
-            let silent = now.duration_since(if self.answered_once { since } else { started });
             return Some(Report::Down { silent, refused: outcome == Outcome::Refused });
         }
         None
@@ -248,5 +250,21 @@ mod tests {
             Some(Report::Down { silent: STARTING_GRACE, refused: false })
         );
         assert_eq!(peer.observe(Outcome::Unreachable, started, after + Duration::from_secs(1)), None);
+    }
+
+    /// A follower calls the leader for the first time when the leader is gone: it has been
+    /// silent for as long as the calls have failed, not since this node started (it said "209 s"
+    /// half a second after the leader was killed).
+    #[test]
+    fn a_peer_first_called_long_after_the_start_is_silent_since_that_call() {
+        let started = Instant::now();
+        let at = |seconds: f64| started + Duration::from_secs_f64(seconds);
+        let mut peer = PeerState::default();
+        assert_eq!(peer.observe(Outcome::Unreachable, started, at(209.0)), None);
+        assert_eq!(peer.observe(Outcome::Unreachable, started, at(209.5)), None);
+        assert_eq!(
+            peer.observe(Outcome::Unreachable, started, at(214.0)),
+            Some(Report::Down { silent: Duration::from_secs(5), refused: false })
+        );
     }
 }
