@@ -607,10 +607,10 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         }
     };
     let claimed = claim_data_dir(&config)?;
-    let identities = Arc::new(Identities::new(
-        Endpoint { id: config.id, incarnation: claimed.incarnation },
-        claimed.cluster_id,
-    ));
+    let identities = Arc::new(
+        Identities::new(Endpoint { id: config.id, incarnation: claimed.incarnation }, claimed.cluster_id)
+            .named(&config.cluster),
+    );
     let segment_bytes = config.wal_segment_bytes.unwrap_or(crate::storage::wal::SEGMENT_BYTES_MAX);
     let opening = std::time::Instant::now();
     let log =

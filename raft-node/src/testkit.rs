@@ -27,6 +27,9 @@ pub struct NodeSpec {
     pub data_dir: PathBuf,
 }
 
+/// The name (`--cluster`) of every test cluster.
+pub const CLUSTER_NAME: &str = "test";
+
 pub struct TestCluster {
     binary: PathBuf,
     pub dir: tempfile::TempDir,
@@ -189,9 +192,23 @@ impl TestCluster {
 
     /// `command` with these TLS files (CA, certificate, key) instead of the node's own.
     pub fn command_with_tls(&self, id: u64, bootstrap: bool, tls: Option<[PathBuf; 3]>) -> Command {
+        self.command_in(CLUSTER_NAME, id, bootstrap, tls)
+    }
+
+    /// Starts node `id` as a node of the cluster named `name` (this one is `CLUSTER_NAME`).
+    pub fn spawn_in(&mut self, name: &str, id: u64) {
+        let tls = (!self.insecure()).then(|| {
+            let (cert, key) = self.certificate(&Role::Node(id));
+            [self.certs_dir().join(certs::CA_CERT), cert, key]
+        });
+        let child = self.command_in(name, id, false, tls).spawn().expect("spawn tally serve");
+        self.processes.insert(id, child);
+    }
+
+    fn command_in(&self, name: &str, id: u64, bootstrap: bool, tls: Option<[PathBuf; 3]>) -> Command {
         let spec = &self.nodes[&id];
         let mut command = Command::new(&self.binary);
-        command.args(["serve", "--cluster", "test", "--id", &id.to_string(), "--site", &spec.site]);
+        command.args(["serve", "--cluster", name, "--id", &id.to_string(), "--site", &spec.site]);
         command.args(["--listen", &spec.address, "--peer-listen", &spec.peer_address, "--data-dir"]);
         command.arg(&spec.data_dir);
         command.args(["--metrics-listen", &spec.metrics_address]);

@@ -115,10 +115,11 @@ async fn a_cluster_that_lost_its_quorum_says_so_in_status_health_and_errors() {
 /// silent death (before: exit 141 from SIGPIPE with no output for --insecure against TLS, a
 /// peer door, a metrics port): plaintext against TLS, a peer door, a metrics port, a port
 /// without a host, a closed port, a key passed as the CA, another cluster's CA, an operator
-/// certificate given as the key.
+/// certificate given as the key. And a node started without the cluster's name (`--cluster`)
+/// is not added: before, it joined, and its backups said the other name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_names_what_is_wrong_with_an_address_or_a_certificate() {
-    let cluster = TestCluster::start(Path::new(TALLY), &["site-a", "site-b", "site-c"], &[]);
+async fn the_cli_names_what_is_wrong_with_an_address_a_certificate_or_a_node() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &["site-a", "site-b", "site-c"], &[]);
     cluster.wait_for_leader(DEADLINE).await;
     let node = &cluster.nodes[&1];
     let ca = cluster.certs_dir().join(certs::CA_CERT).display().to_string();
@@ -149,4 +150,23 @@ async fn the_cli_names_what_is_wrong_with_an_address_or_a_certificate() {
         assert_eq!(output.status.code(), Some(1), "{flags:?}: {stdout}{stderr}");
         assert!(stderr.contains(expected), "{flags:?}: expected '{expected}' in: {stderr}");
     }
+
+    cluster.define_node(4, "site-d");
+    cluster.spawn_in("tally", 4);
+    let mut add = args(&["cluster", "add", "--id", "4", "--site", "site-d", "--address"]);
+    add.extend([cluster.address(4), "--peer-address".into(), cluster.peer_address(4)]);
+    add.extend(cluster.cli_args(operator()));
+    let started = Instant::now();
+    let stderr = loop {
+        let output = tally(&add);
+        let (stdout, stderr) = text(&output);
+        assert!(!output.status.success(), "a node of cluster 'tally' was added to 'test': {stdout}");
+        if !stderr.contains("does not answer") {
+            break stderr;
+        }
+        assert!(started.elapsed() < DEADLINE, "node 4 never answered: {stderr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(stderr.contains("was started as cluster 'tally', this is cluster 'test'"), "{stderr}");
+    assert!(stderr.contains("restart it with --cluster test"), "{stderr}");
 }

@@ -71,6 +71,8 @@ pub enum Refusal {
     NotMember { id: NodeId },
     /// No cluster id, a malformed one, or another cluster's.
     OtherCluster,
+    /// A caller of the cluster named `theirs`: this node was started with another `--cluster`.
+    OtherName { theirs: String },
     /// This node has no cluster id yet and could not save the one offered.
     CannotAdopt(String),
 }
@@ -95,11 +97,39 @@ pub struct Identities {
     recorded: RwLock<BTreeMap<NodeId, u64>>,
     /// `None` until bootstrapped or adopted.
     cluster_id: RwLock<Option<String>>,
+    /// The cluster's name (`--cluster`); empty: not checked.
+    name: String,
 }
 
 impl Identities {
     pub fn new(me: Endpoint, cluster_id: Option<String>) -> Identities {
-        Identities { me, recorded: RwLock::new(BTreeMap::new()), cluster_id: RwLock::new(cluster_id) }
+        Identities {
+            me,
+            recorded: RwLock::new(BTreeMap::new()),
+            cluster_id: RwLock::new(cluster_id),
+            name: String::new(),
+        }
+    }
+
+    /// These identities, for a node of the cluster named `name`.
+    pub fn named(self, name: &str) -> Identities {
+        Identities { name: name.to_string(), ..self }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checks the cluster name a caller sent: a node started with another `--cluster` (the
+    /// default, when someone forgot the flag) must not join by adopting the id. A caller from a
+    /// build that sends no name is judged by the cluster id alone.
+    pub fn check_name(&self, theirs: Option<&str>) -> Result<(), Refusal> {
+        match theirs {
+            Some(theirs) if !self.name.is_empty() && theirs != self.name => {
+                Err(Refusal::OtherName { theirs: theirs.chars().take(64).collect() })
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn cluster_id(&self) -> Option<String> {
@@ -276,5 +306,15 @@ mod tests {
             (Some(ours.as_str()), Some(ours.as_str()))
         );
         assert_eq!(fresh.check_cluster(Some(&other), true, never), Err(Refusal::OtherCluster));
+    }
+
+    /// A node started without `--cluster dev` is named "tally": it refuses dev's callers
+    /// instead of adopting dev's id (it joined, and its backups said "cluster tally").
+    #[test]
+    fn a_caller_of_another_cluster_name_is_refused() {
+        let tally = Identities::new(Endpoint { id: 4, incarnation: 44 }, None).named("tally");
+        assert_eq!(tally.check_name(Some("dev")), Err(Refusal::OtherName { theirs: "dev".into() }));
+        assert_eq!(tally.check_name(Some("tally")), Ok(()));
+        assert_eq!(tally.check_name(None), Ok(()), "a build that sends no name");
     }
 }

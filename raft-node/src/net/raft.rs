@@ -56,6 +56,8 @@ pub fn unpack<T: for<'de> serde::Deserialize<'de> + Bounded>(message: &pb::RaftM
 /// traffic from another cluster, so that neither a misconfigured address nor a stranger on the
 /// network can reach its log.
 pub const CLUSTER_HEADER: &str = "x-tally-cluster";
+/// The sender's cluster name (`--cluster`), which a node checks before adopting the id.
+pub const CLUSTER_NAME_HEADER: &str = "x-tally-cluster-name";
 
 #[derive(Clone)]
 pub struct Network {
@@ -157,6 +159,9 @@ pub fn name_ends<T>(
     let metadata = request.metadata_mut();
     if let Some(cluster) = identities.cluster_id().and_then(|id| id.parse().ok()) {
         metadata.insert(CLUSTER_HEADER, cluster);
+    }
+    if let Ok(name) = identities.name().parse() {
+        metadata.insert(CLUSTER_NAME_HEADER, name);
     }
     metadata.insert(FROM_HEADER, identities.me.header().parse().expect("digits and a dot"));
     metadata.insert(TO_HEADER, to.header().parse().expect("digits and a dot"));

@@ -101,6 +101,7 @@ impl ClusterService {
             redundancy: pb::Redundancy::Unspecified as i32,
             entries_behind: 0,
             serving: self.node.judge_serving(),
+            cluster: self.node.config.cluster.clone(),
         }
     }
 
@@ -280,6 +281,13 @@ async fn ask_status(node: &NodeHandle, id: NodeId, address: &str) -> Option<pb::
 /// The incarnation node `id` reports, asked at `address` (the route this node uses to it).
 async fn ask_incarnation(node: &NodeHandle, id: NodeId, address: &str) -> Result<u64, Status> {
     match ask_status(node, id, address).await {
+        Some(status) if !status.cluster.is_empty() && status.cluster != node.config.cluster => {
+            Err(Status::failed_precondition(format!(
+                "node {id} at {address} was started as cluster '{}', this is cluster '{}': restart it with \
+                 --cluster {} (its data directory emptied), then retry",
+                status.cluster, node.config.cluster, node.config.cluster
+            )))
+        }
         Some(status) if status.id == id && status.incarnation != 0 => Ok(status.incarnation),
         Some(status) if status.id != id => Err(Status::failed_precondition(format!(
             "the node at {address} is node {}, not node {id}",

@@ -150,6 +150,7 @@ impl RaftService {
         let identities = &self.node.identities;
         identities
             .check(header(FROM_HEADER), header(TO_HEADER), caller == Caller::Candidate)
+            .and_then(|()| identities.check_name(header(crate::net::raft::CLUSTER_NAME_HEADER)))
             .and_then(|()| {
                 identities.check_cluster(header(CLUSTER_HEADER), caller != Caller::Peer, |id| {
                     crate::node::save_cluster_id(&self.node.config.data_dir, id)?;
@@ -203,6 +204,12 @@ impl RaftService {
                 node = me.id,
                 "refusing Raft traffic without this cluster's id (another cluster's, or a stranger's). If this \
                  node was meant to join that cluster, empty its data directory and start it without --bootstrap"
+            ),
+            Refusal::OtherName { theirs } => tracing::error!(
+                node = me.id,
+                "refusing Raft traffic from a node of cluster '{theirs}': this node was started as cluster \
+                 '{}' (--cluster). If it belongs to '{theirs}', restart it with --cluster {theirs}",
+                self.node.config.cluster
             ),
             Refusal::CannotAdopt(error) => {
                 tracing::error!(node = me.id, "cannot record the cluster id the leader sent: {error}")
