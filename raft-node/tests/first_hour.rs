@@ -170,3 +170,130 @@ async fn the_cli_names_what_is_wrong_with_an_address_a_certificate_or_a_node() {
     assert!(stderr.contains("was started as cluster 'tally', this is cluster 'test'"), "{stderr}");
     assert!(stderr.contains("restart it with --cluster test"), "{stderr}");
 }
+
+/// A base port for `tally dev` whose twelve ports (client, peer and metrics doors of nodes 1-4)
+/// are free now.
+fn free_base_port() -> u16 {
+    loop {
+        let base = raft_node::testkit::free_port().saturating_sub(300).max(1024);
+        let ports = (1..=4).flat_map(|i| [base + i, base + 100 + i, base + 200 + i]);
+        let free = ports.into_iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free && base < 65_000 {
+            return base;
+        }
+    }
+}
+
+/// The pid of the process whose command line contains `needle`, from /proc.
+fn pid_of(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let line = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let line = String::from_utf8_lossy(&line).replace('\0', " ");
+        (line.contains(needle) && !line.contains("first_hour")).then_some(pid)
+    })
+}
+
+/// Processes a test started, killed when it ends however it ends.
+struct Reaper(Vec<std::process::Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            // SIGTERM: `tally dev` stops its nodes.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn wait_for_text(path: &Path, expected: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let found = std::fs::read_to_string(path).unwrap_or_default();
+        if found.contains(expected) {
+            return found;
+        }
+        assert!(started.elapsed() < DEADLINE, "'{expected}' not in {}: {found}", path.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn spawn_logged(words: &[String], dir: &Path, name: &str) -> std::process::Child {
+    let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
+    let err = std::fs::File::create(dir.join(format!("{name}.err"))).unwrap();
+    std::process::Command::new(TALLY).args(words).stdout(out).stderr(err).spawn().expect("spawn tally")
+}
+
+/// `tally dev` says what happens to its nodes: one killed (the others go on, and how to start it
+/// again), all gone (it stops, and says so); `tally dev add-node 4` adds a fourth node in
+/// site-d. Before, it said "the others keep running" with none left, and could neither start
+/// nor add a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tally_dev_says_what_happens_to_its_nodes_and_adds_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let place =
+        args(&["--dir", &dir.path().join("dev").display().to_string(), "--base-port", &base.to_string()]);
+    let mut dev_command = args(&["dev"]);
+    dev_command.extend(place.clone());
+    let mut reaper = Reaper(vec![spawn_logged(&dev_command, dir.path(), "dev")]);
+    wait_for_text(&dir.path().join("dev.out"), "Ctrl-C stops the cluster.").await;
+
+    let mut add = args(&["dev", "add-node", "4"]);
+    add.extend(place.clone());
+    reaper.0.push(spawn_logged(&add, dir.path(), "add"));
+    wait_for_text(&dir.path().join("add.out"), "node 4 is a voter in site-d").await;
+    let mut status = args(&["cluster", "status", "--nodes", &format!("127.0.0.1:{}", base + 1)]);
+    let certs = dir.path().join("dev/certs");
+    let (cert, key) = certs::paths(&certs, &Role::Operator(certs::LOCAL_OPERATOR.into()));
+    status.extend(["--ca".into(), certs.join(certs::CA_CERT).display().to_string()]);
+    status.extend(["--cert".into(), cert.display().to_string(), "--key".into(), key.display().to_string()]);
+    let output = tally(&status);
+    let (stdout, stderr) = text(&output);
+    assert!(stdout.contains("4 of 4 voters are up"), "{stdout}{stderr}");
+
+    let node = |id: u64| {
+        format!(
+            "--id {id} --site site-{} --listen 127.0.0.1:{}",
+            ["a", "b", "c"][id as usize - 1],
+            base + id as u16
+        )
+    };
+    let kill = |id: u64| {
+        let pid = pid_of(&node(id)).unwrap_or_else(|| panic!("node {id} of tally dev runs"));
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    };
+    kill(2);
+    let said = wait_for_text(&dir.path().join("dev.err"), "start-node 2").await;
+    assert!(said.contains("node 2 exited"), "{said}");
+    assert!(said.contains("nodes 1 and 3 still run, a majority"), "{said}");
+    kill(1);
+    kill(3);
+    let said = wait_for_text(&dir.path().join("dev.err"), "with none of its nodes left").await;
+    assert!(!said.contains("the others keep running"), "{said}");
+    let started = Instant::now();
+    while reaper.0[0].try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < DEADLINE, "tally dev did not stop with none of its nodes left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every node of `tally dev` fails at start (its ports are taken): it says so at once and exits
+/// 1, instead of 30 s of silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tally_dev_says_at_once_when_every_node_fails_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let _taken: Vec<std::net::TcpListener> =
+        (1..=3).map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).unwrap()).collect();
+    let mut dev = args(&["dev", "--dir", &dir.path().join("dev").display().to_string()]);
+    dev.extend(["--base-port".into(), base.to_string()]);
+    let started = Instant::now();
+    let output = tally(&dev);
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("every node exited at start"), "{stderr}");
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+}
