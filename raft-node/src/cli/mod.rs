@@ -14,6 +14,7 @@ mod dev;
 mod explain;
 mod ledger;
 mod serve;
+mod words;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
