@@ -15,8 +15,11 @@ pub struct ServeArgs {
     /// flags given as well override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// This node's id (a positive number, unique in the cluster, never reused for another machine).
     #[arg(long)]
     pub id: Option<u64>,
+    /// The site (data center, zone) it runs in: voters are spread so that losing one site keeps
+    /// a majority.
     #[arg(long)]
     pub site: Option<String>,
     /// The client door: the address clients and operators call (tally.v1.Ledger and
@@ -76,9 +79,11 @@ pub struct ServeArgs {
     /// The largest snapshot this node accepts from a leader, e.g. 512GiB (default 1TiB).
     #[arg(long, value_parser = parse_limit)]
     pub max_snapshot_bytes: Option<u64>,
+    /// Where it keeps its log and ledger state (created on first use; one node's only).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Cluster name; nodes refuse data and peers of another cluster.
+    /// Cluster name (default tally): the same on every node; nodes refuse data and peers of another
+    /// cluster.
     #[arg(long)]
     pub cluster: Option<String>,
     /// Start a new cluster with this node and the --peer nodes as voters.
@@ -90,12 +95,18 @@ pub struct ServeArgs {
     /// Join the cluster of the node whose peer door is at this address.
     #[arg(long)]
     pub join: Option<String>,
+    /// How long followers wait without a leader's heartbeat before an election, in ms (default
+    /// 150; randomized up to twice that). Raise it for sites far apart.
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
+    /// How often the leader sends heartbeats, in ms (default 50): well below the election timeout.
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
+    /// How long the leader waits for more writes to join an entry, in µs (default 0: entries
+    /// form while the previous one is written).
     #[arg(long)]
     pub group_commit_delay_us: Option<u64>,
+    /// Snapshot the ledger state every this many log entries (default 20000).
     #[arg(long)]
     pub snapshot_entries: Option<u64>,
     /// Log entries kept behind a snapshot at least (default 1000).
