@@ -297,3 +297,74 @@ async fn tally_dev_says_at_once_when_every_node_fails_to_start() {
     assert!(stderr.contains("Address already in use"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
 }
+
+/// The ledger commands as a newcomer meets them: a flag in the proto's spelling, a linked chain
+/// from a file that fails as a whole and says why, lookups and history of ids that do not exist,
+/// a query cut off by its limit. Before: no batches from the CLI (a linked flag always failed
+/// with linked_event_chain_open), results without ids or meanings, empty tables without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_commands_say_what_happened() {
+    let cluster = TestCluster::start(Path::new(TALLY), &["site-a", "site-b", "site-c"], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let run = |words: &[&str], stdin: Option<&str>| {
+        let mut command = args(words);
+        command.extend(cluster.cli_args(Some(Role::Client("app".into()))));
+        let mut child = std::process::Command::new(TALLY)
+            .args(&command)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        let (stdout, stderr) = text(&output);
+        (output.status.code(), stdout, stderr)
+    };
+    let (code, stdout, stderr) =
+        run(&["account", "create", "--id", "1", "--ledger", "1", "--code", "1"], None);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let flags = "debits_must_not_exceed_credits,HISTORY";
+    let (code, stdout, stderr) =
+        run(&["account", "create", "--id", "2", "--ledger", "1", "--code", "1", "--flags", flags], None);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+
+    // A chain whose second transfer overdraws account 2: neither takes effect.
+    let chain = "id,debit,credit,amount,ledger,code,flags\n10,1,2,5,1,1,linked\n11,2,1,1000,1,1,\n";
+    let (code, stdout, stderr) = run(&["transfer", "--file", "-"], Some(chain));
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("10   linked_event_failed"), "{stdout}");
+    assert!(stdout.contains("11   exceeds_credits"), "{stdout}");
+    assert!(
+        stdout.contains("linked_event_failed: Another event in this event's linked chain failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("exceeds_credits: The debit account has DEBITS_MUST_NOT_EXCEED_CREDITS"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run(&["lookup", "transfer", "10", "11"], None);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("not found: transfer 10, 11"), "{stderr}");
+
+    // The same chain, affordable, as JSON lines: both.
+    let chain = "{\"id\": 12, \"debit\": 1, \"credit\": 2, \"amount\": 5, \"ledger\": 1, \"code\": 1, \"flags\": [\"linked\"]}\n\
+                 {\"id\": 13, \"debit\": 2, \"credit\": 1, \"amount\": 3, \"ledger\": 1, \"code\": 1}\n";
+    let (code, stdout, stderr) = run(&["transfer", "--file", "-"], Some(chain));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("12   ok") && stdout.contains("13   ok"), "{stdout}");
+
+    let (code, _, stderr) = run(&["history", "999"], None);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("not found: account 999"), "{stderr}");
+    let (code, stdout, stderr) = run(&["query", "transfers", "--ledger", "1", "--limit", "1"], None);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("1 rows, the limit (--limit); more may follow: ask again with --after"),
+        "{stderr}"
+    );
+    let (code, stdout, _) = run(&["history", "2", "--balances"], None);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains(" 12 ") && stdout.contains(" 13 "), "balance rows name their transfer: {stdout}");
+}

@@ -197,6 +197,19 @@ pub(super) fn commit_verdict(status: &v1::StatusReply) -> String {
     format!("THE CLUSTER CANNOT COMMIT: writes fail; {why}. {up}: {next}.")
 }
 
+/// A warning when the node that answered is itself out of touch with a leader that has a quorum:
+/// removed from the cluster, or cut off, its view of the membership may be old.
+fn stale_view(status: &v1::StatusReply) -> Option<String> {
+    let me = status.nodes.iter().find(|n| n.id == status.answered_by)?;
+    (status.can_commit && !me.serving).then(|| {
+        format!(
+            "Node {} answered, and it is not in touch with a leader that has a quorum: its view may be old \
+             (removed from the cluster, or cut off from it). Ask another node (--nodes).",
+            me.id
+        )
+    })
+}
+
 /// What losing each site now would do, in words (one line when writes are stopped already).
 fn survival(status: &v1::StatusReply) -> Vec<String> {
     if !status.can_commit {
@@ -285,6 +298,9 @@ fn print_status(json: bool, status: &v1::StatusReply) {
         return;
     }
     println!("{}", commit_verdict(status));
+    if let Some(line) = stale_view(status) {
+        println!("{line}");
+    }
     if let Some(first) = status.divergences.first() {
         println!(
             "THE MEMBERS' BOOKS DISAGREE: after index {} their states differ ({}){}. They apply the same log \
