@@ -60,7 +60,15 @@ async fn read_reply(
     match tokio::time::timeout(STEP_MAX, stream.read(&mut buffer)).await {
         Err(_) => Ok(Reply::Silent),
         Ok(Ok(read)) => Ok(classify(&buffer[..read])),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(Reply::Closed),
+        // Closed at once, with or without TLS's close_notify.
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            Ok(Reply::Closed)
+        }
         Ok(Err(e)) => Err(e),
     }
 }

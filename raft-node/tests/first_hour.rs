@@ -128,9 +128,15 @@ async fn the_cli_names_what_is_wrong_with_an_address_a_certificate_or_a_node() {
     certs::make_local(other.path(), 0).unwrap();
     let other_ca = other.path().join(certs::CA_CERT).display().to_string();
     let closed = format!("127.0.0.1:{}", raft_node::testkit::free_port());
+    let (op_cert, op_key) = certs::paths(&cluster.certs_dir(), &operator().unwrap());
+    let (op_cert, op_key) = (op_cert.display().to_string(), op_key.display().to_string());
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--nodes", &node.address, "--insecure"], "it speaks TLS: drop --insecure"),
         (vec!["--nodes", &node.peer_address, "--ca", &ca], "a node's peer door (--peer-listen) admits only"),
+        (
+            vec!["--nodes", &node.peer_address, "--ca", &ca, "--cert", &op_cert, "--key", &op_key],
+            "a node's peer door (--peer-listen) admits only",
+        ),
         (vec!["--nodes", &node.metrics_address, "--ca", &ca], "a node's metrics port"),
         (vec!["--nodes", &node.metrics_address, "--insecure"], "a node's metrics port"),
         (vec!["--nodes", "7101", "--ca", &ca], "'7101' is not host:port"),
