@@ -297,10 +297,7 @@ fn print_status(json: bool, status: &v1::StatusReply) {
         println!("{value}");
         return;
     }
-    println!("{}", commit_verdict(status));
-    if let Some(line) = stale_view(status) {
-        println!("{line}");
-    }
+    // Books that disagree come first: more urgent than whether writes go on.
     if let Some(first) = status.divergences.first() {
         println!(
             "THE MEMBERS' BOOKS DISAGREE: after index {} their states differ ({}){}. They apply the same log \
@@ -313,6 +310,10 @@ fn print_status(json: bool, status: &v1::StatusReply) {
                 n => format!(", and at {} more indexes", n - 1),
             }
         );
+    }
+    println!("{}", commit_verdict(status));
+    if let Some(line) = stale_view(status) {
+        println!("{line}");
     }
     let leader = match status.leader_id {
         0 => "none".to_string(),
