@@ -102,6 +102,7 @@ pub enum ClusterCommand {
     Add {
         #[command(flatten)]
         client: ClientArgs,
+        /// Its id (its --id).
         #[arg(long)]
         id: u64,
         /// Its client door (its --advertise, or --listen).
@@ -110,8 +111,10 @@ pub enum ClusterCommand {
         /// Its peer door (its --peer-advertise, or --peer-listen).
         #[arg(long)]
         peer_address: String,
+        /// Its site (its --site).
         #[arg(long)]
         site: String,
+        /// Keep it a learner: a copy that does not vote.
         #[arg(long)]
         learner: bool,
         /// Accept a placement where losing one site loses the voter majority.
@@ -122,6 +125,7 @@ pub enum ClusterCommand {
     Remove {
         #[command(flatten)]
         client: ClientArgs,
+        /// The member's id.
         #[arg(long)]
         id: u64,
         /// Accept a placement where losing one site loses the voter majority.
@@ -133,6 +137,7 @@ pub enum ClusterCommand {
     Replace {
         #[command(flatten)]
         client: ClientArgs,
+        /// The id of the node that lost its disk.
         #[arg(long)]
         id: u64,
     },
@@ -140,6 +145,7 @@ pub enum ClusterCommand {
     TransferLeader {
         #[command(flatten)]
         client: ClientArgs,
+        /// The voter to lead next.
         #[arg(long)]
         to: u64,
     },

@@ -380,12 +380,14 @@ fn parse_time(text: &str) -> Result<u64, String> {
 
 #[derive(Subcommand)]
 pub enum LookupCommand {
+    /// Accounts by id, with their balances; says which ids are not found (exit 1).
     Account {
         #[command(flatten)]
         client: ClientArgs,
         #[arg(required = true)]
         ids: Vec<u128>,
     },
+    /// Transfers by id, with what became of pending ones; says which ids are not found (exit 1).
     Transfer {
         #[command(flatten)]
         client: ClientArgs,
@@ -398,6 +400,7 @@ pub enum LookupCommand {
 pub struct HistoryArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// The account's id.
     pub account: u128,
     #[command(flatten)]
     pub fields: FieldArgs,
@@ -411,12 +414,16 @@ pub struct HistoryArgs {
 /// Fields a query selects by: every one given must match.
 #[derive(Args, Clone, Copy)]
 pub struct FieldArgs {
+    /// Only those with this user data 128 (0: any).
     #[arg(long, default_value_t = 0)]
     pub user_data_128: u128,
+    /// Only those with this user data 64 (0: any).
     #[arg(long, default_value_t = 0)]
     pub user_data_64: u64,
+    /// Only those with this user data 32 (0: any).
     #[arg(long, default_value_t = 0)]
     pub user_data_32: u32,
+    /// Only those with this code (0: any).
     #[arg(long, default_value_t = 0)]
     pub code: u32,
 }
@@ -430,6 +437,7 @@ pub struct RangeArgs {
     /// Up to this time (RFC 3339, or ns since the Unix epoch).
     #[arg(long, value_parser = parse_time)]
     pub before: Option<u64>,
+    /// At most this many rows (up to 8189); the command says how to ask for the next ones.
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
     /// Newest first.
@@ -544,6 +552,7 @@ pub struct QueryArgs {
     pub client: ClientArgs,
     #[command(flatten)]
     pub fields: FieldArgs,
+    /// Only those of this ledger (0: any).
     #[arg(long, default_value_t = 0)]
     pub ledger: u32,
     #[command(flatten)]
