@@ -296,7 +296,7 @@ impl SyncPlan {
     pub fn run(&self) -> io::Result<()> {
         for (file, _, _) in &self.files {
             // A deliberately broken build, to show that the chaos harness's power cut catches a
-            // log that acknowledges before its appends are on disk (README, "Power cuts").
+            // log that acknowledges before its appends are on disk (docs/results/chaos.md, "Power cuts").
             if cfg!(feature = "acknowledge-before-fsync") {
                 continue;
             }
