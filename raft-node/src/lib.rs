@@ -26,6 +26,7 @@ pub mod convert;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod rt;
 pub mod security;
 pub mod service;
 pub mod storage;

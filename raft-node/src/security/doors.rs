@@ -17,7 +17,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, as the idle timer's: under a simulated clock a std `Instant` would never reach
+// the deadline the timer already passed, and the check would spin.
+use tokio::time::Instant;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -286,7 +290,7 @@ impl Conn {
             if Instant::now() >= until {
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle connection closed"));
             }
-            self.idle.as_mut().reset(until.into());
+            self.idle.as_mut().reset(until);
         }
         Poll::Pending
     }

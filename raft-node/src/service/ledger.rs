@@ -169,7 +169,7 @@ macro_rules! read {
                 }
             }
         }
-        let reply = tokio::task::block_in_place(|| $local);
+        let reply = crate::rt::block(|| $local);
         reply.map(Response::new)
     }};
 }

@@ -258,7 +258,7 @@ impl Shared {
             }
             // Rare, and long: the worker is handed over (a no-op when it already was).
             None if bytes >= 2 * self.checkpoint_policy.bytes_max => {
-                tokio::task::block_in_place(|| self.checkpoint(ledger))
+                crate::rt::block(|| self.checkpoint(ledger))
             }
             None => Ok(()),
         }
@@ -454,7 +454,7 @@ impl StateMachine {
         {
             return self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry);
         }
-        tokio::task::block_in_place(|| {
+        crate::rt::block(|| {
             let mut ledger = self.shared.ledger.write().unwrap();
             self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry)
         })
@@ -711,7 +711,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        tokio::task::block_in_place(|| self.build())
+        crate::rt::block(|| self.build())
     }
 }
 
@@ -747,7 +747,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotFile,
     ) -> Result<(), io::Error> {
-        tokio::task::block_in_place(|| {
+        crate::rt::block(|| {
             let _snapshots = self.shared.snapshots.lock().unwrap();
             let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
             let path = snapshot_path(&self.shared.data_dir, meta);

@@ -1,0 +1,25 @@
+//! How blocking work runs beside the async runtime. A node runs on tokio's multi-threaded
+//! runtime, where `block_in_place` hands this worker's other tasks to another worker while a
+//! long apply or checkpoint holds it. On a current-thread runtime (a deterministic simulation,
+//! issue 26) there is no other worker to hand them to and `block_in_place` panics: the work then
+//! runs inline, which on one thread is what would happen anyway.
+
+/// Runs `work`, letting the runtime move this worker's other tasks elsewhere meanwhile when it
+/// can.
+pub fn block<T>(work: impl FnOnce() -> T) -> T {
+    let multi_threaded = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_threaded { tokio::task::block_in_place(work) } else { work() }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn blocking_work_runs_on_either_runtime_and_outside_one() {
+        assert_eq!(super::block(|| 7), 7);
+        let current = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(current.block_on(async { super::block(|| 8) }), 8);
+        let multi = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+        assert_eq!(multi.block_on(async { super::block(|| 9) }), 9);
+    }
+}
