@@ -64,7 +64,7 @@ type Reply = oneshot::Sender<Result<BatchReply, Status>>;
 struct Queued {
     batch: Batch,
     reply: Reply,
-    submitted: std::time::Instant,
+    submitted: tokio::time::Instant,
     bytes: Option<OwnedSemaphorePermit>,
 }
 
@@ -180,7 +180,7 @@ impl Batcher {
             })?;
         crate::metrics::BATCH_EVENTS.observe(batch.len() as f64);
         let (reply, receiver) = oneshot::channel();
-        let mut queued = Queued { batch, reply, submitted: std::time::Instant::now(), bytes: Some(held) };
+        let mut queued = Queued { batch, reply, submitted: tokio::time::Instant::now(), bytes: Some(held) };
         // A lone request on an idle leader proposes its entry from its own task: through the
         // queue it cost two more hand-offs (the batcher task, then a task per entry) for an
         // entry of one batch all the same. Only when nothing queues (the batcher's first

@@ -25,7 +25,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock wherever time drives a decision (a sample's age, a hand-over's pause): a
+// simulation advances it (issue 26); the same clock as std's in production.
+use tokio::time::Instant;
 
 use openraft::type_config::async_runtime::WatchReceiver;
 use tally_proto::v1 as pb;
@@ -238,10 +242,10 @@ struct Skew {
     drift_since_ns: AtomicI64,
 }
 
-static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 fn since_base_ns() -> i64 {
-    BASE.get_or_init(Instant::now).elapsed().as_nanos() as i64
+    BASE.get_or_init(std::time::Instant::now).elapsed().as_nanos() as i64
 }
 
 impl Skew {

@@ -428,14 +428,14 @@ impl Drop for ReceivingGuard<'_> {
 
 /// When a leader was last heard from (or said it had a quorum): milliseconds since the node started, `u64::MAX` for never.
 pub struct LeaderContact {
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     at_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for LeaderContact {
     fn default() -> LeaderContact {
         LeaderContact {
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
             at_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
     }
