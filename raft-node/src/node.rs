@@ -460,7 +460,8 @@ impl NodeHandle {
     /// that has heard from a majority of voters lately; as the leader, that it has.
     pub fn judge_serving(&self) -> bool {
         let contact_max = leader_contact_max(&self.config);
-        let current = self.raft.metrics().borrow_watched().clone();
+        let metrics = self.raft.metrics();
+        let current = metrics.borrow_watched();
         let member = current.membership_config.membership().get_node(&self.id()).is_some();
         let in_contact = if current.current_leader == Some(self.id()) {
             current

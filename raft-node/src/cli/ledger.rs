@@ -651,6 +651,19 @@ struct Outcome {
     timestamp: u64,
 }
 
+impl Outcome {
+    /// The result `name` of `enumeration` (`CreateTransferStatus`), whose values begin with
+    /// `prefix` (`CREATE_TRANSFER_STATUS_`).
+    fn new(id: u128, enumeration: &str, prefix: &str, name: &str, timestamp: u64) -> Outcome {
+        Outcome {
+            id,
+            status: status_name(name, prefix),
+            meaning: super::words::meaning(enumeration, name, prefix),
+            timestamp,
+        }
+    }
+}
+
 /// Prints the results of a create and returns failure unless every event is ok or exists.
 fn report_results(json: bool, results: &[Outcome]) -> ExitCode {
     if json {
@@ -806,12 +819,13 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
                 let results = answered(&args, Call::Write, client.create_accounts(request)).await?;
                 for (id, result) in ids.into_iter().zip(results) {
                     let name = result.status().as_str_name();
-                    outcomes.push(Outcome {
+                    outcomes.push(Outcome::new(
                         id,
-                        status: status_name(name, "CREATE_ACCOUNT_STATUS_"),
-                        meaning: super::words::meaning("CreateAccountStatus", name, "CREATE_ACCOUNT_STATUS_"),
-                        timestamp: result.timestamp,
-                    });
+                        "CreateAccountStatus",
+                        "CREATE_ACCOUNT_STATUS_",
+                        name,
+                        result.timestamp,
+                    ));
                 }
             }
             Ok(report_results(args.json, &outcomes))
@@ -830,16 +844,13 @@ pub async fn run(command: Command) -> Result<ExitCode, String> {
                 let results = answered(&args.client, Call::Write, client.create_transfers(request)).await?;
                 for (id, result) in ids.into_iter().zip(results) {
                     let name = result.status().as_str_name();
-                    outcomes.push(Outcome {
+                    outcomes.push(Outcome::new(
                         id,
-                        status: status_name(name, "CREATE_TRANSFER_STATUS_"),
-                        meaning: super::words::meaning(
-                            "CreateTransferStatus",
-                            name,
-                            "CREATE_TRANSFER_STATUS_",
-                        ),
-                        timestamp: result.timestamp,
-                    });
+                        "CreateTransferStatus",
+                        "CREATE_TRANSFER_STATUS_",
+                        name,
+                        result.timestamp,
+                    ));
                 }
             }
             Ok(report_results(args.client.json, &outcomes))
