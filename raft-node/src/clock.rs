@@ -129,9 +129,7 @@ impl ClusterClock {
 
     /// This machine's wall clock, ns since the epoch (with the test hook's skew, if any).
     pub fn now_ns(&self) -> u64 {
-        let system = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128);
+        let system = crate::sys::wall_clock().as_nanos() as i128;
         (system + i128::from(self.skew.now_ns())).clamp(0, i128::from(u64::MAX)) as u64
     }
 
@@ -242,10 +240,10 @@ struct Skew {
     drift_since_ns: AtomicI64,
 }
 
-static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
 
 fn since_base_ns() -> i64 {
-    BASE.get_or_init(std::time::Instant::now).elapsed().as_nanos() as i64
+    BASE.get_or_init(tokio::time::Instant::now).elapsed().as_nanos() as i64
 }
 
 impl Skew {

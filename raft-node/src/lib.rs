@@ -30,5 +30,6 @@ pub mod rt;
 pub mod security;
 pub mod service;
 pub mod storage;
+pub mod sys;
 pub mod testkit;
 pub mod types;

@@ -257,7 +257,8 @@ pub struct Claimed {
 /// adopting its leader's).
 pub fn save_cluster_id(dir: &std::path::Path, cluster_id: &str) -> Result<(), String> {
     let path = dir.join(IDENTITY_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text =
+        crate::sys::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut identity: Identity =
         toml::from_str(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?;
     identity.cluster_id = Some(cluster_id.to_string());
@@ -270,7 +271,7 @@ pub fn save_cluster_id(dir: &std::path::Path, cluster_id: &str) -> Result<(), St
 /// integers are signed 64-bit (`identity.toml`).
 fn new_incarnation() -> u64 {
     loop {
-        let incarnation: u64 = rand::random::<u64>() >> 1;
+        let incarnation: u64 = crate::sys::random_u64() >> 1;
         if incarnation != 0 {
             return incarnation;
         }
@@ -308,15 +309,15 @@ pub fn write_identity(
 /// Returns the directory's incarnation and cluster id.
 pub fn claim_data_dir(config: &NodeConfig) -> Result<Claimed, String> {
     let dir = &config.data_dir;
-    std::fs::create_dir_all(dir)
+    crate::sys::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
     let path = dir.join(IDENTITY_FILE);
-    let mut found = match std::fs::read_to_string(&path) {
+    let mut found = match crate::sys::fs::read_to_string(&path) {
         Ok(text) => {
             toml::from_str::<Identity>(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?.count();
+            let entries = crate::sys::fs::read_dir(dir).map_err(|e| e.to_string())?.count();
             if entries > 0 {
                 return Err(format!(
                     "data directory {} is not empty and has no {IDENTITY_FILE}: it is not a tally node's; \
@@ -852,7 +853,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let bind = |address: SocketAddr, door: &'static str| async move {
-        tokio::net::TcpListener::bind(address)
+        crate::sys::TcpListener::bind(address)
             .await
             .map_err(|e| format!("cannot listen on {address} ({door}): {e}"))
     };
@@ -868,8 +869,8 @@ pub async fn serve(
 /// one route (`--route`).
 pub async fn serve_on(
     node: Arc<NodeHandle>,
-    clients: tokio::net::TcpListener,
-    peers: tokio::net::TcpListener,
+    clients: crate::sys::TcpListener,
+    peers: crate::sys::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

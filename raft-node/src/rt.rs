@@ -12,6 +12,17 @@ pub fn block<T>(work: impl FnOnce() -> T) -> T {
     if multi_threaded { tokio::task::block_in_place(work) } else { work() }
 }
 
+/// Runs `work` on tokio's blocking pool, so that the awaiting task's worker goes on with other
+/// tasks meanwhile; inline on a current-thread runtime, whose blocking pool is real threads that a
+/// deterministic simulation must not have.
+pub async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let current_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    if current_thread { Ok(work()) } else { tokio::task::spawn_blocking(work).await }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

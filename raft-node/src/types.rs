@@ -10,6 +10,7 @@ use std::fmt;
 use ledger::{Account, Batch, BatchReply, CreateAccountResult, CreateTransferResult, EventResult};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+#[cfg(not(feature = "sim"))]
 openraft::declare_raft_types!(
     /// tally's Raft types: u64 node ids, `NodeInfo` nodes, `Request` entries.
     pub TypeConfig:
@@ -17,6 +18,19 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = u64,
         Node = NodeInfo,
+);
+
+// Under simulation, openraft's randomness (election timeouts, tick phases) comes from a seed the
+// simulator sets for each simulated host (`DeterministicRng::scope`), not from the OS.
+#[cfg(feature = "sim")]
+openraft::declare_raft_types!(
+    /// tally's Raft types: u64 node ids, `NodeInfo` nodes, `Request` entries.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = NodeInfo,
+        AsyncRuntime = openraft::rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>,
 );
 
 pub type NodeId = u64;

@@ -82,7 +82,7 @@ const CLUSTER_ID_CHARS: usize = 32;
 
 /// A fresh cluster id, for a bootstrap.
 pub fn new_cluster_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    format!("{:032x}", (u128::from(crate::sys::random_u64()) << 64) | u128::from(crate::sys::random_u64()))
 }
 
 pub fn is_cluster_id(text: &str) -> bool {

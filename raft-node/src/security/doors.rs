@@ -23,9 +23,9 @@ use std::time::Duration;
 // the deadline the timer already passed, and the check would spin.
 use tokio::time::Instant;
 
+use crate::sys::{TcpListener, TcpStream};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::transport::server::Connected;
 
@@ -437,6 +437,34 @@ pub fn peer_channel(
         .keep_alive_timeout(Duration::from_secs(5));
     Ok(match tls {
         Some(tls) => endpoint.connect_with_connector_lazy(PeerDialer { tls: tls.clone(), expect }),
+        #[cfg(not(feature = "sim"))]
         None => endpoint.connect_lazy(),
+        #[cfg(feature = "sim")]
+        None => endpoint.connect_with_connector_lazy(PlainDialer),
     })
+}
+
+/// Dials plaintext over the simulated network (`sys`), where tonic's own connector, which dials
+/// with tokio, cannot go.
+#[cfg(feature = "sim")]
+#[derive(Clone)]
+pub struct PlainDialer;
+
+#[cfg(feature = "sim")]
+impl tower_service::Service<http::Uri> for PlainDialer {
+    type Response = hyper_util::rt::TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri.host().ok_or("no host")?.to_string();
+            let port = uri.port_u16().ok_or("no port")?;
+            Ok(hyper_util::rt::TokioIo::new(TcpStream::connect((host.as_str(), port)).await?))
+        })
+    }
 }

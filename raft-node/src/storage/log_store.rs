@@ -12,7 +12,7 @@
 use std::io;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 
@@ -45,19 +45,24 @@ struct Shared {
     /// Tests only: the next sync, once it has taken its plan, says so on the first channel and
     /// waits for the second, so that a test can append and commit while it "runs".
     #[cfg(test)]
-    sync_gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+    sync_gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 enum IoJob {
     Sync(IOFlushed<TypeConfig>),
 }
 
+type Jobs<T> = tokio::sync::mpsc::UnboundedSender<T>;
+type JobsReceived<T> = tokio::sync::mpsc::UnboundedReceiver<T>;
+
 #[derive(Clone)]
 pub struct LogStore {
     shared: Arc<Shared>,
-    io: mpsc::Sender<IoJob>,
-    /// To the thread that deletes purged segments (`purge_thread`).
-    purges: mpsc::Sender<Vec<std::path::PathBuf>>,
+    /// To the IO thread (`sync_loop`). Unbounded: openraft bounds the appends in flight. A tokio
+    /// channel, which a thread reads blocking and a simulated node's task reads awaiting.
+    io: Jobs<IoJob>,
+    /// To the thread that deletes purged segments (`purge_loop`).
+    purges: Jobs<Vec<PathBuf>>,
 }
 
 fn io_error(error: impl std::fmt::Display) -> io::Error {
@@ -112,12 +117,8 @@ impl LogStore {
             #[cfg(test)]
             sync_gate: Mutex::new(None),
         });
-        let (io, jobs) = mpsc::channel();
-        let thread_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("tally-wal-sync".into())
-            .spawn(move || sync_loop(&thread_shared, jobs))?;
-        let purges = purge_thread(dir)?;
+        let (io, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let purges = start_io(dir, shared.clone(), jobs)?;
         Ok(LogStore { shared, io, purges })
     }
 
@@ -147,7 +148,7 @@ impl LogStore {
     /// state `state_machine::seed` makes the snapshot at `purged`.
     pub fn seed(dir: &Path, purged: LogId) -> io::Result<()> {
         wal::create_dir_durably(dir)?;
-        if std::fs::read_dir(dir)?.next().is_some() {
+        if crate::sys::fs::read_dir(dir)?.next().is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} is not empty: a log is there already", dir.display()),
@@ -165,11 +166,11 @@ impl LogStore {
     /// the whole log. Whether a snapshot covers it is the caller's question.
     pub fn purge_bound(&self, keep: LogKeep) -> Option<u64> {
         let segments = self.shared.wal.lock().unwrap().segments();
-        let now = std::time::SystemTime::now();
+        let now = std::time::UNIX_EPOCH + crate::sys::wall_clock();
         // A segment's modification time is its last append's. One that cannot be read counts as
         // written now: kept.
         let written_ago = |segment: &wal::SegmentSummary| {
-            std::fs::metadata(&segment.path)
+            crate::sys::fs::metadata(&segment.path)
                 .and_then(|meta| meta.modified())
                 .ok()
                 .and_then(|modified| now.duration_since(modified).ok())
@@ -222,50 +223,128 @@ fn read_decoded<T: for<'de> serde::Deserialize<'de>>(dir: &Path, name: &str) -> 
     }
 }
 
-/// The IO thread: one fdatasync for every group of appends waiting, then their callbacks.
+/// Starts the log's IO: the sync loop and the purge loop, each on a thread of its own, or under
+/// simulation as tasks of the simulated node (everything there runs on one thread, from one
+/// seed, and a simulated fsync takes simulated time, during which appends go on as on a disk).
+/// Returns the purge loop's sender.
+fn start_io(dir: &Path, shared: Arc<Shared>, jobs: JobsReceived<IoJob>) -> io::Result<Jobs<Vec<PathBuf>>> {
+    let (purges, detached) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
+    let dir = dir.to_path_buf();
+    #[cfg(feature = "sim")]
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(async move {
+            let mut sync = SyncLoop::new(jobs);
+            while let Some(group) = sync.next_group(&shared).await {
+                tokio::time::sleep(crate::sys::sim::fsync_latency()).await;
+                sync.finish(&shared, group);
+            }
+        });
+        tokio::spawn(async move {
+            let mut detached = detached;
+            while let Some(paths) = detached.recv().await {
+                if !purge_detached(&dir, &paths) {
+                    return;
+                }
+            }
+        });
+        return Ok(purges);
+    }
+    std::thread::Builder::new().name("tally-wal-sync".into()).spawn(move || {
+        let mut sync = SyncLoop::new(jobs);
+        while let Some(group) = sync.next_group_blocking(&shared) {
+            sync.finish(&shared, group);
+        }
+    })?;
+    std::thread::Builder::new().name("tally-wal-purge".into()).spawn(move || {
+        let mut detached = detached;
+        while let Some(paths) = detached.blocking_recv() {
+            if !purge_detached(&dir, &paths) {
+                return;
+            }
+        }
+    })?;
+    Ok(purges)
+}
+
+/// The IO thread's loop: one fdatasync for every group of appends waiting, then their callbacks.
 ///
 /// The sync runs without the WAL's lock (`Wal::sync_plan`): appends of the next group, and reads
 /// for replication, go on while the disk works. Every append of this group was written before
 /// its job was sent, so before the plan was taken, so the sync covers it.
-fn sync_loop(shared: &Shared, jobs: mpsc::Receiver<IoJob>) {
-    let mut committed_persisted_at = std::time::Instant::now();
-    while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        group.extend(jobs.try_iter());
-        // What is committed and on this node's log before the sync: only that may be written to
-        // the committed file after it. Read after the sync, it could name entries appended while
-        // the sync ran, which a power cut would lose.
+struct SyncLoop {
+    jobs: JobsReceived<IoJob>,
+    /// When the committed file was last written (`COMMITTED_PERSIST_INTERVAL`). tokio's clock,
+    /// which is std's in production and simulated time under simulation.
+    committed_persisted_at: tokio::time::Instant,
+}
+
+/// A group of appends whose sync has been planned, not yet run.
+struct Group {
+    callbacks: Vec<IoJob>,
+    /// What is committed and on this node's log before the sync: only that may be written to
+    /// the committed file after it. Read after the sync, it could name entries appended while
+    /// the sync ran, which a power cut would lose.
+    committed_before: (Option<LogId>, Option<u64>),
+    plan: io::Result<wal::SyncPlan>,
+}
+
+impl SyncLoop {
+    fn new(jobs: JobsReceived<IoJob>) -> SyncLoop {
+        SyncLoop { jobs, committed_persisted_at: tokio::time::Instant::now() }
+    }
+
+    fn next_group_blocking(&mut self, shared: &Shared) -> Option<Group> {
+        let first = self.jobs.blocking_recv()?;
+        Some(self.plan(shared, first))
+    }
+
+    #[cfg(feature = "sim")]
+    async fn next_group(&mut self, shared: &Shared) -> Option<Group> {
+        let first = self.jobs.recv().await?;
+        Some(self.plan(shared, first))
+    }
+
+    fn plan(&mut self, shared: &Shared, first: IoJob) -> Group {
+        let mut callbacks = vec![first];
+        while let Ok(job) = self.jobs.try_recv() {
+            callbacks.push(job);
+        }
         let committed_before = (*shared.committed.lock().unwrap(), shared.wal.lock().unwrap().last_index());
-        let result = sync_wal(shared);
+        let plan = shared.wal.lock().unwrap().sync_plan().map_err(io_error);
+        Group { callbacks, committed_before, plan }
+    }
+
+    /// Runs the group's sync without holding the WAL's lock across the fdatasync, persists the
+    /// committed id when due, and fires the callbacks.
+    fn finish(&mut self, shared: &Shared, group: Group) {
+        #[cfg(test)]
+        if let Some((paused, go)) = shared.sync_gate.lock().unwrap().take() {
+            let _ = paused.send(());
+            let _ = go.recv();
+        }
+        let result = group.plan.and_then(|plan| {
+            let started = std::time::Instant::now();
+            let result = plan.run();
+            crate::metrics::FSYNC_SECONDS.observe(started.elapsed().as_secs_f64());
+            let mut wal = shared.wal.lock().unwrap();
+            match &result {
+                Ok(()) => wal.sync_done(&plan),
+                Err(_) => wal.sync_failed(),
+            }
+            result
+        });
+        #[cfg(not(feature = "persist-committed-after-sync"))]
+        let committed_before = group.committed_before;
         #[cfg(feature = "persist-committed-after-sync")]
         let committed_before = (*shared.committed.lock().unwrap(), shared.wal.lock().unwrap().last_index());
-        if result.is_ok() && committed_persisted_at.elapsed() >= COMMITTED_PERSIST_INTERVAL {
+        if result.is_ok() && self.committed_persisted_at.elapsed() >= COMMITTED_PERSIST_INTERVAL {
             persist_committed(shared, committed_before);
-            committed_persisted_at = std::time::Instant::now();
+            self.committed_persisted_at = tokio::time::Instant::now();
         }
-        for IoJob::Sync(callback) in group {
+        for IoJob::Sync(callback) in group.callbacks {
             callback.io_completed(result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
         }
     }
-}
-
-/// Syncs every append so far without holding the WAL's lock across the fdatasync.
-fn sync_wal(shared: &Shared) -> io::Result<()> {
-    let plan = shared.wal.lock().unwrap().sync_plan().map_err(io_error)?;
-    #[cfg(test)]
-    if let Some((paused, go)) = shared.sync_gate.lock().unwrap().take() {
-        let _ = paused.send(());
-        let _ = go.recv();
-    }
-    let started = std::time::Instant::now();
-    let result = plan.run();
-    crate::metrics::FSYNC_SECONDS.observe(started.elapsed().as_secs_f64());
-    let mut wal = shared.wal.lock().unwrap();
-    match &result {
-        Ok(()) => wal.sync_done(&plan),
-        Err(_) => wal.sync_failed(),
-    }
-    result
 }
 
 /// The committed file never names an entry this node did not have on disk when it was written
@@ -296,25 +375,21 @@ fn check_committed_on_log(
     ))
 }
 
-/// Deletes the segments each purge detached, in the order of the purges, until the log is
-/// dropped. After a failure it deletes nothing more (deleting a later purge's files would leave
-/// a gap, which a reopened log refuses); the purge marker covers what is left, and the next
-/// open deletes it.
-fn purge_thread(dir: &Path) -> io::Result<mpsc::Sender<Vec<std::path::PathBuf>>> {
-    let (sender, receiver) = mpsc::channel::<Vec<std::path::PathBuf>>();
-    let dir = dir.to_path_buf();
-    std::thread::Builder::new().name("tally-wal-purge".into()).spawn(move || {
-        for paths in &receiver {
-            if let Err(error) = wal::remove_files_durably(&dir, &paths) {
-                tracing::error!(
-                    "cannot delete purged log segments in {}: {error}; they stay until the next start",
-                    dir.display()
-                );
-                return;
-            }
+/// Deletes the segments one purge detached; false after a failure, and then the loop deletes
+/// nothing more, in the order of the purges (deleting a later purge's files would leave a gap,
+/// which a reopened log refuses); the purge marker covers what is left, and the next open
+/// deletes it.
+fn purge_detached(dir: &Path, paths: &[PathBuf]) -> bool {
+    match wal::remove_files_durably(dir, paths) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(
+                "cannot delete purged log segments in {}: {error}; they stay until the next start",
+                dir.display()
+            );
+            false
         }
-    })?;
-    Ok(sender)
+    }
 }
 
 /// Best effort: the committed id only lets a restarted node re-apply sooner; a stale one is safe.
@@ -385,7 +460,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let shared = self.shared.clone();
         let vote = *vote;
-        tokio::task::spawn_blocking(move || {
+        crate::rt::off_thread(move || {
             wal::write_file_atomic(&shared.dir, VOTE_FILE, &encode(&vote))?;
             *shared.vote.lock().unwrap() = Some(vote);
             Ok(())
@@ -445,6 +520,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+
     use openraft::storage::RaftLogStorage;
     use openraft::testing::{blank_ent, log_id};
 

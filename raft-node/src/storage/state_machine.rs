@@ -150,7 +150,7 @@ pub struct Shared {
     snapshots: Mutex<()>,
     checkpoint_policy: CheckpointPolicy,
     /// When the last checkpoint was sealed or written (`checkpoint_when_due`).
-    checkpointed_at: Mutex<std::time::Instant>,
+    checkpointed_at: Mutex<tokio::time::Instant>,
     /// To the checkpoint thread (`checkpoint_thread`). A std channel: its sender is called with
     /// the ledger lock held, outside any async context.
     checkpoints: std::sync::mpsc::Sender<CheckpointJob<SledStore>>,
@@ -227,7 +227,7 @@ impl Shared {
     /// written): before a snapshot or a backup freezes sled. Called with the ledger lock held
     /// exclusively.
     fn checkpoint(&self, ledger: &mut State) -> io::Result<()> {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let commits = ledger.store_mut().checkpoint().map_err(|e| apply_error(&self.data_dir, e))?;
         *self.checkpointed_at.lock().unwrap() = started;
         if commits > 0 {
@@ -250,7 +250,7 @@ impl Shared {
         }
         match ledger.store_mut().seal().map_err(|e| apply_error(&self.data_dir, e))? {
             Some(job) => {
-                *self.checkpointed_at.lock().unwrap() = std::time::Instant::now();
+                *self.checkpointed_at.lock().unwrap() = tokio::time::Instant::now();
                 // The thread lives as long as `Shared`; a job that cannot be sent fails when
                 // dropped, and the next commit reports it.
                 let _ = self.checkpoints.send(job);
@@ -277,6 +277,8 @@ impl Shared {
             self.checkpoint(ledger)?;
             (ledger.store().base().freeze(), self.applied.lock().unwrap().last_applied, ledger.meta())
         };
+        // The machine's own file even under simulation, which does not simulate backups: the
+        // backup service streams it through tokio's file.
         let mut file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
         let exported = ledger::snapshot::export(&view, &file).map_err(io_error);
@@ -326,7 +328,13 @@ fn apply_error(data_dir: &Path, error: ledger::StoreError) -> io::Error {
 
 /// Whether applying found the state damaged (see `apply_error`).
 pub fn marked_damaged(data_dir: &Path) -> bool {
-    data_dir.join(DAMAGED_MARKER).exists()
+    crate::sys::fs::metadata(data_dir.join(DAMAGED_MARKER)).is_ok()
+}
+
+/// Makes a rename or removal of the state store's directory `path` durable. The store's
+/// directories are the machine's own even under simulation (`sys::store_dir`).
+fn sync_parent(path: &Path) -> io::Result<()> {
+    std::fs::File::open(path.parent().expect("a state directory has a parent"))?.sync_all()
 }
 
 /// Discards a damaged state and opens an empty one in its place. `open` then reloads the local
@@ -338,16 +346,15 @@ fn rebuild(data_dir: &Path, options: StoreOptions, why: &io::Error) -> io::Resul
         "the ledger state in {} is damaged ({why}); rebuilding it from the local snapshot and log",
         data_dir.display()
     );
-    let state = data_dir.join(STATE_DIR);
+    let state = crate::sys::store_dir(&data_dir.join(STATE_DIR));
     if state.exists() {
         std::fs::remove_dir_all(&state)?;
     }
-    std::fs::File::open(data_dir)?.sync_all()?;
+    sync_parent(&state)?;
     let opened = open_ledger(&state, options)?;
-    let marker = data_dir.join(DAMAGED_MARKER);
-    if marker.exists() {
-        std::fs::remove_file(&marker)?;
-        std::fs::File::open(data_dir)?.sync_all()?;
+    if marked_damaged(data_dir) {
+        crate::sys::fs::remove_file(data_dir.join(DAMAGED_MARKER))?;
+        crate::sys::sync_dir(data_dir)?;
     }
     Ok(opened)
 }
@@ -399,7 +406,7 @@ impl StateMachine {
         let opened = if marked_damaged(data_dir) {
             Err(io::Error::new(io::ErrorKind::InvalidData, "marked damaged when an entry was applied"))
         } else {
-            open_ledger(&data_dir.join(STATE_DIR), options)
+            open_ledger(&crate::sys::store_dir(&data_dir.join(STATE_DIR)), options)
         };
         let (ledger, applied) = match opened {
             Ok(opened) => opened,
@@ -419,7 +426,7 @@ impl StateMachine {
                 apply_delay_us: std::sync::atomic::AtomicU64::new(0),
                 snapshots: Mutex::new(()),
                 checkpoint_policy,
-                checkpointed_at: Mutex::new(std::time::Instant::now()),
+                checkpointed_at: Mutex::new(tokio::time::Instant::now()),
                 checkpoints: checkpoint_thread()?,
             }),
         };
@@ -528,8 +535,8 @@ impl StateMachine {
             self.shared.checkpoint(ledger)?;
             (ledger.store().base().freeze(), self.shared.applied.lock().unwrap().clone())
         };
-        let file = std::fs::File::create(&temporary)?;
-        ledger::snapshot::export(&view, &file).map_err(io_error)?;
+        let mut file = crate::sys::fs::File::create(&temporary)?;
+        ledger::snapshot::export(&view, &mut file).map_err(io_error)?;
         // sled flushes on a timer, so after a crash it can be behind a snapshot taken from its
         // memory; `open` then reloads the whole snapshot, which takes minutes for a large
         // state. Flushing it before the snapshot becomes current keeps sled at or past it, and
@@ -542,16 +549,16 @@ impl StateMachine {
         if let Some(current) = self.current_snapshot_meta()?
             && current.last_log_id >= meta.last_log_id
         {
-            std::fs::remove_file(&temporary)?;
+            crate::sys::fs::remove_file(&temporary)?;
             let path = snapshot_path(&self.shared.data_dir, &current);
             return Ok(Snapshot { meta: current, snapshot: SnapshotFile { path } });
         }
         let path = snapshot_path(&self.shared.data_dir, &meta);
-        std::fs::rename(&temporary, &path)?;
-        std::fs::File::open(&dir)?.sync_all()?;
+        crate::sys::fs::rename(&temporary, &path)?;
+        crate::sys::sync_dir(&dir)?;
         make_current(&dir, &meta)?;
         crate::metrics::SNAPSHOT_SECONDS.observe(started.elapsed().as_secs_f64());
-        crate::metrics::SNAPSHOT_BYTES.set(std::fs::metadata(&path).map_or(0, |m| m.len()) as i64);
+        crate::metrics::SNAPSHOT_BYTES.set(crate::sys::fs::metadata(&path).map_or(0, |m| m.len()) as i64);
         Ok(Snapshot { meta, snapshot: SnapshotFile { path } })
     }
 
@@ -564,8 +571,7 @@ impl StateMachine {
     /// Imports the snapshot file into `state.new`, flushed; an error (a damaged file) leaves
     /// nothing behind.
     fn import_fresh(&self, path: &Path) -> io::Result<()> {
-        let data_dir = &self.shared.data_dir;
-        let fresh = data_dir.join(STATE_NEW_DIR);
+        let fresh = crate::sys::store_dir(&self.shared.data_dir.join(STATE_NEW_DIR));
         if fresh.exists() {
             std::fs::remove_dir_all(&fresh)?;
         }
@@ -573,7 +579,7 @@ impl StateMachine {
             // No merges while importing: the imported runs merge once the store is live.
             let importing = StoreOptions { background_merges: false, ..self.shared.options };
             let mut store = SledStore::open_with(&fresh, importing).map_err(io_error)?;
-            let file = std::fs::File::open(path)?;
+            let file = crate::sys::fs::File::open(path)?;
             let imported = ledger::snapshot::import(&mut store, file)
                 .map_err(|e| io_error(format!("snapshot {}: {e}", path.display())))
                 .and_then(|_| store.flush().map(|_| ()).map_err(io_error));
@@ -593,7 +599,8 @@ impl StateMachine {
         // sled holds a lock on its directory: close the current one before swapping.
         drop(ledger.take());
         swap_state_dirs(data_dir)?;
-        let (reopened, applied) = open_ledger(&data_dir.join(STATE_DIR), self.shared.options)?;
+        let (reopened, applied) =
+            open_ledger(&crate::sys::store_dir(&data_dir.join(STATE_DIR)), self.shared.options)?;
         let index = applied.last_applied.map_or(0, |id| id.index);
         self.shared.published.lock().unwrap().reset(index, &reopened.meta());
         *ledger = Some(reopened);
@@ -616,20 +623,20 @@ pub fn seed(
     wal::create_dir_durably(&dir)?;
     let applied = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
     let temporary = dir.join(BUILDING_FILE);
-    let file = std::fs::File::create(&temporary)?;
-    let verified = ledger::snapshot::rewrite_app_meta(stream, &file, &encode(&applied))
+    let mut file = crate::sys::fs::File::create(&temporary)?;
+    let verified = ledger::snapshot::rewrite_app_meta(stream, &mut file, &encode(&applied))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
     let verified = match verified {
         Ok(verified) => verified,
         Err(error) => {
             drop(file);
-            std::fs::remove_file(&temporary)?;
+            crate::sys::fs::remove_file(&temporary)?;
             return Err(error);
         }
     };
     file.sync_all()?;
-    std::fs::rename(&temporary, snapshot_path(data_dir, meta))?;
-    std::fs::File::open(&dir)?.sync_all()?;
+    crate::sys::fs::rename(&temporary, snapshot_path(data_dir, meta))?;
+    crate::sys::sync_dir(&dir)?;
     make_current(&dir, meta)?;
     Ok(verified)
 }
@@ -637,7 +644,7 @@ pub fn seed(
 /// Removes what a process that died left in the snapshot directory: files being received, and
 /// a snapshot being built.
 fn remove_leftovers(dir: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
+    for entry in crate::sys::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -645,7 +652,7 @@ fn remove_leftovers(dir: &Path) -> io::Result<()> {
             || name == BUILDING_FILE
             || name == BACKUP_FILE
         {
-            std::fs::remove_file(entry.path())?;
+            crate::sys::fs::remove_file(entry.path())?;
         }
     }
     Ok(())
@@ -662,27 +669,25 @@ fn snapshot_path(data_dir: &Path, meta: &SnapshotMeta) -> PathBuf {
 fn make_current(dir: &Path, meta: &SnapshotMeta) -> io::Result<()> {
     wal::write_file_atomic(dir, SNAPSHOT_META_FILE, &encode(meta))?;
     let keep = snapshot_path(dir.parent().expect("snapshot dir has a parent"), meta);
-    for entry in std::fs::read_dir(dir)? {
+    for entry in crate::sys::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "snap") && path != keep {
-            std::fs::remove_file(&path)?;
+            crate::sys::fs::remove_file(&path)?;
         }
     }
     Ok(())
 }
 
 /// state -> state.old, state.new -> state, then drop state.old. Each step is a rename followed by
-/// an fsync of the data directory.
+/// an fsync of the directory holding them.
 fn swap_state_dirs(data_dir: &Path) -> io::Result<()> {
-    let (state, fresh, old) =
-        (data_dir.join(STATE_DIR), data_dir.join(STATE_NEW_DIR), data_dir.join(STATE_OLD_DIR));
-    let sync_dir = || std::fs::File::open(data_dir)?.sync_all();
+    let (state, fresh, old) = state_dirs(data_dir);
     if state.exists() {
         std::fs::rename(&state, &old)?;
-        sync_dir()?;
+        sync_parent(&state)?;
     }
     std::fs::rename(&fresh, &state)?;
-    sync_dir()?;
+    sync_parent(&state)?;
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
     }
@@ -692,11 +697,10 @@ fn swap_state_dirs(data_dir: &Path) -> io::Result<()> {
 /// After a crash during `swap_state_dirs`: if `state` is missing but `state.new` is complete,
 /// finish the swap; otherwise discard leftovers.
 fn recover_install(data_dir: &Path) -> io::Result<()> {
-    let (state, fresh, old) =
-        (data_dir.join(STATE_DIR), data_dir.join(STATE_NEW_DIR), data_dir.join(STATE_OLD_DIR));
+    let (state, fresh, old) = state_dirs(data_dir);
     if !state.exists() && fresh.exists() && old.exists() {
         std::fs::rename(&fresh, &state)?;
-        std::fs::File::open(data_dir)?.sync_all()?;
+        sync_parent(&state)?;
     }
     if fresh.exists() {
         std::fs::remove_dir_all(&fresh)?;
@@ -705,6 +709,12 @@ fn recover_install(data_dir: &Path) -> io::Result<()> {
         std::fs::remove_dir_all(&old)?;
     }
     Ok(())
+}
+
+/// The state store's live, imported and discarded directories.
+fn state_dirs(data_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = |name| crate::sys::store_dir(&data_dir.join(name));
+    (dir(STATE_DIR), dir(STATE_NEW_DIR), dir(STATE_OLD_DIR))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -752,8 +762,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
             let path = snapshot_path(&self.shared.data_dir, meta);
             if snapshot.path != path {
-                std::fs::rename(&snapshot.path, &path)?;
-                std::fs::File::open(&dir)?.sync_all()?;
+                crate::sys::fs::rename(&snapshot.path, &path)?;
+                crate::sys::sync_dir(&dir)?;
             }
             // Imported (which checks it whole) before it becomes current: a damaged file is
             // refused with the old state and the old current snapshot untouched. Once current,

@@ -52,8 +52,8 @@
 //! its earlier ones in a power loss: it looks exactly like a damaged acknowledged record followed by
 //! valid ones, and guessing wrong would silently drop entries a quorum may have counted.
 
+use crate::sys::fs::{self, File, OpenOptions};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -621,12 +621,12 @@ pub fn read_file(dir: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    crate::sys::sync_dir(dir)
 }
 
 /// Creates `dir` (and its parents) and fsyncs its parent, so that its name survives a power cut.
 pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
+    if crate::sys::is_dir(dir) {
         return Ok(());
     }
     fs::create_dir_all(dir)?;

@@ -1,0 +1,126 @@
+//! What a node takes from the machine: files, sockets, the wall clock and randomness. A
+//! production build takes them from std and tokio, as before; a build with the `sim` feature (the
+//! deterministic simulation, `sim/`, issue 26) takes them from turmoil, whose files lose unsynced
+//! writes when a simulated host crashes, whose sockets run over a simulated network, and whose
+//! clock is simulated time. Every other module asks here, so that the simulation runs the same
+//! code as a node.
+//!
+//! What is not here stays real under simulation: the ledger's state store (sled, on a directory
+//! of its own for each boot of a simulated node) and the checkpoint thread that writes to it.
+
+#[cfg(not(feature = "sim"))]
+pub use std::fs;
+#[cfg(not(feature = "sim"))]
+pub use tokio::net::{TcpListener, TcpStream};
+
+#[cfg(feature = "sim")]
+pub use turmoil::fs::shim::std::fs;
+#[cfg(feature = "sim")]
+pub use turmoil::net::{TcpListener, TcpStream};
+
+use std::io;
+use std::path::Path;
+
+/// Makes `dir`'s entries (files created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(not(feature = "sim"))]
+    return std::fs::File::open(dir)?.sync_all();
+    #[cfg(feature = "sim")]
+    return turmoil::fs::shim::std::fs::sync_dir(dir);
+}
+
+/// Whether `path` is a directory.
+pub fn is_dir(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|meta| meta.is_dir())
+}
+
+/// Where the ledger's state store (sled) keeps the directory `path`: `path` itself in
+/// production. Under simulation, sled's files are the machine's own (sled cannot be simulated;
+/// its crashes are the power-cut tests' ground), in a directory the simulator gives each boot of
+/// a simulated node, so a simulated crash loses the whole state store and the node rebuilds it
+/// from its snapshot and log, a state a real crash can leave too.
+pub fn store_dir(path: &Path) -> std::path::PathBuf {
+    #[cfg(feature = "sim")]
+    if let Some(real) = sim::store_path(path) {
+        return real;
+    }
+    path.to_path_buf()
+}
+
+/// The wall clock: time since the Unix epoch.
+pub fn wall_clock() -> std::time::Duration {
+    #[cfg(feature = "sim")]
+    if let Some(now) = turmoil::since_epoch() {
+        return now;
+    }
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
+/// A random `u64`: from the operating system, or under simulation from the seeded generator of
+/// the simulated host asking.
+pub fn random_u64() -> u64 {
+    #[cfg(feature = "sim")]
+    if let Some(value) = sim::random_u64() {
+        return value;
+    }
+    rand::random::<u64>()
+}
+
+/// The simulation's hooks into a node. Set by the simulator for the host it is running; each
+/// simulated host runs on the simulator's one thread, so the state is the thread's.
+#[cfg(feature = "sim")]
+pub mod sim {
+    use std::cell::RefCell;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use rand::{RngCore, SeedableRng};
+
+    thread_local! {
+        static RNG: RefCell<Option<rand_chacha::ChaCha8Rng>> = const { RefCell::new(None) };
+        static FSYNC: RefCell<(u64, u64)> = const { RefCell::new((0, 0)) };
+        static STORE_ROOTS: RefCell<Vec<(PathBuf, PathBuf)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Puts the state store of the node whose data directory is `data_dir` in the real directory
+    /// `real` from now on (`sys::store_dir`): a new one for each boot.
+    pub fn set_store_root(data_dir: &Path, real: PathBuf) {
+        STORE_ROOTS.with(|roots| {
+            let mut roots = roots.borrow_mut();
+            roots.retain(|(dir, _)| dir != data_dir);
+            roots.push((data_dir.to_path_buf(), real));
+        });
+    }
+
+    pub(super) fn store_path(path: &Path) -> Option<PathBuf> {
+        STORE_ROOTS.with(|roots| {
+            roots
+                .borrow()
+                .iter()
+                .find_map(|(dir, real)| path.strip_prefix(dir).ok().map(|rest| real.join(rest)))
+        })
+    }
+
+    /// Seeds the generator `random_u64` draws from (a node's incarnation, a cluster id).
+    pub fn seed(seed: u64) {
+        RNG.with(|rng| *rng.borrow_mut() = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed)));
+    }
+
+    pub(super) fn random_u64() -> Option<u64> {
+        RNG.with(|rng| rng.borrow_mut().as_mut().map(|rng| rng.next_u64()))
+    }
+
+    /// How long a simulated fsync of the log takes, in microseconds, from `min` to `max` (drawn
+    /// from the seeded generator). Appends made meanwhile are not covered by it.
+    pub fn set_fsync_us(min: u64, max: u64) {
+        FSYNC.with(|fsync| *fsync.borrow_mut() = (min, max.max(min)));
+    }
+
+    /// The time the next log fsync takes.
+    pub fn fsync_latency() -> Duration {
+        let (min, max) = FSYNC.with(|fsync| *fsync.borrow());
+        let spread = max - min;
+        let extra = if spread == 0 { 0 } else { random_u64().unwrap_or(0) % (spread + 1) };
+        Duration::from_micros(min + extra)
+    }
+}

@@ -1,0 +1,282 @@
+//! tally-sim: tally's real node code (openraft, the Raft network, the WAL, the batcher, forwarding,
+//! the state machine, cluster time, health) for 3 or 5 nodes under turmoil's simulated time,
+//! network and disk, driven by one seed (DESIGN.md, decision 17).
+//!
+//! A run: the nodes boot (node 1 bootstraps the others), a client host creates the bank's
+//! accounts and sends transfers from a few concurrent writers, retrying a write whose outcome is
+//! unknown with the same ids; faults drawn from the seed hit the nodes meanwhile (`faults`); then
+//! everything heals, the writers stop, and the run checks what was acknowledged (`check`). The
+//! invariants that need no client (one leader per term, the same state digest at the same applied
+//! index) are checked after every step of the simulation.
+//!
+//! What is simulated: time (every timer, timeout and clock reading of the nodes), the network
+//! (latency, partitions, a crashed host's connections), the disk under the WAL, the vote, the
+//! identity and the snapshots (turmoil's file system: writes not yet fsynced are lost when a host
+//! crashes), and randomness (openraft's, tokio's, the node's). What is not: the ledger's state
+//! store (sled; `raft_node::sys::store_dir` puts it on a real directory of its own for each boot,
+//! so a crash loses it whole and the node rebuilds it from the log), and CPU time, which is
+//! free: work done between two steps takes no simulated time.
+
+pub mod check;
+pub mod faults;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use raft_node::node::NodeHandle;
+
+pub use faults::Faults;
+
+/// The client door and the peer door of every simulated node.
+pub const CLIENT_PORT: u16 = 7000;
+pub const PEER_PORT: u16 = 7001;
+
+/// Faults stop this long before the end of the simulated time, so that the cluster heals and
+/// the run can check that it serves again.
+pub const HEAL_BEFORE_END: Duration = Duration::from_secs(20);
+/// Writers stop this long before the end; the final reads and checks take the rest.
+pub const WRITES_STOP_BEFORE_END: Duration = Duration::from_secs(8);
+/// After the faults stop, a write must be acknowledged within this much simulated time.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(10);
+/// After the client is done, every node must reach the same applied index and digest within
+/// this much simulated time.
+pub const CONVERGE_WITHIN: Duration = Duration::from_secs(20);
+
+/// One simulation run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    /// 3 or 5 nodes, one per site.
+    pub nodes: u64,
+    pub faults: Faults,
+    pub sim_time: Duration,
+    /// Prints the trace as it goes, and the nodes' logs (`RUST_LOG`).
+    pub verbose: bool,
+}
+
+/// What a run found.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The first guarantee found broken, with what broke it; `None` if the run passed.
+    pub failure: Option<String>,
+    /// blake3 of the trace: every fault, acknowledgement, leader and final digest, with the
+    /// simulated time of each. The same seed gives the same hash.
+    pub trace_hash: String,
+    pub acknowledged: u64,
+    pub faults: u64,
+    pub steps: u64,
+}
+
+/// What the simulated hosts and the simulator share. Everything runs on the simulator's
+/// thread; the locks are for the types' sake.
+pub struct World {
+    pub options: Options,
+    /// A real directory, removed at the end: the nodes' state stores.
+    store_root: PathBuf,
+    /// How many times each node has booted, by id.
+    boots: BTreeMap<u64, AtomicU64>,
+    /// Each running node, as its host last booted it. Weak: a crashed host's runtime drops the
+    /// node, and the simulator must not keep it (and its state store) alive.
+    nodes: Mutex<BTreeMap<u64, Weak<NodeHandle>>>,
+    pub trace: Mutex<Trace>,
+    /// Transfers the client was told are created.
+    pub acknowledged: AtomicU64,
+}
+
+impl World {
+    /// The node `id` as its host runs it now, if it is up.
+    pub fn node(&self, id: u64) -> Option<Arc<NodeHandle>> {
+        self.nodes.lock().unwrap().get(&id).and_then(Weak::upgrade)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = u64> + use<> {
+        1..=self.options.nodes
+    }
+
+    /// Records `event` in the trace at simulated time `at`.
+    pub fn record(&self, at: Duration, event: std::fmt::Arguments<'_>) {
+        self.trace.lock().unwrap().record(at, event, self.options.verbose);
+    }
+}
+
+#[derive(Default)]
+pub struct Trace {
+    hasher: blake3::Hasher,
+    pub events: u64,
+}
+
+impl Trace {
+    fn record(&mut self, at: Duration, event: std::fmt::Arguments<'_>, print: bool) {
+        let line = format!("{:>9.3}s {event}\n", at.as_secs_f64());
+        if print {
+            eprint!("{line}");
+        }
+        self.hasher.update(line.as_bytes());
+        self.events += 1;
+    }
+}
+
+/// The simulated time now, on a simulated host or in the simulator.
+pub fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_default()
+}
+
+fn host_name(id: u64) -> String {
+    format!("n{id}")
+}
+
+fn data_dir(id: u64) -> PathBuf {
+    PathBuf::from(format!("/tally/n{id}"))
+}
+
+/// The node's configuration, as an operator would write it (`tally serve --config`).
+fn node_config(id: u64, nodes: u64) -> raft_node::node::NodeConfig {
+    let mut text = format!(
+        "id = {id}\nsite = \"site{id}\"\nlisten = \"0.0.0.0:{CLIENT_PORT}\"\nadvertise = \"n{id}:{CLIENT_PORT}\"\n\
+         peer_listen = \"0.0.0.0:{PEER_PORT}\"\npeer_advertise = \"n{id}:{PEER_PORT}\"\ninsecure = true\n\
+         data_dir = \"{}\"\ncluster = \"sim\"\n\
+         # Snapshots and purges are not simulated yet: the state store's snapshots would need it\n\
+         # to be simulated too (issue 27's page store).\n\
+         snapshot_entries = 1000000000000\ncache_bytes = 8388608\n",
+        data_dir(id).display()
+    );
+    if id == 1 {
+        text.push_str("bootstrap = true\n");
+        for peer in 2..=nodes {
+            text.push_str(&format!(
+                "[[peers]]\nid = {peer}\naddress = \"n{peer}:{CLIENT_PORT}\"\npeer_address = \"n{peer}:{PEER_PORT}\"\nsite = \"site{peer}\"\n"
+            ));
+        }
+    }
+    toml::from_str(&text).expect("the simulator's node configuration parses")
+}
+
+/// One boot of node `id`: what its host runs, from start to crash.
+async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
+    let boot = world.boots[&id].fetch_add(1, Ordering::Relaxed);
+    let store = world.store_root.join(format!("n{id}-boot{boot}"));
+    std::fs::create_dir_all(&store)?;
+    raft_node::sys::sim::set_store_root(&data_dir(id), store);
+    world.record(now(), format_args!("n{id} boots ({boot})"));
+    let seed = world.options.seed ^ (id << 40) ^ (boot << 20);
+    let node = openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
+        seed,
+        async {
+            let node = raft_node::node::start(node_config(id, world.options.nodes))
+                .await
+                .map_err(|e| format!("node {id} cannot start: {e}"))?;
+            world.nodes.lock().unwrap().insert(id, Arc::downgrade(&node));
+            let clients = turmoil::net::TcpListener::bind(("0.0.0.0", CLIENT_PORT)).await?;
+            let peers = turmoil::net::TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
+            raft_node::node::serve_on(node.clone(), clients, peers, std::future::pending()).await?;
+            Ok::<_, Box<dyn std::error::Error>>(node)
+        },
+    )
+    .await?;
+    drop(node);
+    Err(format!("node {id} stopped serving").into())
+}
+
+/// Runs one simulation.
+pub fn run(options: &Options) -> Outcome {
+    let store_root = tempfile::Builder::new().prefix("tally-sim-").tempdir().expect("a temporary directory");
+    let outcome = run_in(options, store_root.path());
+    drop(store_root);
+    outcome
+}
+
+fn run_in(options: &Options, store_root: &Path) -> Outcome {
+    raft_node::sys::sim::seed(options.seed);
+    raft_node::sys::sim::set_fsync_us(100, 3_000);
+    let world = Arc::new(World {
+        options: options.clone(),
+        store_root: store_root.to_path_buf(),
+        boots: (1..=options.nodes).map(|id| (id, AtomicU64::new(0))).collect(),
+        nodes: Mutex::new(BTreeMap::new()),
+        trace: Mutex::new(Trace::default()),
+        acknowledged: AtomicU64::new(0),
+    });
+    let mut builder = turmoil::Builder::new();
+    builder
+        .rng_seed(options.seed)
+        .simulation_duration(options.sim_time + CONVERGE_WITHIN + Duration::from_secs(30))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_micros(500))
+        .max_message_latency(Duration::from_millis(5))
+        .tcp_capacity(1 << 16)
+        .epoch(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+    let mut sim = builder.build();
+    for id in world.ids() {
+        let world = world.clone();
+        sim.host(host_name(id), move || boot(world.clone(), id));
+    }
+    let results = Arc::new(Mutex::new(None));
+    {
+        let (world, results) = (world.clone(), results.clone());
+        sim.client("client", async move {
+            let checked = workload::run(world).await;
+            *results.lock().unwrap() = Some(checked);
+            Ok(())
+        });
+    }
+    let mut schedule = faults::Schedule::draw(options);
+    let mut invariants = check::Invariants::default();
+    let mut steps = 0u64;
+    let failure = loop {
+        steps += 1;
+        let done = match sim.step() {
+            Ok(done) => done,
+            Err(error) => break Some(format!("a simulated host failed: {error}")),
+        };
+        let at = sim.elapsed();
+        schedule.apply_due(at, &mut sim, &world);
+        if let Err(broken) = invariants.check_step(&world, at) {
+            break Some(broken);
+        }
+        if done {
+            break match results.lock().unwrap().take() {
+                Some(Ok(())) => None,
+                Some(Err(broken)) => Some(broken),
+                None => Some("the client stopped without a result".into()),
+            };
+        }
+    };
+    let failure = failure.or_else(|| {
+        // Every node must come to the same state once nothing is in the way.
+        let deadline = sim.elapsed() + CONVERGE_WITHIN;
+        loop {
+            if let Err(error) = sim.step() {
+                return Some(format!("a simulated host failed: {error}"));
+            }
+            steps += 1;
+            if let Err(broken) = invariants.check_step(&world, sim.elapsed()) {
+                return Some(broken);
+            }
+            match check::converged(&world) {
+                Ok(digest) => {
+                    world.record(sim.elapsed(), format_args!("converged: {digest}"));
+                    return None;
+                }
+                Err(why) if sim.elapsed() >= deadline => {
+                    return Some(format!("the nodes did not converge within {CONVERGE_WITHIN:?}: {why}"));
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    if let Some(failure) = &failure {
+        world.record(sim.elapsed(), format_args!("FAILED: {failure}"));
+    }
+    let trace = world.trace.lock().unwrap();
+    Outcome {
+        failure,
+        trace_hash: trace.hasher.finalize().to_hex()[..16].to_string(),
+        acknowledged: invariants.acknowledged(&world),
+        faults: schedule.applied,
+        steps,
+    }
+}

@@ -1,0 +1,96 @@
+//! `tally-sim`: runs seeds of the deterministic simulation and prints a replay command for each
+//! that fails.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tally_sim::{Faults, Options};
+
+/// Runs tally's nodes under simulated time, network and disk, one seed per run, and checks the
+/// ledger's guarantees after every step. The same seed replays the same run, byte for byte.
+#[derive(Parser)]
+#[command(name = "tally-sim")]
+struct Args {
+    /// Seeds to run, from --seed on.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// The first seed (default: one drawn from the OS, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Nodes, one per site: 3 or 5.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=5))]
+    nodes: u64,
+    /// Faults to draw from: crash, partition, one-way, pause (or all, none).
+    #[arg(long, default_value = "all", value_parser = Faults::parse)]
+    faults: Faults,
+    /// Simulated time per seed (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    sim_time: Duration,
+    /// Print each run's trace (and the nodes' logs with RUST_LOG).
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let number: u64 = number.parse().map_err(|_| format!("'{text}' is not a duration such as 60s or 5m"))?;
+    let seconds = match unit {
+        "s" | "" => number,
+        "m" => number * 60,
+        _ => return Err(format!("'{text}' is not a duration such as 60s or 5m")),
+    };
+    if seconds < 30 {
+        return Err(format!("--sim-time {text}: at least 30s (faults stop 20s before the end)"));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.nodes == 4 {
+        eprintln!("tally-sim: --nodes 4: a simulated cluster has 3 or 5 nodes");
+        return ExitCode::from(2);
+    }
+    if args.verbose {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let first = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for seed in first..first.saturating_add(args.seeds) {
+        let options = Options {
+            seed,
+            nodes: args.nodes,
+            faults: args.faults,
+            sim_time: args.sim_time,
+            verbose: args.verbose,
+        };
+        let started = std::time::Instant::now();
+        let outcome = tally_sim::run(&options);
+        let took = started.elapsed().as_secs_f64();
+        match &outcome.failure {
+            None => {
+                passed += 1;
+                println!(
+                    "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, trace {})",
+                    outcome.acknowledged, outcome.faults, outcome.trace_hash
+                );
+            }
+            Some(failure) => {
+                failed += 1;
+                println!("seed {seed}: FAILED in {took:.1}s: {failure}");
+                println!(
+                    "  replay: tally-sim --seed {seed} --nodes {} --faults {} --sim-time {}s --verbose",
+                    args.nodes,
+                    args.faults,
+                    args.sim_time.as_secs()
+                );
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
