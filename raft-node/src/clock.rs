@@ -127,6 +127,12 @@ impl ClusterClock {
         clock
     }
 
+    /// Test hook, as the skew file (`--clock-skew-file`) but set directly: from now on this
+    /// node's clock is off by `offset_ms`, drifting `drift_ppm`. The simulator's clock faults.
+    pub fn set_skew(&self, offset_ms: i64, drift_ppm: i64) {
+        self.skew.set(offset_ms, drift_ppm);
+    }
+
     /// This machine's wall clock, ns since the epoch (with the test hook's skew, if any).
     pub fn now_ns(&self) -> u64 {
         let system = crate::sys::wall_clock().as_nanos() as i128;

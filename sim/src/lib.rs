@@ -85,6 +85,8 @@ pub struct World {
     pub trace: Mutex<Trace>,
     /// Transfers the client was told are created.
     pub acknowledged: AtomicU64,
+    /// How far each node's machine clock is off, in ms (the clock faults).
+    pub skews: Mutex<BTreeMap<u64, i64>>,
 }
 
 impl World {
@@ -169,6 +171,8 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
             let node = raft_node::node::start(node_config(id, world.options.nodes))
                 .await
                 .map_err(|e| format!("node {id} cannot start: {e}"))?;
+            let skew_ms = world.skews.lock().unwrap().get(&id).copied().unwrap_or(0);
+            node.clock.set_skew(skew_ms, 0);
             world.nodes.lock().unwrap().insert(id, Arc::downgrade(&node));
             let clients = turmoil::net::TcpListener::bind(("0.0.0.0", CLIENT_PORT)).await?;
             let peers = turmoil::net::TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
@@ -181,6 +185,9 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
     Err(format!("node {id} stopped serving").into())
 }
 
+/// The simulated wall clock's start (turmoil's epoch), in ns since the Unix epoch.
+pub const EPOCH_NS: u64 = 1_800_000_000 * 1_000_000_000;
+
 /// Runs one simulation.
 pub fn run(options: &Options) -> Outcome {
     let store_root = tempfile::Builder::new().prefix("tally-sim-").tempdir().expect("a temporary directory");
@@ -191,7 +198,9 @@ pub fn run(options: &Options) -> Outcome {
 
 fn run_in(options: &Options, store_root: &Path) -> Outcome {
     raft_node::sys::sim::seed(options.seed);
-    raft_node::sys::sim::set_fsync_us(100, 3_000);
+    // A disk drawn from the seed: fast, ordinary or slow to fsync.
+    let fsync_us_max = [1_000, 5_000, 20_000][(options.seed % 3) as usize];
+    raft_node::sys::sim::set_fsync_us(100, fsync_us_max);
     let world = Arc::new(World {
         options: options.clone(),
         store_root: store_root.to_path_buf(),
@@ -199,6 +208,7 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
         nodes: Mutex::new(BTreeMap::new()),
         trace: Mutex::new(Trace::default()),
         acknowledged: AtomicU64::new(0),
+        skews: Mutex::new(BTreeMap::new()),
     });
     let mut builder = turmoil::Builder::new();
     builder
@@ -208,7 +218,7 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
         .min_message_latency(Duration::from_micros(500))
         .max_message_latency(Duration::from_millis(5))
         .tcp_capacity(1 << 16)
-        .epoch(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        .epoch(std::time::UNIX_EPOCH + Duration::from_nanos(EPOCH_NS));
     let mut sim = builder.build();
     for id in world.ids() {
         let world = world.clone();

@@ -32,6 +32,15 @@ struct Args {
     verbose: bool,
 }
 
+/// Node logs carry the simulated time, as the trace does.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{:>9.3}s", tally_sim::now().as_secs_f64())
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
     let number: u64 = number.parse().map_err(|_| format!("'{text}' is not a duration such as 60s or 5m"))?;
@@ -55,6 +64,8 @@ fn main() -> ExitCode {
     if args.verbose {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_timer(SimTime)
+            .with_ansi(false)
             .with_writer(std::io::stderr)
             .try_init();
     }

@@ -47,6 +47,8 @@ struct Book {
     sent: BTreeMap<u128, Sent>,
     /// Acknowledged ids, with the simulated time of the acknowledgement.
     acknowledged: BTreeMap<u128, Duration>,
+    /// When each transfer was first sent (simulated time).
+    first_sent: BTreeMap<u128, Duration>,
 }
 
 /// Runs the workload and audits it; the first broken guarantee, if any.
@@ -123,7 +125,11 @@ async fn write(
             let debit = rng.random_range(1..=ACCOUNTS);
             let credit = (debit + rng.random_range(1..ACCOUNTS) - 1) % ACCOUNTS + 1;
             let sent = Sent { debit, credit, amount: rng.random_range(1..=100) };
-            book.lock().unwrap().sent.insert(id, sent);
+            {
+                let mut book = book.lock().unwrap();
+                book.sent.insert(id, sent);
+                book.first_sent.insert(id, now());
+            }
             transfers.push(pb::Transfer {
                 id: u128_to(id),
                 debit_account_id: u128_to(debit.into()),
@@ -228,6 +234,7 @@ async fn audit(
                 if read != *sent {
                     return Err(format!("transfer {id:x} reads {read:?}, but {sent:?} was sent"));
                 }
+                check_timestamp(*id, transfer.timestamp, book)?;
             }
             None if book.acknowledged.contains_key(id) => {
                 return Err(format!(
@@ -279,6 +286,27 @@ async fn audit(
             found.len()
         ),
     );
+    Ok(())
+}
+
+/// A transfer's ledger time is within the cluster's clock tolerance of the (simulated) wall
+/// clock between its first sending and its acknowledgement, whatever any node's own clock says.
+fn check_timestamp(id: u128, timestamp_ns: u64, book: &Book) -> Result<(), String> {
+    let tolerance_ns = i128::from(raft_node::clock::TOLERANCE_MS_DEFAULT) * 1_000_000;
+    let wall = |at: Duration| i128::from(crate::EPOCH_NS) + at.as_nanos() as i128;
+    let earliest = wall(book.first_sent[&id]) - tolerance_ns;
+    let stamped = i128::from(timestamp_ns);
+    let late = book.acknowledged.get(&id).map(|at| stamped - (wall(*at) + tolerance_ns));
+    if stamped < earliest || late.is_some_and(|late| late > 0) {
+        return Err(format!(
+            "transfer {id:x} is stamped {:.3}s (simulated wall clock), but was sent at {:.3}s and acknowledged at {}: \
+             more than the clock tolerance ({} ms) away",
+            (stamped - wall(Duration::ZERO)) as f64 / 1e9,
+            book.first_sent[&id].as_secs_f64(),
+            book.acknowledged.get(&id).map_or("never".into(), |at| format!("{:.3}s", at.as_secs_f64())),
+            raft_node::clock::TOLERANCE_MS_DEFAULT
+        ));
+    }
     Ok(())
 }
 

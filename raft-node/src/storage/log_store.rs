@@ -235,8 +235,11 @@ fn start_io(dir: &Path, shared: Arc<Shared>, jobs: JobsReceived<IoJob>) -> io::R
         tokio::spawn(async move {
             let mut sync = SyncLoop::new(jobs);
             while let Some(group) = sync.next_group(&shared).await {
+                // The fdatasync covers what was written when it began; it ends a simulated
+                // while later, and appends made meanwhile are not covered, as on a disk.
+                let synced = sync.run(&shared, group);
                 tokio::time::sleep(crate::sys::sim::fsync_latency()).await;
-                sync.finish(&shared, group);
+                sync.finish(&shared, synced);
             }
         });
         tokio::spawn(async move {
@@ -252,7 +255,8 @@ fn start_io(dir: &Path, shared: Arc<Shared>, jobs: JobsReceived<IoJob>) -> io::R
     std::thread::Builder::new().name("tally-wal-sync".into()).spawn(move || {
         let mut sync = SyncLoop::new(jobs);
         while let Some(group) = sync.next_group_blocking(&shared) {
-            sync.finish(&shared, group);
+            let synced = sync.run(&shared, group);
+            sync.finish(&shared, synced);
         }
     })?;
     std::thread::Builder::new().name("tally-wal-purge".into()).spawn(move || {
@@ -278,7 +282,15 @@ struct SyncLoop {
     committed_persisted_at: tokio::time::Instant,
 }
 
+/// A group whose sync has run, and how it went.
+struct Synced {
+    group: Group,
+    result: io::Result<()>,
+}
+
 /// A group of appends whose sync has been planned, not yet run.
+// The injected-bug build reads the committed id after the sync instead of `committed_before`.
+#[cfg_attr(feature = "persist-committed-after-sync", allow(dead_code))]
 struct Group {
     callbacks: Vec<IoJob>,
     /// What is committed and on this node's log before the sync: only that may be written to
@@ -314,25 +326,32 @@ impl SyncLoop {
         Group { callbacks, committed_before, plan }
     }
 
-    /// Runs the group's sync without holding the WAL's lock across the fdatasync, persists the
-    /// committed id when due, and fires the callbacks.
-    fn finish(&mut self, shared: &Shared, group: Group) {
+    /// Runs the group's sync without holding the WAL's lock across the fdatasync.
+    fn run(&mut self, #[allow(unused_variables)] shared: &Shared, group: Group) -> Synced {
         #[cfg(test)]
         if let Some((paused, go)) = shared.sync_gate.lock().unwrap().take() {
             let _ = paused.send(());
             let _ = go.recv();
         }
-        let result = group.plan.and_then(|plan| {
+        let result = group.plan.as_ref().map_err(io_error).and_then(|plan| {
             let started = std::time::Instant::now();
             let result = plan.run();
             crate::metrics::FSYNC_SECONDS.observe(started.elapsed().as_secs_f64());
-            let mut wal = shared.wal.lock().unwrap();
-            match &result {
-                Ok(()) => wal.sync_done(&plan),
-                Err(_) => wal.sync_failed(),
-            }
             result
         });
+        Synced { group, result }
+    }
+
+    /// Records the sync's outcome in the WAL, persists the committed id when due, and fires the
+    /// callbacks.
+    fn finish(&mut self, shared: &Shared, Synced { group, result }: Synced) {
+        {
+            let mut wal = shared.wal.lock().unwrap();
+            match (&result, &group.plan) {
+                (Ok(()), Ok(plan)) => wal.sync_done(plan),
+                _ => wal.sync_failed(),
+            }
+        }
         #[cfg(not(feature = "persist-committed-after-sync"))]
         let committed_before = group.committed_before;
         #[cfg(feature = "persist-committed-after-sync")]
@@ -461,7 +480,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let shared = self.shared.clone();
         let vote = *vote;
         crate::rt::off_thread(move || {
+            #[cfg(not(feature = "vote-not-durable"))]
             wal::write_file_atomic(&shared.dir, VOTE_FILE, &encode(&vote))?;
+            #[cfg(feature = "vote-not-durable")]
+            wal::write_file_unsynced(&shared.dir, VOTE_FILE, &encode(&vote))?;
             *shared.vote.lock().unwrap() = Some(vote);
             Ok(())
         })

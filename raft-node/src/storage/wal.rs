@@ -611,6 +611,15 @@ pub fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()>
     sync_dir(dir)
 }
 
+/// The injected bug of `vote-not-durable`: `write_file_atomic` without its fsyncs, so that a
+/// crash can take back a vote already answered.
+#[cfg(feature = "vote-not-durable")]
+pub fn write_file_unsynced(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp_path = dir.join(format!("{name}.tmp"));
+    File::create(&tmp_path)?.write_all(bytes)?;
+    fs::rename(&tmp_path, dir.join(name))
+}
+
 /// Reads `dir/name`, or `None` if it does not exist.
 pub fn read_file(dir: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
     match fs::read(dir.join(name)) {
