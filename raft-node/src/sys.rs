@@ -11,10 +11,14 @@
 #[cfg(not(feature = "sim"))]
 pub use std::fs;
 #[cfg(not(feature = "sim"))]
+pub use tokio::fs as tokio_fs;
+#[cfg(not(feature = "sim"))]
 pub use tokio::net::{TcpListener, TcpStream};
 
 #[cfg(feature = "sim")]
 pub use turmoil::fs::shim::std::fs;
+#[cfg(feature = "sim")]
+pub use turmoil::fs::shim::tokio::fs as tokio_fs;
 #[cfg(feature = "sim")]
 pub use turmoil::net::{TcpListener, TcpStream};
 

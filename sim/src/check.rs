@@ -27,6 +27,10 @@ pub struct Invariants {
     digests: BTreeMap<u64, ([u8; 32], u64)>,
     /// Each node's role as last recorded in the trace, to record changes only.
     roles: BTreeMap<u64, (ServerState, u64)>,
+    /// Each node's last snapshot and purge, as last recorded in the trace.
+    snapshots: BTreeMap<u64, (Option<u64>, Option<u64>)>,
+    /// Snapshots taken or installed, and purges, over all nodes.
+    pub snapshot_changes: u64,
 }
 
 impl Invariants {
@@ -34,11 +38,20 @@ impl Invariants {
     pub fn check_step(&mut self, world: &World, at: Duration) -> Result<(), String> {
         for id in world.ids() {
             let Some(node) = world.node(id) else { continue };
-            let (state, term, committed) = {
+            let (state, term, committed, snapshot) = {
                 let metrics = node.raft.metrics();
                 let metrics = metrics.borrow_watched();
-                (metrics.state, metrics.current_term, metrics.local_committed)
+                let snapshot = (metrics.snapshot.map(|id| id.index), metrics.purged.map(|id| id.index));
+                (metrics.state, metrics.current_term, metrics.local_committed, snapshot)
             };
+            if self.snapshots.get(&id).is_some_and(|seen| *seen != snapshot) {
+                self.snapshot_changes += 1;
+                world.record(
+                    at,
+                    format_args!("n{id} snapshot at {:?}, log purged to {:?}", snapshot.0, snapshot.1),
+                );
+            }
+            self.snapshots.insert(id, snapshot);
             if self.roles.get(&id) != Some(&(state, term)) {
                 self.roles.insert(id, (state, term));
                 if state == ServerState::Leader {

@@ -68,6 +68,8 @@ pub struct Outcome {
     pub trace_hash: String,
     pub acknowledged: u64,
     pub faults: u64,
+    /// Snapshots built or installed and log purges, over all nodes.
+    pub snapshots: u64,
     pub steps: u64,
 }
 
@@ -136,15 +138,18 @@ fn data_dir(id: u64) -> PathBuf {
 }
 
 /// The node's configuration, as an operator would write it (`tally serve --config`).
-fn node_config(id: u64, nodes: u64) -> raft_node::node::NodeConfig {
+fn node_config(id: u64, nodes: u64, seed: u64) -> raft_node::node::NodeConfig {
     let mut text = format!(
         "id = {id}\nsite = \"site{id}\"\nlisten = \"0.0.0.0:{CLIENT_PORT}\"\nadvertise = \"n{id}:{CLIENT_PORT}\"\n\
          peer_listen = \"0.0.0.0:{PEER_PORT}\"\npeer_advertise = \"n{id}:{PEER_PORT}\"\ninsecure = true\n\
          data_dir = \"{}\"\ncluster = \"sim\"\n\
-         # Snapshots and purges are not simulated yet: the state store's snapshots would need it\n\
-         # to be simulated too (issue 27's page store).\n\
-         snapshot_entries = 1000000000000\ncache_bytes = 8388608\n",
-        data_dir(id).display()
+         # Snapshots often and a short log behind them, so that runs build, send, install\n\
+         # and purge behind snapshots.\n\
+         snapshot_entries = {snapshot_entries}\nsnapshot_log_keep = {log_keep}\nlog_keep_bytes = 0\n\
+         log_keep_ms = 0\nwal_segment_bytes = 65536\ncache_bytes = 8388608\n",
+        data_dir(id).display(),
+        snapshot_entries = 300 + seed % 700,
+        log_keep = seed % 200,
     );
     if id == 1 {
         text.push_str("bootstrap = true\n");
@@ -168,7 +173,7 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
     let node = openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
         seed,
         async {
-            let node = raft_node::node::start(node_config(id, world.options.nodes))
+            let node = raft_node::node::start(node_config(id, world.options.nodes, world.options.seed))
                 .await
                 .map_err(|e| format!("node {id} cannot start: {e}"))?;
             let skew_ms = world.skews.lock().unwrap().get(&id).copied().unwrap_or(0);
@@ -287,6 +292,7 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
         trace_hash: trace.hasher.finalize().to_hex()[..16].to_string(),
         acknowledged: invariants.acknowledged(&world),
         faults: schedule.applied,
+        snapshots: invariants.snapshot_changes,
         steps,
     }
 }

@@ -86,8 +86,8 @@ fn main() -> ExitCode {
             None => {
                 passed += 1;
                 println!(
-                    "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, trace {})",
-                    outcome.acknowledged, outcome.faults, outcome.trace_hash
+                    "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, {} snapshots or purges, trace {})",
+                    outcome.acknowledged, outcome.faults, outcome.snapshots, outcome.trace_hash
                 );
             }
             Some(failure) => {

@@ -258,7 +258,8 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         let mut client = self.client()?;
         let target = self.target;
         let header = message(&(vote, snapshot.meta.clone()));
-        let file = tokio::fs::File::open(&snapshot.snapshot.path).await.map_err(unreachable(target))?;
+        let file =
+            crate::sys::tokio_fs::File::open(&snapshot.snapshot.path).await.map_err(unreachable(target))?;
         let mut request = tonic::Request::new(snapshot_chunks(header, file));
         self.address(&mut request);
         let send = async move { client.install_snapshot(request).await };
@@ -278,7 +279,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
 /// The snapshot file as a stream of chunks, the header on the first.
 fn snapshot_chunks(
     header: pb::RaftMessage,
-    mut file: tokio::fs::File,
+    mut file: crate::sys::tokio_fs::File,
 ) -> impl futures::Stream<Item = pb::SnapshotChunk> + Send + 'static {
     async_stream::stream! {
         let mut header = Some(header);

@@ -451,7 +451,7 @@ pub async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
             continue;
         };
         let log = node.log.clone();
-        let Ok(Some(by_size)) = tokio::task::spawn_blocking(move || log.purge_bound(keep)).await else {
+        let Ok(Some(by_size)) = crate::rt::off_thread(move || log.purge_bound(keep)).await else {
             continue;
         };
         let upto = by_entries.min(by_size);

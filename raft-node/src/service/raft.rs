@@ -30,7 +30,7 @@ struct Incoming(PathBuf);
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = crate::sys::fs::remove_file(&self.0);
     }
 }
 
@@ -300,7 +300,8 @@ impl pb::raft_server::Raft for RaftService {
             std::process::id()
         ));
         let incoming = Incoming(path.clone());
-        let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
+        let mut file =
+            crate::sys::tokio_fs::File::create(&path).await.map_err(|e| Status::internal(e.to_string()))?;
         let mut header = None;
         let mut received = 0u64;
         // A stream that stalls (a cut link drops bytes without a reset) would hold the one
@@ -332,7 +333,7 @@ impl pb::raft_server::Raft for RaftService {
         // Checked whole before openraft hears of it: a damaged stream is refused here (the
         // leader sends it again) and never becomes this node's current snapshot.
         let checked = path.clone();
-        tokio::task::spawn_blocking(move || ledger::snapshot::verify(std::fs::File::open(&checked)?))
+        crate::rt::off_thread(move || ledger::snapshot::verify(crate::sys::fs::File::open(&checked)?))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::data_loss(format!("snapshot received damaged: {e}")))?;
