@@ -193,7 +193,9 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
 /// The simulated wall clock's start (turmoil's epoch), in ns since the Unix epoch.
 pub const EPOCH_NS: u64 = 1_800_000_000 * 1_000_000_000;
 
-/// Runs one simulation.
+/// Runs one simulation. Once per process: a simulation leaves state behind in the process (still
+/// to be found; a seed run after another in the same process does not replay alone), so
+/// `tally-sim` runs each seed in a process of its own.
 pub fn run(options: &Options) -> Outcome {
     let store_root = tempfile::Builder::new().prefix("tally-sim-").tempdir().expect("a temporary directory");
     let outcome = run_in(options, store_root.path());

@@ -70,38 +70,87 @@ fn main() -> ExitCode {
             .try_init();
     }
     let first = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let (mut passed, mut failed) = (0u64, 0u64);
-    for seed in first..first.saturating_add(args.seeds) {
-        let options = Options {
-            seed,
-            nodes: args.nodes,
-            faults: args.faults,
-            sim_time: args.sim_time,
-            verbose: args.verbose,
+    if args.seeds == 1 {
+        return match run_one(&args, first) {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
         };
-        let started = std::time::Instant::now();
-        let outcome = tally_sim::run(&options);
-        let took = started.elapsed().as_secs_f64();
-        match &outcome.failure {
-            None => {
-                passed += 1;
-                println!(
-                    "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, {} snapshots or purges, trace {})",
-                    outcome.acknowledged, outcome.faults, outcome.snapshots, outcome.trace_hash
-                );
+    }
+    // Each seed in a process of its own, so that it runs exactly as its replay command does.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let exe = std::env::current_exe().expect("tally-sim's own path");
+    for seed in first..first.saturating_add(args.seeds) {
+        let mut command = std::process::Command::new(&exe);
+        command.args(["--seed", &seed.to_string(), "--seeds", "1", "--nodes", &args.nodes.to_string()]);
+        command.args([
+            "--faults",
+            &args.faults.to_string(),
+            "--sim-time",
+            &format!("{}s", args.sim_time.as_secs()),
+        ]);
+        if args.verbose {
+            command.arg("--verbose");
+        }
+        let output = match command.stderr(std::process::Stdio::inherit()).output() {
+            Ok(output) => output,
+            Err(error) => {
+                eprintln!("tally-sim: cannot run seed {seed} in a process of its own: {error}");
+                return ExitCode::from(2);
             }
-            Some(failure) => {
-                failed += 1;
-                println!("seed {seed}: FAILED in {took:.1}s: {failure}");
-                println!(
-                    "  replay: tally-sim --seed {seed} --nodes {} --faults {} --sim-time {}s --verbose",
-                    args.nodes,
-                    args.faults,
-                    args.sim_time.as_secs()
-                );
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        for line in stdout.lines().filter(|line| !line.ends_with(" failed")) {
+            println!("{line}");
+        }
+        if output.status.success() {
+            passed += 1;
+        } else {
+            failed += 1;
+            if stdout.is_empty() {
+                println!("seed {seed}: FAILED: the simulation process ended with {}", output.status);
+                println!("  replay: {}", replay(&args, seed));
             }
         }
     }
     println!("{passed} passed, {failed} failed");
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn replay(args: &Args, seed: u64) -> String {
+    format!(
+        "tally-sim --seed {seed} --nodes {} --faults {} --sim-time {}s --verbose",
+        args.nodes,
+        args.faults,
+        args.sim_time.as_secs()
+    )
+}
+
+/// Runs `seed` here; prints its result and whether it passed.
+fn run_one(args: &Args, seed: u64) -> bool {
+    let options = Options {
+        seed,
+        nodes: args.nodes,
+        faults: args.faults,
+        sim_time: args.sim_time,
+        verbose: args.verbose,
+    };
+    let started = std::time::Instant::now();
+    let outcome = tally_sim::run(&options);
+    let took = started.elapsed().as_secs_f64();
+    match &outcome.failure {
+        None => println!(
+            "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, {} snapshots or purges, trace {})",
+            outcome.acknowledged, outcome.faults, outcome.snapshots, outcome.trace_hash
+        ),
+        Some(failure) => {
+            println!("seed {seed}: FAILED in {took:.1}s: {failure}");
+            println!("  replay: {}", replay(args, seed));
+        }
+    }
+    println!(
+        "{} passed, {} failed",
+        u64::from(outcome.failure.is_none()),
+        u64::from(outcome.failure.is_some())
+    );
+    outcome.failure.is_none()
 }

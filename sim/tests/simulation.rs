@@ -1,0 +1,50 @@
+//! The simulator's own promises, through its command line as a user runs it: a seed replays byte
+//! for byte, a clean build passes, and bad arguments get a clear error.
+
+use std::process::Command;
+
+fn tally_sim(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tally-sim")).args(args).output().expect("tally-sim runs");
+    let text =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+fn trace(text: &str) -> &str {
+    text.split("trace ").nth(1).and_then(|rest| rest.split(')').next()).expect("a trace hash")
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace_and_a_batch_runs_it_as_its_replay_does() {
+    let (passed, alone) = tally_sim(&["--seed", "7", "--sim-time", "30s"]);
+    assert!(passed, "{alone}");
+    let (_, again) = tally_sim(&["--seed", "7", "--sim-time", "30s"]);
+    assert_eq!(trace(&alone), trace(&again), "seed 7 ran twice into different traces:\n{alone}\n{again}");
+    let (passed, batch) = tally_sim(&["--seed", "6", "--seeds", "2", "--sim-time", "30s"]);
+    assert!(passed && batch.ends_with("2 passed, 0 failed\n"), "{batch}");
+    let seven = batch.lines().find(|line| line.starts_with("seed 7:")).expect("seed 7 in the batch");
+    assert_eq!(trace(seven), trace(&alone), "seed 7 ran differently after seed 6:\n{batch}");
+    let six = batch.lines().find(|line| line.starts_with("seed 6:")).expect("seed 6 in the batch");
+    assert_ne!(trace(six), trace(seven), "seeds 6 and 7 ran the same trace");
+}
+
+#[test]
+fn five_nodes_pass_with_every_fault() {
+    let (passed, text) = tally_sim(&["--seed", "11", "--nodes", "5", "--sim-time", "30s"]);
+    assert!(passed, "{text}");
+    assert!(text.contains("faults") && !text.contains(" 0 acknowledged"), "{text}");
+}
+
+#[test]
+fn bad_arguments_are_refused_with_what_is_allowed() {
+    for (args, expected) in [
+        (&["--faults", "crash,fire"][..], "unknown fault 'fire'"),
+        (&["--nodes", "4"][..], "3 or 5 nodes"),
+        (&["--nodes", "7"][..], "7"),
+        (&["--sim-time", "10s"][..], "at least 30s"),
+        (&["--sim-time", "1h"][..], "not a duration"),
+    ] {
+        let (passed, text) = tally_sim(args);
+        assert!(!passed && text.contains(expected), "{args:?}: {text}");
+    }
+}
