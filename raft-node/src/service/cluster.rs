@@ -313,6 +313,13 @@ pub async fn record_incarnations(node: Arc<NodeHandle>) {
         }
         let unrecorded: Vec<(NodeId, NodeInfo)> = {
             let metrics = node.raft.metrics().borrow_watched().clone();
+            // A new leader's membership entry may not be committed yet (a fresh cluster's first
+            // leader, in its first milliseconds): openraft refuses a change then, and logs it as
+            // an error. Wait for the next round.
+            let membership_at = metrics.membership_config.log_id().map(|id| id.index);
+            if membership_at > metrics.local_committed.map(|id| id.index) {
+                continue;
+            }
             let membership = metrics.membership_config.membership();
             membership.nodes().filter(|(_, n)| n.incarnation == 0).map(|(id, n)| (*id, n.clone())).collect()
         };
