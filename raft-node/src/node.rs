@@ -388,6 +388,47 @@ pub struct NodeHandle {
     pub status_cache: tokio::sync::Mutex<Option<(std::time::Instant, tally_proto::v1::StatusReply)>>,
     /// The whole state arriving from the leader, while it does (`service::raft`).
     pub receiving: Receiving,
+    /// Whether this node withholds its vote after losing a damaged tail of its log.
+    pub votes: VoteHold,
+}
+
+/// Whether this node withholds its vote, and until its log reaches which index: after recovery cut
+/// off a damaged tail it may have acknowledged (`LogStore::lost_tail`), it must not help elect a
+/// leader that lacks those entries, nor stand itself. A leader's entries up to that index bring
+/// them back (a leader holds every committed entry).
+#[derive(Default)]
+pub struct VoteHold {
+    /// The index the log must reach; 0 when votes are not withheld.
+    until: std::sync::atomic::AtomicU64,
+}
+
+impl VoteHold {
+    fn withhold_until(&self, index: u64) {
+        self.until.store(index.max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The index until which this node withholds its vote, if it does.
+    pub fn withheld(&self) -> Option<u64> {
+        Some(self.until.load(std::sync::atomic::Ordering::SeqCst)).filter(|until| *until > 0)
+    }
+}
+
+/// Votes and elections again once the log holds entries up to the withheld index.
+async fn release_votes_when_caught_up(node: Arc<NodeHandle>) {
+    let Some(until) = node.votes.withheld() else { return };
+    let mut metrics = node.raft.metrics();
+    loop {
+        let caught_up = metrics.borrow_watched().last_log_index.is_some_and(|last| last >= until);
+        if caught_up {
+            node.votes.until.store(0, std::sync::atomic::Ordering::SeqCst);
+            node.raft.runtime_config().elect(true);
+            tracing::info!(node = node.id(), "the log holds entries up to {until} again: this node votes again");
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A snapshot being received: whether one is, and its bytes so far.
@@ -642,8 +683,20 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         ));
     }
     let state = machine.shared.clone();
-    let raft_config =
-        Arc::new(raft_config(&config).validate().map_err(|e| format!("raft configuration: {e}"))?);
+    let votes = VoteHold::default();
+    if let Some((first, last_seen)) = log.lost_tail() {
+        tracing::warn!(
+            node = config.id,
+            "the log's tail from entry {first} was damaged (a crash tore unsynced writes, or the disk \
+             damaged them), with entries up to {last_seen} on disk after it; it is cut off. This node \
+             neither votes nor stands for election until a leader has given it entries up to \
+             {last_seen} again, in case it had acknowledged some"
+        );
+        votes.withhold_until(last_seen);
+    }
+    let mut raft_config = raft_config(&config);
+    raft_config.enable_elect = votes.withheld().is_none();
+    let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft configuration: {e}"))?);
     let raft = Raft::new(
         config.id,
         raft_config,
@@ -708,7 +761,11 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         subscribers: Arc::new(tokio::sync::Semaphore::new(subscribers_max)),
         status_cache: tokio::sync::Mutex::new(None),
         receiving: Receiving::default(),
+        votes,
     });
+    if node.votes.withheld().is_some() {
+        tokio::spawn(release_votes_when_caught_up(node.clone()));
+    }
     tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
     tokio::spawn(crate::clock::sample_peers(node.clone()));
     tokio::spawn(crate::service::cluster::watch_divergence(node.clone()));

@@ -33,6 +33,18 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     return turmoil::fs::shim::std::fs::sync_dir(dir);
 }
 
+/// A fault the simulator put on the disk holding `path`: an error for each write and sync there
+/// while it lasts (EIO, ENOSPC). Never one in production, where the disk reports its own.
+pub fn disk_fault(path: &Path) -> io::Result<()> {
+    #[cfg(feature = "sim")]
+    return sim::disk_fault(path);
+    #[cfg(not(feature = "sim"))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 /// Whether `path` is a directory.
 pub fn is_dir(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_dir())
@@ -81,6 +93,7 @@ pub mod sim {
     use rand::{RngCore, SeedableRng};
 
     thread_local! {
+        static DISK_FAULTS: RefCell<Vec<(PathBuf, std::io::ErrorKind)>> = const { RefCell::new(Vec::new()) };
         static RNG: RefCell<Option<rand_chacha::ChaCha8Rng>> = const { RefCell::new(None) };
         static FSYNC: RefCell<(u64, u64)> = const { RefCell::new((0, 0)) };
         static STORE_ROOTS: RefCell<Vec<(PathBuf, PathBuf)>> = const { RefCell::new(Vec::new()) };
@@ -105,6 +118,30 @@ pub mod sim {
         })
     }
 
+    /// Fails every write and sync under `data_dir` with `kind` from now on (`Other` for EIO,
+    /// `StorageFull` for ENOSPC), or none again.
+    pub fn set_disk_fault(data_dir: &Path, kind: Option<std::io::ErrorKind>) {
+        DISK_FAULTS.with(|faults| {
+            let mut faults = faults.borrow_mut();
+            faults.retain(|(dir, _)| dir != data_dir);
+            if let Some(kind) = kind {
+                faults.push((data_dir.to_path_buf(), kind));
+            }
+        });
+    }
+
+    pub(super) fn disk_fault(path: &Path) -> std::io::Result<()> {
+        let kind = DISK_FAULTS
+            .with(|faults| faults.borrow().iter().find(|(dir, _)| path.starts_with(dir)).map(|(_, kind)| *kind));
+        match kind {
+            None => Ok(()),
+            Some(std::io::ErrorKind::StorageFull) => {
+                Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device (simulated)"))
+            }
+            Some(kind) => Err(std::io::Error::new(kind, "Input/output error (simulated)")),
+        }
+    }
+
     /// Seeds the generator `random_u64` draws from (a node's incarnation, a cluster id).
     pub fn seed(seed: u64) {
         RNG.with(|rng| *rng.borrow_mut() = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed)));
@@ -118,6 +155,13 @@ pub mod sim {
     /// from the seeded generator). Appends made meanwhile are not covered by it.
     pub fn set_fsync_us(min: u64, max: u64) {
         FSYNC.with(|fsync| *fsync.borrow_mut() = (min, max.max(min)));
+    }
+
+    /// The time the next log fsync takes, split at the moment its writes become durable.
+    pub fn fsync_latency_split() -> (Duration, Duration) {
+        let latency = fsync_latency().as_micros() as u64;
+        let durable_at = random_u64().unwrap_or(0) % (latency + 1);
+        (Duration::from_micros(durable_at), Duration::from_micros(latency - durable_at))
     }
 
     /// The time the next log fsync takes.

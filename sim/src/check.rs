@@ -29,6 +29,8 @@ pub struct Invariants {
     roles: BTreeMap<u64, (ServerState, u64)>,
     /// Each node's last snapshot and purge, as last recorded in the trace.
     snapshots: BTreeMap<u64, (Option<u64>, Option<u64>)>,
+    /// Whether each node withholds its vote, as last recorded in the trace.
+    withheld: BTreeMap<u64, Option<u64>>,
     /// Snapshots taken or installed, and purges, over all nodes.
     pub snapshot_changes: u64,
 }
@@ -52,6 +54,20 @@ impl Invariants {
                 );
             }
             self.snapshots.insert(id, snapshot);
+            let withheld = node.votes.withheld();
+            if state == ServerState::Leader && withheld.is_some() {
+                return Err(format!(
+                    "node {id} leads term {term} while it withholds its vote (its log lost a damaged tail \
+                     and has not reached entry {} again)",
+                    withheld.unwrap_or_default()
+                ));
+            }
+            if self.withheld.get(&id) != Some(&withheld) {
+                self.withheld.insert(id, withheld);
+                if let Some(until) = withheld {
+                    world.record(at, format_args!("n{id} withholds its vote until its log reaches {until}"));
+                }
+            }
             if self.roles.get(&id) != Some(&(state, term)) {
                 self.roles.insert(id, (state, term));
                 if state == ServerState::Leader {

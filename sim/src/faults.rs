@@ -9,89 +9,94 @@
 //! in its byte stream until keep-alives give up on it, something no real network does; the first
 //! runs found only that. One-way cuts need a link that drops one way and retransmits, which
 //! turmoil does not have: not drawn yet.
+//!
+//! A node that stops on a failed disk (fail-stop, as `tally serve` does with exit code 74) is
+//! restarted a second later, as a supervisor would, whether or not its disk is healed yet.
 
+use std::collections::BTreeSet;
+use std::io::ErrorKind;
 use std::time::Duration;
 
+use openraft::type_config::async_runtime::WatchReceiver;
 use rand::{Rng, SeedableRng};
 
-use crate::{HEAL_BEFORE_END, Options, World, host_name};
+use crate::{HEAL_BEFORE_END, Options, World, data_dir, host_name};
 
-/// Which kinds of fault a run draws from (`--faults`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Faults {
-    /// A node's host crashes (its unsynced writes are lost) and boots again later.
-    pub crash: bool,
+/// How long a supervisor waits before it restarts a node that stopped.
+pub const RESTART_AFTER: Duration = Duration::from_secs(1);
+/// How long a purge crash waits for the node's next purge after its cut heals.
+const PURGE_CRASH_ARMED: Duration = Duration::from_secs(8);
+
+/// One kind of fault, by its name on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    /// A node's host crashes (its unsynced writes are lost, the last ones possibly torn) and
+    /// boots again later.
+    Crash,
     /// A node's site is cut off from every other host, clients included, then reconnected.
-    pub partition: bool,
+    Partition,
     /// A node is cut off from its peers only: clients still reach it (a peer network down, or
     /// the node's Raft traffic stalled behind a congested link).
-    pub peer_cut: bool,
+    PeerCut,
     /// A node's clock jumps seconds ahead or behind, then is set right.
-    pub clock: bool,
+    Clock,
+    /// A node is cut off until it lags, and crashes at its first log purge after the cut heals:
+    /// between the purge marker and the deletion of the segments, often right after installing
+    /// a snapshot past the end of its log.
+    PurgeCrash,
+    /// A node's disk fails every write and sync (EIO) or is full (ENOSPC) for a while.
+    Disk,
 }
 
+const KINDS: [(&str, Kind); 6] = [
+    ("crash", Kind::Crash),
+    ("partition", Kind::Partition),
+    ("peer-cut", Kind::PeerCut),
+    ("clock", Kind::Clock),
+    ("purge-crash", Kind::PurgeCrash),
+    ("disk", Kind::Disk),
+];
+
+/// Which kinds of fault a run draws from (`--faults`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Faults(BTreeSet<Kind>);
+
 impl Faults {
-    pub const NAMES: &'static str = "crash, partition, peer-cut, clock (or all, none)";
+    pub const NAMES: &'static str = "crash, partition, peer-cut, clock, purge-crash, disk (or all, none)";
 
     pub fn all() -> Faults {
-        Faults { crash: true, partition: true, peer_cut: true, clock: true }
+        Faults(KINDS.iter().map(|(_, kind)| *kind).collect())
+    }
+
+    pub fn has(&self, kind: Kind) -> bool {
+        self.0.contains(&kind)
     }
 
     pub fn parse(text: &str) -> Result<Faults, String> {
-        let mut faults = Faults { crash: false, partition: false, peer_cut: false, clock: false };
+        let mut faults = BTreeSet::new();
         for name in text.split(',').map(str::trim).filter(|name| !name.is_empty()) {
             match name {
-                "all" => faults = Faults::all(),
+                "all" => faults.extend(Faults::all().0),
                 "none" => {}
-                "crash" => faults.crash = true,
-                "partition" => faults.partition = true,
-                "peer-cut" => faults.peer_cut = true,
-                "clock" => faults.clock = true,
-                other => return Err(format!("unknown fault '{other}': the faults are {}", Faults::NAMES)),
+                name => match KINDS.iter().find(|(known, _)| *known == name) {
+                    Some((_, kind)) => {
+                        faults.insert(*kind);
+                    }
+                    None => return Err(format!("unknown fault '{name}': the faults are {}", Faults::NAMES)),
+                },
             }
         }
-        Ok(faults)
-    }
-
-    fn kinds(self) -> Vec<Kind> {
-        let mut kinds = Vec::new();
-        for (on, kind) in [
-            (self.crash, Kind::Crash),
-            (self.partition, Kind::Partition),
-            (self.peer_cut, Kind::PeerCut),
-            (self.clock, Kind::Clock),
-        ] {
-            if on {
-                kinds.push(kind);
-            }
-        }
-        kinds
+        Ok(Faults(faults))
     }
 }
 
 impl std::fmt::Display for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = [
-            (self.crash, "crash"),
-            (self.partition, "partition"),
-            (self.peer_cut, "peer-cut"),
-            (self.clock, "clock"),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, name)| *name)
-        .collect();
+        let names: Vec<&str> =
+            KINDS.iter().filter(|(_, kind)| self.has(*kind)).map(|(name, _)| *name).collect();
         f.write_str(if names.is_empty() { "none" } else { "" })?;
         f.write_str(&names.join(","))
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Crash,
-    Partition,
-    PeerCut,
-    Clock,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +108,20 @@ enum Action {
     Heal(u64, bool),
     /// Node `.0`'s clock is off by `.1` ms (0: right again).
     Skew(u64, i64),
+    /// Node `.0`'s links heal, and it crashes at its next log purge.
+    HealThenCrashAtPurge(u64),
+    /// Ends `HealThenCrashAtPurge`: boots the node if it crashed.
+    Disarm(u64),
+    /// Node `.0`'s disk fails with `.1`, or works again.
+    Disk(u64, Option<ErrorKind>),
+}
+
+/// A purge crash waiting for its node's next purge.
+struct Armed {
+    node: u64,
+    /// The node's purged index when armed; `None` until read.
+    purged: Option<Option<u64>>,
+    crashed: bool,
 }
 
 /// The faults of one run, in the order they happen.
@@ -110,6 +129,7 @@ pub struct Schedule {
     events: Vec<(Duration, Action)>,
     next: usize,
     nodes: u64,
+    armed: Option<Armed>,
     /// Faults begun so far.
     pub applied: u64,
 }
@@ -117,7 +137,7 @@ pub struct Schedule {
 impl Schedule {
     pub fn draw(options: &Options) -> Schedule {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(options.seed ^ 0xfa17);
-        let kinds = options.faults.kinds();
+        let kinds: Vec<Kind> = options.faults.0.iter().copied().collect();
         let end = options.sim_time.saturating_sub(HEAL_BEFORE_END);
         let mut events = Vec::new();
         let mut at = Duration::from_secs(3);
@@ -126,31 +146,71 @@ impl Schedule {
             let node = rng.random_range(1..=options.nodes);
             let lasts = Duration::from_millis(rng.random_range(200..6_000));
             let until = (at + lasts).min(end);
-            let (start, stop) = match kind {
-                Kind::Crash => (Action::Crash(node), Action::Boot(node)),
-                Kind::Partition => (Action::Cut(node, true), Action::Heal(node, true)),
-                Kind::PeerCut => (Action::Cut(node, false), Action::Heal(node, false)),
+            let fault = match kind {
+                Kind::Crash => vec![(at, Action::Crash(node)), (until, Action::Boot(node))],
+                Kind::Partition => vec![(at, Action::Cut(node, true)), (until, Action::Heal(node, true))],
+                Kind::PeerCut => vec![(at, Action::Cut(node, false)), (until, Action::Heal(node, false))],
                 Kind::Clock => {
                     let offset_ms =
                         rng.random_range(2_000..30_000) * if rng.random_bool(0.5) { 1 } else { -1 };
-                    (Action::Skew(node, offset_ms), Action::Skew(node, 0))
+                    vec![(at, Action::Skew(node, offset_ms)), (until, Action::Skew(node, 0))]
+                }
+                Kind::PurgeCrash => vec![
+                    (at, Action::Cut(node, true)),
+                    (until, Action::HealThenCrashAtPurge(node)),
+                    ((until + PURGE_CRASH_ARMED).min(end), Action::Disarm(node)),
+                ],
+                Kind::Disk => {
+                    let kind = if rng.random_bool(0.5) { ErrorKind::Other } else { ErrorKind::StorageFull };
+                    vec![(at, Action::Disk(node, Some(kind))), (until, Action::Disk(node, None))]
                 }
             };
-            events.push((at, start));
-            events.push((until, stop));
+            let until = fault.last().expect("a fault has events").0;
+            events.extend(fault);
             at = until + Duration::from_millis(rng.random_range(100..4_000));
         }
-        Schedule { events, next: 0, nodes: options.nodes, applied: 0 }
+        Schedule { events, next: 0, nodes: options.nodes, armed: None, applied: 0 }
     }
 
-    /// Applies every event due by `at`.
+    /// Applies every event due by `at`, a purge crash whose purge came, and the restart of a
+    /// node that stopped on its disk.
     pub fn apply_due(&mut self, at: Duration, sim: &mut turmoil::Sim<'_>, world: &World) {
         while let Some(&(due, action)) = self.events.get(self.next) {
             if due > at {
-                return;
+                break;
             }
             self.next += 1;
             self.apply(action, sim, world, at);
+        }
+        self.crash_at_purge(at, sim, world);
+        let restart: Vec<u64> = world
+            .stopped
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, stopped_at)| at >= **stopped_at + RESTART_AFTER)
+            .map(|(node, _)| *node)
+            .collect();
+        for node in restart {
+            world.stopped.lock().unwrap().remove(&node);
+            world.record(at, format_args!("n{node} restarted by its supervisor"));
+            sim.bounce(host_name(node));
+        }
+    }
+
+    fn crash_at_purge(&mut self, at: Duration, sim: &mut turmoil::Sim<'_>, world: &World) {
+        let Some(armed) = self.armed.as_mut().filter(|armed| !armed.crashed) else { return };
+        let Some(node) = world.node(armed.node) else { return };
+        let purged = node.raft.metrics().borrow_watched().purged.map(|id| id.index);
+        match armed.purged {
+            None => armed.purged = Some(purged),
+            Some(before) if before != purged => {
+                armed.crashed = true;
+                world.record(at, format_args!("fault: Crash({}) at its purge to {purged:?}", armed.node));
+                drop(node);
+                sim.crash(host_name(armed.node));
+            }
+            Some(_) => {}
         }
     }
 
@@ -183,6 +243,21 @@ impl Schedule {
                 if let Some(running) = world.node(node) {
                     running.clock.set_skew(offset_ms, 0);
                 }
+            }
+            Action::HealThenCrashAtPurge(node) => {
+                self.apply(Action::Heal(node, true), sim, world, at);
+                self.armed = Some(Armed { node, purged: None, crashed: false });
+            }
+            Action::Disarm(node) => {
+                if self.armed.take().is_some_and(|armed| armed.crashed) {
+                    sim.bounce(host_name(node));
+                }
+            }
+            Action::Disk(node, kind) => {
+                if kind.is_some() {
+                    self.applied += 1;
+                }
+                raft_node::sys::sim::set_disk_fault(&data_dir(node), kind);
             }
         }
     }

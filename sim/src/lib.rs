@@ -89,6 +89,8 @@ pub struct World {
     pub acknowledged: AtomicU64,
     /// How far each node's machine clock is off, in ms (the clock faults).
     pub skews: Mutex<BTreeMap<u64, i64>>,
+    /// Nodes that stopped on a failed disk, and when: a supervisor restarts them.
+    pub stopped: Mutex<BTreeMap<u64, Duration>>,
 }
 
 impl World {
@@ -133,7 +135,7 @@ fn host_name(id: u64) -> String {
     format!("n{id}")
 }
 
-fn data_dir(id: u64) -> PathBuf {
+pub(crate) fn data_dir(id: u64) -> PathBuf {
     PathBuf::from(format!("/tally/n{id}"))
 }
 
@@ -162,32 +164,55 @@ fn node_config(id: u64, nodes: u64, seed: u64) -> raft_node::node::NodeConfig {
     toml::from_str(&text).expect("the simulator's node configuration parses")
 }
 
-/// One boot of node `id`: what its host runs, from start to crash.
+/// One boot of node `id`: what its host runs, from start to crash. A node that stops because its
+/// (simulated) disk failed ends its host's software, as `tally serve` exits; any other stop, or
+/// a start refused, fails the run.
 async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
     let boot = world.boots[&id].fetch_add(1, Ordering::Relaxed);
     let store = world.store_root.join(format!("n{id}-boot{boot}"));
     std::fs::create_dir_all(&store)?;
     raft_node::sys::sim::set_store_root(&data_dir(id), store);
+    world.stopped.lock().unwrap().remove(&id);
     world.record(now(), format_args!("n{id} boots ({boot})"));
     let seed = world.options.seed ^ (id << 40) ^ (boot << 20);
-    let node = openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
+    let stopped = openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
         seed,
-        async {
-            let node = raft_node::node::start(node_config(id, world.options.nodes, world.options.seed))
-                .await
-                .map_err(|e| format!("node {id} cannot start: {e}"))?;
-            let skew_ms = world.skews.lock().unwrap().get(&id).copied().unwrap_or(0);
-            node.clock.set_skew(skew_ms, 0);
-            world.nodes.lock().unwrap().insert(id, Arc::downgrade(&node));
-            let clients = turmoil::net::TcpListener::bind(("0.0.0.0", CLIENT_PORT)).await?;
-            let peers = turmoil::net::TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
-            raft_node::node::serve_on(node.clone(), clients, peers, std::future::pending()).await?;
-            Ok::<_, Box<dyn std::error::Error>>(node)
-        },
+        serve(world.clone(), id),
     )
-    .await?;
-    drop(node);
-    Err(format!("node {id} stopped serving").into())
+    .await;
+    world.nodes.lock().unwrap().remove(&id);
+    if stopped.contains("(simulated)") {
+        world.record(now(), format_args!("n{id} stops: {stopped}"));
+        world.stopped.lock().unwrap().insert(id, now());
+        return Ok(());
+    }
+    Err(format!("node {id} {stopped}").into())
+}
+
+/// Starts node `id` and serves until it stops; why it stopped.
+async fn serve(world: Arc<World>, id: u64) -> String {
+    let node = match raft_node::node::start(node_config(id, world.options.nodes, world.options.seed)).await {
+        Ok(node) => node,
+        Err(error) => return format!("cannot start: {error}"),
+    };
+    let skew_ms = world.skews.lock().unwrap().get(&id).copied().unwrap_or(0);
+    node.clock.set_skew(skew_ms, 0);
+    world.nodes.lock().unwrap().insert(id, Arc::downgrade(&node));
+    let listen = async {
+        let clients = turmoil::net::TcpListener::bind(("0.0.0.0", CLIENT_PORT)).await?;
+        let peers = turmoil::net::TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
+        Ok::<_, std::io::Error>((clients, peers))
+    };
+    let (clients, peers) = match listen.await {
+        Ok(listeners) => listeners,
+        Err(error) => return format!("cannot listen: {error}"),
+    };
+    tokio::select! {
+        served = raft_node::node::serve_on(node.clone(), clients, peers, std::future::pending()) => {
+            format!("stopped serving: {served:?}")
+        }
+        error = raft_node::node::fatal(node.clone()) => format!("stops on a storage failure: {error}"),
+    }
 }
 
 /// The simulated wall clock's start (turmoil's epoch), in ns since the Unix epoch.
@@ -216,6 +241,7 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
         trace: Mutex::new(Trace::default()),
         acknowledged: AtomicU64::new(0),
         skews: Mutex::new(BTreeMap::new()),
+        stopped: Mutex::new(BTreeMap::new()),
     });
     let mut builder = turmoil::Builder::new();
     builder
@@ -226,6 +252,11 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
         .max_message_latency(Duration::from_millis(5))
         .tcp_capacity(1 << 16)
         .epoch(std::time::UNIX_EPOCH + Duration::from_nanos(EPOCH_NS));
+    // A crash tears the last unsynced writes at a block boundary drawn from the seed, or drops
+    // them whole.
+    if let Some(block) = [None, Some(512), Some(4096)][(options.seed / 3 % 3) as usize] {
+        builder.fs().block_size(block);
+    }
     let mut sim = builder.build();
     for id in world.ids() {
         let world = world.clone();

@@ -164,6 +164,18 @@ impl RaftService {
             })
     }
 
+    /// No vote, and no leadership handed over, while this node withholds its vote
+    /// (`node::VoteHold`): the candidate hears nothing it can count.
+    fn check_votes_withheld(&self) -> Result<(), Status> {
+        match self.node.votes.withheld() {
+            None => Ok(()),
+            Some(until) => Err(Status::unavailable(format!(
+                "node {} does not vote until its log reaches entry {until} again (its damaged tail was cut off)",
+                self.node.id()
+            ))),
+        }
+    }
+
     fn log_refusal(&self, refusal: &Refusal) {
         let mut logged = self.refusal_logged.lock().expect("refusal log lock");
         if logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL) {
@@ -245,6 +257,7 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         self.check_candidate(&request)?;
+        self.check_votes_withheld()?;
         let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
             unpack(request.get_ref()).map_err(bad_message)?;
         check_claimed(&request, &rpc.vote)?;
@@ -254,6 +267,7 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn pre_vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         self.check_candidate(&request)?;
+        self.check_votes_withheld()?;
         let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
             unpack(request.get_ref()).map_err(bad_message)?;
         check_claimed(&request, &rpc.vote)?;
@@ -266,6 +280,7 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
         self.check_caller(&request)?;
+        self.check_votes_withheld()?;
         let rpc = unpack(request.get_ref()).map_err(bad_message)?;
         let reply = self.node.raft.handle_transfer_leader(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(message(&reply)))

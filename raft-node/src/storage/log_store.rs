@@ -76,6 +76,14 @@ impl LogStore {
         LogStore::open_with(dir, wal::SEGMENT_BYTES_MAX)
     }
 
+    /// The Raft indexes of the tail recovery cut off at open although valid records followed
+    /// its damage (`wal::LostTail`, see wal.rs "Recovery"): the first entry lost and the last one
+    /// seen after it. This node may have acknowledged entries up to the second.
+    pub fn lost_tail(&self) -> Option<(u64, u64)> {
+        let tail = self.shared.wal.lock().unwrap().lost_tail()?;
+        Some((tail.first - 1, tail.last_seen - 1))
+    }
+
     /// The last log id purged from the log (behind a snapshot), if any.
     pub fn last_purged(&self) -> Option<LogId> {
         *self.shared.last_purged.lock().unwrap()
@@ -85,7 +93,12 @@ impl LogStore {
     /// that segment rolls happen every few seconds and power cuts can land in one.
     pub fn open_with(dir: &Path, segment_bytes_max: u64) -> io::Result<LogStore> {
         wal::create_dir_durably(dir)?;
-        let mut wal = Wal::open_with(dir, segment_bytes_max).map_err(|e| match e {
+        let last_purged: Option<LogId> = read_decoded(dir, PURGED_FILE)?;
+        let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;
+        // Entries up to the committed file's were synced when it was written (`persist_committed`):
+        // damage there is damage at rest, never a torn write. (WAL index = Raft index + 1.)
+        let synced_below = committed.max(last_purged).map_or(0, |id| id.index + 2);
+        let mut wal = Wal::open_recovering(dir, segment_bytes_max, Some(synced_below)).map_err(|e| match e {
             // Not damage: the data is whole, only this build cannot read it.
             wal::WalError::OtherVersion { .. } => io::Error::new(io::ErrorKind::Unsupported, e.to_string()),
             e => io_error(e),
@@ -99,7 +112,6 @@ impl LogStore {
                 )
             })?;
         }
-        let last_purged: Option<LogId> = read_decoded(dir, PURGED_FILE)?;
         if let Some(purged) = last_purged
             && !cfg!(feature = "ignore-purge-marker-at-open")
         {
@@ -108,7 +120,6 @@ impl LogStore {
             // not find them.
             wal.purge_upto(purged.index + 1).map_err(io_error)?;
         }
-        let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;
         check_committed_on_log(dir, committed, wal.last_index().map(|i| i - 1), last_purged)?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -237,10 +248,13 @@ fn start_io(dir: &Path, shared: Arc<Shared>, jobs: JobsReceived<IoJob>) -> io::R
         tokio::spawn(async move {
             let mut sync = SyncLoop::new(jobs);
             while let Some(group) = sync.next_group(&shared).await {
-                // The fdatasync covers what was written when it began; it ends a simulated
-                // while later, and appends made meanwhile are not covered, as on a disk.
+                // An fdatasync takes a simulated while and makes durable what was written by
+                // some moment within it, drawn from the seed: appends made during the sync may
+                // be covered or not, as on a disk, and only its caller's are sure to be.
+                let (before, after) = crate::sys::sim::fsync_latency_split();
+                tokio::time::sleep(before).await;
                 let synced = sync.run(&shared, group);
-                tokio::time::sleep(crate::sys::sim::fsync_latency()).await;
+                tokio::time::sleep(after).await;
                 sync.finish(&shared, synced);
             }
         });

@@ -48,9 +48,18 @@
 //! as is a last segment whose header is zeros with no valid record after it (created, then a power
 //! cut before its first sync let a later write reach the disk but not the header).
 //! Any other damage is `WalError::Corrupt`, and the node refuses to start rather than lose
-//! acknowledged entries. That includes an unsynced write whose later pages reached the disk before
-//! its earlier ones in a power loss: it looks exactly like a damaged acknowledged record followed by
-//! valid ones, and guessing wrong would silently drop entries a quorum may have counted.
+//! acknowledged entries.
+//!
+//! A damaged record in the last segment with valid records after it is ambiguous. Unsynced writes
+//! reach the disk in any order in a power loss (each of them torn or whole), so it can be the torn
+//! tail of writes never synced; or damage at rest to a synced, acknowledged record. `open_with`
+//! refuses it. `open_recovering` is told below which index records were surely synced (the
+//! node's committed file names them): damage there is refused; damage at or beyond it is cut off
+//! like a torn tail and reported (`Wal::lost_tail`). If it was a torn write, nothing from the
+//! damaged record on was ever acknowledged (any sync that completed after its write would have
+//! made it whole), so nothing is lost. If it was damage at rest, this node may have acknowledged
+//! entries it no longer has, and must not vote until a leader has given them back: the node
+//! withholds its vote (`node::withhold_votes`) until its log reaches `LostTail::last_seen` again.
 
 use crate::sys::fs::{self, File, OpenOptions};
 use std::fmt;
@@ -171,6 +180,7 @@ impl Segment {
         let path = dir.join(segment_file_name(first_index));
         // `create_new`: a segment file is never overwritten; an existing one would be a bookkeeping
         // bug in truncate or purge, and overwriting it would hide that.
+        crate::sys::disk_fault(&path)?;
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         let mut bytes = Vec::with_capacity(SEGMENT_HEADER_BYTES + record.len());
         bytes.extend_from_slice(&segment_header());
@@ -189,6 +199,7 @@ impl Segment {
 
     fn append(&mut self, record: &[u8], payload_len: u32) -> io::Result<()> {
         assert!(self.bytes_len + record.len() as u64 <= SEGMENT_FILE_BYTES_MAX);
+        crate::sys::disk_fault(&self.path)?;
         self.file.write_all_at(record, self.bytes_len)?;
         self.records.push(RecordLoc { offset: self.bytes_len, payload_len });
         self.bytes_len += record.len() as u64;
@@ -288,12 +299,15 @@ pub struct SyncPlan {
     files: Vec<(Arc<File>, u64, u64)>,
     /// The directory to fsync, with `dir_written` when planned.
     dir: Option<(PathBuf, u64)>,
+    /// The log's directory.
+    log_dir: PathBuf,
 }
 
 impl SyncPlan {
     /// Syncs. The caller then reports the result to the log: `Wal::sync_done` on success,
     /// `Wal::sync_failed` on an error (see "Durability").
     pub fn run(&self) -> io::Result<()> {
+        crate::sys::disk_fault(&self.log_dir)?;
         for (file, _, _) in &self.files {
             // A deliberately broken build, to show that the chaos harness's power cut catches a
             // log that acknowledges before its appends are on disk (docs/results/chaos.md, "Power cuts").
@@ -336,6 +350,18 @@ pub struct Wal {
     dir_synced: u64,
     /// An I/O error hit a write path; see "Durability" above for why that is final.
     failed: bool,
+    /// What `open_recovering` cut off as an ambiguous tail.
+    lost_tail: Option<LostTail>,
+}
+
+/// A tail `open_recovering` cut off although valid records followed the damage (see "Recovery").
+/// WAL indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostTail {
+    /// The damaged record's index: the log now ends before it.
+    pub first: u64,
+    /// The last index a valid record after the damage had.
+    pub last_seen: u64,
 }
 
 impl Wal {
@@ -348,19 +374,31 @@ impl Wal {
     /// which runs as a separate crate, can roll segments quickly too. Recovery does not depend on
     /// it: a log written with one segment size opens with any other.
     pub fn open_with(dir: &Path, segment_bytes_max: u64) -> Result<Wal, WalError> {
+        Wal::open_recovering(dir, segment_bytes_max, None)
+    }
+
+    /// `open_with` that cuts off an ambiguous tail (see "Recovery") if it starts at or beyond
+    /// `synced_below`, the index below which every record is known to have been synced; `None`
+    /// refuses every ambiguous tail, as `open_with` does.
+    pub fn open_recovering(
+        dir: &Path,
+        segment_bytes_max: u64,
+        synced_below: Option<u64>,
+    ) -> Result<Wal, WalError> {
         assert!(segment_bytes_max > 0 && segment_bytes_max <= SEGMENT_BYTES_MAX);
         create_dir_durably(dir)?;
         let listed = list_segments(dir)?;
         let listed_count = listed.len();
         let mut segments: Vec<Segment> = Vec::with_capacity(listed_count);
+        let mut lost_tail = None;
         for (position, (first_index, path)) in listed.into_iter().enumerate() {
             if let Some(previous) = segments.last() {
                 check_follows(previous.last_index(), first_index, &path)?;
             }
             let is_last = position + 1 == listed_count;
-            if let Some(segment) = recover_segment(dir, first_index, path, is_last)? {
-                segments.push(segment);
-            }
+            let (segment, lost) = recover_segment(dir, first_index, path, is_last, synced_below)?;
+            lost_tail = lost_tail.or(lost);
+            segments.extend(segment);
         }
         // What we recovered may be only in the page cache of a process that died before syncing,
         // and every record we return from here on counts as durable.
@@ -376,7 +414,13 @@ impl Wal {
             dir_written: 0,
             dir_synced: 0,
             failed: false,
+            lost_tail,
         })
+    }
+
+    /// The ambiguous tail `open_recovering` cut off, if it did.
+    pub fn lost_tail(&self) -> Option<LostTail> {
+        self.lost_tail
     }
 
     /// Appends one record. Writes to the OS without syncing; see `sync`.
@@ -487,7 +531,7 @@ impl Wal {
             .map(|segment| (segment.file.clone(), segment.first_index, segment.written))
             .collect();
         let dir = (self.dir_written > self.dir_synced).then(|| (self.dir.clone(), self.dir_written));
-        Ok(SyncPlan { files, dir })
+        Ok(SyncPlan { files, dir, log_dir: self.dir.clone() })
     }
 
     /// `plan` ran without error: what it covered is durable. A segment deleted meanwhile is
@@ -603,6 +647,7 @@ pub fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()>
     // The directory may hold a log too, whose recovery claims every `.wal` file.
     assert!(!name.ends_with(SEGMENT_SUFFIX), "wal: {name:?} would be taken for a log segment");
     let tmp_path = dir.join(format!("{name}.tmp"));
+    crate::sys::disk_fault(&tmp_path)?;
     let mut tmp = File::create(&tmp_path)?;
     tmp.write_all(bytes)?;
     tmp.sync_all()?;
@@ -701,13 +746,15 @@ fn check_follows(previous_last_index: u64, first_index: u64, path: &Path) -> Res
 }
 
 /// Reads, checks and, if it is the last segment with a torn tail, repairs one segment file.
-/// `None` if it was the last segment and held no complete record, in which case it is deleted.
+/// `None` if it was the last segment and held no complete record, in which case it is deleted;
+/// and the ambiguous tail cut off, if one was.
 fn recover_segment(
     dir: &Path,
     first_index: u64,
     path: PathBuf,
     is_last: bool,
-) -> Result<Option<Segment>, WalError> {
+    synced_below: Option<u64>,
+) -> Result<(Option<Segment>, Option<LostTail>), WalError> {
     let file = OpenOptions::new().read(true).write(true).open(&path)?;
     let bytes = read_segment_file(&file, &path)?;
     match check_header(&bytes) {
@@ -715,24 +762,25 @@ fn recover_segment(
         // A crash between creating the segment and syncing it.
         HeaderCheck::CutShort if is_last => {
             remove_file_durably(dir, &path)?;
-            return Ok(None);
+            return Ok((None, None));
         }
         HeaderCheck::CutShort => return Err(corrupt(&path, 0, "header cut short in a segment not the last")),
         // A power cut after the segment was created and before its first sync, with a later
         // write reaching the disk and the header not: nothing in it was ever acknowledged.
         HeaderCheck::Bad(_) if is_last && never_synced(&bytes, first_index) => {
             remove_file_durably(dir, &path)?;
-            return Ok(None);
+            return Ok((None, None));
         }
         HeaderCheck::Bad(reason) => return Err(corrupt(&path, 0, reason)),
         HeaderCheck::OtherVersion(version) => return Err(WalError::OtherVersion { path, version }),
     }
     let scan = scan_records(&bytes, first_index);
+    let mut lost_tail = None;
     let bytes_len = match &scan.damage {
         None => bytes.len() as u64,
         Some(damage) => {
             let index_expected = first_index.saturating_add(scan.records.len() as u64);
-            check_torn_tail(&bytes, &path, damage, index_expected, is_last)?;
+            lost_tail = check_torn_tail(&bytes, &path, damage, index_expected, is_last, synced_below)?;
             // Cut the tail off durably, so the file ends at the last good record and later appends
             // extend a clean log.
             file.set_len(damage.offset as u64)?;
@@ -745,10 +793,11 @@ fn recover_segment(
             return Err(corrupt(&path, SEGMENT_HEADER_BYTES as u64, "segment not the last holds no records"));
         }
         remove_file_durably(dir, &path)?;
-        return Ok(None);
+        return Ok((None, lost_tail));
     }
     let file = Arc::new(file);
-    Ok(Some(Segment { first_index, path, file, records: scan.records, bytes_len, written: 0, synced: 0 }))
+    let segment = Segment { first_index, path, file, records: scan.records, bytes_len, written: 0, synced: 0 };
+    Ok((Some(segment), lost_tail))
 }
 
 /// A last segment whose header is all zeros and which holds no valid record: its header never
@@ -770,24 +819,33 @@ fn read_segment_file(file: &File, path: &Path) -> Result<Vec<u8>, WalError> {
     Ok(bytes)
 }
 
-/// Whether damage found by `scan_records` is a torn tail, which recovery may cut off; if not, the
-/// `Corrupt` error to refuse to start with.
+/// Whether damage found by `scan_records` is a torn tail, which recovery may cut off (with the
+/// ambiguous tail it is, if it is one; see "Recovery"); if not, the `Corrupt` error to refuse to
+/// start with.
 fn check_torn_tail(
     bytes: &[u8],
     path: &Path,
     damage: &Damage,
     index_expected: u64,
     is_last: bool,
-) -> Result<(), WalError> {
+    synced_below: Option<u64>,
+) -> Result<Option<LostTail>, WalError> {
     let reason = if !is_last {
         format!("{} in a segment not the last", damage.reason)
     } else if damage.kind == DamageKind::WrongIndex {
         // The record is whole and its CRC holds: it was written as it is, not torn.
         damage.reason.clone()
     } else if let Some((offset, index)) = find_valid_record_after(bytes, damage.offset, index_expected) {
+        if synced_below.is_some_and(|below| index_expected >= below) {
+            let mut last_seen = (offset, index);
+            while let Some(next) = find_valid_record_after(bytes, last_seen.0, last_seen.1 + 1) {
+                last_seen = next;
+            }
+            return Ok(Some(LostTail { first: index_expected, last_seen: last_seen.1 }));
+        }
         format!("{}, yet a valid record of index {index} follows at offset {offset}", damage.reason)
     } else {
-        return Ok(());
+        return Ok(None);
     };
     Err(corrupt(path, damage.offset as u64, reason))
 }
@@ -1379,6 +1437,36 @@ mod tests {
                 assert_corrupt(error, &dir.path().join(&name), offset, "", &context);
             }
         }
+    }
+
+    /// Unsynced writes reach the disk in any order in a power loss: record 3 torn, 4 and 5 whole.
+    /// Below what is known synced that is damage at rest and refused; from there on it is cut off
+    /// as a torn tail, and reported with the last index seen after it.
+    #[test]
+    fn a_damaged_record_before_valid_ones_is_cut_off_only_beyond_what_was_synced() {
+        let (last, damaged) = (5, 3);
+        let golden = write_log(SEGMENT_BYTES_MAX, last);
+        let (name, offset, record_bytes) = locate(golden.path(), damaged);
+        let tear = |dir: &Path| {
+            edit_file(&dir.join(&name), |bytes| {
+                bytes[(offset + record_bytes / 2) as usize..(offset + record_bytes) as usize].fill(0)
+            })
+        };
+        let dir = copy_dir(golden.path());
+        tear(dir.path());
+        let error = Wal::open_recovering(dir.path(), SEGMENT_BYTES_MAX, Some(damaged + 1)).err();
+        assert_corrupt(error, &dir.path().join(&name), offset, "valid record of index 4", "synced");
+        let error = Wal::open_with(dir.path(), SEGMENT_BYTES_MAX).err();
+        assert_corrupt(error, &dir.path().join(&name), offset, "valid record of index 4", "strict");
+
+        let mut wal = Wal::open_recovering(dir.path(), SEGMENT_BYTES_MAX, Some(damaged)).unwrap();
+        assert_eq!(wal.lost_tail(), Some(LostTail { first: damaged, last_seen: last }));
+        assert_eq!(wal.read(0, u64::MAX).unwrap(), records_varied(1..=damaged - 1));
+        wal.append(damaged, &payload_varied(damaged)).unwrap();
+        wal.sync().unwrap();
+        let wal = Wal::open_with(dir.path(), SEGMENT_BYTES_MAX).unwrap();
+        assert_eq!(wal.lost_tail(), None);
+        assert_eq!(wal.read(0, u64::MAX).unwrap(), records_varied(1..=damaged));
     }
 
     fn assert_corrupt(error: Option<WalError>, path: &Path, offset: u64, reason_part: &str, context: &str) {
