@@ -422,7 +422,10 @@ async fn release_votes_when_caught_up(node: Arc<NodeHandle>) {
         if caught_up {
             node.votes.until.store(0, std::sync::atomic::Ordering::SeqCst);
             node.raft.runtime_config().elect(true);
-            tracing::info!(node = node.id(), "the log holds entries up to {until} again: this node votes again");
+            tracing::info!(
+                node = node.id(),
+                "the log holds entries up to {until} again: this node votes again"
+            );
             return;
         }
         if metrics.changed().await.is_err() {

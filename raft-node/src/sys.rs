@@ -45,6 +45,16 @@ pub fn disk_fault(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Tells the simulator that `path` was just written durably (a vote, the committed id, a purge
+/// marker: `wal::write_file_atomic`), so that it can crash the node at that moment. Nothing in
+/// production.
+pub fn wrote_durably(path: &Path) {
+    #[cfg(feature = "sim")]
+    sim::wrote_durably(path);
+    #[cfg(not(feature = "sim"))]
+    let _ = path;
+}
+
 /// Whether `path` is a directory.
 pub fn is_dir(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_dir())
@@ -93,6 +103,7 @@ pub mod sim {
     use rand::{RngCore, SeedableRng};
 
     thread_local! {
+        static DURABLE_WRITES: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
         static DISK_FAULTS: RefCell<Vec<(PathBuf, std::io::ErrorKind)>> = const { RefCell::new(Vec::new()) };
         static RNG: RefCell<Option<rand_chacha::ChaCha8Rng>> = const { RefCell::new(None) };
         static FSYNC: RefCell<(u64, u64)> = const { RefCell::new((0, 0)) };
@@ -131,15 +142,26 @@ pub mod sim {
     }
 
     pub(super) fn disk_fault(path: &Path) -> std::io::Result<()> {
-        let kind = DISK_FAULTS
-            .with(|faults| faults.borrow().iter().find(|(dir, _)| path.starts_with(dir)).map(|(_, kind)| *kind));
+        let kind = DISK_FAULTS.with(|faults| {
+            faults.borrow().iter().find(|(dir, _)| path.starts_with(dir)).map(|(_, kind)| *kind)
+        });
         match kind {
             None => Ok(()),
-            Some(std::io::ErrorKind::StorageFull) => {
-                Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device (simulated)"))
-            }
+            Some(std::io::ErrorKind::StorageFull) => Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "No space left on device (simulated)",
+            )),
             Some(kind) => Err(std::io::Error::new(kind, "Input/output error (simulated)")),
         }
+    }
+
+    pub(super) fn wrote_durably(path: &Path) {
+        DURABLE_WRITES.with(|writes| writes.borrow_mut().push(path.to_path_buf()));
+    }
+
+    /// The files written durably since the last call, in order.
+    pub fn take_durable_writes() -> Vec<PathBuf> {
+        DURABLE_WRITES.with(|writes| std::mem::take(&mut *writes.borrow_mut()))
     }
 
     /// Seeds the generator `random_u64` draws from (a node's incarnation, a cluster id).

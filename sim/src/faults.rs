@@ -46,15 +46,19 @@ pub enum Kind {
     PurgeCrash,
     /// A node's disk fails every write and sync (EIO) or is full (ENOSPC) for a while.
     Disk,
+    /// A node crashes right after it next writes a vote, its committed id or a purge marker
+    /// durably, while what those name may still be in flight to its disk.
+    WriteCrash,
 }
 
-const KINDS: [(&str, Kind); 6] = [
+const KINDS: [(&str, Kind); 7] = [
     ("crash", Kind::Crash),
     ("partition", Kind::Partition),
     ("peer-cut", Kind::PeerCut),
     ("clock", Kind::Clock),
     ("purge-crash", Kind::PurgeCrash),
     ("disk", Kind::Disk),
+    ("write-crash", Kind::WriteCrash),
 ];
 
 /// Which kinds of fault a run draws from (`--faults`).
@@ -62,7 +66,8 @@ const KINDS: [(&str, Kind); 6] = [
 pub struct Faults(BTreeSet<Kind>);
 
 impl Faults {
-    pub const NAMES: &'static str = "crash, partition, peer-cut, clock, purge-crash, disk (or all, none)";
+    pub const NAMES: &'static str =
+        "crash, partition, peer-cut, clock, purge-crash, disk, write-crash (or all, none)";
 
     pub fn all() -> Faults {
         Faults(KINDS.iter().map(|(_, kind)| *kind).collect())
@@ -110,18 +115,26 @@ enum Action {
     Skew(u64, i64),
     /// Node `.0`'s links heal, and it crashes at its next log purge.
     HealThenCrashAtPurge(u64),
-    /// Ends `HealThenCrashAtPurge`: boots the node if it crashed.
+    /// Node `.0` crashes right after its next durable write of a vote, committed id or marker.
+    CrashAtWrite(u64),
+    /// Ends `HealThenCrashAtPurge` or `CrashAtWrite`: boots the node if it crashed.
     Disarm(u64),
     /// Node `.0`'s disk fails with `.1`, or works again.
     Disk(u64, Option<ErrorKind>),
 }
 
-/// A purge crash waiting for its node's next purge.
+/// A crash waiting for its moment.
 struct Armed {
     node: u64,
-    /// The node's purged index when armed; `None` until read.
-    purged: Option<Option<u64>>,
+    trigger: Trigger,
     crashed: bool,
+}
+
+enum Trigger {
+    /// The node's next log purge: its purged index as it was when armed (`None` until read).
+    Purge(Option<Option<u64>>),
+    /// The node's next durable write of a small file (`raft_node::sys::wrote_durably`).
+    DurableWrite,
 }
 
 /// The faults of one run, in the order they happen.
@@ -160,6 +173,7 @@ impl Schedule {
                     (until, Action::HealThenCrashAtPurge(node)),
                     ((until + PURGE_CRASH_ARMED).min(end), Action::Disarm(node)),
                 ],
+                Kind::WriteCrash => vec![(at, Action::CrashAtWrite(node)), (until, Action::Disarm(node))],
                 Kind::Disk => {
                     let kind = if rng.random_bool(0.5) { ErrorKind::Other } else { ErrorKind::StorageFull };
                     vec![(at, Action::Disk(node, Some(kind))), (until, Action::Disk(node, None))]
@@ -182,7 +196,7 @@ impl Schedule {
             self.next += 1;
             self.apply(action, sim, world, at);
         }
-        self.crash_at_purge(at, sim, world);
+        self.crash_when_due(at, sim, world);
         let restart: Vec<u64> = world
             .stopped
             .lock()
@@ -198,19 +212,36 @@ impl Schedule {
         }
     }
 
-    fn crash_at_purge(&mut self, at: Duration, sim: &mut turmoil::Sim<'_>, world: &World) {
+    /// Crashes an armed node whose moment came in the last step.
+    fn crash_when_due(&mut self, at: Duration, sim: &mut turmoil::Sim<'_>, world: &World) {
+        let written = raft_node::sys::sim::take_durable_writes();
         let Some(armed) = self.armed.as_mut().filter(|armed| !armed.crashed) else { return };
         let Some(node) = world.node(armed.node) else { return };
-        let purged = node.raft.metrics().borrow_watched().purged.map(|id| id.index);
-        match armed.purged {
-            None => armed.purged = Some(purged),
-            Some(before) if before != purged => {
-                armed.crashed = true;
-                world.record(at, format_args!("fault: Crash({}) at its purge to {purged:?}", armed.node));
-                drop(node);
-                sim.crash(host_name(armed.node));
+        let moment = match &mut armed.trigger {
+            Trigger::Purge(before) => {
+                let purged = node.raft.metrics().borrow_watched().purged.map(|id| id.index);
+                match *before {
+                    None => {
+                        *before = Some(purged);
+                        None
+                    }
+                    Some(before) if before != purged => Some(format!("at its purge to {purged:?}")),
+                    Some(_) => None,
+                }
             }
-            Some(_) => {}
+            Trigger::DurableWrite => {
+                let dir = data_dir(armed.node);
+                written
+                    .iter()
+                    .find(|path| path.starts_with(&dir))
+                    .map(|path| format!("after writing {}", path.display()))
+            }
+        };
+        drop(node);
+        if let Some(moment) = moment {
+            armed.crashed = true;
+            world.record(at, format_args!("fault: Crash({}) {moment}", armed.node));
+            sim.crash(host_name(armed.node));
         }
     }
 
@@ -246,7 +277,11 @@ impl Schedule {
             }
             Action::HealThenCrashAtPurge(node) => {
                 self.apply(Action::Heal(node, true), sim, world, at);
-                self.armed = Some(Armed { node, purged: None, crashed: false });
+                self.armed = Some(Armed { node, trigger: Trigger::Purge(None), crashed: false });
+            }
+            Action::CrashAtWrite(node) => {
+                self.applied += 1;
+                self.armed = Some(Armed { node, trigger: Trigger::DurableWrite, crashed: false });
             }
             Action::Disarm(node) => {
                 if self.armed.take().is_some_and(|armed| armed.crashed) {

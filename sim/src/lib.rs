@@ -175,14 +175,15 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
     world.stopped.lock().unwrap().remove(&id);
     world.record(now(), format_args!("n{id} boots ({boot})"));
     let seed = world.options.seed ^ (id << 40) ^ (boot << 20);
-    let stopped = openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
-        seed,
-        serve(world.clone(), id),
-    )
-    .await;
+    let stopped =
+        openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
+            seed,
+            serve(world.clone(), id),
+        )
+        .await;
     world.nodes.lock().unwrap().remove(&id);
     if stopped.contains("(simulated)") {
-        world.record(now(), format_args!("n{id} stops: {stopped}"));
+        world.record(now(), format_args!("n{id} {stopped}"));
         world.stopped.lock().unwrap().insert(id, now());
         return Ok(());
     }

@@ -135,22 +135,48 @@ fn run_one(args: &Args, seed: u64) -> bool {
         verbose: args.verbose,
     };
     let started = std::time::Instant::now();
-    let outcome = tally_sim::run(&options);
+    // A node that panics brings the simulation down (its runtime shuts down on an unhandled
+    // panic): a failure of the seed, named by the first panic's message and place.
+    let first_panic = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    {
+        let first_panic = first_panic.clone();
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let mut first = first_panic.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if first.is_none() {
+                let message = info
+                    .payload()
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                let place =
+                    info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                *first = Some(format!("{}{place}", message.replace('\n', " ")));
+                drop(first);
+                report(info);
+            }
+        }));
+    }
+    let ran = std::panic::catch_unwind(|| tally_sim::run(&options));
     let took = started.elapsed().as_secs_f64();
-    match &outcome.failure {
-        None => println!(
+    let failure = match &ran {
+        Ok(outcome) => outcome.failure.clone(),
+        Err(_) => {
+            let panic = first_panic.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+            Some(format!("a node panicked: {}", panic.unwrap_or_default()))
+        }
+    };
+    match (&failure, &ran) {
+        (None, Ok(outcome)) => println!(
             "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, {} snapshots or purges, trace {})",
             outcome.acknowledged, outcome.faults, outcome.snapshots, outcome.trace_hash
         ),
-        Some(failure) => {
-            println!("seed {seed}: FAILED in {took:.1}s: {failure}");
+        (failure, _) => {
+            println!("seed {seed}: FAILED in {took:.1}s: {}", failure.as_deref().unwrap_or_default());
             println!("  replay: {}", replay(args, seed));
         }
     }
-    println!(
-        "{} passed, {} failed",
-        u64::from(outcome.failure.is_none()),
-        u64::from(outcome.failure.is_some())
-    );
-    outcome.failure.is_none()
+    println!("{} passed, {} failed", u64::from(failure.is_none()), u64::from(failure.is_some()));
+    failure.is_none()
 }

@@ -652,8 +652,11 @@ pub fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()>
     tmp.write_all(bytes)?;
     tmp.sync_all()?;
     drop(tmp);
-    fs::rename(&tmp_path, dir.join(name))?;
-    sync_dir(dir)
+    let path = dir.join(name);
+    fs::rename(&tmp_path, &path)?;
+    sync_dir(dir)?;
+    crate::sys::wrote_durably(&path);
+    Ok(())
 }
 
 /// The injected bug of `vote-not-durable`: `write_file_atomic` without its fsyncs, so that a
@@ -796,7 +799,8 @@ fn recover_segment(
         return Ok((None, lost_tail));
     }
     let file = Arc::new(file);
-    let segment = Segment { first_index, path, file, records: scan.records, bytes_len, written: 0, synced: 0 };
+    let segment =
+        Segment { first_index, path, file, records: scan.records, bytes_len, written: 0, synced: 0 };
     Ok((Some(segment), lost_tail))
 }
 
