@@ -44,6 +44,20 @@ impl Invariants {
                 let metrics = node.raft.metrics();
                 let metrics = metrics.borrow_watched();
                 let snapshot = (metrics.snapshot.map(|id| id.index), metrics.purged.map(|id| id.index));
+                // A node that joined is a voter once any node's membership says so.
+                let mut membership = world.membership.lock().unwrap();
+                let joined: Vec<u64> = membership
+                    .joining
+                    .iter()
+                    .copied()
+                    .filter(|joining| {
+                        metrics.membership_config.membership().voter_ids().any(|v| v == *joining)
+                    })
+                    .collect();
+                for joined in joined {
+                    membership.joining.remove(&joined);
+                    world.record(at, format_args!("n{joined} is a voter"));
+                }
                 (metrics.state, metrics.current_term, metrics.local_committed, snapshot)
             };
             if self.snapshots.get(&id).is_some_and(|seen| *seen != snapshot) {
@@ -119,7 +133,8 @@ impl Invariants {
 pub fn converged(world: &World) -> Result<String, String> {
     let mut states = BTreeMap::new();
     let mut committed = None;
-    for id in world.ids() {
+    let voters = world.membership.lock().unwrap().voters.clone();
+    for id in voters {
         let node = world.node(id).ok_or(format!("node {id} is down"))?;
         let published = node.state.published();
         let metrics = node.raft.metrics();

@@ -49,9 +49,13 @@ pub enum Kind {
     /// A node crashes right after it next writes a vote, its committed id or a purge marker
     /// durably, while what those name may still be in flight to its disk.
     WriteCrash,
+    /// The operator replaces a voter: the spare host starts on an empty disk and joins (`join`),
+    /// then a voter is removed (`tally cluster remove`), taken down, and its disk wiped; it is
+    /// the spare from then on.
+    Membership,
 }
 
-const KINDS: [(&str, Kind); 7] = [
+const KINDS: [(&str, Kind); 8] = [
     ("crash", Kind::Crash),
     ("partition", Kind::Partition),
     ("peer-cut", Kind::PeerCut),
@@ -59,6 +63,7 @@ const KINDS: [(&str, Kind); 7] = [
     ("purge-crash", Kind::PurgeCrash),
     ("disk", Kind::Disk),
     ("write-crash", Kind::WriteCrash),
+    ("membership", Kind::Membership),
 ];
 
 /// Which kinds of fault a run draws from (`--faults`).
@@ -67,7 +72,7 @@ pub struct Faults(BTreeSet<Kind>);
 
 impl Faults {
     pub const NAMES: &'static str =
-        "crash, partition, peer-cut, clock, purge-crash, disk, write-crash (or all, none)";
+        "crash, partition, peer-cut, clock, purge-crash, disk, write-crash, membership (or all, none)";
 
     pub fn all() -> Faults {
         Faults(KINDS.iter().map(|(_, kind)| *kind).collect())
@@ -121,6 +126,10 @@ enum Action {
     Disarm(u64),
     /// Node `.0`'s disk fails with `.1`, or works again.
     Disk(u64, Option<ErrorKind>),
+    /// The spare host starts on an empty disk and joins.
+    Join,
+    /// The operator removes a voter other than one still joining: the `.0`th (modulo their number).
+    Remove(usize),
 }
 
 /// A crash waiting for its moment.
@@ -141,7 +150,8 @@ enum Trigger {
 pub struct Schedule {
     events: Vec<(Duration, Action)>,
     next: usize,
-    nodes: u64,
+    /// Every host: the voters the run starts with and the spare.
+    hosts: u64,
     armed: Option<Armed>,
     /// Faults begun so far.
     pub applied: u64,
@@ -154,9 +164,11 @@ impl Schedule {
         let end = options.sim_time.saturating_sub(HEAL_BEFORE_END);
         let mut events = Vec::new();
         let mut at = Duration::from_secs(3);
+        // With membership changes any host may be a voter, the spare too.
+        let hosts = options.nodes + u64::from(options.faults.has(Kind::Membership));
         while !kinds.is_empty() && at < end {
             let kind = kinds[rng.random_range(0..kinds.len())];
-            let node = rng.random_range(1..=options.nodes);
+            let node = rng.random_range(1..=hosts);
             let lasts = Duration::from_millis(rng.random_range(200..6_000));
             let until = (at + lasts).min(end);
             let fault = match kind {
@@ -174,6 +186,7 @@ impl Schedule {
                     ((until + PURGE_CRASH_ARMED).min(end), Action::Disarm(node)),
                 ],
                 Kind::WriteCrash => vec![(at, Action::CrashAtWrite(node)), (until, Action::Disarm(node))],
+                Kind::Membership => vec![(at, Action::Join), (until, Action::Remove(rng.random_range(0..8)))],
                 Kind::Disk => {
                     let kind = if rng.random_bool(0.5) { ErrorKind::Other } else { ErrorKind::StorageFull };
                     vec![(at, Action::Disk(node, Some(kind))), (until, Action::Disk(node, None))]
@@ -183,7 +196,7 @@ impl Schedule {
             events.extend(fault);
             at = until + Duration::from_millis(rng.random_range(100..4_000));
         }
-        Schedule { events, next: 0, nodes: options.nodes, armed: None, applied: 0 }
+        Schedule { events, next: 0, hosts: options.nodes + 1, armed: None, applied: 0 }
     }
 
     /// Applies every event due by `at`, a purge crash whose purge came, and the restart of a
@@ -197,6 +210,18 @@ impl Schedule {
             self.apply(action, sim, world, at);
         }
         self.crash_when_due(at, sim, world);
+        let removed = std::mem::take(&mut world.membership.lock().unwrap().removed);
+        for node in removed {
+            // Taken down, its disk to be wiped: the spare from now on.
+            world.record(at, format_args!("n{node} removed: taken down, its disk to be wiped"));
+            {
+                let mut membership = world.membership.lock().unwrap();
+                membership.voters.remove(&node);
+                membership.spare = Some(node);
+                membership.wipe.insert(node);
+            }
+            sim.crash(host_name(node));
+        }
         let restart: Vec<u64> = world
             .stopped
             .lock()
@@ -246,7 +271,7 @@ impl Schedule {
     }
 
     fn apply(&mut self, action: Action, sim: &mut turmoil::Sim<'_>, world: &World, at: Duration) {
-        let others = |node: u64| (1..=self.nodes).filter(move |other| *other != node).map(host_name);
+        let others = |node: u64| (1..=self.hosts).filter(move |other| *other != node).map(host_name);
         world.record(at, format_args!("fault: {action:?}"));
         match action {
             Action::Crash(node) => {
@@ -288,6 +313,40 @@ impl Schedule {
                     sim.bounce(host_name(node));
                 }
             }
+            Action::Join => {
+                let spare = {
+                    let mut membership = world.membership.lock().unwrap();
+                    let spare = membership.spare.take();
+                    if let Some(spare) = spare {
+                        membership.joining.insert(spare);
+                        membership.voters.insert(spare);
+                    }
+                    spare
+                };
+                match spare {
+                    Some(spare) => {
+                        self.applied += 1;
+                        sim.bounce(host_name(spare));
+                    }
+                    None => world.record(at, format_args!("no spare host: the last removal is not done")),
+                }
+            }
+            Action::Remove(pick) => {
+                let candidates: Vec<u64> = {
+                    let membership = world.membership.lock().unwrap();
+                    membership
+                        .voters
+                        .iter()
+                        .copied()
+                        .filter(|voter| !membership.joining.contains(voter))
+                        .collect()
+                };
+                if membership_changes_allowed(&candidates) {
+                    let victim = candidates[pick % candidates.len()];
+                    world.record(at, format_args!("operator removes n{victim}"));
+                    let _ = world.removals.send(victim);
+                }
+            }
             Action::Disk(node, kind) => {
                 if kind.is_some() {
                     self.applied += 1;
@@ -296,4 +355,9 @@ impl Schedule {
             }
         }
     }
+}
+
+/// A removal leaves at least three voters that are not still joining.
+fn membership_changes_allowed(candidates: &[u64]) -> bool {
+    candidates.len() > 3
 }

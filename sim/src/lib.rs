@@ -91,6 +91,25 @@ pub struct World {
     pub skews: Mutex<BTreeMap<u64, i64>>,
     /// Nodes that stopped on a failed disk, and when: a supervisor restarts them.
     pub stopped: Mutex<BTreeMap<u64, Duration>>,
+    /// Membership, as the operator (the simulator) changed it.
+    pub membership: Mutex<Membership>,
+    /// To the operator on the client host: remove this voter (`tally cluster remove`).
+    pub removals: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+/// The voters as the operator changed them, and the spare host: a node's host kept down, with a
+/// wiped disk, until the operator brings it in (`faults::Kind::Membership`).
+#[derive(Debug, Default)]
+pub struct Membership {
+    pub voters: std::collections::BTreeSet<u64>,
+    /// The host kept down until it joins, if one is.
+    pub spare: Option<u64>,
+    /// Hosts whose disk is wiped at their next boot.
+    pub wipe: std::collections::BTreeSet<u64>,
+    /// Hosts that start with `join` (through a voter) until they are seen as voters.
+    pub joining: std::collections::BTreeSet<u64>,
+    /// Voters the operator has removed, not yet taken down.
+    pub removed: Vec<u64>,
 }
 
 impl World {
@@ -99,8 +118,9 @@ impl World {
         self.nodes.lock().unwrap().get(&id).and_then(Weak::upgrade)
     }
 
+    /// Every host's node id: the voters the run starts with, and one spare.
     pub fn ids(&self) -> impl Iterator<Item = u64> + use<> {
-        1..=self.options.nodes
+        1..=self.options.nodes + 1
     }
 
     /// Records `event` in the trace at simulated time `at`.
@@ -139,8 +159,9 @@ pub(crate) fn data_dir(id: u64) -> PathBuf {
     PathBuf::from(format!("/tally/n{id}"))
 }
 
-/// The node's configuration, as an operator would write it (`tally serve --config`).
-fn node_config(id: u64, nodes: u64, seed: u64) -> raft_node::node::NodeConfig {
+/// The node's configuration, as an operator would write it (`tally serve --config`). Node 1
+/// bootstraps the first voters; a node brought in later joins through `join`.
+fn node_config(id: u64, nodes: u64, seed: u64, join: Option<u64>) -> raft_node::node::NodeConfig {
     let mut text = format!(
         "id = {id}\nsite = \"site{id}\"\nlisten = \"0.0.0.0:{CLIENT_PORT}\"\nadvertise = \"n{id}:{CLIENT_PORT}\"\n\
          peer_listen = \"0.0.0.0:{PEER_PORT}\"\npeer_advertise = \"n{id}:{PEER_PORT}\"\ninsecure = true\n\
@@ -153,7 +174,9 @@ fn node_config(id: u64, nodes: u64, seed: u64) -> raft_node::node::NodeConfig {
         snapshot_entries = 300 + seed % 700,
         log_keep = seed % 200,
     );
-    if id == 1 {
+    if let Some(member) = join {
+        text.push_str(&format!("join = \"n{member}:{CLIENT_PORT}\"\n"));
+    } else if id == 1 {
         text.push_str("bootstrap = true\n");
         for peer in 2..=nodes {
             text.push_str(&format!(
@@ -168,17 +191,42 @@ fn node_config(id: u64, nodes: u64, seed: u64) -> raft_node::node::NodeConfig {
 /// (simulated) disk failed ends its host's software, as `tally serve` exits; any other stop, or
 /// a start refused, fails the run.
 async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
+    if world.membership.lock().unwrap().spare == Some(id) {
+        // Down until the operator brings it in.
+        return Ok(());
+    }
     let boot = world.boots[&id].fetch_add(1, Ordering::Relaxed);
     let store = world.store_root.join(format!("n{id}-boot{boot}"));
     std::fs::create_dir_all(&store)?;
     raft_node::sys::sim::set_store_root(&data_dir(id), store);
     world.stopped.lock().unwrap().remove(&id);
     world.record(now(), format_args!("n{id} boots ({boot})"));
+    let (wiped, join) = {
+        let mut membership = world.membership.lock().unwrap();
+        let through = membership
+            .voters
+            .iter()
+            .copied()
+            .find(|voter| *voter != id && !membership.joining.contains(voter));
+        (membership.wipe.remove(&id), membership.joining.contains(&id).then_some(through))
+    };
+    if wiped {
+        wipe(&data_dir(id))?;
+        world.record(now(), format_args!("n{id} starts on an empty disk"));
+    }
+    let join = match join {
+        Some(Some(member)) => {
+            world.record(now(), format_args!("n{id} joins through n{member}"));
+            Some(member)
+        }
+        Some(None) => return Err(format!("node {id} has no voter to join through").into()),
+        None => None,
+    };
     let seed = world.options.seed ^ (id << 40) ^ (boot << 20);
     let stopped =
         openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
             seed,
-            serve(world.clone(), id),
+            serve(world.clone(), id, join),
         )
         .await;
     world.nodes.lock().unwrap().remove(&id);
@@ -190,9 +238,28 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
     Err(format!("node {id} {stopped}").into())
 }
 
+/// Empties a simulated node's data directory, durably: a disk replaced.
+fn wipe(dir: &Path) -> std::io::Result<()> {
+    use raft_node::sys::fs;
+    if !raft_node::sys::is_dir(dir) {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if raft_node::sys::is_dir(&path) {
+            wipe(&path)?;
+            fs::remove_dir(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    raft_node::sys::sync_dir(dir)
+}
+
 /// Starts node `id` and serves until it stops; why it stopped.
-async fn serve(world: Arc<World>, id: u64) -> String {
-    let node = match raft_node::node::start(node_config(id, world.options.nodes, world.options.seed)).await {
+async fn serve(world: Arc<World>, id: u64, join: Option<u64>) -> String {
+    let config = node_config(id, world.options.nodes, world.options.seed, join);
+    let node = match raft_node::node::start(config).await {
         Ok(node) => node,
         Err(error) => return format!("cannot start: {error}"),
     };
@@ -234,15 +301,22 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
     // A disk drawn from the seed: fast, ordinary or slow to fsync.
     let fsync_us_max = [1_000, 5_000, 20_000][(options.seed % 3) as usize];
     raft_node::sys::sim::set_fsync_us(100, fsync_us_max);
+    let (removals, to_remove) = tokio::sync::mpsc::unbounded_channel();
     let world = Arc::new(World {
         options: options.clone(),
         store_root: store_root.to_path_buf(),
-        boots: (1..=options.nodes).map(|id| (id, AtomicU64::new(0))).collect(),
+        boots: (1..=options.nodes + 1).map(|id| (id, AtomicU64::new(0))).collect(),
         nodes: Mutex::new(BTreeMap::new()),
         trace: Mutex::new(Trace::default()),
         acknowledged: AtomicU64::new(0),
         skews: Mutex::new(BTreeMap::new()),
         stopped: Mutex::new(BTreeMap::new()),
+        membership: Mutex::new(Membership {
+            voters: (1..=options.nodes).collect(),
+            spare: Some(options.nodes + 1),
+            ..Membership::default()
+        }),
+        removals,
     });
     let mut builder = turmoil::Builder::new();
     builder
@@ -267,6 +341,7 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
     {
         let (world, results) = (world.clone(), results.clone());
         sim.client("client", async move {
+            tokio::spawn(workload::operator(world.clone(), to_remove));
             let checked = workload::run(world).await;
             *results.lock().unwrap() = Some(checked);
             Ok(())

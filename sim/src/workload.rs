@@ -10,10 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use raft_node::convert::{u128_from, u128_to};
@@ -72,11 +70,43 @@ pub async fn run(world: Arc<World>) -> Result<(), String> {
     audit(&world, &nodes, &book, &mut rng).await
 }
 
-fn client(id: u64) -> LedgerClient<Channel> {
+fn channel(id: u64) -> Channel {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://n{id}:{CLIENT_PORT}"))
         .expect("a valid address")
         .connect_timeout(Duration::from_millis(500));
-    LedgerClient::new(endpoint.connect_with_connector_lazy(Dialer))
+    endpoint.connect_with_connector_lazy(raft_node::security::doors::PlainDialer)
+}
+
+fn client(id: u64) -> LedgerClient<Channel> {
+    LedgerClient::new(channel(id))
+}
+
+/// The operator: removes the voters the simulator names (`tally cluster remove`), through any
+/// voter, again until it is done (the site rule refuses while a joining node is not yet a voter),
+/// and tells the simulator, which takes the node down.
+pub async fn operator(world: Arc<World>, mut removals: tokio::sync::mpsc::UnboundedReceiver<u64>) {
+    let mut through = 0usize;
+    while let Some(victim) = removals.recv().await {
+        loop {
+            let voters: Vec<u64> = world.membership.lock().unwrap().voters.iter().copied().collect();
+            through = (through + 1) % voters.len();
+            let mut cluster = pb::cluster_client::ClusterClient::new(channel(voters[through]));
+            let request = pb::RemoveNodeRequest { id: victim, force: false };
+            match tokio::time::timeout(REQUEST_TIMEOUT * 5, cluster.remove_node(request)).await {
+                Ok(Ok(_)) => {
+                    world.record(now(), format_args!("n{victim} is no longer a member"));
+                    world.membership.lock().unwrap().removed.push(victim);
+                    break;
+                }
+                Ok(Err(status)) => world.record(
+                    now(),
+                    format_args!("removing n{victim}: {:?} {}", status.code(), status.message()),
+                ),
+                Err(_) => world.record(now(), format_args!("removing n{victim}: timeout")),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }
 
 async fn create_accounts(
@@ -330,28 +360,4 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!("the final reads found no node answering: {last}"))
-}
-
-/// Dials a node's client door over the simulated network.
-#[derive(Clone)]
-struct Dialer;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<http::Uri> for Dialer {
-    type Response = hyper_util::rt::TokioIo<turmoil::net::TcpStream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        Box::pin(async move {
-            let host = uri.host().ok_or("no host")?.to_string();
-            let port = uri.port_u16().ok_or("no port")?;
-            Ok(hyper_util::rt::TokioIo::new(turmoil::net::TcpStream::connect((host.as_str(), port)).await?))
-        })
-    }
 }
