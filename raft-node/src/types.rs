@@ -10,19 +10,14 @@ use std::fmt;
 use ledger::{Account, Batch, BatchReply, CreateAccountResult, CreateTransferResult, EventResult};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// openraft's runtime: tokio. Under simulation, openraft's randomness (election timeouts, tick
+/// phases) comes from a seed the simulator sets for each simulated host (`DeterministicRng::scope`),
+/// not from the OS.
 #[cfg(not(feature = "sim"))]
-openraft::declare_raft_types!(
-    /// tally's Raft types: u64 node ids, `NodeInfo` nodes, `Request` entries.
-    pub TypeConfig:
-        D = Request,
-        R = Response,
-        NodeId = u64,
-        Node = NodeInfo,
-);
-
-// Under simulation, openraft's randomness (election timeouts, tick phases) comes from a seed the
-// simulator sets for each simulated host (`DeterministicRng::scope`), not from the OS.
+type Runtime = openraft::impls::TokioRuntime;
 #[cfg(feature = "sim")]
+type Runtime = openraft::rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>;
+
 openraft::declare_raft_types!(
     /// tally's Raft types: u64 node ids, `NodeInfo` nodes, `Request` entries.
     pub TypeConfig:
@@ -30,7 +25,7 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = u64,
         Node = NodeInfo,
-        AsyncRuntime = openraft::rt::deterministic_rng::DeterministicRng<openraft_rt_tokio::TokioRuntime>,
+        AsyncRuntime = Runtime,
 );
 
 pub type NodeId = u64;
