@@ -44,19 +44,14 @@ impl Invariants {
                 let metrics = node.raft.metrics();
                 let metrics = metrics.borrow_watched();
                 let snapshot = (metrics.snapshot.map(|id| id.index), metrics.purged.map(|id| id.index));
-                // A node that joined is a voter once any node's membership says so.
+                // A node that joined is a voter once its own membership says so: another node's
+                // may still be one from before it was removed.
                 let mut membership = world.membership.lock().unwrap();
-                let joined: Vec<u64> = membership
-                    .joining
-                    .iter()
-                    .copied()
-                    .filter(|joining| {
-                        metrics.membership_config.membership().voter_ids().any(|v| v == *joining)
-                    })
-                    .collect();
-                for joined in joined {
-                    membership.joining.remove(&joined);
-                    world.record(at, format_args!("n{joined} is a voter"));
+                if membership.joining.contains(&id)
+                    && metrics.membership_config.membership().voter_ids().any(|voter| voter == id)
+                {
+                    membership.joining.remove(&id);
+                    world.record(at, format_args!("n{id} is a voter"));
                 }
                 (metrics.state, metrics.current_term, metrics.local_committed, snapshot)
             };
