@@ -96,8 +96,10 @@ impl LogStore {
         let last_purged: Option<LogId> = read_decoded(dir, PURGED_FILE)?;
         let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;
         // Entries up to the committed file's were synced when it was written (`persist_committed`):
-        // damage there is damage at rest, never a torn write. (WAL index = Raft index + 1.)
-        let synced_below = committed.max(last_purged).map_or(0, |id| id.index + 2);
+        // damage there is damage at rest, never a torn write. (WAL index = Raft index + 1.) Not
+        // the purge marker's: a leader may commit, apply and snapshot entries its own disk has
+        // not synced yet.
+        let synced_below = committed.map_or(0, |id| id.index + 2);
         let mut wal =
             Wal::open_recovering(dir, segment_bytes_max, Some(synced_below)).map_err(|e| match e {
                 // Not damage: the data is whole, only this build cannot read it.
