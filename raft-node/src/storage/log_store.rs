@@ -98,16 +98,14 @@ impl LogStore {
         // Entries up to the committed file's were synced when it was written (`persist_committed`):
         // damage there is damage at rest, never a torn write. (WAL index = Raft index + 1.) Not
         // the purge marker's: a leader may commit, apply and snapshot entries its own disk has
-        // not synced yet.
-        let synced_below = committed.map_or(0, |id| id.index + 2);
-        let mut wal =
-            Wal::open_recovering(dir, segment_bytes_max, Some(synced_below)).map_err(|e| match e {
-                // Not damage: the data is whole, only this build cannot read it.
-                wal::WalError::OtherVersion { .. } => {
-                    io::Error::new(io::ErrorKind::Unsupported, e.to_string())
-                }
-                e => io_error(e),
-            })?;
+        // not synced yet. Without a committed file nothing proves what was synced, and an
+        // ambiguous tail is refused as before.
+        let synced_below = committed.map(|id| id.index + 2);
+        let mut wal = Wal::open_recovering(dir, segment_bytes_max, synced_below).map_err(|e| match e {
+            // Not damage: the data is whole, only this build cannot read it.
+            wal::WalError::OtherVersion { .. } => io::Error::new(io::ErrorKind::Unsupported, e.to_string()),
+            e => io_error(e),
+        })?;
         let vote: Option<Vote> = read_decoded(dir, VOTE_FILE)?;
         if let Some(vote) = &vote {
             crate::net::bounds::check_vote(vote).map_err(|e| {
