@@ -293,14 +293,7 @@ async fn read(
                     now().as_secs_f64()
                 ));
             };
-            let read = Sent {
-                debit: u128_from(transfer.debit_account_id.as_ref()) as u64,
-                credit: u128_from(transfer.credit_account_id.as_ref()) as u64,
-                amount: u128_from(transfer.amount.as_ref()) as u64,
-            };
-            if read != *sent {
-                return Err(format!("transfer {id:x} reads {read:?}, but {sent:?} was sent"));
-            }
+            check_as_sent(*id, transfer, sent)?;
         }
         if found.contains_key(&never_sent) {
             return Err(format!("a read found transfer {never_sent:x}, which was never sent"));
@@ -374,14 +367,7 @@ async fn audit(
     for (id, sent) in &book.sent {
         match found.get(id) {
             Some(transfer) => {
-                let read = Sent {
-                    debit: u128_from(transfer.debit_account_id.as_ref()) as u64,
-                    credit: u128_from(transfer.credit_account_id.as_ref()) as u64,
-                    amount: u128_from(transfer.amount.as_ref()) as u64,
-                };
-                if read != *sent {
-                    return Err(format!("transfer {id:x} reads {read:?}, but {sent:?} was sent"));
-                }
+                check_as_sent(*id, transfer, sent)?;
                 check_timestamp(*id, transfer.timestamp, book)?;
             }
             None if book.acknowledged.contains_key(id) => {
@@ -434,6 +420,19 @@ async fn audit(
             found.len()
         ),
     );
+    Ok(())
+}
+
+/// A transfer read back holds the accounts and amount it was sent with.
+fn check_as_sent(id: u128, transfer: &pb::Transfer, sent: &Sent) -> Result<(), String> {
+    let read = Sent {
+        debit: u128_from(transfer.debit_account_id.as_ref()) as u64,
+        credit: u128_from(transfer.credit_account_id.as_ref()) as u64,
+        amount: u128_from(transfer.amount.as_ref()) as u64,
+    };
+    if read != *sent {
+        return Err(format!("transfer {id:x} reads {read:?}, but {sent:?} was sent"));
+    }
     Ok(())
 }
 
