@@ -33,6 +33,23 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     return turmoil::fs::shim::std::fs::sync_dir(dir);
 }
 
+/// fdatasyncs the open file `path`. A file deleted since it was opened (a purged log segment)
+/// syncs as on Linux, where its descriptor still names it: turmoil knows files by path and fails
+/// the sync of one no longer there ("No such file or directory", as an `Other` error), which the
+/// simulator takes for the success Linux gives.
+pub fn sync_data(file: &fs::File, path: &Path) -> io::Result<()> {
+    #[cfg(not(feature = "sim"))]
+    {
+        let _ = path;
+        file.sync_data()
+    }
+    #[cfg(feature = "sim")]
+    match file.sync_data() {
+        Err(_) if !fs::exists(path) => Ok(()),
+        other => other,
+    }
+}
+
 /// A fault the simulator put on the disk holding `path`: an error for each write and sync there
 /// while it lasts (EIO, ENOSPC). Never one in production, where the disk reports its own.
 pub fn disk_fault(path: &Path) -> io::Result<()> {
@@ -53,6 +70,17 @@ pub fn wrote_durably(path: &Path) {
     sim::wrote_durably(path);
     #[cfg(not(feature = "sim"))]
     let _ = path;
+}
+
+/// How often a node writes its committed log id (`storage::log_store`): `production` in
+/// production; under simulation, what the seed chose (as often as every sync), so that a crash
+/// finds the file at the moments where writing it could go wrong.
+pub fn committed_persist_interval(production: std::time::Duration) -> std::time::Duration {
+    #[cfg(feature = "sim")]
+    if let Some(interval) = sim::committed_persist_interval() {
+        return interval;
+    }
+    production
 }
 
 /// Whether `path` is a directory.
@@ -106,8 +134,19 @@ pub mod sim {
         static DURABLE_WRITES: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
         static DISK_FAULTS: RefCell<Vec<(PathBuf, std::io::ErrorKind)>> = const { RefCell::new(Vec::new()) };
         static RNG: RefCell<Option<rand_chacha::ChaCha8Rng>> = const { RefCell::new(None) };
-        static FSYNC: RefCell<(u64, u64)> = const { RefCell::new((0, 0)) };
+        static FSYNC: RefCell<Vec<(PathBuf, (u64, u64))>> = const { RefCell::new(Vec::new()) };
         static STORE_ROOTS: RefCell<Vec<(PathBuf, PathBuf)>> = const { RefCell::new(Vec::new()) };
+        static COMMITTED_PERSIST_INTERVAL: RefCell<Option<Duration>> = const { RefCell::new(None) };
+    }
+
+    /// Makes every node write its committed log id at most every `interval` (zero: after every
+    /// sync) instead of production's interval.
+    pub fn set_committed_persist_interval(interval: Duration) {
+        COMMITTED_PERSIST_INTERVAL.with(|cell| *cell.borrow_mut() = Some(interval));
+    }
+
+    pub(super) fn committed_persist_interval() -> Option<Duration> {
+        COMMITTED_PERSIST_INTERVAL.with(|cell| *cell.borrow())
     }
 
     /// Puts the state store of the node whose data directory is `data_dir` in the real directory
@@ -173,22 +212,29 @@ pub mod sim {
         RNG.with(|rng| rng.borrow_mut().as_mut().map(|rng| rng.next_u64()))
     }
 
-    /// How long a simulated fsync of the log takes, in microseconds, from `min` to `max` (drawn
-    /// from the seeded generator). Appends made meanwhile are not covered by it.
-    pub fn set_fsync_us(min: u64, max: u64) {
-        FSYNC.with(|fsync| *fsync.borrow_mut() = (min, max.max(min)));
+    /// How long a simulated fsync under `data_dir` takes, in microseconds, from `min` to `max`
+    /// (drawn from the seeded generator): each node's disk its own, as sites' disks differ.
+    /// Appends made meanwhile are not covered by it.
+    pub fn set_fsync_us(data_dir: &Path, min: u64, max: u64) {
+        FSYNC.with(|fsync| {
+            let mut fsync = fsync.borrow_mut();
+            fsync.retain(|(dir, _)| dir != data_dir);
+            fsync.push((data_dir.to_path_buf(), (min, max.max(min))));
+        });
     }
 
-    /// The time the next log fsync takes, split at the moment its writes become durable.
-    pub fn fsync_latency_split() -> (Duration, Duration) {
-        let latency = fsync_latency().as_micros() as u64;
+    /// The time the next fsync under `dir` takes, split at the moment its writes become durable.
+    pub fn fsync_latency_split(dir: &Path) -> (Duration, Duration) {
+        let latency = fsync_latency(dir).as_micros() as u64;
         let durable_at = random_u64().unwrap_or(0) % (latency + 1);
         (Duration::from_micros(durable_at), Duration::from_micros(latency - durable_at))
     }
 
-    /// The time the next log fsync takes.
-    pub fn fsync_latency() -> Duration {
-        let (min, max) = FSYNC.with(|fsync| *fsync.borrow());
+    /// The time the next fsync under `dir` takes (none on a disk the simulator did not set).
+    pub fn fsync_latency(dir: &Path) -> Duration {
+        let (min, max) = FSYNC.with(|fsync| {
+            fsync.borrow().iter().find(|(root, _)| dir.starts_with(root)).map_or((0, 0), |(_, range)| *range)
+        });
         let spread = max - min;
         let extra = if spread == 0 { 0 } else { random_u64().unwrap_or(0) % (spread + 1) };
         Duration::from_micros(min + extra)

@@ -298,9 +298,18 @@ pub fn run(options: &Options) -> Outcome {
 
 fn run_in(options: &Options, store_root: &Path) -> Outcome {
     raft_node::sys::sim::seed(options.seed);
-    // A disk drawn from the seed: fast, ordinary or slow to fsync.
-    let fsync_us_max = [1_000, 5_000, 20_000][(options.seed % 3) as usize];
-    raft_node::sys::sim::set_fsync_us(100, fsync_us_max);
+    // Disks drawn from the seed, fast, ordinary or slow to fsync: the same on every node, or
+    // (one seed in two from 27 on) one of each, as sites' disks differ; a node on a slow disk
+    // then follows a majority that commits ahead of what it has synced.
+    let mixed = options.seed / 27 % 2;
+    for id in 1..=options.nodes + 1 {
+        let fsync_us_max = [1_000, 5_000, 20_000][((options.seed + id * mixed) % 3) as usize];
+        raft_node::sys::sim::set_fsync_us(&data_dir(id), 100, fsync_us_max);
+    }
+    // The committed id written as in production, or far more often, so that a crash right after
+    // writing it (the write-crash fault) comes at the moments where it could name too much.
+    let committed_every_ms = [200, 20, 0][(options.seed / 9 % 3) as usize];
+    raft_node::sys::sim::set_committed_persist_interval(Duration::from_millis(committed_every_ms));
     let (removals, to_remove) = tokio::sync::mpsc::unbounded_channel();
     let world = Arc::new(World {
         options: options.clone(),

@@ -21,7 +21,8 @@ struct Args {
     /// Nodes, one per site: 3 or 5.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=5))]
     nodes: u64,
-    /// Faults to draw from: crash, partition, peer-cut, clock, purge-crash, disk (or all, none).
+    /// Faults to draw from: crash, partition, peer-cut, clock, purge-crash, disk, write-crash,
+    /// membership (or all, none).
     #[arg(long, default_value = "all", value_parser = Faults::parse)]
     faults: Faults,
     /// Simulated time per seed (e.g. 60s, 5m).

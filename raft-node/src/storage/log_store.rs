@@ -248,13 +248,14 @@ fn start_io(dir: &Path, shared: Arc<Shared>, jobs: JobsReceived<IoJob>) -> io::R
     let dir = dir.to_path_buf();
     #[cfg(feature = "sim")]
     if tokio::runtime::Handle::try_current().is_ok() {
+        let log_dir = dir.clone();
         tokio::spawn(async move {
             let mut sync = SyncLoop::new(jobs);
             while let Some(group) = sync.next_group(&shared).await {
                 // An fdatasync takes a simulated while and makes durable what was written by
                 // some moment within it, drawn from the seed: appends made during the sync may
                 // be covered or not, as on a disk, and only its caller's are sure to be.
-                let (before, after) = crate::sys::sim::fsync_latency_split();
+                let (before, after) = crate::sys::sim::fsync_latency_split(&log_dir);
                 tokio::time::sleep(before).await;
                 let synced = sync.run(&shared, group);
                 tokio::time::sleep(after).await;
@@ -266,7 +267,7 @@ fn start_io(dir: &Path, shared: Arc<Shared>, jobs: JobsReceived<IoJob>) -> io::R
             while let Some(paths) = detached.recv().await {
                 // Deleting and the directory's fsync take a disk's time: a crash can fall
                 // between the purge marker and the deletion.
-                tokio::time::sleep(crate::sys::sim::fsync_latency()).await;
+                tokio::time::sleep(crate::sys::sim::fsync_latency(&dir)).await;
                 if !purge_detached(&dir, &paths) {
                     return;
                 }
@@ -378,7 +379,8 @@ impl SyncLoop {
         let committed_before = group.committed_before;
         #[cfg(feature = "persist-committed-after-sync")]
         let committed_before = (*shared.committed.lock().unwrap(), shared.wal.lock().unwrap().last_index());
-        if result.is_ok() && self.committed_persisted_at.elapsed() >= COMMITTED_PERSIST_INTERVAL {
+        let interval = crate::sys::committed_persist_interval(COMMITTED_PERSIST_INTERVAL);
+        if result.is_ok() && self.committed_persisted_at.elapsed() >= interval {
             persist_committed(shared, committed_before);
             self.committed_persisted_at = tokio::time::Instant::now();
         }

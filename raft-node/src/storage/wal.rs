@@ -308,13 +308,13 @@ impl SyncPlan {
     /// `Wal::sync_failed` on an error (see "Durability").
     pub fn run(&self) -> io::Result<()> {
         crate::sys::disk_fault(&self.log_dir)?;
-        for (file, _, _) in &self.files {
+        for (file, first_index, _) in &self.files {
             // A deliberately broken build, to show that the chaos harness's power cut catches a
             // log that acknowledges before its appends are on disk (docs/results/chaos.md, "Power cuts").
             if cfg!(feature = "acknowledge-before-fsync") {
                 continue;
             }
-            file.sync_data()?;
+            crate::sys::sync_data(file, &self.log_dir.join(segment_file_name(*first_index)))?;
         }
         if let Some((dir, _)) = &self.dir {
             sync_dir(dir)?;
