@@ -207,10 +207,10 @@ fn a_slow_fsync_covers_only_what_was_written_before_it() {
     assert_eq!(read(&root.join("other")).unwrap(), b"");
 }
 
-/// The ledger's sled state on faultfs: a child process applies, flushes, applies once more and
+/// The ledger's state store on faultfs: a child process applies, flushes, applies once more and
 /// dies without closing anything; after a power cut the state reopens at the flush or later, as a
-/// whole entry. Before `SledStore::open` fsynced its directories, it reopened empty: sled never
-/// fsyncs a directory, so the cut took the names of everything it had flushed.
+/// whole entry. (On sled, before `RunStore::open` fsynced its directories, it reopened empty: the
+/// cut took the names of everything it had flushed.)
 #[test]
 fn the_ledger_state_survives_a_power_cut_as_of_its_last_flush() {
     let (_dir, fs) = mounted();
@@ -226,7 +226,7 @@ fn the_ledger_state_survives_a_power_cut_as_of_its_last_flush() {
     assert_eq!(digests.len(), 2, "child output: {stdout}");
 
     fs.power_cut(None);
-    let reopened = ledger::Ledger::open(ledger::SledStore::open(&path).unwrap()).unwrap();
+    let reopened = ledger::Ledger::open(ledger::RunStore::open(&path).unwrap()).unwrap();
     let digest = hex(&reopened.meta().digest);
     assert!(digests.contains(&digest.as_str()), "state at {digest}, expected one of {digests:?}");
     assert_eq!(reopened.lookup_transfers(&[10]).unwrap().len(), 1, "the flushed transfer");
@@ -252,7 +252,7 @@ fn ledger_child() {
         code: 1,
         ..Transfer::default()
     };
-    let mut ledger = Ledger::open(SledStore::open(Path::new(&path)).unwrap()).unwrap();
+    let mut ledger = Ledger::open(RunStore::open(Path::new(&path)).unwrap()).unwrap();
     ledger.apply(&[Batch::CreateAccounts(accounts)], 1_000, None).unwrap();
     ledger.apply(&[Batch::CreateTransfers(vec![transfer(10)])], 2_000, None).unwrap();
     ledger.store().flush().unwrap();

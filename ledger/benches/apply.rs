@@ -1,8 +1,9 @@
 //! Apply throughput of `CreateTransfers`: 10,000 accounts, batches of 8189 random transfers, on
-//! the in-memory store and on sled. One thread applies; that is the state machine's real shape.
+//! the in-memory store and on the state store (`RunStore`, on redb). One thread applies; that is
+//! the state machine's real shape.
 //!
 //! `cargo bench -p ledger --bench apply` (add `-- --batches N` to change the run length,
-//! `-- --accounts N` for another number of accounts, `-- --store memory|sled` for one store).
+//! `-- --accounts N` for another number of accounts, `-- --store memory|disk` for one store).
 
 use std::time::Instant;
 
@@ -97,10 +98,10 @@ fn main() {
     if only.as_deref().is_none_or(|s| s == "memory") {
         run("memory", MemStore::new(), accounts, &batches);
     }
-    if only.as_deref().is_none_or(|s| s == "sled") {
+    if only.as_deref().is_none_or(|s| s == "disk") {
         let dir = tempfile::tempdir().unwrap();
         // Merges run inside `commit`: one core pays for all the work the store does.
-        let options = ledger::sled_store::Options { background_merges: false, ..Default::default() };
-        run("sled", SledStore::open_with(dir.path(), options).unwrap(), accounts, &batches);
+        let options = ledger::run_store::Options { background_merges: false, ..Default::default() };
+        run("disk", RunStore::open_with(dir.path(), options).unwrap(), accounts, &batches);
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use ledger::sled_store::Options;
+use ledger::run_store::Options;
 use ledger::*;
 use rand::{Rng, SeedableRng};
 
@@ -89,7 +89,7 @@ struct Row {
     runs: [usize; 4],
 }
 
-fn lookups(ledger: &Ledger<SledStore>, created: u64, rng: &mut impl Rng) -> (f64, f64) {
+fn lookups(ledger: &Ledger<RunStore>, created: u64, rng: &mut impl Rng) -> (f64, f64) {
     let mut times: Vec<Duration> = (0..LOOKUPS_PER_STEP)
         .map(|_| {
             let id = transfer_id(rng.random_range(0..created));
@@ -110,7 +110,7 @@ fn main() {
     let temporary = tempfile::tempdir().unwrap();
     let dir = args.dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
     let options = Options { cache_bytes: args.cache_bytes, background_merges: false };
-    let mut ledger = Ledger::open(SledStore::open_with(&dir, options).unwrap()).unwrap();
+    let mut ledger = Ledger::open(RunStore::open_with(&dir, options).unwrap()).unwrap();
     let mut clock = 1_700_000_000 * NANOS_PER_SECOND;
     let accounts: Vec<Account> =
         (1..=args.accounts).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() }).collect();
@@ -190,7 +190,7 @@ fn main() {
     ledger.store().flush().unwrap();
     drop(ledger);
     let started = Instant::now();
-    let reopened = Ledger::open(SledStore::open_with(&dir, options).unwrap()).unwrap();
+    let reopened = Ledger::open(RunStore::open_with(&dir, options).unwrap()).unwrap();
     reopened.lookup_transfers(&[transfer_id(created / 2)]).unwrap();
     println!("reopened and served a lookup in {:.2} s", started.elapsed().as_secs_f64());
     if let Some(out) = &args.out {

@@ -6,8 +6,8 @@
 //! numeric order: a range scan over `(account_id, timestamp)` is a scan in time.
 //!
 //! The logical key space: the records a snapshot carries and the state digest hashes, in this
-//! order. Both stores present exactly these; how `SledStore` lays them out on disk is its own
-//! business (`sled_store/mod.rs`).
+//! order. Both stores present exactly these; how `RunStore` lays them out on disk is its own
+//! business (`run_store/mod.rs`).
 //!
 //! | prefix | key                           | value                                   |
 //! |--------|-------------------------------|-----------------------------------------|

@@ -7,7 +7,7 @@
 //! - `exec` holds `Ledger`, whose `apply` executes the batches of one Raft entry against an
 //!   overlay of changes (`store::Changes`), rolling back failed linked chains, and commits the
 //!   overlay to a `Store` in one atomic write together with a chained digest.
-//! - `store` is the storage boundary; `mem::MemStore` and `sled_store::SledStore` implement it
+//! - `store` is the storage boundary; `mem::MemStore` and `run_store::RunStore` implement it
 //!   with the same key space, described and encoded in `codec`.
 //! - `query` serves lookups and per-account history from the store.
 //! - `snapshot` exports the whole state as a checksummed stream, imports it, and computes the
@@ -22,8 +22,8 @@ pub mod exec;
 pub mod mem;
 pub mod model;
 pub mod query;
+pub mod run_store;
 pub mod semantics;
-pub mod sled_store;
 pub mod snapshot;
 pub mod store;
 
@@ -31,5 +31,5 @@ pub use checkpoint::Checkpointed;
 pub use exec::Ledger;
 pub use mem::MemStore;
 pub use model::*;
-pub use sled_store::{FrozenView, SledStore};
+pub use run_store::{FrozenView, RunStore};
 pub use store::{Changes, Records, SharedStore, Store, StoreError, StoreResult};

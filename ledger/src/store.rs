@@ -2,7 +2,7 @@
 //! entry writes at once.
 //!
 //! Two stores implement it: `MemStore` (typed maps, for tests, simulations and benchmarks) and
-//! `SledStore` (the product). Both present the same records under the same keys (`codec.rs`), so
+//! `RunStore` (the product). Both present the same records under the same keys (`codec.rs`), so
 //! an export of either is byte-for-byte the same for the same history.
 
 use std::collections::BTreeSet;
@@ -14,7 +14,8 @@ use crate::model::{
 
 #[derive(Debug)]
 pub enum StoreError {
-    Sled(sled::Error),
+    /// The page store failed (other than with damage or an IO error).
+    Pages(String),
     Io(std::io::Error),
     /// The stored bytes are not what this version of tally wrote.
     Corrupt(String),
@@ -23,16 +24,19 @@ pub enum StoreError {
     /// The state was written by a version of tally this build does not read (not damage: it
     /// must be left as it is).
     OtherVersion(String),
+    /// The state was written in a form this build replaced and does not read, which the node
+    /// rebuilds from what it holds besides (its snapshot and log): not damage, no operator needed.
+    Superseded(String),
 }
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StoreError::Sled(error) => write!(f, "sled: {error}"),
+            StoreError::Pages(error) => write!(f, "the page store: {error}"),
             StoreError::Io(error) => write!(f, "io: {error}"),
             StoreError::Corrupt(what) => write!(f, "corrupt ledger state: {what}"),
             StoreError::NotEmpty => write!(f, "cannot import a snapshot into a non-empty store"),
-            StoreError::OtherVersion(what) => write!(f, "{what}"),
+            StoreError::OtherVersion(what) | StoreError::Superseded(what) => write!(f, "{what}"),
         }
     }
 }
@@ -43,13 +47,7 @@ impl StoreError {
     /// The stored bytes are damaged (a checksum or a decoding failed), as opposed to a disk that
     /// fails: the state cannot be trusted, but a copy of it can be rebuilt.
     pub fn is_damage(&self) -> bool {
-        matches!(self, StoreError::Corrupt(_) | StoreError::Sled(sled::Error::Corruption { .. }))
-    }
-}
-
-impl From<sled::Error> for StoreError {
-    fn from(error: sled::Error) -> Self {
-        StoreError::Sled(error)
+        matches!(self, StoreError::Corrupt(_))
     }
 }
 
@@ -248,7 +246,7 @@ pub trait SharedStore: Store + Send + Sync {
     fn commit_shared(&self, changes: &Changes) -> StoreResult<()>;
 }
 
-/// Records listed in key order: a store, or a frozen view of one (`SledStore::freeze`). What a
+/// Records listed in key order: a store, or a frozen view of one (`RunStore::freeze`). What a
 /// snapshot export reads.
 pub trait Records {
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()>;
@@ -260,8 +258,8 @@ impl<S: Store> Records for S {
     }
 }
 
-impl Records for crate::sled_store::FrozenView {
+impl Records for crate::run_store::FrozenView {
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        crate::sled_store::FrozenView::for_each_record(self, visit)
+        crate::run_store::FrozenView::for_each_record(self, visit)
     }
 }

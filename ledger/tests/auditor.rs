@@ -33,7 +33,7 @@ fn auditor_predicts_every_reply_and_balance() {
 fn auditor_on_sled() {
     let seed = seed(0x7a11_0002);
     let dir = tempfile::tempdir().unwrap();
-    let mut ledger = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    let mut ledger = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
     let mut workload = Workload::new(seed);
     run_audited(&mut ledger, &mut workload, 400, seed);
     check_whole_change_stream(&ledger, &workload.model, seed);
@@ -51,8 +51,8 @@ fn same_workload_same_bytes_on_memory_and_sled() {
     let dir = tempfile::tempdir().unwrap();
     let mut memory = Ledger::open(MemStore::new()).unwrap();
     // Merges inside `commit`, so that which runs exist is the same on every run of the test.
-    let inline = ledger::sled_store::Options { background_merges: false, ..Default::default() };
-    let mut sled = Ledger::open(SledStore::open_with(dir.path(), inline).unwrap()).unwrap();
+    let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
+    let mut sled = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();
     let mut workload = Workload::new(seed);
     for _ in 0..600 {
         let (batch, proposed, _) = workload.next();
@@ -72,7 +72,7 @@ fn same_workload_same_bytes_on_memory_and_sled() {
     // And the state survives closing and reopening sled.
     let meta = sled.meta();
     drop(sled);
-    let reopened = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    let reopened = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
     assert_eq!(reopened.meta(), meta);
     assert_eq!(ledger::snapshot::state_digest(reopened.store()).unwrap(), digest);
 
@@ -93,10 +93,10 @@ fn same_workload_same_bytes_on_memory_and_sled() {
 fn a_frozen_sled_view_exports_the_frozen_state_while_applying_goes_on() {
     let seed = seed(0x7a11_0006);
     let dir = tempfile::tempdir().unwrap();
-    let mut sled = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+    let mut sled = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
     let mut memory = Ledger::open(MemStore::new()).unwrap();
     let mut workload = Workload::new(seed);
-    let mut apply = |count: usize, sled: &mut Ledger<SledStore>| {
+    let mut apply = |count: usize, sled: &mut Ledger<RunStore>| {
         for _ in 0..count {
             let (batch, proposed, _) = workload.next();
             let batches = std::slice::from_ref(&batch);
@@ -140,7 +140,7 @@ fn snapshot_round_trip_under_the_workload() {
     let mut memory = MemStore::new();
     ledger::snapshot::import(&mut memory, &bytes[..]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut sled = SledStore::open(dir.path()).unwrap();
+    let mut sled = RunStore::open(dir.path()).unwrap();
     ledger::snapshot::import(&mut sled, &bytes[..]).unwrap();
     assert_eq!(export_bytes(&memory), bytes);
     assert_eq!(export_bytes(&sled), bytes);
@@ -212,7 +212,7 @@ fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
             "{what} was rewritten"
         );
         let dir = tempfile::tempdir().unwrap();
-        let mut sled = SledStore::open(dir.path()).unwrap();
+        let mut sled = RunStore::open(dir.path()).unwrap();
         let error = ledger::snapshot::import(&mut sled, &bytes[..]);
         assert!(error.is_err(), "{what} was accepted");
         assert!(sled.is_empty().unwrap(), "{what} left records behind");
@@ -256,32 +256,20 @@ fn a_rewritten_snapshot_differs_only_in_the_application_meta() {
     }
 }
 
-/// A data directory written by the schema 1 layout (sled with its default segments, one key per
-/// record) is refused with a message that says how to rebuild it, and is left as it was.
+/// A data directory written on sled (tally before redb held the state) is refused as superseded,
+/// which the node rebuilds from its snapshot and log, and is left as it was for that.
 #[test]
-fn a_state_of_the_old_layout_is_refused_with_how_to_rebuild() {
+fn a_state_written_on_sled_is_refused_as_superseded_and_left_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        db.open_tree("ledger").unwrap().insert(b"Mledger", &[1, 0, 0, 0][..]).unwrap();
-        db.flush().unwrap();
-    }
-    let error = SledStore::open(dir.path()).err().expect("the old layout is refused").to_string();
-    assert!(error.contains("older tally") && error.contains("--join"), "{error}");
-    // sled's worker threads may hold the refused store's file lock for a moment after it is
-    // dropped: wait for the lock, with a deadline.
-    let started = std::time::Instant::now();
-    let db = loop {
-        match sled::Config::new().path(dir.path()).open() {
-            Ok(db) => break db,
-            Err(error) if started.elapsed() < std::time::Duration::from_secs(10) => {
-                assert!(error.to_string().contains("could not acquire lock"), "{error}");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(error) => panic!("the refused store still holds its lock after 10 s: {error}"),
-        }
-    };
-    assert!(db.open_tree("ledger").unwrap().get(b"Mledger").unwrap().is_some());
+    std::fs::write(dir.path().join("conf"), b"segment_size: 8388608").unwrap();
+    std::fs::write(dir.path().join("db"), [7u8; 512]).unwrap();
+    let error = RunStore::open(dir.path()).err().expect("a sled state is refused");
+    assert!(matches!(error, ledger::StoreError::Superseded(_)), "{error}");
+    assert!(error.to_string().contains("sled"), "{error}");
+    let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["conf", "db"]);
+    assert_eq!(std::fs::read(dir.path().join("db")).unwrap(), [7u8; 512]);
 }
 
 /// A state of schema 2 (before failed ids) or 3 (before change records) is read, and written as
@@ -337,11 +325,11 @@ fn a_store_reopens_at_once_after_it_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     for round in 0..10 {
         let path = dir.path().join(format!("state-{round}"));
-        let mut store = SledStore::open(&path).unwrap();
+        let mut store = RunStore::open(&path).unwrap();
         ledger::snapshot::import(&mut store, &mut bytes.as_slice()).unwrap();
         store.flush().unwrap();
         drop(store);
-        let reopened = Ledger::open(SledStore::open(&path).unwrap()).unwrap();
+        let reopened = Ledger::open(RunStore::open(&path).unwrap()).unwrap();
         assert_eq!(reopened.meta(), source.meta());
     }
 }
@@ -356,8 +344,8 @@ fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
     use rand::{Rng, SeedableRng};
     let seed = seed(0x7a11_0004);
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut here = Ledger::open(Checkpointed::new(SledStore::open(dirs.0.path()).unwrap())).unwrap();
-    let mut behind = Ledger::open(Checkpointed::new(SledStore::open(dirs.1.path()).unwrap())).unwrap();
+    let mut here = Ledger::open(Checkpointed::new(RunStore::open(dirs.0.path()).unwrap())).unwrap();
+    let mut behind = Ledger::open(Checkpointed::new(RunStore::open(dirs.1.path()).unwrap())).unwrap();
     let mut plain = Ledger::open(MemStore::new()).unwrap();
     let mut workloads = (Workload::new(seed), Workload::new(seed), Workload::new(seed));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xc4e);
@@ -424,7 +412,7 @@ fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
     let sled = behind.into_store().into_base().unwrap();
     assert_eq!(export_bytes(&sled), export_bytes(plain.store()), "seed {seed}");
     drop(sled);
-    let reopened = Ledger::open(SledStore::open(dirs.1.path()).unwrap()).unwrap();
+    let reopened = Ledger::open(RunStore::open(dirs.1.path()).unwrap()).unwrap();
     assert_eq!(reopened.meta(), meta, "seed {seed}: sled reopened is not at the last checkpoint");
     assert_eq!(export_bytes(reopened.store()), export_bytes(plain.store()), "seed {seed}");
 }

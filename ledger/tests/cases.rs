@@ -1018,16 +1018,16 @@ fn queries_select_accounts_and_transfers_by_their_fields() {
     // The sled store serves them from its query indexes: as written, after a reopen, and after
     // a snapshot import (indexes are not in snapshots: an import builds them).
     let dir = tempfile::tempdir().unwrap();
-    let inline = ledger::sled_store::Options { background_merges: false, ..Default::default() };
-    let mut sled = Ledger::open(SledStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
+    let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
+    let mut sled = Ledger::open(RunStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
     assert_eq!(query_history(&mut sled), ts);
     check_query_rows(&sled, &ts, "sled");
     drop(sled);
-    let sled = Ledger::open(SledStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
+    let sled = Ledger::open(RunStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
     check_query_rows(&sled, &ts, "sled, reopened");
     let mut bytes = Vec::new();
     ledger::snapshot::export(sled.store(), &mut bytes).unwrap();
-    let mut imported = SledStore::open_with(&dir.path().join("b"), inline).unwrap();
+    let mut imported = RunStore::open_with(&dir.path().join("b"), inline).unwrap();
     ledger::snapshot::import(&mut imported, &mut bytes.as_slice()).unwrap();
     check_query_rows(&Ledger::open(imported).unwrap(), &ts, "sled, imported");
 }
@@ -1040,8 +1040,8 @@ fn queries_select_accounts_and_transfers_by_their_fields() {
 #[test]
 fn a_query_by_an_absent_ledger_stops_at_its_scan_budget_on_sled() {
     let dir = tempfile::tempdir().unwrap();
-    let inline = ledger::sled_store::Options { background_merges: false, ..Default::default() };
-    let mut ledger = Ledger::open(SledStore::open_with(dir.path(), inline).unwrap()).unwrap();
+    let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
+    let mut ledger = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();
     let reply = ledger.apply(&[Batch::CreateAccounts(accounts())], T0, None).unwrap();
     let BatchReply::CreateAccounts(results) = &reply[0] else { unreachable!() };
     assert!(results.iter().all(|r| r.result == A::Ok), "{results:?}");

@@ -23,7 +23,7 @@ const CHILD_BATCHES_MAX: u64 = 20_000;
 fn crash_child() {
     let Ok(dir) = std::env::var(CHILD_DIR_ENV) else { return };
     let seed: u64 = std::env::var(CHILD_SEED_ENV).unwrap().parse().unwrap();
-    let mut ledger = Ledger::open(SledStore::open(dir.as_ref()).unwrap()).unwrap();
+    let mut ledger = Ledger::open(RunStore::open(dir.as_ref()).unwrap()).unwrap();
     let mut workload = Workload::new(seed);
     let done = ledger.meta().batches_applied;
     for _ in 0..done {
@@ -85,7 +85,7 @@ fn sigkill_leaves_a_whole_prefix_of_batches() {
             }
         }
 
-        let reopened = Ledger::open(SledStore::open(dir.path()).unwrap()).unwrap();
+        let reopened = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
         let batches = reopened.meta().batches_applied;
         // At most one batch applied but not yet printed when the signal landed.
         assert!(batches <= printed_max + 1, "seed {seed}: kill {kill}: more batches than were applied");

@@ -22,8 +22,7 @@ pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
 /// Entries proposed and not yet applied, per leader. This is what makes group commit adapt: an
 /// idle leader proposes a lone request at once (small entry, low latency); a busy one has both
 /// slots taken, requests queue meanwhile, and the next entry carries all of them. Every entry
-/// costs each node a fixed amount (an fsync, a replication round, and sled rolling its IO buffer
-/// on every atomic batch), so fewer, larger entries win under load: with 64 single-transfer
+/// costs each node a fixed amount (an fsync, a replication round, the apply), so fewer, larger entries win under load: with 64 single-transfer
 /// clients, 16 in flight gave entries of ~3 requests and 5,500 transfers/s; 2 gives ~12 and
 /// 8,300/s at a lower p99 (`tally benchmark --clients 64 --batch 1`). One alone leaves the disk
 /// idle while an entry replicates.

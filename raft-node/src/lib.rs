@@ -10,7 +10,7 @@
 //!   which fsyncs groups of appends, and replicates it through `network` to the other nodes'
 //!   `service::RaftService`.
 //! - Once committed, every node applies it in `state_machine::StateMachine`, which runs
-//!   `ledger::Ledger::apply` on sled and returns each batch's results to the batcher's callers.
+//!   `ledger::Ledger::apply` in memory (checkpointed to its store) and returns each batch's results to the batcher's callers.
 //!
 //! - The timestamp the batcher proposes is the leader's clock bounded by a majority of the
 //!   voters' clocks (`clock`); a leader whose clock is off does not stamp.

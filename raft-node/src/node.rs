@@ -108,7 +108,7 @@ pub struct NodeConfig {
     /// ... and every entry written within this many milliseconds (`log_store::LogKeep`).
     #[serde(default = "default_log_keep_ms")]
     pub log_keep_ms: u64,
-    /// Memory for the ledger state's caches (sled's page cache and decoded accounts), in bytes.
+    /// Memory for the ledger state's caches (the page store's cache and decoded accounts), in bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
     /// Applied entries reach the ledger state's store in checkpoints: at least this often...
@@ -209,7 +209,7 @@ pub fn default_checkpoint_bytes() -> u64 {
     64 << 20
 }
 pub fn default_cache_bytes() -> u64 {
-    ledger::sled_store::Options::default().cache_bytes
+    ledger::run_store::Options::default().cache_bytes
 }
 
 impl NodeConfig {
@@ -575,7 +575,7 @@ fn raft_config(config: &NodeConfig) -> openraft::Config {
         enable_elect: true,
         // A leader that restarts must win a new election before it serves. Restoring leadership
         // at once (openraft's default) lets it answer linearizable reads from its persisted
-        // commit index, which we write lazily, and from sled, which does not fsync per apply:
+        // commit index, which we write lazily, and from its state, which reaches the disk in checkpoints:
         // the chaos harness caught such a leader serving a read that missed payments
         // acknowledged just before a power loss. A new election commits a fresh entry first.
         enable_leader_restore: Some(false),

@@ -5,8 +5,8 @@
 //! clock is simulated time. Every other module asks here, so that the simulation runs the same
 //! code as a node.
 //!
-//! What is not here stays real under simulation: the ledger's state store (sled, on a directory
-//! of its own for each boot of a simulated node) and the checkpoint thread that writes to it.
+//! What is not here stays real under simulation: the ledger's state store (redb, on a real
+//! directory of its own for each boot of a simulated node) and the checkpoint thread that writes to it.
 
 #[cfg(not(feature = "sim"))]
 pub use std::fs;
@@ -88,9 +88,9 @@ pub fn is_dir(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_dir())
 }
 
-/// Where the ledger's state store (sled) keeps the directory `path`: `path` itself in
-/// production. Under simulation, sled's files are the machine's own (sled cannot be simulated;
-/// its crashes are the power-cut tests' ground), in a directory the simulator gives each boot of
+/// Where the ledger's state store keeps the directory `path`: `path` itself in production. Under
+/// simulation, its files are the machine's own (its crashes are the power-cut tests' ground; a
+/// page store on turmoil's files is issue 27's next step), in a directory the simulator gives each boot of
 /// a simulated node, so a simulated crash loses the whole state store and the node rebuilds it
 /// from its snapshot and log, a state a real crash can leave too.
 pub fn store_dir(path: &Path) -> std::path::PathBuf {

@@ -1059,11 +1059,12 @@ async fn health_says_not_serving_without_a_leader_or_after_removal() {
     wait_for_health(&cluster, &cluster.address(leader), true).await;
 }
 
-/// A node whose ledger state (sled's files) is damaged at rest rebuilds it by itself, from its
-/// own snapshot and log (both checked as they are read back), and keeps its identity: no
-/// operator, no `cluster replace`. (It refused to start before, exit 65.)
+/// A node whose ledger state is damaged at rest rebuilds it by itself, from its own snapshot and
+/// log (both checked as they are read back), and keeps its identity: no operator, no `cluster
+/// replace`. (It refused to start before, exit 65.) So does a node upgraded from a tally that kept
+/// the state on sled, which this build no longer reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_whose_ledger_state_is_damaged_rebuilds_it_from_its_snapshot_and_log() {
+async fn a_node_whose_ledger_state_is_damaged_or_on_sled_rebuilds_it_from_its_snapshot_and_log() {
     let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &SNAPSHOT_AND_PURGE_OFTEN);
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let damaged = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
@@ -1079,27 +1080,42 @@ async fn a_node_whose_ledger_state_is_damaged_rebuilds_it_from_its_snapshot_and_
     let data_dir = cluster.nodes[&damaged].data_dir.clone();
     let snapshots = std::fs::read_dir(data_dir.join("snapshots")).unwrap();
     assert!(snapshots.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "snap")));
-    cluster.kill(damaged);
-    // The store's layout record garbled, as a flipped byte sled's checksum did not cover would
-    // leave it: it no longer decodes when the state is opened.
-    {
-        // With the store's own sled settings (its IO buffer size is fixed at creation).
-        let db = sled::Config::new().path(data_dir.join("state")).segment_size(8 << 20).open().unwrap();
-        db.open_tree("ledger").unwrap().insert(b"Llayout", &[1u8, 0, 0, 0, 9, 9, 9][..]).unwrap();
-        db.flush().unwrap();
-    }
 
+    // The store's layout record garbled, as a flipped byte no checksum covered would leave it:
+    // it no longer decodes when the state is opened.
+    cluster.kill(damaged);
+    {
+        let pages = ledger::run_store::pages::Pages::open(&data_dir.join("state"), 1 << 20).unwrap();
+        let mut batch = ledger::run_store::pages::Batch::default();
+        batch.insert(ledger::run_store::LAYOUT_KEY, vec![1u8, 0, 0, 0, 9, 9, 9]);
+        pages.apply(batch).unwrap();
+        pages.sync().unwrap();
+    }
     cluster.restart(damaged);
     cluster.wait_for_convergence(DEADLINE).await;
+    let results = client.create_transfers(vec![transfer(30_000, BANK, 2, 1)]).await.unwrap();
+    assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok);
+    cluster.wait_for_convergence(DEADLINE).await;
+
+    // The state as an older tally left it: sled's files in place of the store's.
+    cluster.kill(damaged);
+    std::fs::remove_dir_all(data_dir.join("state")).unwrap();
+    std::fs::create_dir(data_dir.join("state")).unwrap();
+    std::fs::write(data_dir.join("state/conf"), b"segment_size: 8388608\nuse_compression: false\n").unwrap();
+    std::fs::write(data_dir.join("state/db"), vec![0u8; 4096]).unwrap();
+    cluster.restart(damaged);
+    cluster.wait_for_convergence(DEADLINE).await;
+
     let status = &cluster.node_statuses().await[&damaged];
     assert!(status.reachable, "the damaged node does not answer");
     assert_eq!(status.incarnation, incarnation, "it kept its data directory's identity");
     assert!(!status.needs_replace);
+    assert!(!data_dir.join("state/conf").exists(), "sled's files are gone");
     for seen in local_balances(&cluster, &[2, 3]).await.values() {
-        assert_eq!(seen, &vec![60, 60]);
+        assert_eq!(seen, &vec![61, 60]);
     }
     // And it takes new writes like the others.
-    let results = client.create_transfers(vec![transfer(30_000, BANK, 2, 1)]).await.unwrap();
+    let results = client.create_transfers(vec![transfer(30_001, BANK, 2, 1)]).await.unwrap();
     assert_eq!(results[0].status(), v1::CreateTransferStatus::Ok);
     cluster.wait_for_convergence(DEADLINE).await;
 }

@@ -1,5 +1,5 @@
 //! What a node keeps on disk: the write-ahead log (`wal`, the Raft log), openraft's log store
-//! over it (`log_store`), and the ledger state machine on sled with its snapshots
+//! over it (`log_store`), and the ledger state machine on its store with its snapshots
 //! (`state_machine`).
 
 pub mod log_store;

@@ -1,15 +1,16 @@
-//! openraft's state machine over the `ledger` crate on sled.
+//! openraft's state machine over the `ledger` crate and its state store (`ledger::RunStore`,
+//! on redb).
 //!
-//! Each applied entry is one `Ledger::apply`: the entry's batches and, in the same atomic sled
-//! write, the applied log id and membership (`AppliedState`, stored as the ledger's app meta). A
-//! crash therefore leaves sled at some whole entry; sled may lose its newest entries (it does not
-//! fsync), and openraft re-applies them from the log.
+//! Each applied entry is one `Ledger::apply`: the entry's batches and the applied log id and
+//! membership (`AppliedState`, stored as the ledger's app meta), together. Entries are applied in
+//! memory and reach the store in checkpoints, each one atomic write: a crash leaves the store at
+//! some whole checkpoint, and openraft re-applies the entries after it from the log.
 //!
 //! Snapshots are files: the ledger's export stream, written, fsynced and renamed into
 //! `<data-dir>/snapshots/` before openraft hears of them, so that the log is only ever purged
-//! behind a durable snapshot. Installing one imports it into a fresh sled directory and swaps
+//! behind a durable snapshot. Installing one imports it into a fresh state directory and swaps
 //! directories, so a crash mid-install leaves the old state or the new one, never a mix. On start,
-//! if sled is behind the newest snapshot (it lost entries the log no longer has), the snapshot is
+//! if the store is behind the newest snapshot (it lost entries the log no longer has), the snapshot is
 //! reloaded.
 
 use std::io;
@@ -18,8 +19,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
 use ledger::checkpoint::CheckpointJob;
-use ledger::sled_store::Options as StoreOptions;
-use ledger::{Checkpointed, Ledger, SledStore, Store};
+use ledger::run_store::Options as StoreOptions;
+use ledger::{Checkpointed, Ledger, RunStore, Store};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use serde::{Deserialize, Serialize};
@@ -29,15 +30,14 @@ use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
 };
 
-/// The ledger as a node keeps it: applied in memory, written to sled in checkpoints.
-pub type State = Ledger<Checkpointed<SledStore>>;
+/// The ledger as a node keeps it: applied in memory, written to its store in checkpoints.
+pub type State = Ledger<Checkpointed<RunStore>>;
 
-/// When applied entries go from memory to sled (`--checkpoint-bytes`, `--checkpoint-interval-ms`).
+/// When applied entries go from memory to the store (`--checkpoint-bytes`, `--checkpoint-interval-ms`).
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointPolicy {
     /// A checkpoint is sealed this long after the last one. A restart re-applies what no
-    /// checkpoint carried from the log, so this bounds that work too (with sled's own flush
-    /// interval). Each checkpoint is a burst of work on a busy machine: every 200 ms rather
+    /// checkpoint carried from the log, so this bounds that work too. Each checkpoint is a burst of work on a busy machine: every 200 ms rather
     /// than every second cut p99.9 with 64 single-transfer clients from 67-85 ms to ~31 ms at
     /// the same throughput...
     pub interval: std::time::Duration,
@@ -134,7 +134,7 @@ pub struct Shared {
     options: StoreOptions,
     /// Reads (lookups, queries, digests) take it shared; applying an entry takes it exclusively.
     /// A std lock: it is never held across an await. `None` only inside `install_file`, which
-    /// holds the lock exclusively while sled's directory is swapped.
+    /// holds the lock exclusively while the state's directory is swapped.
     ledger: RwLock<Option<State>>,
     pub applied: Mutex<AppliedState>,
     /// Taken after `applied`, never while waiting for anything else.
@@ -145,7 +145,7 @@ pub struct Shared {
     apply_delay_us: std::sync::atomic::AtomicU64,
     /// Held by a snapshot build from before it freezes its view until its snapshot is current,
     /// and by a snapshot install throughout: applying goes on during a build, so an install could
-    /// otherwise swap sled's directory under a live view, or be overwritten as current by an
+    /// otherwise swap the state's directory under a live view, or be overwritten as current by an
     /// older build. Never taken while holding the ledger lock.
     snapshots: Mutex<()>,
     checkpoint_policy: CheckpointPolicy,
@@ -153,13 +153,13 @@ pub struct Shared {
     checkpointed_at: Mutex<tokio::time::Instant>,
     /// To the checkpoint thread (`checkpoint_thread`). A std channel: its sender is called with
     /// the ledger lock held, outside any async context.
-    checkpoints: std::sync::mpsc::Sender<CheckpointJob<SledStore>>,
+    checkpoints: std::sync::mpsc::Sender<CheckpointJob<RunStore>>,
 }
 
-/// Writes sealed checkpoints to sled, one at a time, until the state machine is dropped. A
+/// Writes sealed checkpoints to the store, one at a time, until the state machine is dropped. A
 /// failed one is reported by the store's next commit, which stops the node.
-fn checkpoint_thread() -> io::Result<std::sync::mpsc::Sender<CheckpointJob<SledStore>>> {
-    let (sender, receiver) = std::sync::mpsc::channel::<CheckpointJob<SledStore>>();
+fn checkpoint_thread() -> io::Result<std::sync::mpsc::Sender<CheckpointJob<RunStore>>> {
+    let (sender, receiver) = std::sync::mpsc::channel::<CheckpointJob<RunStore>>();
     std::thread::Builder::new().name("tally-checkpoint".into()).spawn(move || {
         for job in receiver {
             let started = std::time::Instant::now();
@@ -223,8 +223,8 @@ impl Shared {
         self.published.lock().unwrap().clone()
     }
 
-    /// Writes everything applied so far to sled, here and now (waiting for a checkpoint being
-    /// written): before a snapshot or a backup freezes sled. Called with the ledger lock held
+    /// Writes everything applied so far to the store, here and now (waiting for a checkpoint
+    /// being written): before a snapshot or a backup freezes the store. Called with the ledger lock held
     /// exclusively.
     fn checkpoint(&self, ledger: &mut State) -> io::Result<()> {
         let started = tokio::time::Instant::now();
@@ -343,7 +343,7 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 /// (`node::start` refuses the one case where they would not: no snapshot and a purged log).
 fn rebuild(data_dir: &Path, options: StoreOptions, why: &io::Error) -> io::Result<(State, AppliedState)> {
     tracing::warn!(
-        "the ledger state in {} is damaged ({why}); rebuilding it from the local snapshot and log",
+        "the ledger state in {} cannot be used ({why}); rebuilding it from the local snapshot and log",
         data_dir.display()
     );
     let state = crate::sys::store_dir(&data_dir.join(STATE_DIR));
@@ -360,22 +360,26 @@ fn rebuild(data_dir: &Path, options: StoreOptions, why: &io::Error) -> io::Resul
 }
 
 fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(State, AppliedState)> {
-    // sled 0.34 panics on some damage it finds while recovering its log (a flipped byte in its
-    // `db` file: "tried to serialize Uninitialized") instead of returning an error. A node must
-    // refuse damaged data with a message that says what to do, not crash on every start.
-    let opened = std::panic::catch_unwind(|| SledStore::open_with(path, options)).map_err(|panic| {
+    // A page store that panics on damage it meets (redb checks what it reads, but is not built
+    // for files damaged at rest) must not crash the node at every start: such a panic is damage,
+    // which `StateMachine::open` rebuilds.
+    let opened = std::panic::catch_unwind(|| RunStore::open_with(path, options)).map_err(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".into());
-        io::Error::new(io::ErrorKind::InvalidData, format!("sled cannot recover {}: {what}", path.display()))
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("cannot open the state in {}: {what}", path.display()),
+        )
     })?;
-    // Damage found while opening (a checksum, a record that does not decode) is `InvalidData`,
-    // which `StateMachine::open` rebuilds; anything else (another version's state, a failing
-    // disk) is left as it is.
+    // Damage found while opening (a checksum, a record that does not decode) and a state of a
+    // form this build replaced (sled's) are `InvalidData`, which `StateMachine::open` rebuilds
+    // from the snapshot and log; anything else (another version's state, a failing disk) is left
+    // as it is.
     let opened_error = |error: ledger::StoreError| {
-        if error.is_damage() {
+        if error.is_damage() || matches!(error, ledger::StoreError::Superseded(_)) {
             io::Error::new(io::ErrorKind::InvalidData, format!("{}: {error}", path.display()))
         } else {
             io_error(error)
@@ -393,7 +397,7 @@ fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(State, Applied
 
 impl StateMachine {
     /// Opens the state under `data_dir`, finishing or discarding a snapshot install that a crash
-    /// interrupted, and reloading the newest snapshot if sled fell behind it.
+    /// interrupted, and reloading the newest snapshot if the store fell behind it.
     pub fn open(
         data_dir: &Path,
         cache_bytes: u64,
@@ -450,7 +454,7 @@ impl StateMachine {
     /// Applies one entry: on the async worker itself when it is small and the ledger is free
     /// (applying it is memory work of microseconds, and handing the worker over to another
     /// thread, as `block_in_place` does, cost more than that on every entry), else with the
-    /// worker handed over, since it may wait for the lock or write to sled.
+    /// worker handed over, since it may wait for the lock or write to the store.
     fn apply_entry(&self, entry: &Entry) -> io::Result<Response> {
         let events = match &entry.payload {
             EntryPayload::Normal(request) => request.batches.iter().map(ledger::Batch::len).sum(),
@@ -522,7 +526,7 @@ impl StateMachine {
     /// Exports the state to a durable snapshot file and records it as the current snapshot.
     ///
     /// Applying goes on while the export runs: the ledger lock is held only to freeze a view of
-    /// sled (`SledStore::freeze`) together with the applied state it matches; the export then
+    /// the store (`RunStore::freeze`) together with the applied state it matches; the export then
     /// reads that view, which later entries do not change.
     fn build(&self) -> io::Result<Snapshot> {
         let started = std::time::Instant::now();
@@ -537,10 +541,10 @@ impl StateMachine {
         };
         let mut file = crate::sys::fs::File::create(&temporary)?;
         ledger::snapshot::export(&view, &mut file).map_err(io_error)?;
-        // sled flushes on a timer, so after a crash it can be behind a snapshot taken from its
-        // memory; `open` then reloads the whole snapshot, which takes minutes for a large
-        // state. Flushing it before the snapshot becomes current keeps sled at or past it, and
-        // a restart only re-applies the log after it.
+        // The store's writes since its last sync are lost in a crash, so it could be behind a
+        // snapshot taken from them; `open` would then reload the whole snapshot, which takes
+        // minutes for a large state. Syncing it before the snapshot becomes current keeps the
+        // store at or past it, and a restart only re-applies the log after it.
         view.flush_store().map_err(io_error)?;
         drop(view);
         file.sync_all()?;
@@ -562,7 +566,7 @@ impl StateMachine {
         Ok(Snapshot { meta, snapshot: SnapshotFile { path } })
     }
 
-    /// Imports the snapshot file into a fresh sled directory and swaps it in.
+    /// Imports the snapshot file into a fresh state directory and swaps it in.
     fn install_file(&self, path: &Path) -> io::Result<()> {
         self.import_fresh(path)?;
         self.swap_in_fresh()
@@ -578,7 +582,7 @@ impl StateMachine {
         {
             // No merges while importing: the imported runs merge once the store is live.
             let importing = StoreOptions { background_merges: false, ..self.shared.options };
-            let mut store = SledStore::open_with(&fresh, importing).map_err(io_error)?;
+            let mut store = RunStore::open_with(&fresh, importing).map_err(io_error)?;
             let file = crate::sys::fs::File::open(path)?;
             let imported = ledger::snapshot::import(&mut store, file)
                 .map_err(|e| io_error(format!("snapshot {}: {e}", path.display())))
@@ -596,7 +600,7 @@ impl StateMachine {
     fn swap_in_fresh(&self) -> io::Result<()> {
         let data_dir = &self.shared.data_dir;
         let mut ledger = self.shared.ledger.write().unwrap();
-        // sled holds a lock on its directory: close the current one before swapping.
+        // The store holds a lock on its file: close the current one before swapping.
         drop(ledger.take());
         swap_state_dirs(data_dir)?;
         let (reopened, applied) =

@@ -1,9 +1,10 @@
-//! Snapshot import into a `SledStore`.
+//! Snapshot import into a `RunStore`.
 
 use std::sync::Arc;
 
 use super::fields::Indexer;
 use super::layout::Runs;
+use super::pages::Batch;
 use super::runs::{Kind, RunBuilder, Writes};
 use super::{CHUNK_TRANSFERS, Inner, chunk_key, next_run};
 use crate::codec::{
@@ -45,7 +46,7 @@ impl Import {
         inner: &Inner,
         key: &[u8],
         value: &[u8],
-        batch: &mut sled::Batch,
+        batch: &mut Batch,
     ) -> StoreResult<()> {
         let corrupt = || StoreError::Corrupt(format!("snapshot record with key {key:02x?}"));
         match key.first().copied() {
@@ -189,6 +190,6 @@ impl Import {
         let layout = inner.layout.lock().unwrap();
         let writes = std::mem::take(&mut self.writes);
         // Taken, not cloned: a run this holds could never be deleted after a merge.
-        inner.write_layout(&layout, std::mem::take(&mut self.runs), writes, sled::Batch::default())
+        inner.write_layout(&layout, std::mem::take(&mut self.runs), writes, Batch::default())
     }
 }

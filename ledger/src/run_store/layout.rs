@@ -7,9 +7,10 @@ use std::sync::Arc;
 use super::runs::{KINDS, Kind, Run};
 use crate::store::{StoreError, StoreResult};
 
-pub(super) const LAYOUT_KEY: &[u8] = b"Llayout";
+/// The key of the layout record (the runs of each kind), for tests that damage it.
+pub const LAYOUT_KEY: &[u8] = b"Llayout";
 /// Version 2 adds the query indexes (kinds 3 to 11) and the transfers' zone maps; a version 1 layout lists the first three
-/// kinds, and `SledStore::open` builds the query indexes of such a store once.
+/// kinds, and `RunStore::open` builds the query indexes of such a store once.
 const LAYOUT_VERSION: u32 = 2;
 const LAYOUT_VERSIONS_READ: [u32; 2] = [1, 2];
 

@@ -1,7 +1,7 @@
-//! Immutable sorted runs: the shape in which `SledStore` keeps everything looked up by key.
+//! Immutable sorted runs: the shape in which `RunStore` keeps everything looked up by key.
 //!
 //! A run is a sorted sequence of `(key, value)` entries written once and never changed, cut into
-//! pages of about 8 KiB, each page one sled value under `R | kind | run id | page number`. Its
+//! pages of about 8 KiB, each page one page-store value under `R | kind | run id | page number`. Its
 //! description (the first key of every page, its last key, and a Bloom filter over the first 16
 //! bytes of every key) is kept in memory and persisted beside the pages, under
 //! `F | kind | run id | chunk`. A lookup tests the filters of a kind's runs, newest first, and
@@ -15,15 +15,15 @@ use std::cmp::Ordering;
 use std::ops::Range;
 use std::sync::Arc;
 
-use sled::IVec;
+use super::pages::{Pages, Value};
 
 use super::filter::{Filter, KeyHash};
 use crate::model::Field;
 use crate::store::{StoreError, StoreResult};
 
-/// Small, because sled caches and reads whole tree nodes of up to sixteen values: with 32 KiB
-/// pages a cold lookup read 512 KiB and sled's cache, which under-counts such nodes, kept growing.
-pub const PAGE_BYTES: usize = 8 * 1024;
+/// Small, so that a cold lookup reads little; 128 bytes under 8 KiB, so that a page and what redb
+/// keeps beside it fit 8 KiB of its file (a value of exactly 8 KiB takes 16: the disk doubled).
+pub const PAGE_BYTES: usize = 8 * 1024 - 128;
 /// Runs of a kind merge when this many similar-sized runs sit at the newest end.
 pub const FANOUT: usize = 8;
 pub const PREFIX_PAGE: u8 = b'R';
@@ -220,23 +220,18 @@ impl Run {
         Some(low)
     }
 
-    fn load_page(&self, tree: &sled::Tree, page: usize) -> StoreResult<Page> {
+    fn load_page(&self, pages: &Pages, page: usize) -> StoreResult<Page> {
         let key = physical_key(PREFIX_PAGE, self.kind, self.id, page as u32);
-        let bytes = tree.get(key)?.ok_or_else(|| {
+        let bytes = pages.get(&key)?.ok_or_else(|| {
             StoreError::Corrupt(format!("page {page} of {:?} run {} is missing", self.kind, self.id))
         })?;
         Page::new(bytes, self.kind.key_bytes())
     }
 
     /// The value stored under `key` in this run, passed to `read`.
-    pub fn get<T>(
-        &self,
-        tree: &sled::Tree,
-        key: &[u8],
-        read: impl FnOnce(&[u8]) -> T,
-    ) -> StoreResult<Option<T>> {
+    pub fn get<T>(&self, pages: &Pages, key: &[u8], read: impl FnOnce(&[u8]) -> T) -> StoreResult<Option<T>> {
         let Some(page) = self.page_for(key) else { return Ok(None) };
-        let page = self.load_page(tree, page)?;
+        let page = self.load_page(pages, page)?;
         let position = page.lower_bound(key);
         if position < page.count() && page.key(position) == key {
             return Ok(Some(read(page.value(position))));
@@ -257,12 +252,12 @@ impl Run {
         out
     }
 
-    /// Reads a run's description back from sled.
-    pub fn load(tree: &sled::Tree, kind: Kind, id: u64) -> StoreResult<Run> {
+    /// Reads a run's description back from the page store.
+    pub fn load(pages: &Pages, kind: Kind, id: u64) -> StoreResult<Run> {
         let corrupt = || StoreError::Corrupt(format!("description of {kind:?} run {id}"));
         let range = run_key_range(PREFIX_RUN_META, kind, id);
         let mut bytes = Vec::new();
-        for chunk in tree.range(range) {
+        for chunk in pages.range(range) {
             bytes.extend_from_slice(&chunk?.1);
         }
         let width = kind.key_bytes();
@@ -283,12 +278,12 @@ impl Run {
 
 /// One page, read in place.
 struct Page {
-    bytes: IVec,
+    bytes: Value,
     key_bytes: usize,
 }
 
 impl Page {
-    fn new(bytes: IVec, key_bytes: usize) -> StoreResult<Page> {
+    fn new(bytes: Value, key_bytes: usize) -> StoreResult<Page> {
         let page = Page { bytes, key_bytes };
         let count = page.bytes.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
         // Every entry's key, length byte and value within the page: the bytes came off the disk,
@@ -463,7 +458,7 @@ impl RunBuilder {
 /// key is copied out (keys are at most 24 bytes), so that merging compares plain arrays.
 struct Cursor<'r> {
     run: &'r Run,
-    tree: &'r sled::Tree,
+    pages: &'r Pages,
     reversed: bool,
     page_number: usize,
     page: Option<Page>,
@@ -474,10 +469,10 @@ struct Cursor<'r> {
 
 impl<'r> Cursor<'r> {
     /// At the first entry at or after `key` (backward: at or before it).
-    fn seek(run: &'r Run, tree: &'r sled::Tree, key: &[u8], reversed: bool) -> StoreResult<Cursor<'r>> {
+    fn seek(run: &'r Run, pages: &'r Pages, key: &[u8], reversed: bool) -> StoreResult<Cursor<'r>> {
         let mut cursor = Cursor {
             run,
-            tree,
+            pages,
             reversed,
             page_number: 0,
             page: None,
@@ -491,7 +486,7 @@ impl<'r> Cursor<'r> {
                 None if key > run.last_key.as_slice() => run.pages() - 1,
                 None => return Ok(cursor),
             };
-            let page = run.load_page(tree, page_number)?;
+            let page = run.load_page(pages, page_number)?;
             let after = page.lower_bound(key);
             let at_or_before = if after < page.count() && page.key(after) == key { after + 1 } else { after };
             // The page's first key is at or before `key`, so this page holds the answer.
@@ -504,7 +499,7 @@ impl<'r> Cursor<'r> {
                 None if key < run.fence(0) => 0,
                 None => return Ok(cursor),
             };
-            let page = run.load_page(tree, page_number)?;
+            let page = run.load_page(pages, page_number)?;
             cursor.page_number = page_number;
             cursor.position = page.lower_bound(key);
             let past_end = cursor.position == page.count();
@@ -545,7 +540,7 @@ impl<'r> Cursor<'r> {
                 self.page = None;
             } else {
                 self.page_number -= 1;
-                let page = self.run.load_page(self.tree, self.page_number)?;
+                let page = self.run.load_page(self.pages, self.page_number)?;
                 self.position = page.count() - 1;
                 self.page = Some(page);
             }
@@ -562,7 +557,7 @@ impl<'r> Cursor<'r> {
         self.page_number += 1;
         self.position = 0;
         self.page = if self.page_number < self.run.pages() {
-            Some(self.run.load_page(self.tree, self.page_number)?)
+            Some(self.run.load_page(self.pages, self.page_number)?)
         } else {
             None
         };
@@ -575,7 +570,7 @@ impl<'r> Cursor<'r> {
 /// given, skips the runs whose filter does not hold it.
 pub fn scan(
     runs: &[Arc<Run>],
-    tree: &sled::Tree,
+    pages: &Pages,
     low: &[u8],
     high: &[u8],
     reversed: bool,
@@ -586,7 +581,7 @@ pub fn scan(
     let mut cursors = Vec::with_capacity(runs.len());
     for run in runs {
         if filter.is_none_or(|hash| run.may_contain(hash)) {
-            cursors.push(Cursor::seek(run, tree, start, reversed)?);
+            cursors.push(Cursor::seek(run, pages, start, reversed)?);
         }
     }
     let mut key = [0u8; 24];
@@ -623,10 +618,10 @@ pub fn scan(
 }
 
 /// Every entry of `runs`, merged: what a merge writes and what an export reads.
-pub fn scan_all(runs: &[Arc<Run>], tree: &sled::Tree, visit: &mut EntryVisitor) -> StoreResult<()> {
+pub fn scan_all(runs: &[Arc<Run>], pages: &Pages, visit: &mut EntryVisitor) -> StoreResult<()> {
     let Some(first) = runs.first() else { return Ok(()) };
     let width = first.kind.key_bytes();
-    scan(runs, tree, &vec![0u8; width], &vec![0xff; width], false, None, visit)
+    scan(runs, pages, &vec![0u8; width], &vec![0xff; width], false, None, visit)
 }
 
 /// Which runs of a kind (oldest first) to merge now, if any: the newest runs of the newest run's
@@ -667,39 +662,35 @@ mod tests {
     fn a_page_with_a_value_length_past_its_end_is_damage() {
         let key = [7u8; 16];
         let good = page_bytes(&[(&key, b"abc"), (&key, b"de")]);
-        let page = Page::new(IVec::from(good.clone()), 16).expect("a whole page");
+        let page = Page::new(Value::from(good.clone()), 16).expect("a whole page");
         assert_eq!((page.value(0), page.value(1)), (&b"abc"[..], &b"de"[..]));
         let mut damaged = good;
         let last_length = damaged.len() - 3;
         damaged[last_length] = 200;
-        match Page::new(IVec::from(damaged), 16) {
+        match Page::new(Value::from(damaged), 16) {
             Err(StoreError::Corrupt(what)) => assert!(what.contains("page"), "{what}"),
             other => panic!("a damaged length: {:?}", other.map(|_| ())),
         }
     }
 
-    fn build(tree: &sled::Tree, id: u64, entries: &[(u128, u64)]) -> Arc<Run> {
+    fn build(pages: &Pages, id: u64, entries: &[(u128, u64)]) -> Arc<Run> {
         let mut out = Writes::new();
         let mut builder = RunBuilder::new(Kind::Ids, id, entries.len() as u64);
         for (key, value) in entries {
             builder.push(&key.to_be_bytes(), &value.to_le_bytes(), &mut out);
         }
         let run = builder.finish(&mut out).unwrap();
+        let mut batch = super::super::pages::Batch::default();
         for (key, value) in out {
-            tree.insert(key, value).unwrap();
+            batch.insert(key, value);
         }
+        pages.apply(batch).unwrap();
         Arc::new(run)
     }
 
-    fn collect(
-        runs: &[Arc<Run>],
-        tree: &sled::Tree,
-        low: u128,
-        high: u128,
-        reversed: bool,
-    ) -> Vec<(u128, u64)> {
+    fn collect(runs: &[Arc<Run>], pages: &Pages, low: u128, high: u128, reversed: bool) -> Vec<(u128, u64)> {
         let mut seen = Vec::new();
-        scan(runs, tree, &low.to_be_bytes(), &high.to_be_bytes(), reversed, None, &mut |key, value| {
+        scan(runs, pages, &low.to_be_bytes(), &high.to_be_bytes(), reversed, None, &mut |key, value| {
             seen.push((
                 u128::from_be_bytes(key.try_into().unwrap()),
                 u64::from_le_bytes(value.try_into().unwrap()),
@@ -712,20 +703,20 @@ mod tests {
 
     #[test]
     fn lookups_and_scans_across_pages_and_runs_with_the_newest_value_winning() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pages = Pages::open(dir.path(), 1 << 20).unwrap();
         // 5,000 entries of 25 bytes: several pages. Even keys in the old run, multiples of 3 in
         // the new one, so that multiples of 6 are in both.
         let old: Vec<(u128, u64)> = (0..5_000).map(|n| (n * 2, 1)).collect();
         let new: Vec<(u128, u64)> = (0..3_400).map(|n| (n * 3, 2)).collect();
-        let runs = [build(&tree, 1, &old), build(&tree, 2, &new)];
+        let runs = [build(&pages, 1, &old), build(&pages, 2, &new)];
         assert!(runs[0].pages() > 2);
-        let reloaded = Run::load(&tree, Kind::Ids, 1).unwrap();
+        let reloaded = Run::load(&pages, Kind::Ids, 1).unwrap();
         assert_eq!((reloaded.entries, reloaded.pages()), (5_000, runs[0].pages()));
 
         let get = |key: u128| {
             runs.iter().rev().find_map(|run| {
-                run.get(&tree, &key.to_be_bytes(), |v| u64::from_le_bytes(v.try_into().unwrap())).unwrap()
+                run.get(&pages, &key.to_be_bytes(), |v| u64::from_le_bytes(v.try_into().unwrap())).unwrap()
             })
         };
         assert_eq!((get(6), get(4), get(9), get(7), get(20_000)), (Some(2), Some(1), Some(2), None, None));
@@ -734,21 +725,21 @@ mod tests {
             .filter(|n| n % 2 == 0 || n % 3 == 0)
             .map(|n| (n, if n % 3 == 0 { 2 } else { 1 }))
             .collect();
-        assert_eq!(collect(&runs, &tree, 100, 2_000, false), expected);
+        assert_eq!(collect(&runs, &pages, 100, 2_000, false), expected);
         let mut reversed = expected.clone();
         reversed.reverse();
-        assert_eq!(collect(&runs, &tree, 100, 2_000, true), reversed);
-        assert_eq!(collect(&runs, &tree, 10_001, 10_001, false), vec![]);
+        assert_eq!(collect(&runs, &pages, 100, 2_000, true), reversed);
+        assert_eq!(collect(&runs, &pages, 10_001, 10_001, false), vec![]);
         let both = (0..10_000u128).filter(|n| n % 6 == 0).count();
-        assert_eq!(collect(&runs, &tree, 0, u128::MAX, true).len(), 5_000 + 3_400 - both);
+        assert_eq!(collect(&runs, &pages, 0, u128::MAX, true).len(), 5_000 + 3_400 - both);
     }
 
     #[test]
     fn merges_pick_the_newest_runs_of_one_class() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("t").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pages = Pages::open(dir.path(), 1 << 20).unwrap();
         let sized =
-            |id: u64, entries: u128| build(&tree, id, &(0..entries).map(|n| (n, 0)).collect::<Vec<_>>());
+            |id: u64, entries: u128| build(&pages, id, &(0..entries).map(|n| (n, 0)).collect::<Vec<_>>());
         let mut runs = vec![sized(1, 5_000)];
         for id in 2..9 {
             runs.push(sized(id, 10));

@@ -1,4 +1,4 @@
-//! `SledStore`: the state in one sled tree, laid out for a ledger's workload.
+//! `RunStore`: the state in one sled tree, laid out for a ledger's workload.
 //!
 //! Transfers never change once created and arrive in timestamp order; accounts are few and hot;
 //! lookups are by id, by (account, time) and by expiry. So the state is not one sled key per
@@ -43,10 +43,12 @@ mod fields;
 mod filter;
 mod import;
 mod layout;
+pub mod pages;
 pub mod runs;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::ops::Bound;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -56,7 +58,9 @@ pub use self::export::FrozenView;
 use self::export::{PreImages, export};
 use self::filter::KeyHash;
 use self::import::Import;
-use self::layout::{LAYOUT_KEY, Layout, Runs};
+pub use self::layout::LAYOUT_KEY;
+use self::layout::{Layout, Runs};
+use self::pages::{Batch, Pages, Value};
 use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
 use crate::codec::{
     self, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
@@ -64,24 +68,18 @@ use crate::codec::{
 use crate::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
 use crate::store::{Changes, RecordVisitor, Scanned, Store, StoreError, StoreResult};
 
-const TREE_NAME: &[u8] = b"ledger";
-/// sled writes a value that does not fit a quarter of a segment to a file of its own; a node of
-/// sixteen pages must fit, or every page write creates and deletes files.
-const SEGMENT_BYTES: usize = 8 << 20;
-/// Transfers in one `T` value: 8 KiB, like a run page (see `runs::PAGE_BYTES`).
-const CHUNK_TRANSFERS: usize = 64;
+/// Transfers in one `T` value: 8,064 bytes, like a run page (see `runs::PAGE_BYTES`).
+const CHUNK_TRANSFERS: usize = 63;
 /// Marks an ids-run entry as a failed id rather than a transfer's timestamp (timestamps stay
 /// below 2^63: ledger time is nanoseconds since 1970, and imported ones are checked).
 pub(super) const FAILED_MARK: u64 = 1 << 63;
-/// How long opening waits for sled's lock on the directory (see `open_with`).
-const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
-/// Writes a merge or an import sends to sled per batch.
+/// Writes a merge or an import sends to the page store per batch.
 const WRITES_PER_BATCH: usize = 64;
 /// Memory an account takes in the cache: id and record, and the map's control byte and spare
 /// capacity.
 const CACHED_ACCOUNT_BYTES: u64 = 168;
 
-/// How a `SledStore` uses memory and threads.
+/// How a `RunStore` uses memory and threads.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
     /// Memory for caches: half to sled's page cache, half to decoded accounts (the hottest
@@ -98,7 +96,7 @@ impl Default for Options {
     }
 }
 
-pub struct SledStore {
+pub struct RunStore {
     inner: Arc<Inner>,
     merger: Option<JoinHandle<()>>,
     background_merges: bool,
@@ -107,9 +105,7 @@ pub struct SledStore {
 
 /// What a store shares with its merge thread and its frozen views.
 struct Inner {
-    path: PathBuf,
-    db: sled::Db,
-    tree: sled::Tree,
+    pages: Pages,
     /// The runs readers use. Replaced, never changed in place, by the holder of `layout`.
     runs: RwLock<Arc<Runs>>,
     /// Held to change the layout (a commit, a merge's start and swap, garbage collection).
@@ -153,64 +149,39 @@ impl AccountCache {
     }
 }
 
-impl SledStore {
+impl RunStore {
     /// Opens (or creates) the store in directory `path` with default options.
-    pub fn open(path: &Path) -> StoreResult<SledStore> {
-        SledStore::open_with(path, Options::default())
+    pub fn open(path: &Path) -> StoreResult<RunStore> {
+        RunStore::open_with(path, Options::default())
     }
 
-    pub fn open_with(path: &Path, options: Options) -> StoreResult<SledStore> {
-        let config = sled::Config::new()
-            .path(path)
-            .segment_size(SEGMENT_BYTES)
-            .cache_capacity(options.cache_bytes / 2);
-        // sled's threads of a store this process just dropped hold its directory's lock a
-        // moment longer: a snapshot install that reopens the swapped-in state met it (CI). Wait
-        // for the lock, with a deadline; another process's lock is still refused after it.
-        let started = std::time::Instant::now();
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(error))
-                    if error.to_string().contains("could not acquire lock")
-                        && started.elapsed() < LOCK_WAIT_MAX =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                // Schema 1 kept sled's default segments; sled refuses to change them.
-                Err(sled::Error::Unsupported(what)) if what.contains("io buffer size") => {
-                    return Err(old_layout(path));
-                }
-                opened => break opened?,
-            }
-        };
-        // sled creates its directory and files but never fsyncs a directory: without this, a
-        // power cut can take the names of everything it flushed (faultfs's tests show it).
-        sync_directory(path)?;
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            sync_directory(parent)?;
+    pub fn open_with(path: &Path, options: Options) -> StoreResult<RunStore> {
+        if is_sled_directory(path) {
+            return Err(sled_state(path));
         }
-        let tree = db.open_tree(TREE_NAME)?;
+        let pages = Pages::open(path, options.cache_bytes / 2)?;
         let mut runs = Runs::default();
         let mut layout = Layout::default();
         let mut query_indexes = true;
-        if let Some(bytes) = tree.get(LAYOUT_KEY)? {
+        if let Some(bytes) = pages.get(LAYOUT_KEY)? {
             let stored = Layout::decode(&bytes)?;
             query_indexes = stored.query_indexes;
             layout.next_run = stored.next_run;
             layout.garbage = stored.garbage;
             for (kind, ids) in Kind::ALL.into_iter().zip(stored.kinds) {
                 for id in ids {
-                    runs.kinds[kind as usize].push(Arc::new(Run::load(&tree, kind, id)?));
+                    runs.kinds[kind as usize].push(Arc::new(Run::load(&pages, kind, id)?));
                 }
             }
-        } else if tree.get(codec::META_LEDGER_KEY)?.is_some() {
-            return Err(old_layout(path));
+        } else if pages.get(codec::META_LEDGER_KEY)?.is_some() {
+            return Err(StoreError::Corrupt(format!(
+                "{}: a ledger meta record without a layout",
+                path.display()
+            )));
         }
         let capacity = (options.cache_bytes / 2 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
         let inner = Arc::new(Inner {
-            path: path.to_path_buf(),
-            db,
-            tree,
+            pages,
             runs: RwLock::new(Arc::new(runs)),
             layout: Mutex::new(layout),
             accounts: Mutex::new(AccountCache { accounts: HashMap::default(), capacity }),
@@ -236,7 +207,7 @@ impl SledStore {
                 .spawn(move || inner.merge_loop())
                 .expect("spawn the merge thread")
         });
-        Ok(SledStore { inner, merger, background_merges: options.background_merges, import: None })
+        Ok(RunStore { inner, merger, background_merges: options.background_merges, import: None })
     }
 
     /// A view of the state as it is now that later commits do not change, for a snapshot export
@@ -279,7 +250,7 @@ impl SledStore {
         for run in runs.of(Kind::Ids).iter().rev() {
             if run.may_contain(hash)
                 && let Some(timestamp) =
-                    run.get(&self.inner.tree, &key, |value| u64::from_le_bytes(value.try_into().unwrap()))?
+                    run.get(&self.inner.pages, &key, |value| u64::from_le_bytes(value.try_into().unwrap()))?
             {
                 return Ok(Some(timestamp));
             }
@@ -290,7 +261,7 @@ impl SledStore {
     /// The transfer with this timestamp, from its chunk.
     fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
         let key = chunk_key(timestamp);
-        let Some(entry) = self.inner.tree.range(..=key).next_back() else { return Ok(None) };
+        let Some(entry) = self.inner.pages.range(..=key).next_back() else { return Ok(None) };
         let (chunk_key, chunk) = entry?;
         if chunk_key.first() != Some(&PREFIX_TRANSFER) {
             return Ok(None);
@@ -312,12 +283,13 @@ impl SledStore {
         if timestamp_min > timestamp_max {
             return Ok(());
         }
-        let tree = &self.inner.tree;
-        let start = chunk_start(tree, fields::zone_key(timestamp_min))?;
-        let zones = tree.range(start..=fields::zone_key(timestamp_max).to_vec());
+        let pages = &self.inner.pages;
+        let start = chunk_start(pages, fields::zone_key(timestamp_min))?;
+        let end = fields::zone_key(timestamp_max);
+        let zones = pages.range::<[u8]>((Bound::Included(&start[..]), Bound::Included(&end[..])));
         // Reversed, a skipped chunk ends before the chunk visited after it in time begins.
         let mut later_first = timestamp_max.saturating_add(1);
-        let mut visit_zone = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> StoreResult<bool> {
+        let mut visit_zone = |entry: StoreResult<(Value, Value)>| -> StoreResult<bool> {
             let (key, zone) = entry?;
             let first = u64::from_be_bytes(key[1..9].try_into().unwrap());
             if !select(&zone)? {
@@ -326,7 +298,7 @@ impl SledStore {
                 return Ok(visit(Scanned::Skipped { resume, transfers: CHUNK_TRANSFERS }));
             }
             later_first = first.max(timestamp_min);
-            let chunk = tree.get(chunk_key(first))?;
+            let chunk = pages.get(&chunk_key(first))?;
             let chunk =
                 chunk.ok_or_else(|| StoreError::Corrupt(format!("zone map {key:02x?} without its chunk")))?;
             let mut records = chunk_records(&chunk)?;
@@ -383,7 +355,7 @@ impl SledStore {
         let mut result = Ok(());
         Self::plain_writes(changes, |key, _| {
             if result.is_ok() && !pre_images.contains_key(key) {
-                match self.inner.tree.get(key) {
+                match self.inner.pages.get(key) {
                     Ok(value) => {
                         pre_images.insert(key.to_vec(), value.map(|v| v.to_vec()));
                     }
@@ -391,7 +363,7 @@ impl SledStore {
                 }
             }
         });
-        Ok(result?)
+        result
     }
 
     fn signal_merges(&self) -> StoreResult<()> {
@@ -405,7 +377,7 @@ impl SledStore {
     }
 }
 
-impl Drop for SledStore {
+impl Drop for RunStore {
     fn drop(&mut self) {
         if let Some(merger) = self.merger.take() {
             self.inner.merges.lock().unwrap().stop = true;
@@ -415,29 +387,16 @@ impl Drop for SledStore {
     }
 }
 
-/// fsyncs every file under `path`, then each directory after its contents.
-fn sync_tree(path: &Path) -> StoreResult<()> {
-    for entry in std::fs::read_dir(path)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            sync_tree(&entry.path())?;
-        } else {
-            std::fs::File::open(entry.path())?.sync_all()?;
-        }
-    }
-    sync_directory(path)
+/// Whether `path` holds a state written on sled (tally before the page store was redb): sled's
+/// `conf` and `db` files.
+fn is_sled_directory(path: &Path) -> bool {
+    path.join("conf").is_file() && path.join("db").is_file()
 }
 
-fn sync_directory(path: &Path) -> StoreResult<()> {
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
-}
-
-fn old_layout(path: &Path) -> StoreError {
-    StoreError::OtherVersion(format!(
-        "{} holds a ledger state written by an older tally (schema 1, one sled key per record), \
-         which this build does not read. Rebuild it from a peer: `tally cluster remove` this \
-         node, delete its data directory, and start it with `--join` (it receives a snapshot)",
+fn sled_state(path: &Path) -> StoreError {
+    StoreError::Superseded(format!(
+        "{} holds a ledger state written on sled by an older tally; this build keeps the state in \
+         redb, and rebuilds it from the node's snapshot and log",
         path.display()
     ))
 }
@@ -456,8 +415,8 @@ fn chunk_records(chunk: &[u8]) -> StoreResult<std::slice::ChunksExact<'_, u8>> {
 
 /// Where a scan of chunks keyed `prefix | first timestamp` from `key`'s timestamp begins: at the
 /// chunk that holds it, which starts at or before it, if one of the prefix does.
-fn chunk_start(tree: &sled::Tree, key: [u8; 9]) -> StoreResult<Vec<u8>> {
-    Ok(match tree.range(..=key).next_back().transpose()? {
+fn chunk_start(pages: &Pages, key: [u8; 9]) -> StoreResult<Vec<u8>> {
+    Ok(match pages.last_at_or_before(&key)? {
         Some((found, _)) if found.first() == Some(&key[0]) => found.to_vec(),
         _ => key.to_vec(),
     })
@@ -529,7 +488,7 @@ impl Inner {
         let mut indexer = fields::Indexer::default();
         let mut runs = (*self.current_runs()).clone();
         let mut writes = Writes::new();
-        for entry in self.tree.scan_prefix([PREFIX_TRANSFER]) {
+        for entry in self.pages.scan_prefix(&[PREFIX_TRANSFER]) {
             let (key, chunk) = entry?;
             let transfers: Vec<Transfer> = chunk_records(&chunk)?.map(codec::decode_transfer).collect();
             let first = u64::from_be_bytes(key[1..9].try_into().unwrap());
@@ -542,7 +501,7 @@ impl Inner {
             }
         }
         let accounts = runs.of(Kind::Accounts).to_vec();
-        runs::scan_all(&accounts, &self.tree, &mut |_, value| {
+        runs::scan_all(&accounts, &self.pages, &mut |_, value| {
             if value.len() != codec::RECORD_BYTES {
                 return Err(StoreError::Corrupt("account record length".into()));
             }
@@ -554,17 +513,14 @@ impl Inner {
         })?;
         indexer.finish(self, &mut runs, &mut writes);
         let layout = self.layout.lock().unwrap();
-        self.write_layout(&layout, runs, writes, sled::Batch::default())?;
+        self.write_layout(&layout, runs, writes, Batch::default())?;
         drop(layout);
         self.flush()
     }
 
-    /// Makes everything committed so far durable. sled's own flush ends in `sync_file_range`,
-    /// which writes the data pages but not the file's size nor any name, so a power cut could
-    /// still take what it wrote: fsync every file of sled's directory, and the directories.
+    /// Makes everything committed so far durable.
     fn flush(&self) -> StoreResult<()> {
-        self.db.flush()?;
-        sync_tree(&self.path)
+        self.pages.sync()
     }
 
     fn current_runs(&self) -> Arc<Runs> {
@@ -572,35 +528,31 @@ impl Inner {
     }
 
     fn timestamp_last(&self) -> Option<u64> {
-        let bytes = self.tree.get(codec::META_LEDGER_KEY).ok()??;
+        let bytes = self.pages.get(codec::META_LEDGER_KEY).ok()??;
         codec::decode_ledger_meta(&bytes).ok().map(|meta| meta.timestamp_last)
     }
 
-    /// Writes `writes`, `extra` and the layout with `runs` in one batch, then makes `runs` the
-    /// readers' runs. Called with the layout lock held.
-    fn write_layout(
-        &self,
-        layout: &Layout,
-        runs: Runs,
-        writes: Writes,
-        extra: sled::Batch,
-    ) -> StoreResult<()> {
+    /// Writes `writes`, `extra` and the layout with `runs` in one batch, durably (with every
+    /// batch before it: the pages of the runs it names), then makes `runs` the readers' runs.
+    /// Called with the layout lock held. A commit (a checkpoint) and a merge each end here: a
+    /// restart finds the last one, and the page store reuses what it freed.
+    fn write_layout(&self, layout: &Layout, runs: Runs, writes: Writes, extra: Batch) -> StoreResult<()> {
         let mut batch = extra;
         for (key, value) in writes {
             batch.insert(key, value);
         }
         batch.insert(LAYOUT_KEY, layout.encode(&runs));
-        self.tree.apply_batch(batch)?;
+        self.pages.apply_durably(batch)?;
         *self.runs.write().unwrap() = Arc::new(runs);
         Ok(())
     }
 
     fn write_pages(&self, writes: &mut Writes) -> StoreResult<()> {
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for (key, value) in writes.drain(..) {
             batch.insert(key, value);
         }
-        self.tree.apply_batch(batch)?;
+        self.pages.apply(batch)?;
         Ok(())
     }
 
@@ -650,14 +602,14 @@ impl Inner {
             let id = layout.next_run;
             layout.next_run += 1;
             layout.writing.push((kind, id));
-            self.write_layout(&layout, (*runs).clone(), Writes::new(), sled::Batch::default())?;
+            self.write_layout(&layout, (*runs).clone(), Writes::new(), Batch::default())?;
             (kind, runs.of(kind)[range].to_vec(), id)
         };
         let distinct = sources.iter().map(|run| run.distinct).sum();
         let mut builder = RunBuilder::new(kind, id, distinct);
         let mut writes = Writes::new();
         let mut stopped = false;
-        runs::scan_all(&sources, &self.tree, &mut |key, value| {
+        runs::scan_all(&sources, &self.pages, &mut |key, value| {
             builder.push(key, value, &mut writes);
             if writes.len() >= WRITES_PER_BATCH {
                 self.write_pages(&mut writes)?;
@@ -681,7 +633,7 @@ impl Inner {
                 // Stopped, or the store was cleared meanwhile.
                 _ => layout.garbage.push((kind, id)),
             }
-            self.write_layout(&layout, runs, Writes::new(), sled::Batch::default())?;
+            self.write_layout(&layout, runs, Writes::new(), Batch::default())?;
         }
         self.collect_garbage()?;
         Ok(!stopped)
@@ -705,25 +657,21 @@ impl Inner {
         }
         for (kind, id) in &doomed {
             for prefix in [PREFIX_PAGE, PREFIX_RUN_META] {
-                let mut batch = sled::Batch::default();
-                for key in self.tree.range(runs::run_key_range(prefix, *kind, *id)).keys() {
-                    batch.remove(key?);
+                let mut batch = Batch::default();
+                for key in self.pages.range(runs::run_key_range(prefix, *kind, *id)).keys() {
+                    batch.remove(key?.to_vec());
                 }
-                self.tree.apply_batch(batch)?;
+                self.pages.apply(batch)?;
             }
         }
         let mut layout = self.layout.lock().unwrap();
         layout.garbage.retain(|run| !doomed.contains(run));
         let runs = (*self.current_runs()).clone();
-        self.write_layout(&layout, runs, Writes::new(), sled::Batch::default())
+        self.write_layout(&layout, runs, Writes::new(), Batch::default())
     }
 }
 
-fn record<T>(
-    value: Option<sled::IVec>,
-    decode: impl Fn(&[u8]) -> T,
-    expected: usize,
-) -> StoreResult<Option<T>> {
+fn record<T>(value: Option<Value>, decode: impl Fn(&[u8]) -> T, expected: usize) -> StoreResult<Option<T>> {
     match value {
         None => Ok(None),
         Some(bytes) if bytes.len() == expected => Ok(Some(decode(&bytes))),
@@ -733,7 +681,7 @@ fn record<T>(
     }
 }
 
-impl Store for SledStore {
+impl Store for RunStore {
     fn account(&self, id: u128) -> StoreResult<Option<Account>> {
         if let Some(account) = self.inner.accounts.lock().unwrap().accounts.get(&id) {
             return Ok(Some(*account));
@@ -745,7 +693,7 @@ impl Store for SledStore {
             if !run.may_contain(hash) {
                 continue;
             }
-            let found = run.get(&self.inner.tree, &key, |value| {
+            let found = run.get(&self.inner.pages, &key, |value| {
                 (value.len() == codec::RECORD_BYTES).then(|| codec::decode_account(value))
             })?;
             match found {
@@ -774,7 +722,7 @@ impl Store for SledStore {
     }
 
     fn pending_status(&self, id: u128) -> StoreResult<Option<PendingStatus>> {
-        let value = self.inner.tree.get(codec::id_key(PREFIX_PENDING, id))?;
+        let value = self.inner.pages.get(&codec::id_key(PREFIX_PENDING, id))?;
         match record(value, |bytes| PendingStatus::from_u8(bytes[0]), 1)? {
             None => Ok(None),
             Some(Some(status)) => Ok(Some(status)),
@@ -792,7 +740,7 @@ impl Store for SledStore {
     }
 
     fn next_expiry(&self) -> StoreResult<Option<u64>> {
-        match self.inner.tree.scan_prefix([PREFIX_EXPIRY]).next() {
+        match self.inner.pages.scan_prefix(&[PREFIX_EXPIRY]).next() {
             None => Ok(None),
             Some(entry) => Ok(Some(codec::decode_expiry_key(&entry?.0).0)),
         }
@@ -800,7 +748,7 @@ impl Store for SledStore {
 
     fn first_expiries(&self, count: usize) -> StoreResult<Vec<(u64, u128)>> {
         let mut first = Vec::with_capacity(count.min(1024));
-        for entry in self.inner.tree.scan_prefix([PREFIX_EXPIRY]).take(count) {
+        for entry in self.inner.pages.scan_prefix(&[PREFIX_EXPIRY]).take(count) {
             first.push(codec::decode_expiry_key(&entry?.0));
         }
         Ok(first)
@@ -810,7 +758,7 @@ impl Store for SledStore {
         let start = [PREFIX_EXPIRY];
         let end = codec::expiry_key(now, u128::MAX);
         let mut due = Vec::new();
-        for entry in self.inner.tree.range(&start[..]..=&end[..]) {
+        for entry in self.inner.pages.range(&start[..]..=&end[..]) {
             let (key, _) = entry?;
             due.push(codec::decode_expiry_key(&key));
         }
@@ -831,7 +779,7 @@ impl Store for SledStore {
         let hash = KeyHash::of(&account_id.to_be_bytes());
         runs::scan(
             runs.of(Kind::Index),
-            &self.inner.tree,
+            &self.inner.pages,
             &low[1..],
             &high[1..],
             reversed,
@@ -841,7 +789,7 @@ impl Store for SledStore {
     }
 
     fn transfer_at(&self, timestamp: u64) -> StoreResult<Option<Transfer>> {
-        SledStore::transfer_at(self, timestamp)
+        RunStore::transfer_at(self, timestamp)
     }
 
     fn scan_transfers(
@@ -880,7 +828,7 @@ impl Store for SledStore {
         let runs = self.inner.current_runs();
         runs::scan(
             runs.of(kind),
-            &self.inner.tree,
+            &self.inner.pages,
             &runs::field_key(value, timestamp_min),
             &runs::field_key(value, timestamp_max),
             reversed,
@@ -910,7 +858,7 @@ impl Store for SledStore {
         let corrupt = || StoreError::Corrupt("account query index value".into());
         runs::scan(
             runs.of(Kind::of_account_field(field)),
-            &self.inner.tree,
+            &self.inner.pages,
             &runs::field_key(value, timestamp_min),
             &runs::field_key(value, timestamp_max),
             reversed,
@@ -927,9 +875,11 @@ impl Store for SledStore {
         timestamp_min: u64,
         visit: &mut dyn FnMut(&ChangeRecord) -> bool,
     ) -> StoreResult<()> {
-        let tree = &self.inner.tree;
-        let start = chunk_start(tree, codec::change_key(timestamp_min))?;
-        for entry in tree.range(start..[PREFIX_CHANGE + 1].to_vec()) {
+        let pages = &self.inner.pages;
+        let start = chunk_start(pages, codec::change_key(timestamp_min))?;
+        for entry in
+            pages.range::<[u8]>((Bound::Included(&start[..]), Bound::Excluded(&[PREFIX_CHANGE + 1][..])))
+        {
             let (_, chunk) = entry?;
             for (timestamp, bytes) in change_records(&chunk)? {
                 if timestamp < timestamp_min {
@@ -946,7 +896,7 @@ impl Store for SledStore {
     }
 
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        Ok(self.inner.tree.get(key)?.map(|value| value.to_vec()))
+        Ok(self.inner.pages.get(key)?.map(|value| value.to_vec()))
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
@@ -959,7 +909,7 @@ impl Store for SledStore {
 
     fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
         let mut import = self.import.take().unwrap_or_default();
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for (key, value) in records {
             if key.first() == Some(&PREFIX_META) && !import.finished {
                 import.finish(&self.inner)?;
@@ -967,7 +917,7 @@ impl Store for SledStore {
             import.put(&self.inner, key, value, &mut batch)?;
         }
         import.flush(&self.inner)?;
-        self.inner.tree.apply_batch(batch)?;
+        self.inner.pages.apply(batch)?;
         self.import = Some(import);
         Ok(())
     }
@@ -975,18 +925,17 @@ impl Store for SledStore {
     fn clear(&mut self) -> StoreResult<()> {
         self.import = None;
         let mut layout = self.inner.layout.lock().unwrap();
-        self.inner.tree.clear()?;
+        self.inner.pages.clear()?;
         layout.retired.clear();
         layout.garbage.clear();
         *self.inner.runs.write().unwrap() = Arc::new(Runs::default());
         self.inner.accounts.lock().unwrap().accounts.clear();
         drop(layout);
-        self.inner.db.flush()?;
-        Ok(())
+        self.inner.pages.sync()
     }
 
     fn is_empty(&self) -> StoreResult<bool> {
-        Ok(self.inner.tree.is_empty())
+        self.inner.pages.is_empty()
     }
 
     fn flush(&self) -> StoreResult<()> {
@@ -994,13 +943,13 @@ impl Store for SledStore {
     }
 }
 
-impl crate::store::SharedStore for SledStore {
+impl crate::store::SharedStore for RunStore {
     /// Everything a commit changes is behind the store's own locks (the layout, the runs, the
     /// account cache), and the runs it adds appear to readers in one swap: readers and merges
     /// may go on meanwhile. Two commits must not run at once (`Checkpointed` runs one at a time).
     fn commit_shared(&self, changes: &Changes) -> StoreResult<()> {
         self.keep_pre_images(changes)?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         Self::plain_writes(changes, |key, value| match value {
             Some(value) => batch.insert(key, value),
             None => batch.remove(key),
@@ -1010,11 +959,11 @@ impl crate::store::SharedStore for SledStore {
             for transfer in chunk {
                 value.extend_from_slice(&codec::encode_transfer(transfer));
             }
-            batch.insert(&chunk_key(chunk[0].timestamp), value);
-            batch.insert(&fields::zone_key(chunk[0].timestamp), fields::zone_of(chunk));
+            batch.insert(chunk_key(chunk[0].timestamp), value);
+            batch.insert(fields::zone_key(chunk[0].timestamp), fields::zone_of(chunk));
         }
         for chunk in changes.changes.chunks(CHUNK_TRANSFERS) {
-            batch.insert(&codec::change_key(chunk[0].timestamp), encode_change_chunk(chunk));
+            batch.insert(codec::change_key(chunk[0].timestamp), encode_change_chunk(chunk));
         }
 
         let mut layout = self.inner.layout.lock().unwrap();

@@ -227,12 +227,13 @@ fn write_run(
 #[cfg(test)]
 mod tests {
     use super::super::layout::{LAYOUT_KEY, Layout};
+    use super::super::pages::{Batch as PageBatch, Pages};
     use super::super::runs::{PREFIX_PAGE, PREFIX_RUN_META, run_key_range};
-    use super::super::{Options, SledStore, TREE_NAME};
+    use super::super::{Options, RunStore};
     use crate::model::{Account, Batch, QueryFilter, Transfer};
     use crate::{Ledger, Store};
 
-    fn answers(ledger: &Ledger<SledStore>) -> Vec<Vec<u128>> {
+    fn answers(ledger: &Ledger<RunStore>) -> Vec<Vec<u128>> {
         let q = QueryFilter { limit: 100, ..QueryFilter::default() };
         let filters = [
             QueryFilter { user_data_128: 3, ..q },
@@ -255,7 +256,7 @@ mod tests {
     fn a_layout_1_store_gets_its_query_indexes_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let inline = Options { background_merges: false, ..Options::default() };
-        let mut ledger = Ledger::open(SledStore::open_with(dir.path(), inline).unwrap()).unwrap();
+        let mut ledger = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();
         let accounts: Vec<Account> = (1..=6)
             .map(|id| Account {
                 id,
@@ -291,13 +292,8 @@ mod tests {
 
         // Rewrite it as layout version 1 would have left it: three kinds, no query runs.
         {
-            let db = sled::Config::new()
-                .path(dir.path())
-                .segment_size(super::super::SEGMENT_BYTES)
-                .open()
-                .unwrap();
-            let tree = db.open_tree(TREE_NAME).unwrap();
-            let stored = Layout::decode(&tree.get(LAYOUT_KEY).unwrap().unwrap()).unwrap();
+            let pages = Pages::open(dir.path(), 1 << 20).unwrap();
+            let stored = Layout::decode(&pages.get(LAYOUT_KEY).unwrap().unwrap()).unwrap();
             assert!(stored.query_indexes);
             let mut v1 = Vec::new();
             v1.extend_from_slice(&1u32.to_le_bytes());
@@ -307,17 +303,19 @@ mod tests {
                 ids.iter().for_each(|id| v1.extend_from_slice(&id.to_le_bytes()));
             }
             v1.extend_from_slice(&0u32.to_le_bytes());
+            let mut batch = PageBatch::default();
             for (kind, ids) in super::super::runs::Kind::ALL.iter().zip(&stored.kinds).skip(3) {
                 for id in ids {
                     for prefix in [PREFIX_PAGE, PREFIX_RUN_META] {
-                        for key in tree.range(run_key_range(prefix, *kind, *id)).keys() {
-                            tree.remove(key.unwrap()).unwrap();
+                        for key in pages.range(run_key_range(prefix, *kind, *id)).keys() {
+                            batch.remove(key.unwrap().to_vec());
                         }
                     }
                 }
             }
-            tree.insert(LAYOUT_KEY, v1).unwrap();
-            db.flush().unwrap();
+            batch.insert(LAYOUT_KEY, v1);
+            pages.apply(batch).unwrap();
+            pages.sync().unwrap();
         }
         let reopened = wait_open(dir.path(), inline);
         let (runs, _) = reopened.run_counts();
@@ -361,10 +359,10 @@ mod tests {
     }
 
     /// sled's threads may hold a closed store's lock for a moment: open with a deadline.
-    fn wait_open(path: &std::path::Path, options: Options) -> SledStore {
+    fn wait_open(path: &std::path::Path, options: Options) -> RunStore {
         let started = std::time::Instant::now();
         loop {
-            match SledStore::open_with(path, options) {
+            match RunStore::open_with(path, options) {
                 Ok(store) => return store,
                 Err(error) if started.elapsed() < std::time::Duration::from_secs(10) => {
                     assert!(error.to_string().contains("lock"), "{error}");

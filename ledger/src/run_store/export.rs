@@ -1,4 +1,4 @@
-//! Reading a `SledStore` back as logical records: the input of a snapshot export and of the
+//! Reading a `RunStore` back as logical records: the input of a snapshot export and of the
 //! state digest, from the store itself or from a frozen view of it.
 
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ pub(super) fn export(
     let mut key = Vec::with_capacity(25);
     for (prefix, kind) in [(PREFIX_ACCOUNT, Kind::Accounts), (PREFIX_INDEX, Kind::Index)] {
         if prefix == PREFIX_INDEX {
-            'changes: for entry in inner.tree.scan_prefix([PREFIX_CHANGE]) {
+            'changes: for entry in inner.pages.scan_prefix(&[PREFIX_CHANGE]) {
                 let (_, chunk) = entry?;
                 for (timestamp, record) in change_records(&chunk)? {
                     if timestamp > timestamp_last {
@@ -40,7 +40,7 @@ pub(super) fn export(
             }
             visit_plain(inner, PREFIX_EXPIRY, pre_images, visit)?;
         }
-        runs::scan_all(runs.of(kind), &inner.tree, &mut |run_key, value| {
+        runs::scan_all(runs.of(kind), &inner.pages, &mut |run_key, value| {
             key.clear();
             key.push(prefix);
             key.extend_from_slice(run_key);
@@ -50,7 +50,7 @@ pub(super) fn export(
     }
     visit_plain(inner, PREFIX_META, pre_images, visit)?;
     visit_plain(inner, PREFIX_PENDING, pre_images, visit)?;
-    'chunks: for entry in inner.tree.scan_prefix([PREFIX_TRANSFER]) {
+    'chunks: for entry in inner.pages.scan_prefix(&[PREFIX_TRANSFER]) {
         let (_, chunk) = entry?;
         for record in chunk_records(&chunk)? {
             let timestamp = record_timestamp(record);
@@ -79,7 +79,7 @@ fn visit_plain(
     visit: &mut RecordVisitor,
 ) -> StoreResult<()> {
     let Some(pre_images) = pre_images else {
-        for entry in inner.tree.scan_prefix([prefix]) {
+        for entry in inner.pages.scan_prefix(&[prefix]) {
             let (key, value) = entry?;
             visit(&key, &value)?;
         }
@@ -99,7 +99,7 @@ fn visit_plain(
     let end = [prefix + 1];
     let mut position: Vec<u8> = start.to_vec();
     let mut first = true;
-    for entry in inner.tree.scan_prefix(start) {
+    for entry in inner.pages.scan_prefix(&start) {
         let (key, value) = entry?;
         let after =
             if first { Bound::Included(position.as_slice()) } else { Bound::Excluded(position.as_slice()) };
@@ -122,7 +122,7 @@ fn visit_plain(
     Ok(())
 }
 
-/// The state of a `SledStore` when `SledStore::freeze` was called, readable while commits go on.
+/// The state of a `RunStore` when `RunStore::freeze` was called, readable while commits go on.
 pub struct FrozenView {
     pub(super) inner: Arc<Inner>,
     pub(super) runs: Arc<Runs>,
