@@ -422,7 +422,7 @@ impl Cluster {
     }
 
     /// Damages node `id`'s files at rest (it must be stopped): flips `flips` bytes, at offsets
-    /// drawn from `seed`, in one of its WAL segments or sled's files, chosen by `seed`, and makes
+    /// drawn from `seed`, in one of its WAL segments or its state store's files, chosen by `seed`, and makes
     /// the damage durable. Returns what it did.
     pub fn corrupt(&mut self, id: u64, seed: u64, flips: usize) -> Result<String, String> {
         use rand::{Rng, SeedableRng};
@@ -433,8 +433,8 @@ impl Cluster {
         files.retain(|path| {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let wal_segment = name.ends_with(".wal");
-            let sled = path.starts_with(dir.join("state"));
-            (wal_segment || sled) && std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
+            let state = path.starts_with(dir.join("state"));
+            (wal_segment || state) && std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
         });
         files.sort();
         if files.is_empty() {

@@ -69,8 +69,8 @@ pub enum Fault {
     /// tolerance), or running 40% fast; the leader's, every other time. Put right when healed.
     Clock,
     /// One node's files are damaged at rest: SIGKILL, bytes flipped in one of its WAL segments
-    /// or sled's files, restarted. It must notice: either it recovers by itself, or it refuses
-    /// to start (exit code 65) and the heal does what its message says (an empty data
+    /// or its state store's files, restarted. It must notice: either it recovers by itself, or it
+    /// refuses to start (exit code 65) and the heal does what its message says (an empty data
     /// directory, then `cluster replace`). It must never serve or replicate the damage.
     Corrupt,
     /// A rolling upgrade: every node in turn (the leader last) is stopped and started on the
