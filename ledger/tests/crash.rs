@@ -103,3 +103,66 @@ fn sigkill_leaves_a_whole_prefix_of_batches() {
     }
     assert!(printed_max > 100, "the child made too little progress to test anything");
 }
+
+/// Damage at rest in a page that only a merge reads: the merge thread finds it (each value's
+/// checksum), stops merging, and the next commit fails as damage, which stops a node for a
+/// rebuild, instead of the store going on with merges that fail forever.
+#[test]
+fn damage_a_merge_finds_fails_the_next_commit() {
+    use ledger::run_store::pages::Pages;
+    let dir = tempfile::tempdir().unwrap();
+    let accounts: Vec<Account> =
+        (1..=10).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() }).collect();
+    let mut next_id = 1_000u128;
+    let mut transfers = || {
+        let batch: Vec<Transfer> = (0..10)
+            .map(|n| {
+                next_id += 1;
+                Transfer {
+                    id: next_id,
+                    debit_account_id: 1 + n % 10,
+                    credit_account_id: 1 + (n + 1) % 10,
+                    amount: 1,
+                    ledger: 1,
+                    code: 1,
+                    ..Transfer::default()
+                }
+            })
+            .collect();
+        [Batch::CreateTransfers(batch)]
+    };
+    let mut clock = 1_000_000u64;
+    {
+        let mut ledger = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
+        ledger.apply(&[Batch::CreateAccounts(accounts)], clock, None).unwrap();
+        for _ in 0..3 {
+            clock += 1_000;
+            ledger.apply(&transfers(), clock, None).unwrap();
+        }
+    }
+    // One byte flipped in the newest ids run's first page, in the file, as a disk can.
+    let page = {
+        let pages = Pages::open(dir.path(), 1 << 20).unwrap();
+        pages.scan_prefix(&[b'R', 1]).next_back().expect("an ids run").unwrap().1.to_vec()
+    };
+    let path = dir.path().join(ledger::run_store::pages::FILE_NAME);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.windows(page.len()).position(|window| window == page).expect("the page in the file");
+    bytes[at + page.len() / 2] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+
+    // Runs pile up until a merge reads the damaged page.
+    let mut ledger = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let error = loop {
+        clock += 1_000;
+        match ledger.apply(&transfers(), clock, None) {
+            Ok(_) => {}
+            Err(error) => break error,
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "no commit failed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(error.is_damage(), "{error}");
+    assert!(error.to_string().contains("merge"), "{error}");
+}

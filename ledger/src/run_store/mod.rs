@@ -115,6 +115,9 @@ struct Inner {
     /// frozen, recorded by `commit` before it first changes the key (`None`: the key did not
     /// exist). Runs and transfer chunks need no such thing: they never change.
     pre_images: Mutex<Option<PreImages>>,
+    /// Damage the merge thread found in the pages it read: from then on every commit fails with
+    /// it, which stops the node for a rebuild, instead of running on a store it cannot merge.
+    damage: Mutex<Option<String>>,
     merges: Mutex<MergeSignal>,
     merges_wake: Condvar,
 }
@@ -186,6 +189,7 @@ impl RunStore {
             layout: Mutex::new(layout),
             accounts: Mutex::new(AccountCache { accounts: HashMap::default(), capacity }),
             pre_images: Mutex::new(None),
+            damage: Mutex::new(None),
             merges: Mutex::new(MergeSignal { pending: true, stop: false }),
             merges_wake: Condvar::new(),
         });
@@ -574,9 +578,14 @@ impl Inner {
                     Ok(false) => break,
                     Err(error) => {
                         // The next commit signals again; a store that cannot write will fail
-                        // its commits too, and that is where the error surfaces.
+                        // its commits too, and that is where the error surfaces. Damage does not
+                        // heal by retrying: the next commit reports it (`commit_shared`).
                         MERGES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        eprintln!("sled store: a merge failed: {error}");
+                        eprintln!("state store: a merge failed: {error}");
+                        if error.is_damage() {
+                            *self.damage.lock().unwrap() = Some(error.to_string());
+                            return;
+                        }
                         break;
                     }
                 }
@@ -948,6 +957,9 @@ impl crate::store::SharedStore for RunStore {
     /// account cache), and the runs it adds appear to readers in one swap: readers and merges
     /// may go on meanwhile. Two commits must not run at once (`Checkpointed` runs one at a time).
     fn commit_shared(&self, changes: &Changes) -> StoreResult<()> {
+        if let Some(damage) = self.inner.damage.lock().unwrap().clone() {
+            return Err(StoreError::Corrupt(format!("a merge found damage: {damage}")));
+        }
         self.keep_pre_images(changes)?;
         let mut batch = Batch::default();
         Self::plain_writes(changes, |key, value| match value {
