@@ -82,8 +82,12 @@ impl Filter {
 
     /// Decodes a filter from the front of `bytes`; returns it and the bytes after it.
     pub fn decode(bytes: &[u8]) -> Option<(Filter, &[u8])> {
-        let count = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-        let body = bytes.get(8..8 + count.checked_mul(BLOCK_WORDS * 8)?)?;
+        let count = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+        // A filter has at least one block (`with_capacity`): a lookup indexes one.
+        if count == 0 {
+            return None;
+        }
+        let body = bytes.get(8..count.checked_mul(BLOCK_WORDS * 8)?.checked_add(8)?)?;
         let blocks = body
             .chunks_exact(BLOCK_WORDS * 8)
             .map(|chunk| {

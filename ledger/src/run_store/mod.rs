@@ -41,6 +41,8 @@
 mod export;
 mod fields;
 mod filter;
+#[cfg(test)]
+mod fuzz;
 mod import;
 mod layout;
 pub mod pages;

@@ -224,7 +224,7 @@ impl DoubleEndedIterator for Iter {
 }
 
 /// `value` as stored: followed by the CRC32C of the key and the value.
-fn sealed(key: &[u8], value: &[u8]) -> Vec<u8> {
+pub(super) fn sealed(key: &[u8], value: &[u8]) -> Vec<u8> {
     let mut stored = Vec::with_capacity(value.len() + 4);
     stored.extend_from_slice(value);
     stored.extend_from_slice(&crc32c::crc32c_append(crc32c::crc32c(key), value).to_le_bytes());
@@ -232,7 +232,7 @@ fn sealed(key: &[u8], value: &[u8]) -> Vec<u8> {
 }
 
 /// The value stored under `key`, if its checksum holds.
-fn checked(key: &[u8], stored: &[u8]) -> StoreResult<Value> {
+pub(super) fn checked(key: &[u8], stored: &[u8]) -> StoreResult<Value> {
     let damaged =
         || StoreError::Corrupt(format!("the page store's value under {key:02x?} fails its checksum"));
     let split = stored.len().checked_sub(4).ok_or_else(damaged)?;

@@ -204,7 +204,7 @@ impl Run {
     }
 
     /// The last page whose first key is at or before `key`, if `key` is within the run's range.
-    fn page_for(&self, key: &[u8]) -> Option<usize> {
+    pub(super) fn page_for(&self, key: &[u8]) -> Option<usize> {
         if key < self.fence(0) || key > self.last_key.as_slice() {
             return None;
         }
@@ -240,7 +240,7 @@ impl Run {
     }
 
     /// The description's persisted form.
-    fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let mut out =
             Vec::with_capacity(24 + self.fences.len() + self.last_key.len() + self.filter.bytes() + 8);
         out.extend_from_slice(&self.entries.to_le_bytes());
@@ -254,21 +254,32 @@ impl Run {
 
     /// Reads a run's description back from the page store.
     pub fn load(pages: &Pages, kind: Kind, id: u64) -> StoreResult<Run> {
-        let corrupt = || StoreError::Corrupt(format!("description of {kind:?} run {id}"));
         let range = run_key_range(PREFIX_RUN_META, kind, id);
         let mut bytes = Vec::new();
         for chunk in pages.range(range) {
             bytes.extend_from_slice(&chunk?.1);
         }
+        Run::decode(kind, id, &bytes)
+    }
+
+    /// A run's description from its persisted form (`encode`); damaged bytes are refused.
+    pub(super) fn decode(kind: Kind, id: u64, bytes: &[u8]) -> StoreResult<Run> {
+        let corrupt = || StoreError::Corrupt(format!("description of {kind:?} run {id}"));
         let width = kind.key_bytes();
         let number = |at: usize| -> StoreResult<u64> {
             Ok(u64::from_le_bytes(bytes.get(at..at + 8).ok_or_else(corrupt)?.try_into().unwrap()))
         };
-        let (entries, distinct, pages) = (number(0)?, number(8)?, number(16)? as usize);
-        let fences_end = 24 + pages.checked_mul(width).ok_or_else(corrupt)?;
+        let (entries, distinct, pages) = (number(0)?, number(8)?, number(16)?);
+        // Counts read off the disk: every sum and product checked.
+        let fences_end = usize::try_from(pages)
+            .ok()
+            .and_then(|pages| pages.checked_mul(width))
+            .and_then(|bytes| bytes.checked_add(24))
+            .ok_or_else(corrupt)?;
+        let last_end = fences_end.checked_add(width).ok_or_else(corrupt)?;
         let fences = bytes.get(24..fences_end).ok_or_else(corrupt)?.to_vec();
-        let last_key = bytes.get(fences_end..fences_end + width).ok_or_else(corrupt)?.to_vec();
-        let (filter, rest) = Filter::decode(&bytes[fences_end + width..]).ok_or_else(corrupt)?;
+        let last_key = bytes.get(fences_end..last_end).ok_or_else(corrupt)?.to_vec();
+        let (filter, rest) = Filter::decode(&bytes[last_end..]).ok_or_else(corrupt)?;
         if pages == 0 || !rest.is_empty() {
             return Err(corrupt());
         }
@@ -277,13 +288,13 @@ impl Run {
 }
 
 /// One page, read in place.
-struct Page {
+pub(super) struct Page {
     bytes: Value,
     key_bytes: usize,
 }
 
 impl Page {
-    fn new(bytes: Value, key_bytes: usize) -> StoreResult<Page> {
+    pub(super) fn new(bytes: Value, key_bytes: usize) -> StoreResult<Page> {
         let page = Page { bytes, key_bytes };
         let count = page.bytes.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
         // Every entry's key, length byte and value within the page: the bytes came off the disk,
@@ -303,7 +314,7 @@ impl Page {
         Ok(page)
     }
 
-    fn count(&self) -> usize {
+    pub(super) fn count(&self) -> usize {
         u16::from_le_bytes([self.bytes[0], self.bytes[1]]) as usize
     }
 
@@ -313,19 +324,19 @@ impl Page {
         u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize
     }
 
-    fn key(&self, position: usize) -> &[u8] {
+    pub(super) fn key(&self, position: usize) -> &[u8] {
         let at = self.offset(position);
         &self.bytes[at..at + self.key_bytes]
     }
 
-    fn value(&self, position: usize) -> &[u8] {
+    pub(super) fn value(&self, position: usize) -> &[u8] {
         let at = self.offset(position) + self.key_bytes;
         let length = self.bytes[at] as usize;
         &self.bytes[at + 1..at + 1 + length]
     }
 
     /// The first position whose key is not before `key`.
-    fn lower_bound(&self, key: &[u8]) -> usize {
+    pub(super) fn lower_bound(&self, key: &[u8]) -> usize {
         let (mut low, mut high) = (0, self.count());
         while low < high {
             let middle = (low + high) / 2;
