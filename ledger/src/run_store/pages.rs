@@ -72,11 +72,13 @@ impl Pages {
             .create(&path)
             .map_err(redb::Error::from)?;
         let pages = Pages { db };
+        // The table, durably: on every open, since a crash can come between creating the file
+        // and this commit (readers would find no table).
+        let mut write = pages.db.begin_write().map_err(redb::Error::from)?;
+        write.set_quick_repair(true);
+        write.open_table(TABLE).map_err(redb::Error::from)?;
+        write.commit().map_err(redb::Error::from)?;
         if created {
-            let mut write = pages.db.begin_write().map_err(redb::Error::from)?;
-            write.set_quick_repair(true);
-            write.open_table(TABLE).map_err(redb::Error::from)?;
-            write.commit().map_err(redb::Error::from)?;
             // The file's name, and the directory's in its parent.
             sync_directory(dir)?;
             if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
@@ -320,6 +322,16 @@ mod tests {
         assert!(!pages.is_empty().unwrap());
         pages.clear().unwrap();
         assert!(pages.is_empty().unwrap());
+    }
+
+    #[test]
+    fn a_store_whose_table_was_never_committed_opens_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a crash right after redb created the file leaves: a database without our table.
+        drop(redb::Database::create(dir.path().join(FILE_NAME)).unwrap());
+        let pages = Pages::open(dir.path(), 1 << 20).unwrap();
+        assert!(pages.is_empty().unwrap());
+        assert!(pages.get(b"k").unwrap().is_none());
     }
 
     #[test]
