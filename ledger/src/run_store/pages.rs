@@ -72,12 +72,9 @@ impl Pages {
             .create(&path)
             .map_err(redb::Error::from)?;
         let pages = Pages { db };
-        // The table, durably: on every open, since a crash can come between creating the file
-        // and this commit (readers would find no table).
-        let mut write = pages.db.begin_write().map_err(redb::Error::from)?;
-        write.set_quick_repair(true);
-        write.open_table(TABLE).map_err(redb::Error::from)?;
-        write.commit().map_err(redb::Error::from)?;
+        // A durable commit creates the table (every commit opens it): on every open, since a
+        // crash can come between creating the file and this commit (readers would find none).
+        pages.sync()?;
         if created {
             // The file's name, and the directory's in its parent.
             sync_directory(dir)?;
@@ -146,11 +143,7 @@ impl Pages {
 
     /// Makes every batch applied so far durable (fsync).
     pub fn sync(&self) -> StoreResult<()> {
-        let mut write = self.db.begin_write().map_err(redb::Error::from)?;
-        write.set_durability(redb::Durability::Immediate).map_err(redb::Error::from)?;
-        write.set_quick_repair(true);
-        write.commit().map_err(redb::Error::from)?;
-        Ok(())
+        self.commit(Batch::default(), true)
     }
 
     /// Deletes every entry (not durably until `sync`).
