@@ -723,14 +723,14 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     tracing::info!(
         node = config.id,
         "storage open in {} ms: the log ({}..{}) in {} ms, the ledger state (applied {}) in {} ms, \
-         re-applying the log to {} in {} ms",
+         raft in {} ms; what was committed after the state's entry is applied as the leader's \
+         commit index reaches this node",
         opening.elapsed().as_millis(),
         log.last_purged().map_or(0, |id| id.index + 1),
         log.last_index().unwrap_or(0),
         log_opened.as_millis(),
         applied.map_or(0, |id| id.index),
         (state_opened - log_opened).as_millis(),
-        state.applied().last_applied.map_or(0, |id| id.index),
         (opening.elapsed() - state_opened).as_millis(),
     );
     let clock = ClusterClock::new(config.clock_tolerance_ms, config.clock_skew_file.clone());
