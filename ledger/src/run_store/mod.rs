@@ -209,7 +209,7 @@ impl RunStore {
         let merger = options.background_merges.then(|| {
             let inner = inner.clone();
             std::thread::Builder::new()
-                .name("sled-merges".into())
+                .name("state-merges".into())
                 .spawn(move || inner.merge_loop())
                 .expect("spawn the merge thread")
         });

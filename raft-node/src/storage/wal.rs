@@ -9,8 +9,9 @@
 //! (`WalError::OtherVersion`), not read: no release wrote them.
 //!
 //! A log is one directory of segment files, each named `<first index, 20 digits, zero-padded>.wal`
-//! (`00000000000000000001.wal`). Files whose names do not end in `.wal` are not the log's and are
-//! left alone (the vote written by `write_file_atomic`, its `.tmp`). Indexes start at 1 and are
+//! (`00000000000000000001.wal`), and beside each older segment its record index, the same name
+//! ending in `.idx` (`segment_index`). Other files are not the log's and are left alone (the vote
+//! written by `write_file_atomic`, its `.tmp`). Indexes start at 1 and are
 //! contiguous within a segment and across segments: each segment starts at the index after the
 //! previous segment's last record.
 //!
@@ -41,8 +42,13 @@
 //!
 //! # Recovery
 //!
-//! `open` verifies every record's CRC, that indexes run on from each segment's name, and that the
-//! segments are contiguous. An unreadable record (cut short, too long, bad CRC) in the last segment
+//! `open` verifies that the segments are contiguous, and in the last segment, and in every older
+//! one without a valid record index (`segment_index`), every record's CRC and that indexes run on
+//! from the segment's name. An older segment with a valid index is not read whole: its header,
+//! its length and its last record's header are checked against the index, and its records are
+//! checked as they are read, like every record the log returns. The index is written when the log
+//! rolls over to a new segment, and again at open for an older segment scanned without one, so
+//! that opening reads the log's tail, not the whole log kept behind a snapshot. An unreadable record (cut short, too long, bad CRC) in the last segment
 //! after which no valid record can be found is the torn tail of writes that were never synced: the
 //! file is cut back to the last good record, and a last segment left without records is deleted,
 //! as is a last segment whose header is zeros with no valid record after it (created, then a power
@@ -61,6 +67,7 @@
 //! entries it no longer has, and must not vote until a leader has given them back: the node
 //! withholds its vote (`node::withhold_votes`) until its log reaches `LostTail::last_seen` again.
 
+use super::segment_index::SegmentIndex;
 use crate::sys::fs::{self, File, OpenOptions};
 use std::fmt;
 use std::io::{self, Write};
@@ -84,6 +91,8 @@ const RECORD_CRC_OFFSET: usize = size_of::<u32>();
 const RECORD_INDEX_OFFSET: usize = RECORD_CRC_OFFSET + size_of::<u32>();
 const RECORD_HEADER_BYTES: usize = RECORD_INDEX_OFFSET + size_of::<u64>();
 const SEGMENT_SUFFIX: &str = ".wal";
+/// A sealed segment's record index sits beside it: `<segment's first index>.idx`.
+const INDEX_EXTENSION: &str = "idx";
 const SEGMENT_NAME_DIGITS: usize = 20;
 
 /// The largest segment file the log ever writes: a full segment, or a lone largest record. Recovery
@@ -190,6 +199,32 @@ impl Segment {
         let file = Arc::new(file);
         let bytes_len = bytes.len() as u64;
         Ok(Segment { first_index, path, file, records, bytes_len, written: 0, synced: 0 })
+    }
+
+    /// Writes this segment's record index beside it (see `segment_index`), once it is sealed
+    /// and synced. Best effort, and not synced: the index is a cache that open checks against the
+    /// segment, and without it open scans the segment as it would anyway.
+    fn write_index(&self) {
+        let written = (|| -> io::Result<()> {
+            let last = self.records.last().expect("a segment holds records");
+            let mut last_header = [0u8; RECORD_HEADER_BYTES];
+            self.file.read_exact_at(&mut last_header, last.offset)?;
+            let index = SegmentIndex {
+                first_index: self.first_index,
+                file_len: self.bytes_len,
+                last_crc: u32_at(&last_header, RECORD_CRC_OFFSET),
+                payload_lens: self.records.iter().map(|loc| loc.payload_len).collect(),
+            };
+            let path = self.path.with_extension(INDEX_EXTENSION);
+            crate::sys::disk_fault(&path)?;
+            File::create(&path)?.write_all(&index.encode())
+        })();
+        if let Err(error) = written {
+            tracing::warn!(
+                "wal: cannot write the record index of {}: {error}; the next start scans it",
+                self.path.display()
+            );
+        }
     }
 
     fn last_index(&self) -> u64 {
@@ -396,8 +431,17 @@ impl Wal {
                 check_follows(previous.last_index(), first_index, &path)?;
             }
             let is_last = position + 1 == listed_count;
+            if !is_last && let Some(segment) = open_indexed(first_index, &path)? {
+                segments.push(segment);
+                continue;
+            }
             let (segment, lost) = recover_segment(dir, first_index, path, is_last, synced_below)?;
             lost_tail = lost_tail.or(lost);
+            if !is_last && let Some(segment) = &segment {
+                // Scanned whole (an older build's log, or an index lost to a crash): the next
+                // open need not.
+                segment.write_index();
+            }
             segments.extend(segment);
         }
         // What we recovered may be only in the page cache of a process that died before syncing,
@@ -588,6 +632,9 @@ impl Wal {
         // Everything before the new segment is made durable first, directory entries included, so
         // that only the last segment can ever hold a torn write: recovery relies on it.
         self.sync_pending()?;
+        if let Some(sealed) = self.segments.last() {
+            sealed.write_index();
+        }
         let segment = Segment::create(&self.dir, index, record, payload_len)?;
         self.segments.push(segment);
         self.version += 1;
@@ -609,11 +656,22 @@ impl Wal {
 
     fn truncate_from_unchecked(&mut self, index: u64) -> io::Result<()> {
         // Newest first: a crash part-way leaves a shorter log, never one with a gap.
+        let mut popped = false;
         while let Some(segment) = self.segments.last()
             && segment.first_index >= index
         {
             let segment = self.segments.pop().expect("checked above");
+            remove_index(&segment.path)?;
             remove_file_durably(&self.dir, &segment.path)?;
+            popped = true;
+        }
+        if let Some(segment) = self.segments.last()
+            && (popped || segment.last_index() >= index)
+        {
+            // A sealed segment that is the last again takes appends or is cut back: its index,
+            // which would name other records, goes first, durably.
+            remove_index(&segment.path)?;
+            sync_dir(&self.dir)?;
         }
         if let Some(segment) = self.segments.last_mut()
             && segment.last_index() >= index
@@ -702,8 +760,62 @@ fn remove_file_durably(dir: &Path, path: &Path) -> io::Result<()> {
 pub fn remove_files_durably(dir: &Path, paths: &[PathBuf]) -> io::Result<()> {
     for path in paths {
         remove_file_durably(dir, path)?;
+        // An index left by a crash here names a segment that no longer exists, and is never read.
+        remove_index(path)?;
     }
     Ok(())
+}
+
+/// Deletes the record index of the segment at `segment_path`, if it has one. Not durable by itself.
+fn remove_index(segment_path: &Path) -> io::Result<()> {
+    match fs::remove_file(segment_path.with_extension(INDEX_EXTENSION)) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// The older segment at `path` opened from its record index, or `None` if it has no index that
+/// agrees with it (the caller scans it then): the index must be whole, name this segment, match
+/// the file's length and the last record's header, and the header must be valid.
+fn open_indexed(first_index: u64, path: &Path) -> Result<Option<Segment>, WalError> {
+    let index = match fs::read(path.with_extension(INDEX_EXTENSION)) {
+        Ok(bytes) => SegmentIndex::decode(&bytes),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+        Err(error) => return Err(error.into()),
+    };
+    let Some(index) = index.filter(|index| index.first_index == first_index) else { return Ok(None) };
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    if file.metadata()?.len() != index.file_len {
+        return Ok(None);
+    }
+    let mut records = Vec::with_capacity(index.payload_lens.len());
+    let mut offset = SEGMENT_HEADER_BYTES as u64;
+    for payload_len in &index.payload_lens {
+        if *payload_len > RECORD_BYTES_MAX {
+            return Ok(None);
+        }
+        records.push(RecordLoc { offset, payload_len: *payload_len });
+        offset += (RECORD_HEADER_BYTES as u64) + u64::from(*payload_len);
+    }
+    let last = *records.last().expect("an index holds at least one record");
+    if offset != index.file_len {
+        return Ok(None);
+    }
+    let mut header = [0u8; SEGMENT_HEADER_BYTES];
+    file.read_exact_at(&mut header, 0)?;
+    let mut last_header = [0u8; RECORD_HEADER_BYTES];
+    file.read_exact_at(&mut last_header, last.offset)?;
+    let last_index = first_index + records.len() as u64 - 1;
+    let agrees = matches!(check_header(&header), HeaderCheck::Valid)
+        && u32_at(&last_header, 0) == last.payload_len
+        && u32_at(&last_header, RECORD_CRC_OFFSET) == index.last_crc
+        && u64_at(&last_header, RECORD_INDEX_OFFSET) == last_index;
+    if !agrees {
+        return Ok(None);
+    }
+    let file = Arc::new(file);
+    let path = path.to_path_buf();
+    Ok(Some(Segment { first_index, path, file, records, bytes_len: index.file_len, written: 0, synced: 0 }))
 }
 
 fn segment_file_name(first_index: u64) -> String {
@@ -1425,13 +1537,20 @@ mod tests {
 
     #[test]
     fn flipped_bit_before_valid_records_is_corrupt() {
-        // (segment_bytes_max, damaged index): in the last segment with records after it, or in a
-        // segment not the last.
-        let cases = [(SEGMENT_BYTES_MAX, 1), (SEGMENT_BYTES_MAX, 4), (SEGMENT_BYTES_ONE_RECORD, 3)];
+        // (segment_bytes_max, damaged index, keep the record indexes): in the last segment with
+        // records after it, or in a segment not the last that open scans for want of an index.
+        let cases = [
+            (SEGMENT_BYTES_MAX, 1, true),
+            (SEGMENT_BYTES_MAX, 4, true),
+            (SEGMENT_BYTES_ONE_RECORD, 3, false),
+        ];
         let last = 5;
-        for (segment_bytes_max, damaged) in cases {
+        for (segment_bytes_max, damaged, keep_indexes) in cases {
             let golden = write_log(segment_bytes_max, last);
             let (name, offset, record_bytes) = locate(golden.path(), damaged);
+            if !keep_indexes {
+                remove_indexes(golden.path());
+            }
             for position in offset..offset + record_bytes {
                 let dir = copy_dir(golden.path());
                 edit_file(&dir.path().join(&name), |bytes| bytes[position as usize] ^= 1);
@@ -1441,6 +1560,95 @@ mod tests {
                 assert_corrupt(error, &dir.path().join(&name), offset, "", &context);
             }
         }
+    }
+
+    fn remove_indexes(dir: &Path) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|extension| extension == INDEX_EXTENSION) {
+                fs::remove_file(path).unwrap();
+            }
+        }
+    }
+
+    /// An older segment with its record index is opened from the index, without reading its
+    /// records: a flipped bit inside one of them is found when that record is read, as any damage
+    /// after open is, and never served. One whose index disagrees with it (another length, another
+    /// last record, a damaged index) is scanned as before, and its damage refused at open.
+    #[test]
+    fn an_indexed_segment_is_checked_as_its_records_are_read() {
+        let last = 5;
+        let golden = write_log(SEGMENT_BYTES_ONE_RECORD, last);
+        let (name, offset, record_bytes) = locate(golden.path(), 3);
+        assert!(golden.path().join(&name).with_extension(INDEX_EXTENSION).exists());
+        let dir = copy_dir(golden.path());
+        edit_file(&dir.path().join(&name), |bytes| bytes[(offset + record_bytes - 1) as usize] ^= 1);
+        let wal = Wal::open_with(dir.path(), SEGMENT_BYTES_ONE_RECORD).unwrap();
+        assert_eq!(wal.read(4, 6).unwrap(), records_varied(4..=5));
+        match wal.read(1, 6) {
+            Err(WalError::Corrupt { path, offset: at, .. }) => {
+                assert_eq!((path, at), (dir.path().join(&name), offset))
+            }
+            other => panic!("a damaged record was read as {other:?}"),
+        }
+
+        type Edit = fn(&mut Vec<u8>);
+        let disagreeing: [(&str, Edit); 3] = [
+            ("index damaged", |index| index[20] ^= 1),
+            ("index of another length", |index| index.truncate(index.len() - 1)),
+            ("no index", |index| index.clear()),
+        ];
+        for (what, edit) in disagreeing {
+            let dir = copy_dir(dir.path());
+            edit_file(&dir.path().join(&name).with_extension(INDEX_EXTENSION), edit);
+            let error = Wal::open_with(dir.path(), SEGMENT_BYTES_ONE_RECORD).err();
+            assert_corrupt(error, &dir.path().join(&name), offset, "crc", what);
+        }
+        // The last record rewritten whole, with another payload of the same length: its header no
+        // longer matches the index, so the segment is scanned (and is whole).
+        let dir = copy_dir(golden.path());
+        let mut other = payload_varied(3);
+        other[0] ^= 0xff;
+        edit_file(&dir.path().join(&name), |bytes| {
+            bytes.truncate(offset as usize);
+            bytes.extend(encode_record(3, &other));
+        });
+        let wal = Wal::open_with(dir.path(), SEGMENT_BYTES_ONE_RECORD).unwrap();
+        assert_eq!(wal.read(3, 4).unwrap(), vec![(3, other)]);
+    }
+
+    /// Opening a log whose older segments have no index (an older build's) writes them, and a
+    /// truncation into a sealed segment removes its index: the index never names records the
+    /// segment no longer holds.
+    #[test]
+    fn indexes_are_written_for_older_segments_and_removed_with_what_they_name() {
+        let dir = write_log(SEGMENT_BYTES_ONE_RECORD, 5);
+        let indexed = |dir: &Path| {
+            let mut firsts: Vec<u64> = fs::read_dir(dir)
+                .unwrap()
+                .filter_map(|entry| {
+                    let path = entry.unwrap().path();
+                    let name = path.file_name()?.to_str()?.strip_suffix(".idx")?.to_string();
+                    name.parse().ok()
+                })
+                .collect();
+            firsts.sort();
+            firsts
+        };
+        assert_eq!(indexed(dir.path()), [1, 2, 3, 4]);
+        remove_indexes(dir.path());
+        drop(Wal::open_with(dir.path(), SEGMENT_BYTES_ONE_RECORD).unwrap());
+        assert_eq!(indexed(dir.path()), [1, 2, 3, 4]);
+        let mut wal = Wal::open_with(dir.path(), 1 << 20).unwrap();
+        wal.truncate_from(4).unwrap();
+        assert_eq!(indexed(dir.path()), [1, 2]);
+        wal.append(4, b"four again").unwrap();
+        wal.sync().unwrap();
+        wal.purge_upto(2).unwrap();
+        assert_eq!(indexed(dir.path()), Vec::<u64>::new());
+        drop(wal);
+        let wal = Wal::open_with(dir.path(), 1 << 20).unwrap();
+        assert_eq!(wal.read(3, 5).unwrap(), vec![(3, payload_varied(3)), (4, b"four again".to_vec())]);
     }
 
     /// Unsynced writes reach the disk in any order in a power loss: record 3 torn, 4 and 5 whole.
