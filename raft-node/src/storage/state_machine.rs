@@ -729,6 +729,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
+/// The longest the apply loop keeps its async worker before letting other tasks run.
+const APPLY_SLICE: std::time::Duration = std::time::Duration::from_millis(2);
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotFile;
     type SnapshotBuilder = StateMachine;
@@ -742,11 +745,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
+        let mut since_yield = tokio::time::Instant::now();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let response = self.apply_entry(&entry)?;
             if let Some(responder) = responder {
                 responder.send(response);
+            }
+            // A backlog of small entries (a node catching up) is applied on the async worker,
+            // entry after entry, with the next ones already read: without a yield it held the
+            // worker for as long, and the tasks waiting on it (Raft's own, acknowledging the
+            // leader's entries) with it.
+            if since_yield.elapsed() >= APPLY_SLICE {
+                tokio::task::yield_now().await;
+                since_yield = tokio::time::Instant::now();
             }
         }
         Ok(())
