@@ -10,7 +10,8 @@
 //! few map inserts, and the store's fixed cost per commit (its runs, its atomic batch, its IO
 //! threads) is paid once per checkpoint instead of once per entry. An entry of many records
 //! (a full batch) already amortizes that cost, and would only pay for the copy: it is committed
-//! to the store directly, after whatever waits before it.
+//! to the store directly, after whatever waits before it, and made durable (an fsync) by the next
+//! checkpoint or `sync`, not one fsync each.
 //!
 //! Reads see `recent` over the sealed layer (a checkpoint being written) over the store: a point
 //! lookup asks the newest layer first; every record keyed by time (transfers, index entries,
@@ -161,9 +162,11 @@ impl<S: SharedStore> CheckpointJob<S> {
         self.sealed.layer.commits
     }
 
-    /// Writes the checkpoint to the store, in one atomic commit.
+    /// Writes the checkpoint to the store, in one atomic commit, and makes it durable with every
+    /// commit before it.
     pub fn run(self) -> StoreResult<()> {
-        let written = self.base.commit_shared(&self.sealed.layer.to_changes());
+        let written =
+            self.base.commit_shared(&self.sealed.layer.to_changes()).and_then(|()| self.base.flush());
         let failed = |error: &StoreError| Failed { damage: error.is_damage(), what: error.to_string() };
         self.sealed.finish(written.as_ref().map(|_| ()).map_err(failed));
         written
@@ -182,11 +185,27 @@ pub struct Checkpointed<S: SharedStore> {
     base: Arc<S>,
     sealed: Option<Arc<Sealed>>,
     recent: Layer,
+    /// Entries committed to the store directly since its last flush: not durable yet.
+    unsynced: bool,
 }
 
 impl<S: SharedStore> Checkpointed<S> {
     pub fn new(base: S) -> Checkpointed<S> {
-        Checkpointed { base: Arc::new(base), sealed: None, recent: Layer::default() }
+        Checkpointed { base: Arc::new(base), sealed: None, recent: Layer::default(), unsynced: false }
+    }
+
+    /// Whether entries committed to the store directly wait for a flush to be durable (`sync`,
+    /// or the next checkpoint's).
+    pub fn needs_sync(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Makes what was committed to the store directly durable, here and now (a checkpoint does it
+    /// as well, for everything before it).
+    pub fn sync(&mut self) -> StoreResult<()> {
+        self.base.flush()?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// The durable store underneath: as of the last checkpoint once `checkpoint` returned.
@@ -230,12 +249,25 @@ impl<S: SharedStore> Checkpointed<S> {
             finished: Condvar::new(),
         });
         self.sealed = Some(sealed.clone());
+        // The job's flush covers the direct commits before it; if it fails, every later commit
+        // fails with it.
+        self.unsynced = false;
         Ok(Some(CheckpointJob { base: self.base.clone(), sealed }))
     }
 
-    /// Writes everything committed so far to the store underneath, here and now: waits for a
-    /// job that runs, then writes the rest. Returns how many commits it wrote itself.
+    /// Writes everything committed so far to the store underneath, durably, here and now: waits
+    /// for a job that runs, then writes the rest. Returns how many commits it wrote itself.
     pub fn checkpoint(&mut self) -> StoreResult<u64> {
+        let commits = self.write_layers()?;
+        if self.unsynced {
+            self.sync()?;
+        }
+        Ok(commits)
+    }
+
+    /// `checkpoint` that leaves direct commits before it as they are (durable or not): a job
+    /// that runs is waited for, and the rest of memory written and flushed.
+    fn write_layers(&mut self) -> StoreResult<u64> {
         self.retire(true)?;
         match self.seal()? {
             Some(job) => {
@@ -495,8 +527,10 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
         self.retire(false)?;
         if changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN {
-            self.checkpoint()?;
-            return self.base.commit_shared(changes);
+            self.write_layers()?;
+            self.base.commit_shared(changes)?;
+            self.unsynced = true;
+            return Ok(());
         }
         self.recent.absorb(changes);
         Ok(())
@@ -567,17 +601,20 @@ impl<S: SharedStore> Store for Checkpointed<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     use super::*;
     use crate::exec::Ledger;
     use crate::model::{AccountFlags, Batch};
 
-    /// A store in memory whose shared commits fail with damage on demand.
+    /// A store in memory whose shared commits fail with damage on demand, and which counts its
+    /// commits and how many of them its last flush made durable.
     #[derive(Default)]
     struct Failing {
         inner: Mutex<MemStore>,
         damaged: AtomicBool,
+        commits: AtomicU64,
+        durable: AtomicU64,
     }
 
     impl SharedStore for Failing {
@@ -585,6 +622,7 @@ mod tests {
             if self.damaged.load(Ordering::Relaxed) {
                 return Err(StoreError::Corrupt("a checksum does not match".into()));
             }
+            self.commits.fetch_add(1, Ordering::Relaxed);
             self.inner.lock().unwrap().commit(changes)
         }
     }
@@ -678,16 +716,54 @@ mod tests {
             self.inner.lock().unwrap().is_empty()
         }
         fn flush(&self) -> StoreResult<()> {
+            self.durable.store(self.commits.load(Ordering::Relaxed), Ordering::Relaxed);
             Ok(())
         }
     }
 
     fn accounts(first: u128) -> Batch {
+        accounts_n(first, 2)
+    }
+
+    fn accounts_n(first: u128, count: u128) -> Batch {
         Batch::CreateAccounts(
-            (first..first + 2)
+            (first..first + count)
                 .map(|id| Account { id, ledger: 1, code: 1, flags: AccountFlags(0), ..Account::default() })
                 .collect(),
         )
+    }
+
+    /// A full batch is committed to the store directly and made durable by the next `sync` or
+    /// checkpoint, with every commit before it: one fsync for many entries, not one each. Until
+    /// then the store says it needs one (the node syncs it on its checkpoint interval).
+    #[test]
+    fn entries_committed_directly_are_durable_at_the_next_sync_or_checkpoint() {
+        let full = DIRECT_RECORDS_MIN as u128;
+        let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
+        let counts = |ledger: &Ledger<Checkpointed<Failing>>| {
+            let base = ledger.store().base();
+            (base.commits.load(Ordering::Relaxed), base.durable.load(Ordering::Relaxed))
+        };
+        ledger.apply(&[accounts_n(1, full)], 1_000, Some(b"1")).unwrap();
+        ledger.apply(&[accounts_n(1 + full, full)], 2_000, Some(b"2")).unwrap();
+        assert_eq!(counts(&ledger), (2, 0), "direct commits, none durable yet");
+        assert!(ledger.store().needs_sync());
+        ledger.store_mut().sync().unwrap();
+        assert_eq!(counts(&ledger), (2, 2));
+        assert!(!ledger.store().needs_sync());
+
+        // A direct commit, then a small one in memory: the checkpoint's own flush covers both.
+        ledger.apply(&[accounts_n(1 + 2 * full, full)], 3_000, Some(b"3")).unwrap();
+        ledger.apply(&[accounts(1 + 3 * full)], 4_000, Some(b"4")).unwrap();
+        assert!(ledger.store().needs_sync());
+        assert_eq!(ledger.store_mut().checkpoint().unwrap(), 1);
+        assert_eq!(counts(&ledger), (4, 4));
+        assert!(!ledger.store().needs_sync());
+
+        // A direct commit alone: a checkpoint (before a snapshot or a backup) flushes it too.
+        ledger.apply(&[accounts_n(3 + 3 * full, full)], 5_000, Some(b"5")).unwrap();
+        assert_eq!(ledger.store_mut().checkpoint().unwrap(), 0);
+        assert_eq!(counts(&ledger), (5, 5));
     }
 
     /// A checkpoint written on another thread that finds the store damaged fails every later

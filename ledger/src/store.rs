@@ -226,6 +226,8 @@ pub trait Store {
     ) -> StoreResult<()>;
     fn meta_raw(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
     /// Writes all of `changes` atomically: after a crash, either all of it or none of it is there.
+    /// Durable once `flush` has returned: a crash before takes it back, with every later commit
+    /// (commits are kept in order, and the node re-applies them from its log).
     fn commit(&mut self, changes: &Changes) -> StoreResult<()>;
     /// Every record in key order, as `(key, value)`: the input of export and of the state digest.
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()>;

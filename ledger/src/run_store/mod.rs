@@ -390,6 +390,9 @@ impl Drop for RunStore {
             self.inner.merges_wake.notify_one();
             let _ = merger.join();
         }
+        // A store closed, not crashed, keeps its last commits. Best effort: what a failure here
+        // leaves out is re-applied from the log, as after a crash.
+        let _ = self.inner.flush();
     }
 }
 
@@ -540,15 +543,32 @@ impl Inner {
 
     /// Writes `writes`, `extra` and the layout with `runs` in one batch, durably (with every
     /// batch before it: the pages of the runs it names), then makes `runs` the readers' runs.
-    /// Called with the layout lock held. A commit (a checkpoint) and a merge each end here: a
-    /// restart finds the last one, and the page store reuses what it freed.
+    /// Called with the layout lock held. A merge, an import and a checkpoint end here: a restart
+    /// finds the last one, and the page store reuses what it freed.
     fn write_layout(&self, layout: &Layout, runs: Runs, writes: Writes, extra: Batch) -> StoreResult<()> {
+        self.write_layout_with(layout, runs, writes, extra, true)
+    }
+
+    /// `write_layout`, atomic but not durable unless `durably`: a commit is made durable by the
+    /// next durable batch (`flush`), and a crash before it takes it back with everything after it.
+    fn write_layout_with(
+        &self,
+        layout: &Layout,
+        runs: Runs,
+        writes: Writes,
+        extra: Batch,
+        durably: bool,
+    ) -> StoreResult<()> {
         let mut batch = extra;
         for (key, value) in writes {
             batch.insert(key, value);
         }
         batch.insert(LAYOUT_KEY, layout.encode(&runs));
-        self.pages.apply_durably(batch)?;
+        if durably {
+            self.pages.apply_durably(batch)?;
+        } else {
+            self.pages.apply(batch)?;
+        }
         *self.runs.write().unwrap() = Arc::new(runs);
         Ok(())
     }
@@ -1032,7 +1052,9 @@ impl crate::store::SharedStore for RunStore {
                 });
             }
         }
-        self.inner.write_layout(&layout, runs, writes, batch)?;
+        // Not durable: the node's log is, and `flush` (a checkpoint) makes this durable with
+        // every commit before it, one fsync for many entries.
+        self.inner.write_layout_with(&layout, runs, writes, batch, false)?;
         drop(layout);
         let mut cache = self.inner.accounts.lock().unwrap();
         for account in &changes.accounts {

@@ -243,7 +243,7 @@ impl Shared {
         let store = ledger.store();
         let bytes = store.recent_bytes();
         let due = bytes >= self.checkpoint_policy.bytes_max
-            || (store.recent_commits() > 0
+            || ((store.recent_commits() > 0 || store.needs_sync())
                 && self.checkpointed_at.lock().unwrap().elapsed() >= self.checkpoint_policy.interval);
         if !due {
             return Ok(());
@@ -259,6 +259,15 @@ impl Shared {
             // Rare, and long: the worker is handed over (a no-op when it already was).
             None if bytes >= 2 * self.checkpoint_policy.bytes_max => {
                 crate::rt::block(|| self.checkpoint(ledger))
+            }
+            // Only entries committed to the store directly (full batches) since the last
+            // checkpoint: one fsync makes them all durable.
+            None if ledger.store().recent_commits() == 0 && ledger.store().needs_sync() => {
+                crate::rt::block(|| {
+                    ledger.store_mut().sync().map_err(|e| apply_error(&self.data_dir, e))?;
+                    *self.checkpointed_at.lock().unwrap() = tokio::time::Instant::now();
+                    Ok(())
+                })
             }
             None => Ok(()),
         }
