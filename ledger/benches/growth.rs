@@ -2,7 +2,7 @@
 //! id and disk use, from an empty store to `--transfers` (default 100,000,000), in batches of
 //! 8189 random transfers between `--accounts` accounts (default 10,000); then the time to export
 //! a snapshot of the whole state, and to reopen the store and serve a lookup. Merges run inside `commit`, so the throughput is what one core
-//! sustains, merges included (sled's own IO threads write in the background).
+//! sustains, merges included.
 //!
 //! `cargo bench -p ledger --bench growth -- --transfers 100000000 --out docs/storage`
 //! writes `growth.csv` and `growth.svg` (the curve) to `--out`; `--dir` keeps the store there
@@ -229,7 +229,7 @@ fn write_svg(path: &Path, rows: &[Row], accounts: u128) {
         top + 2.0 * (panel + 50.0)
     );
     let panels: [Panel; 2] = [
-        ("transfers/s applied into sled", "#1f77b4", |r| r.rate),
+        ("transfers/s applied into the state store", "#1f77b4", |r| r.rate),
         ("resident memory, MiB", "#d62728", |r| r.resident_mib),
     ];
     for (index, (title, colour, value)) in panels.iter().enumerate() {

@@ -391,7 +391,7 @@ impl<S: SharedStore> Checkpointed<S> {
 }
 
 impl<S: SharedStore> Drop for Checkpointed<S> {
-    /// Waits for a job that runs: it holds the store, which (sled) holds its directory.
+    /// Waits for a job that runs: it holds the store, which holds its file.
     fn drop(&mut self) {
         if let Some(sealed) = &self.sealed {
             sealed.outcome(true);

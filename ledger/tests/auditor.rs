@@ -30,7 +30,7 @@ fn auditor_predicts_every_reply_and_balance() {
 }
 
 #[test]
-fn auditor_on_sled() {
+fn auditor_on_the_state_store() {
     let seed = seed(0x7a11_0002);
     let dir = tempfile::tempdir().unwrap();
     let mut ledger = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
@@ -46,32 +46,32 @@ fn export_bytes(store: &impl Store) -> Vec<u8> {
 }
 
 #[test]
-fn same_workload_same_bytes_on_memory_and_sled() {
+fn same_workload_same_bytes_in_memory_and_in_the_state_store() {
     let seed = seed(0x7a11_0003);
     let dir = tempfile::tempdir().unwrap();
     let mut memory = Ledger::open(MemStore::new()).unwrap();
     // Merges inside `commit`, so that which runs exist is the same on every run of the test.
     let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
-    let mut sled = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();
+    let mut stored = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();
     let mut workload = Workload::new(seed);
     for _ in 0..600 {
         let (batch, proposed, _) = workload.next();
         let batches = std::slice::from_ref(&batch);
         let from_memory = memory.apply(batches, proposed, Some(b"app")).unwrap();
-        let from_sled = sled.apply(batches, proposed, Some(b"app")).unwrap();
-        assert_eq!(from_memory, from_sled, "seed {seed}");
-        assert_eq!(memory.meta(), sled.meta(), "seed {seed}: running digests diverged");
+        let from_store = stored.apply(batches, proposed, Some(b"app")).unwrap();
+        assert_eq!(from_memory, from_store, "seed {seed}");
+        assert_eq!(memory.meta(), stored.meta(), "seed {seed}: running digests diverged");
     }
     let digest = ledger::snapshot::state_digest(memory.store()).unwrap();
-    assert_eq!(digest, ledger::snapshot::state_digest(sled.store()).unwrap(), "seed {seed}");
-    assert_eq!(export_bytes(memory.store()), export_bytes(sled.store()), "seed {seed}");
+    assert_eq!(digest, ledger::snapshot::state_digest(stored.store()).unwrap(), "seed {seed}");
+    assert_eq!(export_bytes(memory.store()), export_bytes(stored.store()), "seed {seed}");
     // 600 entries made hundreds of runs of each kind; merges keep a few dozen.
-    let (runs, _) = sled.store().run_counts();
+    let (runs, _) = stored.store().run_counts();
     assert!(runs.iter().all(|count| (1..=40).contains(count)), "seed {seed}: runs {runs:?}");
 
-    // And the state survives closing and reopening sled.
-    let meta = sled.meta();
-    drop(sled);
+    // And the state survives closing and reopening the store.
+    let meta = stored.meta();
+    drop(stored);
     let reopened = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
     assert_eq!(reopened.meta(), meta);
     assert_eq!(ledger::snapshot::state_digest(reopened.store()).unwrap(), digest);
@@ -90,43 +90,43 @@ fn same_workload_same_bytes_on_memory_and_sled() {
 /// (new transfers, posts and voids that delete pending and expiry keys) are applied, first
 /// between the freeze and the export, then during it from another thread.
 #[test]
-fn a_frozen_sled_view_exports_the_frozen_state_while_applying_goes_on() {
+fn a_frozen_view_of_the_state_store_exports_the_frozen_state_while_applying_goes_on() {
     let seed = seed(0x7a11_0006);
     let dir = tempfile::tempdir().unwrap();
-    let mut sled = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
+    let mut stored = Ledger::open(RunStore::open(dir.path()).unwrap()).unwrap();
     let mut memory = Ledger::open(MemStore::new()).unwrap();
     let mut workload = Workload::new(seed);
-    let mut apply = |count: usize, sled: &mut Ledger<RunStore>| {
+    let mut apply = |count: usize, stored: &mut Ledger<RunStore>| {
         for _ in 0..count {
             let (batch, proposed, _) = workload.next();
             let batches = std::slice::from_ref(&batch);
             assert_eq!(
-                sled.apply(batches, proposed, None).unwrap(),
+                stored.apply(batches, proposed, None).unwrap(),
                 memory.apply(batches, proposed, None).unwrap()
             );
         }
     };
-    apply(300, &mut sled);
-    let frozen_bytes = export_bytes(sled.store());
-    let view = sled.store().freeze();
-    apply(300, &mut sled);
+    apply(300, &mut stored);
+    let frozen_bytes = export_bytes(stored.store());
+    let view = stored.store().freeze();
+    apply(300, &mut stored);
     let mut from_view = Vec::new();
     ledger::snapshot::export(&view, &mut from_view).unwrap();
     assert_eq!(from_view, frozen_bytes, "seed {seed}: the view moved with the store");
     drop(view);
 
-    let frozen_bytes = export_bytes(sled.store());
-    let view = sled.store().freeze();
+    let frozen_bytes = export_bytes(stored.store());
+    let view = stored.store().freeze();
     let exporter = std::thread::spawn(move || {
         let mut bytes = Vec::new();
         ledger::snapshot::export(&view, &mut bytes).unwrap();
         bytes
     });
-    apply(300, &mut sled);
+    apply(300, &mut stored);
     assert_eq!(exporter.join().unwrap(), frozen_bytes, "seed {seed}: a concurrent export moved");
     // Once the view is gone the store is itself again, and a new view can be taken.
-    drop(sled.store().freeze());
-    assert_eq!(export_bytes(sled.store()), export_bytes(memory.store()), "seed {seed}");
+    drop(stored.store().freeze());
+    assert_eq!(export_bytes(stored.store()), export_bytes(memory.store()), "seed {seed}");
 }
 
 #[test]
@@ -140,25 +140,25 @@ fn snapshot_round_trip_under_the_workload() {
     let mut memory = MemStore::new();
     ledger::snapshot::import(&mut memory, &bytes[..]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut sled = RunStore::open(dir.path()).unwrap();
-    ledger::snapshot::import(&mut sled, &bytes[..]).unwrap();
+    let mut stored = RunStore::open(dir.path()).unwrap();
+    ledger::snapshot::import(&mut stored, &bytes[..]).unwrap();
     assert_eq!(export_bytes(&memory), bytes);
-    assert_eq!(export_bytes(&sled), bytes);
+    assert_eq!(export_bytes(&stored), bytes);
 
     // The imported ledgers carry on exactly like the original.
     let mut memory = Ledger::open(memory).unwrap();
-    let mut sled = Ledger::open(sled).unwrap();
+    let mut stored = Ledger::open(stored).unwrap();
     assert_eq!(memory.meta(), original.meta());
     for _ in 0..300 {
         let (batch, proposed, expected) = workload.next();
         let batches = std::slice::from_ref(&batch);
         assert_eq!(original.apply(batches, proposed, None).unwrap()[0], expected, "seed {seed}");
         assert_eq!(memory.apply(batches, proposed, None).unwrap()[0], expected, "seed {seed}");
-        assert_eq!(sled.apply(batches, proposed, None).unwrap()[0], expected, "seed {seed}");
+        assert_eq!(stored.apply(batches, proposed, None).unwrap()[0], expected, "seed {seed}");
     }
     let digest = ledger::snapshot::state_digest(original.store()).unwrap();
     assert_eq!(ledger::snapshot::state_digest(memory.store()).unwrap(), digest);
-    assert_eq!(ledger::snapshot::state_digest(sled.store()).unwrap(), digest);
+    assert_eq!(ledger::snapshot::state_digest(stored.store()).unwrap(), digest);
     assert_eq!(memory.meta().digest, original.meta().digest);
 }
 
@@ -212,10 +212,10 @@ fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
             "{what} was rewritten"
         );
         let dir = tempfile::tempdir().unwrap();
-        let mut sled = RunStore::open(dir.path()).unwrap();
-        let error = ledger::snapshot::import(&mut sled, &bytes[..]);
+        let mut stored = RunStore::open(dir.path()).unwrap();
+        let error = ledger::snapshot::import(&mut stored, &bytes[..]);
         assert!(error.is_err(), "{what} was accepted");
-        assert!(sled.is_empty().unwrap(), "{what} left records behind");
+        assert!(stored.is_empty().unwrap(), "{what} left records behind");
         let mut memory = MemStore::new();
         assert!(ledger::snapshot::import(&mut memory, &bytes[..]).is_err(), "{what} was accepted");
         assert!(memory.is_empty().unwrap(), "{what} left records behind");
@@ -256,16 +256,16 @@ fn a_rewritten_snapshot_differs_only_in_the_application_meta() {
     }
 }
 
-/// A data directory written on sled (tally before redb held the state) is refused as superseded,
+/// A data directory written on stored (tally before redb held the state) is refused as superseded,
 /// which the node rebuilds from its snapshot and log, and is left as it was for that.
 #[test]
 fn a_state_written_on_sled_is_refused_as_superseded_and_left_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("conf"), b"segment_size: 8388608").unwrap();
     std::fs::write(dir.path().join("db"), [7u8; 512]).unwrap();
-    let error = RunStore::open(dir.path()).err().expect("a sled state is refused");
+    let error = RunStore::open(dir.path()).err().expect("a stored state is refused");
     assert!(matches!(error, ledger::StoreError::Superseded(_)), "{error}");
-    assert!(error.to_string().contains("sled"), "{error}");
+    assert!(error.to_string().contains("stored"), "{error}");
     let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, ["conf", "db"]);
@@ -310,7 +310,7 @@ fn a_schema_2_state_is_read_and_upgraded() {
     }
 }
 
-/// A store dropped and opened again at once opens (sled's threads may still hold the directory's
+/// A store dropped and opened again at once opens (stored's threads may still hold the directory's
 /// lock for a moment: `open_with` waits for it), as a snapshot install does when it swaps the
 /// imported state in: here a state imported from a snapshot, as there.
 #[test]
@@ -338,7 +338,7 @@ fn a_store_reopens_at_once_after_it_is_dropped() {
 /// balance, query and change record as the model predicts: one checkpoints here and now at
 /// random points, the other seals and writes its checkpoints on another thread, read meanwhile.
 /// Their exports, at random points, are byte for byte the plain store's; a batch large enough to
-/// bypass memory lands after what waited; sled reopened holds the state of the last checkpoint.
+/// bypass memory lands after what waited; stored reopened holds the state of the last checkpoint.
 #[test]
 fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
     use rand::{Rng, SeedableRng};
@@ -376,7 +376,7 @@ fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
         if rng.random_ratio(1, 3)
             && let Some(running) = job.take()
         {
-            // Written, and not yet seen written (no commit since): sled holds the sealed
+            // Written, and not yet seen written (no commit since): stored holds the sealed
             // layer's records too, and reads must not see them twice, nor stop at them.
             running.join().unwrap();
             assert!(behind.store().checkpoint_in_flight(), "seed {seed}");
@@ -409,11 +409,11 @@ fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
         running.join().unwrap();
     }
     let meta = behind.meta();
-    let sled = behind.into_store().into_base().unwrap();
-    assert_eq!(export_bytes(&sled), export_bytes(plain.store()), "seed {seed}");
-    drop(sled);
+    let stored = behind.into_store().into_base().unwrap();
+    assert_eq!(export_bytes(&stored), export_bytes(plain.store()), "seed {seed}");
+    drop(stored);
     let reopened = Ledger::open(RunStore::open(dirs.1.path()).unwrap()).unwrap();
-    assert_eq!(reopened.meta(), meta, "seed {seed}: sled reopened is not at the last checkpoint");
+    assert_eq!(reopened.meta(), meta, "seed {seed}: stored reopened is not at the last checkpoint");
     assert_eq!(export_bytes(reopened.store()), export_bytes(plain.store()), "seed {seed}");
 }
 

@@ -860,7 +860,7 @@ fn imported_events() {
 }
 
 /// One history for the query rows: accounts 10-15 and transfers 100-111 with user data, ledgers
-/// and codes set, one event per entry (so that the sled store holds several runs per index and
+/// and codes set, one event per entry (so that the state store holds several runs per index and
 /// merges some).
 fn query_history<S: Store>(ledger: &mut Ledger<S>) -> Vec<u64> {
     let accounts = [
@@ -1015,30 +1015,30 @@ fn queries_select_accounts_and_transfers_by_their_fields() {
     let mut memory = Ledger::open(MemStore::new()).unwrap();
     let ts = query_history(&mut memory);
     check_query_rows(&memory, &ts, "memory");
-    // The sled store serves them from its query indexes: as written, after a reopen, and after
+    // The state store serves them from its query indexes: as written, after a reopen, and after
     // a snapshot import (indexes are not in snapshots: an import builds them).
     let dir = tempfile::tempdir().unwrap();
     let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
-    let mut sled = Ledger::open(RunStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
-    assert_eq!(query_history(&mut sled), ts);
-    check_query_rows(&sled, &ts, "sled");
-    drop(sled);
-    let sled = Ledger::open(RunStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
-    check_query_rows(&sled, &ts, "sled, reopened");
+    let mut stored = Ledger::open(RunStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
+    assert_eq!(query_history(&mut stored), ts);
+    check_query_rows(&stored, &ts, "the state store");
+    drop(stored);
+    let stored = Ledger::open(RunStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
+    check_query_rows(&stored, &ts, "the state store, reopened");
     let mut bytes = Vec::new();
-    ledger::snapshot::export(sled.store(), &mut bytes).unwrap();
+    ledger::snapshot::export(stored.store(), &mut bytes).unwrap();
     let mut imported = RunStore::open_with(&dir.path().join("b"), inline).unwrap();
     ledger::snapshot::import(&mut imported, &mut bytes.as_slice()).unwrap();
-    check_query_rows(&Ledger::open(imported).unwrap(), &ts, "sled, imported");
+    check_query_rows(&Ledger::open(imported).unwrap(), &ts, "the state store, imported");
 }
 
-/// A query by a ledger (or code) no transfer has: the sled store rules chunks out by their zone
+/// A query by a ledger (or code) no transfer has: the stored store rules chunks out by their zone
 /// maps, and each transfer so ruled out counts against the scan budget as if examined. (It did
 /// not: such a query walked every zone of the ledger in one call, under the ledger's read lock,
 /// while applying waited.) The query stops at the budget, says where, and a second ask from
 /// there finishes the range; backwards the same.
 #[test]
-fn a_query_by_an_absent_ledger_stops_at_its_scan_budget_on_sled() {
+fn a_query_by_an_absent_ledger_stops_at_its_scan_budget_in_the_state_store() {
     let dir = tempfile::tempdir().unwrap();
     let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
     let mut ledger = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();

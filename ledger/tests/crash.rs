@@ -1,6 +1,6 @@
-//! Crash consistency: a child process applies the seeded workload to sled and is killed with
-//! SIGKILL at random points; reopened, the state must be exactly the state after some whole
-//! prefix of batches (never half a batch), which we check by replaying that prefix in memory.
+//! Crash consistency: a child process applies the seeded workload to the state store and is
+//! killed with SIGKILL at random points; reopened, the state must be exactly the state after some
+//! whole prefix of batches (never half a batch), which we check by replaying that prefix in memory.
 
 mod common;
 

@@ -358,7 +358,7 @@ mod tests {
         }
     }
 
-    /// sled's threads may hold a closed store's lock for a moment: open with a deadline.
+    /// A closed store's file lock may be held for a moment: open with a deadline.
     fn wait_open(path: &std::path::Path, options: Options) -> RunStore {
         let started = std::time::Instant::now();
         loop {

@@ -1,8 +1,8 @@
-//! `RunStore`: the state in one sled tree, laid out for a ledger's workload.
+//! `RunStore`: the state in one page store table (redb, `pages.rs`), laid out for a ledger's workload.
 //!
 //! Transfers never change once created and arrive in timestamp order; accounts are few and hot;
-//! lookups are by id, by (account, time) and by expiry. So the state is not one sled key per
-//! record (sled does tens of thousands of random inserts a second) but a few large values per
+//! lookups are by id, by (account, time) and by expiry. So the state is not one key per
+//! record (a B-tree does tens of thousands of random inserts a second) but a few large values per
 //! applied entry:
 //!
 //! | physical key                      | value                                                |
@@ -25,7 +25,7 @@
 //! derived data: export and the digest leave them out, import and the first open of a layout-1
 //! store build them from the records.
 //!
-//! Each applied entry writes, in one atomic `apply_batch`: its transfers as chunks, one new run
+//! Each commit (a checkpoint, or a full batch) writes, in one atomic batch: its transfers as chunks, one new run
 //! per kind it changed (the accounts it changed, the ids it created, its index entries, its
 //! query index entries), the
 //! layout naming those runs, and its plain keys. Runs are merged (`runs::pick_merge`), inline or
@@ -33,10 +33,11 @@
 //! as garbage, then swaps it for its sources in one batch; the sources are deleted once no reader
 //! or frozen view holds them. A crash at any point leaves the layout of some whole entry and
 //! garbage that `open` deletes. Reading memory is bounded: run descriptions (about 10 bits per key
-//! of filter), sled's page cache and the account cache, both sized by `Options::cache_bytes`.
+//! of filter), the page store's cache and the account cache, both sized by `Options::cache_bytes`.
 //!
-//! sled may lose its newest batches on a crash (it flushes on a timer); the Raft log still has
-//! them, and the caller re-applies from the applied marker it keeps in `META_APP_KEY`.
+//! A commit is durable once flushed (a checkpoint's, or a merge's): a crash takes back the
+//! commits after the last flush; the Raft log still has them, and the caller re-applies from the
+//! applied marker it keeps in `META_APP_KEY`.
 
 mod export;
 mod fields;
@@ -84,7 +85,7 @@ const CACHED_ACCOUNT_BYTES: u64 = 168;
 /// How a `RunStore` uses memory and threads.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
-    /// Memory for caches: half to sled's page cache, half to decoded accounts (the hottest
+    /// Memory for caches: half to the page store's cache, half to decoded accounts (the hottest
     /// records: two lookups for every transfer).
     pub cache_bytes: u64,
     /// Merge runs on a thread of the store's own (the product), or inside `commit` (a benchmark
@@ -199,12 +200,12 @@ impl RunStore {
         if !query_indexes {
             // Once per store; it reads every transfer, so a large one takes a while to open.
             eprintln!(
-                "sled store {}: building the query indexes (a store of layout 1, once)",
+                "state store {}: building the query indexes (a store of layout 1, once)",
                 path.display()
             );
             let started = std::time::Instant::now();
             inner.build_query_indexes()?;
-            eprintln!("sled store {}: query indexes built in {:.1?}", path.display(), started.elapsed());
+            eprintln!("state store {}: query indexes built in {:.1?}", path.display(), started.elapsed());
         }
         let merger = options.background_merges.then(|| {
             let inner = inner.clone();
@@ -224,7 +225,7 @@ impl RunStore {
     /// view at a time.
     pub fn freeze(&self) -> FrozenView {
         let mut pre_images = self.inner.pre_images.lock().unwrap();
-        assert!(pre_images.is_none(), "sled store: a second frozen view");
+        assert!(pre_images.is_none(), "state store: a second frozen view");
         *pre_images = Some(BTreeMap::new());
         FrozenView {
             inner: self.inner.clone(),

@@ -351,7 +351,7 @@ impl Page {
 }
 
 /// Writes a run from entries given in strictly increasing key order. Pages and description
-/// chunks go to `out` as `(sled key, value)` for the caller to write; the run exists once its
+/// chunks go to `out` as `(page store key, value)` for the caller to write; the run exists once its
 /// id is in the layout.
 pub struct RunBuilder {
     kind: Kind,
