@@ -256,16 +256,16 @@ fn a_rewritten_snapshot_differs_only_in_the_application_meta() {
     }
 }
 
-/// A data directory written on stored (tally before redb held the state) is refused as superseded,
+/// A data directory written on sled (tally before redb held the state) is refused as superseded,
 /// which the node rebuilds from its snapshot and log, and is left as it was for that.
 #[test]
 fn a_state_written_on_sled_is_refused_as_superseded_and_left_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("conf"), b"segment_size: 8388608").unwrap();
     std::fs::write(dir.path().join("db"), [7u8; 512]).unwrap();
-    let error = RunStore::open(dir.path()).err().expect("a stored state is refused");
+    let error = RunStore::open(dir.path()).err().expect("a sled state is refused");
     assert!(matches!(error, ledger::StoreError::Superseded(_)), "{error}");
-    assert!(error.to_string().contains("stored"), "{error}");
+    assert!(error.to_string().contains("sled"), "{error}");
     let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, ["conf", "db"]);
@@ -310,8 +310,8 @@ fn a_schema_2_state_is_read_and_upgraded() {
     }
 }
 
-/// A store dropped and opened again at once opens (stored's threads may still hold the directory's
-/// lock for a moment: `open_with` waits for it), as a snapshot install does when it swaps the
+/// A store dropped and opened again at once opens (a closed store's file lock may still be held
+/// for a moment: `open_with` waits for it), as a snapshot install does when it swaps the
 /// imported state in: here a state imported from a snapshot, as there.
 #[test]
 fn a_store_reopens_at_once_after_it_is_dropped() {
@@ -338,7 +338,7 @@ fn a_store_reopens_at_once_after_it_is_dropped() {
 /// balance, query and change record as the model predicts: one checkpoints here and now at
 /// random points, the other seals and writes its checkpoints on another thread, read meanwhile.
 /// Their exports, at random points, are byte for byte the plain store's; a batch large enough to
-/// bypass memory lands after what waited; stored reopened holds the state of the last checkpoint.
+/// bypass memory lands after what waited; the store reopened holds the state of the last checkpoint.
 #[test]
 fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
     use rand::{Rng, SeedableRng};
@@ -376,7 +376,7 @@ fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
         if rng.random_ratio(1, 3)
             && let Some(running) = job.take()
         {
-            // Written, and not yet seen written (no commit since): stored holds the sealed
+            // Written, and not yet seen written (no commit since): the store holds the sealed
             // layer's records too, and reads must not see them twice, nor stop at them.
             running.join().unwrap();
             assert!(behind.store().checkpoint_in_flight(), "seed {seed}");
@@ -413,7 +413,7 @@ fn a_checkpointed_store_reads_and_exports_like_a_plain_one() {
     assert_eq!(export_bytes(&stored), export_bytes(plain.store()), "seed {seed}");
     drop(stored);
     let reopened = Ledger::open(RunStore::open(dirs.1.path()).unwrap()).unwrap();
-    assert_eq!(reopened.meta(), meta, "seed {seed}: stored reopened is not at the last checkpoint");
+    assert_eq!(reopened.meta(), meta, "seed {seed}: the store reopened is not at the last checkpoint");
     assert_eq!(export_bytes(reopened.store()), export_bytes(plain.store()), "seed {seed}");
 }
 

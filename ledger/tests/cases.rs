@@ -1032,7 +1032,7 @@ fn queries_select_accounts_and_transfers_by_their_fields() {
     check_query_rows(&Ledger::open(imported).unwrap(), &ts, "the state store, imported");
 }
 
-/// A query by a ledger (or code) no transfer has: the stored store rules chunks out by their zone
+/// A query by a ledger (or code) no transfer has: the state store rules chunks out by their zone
 /// maps, and each transfer so ruled out counts against the scan budget as if examined. (It did
 /// not: such a query walked every zone of the ledger in one call, under the ledger's read lock,
 /// while applying waited.) The query stops at the budget, says where, and a second ask from
