@@ -431,7 +431,9 @@ impl Wal {
                 check_follows(previous.last_index(), first_index, &path)?;
             }
             let is_last = position + 1 == listed_count;
-            if !is_last && let Some(segment) = open_indexed(first_index, &path)? {
+            // An index that cannot be read is as good as none: the scan reads the segment itself,
+            // and meets any error of the segment's own.
+            if !is_last && let Ok(Some(segment)) = open_indexed(first_index, &path) {
                 segments.push(segment);
                 continue;
             }
@@ -777,11 +779,11 @@ fn remove_index(segment_path: &Path) -> io::Result<()> {
 /// The older segment at `path` opened from its record index, or `None` if it has no index that
 /// agrees with it (the caller scans it then): the index must be whole, name this segment, match
 /// the file's length and the last record's header, and the header must be valid.
-fn open_indexed(first_index: u64, path: &Path) -> Result<Option<Segment>, WalError> {
+fn open_indexed(first_index: u64, path: &Path) -> io::Result<Option<Segment>> {
     let index = match fs::read(path.with_extension(INDEX_EXTENSION)) {
         Ok(bytes) => SegmentIndex::decode(&bytes),
         Err(error) if error.kind() == io::ErrorKind::NotFound => None,
-        Err(error) => return Err(error.into()),
+        Err(error) => return Err(error),
     };
     let Some(index) = index.filter(|index| index.first_index == first_index) else { return Ok(None) };
     let file = OpenOptions::new().read(true).write(true).open(path)?;
