@@ -194,15 +194,15 @@ impl<S: SharedStore> Checkpointed<S> {
         Checkpointed { base: Arc::new(base), sealed: None, recent: Layer::default(), unsynced: false }
     }
 
-    /// Whether entries committed to the store directly wait for a flush to be durable (`sync`,
-    /// or the next checkpoint's).
+    /// Whether entries committed to the store directly wait for a flush to be durable (the next
+    /// checkpoint's).
     pub fn needs_sync(&self) -> bool {
         self.unsynced
     }
 
     /// Makes what was committed to the store directly durable, here and now (a checkpoint does it
     /// as well, for everything before it).
-    pub fn sync(&mut self) -> StoreResult<()> {
+    fn sync(&mut self) -> StoreResult<()> {
         self.base.flush()?;
         self.unsynced = false;
         Ok(())

@@ -256,18 +256,13 @@ impl Shared {
                 let _ = self.checkpoints.send(job);
                 Ok(())
             }
-            // Rare, and long: the worker is handed over (a no-op when it already was).
-            None if bytes >= 2 * self.checkpoint_policy.bytes_max => {
+            // Rare, and long: the worker is handed over (a no-op when it already was). Or only
+            // entries committed to the store directly (full batches) since the last checkpoint:
+            // the checkpoint is then one fsync that makes them all durable.
+            None if bytes >= 2 * self.checkpoint_policy.bytes_max
+                || (ledger.store().recent_commits() == 0 && ledger.store().needs_sync()) =>
+            {
                 crate::rt::block(|| self.checkpoint(ledger))
-            }
-            // Only entries committed to the store directly (full batches) since the last
-            // checkpoint: one fsync makes them all durable.
-            None if ledger.store().recent_commits() == 0 && ledger.store().needs_sync() => {
-                crate::rt::block(|| {
-                    ledger.store_mut().sync().map_err(|e| apply_error(&self.data_dir, e))?;
-                    *self.checkpointed_at.lock().unwrap() = tokio::time::Instant::now();
-                    Ok(())
-                })
             }
             None => Ok(()),
         }

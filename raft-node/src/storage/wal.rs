@@ -11,9 +11,9 @@
 //! A log is one directory of segment files, each named `<first index, 20 digits, zero-padded>.wal`
 //! (`00000000000000000001.wal`), and beside each older segment its record index, the same name
 //! ending in `.idx` (`segment_index`). Other files are not the log's and are left alone (the vote
-//! written by `write_file_atomic`, its `.tmp`). Indexes start at 1 and are
-//! contiguous within a segment and across segments: each segment starts at the index after the
-//! previous segment's last record.
+//! written by `write_file_atomic`, its `.tmp`). Indexes start at 1 and are contiguous within a
+//! segment and across segments: each segment starts at the index after the previous segment's
+//! last record.
 //!
 //! ```text
 //! segment: header record*
@@ -48,7 +48,9 @@
 //! its length and its last record's header are checked against the index, and its records are
 //! checked as they are read, like every record the log returns. The index is written when the log
 //! rolls over to a new segment, and again at open for an older segment scanned without one, so
-//! that opening reads the log's tail, not the whole log kept behind a snapshot. An unreadable record (cut short, too long, bad CRC) in the last segment
+//! that opening reads the log's tail, not the whole log kept behind a snapshot.
+//!
+//! An unreadable record (cut short, too long, bad CRC) in the last segment
 //! after which no valid record can be found is the torn tail of writes that were never synced: the
 //! file is cut back to the last good record, and a last segment left without records is deleted,
 //! as is a last segment whose header is zeros with no valid record after it (created, then a power
