@@ -226,7 +226,7 @@ fn the_ledger_state_survives_a_power_cut_as_of_its_last_flush() {
     assert_eq!(digests.len(), 2, "child output: {stdout}");
 
     fs.power_cut(None);
-    let reopened = ledger::Ledger::open(ledger::RunStore::open(&path).unwrap()).unwrap();
+    let reopened = ledger::Ledger::open(tally_store::RunStore::open(&path).unwrap()).unwrap();
     let digest = hex(&reopened.meta().digest);
     assert!(digests.contains(&digest.as_str()), "state at {digest}, expected one of {digests:?}");
     assert_eq!(reopened.lookup_transfers(&[10]).unwrap().len(), 1, "the flushed transfer");
@@ -240,6 +240,7 @@ fn hex(bytes: &[u8]) -> String {
 #[test]
 fn ledger_child() {
     use ledger::*;
+    use tally_store::RunStore;
     let Some(path) = std::env::var_os("FAULTFS_LEDGER_DIR") else { return };
     let accounts: Vec<Account> =
         (1..=4).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() }).collect();

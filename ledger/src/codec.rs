@@ -7,7 +7,7 @@
 //!
 //! The logical key space: the records a snapshot carries and the state digest hashes, in this
 //! order. Both stores present exactly these; how `RunStore` lays them out on disk is its own
-//! business (`run_store/mod.rs`).
+//! business (crate `tally-store`).
 //!
 //! | prefix | key                           | value                                   |
 //! |--------|-------------------------------|-----------------------------------------|

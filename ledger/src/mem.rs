@@ -1,6 +1,6 @@
 //! `MemStore`: the state in typed maps, for tests, simulations and benchmarks.
 //!
-//! It behaves exactly like `RunStore` (same records, same keys in `for_each_record`), which the
+//! It behaves exactly like `tally_store::RunStore` (same records, same keys in `for_each_record`), which the
 //! determinism test checks by comparing exports; it is simply never durable. Point lookups use
 //! hash maps (their order never leaks: `for_each_record` sorts), and each account's index is a
 //! vector in time order, because timestamps only grow: an index write is an append.

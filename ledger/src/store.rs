@@ -2,7 +2,7 @@
 //! entry writes at once.
 //!
 //! Two stores implement it: `MemStore` (typed maps, for tests, simulations and benchmarks) and
-//! `RunStore` (the product). Both present the same records under the same keys (`codec.rs`), so
+//! `tally_store::RunStore` (the product, a crate of its own). Both present the same records under the same keys (`codec.rs`), so
 //! an export of either is byte-for-byte the same for the same history.
 
 use std::collections::BTreeSet;
@@ -248,7 +248,7 @@ pub trait SharedStore: Store + Send + Sync {
     fn commit_shared(&self, changes: &Changes) -> StoreResult<()>;
 }
 
-/// Records listed in key order: a store, or a frozen view of one (`RunStore::freeze`). What a
+/// Records listed in key order: a store, or a frozen view of one (`tally_store::RunStore::freeze`). What a
 /// snapshot export reads.
 pub trait Records {
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()>;
@@ -257,11 +257,5 @@ pub trait Records {
 impl<S: Store> Records for S {
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
         Store::for_each_record(self, visit)
-    }
-}
-
-impl Records for crate::run_store::FrozenView {
-    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        crate::run_store::FrozenView::for_each_record(self, visit)
     }
 }

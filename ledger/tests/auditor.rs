@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use ledger::*;
+use tally_store::RunStore;
 
 /// Batches the auditor checks in CI: `AUDIT_SEEDS` seeds of `AUDIT_BATCHES_PER_SEED` batches.
 const AUDIT_SEEDS: u64 = 4;
@@ -51,7 +52,7 @@ fn same_workload_same_bytes_in_memory_and_in_the_state_store() {
     let dir = tempfile::tempdir().unwrap();
     let mut memory = Ledger::open(MemStore::new()).unwrap();
     // Merges inside `commit`, so that which runs exist is the same on every run of the test.
-    let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
+    let inline = tally_store::Options { background_merges: false, ..Default::default() };
     let mut stored = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();
     let mut workload = Workload::new(seed);
     for _ in 0..600 {

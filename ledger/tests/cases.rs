@@ -6,6 +6,7 @@ use CreateAccountResult as A;
 use CreateTransferResult as R;
 use common::*;
 use ledger::*;
+use tally_store::RunStore;
 
 const T0: u64 = 1_000 * NANOS_PER_SECOND;
 
@@ -1018,7 +1019,7 @@ fn queries_select_accounts_and_transfers_by_their_fields() {
     // The state store serves them from its query indexes: as written, after a reopen, and after
     // a snapshot import (indexes are not in snapshots: an import builds them).
     let dir = tempfile::tempdir().unwrap();
-    let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
+    let inline = tally_store::Options { background_merges: false, ..Default::default() };
     let mut stored = Ledger::open(RunStore::open_with(&dir.path().join("a"), inline).unwrap()).unwrap();
     assert_eq!(query_history(&mut stored), ts);
     check_query_rows(&stored, &ts, "the state store");
@@ -1040,7 +1041,7 @@ fn queries_select_accounts_and_transfers_by_their_fields() {
 #[test]
 fn a_query_by_an_absent_ledger_stops_at_its_scan_budget_in_the_state_store() {
     let dir = tempfile::tempdir().unwrap();
-    let inline = ledger::run_store::Options { background_merges: false, ..Default::default() };
+    let inline = tally_store::Options { background_merges: false, ..Default::default() };
     let mut ledger = Ledger::open(RunStore::open_with(dir.path(), inline).unwrap()).unwrap();
     let reply = ledger.apply(&[Batch::CreateAccounts(accounts())], T0, None).unwrap();
     let BatchReply::CreateAccounts(results) = &reply[0] else { unreachable!() };

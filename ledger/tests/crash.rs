@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use common::*;
 use ledger::*;
 use rand::{Rng, SeedableRng};
+use tally_store::RunStore;
 
 const CHILD_DIR_ENV: &str = "TALLY_CRASH_CHILD_DIR";
 const CHILD_SEED_ENV: &str = "TALLY_CRASH_CHILD_SEED";
@@ -109,7 +110,7 @@ fn sigkill_leaves_a_whole_prefix_of_batches() {
 /// rebuild, instead of the store going on with merges that fail forever.
 #[test]
 fn damage_a_merge_finds_fails_the_next_commit() {
-    use ledger::run_store::pages::Pages;
+    use tally_store::pages::Pages;
     let dir = tempfile::tempdir().unwrap();
     let accounts: Vec<Account> =
         (1..=10).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() }).collect();
@@ -145,7 +146,7 @@ fn damage_a_merge_finds_fails_the_next_commit() {
         let pages = Pages::open(dir.path(), 1 << 20).unwrap();
         pages.scan_prefix(&[b'R', 1]).next_back().expect("an ids run").unwrap().1.to_vec()
     };
-    let path = dir.path().join(ledger::run_store::pages::FILE_NAME);
+    let path = dir.path().join(tally_store::pages::FILE_NAME);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.windows(page.len()).position(|window| window == page).expect("the page in the file");
     bytes[at + page.len() / 2] ^= 0x40;

@@ -209,7 +209,7 @@ pub fn default_checkpoint_bytes() -> u64 {
     64 << 20
 }
 pub fn default_cache_bytes() -> u64 {
-    ledger::run_store::Options::default().cache_bytes
+    tally_store::Options::default().cache_bytes
 }
 
 impl NodeConfig {

@@ -1085,9 +1085,9 @@ async fn a_node_whose_ledger_state_is_damaged_or_on_sled_rebuilds_it_from_its_sn
     // it no longer decodes when the state is opened.
     cluster.kill(damaged);
     {
-        let pages = ledger::run_store::pages::Pages::open(&data_dir.join("state"), 1 << 20).unwrap();
-        let mut batch = ledger::run_store::pages::Batch::default();
-        batch.insert(ledger::run_store::LAYOUT_KEY, vec![1u8, 0, 0, 0, 9, 9, 9]);
+        let pages = tally_store::pages::Pages::open(&data_dir.join("state"), 1 << 20).unwrap();
+        let mut batch = tally_store::pages::Batch::default();
+        batch.insert(tally_store::LAYOUT_KEY, vec![1u8, 0, 0, 0, 9, 9, 9]);
         pages.apply(batch).unwrap();
         pages.sync().unwrap();
     }

@@ -263,7 +263,7 @@ pub fn render(node: &NodeHandle) -> String {
             }
         }
     }
-    MERGES_FAILED.set(ledger::run_store::MERGES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as i64);
+    MERGES_FAILED.set(tally_store::MERGES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as i64);
     let dir = &node.config.data_dir;
     for (part, path) in
         [("wal", dir.join("wal")), ("state", dir.join("state")), ("snapshots", dir.join("snapshots"))]

@@ -1,4 +1,4 @@
-//! openraft's state machine over the `ledger` crate and its state store (`ledger::RunStore`,
+//! openraft's state machine over the `ledger` crate and its state store (`tally_store::RunStore`,
 //! on redb).
 //!
 //! Each applied entry is one `Ledger::apply`: the entry's batches and the applied log id and
@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
 use ledger::checkpoint::CheckpointJob;
-use ledger::run_store::Options as StoreOptions;
-use ledger::{Checkpointed, Ledger, RunStore, Store};
+use ledger::{Checkpointed, Ledger, Store};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use serde::{Deserialize, Serialize};
+use tally_store::Options as StoreOptions;
+use tally_store::RunStore;
 
 use crate::storage::wal;
 use crate::types::{

@@ -7,12 +7,12 @@ use super::layout::Runs;
 use super::pages::Batch;
 use super::runs::{Kind, RunBuilder, Writes};
 use super::{CHUNK_TRANSFERS, Inner, chunk_key, next_run};
-use crate::codec::{
+use ledger::codec::{
     self, PREFIX_ACCOUNT, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META,
     PREFIX_PENDING, PREFIX_TRANSFER,
 };
-use crate::model::PendingStatus;
-use crate::store::{StoreError, StoreResult};
+use ledger::model::PendingStatus;
+use ledger::store::{StoreError, StoreResult};
 
 /// An import cuts its sorted input into runs of at most this many entries, which bounds the
 /// memory of a run's filter while it is built.
@@ -29,7 +29,7 @@ pub(super) struct Import {
     ids: Vec<(u128, u64)>,
     chunk: Vec<u8>,
     /// Change records of the chunk being gathered, and the last one written.
-    changes: Vec<crate::model::ChangeRecord>,
+    changes: Vec<ledger::model::ChangeRecord>,
     changes_last: Option<u64>,
     runs: Runs,
     writes: Writes,

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use super::layout::Runs;
 use super::runs::{self, Kind, RunBuilder, Writes};
 use super::{Inner, next_run};
-use crate::model::{Account, Field, Transfer};
-use crate::store::{StoreError, StoreResult};
+use ledger::model::{Account, Field, Transfer};
+use ledger::store::{StoreError, StoreResult};
 
 /// The account kinds' fields, `None` being every account by time.
 pub(super) const ACCOUNT_FIELDS: [Option<Field>; 6] = [
@@ -230,8 +230,8 @@ mod tests {
     use super::super::pages::{Batch as PageBatch, Pages};
     use super::super::runs::{PREFIX_PAGE, PREFIX_RUN_META, run_key_range};
     use super::super::{Options, RunStore};
-    use crate::model::{Account, Batch, QueryFilter, Transfer};
-    use crate::{Ledger, Store};
+    use ledger::model::{Account, Batch, QueryFilter, Transfer};
+    use ledger::{Ledger, Store};
 
     fn answers(ledger: &Ledger<RunStore>) -> Vec<Vec<u128>> {
         let q = QueryFilter { limit: 100, ..QueryFilter::default() };
@@ -331,7 +331,7 @@ mod tests {
     #[test]
     fn a_zone_map_lists_few_values_and_says_any_for_many() {
         use super::{zone_may_hold, zone_of};
-        use crate::model::Field;
+        use ledger::model::Field;
         let transfer = |ledger: u32, code: u16| Transfer { ledger, code, ..Transfer::default() };
         let few: Vec<Transfer> =
             [(1, 5), (2, 5), (1, 6), (1, 5)].iter().map(|(l, c)| transfer(*l, *c)).collect();

@@ -4,7 +4,7 @@
 //! a snapshot of the whole state, and to reopen the store and serve a lookup. Merges run inside `commit`, so the throughput is what one core
 //! sustains, merges included.
 //!
-//! `cargo bench -p ledger --bench growth -- --transfers 100000000 --out docs/storage`
+//! `cargo bench -p tally-store --bench growth -- --transfers 100000000 --out docs/storage`
 //! writes `growth.csv` and `growth.svg` (the curve) to `--out`; `--dir` keeps the store there
 //! instead of in a temporary directory.
 
@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use ledger::run_store::Options;
 use ledger::*;
 use rand::{Rng, SeedableRng};
+use tally_store::Options;
+use tally_store::RunStore;
 
 const SEED: u64 = 0x6e0_77b;
 const LOOKUPS_PER_STEP: usize = 2_000;

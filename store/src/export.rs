@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use super::layout::Runs;
 use super::runs::{self, Kind};
 use super::{Inner, change_records, chunk_records, record_timestamp};
-use crate::codec::{
+use ledger::codec::{
     self, PREFIX_ACCOUNT, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_INDEX, PREFIX_META,
     PREFIX_PENDING, PREFIX_TRANSFER,
 };
-use crate::store::{RecordVisitor, StoreResult};
+use ledger::store::{RecordVisitor, StoreResult};
 
 pub(super) type PreImages = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
@@ -139,6 +139,12 @@ impl FrozenView {
     /// Every record of the frozen state in key order.
     pub fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
         export(&self.inner, &self.runs, Some(&self.inner.pre_images), self.timestamp_last, visit)
+    }
+}
+
+impl ledger::store::Records for FrozenView {
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+        FrozenView::for_each_record(self, visit)
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::runs::{KINDS, Kind, Run};
-use crate::store::{StoreError, StoreResult};
+use ledger::store::{StoreError, StoreResult};
 
 /// The key of the layout record (the runs of each kind), for tests that damage it.
 pub const LAYOUT_KEY: &[u8] = b"Llayout";

@@ -2,7 +2,7 @@
 //! the in-memory store and on the state store (`RunStore`, on redb). One thread applies; that is
 //! the state machine's real shape.
 //!
-//! `cargo bench -p ledger --bench apply` (add `-- --batches N` to change the run length,
+//! `cargo bench -p tally-store --bench apply` (add `-- --batches N` to change the run length,
 //! `-- --accounts N` for another number of accounts, `-- --store memory|disk` for one store).
 
 use std::time::Instant;
@@ -14,6 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use ledger::*;
 use rand::{Rng, SeedableRng};
+use tally_store::RunStore;
 
 const SEED: u64 = 0xbe7c4;
 
@@ -101,7 +102,7 @@ fn main() {
     if only.as_deref().is_none_or(|s| s == "disk") {
         let dir = tempfile::tempdir().unwrap();
         // Merges run inside `commit`: one core pays for all the work the store does.
-        let options = ledger::run_store::Options { background_merges: false, ..Default::default() };
+        let options = tally_store::Options { background_merges: false, ..Default::default() };
         run("disk", RunStore::open_with(dir.path(), options).unwrap(), accounts, &batches);
     }
 }

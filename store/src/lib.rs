@@ -65,17 +65,17 @@ pub use self::layout::LAYOUT_KEY;
 use self::layout::{Layout, Runs};
 use self::pages::{Batch, Pages, Value};
 use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
-use crate::codec::{
+use ledger::codec::{
     self, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
 };
-use crate::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
-use crate::store::{Changes, RecordVisitor, Scanned, Store, StoreError, StoreResult};
+use ledger::model::{Account, ChangeRecord, CreateTransferResult, Field, PendingStatus, Transfer};
+use ledger::store::{Changes, RecordVisitor, Scanned, Store, StoreError, StoreResult};
 
 /// Transfers in one `T` value: 8,064 bytes, like a run page (see `runs::PAGE_BYTES`).
 const CHUNK_TRANSFERS: usize = 63;
 /// Marks an ids-run entry as a failed id rather than a transfer's timestamp (timestamps stay
 /// below 2^63: ledger time is nanoseconds since 1970, and imported ones are checked).
-pub(super) const FAILED_MARK: u64 = 1 << 63;
+pub(crate) const FAILED_MARK: u64 = 1 << 63;
 /// Writes a merge or an import sends to the page store per batch.
 const WRITES_PER_BATCH: usize = 64;
 /// Memory an account takes in the cache: id and record, and the map's control byte and spare
@@ -932,7 +932,7 @@ impl Store for RunStore {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        crate::store::SharedStore::commit_shared(self, changes)
+        ledger::store::SharedStore::commit_shared(self, changes)
     }
 
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
@@ -975,7 +975,7 @@ impl Store for RunStore {
     }
 }
 
-impl crate::store::SharedStore for RunStore {
+impl ledger::store::SharedStore for RunStore {
     /// Everything a commit changes is behind the store's own locks (the layout, the runs, the
     /// account cache), and the runs it adds appear to readers in one swap: readers and merges
     /// may go on meanwhile. Two commits must not run at once (`Checkpointed` runs one at a time).
@@ -1027,7 +1027,7 @@ impl crate::store::SharedStore for RunStore {
                 builder.push(&id.to_be_bytes(), &timestamp.to_le_bytes(), writes);
             }
         });
-        let mut index: Vec<&crate::store::IndexWrite> = changes.index.iter().collect();
+        let mut index: Vec<&ledger::store::IndexWrite> = changes.index.iter().collect();
         index.sort_unstable_by_key(|write| (write.account_id, write.timestamp));
         new_run(Kind::Index, index.len(), &mut |builder, writes| {
             for write in &index {

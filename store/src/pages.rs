@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
-use crate::store::{StoreError, StoreResult};
+use ledger::store::{StoreError, StoreResult};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger");
 /// The page store's file in the store's directory.
@@ -67,10 +67,8 @@ impl Pages {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let created = !path.exists();
-        let db = redb::Builder::new()
-            .set_cache_size(cache_bytes as usize)
-            .create(&path)
-            .map_err(redb::Error::from)?;
+        let db =
+            redb::Builder::new().set_cache_size(cache_bytes as usize).create(&path).map_err(pages_error)?;
         let pages = Pages { db };
         // A durable commit creates the table (every commit opens it): on every open, since a
         // crash can come between creating the file and this commit (readers would find none).
@@ -86,9 +84,9 @@ impl Pages {
     }
 
     pub fn get(&self, key: &[u8]) -> StoreResult<Option<Value>> {
-        let read = self.db.begin_read().map_err(redb::Error::from)?;
-        let table = read.open_table(TABLE).map_err(redb::Error::from)?;
-        let value = redb::ReadableTable::get(&table, key).map_err(redb::Error::from)?;
+        let read = self.db.begin_read().map_err(pages_error)?;
+        let table = read.open_table(TABLE).map_err(pages_error)?;
+        let value = redb::ReadableTable::get(&table, key).map_err(pages_error)?;
         value.map(|value| checked(key, value.value())).transpose()
     }
 
@@ -123,21 +121,21 @@ impl Pages {
     }
 
     fn commit(&self, batch: Batch, durably: bool) -> StoreResult<()> {
-        let mut write = self.db.begin_write().map_err(redb::Error::from)?;
+        let mut write = self.db.begin_write().map_err(pages_error)?;
         let durability = if durably { redb::Durability::Immediate } else { redb::Durability::None };
-        write.set_durability(durability).map_err(redb::Error::from)?;
+        write.set_durability(durability).map_err(pages_error)?;
         write.set_quick_repair(durably);
         {
-            let mut table = write.open_table(TABLE).map_err(redb::Error::from)?;
+            let mut table = write.open_table(TABLE).map_err(pages_error)?;
             for (key, value) in &batch.writes {
                 match value {
                     Some(value) => table.insert(key.as_slice(), sealed(key, value).as_slice()).map(drop),
                     None => table.remove(key.as_slice()).map(drop),
                 }
-                .map_err(redb::Error::from)?;
+                .map_err(pages_error)?;
             }
         }
-        write.commit().map_err(redb::Error::from)?;
+        write.commit().map_err(pages_error)?;
         Ok(())
     }
 
@@ -148,18 +146,18 @@ impl Pages {
 
     /// Deletes every entry (not durably until `sync`).
     pub fn clear(&self) -> StoreResult<()> {
-        let mut write = self.db.begin_write().map_err(redb::Error::from)?;
-        write.set_durability(redb::Durability::None).map_err(redb::Error::from)?;
-        write.delete_table(TABLE).map_err(redb::Error::from)?;
-        write.open_table(TABLE).map_err(redb::Error::from)?;
-        write.commit().map_err(redb::Error::from)?;
+        let mut write = self.db.begin_write().map_err(pages_error)?;
+        write.set_durability(redb::Durability::None).map_err(pages_error)?;
+        write.delete_table(TABLE).map_err(pages_error)?;
+        write.open_table(TABLE).map_err(pages_error)?;
+        write.commit().map_err(pages_error)?;
         Ok(())
     }
 
     pub fn is_empty(&self) -> StoreResult<bool> {
-        let read = self.db.begin_read().map_err(redb::Error::from)?;
-        let table = read.open_table(TABLE).map_err(redb::Error::from)?;
-        Ok(table.len().map_err(redb::Error::from)? == 0)
+        let read = self.db.begin_read().map_err(pages_error)?;
+        let table = read.open_table(TABLE).map_err(pages_error)?;
+        Ok(table.len().map_err(pages_error)? == 0)
     }
 }
 
@@ -179,7 +177,7 @@ impl Iter {
             let table = read.open_table(TABLE)?;
             Ok(table.range_owned((lower, upper))?)
         };
-        Iter { inner: open().map_err(|error| Some(error.into())) }
+        Iter { inner: open().map_err(|error| Some(pages_error(error))) }
     }
 
     /// The keys only.
@@ -191,7 +189,7 @@ impl Iter {
         entry: Option<Result<(Stored, Stored), redb::StorageError>>,
     ) -> Option<StoreResult<(Value, Value)>> {
         entry.map(|entry| {
-            let (key, value) = entry.map_err(redb::Error::from)?;
+            let (key, value) = entry.map_err(pages_error)?;
             let value = checked(key.value(), value.value())?;
             Ok((Value::from(key.value()), value))
         })
@@ -263,13 +261,12 @@ fn sync_directory(path: &Path) -> StoreResult<()> {
     Ok(())
 }
 
-impl From<redb::Error> for StoreError {
-    fn from(error: redb::Error) -> StoreError {
-        match error {
-            redb::Error::Corrupted(what) => StoreError::Corrupt(format!("the page store: {what}")),
-            redb::Error::Io(error) => StoreError::Io(error),
-            other => StoreError::Pages(other.to_string()),
-        }
+/// A redb error as the store's: damage, IO, or the page store failing otherwise.
+fn pages_error(error: impl Into<redb::Error>) -> StoreError {
+    match error.into() {
+        redb::Error::Corrupted(what) => StoreError::Corrupt(format!("the page store: {what}")),
+        redb::Error::Io(error) => StoreError::Io(error),
+        other => StoreError::Pages(other.to_string()),
     }
 }
 

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use super::pages::{Pages, Value};
 
 use super::filter::{Filter, KeyHash};
-use crate::model::Field;
-use crate::store::{StoreError, StoreResult};
+use ledger::model::Field;
+use ledger::store::{StoreError, StoreResult};
 
 /// Small, so that a cold lookup reads little; 128 bytes under 8 KiB, so that a page and what redb
 /// keeps beside it fit 8 KiB of its file (a value of exactly 8 KiB takes 16: the disk doubled).
