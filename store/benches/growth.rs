@@ -78,6 +78,21 @@ fn disk_bytes(path: &Path) -> u64 {
         .sum()
 }
 
+/// A writer that counts what it is given: the size of a snapshot without writing it.
+#[derive(Default)]
+struct Counted(u64);
+
+impl Write for Counted {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len() as u64;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Row {
     transfers: u64,
     rate: f64,
@@ -185,8 +200,16 @@ fn main() {
     }
     let view = ledger.store().freeze();
     let started = Instant::now();
-    let records = ledger::snapshot::export(&view, std::io::sink()).unwrap();
-    println!("exported a snapshot of {records} records in {:.1} s", started.elapsed().as_secs_f64());
+    let mut snapshot = Counted::default();
+    let records = ledger::snapshot::export(&view, &mut snapshot).unwrap();
+    let disk = disk_bytes(&dir);
+    println!(
+        "exported a snapshot of {records} records, {:.2} GiB, in {:.1} s; the store takes {:.2} GiB on disk, {:.2}x the snapshot",
+        snapshot.0 as f64 / (1u64 << 30) as f64,
+        started.elapsed().as_secs_f64(),
+        disk as f64 / (1u64 << 30) as f64,
+        disk as f64 / snapshot.0 as f64
+    );
     drop(view);
     ledger.store().flush().unwrap();
     drop(ledger);

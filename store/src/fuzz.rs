@@ -1,15 +1,19 @@
 //! Fuzz targets for what the engine decodes off the disk (bolero): run pages, run descriptions,
-//! the layout and the page store's checksummed values. Under `cargo test` each runs `ITERATIONS`
+//! the layout and the page store's checksummed values; and for a merge, whose output must be the
+//! sorted union of its inputs with the newest value of each key. Under `cargo test` each runs `ITERATIONS`
 //! random inputs; a long run sets `BOLERO_RANDOM_ITERATIONS` (README, "Fuzzing"). Damaged bytes
 //! are refused, never a panic, and where it can a target asserts more: what a decoder accepts
 //! encodes back to the same bytes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bolero::check;
 
 use super::filter::KeyHash;
 use super::layout::Layout;
-use super::pages::{Value, checked, sealed};
-use super::runs::{Kind, Page, Run};
+use super::pages::{Batch, MemoryDisk, Pages, Value, checked, sealed};
+use super::runs::{Kind, Page, Run, RunBuilder, Writes, scan_all};
 
 const ITERATIONS: usize = 2_000;
 
@@ -64,6 +68,75 @@ fn page_store_values() {
         }
         assert_eq!(&*checked(key, &sealed(key, value)).unwrap(), value);
     });
+}
+
+/// Runs of any keys and values (each run's keys sorted, as a builder takes them), merged as the
+/// store merges them: the merged run holds the union of the keys, each with the value of the
+/// newest run that has it, in order, and reads back the same from the page store.
+#[test]
+fn merges() {
+    check!().with_iterations(ITERATIONS / 4).with_type::<Vec<Vec<(u16, Vec<u8>)>>>().for_each(|inputs| {
+        let pages = Pages::on(MemoryDisk::default().pages());
+        let mut expected = BTreeMap::new();
+        let mut runs = Vec::new();
+        for (id, input) in inputs.iter().take(12).enumerate() {
+            // Keys spread over the key space, values of up to 40 bytes: runs of several pages.
+            let entries: BTreeMap<u128, &[u8]> = input
+                .iter()
+                .map(|(key, value)| ((*key as u128) << 100 | *key as u128, &value[..value.len().min(40)]))
+                .collect();
+            if let Some(run) = build(&pages, id as u64 + 1, &entries) {
+                runs.push(Arc::new(run));
+                expected.extend(entries.iter().map(|(key, value)| (*key, value.to_vec())));
+            }
+        }
+        let mut scanned = BTreeMap::new();
+        let mut merged_writes = Writes::new();
+        let distinct = runs.iter().map(|run| run.distinct).sum();
+        let mut merged = RunBuilder::new(Kind::Ids, 100, distinct);
+        let mut previous: Option<Vec<u8>> = None;
+        scan_all(&runs, &pages, &mut |key, value| {
+            assert!(previous.as_deref().is_none_or(|previous| previous < key), "a merge scan out of order");
+            previous = Some(key.to_vec());
+            scanned.insert(u128::from_be_bytes(key.try_into().unwrap()), value.to_vec());
+            merged.push(key, value, &mut merged_writes);
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(scanned, expected, "the merge is not the union with the newest values");
+        let Some(merged) = merged.finish(&mut merged_writes) else {
+            assert!(expected.is_empty());
+            return;
+        };
+        write(&pages, merged_writes);
+        assert_eq!(merged.entries, expected.len() as u64);
+        let mut reread = BTreeMap::new();
+        scan_all(&[Arc::new(merged)], &pages, &mut |key, value| {
+            reread.insert(u128::from_be_bytes(key.try_into().unwrap()), value.to_vec());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(reread, expected, "the merged run does not read back as written");
+    });
+}
+
+fn build(pages: &Pages, id: u64, entries: &BTreeMap<u128, &[u8]>) -> Option<Run> {
+    let mut writes = Writes::new();
+    let mut builder = RunBuilder::new(Kind::Ids, id, entries.len() as u64);
+    for (key, value) in entries {
+        builder.push(&key.to_be_bytes(), value, &mut writes);
+    }
+    let run = builder.finish(&mut writes);
+    write(pages, writes);
+    run
+}
+
+fn write(pages: &Pages, writes: Writes) {
+    let mut batch = Batch::default();
+    for (key, value) in writes {
+        batch.insert(key, value);
+    }
+    pages.apply(batch).unwrap();
 }
 
 /// Found by reading, kept as regressions: a page count whose fences' end overflows, and a filter

@@ -9,10 +9,9 @@ use ledger::store::{StoreError, StoreResult};
 
 /// The key of the layout record (the runs of each kind), for tests that damage it.
 pub const LAYOUT_KEY: &[u8] = b"Llayout";
-/// Version 2 adds the query indexes (kinds 3 to 11) and the transfers' zone maps; a version 1 layout lists the first three
-/// kinds, and `RunStore::open` builds the query indexes of such a store once.
+/// Version 2 added the query indexes (kinds 3 to 11) and the transfers' zone maps. Version 1
+/// (three kinds) existed only on sled, whose states are rebuilt: it is refused as superseded.
 const LAYOUT_VERSION: u32 = 2;
-const LAYOUT_VERSIONS_READ: [u32; 2] = [1, 2];
 
 /// The runs of each kind, oldest first.
 #[derive(Clone, Default)]
@@ -73,15 +72,19 @@ impl Layout {
             Ok(slice)
         };
         let version = u32::from_le_bytes(take(4)?.try_into().unwrap());
-        if !LAYOUT_VERSIONS_READ.contains(&version) {
+        if version < LAYOUT_VERSION {
+            return Err(StoreError::Superseded(format!(
+                "store layout version {version} (before the query indexes), which this build rebuilds"
+            )));
+        }
+        if version > LAYOUT_VERSION {
             return Err(StoreError::OtherVersion(format!(
-                "store layout version {version}; this build reads versions {LAYOUT_VERSIONS_READ:?}"
+                "store layout version {version}; this build reads version {LAYOUT_VERSION}"
             )));
         }
         let next_run = u64::from_le_bytes(take(8)?.try_into().unwrap());
-        let stored_kinds = if version == 1 { 3 } else { KINDS };
         let mut kinds: [Vec<u64>; KINDS] = Default::default();
-        for ids in &mut kinds[..stored_kinds] {
+        for ids in &mut kinds {
             let count = u32::from_le_bytes(take(4)?.try_into().unwrap());
             for _ in 0..count {
                 ids.push(u64::from_le_bytes(take(8)?.try_into().unwrap()));
@@ -96,7 +99,7 @@ impl Layout {
         if at != bytes.len() {
             return Err(corrupt());
         }
-        Ok(StoredLayout { next_run, kinds, garbage, query_indexes: version >= 2 })
+        Ok(StoredLayout { next_run, kinds, garbage })
     }
 }
 
@@ -105,6 +108,4 @@ pub(super) struct StoredLayout {
     pub(super) next_run: u64,
     pub(super) kinds: [Vec<u64>; KINDS],
     pub(super) garbage: Vec<(Kind, u64)>,
-    /// False for a version 1 layout: the store has no query indexes yet.
-    pub(super) query_indexes: bool,
 }

@@ -161,17 +161,25 @@ impl RunStore {
         RunStore::open_with(path, Options::default())
     }
 
+    /// Opens (or creates) the store in directory `path`, on the product's page store (redb).
     pub fn open_with(path: &Path, options: Options) -> StoreResult<RunStore> {
         if is_sled_directory(path) {
             return Err(sled_state(path));
         }
         let pages = Pages::open(path, options.cache_bytes / 2)?;
+        RunStore::open_on(pages, options).map_err(|error| match error {
+            StoreError::Corrupt(what) => StoreError::Corrupt(format!("{}: {what}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Opens (or creates) the store on `pages`: the product's (`open_with`), or a page store in
+    /// memory with faults on demand (`pages::MemoryDisk`), for tests and fuzzing.
+    pub fn open_on(pages: Pages, options: Options) -> StoreResult<RunStore> {
         let mut runs = Runs::default();
         let mut layout = Layout::default();
-        let mut query_indexes = true;
         if let Some(bytes) = pages.get(LAYOUT_KEY)? {
             let stored = Layout::decode(&bytes)?;
-            query_indexes = stored.query_indexes;
             layout.next_run = stored.next_run;
             layout.garbage = stored.garbage;
             for (kind, ids) in Kind::ALL.into_iter().zip(stored.kinds) {
@@ -180,10 +188,7 @@ impl RunStore {
                 }
             }
         } else if pages.get(codec::META_LEDGER_KEY)?.is_some() {
-            return Err(StoreError::Corrupt(format!(
-                "{}: a ledger meta record without a layout",
-                path.display()
-            )));
+            return Err(StoreError::Corrupt("a ledger meta record without a layout".into()));
         }
         let capacity = (options.cache_bytes / 2 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
         let inner = Arc::new(Inner {
@@ -197,16 +202,6 @@ impl RunStore {
             merges_wake: Condvar::new(),
         });
         inner.collect_garbage()?;
-        if !query_indexes {
-            // Once per store; it reads every transfer, so a large one takes a while to open.
-            eprintln!(
-                "state store {}: building the query indexes (a store of layout 1, once)",
-                path.display()
-            );
-            let started = std::time::Instant::now();
-            inner.build_query_indexes()?;
-            eprintln!("state store {}: query indexes built in {:.1?}", path.display(), started.elapsed());
-        }
         let merger = options.background_merges.then(|| {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -491,43 +486,6 @@ fn next_run(inner: &Inner) -> u64 {
 }
 
 impl Inner {
-    /// Builds the query indexes of a store written with layout version 1, from its transfers and
-    /// accounts, and writes the layout of version 2 naming them. Until then the store still reads
-    /// as version 1 (a crash midway leaves pages no layout names, overwritten by the next try).
-    fn build_query_indexes(&self) -> StoreResult<()> {
-        let mut indexer = fields::Indexer::default();
-        let mut runs = (*self.current_runs()).clone();
-        let mut writes = Writes::new();
-        for entry in self.pages.scan_prefix(&[PREFIX_TRANSFER]) {
-            let (key, chunk) = entry?;
-            let transfers: Vec<Transfer> = chunk_records(&chunk)?.map(codec::decode_transfer).collect();
-            let first = u64::from_be_bytes(key[1..9].try_into().unwrap());
-            writes.push((fields::zone_key(first).to_vec(), fields::zone_of(&transfers)));
-            for transfer in transfers {
-                indexer.add_transfer(self, transfer, &mut runs, &mut writes);
-            }
-            if writes.len() >= WRITES_PER_BATCH {
-                self.write_pages(&mut writes)?;
-            }
-        }
-        let accounts = runs.of(Kind::Accounts).to_vec();
-        runs::scan_all(&accounts, &self.pages, &mut |_, value| {
-            if value.len() != codec::RECORD_BYTES {
-                return Err(StoreError::Corrupt("account record length".into()));
-            }
-            indexer.add_account(self, codec::decode_account(value), &mut runs, &mut writes);
-            if writes.len() >= WRITES_PER_BATCH {
-                self.write_pages(&mut writes)?;
-            }
-            Ok(true)
-        })?;
-        indexer.finish(self, &mut runs, &mut writes);
-        let layout = self.layout.lock().unwrap();
-        self.write_layout(&layout, runs, writes, Batch::default())?;
-        drop(layout);
-        self.flush()
-    }
-
     /// Makes everything committed so far durable.
     fn flush(&self) -> StoreResult<()> {
         self.pages.sync()
@@ -651,6 +609,17 @@ impl Inner {
             Ok(!stopped)
         })?;
         let merged = builder.finish(&mut writes).expect("merged runs hold entries");
+        if !stopped {
+            // The builder asserted the order; the count is the union's: every key of the largest
+            // source, at most every entry of all (a key in several runs is kept once, the newest).
+            let total: u64 = sources.iter().map(|run| run.entries).sum();
+            let largest = sources.iter().map(|run| run.entries).max().unwrap_or(0);
+            assert!(
+                largest <= merged.entries && merged.entries <= total,
+                "a merge of {kind:?} runs holding {total} entries (the largest {largest}) made {}",
+                merged.entries
+            );
+        }
         self.write_pages(&mut writes)?;
         {
             let mut layout = self.layout.lock().unwrap();

@@ -2,32 +2,39 @@
 //! made durable by `sync`. Everything the engine keeps (run pages and descriptions, transfer and
 //! change chunks, zone maps, the layout and the plain keys) is a value here.
 //!
-//! The production page store is redb (one file, `state.redb`, in the store's directory): a
-//! copy-on-write B-tree whose commit is atomic. `apply` commits without an fsync
-//! (`Durability::None`); `apply_durably` and `sync` commit with one, which makes every batch
-//! before them durable too, and record redb's allocator state ("quick repair"), so that reopening
-//! after a crash reads the last durable commit instead of walking the whole file. A crash loses
-//! the batches since the last durable commit, never part of one. (Pages freed by a commit are
-//! reused only after a durable one.)
+//! `Pages` is what the engine calls; under it, a `PageStore` holds the bytes. It needs few
+//! methods: an atomic batch of puts and deletes (durable or not), a get, an ordered range in both
+//! directions, clear and is-empty; `sync` is a durable empty batch. Two implement it:
 //!
-//! Each value is stored with a CRC32C of its key and bytes, checked at every read: redb checks its
-//! own checksums only when it repairs, and damage at rest to a value would otherwise be served as
-//! ledger state. A value that fails is `StoreError::Corrupt` (damage, which a node rebuilds).
+//! - `on_redb::Redb`, the product: one redb file, `state.redb`, in the store's directory; a
+//!   copy-on-write B-tree whose commit is atomic. A batch commits without an fsync
+//!   (`Durability::None`); a durable one commits with one, which makes every batch before it
+//!   durable too, and records redb's allocator state ("quick repair"), so that reopening after a
+//!   crash reads the last durable commit instead of walking the whole file. A crash loses the
+//!   batches since the last durable commit, never part of one. (Pages freed by a commit are
+//!   reused only after a durable one.)
+//! - `in_memory::MemoryDisk`, for tests and fuzzing: the same contract in memory, and the faults
+//!   a disk and a crash bring, on demand: the batches since the last durable one lost (all, or
+//!   the first few kept), a batch torn (a page store that broke its contract), a value damaged.
+//!
+//! Each value is stored with a CRC32C of its key and bytes, which `Pages` adds on the way in and
+//! checks at every read, whatever the page store: redb checks its own checksums only when it
+//! repairs, and damage at rest to a value would otherwise be served as ledger state. A value
+//! that fails is `StoreError::Corrupt` (damage, which a node rebuilds).
 //!
 //! A value read here is a copy: redb hands out pages of its read transactions, and a value kept
 //! by a caller would keep its transaction, and every page it saw, from being reused.
+
+mod in_memory;
+mod on_redb;
 
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
-
+pub use self::in_memory::{MemoryDisk, MemoryPages};
+pub use self::on_redb::FILE_NAME;
 use ledger::store::{StoreError, StoreResult};
-
-const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger");
-/// The page store's file in the store's directory.
-pub const FILE_NAME: &str = "state.redb";
 
 /// A value (or key) as read from the page store: shared, immutable bytes.
 pub type Value = Arc<[u8]>;
@@ -54,45 +61,65 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
+
+    /// The writes, in order: what a page store applies.
+    pub fn writes(&self) -> &[(Vec<u8>, Option<Vec<u8>>)] {
+        &self.writes
+    }
 }
 
+/// Reads a value as stored (`stored`, under `key`) into what the engine sees: `Pages` passes its
+/// checksum test, and a page store returns what it gives.
+pub type Open = fn(key: &[u8], stored: &[u8]) -> StoreResult<Value>;
+
+/// Entries of a range, each through `Open`, in key order from the front and in reverse from the
+/// back. Errors come as items.
+pub type Entries = Box<dyn DoubleEndedIterator<Item = StoreResult<(Value, Value)>> + Send>;
+
+/// What holds the engine's bytes (see the module's documentation for the contract).
+pub trait PageStore: Send + Sync {
+    /// The value stored under `key`, through `open`.
+    fn get(&self, key: &[u8], open: Open) -> StoreResult<Option<Value>>;
+
+    /// The entries whose keys are within `lower` and `upper`, as of now (later batches do not
+    /// show), values through `open`.
+    fn range(&self, lower: Bound<&[u8]>, upper: Bound<&[u8]>, open: Open) -> Entries;
+
+    /// Applies `batch` atomically: after a crash, all of it or none. With `durably`, it is
+    /// durable when this returns, with every batch before it; without, a crash may take it back
+    /// (and every batch after it) until a durable batch follows.
+    fn commit(&self, batch: Batch, durably: bool) -> StoreResult<()>;
+
+    /// Deletes every entry (not durably until a durable commit).
+    fn clear(&self) -> StoreResult<()>;
+
+    fn is_empty(&self) -> StoreResult<bool>;
+}
+
+/// The engine's view of its page store: checksummed values, prefix scans, durable batches.
 pub struct Pages {
-    db: redb::Database,
+    store: Box<dyn PageStore>,
 }
 
 impl Pages {
-    /// Opens the page store in directory `dir`, creating the directory and the store if there
-    /// are none. `cache_bytes` bounds redb's page cache.
+    /// Opens the product's page store (redb) in directory `dir`, creating the directory and the
+    /// store if there are none. `cache_bytes` bounds redb's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> StoreResult<Pages> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(FILE_NAME);
-        let created = !path.exists();
-        let db =
-            redb::Builder::new().set_cache_size(cache_bytes as usize).create(&path).map_err(pages_error)?;
-        let pages = Pages { db };
-        // A durable commit creates the table (every commit opens it): on every open, since a
-        // crash can come between creating the file and this commit (readers would find none).
-        pages.sync()?;
-        if created {
-            // The file's name, and the directory's in its parent.
-            sync_directory(dir)?;
-            if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-                sync_directory(parent)?;
-            }
-        }
-        Ok(pages)
+        Ok(Pages::on(on_redb::Redb::open(dir, cache_bytes)?))
+    }
+
+    /// The engine's pages on `store`.
+    pub fn on(store: impl PageStore + 'static) -> Pages {
+        Pages { store: Box::new(store) }
     }
 
     pub fn get(&self, key: &[u8]) -> StoreResult<Option<Value>> {
-        let read = self.db.begin_read().map_err(pages_error)?;
-        let table = read.open_table(TABLE).map_err(pages_error)?;
-        let value = redb::ReadableTable::get(&table, key).map_err(pages_error)?;
-        value.map(|value| checked(key, value.value())).transpose()
+        self.store.get(key, checked)
     }
 
     /// The entries whose keys are within `bounds`, in key order; `.rev()` for the reverse.
     pub fn range<K: AsRef<[u8]> + ?Sized>(&self, bounds: impl RangeBounds<K>) -> Iter {
-        Iter::new(self, (as_bytes(bounds.start_bound()), as_bytes(bounds.end_bound())))
+        Iter(self.store.range(as_bytes(bounds.start_bound()), as_bytes(bounds.end_bound()), checked))
     }
 
     /// The entries whose keys begin with `prefix`, in key order.
@@ -102,7 +129,7 @@ impl Pages {
             Some(end) => Bound::Excluded(end.as_slice()),
             None => Bound::Unbounded,
         };
-        Iter::new(self, (Bound::Included(prefix), upper))
+        Iter(self.store.range(Bound::Included(prefix), upper, checked))
     }
 
     /// The last entry whose key is at most `key`.
@@ -112,87 +139,37 @@ impl Pages {
 
     /// Applies `batch` atomically: after a crash, all of it or none (none if no `sync` followed).
     pub fn apply(&self, batch: Batch) -> StoreResult<()> {
-        self.commit(batch, false)
+        self.store.commit(seal(batch), false)
     }
 
     /// Applies `batch` atomically and durably, with every batch before it.
     pub fn apply_durably(&self, batch: Batch) -> StoreResult<()> {
-        self.commit(batch, true)
-    }
-
-    fn commit(&self, batch: Batch, durably: bool) -> StoreResult<()> {
-        let mut write = self.db.begin_write().map_err(pages_error)?;
-        let durability = if durably { redb::Durability::Immediate } else { redb::Durability::None };
-        write.set_durability(durability).map_err(pages_error)?;
-        write.set_quick_repair(durably);
-        {
-            let mut table = write.open_table(TABLE).map_err(pages_error)?;
-            for (key, value) in &batch.writes {
-                match value {
-                    Some(value) => table.insert(key.as_slice(), sealed(key, value).as_slice()).map(drop),
-                    None => table.remove(key.as_slice()).map(drop),
-                }
-                .map_err(pages_error)?;
-            }
-        }
-        write.commit().map_err(pages_error)?;
-        Ok(())
+        self.store.commit(seal(batch), true)
     }
 
     /// Makes every batch applied so far durable (fsync).
     pub fn sync(&self) -> StoreResult<()> {
-        self.commit(Batch::default(), true)
+        self.store.commit(Batch::default(), true)
     }
 
     /// Deletes every entry (not durably until `sync`).
     pub fn clear(&self) -> StoreResult<()> {
-        let mut write = self.db.begin_write().map_err(pages_error)?;
-        write.set_durability(redb::Durability::None).map_err(pages_error)?;
-        write.delete_table(TABLE).map_err(pages_error)?;
-        write.open_table(TABLE).map_err(pages_error)?;
-        write.commit().map_err(pages_error)?;
-        Ok(())
+        self.store.clear()
     }
 
     pub fn is_empty(&self) -> StoreResult<bool> {
-        let read = self.db.begin_read().map_err(pages_error)?;
-        let table = read.open_table(TABLE).map_err(pages_error)?;
-        Ok(table.len().map_err(pages_error)? == 0)
+        self.store.is_empty()
     }
 }
 
-/// A key or value as redb hands it out of a scan.
-type Stored = redb::OwnedAccessGuard<&'static [u8]>;
-
-/// An ordered scan of the page store, as of when it began (a read transaction: later batches do
-/// not show). Errors come as items.
-pub struct Iter {
-    inner: Result<redb::OwnedRange<&'static [u8], &'static [u8]>, Option<StoreError>>,
-}
+/// An ordered scan of the page store, as of when it began (later batches do not show). Errors
+/// come as items.
+pub struct Iter(Entries);
 
 impl Iter {
-    fn new(pages: &Pages, (lower, upper): (Bound<&[u8]>, Bound<&[u8]>)) -> Iter {
-        let open = || -> Result<_, redb::Error> {
-            let read = pages.db.begin_read()?;
-            let table = read.open_table(TABLE)?;
-            Ok(table.range_owned((lower, upper))?)
-        };
-        Iter { inner: open().map_err(|error| Some(pages_error(error))) }
-    }
-
     /// The keys only.
     pub fn keys(self) -> impl DoubleEndedIterator<Item = StoreResult<Value>> {
         self.map(|entry| entry.map(|(key, _)| key))
-    }
-
-    fn convert(
-        entry: Option<Result<(Stored, Stored), redb::StorageError>>,
-    ) -> Option<StoreResult<(Value, Value)>> {
-        entry.map(|entry| {
-            let (key, value) = entry.map_err(pages_error)?;
-            let value = checked(key.value(), value.value())?;
-            Ok((Value::from(key.value()), value))
-        })
     }
 }
 
@@ -200,27 +177,36 @@ impl Iterator for Iter {
     type Item = StoreResult<(Value, Value)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        match &mut self.inner {
-            Ok(range) => Self::convert(range.next()),
-            Err(error) => error.take().map(Err),
-        }
+        self.0.next()
     }
 }
 
 impl DoubleEndedIterator for Iter {
     fn next_back(&mut self) -> Option<Self::Item> {
-        match &mut self.inner {
-            Ok(range) => Self::convert(range.next_back()),
-            Err(error) => error.take().map(Err),
-        }
+        self.0.next_back()
     }
 }
 
+/// `batch` with each value followed by its checksum (as `sealed`), in place.
+fn seal(mut batch: Batch) -> Batch {
+    for (key, value) in &mut batch.writes {
+        if let Some(value) = value {
+            value.extend_from_slice(&checksum(key, value));
+        }
+    }
+    batch
+}
+
+fn checksum(key: &[u8], value: &[u8]) -> [u8; 4] {
+    crc32c::crc32c_append(crc32c::crc32c(key), value).to_le_bytes()
+}
+
 /// `value` as stored: followed by the CRC32C of the key and the value.
+#[cfg(test)]
 pub(super) fn sealed(key: &[u8], value: &[u8]) -> Vec<u8> {
     let mut stored = Vec::with_capacity(value.len() + 4);
     stored.extend_from_slice(value);
-    stored.extend_from_slice(&crc32c::crc32c_append(crc32c::crc32c(key), value).to_le_bytes());
+    stored.extend_from_slice(&checksum(key, value));
     stored
 }
 
@@ -230,7 +216,7 @@ pub(super) fn checked(key: &[u8], stored: &[u8]) -> StoreResult<Value> {
         || StoreError::Corrupt(format!("the page store's value under {key:02x?} fails its checksum"));
     let split = stored.len().checked_sub(4).ok_or_else(damaged)?;
     let (value, sum) = stored.split_at(split);
-    if crc32c::crc32c_append(crc32c::crc32c(key), value).to_le_bytes() != sum {
+    if checksum(key, value) != sum {
         return Err(damaged());
     }
     Ok(Value::from(value))
@@ -254,20 +240,6 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
-}
-
-fn sync_directory(path: &Path) -> StoreResult<()> {
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
-}
-
-/// A redb error as the store's: damage, IO, or the page store failing otherwise.
-fn pages_error(error: impl Into<redb::Error>) -> StoreError {
-    match error.into() {
-        redb::Error::Corrupted(what) => StoreError::Corrupt(format!("the page store: {what}")),
-        redb::Error::Io(error) => StoreError::Io(error),
-        other => StoreError::Pages(other.to_string()),
-    }
 }
 
 #[cfg(test)]
