@@ -221,7 +221,7 @@ fn write_run(
     }
     let mut builder = RunBuilder::new(kind, next_run(inner), count as u64);
     push(&mut builder, writes);
-    runs.kinds[kind as usize].extend(builder.finish(writes).map(Arc::new));
+    runs.kinds[kind as usize].extend(builder.finish(writes, &inner.descriptions).map(Arc::new));
 }
 
 #[cfg(test)]

@@ -28,6 +28,39 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Bytes of one block as persisted (`Filter::encode_into`: little-endian words).
+pub const BLOCK_BYTES: usize = BLOCK_WORDS * 8;
+
+/// The block of a filter of `blocks` blocks that `hash` falls in, and the bits it tests there.
+fn locate(hash: KeyHash, blocks: usize) -> (usize, u64) {
+    let block = ((hash.0 as u128 * blocks as u128) >> 64) as usize;
+    (block, mix(hash.0.rotate_left(32)))
+}
+
+/// Whether the block whose words `word` reads has every bit of `bits` set.
+fn holds(word: impl Fn(usize) -> u64, mut bits: u64) -> bool {
+    for _ in 0..PROBES {
+        let bit = (bits & 511) as usize;
+        if word(bit / 64) & (1 << (bit % 64)) == 0 {
+            return false;
+        }
+        bits >>= 9;
+    }
+    true
+}
+
+/// For a filter of `blocks` blocks read from its persisted form a block at a time: the block
+/// `hash` falls in.
+pub fn block_of(hash: KeyHash, blocks: usize) -> usize {
+    locate(hash, blocks).0
+}
+
+/// Whether `block` (`BLOCK_BYTES` as persisted, the block `block_of` named) may hold `hash`.
+pub fn persisted_block_may_contain(block: &[u8], hash: KeyHash) -> bool {
+    let (_, bits) = locate(hash, 1);
+    holds(|word| u64::from_le_bytes(block[word * 8..word * 8 + 8].try_into().unwrap()), bits)
+}
+
 pub struct Filter {
     blocks: Vec<[u64; BLOCK_WORDS]>,
 }
@@ -40,8 +73,7 @@ impl Filter {
     }
 
     fn positions(&self, hash: KeyHash) -> (usize, u64) {
-        let block = ((hash.0 as u128 * self.blocks.len() as u128) >> 64) as usize;
-        (block, mix(hash.0.rotate_left(32)))
+        locate(hash, self.blocks.len())
     }
 
     pub fn insert(&mut self, hash: KeyHash) {
@@ -55,16 +87,9 @@ impl Filter {
     }
 
     pub fn may_contain(&self, hash: KeyHash) -> bool {
-        let (block, mut bits) = self.positions(hash);
+        let (block, bits) = self.positions(hash);
         let block = &self.blocks[block];
-        for _ in 0..PROBES {
-            let bit = (bits & 511) as usize;
-            if block[bit / 64] & (1 << (bit % 64)) == 0 {
-                return false;
-            }
-            bits >>= 9;
-        }
-        true
+        holds(|word| block[word], bits)
     }
 
     pub fn bytes(&self) -> usize {

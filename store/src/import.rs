@@ -123,7 +123,8 @@ impl Import {
     fn push(&mut self, inner: &Inner, kind: Kind, key: &[u8], value: &[u8]) -> StoreResult<()> {
         if self.builder(kind).as_ref().is_some_and(|builder| builder.entries() >= IMPORT_RUN_ENTRIES) {
             let full = self.builder(kind).take().unwrap();
-            self.runs.kinds[kind as usize].extend(full.finish(&mut self.writes).map(Arc::new));
+            self.runs.kinds[kind as usize]
+                .extend(full.finish(&mut self.writes, &inner.descriptions).map(Arc::new));
         }
         let last = self.runs.of(kind).last().map(|run| run.last_key().to_vec());
         let writes = &mut self.writes;
@@ -165,7 +166,8 @@ impl Import {
         for (id, timestamp) in self.ids.drain(..) {
             builder.push(&id.to_be_bytes(), &timestamp.to_le_bytes(), &mut self.writes);
         }
-        self.runs.kinds[Kind::Ids as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
+        self.runs.kinds[Kind::Ids as usize]
+            .extend(builder.finish(&mut self.writes, &inner.descriptions).map(Arc::new));
     }
 
     pub(super) fn flush(&mut self, inner: &Inner) -> StoreResult<()> {
@@ -179,7 +181,8 @@ impl Import {
     pub(super) fn finish(&mut self, inner: &Inner) -> StoreResult<()> {
         for kind in [Kind::Accounts, Kind::Index] {
             if let Some(builder) = self.builder(kind).take() {
-                self.runs.kinds[kind as usize].extend(builder.finish(&mut self.writes).map(Arc::new));
+                self.runs.kinds[kind as usize]
+                    .extend(builder.finish(&mut self.writes, &inner.descriptions).map(Arc::new));
             }
         }
         self.write_chunk();

@@ -64,7 +64,7 @@ use self::import::Import;
 pub use self::layout::LAYOUT_KEY;
 use self::layout::{Layout, Runs};
 use self::pages::{Batch, Pages, Value};
-use self::runs::{Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
+use self::runs::{Descriptions, Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
 use ledger::codec::{
     self, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
 };
@@ -85,8 +85,9 @@ const CACHED_ACCOUNT_BYTES: u64 = 168;
 /// How a `RunStore` uses memory and threads.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
-    /// Memory for caches: half to the page store's cache, half to decoded accounts (the hottest
-    /// records: two lookups for every transfer).
+    /// Memory for the store, a third each: the page store's cache, decoded accounts (the
+    /// hottest records: two lookups for every transfer), and the runs' descriptions (fences and
+    /// Bloom filters, held whole while they fit, the largest read through a cache otherwise).
     pub cache_bytes: u64,
     /// Merge runs on a thread of the store's own (the product), or inside `commit` (a benchmark
     /// of one core, which then pays for every merge it causes).
@@ -109,6 +110,8 @@ pub struct RunStore {
 /// What a store shares with its merge thread and its frozen views.
 struct Inner {
     pages: Pages,
+    /// The budget and cache of the runs' descriptions.
+    descriptions: Arc<Descriptions>,
     /// The runs readers use. Replaced, never changed in place, by the holder of `layout`.
     runs: RwLock<Arc<Runs>>,
     /// Held to change the layout (a commit, a merge's start and swap, garbage collection).
@@ -166,7 +169,7 @@ impl RunStore {
         if is_sled_directory(path) {
             return Err(sled_state(path));
         }
-        let pages = Pages::open(path, options.cache_bytes / 2)?;
+        let pages = Pages::open(path, options.cache_bytes / 3)?;
         RunStore::open_on(pages, options).map_err(|error| match error {
             StoreError::Corrupt(what) => StoreError::Corrupt(format!("{}: {what}", path.display())),
             other => other,
@@ -178,21 +181,28 @@ impl RunStore {
     pub fn open_on(pages: Pages, options: Options) -> StoreResult<RunStore> {
         let mut runs = Runs::default();
         let mut layout = Layout::default();
+        let descriptions = Descriptions::new(options.cache_bytes / 3);
         if let Some(bytes) = pages.get(LAYOUT_KEY)? {
             let stored = Layout::decode(&bytes)?;
             layout.next_run = stored.next_run;
             layout.garbage = stored.garbage;
+            // The descriptions held whole are the first loaded: ids and accounts first (every
+            // transfer looks them up), each kind's newest (smallest) runs first.
             for (kind, ids) in Kind::ALL.into_iter().zip(stored.kinds) {
-                for id in ids {
-                    runs.kinds[kind as usize].push(Arc::new(Run::load(&pages, kind, id)?));
-                }
+                let loaded: Vec<Arc<Run>> = ids
+                    .iter()
+                    .rev()
+                    .map(|id| Run::load(&pages, kind, *id, &descriptions).map(Arc::new))
+                    .collect::<StoreResult<_>>()?;
+                runs.kinds[kind as usize] = loaded.into_iter().rev().collect();
             }
         } else if pages.get(codec::META_LEDGER_KEY)?.is_some() {
             return Err(StoreError::Corrupt("a ledger meta record without a layout".into()));
         }
-        let capacity = (options.cache_bytes / 2 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
+        let capacity = (options.cache_bytes / 3 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
         let inner = Arc::new(Inner {
             pages,
+            descriptions,
             runs: RwLock::new(Arc::new(runs)),
             layout: Mutex::new(layout),
             accounts: Mutex::new(AccountCache { accounts: HashMap::default(), capacity }),
@@ -250,7 +260,7 @@ impl RunStore {
         let hash = KeyHash::of(&key);
         let runs = self.inner.current_runs();
         for run in runs.of(Kind::Ids).iter().rev() {
-            if run.may_contain(hash)
+            if run.may_contain(&self.inner.pages, hash)?
                 && let Some(timestamp) =
                     run.get(&self.inner.pages, &key, |value| u64::from_le_bytes(value.try_into().unwrap()))?
             {
@@ -608,7 +618,7 @@ impl Inner {
             }
             Ok(!stopped)
         })?;
-        let merged = builder.finish(&mut writes).expect("merged runs hold entries");
+        let merged = builder.finish(&mut writes, &self.descriptions).expect("merged runs hold entries");
         if !stopped {
             // The builder asserted the order; the count is the union's: every key of the largest
             // source, at most every entry of all (a key in several runs is kept once, the newest).
@@ -691,7 +701,7 @@ impl Store for RunStore {
         let hash = KeyHash::of(&key);
         let runs = self.inner.current_runs();
         for run in runs.of(Kind::Accounts).iter().rev() {
-            if !run.may_contain(hash) {
+            if !run.may_contain(&self.inner.pages, hash)? {
                 continue;
             }
             let found = run.get(&self.inner.pages, &key, |value| {
@@ -974,6 +984,7 @@ impl ledger::store::SharedStore for RunStore {
         let mut runs = (*self.inner.current_runs()).clone();
         let mut writes = Writes::new();
         // One run per kind this entry changed, each built from its entries in key order.
+        let descriptions = &self.inner.descriptions;
         let mut new_run = |kind: Kind, count: usize, push: &mut dyn FnMut(&mut RunBuilder, &mut Writes)| {
             if count == 0 {
                 return;
@@ -981,7 +992,8 @@ impl ledger::store::SharedStore for RunStore {
             let mut builder = RunBuilder::new(kind, layout.next_run, count as u64);
             layout.next_run += 1;
             push(&mut builder, &mut writes);
-            runs.kinds[kind as usize].push(Arc::new(builder.finish(&mut writes).expect("entries")));
+            runs.kinds[kind as usize]
+                .push(Arc::new(builder.finish(&mut writes, descriptions).expect("entries")));
         };
         new_run(Kind::Accounts, changes.accounts.len(), &mut |builder, writes| {
             for account in &changes.accounts {

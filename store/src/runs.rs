@@ -13,11 +13,13 @@
 
 use std::cmp::Ordering;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
 
+use foldhash::HashMap;
+
+use super::filter::{self, BLOCK_BYTES, Filter, KeyHash};
 use super::pages::{Pages, Value};
-
-use super::filter::{Filter, KeyHash};
 use ledger::model::Field;
 use ledger::store::{StoreError, StoreResult};
 
@@ -140,6 +142,11 @@ fn physical_key(prefix: u8, kind: Kind, run: u64, number: u32) -> [u8; 14] {
     key
 }
 
+/// The page store key of chunk `number` of a run's description.
+pub fn description_chunk_key(kind: Kind, run: u64, number: u32) -> [u8; 14] {
+    physical_key(PREFIX_RUN_META, kind, run, number)
+}
+
 /// The range of physical keys (pages or description chunks) of one run.
 pub fn run_key_range(prefix: u8, kind: Kind, run: u64) -> Range<[u8; 14]> {
     physical_key(prefix, kind, run, 0)..physical_key(prefix, kind, run + 1, 0)
@@ -162,36 +169,136 @@ fn filter_key(key: &[u8]) -> [u8; 16] {
     key[..16].try_into().unwrap()
 }
 
-/// One run's description, in memory for as long as the run is in use.
+/// One run's description: what a lookup needs before it reads a page. Its counts, first and last
+/// keys are always in memory; its page fences and Bloom filter (about 10 bits a key, most of it)
+/// are held whole while the store's budget for descriptions allows (`Descriptions`), and are
+/// otherwise read from the page store a group at a time, through a bounded cache. So memory is
+/// bounded by configuration at any ledger size; past the budget, lookups in the runs that did
+/// not fit (the largest: a store holds the smaller ones first) cost a cache probe, or a read.
 pub struct Run {
     pub kind: Kind,
     pub id: u64,
     pub entries: u64,
     /// Distinct filter keys (first 16 bytes of the key): what a merge sizes its filter by.
     pub distinct: u64,
-    /// The first key of every page, `key_bytes` each.
-    fences: Vec<u8>,
+    pages: usize,
+    first_key: Vec<u8>,
     last_key: Vec<u8>,
-    filter: Filter,
+    filter_blocks: usize,
+    body: Body,
+}
+
+enum Body {
+    /// The fences (the first key of every page, `key_bytes` each) and the filter, decoded.
+    Held { fences: Vec<u8>, filter: Filter, reserved: u64, descriptions: Arc<Descriptions> },
+    /// Read through the cache. `sample`: the first fence of every group of `FENCES_PER_GROUP`,
+    /// which names the one group a search needs.
+    Paged { sample: Vec<u8>, descriptions: Arc<Descriptions> },
+}
+
+/// Fences per group read and cached together (4 or 6 KiB).
+const FENCES_PER_GROUP: usize = 256;
+/// Filter blocks per group read and cached together (8 KiB).
+const BLOCKS_PER_GROUP: usize = 128;
+/// The description's header: entries, distinct keys, pages.
+const HEADER_BYTES: usize = 24;
+
+/// The store's budget for descriptions held whole, and the cache of the groups read for the
+/// others. Shared by a store's runs; a held description gives its bytes back when its run is
+/// dropped (merged away and no longer read).
+pub struct Descriptions {
+    held_max: u64,
+    held: AtomicU64,
+    groups: Mutex<GroupCache>,
+}
+
+#[derive(Default)]
+struct GroupCache {
+    groups: HashMap<GroupKey, Value>,
+    bytes: usize,
+    capacity: usize,
+}
+
+/// (kind, run id, section: 0 fences, 1 filter, group number).
+type GroupKey = (u8, u64, u8, usize);
+
+impl Descriptions {
+    /// A budget of `bytes`: seven eighths for descriptions held whole, one eighth for the cache
+    /// of groups read from the others.
+    pub fn new(bytes: u64) -> Arc<Descriptions> {
+        Arc::new(Descriptions {
+            held_max: bytes / 8 * 7,
+            held: AtomicU64::new(0),
+            groups: Mutex::new(GroupCache { capacity: (bytes / 8) as usize, ..GroupCache::default() }),
+        })
+    }
+
+    /// Descriptions held whole, and the cache, in bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        self.held.load(AtomicOrdering::Relaxed) + self.groups.lock().unwrap().bytes as u64
+    }
+
+    fn reserve(&self, bytes: u64) -> bool {
+        self.held
+            .fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |held| {
+                held.checked_add(bytes).filter(|total| *total <= self.held_max)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, AtomicOrdering::Relaxed);
+    }
+
+    fn cached(&self, key: GroupKey) -> Option<Value> {
+        self.groups.lock().unwrap().groups.get(&key).cloned()
+    }
+
+    fn keep(&self, key: GroupKey, group: Value) {
+        let mut cache = self.groups.lock().unwrap();
+        if cache.bytes + group.len() > cache.capacity {
+            // Full: an arbitrary eighth goes (as the account cache does).
+            let drop: Vec<GroupKey> = cache.groups.keys().step_by(8).copied().collect();
+            for key in drop {
+                if let Some(gone) = cache.groups.remove(&key) {
+                    cache.bytes -= gone.len();
+                }
+            }
+        }
+        if cache.bytes + group.len() <= cache.capacity {
+            cache.bytes += group.len();
+            if let Some(replaced) = cache.groups.insert(key, group) {
+                cache.bytes -= replaced.len();
+            }
+        }
+    }
 }
 
 impl Run {
     pub fn pages(&self) -> usize {
-        self.fences.len() / self.kind.key_bytes()
+        self.pages
     }
 
     pub fn last_key(&self) -> &[u8] {
         &self.last_key
     }
 
-    fn fence(&self, page: usize) -> &[u8] {
-        let width = self.kind.key_bytes();
-        &self.fences[page * width..(page + 1) * width]
+    pub fn first_key(&self) -> &[u8] {
+        &self.first_key
     }
 
-    /// Memory this description takes.
+    /// Whether the fences and filter are held in memory (rather than read through the cache).
+    pub fn is_held(&self) -> bool {
+        matches!(self.body, Body::Held { .. })
+    }
+
+    /// Memory this description takes: what is always resident, and the fences and filter if held.
     pub fn resident_bytes(&self) -> usize {
-        self.fences.len() + self.filter.bytes()
+        let always = self.first_key.len() + self.last_key.len() + 64;
+        match &self.body {
+            Body::Held { fences, filter, .. } => always + fences.len() + filter.bytes(),
+            Body::Paged { sample, .. } => always + sample.len(),
+        }
     }
 
     /// A size class: runs of one class are within a factor of `FANOUT` of each other.
@@ -199,25 +306,69 @@ impl Run {
         self.entries.max(1).ilog(FANOUT as u64)
     }
 
-    pub fn may_contain(&self, hash: KeyHash) -> bool {
-        self.filter.may_contain(hash)
+    /// Whether the run may hold a key whose first 16 bytes hash to `hash`.
+    pub fn may_contain(&self, pages: &Pages, hash: KeyHash) -> StoreResult<bool> {
+        match &self.body {
+            Body::Held { filter, .. } => Ok(filter.may_contain(hash)),
+            Body::Paged { descriptions, .. } => {
+                let block = filter::block_of(hash, self.filter_blocks);
+                let group = self.group(pages, descriptions, 1, block / BLOCKS_PER_GROUP)?;
+                let at = block % BLOCKS_PER_GROUP * BLOCK_BYTES;
+                let bytes = group.get(at..at + BLOCK_BYTES).ok_or_else(|| self.corrupt())?;
+                Ok(filter::persisted_block_may_contain(bytes, hash))
+            }
+        }
     }
 
     /// The last page whose first key is at or before `key`, if `key` is within the run's range.
-    pub(super) fn page_for(&self, key: &[u8]) -> Option<usize> {
-        if key < self.fence(0) || key > self.last_key.as_slice() {
-            return None;
+    pub(super) fn page_for(&self, pages: &Pages, key: &[u8]) -> StoreResult<Option<usize>> {
+        if key < self.first_key.as_slice() || key > self.last_key.as_slice() {
+            return Ok(None);
         }
-        let (mut low, mut high) = (0, self.pages());
-        while high - low > 1 {
-            let middle = (low + high) / 2;
-            if compare(self.fence(middle), key) != Ordering::Greater {
-                low = middle;
-            } else {
-                high = middle;
+        let width = self.kind.key_bytes();
+        Ok(Some(match &self.body {
+            Body::Held { fences, .. } => last_at_or_before(fences, width, key),
+            Body::Paged { sample, descriptions } => {
+                let group = last_at_or_before(sample, width, key);
+                let fences = self.group(pages, descriptions, 0, group)?;
+                group * FENCES_PER_GROUP + last_at_or_before(&fences, width, key)
             }
+        }))
+    }
+
+    /// Group `number` of a paged description's fences (`section` 0) or filter blocks (1).
+    fn group(
+        &self,
+        pages: &Pages,
+        descriptions: &Descriptions,
+        section: u8,
+        number: usize,
+    ) -> StoreResult<Value> {
+        let key = (self.kind as u8, self.id, section, number);
+        if let Some(group) = descriptions.cached(key) {
+            return Ok(group);
         }
-        Some(low)
+        let width = self.kind.key_bytes();
+        let range = if section == 0 {
+            let first = number * FENCES_PER_GROUP;
+            let end = (first + FENCES_PER_GROUP).min(self.pages);
+            HEADER_BYTES + first * width..HEADER_BYTES + end * width
+        } else {
+            let blocks = HEADER_BYTES + self.pages * width + width + 8;
+            let first = number * BLOCKS_PER_GROUP;
+            let end = (first + BLOCKS_PER_GROUP).min(self.filter_blocks);
+            blocks + first * BLOCK_BYTES..blocks + end * BLOCK_BYTES
+        };
+        if range.is_empty() {
+            return Err(self.corrupt());
+        }
+        let group = Value::from(read_description(pages, self.kind, self.id, range)?);
+        descriptions.keep(key, group.clone());
+        Ok(group)
+    }
+
+    fn corrupt(&self) -> StoreError {
+        StoreError::Corrupt(format!("description of {:?} run {}", self.kind, self.id))
     }
 
     fn load_page(&self, pages: &Pages, page: usize) -> StoreResult<Page> {
@@ -230,7 +381,7 @@ impl Run {
 
     /// The value stored under `key` in this run, passed to `read`.
     pub fn get<T>(&self, pages: &Pages, key: &[u8], read: impl FnOnce(&[u8]) -> T) -> StoreResult<Option<T>> {
-        let Some(page) = self.page_for(key) else { return Ok(None) };
+        let Some(page) = self.page_for(pages, key)? else { return Ok(None) };
         let page = self.load_page(pages, page)?;
         let position = page.lower_bound(key);
         if position < page.count() && page.key(position) == key {
@@ -239,52 +390,182 @@ impl Run {
         Ok(None)
     }
 
-    /// The description's persisted form.
-    pub(super) fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(24 + self.fences.len() + self.last_key.len() + self.filter.bytes() + 8);
-        out.extend_from_slice(&self.entries.to_le_bytes());
-        out.extend_from_slice(&self.distinct.to_le_bytes());
-        out.extend_from_slice(&(self.pages() as u64).to_le_bytes());
-        out.extend_from_slice(&self.fences);
-        out.extend_from_slice(&self.last_key);
-        self.filter.encode_into(&mut out);
+    /// The persisted description of a run built in memory: header, fences, last key, filter.
+    fn encode(
+        entries: u64,
+        distinct: u64,
+        fences: &[u8],
+        last_key: &[u8],
+        filter: &Filter,
+        width: usize,
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_BYTES + fences.len() + last_key.len() + filter.bytes() + 8);
+        out.extend_from_slice(&entries.to_le_bytes());
+        out.extend_from_slice(&distinct.to_le_bytes());
+        out.extend_from_slice(&((fences.len() / width) as u64).to_le_bytes());
+        out.extend_from_slice(fences);
+        out.extend_from_slice(last_key);
+        filter.encode_into(&mut out);
         out
     }
 
-    /// Reads a run's description back from the page store.
-    pub fn load(pages: &Pages, kind: Kind, id: u64) -> StoreResult<Run> {
-        let range = run_key_range(PREFIX_RUN_META, kind, id);
-        let mut bytes = Vec::new();
-        for chunk in pages.range(range) {
-            bytes.extend_from_slice(&chunk?.1);
-        }
-        Run::decode(kind, id, &bytes)
+    /// A run from its parts: held whole if the budget allows, else paged.
+    fn assemble(
+        kind: Kind,
+        id: u64,
+        (entries, distinct): (u64, u64),
+        fences: Vec<u8>,
+        last_key: Vec<u8>,
+        filter: Filter,
+        descriptions: &Arc<Descriptions>,
+    ) -> Run {
+        let width = kind.key_bytes();
+        let pages = fences.len() / width;
+        let first_key = fences[..width].to_vec();
+        let filter_blocks = filter.bytes() / BLOCK_BYTES;
+        let reserved = (fences.len() + filter.bytes()) as u64;
+        let body = if descriptions.reserve(reserved) {
+            Body::Held { fences, filter, reserved, descriptions: descriptions.clone() }
+        } else {
+            Body::Paged { sample: sample(&fences, width), descriptions: descriptions.clone() }
+        };
+        Run { kind, id, entries, distinct, pages, first_key, last_key, filter_blocks, body }
     }
 
-    /// A run's description from its persisted form (`encode`); damaged bytes are refused.
-    pub(super) fn decode(kind: Kind, id: u64, bytes: &[u8]) -> StoreResult<Run> {
+    /// Reads a run's description back from the page store: whole if the budget allows, else
+    /// its header, last key and the sample of its fences.
+    pub fn load(pages: &Pages, kind: Kind, id: u64, descriptions: &Arc<Descriptions>) -> StoreResult<Run> {
         let corrupt = || StoreError::Corrupt(format!("description of {kind:?} run {id}"));
         let width = kind.key_bytes();
-        let number = |at: usize| -> StoreResult<u64> {
-            Ok(u64::from_le_bytes(bytes.get(at..at + 8).ok_or_else(corrupt)?.try_into().unwrap()))
-        };
-        let (entries, distinct, pages) = (number(0)?, number(8)?, number(16)?);
-        // Counts read off the disk: every sum and product checked.
-        let fences_end = usize::try_from(pages)
-            .ok()
-            .and_then(|pages| pages.checked_mul(width))
-            .and_then(|bytes| bytes.checked_add(24))
-            .ok_or_else(corrupt)?;
-        let last_end = fences_end.checked_add(width).ok_or_else(corrupt)?;
-        let fences = bytes.get(24..fences_end).ok_or_else(corrupt)?.to_vec();
+        let header = read_description(pages, kind, id, 0..HEADER_BYTES)?;
+        let (entries, distinct, page_count, blocks_start) = decode_header(kind, id, &header)?;
+        // Fences, last key and the filter's block count.
+        let bytes = read_description(pages, kind, id, 0..blocks_start)?;
+        let filter_blocks =
+            usize::try_from(u64::from_le_bytes(bytes[blocks_start - 8..].try_into().unwrap()))
+                .ok()
+                .filter(|blocks| *blocks > 0)
+                .ok_or_else(corrupt)?;
+        let filter_bytes = filter_blocks.checked_mul(BLOCK_BYTES).ok_or_else(corrupt)?;
+        let length = blocks_start.checked_add(filter_bytes).ok_or_else(corrupt)?;
+        let fences_end = HEADER_BYTES + page_count * width;
+        let held = (page_count * width + filter_bytes) as u64;
+        if descriptions.reserve(held) {
+            descriptions.release(held);
+            let mut whole = bytes;
+            whole.extend_from_slice(&read_description(pages, kind, id, blocks_start..length)?);
+            return Run::decode_with(kind, id, &whole, descriptions);
+        }
+        if !read_description(pages, kind, id, length..length + 1).is_err_and(|error| error.is_damage()) {
+            return Err(corrupt()); // longer than its filter says
+        }
+        let fences = &bytes[HEADER_BYTES..fences_end];
+        Ok(Run {
+            kind,
+            id,
+            entries,
+            distinct,
+            pages: page_count,
+            first_key: fences[..width].to_vec(),
+            last_key: bytes[fences_end..fences_end + width].to_vec(),
+            filter_blocks,
+            body: Body::Paged { sample: sample(fences, width), descriptions: descriptions.clone() },
+        })
+    }
+
+    /// A run's description from its persisted form, held whole (fuzzing and tests).
+    #[cfg(test)]
+    pub(super) fn decode(kind: Kind, id: u64, bytes: &[u8]) -> StoreResult<Run> {
+        Run::decode_with(kind, id, bytes, &Descriptions::new(u64::MAX))
+    }
+
+    /// A run's description from its persisted form; damaged bytes are refused.
+    fn decode_with(kind: Kind, id: u64, bytes: &[u8], descriptions: &Arc<Descriptions>) -> StoreResult<Run> {
+        let corrupt = || StoreError::Corrupt(format!("description of {kind:?} run {id}"));
+        let (entries, distinct, pages, _) = decode_header(kind, id, bytes)?;
+        let width = kind.key_bytes();
+        let fences_end = HEADER_BYTES + pages * width;
+        let last_end = fences_end + width;
+        let fences = bytes.get(HEADER_BYTES..fences_end).ok_or_else(corrupt)?.to_vec();
         let last_key = bytes.get(fences_end..last_end).ok_or_else(corrupt)?.to_vec();
         let (filter, rest) = Filter::decode(&bytes[last_end..]).ok_or_else(corrupt)?;
-        if pages == 0 || !rest.is_empty() {
+        if !rest.is_empty() {
             return Err(corrupt());
         }
-        Ok(Run { kind, id, entries, distinct, fences, last_key, filter })
+        Ok(Run::assemble(kind, id, (entries, distinct), fences, last_key, filter, descriptions))
     }
+
+    /// The persisted form (tests: what a decoded run encodes back to).
+    #[cfg(test)]
+    pub(super) fn encode_again(&self) -> Vec<u8> {
+        let Body::Held { fences, filter, .. } = &self.body else { panic!("a paged run") };
+        Run::encode(self.entries, self.distinct, fences, &self.last_key, filter, self.kind.key_bytes())
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Body::Held { reserved, descriptions, .. } = &self.body {
+            descriptions.release(*reserved);
+        }
+    }
+}
+
+/// The header of a description (`bytes`, at least its first 24): entries, distinct keys, pages,
+/// and where the filter's blocks begin (after the fences, the last key and the block count). The
+/// counts came off the disk: every sum and product is checked.
+fn decode_header(kind: Kind, id: u64, bytes: &[u8]) -> StoreResult<(u64, u64, usize, usize)> {
+    let corrupt = || StoreError::Corrupt(format!("description of {kind:?} run {id}"));
+    let number = |at: usize| -> StoreResult<u64> {
+        Ok(u64::from_le_bytes(bytes.get(at..at + 8).ok_or_else(corrupt)?.try_into().unwrap()))
+    };
+    let (entries, distinct, pages) = (number(0)?, number(8)?, number(16)?);
+    let width = kind.key_bytes();
+    let pages = usize::try_from(pages).ok().filter(|pages| *pages > 0).ok_or_else(corrupt)?;
+    let blocks_start = pages
+        .checked_mul(width)
+        .and_then(|fences| fences.checked_add(HEADER_BYTES + width + 8))
+        .ok_or_else(corrupt)?;
+    Ok((entries, distinct, pages, blocks_start))
+}
+
+/// The index of the last of `keys` (`width` bytes each, sorted, the first at or before `key`)
+/// that is at or before `key`.
+fn last_at_or_before(keys: &[u8], width: usize, key: &[u8]) -> usize {
+    let key_at = |index: usize| &keys[index * width..(index + 1) * width];
+    let (mut low, mut high) = (0, keys.len() / width);
+    while high - low > 1 {
+        let middle = (low + high) / 2;
+        if compare(key_at(middle), key) != Ordering::Greater {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    low
+}
+
+/// The first fence of every group of `FENCES_PER_GROUP`.
+fn sample(fences: &[u8], width: usize) -> Vec<u8> {
+    fences.chunks(width * FENCES_PER_GROUP).flat_map(|group| &group[..width]).copied().collect()
+}
+
+/// Bytes `range` of a run's persisted description, from the chunks that hold them.
+fn read_description(pages: &Pages, kind: Kind, id: u64, range: Range<usize>) -> StoreResult<Vec<u8>> {
+    let missing = || StoreError::Corrupt(format!("description of {kind:?} run {id} is cut short"));
+    // The range may come from damaged counts: memory grows with what is read, not with it.
+    let mut out = Vec::with_capacity(range.len().min(4 * PAGE_BYTES));
+    let mut at = range.start;
+    while at < range.end {
+        let number = at / PAGE_BYTES;
+        let chunk =
+            pages.get(&physical_key(PREFIX_RUN_META, kind, id, number as u32))?.ok_or_else(missing)?;
+        let start = at - number * PAGE_BYTES;
+        let end = (range.end - number * PAGE_BYTES).min(chunk.len());
+        out.extend_from_slice(chunk.get(start..end).filter(|bytes| !bytes.is_empty()).ok_or_else(missing)?);
+        at = number * PAGE_BYTES + end;
+    }
+    Ok(out)
 }
 
 /// One page, read in place.
@@ -441,27 +722,22 @@ impl RunBuilder {
     }
 
     /// Writes the last page and the description; `None` when no entry was pushed.
-    pub fn finish(mut self, out: &mut Writes) -> Option<Run> {
+    pub fn finish(mut self, out: &mut Writes, descriptions: &Arc<Descriptions>) -> Option<Run> {
         if self.entries == 0 {
             return None;
         }
         self.flush_page(out);
-        let run = Run {
-            kind: self.kind,
-            id: self.id,
-            entries: self.entries,
-            distinct: self.distinct,
-            fences: self.fences,
-            last_key: self.last_key,
-            filter: self.filter,
-        };
-        for (number, chunk) in run.encode().chunks(PAGE_BYTES).enumerate() {
+        let width = self.kind.key_bytes();
+        let encoded =
+            Run::encode(self.entries, self.distinct, &self.fences, &self.last_key, &self.filter, width);
+        for (number, chunk) in encoded.chunks(PAGE_BYTES).enumerate() {
             out.push((
-                physical_key(PREFIX_RUN_META, run.kind, run.id, number as u32).to_vec(),
+                physical_key(PREFIX_RUN_META, self.kind, self.id, number as u32).to_vec(),
                 chunk.to_vec(),
             ));
         }
-        Some(run)
+        let counts = (self.entries, self.distinct);
+        Some(Run::assemble(self.kind, self.id, counts, self.fences, self.last_key, self.filter, descriptions))
     }
 }
 
@@ -492,7 +768,7 @@ impl<'r> Cursor<'r> {
             value: 0..0,
         };
         if reversed {
-            let page_number = match run.page_for(key) {
+            let page_number = match run.page_for(pages, key)? {
                 Some(page) => page,
                 None if key > run.last_key.as_slice() => run.pages() - 1,
                 None => return Ok(cursor),
@@ -505,9 +781,9 @@ impl<'r> Cursor<'r> {
             cursor.position = at_or_before - 1;
             cursor.page = Some(page);
         } else {
-            let page_number = match run.page_for(key) {
+            let page_number = match run.page_for(pages, key)? {
                 Some(page) => page,
-                None if key < run.fence(0) => 0,
+                None if key < run.first_key() => 0,
                 None => return Ok(cursor),
             };
             let page = run.load_page(pages, page_number)?;
@@ -591,7 +867,11 @@ pub fn scan(
     let start = if reversed { high } else { low };
     let mut cursors = Vec::with_capacity(runs.len());
     for run in runs {
-        if filter.is_none_or(|hash| run.may_contain(hash)) {
+        let wanted = match filter {
+            Some(hash) => run.may_contain(pages, hash)?,
+            None => true,
+        };
+        if wanted {
             cursors.push(Cursor::seek(run, pages, start, reversed)?);
         }
     }
@@ -684,13 +964,13 @@ mod tests {
         }
     }
 
-    fn build(pages: &Pages, id: u64, entries: &[(u128, u64)]) -> Arc<Run> {
+    fn build(pages: &Pages, id: u64, entries: &[(u128, u64)], descriptions: &Arc<Descriptions>) -> Arc<Run> {
         let mut out = Writes::new();
         let mut builder = RunBuilder::new(Kind::Ids, id, entries.len() as u64);
         for (key, value) in entries {
             builder.push(&key.to_be_bytes(), &value.to_le_bytes(), &mut out);
         }
-        let run = builder.finish(&mut out).unwrap();
+        let run = builder.finish(&mut out, descriptions).unwrap();
         let mut batch = super::super::pages::Batch::default();
         for (key, value) in out {
             batch.insert(key, value);
@@ -714,15 +994,22 @@ mod tests {
 
     #[test]
     fn lookups_and_scans_across_pages_and_runs_with_the_newest_value_winning() {
+        // Descriptions held whole, and read through the cache.
+        for budget in [u64::MAX, 0] {
+            lookups_and_scans(&Descriptions::new(budget));
+        }
+    }
+
+    fn lookups_and_scans(descriptions: &Arc<Descriptions>) {
         let dir = tempfile::tempdir().unwrap();
         let pages = Pages::open(dir.path(), 1 << 20).unwrap();
         // 5,000 entries of 25 bytes: several pages. Even keys in the old run, multiples of 3 in
         // the new one, so that multiples of 6 are in both.
         let old: Vec<(u128, u64)> = (0..5_000).map(|n| (n * 2, 1)).collect();
         let new: Vec<(u128, u64)> = (0..3_400).map(|n| (n * 3, 2)).collect();
-        let runs = [build(&pages, 1, &old), build(&pages, 2, &new)];
+        let runs = [build(&pages, 1, &old, descriptions), build(&pages, 2, &new, descriptions)];
         assert!(runs[0].pages() > 2);
-        let reloaded = Run::load(&pages, Kind::Ids, 1).unwrap();
+        let reloaded = Run::load(&pages, Kind::Ids, 1, descriptions).unwrap();
         assert_eq!((reloaded.entries, reloaded.pages()), (5_000, runs[0].pages()));
 
         let get = |key: u128| {
@@ -749,8 +1036,10 @@ mod tests {
     fn merges_pick_the_newest_runs_of_one_class() {
         let dir = tempfile::tempdir().unwrap();
         let pages = Pages::open(dir.path(), 1 << 20).unwrap();
-        let sized =
-            |id: u64, entries: u128| build(&pages, id, &(0..entries).map(|n| (n, 0)).collect::<Vec<_>>());
+        let descriptions = Descriptions::new(u64::MAX);
+        let sized = |id: u64, entries: u128| {
+            build(&pages, id, &(0..entries).map(|n| (n, 0)).collect::<Vec<_>>(), &descriptions)
+        };
         let mut runs = vec![sized(1, 5_000)];
         for id in 2..9 {
             runs.push(sized(id, 10));
@@ -758,5 +1047,39 @@ mod tests {
         assert_eq!(pick_merge(&runs), None);
         runs.push(sized(9, 10));
         assert_eq!(pick_merge(&runs), Some(1..9));
+    }
+
+    /// A run whose description spans many chunks and groups answers the same held whole and read
+    /// through the cache, built or loaded, and a paged one keeps a small part of it in memory;
+    /// the budget is given back when a held run goes.
+    #[test]
+    fn a_description_read_through_the_cache_answers_as_one_held_whole() {
+        let pages = Pages::on(super::super::pages::MemoryDisk::default().pages());
+        let entries: Vec<(u128, u64)> = (0..300_000u128).map(|n| (n * 7 + (n * n) % 5, n as u64)).collect();
+        let unbounded = Descriptions::new(u64::MAX);
+        let held = build(&pages, 1, &entries, &unbounded);
+        assert!(held.is_held() && unbounded.resident_bytes() > 200_000, "{}", unbounded.resident_bytes());
+        let none = Descriptions::new(0);
+        let paged = Run::load(&pages, Kind::Ids, 1, &none).unwrap();
+        assert!(!paged.is_held() && paged.resident_bytes() * 50 < held.resident_bytes());
+        assert!(paged.pages() > 3 * FENCES_PER_GROUP, "{} pages", paged.pages());
+        let reloaded = Run::load(&pages, Kind::Ids, 1, &unbounded).unwrap();
+        assert!(reloaded.is_held());
+        for probe in (0..2_200_000u128).step_by(37) {
+            let key = probe.to_be_bytes();
+            let hash = KeyHash::of(&key);
+            let read = |run: &Run| {
+                let maybe = run.may_contain(&pages, hash).unwrap();
+                let found = run.get(&pages, &key, |v| u64::from_le_bytes(v.try_into().unwrap())).unwrap();
+                (maybe, found, run.page_for(&pages, &key).unwrap())
+            };
+            let answer = read(&held);
+            assert_eq!(read(&paged), answer, "key {probe}");
+            assert_eq!(read(&reloaded), answer, "key {probe}");
+            assert!(answer.1.is_none() || answer.0, "a false negative for {probe}");
+        }
+        let before = unbounded.resident_bytes();
+        drop(held);
+        assert!(unbounded.resident_bytes() < before, "a dropped run gives its budget back");
     }
 }
