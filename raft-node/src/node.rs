@@ -263,7 +263,7 @@ pub fn save_cluster_id(dir: &std::path::Path, cluster_id: &str) -> Result<(), St
         toml::from_str(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?;
     identity.cluster_id = Some(cluster_id.to_string());
     let text = toml::to_string(&identity).expect("identity serializes");
-    crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+    crate::storage::files::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
@@ -299,7 +299,7 @@ pub fn write_identity(
         cluster_id: cluster_id.map(str::to_string),
     };
     let text = toml::to_string(&identity).expect("identity serializes");
-    crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+    crate::storage::files::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", dir.join(IDENTITY_FILE).display()))?;
     Ok(identity.incarnation)
 }
@@ -345,7 +345,7 @@ pub fn claim_data_dir(config: &NodeConfig) -> Result<Claimed, String> {
     if found.incarnation == 0 {
         found.incarnation = new_incarnation();
         let text = toml::to_string(&found).expect("identity serializes");
-        crate::storage::wal::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
+        crate::storage::files::write_file_atomic(dir, IDENTITY_FILE, text.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if let Some(id) = &found.cluster_id

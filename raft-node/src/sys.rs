@@ -63,7 +63,7 @@ pub fn disk_fault(path: &Path) -> io::Result<()> {
 }
 
 /// Tells the simulator that `path` was just written durably (a vote, the committed id, a purge
-/// marker: `wal::write_file_atomic`), so that it can crash the node at that moment. Nothing in
+/// marker: `files::write_file_atomic`), so that it can crash the node at that moment. Nothing in
 /// production.
 pub fn wrote_durably(path: &Path) {
     #[cfg(feature = "sim")]

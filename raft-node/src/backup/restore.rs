@@ -85,7 +85,7 @@ fn seed(
         last_log_id: Some(log_id),
         last_membership: StoredMembership::new(Some(log_id), Membership::from(voters.clone())),
     };
-    crate::storage::wal::create_dir_durably(dir)
+    crate::storage::files::create_dir_durably(dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let (_, input) = super::open(backup)?;
     crate::storage::state_machine::seed(dir, &meta, input)

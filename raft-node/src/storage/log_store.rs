@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 
+use crate::storage::files;
 use crate::storage::wal::{self, Wal};
 use crate::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
 
@@ -92,7 +93,7 @@ impl LogStore {
     /// `open` with WAL segments that roll over at `segment_bytes_max`: small in chaos runs, so
     /// that segment rolls happen every few seconds and power cuts can land in one.
     pub fn open_with(dir: &Path, segment_bytes_max: u64) -> io::Result<LogStore> {
-        wal::create_dir_durably(dir)?;
+        files::create_dir_durably(dir)?;
         let last_purged: Option<LogId> = read_decoded(dir, PURGED_FILE)?;
         let committed: Option<LogId> = read_decoded(dir, COMMITTED_FILE)?;
         // Entries up to the committed file's were synced when it was written (`persist_committed`):
@@ -163,14 +164,14 @@ impl LogStore {
     /// empty WAL purged up to it, no vote, nothing committed. For restoring a backup, whose
     /// state `state_machine::seed` makes the snapshot at `purged`.
     pub fn seed(dir: &Path, purged: LogId) -> io::Result<()> {
-        wal::create_dir_durably(dir)?;
+        files::create_dir_durably(dir)?;
         if crate::sys::fs::read_dir(dir)?.next().is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} is not empty: a log is there already", dir.display()),
             ));
         }
-        wal::write_file_atomic(dir, PURGED_FILE, &encode(&purged))
+        files::write_file_atomic(dir, PURGED_FILE, &encode(&purged))
     }
 
     /// The last log index on disk, for status reports.
@@ -231,7 +232,7 @@ fn purge_bound(segments: &[(wal::SegmentSummary, std::time::Duration)], keep: Lo
 }
 
 fn read_decoded<T: for<'de> serde::Deserialize<'de>>(dir: &Path, name: &str) -> io::Result<Option<T>> {
-    match wal::read_file(dir, name)? {
+    match files::read_file(dir, name)? {
         None => Ok(None),
         Some(bytes) => {
             decode(&bytes).map(Some).map_err(|e| io_error(format!("{}: {e}", dir.join(name).display())))
@@ -442,7 +443,7 @@ fn persist_committed(shared: &Shared, before: (Option<LogId>, Option<u64>)) {
     if let (Some(committed), Some(last)) = before
         && committed.index < last
     {
-        let _ = wal::write_file_atomic(&shared.dir, COMMITTED_FILE, &encode(&committed));
+        let _ = files::write_file_atomic(&shared.dir, COMMITTED_FILE, &encode(&committed));
     }
 }
 
@@ -505,9 +506,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let vote = *vote;
         crate::rt::off_thread(move || {
             #[cfg(not(feature = "vote-not-durable"))]
-            wal::write_file_atomic(&shared.dir, VOTE_FILE, &encode(&vote))?;
+            files::write_file_atomic(&shared.dir, VOTE_FILE, &encode(&vote))?;
             #[cfg(feature = "vote-not-durable")]
-            wal::write_file_unsynced(&shared.dir, VOTE_FILE, &encode(&vote))?;
+            files::write_file_unsynced(&shared.dir, VOTE_FILE, &encode(&vote))?;
             *shared.vote.lock().unwrap() = Some(vote);
             Ok(())
         })
@@ -558,7 +559,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // The purge marker goes to disk first: after a crash, entries at or below it are never
         // read again, even if their segment survived.
-        wal::write_file_atomic(&self.shared.dir, PURGED_FILE, &encode(&log_id))?;
+        files::write_file_atomic(&self.shared.dir, PURGED_FILE, &encode(&log_id))?;
         *self.shared.last_purged.lock().unwrap() = Some(log_id);
         // The files go on another thread: a directory fsync each, which held the WAL's lock
         // (and so the next append's sync) and the Raft core that awaits this call.
@@ -599,7 +600,7 @@ mod tests {
             }
         }
         // What `purge` writes first; the crash comes before `purge_upto`.
-        wal::write_file_atomic(dir.path(), PURGED_FILE, &encode(&log_id::<TypeConfig>(1, 1, 300))).unwrap();
+        files::write_file_atomic(dir.path(), PURGED_FILE, &encode(&log_id::<TypeConfig>(1, 1, 300))).unwrap();
         let mut store = LogStore::open(dir.path()).unwrap();
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id, Some(log_id::<TypeConfig>(1, 1, 300)));

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tally_store::Options as StoreOptions;
 use tally_store::RunStore;
 
-use crate::storage::wal;
+use crate::storage::files;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
 };
@@ -323,7 +323,7 @@ fn apply_error(data_dir: &Path, error: ledger::StoreError) -> io::Error {
     if !error.is_damage() {
         return io_error(error);
     }
-    let marked = wal::write_file_atomic(data_dir, DAMAGED_MARKER, error.to_string().as_bytes());
+    let marked = files::write_file_atomic(data_dir, DAMAGED_MARKER, error.to_string().as_bytes());
     let then = match marked {
         Ok(()) => "restarted, the node rebuilds it from its snapshot and log",
         Err(_) => "it could not even be marked for a rebuild",
@@ -409,7 +409,7 @@ impl StateMachine {
         checkpoint_policy: CheckpointPolicy,
     ) -> io::Result<StateMachine> {
         let options = StoreOptions { cache_bytes, background_merges: true };
-        wal::create_dir_durably(&data_dir.join(SNAPSHOT_DIR))?;
+        files::create_dir_durably(&data_dir.join(SNAPSHOT_DIR))?;
         remove_leftovers(&data_dir.join(SNAPSHOT_DIR))?;
         recover_install(data_dir)?;
         let opened = if marked_damaged(data_dir) {
@@ -450,7 +450,7 @@ impl StateMachine {
 
     fn current_snapshot_meta(&self) -> io::Result<Option<SnapshotMeta>> {
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
-        match wal::read_file(&dir, SNAPSHOT_META_FILE)? {
+        match files::read_file(&dir, SNAPSHOT_META_FILE)? {
             None => Ok(None),
             Some(bytes) => decode(&bytes).map(Some).map_err(io_error),
         }
@@ -629,7 +629,7 @@ pub fn seed(
     stream: impl io::Read,
 ) -> io::Result<ledger::snapshot::Verified> {
     let dir = data_dir.join(SNAPSHOT_DIR);
-    wal::create_dir_durably(&dir)?;
+    files::create_dir_durably(&dir)?;
     let applied = AppliedState { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
     let temporary = dir.join(BUILDING_FILE);
     let mut file = crate::sys::fs::File::create(&temporary)?;
@@ -676,7 +676,7 @@ fn snapshot_path(data_dir: &Path, meta: &SnapshotMeta) -> PathBuf {
 
 /// Records `meta` as the current snapshot (durably), then removes older snapshot files.
 fn make_current(dir: &Path, meta: &SnapshotMeta) -> io::Result<()> {
-    wal::write_file_atomic(dir, SNAPSHOT_META_FILE, &encode(meta))?;
+    files::write_file_atomic(dir, SNAPSHOT_META_FILE, &encode(meta))?;
     let keep = snapshot_path(dir.parent().expect("snapshot dir has a parent"), meta);
     for entry in crate::sys::fs::read_dir(dir)? {
         let path = entry?.path();
