@@ -1,0 +1,230 @@
+//! One running node: its configuration, its data directory, Raft, and the gRPC server.
+//!
+//! Start-up order: check the data directory belongs to this cluster and node id (`identity`),
+//! open the WAL and the state, start Raft, bootstrap or join if asked (`start`), then serve gRPC
+//! until SIGTERM or Ctrl-C, then shut Raft down (`serve`). `config` holds what a node is told,
+//! `health` what it reports; this module, `NodeHandle`: what the services ask of a running node.
+
+mod config;
+mod health;
+mod identity;
+mod serve;
+mod start;
+
+use crate::batcher::Batcher;
+use crate::clock::ClusterClock;
+use crate::net::identity::Identities;
+use crate::storage::log_store::LogStore;
+use crate::types::{NodeId, NodeInfo, Raft};
+use openraft::type_config::async_runtime::WatchReceiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::config::*;
+pub use self::health::*;
+pub use self::identity::*;
+pub use self::serve::*;
+pub use self::start::*;
+
+/// Everything the gRPC services need.
+pub struct NodeHandle {
+    pub config: NodeConfig,
+    /// This node's id and incarnation, and those its membership records (`net::identity`).
+    pub identities: Arc<Identities>,
+    /// This node's view of the voters' clocks: what the leader may stamp.
+    pub clock: Arc<ClusterClock>,
+    pub raft: Raft,
+    pub state: Arc<crate::storage::state_machine::Shared>,
+    pub log: LogStore,
+    pub batcher: Batcher,
+    /// Channels to other nodes for forwarded requests and status fan-out.
+    pub peers: crate::net::Pool,
+    /// This node's TLS (None with `--insecure`); reloaded on SIGHUP.
+    pub tls: Option<Arc<crate::security::tls::Tls>>,
+    /// When this node last accepted a leader's AppendEntries (for health).
+    pub leader_contact: LeaderContact,
+    /// When the leader last said, asked for its clock, that a majority of voters acknowledged
+    /// it lately (for health: a leader cut off from its quorum still sends heartbeats).
+    pub leader_quorum: LeaderContact,
+    /// What gRPC health says now (SERVING): also `GET /ready` on the metrics endpoint, for
+    /// probes that cannot speak TLS.
+    pub serving: std::sync::atomic::AtomicBool,
+    /// When the node started, for its uptime.
+    pub started: std::time::Instant,
+    /// One permit per change-stream subscriber this node may serve (`--max-subscribers`).
+    pub subscribers: Arc<tokio::sync::Semaphore>,
+    /// The last whole-cluster status and when it was gathered, shared by callers without an
+    /// operator's or a node's certificate (`service::cluster`).
+    pub status_cache: tokio::sync::Mutex<Option<(std::time::Instant, tally_proto::v1::StatusReply)>>,
+    /// The whole state arriving from the leader, while it does (`service::raft`).
+    pub receiving: Receiving,
+    /// Whether this node withholds its vote after losing a damaged tail of its log.
+    pub votes: VoteHold,
+}
+
+/// Whether this node withholds its vote, and until its log reaches which index: after recovery cut
+/// off a damaged tail it may have acknowledged (`LogStore::lost_tail`), it must not help elect a
+/// leader that lacks those entries, nor stand itself. A leader's entries up to that index bring
+/// them back (a leader holds every committed entry).
+#[derive(Default)]
+pub struct VoteHold {
+    /// The index the log must reach; 0 when votes are not withheld.
+    until: std::sync::atomic::AtomicU64,
+}
+
+impl VoteHold {
+    fn withhold_until(&self, index: u64) {
+        self.until.store(index.max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The index until which this node withholds its vote, if it does.
+    pub fn withheld(&self) -> Option<u64> {
+        Some(self.until.load(std::sync::atomic::Ordering::SeqCst)).filter(|until| *until > 0)
+    }
+}
+
+/// Votes and elections again once the log holds entries up to the withheld index.
+async fn release_votes_when_caught_up(node: Arc<NodeHandle>) {
+    let Some(until) = node.votes.withheld() else { return };
+    let mut metrics = node.raft.metrics();
+    loop {
+        let caught_up = metrics.borrow_watched().last_log_index.is_some_and(|last| last >= until);
+        if caught_up {
+            node.votes.until.store(0, std::sync::atomic::Ordering::SeqCst);
+            node.raft.runtime_config().elect(true);
+            tracing::info!(
+                node = node.id(),
+                "the log holds entries up to {until} again: this node votes again"
+            );
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A snapshot being received: whether one is, and its bytes so far.
+#[derive(Default)]
+pub struct Receiving {
+    active: std::sync::atomic::AtomicBool,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Receiving {
+    /// Marks a snapshot as arriving until the guard is dropped.
+    pub fn start(&self) -> ReceivingGuard<'_> {
+        self.bytes.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.active.store(true, std::sync::atomic::Ordering::Relaxed);
+        ReceivingGuard(self)
+    }
+
+    /// Bytes received so far, or `None` when no snapshot is arriving.
+    pub fn bytes(&self) -> Option<u64> {
+        self.active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.bytes.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+pub struct ReceivingGuard<'a>(&'a Receiving);
+
+impl ReceivingGuard<'_> {
+    pub fn received(&self, bytes: u64) {
+        self.0.bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReceivingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// When a leader was last heard from (or said it had a quorum): milliseconds since the node started, `u64::MAX` for never.
+pub struct LeaderContact {
+    started: tokio::time::Instant,
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> LeaderContact {
+        LeaderContact {
+            started: tokio::time::Instant::now(),
+            at_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl LeaderContact {
+    pub fn record(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.at_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn within(&self, window: Duration) -> bool {
+        match self.at_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => false,
+            at => (self.started.elapsed().as_millis() as u64).saturating_sub(at) < window.as_millis() as u64,
+        }
+    }
+}
+
+impl NodeHandle {
+    /// Whether this node serves now (what health reports): a member in contact with a leader
+    /// that has heard from a majority of voters lately; as the leader, that it has.
+    pub fn judge_serving(&self) -> bool {
+        let contact_max = leader_contact_max(&self.config);
+        let metrics = self.raft.metrics();
+        let current = metrics.borrow_watched();
+        let member = current.membership_config.membership().get_node(&self.id()).is_some();
+        let in_contact = if current.current_leader == Some(self.id()) {
+            current
+                .last_quorum_acked
+                .as_ref()
+                .is_some_and(|acked| openraft::Instant::elapsed(&**acked) < contact_max)
+        } else {
+            current.current_leader.is_some()
+                && self.heard_from_leader_within(contact_max)
+                && self.leader_quorum.within(contact_max)
+        };
+        member && in_contact
+    }
+
+    pub fn heard_from_leader_within(&self, window: Duration) -> bool {
+        self.leader_contact.within(window)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.identities.me.incarnation
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.id())
+    }
+
+    /// Node `id`'s client door, as the membership records it: what clients use to reach it.
+    pub fn advertised_address_of(&self, id: NodeId) -> Option<String> {
+        self.member(id).map(|n| n.address)
+    }
+
+    /// The address this node uses to reach node `id`'s peer door: its route, or the
+    /// membership's peer address.
+    pub fn address_of(&self, id: NodeId) -> Option<String> {
+        self.config.routes.get(&id).cloned().or_else(|| self.member(id).map(|n| n.peer_address))
+    }
+
+    fn member(&self, id: NodeId) -> Option<NodeInfo> {
+        let metrics = self.raft.metrics();
+        let membership = metrics.borrow_watched().membership_config.clone();
+        membership.membership().get_node(&id).cloned()
+    }
+}
