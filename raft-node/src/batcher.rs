@@ -15,7 +15,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tonic::Status;
 
 use crate::clock::ClusterClock;
-use crate::types::{ENTRY_BATCHES_MAX, NodeId, Raft, Request};
+use crate::storage::Raft;
+use crate::types::{ENTRY_BATCHES_MAX, NodeId, Request};
 
 /// Events per entry: four full batches (about 4 MiB), well under the message limit.
 pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;

@@ -32,9 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use openraft::type_config::async_runtime::WatchReceiver;
-use tally_proto::v1 as pb;
 
-use crate::node::NodeHandle;
 use crate::types::NodeId;
 
 /// How far a clock may be from the window of a majority's clocks before its node stops
@@ -46,7 +44,7 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(200);
 /// may have jumped since.
 const SAMPLE_AGE_MAX: Duration = Duration::from_secs(3);
 /// How often the leader may hand over its leadership because of its clock.
-const STEP_DOWN_INTERVAL: Duration = Duration::from_secs(1);
+pub const STEP_DOWN_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the skew file of the test hook is re-read.
 const SKEW_RELOAD_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -98,7 +96,7 @@ impl Sample {
 
 /// This node's view of the cluster's clocks.
 pub struct ClusterClock {
-    tolerance_ns: i64,
+    pub tolerance_ns: i64,
     skew: Skew,
     /// The last sample of each peer. A std mutex: held to copy a few numbers, never across an
     /// await.
@@ -200,7 +198,7 @@ impl ClusterClock {
     }
 
     /// A voter whose clock sits in the majority's window, to hand leadership to.
-    fn agreeing_peer(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<NodeId> {
+    pub fn agreeing_peer(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<NodeId> {
         let estimate = self.estimate(voters, me);
         let samples = self.samples.lock().expect("clock samples lock");
         voters
@@ -308,53 +306,8 @@ async fn reload_skew(clock: Arc<ClusterClock>, path: PathBuf) {
 }
 
 /// The voters of the membership in effect.
-pub fn voters(raft: &crate::types::Raft) -> BTreeSet<NodeId> {
+pub fn voters(raft: &crate::storage::Raft) -> BTreeSet<NodeId> {
     raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect()
-}
-
-/// Samples every other voter's clock every `SAMPLE_INTERVAL`; on the leader, hands leadership
-/// over when this node's clock is off the majority's. Runs for the life of the node.
-pub async fn sample_peers(node: Arc<NodeHandle>) {
-    let mut stepped_down: Option<Instant> = None;
-    loop {
-        tokio::time::sleep(SAMPLE_INTERVAL).await;
-        let voters = voters(&node.raft);
-        let asks = voters.iter().filter(|id| **id != node.id()).map(|id| sample_one(&node, *id));
-        futures::future::join_all(asks).await;
-        if !node.is_leader() || stepped_down.is_some_and(|at| at.elapsed() < STEP_DOWN_INTERVAL) {
-            continue;
-        }
-        if let Err(ClockError::Off { offset_ms }) = node.clock.stamp(&voters, node.id())
-            && let Some(to) = node.clock.agreeing_peer(&voters, node.id())
-        {
-            tracing::error!(
-                node = node.id(),
-                "this node's clock is {offset_ms} ms off the cluster's time (tolerance {} ms): not stamping \
-                 entries, handing leadership to node {to}; fix this machine's clock",
-                node.clock.tolerance_ns / 1_000_000
-            );
-            let _ = node.raft.trigger().transfer_leader(to).await;
-            stepped_down = Some(Instant::now());
-        }
-    }
-}
-
-async fn sample_one(node: &NodeHandle, peer: NodeId) {
-    let Some(address) = node.address_of(peer) else { return };
-    let Ok(channel) = node.peers.channel(Some(peer), &address) else { return };
-    let mut client = pb::raft_client::RaftClient::new(channel);
-    let mut request = tonic::Request::new(pb::ClockRequest {});
-    let timeout = Duration::from_nanos((node.clock.tolerance_ns / 2) as u64);
-    request.set_timeout(timeout);
-    crate::net::raft::name_ends(&mut request, &node.identities, peer, 0);
-    let sent_ns = node.clock.now_ns();
-    if let Ok(Ok(reply)) = tokio::time::timeout(timeout, client.clock(request)).await {
-        node.clock.record(peer, sent_ns, reply.get_ref().time_ns, node.clock.now_ns());
-        // A build from before the field does not say: its followers trust its heartbeats alone.
-        if node.leader() == Some(peer) && reply.get_ref().leads_a_quorum != Some(false) {
-            node.leader_quorum.record();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@
 
 pub mod backup;
 pub mod batcher;
+pub mod bounds;
 pub mod cli;
 pub mod clock;
 pub mod convert;

@@ -29,15 +29,19 @@ openraft::declare_raft_types!(
 );
 
 pub type NodeId = u64;
-pub type Raft = openraft::Raft<TypeConfig, crate::storage::state_machine::StateMachine>;
 pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
 pub type Payload = openraft::EntryPayload<Request, NodeId, NodeInfo>;
 pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
-pub type Snapshot =
-    openraft::type_config::alias::SnapshotOf<TypeConfig, crate::storage::state_machine::SnapshotFile>;
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotFile>;
+
+/// A snapshot's data: a file holding the ledger's export stream (`storage::state_machine`).
+#[derive(Debug)]
+pub struct SnapshotFile {
+    pub path: std::path::PathBuf,
+}
 
 /// A member of the cluster: where to reach it and which site (data center) it is in.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

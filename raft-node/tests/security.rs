@@ -402,7 +402,7 @@ async fn every_door_limits_its_connections() {
     assert!(waited >= Duration::from_millis(1500), "closed after {waited:?}, before it was idle for 2 s");
     assert_eq!(
         max_concurrent_streams(&sent),
-        Some(raft_node::node::CLIENT_STREAMS_PER_CONNECTION_MAX),
+        Some(raft_node::service::CLIENT_STREAMS_PER_CONNECTION_MAX),
         "the node's first frames: {sent:?}"
     );
     let _ = idle.shutdown().await;

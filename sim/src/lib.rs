@@ -276,7 +276,7 @@ async fn serve(world: Arc<World>, id: u64, join: Option<u64>) -> String {
         Err(error) => return format!("cannot listen: {error}"),
     };
     tokio::select! {
-        served = raft_node::node::serve_on(node.clone(), clients, peers, std::future::pending()) => {
+        served = raft_node::service::serve_on(node.clone(), clients, peers, std::future::pending()) => {
             format!("stopped serving: {served:?}")
         }
         error = raft_node::node::fatal(node.clone()) => format!("stops on a storage failure: {error}"),

@@ -492,7 +492,7 @@ impl ClientLoad {
 }
 
 /// Requests one open-loop client has sent and not seen answered, at most: the streams a node
-/// takes on one connection (`node::CLIENT_STREAMS_PER_CONNECTION_MAX`).
+/// takes on one connection (`service::CLIENT_STREAMS_PER_CONNECTION_MAX`).
 const OPEN_LOOP_OUTSTANDING_MAX: usize = 256;
 
 /// Records one request due at `due` of `sent` (its amount, its transfers) and its reply.

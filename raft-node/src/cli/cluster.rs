@@ -6,7 +6,7 @@ use clap::Subcommand;
 use serde_json::json;
 use tally_client::v1;
 
-use super::explain::{Call, answered};
+use super::explain::{Call, answered, commit_verdict};
 use super::{ClientArgs, client, status_name, table};
 
 #[cfg(test)]
@@ -172,35 +172,6 @@ fn uptime(seconds: u64) -> String {
         (0, h, m) => format!("{h}h {m}m"),
         (d, h, _) => format!("{d}d {h}h"),
     }
-}
-
-/// Whether the cluster commits now, in words: first line of the status.
-pub(super) fn commit_verdict(status: &v1::StatusReply) -> String {
-    let quorum = status.voters / 2 + 1;
-    let verb = if status.voters_up == 1 { "is" } else { "are" };
-    let up = format!("{} of {} voters {verb} up (a majority is {quorum})", status.voters_up, status.voters);
-    if status.can_commit {
-        return format!("The cluster commits: leader node {}; {up}.", status.leader_id);
-    }
-    let leader = status.nodes.iter().find(|n| n.id == status.leader_id);
-    let why = match leader {
-        _ if status.leader_id == 0 => "no leader is elected".to_string(),
-        None => format!("node {} is named leader but is not a member", status.leader_id),
-        Some(n) if !n.reachable => format!("node {} is named leader but does not answer", n.id),
-        Some(n) => format!("node {} leads but has not heard from a majority of voters lately", n.id),
-    };
-    let down: Vec<String> = status
-        .nodes
-        .iter()
-        .filter(|n| !n.reachable && n.role != v1::NodeRole::Learner as i32)
-        .map(|n| n.id.to_string())
-        .collect();
-    let next = if status.voters_up >= quorum || down.is_empty() {
-        "wait a few seconds for an election, and look again".to_string()
-    } else {
-        format!("bring back {} of nodes {}", quorum - status.voters_up, down.join(", "))
-    };
-    format!("THE CLUSTER CANNOT COMMIT: writes fail; {why}. {up}: {next}.")
 }
 
 /// A warning when the node that answered is itself out of touch with a leader that has a quorum:

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tally_client::{Client, Error};
+use tally_client::{Client, Error, v1};
 
 use super::ClientArgs;
 
@@ -91,5 +91,34 @@ pub async fn failure(error: Error, args: &ClientArgs, kind: Call) -> String {
 async fn cluster_verdict(addresses: &[String], security: &tally_client::Security) -> Option<String> {
     let client = Client::new(addresses, STATUS_MAX, security).ok()?;
     let status = client.cluster_status().await.ok()?;
-    (!status.can_commit).then(|| super::cluster::commit_verdict(&status))
+    (!status.can_commit).then(|| commit_verdict(&status))
+}
+
+/// Whether the cluster commits now, in words: first line of the status.
+pub(super) fn commit_verdict(status: &v1::StatusReply) -> String {
+    let quorum = status.voters / 2 + 1;
+    let verb = if status.voters_up == 1 { "is" } else { "are" };
+    let up = format!("{} of {} voters {verb} up (a majority is {quorum})", status.voters_up, status.voters);
+    if status.can_commit {
+        return format!("The cluster commits: leader node {}; {up}.", status.leader_id);
+    }
+    let leader = status.nodes.iter().find(|n| n.id == status.leader_id);
+    let why = match leader {
+        _ if status.leader_id == 0 => "no leader is elected".to_string(),
+        None => format!("node {} is named leader but is not a member", status.leader_id),
+        Some(n) if !n.reachable => format!("node {} is named leader but does not answer", n.id),
+        Some(n) => format!("node {} leads but has not heard from a majority of voters lately", n.id),
+    };
+    let down: Vec<String> = status
+        .nodes
+        .iter()
+        .filter(|n| !n.reachable && n.role != v1::NodeRole::Learner as i32)
+        .map(|n| n.id.to_string())
+        .collect();
+    let next = if status.voters_up >= quorum || down.is_empty() {
+        "wait a few seconds for an election, and look again".to_string()
+    } else {
+        format!("bring back {} of nodes {}", quorum - status.voters_up, down.join(", "))
+    };
+    format!("THE CLUSTER CANNOT COMMIT: writes fail; {why}. {up}: {next}.")
 }

@@ -443,7 +443,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
     }
     crate::metrics::init();
     if let Some(address) = node.config.metrics_listen
-        && let Err(error) = crate::metrics::http::serve(node.clone(), address).await
+        && let Err(error) = crate::node::serve_metrics(node.clone(), address).await
     {
         return fail(&error);
     }
@@ -453,12 +453,12 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         let (failure, node) = (failure.clone(), node.clone());
         async move {
             tokio::select! {
-                _ = crate::node::shutdown_signal() => {}
+                _ = crate::service::shutdown_signal() => {}
                 error = crate::node::fatal(node) => *failure.lock().unwrap() = Some(error),
             }
         }
     };
-    let served = crate::node::serve(node, shutdown).await;
+    let served = crate::service::serve(node, shutdown).await;
     match (served, failure.lock().unwrap().take()) {
         (_, Some(error)) => {
             let message = format!(

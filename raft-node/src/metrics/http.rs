@@ -5,26 +5,28 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::http::{StatusCode, header};
 
-use crate::node::NodeHandle;
-
-pub async fn serve(node: Arc<NodeHandle>, address: SocketAddr) -> Result<(), String> {
+/// Serves `render` (the metrics' text) and `ready` (whether the node serves) on `address`.
+pub async fn serve(
+    address: SocketAddr,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    ready: impl Fn() -> bool + Send + Sync + Clone + 'static,
+) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| format!("cannot listen on {address} (--metrics-listen): {e}"))?;
-    let ready = node.clone();
+    let render = Arc::new(render);
     let metrics = move || {
-        let node = node.clone();
+        let render = render.clone();
         async move {
-            let text = tokio::task::spawn_blocking(move || super::render(&node)).await.unwrap_or_default();
+            let text = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
         }
     };
     let ready = move || {
-        let serving = ready.serving.load(Ordering::Relaxed);
+        let serving = ready();
         async move {
             match serving {
                 true => (StatusCode::OK, "SERVING\n"),

@@ -12,13 +12,10 @@ pub mod layer;
 use std::path::Path;
 use std::sync::LazyLock;
 
-use openraft::type_config::async_runtime::WatchReceiver;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-
-use crate::node::NodeHandle;
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -159,37 +156,37 @@ pub static TERMS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter("tally_raft_elections_total", "Terms this node saw begin (each is an election)")
 });
 
-static TERM: LazyLock<IntGauge> = LazyLock::new(|| gauge("tally_raft_term", "The current Raft term"));
-static IS_LEADER: LazyLock<IntGauge> =
+pub static TERM: LazyLock<IntGauge> = LazyLock::new(|| gauge("tally_raft_term", "The current Raft term"));
+pub static IS_LEADER: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_raft_is_leader", "1 on the leader, else 0"));
-static LAST_LOG: LazyLock<IntGauge> =
+pub static LAST_LOG: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_raft_last_log_index", "Index of the last entry in this node's log"));
-static COMMITTED: LazyLock<IntGauge> =
+pub static COMMITTED: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_raft_committed_index", "Index of the last entry known committed"));
-static APPLIED: LazyLock<IntGauge> =
+pub static APPLIED: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_raft_applied_index", "Index of the last entry applied to the ledger"));
-static SNAPSHOT_INDEX: LazyLock<IntGauge> =
+pub static SNAPSHOT_INDEX: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("tally_raft_snapshot_index", "Index of this node's last snapshot"));
-static LOG_FIRST: LazyLock<IntGauge> = LazyLock::new(|| {
+pub static LOG_FIRST: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "tally_raft_log_first_index",
         "First entry this node's log still holds (the log behind a snapshot is purged)",
     )
 });
-static RECEIVING_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
+pub static RECEIVING_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "tally_receiving_state_bytes",
         "Bytes received of the whole state (a snapshot) arriving now; -1 when none is",
     )
 });
-static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+pub static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge_vec(
         "tally_raft_replication_lag",
         "Entries a peer is behind this leader's log (on the leader only)",
         &["peer"],
     )
 });
-static DISK: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+pub static DISK: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge_vec("tally_disk_bytes", "Bytes on disk, by part of the data directory", &["part"])
 });
 
@@ -229,7 +226,7 @@ pub fn init() {
 }
 
 /// Bytes of the files under `path`, recursively; 0 for what cannot be read.
-fn bytes_under(path: &Path) -> u64 {
+pub fn bytes_under(path: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else { return 0 };
     entries
         .filter_map(Result::ok)
@@ -241,35 +238,9 @@ fn bytes_under(path: &Path) -> u64 {
         .sum()
 }
 
-/// The text format of every metric, with what openraft and the disk say now.
-pub fn render(node: &NodeHandle) -> String {
-    {
-        let metrics = node.raft.metrics();
-        let current = metrics.borrow_watched();
-        TERM.set(current.current_term as i64);
-        IS_LEADER.set(i64::from(current.current_leader == Some(node.id())));
-        LAST_LOG.set(current.last_log_index.unwrap_or(0) as i64);
-        APPLIED.set(current.last_applied.map_or(0, |id| id.index) as i64);
-        COMMITTED.set(current.local_committed.map_or(0, |id| id.index) as i64);
-        SNAPSHOT_INDEX.set(current.snapshot.map_or(0, |id| id.index) as i64);
-        LOG_FIRST.set(current.purged.map_or(0, |id| id.index + 1) as i64);
-        RECEIVING_STATE.set(node.receiving.bytes().map_or(-1, |bytes| bytes as i64));
-        LAG.reset();
-        if let Some(replication) = &current.replication {
-            let last = current.last_log_index.unwrap_or(0);
-            for (peer, matched) in replication {
-                let matched = matched.as_ref().map_or(0, |m| m.index);
-                LAG.with_label_values(&[&peer.to_string()]).set(last.saturating_sub(matched) as i64);
-            }
-        }
-    }
+/// The text format of every metric (the node sets its gauges first: `NodeHandle::refresh_metrics`).
+pub fn text() -> String {
     MERGES_FAILED.set(tally_store::MERGES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as i64);
-    let dir = &node.config.data_dir;
-    for (part, path) in
-        [("wal", dir.join("wal")), ("state", dir.join("state")), ("snapshots", dir.join("snapshots"))]
-    {
-        DISK.with_label_values(&[part]).set(bytes_under(&path) as i64);
-    }
     let mut out = Vec::new();
     TextEncoder::new().encode(&REGISTRY.gather(), &mut out).expect("text encoding into a Vec");
     String::from_utf8(out).expect("the text format is UTF-8")

@@ -21,10 +21,10 @@ use tally_proto::v1::raft_client::RaftClient;
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
-use super::bounds::Bounded;
 use super::identity::{Endpoint, FROM_HEADER, Identities, TO_HEADER};
 use super::reach::{Outcome, Reachability};
 use super::{MESSAGE_BYTES_MAX, channel};
+use crate::bounds::Bounded;
 use crate::storage::state_machine::SnapshotFile;
 use crate::types::{NodeId, NodeInfo, Snapshot, SnapshotMeta, TypeConfig, Vote, decode, encode};
 
@@ -39,7 +39,7 @@ pub fn message<T: serde::Serialize>(value: &T) -> pb::RaftMessage {
 }
 
 /// Decodes a Raft message from a peer, and refuses terms and indexes near overflow
-/// (`net::bounds`).
+/// (`bounds`).
 pub fn unpack<T: for<'de> serde::Deserialize<'de> + Bounded>(message: &pb::RaftMessage) -> Result<T, String> {
     if message.version != RAFT_MESSAGE_VERSION {
         return Err(format!(

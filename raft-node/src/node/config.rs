@@ -195,7 +195,7 @@ pub fn default_log_keep_ms() -> u64 {
 }
 
 pub fn default_checkpoint_interval_ms() -> u64 {
-    200
+    crate::storage::state_machine::CheckpointPolicy::default().interval.as_millis() as u64
 }
 
 pub fn default_semantics_max() -> u32 {
@@ -203,7 +203,7 @@ pub fn default_semantics_max() -> u32 {
 }
 
 pub fn default_checkpoint_bytes() -> u64 {
-    64 << 20
+    crate::storage::state_machine::CheckpointPolicy::default().bytes_max
 }
 
 pub fn default_cache_bytes() -> u64 {

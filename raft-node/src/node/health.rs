@@ -1,43 +1,11 @@
-//! Health: what the node reports to gRPC health checks, logs about leadership, and the storage
-//! failures that stop it.
+//! What a node tells about itself: its metrics' gauges and endpoint, its leadership changes in
+//! the log, and the storage failures that stop it.
 
 use openraft::type_config::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
-use tally_proto::v1 as pb;
 
 use super::NodeHandle;
-
-/// How often health is re-evaluated.
-pub(crate) const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
-
-/// Keeps gRPC health true to what a load balancer needs to know: SERVING only while this node
-/// is a member and in contact with a leader that is in contact with a quorum (it can take
-/// writes, forwarding them); NOT_SERVING when no leader is elected, when it is cut off from the
-/// leader, when the leader is cut off from a quorum, and once it is removed from the cluster.
-/// For the whole server ("") and for `tally.v1.Ledger`.
-pub(crate) async fn report_health(node: Arc<NodeHandle>, reporter: tonic_health::server::HealthReporter) {
-    let ledger =
-        <pb::ledger_server::LedgerServer<crate::service::LedgerService> as tonic::server::NamedService>::NAME;
-    let mut reported = None;
-    let mut ticks = tokio::time::interval(HEALTH_INTERVAL);
-    loop {
-        ticks.tick().await;
-        let serving = node.judge_serving();
-        node.serving.store(serving, std::sync::atomic::Ordering::Relaxed);
-        if reported != Some(serving) {
-            let status = if serving {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            for service in ["", ledger] {
-                reporter.set_service_status(service, status).await;
-            }
-            reported = Some(serving);
-        }
-    }
-}
 
 /// Logs every change of leader or term this node sees, for the operator and chaos runs.
 pub async fn log_leadership(node: Arc<NodeHandle>) {
@@ -101,3 +69,49 @@ pub async fn fatal(node: Arc<NodeHandle>) -> String {
 
 /// How often `fatal` looks whether Raft stopped, beside the changes it is told of.
 pub(crate) const FATAL_POLL: Duration = Duration::from_secs(1);
+
+impl NodeHandle {
+    /// Sets the gauges of what openraft and the disk say now (before `metrics::text`).
+    pub fn refresh_metrics(&self) {
+        use crate::metrics::*;
+        {
+            let metrics = self.raft.metrics();
+            let current = metrics.borrow_watched();
+            TERM.set(current.current_term as i64);
+            IS_LEADER.set(i64::from(current.current_leader == Some(self.id())));
+            LAST_LOG.set(current.last_log_index.unwrap_or(0) as i64);
+            APPLIED.set(current.last_applied.map_or(0, |id| id.index) as i64);
+            COMMITTED.set(current.local_committed.map_or(0, |id| id.index) as i64);
+            SNAPSHOT_INDEX.set(current.snapshot.map_or(0, |id| id.index) as i64);
+            LOG_FIRST.set(current.purged.map_or(0, |id| id.index + 1) as i64);
+            RECEIVING_STATE.set(self.receiving.bytes().map_or(-1, |bytes| bytes as i64));
+            LAG.reset();
+            if let Some(replication) = &current.replication {
+                let last = current.last_log_index.unwrap_or(0);
+                for (peer, matched) in replication {
+                    let matched = matched.as_ref().map_or(0, |m| m.index);
+                    LAG.with_label_values(&[&peer.to_string()]).set(last.saturating_sub(matched) as i64);
+                }
+            }
+        }
+        let dir = &self.config.data_dir;
+        for (part, path) in
+            [("wal", dir.join("wal")), ("state", dir.join("state")), ("snapshots", dir.join("snapshots"))]
+        {
+            DISK.with_label_values(&[part]).set(bytes_under(&path) as i64);
+        }
+    }
+}
+
+/// Serves `--metrics-listen` (`metrics::http`): the node's metrics, and ready while it serves.
+pub async fn serve_metrics(node: Arc<NodeHandle>, address: std::net::SocketAddr) -> Result<(), String> {
+    let ready = node.clone();
+    let render = move || {
+        node.refresh_metrics();
+        crate::metrics::text()
+    };
+    crate::metrics::http::serve(address, render, move || {
+        ready.serving.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await
+}

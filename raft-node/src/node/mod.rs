@@ -2,20 +2,22 @@
 //!
 //! Start-up order: check the data directory belongs to this cluster and node id (`identity`),
 //! open the WAL and the state, start Raft, bootstrap or join if asked (`start`), then serve gRPC
-//! until SIGTERM or Ctrl-C, then shut Raft down (`serve`). `config` holds what a node is told,
-//! `health` what it reports; this module, `NodeHandle`: what the services ask of a running node.
+//! until SIGTERM or Ctrl-C, then shut Raft down (`service::serve`). `config` holds what a node is
+//! told, `health` what it reports; this module, `NodeHandle`: what the services ask of a running
+//! node.
 
+mod clock_samples;
 mod config;
 mod health;
 mod identity;
-mod serve;
 mod start;
 
 use crate::batcher::Batcher;
 use crate::clock::ClusterClock;
 use crate::net::identity::Identities;
+use crate::storage::Raft;
 use crate::storage::log_store::LogStore;
-use crate::types::{NodeId, NodeInfo, Raft};
+use crate::types::{NodeId, NodeInfo};
 use openraft::type_config::async_runtime::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,6 @@ use std::time::Duration;
 pub use self::config::*;
 pub use self::health::*;
 pub use self::identity::*;
-pub use self::serve::*;
 pub use self::start::*;
 
 /// Everything the gRPC services need.

@@ -4,9 +4,10 @@ use crate::batcher::Batcher;
 use crate::clock::ClusterClock;
 use crate::net::Network;
 use crate::net::identity::{Endpoint, Identities};
+use crate::storage::Raft;
 use crate::storage::log_store::LogStore;
 use crate::storage::state_machine::StateMachine;
-use crate::types::{NodeInfo, Raft};
+use crate::types::NodeInfo;
 use openraft::type_config::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -228,12 +229,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
     if node.votes.withheld().is_some() {
         tokio::spawn(release_votes_when_caught_up(node.clone()));
     }
-    tokio::spawn(crate::service::cluster::record_incarnations(node.clone()));
-    tokio::spawn(crate::clock::sample_peers(node.clone()));
-    tokio::spawn(crate::service::cluster::watch_divergence(node.clone()));
-    tokio::spawn(crate::service::cluster::raise_semantics(node.clone()));
-    tokio::spawn(crate::service::cluster::hand_over_while_applying(node.clone()));
-    tokio::spawn(crate::service::cluster::purge_behind_snapshots(node.clone()));
+    tokio::spawn(super::clock_samples::sample_peers(node.clone()));
     tokio::spawn(crate::batcher::expire_when_due(
         node.raft.clone(),
         node.state.clone(),

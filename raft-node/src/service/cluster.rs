@@ -299,13 +299,24 @@ async fn ask_incarnation(node: &NodeHandle, id: NodeId, address: &str) -> Result
     }
 }
 
+/// Starts the housekeeping a node does for its life on what the members report of themselves
+/// (`Status`): recording incarnations, watching for diverged states, raising the semantics
+/// version, handing leadership over while applying a backlog, purging the log behind snapshots.
+pub fn spawn_housekeeping(node: &Arc<NodeHandle>) {
+    tokio::spawn(record_incarnations(node.clone()));
+    tokio::spawn(watch_divergence(node.clone()));
+    tokio::spawn(raise_semantics(node.clone()));
+    tokio::spawn(hand_over_while_applying(node.clone()));
+    tokio::spawn(purge_behind_snapshots(node.clone()));
+}
+
 /// How often the leader looks for members whose incarnation is not recorded yet.
 const RECORD_INCARNATIONS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// On the leader: records the incarnation of every member that has none yet (the peers named
 /// at bootstrap) as soon as it answers, so that from then on a wipe of its disk is noticed.
 /// Runs for the life of the node.
-pub async fn record_incarnations(node: Arc<NodeHandle>) {
+async fn record_incarnations(node: Arc<NodeHandle>) {
     loop {
         tokio::time::sleep(RECORD_INCARNATIONS_INTERVAL).await;
         if !node.is_leader() {
@@ -368,7 +379,7 @@ const DIVERGENCE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// differ after the same index, logs it as an error (once per index) and sets
 /// `tally_state_diverged`, so that a split in the books is loud on every node, not only in a
 /// status someone asks for.
-pub async fn watch_divergence(node: Arc<NodeHandle>) {
+async fn watch_divergence(node: Arc<NodeHandle>) {
     let service = ClusterService::new(node);
     let mut reported: BTreeSet<u64> = BTreeSet::new();
     let mut interval = tokio::time::interval(DIVERGENCE_CHECK_INTERVAL);
@@ -403,7 +414,7 @@ const SEMANTICS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// and runs a build that knows a newer semantics version than the ledger applies, proposes the
 /// entry that switches to the newest they all know. Rolling upgrades end here: until the last
 /// node runs the new build, every entry is applied with the old rules on every node.
-pub async fn raise_semantics(node: Arc<NodeHandle>) {
+async fn raise_semantics(node: Arc<NodeHandle>) {
     let service = ClusterService::new(node.clone());
     let mut interval = tokio::time::interval(SEMANTICS_CHECK_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -439,7 +450,7 @@ const PURGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// most). A follower that was down, paused or cut off for minutes then needs only the entries it
 /// missed, streamed from the log, instead of the whole state (issue 24, item 2). openraft does
 /// not purge entries a replication still reads.
-pub async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
+async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
     let keep = crate::storage::log_store::LogKeep {
         bytes: node.config.log_keep_bytes,
         age: Duration::from_millis(node.config.log_keep_ms),
@@ -477,7 +488,7 @@ const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(250);
 /// on the log, not on what a node has applied, and writes wait for the leader's apply: the
 /// batcher keeps two entries in flight until they are applied, so a leader with a backlog
 /// proposed nothing new, and writes stopped for seconds (issue 24's first suspect).
-pub async fn hand_over_while_applying(node: Arc<NodeHandle>) {
+async fn hand_over_while_applying(node: Arc<NodeHandle>) {
     let mut interval = tokio::time::interval(APPLY_BACKLOG_CHECK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -31,7 +31,6 @@ const COMMITTED_PERSIST_INTERVAL: std::time::Duration = std::time::Duration::fro
 /// size). Well under `net::MESSAGE_BYTES_MAX`, and small enough to cross a slow inter-site link
 /// within its deadline (`net::raft`).
 pub const APPEND_ENTRIES_BYTES_MAX: u64 = 8 << 20;
-const _: () = assert!(APPEND_ENTRIES_BYTES_MAX * 4 <= crate::net::MESSAGE_BYTES_MAX as u64);
 
 /// Shared between the store, its readers and the IO thread.
 struct Shared {
@@ -109,7 +108,7 @@ impl LogStore {
         })?;
         let vote: Option<Vote> = read_decoded(dir, VOTE_FILE)?;
         if let Some(vote) = &vote {
-            crate::net::bounds::check_vote(vote).map_err(|e| {
+            crate::bounds::check_vote(vote).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: the saved vote is damaged: {e}", dir.join(VOTE_FILE).display()),

@@ -49,10 +49,7 @@ pub struct CheckpointPolicy {
 
 impl Default for CheckpointPolicy {
     fn default() -> CheckpointPolicy {
-        CheckpointPolicy {
-            interval: std::time::Duration::from_millis(crate::node::default_checkpoint_interval_ms()),
-            bytes_max: crate::node::default_checkpoint_bytes(),
-        }
+        CheckpointPolicy { interval: std::time::Duration::from_millis(200), bytes_max: 64 << 20 }
     }
 }
 
@@ -122,11 +119,7 @@ impl Published {
     }
 }
 
-/// A snapshot's data: a file holding the ledger's export stream.
-#[derive(Debug)]
-pub struct SnapshotFile {
-    pub path: PathBuf,
-}
+pub use crate::types::SnapshotFile;
 
 /// The ledger and what was applied to it, shared with the gRPC services for reads.
 /// Lock order: `ledger` before `applied`, always.

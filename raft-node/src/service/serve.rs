@@ -1,4 +1,4 @@
-//! The two doors' gRPC servers, and shutting them down.
+//! The two doors' gRPC servers, what they report to health checks, and shutting them down.
 
 use crate::net::MESSAGE_BYTES_MAX;
 use crate::security::doors::{self, Door, Limits};
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tally_proto::v1 as pb;
 
-use super::{NodeHandle, report_health};
+use crate::node::NodeHandle;
 
 /// Serves the client door and the peer door on the configured addresses until `shutdown`
 /// resolves, then stops Raft.
@@ -36,6 +36,7 @@ pub async fn serve_on(
     peers: crate::sys::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
+    crate::service::cluster::spawn_housekeeping(&node);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(node.clone(), health_reporter));
     // Reflection as v1 and as v1alpha, which older tools (Python's grpcio-reflection, older
@@ -120,7 +121,7 @@ pub async fn serve_on(
     result
 }
 
-pub(crate) fn door_server(streams_per_connection: u32) -> tonic::transport::Server {
+fn door_server(streams_per_connection: u32) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         // Streams a peer reset before this node got to them: every heartbeat to a frozen node
         // times out after 50 ms and is reset, and h2's default of 20 answered a thawed node's
@@ -142,10 +143,10 @@ pub const CLIENT_STREAMS_PER_CONNECTION_MAX: u32 = 256;
 
 /// Streams reset by the peer before they were accepted that a connection tolerates: a 50 ms
 /// heartbeat to a node frozen for 30 s makes 600.
-pub(crate) const RESET_STREAMS_PENDING_MAX: usize = 1024;
+const RESET_STREAMS_PENDING_MAX: usize = 1024;
 
 /// How long a stopping node waits for requests in flight to finish.
-pub(crate) const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
@@ -154,5 +155,36 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+    }
+}
+
+/// How often health is re-evaluated.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Keeps gRPC health true to what a load balancer needs to know: SERVING only while this node
+/// is a member and in contact with a leader that is in contact with a quorum (it can take
+/// writes, forwarding them); NOT_SERVING when no leader is elected, when it is cut off from the
+/// leader, when the leader is cut off from a quorum, and once it is removed from the cluster.
+/// For the whole server ("") and for `tally.v1.Ledger`.
+async fn report_health(node: Arc<NodeHandle>, reporter: tonic_health::server::HealthReporter) {
+    let ledger =
+        <pb::ledger_server::LedgerServer<crate::service::LedgerService> as tonic::server::NamedService>::NAME;
+    let mut reported = None;
+    let mut ticks = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        ticks.tick().await;
+        let serving = node.judge_serving();
+        node.serving.store(serving, std::sync::atomic::Ordering::Relaxed);
+        if reported != Some(serving) {
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for service in ["", ledger] {
+                reporter.set_service_status(service, status).await;
+            }
+            reported = Some(serving);
+        }
     }
 }
