@@ -85,9 +85,10 @@ const CACHED_ACCOUNT_BYTES: u64 = 168;
 /// How a `RunStore` uses memory and threads.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
-    /// Memory for the store, a third each: the page store's cache, decoded accounts (the
-    /// hottest records: two lookups for every transfer), and the runs' descriptions (fences and
-    /// Bloom filters, held whole while they fit, the largest read through a cache otherwise).
+    /// Memory for the store: half to decoded accounts (the hottest records: two lookups for
+    /// every transfer), a quarter to the page store's cache, a quarter to the runs' descriptions
+    /// (fences and Bloom filters, held whole while they fit, the largest read through a cache
+    /// otherwise).
     pub cache_bytes: u64,
     /// Merge runs on a thread of the store's own (the product), or inside `commit` (a benchmark
     /// of one core, which then pays for every merge it causes).
@@ -169,7 +170,7 @@ impl RunStore {
         if is_sled_directory(path) {
             return Err(sled_state(path));
         }
-        let pages = Pages::open(path, options.cache_bytes / 3)?;
+        let pages = Pages::open(path, options.cache_bytes / 4)?;
         RunStore::open_on(pages, options).map_err(|error| match error {
             StoreError::Corrupt(what) => StoreError::Corrupt(format!("{}: {what}", path.display())),
             other => other,
@@ -181,7 +182,7 @@ impl RunStore {
     pub fn open_on(pages: Pages, options: Options) -> StoreResult<RunStore> {
         let mut runs = Runs::default();
         let mut layout = Layout::default();
-        let descriptions = Descriptions::new(options.cache_bytes / 3);
+        let descriptions = Descriptions::new(options.cache_bytes / 4);
         if let Some(bytes) = pages.get(LAYOUT_KEY)? {
             let stored = Layout::decode(&bytes)?;
             layout.next_run = stored.next_run;
@@ -199,7 +200,7 @@ impl RunStore {
         } else if pages.get(codec::META_LEDGER_KEY)?.is_some() {
             return Err(StoreError::Corrupt("a ledger meta record without a layout".into()));
         }
-        let capacity = (options.cache_bytes / 3 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
+        let capacity = (options.cache_bytes / 2 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
         let inner = Arc::new(Inner {
             pages,
             descriptions,

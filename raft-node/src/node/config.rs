@@ -91,7 +91,8 @@ pub struct NodeConfig {
     /// ... and every entry written within this many milliseconds (`log_store::LogKeep`).
     #[serde(default = "default_log_keep_ms")]
     pub log_keep_ms: u64,
-    /// Memory for the ledger state's caches (the page store's cache and decoded accounts), in bytes.
+    /// Memory for the ledger state's caches (decoded accounts, the page store's cache, the runs'
+    /// descriptions), in bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
     /// Applied entries reach the ledger state's store in checkpoints: at least this often...
