@@ -18,7 +18,9 @@ use crate::net::identity::Identities;
 use crate::storage::Raft;
 use crate::storage::log_store::LogStore;
 use crate::types::{NodeId, NodeInfo};
+use openraft::ChangeMembers;
 use openraft::type_config::async_runtime::WatchReceiver;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,12 +48,12 @@ pub struct NodeHandle {
     pub leader_contact: LeaderContact,
     /// When the leader last said, asked for its clock, that a majority of voters acknowledged
     /// it lately (for health: a leader cut off from its quorum still sends heartbeats).
-    pub leader_quorum: LeaderContact,
+    leader_quorum: LeaderContact,
     /// What gRPC health says now (SERVING): also `GET /ready` on the metrics endpoint, for
     /// probes that cannot speak TLS.
     pub serving: std::sync::atomic::AtomicBool,
     /// When the node started, for its uptime.
-    pub started: std::time::Instant,
+    started: std::time::Instant,
     /// One permit per change-stream subscriber this node may serve (`--max-subscribers`).
     pub subscribers: Arc<tokio::sync::Semaphore>,
     /// The last whole-cluster status and when it was gathered, shared by callers without an
@@ -196,6 +198,11 @@ impl NodeHandle {
         self.leader_contact.within(window)
     }
 
+    /// How long this node has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     pub fn id(&self) -> NodeId {
         self.config.id
     }
@@ -227,5 +234,90 @@ impl NodeHandle {
         let metrics = self.raft.metrics();
         let membership = metrics.borrow_watched().membership_config.clone();
         membership.membership().get_node(&id).cloned()
+    }
+}
+
+/// What Raft says on this node at one moment: term, leader, log, applied and committed indexes,
+/// membership, and on the leader each follower's replication.
+pub type RaftView = openraft::RaftMetrics<crate::types::TypeConfig>;
+
+/// What the services ask of Raft through the node: its view, and the changes an operator makes.
+impl NodeHandle {
+    /// What Raft says now.
+    pub fn raft_view(&self) -> RaftView {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Waits until `done` holds of what Raft says, at most `timeout`; whether it came to hold.
+    pub async fn wait_for_raft(&self, timeout: Duration, done: impl Fn(&RaftView) -> bool) -> bool {
+        let mut metrics = self.raft.metrics();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if done(&metrics.borrow_watched()) {
+                    return true;
+                }
+                if metrics.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// The voters, and every member (voters and learners) with what the membership records.
+    pub fn membership(&self) -> (BTreeSet<NodeId>, BTreeMap<NodeId, NodeInfo>) {
+        let metrics = self.raft.metrics();
+        let current = metrics.borrow_watched();
+        let membership = current.membership_config.membership();
+        (membership.voter_ids().collect(), membership.nodes().map(|(id, n)| (*id, n.clone())).collect())
+    }
+
+    /// Changes the membership (on the leader) and waits until the change is committed: the
+    /// index of its entry. `retain`: removed voters stay as learners.
+    pub async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, NodeInfo>,
+        retain: bool,
+    ) -> Result<u64, String> {
+        let changed = self.raft.change_membership(change, retain).await.map_err(|e| e.to_string())?;
+        Ok(changed.log_id.index)
+    }
+
+    /// Adds node `id` as a learner (on the leader): the index of the entry that adds it.
+    pub async fn add_learner(&self, id: NodeId, info: NodeInfo) -> Result<u64, String> {
+        let added = self.raft.add_learner(id, info, false).await.map_err(|e| e.to_string())?;
+        Ok(added.log_id.index)
+    }
+
+    /// Proposes `request` (on the leader) and waits until it is applied: the index of its entry.
+    pub async fn propose(&self, request: crate::types::Request) -> Result<u64, String> {
+        let written = self.raft.client_write(request).await.map_err(|e| e.to_string())?;
+        Ok(written.log_id.index)
+    }
+
+    /// Asks this node's Raft to hand leadership to `to`.
+    pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), String> {
+        self.raft.trigger().transfer_leader(to).await.map_err(|e| e.to_string())
+    }
+
+    /// Asks for a snapshot of the applied state now.
+    pub async fn snapshot_now(&self) -> Result<(), String> {
+        self.raft.trigger().snapshot().await.map_err(|e| e.to_string())
+    }
+
+    /// Purges the log up to `index` (openraft keeps what a replication still reads).
+    pub async fn purge_log_upto(&self, index: u64) -> Result<(), String> {
+        self.raft.trigger().purge_log(index).await.map_err(|e| e.to_string())
+    }
+
+    /// Lets the leader's replication to `id` start over from an empty log, once: for a node
+    /// that comes back on a new disk.
+    pub async fn allow_log_restart(&self, id: NodeId) -> Result<(), String> {
+        match self.raft.trigger().allow_next_revert(&id, true).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(fatal) => Err(fatal.to_string()),
+        }
     }
 }

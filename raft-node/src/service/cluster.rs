@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::ChangeMembers;
-use openraft::type_config::async_runtime::WatchReceiver;
 use tally_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::batcher::APPLY_BACKLOG_MAX;
-use crate::node::NodeHandle;
+use crate::node::{NodeHandle, RaftView};
 use crate::security::roles::{Role, caller_of, require_operator};
 use crate::types::{NodeId, NodeInfo};
 
@@ -58,7 +57,7 @@ impl ClusterService {
     }
 
     fn local_status(&self) -> pb::NodeStatus {
-        let metrics = self.node.raft.metrics().borrow_watched().clone();
+        let metrics = self.node.raft_view();
         let membership = metrics.membership_config.membership();
         let voter = membership.voter_ids().any(|id| id == self.node.id());
         // Not from the ledger: its lock is held for the length of an apply or an install.
@@ -85,7 +84,7 @@ impl ClusterService {
             recorded_incarnation: membership.get_node(&self.node.id()).map_or(0, |n| n.incarnation),
             clock_offset_ms: clock.offset_ns / 1_000_000,
             clock_synchronized: clock_ok,
-            uptime_seconds: self.node.started.elapsed().as_secs(),
+            uptime_seconds: self.node.uptime().as_secs(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             digest_marks: published
                 .marks
@@ -107,7 +106,7 @@ impl ClusterService {
 
     /// The whole cluster as this node sees it, with every member's own report.
     async fn cluster_status(&self) -> pb::StatusReply {
-        let metrics = self.node.raft.metrics().borrow_watched().clone();
+        let metrics = self.node.raft_view();
         let membership = metrics.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let nodes: BTreeMap<NodeId, NodeInfo> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
@@ -210,24 +209,15 @@ impl ClusterService {
 
     /// Waits until the leader has replicated to `id` everything up to `index`.
     async fn wait_caught_up(&self, id: NodeId, address: &str, index: u64) -> Result<(), Status> {
-        let mut metrics = self.node.raft.metrics();
-        let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
-            loop {
-                let matched = {
-                    let current = metrics.borrow_watched();
-                    current.replication.as_ref().and_then(|r| r.get(&id).cloned()).flatten().map(|m| m.index)
-                };
-                if matched.is_some_and(|m| m >= index) {
-                    return true;
-                }
-                if metrics.changed().await.is_err() {
-                    return false;
-                }
-            }
-        })
-        .await;
+        let caught_up = self
+            .node
+            .wait_for_raft(CATCH_UP_TIMEOUT, |view| {
+                let matched = view.replication.as_ref().and_then(|r| r.get(&id).cloned()).flatten();
+                matched.is_some_and(|m| m.index >= index)
+            })
+            .await;
         match caught_up {
-            Ok(true) => Ok(()),
+            true => Ok(()),
             _ => Err(Status::deadline_exceeded(format!(
                 "node {id} joined as a learner but did not catch up within {CATCH_UP_TIMEOUT:?}; it stays a \
                  learner: check that it runs and is reachable at {address}, then add it again"
@@ -258,9 +248,7 @@ impl ClusterService {
     }
 
     fn membership(&self) -> (BTreeSet<NodeId>, BTreeMap<NodeId, NodeInfo>) {
-        let metrics = self.node.raft.metrics().borrow_watched().clone();
-        let membership = metrics.membership_config.membership();
-        (membership.voter_ids().collect(), membership.nodes().map(|(id, n)| (*id, n.clone())).collect())
+        self.node.membership()
     }
 }
 
@@ -323,7 +311,7 @@ async fn record_incarnations(node: Arc<NodeHandle>) {
             continue;
         }
         let unrecorded: Vec<(NodeId, NodeInfo)> = {
-            let metrics = node.raft.metrics().borrow_watched().clone();
+            let metrics = node.raft_view();
             // A new leader's membership entry may not be committed yet (a fresh cluster's first
             // leader, in its first milliseconds): openraft refuses a change then, and logs it as
             // an error. Wait for the next round.
@@ -344,7 +332,7 @@ async fn record_incarnations(node: Arc<NodeHandle>) {
         }
         if !learned.is_empty() {
             let ids: Vec<NodeId> = learned.keys().copied().collect();
-            match node.raft.change_membership(ChangeMembers::SetNodes(learned), false).await {
+            match node.change_membership(ChangeMembers::SetNodes(learned), false).await {
                 Ok(_) => tracing::info!(node = node.id(), "recorded the incarnations of nodes {ids:?}"),
                 Err(error) => tracing::debug!(node = node.id(), "recording incarnations: {error}"),
             }
@@ -432,10 +420,9 @@ async fn raise_semantics(node: Arc<NodeHandle>) {
         if target <= current {
             continue;
         }
-        match node.raft.client_write(crate::types::Request::switch_semantics(target)).await {
-            Ok(written) => tracing::info!(
-                "every member knows semantics version {target}: switched from {current} at entry {}",
-                written.log_id.index
+        match node.propose(crate::types::Request::switch_semantics(target)).await {
+            Ok(index) => tracing::info!(
+                "every member knows semantics version {target}: switched from {current} at entry {index}"
             ),
             Err(error) => tracing::debug!("switch to semantics version {target} not written: {error}"),
         }
@@ -460,8 +447,7 @@ async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
     loop {
         interval.tick().await;
         let (snapshot, purged) = {
-            let metrics = node.raft.metrics();
-            let current = metrics.borrow_watched();
+            let current = node.raft_view();
             (current.snapshot.map(|id| id.index), current.purged.map(|id| id.index))
         };
         let Some(by_entries) = snapshot.and_then(|index| index.checked_sub(node.config.snapshot_log_keep))
@@ -474,7 +460,7 @@ async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
         };
         let upto = by_entries.min(by_size);
         if purged.is_none_or(|purged| upto > purged) {
-            let _ = node.raft.trigger().purge_log(upto).await;
+            let _ = node.purge_log_upto(upto).await;
         }
     }
 }
@@ -497,8 +483,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             continue;
         }
         let (committed, applied, voters) = {
-            let metrics = node.raft.metrics();
-            let current = metrics.borrow_watched();
+            let current = node.raft_view();
             let membership = current.membership_config.membership();
             let voters: Vec<(NodeId, NodeInfo)> = membership
                 .voter_ids()
@@ -529,7 +514,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             "applied {applied} of {committed} committed entries: handing leadership to node {to}, which applied \
              {their_applied}, so that writes do not wait for this node's backlog"
         );
-        let _ = node.raft.trigger().transfer_leader(to).await;
+        let _ = node.transfer_leadership(to).await;
     }
 }
 
@@ -671,7 +656,7 @@ impl pb::cluster_server::Cluster for ClusterService {
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         if request.get_ref().local_only {
-            let metrics = self.node.raft.metrics().borrow_watched().clone();
+            let metrics = self.node.raft_view();
             return Ok(Response::new(pb::StatusReply {
                 leader_id: metrics.current_leader.unwrap_or(0),
                 term: metrics.current_term,
@@ -752,11 +737,11 @@ impl pb::cluster_server::Cluster for ClusterService {
         let info = NodeInfo { incarnation, ..placeholder };
         // Joins as a learner, then must catch up with the log up to its own addition before it
         // may vote: a voter that cannot be reached would weaken the quorum from the start.
-        let added = self.node.raft.add_learner(add.id, info, false).await.map_err(change_error)?;
-        self.wait_caught_up(add.id, &add.peer_address, added.log_id.index).await?;
+        let added = self.node.add_learner(add.id, info).await.map_err(change_error)?;
+        self.wait_caught_up(add.id, &add.peer_address, added).await?;
         if !add.learner_only {
             let change = ChangeMembers::AddVoterIds(BTreeSet::from([add.id]));
-            self.node.raft.change_membership(change, false).await.map_err(change_error)?;
+            self.node.change_membership(change, false).await.map_err(change_error)?;
         }
         Ok(Response::new(self.cluster_status().await))
     }
@@ -787,7 +772,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([remove.id]))
         };
-        self.node.raft.change_membership(change, false).await.map_err(change_error)?;
+        self.node.change_membership(change, false).await.map_err(change_error)?;
         Ok(Response::new(self.cluster_status().await))
     }
 
@@ -825,19 +810,15 @@ impl pb::cluster_server::Cluster for ClusterService {
             let mut with = voters.clone();
             with.insert(id);
             self.check_sites(&with, &nodes, false)?;
-            let index = self.node.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+            let index = self.node.raft_view().last_log_index.unwrap_or(0);
             self.wait_has_log(id, &address, index).await?;
             let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-            self.node.raft.change_membership(change, false).await.map_err(change_error)?;
+            self.node.change_membership(change, false).await.map_err(change_error)?;
             return Ok(Response::new(self.cluster_status().await));
         }
         // The leader's replication progress still says what the old incarnation had; let it
         // start over from nothing when the node answers that its log is empty.
-        match self.node.raft.trigger().allow_next_revert(&id, true).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(change_error(error)),
-            Err(fatal) => return Err(change_error(fatal)),
-        }
+        self.node.allow_log_restart(id).await.map_err(change_error)?;
         // One joint change: the old incarnation stops being a voter and the node is recorded as
         // its new incarnation, a learner with an empty log. From the moment this entry is in the
         // leader's log its Raft calls name the new incarnation, and the node accepts them; it
@@ -848,17 +829,13 @@ impl pb::cluster_server::Cluster for ClusterService {
             changes.push(ChangeMembers::RemoveVoters(BTreeSet::from([id])));
         }
         changes.push(ChangeMembers::SetNodes(BTreeMap::from([(id, new)])));
-        let changed = self
-            .node
-            .raft
-            .change_membership(ChangeMembers::Batch(changes), true)
-            .await
-            .map_err(change_error)?;
+        let changed =
+            self.node.change_membership(ChangeMembers::Batch(changes), true).await.map_err(change_error)?;
         tracing::info!(node = self.node.id(), "node {id} replaced by incarnation {incarnation}; catching up");
-        self.wait_has_log(id, &address, changed.log_id.index).await?;
+        self.wait_has_log(id, &address, changed).await?;
         if was_voter {
             let change = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-            self.node.raft.change_membership(change, false).await.map_err(change_error)?;
+            self.node.change_membership(change, false).await.map_err(change_error)?;
         }
         Ok(Response::new(self.cluster_status().await))
     }
@@ -878,17 +855,9 @@ impl pb::cluster_server::Cluster for ClusterService {
                 "node {to} is not a voter; only a voter can lead"
             )));
         }
-        self.node.raft.trigger().transfer_leader(to).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.node.transfer_leadership(to).await.map_err(Status::unavailable)?;
         // Wait (bounded) for the new leader to take over, so the reply shows it.
-        let mut metrics = self.node.raft.metrics();
-        let _ = tokio::time::timeout(Duration::from_secs(3), async {
-            while metrics.borrow_watched().current_leader != Some(to) {
-                if metrics.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await;
+        self.node.wait_for_raft(Duration::from_secs(3), |view| view.current_leader == Some(to)).await;
         Ok(Response::new(self.cluster_status().await))
     }
 
@@ -901,37 +870,28 @@ impl pb::cluster_server::Cluster for ClusterService {
             return leader.take_snapshot(request.into_inner()).await;
         }
         let purge_log = request.get_ref().purge_log;
-        let mut metrics = self.node.raft.metrics();
-        let wanted = metrics.borrow_watched().last_applied.map_or(0, |id| id.index);
-        let index = |m: &openraft::RaftMetrics<crate::types::TypeConfig>| m.snapshot.map_or(0, |id| id.index);
-        let purged = |m: &openraft::RaftMetrics<crate::types::TypeConfig>| m.purged.map_or(0, |id| id.index);
-        let fatal = |e: openraft::error::Fatal<crate::types::TypeConfig>| Status::unavailable(e.to_string());
-        self.node.raft.trigger().snapshot().await.map_err(fatal)?;
-        let built = tokio::time::timeout(SNAPSHOT_WAIT, async {
-            while index(&metrics.borrow_watched()) < wanted {
-                metrics.changed().await.map_err(|_| Status::unavailable("this node is shutting down"))?;
-            }
-            let snapshot = index(&metrics.borrow_watched());
-            if purge_log {
-                self.node.raft.trigger().purge_log(snapshot).await.map_err(fatal)?;
-                while purged(&metrics.borrow_watched()) < snapshot {
-                    metrics.changed().await.map_err(|_| Status::unavailable("this node is shutting down"))?;
-                }
-            }
-            Ok::<_, Status>(())
-        })
-        .await;
-        match built {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "no snapshot up to index {wanted} within {} s; retry",
-                    SNAPSHOT_WAIT.as_secs()
-                )));
+        let wanted = self.node.raft_view().last_applied.map_or(0, |id| id.index);
+        let index = |view: &RaftView| view.snapshot.map_or(0, |id| id.index);
+        let purged = |view: &RaftView| view.purged.map_or(0, |id| id.index);
+        let late = || {
+            Status::unavailable(format!(
+                "no snapshot up to index {wanted} within {} s; retry",
+                SNAPSHOT_WAIT.as_secs()
+            ))
+        };
+        self.node.snapshot_now().await.map_err(Status::unavailable)?;
+        if !self.node.wait_for_raft(SNAPSHOT_WAIT, |view| index(view) >= wanted).await {
+            return Err(late());
+        }
+        if purge_log {
+            let snapshot = index(&self.node.raft_view());
+            self.node.purge_log_upto(snapshot).await.map_err(Status::unavailable)?;
+            if !self.node.wait_for_raft(SNAPSHOT_WAIT, |view| purged(view) >= snapshot).await {
+                return Err(late());
             }
         }
-        let metrics = metrics.borrow_watched();
-        Ok(Response::new(pb::TakeSnapshotReply { index: index(&metrics), purged: purged(&metrics) }))
+        let view = self.node.raft_view();
+        Ok(Response::new(pb::TakeSnapshotReply { index: index(&view), purged: purged(&view) }))
     }
 }
 
