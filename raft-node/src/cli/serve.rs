@@ -121,7 +121,7 @@ pub struct ServeArgs {
     /// of the two reaches further back.
     #[arg(long, value_parser = super::parse_duration)]
     pub log_keep_time: Option<std::time::Duration>,
-    /// Memory for the ledger state's caches, e.g. 512MiB or 2GiB (default 512MiB): half decoded
+    /// Memory for the ledger state's caches, e.g. 512MiB or 2GiB (default 768MiB): half decoded
     /// accounts, a quarter the page store's cache, a quarter the runs' descriptions.
     #[arg(long, value_parser = parse_bytes)]
     pub cache_bytes: Option<u64>,
