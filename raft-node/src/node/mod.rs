@@ -29,38 +29,39 @@ pub use self::health::*;
 pub use self::identity::*;
 pub use self::start::*;
 
-/// Everything the gRPC services need.
+/// A running node: everything the gRPC services need. The simulator drives `raft`, `state`, `clock` and `votes` directly; the rest
+/// is the crate's, and the services ask through the methods below where they can.
 pub struct NodeHandle {
-    pub config: NodeConfig,
+    pub(crate) config: NodeConfig,
     /// This node's id and incarnation, and those its membership records (`net::identity`).
-    pub identities: Arc<Identities>,
+    pub(crate) identities: Arc<Identities>,
     /// This node's view of the voters' clocks: what the leader may stamp.
     pub clock: Arc<ClusterClock>,
     pub raft: Raft,
     pub state: Arc<crate::storage::state_machine::Shared>,
-    pub log: LogStore,
-    pub batcher: Batcher,
+    pub(crate) log: LogStore,
+    pub(crate) batcher: Batcher,
     /// Channels to other nodes for forwarded requests and status fan-out.
-    pub peers: crate::net::Pool,
+    pub(crate) peers: crate::net::Pool,
     /// This node's TLS (None with `--insecure`); reloaded on SIGHUP.
-    pub tls: Option<Arc<crate::security::tls::Tls>>,
+    pub(crate) tls: Option<Arc<crate::security::tls::Tls>>,
     /// When this node last accepted a leader's AppendEntries (for health).
-    pub leader_contact: LeaderContact,
+    pub(crate) leader_contact: LeaderContact,
     /// When the leader last said, asked for its clock, that a majority of voters acknowledged
     /// it lately (for health: a leader cut off from its quorum still sends heartbeats).
     leader_quorum: LeaderContact,
     /// What gRPC health says now (SERVING): also `GET /ready` on the metrics endpoint, for
     /// probes that cannot speak TLS.
-    pub serving: std::sync::atomic::AtomicBool,
+    pub(crate) serving: std::sync::atomic::AtomicBool,
     /// When the node started, for its uptime.
     started: std::time::Instant,
     /// One permit per change-stream subscriber this node may serve (`--max-subscribers`).
-    pub subscribers: Arc<tokio::sync::Semaphore>,
+    pub(crate) subscribers: Arc<tokio::sync::Semaphore>,
     /// The last whole-cluster status and when it was gathered, shared by callers without an
     /// operator's or a node's certificate (`service::cluster`).
-    pub status_cache: tokio::sync::Mutex<Option<(std::time::Instant, tally_proto::v1::StatusReply)>>,
+    pub(crate) status_cache: tokio::sync::Mutex<Option<(std::time::Instant, tally_proto::v1::StatusReply)>>,
     /// The whole state arriving from the leader, while it does (`service::raft`).
-    pub receiving: Receiving,
+    pub(crate) receiving: Receiving,
     /// Whether this node withholds its vote after losing a damaged tail of its log.
     pub votes: VoteHold,
 }
