@@ -246,6 +246,11 @@ impl Descriptions {
             .is_ok()
     }
 
+    /// Whether `bytes` more would fit in the budget now (`assemble` reserves them).
+    fn fits(&self, bytes: u64) -> bool {
+        self.held.load(AtomicOrdering::Relaxed).checked_add(bytes).is_some_and(|total| total <= self.held_max)
+    }
+
     fn release(&self, bytes: u64) {
         self.held.fetch_sub(bytes, AtomicOrdering::Relaxed);
     }
@@ -450,8 +455,7 @@ impl Run {
         let length = blocks_start.checked_add(filter_bytes).ok_or_else(corrupt)?;
         let fences_end = HEADER_BYTES + page_count * width;
         let held = (page_count * width + filter_bytes) as u64;
-        if descriptions.reserve(held) {
-            descriptions.release(held);
+        if descriptions.fits(held) {
             let mut whole = bytes;
             whole.extend_from_slice(&read_description(pages, kind, id, blocks_start..length)?);
             return Run::decode_with(kind, id, &whole, descriptions);

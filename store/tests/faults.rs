@@ -91,12 +91,17 @@ fn open(disk: &MemoryDisk) -> StoreResult<Ledger<RunStore>> {
     Ledger::open(RunStore::open_on(Pages::on(disk.pages()), OPTIONS)?)
 }
 
+/// Applies entries `range` of the workload of `seed`.
+fn apply<S: Store>(ledger: &mut Ledger<S>, seed: u64, range: std::ops::Range<u64>) {
+    for n in range {
+        ledger.apply(&entry(seed, n), time(n), None).unwrap();
+    }
+}
+
 /// The state after the first `entries` entries, applied in memory.
 fn replayed(seed: u64, entries: u64) -> Ledger<MemStore> {
     let mut ledger = Ledger::open(MemStore::new()).unwrap();
-    for n in 0..entries {
-        ledger.apply(&entry(seed, n), time(n), None).unwrap();
-    }
+    apply(&mut ledger, seed, 0..entries);
     ledger
 }
 
@@ -150,9 +155,7 @@ fn a_crash_keeps_the_flushed_entries_and_whole_entries_after_them() {
         assert_eq!(reopened.meta().digest, expected.meta().digest, "seed {seed}");
         assert!(exported(reopened.store()) == exported(expected.store()), "seed {seed}: the state differs");
 
-        for n in kept..entries {
-            reopened.apply(&entry(seed, n), time(n), None).unwrap();
-        }
+        apply(&mut reopened, seed, kept..entries);
         let uninterrupted = replayed(seed, entries);
         assert_eq!(reopened.meta().digest, uninterrupted.meta().digest, "seed {seed}");
         assert!(exported(reopened.store()) == exported(uninterrupted.store()), "seed {seed}");
@@ -172,9 +175,7 @@ fn damage_to_any_stored_value_is_refused_as_damage() {
         let disk = MemoryDisk::default();
         {
             let mut ledger = open(&disk).unwrap();
-            for n in 0..entries {
-                ledger.apply(&entry(seed, n), time(n), None).unwrap();
-            }
+            apply(&mut ledger, seed, 0..entries);
             ledger.store().flush().unwrap();
         }
         let intact = exported(open(&disk).unwrap().store());
@@ -215,9 +216,7 @@ fn a_torn_batch_is_an_error_or_a_store_never_a_panic() {
         let disk = MemoryDisk::default();
         {
             let mut ledger = open(&disk).unwrap();
-            for n in 0..entries {
-                ledger.apply(&entry(seed, n), time(n), None).unwrap();
-            }
+            apply(&mut ledger, seed, 0..entries);
             let unsynced = disk.unsynced_batches();
             disk.crash_torn(rng.random_range(0..=unsynced), rng.random_range(0..200));
         }
