@@ -30,6 +30,7 @@ REFERENCE = (0xC0FFEE << 80) | 7
 WRITES = 300
 KILL_AT = 20
 KILL_DONE_BY = 150
+AFTER_KILL = 50
 
 
 def say(line):
@@ -160,8 +161,9 @@ def main():
     say("account 3: credits_posted=%d" % account_3.credits_posted)
     finish(control("start", killed))
 
-    # The change stream from the start, its node killed halfway.
-    expected = 3 + 6 + WRITES
+    # The change stream from the start, its node killed halfway; the payments made after the kill
+    # can only come from another node.
+    expected = 3 + 6 + WRITES + AFTER_KILL
     changes = client.subscribe_changes(0)
     seen, last, types, ids, first_node = 0, 0, {}, set(), None
     for event in changes:
@@ -177,6 +179,8 @@ def main():
         if seen == expected // 2:
             first_node = changes.node
             finish(control("kill", first_node))
+            for i in range(AFTER_KILL):
+                write_once(client, transfer(2000 + i, 1, 3, 1))
         if seen == expected:
             break
     if changes.node == first_node:
