@@ -385,6 +385,14 @@ impl Client {
         .await
     }
 
+    /// The change stream from `timestamp_min` on, resuming by itself: when its node fails, it
+    /// subscribes again to the next node from the last event received + 1, so every event comes
+    /// exactly once (see `Changes`).
+    pub fn changes(&self, timestamp_min: u64) -> Changes<'_> {
+        let node = self.preferred.load(Ordering::Relaxed) % self.nodes.len();
+        Changes { client: self, next_timestamp: timestamp_min, node, stream: None }
+    }
+
     pub async fn cluster_status(&self) -> Result<v1::StatusReply, Error> {
         self.with_retries(|channel, left| {
             let request = Self::request(v1::StatusRequest { local_only: false }, left);
@@ -461,6 +469,74 @@ impl Client {
             async move { Ok(answer(ClusterClient::new(channel).take_snapshot(request).await?, |r| r)) }
         })
         .await
+    }
+}
+
+/// The change stream of `Client::changes`: every applied event in ledger time, then each new
+/// one; it does not end. `next` resumes on another node when the stream breaks, and answers
+/// `Error::Unavailable` only when no node served it for the client's timeout (call `next` again
+/// to keep trying).
+pub struct Changes<'a> {
+    client: &'a Client,
+    next_timestamp: u64,
+    /// The node serving the stream, or to be asked next.
+    node: usize,
+    stream: Option<tonic::Streaming<v1::ChangeEvent>>,
+}
+
+impl Changes<'_> {
+    /// The node serving the stream now, if one does.
+    pub fn node(&self) -> Option<&str> {
+        self.stream.as_ref().map(|_| self.client.nodes[self.node].0.as_str())
+    }
+
+    /// Where the stream goes on: the last event's timestamp + 1.
+    pub fn next_timestamp(&self) -> u64 {
+        self.next_timestamp
+    }
+
+    pub async fn next(&mut self) -> Result<v1::ChangeEvent, Error> {
+        let nodes = self.client.nodes.len();
+        let mut deadline = None;
+        let mut backoff = BACKOFF_MIN;
+        let mut failures = 0;
+        let mut last_error = Status::unavailable("no attempt made");
+        loop {
+            if self.stream.is_none() {
+                let channel = self.client.nodes[self.node].1.clone();
+                let request = v1::SubscribeChangesRequest { timestamp_min: self.next_timestamp };
+                let mut ledger = Client::ledger(channel);
+                match tokio::time::timeout(self.client.timeout, ledger.subscribe_changes(request)).await {
+                    Ok(Ok(response)) => self.stream = Some(response.into_inner()),
+                    Ok(Err(status)) if !retryable(&status) => return Err(Error::Rejected(status)),
+                    Ok(Err(status)) => last_error = status,
+                    Err(_) => last_error = Status::deadline_exceeded("deadline passed waiting for a node"),
+                }
+            }
+            if let Some(stream) = &mut self.stream {
+                match stream.message().await {
+                    Ok(Some(event)) => {
+                        self.next_timestamp = event.timestamp + 1;
+                        return Ok(event);
+                    }
+                    Ok(None) => last_error = Status::unavailable("the node ended the stream"),
+                    Err(status) if !retryable(&status) => return Err(Error::Rejected(status)),
+                    Err(status) => last_error = status,
+                }
+            }
+            // The stream broke (its node stopped, or was cut off): resume on the next node.
+            self.stream = None;
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.client.timeout);
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable(last_error));
+            }
+            self.node = (self.node + 1) % nodes;
+            failures += 1;
+            if failures % nodes == 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
     }
 }
 

@@ -505,35 +505,29 @@ fn change_line(json: bool, event: &v1::ChangeEvent) -> String {
 /// from goes away (any node serves it): every event is printed once.
 async fn watch(args: &WatchArgs) -> Result<ExitCode, String> {
     let client = client(&args.client)?;
-    let mut from = args.from.unwrap_or(0);
+    // Resumes by itself on another node from the last event + 1 when its node fails.
+    let mut changes = client.changes(args.from.unwrap_or(0));
     let mut printed = 0u64;
     loop {
-        let mut stream = match client.subscribe_changes(from).await {
-            Ok(stream) => stream,
-            Err(error) => {
-                eprintln!("tally watch: no node serves the change stream now ({error}); retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
+        match changes.next().await {
+            Ok(event) => {
+                println!("{}", change_line(args.client.json, &event));
+                printed += 1;
+                if args.count.is_some_and(|count| printed >= count) {
+                    return Ok(ExitCode::SUCCESS);
+                }
             }
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(event)) => {
-                    println!("{}", change_line(args.client.json, &event));
-                    from = event.timestamp + 1;
-                    printed += 1;
-                    if args.count.is_some_and(|count| printed >= count) {
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                }
-                Ok(None) => break,
-                Err(status) => {
-                    eprintln!("tally watch: the stream broke ({}); resuming from {from}", status.message());
-                    break;
-                }
+            Err(tally_client::Error::Rejected(status)) => {
+                return Err(format!("the change stream was refused: {}", status.message()));
+            }
+            Err(error) => {
+                eprintln!(
+                    "tally watch: no node serves the change stream now ({error}); retrying from {}",
+                    changes.next_timestamp()
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
