@@ -11,9 +11,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use tally_client::v1::{
-    self, AccountFlag, ChangeType, CreateTransferStatus, ReadConsistency, TransferFlag,
-};
+use tally_client::v1::{self, AccountFlag, ChangeType, CreateTransferStatus, ReadConsistency, TransferFlag};
 use tally_client::{Client, Error, Security, u128_from, u128_to};
 
 const LEDGER: u32 = 700;
@@ -66,12 +64,14 @@ fn payment(id: u128, debit: u128, credit: u128, amount: u128, flags: i32) -> v1:
 }
 
 fn account_names(results: &[v1::CreateAccountResult]) -> String {
-    let names: Vec<&str> = results.iter().map(|r| name(r.status().as_str_name(), "CREATE_ACCOUNT_STATUS_")).collect();
+    let names: Vec<&str> =
+        results.iter().map(|r| name(r.status().as_str_name(), "CREATE_ACCOUNT_STATUS_")).collect();
     names.join(" ")
 }
 
 fn transfer_names(results: &[v1::CreateTransferResult]) -> String {
-    let names: Vec<&str> = results.iter().map(|r| name(r.status().as_str_name(), "CREATE_TRANSFER_STATUS_")).collect();
+    let names: Vec<&str> =
+        results.iter().map(|r| name(r.status().as_str_name(), "CREATE_TRANSFER_STATUS_")).collect();
     names.join(" ")
 }
 
@@ -92,7 +92,9 @@ fn name<'a>(full: &'a str, prefix: &str) -> &'a str {
 }
 
 async fn transfers(client: &Client, batch: Vec<v1::Transfer>) -> String {
-    transfer_names(&client.create_transfers(batch).await.unwrap_or_else(|e| fail(format!("create_transfers: {e}"))))
+    transfer_names(
+        &client.create_transfers(batch).await.unwrap_or_else(|e| fail(format!("create_transfers: {e}"))),
+    )
 }
 
 async fn balances(client: &Client, id: u128) -> String {
@@ -111,13 +113,16 @@ async fn balances(client: &Client, id: u128) -> String {
 async fn write_once(client: &Client, transfer: v1::Transfer) {
     let id = u128_from(transfer.id.as_ref());
     for _ in 0..10 {
-        match client.create_transfers(vec![transfer.clone()]).await {
+        match client.create_transfers(vec![transfer]).await {
             Ok(results) => match results[0].status() {
                 CreateTransferStatus::Ok | CreateTransferStatus::Exists => return,
                 status => fail(format!("transfer {id}: {}", status.as_str_name())),
             },
             Err(Error::Unavailable(status)) => {
-                eprintln!("conformance: transfer {id}: outcome unknown ({}); retrying with its id", status.message());
+                eprintln!(
+                    "conformance: transfer {id}: outcome unknown ({}); retrying with its id",
+                    status.message()
+                );
             }
             Err(error) => fail(format!("transfer {id}: {error}")),
         }
@@ -151,9 +156,11 @@ async fn main() {
     }
 
     let linked = TransferFlag::Linked as i32;
-    let chain = vec![payment(100, 1, 2, 500, linked), payment(101, 2, 3, 200, linked), payment(102, 2, 999, 1, 0)];
+    let chain =
+        vec![payment(100, 1, 2, 500, linked), payment(101, 2, 3, 200, linked), payment(102, 2, 999, 1, 0)];
     println!("linked chain: {}", transfers(&client, chain).await);
-    let found = client.lookup_transfers(&[100, 101, 102], linearizable).await.unwrap_or_else(|e| fail(e.to_string()));
+    let found =
+        client.lookup_transfers(&[100, 101, 102], linearizable).await.unwrap_or_else(|e| fail(e.to_string()));
     println!("linked chain lookup: {} of 3 found", found.len());
 
     println!("fund: {}", transfers(&client, vec![payment(110, 1, 2, 1000, 0)]).await);
@@ -182,7 +189,10 @@ async fn main() {
     println!("{}", balances(&client, 2).await);
 
     println!("refused: {}", transfers(&client, vec![payment(140, 2, 3, 10_000, 0)]).await);
-    println!("refused, retried with its id: {}", transfers(&client, vec![payment(140, 2, 3, 10_000, 0)]).await);
+    println!(
+        "refused, retried with its id: {}",
+        transfers(&client, vec![payment(140, 2, 3, 10_000, 0)]).await
+    );
 
     let referenced = v1::Transfer { user_data_128: u128_to(REFERENCE), ..payment(150, 2, 3, 25, 0) };
     println!("by reference: {}", transfers(&client, vec![referenced]).await);
@@ -231,7 +241,8 @@ async fn main() {
     let ids: Vec<u128> = (0..WRITES).map(|i| 1000 + i).collect();
     let found = client.lookup_transfers(&ids, linearizable).await.unwrap_or_else(|e| fail(e.to_string()));
     println!("writes across a leader kill: {WRITES} acknowledged once each, {} found", found.len());
-    let accounts = client.lookup_accounts(&[1, 3], linearizable).await.unwrap_or_else(|e| fail(e.to_string()));
+    let accounts =
+        client.lookup_accounts(&[1, 3], linearizable).await.unwrap_or_else(|e| fail(e.to_string()));
     println!("account 1: debits_posted={}", u128_from(accounts[0].debits_posted.as_ref()));
     println!("account 3: credits_posted={}", u128_from(accounts[1].credits_posted.as_ref()));
     finish(control(&["start", &killed])).await;

@@ -1,6 +1,6 @@
 //! Fuzz targets for every decoder fed from the network or the disk (bolero). Under `cargo test`
 //! each runs `ITERATIONS` random inputs on the stable toolchain; a long run sets
-//! `BOLERO_RANDOM_ITERATIONS` (README, "Fuzzing"). Each target asserts more
+//! `BOLERO_RANDOM_ITERATIONS` (docs/testing.md, "Fuzzing"). Each target asserts more
 //! than "no panic" where it can: what a decoder accepts must be what was written, or must
 //! re-encode to the same bytes.
 //!

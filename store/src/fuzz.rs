@@ -1,7 +1,7 @@
 //! Fuzz targets for what the engine decodes off the disk (bolero): run pages, run descriptions,
 //! the layout and the page store's checksummed values; and for a merge, whose output must be the
 //! sorted union of its inputs with the newest value of each key. Under `cargo test` each runs `ITERATIONS`
-//! random inputs; a long run sets `BOLERO_RANDOM_ITERATIONS` (README, "Fuzzing"). Damaged bytes
+//! random inputs; a long run sets `BOLERO_RANDOM_ITERATIONS` (docs/testing.md, "Fuzzing"). Damaged bytes
 //! are refused, never a panic, and where it can a target asserts more: what a decoder accepts
 //! encodes back to the same bytes.
 

@@ -1,7 +1,7 @@
 //! The engine on a page store in memory that fails as disks and crashes do
 //! (`tally_store::pages::MemoryDisk`): what a crash keeps, what damage at rest does, what a torn
 //! batch does. Each target is a bolero target over a seed: bounded under `cargo test`, longer
-//! with `BOLERO_RANDOM_ITERATIONS` (README, "Fuzzing"). Merges run inside `commit` and the
+//! with `BOLERO_RANDOM_ITERATIONS` (docs/testing.md, "Fuzzing"). Merges run inside `commit` and the
 //! cache is small, so that a few hundred batches merge runs of every kind.
 
 use bolero::check;
