@@ -177,6 +177,8 @@ def zombie(pid):
 
 
 def run(args):
+    # Stopped (CI gave up, Ctrl-C): stop the cluster too, which runs in sessions of its own.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tally = os.path.abspath(args.tally)
     directory = tempfile.mkdtemp(prefix="tally-conformance-")
     base = free_base_port()
