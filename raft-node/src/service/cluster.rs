@@ -295,6 +295,7 @@ pub fn spawn_housekeeping(node: &Arc<NodeHandle>) {
     tokio::spawn(watch_divergence(node.clone()));
     tokio::spawn(raise_semantics(node.clone()));
     tokio::spawn(hand_over_while_applying(node.clone()));
+    tokio::spawn(stand_only_when_applied(node.clone()));
     tokio::spawn(purge_behind_snapshots(node.clone()));
 }
 
@@ -465,8 +466,10 @@ async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
     }
 }
 
-/// How often the leader looks at its apply backlog; it hands over once per this at most.
-const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(250);
+/// How often the leader looks at its apply backlog.
+const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(50);
+/// The least time between two hand-overs a leader starts (one takes a round trip and an election).
+const HAND_OVER_INTERVAL_MIN: Duration = Duration::from_millis(250);
 
 /// For the life of the node: a leader whose applied index trails its committed index by more
 /// than `APPLY_BACKLOG_MAX` (it restarted and is replaying, or was elected while catching up)
@@ -477,9 +480,10 @@ const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(250);
 async fn hand_over_while_applying(node: Arc<NodeHandle>) {
     let mut interval = tokio::time::interval(APPLY_BACKLOG_CHECK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut handed_over: Option<tokio::time::Instant> = None;
     loop {
         interval.tick().await;
-        if !node.is_leader() {
+        if !node.is_leader() || handed_over.is_some_and(|at| at.elapsed() < HAND_OVER_INTERVAL_MIN) {
             continue;
         }
         let (committed, applied, voters) = {
@@ -514,7 +518,64 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             "applied {applied} of {committed} committed entries: handing leadership to node {to}, which applied \
              {their_applied}, so that writes do not wait for this node's backlog"
         );
+        handed_over = Some(tokio::time::Instant::now());
         let _ = node.transfer_leadership(to).await;
+    }
+}
+
+/// How often a node looks at its own apply backlog to decide whether it stands for election.
+const STAND_CHECK: Duration = Duration::from_millis(50);
+
+/// For the life of the node: a node whose applied index trails the committed index it knows by
+/// more than `APPLY_BACKLOG_MAX` does not stand for election (it still votes) while it has heard
+/// from a leader within one and a half of the longest election timeouts; it stands again once its backlog is
+/// down to half that. Raft elects on the log, not on what a node has applied, and a leader's writes
+/// wait for its backlog: when the leader fails while one survivor is catching up and the other is
+/// up to date, the one that can take writes at once must win, not the one that would then hand
+/// over (`hand_over_while_applying`). But the one behind in applying may hold the longer log, and
+/// then the other cannot win its vote: after that long without a leader it stands anyway, wins,
+/// and hands over as soon as the other has its entries.
+async fn stand_only_when_applied(node: Arc<NodeHandle>) {
+    let without_leader_max = Duration::from_millis(node.config.election_timeout_ms * 3);
+    let mut standing = node.votes.withheld().is_none();
+    let mut interval = tokio::time::interval(STAND_CHECK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let (committed, applied) = {
+            let current = node.raft_view();
+            (current.local_committed.map_or(0, |id| id.index), current.last_applied.map_or(0, |id| id.index))
+        };
+        let backlog = committed.saturating_sub(applied);
+        let behind = if standing { backlog > APPLY_BACKLOG_MAX } else { backlog > APPLY_BACKLOG_MAX / 2 };
+        let leader_heard = node.leader_contact.within(without_leader_max);
+        // A node that withholds its vote (a lost log tail) does not stand either, until its log is
+        // back (`node::release_votes_when_caught_up`).
+        let stand = (!behind || !leader_heard) && node.votes.withheld().is_none();
+        if stand == standing {
+            continue;
+        }
+        standing = stand;
+        node.raft.runtime_config().elect(stand);
+        if !stand && behind {
+            tracing::info!(
+                node = node.id(),
+                "applied {applied} of {committed} committed entries: not standing for election until \
+                 the backlog is applied, so that a member that can take writes at once leads"
+            );
+        } else if stand && behind {
+            tracing::info!(
+                node = node.id(),
+                "applied {applied} of {committed} committed entries, and no leader heard for {} ms: standing \
+                 for election despite the backlog (a member up to date may lack entries this one holds)",
+                without_leader_max.as_millis()
+            );
+        } else if stand {
+            tracing::info!(
+                node = node.id(),
+                "applied {applied} of {committed} committed entries: standing for election again"
+            );
+        }
     }
 }
 
