@@ -12,7 +12,6 @@ use openraft::ChangeMembers;
 use tally_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::batcher::APPLY_BACKLOG_MAX;
 use crate::node::{NodeHandle, RaftView};
 use crate::security::roles::{Role, caller_of, require_operator};
 use crate::types::{NodeId, NodeInfo};
@@ -466,13 +465,20 @@ async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
     }
 }
 
+/// A node with more committed entries than this still to apply is behind: it does not stand for
+/// election, and as leader it hands over to a voter that has applied this many more. Below the
+/// batcher's `APPLY_BACKLOG_MAX` (past which a leader refuses writes): at load an entry holds a
+/// group commit of hundreds of transfers, and a leader elected 118 entries behind kept writes
+/// waiting 3.6 s for its apply (the chaos harness at 38,000 transfers/s).
+const LEAD_BACKLOG_MAX: u64 = 32;
+
 /// How often the leader looks at its apply backlog.
 const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(50);
 /// The least time between two hand-overs a leader starts (one takes a round trip and an election).
 const HAND_OVER_INTERVAL_MIN: Duration = Duration::from_millis(250);
 
 /// For the life of the node: a leader whose applied index trails its committed index by more
-/// than `APPLY_BACKLOG_MAX` (it restarted and is replaying, or was elected while catching up)
+/// than `LEAD_BACKLOG_MAX` (it restarted and is replaying, or was elected while catching up)
 /// hands leadership to the voter that has applied the most, if that one trails less. Raft elects
 /// on the log, not on what a node has applied, and writes wait for the leader's apply: the
 /// batcher keeps two entries in flight until they are applied, so a leader with a backlog
@@ -497,7 +503,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             let applied = current.last_applied.map_or(0, |id| id.index);
             (current.local_committed.map_or(0, |id| id.index), applied, voters)
         };
-        if committed.saturating_sub(applied) <= APPLY_BACKLOG_MAX {
+        if committed.saturating_sub(applied) <= LEAD_BACKLOG_MAX {
             continue;
         }
         let mut best: Option<(NodeId, u64)> = None;
@@ -510,7 +516,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             }
         }
         let Some((to, their_applied)) = best else { continue };
-        if their_applied <= applied + APPLY_BACKLOG_MAX || !node.is_leader() {
+        if their_applied <= applied + LEAD_BACKLOG_MAX || !node.is_leader() {
             continue;
         }
         tracing::warn!(
@@ -527,7 +533,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
 const STAND_CHECK: Duration = Duration::from_millis(50);
 
 /// For the life of the node: a node whose applied index trails the committed index it knows by
-/// more than `APPLY_BACKLOG_MAX` does not stand for election (it still votes) while it has heard
+/// more than `LEAD_BACKLOG_MAX` does not stand for election (it still votes) while it has heard
 /// from a leader within one and a half of the longest election timeouts; it stands again once its backlog is
 /// down to half that. Raft elects on the log, not on what a node has applied, and a leader's writes
 /// wait for its backlog: when the leader fails while one survivor is catching up and the other is
@@ -547,7 +553,7 @@ async fn stand_only_when_applied(node: Arc<NodeHandle>) {
             (current.local_committed.map_or(0, |id| id.index), current.last_applied.map_or(0, |id| id.index))
         };
         let backlog = committed.saturating_sub(applied);
-        let behind = if standing { backlog > APPLY_BACKLOG_MAX } else { backlog > APPLY_BACKLOG_MAX / 2 };
+        let behind = if standing { backlog > LEAD_BACKLOG_MAX } else { backlog > LEAD_BACKLOG_MAX / 2 };
         let leader_heard = node.leader_contact.within(without_leader_max);
         // A node that withholds its vote (a lost log tail) does not stand either, until its log is
         // back (`node::release_votes_when_caught_up`).
