@@ -533,14 +533,19 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
 const STAND_CHECK: Duration = Duration::from_millis(50);
 
 /// For the life of the node: a node whose applied index trails the committed index it knows by
-/// more than `LEAD_BACKLOG_MAX` does not stand for election (it still votes) while it has heard
-/// from a leader within one and a half of the longest election timeouts; it stands again once its backlog is
-/// down to half that. Raft elects on the log, not on what a node has applied, and a leader's writes
-/// wait for its backlog: when the leader fails while one survivor is catching up and the other is
-/// up to date, the one that can take writes at once must win, not the one that would then hand
-/// over (`hand_over_while_applying`). But the one behind in applying may hold the longer log, and
-/// then the other cannot win its vote: after that long without a leader it stands anyway, wins,
-/// and hands over as soon as the other has its entries.
+/// more than `LEAD_BACKLOG_MAX` does not stand for election (it still votes) while it hears from a
+/// leader; it stands again once its backlog is down to half that. Raft elects on the log, not on
+/// what a node has applied, and a leader's writes wait for its backlog: when the leader fails
+/// while one survivor is catching up and the other is up to date, the one that can take writes at
+/// once must win, not the one that would then hand over (`hand_over_while_applying`).
+///
+/// After one and a half of the longest election timeouts without a leader, it asks the other
+/// voters where they are, and stands unless one of them has applied more (by `LEAD_BACKLOG_MAX`)
+/// and holds at least its log, so could win its vote: that one should lead. One that has applied
+/// more but lacks entries this node holds cannot win, so this node stands and hands over once
+/// the other has them; and when every survivor is behind, the one furthest ahead stands first.
+/// Live whatever the others say: a survivor applies the committed entries it holds without a
+/// leader, so one that is behind stands again within its backlog's time at worst.
 async fn stand_only_when_applied(node: Arc<NodeHandle>) {
     let without_leader_max = Duration::from_millis(node.config.election_timeout_ms * 3);
     let mut standing = node.votes.withheld().is_none();
@@ -548,39 +553,64 @@ async fn stand_only_when_applied(node: Arc<NodeHandle>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let (committed, applied) = {
+        let (committed, applied, last_log, voters) = {
             let current = node.raft_view();
-            (current.local_committed.map_or(0, |id| id.index), current.last_applied.map_or(0, |id| id.index))
+            let membership = current.membership_config.membership();
+            let voters: Vec<(NodeId, NodeInfo)> = membership
+                .voter_ids()
+                .filter(|id| *id != node.id())
+                .filter_map(|id| membership.get_node(&id).map(|info| (id, info.clone())))
+                .collect();
+            (
+                current.local_committed.map_or(0, |id| id.index),
+                current.last_applied.map_or(0, |id| id.index),
+                current.last_log_index.unwrap_or(0),
+                voters,
+            )
         };
         let backlog = committed.saturating_sub(applied);
         let behind = if standing { backlog > LEAD_BACKLOG_MAX } else { backlog > LEAD_BACKLOG_MAX / 2 };
-        let leader_heard = node.leader_contact.within(without_leader_max);
+        let mut stand = !behind;
+        let mut better = None;
+        if behind && !node.leader_contact.within(without_leader_max) {
+            for (id, info) in &voters {
+                let address = node.address_of(*id).unwrap_or_else(|| info.peer_address.clone());
+                if let Some(status) = ask_status(&node, *id, &address).await
+                    && status.last_log_index >= last_log
+                    && status.applied_index > applied + LEAD_BACKLOG_MAX
+                {
+                    better = Some(*id);
+                }
+            }
+            stand = better.is_none();
+        }
         // A node that withholds its vote (a lost log tail) does not stand either, until its log is
         // back (`node::release_votes_when_caught_up`).
-        let stand = (!behind || !leader_heard) && node.votes.withheld().is_none();
+        let stand = stand && node.votes.withheld().is_none();
         if stand == standing {
             continue;
         }
         standing = stand;
         node.raft.runtime_config().elect(stand);
         if !stand && behind {
+            let why = match better {
+                Some(id) => format!("node {id} has applied more and can win this node's vote"),
+                None => "a member that can take writes at once should lead".to_string(),
+            };
             tracing::info!(
                 node = node.id(),
-                "applied {applied} of {committed} committed entries: not standing for election until \
-                 the backlog is applied, so that a member that can take writes at once leads"
+                "applied {applied} of {committed} committed entries: not standing for election until the \
+                 backlog is applied ({why})"
             );
         } else if stand && behind {
             tracing::info!(
                 node = node.id(),
-                "applied {applied} of {committed} committed entries, and no leader heard for {} ms: standing \
-                 for election despite the backlog (a member up to date may lack entries this one holds)",
+                "applied {applied} of {committed} committed entries, and no leader for {} ms: standing for \
+                 election despite the backlog, as no voter that could win this node's vote has applied more",
                 without_leader_max.as_millis()
             );
         } else if stand {
-            tracing::info!(
-                node = node.id(),
-                "applied {applied} of {committed} committed entries: standing for election again"
-            );
+            tracing::info!(node = node.id(), "applied {applied} of {committed} committed entries: standing for election again");
         }
     }
 }
