@@ -610,7 +610,10 @@ async fn stand_only_when_applied(node: Arc<NodeHandle>) {
                 without_leader_max.as_millis()
             );
         } else if stand {
-            tracing::info!(node = node.id(), "applied {applied} of {committed} committed entries: standing for election again");
+            tracing::info!(
+                node = node.id(),
+                "applied {applied} of {committed} committed entries: standing for election again"
+            );
         }
     }
 }
