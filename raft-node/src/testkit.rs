@@ -433,11 +433,6 @@ impl TestCluster {
 }
 
 impl TestCluster {
-    /// Everything node `id` wrote to stderr, over all its starts.
-    pub fn node_log(&self, id: u64) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
-    }
-
     /// The last lines each node wrote to stderr, for a failure message.
     pub fn log_tails(&self) -> String {
         let mut out = String::new();

@@ -19,9 +19,6 @@ use super::{
     release_votes_when_caught_up, save_cluster_id,
 };
 
-/// Commands openraft may queue for the state machine before its core waits (see `raft_config`).
-const STATE_MACHINE_COMMANDS_MAX: u64 = 1 << 20;
-
 pub(crate) fn raft_config(config: &NodeConfig) -> openraft::Config {
     openraft::Config {
         cluster_name: config.cluster.clone(),
@@ -47,14 +44,6 @@ pub(crate) fn raft_config(config: &NodeConfig) -> openraft::Config {
         // still hears from the leader says no. (Without it, a follower thawed after a 6 s
         // SIGSTOP under load forced an election every time.)
         enable_pre_vote: Some(true),
-        // Applying lags accepting: a follower acknowledges entries once they are in its log and
-        // applies them as it can (a node catching up has a backlog). openraft queues one command
-        // per advance of the commit index for its state-machine task and, with the queue full
-        // (1,024 by default), blocks its core, which then acknowledges nothing: a member with a
-        // backlog of a thousand small entries held the cluster's commits to its own apply rate
-        // whenever the other survivor was down (the leader killed while it caught up, issue
-        // 24). A command is a few dozen bytes: a million are a backlog of minutes at load.
-        state_machine_channel_size: Some(STATE_MACHINE_COMMANDS_MAX),
         ..openraft::Config::default()
     }
 }

@@ -12,6 +12,7 @@ use openraft::ChangeMembers;
 use tally_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::batcher::APPLY_BACKLOG_MAX;
 use crate::node::{NodeHandle, RaftView};
 use crate::security::roles::{Role, caller_of, require_operator};
 use crate::types::{NodeId, NodeInfo};
@@ -294,7 +295,6 @@ pub fn spawn_housekeeping(node: &Arc<NodeHandle>) {
     tokio::spawn(watch_divergence(node.clone()));
     tokio::spawn(raise_semantics(node.clone()));
     tokio::spawn(hand_over_while_applying(node.clone()));
-    tokio::spawn(stand_only_when_applied(node.clone()));
     tokio::spawn(purge_behind_snapshots(node.clone()));
 }
 
@@ -465,20 +465,11 @@ async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
     }
 }
 
-/// A node with more committed entries than this still to apply is behind: it does not stand for
-/// election, and as leader it hands over to a voter that has applied this many more. Below the
-/// batcher's `APPLY_BACKLOG_MAX` (past which a leader refuses writes): at load an entry holds a
-/// group commit of hundreds of transfers, and a leader elected 118 entries behind kept writes
-/// waiting 3.6 s for its apply (the chaos harness at 38,000 transfers/s).
-const LEAD_BACKLOG_MAX: u64 = 32;
-
-/// How often the leader looks at its apply backlog.
-const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(50);
-/// The least time between two hand-overs a leader starts (one takes a round trip and an election).
-const HAND_OVER_INTERVAL_MIN: Duration = Duration::from_millis(250);
+/// How often the leader looks at its apply backlog; it hands over once per this at most.
+const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(250);
 
 /// For the life of the node: a leader whose applied index trails its committed index by more
-/// than `LEAD_BACKLOG_MAX` (it restarted and is replaying, or was elected while catching up)
+/// than `APPLY_BACKLOG_MAX` (it restarted and is replaying, or was elected while catching up)
 /// hands leadership to the voter that has applied the most, if that one trails less. Raft elects
 /// on the log, not on what a node has applied, and writes wait for the leader's apply: the
 /// batcher keeps two entries in flight until they are applied, so a leader with a backlog
@@ -486,10 +477,9 @@ const HAND_OVER_INTERVAL_MIN: Duration = Duration::from_millis(250);
 async fn hand_over_while_applying(node: Arc<NodeHandle>) {
     let mut interval = tokio::time::interval(APPLY_BACKLOG_CHECK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut handed_over: Option<tokio::time::Instant> = None;
     loop {
         interval.tick().await;
-        if !node.is_leader() || handed_over.is_some_and(|at| at.elapsed() < HAND_OVER_INTERVAL_MIN) {
+        if !node.is_leader() {
             continue;
         }
         let (committed, applied, voters) = {
@@ -503,7 +493,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             let applied = current.last_applied.map_or(0, |id| id.index);
             (current.local_committed.map_or(0, |id| id.index), applied, voters)
         };
-        if committed.saturating_sub(applied) <= LEAD_BACKLOG_MAX {
+        if committed.saturating_sub(applied) <= APPLY_BACKLOG_MAX {
             continue;
         }
         let mut best: Option<(NodeId, u64)> = None;
@@ -516,7 +506,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             }
         }
         let Some((to, their_applied)) = best else { continue };
-        if their_applied <= applied + LEAD_BACKLOG_MAX || !node.is_leader() {
+        if their_applied <= applied + APPLY_BACKLOG_MAX || !node.is_leader() {
             continue;
         }
         tracing::warn!(
@@ -524,97 +514,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
             "applied {applied} of {committed} committed entries: handing leadership to node {to}, which applied \
              {their_applied}, so that writes do not wait for this node's backlog"
         );
-        handed_over = Some(tokio::time::Instant::now());
         let _ = node.transfer_leadership(to).await;
-    }
-}
-
-/// How often a node looks at its own apply backlog to decide whether it stands for election.
-const STAND_CHECK: Duration = Duration::from_millis(50);
-
-/// For the life of the node: a node whose applied index trails the committed index it knows by
-/// more than `LEAD_BACKLOG_MAX` does not stand for election (it still votes) while it hears from a
-/// leader; it stands again once its backlog is down to half that. Raft elects on the log, not on
-/// what a node has applied, and a leader's writes wait for its backlog: when the leader fails
-/// while one survivor is catching up and the other is up to date, the one that can take writes at
-/// once must win, not the one that would then hand over (`hand_over_while_applying`).
-///
-/// After one and a half of the longest election timeouts without a leader, it asks the other
-/// voters where they are, and stands unless one of them has applied more (by `LEAD_BACKLOG_MAX`)
-/// and holds at least its log, so could win its vote: that one should lead. One that has applied
-/// more but lacks entries this node holds cannot win, so this node stands and hands over once
-/// the other has them; and when every survivor is behind, the one furthest ahead stands first.
-/// Live whatever the others say: a survivor applies the committed entries it holds without a
-/// leader, so one that is behind stands again within its backlog's time at worst.
-async fn stand_only_when_applied(node: Arc<NodeHandle>) {
-    let without_leader_max = Duration::from_millis(node.config.election_timeout_ms * 3);
-    let mut standing = node.votes.withheld().is_none();
-    let mut interval = tokio::time::interval(STAND_CHECK);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let (committed, applied, last_log, voters) = {
-            let current = node.raft_view();
-            let membership = current.membership_config.membership();
-            let voters: Vec<(NodeId, NodeInfo)> = membership
-                .voter_ids()
-                .filter(|id| *id != node.id())
-                .filter_map(|id| membership.get_node(&id).map(|info| (id, info.clone())))
-                .collect();
-            (
-                current.local_committed.map_or(0, |id| id.index),
-                current.last_applied.map_or(0, |id| id.index),
-                current.last_log_index.unwrap_or(0),
-                voters,
-            )
-        };
-        let backlog = committed.saturating_sub(applied);
-        let behind = if standing { backlog > LEAD_BACKLOG_MAX } else { backlog > LEAD_BACKLOG_MAX / 2 };
-        let mut stand = !behind;
-        let mut better = None;
-        if behind && !node.leader_contact.within(without_leader_max) {
-            for (id, info) in &voters {
-                let address = node.address_of(*id).unwrap_or_else(|| info.peer_address.clone());
-                if let Some(status) = ask_status(&node, *id, &address).await
-                    && status.last_log_index >= last_log
-                    && status.applied_index > applied + LEAD_BACKLOG_MAX
-                {
-                    better = Some(*id);
-                }
-            }
-            stand = better.is_none();
-        }
-        // A node that withholds its vote (a lost log tail) does not stand either, until its log is
-        // back (`node::release_votes_when_caught_up`).
-        let stand = stand && node.votes.withheld().is_none();
-        if stand == standing {
-            continue;
-        }
-        standing = stand;
-        node.raft.runtime_config().elect(stand);
-        if !stand && behind {
-            let why = match better {
-                Some(id) => format!("node {id} has applied more and can win this node's vote"),
-                None => "a member that can take writes at once should lead".to_string(),
-            };
-            tracing::info!(
-                node = node.id(),
-                "applied {applied} of {committed} committed entries: not standing for election until the \
-                 backlog is applied ({why})"
-            );
-        } else if stand && behind {
-            tracing::info!(
-                node = node.id(),
-                "applied {applied} of {committed} committed entries, and no leader for {} ms: standing for \
-                 election despite the backlog, as no voter that could win this node's vote has applied more",
-                without_leader_max.as_millis()
-            );
-        } else if stand {
-            tracing::info!(
-                node = node.id(),
-                "applied {applied} of {committed} committed entries: standing for election again"
-            );
-        }
     }
 }
 
