@@ -63,37 +63,31 @@ def doors(base):
     return ["127.0.0.1:%d" % (base + i) for i in range(1, NODES + 1)]
 
 
-def node_pids(directory, node):
-    """The processes serving node `node` of the dev cluster in `directory`."""
-    data_dir = os.path.join(directory, "node-%d" % node)
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % entry, "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "serve" in args and "--data-dir" in args and args[args.index("--data-dir") + 1] == data_dir:
-            pids.append(int(entry))
-    return pids
-
-
-def dev_processes(directory):
-    """Every process started for the cluster in `directory` (nodes, and `tally dev start-node`)."""
-    pids = []
+def processes():
+    """(pid, command-line arguments) of every other process that can be read."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open("/proc/%s/cmdline" % entry, "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
+                yield int(entry), f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if any(a == directory or a.startswith(directory + "/") for a in args):
-            pids.append(int(entry))
-    return pids
+
+
+def node_pids(directory, node):
+    """The processes serving node `node` of the dev cluster in `directory`."""
+    data_dir = os.path.join(directory, "node-%d" % node)
+    return [
+        pid
+        for pid, args in processes()
+        if "serve" in args and "--data-dir" in args and args[args.index("--data-dir") + 1] == data_dir
+    ]
+
+
+def dev_processes(directory):
+    """Every process started for the cluster in `directory` (nodes, and `tally dev start-node`)."""
+    return [pid for pid, args in processes() if any(a == directory or a.startswith(directory + "/") for a in args)]
 
 
 def status(tally, directory, base):

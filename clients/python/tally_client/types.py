@@ -159,10 +159,9 @@ def to_pb(value, message_class):
     for field in message_class.DESCRIPTOR.fields:
         item = getattr(value, field.name)
         if field.message_type is not None and field.message_type.name == "U128":
-            if item != 0:  # an absent U128 is zero
-                getattr(message, field.name).CopyFrom(_u128_to_pb(item, field.name))
-            else:
-                _u128_to_pb(item, field.name)
+            checked = _u128_to_pb(item, field.name)
+            if item != 0:  # an absent U128 is zero: nothing on the wire
+                getattr(message, field.name).CopyFrom(checked)
         else:
             bits = 64 if field.type in (field.TYPE_UINT64, field.TYPE_FIXED64) else 32
             if field.enum_type is None and (item < 0 or item >= 1 << bits):
