@@ -29,7 +29,7 @@
 //! per kind it changed (the accounts it changed, the ids it created, its index entries, its
 //! query index entries), the
 //! layout naming those runs, and its plain keys. Runs are merged (`runs::pick_merge`), inline or
-//! on a background thread: a merge writes its run's pages under a fresh id recorded in the layout
+//! on two background threads (`runs::Lane`: ids and accounts, the indexes): a merge writes its run's pages under a fresh id recorded in the layout
 //! as garbage, then swaps it for its sources in one batch; the sources are deleted once no reader
 //! or frozen view holds them. A crash at any point leaves the layout of some whole entry and
 //! garbage that `open` deletes. Reading memory is bounded: run descriptions (about 10 bits per key
@@ -64,7 +64,7 @@ use self::import::Import;
 pub use self::layout::LAYOUT_KEY;
 use self::layout::{Layout, Runs};
 use self::pages::{Batch, Pages, Value};
-use self::runs::{Descriptions, Kind, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
+use self::runs::{Descriptions, Kind, Lane, PREFIX_PAGE, PREFIX_RUN_META, Run, RunBuilder, Writes};
 use ledger::codec::{
     self, PREFIX_CHANGE, PREFIX_EXPIRY, PREFIX_FAILED, PREFIX_META, PREFIX_PENDING, PREFIX_TRANSFER,
 };
@@ -105,7 +105,8 @@ impl Default for Options {
 
 pub struct RunStore {
     inner: Arc<Inner>,
-    merger: Option<JoinHandle<()>>,
+    /// One merge thread per lane, in the product.
+    mergers: Vec<JoinHandle<()>>,
     background_merges: bool,
     import: Option<Import>,
 }
@@ -129,6 +130,9 @@ struct Inner {
     damage: Mutex<Option<String>>,
     merges: Mutex<MergeSignal>,
     merges_wake: Condvar,
+    /// Held while garbage is deleted: the two merge threads collect one at a time, so that a run
+    /// leaves the layout's garbage list only once its pages are gone.
+    collecting: Mutex<()>,
 }
 
 /// Background merges that failed in this process, for a node's metrics
@@ -138,7 +142,8 @@ pub static MERGES_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 
 #[derive(Default)]
 struct MergeSignal {
-    pending: bool,
+    /// Per lane (`Lane as usize`): a commit added runs since the lane last looked.
+    pending: [bool; 2],
     stop: bool,
 }
 
@@ -211,18 +216,21 @@ impl RunStore {
             accounts: Mutex::new(AccountCache { accounts: HashMap::default(), capacity }),
             pre_images: Mutex::new(None),
             damage: Mutex::new(None),
-            merges: Mutex::new(MergeSignal { pending: true, stop: false }),
+            merges: Mutex::new(MergeSignal { pending: [true; 2], stop: false }),
             merges_wake: Condvar::new(),
+            collecting: Mutex::new(()),
         });
         inner.collect_garbage()?;
-        let merger = options.background_merges.then(|| {
-            let inner = inner.clone();
-            std::thread::Builder::new()
-                .name("state-merges".into())
-                .spawn(move || inner.merge_loop())
-                .expect("spawn the merge thread")
-        });
-        Ok(RunStore { inner, merger, background_merges: options.background_merges, import: None })
+        let mut mergers = Vec::new();
+        if options.background_merges {
+            for (lane, name) in [(Lane::Lookups, "state-merges"), (Lane::Indexes, "index-merges")] {
+                let inner = inner.clone();
+                let thread =
+                    std::thread::Builder::new().name(name.into()).spawn(move || inner.merge_loop(lane));
+                mergers.push(thread.expect("spawn a merge thread"));
+            }
+        }
+        Ok(RunStore { inner, mergers, background_merges: options.background_merges, import: None })
     }
 
     /// A view of the state as it is now that later commits do not change, for a snapshot export
@@ -242,10 +250,11 @@ impl RunStore {
         }
     }
 
-    /// Runs one merge if one is due; returns whether it did. For tests and benchmarks: the store
-    /// merges by itself.
-    pub fn merge(&self) -> StoreResult<bool> {
-        self.inner.merge_once()
+    /// Whether some kind has runs to merge now (or a merge under way): false once the merge
+    /// threads have caught up. For tests and benchmarks: the store merges by itself.
+    pub fn merges_due(&self) -> bool {
+        let runs = self.inner.current_runs();
+        Kind::ALL.into_iter().any(|kind| runs::pick_merge(runs.of(kind)).is_some())
     }
 
     /// How many runs each kind has (`Kind::ALL` order), and the memory their descriptions take.
@@ -383,10 +392,10 @@ impl RunStore {
 
     fn signal_merges(&self) -> StoreResult<()> {
         if self.background_merges {
-            self.inner.merges.lock().unwrap().pending = true;
-            self.inner.merges_wake.notify_one();
+            self.inner.merges.lock().unwrap().pending = [true; 2];
+            self.inner.merges_wake.notify_all();
         } else {
-            while self.inner.merge_once()? {}
+            while self.inner.merge_once(&Lane::ALL)? {}
         }
         Ok(())
     }
@@ -394,9 +403,9 @@ impl RunStore {
 
 impl Drop for RunStore {
     fn drop(&mut self) {
-        if let Some(merger) = self.merger.take() {
-            self.inner.merges.lock().unwrap().stop = true;
-            self.inner.merges_wake.notify_one();
+        self.inner.merges.lock().unwrap().stop = true;
+        self.inner.merges_wake.notify_all();
+        for merger in self.mergers.drain(..) {
             let _ = merger.join();
         }
         // A store closed, not crashed, keeps its last commits. Best effort: what a failure here
@@ -554,20 +563,21 @@ impl Inner {
         Ok(())
     }
 
-    fn merge_loop(&self) {
+    /// A merge thread's loop: the merges of one lane's kinds, whenever a commit signals.
+    fn merge_loop(&self, lane: Lane) {
         loop {
             {
                 let mut signal = self.merges.lock().unwrap();
-                while !signal.pending && !signal.stop {
+                while !signal.pending[lane as usize] && !signal.stop {
                     signal = self.merges_wake.wait(signal).unwrap();
                 }
                 if signal.stop {
                     return;
                 }
-                signal.pending = false;
+                signal.pending[lane as usize] = false;
             }
             loop {
-                match self.merge_once() {
+                match self.merge_once(&[lane]) {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(error) => {
@@ -590,14 +600,16 @@ impl Inner {
         }
     }
 
-    /// Merges the runs `runs::pick_merge` picks, if any: writes the merged run under a fresh id
-    /// (garbage until swapped in), swaps it for its sources, and collects garbage.
-    fn merge_once(&self) -> StoreResult<bool> {
+    /// Merges the runs `runs::pick_merge` picks among the kinds of `lanes`, if any: writes the
+    /// merged run under a fresh id (garbage until swapped in), swaps it for its sources, and
+    /// collects garbage. The lanes' threads never merge the same kind.
+    fn merge_once(&self, lanes: &[Lane]) -> StoreResult<bool> {
         let (kind, sources, id) = {
             let mut layout = self.layout.lock().unwrap();
             let runs = self.current_runs();
             let Some((kind, range)) = Kind::ALL
                 .into_iter()
+                .filter(|kind| lanes.contains(&kind.lane()))
                 .find_map(|kind| runs::pick_merge(runs.of(kind)).map(|range| (kind, range)))
             else {
                 return Ok(false);
@@ -655,6 +667,7 @@ impl Inner {
 
     /// Deletes runs that are garbage, or retired and no longer held by any reader or view.
     fn collect_garbage(&self) -> StoreResult<()> {
+        let _collecting = self.collecting.lock().unwrap();
         let doomed: Vec<(Kind, u64)> = {
             let mut layout = self.layout.lock().unwrap();
             let (free, held): (Vec<_>, Vec<_>) =
@@ -1047,5 +1060,71 @@ impl ledger::store::SharedStore for RunStore {
         }
         drop(cache);
         self.signal_merges()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs::{FANOUT, Kind};
+    use super::{Options, RunStore};
+    use ledger::model::{Account, Batch, Transfer};
+    use ledger::{Ledger, MemStore, Store, snapshot};
+    use std::time::{Duration, Instant};
+
+    fn apply<S: Store>(ledger: &mut Ledger<S>, entries: u64) {
+        let accounts = (1..=12).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() }).collect();
+        ledger.apply(&[Batch::CreateAccounts(accounts)], 1_000, None).unwrap();
+        for entry in 0..entries {
+            let transfers = (0..9u128)
+                .map(|n| Transfer {
+                    id: 100 + entry as u128 * 9 + n,
+                    debit_account_id: 1 + (entry as u128 + n) % 12,
+                    credit_account_id: 1 + (entry as u128 + n + 1) % 12,
+                    amount: 1 + n,
+                    ledger: 1,
+                    code: 1,
+                    user_data_64: entry % 7,
+                    ..Transfer::default()
+                })
+                .collect();
+            ledger.apply(&[Batch::CreateTransfers(transfers)], 2_000 + entry * 1_000, None).unwrap();
+        }
+    }
+
+    fn exported(store: &impl Store) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        snapshot::export(store, &mut bytes).unwrap();
+        bytes
+    }
+
+    /// The product's two merge threads (ids and accounts; the indexes) merge every kind to
+    /// where merges inside `commit` leave it, concurrently with the commits and with each other's
+    /// garbage collection: the same records as in memory, every kind within its bound of runs,
+    /// and the same after a reopen (nothing deleted that the layout still names).
+    #[test]
+    fn the_two_merge_threads_leave_every_kind_merged_and_the_records_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = 600;
+        let mut ledger = Ledger::open(RunStore::open_with(dir.path(), Options::default()).unwrap()).unwrap();
+        apply(&mut ledger, entries);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ledger.store().merges_due() {
+            assert!(Instant::now() < deadline, "merges never caught up: {:?}", ledger.store().run_counts().0);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut in_memory = Ledger::open(MemStore::new()).unwrap();
+        apply(&mut in_memory, entries);
+        let expected = exported(in_memory.store());
+        assert_eq!(exported(ledger.store()), expected);
+        // A commit's runs hold 9-18 entries (class 1), all 601 of them at most 10,818 (class 4):
+        // at most FANOUT - 1 runs for each of the four classes, whatever order the merges took.
+        let (counts, _) = ledger.store().run_counts();
+        for (kind, count) in Kind::ALL.into_iter().zip(counts) {
+            assert!(count <= 4 * (FANOUT - 1), "{kind:?}: {count} runs of {counts:?}");
+        }
+        ledger.store().flush().unwrap();
+        drop(ledger);
+        let reopened = RunStore::open_with(dir.path(), Options::default()).unwrap();
+        assert_eq!(exported(&reopened), expected);
     }
 }

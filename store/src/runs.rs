@@ -107,22 +107,31 @@ impl Kind {
         }
     }
 
-    /// Runs of this many entries or more are not merged again. The per-account index is most of
-    /// the bytes (two entries per transfer) and a query consults only the runs whose filter
-    /// holds its account, so its runs stop growing at 8M entries: at 100M transfers about 25
-    /// such runs, and each index entry is rewritten about three times instead of five. The
-    /// query indexes are read the same way. Ids and accounts are looked up for every transfer:
-    /// they merge all the way, to keep few filters to test.
-    pub fn merged_entries_max(self) -> u64 {
+    /// Which merge thread merges this kind's runs. Ids and accounts are looked up for every
+    /// transfer, so their runs must never pile up behind a long merge of an index (the
+    /// per-account index is most of the bytes: two entries per transfer, and its largest merges
+    /// take minutes at 100M transfers); the indexes have a thread of their own.
+    pub fn lane(self) -> Lane {
         match self {
-            Kind::Accounts | Kind::Ids => u64::MAX,
-            _ => 8 << 20,
+            Kind::Accounts | Kind::Ids => Lane::Lookups,
+            _ => Lane::Indexes,
         }
     }
 
     pub fn from_u8(tag: u8) -> Option<Kind> {
         Kind::ALL.into_iter().find(|kind| *kind as u8 == tag)
     }
+}
+
+/// A merge thread's share of the kinds (`Kind::lane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Lookups = 0,
+    Indexes = 1,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::Lookups, Lane::Indexes];
 }
 
 /// A query index key: the field's value, then the record's timestamp.
@@ -922,13 +931,26 @@ pub fn scan_all(runs: &[Arc<Run>], pages: &Pages, visit: &mut EntryVisitor) -> S
 /// Which runs of a kind (oldest first) to merge now, if any: the newest runs of the newest run's
 /// size class or smaller, once there are `FANOUT` of them. New runs are small and join the tail;
 /// a merge makes a run of the next class, so classes fall from old to new and a kind holds at
-/// most about `FANOUT - 1` runs per class: a logarithmic number of runs, each entry rewritten
-/// once per class it climbs. Runs of `Kind::merged_entries_max` entries or more stay as they are.
+/// most `FANOUT - 1` runs per class: a number of runs logarithmic in the entries (at most 7 per
+/// factor of 8), each entry rewritten once per class it climbs. Every kind merges all the way:
+/// a history query opens a cursor in each index run that holds its account.
+///
+/// A merge on a thread lags the commits, so it may take more than `FANOUT` runs and make a run
+/// of a higher class than an older one, and smaller runs are left between larger ones. So each
+/// class from the newest's up is looked at: the runs from the last run above it to its own last
+/// run, whatever their classes, merge (with every newer run) once there are `FANOUT` of them.
+/// When classes fall from old to new, that is the newest runs of the newest class, as above;
+/// either way no class holds more than `FANOUT - 1` runs with the smaller ones between them.
 pub fn pick_merge(runs: &[Arc<Run>]) -> Option<Range<usize>> {
-    let last = runs.last()?;
-    let (class, cap) = (last.class(), last.kind.merged_entries_max());
-    let start = runs.iter().rposition(|run| run.class() > class || run.entries >= cap).map_or(0, |i| i + 1);
-    (runs.len() - start >= FANOUT).then_some(start..runs.len())
+    let newest = runs.last()?.class();
+    let top = runs.iter().map(|run| run.class()).max().unwrap_or(newest);
+    // Where the runs of class `class` or below begin, after the last run above it.
+    let after_above = |class: u32| runs.iter().rposition(|run| run.class() > class).map_or(0, |i| i + 1);
+    (newest..=top).find_map(|class| {
+        let start = after_above(class);
+        let end = if class == newest { runs.len() } else { after_above(class - 1) };
+        (end - start >= FANOUT).then_some(start..runs.len())
+    })
 }
 
 #[cfg(test)]
@@ -1051,6 +1073,17 @@ mod tests {
         assert_eq!(pick_merge(&runs), None);
         runs.push(sized(9, 10));
         assert_eq!(pick_merge(&runs), Some(1..9));
+
+        // As a merge thread that lags the commits leaves them: runs of class 3 with smaller ones
+        // between, a small one newest. Eight runs from the last larger one (class 4) to the last
+        // of class 3 merge, the small ones with them, and the newest along.
+        let mut runs = vec![sized(20, 5_000)];
+        for (id, entries) in (21..).zip([600, 100, 600, 100, 600, 600, 600, 100, 600, 10]) {
+            runs.push(sized(id, entries));
+        }
+        assert_eq!(pick_merge(&runs), Some(1..11));
+        runs.drain(2..4);
+        assert_eq!(pick_merge(&runs), None, "seven from the class-4 run to the last of class 3");
     }
 
     /// A run whose description spans many chunks and groups answers the same held whole and read
