@@ -5,8 +5,10 @@
 //! clock is simulated time. Every other module asks here, so that the simulation runs the same
 //! code as a node.
 //!
-//! What is not here stays real under simulation: the ledger's state store (redb, on a real
-//! directory of its own for each boot of a simulated node) and the checkpoint thread that writes to it.
+//! The ledger's state store too (`state_store`): on redb in production, under simulation on a
+//! page store in memory (`tally_store::pages::MemoryDisk`) that a simulated crash leaves with what
+//! was durable and a seed-drawn number of the batches after it; its merges and checkpoints then
+//! run inside the apply that causes them, so that a seed replays the same store.
 
 #[cfg(not(feature = "sim"))]
 pub use std::fs;
@@ -88,17 +90,65 @@ pub fn is_dir(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_dir())
 }
 
-/// Where the ledger's state store keeps the directory `path`: `path` itself in production. Under
-/// simulation, its files are the machine's own (its crashes are the power-cut tests' ground; a
-/// page store on turmoil's files is issue 27's next step), in a directory the simulator gives each boot of
-/// a simulated node, so a simulated crash loses the whole state store and the node rebuilds it
-/// from its snapshot and log, a state a real crash can leave too.
-pub fn store_dir(path: &Path) -> std::path::PathBuf {
-    #[cfg(feature = "sim")]
-    if let Some(real) = sim::store_path(path) {
-        return real;
+/// The ledger's state store, kept in a directory of its own (`<data-dir>/state`, and beside it
+/// `state.new` and `state.old` while a snapshot is installed). Directory operations here are
+/// durable when they return.
+pub mod state_store {
+    use std::io;
+    use std::path::Path;
+
+    use ledger::StoreResult;
+    use tally_store::{Options, RunStore};
+
+    /// Whether the store merges and writes checkpoints on threads of its own (production), or
+    /// inside the apply that causes them (under simulation: deterministic, and CPU is free).
+    pub fn threads() -> bool {
+        !cfg!(feature = "sim")
     }
-    path.to_path_buf()
+
+    /// Opens (or creates) the store in `path`.
+    pub fn open(path: &Path, options: Options) -> StoreResult<RunStore> {
+        #[cfg(feature = "sim")]
+        return super::sim::open_store(path, options);
+        #[cfg(not(feature = "sim"))]
+        RunStore::open_with(path, options)
+    }
+
+    pub fn exists(path: &Path) -> bool {
+        #[cfg(feature = "sim")]
+        return super::sim::store_exists(path);
+        #[cfg(not(feature = "sim"))]
+        path.exists()
+    }
+
+    /// Removes the store in `path`, if there is one.
+    pub fn remove(path: &Path) -> io::Result<()> {
+        #[cfg(feature = "sim")]
+        return super::sim::remove_store(path);
+        #[cfg(not(feature = "sim"))]
+        {
+            if path.exists() {
+                std::fs::remove_dir_all(path)?;
+            }
+            sync_parent(path)
+        }
+    }
+
+    /// Renames the store in `from` to `to` (where none is).
+    pub fn rename(from: &Path, to: &Path) -> io::Result<()> {
+        #[cfg(feature = "sim")]
+        return super::sim::rename_store(from, to);
+        #[cfg(not(feature = "sim"))]
+        {
+            std::fs::rename(from, to)?;
+            sync_parent(to)
+        }
+    }
+
+    #[cfg(not(feature = "sim"))]
+    fn sync_parent(path: &Path) -> io::Result<()> {
+        std::fs::File::open(path.parent().expect("a state directory has a parent"))?.sync_all()
+    }
 }
 
 /// The wall clock: time since the Unix epoch.
@@ -125,17 +175,20 @@ pub fn random_u64() -> u64 {
 #[cfg(feature = "sim")]
 pub mod sim {
     use std::cell::RefCell;
+    use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
     use rand::{RngCore, SeedableRng};
+    use tally_store::pages::{MemoryDisk, Pages};
+    use tally_store::{Options, RunStore};
 
     thread_local! {
         static DURABLE_WRITES: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
         static DISK_FAULTS: RefCell<Vec<(PathBuf, std::io::ErrorKind)>> = const { RefCell::new(Vec::new()) };
         static RNG: RefCell<Option<rand_chacha::ChaCha8Rng>> = const { RefCell::new(None) };
         static FSYNC: RefCell<Vec<(PathBuf, (u64, u64))>> = const { RefCell::new(Vec::new()) };
-        static STORE_ROOTS: RefCell<Vec<(PathBuf, PathBuf)>> = const { RefCell::new(Vec::new()) };
+        static STORES: RefCell<BTreeMap<PathBuf, MemoryDisk>> = const { RefCell::new(BTreeMap::new()) };
         static COMMITTED_PERSIST_INTERVAL: RefCell<Option<Duration>> = const { RefCell::new(None) };
     }
 
@@ -149,23 +202,62 @@ pub mod sim {
         COMMITTED_PERSIST_INTERVAL.with(|cell| *cell.borrow())
     }
 
-    /// Puts the state store of the node whose data directory is `data_dir` in the real directory
-    /// `real` from now on (`sys::store_dir`): a new one for each boot.
-    pub fn set_store_root(data_dir: &Path, real: PathBuf) {
-        STORE_ROOTS.with(|roots| {
-            let mut roots = roots.borrow_mut();
-            roots.retain(|(dir, _)| dir != data_dir);
-            roots.push((data_dir.to_path_buf(), real));
-        });
+    /// The state store in `path` (`state_store::open`): on the simulated disk kept for that path,
+    /// a new one if there is none.
+    pub(super) fn open_store(path: &Path, options: Options) -> ledger::StoreResult<RunStore> {
+        let disk = STORES.with(|stores| stores.borrow_mut().entry(path.to_path_buf()).or_default().clone());
+        RunStore::open_on(Pages::on(disk.pages()), options)
     }
 
-    pub(super) fn store_path(path: &Path) -> Option<PathBuf> {
-        STORE_ROOTS.with(|roots| {
-            roots
-                .borrow()
-                .iter()
-                .find_map(|(dir, real)| path.strip_prefix(dir).ok().map(|rest| real.join(rest)))
+    pub(super) fn store_exists(path: &Path) -> bool {
+        STORES.with(|stores| stores.borrow().contains_key(path))
+    }
+
+    pub(super) fn remove_store(path: &Path) -> std::io::Result<()> {
+        super::disk_fault(path)?;
+        STORES.with(|stores| stores.borrow_mut().remove(path));
+        Ok(())
+    }
+
+    pub(super) fn rename_store(from: &Path, to: &Path) -> std::io::Result<()> {
+        super::disk_fault(to)?;
+        STORES.with(|stores| {
+            let mut stores = stores.borrow_mut();
+            let disk = stores.remove(from).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no state store in {}", from.display()),
+                )
+            })?;
+            stores.insert(to.to_path_buf(), disk);
+            Ok(())
         })
+    }
+
+    /// The power of the host whose data directory is `data_dir` is cut: each of its state
+    /// stores keeps what was durable and a number of the batches written after it drawn from
+    /// the seeded generator (none to all), and every store opened on them fails from now on.
+    /// Call it before the host crashes. Returns how many of its stores hold something after the
+    /// crash (the node reopens them and re-applies its log after their last checkpoint), and how
+    /// many batches were lost over all of them.
+    pub fn crash_stores(data_dir: &Path) -> (usize, usize) {
+        STORES.with(|stores| {
+            let stores = stores.borrow();
+            let (mut kept, mut lost) = (0, 0);
+            for (_, disk) in stores.iter().filter(|(path, _)| path.starts_with(data_dir)) {
+                let unsynced = disk.unsynced_batches();
+                let keep = (random_u64().unwrap_or(0) % (unsynced as u64 + 1)) as usize;
+                disk.crash(keep);
+                lost += unsynced - keep;
+                kept += usize::from(!disk.keys().is_empty());
+            }
+            (kept, lost)
+        })
+    }
+
+    /// The state stores under `data_dir` are gone: a disk replaced.
+    pub fn wipe_stores(data_dir: &Path) {
+        STORES.with(|stores| stores.borrow_mut().retain(|path, _| !path.starts_with(data_dir)));
     }
 
     /// Fails every write and sync under `data_dir` with `kind` from now on (`Other` for EIO,

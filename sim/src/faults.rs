@@ -132,6 +132,18 @@ enum Action {
     Remove(usize),
 }
 
+/// Cuts the power of node `node`'s host: its WAL and files lose what was not synced (turmoil),
+/// its state store keeps what was durable and a seed-drawn number of the batches after it.
+fn crash(sim: &mut turmoil::Sim<'_>, world: &World, at: Duration, node: u64) {
+    let (kept, lost) = raft_node::sys::sim::crash_stores(&data_dir(node));
+    world.stores_kept.fetch_add(kept as u64, std::sync::atomic::Ordering::Relaxed);
+    world.record(
+        at,
+        format_args!("n{node} loses power: {kept} state stores kept, {lost} unsynced batches lost"),
+    );
+    sim.crash(host_name(node));
+}
+
 /// A crash waiting for its moment.
 struct Armed {
     node: u64,
@@ -220,7 +232,7 @@ impl Schedule {
                 membership.spare = Some(node);
                 membership.wipe.insert(node);
             }
-            sim.crash(host_name(node));
+            crash(sim, world, at, node);
         }
         let restart: Vec<u64> = world
             .stopped
@@ -266,7 +278,7 @@ impl Schedule {
         if let Some(moment) = moment {
             armed.crashed = true;
             world.record(at, format_args!("fault: Crash({}) {moment}", armed.node));
-            sim.crash(host_name(armed.node));
+            crash(sim, world, at, armed.node);
         }
     }
 
@@ -276,7 +288,7 @@ impl Schedule {
         match action {
             Action::Crash(node) => {
                 self.applied += 1;
-                sim.crash(host_name(node));
+                crash(sim, world, at, node);
             }
             Action::Boot(node) => sim.bounce(host_name(node)),
             Action::Cut(node, clients) => {

@@ -12,10 +12,12 @@
 //! What is simulated: time (every timer, timeout and clock reading of the nodes), the network
 //! (latency, partitions, a crashed host's connections), the disk under the WAL, the vote, the
 //! identity and the snapshots (turmoil's file system: writes not yet fsynced are lost when a host
-//! crashes), and randomness (openraft's, tokio's, the node's). What is not: the ledger's state
-//! store (sled; `raft_node::sys::store_dir` puts it on a real directory of its own for each boot,
-//! so a crash loses it whole and the node rebuilds it from the log), and CPU time, which is
-//! free: work done between two steps takes no simulated time.
+//! crashes), the ledger's state store (`raft_node::sys::state_store`: a page store in memory per
+//! node and directory that a crash leaves with what was durable and a seed-drawn number of the
+//! batches after it, so that a node re-applies from its last durable checkpoint as after a real
+//! power cut; its merges and checkpoints run inside the apply), and randomness (openraft's,
+//! tokio's, the node's). What is not: CPU time, which is free: work done between two steps takes
+//! no simulated time.
 
 pub mod check;
 pub mod faults;
@@ -70,6 +72,9 @@ pub struct Outcome {
     pub faults: u64,
     /// Snapshots built or installed and log purges, over all nodes.
     pub snapshots: u64,
+    /// State stores a crash left holding a checkpoint, over all crashes: each reopened by its
+    /// node, which re-applied its log after that checkpoint.
+    pub stores_kept: u64,
     pub steps: u64,
 }
 
@@ -77,8 +82,6 @@ pub struct Outcome {
 /// thread; the locks are for the types' sake.
 pub struct World {
     pub options: Options,
-    /// A real directory, removed at the end: the nodes' state stores.
-    store_root: PathBuf,
     /// How many times each node has booted, by id.
     boots: BTreeMap<u64, AtomicU64>,
     /// Each running node, as its host last booted it. Weak: a crashed host's runtime drops the
@@ -87,6 +90,8 @@ pub struct World {
     pub trace: Mutex<Trace>,
     /// Transfers the client was told are created.
     pub acknowledged: AtomicU64,
+    /// State stores crashes left holding a checkpoint (`Outcome::stores_kept`).
+    pub stores_kept: AtomicU64,
     /// How far each node's machine clock is off, in ms (the clock faults).
     pub skews: Mutex<BTreeMap<u64, i64>>,
     /// Nodes that stopped on a failed disk, and when: a supervisor restarts them.
@@ -196,9 +201,6 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
         return Ok(());
     }
     let boot = world.boots[&id].fetch_add(1, Ordering::Relaxed);
-    let store = world.store_root.join(format!("n{id}-boot{boot}"));
-    std::fs::create_dir_all(&store)?;
-    raft_node::sys::sim::set_store_root(&data_dir(id), store);
     world.stopped.lock().unwrap().remove(&id);
     world.record(now(), format_args!("n{id} boots ({boot})"));
     let (wiped, join) = {
@@ -241,6 +243,7 @@ async fn boot(world: Arc<World>, id: u64) -> turmoil::Result {
 /// Empties a simulated node's data directory, durably: a disk replaced.
 fn wipe(dir: &Path) -> std::io::Result<()> {
     use raft_node::sys::fs;
+    raft_node::sys::sim::wipe_stores(dir);
     if !raft_node::sys::is_dir(dir) {
         return Ok(());
     }
@@ -290,13 +293,6 @@ pub const EPOCH_NS: u64 = 1_800_000_000 * 1_000_000_000;
 /// to be found; a seed run after another in the same process does not replay alone), so
 /// `tally-sim` runs each seed in a process of its own.
 pub fn run(options: &Options) -> Outcome {
-    let store_root = tempfile::Builder::new().prefix("tally-sim-").tempdir().expect("a temporary directory");
-    let outcome = run_in(options, store_root.path());
-    drop(store_root);
-    outcome
-}
-
-fn run_in(options: &Options, store_root: &Path) -> Outcome {
     raft_node::sys::sim::seed(options.seed);
     // Disks drawn from the seed, fast, ordinary or slow to fsync: the same on every node, or
     // (one seed in two from 27 on) one of each, as sites' disks differ; a node on a slow disk
@@ -313,11 +309,11 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
     let (removals, to_remove) = tokio::sync::mpsc::unbounded_channel();
     let world = Arc::new(World {
         options: options.clone(),
-        store_root: store_root.to_path_buf(),
         boots: (1..=options.nodes + 1).map(|id| (id, AtomicU64::new(0))).collect(),
         nodes: Mutex::new(BTreeMap::new()),
         trace: Mutex::new(Trace::default()),
         acknowledged: AtomicU64::new(0),
+        stores_kept: AtomicU64::new(0),
         skews: Mutex::new(BTreeMap::new()),
         stopped: Mutex::new(BTreeMap::new()),
         membership: Mutex::new(Membership {
@@ -411,6 +407,7 @@ fn run_in(options: &Options, store_root: &Path) -> Outcome {
         acknowledged: invariants.acknowledged(&world),
         faults: schedule.applied,
         snapshots: invariants.snapshot_changes,
+        stores_kept: world.stores_kept.load(Ordering::Relaxed),
         steps,
     }
 }

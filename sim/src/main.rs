@@ -170,8 +170,9 @@ fn run_one(args: &Args, seed: u64) -> bool {
     };
     match (&failure, &ran) {
         (None, Ok(outcome)) => println!(
-            "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, {} snapshots or purges, trace {})",
-            outcome.acknowledged, outcome.faults, outcome.snapshots, outcome.trace_hash
+            "seed {seed}: passed in {took:.1}s ({} acknowledged, {} faults, {} snapshots or purges, {} state \
+             stores reopened after a crash, trace {})",
+            outcome.acknowledged, outcome.faults, outcome.snapshots, outcome.stores_kept, outcome.trace_hash
         ),
         (failure, _) => {
             println!("seed {seed}: FAILED in {took:.1}s: {}", failure.as_deref().unwrap_or_default());

@@ -238,6 +238,17 @@ impl NodeHandle {
     }
 }
 
+/// Why a read could not be linearized here (`NodeHandle::read_barrier`).
+#[derive(Debug)]
+pub enum ReadBarrier {
+    /// This node does not lead: the read goes to the leader.
+    NotLeader,
+    /// No majority confirmed the read index.
+    Unavailable(String),
+    /// The node is shutting down.
+    Stopping(String),
+}
+
 /// What Raft says on this node at one moment: term, leader, log, applied and committed indexes,
 /// membership, and on the leader each follower's replication.
 pub type RaftView = openraft::RaftMetrics<crate::types::TypeConfig>;
@@ -247,6 +258,20 @@ impl NodeHandle {
     /// What Raft says now.
     pub fn raft_view(&self) -> RaftView {
         self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Waits until this node's state reflects every write committed before the call (a read
+    /// index, confirmed by a majority): what a linearizable read waits for.
+    pub async fn read_barrier(&self) -> Result<(), ReadBarrier> {
+        use openraft::error::{LinearizableReadError, RaftError};
+        let linearizer = match self.raft.get_read_linearizer(openraft::ReadPolicy::ReadIndex).await {
+            Ok(linearizer) => linearizer,
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {
+                return Err(ReadBarrier::NotLeader);
+            }
+            Err(error) => return Err(ReadBarrier::Unavailable(error.to_string())),
+        };
+        linearizer.await_ready(&self.raft).await.map(|_| ()).map_err(|e| ReadBarrier::Stopping(e.to_string()))
     }
 
     /// Waits until `done` holds of what Raft says, at most `timeout`; whether it came to hold.

@@ -8,15 +8,13 @@
 use std::sync::Arc;
 
 use ledger::Batch;
-use openraft::ReadPolicy;
-use openraft::type_config::async_runtime::WatchReceiver;
 use tally_proto::v1 as pb;
 use tally_proto::v1::ledger_client::LedgerClient;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::net::MESSAGE_BYTES_MAX;
-use crate::node::NodeHandle;
+use crate::node::{NodeHandle, ReadBarrier};
 
 /// The largest client request accepted: a batch of 8189 events with every field set is about
 /// 2 MiB of protobuf; more is refused with RESOURCE_EXHAUSTED before it is decoded.
@@ -64,22 +62,13 @@ impl LedgerService {
     /// Waits until this node's state reflects every write acknowledged before now. Err with
     /// `None` means "not the leader: forward".
     async fn linearize(&self) -> Result<(), Option<Status>> {
-        let linearizer = match self.node.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
-            Ok(linearizer) => linearizer,
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::LinearizableReadError::ForwardToLeader(_),
-            )) => {
-                return Err(None);
+        self.node.read_barrier().await.map_err(|barrier| match barrier {
+            ReadBarrier::NotLeader => None,
+            ReadBarrier::Unavailable(error) => {
+                Some(Status::unavailable(format!("cannot serve a linearizable read: {error}")))
             }
-            Err(error) => {
-                return Err(Some(Status::unavailable(format!("cannot serve a linearizable read: {error}"))));
-            }
-        };
-        linearizer
-            .await_ready(&self.node.raft)
-            .await
-            .map(|_| ())
-            .map_err(|e| Some(Status::unavailable(format!("node is stopping: {e}"))))
+            ReadBarrier::Stopping(error) => Some(Status::unavailable(format!("node is stopping: {error}"))),
+        })
     }
 }
 
@@ -188,8 +177,9 @@ async fn feed_changes(
     mut from: u64,
     events: tokio::sync::mpsc::Sender<Result<pb::ChangeEvent, Status>>,
 ) {
-    let mut metrics = node.raft.metrics();
     loop {
+        // Before the read: an entry applied after it is a change the wait below sees.
+        let applied = node.raft_view().last_applied;
         let state = node.state.clone();
         let page =
             tokio::task::spawn_blocking(move || state.read(|ledger| ledger.changes(from, CHANGE_PAGE))).await;
@@ -210,8 +200,7 @@ async fn feed_changes(
         }
         if caught_up {
             tokio::select! {
-                _ = metrics.changed() => {}
-                _ = tokio::time::sleep(CHANGE_POLL) => {}
+                _ = node.wait_for_raft(CHANGE_POLL, |view| view.last_applied != applied) => {}
                 _ = events.closed() => return,
             }
         }

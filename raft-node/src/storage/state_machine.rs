@@ -27,6 +27,7 @@ use tally_store::Options as StoreOptions;
 use tally_store::RunStore;
 
 use crate::storage::files;
+use crate::sys::state_store;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, decode, encode,
 };
@@ -245,9 +246,17 @@ impl Shared {
         match ledger.store_mut().seal().map_err(|e| apply_error(&self.data_dir, e))? {
             Some(job) => {
                 *self.checkpointed_at.lock().unwrap() = tokio::time::Instant::now();
-                // The thread lives as long as `Shared`; a job that cannot be sent fails when
-                // dropped, and the next commit reports it.
-                let _ = self.checkpoints.send(job);
+                if state_store::threads() {
+                    // The thread lives as long as `Shared`; a job that cannot be sent fails when
+                    // dropped, and the next commit reports it.
+                    let _ = self.checkpoints.send(job);
+                } else {
+                    // Under simulation: written now, as it would be at once on an idle thread.
+                    // A failure is reported by the next commit, as from the thread.
+                    if let Err(error) = job.run() {
+                        tracing::error!("writing a checkpoint of the ledger state failed: {error}");
+                    }
+                }
                 Ok(())
             }
             // Rare, and long: the worker is handed over (a no-op when it already was). Or only
@@ -329,12 +338,6 @@ pub fn marked_damaged(data_dir: &Path) -> bool {
     crate::sys::fs::metadata(data_dir.join(DAMAGED_MARKER)).is_ok()
 }
 
-/// Makes a rename or removal of the state store's directory `path` durable. The store's
-/// directories are the machine's own even under simulation (`sys::store_dir`).
-fn sync_parent(path: &Path) -> io::Result<()> {
-    std::fs::File::open(path.parent().expect("a state directory has a parent"))?.sync_all()
-}
-
 /// Discards a damaged state and opens an empty one in its place. `open` then reloads the local
 /// snapshot (checked whole as it is imported), and openraft re-applies the log after it; a log
 /// is purged only behind a durable snapshot, so together they hold every applied entry
@@ -344,11 +347,8 @@ fn rebuild(data_dir: &Path, options: StoreOptions, why: &io::Error) -> io::Resul
         "the ledger state in {} cannot be used ({why}); rebuilding it from the local snapshot and log",
         data_dir.display()
     );
-    let state = crate::sys::store_dir(&data_dir.join(STATE_DIR));
-    if state.exists() {
-        std::fs::remove_dir_all(&state)?;
-    }
-    sync_parent(&state)?;
+    let state = data_dir.join(STATE_DIR);
+    state_store::remove(&state)?;
     let opened = open_ledger(&state, options)?;
     if marked_damaged(data_dir) {
         crate::sys::fs::remove_file(data_dir.join(DAMAGED_MARKER))?;
@@ -361,7 +361,7 @@ fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(State, Applied
     // A page store that panics on damage it meets (redb checks what it reads, but is not built
     // for files damaged at rest) must not crash the node at every start: such a panic is damage,
     // which `StateMachine::open` rebuilds.
-    let opened = std::panic::catch_unwind(|| RunStore::open_with(path, options)).map_err(|panic| {
+    let opened = std::panic::catch_unwind(|| state_store::open(path, options)).map_err(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -401,14 +401,14 @@ impl StateMachine {
         cache_bytes: u64,
         checkpoint_policy: CheckpointPolicy,
     ) -> io::Result<StateMachine> {
-        let options = StoreOptions { cache_bytes, background_merges: true };
+        let options = StoreOptions { cache_bytes, background_merges: state_store::threads() };
         files::create_dir_durably(&data_dir.join(SNAPSHOT_DIR))?;
         remove_leftovers(&data_dir.join(SNAPSHOT_DIR))?;
         recover_install(data_dir)?;
         let opened = if marked_damaged(data_dir) {
             Err(io::Error::new(io::ErrorKind::InvalidData, "marked damaged when an entry was applied"))
         } else {
-            open_ledger(&crate::sys::store_dir(&data_dir.join(STATE_DIR)), options)
+            open_ledger(&data_dir.join(STATE_DIR), options)
         };
         let (ledger, applied) = match opened {
             Ok(opened) => opened,
@@ -573,21 +573,19 @@ impl StateMachine {
     /// Imports the snapshot file into `state.new`, flushed; an error (a damaged file) leaves
     /// nothing behind.
     fn import_fresh(&self, path: &Path) -> io::Result<()> {
-        let fresh = crate::sys::store_dir(&self.shared.data_dir.join(STATE_NEW_DIR));
-        if fresh.exists() {
-            std::fs::remove_dir_all(&fresh)?;
-        }
+        let fresh = self.shared.data_dir.join(STATE_NEW_DIR);
+        state_store::remove(&fresh)?;
         {
             // No merges while importing: the imported runs merge once the store is live.
             let importing = StoreOptions { background_merges: false, ..self.shared.options };
-            let mut store = RunStore::open_with(&fresh, importing).map_err(io_error)?;
+            let mut store = state_store::open(&fresh, importing).map_err(io_error)?;
             let file = crate::sys::fs::File::open(path)?;
             let imported = ledger::snapshot::import(&mut store, file)
                 .map_err(|e| io_error(format!("snapshot {}: {e}", path.display())))
                 .and_then(|_| store.flush().map(|_| ()).map_err(io_error));
             if let Err(error) = imported {
                 drop(store);
-                std::fs::remove_dir_all(&fresh)?;
+                state_store::remove(&fresh)?;
                 return Err(error);
             }
         }
@@ -601,8 +599,7 @@ impl StateMachine {
         // The store holds a lock on its file: close the current one before swapping.
         drop(ledger.take());
         swap_state_dirs(data_dir)?;
-        let (reopened, applied) =
-            open_ledger(&crate::sys::store_dir(&data_dir.join(STATE_DIR)), self.shared.options)?;
+        let (reopened, applied) = open_ledger(&data_dir.join(STATE_DIR), self.shared.options)?;
         let index = applied.last_applied.map_or(0, |id| id.index);
         self.shared.published.lock().unwrap().reset(index, &reopened.meta());
         *ledger = Some(reopened);
@@ -684,38 +681,33 @@ fn make_current(dir: &Path, meta: &SnapshotMeta) -> io::Result<()> {
 /// an fsync of the directory holding them.
 fn swap_state_dirs(data_dir: &Path) -> io::Result<()> {
     let (state, fresh, old) = state_dirs(data_dir);
-    if state.exists() {
-        std::fs::rename(&state, &old)?;
-        sync_parent(&state)?;
+    if state_store::exists(&state) {
+        state_store::rename(&state, &old)?;
     }
-    std::fs::rename(&fresh, &state)?;
-    sync_parent(&state)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    Ok(())
+    state_store::rename(&fresh, &state)?;
+    state_store::remove(&old)
 }
 
 /// After a crash during `swap_state_dirs`: if `state` is missing but `state.new` is complete,
 /// finish the swap; otherwise discard leftovers.
 fn recover_install(data_dir: &Path) -> io::Result<()> {
     let (state, fresh, old) = state_dirs(data_dir);
-    if !state.exists() && fresh.exists() && old.exists() {
-        std::fs::rename(&fresh, &state)?;
-        sync_parent(&state)?;
+    let exists = state_store::exists;
+    if !exists(&state) && exists(&fresh) && exists(&old) {
+        state_store::rename(&fresh, &state)?;
     }
-    if fresh.exists() {
-        std::fs::remove_dir_all(&fresh)?;
+    if exists(&fresh) {
+        state_store::remove(&fresh)?;
     }
-    if old.exists() && state.exists() {
-        std::fs::remove_dir_all(&old)?;
+    if exists(&old) && exists(&state) {
+        state_store::remove(&old)?;
     }
     Ok(())
 }
 
 /// The state store's live, imported and discarded directories.
 fn state_dirs(data_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let dir = |name| crate::sys::store_dir(&data_dir.join(name));
+    let dir = |name| data_dir.join(name);
     (dir(STATE_DIR), dir(STATE_NEW_DIR), dir(STATE_OLD_DIR))
 }
 
