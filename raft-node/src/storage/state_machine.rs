@@ -157,14 +157,19 @@ fn checkpoint_thread() -> io::Result<std::sync::mpsc::Sender<CheckpointJob<RunSt
     let (sender, receiver) = std::sync::mpsc::channel::<CheckpointJob<RunStore>>();
     std::thread::Builder::new().name("tally-checkpoint".into()).spawn(move || {
         for job in receiver {
-            let started = std::time::Instant::now();
-            match job.run() {
-                Ok(()) => crate::metrics::CHECKPOINT_SECONDS.observe(started.elapsed().as_secs_f64()),
-                Err(error) => tracing::error!("writing a checkpoint of the ledger state failed: {error}"),
-            }
+            write_checkpoint(job);
         }
     })?;
     Ok(sender)
+}
+
+/// Writes one sealed checkpoint. A failure is reported by the store's next commit.
+fn write_checkpoint(job: CheckpointJob<RunStore>) {
+    let started = std::time::Instant::now();
+    match job.run() {
+        Ok(()) => crate::metrics::CHECKPOINT_SECONDS.observe(started.elapsed().as_secs_f64()),
+        Err(error) => tracing::error!("writing a checkpoint of the ledger state failed: {error}"),
+    }
 }
 
 impl Shared {
@@ -252,10 +257,7 @@ impl Shared {
                     let _ = self.checkpoints.send(job);
                 } else {
                     // Under simulation: written now, as it would be at once on an idle thread.
-                    // A failure is reported by the next commit, as from the thread.
-                    if let Err(error) = job.run() {
-                        tracing::error!("writing a checkpoint of the ledger state failed: {error}");
-                    }
+                    write_checkpoint(job);
                 }
                 Ok(())
             }
