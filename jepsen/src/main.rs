@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tally_jepsen::nemesis::{Fault, Timing};
-use tally_jepsen::run::{Options, run};
+use tally_jepsen::run::{Options, run_to_end};
 
 #[derive(Parser)]
 #[command(version, about = "Chaos tests for tally: real processes, whole-site faults, checked histories")]
@@ -120,8 +120,7 @@ fn nemesis_help() -> String {
     format!("Faults: all, none, or a comma-separated list of {}", names.join(", "))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(dir) = args.check {
         // The run's own seed and crashes, from its summary, unless --seed says otherwise.
@@ -146,7 +145,7 @@ async fn main() -> std::process::ExitCode {
     };
     let out = options.out.clone();
     eprintln!("tally-jepsen: seed {}, output in {}", options.seed, out.display());
-    match run(options).await {
+    match run_to_end(options) {
         Ok(report) => {
             print!("{}", report.text());
             println!("\nhistory, summary, pictures and node logs: {}", out.display());

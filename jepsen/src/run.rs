@@ -47,6 +47,16 @@ pub struct Options {
 /// How long healing may take before the run is judged on what it has.
 const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(90);
 
+/// `run` on a multi-threaded runtime of its own (the binary's entry: a plain function keeps the
+/// run's futures compiled once, in the library, rather than again in the binary).
+pub fn run_to_end(options: Options) -> Result<Report, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("no tokio runtime: {e}"))?;
+    runtime.block_on(run(options))
+}
+
 pub async fn run(options: Options) -> Result<Report, String> {
     if !options.binary.is_file() {
         return Err(format!(

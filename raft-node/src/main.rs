@@ -32,6 +32,5 @@ fn main() -> std::process::ExitCode {
         // SAFETY: called before any thread starts; ignores one signal.
         unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    runtime.block_on(raft_node::cli::run(cli))
+    raft_node::cli::run_to_end(cli)
 }
