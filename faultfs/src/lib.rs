@@ -12,14 +12,16 @@
 //! kinder (ext4 orders some metadata), which is why a process kill (SIGKILL keeps the kernel's page
 //! cache) never tested any of this.
 //!
-//! The files live in the harness's memory: every byte written under the mount point, plus the
-//! pre-image of each synced byte overwritten since its file's last fsync. Sizes in chaos runs are
-//! hundreds of megabytes. Writes and fsyncs can also be made to fail (`FaultFs::fail`), for
+//! Every byte written under the mount point lives in an unnamed temporary file on the machine's
+//! own disk (`$TMPDIR`), one per file, removed when the file goes; the pre-image of each synced
+//! byte overwritten since its file's last fsync lives in the harness's memory. Chaos runs write
+//! tens of gigabytes. Writes and fsyncs can also be made to fail (`FaultFs::fail`), for
 //! disk-full and I/O-error faults. Unix only, and mounting needs root (or `fusermount3`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -172,10 +174,14 @@ enum Kind {
     Directory(Directory),
 }
 
-/// A file's bytes as they are now, and how to put back the ones that are not durable.
-#[derive(Default)]
+/// A file's bytes as they are now, and how to put back the ones that are not durable. The bytes
+/// are in an unnamed file on the machine's own disk (the harness's memory held them until a
+/// 600-second run at rush-hour load wrote more than the machine's 24 GiB); the pre-images stay
+/// in memory, as they are few: only durable bytes overwritten since the last fsync.
 struct File {
-    data: Vec<u8>,
+    data: std::fs::File,
+    /// The length now.
+    length: usize,
     /// The length at the last fsync.
     synced_length: usize,
     /// `(offset, old bytes)` for every durable byte overwritten (or cut off) since the last
@@ -184,45 +190,70 @@ struct File {
     unsynced_bytes: u64,
 }
 
+/// The backing file failed (the machine's disk is full, say): the writer sees EIO.
+fn backing_failed(error: io::Error) -> Errno {
+    eprintln!("faultfs: the file backing a file failed: {error}");
+    Errno::EIO
+}
+
 impl File {
+    fn new() -> Result<File, Errno> {
+        // Removed by the kernel when closed, even if this process is killed.
+        let data = tempfile::tempfile().map_err(backing_failed)?;
+        Ok(File { data, length: 0, synced_length: 0, undo: Vec::new(), unsynced_bytes: 0 })
+    }
+
+    /// The bytes in `start..end`, cut at the file's end.
+    fn read(&self, start: usize, end: usize) -> Result<Vec<u8>, Errno> {
+        let end = end.min(self.length);
+        let mut bytes = vec![0; end.saturating_sub(start)];
+        self.data.read_exact_at(&mut bytes, start as u64).map_err(backing_failed)?;
+        Ok(bytes)
+    }
+
     /// Saves the durable bytes in `range` before they change.
-    fn keep_old(&mut self, start: usize, end: usize) {
-        let end = end.min(self.synced_length).min(self.data.len());
+    fn keep_old(&mut self, start: usize, end: usize) -> Result<(), Errno> {
+        let end = end.min(self.synced_length);
         if start < end {
-            self.undo.push((start, self.data[start..end].to_vec()));
+            let old = self.read(start, end)?;
+            self.undo.push((start, old));
         }
+        Ok(())
     }
 
-    fn write(&mut self, offset: usize, bytes: &[u8]) {
-        self.keep_old(offset, offset + bytes.len());
-        if self.data.len() < offset + bytes.len() {
-            self.data.resize(offset + bytes.len(), 0);
-        }
-        self.data[offset..offset + bytes.len()].copy_from_slice(bytes);
+    fn write(&mut self, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
+        self.keep_old(offset, offset + bytes.len())?;
+        // Past the end, the gap reads as zeros, as on a disk.
+        self.data.write_all_at(bytes, offset as u64).map_err(backing_failed)?;
+        self.length = self.length.max(offset + bytes.len());
         self.unsynced_bytes += bytes.len() as u64;
+        Ok(())
     }
 
-    fn truncate(&mut self, length: usize) {
-        self.keep_old(length, self.data.len());
-        self.unsynced_bytes += self.data.len().abs_diff(length) as u64;
-        self.data.resize(length, 0);
+    fn truncate(&mut self, length: usize) -> Result<(), Errno> {
+        self.keep_old(length, self.length)?;
+        self.data.set_len(length as u64).map_err(backing_failed)?;
+        self.unsynced_bytes += self.length.abs_diff(length) as u64;
+        self.length = length;
+        Ok(())
     }
 
     fn sync(&mut self) {
-        self.synced_length = self.data.len();
+        self.synced_length = self.length;
         self.undo.clear();
         self.unsynced_bytes = 0;
     }
 
     /// Back to the last fsync; returns the bytes lost.
-    fn roll_back(&mut self) -> u64 {
+    fn roll_back(&mut self) -> Result<u64, Errno> {
         let lost = self.unsynced_bytes;
-        self.data.resize(self.synced_length, 0);
+        self.data.set_len(self.synced_length as u64).map_err(backing_failed)?;
+        self.length = self.synced_length;
         for (offset, old) in self.undo.drain(..).rev() {
-            self.data[offset..offset + old.len()].copy_from_slice(&old);
+            self.data.write_all_at(&old, offset as u64).map_err(backing_failed)?;
         }
         self.unsynced_bytes = 0;
-        lost
+        Ok(lost)
     }
 }
 
@@ -276,7 +307,7 @@ impl Disk {
     fn attr(&self, inode: u64) -> Option<FileAttr> {
         let node = self.nodes.get(&inode)?;
         let (kind, size, nlink) = match &node.kind {
-            Kind::File(file) => (FileType::RegularFile, file.data.len() as u64, 1),
+            Kind::File(file) => (FileType::RegularFile, file.length as u64, 1),
             Kind::Directory(_) => (FileType::Directory, 0, 2),
         };
         Some(FileAttr {
@@ -391,7 +422,7 @@ impl Disk {
     fn write(&mut self, inode: u64, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
         self.step(None, &[])?;
         self.check_fault()?;
-        self.file(inode)?.write(offset, bytes);
+        self.file(inode)?.write(offset, bytes)?;
         self.nodes.get_mut(&inode).unwrap().mtime = SystemTime::now();
         self.last_write = Some((inode, offset, bytes.to_vec()));
         Ok(())
@@ -433,12 +464,11 @@ impl Disk {
         for node in self.nodes.values_mut() {
             match &mut node.kind {
                 Kind::File(file) => {
-                    if file.unsynced_bytes > 0
-                        || !file.undo.is_empty()
-                        || file.data.len() != file.synced_length
-                    {
+                    if file.unsynced_bytes > 0 || !file.undo.is_empty() || file.length != file.synced_length {
                         cut.files_rolled_back += 1;
-                        cut.bytes_lost += file.roll_back();
+                        // A backing file that fails here has said why on stderr; the run goes on
+                        // with what it holds.
+                        cut.bytes_lost += file.roll_back().unwrap_or(0);
                     }
                 }
                 Kind::Directory(directory) => {
@@ -454,8 +484,7 @@ impl Disk {
             && let Some(Kind::File(file)) = self.nodes.get_mut(&inode).map(|node| &mut node.kind)
         {
             let kept = (mix(seed) % (bytes.len() as u64 + 1)) as usize;
-            if kept > 0 {
-                file.write(offset, &bytes[..kept]);
+            if kept > 0 && file.write(offset, &bytes[..kept]).is_ok() {
                 // What the platter holds after the cut is durable by definition.
                 file.sync();
                 cut.torn_bytes_kept = kept as u64;
@@ -561,7 +590,7 @@ impl Filesystem for Handler {
             if let Some(size) = size {
                 disk.step(None, &[])?;
                 disk.check_fault()?;
-                disk.file(ino.0)?.truncate(size as usize);
+                disk.file(ino.0)?.truncate(size as usize)?;
             }
             let node = disk.nodes.get_mut(&ino.0).ok_or(Errno::ENOENT)?;
             if let Some(mode) = mode {
@@ -627,9 +656,11 @@ impl Filesystem for Handler {
         let mut disk = self.disk.lock().unwrap();
         match disk.file(ino.0) {
             Ok(file) => {
-                let start = (offset as usize).min(file.data.len());
-                let end = (start + size as usize).min(file.data.len());
-                reply.data(&file.data[start..end]);
+                let start = (offset as usize).min(file.length);
+                match file.read(start, start + size as usize) {
+                    Ok(bytes) => reply.data(&bytes),
+                    Err(errno) => reply.error(errno),
+                }
             }
             Err(errno) => reply.error(errno),
         }
@@ -723,7 +754,11 @@ impl Filesystem for Handler {
         reply: ReplyCreate,
     ) {
         let perm = (mode & !umask & 0o7777) as u16;
-        match self.disk.lock().unwrap().create(parent.0, name, Kind::File(File::default()), perm) {
+        let file = match File::new() {
+            Ok(file) => file,
+            Err(errno) => return reply.error(errno),
+        };
+        match self.disk.lock().unwrap().create(parent.0, name, Kind::File(file), perm) {
             Ok(attr) => reply.created(&TTL, &attr, Generation(0), FileHandle(0), FopenFlags::empty()),
             Err(errno) => reply.error(errno),
         }
@@ -748,9 +783,9 @@ impl Filesystem for Handler {
             disk.check_fault()?;
             let file = disk.file(ino.0)?;
             let end = (offset + length) as usize;
-            if end > file.data.len() {
-                let old = file.data.len();
-                file.write(old, &vec![0; end - old]);
+            if end > file.length {
+                let old = file.length;
+                file.write(old, &vec![0; end - old])?;
             }
             Ok(())
         })();

@@ -258,9 +258,9 @@ impl Cluster {
         command.args(["--clock-tolerance-ms", &CLOCK_TOLERANCE_MS.to_string()]);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
         command.args(["--wal-segment-bytes", WAL_SEGMENT_BYTES]);
-        // Every disk lives in this process's memory (`faultfs`): the log behind a snapshot is
-        // kept for 30 s, not a production node's 15 minutes or 4 GiB (at 38,000 transfers/s the
-        // defaults filled 23 GiB and the harness was killed for memory). Faults last seconds.
+        // The log behind a snapshot is kept for 30 s, not a production node's 15 minutes or
+        // 4 GiB: faults last seconds (and when every disk lived in this process's memory, the
+        // defaults filled 23 GiB at 38,000 transfers/s and the harness was killed for it).
         command.args(["--log-keep-bytes", LOG_KEEP_BYTES, "--log-keep-time", LOG_KEEP_TIME]);
         for other in self.nodes.keys().filter(|other| **other != id) {
             command.args(["--route", &format!("{other}={}", self.proxies.address(id, *other))]);
