@@ -12,10 +12,10 @@
 //! kinder (ext4 orders some metadata), which is why a process kill (SIGKILL keeps the kernel's page
 //! cache) never tested any of this.
 //!
-//! Every byte written under the mount point lives in an unnamed temporary file on the machine's
-//! own disk (`$TMPDIR`), one per file, removed when the file goes; the pre-image of each synced
-//! byte overwritten since its file's last fsync lives in the harness's memory. Chaos runs write
-//! tens of gigabytes. Writes and fsyncs can also be made to fail (`FaultFs::fail`), for
+//! Every byte written under the mount point lives on the machine's own disk, in a temporary
+//! directory (`$TMPDIR/faultfs-*`, a file per file, removed with the mount); the pre-image of each
+//! synced byte overwritten since its file's last fsync lives in the harness's memory. Chaos runs
+//! write tens of gigabytes. Writes and fsyncs can also be made to fail (`FaultFs::fail`), for
 //! disk-full and I/O-error faults. Unix only, and mounting needs root (or `fusermount3`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -95,7 +95,8 @@ impl FaultFs {
         // Several request threads: a slow fsync (`slow_syncs`) must not hold up the writes
         // that come in while it runs, as a real disk's would not.
         config.n_threads = Some(4);
-        let session = fuser::spawn_mount(Handler { disk: disk.clone() }, mountpoint, &config)?;
+        let backing = Arc::new(Backing::new()?);
+        let session = fuser::spawn_mount(Handler { disk: disk.clone(), backing }, mountpoint, &config)?;
         Ok(FaultFs { disk, mountpoint: mountpoint.to_path_buf(), session: Some(session) })
     }
 
@@ -175,11 +176,13 @@ enum Kind {
 }
 
 /// A file's bytes as they are now, and how to put back the ones that are not durable. The bytes
-/// are in an unnamed file on the machine's own disk (the harness's memory held them until a
-/// 600-second run at rush-hour load wrote more than the machine's 24 GiB); the pre-images stay
-/// in memory, as they are few: only durable bytes overwritten since the last fsync.
+/// are in a file of the mount's backing directory on the machine's own disk (the harness's memory
+/// held them until a 600-second run at rush-hour load wrote more than the machine's 24 GiB),
+/// opened for each operation: a run's disks hold tens of thousands of files, more than a process
+/// may keep open. The pre-images stay in memory, as they are few: only durable bytes overwritten
+/// since the last fsync.
 struct File {
-    data: std::fs::File,
+    path: PathBuf,
     /// The length now.
     length: usize,
     /// The length at the last fsync.
@@ -196,18 +199,41 @@ fn backing_failed(error: io::Error) -> Errno {
     Errno::EIO
 }
 
+/// Where a mount's files keep their bytes: a temporary directory, removed with the mount.
+struct Backing {
+    dir: tempfile::TempDir,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Backing {
+    fn new() -> io::Result<Backing> {
+        Ok(Backing { dir: tempfile::Builder::new().prefix("faultfs-").tempdir()?, next: Default::default() })
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl File {
-    fn new() -> Result<File, Errno> {
-        // Removed by the kernel when closed, even if this process is killed.
-        let data = tempfile::tempfile().map_err(backing_failed)?;
-        Ok(File { data, length: 0, synced_length: 0, undo: Vec::new(), unsynced_bytes: 0 })
+    fn new(backing: &Backing) -> Result<File, Errno> {
+        let number = backing.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = backing.dir.path().join(number.to_string());
+        std::fs::File::create_new(&path).map_err(backing_failed)?;
+        Ok(File { path, length: 0, synced_length: 0, undo: Vec::new(), unsynced_bytes: 0 })
+    }
+
+    fn open(&self) -> Result<std::fs::File, Errno> {
+        std::fs::OpenOptions::new().read(true).write(true).open(&self.path).map_err(backing_failed)
     }
 
     /// The bytes in `start..end`, cut at the file's end.
     fn read(&self, start: usize, end: usize) -> Result<Vec<u8>, Errno> {
         let end = end.min(self.length);
         let mut bytes = vec![0; end.saturating_sub(start)];
-        self.data.read_exact_at(&mut bytes, start as u64).map_err(backing_failed)?;
+        self.open()?.read_exact_at(&mut bytes, start as u64).map_err(backing_failed)?;
         Ok(bytes)
     }
 
@@ -224,7 +250,7 @@ impl File {
     fn write(&mut self, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
         self.keep_old(offset, offset + bytes.len())?;
         // Past the end, the gap reads as zeros, as on a disk.
-        self.data.write_all_at(bytes, offset as u64).map_err(backing_failed)?;
+        self.open()?.write_all_at(bytes, offset as u64).map_err(backing_failed)?;
         self.length = self.length.max(offset + bytes.len());
         self.unsynced_bytes += bytes.len() as u64;
         Ok(())
@@ -232,7 +258,7 @@ impl File {
 
     fn truncate(&mut self, length: usize) -> Result<(), Errno> {
         self.keep_old(length, self.length)?;
-        self.data.set_len(length as u64).map_err(backing_failed)?;
+        self.open()?.set_len(length as u64).map_err(backing_failed)?;
         self.unsynced_bytes += self.length.abs_diff(length) as u64;
         self.length = length;
         Ok(())
@@ -247,10 +273,11 @@ impl File {
     /// Back to the last fsync; returns the bytes lost.
     fn roll_back(&mut self) -> Result<u64, Errno> {
         let lost = self.unsynced_bytes;
-        self.data.set_len(self.synced_length as u64).map_err(backing_failed)?;
+        let data = self.open()?;
+        data.set_len(self.synced_length as u64).map_err(backing_failed)?;
         self.length = self.synced_length;
         for (offset, old) in self.undo.drain(..).rev() {
-            self.data.write_all_at(&old, offset as u64).map_err(backing_failed)?;
+            data.write_all_at(&old, offset as u64).map_err(backing_failed)?;
         }
         self.unsynced_bytes = 0;
         Ok(lost)
@@ -522,6 +549,7 @@ fn mix(mut x: u64) -> u64 {
 /// The FUSE side: each request takes the disk's lock for its duration.
 struct Handler {
     disk: Arc<Mutex<Disk>>,
+    backing: Arc<Backing>,
 }
 
 impl Handler {
@@ -754,7 +782,7 @@ impl Filesystem for Handler {
         reply: ReplyCreate,
     ) {
         let perm = (mode & !umask & 0o7777) as u16;
-        let file = match File::new() {
+        let file = match File::new(&self.backing) {
             Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
