@@ -40,8 +40,24 @@ const LOG_KEEP_BYTES: &str = "64MiB";
 const LOG_KEEP_TIME: &str = "30s";
 /// WAL segments roll over at this size in chaos runs (64 MiB in production): at 2,000
 /// transfers/s a node rolls a segment every few seconds, so that faults (and the
-/// `power-cut-roll` nemesis) land in rolls.
+/// `power-cut-roll` nemesis) land in rolls. Under `--load`, `wal_segment_bytes_for` instead.
 pub const WAL_SEGMENT_BYTES: &str = "1MiB";
+pub const WAL_SEGMENT_FLAG: &str = "--wal-segment-bytes";
+
+/// WAL segments for a background load of `rate` transfers/s: about two seconds of it each
+/// (~128 bytes a transfer), between 1 and 64 MiB, so that rolls stay seconds apart. At rush hour
+/// 1 MiB segments rolled several times a second and made thousands of files a restart opens
+/// (issue 24: 3.1 s on average to open a log, over FUSE).
+pub fn wal_segment_bytes_for(rate: f64) -> String {
+    let bytes = (rate.max(0.0) * 256.0) as u64;
+    let mib = bytes.div_ceil(1 << 20).next_power_of_two().clamp(1, 64);
+    format!("{mib}MiB")
+}
+
+/// Whether `args` already set `flag` (as two arguments or as `flag=value`).
+pub fn sets_flag(args: &[String], flag: &str) -> bool {
+    args.iter().any(|arg| arg == flag || arg.strip_prefix(flag).is_some_and(|rest| rest.starts_with('=')))
+}
 
 /// The name every node of a run shares (`--cluster`).
 const CLUSTER_NAME: &str = "jepsen";
@@ -257,7 +273,9 @@ impl Cluster {
         command.arg("--key").arg(self.certs.join(format!("node-{id}.key")));
         command.args(["--clock-tolerance-ms", &CLOCK_TOLERANCE_MS.to_string()]);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
-        command.args(["--wal-segment-bytes", WAL_SEGMENT_BYTES]);
+        if !sets_flag(&self.extra_args, WAL_SEGMENT_FLAG) {
+            command.args([WAL_SEGMENT_FLAG, WAL_SEGMENT_BYTES]);
+        }
         // The log behind a snapshot is kept for 30 s, not a production node's 15 minutes or
         // 4 GiB: faults last seconds (and when every disk lived in this process's memory, the
         // defaults filled 23 GiB at 38,000 transfers/s and the harness was killed for it).
@@ -694,5 +712,24 @@ mod tests {
         let names: std::collections::BTreeSet<String> = (0..60).map(super::site_name).collect();
         assert_eq!(names.len(), 60);
         assert_eq!(super::site_name(0), "site-a");
+    }
+
+    #[test]
+    fn segments_hold_about_two_seconds_of_load() {
+        use super::wal_segment_bytes_for as segment;
+        assert_eq!(
+            (segment(0.0), segment(2_000.0), segment(30_900.0)),
+            ("1MiB".into(), "1MiB".into(), "8MiB".into())
+        );
+        assert_eq!((segment(46_300.0), segment(1e9)), ("16MiB".into(), "64MiB".into()));
+    }
+
+    #[test]
+    fn a_flag_given_by_the_caller_is_seen_in_either_form() {
+        let args = |list: &[&str]| list.iter().map(|arg| arg.to_string()).collect::<Vec<_>>();
+        let flag = super::WAL_SEGMENT_FLAG;
+        assert!(super::sets_flag(&args(&["--wal-segment-bytes", "2MiB"]), flag));
+        assert!(super::sets_flag(&args(&["--wal-segment-bytes=2MiB"]), flag));
+        assert!(!super::sets_flag(&args(&["--wal-segment-bytes-max=2MiB", "--load"]), flag));
     }
 }

@@ -75,13 +75,20 @@ pub async fn run(options: Options) -> Result<Report, String> {
         eprintln!("tally-jepsen: {warning}");
     }
     let spares = schedule.iter().filter(|p| p.fault == Fault::Churn).count();
+    let mut serve_args = options.serve_args.clone();
+    if let Some(load) = options.load
+        && !crate::cluster::sets_flag(&serve_args, crate::cluster::WAL_SEGMENT_FLAG)
+    {
+        let bytes = crate::cluster::wal_segment_bytes_for(load.rate);
+        serve_args.extend([crate::cluster::WAL_SEGMENT_FLAG.to_string(), bytes]);
+    }
     let cluster = Cluster::start(
         &options.binary,
         &options.layout,
         spares,
         data.path(),
         &logs,
-        options.serve_args.clone(),
+        serve_args,
         options.faults.contains(&Fault::Upgrade),
     )
     .await?;

@@ -55,8 +55,11 @@ impl Segment {
     }
 
     /// Writes this segment's record index beside it (see `segment_index`), once it is sealed
-    /// and synced. Best effort, and not synced: the index is a cache that open checks against the
-    /// segment, and without it open scans the segment as it would anyway.
+    /// and synced, and syncs it. Best effort: the index is a cache that open checks against the
+    /// segment, and without it open scans the segment as it would anyway. Synced (one small
+    /// fdatasync per segment sealed) because a power cut takes every index not on disk: with the
+    /// chaos harness's small segments, a restart after one scanned thousands of them, 15 s
+    /// (issue 24). Its name is made durable by the directory sync the new segment needs.
     pub(super) fn write_index(&self) {
         let written = (|| -> io::Result<()> {
             let last = self.records.last().expect("a segment holds records");
@@ -70,7 +73,9 @@ impl Segment {
             };
             let path = self.path.with_extension(INDEX_EXTENSION);
             crate::sys::disk_fault(&path)?;
-            File::create(&path)?.write_all(&index.encode())
+            let mut file = File::create(&path)?;
+            file.write_all(&index.encode())?;
+            crate::sys::sync_data(&file, &path)
         })();
         if let Err(error) = written {
             tracing::warn!(
