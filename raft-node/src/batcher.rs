@@ -104,11 +104,12 @@ impl Batcher {
         clock: Arc<ClusterClock>,
         me: NodeId,
         limits: Limits,
+        pace: Arc<crate::pace::Pace>,
     ) -> Batcher {
         let (queue, receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
         let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
         let last_commit_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let proposer = Proposer { raft, clock, me, last_commit_us };
+        let proposer = Proposer { raft, clock, me, last_commit_us, pace };
         let queue_wait_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tokio::spawn(run(proposer.clone(), receiver, delay, in_flight.clone(), queue_wait_us.clone()));
 
@@ -189,6 +190,7 @@ impl Batcher {
         // which asks to wait for company.
         if self.direct
             && self.queue.capacity() == QUEUE_BATCHES_MAX
+            && self.keeps_pace()
             && let Ok(permit) = self.in_flight.clone().try_acquire_owned()
         {
             // Dropped with this future (the caller went away) while Raft still holds the entry,
@@ -201,6 +203,15 @@ impl Batcher {
         }
         self.queue.send(queued).await.map_err(|_| Status::unavailable("node is shutting down"))?;
         receiver.await.map_err(reply_lost)?
+    }
+}
+
+impl Batcher {
+    /// Whether the follower that would take over keeps up (`pace`): otherwise a lone request
+    /// goes through the queue, which waits for it.
+    fn keeps_pace(&self) -> bool {
+        let voters = crate::clock::voters(&self.proposer.raft);
+        self.proposer.pace.quorum_lag(&voters, self.proposer.me).is_none_or(|lag| lag <= crate::pace::LAG_MAX)
     }
 }
 
@@ -243,6 +254,8 @@ struct Proposer {
     me: NodeId,
     /// How long the last entry took from proposal to commit and apply, in microseconds.
     last_commit_us: Arc<std::sync::atomic::AtomicU64>,
+    /// Holds proposals back while the follower that would take over lags in applying.
+    pace: Arc<crate::pace::Pace>,
 }
 
 async fn run(
@@ -253,8 +266,10 @@ async fn run(
     queue_wait_us: Arc<std::sync::atomic::AtomicU64>,
 ) {
     while let Some(first) = receiver.recv().await {
-        // Waiting for a slot first lets the queue grow while earlier entries are in flight.
+        // Waiting for a slot first lets the queue grow while earlier entries are in flight; so
+        // does waiting for the followers to keep pace, which counts as time in the queue.
         let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        proposer.pace.keep(&crate::clock::voters(&proposer.raft), proposer.me).await;
         let waited = first.submitted.elapsed().as_micros() as u64;
         queue_wait_us.store(waited, std::sync::atomic::Ordering::Relaxed);
         let mut events = first.batch.len();

@@ -7,8 +7,8 @@
 //! `INDEX_MAX` before openraft sees it; so is the vote read back from disk.
 
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderError,
-    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError, StreamAppendResult,
+    TransferLeaderError, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 
 use crate::types::{LogId, SnapshotMeta, TypeConfig, Vote};
@@ -59,6 +59,17 @@ impl Bounded for AppendEntriesResponse<TypeConfig> {
             AppendEntriesResponse::Success | AppendEntriesResponse::Conflict => Ok(()),
             AppendEntriesResponse::PartialSuccess(id) => check_log_id(id.as_ref()),
             AppendEntriesResponse::HigherVote(vote) => check_vote(vote),
+        }
+    }
+}
+
+/// One answer on an append stream (`net::raft`'s `AppendStream`).
+impl Bounded for StreamAppendResult<TypeConfig> {
+    fn check_bounds(&self) -> Result<(), String> {
+        match self {
+            Ok(id) => check_log_id(id.as_ref()),
+            Err(StreamAppendError::Conflict(id)) => check_log_id(Some(id)),
+            Err(StreamAppendError::HigherVote(vote)) => check_vote(vote),
         }
     }
 }

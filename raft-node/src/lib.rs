@@ -5,7 +5,8 @@
 //! - `service::LedgerService` receives a `CreateTransfers` call, checks its shape (`convert`) and,
 //!   on the leader, hands the batch to the `batcher`; a follower forwards it to the leader.
 //! - `batcher::Batcher` coalesces concurrent batches into one Raft entry (`types::Request`) and
-//!   proposes it with `openraft::Raft::client_write`.
+//!   proposes it with `openraft::Raft::client_write`, once the follower that would take over
+//!   from it keeps up in applying (`pace`).
 //! - openraft appends the entry through `log_store::LogStore` to the write-ahead log (`wal`),
 //!   which fsyncs groups of appends, and replicates it through `network` to the other nodes'
 //!   `service::RaftService`.
@@ -27,6 +28,7 @@ pub mod convert;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod pace;
 pub mod rt;
 pub mod security;
 pub mod service;

@@ -15,7 +15,11 @@ use tally_proto::v1 as pb;
 const ITERATIONS: usize = 2_000;
 
 fn raft_message(payload: &[u8]) -> pb::RaftMessage {
-    pb::RaftMessage { version: raft_node::net::raft::RAFT_MESSAGE_VERSION, payload: payload.to_vec() }
+    pb::RaftMessage {
+        version: raft_node::net::raft::RAFT_MESSAGE_VERSION,
+        payload: payload.to_vec(),
+        applied_index: None,
+    }
 }
 
 /// Every Raft message a peer can send, request or reply: decoded and bounds-checked, never a

@@ -93,6 +93,19 @@ pub static COMMIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         seconds_buckets(),
     )
 });
+pub static FOLLOWER_LAG_MS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "tally_follower_apply_lag_ms",
+        "On the leader: how far behind in applying the follower that would take over is (pace.rs)",
+    )
+});
+pub static PACE_WAIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tally_pace_wait_seconds",
+        "On the leader: how long a proposal waited for the follower that would take over to catch up in applying",
+        seconds_buckets(),
+    )
+});
 pub static FSYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "tally_wal_fsync_seconds",

@@ -1,7 +1,8 @@
-//! Node-to-node networking: the Raft RPC client (`raft`), who is at each end of it (`identity`),
+//! Node-to-node networking: the Raft RPC client (`raft`, pipelined replication in `append_stream`), who is at each end of it (`identity`),
 //! the bounds on what a peer's messages may say (`bounds`), which peers answer (`reach`),
 //! the pool of long-lived channels for forwarded requests (`pool`), and how every outgoing channel is configured.
 
+pub mod append_stream;
 pub mod identity;
 pub mod pool;
 pub mod raft;

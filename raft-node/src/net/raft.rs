@@ -1,7 +1,8 @@
 //! The Raft network, client side: openraft's RPCs to other nodes over `tally.v1.Raft`.
 //!
 //! Raft messages travel as postcard bytes inside `RaftMessage` (see `raft.proto`); snapshots
-//! stream as chunks of `SNAPSHOT_CHUNK_BYTES_MAX`. Every failure to reach a node is reported to
+//! stream as chunks of `SNAPSHOT_CHUNK_BYTES_MAX`; replication is pipelined on one stream per
+//! follower (`append_stream`). Every failure to reach a node is reported to
 //! openraft as `Unreachable`, which makes it back off and retry.
 
 use std::collections::BTreeMap;
@@ -9,11 +10,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use openraft::OptionalSend;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use tally_proto::v1 as pb;
@@ -21,12 +24,16 @@ use tally_proto::v1::raft_client::RaftClient;
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
+use super::append_stream;
 use super::identity::{Endpoint, FROM_HEADER, Identities, TO_HEADER};
 use super::reach::{Outcome, Reachability};
 use super::{MESSAGE_BYTES_MAX, channel};
 use crate::bounds::Bounded;
 use crate::storage::state_machine::SnapshotFile;
 use crate::types::{NodeId, NodeInfo, Snapshot, SnapshotMeta, TypeConfig, Vote, decode, encode};
+
+/// One answer of a pipelined replication stream, as openraft takes it.
+type StreamAppendItem = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
 
 /// Version of the postcard encoding inside `RaftMessage`.
 pub const RAFT_MESSAGE_VERSION: u32 = 1;
@@ -35,7 +42,7 @@ pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 4 << 20;
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES_MAX * 2 <= MESSAGE_BYTES_MAX);
 
 pub fn message<T: serde::Serialize>(value: &T) -> pb::RaftMessage {
-    pb::RaftMessage { version: RAFT_MESSAGE_VERSION, payload: encode(value) }
+    pb::RaftMessage { version: RAFT_MESSAGE_VERSION, payload: encode(value), applied_index: None }
 }
 
 /// Decodes a Raft message from a peer, and refuses terms and indexes near overflow
@@ -70,6 +77,8 @@ pub struct Network {
     tls: Option<Arc<crate::security::tls::Tls>>,
     /// Which peers answer, for the log.
     reach: Arc<Reachability>,
+    /// Where followers' answers tell how far they have applied.
+    pace: Arc<crate::pace::Pace>,
 }
 
 impl Network {
@@ -77,8 +86,9 @@ impl Network {
         routes: BTreeMap<NodeId, String>,
         identities: Arc<Identities>,
         tls: Option<Arc<crate::security::tls::Tls>>,
+        pace: Arc<crate::pace::Pace>,
     ) -> Network {
-        Network { routes, identities, tls, reach: Arc::new(Reachability::default()) }
+        Network { routes, identities, tls, reach: Arc::new(Reachability::default()), pace }
     }
 }
 
@@ -99,6 +109,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client,
             identities: self.identities.clone(),
             reach: self.reach.clone(),
+            pace: self.pace.clone(),
+            streams: true,
         }
     }
 }
@@ -114,6 +126,10 @@ pub struct Peer {
     client: Option<RaftClient<Channel>>,
     identities: Arc<Identities>,
     reach: Arc<Reachability>,
+    pace: Arc<crate::pace::Pace>,
+    /// Whether the target takes pipelined replication (`append_stream`); false once it answered
+    /// that it does not (an older build), and replication then sends one request at a time.
+    streams: bool,
 }
 
 /// The deadline of one RPC: openraft's (votes, heartbeats), or one sized for what it carries.
@@ -133,7 +149,7 @@ const REPLICATION_BYTES_PER_SECOND_MIN: u64 = 8 << 20;
 /// HTTP/2 stream until the follower's server answers GOAWAY (too many resets) and replication
 /// stalls. A message with entries gets a deadline sized for its bytes instead; an empty one (a
 /// heartbeat, or a probe) keeps openraft's.
-fn replication_deadline(option: &RPCOption, message_bytes: usize) -> Duration {
+pub(super) fn replication_deadline(option: &RPCOption, message_bytes: usize) -> Duration {
     let transfer = Duration::from_millis(message_bytes as u64 * 1000 / REPLICATION_BYTES_PER_SECOND_MIN);
     option.hard_ttl().max(REPLICATION_DEADLINE_MIN + transfer)
 }
@@ -207,6 +223,9 @@ impl Peer {
         let error = reply.as_ref().err().map_or_else(String::new, |status| status.message().to_string());
         self.reach.observe(self.target, &self.address, outcome, &error);
         let reply = reply.map_err(unreachable(self.target))?;
+        if let Some(applied) = reply.get_ref().applied_index {
+            self.pace.heard(self.target, applied);
+        }
         unpack(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
 }
@@ -222,6 +241,45 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         let deadline =
             if rpc.entries.is_empty() { Deadline::Fixed(&option) } else { Deadline::BySize(&option) };
         self.call(&rpc, deadline, |mut c, r| async move { c.append_entries(r).await }).await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, StreamAppendItem>, RPCError<TypeConfig>>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        // A stream of one request (openraft's heartbeats, every 50 ms) gains nothing from a
+        // pipeline: it goes as one unary call, as before.
+        if !self.streams || input.size_hint().1 == Some(1) {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let client = self.client()?;
+            let id = self.target;
+            let target = append_stream::Target {
+                id,
+                address: self.address.clone(),
+                reach: self.reach.clone(),
+                identities: self.identities.clone(),
+                incarnation: self.incarnation_at_start,
+                pace: self.pace.clone(),
+            };
+            match append_stream::open(client, target, input.boxed(), option).await? {
+                append_stream::Opened::Answers(answers) => Ok(answers),
+                append_stream::Opened::Unimplemented => {
+                    self.streams = false;
+                    tracing::info!(
+                        "node {id} does not take pipelined replication (an older build): one request at a time"
+                    );
+                    Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                        "node {id}: no append stream; sending one request at a time"
+                    ))))
+                }
+            }
+        })
     }
 
     async fn vote(

@@ -64,6 +64,8 @@ pub struct NodeHandle {
     pub(crate) receiving: Receiving,
     /// Whether this node withholds its vote after losing a damaged tail of its log.
     pub votes: VoteHold,
+    /// How far the followers have applied, and this node's own applying, for a leader's pace.
+    pub pace: Arc<crate::pace::Pace>,
 }
 
 /// Whether this node withholds its vote, and until its log reaches which index: after recovery cut
@@ -218,6 +220,11 @@ impl NodeHandle {
 
     pub fn is_leader(&self) -> bool {
         self.leader() == Some(self.id())
+    }
+
+    /// The last log index this node has applied (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.raft.metrics().borrow_watched().last_applied.map_or(0, |id| id.index)
     }
 
     /// Node `id`'s client door, as the membership records it: what clients use to reach it.

@@ -157,13 +157,14 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         );
         votes.withhold_until(last_seen);
     }
+    let pace = Arc::new(crate::pace::Pace::default());
     let mut raft_config = raft_config(&config);
     raft_config.enable_elect = votes.withheld().is_none();
     let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft configuration: {e}"))?);
     let raft = Raft::new(
         config.id,
         raft_config,
-        Network::new(config.routes.clone(), identities.clone(), tls.clone()),
+        Network::new(config.routes.clone(), identities.clone(), tls.clone(), pace.clone()),
         log.clone(),
         machine,
     )
@@ -203,7 +204,9 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
             bytes_max: config.queued_bytes_max,
             queue_wait_max: Duration::from_millis(config.queue_wait_max_ms),
         },
+        pace.clone(),
     );
+    tokio::spawn(record_applying(raft.clone(), pace.clone()));
     identities.update(raft.metrics().borrow_watched().membership_config.membership().nodes());
     tokio::spawn(follow_membership(raft.clone(), identities.clone()));
     let subscribers_max = config.subscribers_max;
@@ -225,6 +228,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         status_cache: tokio::sync::Mutex::new(None),
         receiving: Receiving::default(),
         votes,
+        pace,
     });
     if node.votes.withheld().is_some() {
         tokio::spawn(release_votes_when_caught_up(node.clone()));
@@ -328,4 +332,19 @@ pub(crate) async fn join(node: Arc<NodeHandle>, address: String) {
 /// (the leader) for health to say SERVING.
 pub(crate) fn leader_contact_max(config: &NodeConfig) -> Duration {
     Duration::from_millis((config.election_timeout_ms * 6).max(1000))
+}
+
+/// For the life of the node: tells `pace` how this node's applying advances, which is what a
+/// leader measures its followers' lag against.
+async fn record_applying(raft: crate::storage::Raft, pace: Arc<crate::pace::Pace>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let applied = metrics.borrow_watched().last_applied.map(|id| id.index);
+        if let Some(applied) = applied {
+            pace.applied(applied);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -252,7 +252,55 @@ impl pb::raft_server::Raft for RaftService {
         if !matches!(reply, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
             self.node.leader_contact.record();
         }
-        Ok(Response::new(message(&reply)))
+        Ok(Response::new(pb::RaftMessage {
+            applied_index: Some(self.node.applied_index()),
+            ..message(&reply)
+        }))
+    }
+
+    type AppendStreamStream = futures::stream::BoxStream<'static, Result<pb::RaftMessage, Status>>;
+
+    /// A leader's pipelined replication (`net::append_stream`): each request is checked as
+    /// `append_entries` checks one, and answered in order. A request that fails its checks ends
+    /// the stream with the refusal, after the answers to the requests before it.
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<pb::RaftMessage>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        self.check_leader(&request)?;
+        let from = caller_id(&request);
+        let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let requests = {
+            let refused = refused.clone();
+            request.into_inner().scan((), move |(), message| {
+                let rpc = message.and_then(|message| {
+                    let rpc: openraft::raft::AppendEntriesRequest<crate::types::TypeConfig> =
+                        unpack(&message).map_err(bad_message)?;
+                    check_claimed_from(from, &rpc.vote)?;
+                    Ok(rpc)
+                });
+                std::future::ready(match rpc {
+                    Ok(rpc) => Some(rpc),
+                    Err(status) => {
+                        *refused.lock().unwrap() = Some(status);
+                        None
+                    }
+                })
+            })
+        };
+        let node = self.node.clone();
+        let answers = self.node.raft.stream_append(requests).map(move |answer| match answer {
+            Ok(result) => {
+                if !matches!(result, Err(openraft::raft::StreamAppendError::HigherVote(_))) {
+                    node.leader_contact.record();
+                }
+                Ok(pb::RaftMessage { applied_index: Some(node.applied_index()), ..message(&result) })
+            }
+            Err(fatal) => Err(raft_failed(fatal)),
+        });
+        let refusal = futures::stream::once(async move { refused.lock().unwrap().take() })
+            .filter_map(|refusal| std::future::ready(refusal.map(Err)));
+        Ok(Response::new(answers.chain(refusal).boxed()))
     }
 
     async fn vote(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
