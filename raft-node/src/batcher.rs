@@ -204,9 +204,7 @@ impl Batcher {
         self.queue.send(queued).await.map_err(|_| Status::unavailable("node is shutting down"))?;
         receiver.await.map_err(reply_lost)?
     }
-}
 
-impl Batcher {
     /// Whether the follower that would take over keeps up (`pace`): otherwise a lone request
     /// goes through the queue, which waits for it.
     fn keeps_pace(&self) -> bool {

@@ -9,16 +9,16 @@
 //!
 //! So the leader watches how far behind in applying the followers that would replace it are: each
 //! follower tells its applied index in every answer to AppendEntries, heartbeats included
-//! (`pb::RaftMessage::applied_index`), and its lag is how much of the leader's own applying it has
-//! yet to do: from when the leader was where that follower is now to the leader's latest apply.
-//! Of the followers answering lately (`REPORT_FRESH`), the
-//! leader and as many others as a quorum can spare could be lost together; the best of those
-//! that would remain is the one that counts (`quorum_lag`: the best follower of three voters, the
-//! second best of five). While it lags more than `LAG_MAX`, the leader proposes nothing new
-//! (`Pace::keep`): the queue grows, and past `--max-queue-wait-ms` writes are refused at once as
-//! at capacity, which is what the cluster then is. With too few followers answering for a quorum
-//! to survive the leader, nothing is held back: losing the leader would stop writes anyway. A
-//! wait never exceeds `WAIT_MAX`, so that followers stuck behind slow writes, never stop them.
+//! (`pb::RaftMessage::applied_index`), and its lag is how long it needs to apply what it lacks:
+//! as long as the leader took for it, or its backlog at its own recent rate if that is longer.
+//! Of the followers answering lately (`REPORT_FRESH`), the leader and as many others as a quorum
+//! can spare could be lost together; the best of those that would remain is the one that counts
+//! (`quorum_lag`: the best follower of three voters, the second best of five). While it lags more
+//! than `LAG_MAX` (1 s), the leader holds back its next entry (`Pace::keep`), at most `WAIT_MAX`
+//! (250 ms) each: a throttle, not a stop. The queue grows, and past `--max-queue-wait-ms` writes
+//! are refused at once as at capacity, which is what the cluster then is. With too few followers
+//! answering for a quorum to survive the leader, nothing is held back: losing the leader would
+//! stop writes anyway.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
@@ -28,11 +28,14 @@ use tokio::time::Instant;
 
 use crate::types::NodeId;
 
-/// The longest a follower completing the quorum may be behind in applying before the leader
+/// The longest the follower that would take over may be behind in applying before the leader
 /// holds back new entries: about what a new leader needs to catch up before it answers writes.
-pub const LAG_MAX: Duration = Duration::from_millis(300);
-/// The longest one proposal waits for followers.
-pub const WAIT_MAX: Duration = Duration::from_secs(1);
+/// (300 ms held proposals back most of the time at rush hour, where followers trail by a few
+/// hundred ms in the normal course, and follower faults stopped writes longer than before.)
+pub const LAG_MAX: Duration = Duration::from_secs(1);
+/// The longest one proposal waits for followers: a throttle, not a stop. (1 s made each wait a
+/// second without writes, and a one-second retry hint for the clients refused meanwhile.)
+pub const WAIT_MAX: Duration = Duration::from_millis(250);
 /// A follower's report is used this long; older, it counts as not answering.
 pub const REPORT_FRESH: Duration = Duration::from_secs(1);
 /// How often a held-back proposal looks again.
@@ -40,18 +43,38 @@ const CHECK_EVERY: Duration = Duration::from_millis(5);
 /// Points of the leader's own apply history kept: at ~20 entries a second at rush hour, minutes.
 const HISTORY_MAX: usize = 4096;
 
+/// A follower's reports apply rate is measured over this long (at least `RATE_SPAN_MIN`).
+const RATE_WINDOW: Duration = Duration::from_secs(2);
+const RATE_SPAN_MIN: Duration = Duration::from_millis(200);
+
 #[derive(Default)]
 pub struct Pace {
-    /// Each follower's applied index as its last answer said, and when it came.
-    followers: Mutex<BTreeMap<NodeId, (u64, Instant)>>,
+    /// Each follower's applied index as its answers said, and when they came: the last
+    /// `RATE_WINDOW` of them, oldest first.
+    followers: Mutex<BTreeMap<NodeId, VecDeque<(u64, Instant)>>>,
     /// This node's applied index as it grew, and when: (index, when it was reached), oldest first.
     applied_at: Mutex<VecDeque<(u64, Instant)>>,
+}
+
+/// What the leader knows of one follower.
+#[derive(Clone, Copy, Debug)]
+struct Report {
+    applied: u64,
+    at: Instant,
+    /// Entries it applied per second lately, if it applied any over long enough to tell.
+    rate: Option<f64>,
 }
 
 impl Pace {
     /// Follower `id` answered, saying it has applied up to `applied`.
     pub fn heard(&self, id: NodeId, applied: u64) {
-        self.followers.lock().unwrap().insert(id, (applied, Instant::now()));
+        let now = Instant::now();
+        let mut followers = self.followers.lock().unwrap();
+        let reports = followers.entry(id).or_default();
+        reports.push_back((applied, now));
+        while reports.front().is_some_and(|(_, at)| now.saturating_duration_since(*at) > RATE_WINDOW) {
+            reports.pop_front();
+        }
     }
 
     /// This node has applied up to `index`.
@@ -69,9 +92,14 @@ impl Pace {
     /// `voters` is, or `None` if too few followers answered lately for a quorum without `me`.
     pub fn quorum_lag(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<Duration> {
         let now = Instant::now();
-        let reports: Vec<(u64, Instant)> = {
+        let reports: Vec<Report> = {
             let followers = self.followers.lock().unwrap();
-            voters.iter().filter(|id| **id != me).filter_map(|id| followers.get(id).copied()).collect()
+            voters
+                .iter()
+                .filter(|id| **id != me)
+                .filter_map(|id| followers.get(id))
+                .filter_map(report)
+                .collect()
         };
         let history = self.applied_at.lock().unwrap();
         quorum_lag(voters.len(), &reports, &history, now)
@@ -99,37 +127,56 @@ impl Pace {
     }
 }
 
+/// The latest of a follower's `reports`, with its apply rate over them.
+fn report(reports: &VecDeque<(u64, Instant)>) -> Option<Report> {
+    let (first, since) = *reports.front()?;
+    let (applied, at) = *reports.back()?;
+    let span = at.saturating_duration_since(since);
+    let rate =
+        (span >= RATE_SPAN_MIN && applied > first).then(|| (applied - first) as f64 / span.as_secs_f64());
+    Some(Report { applied, at, rate })
+}
+
 /// `Pace::quorum_lag` on its inputs: `voters` in all (the leader one of them), the `reports` of
 /// the others, and the leader's apply `history`.
 fn quorum_lag(
     voters: usize,
-    reports: &[(u64, Instant)],
+    reports: &[Report],
     history: &VecDeque<(u64, Instant)>,
     now: Instant,
 ) -> Option<Duration> {
     let quorum = voters / 2 + 1;
-    let mut applied: Vec<u64> = reports
+    let mut lags: Vec<Duration> = reports
         .iter()
-        .filter(|(_, at)| now.saturating_duration_since(*at) <= REPORT_FRESH)
-        .map(|(applied, _)| *applied)
+        .filter(|report| now.saturating_duration_since(report.at) <= REPORT_FRESH)
+        .map(|report| lag(report, history))
         .collect();
     // Without the leader, the followers answering must still make a quorum.
-    if applied.len() < quorum {
+    if lags.len() < quorum {
         return None;
     }
-    applied.sort_unstable_by(|a, b| b.cmp(a));
+    lags.sort_unstable();
     // The leader and the `spare` best followers lost, the best that remains takes over.
-    let spare = applied.len() - quorum;
-    let taking_over = applied[spare];
-    // How much of the leader's applying that follower has yet to do: from when the leader was
-    // where the follower is now (the last point at or below it) to the leader's latest point.
-    // Not measured to now, so that it shrinks as the follower applies while the leader waits.
-    let Some((latest_index, latest)) = history.back().copied() else { return Some(Duration::ZERO) };
-    if taking_over >= latest_index {
-        return Some(Duration::ZERO);
+    let spare = lags.len() - quorum;
+    Some(lags[spare])
+}
+
+/// How long `report`'s follower needs to apply what the leader has and it has not: that much of
+/// the leader's own applying (from when the leader was where the follower is now to its latest
+/// point: not to now, so that it shrinks as the follower applies while the leader waits), or, if
+/// longer, its backlog at the rate it has been applying lately (a follower slower than the
+/// leader takes longer than the leader took).
+fn lag(report: &Report, history: &VecDeque<(u64, Instant)>) -> Duration {
+    let Some((latest_index, latest)) = history.back().copied() else { return Duration::ZERO };
+    if report.applied >= latest_index {
+        return Duration::ZERO;
     }
-    let since = history.iter().rev().find(|(index, _)| *index <= taking_over).or(history.front());
-    Some(since.map_or(Duration::ZERO, |(_, at)| latest.saturating_duration_since(*at)))
+    let since = history.iter().rev().find(|(index, _)| *index <= report.applied).or(history.front());
+    let leader_took = since.map_or(Duration::ZERO, |(_, at)| latest.saturating_duration_since(*at));
+    let backlog = (latest_index - report.applied) as f64;
+    let at_its_rate =
+        report.rate.map_or(Duration::ZERO, |rate| Duration::from_secs_f64((backlog / rate).min(3600.0)));
+    leader_took.max(at_its_rate)
 }
 
 #[cfg(test)]
@@ -142,7 +189,7 @@ mod tests {
         let history: VecDeque<(u64, Instant)> =
             [(10, start), (20, start + Duration::from_secs(1)), (30, start + Duration::from_secs(2))].into();
         let now = start + Duration::from_secs(3);
-        let fresh = |applied: u64| (applied, now);
+        let fresh = |applied: u64| Report { applied, at: now, rate: None };
         // Three voters: the better follower counts. It applied 25: the leader was at 20 a second
         // before its latest point.
         assert_eq!(quorum_lag(3, &[fresh(5), fresh(25)], &history, now), Some(Duration::from_secs(1)));
@@ -158,11 +205,34 @@ mod tests {
         assert_eq!(quorum_lag(5, &[fresh(30), fresh(15), fresh(9)], &history, now), Some(Duration::ZERO));
         // Too few answer for a quorum without the leader (a report older than REPORT_FRESH does
         // not count): nothing to keep pace with.
-        let stale = (30, now - REPORT_FRESH - Duration::from_millis(1));
+        let stale = Report { at: now - REPORT_FRESH - Duration::from_millis(1), ..fresh(30) };
         assert_eq!(quorum_lag(3, &[fresh(3), stale], &history, now), None);
         assert_eq!(quorum_lag(3, &[fresh(30)], &history, now), None);
         assert_eq!(quorum_lag(5, &[fresh(30), fresh(20), stale, stale], &history, now), None);
         assert_eq!(quorum_lag(1, &[], &history, now), None);
+        // A follower slower than the leader: 15 entries behind at 5 a second is 3 s, though the
+        // leader applied them in 2.
+        let slow = Report { rate: Some(5.0), ..fresh(15) };
+        let slower = Report { rate: Some(1.0), ..fresh(0) };
+        assert_eq!(quorum_lag(3, &[slow, slower], &history, now), Some(Duration::from_secs(3)));
+        // Faster than the leader: the leader's time counts.
+        let fast = Report { rate: Some(100.0), ..fresh(15) };
+        assert_eq!(quorum_lag(3, &[fast, slower], &history, now), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_followers_rate_is_measured_over_its_recent_reports() {
+        let start = Instant::now();
+        let reports: VecDeque<(u64, Instant)> =
+            [(100, start), (150, start + Duration::from_millis(500)), (200, start + Duration::from_secs(1))]
+                .into();
+        let report = report(&reports).unwrap();
+        assert_eq!((report.applied, report.rate), (200, Some(100.0)));
+        let too_short: VecDeque<(u64, Instant)> =
+            [(100, start), (200, start + Duration::from_millis(100))].into();
+        assert_eq!(super::report(&too_short).unwrap().rate, None);
+        let idle: VecDeque<(u64, Instant)> = [(100, start), (100, start + Duration::from_secs(1))].into();
+        assert_eq!(super::report(&idle).unwrap().rate, None);
     }
 
     /// In real time (the lag is measured on the clock): about 1.5 s.

@@ -1938,7 +1938,8 @@ async fn a_leader_killed_just_after_a_follower_restarted_stops_writes_for_under_
 /// leader answers no write before it has applied its backlog: at rush hour followers fell
 /// 10-15 s behind and each lost leader stopped writes for 6-12 s (issue 24). The leader keeps
 /// pace with the follower that would take over (`pace`): after 10 s of load, once the leader is
-/// killed, writes resume within 2 s (an election and at most ~1 s of applying).
+/// killed, writes resume within 3 s (an election and ~1 s of applying, the most it lets a
+/// follower trail by; 7.2 s without it, and growing with the load's length).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_keeps_pace_with_slow_followers_so_that_losing_it_stops_writes_briefly() {
     let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
@@ -1966,7 +1967,7 @@ async fn a_leader_keeps_pace_with_slow_followers_so_that_losing_it_stops_writes_
     let (count, longest) = writers.stop(killed).await;
     eprintln!("longest time without a write after the kill: {longest:?}");
     assert!(count > 20, "{count} writes after the kill\n{}", cluster.log_tails());
-    assert!(longest < Duration::from_secs(2), "writes stopped for {longest:?}\n{}", cluster.log_tails());
+    assert!(longest < Duration::from_secs(3), "writes stopped for {longest:?}\n{}", cluster.log_tails());
     cluster.restart(leader);
     cluster.wait_for_convergence(DEADLINE).await;
 }
