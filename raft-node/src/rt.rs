@@ -23,6 +23,24 @@ pub async fn off_thread<T: Send + 'static>(
     if current_thread { Ok(work()) } else { tokio::task::spawn_blocking(work).await }
 }
 
+/// Calls `spawning`, which makes openraft spawn a task (`Raft::stream_append`), from a task that
+/// is not a node's own: a gRPC handler's, spawned by the server. Under simulation openraft derives
+/// a spawned task's random seed from its caller's, which the simulator sets on each node's own
+/// tasks only: here the caller gets `seed`. Nothing in production.
+pub async fn openraft_spawning<T>(seed: u64, spawning: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "sim")]
+    return openraft::rt::deterministic_rng::DeterministicRng::<openraft_rt_tokio::TokioRuntime>::scope(
+        seed,
+        async move { spawning() },
+    )
+    .await;
+    #[cfg(not(feature = "sim"))]
+    {
+        let _ = seed;
+        spawning()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -289,7 +289,9 @@ impl pb::raft_server::Raft for RaftService {
             })
         };
         let node = self.node.clone();
-        let answers = self.node.raft.stream_append(requests).map(move |answer| match answer {
+        let answers =
+            crate::rt::openraft_spawning(self.node.id(), || self.node.raft.stream_append(requests)).await;
+        let answers = answers.map(move |answer| match answer {
             Ok(result) => {
                 if !matches!(result, Err(openraft::raft::StreamAppendError::HigherVote(_))) {
                     node.leader_contact.record();
