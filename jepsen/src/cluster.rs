@@ -74,6 +74,8 @@ pub struct NodeSpec {
     pub address: SocketAddr,
     /// The peer door: other nodes reach it only through the proxies (`--route`).
     pub peer_address: SocketAddr,
+    /// Its Prometheus metrics (`--metrics-listen`; `sampler`).
+    pub metrics_address: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -204,7 +206,7 @@ impl Cluster {
         }
         let initial = plan.len();
         plan.extend((0..spares).map(|spare| site_name(layout.len() + spare)));
-        let mut addresses = free_addresses(plan.len() * 2)?.into_iter();
+        let mut addresses = free_addresses(plan.len() * 3)?.into_iter();
         for (index, site) in plan.into_iter().enumerate() {
             let id = index as u64 + 1;
             let (address, peer_address) = (addresses.next().unwrap(), addresses.next().unwrap());
@@ -213,6 +215,7 @@ impl Cluster {
                 site,
                 address,
                 peer_address,
+                metrics_address: addresses.next().unwrap(),
                 data_dir: data_root.join(format!("node-{id}")),
                 log: logs.join(format!("node-{id}.log")),
             };
@@ -273,6 +276,9 @@ impl Cluster {
         command.arg("--key").arg(self.certs.join(format!("node-{id}.key")));
         command.args(["--clock-tolerance-ms", &CLOCK_TOLERANCE_MS.to_string()]);
         command.arg("--clock-skew-file").arg(self.skew_file(id));
+        if !sets_flag(&self.extra_args, "--metrics-listen") {
+            command.args(["--metrics-listen", &spec.metrics_address.to_string()]);
+        }
         if !sets_flag(&self.extra_args, WAL_SEGMENT_FLAG) {
             command.args([WAL_SEGMENT_FLAG, WAL_SEGMENT_BYTES]);
         }

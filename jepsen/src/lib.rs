@@ -17,6 +17,7 @@
 //! - with `--load`, `load::run` sends an open-loop stream of payments on a ledger of its own
 //!   next to the bank, so that faults strike a busy cluster, recording each request;
 //! - `nemesis::run` strikes and heals on schedule, recording each fault;
+//! - with `--sample-metrics-ms`, `sampler::run` keeps what each node's metrics said;
 //! - after the time limit, everything is healed, the final state is read back and recorded;
 //! - `report::write` loads the history file (`history::History`), runs every `checker`, and
 //!   writes the summary and the pictures (`plot`).
@@ -30,6 +31,7 @@ pub mod plot;
 pub mod proxy;
 pub mod report;
 pub mod run;
+pub mod sampler;
 pub mod stream;
 pub mod workload;
 

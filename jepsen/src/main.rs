@@ -58,6 +58,10 @@ struct Args {
     /// Transfers per batch request of the background load.
     #[arg(long, default_value_t = 100)]
     load_batch: usize,
+    /// Sample every node's metrics this often (milliseconds) into nodes/metrics.tsv, to tell
+    /// what was behind a gap in the writes (docs/jepsen/rush-hour/scripts/gaps.py).
+    #[arg(long)]
+    sample_metrics_ms: Option<u64>,
     /// Run nothing: check the history.jsonl already in this folder again, and redraw its report.
     #[arg(long)]
     check: Option<PathBuf>,
@@ -111,6 +115,7 @@ fn options(args: Args) -> Result<Options, String> {
             timeout: Duration::from_millis(args.op_timeout_ms),
             seed,
         }),
+        sample_metrics: args.sample_metrics_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
     })
 }
 

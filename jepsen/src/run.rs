@@ -42,6 +42,8 @@ pub struct Options {
     pub serve_args: Vec<String>,
     /// An open-loop background load next to the bank workload.
     pub load: Option<crate::load::LoadOptions>,
+    /// How often to sample every node's metrics into `nodes/metrics.tsv`, if at all.
+    pub sample_metrics: Option<Duration>,
 }
 
 /// How long healing may take before the run is judged on what it has.
@@ -142,6 +144,16 @@ pub async fn run(options: Options) -> Result<Report, String> {
         let client = Arc::new(cluster.lock().await.client_of(&all_nodes, options.op_timeout)?);
         tokio::spawn(watch_redundancy(client, recorder.clone(), stop.clone()))
     };
+    let sampler = match options.sample_metrics {
+        Some(every) => {
+            let nodes =
+                cluster.lock().await.nodes.values().map(|node| (node.id, node.metrics_address)).collect();
+            let out = logs.join("metrics.tsv");
+            let (recorder, stop) = (recorder.clone(), stop.clone());
+            Some(tokio::spawn(async move { crate::sampler::run(nodes, &out, every, recorder, stop).await }))
+        }
+        None => None,
+    };
     let started = tokio::time::Instant::now();
     // The fault under way, for the progress bar; a std mutex, never held across an await.
     let current_fault = Arc::new(std::sync::Mutex::new(String::new()));
@@ -161,6 +173,9 @@ pub async fn run(options: Options) -> Result<Report, String> {
         finished.map_err(|e| format!("client task: {e}"))??;
     }
     redundancy.await.map_err(|e| format!("redundancy watcher: {e}"))??;
+    if let Some(sampler) = sampler {
+        sampler.await.map_err(|e| format!("metrics sampler: {e}"))??;
+    }
 
     let final_state = heal_and_read(&cluster, &bank, &initial).await;
     // The ledger's last event is at least its last transfer's; the subscriber reads on to it.

@@ -48,6 +48,7 @@ async fn three_sites_survive_site_loss_a_cut_a_power_cut_a_lost_disk_and_a_wrong
         progress: false,
         serve_args: Vec::new(),
         load: Some(LoadOptions { rate: 2000.0, batch: 100, timeout: Duration::from_secs(2), seed: 20261124 }),
+        sample_metrics: Some(Duration::from_millis(500)),
     };
     let report = run(options).await.expect("the run finishes");
     let text = report.text();
@@ -57,6 +58,21 @@ async fn three_sites_survive_site_loss_a_cut_a_power_cut_a_lost_disk_and_a_wrong
         assert!(report.worst_outage_by_fault.contains_key(fault), "{fault} never ran:\n{text}");
     }
     assert!(report.counts.get("transfers ok").copied().unwrap_or(0) > 100, "too little traffic:\n{text}");
+    // Every node's metrics were sampled, and its applied index grew over the run.
+    let samples = std::fs::read_to_string(out.path().join("nodes/metrics.tsv")).expect("metrics.tsv");
+    for node in ["1", "2", "3"] {
+        let applied: Vec<f64> = samples
+            .lines()
+            .map(|line| line.split('\t').collect::<Vec<_>>())
+            .filter(|fields| fields[1] == node && fields[2] == "tally_raft_applied_index")
+            .map(|fields| fields[3].parse().expect("a number"))
+            .collect();
+        assert!(
+            applied.len() > 20 && applied.last() > applied.first(),
+            "node {node}'s applied index was not sampled as it grew: {:?}",
+            &applied[..applied.len().min(5)]
+        );
+    }
     let load = report.load.as_ref().expect("the background load ran");
     assert!(load.transfers_ok > 10_000, "too little background load:\n{text}");
     assert!(!load.outcomes.keys().any(|o| o.starts_with("failed")), "load transfers refused:\n{text}");

@@ -208,8 +208,7 @@ impl Batcher {
     /// Whether the follower that would take over keeps up (`pace`): otherwise a lone request
     /// goes through the queue, which waits for it.
     fn keeps_pace(&self) -> bool {
-        let voters = crate::clock::voters(&self.proposer.raft);
-        self.proposer.pace.quorum_lag(&voters, self.proposer.me).is_none_or(|lag| lag <= crate::pace::LAG_MAX)
+        self.proposer.pace.keeps_up(&crate::clock::voters(&self.proposer.raft), self.proposer.me)
     }
 }
 

@@ -14,7 +14,7 @@
 //! Of the followers answering lately (`REPORT_FRESH`), the leader and as many others as a quorum
 //! can spare could be lost together; the best of those that would remain is the one that counts
 //! (`quorum_lag`: the best follower of three voters, the second best of five). While it lags more
-//! than `LAG_MAX` (1 s), the leader holds back its next entry (`Pace::keep`), at most `WAIT_MAX`
+//! than `--pace-lag-ms` (1 s by default), the leader holds back its next entry (`Pace::keep`), at most `WAIT_MAX`
 //! (250 ms) each: a throttle, not a stop. The queue grows, and past `--max-queue-wait-ms` writes
 //! are refused at once as at capacity, which is what the cluster then is. With too few followers
 //! answering for a quorum to survive the leader, nothing is held back: losing the leader would
@@ -28,11 +28,12 @@ use tokio::time::Instant;
 
 use crate::types::NodeId;
 
-/// The longest the follower that would take over may be behind in applying before the leader
-/// holds back new entries: about what a new leader needs to catch up before it answers writes.
-/// (300 ms held proposals back most of the time at rush hour, where followers trail by a few
-/// hundred ms in the normal course, and follower faults stopped writes longer than before.)
-pub const LAG_MAX: Duration = Duration::from_secs(1);
+/// The default longest the follower that would take over may be behind in applying before the
+/// leader holds back new entries (`--pace-lag-ms`): about what a new leader needs to catch up
+/// before it answers writes. (300 ms held proposals back most of the time at rush hour, where
+/// followers trail by a few hundred ms in the normal course, and follower faults stopped writes
+/// longer than before.)
+pub const LAG_MAX_DEFAULT: Duration = Duration::from_secs(1);
 /// The longest one proposal waits for followers: a throttle, not a stop. (1 s made each wait a
 /// second without writes, and a one-second retry hint for the clients refused meanwhile.)
 pub const WAIT_MAX: Duration = Duration::from_millis(250);
@@ -47,8 +48,9 @@ const HISTORY_MAX: usize = 4096;
 const RATE_WINDOW: Duration = Duration::from_secs(2);
 const RATE_SPAN_MIN: Duration = Duration::from_millis(200);
 
-#[derive(Default)]
 pub struct Pace {
+    /// Lag past which proposals are held back (`--pace-lag-ms`); `None`: never.
+    lag_max: Option<Duration>,
     /// Each follower's applied index as its answers said, and when they came: the last
     /// `RATE_WINDOW` of them, oldest first.
     followers: Mutex<BTreeMap<NodeId, VecDeque<(u64, Instant)>>>,
@@ -66,6 +68,23 @@ struct Report {
 }
 
 impl Pace {
+    /// Holds proposals back while the follower that would take over lags more than `lag_max`
+    /// (never if zero).
+    pub fn new(lag_max: Duration) -> Pace {
+        Pace {
+            lag_max: Some(lag_max).filter(|lag| !lag.is_zero()),
+            followers: Mutex::default(),
+            applied_at: Mutex::default(),
+        }
+    }
+
+    /// Whether the follower that would take over from `me` among `voters` is within the lag
+    /// allowed (or too few answer to tell, or pacing is off).
+    pub fn keeps_up(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> bool {
+        let Some(lag_max) = self.lag_max else { return true };
+        self.quorum_lag(voters, me).is_none_or(|lag| lag <= lag_max)
+    }
+
     /// Follower `id` answered, saying it has applied up to `applied`.
     pub fn heard(&self, id: NodeId, applied: u64) {
         let now = Instant::now();
@@ -105,9 +124,10 @@ impl Pace {
         quorum_lag(voters.len(), &reports, &history, now)
     }
 
-    /// Waits while the follower that would take over is more than `LAG_MAX` behind, at most
-    /// `WAIT_MAX`; returns how long it waited.
+    /// Waits while the follower that would take over is more than the lag allowed behind, at
+    /// most `WAIT_MAX`; returns how long it waited.
     pub async fn keep(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Duration {
+        let Some(lag_max) = self.lag_max else { return Duration::ZERO };
         let started = Instant::now();
         let mut waited = Duration::ZERO;
         loop {
@@ -115,7 +135,7 @@ impl Pace {
             if let Some(lag) = lag {
                 crate::metrics::FOLLOWER_LAG_MS.set(lag.as_millis() as i64);
             }
-            if lag.is_none_or(|lag| lag <= LAG_MAX) || waited >= WAIT_MAX {
+            if lag.is_none_or(|lag| lag <= lag_max) || waited >= WAIT_MAX {
                 if !waited.is_zero() {
                     crate::metrics::PACE_WAIT_SECONDS.observe(waited.as_secs_f64());
                 }
@@ -235,13 +255,35 @@ mod tests {
         assert_eq!(super::report(&idle).unwrap().rate, None);
     }
 
+    /// `--pace-lag-ms 0`: a follower far behind holds nothing back.
+    #[tokio::test]
+    async fn pacing_off_never_holds_a_proposal_back() {
+        let voters = BTreeSet::from([1, 2, 3]);
+        let pace = Pace::new(Duration::ZERO);
+        pace.applied(10);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pace.applied(20);
+        pace.heard(2, 10);
+        pace.heard(3, 10);
+        assert!(pace.quorum_lag(&voters, 1).is_some_and(|lag| lag >= Duration::from_millis(300)));
+        assert!(pace.keeps_up(&voters, 1));
+        assert_eq!(pace.keep(&voters, 1).await, Duration::ZERO);
+        let paced = Pace::new(Duration::from_millis(100));
+        paced.applied(10);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        paced.applied(20);
+        paced.heard(2, 10);
+        paced.heard(3, 10);
+        assert!(!paced.keeps_up(&voters, 1), "300 ms behind, 100 allowed");
+    }
+
     /// In real time (the lag is measured on the clock): about 1.5 s.
     #[tokio::test]
     async fn a_proposal_waits_for_a_follower_behind_but_never_longer_than_wait_max() {
         let voters = BTreeSet::from([1, 2, 3]);
-        let pace = Pace::default();
+        let pace = Pace::new(LAG_MAX_DEFAULT);
         pace.applied(10);
-        tokio::time::sleep(LAG_MAX + Duration::from_millis(50)).await;
+        tokio::time::sleep(LAG_MAX_DEFAULT + Duration::from_millis(50)).await;
         pace.applied(20);
         pace.heard(2, 20);
         assert_eq!(

@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// retry hint, instead of queueing for seconds.
     #[arg(long)]
     pub max_queue_wait_ms: Option<u64>,
+    /// How far behind in applying the follower that would take over may be, in ms, before a
+    /// leader holds back new entries (default 1000; 0 never): a new leader answers writes only
+    /// once it has applied what it lacks.
+    #[arg(long)]
+    pub pace_lag_ms: Option<u64>,
     /// Bytes of requests the client door receives at a time over all connections, e.g. 256MiB
     /// (the default; at least 8MiB); past it a request is refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = parse_limit)]
@@ -269,6 +274,10 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .max_queue_wait_ms
             .or(file.as_ref().map(|f| f.queue_wait_max_ms))
             .unwrap_or_else(crate::node::default_queue_wait_max_ms),
+        pace_lag_ms: args
+            .pace_lag_ms
+            .or(file.as_ref().map(|f| f.pace_lag_ms))
+            .unwrap_or_else(crate::node::default_pace_lag_ms),
         metrics_listen: args.metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)),
         snapshot_bytes_max: args
             .max_snapshot_bytes

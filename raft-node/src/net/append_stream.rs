@@ -285,7 +285,12 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let identities = Arc::new(Identities::new(Endpoint { id: 1, incarnation: 1 }, None));
-        let mut network = crate::net::Network::new(Default::default(), identities, None, Default::default());
+        let mut network = crate::net::Network::new(
+            Default::default(),
+            identities,
+            None,
+            std::sync::Arc::new(crate::pace::Pace::new(crate::pace::LAG_MAX_DEFAULT)),
+        );
         let info =
             NodeInfo { address: address.clone(), peer_address: address, site: "b".into(), incarnation: 1 };
         network.new_client(2, &info).await

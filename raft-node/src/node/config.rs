@@ -44,6 +44,10 @@ pub struct NodeConfig {
     /// longer (the cluster at capacity), new ones are refused at once with RESOURCE_EXHAUSTED.
     #[serde(default = "default_queue_wait_max_ms")]
     pub queue_wait_max_ms: u64,
+    /// How far behind in applying (ms) the follower that would take over may be before this
+    /// node, leading, holds back new entries (`pace`); 0: never.
+    #[serde(default = "default_pace_lag_ms")]
+    pub pace_lag_ms: u64,
     /// Bytes of request bodies the client door receives at a time, over all its connections;
     /// past it a request is refused with RESOURCE_EXHAUSTED (`security::budget`).
     #[serde(default = "default_receiving_bytes_max")]
@@ -157,6 +161,10 @@ pub fn default_subscribers_max() -> usize {
 
 pub fn default_queue_wait_max_ms() -> u64 {
     crate::batcher::QUEUE_WAIT_MS_DEFAULT
+}
+
+pub fn default_pace_lag_ms() -> u64 {
+    crate::pace::LAG_MAX_DEFAULT.as_millis() as u64
 }
 
 pub fn default_queued_bytes_max() -> u64 {
