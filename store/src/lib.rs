@@ -501,6 +501,19 @@ fn find_in_chunk(chunk: &[u8], timestamp: u64) -> StoreResult<Option<&[u8]>> {
 }
 
 /// A fresh run id.
+/// What takes this long or longer in the store is reported on stderr: an entry's commit waits
+/// for it when it holds the layout or the page store's write lock (issue 24: writes stopped for
+/// seconds with no fault, and the node's log said nothing).
+const SLOW: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Reports `what` on stderr if it took `SLOW` or longer since `started`.
+fn report_slow(what: impl FnOnce() -> String, started: std::time::Instant) {
+    let took = started.elapsed();
+    if took >= SLOW {
+        eprintln!("state store: {} took {} ms", what(), took.as_millis());
+    }
+}
+
 fn next_run(inner: &Inner) -> u64 {
     let mut layout = inner.layout.lock().unwrap();
     layout.next_run += 1;
@@ -510,7 +523,10 @@ fn next_run(inner: &Inner) -> u64 {
 impl Inner {
     /// Makes everything committed so far durable.
     fn flush(&self) -> StoreResult<()> {
-        self.pages.sync()
+        let started = std::time::Instant::now();
+        let synced = self.pages.sync();
+        report_slow(|| "a sync of the page store".into(), started);
+        synced
     }
 
     fn current_runs(&self) -> Arc<Runs> {
@@ -617,7 +633,9 @@ impl Inner {
             let id = layout.next_run;
             layout.next_run += 1;
             layout.writing.push((kind, id));
+            let started = std::time::Instant::now();
             self.write_layout(&layout, (*runs).clone(), Writes::new(), Batch::default())?;
+            report_slow(|| format!("a merge's first layout write ({kind:?})"), started);
             (kind, runs.of(kind)[range].to_vec(), id)
         };
         let distinct = sources.iter().map(|run| run.distinct).sum();
@@ -634,6 +652,8 @@ impl Inner {
             Ok(!stopped)
         })?;
         let merged = builder.finish(&mut writes, &self.descriptions).expect("merged runs hold entries");
+        let merged_entries = merged.entries;
+        let source_count = sources.len();
         if !stopped {
             // The builder asserted the order; the count is the union's: every key of the largest
             // source, at most every entry of all (a key in several runs is kept once, the newest).
@@ -659,9 +679,19 @@ impl Inner {
                 // Stopped, or the store was cleared meanwhile.
                 _ => layout.garbage.push((kind, id)),
             }
+            let started = std::time::Instant::now();
             self.write_layout(&layout, runs, Writes::new(), Batch::default())?;
+            report_slow(
+                || format!("a merge's last layout write ({kind:?}, {} entries)", merged_entries),
+                started,
+            );
         }
+        let started = std::time::Instant::now();
         self.collect_garbage()?;
+        report_slow(
+            || format!("collecting the garbage of a merge ({kind:?}, {source_count} sources)"),
+            started,
+        );
         Ok(!stopped)
     }
 
@@ -996,7 +1026,9 @@ impl ledger::store::SharedStore for RunStore {
             batch.insert(codec::change_key(chunk[0].timestamp), encode_change_chunk(chunk));
         }
 
+        let waited = std::time::Instant::now();
         let mut layout = self.inner.layout.lock().unwrap();
+        report_slow(|| "a commit's wait for the layout (a merge or a checkpoint held it)".into(), waited);
         let mut runs = (*self.inner.current_runs()).clone();
         let mut writes = Writes::new();
         // One run per kind this entry changed, each built from its entries in key order.
@@ -1052,7 +1084,9 @@ impl ledger::store::SharedStore for RunStore {
         }
         // Not durable: the node's log is, and `flush` (a checkpoint) makes this durable with
         // every commit before it, one fsync for many entries.
+        let writing = std::time::Instant::now();
         self.inner.write_layout_with(&layout, runs, writes, batch, false)?;
+        report_slow(|| format!("a commit of {} transfers' pages", changes.transfers.len()), writing);
         drop(layout);
         let mut cache = self.inner.accounts.lock().unwrap();
         for account in &changes.accounts {

@@ -261,12 +261,10 @@ impl Shared {
                 }
                 Ok(())
             }
-            // Rare, and long: the worker is handed over (a no-op when it already was). Or only
-            // entries committed to the store directly (full batches) since the last checkpoint:
-            // the checkpoint is then one fsync that makes them all durable.
-            None if bytes >= 2 * self.checkpoint_policy.bytes_max
-                || (ledger.store().recent_commits() == 0 && ledger.store().needs_sync()) =>
-            {
+            // Rare, and long: the worker is handed over (a no-op when it already was). (Entries
+            // committed to the store directly since the last checkpoint are made durable by a job
+            // too: `seal` gives one that only flushes, which took seconds at times, issue 24.)
+            None if bytes >= 2 * self.checkpoint_policy.bytes_max => {
                 crate::rt::block(|| self.checkpoint(ledger))
             }
             None => Ok(()),
@@ -395,6 +393,9 @@ fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(State, Applied
     Ok((ledger, applied))
 }
 
+/// An entry whose apply takes this long or longer is logged.
+const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl StateMachine {
     /// Opens the state under `data_dir`, finishing or discarding a snapshot install that a crash
     /// interrupted, and reloading the newest snapshot if the store fell behind it.
@@ -466,8 +467,20 @@ impl StateMachine {
             return self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry);
         }
         crate::rt::block(|| {
+            let started = std::time::Instant::now();
             let mut ledger = self.shared.ledger.write().unwrap();
-            self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry)
+            let locked = started.elapsed();
+            let applied = self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry);
+            // Reads and answers wait for an entry being applied: say when one takes long.
+            if started.elapsed() >= SLOW_APPLY {
+                tracing::warn!(
+                    "applying entry {} ({events} events) took {} ms, {} ms of it waiting for the ledger",
+                    entry.log_id.index,
+                    started.elapsed().as_millis(),
+                    locked.as_millis()
+                );
+            }
+            applied
         })
     }
 
