@@ -745,6 +745,12 @@ mod tests {
         )
     }
 
+    /// The store underneath's commits, and how many of them its last flush made durable.
+    fn counts(ledger: &Ledger<Checkpointed<Failing>>) -> (u64, u64) {
+        let base = ledger.store().base();
+        (base.commits.load(Ordering::Relaxed), base.durable.load(Ordering::Relaxed))
+    }
+
     /// A full batch is committed to the store directly and made durable by the next `sync` or
     /// checkpoint, with every commit before it: one fsync for many entries, not one each. Until
     /// then the store says it needs one (the node syncs it on its checkpoint interval).
@@ -752,10 +758,6 @@ mod tests {
     fn entries_committed_directly_are_durable_at_the_next_sync_or_checkpoint() {
         let full = DIRECT_RECORDS_MIN as u128;
         let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
-        let counts = |ledger: &Ledger<Checkpointed<Failing>>| {
-            let base = ledger.store().base();
-            (base.commits.load(Ordering::Relaxed), base.durable.load(Ordering::Relaxed))
-        };
         ledger.apply(&[accounts_n(1, full)], 1_000, Some(b"1")).unwrap();
         ledger.apply(&[accounts_n(1 + full, full)], 2_000, Some(b"2")).unwrap();
         assert_eq!(counts(&ledger), (2, 0), "direct commits, none durable yet");
@@ -785,10 +787,6 @@ mod tests {
     fn a_flush_runs_as_a_job_and_full_batches_do_not_wait_for_one() {
         let full = DIRECT_RECORDS_MIN as u128;
         let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
-        let counts = |ledger: &Ledger<Checkpointed<Failing>>| {
-            let base = ledger.store().base();
-            (base.commits.load(Ordering::Relaxed), base.durable.load(Ordering::Relaxed))
-        };
         ledger.apply(&[accounts_n(1, full)], 1_000, Some(b"1")).unwrap();
         assert_eq!(counts(&ledger), (1, 0));
         let flush = ledger.store_mut().seal().unwrap().expect("a flush to run");
