@@ -136,7 +136,8 @@ struct Answers {
     target: Target,
 }
 
-type Item = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+/// One answer of a pipelined replication stream, as openraft takes it.
+pub(crate) type Item = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
 
 impl Answers {
     /// The next answer, and the state to go on with (`None` after an error: the stream is over).

@@ -16,7 +16,7 @@ use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use tally_proto::v1 as pb;
@@ -31,9 +31,6 @@ use super::{MESSAGE_BYTES_MAX, channel};
 use crate::bounds::Bounded;
 use crate::storage::state_machine::SnapshotFile;
 use crate::types::{NodeId, NodeInfo, Snapshot, SnapshotMeta, TypeConfig, Vote, decode, encode};
-
-/// One answer of a pipelined replication stream, as openraft takes it.
-type StreamAppendItem = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
 
 /// Version of the postcard encoding inside `RaftMessage`.
 pub const RAFT_MESSAGE_VERSION: u32 = 1;
@@ -247,7 +244,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         &'s mut self,
         input: S,
         option: RPCOption,
-    ) -> BoxFuture<'s, Result<BoxStream<'s, StreamAppendItem>, RPCError<TypeConfig>>>
+    ) -> BoxFuture<'s, Result<BoxStream<'s, super::append_stream::Item>, RPCError<TypeConfig>>>
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
