@@ -29,7 +29,8 @@ pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
 /// idle while an entry replicates.
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
 /// Entries a leader may have committed and not applied and still take writes; past it, it refuses
-/// them and hands leadership to a voter that has applied (`service::cluster`). A few entries of
+/// them (it hands leadership to a voter that has applied, `service::cluster`, once its backlog
+/// would take longer than `node::standing::BEHIND_MAX`). A few entries of
 /// group commit are normal, hundreds are a backlog (a restart's replay, an election won while
 /// catching up).
 pub const APPLY_BACKLOG_MAX: u64 = 128;

@@ -107,6 +107,13 @@ impl Pace {
         }
     }
 
+    /// How long this node needs to apply up to `committed` at the rate it applied over the last
+    /// `RATE_WINDOW` (to now, so that a stall counts): zero when it has, `None` when it applied
+    /// too little lately to tell (`node::standing`, `service::cluster`).
+    pub fn backlog(&self, committed: u64) -> Option<Duration> {
+        own_backlog(&self.applied_at.lock().unwrap(), committed, Instant::now())
+    }
+
     /// How far behind in applying the follower that would take over from this node `me` among
     /// `voters` is, or `None` if too few followers answered lately for a quorum without `me`.
     pub fn quorum_lag(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<Duration> {
@@ -155,6 +162,22 @@ fn report(reports: &VecDeque<(u64, Instant)>) -> Option<Report> {
     let rate =
         (span >= RATE_SPAN_MIN && applied > first).then(|| (applied - first) as f64 / span.as_secs_f64());
     Some(Report { applied, at, rate })
+}
+
+/// `Pace::backlog` on its inputs: this node's apply `history` (oldest first) and `now`.
+fn own_backlog(history: &VecDeque<(u64, Instant)>, committed: u64, now: Instant) -> Option<Duration> {
+    let (applied, _) = *history.back()?;
+    if applied >= committed {
+        return Some(Duration::ZERO);
+    }
+    let window_start = history.iter().rev().find(|(_, at)| now.saturating_duration_since(*at) >= RATE_WINDOW);
+    let (start, since) = *window_start.or(history.front())?;
+    let span = now.saturating_duration_since(since);
+    if span < RATE_SPAN_MIN || applied == start {
+        return None;
+    }
+    let rate = (applied - start) as f64 / span.as_secs_f64();
+    Some(Duration::from_secs_f64(((committed - applied) as f64 / rate).min(3600.0)))
 }
 
 /// `Pace::quorum_lag` on its inputs: `voters` in all (the leader one of them), the `reports` of
@@ -313,5 +336,25 @@ mod tests {
         };
         let (waited, ()) = tokio::join!(pace.keep(&voters, 1), answering);
         assert!(waited >= WAIT_MAX && waited < WAIT_MAX + Duration::from_millis(500), "{waited:?}");
+    }
+
+    #[test]
+    fn a_nodes_own_backlog_takes_as_long_as_its_recent_rate_says() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // 10 entries a second over the last two seconds (what came before does not count).
+        let history: VecDeque<(u64, Instant)> =
+            [(0, at(0)), (100, at(1000)), (110, at(2000)), (130, at(4000))].into();
+        let now = at(4000);
+        assert_eq!(own_backlog(&history, 130, now), Some(Duration::ZERO));
+        assert_eq!(own_backlog(&history, 150, now), Some(Duration::from_secs(2)));
+        // A stall counts: at 5 s, 20 entries in the 3 s since the window's start; at 6 s, none
+        // in the window's 2 s: the rate is unknown.
+        assert_eq!(own_backlog(&history, 140, at(6000)), None);
+        assert_eq!(own_backlog(&history, 140, at(5000)), Some(Duration::from_millis(1500)));
+        // Too short a history, or none.
+        let young: VecDeque<(u64, Instant)> = [(5, at(0)), (9, at(100))].into();
+        assert_eq!(own_backlog(&young, 20, at(150)), None);
+        assert_eq!(own_backlog(&VecDeque::new(), 20, now), None);
     }
 }

@@ -1,6 +1,6 @@
 //! A real cluster: `tally serve` processes on 127.0.0.1 talking gRPC, in three sites.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1931,6 +1931,68 @@ async fn a_leader_killed_just_after_a_follower_restarted_stops_writes_for_under_
     assert!(longest < Duration::from_secs(1), "writes stopped for {longest:?}\n{}", cluster.log_tails());
     cluster.restart(leader);
     cluster.wait_for_convergence(DEADLINE).await;
+}
+
+/// A follower far behind in applying (a test hook adds 20 ms to each of its applies, so it trails
+/// by thousands of entries under four writers) holds the whole log, so Raft would elect it as
+/// readily as the follower that applied everything, and writes would then wait seconds for its
+/// backlog (issue 24: 4-19 s in the ten-minute runs, where a restarted node had the log within a
+/// second and applied it at 7-10 entries a second). It does not stand while it expects its
+/// backlog to take longer than half a second (`node::standing`): once the leader is killed, the
+/// other follower leads and writes resume within a second. The writers pause before the kill so
+/// that both followers hold the same log (else the one behind in applying may also lack the last
+/// entries and lose anyway), and it runs twice: a coin toss between the two would fail it three
+/// times in four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_in_applying_does_not_win_when_the_leader_is_lost() {
+    let mut cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let client = Arc::new(cluster.client(Duration::from_secs(10)));
+    create_accounts(&client, 1..=2).await;
+    for round in 0..2 {
+        let leader = cluster.wait_for_leader(DEADLINE).await;
+        let mut followers = (1..=3).filter(|id| *id != leader);
+        let (slow, other) = (followers.next().unwrap(), followers.next().unwrap());
+        cluster.stop(slow);
+        cluster.restart_with(slow, &["--apply-delay-ms", "20"]);
+        let writers = Writers::start(&client, 4);
+        let started = Instant::now();
+        loop {
+            let statuses = cluster.node_statuses().await;
+            let most = statuses.values().map(|s| s.applied_index).max().unwrap_or(0);
+            if statuses.get(&slow).is_some_and(|s| s.last_log_index > 0 && most > s.applied_index + 300) {
+                break;
+            }
+            assert!(started.elapsed() < DEADLINE, "node {slow} never trailed: {statuses:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        writers.stop(started).await;
+        loop {
+            let statuses = cluster.node_statuses().await;
+            let logs: BTreeSet<u64> = statuses.values().map(|s| s.last_log_index).collect();
+            if statuses.len() == 3 && logs.len() == 1 {
+                break;
+            }
+            assert!(started.elapsed() < DEADLINE, "the logs never converged: {statuses:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_for_log(&cluster, slow, &["does not stand for election"]).await;
+        let killed = Instant::now();
+        cluster.kill(leader);
+        let writers = Writers::start(&client, 4);
+        let new_leader = cluster.wait_for_leader(DEADLINE).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (count, longest) = writers.stop(killed).await;
+        eprintln!(
+            "round {round}: node {new_leader} leads; longest time without a write after the kill: {longest:?}"
+        );
+        assert_eq!(new_leader, other, "node {slow}, behind in applying, won\n{}", cluster.log_tails());
+        assert!(count > 100, "{count} writes after the kill");
+        assert!(longest < Duration::from_secs(1), "writes stopped for {longest:?}\n{}", cluster.log_tails());
+        cluster.stop(slow);
+        cluster.restart(slow);
+        cluster.restart(leader);
+        cluster.wait_for_convergence(DEADLINE).await;
+    }
 }
 
 /// Followers that apply slower than the leader commits (a test hook adds 5 ms to each of their

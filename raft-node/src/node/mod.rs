@@ -10,6 +10,7 @@ mod clock_samples;
 mod config;
 mod health;
 mod identity;
+pub(crate) mod standing;
 mod start;
 
 use crate::batcher::Batcher;

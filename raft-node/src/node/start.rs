@@ -19,6 +19,10 @@ use super::{
     release_votes_when_caught_up, save_cluster_id,
 };
 
+/// Commands openraft may queue for the state machine before its core waits (`raft_config`): a
+/// minute of commit advances at a thousand entries a second, some dozens of bytes each.
+const STATE_MACHINE_COMMANDS_MAX: u64 = 1 << 16;
+
 pub(crate) fn raft_config(config: &NodeConfig) -> openraft::Config {
     openraft::Config {
         cluster_name: config.cluster.clone(),
@@ -44,6 +48,12 @@ pub(crate) fn raft_config(config: &NodeConfig) -> openraft::Config {
         // still hears from the leader says no. (Without it, a follower thawed after a 6 s
         // SIGSTOP under load forced an election every time.)
         enable_pre_vote: Some(true),
+        // A follower behind in applying keeps acknowledging entries: openraft queues a command
+        // for its state-machine task per advance of the commit index, and its core stops (no
+        // acknowledgements, no votes) while the queue is full. At 1,024 (its default) a follower
+        // a second or two behind under single-transfer writes stopped, and when the leader was
+        // lost and that follower was the only other voter, the cluster committed at its apply rate.
+        state_machine_channel_size: Some(STATE_MACHINE_COMMANDS_MAX),
         ..openraft::Config::default()
     }
 }
@@ -234,6 +244,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         tokio::spawn(release_votes_when_caught_up(node.clone()));
     }
     tokio::spawn(super::clock_samples::sample_peers(node.clone()));
+    tokio::spawn(super::standing::stand_only_when_applied(node.clone()));
     tokio::spawn(crate::batcher::expire_when_due(
         node.raft.clone(),
         node.state.clone(),
