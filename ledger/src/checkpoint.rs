@@ -163,14 +163,10 @@ impl<S: SharedStore> CheckpointJob<S> {
     }
 
     /// Writes the checkpoint to the store, in one atomic commit, and makes it durable with every
-    /// commit before it. A job with no commits (`seal` with only direct commits to make durable)
-    /// only flushes.
+    /// commit before it.
     pub fn run(self) -> StoreResult<()> {
-        let layer = &self.sealed.layer;
-        let written = match layer.commits {
-            0 => self.base.flush(),
-            _ => self.base.commit_shared(&layer.to_changes()).and_then(|()| self.base.flush()),
-        };
+        let written =
+            self.base.commit_shared(&self.sealed.layer.to_changes()).and_then(|()| self.base.flush());
         let failed = |error: &StoreError| Failed { damage: error.is_damage(), what: error.to_string() };
         self.sealed.finish(written.as_ref().map(|_| ()).map_err(failed));
         written
@@ -240,13 +236,11 @@ impl<S: SharedStore> Checkpointed<S> {
         self.sealed.is_some()
     }
 
-    /// Hands what was applied since the last seal to a job that writes it, for another thread,
-    /// or, with nothing in memory but direct commits not yet durable, a job that only flushes
-    /// (a flush can take seconds when much was written since the last: it must not hold up
-    /// applying); `None` when there is nothing to do, or while the previous job runs (call again
-    /// later). An error is a previous job's.
+    /// Hands what was applied since the last seal to a job that writes it, for another thread;
+    /// `None` when there is nothing, or while the previous job runs (call again later). An error
+    /// is a previous job's.
     pub fn seal(&mut self) -> StoreResult<Option<CheckpointJob<S>>> {
-        if !self.retire(false)? || (self.recent.commits == 0 && !self.unsynced) {
+        if !self.retire(false)? || self.recent.commits == 0 {
             return Ok(None);
         }
         let sealed = Arc::new(Sealed {
@@ -275,9 +269,6 @@ impl<S: SharedStore> Checkpointed<S> {
     /// that runs is waited for, and the rest of memory written and flushed.
     fn write_layers(&mut self) -> StoreResult<u64> {
         self.retire(true)?;
-        if self.recent.commits == 0 {
-            return Ok(0);
-        }
         match self.seal()? {
             Some(job) => {
                 let commits = job.commits();
@@ -306,8 +297,7 @@ impl<S: SharedStore> Checkpointed<S> {
     /// The layers over the store, oldest first, each with the time its successor starts at.
     fn layers(&self) -> Vec<(&Layer, u64)> {
         let mut layers: Vec<&Layer> = Vec::with_capacity(2);
-        // A flush's job holds no layer.
-        if let Some(sealed) = self.sealed.as_ref().filter(|sealed| sealed.layer.commits > 0) {
+        if let Some(sealed) = &self.sealed {
             layers.push(&sealed.layer);
         }
         if self.recent.commits > 0 {
@@ -535,10 +525,8 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        // While a job runs, even a full batch goes to memory: waiting for the job (a flush of
-        // seconds at times, issue 24) would stop applying, and every answer with it.
-        let job_runs = !self.retire(false)?;
-        if !job_runs && changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN {
+        self.retire(false)?;
+        if changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN {
             self.write_layers()?;
             self.base.commit_shared(changes)?;
             self.unsynced = true;
@@ -778,38 +766,6 @@ mod tests {
         ledger.apply(&[accounts_n(3 + 3 * full, full)], 5_000, Some(b"5")).unwrap();
         assert_eq!(ledger.store_mut().checkpoint().unwrap(), 0);
         assert_eq!(counts(&ledger), (5, 5));
-    }
-
-    /// With only direct commits to make durable, `seal` gives a job that flushes them, for the
-    /// checkpoint thread: a flush of seconds no longer holds up applying (issue 24). While any job
-    /// runs, a full batch goes to memory instead of waiting for it, and reads see it there.
-    #[test]
-    fn a_flush_runs_as_a_job_and_full_batches_do_not_wait_for_one() {
-        let full = DIRECT_RECORDS_MIN as u128;
-        let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
-        ledger.apply(&[accounts_n(1, full)], 1_000, Some(b"1")).unwrap();
-        assert_eq!(counts(&ledger), (1, 0));
-        let flush = ledger.store_mut().seal().unwrap().expect("a flush to run");
-        assert_eq!(flush.commits(), 0);
-        assert!(!ledger.store().needs_sync(), "the job's flush covers the direct commit");
-        // The job has not run: a full batch goes to memory, is read from there, and the store
-        // underneath has not seen it.
-        ledger.apply(&[accounts_n(1 + full, full)], 2_000, Some(b"2")).unwrap();
-        assert_eq!(counts(&ledger), (1, 0));
-        assert_eq!(ledger.store().recent_commits(), 1);
-        assert!(ledger.store().account(1 + full).unwrap().is_some());
-        assert!(ledger.store().account(1).unwrap().is_some(), "the empty job hides nothing below");
-        flush.run().unwrap();
-        assert_eq!(counts(&ledger), (1, 1));
-        // Nothing in memory and everything durable: nothing to seal.
-        let layer = ledger.store_mut().seal().unwrap().expect("the batch in memory");
-        assert_eq!(layer.commits(), 1);
-        layer.run().unwrap();
-        assert!(ledger.store_mut().seal().unwrap().is_none());
-        assert_eq!(counts(&ledger), (2, 2));
-        // No job runs: a full batch is committed directly again.
-        ledger.apply(&[accounts_n(1 + 2 * full, full)], 3_000, Some(b"3")).unwrap();
-        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((3, 2), 0));
     }
 
     /// A checkpoint written on another thread that finds the store damaged fails every later

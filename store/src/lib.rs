@@ -78,11 +78,6 @@ const CHUNK_TRANSFERS: usize = 63;
 pub(crate) const FAILED_MARK: u64 = 1 << 63;
 /// Writes a merge or an import sends to the page store per batch.
 const WRITES_PER_BATCH: usize = 64;
-/// A merge makes what it wrote durable every this many page writes (8 MiB of pages): what is
-/// written and not durable is flushed by the next durable commit, whoever makes it (a checkpoint,
-/// the layout write that an entry's commit waits for), and a large merge left hundreds of MiB for
-/// one flush of seconds, on every node at once (issue 24).
-const WRITES_PER_SYNC: usize = 1024;
 /// Memory an account takes in the cache: id and record, and the map's control byte and spare
 /// capacity.
 const CACHED_ACCOUNT_BYTES: u64 = 168;
@@ -647,16 +642,10 @@ impl Inner {
         let mut builder = RunBuilder::new(kind, id, distinct);
         let mut writes = Writes::new();
         let mut stopped = false;
-        let mut unsynced = 0;
         runs::scan_all(&sources, &self.pages, &mut |key, value| {
             builder.push(key, value, &mut writes);
             if writes.len() >= WRITES_PER_BATCH {
-                unsynced += writes.len();
                 self.write_pages(&mut writes)?;
-                if unsynced >= WRITES_PER_SYNC {
-                    self.pages.sync()?;
-                    unsynced = 0;
-                }
                 // A store being closed does not wait for a long merge to end.
                 stopped = self.merges.lock().unwrap().stop;
             }
@@ -723,20 +712,13 @@ impl Inner {
         if doomed.is_empty() {
             return Ok(());
         }
-        let mut unsynced = 0;
         for (kind, id) in &doomed {
             for prefix in [PREFIX_PAGE, PREFIX_RUN_META] {
                 let mut batch = Batch::default();
                 for key in self.pages.range(runs::run_key_range(prefix, *kind, *id)).keys() {
                     batch.remove(key?.to_vec());
-                    unsynced += 1;
                 }
                 self.pages.apply(batch)?;
-            }
-            // Deletes dirty pages too: flushed here, a few MiB at a time (`WRITES_PER_SYNC`).
-            if unsynced >= WRITES_PER_SYNC {
-                self.pages.sync()?;
-                unsynced = 0;
             }
         }
         let mut layout = self.layout.lock().unwrap();
