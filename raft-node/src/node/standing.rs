@@ -63,14 +63,15 @@ pub async fn stand_only_when_applied(node: Arc<NodeHandle>) {
             (current.local_committed.map_or(0, |id| id.index), current.last_applied.map_or(0, |id| id.index))
         };
         let backlog = committed.saturating_sub(applied);
-        let time = node.pace.backlog(committed);
+        // Most ticks find the pipeline's few entries, which count as none whatever the rate.
+        let time = if backlog > BACKLOG_FEW { node.pace.backlog(committed) } else { None };
         let patience = patience(backlog, time);
         let hold = !patience.is_zero() && !node.is_leader() && node.leader_contact.within(patience);
         node.raft.runtime_config().elect(!hold);
         if hold != holding {
             holding = hold;
-            let expected = time.map_or_else(|| "an unknown time".to_string(), |time| format!("{time:.1?}"));
             if hold {
+                let expected = expected(time);
                 tracing::info!(
                     node = node.id(),
                     "applied {applied} of {committed} committed entries ({expected} to go at its recent rate): \
@@ -84,6 +85,11 @@ pub async fn stand_only_when_applied(node: Arc<NodeHandle>) {
             }
         }
     }
+}
+
+/// A backlog's expected time as the logs say it.
+pub fn expected(time: Option<Duration>) -> String {
+    time.map_or_else(|| "an unknown time".to_string(), |time| format!("{time:.1?}"))
 }
 
 #[cfg(test)]

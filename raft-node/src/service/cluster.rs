@@ -513,7 +513,7 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
         if committed.saturating_sub(their_applied) * 2 > backlog || !node.is_leader() {
             continue;
         }
-        let expected = time.map_or_else(|| "an unknown time".to_string(), |time| format!("{time:.1?}"));
+        let expected = crate::node::standing::expected(time);
         tracing::warn!(
             node = node.id(),
             "applied {applied} of {committed} committed entries ({expected} to go at its recent rate): handing \
