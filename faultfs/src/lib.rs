@@ -171,16 +171,21 @@ struct Node {
 }
 
 enum Kind {
-    File(File),
+    File(SharedFile),
     Directory(Directory),
 }
 
 /// A file's bytes as they are now, and how to put back the ones that are not durable. The bytes
 /// are in a file of the mount's backing directory on the machine's own disk (the harness's memory
 /// held them until a 600-second run at rush-hour load wrote more than the machine's 24 GiB),
-/// opened for each operation: a run's disks hold tens of thousands of files, more than a process
-/// may keep open. The pre-images stay in memory, as they are few: only durable bytes overwritten
-/// since the last fsync.
+/// open while the file is open through the mount: a run's disks hold tens of thousands of files,
+/// more than a process may keep open, but its writers keep only a few open at a time. The
+/// pre-images stay in memory, as they are few: only durable bytes overwritten since the last
+/// fsync.
+///
+/// Each file has a lock of its own, so that writes to one file (a page store writing out a
+/// commit) do not wait for writes to another (the log's appends and fsyncs), as on a disk behind a
+/// page cache; the disk's lock covers names, lengths as seen by lookups, faults and power cuts.
 struct File {
     path: PathBuf,
     /// The length now.
@@ -191,7 +196,17 @@ struct File {
     /// fsync, oldest first. Bytes past `synced_length` need none: they are cut off anyway.
     undo: Vec<(usize, Vec<u8>)>,
     unsynced_bytes: u64,
+    /// The power cuts this file went through: a write or fsync that looked the file up before
+    /// the latest one is refused (EIO), as the power went while it was on its way.
+    cuts: u64,
+    /// Opens through the mount not yet released; the backing file's handle is dropped when the
+    /// last one is.
+    opens: u32,
+    backing: Option<std::fs::File>,
 }
+
+/// A file as the disk holds it: its lock is taken after the disk's, never before.
+type SharedFile = Arc<Mutex<File>>;
 
 /// The backing file failed (the machine's disk is full, say): the writer sees EIO.
 fn backing_failed(error: io::Error) -> Errno {
@@ -221,19 +236,49 @@ impl File {
     fn new(backing: &Backing) -> Result<File, Errno> {
         let number = backing.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = backing.dir.path().join(number.to_string());
-        std::fs::File::create_new(&path).map_err(backing_failed)?;
-        Ok(File { path, length: 0, synced_length: 0, undo: Vec::new(), unsynced_bytes: 0 })
+        let backing = std::fs::File::create_new(&path).map_err(backing_failed)?;
+        Ok(File {
+            path,
+            length: 0,
+            synced_length: 0,
+            undo: Vec::new(),
+            unsynced_bytes: 0,
+            cuts: 0,
+            // Created through the mount, which opens it.
+            opens: 1,
+            backing: Some(backing),
+        })
     }
 
-    fn open(&self) -> Result<std::fs::File, Errno> {
-        std::fs::OpenOptions::new().read(true).write(true).open(&self.path).map_err(backing_failed)
+    /// The backing file, opened if it is not.
+    fn backing(&mut self) -> Result<&std::fs::File, Errno> {
+        if self.backing.is_none() {
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .map_err(backing_failed)?;
+            self.backing = Some(opened);
+        }
+        Ok(self.backing.as_ref().expect("just opened"))
+    }
+
+    fn opened(&mut self) {
+        self.opens += 1;
+    }
+
+    fn released(&mut self) {
+        self.opens = self.opens.saturating_sub(1);
+        if self.opens == 0 {
+            self.backing = None;
+        }
     }
 
     /// The bytes in `start..end`, cut at the file's end.
-    fn read(&self, start: usize, end: usize) -> Result<Vec<u8>, Errno> {
+    fn read(&mut self, start: usize, end: usize) -> Result<Vec<u8>, Errno> {
         let end = end.min(self.length);
         let mut bytes = vec![0; end.saturating_sub(start)];
-        self.open()?.read_exact_at(&mut bytes, start as u64).map_err(backing_failed)?;
+        self.backing()?.read_exact_at(&mut bytes, start as u64).map_err(backing_failed)?;
         Ok(bytes)
     }
 
@@ -250,7 +295,7 @@ impl File {
     fn write(&mut self, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
         self.keep_old(offset, offset + bytes.len())?;
         // Past the end, the gap reads as zeros, as on a disk.
-        self.open()?.write_all_at(bytes, offset as u64).map_err(backing_failed)?;
+        self.backing()?.write_all_at(bytes, offset as u64).map_err(backing_failed)?;
         self.length = self.length.max(offset + bytes.len());
         self.unsynced_bytes += bytes.len() as u64;
         Ok(())
@@ -258,7 +303,7 @@ impl File {
 
     fn truncate(&mut self, length: usize) -> Result<(), Errno> {
         self.keep_old(length, self.length)?;
-        self.open()?.set_len(length as u64).map_err(backing_failed)?;
+        self.backing()?.set_len(length as u64).map_err(backing_failed)?;
         self.unsynced_bytes += self.length.abs_diff(length) as u64;
         self.length = length;
         Ok(())
@@ -273,13 +318,18 @@ impl File {
     /// Back to the last fsync; returns the bytes lost.
     fn roll_back(&mut self) -> Result<u64, Errno> {
         let lost = self.unsynced_bytes;
-        let data = self.open()?;
-        data.set_len(self.synced_length as u64).map_err(backing_failed)?;
-        self.length = self.synced_length;
-        for (offset, old) in self.undo.drain(..).rev() {
+        let undo = std::mem::take(&mut self.undo);
+        let synced_length = self.synced_length;
+        let data = self.backing()?;
+        data.set_len(synced_length as u64).map_err(backing_failed)?;
+        for (offset, old) in undo.into_iter().rev() {
             data.write_all_at(&old, offset as u64).map_err(backing_failed)?;
         }
+        self.length = self.synced_length;
         self.unsynced_bytes = 0;
+        if self.opens == 0 {
+            self.backing = None;
+        }
         Ok(lost)
     }
 }
@@ -301,6 +351,8 @@ struct Disk {
     sync_delay: Option<Duration>,
     /// A trip wire went off: every change fails until the power cut (or `disarm`).
     tripped: bool,
+    /// Power cuts so far (`File::cuts`).
+    cuts: u64,
 }
 
 /// What sets a trip wire off: a change and the name it touches.
@@ -328,13 +380,14 @@ impl Disk {
             trip: None,
             sync_delay: None,
             tripped: false,
+            cuts: 0,
         }
     }
 
     fn attr(&self, inode: u64) -> Option<FileAttr> {
         let node = self.nodes.get(&inode)?;
         let (kind, size, nlink) = match &node.kind {
-            Kind::File(file) => (FileType::RegularFile, file.length as u64, 1),
+            Kind::File(file) => (FileType::RegularFile, file.lock().unwrap().length as u64, 1),
             Kind::Directory(_) => (FileType::Directory, 0, 2),
         };
         Some(FileAttr {
@@ -364,9 +417,9 @@ impl Disk {
         }
     }
 
-    fn file(&mut self, inode: u64) -> Result<&mut File, Errno> {
-        match self.nodes.get_mut(&inode).map(|node| &mut node.kind) {
-            Some(Kind::File(file)) => Ok(file),
+    fn file(&self, inode: u64) -> Result<SharedFile, Errno> {
+        match self.nodes.get(&inode).map(|node| &node.kind) {
+            Some(Kind::File(file)) => Ok(file.clone()),
             Some(Kind::Directory(_)) => Err(Errno::EISDIR),
             None => Err(Errno::ENOENT),
         }
@@ -411,6 +464,10 @@ impl Disk {
         if self.directory(parent)?.names.contains_key(name) {
             return Err(Errno::EEXIST);
         }
+        if let Kind::File(file) = &kind {
+            // Created after the power cuts so far: none refuses its writes.
+            file.lock().unwrap().cuts = self.cuts;
+        }
         let inode = self.next_inode;
         self.next_inode += 1;
         self.nodes.insert(inode, Node { kind, perm, mtime: SystemTime::now() });
@@ -446,23 +503,26 @@ impl Disk {
         Ok(())
     }
 
-    fn write(&mut self, inode: u64, offset: usize, bytes: &[u8]) -> Result<(), Errno> {
+    /// A write's part under the disk's lock: the file, and the power cuts so far. The bytes
+    /// are written under the file's own lock (`write_file`).
+    fn write(&mut self, inode: u64, offset: usize, bytes: &[u8]) -> Result<(SharedFile, u64), Errno> {
         self.step(None, &[])?;
         self.check_fault()?;
-        self.file(inode)?.write(offset, bytes)?;
+        let file = self.file(inode)?;
         self.nodes.get_mut(&inode).unwrap().mtime = SystemTime::now();
         self.last_write = Some((inode, offset, bytes.to_vec()));
-        Ok(())
+        Ok((file, self.cuts))
     }
 
-    fn sync_file(&mut self, inode: u64) -> Result<(), Errno> {
+    /// An fsync's part under the disk's lock (`sync_file` does the rest).
+    fn sync_file(&mut self, inode: u64) -> Result<(SharedFile, u64), Errno> {
         self.step(None, &[])?;
         self.check_fault()?;
-        self.file(inode)?.sync();
+        let file = self.file(inode)?;
         if self.last_write.as_ref().is_some_and(|(written, _, _)| *written == inode) {
             self.last_write = None;
         }
-        Ok(())
+        Ok((file, self.cuts))
     }
 
     fn sync_directory(&mut self, inode: u64) -> Result<(), Errno> {
@@ -477,7 +537,7 @@ impl Disk {
         self.nodes
             .values()
             .map(|node| match &node.kind {
-                Kind::File(file) => file.unsynced_bytes,
+                Kind::File(file) => file.lock().unwrap().unsynced_bytes,
                 Kind::Directory(_) => 0,
             })
             .sum()
@@ -487,10 +547,13 @@ impl Disk {
         self.trip = None;
         self.sync_delay = None;
         self.tripped = false;
+        self.cuts += 1;
         let mut cut = PowerCut::default();
         for node in self.nodes.values_mut() {
             match &mut node.kind {
                 Kind::File(file) => {
+                    let mut file = file.lock().unwrap();
+                    file.cuts = self.cuts;
                     if file.unsynced_bytes > 0 || !file.undo.is_empty() || file.length != file.synced_length {
                         cut.files_rolled_back += 1;
                         // A backing file that fails here has said why on stderr; the run goes on
@@ -508,8 +571,9 @@ impl Disk {
         }
         self.collect_unreachable();
         if let (Some(seed), Some((inode, offset, bytes))) = (tear_seed, self.last_write.take())
-            && let Some(Kind::File(file)) = self.nodes.get_mut(&inode).map(|node| &mut node.kind)
+            && let Some(Kind::File(file)) = self.nodes.get(&inode).map(|node| &node.kind)
         {
+            let mut file = file.lock().unwrap();
             let kept = (mix(seed) % (bytes.len() as u64 + 1)) as usize;
             if kept > 0 && file.write(offset, &bytes[..kept]).is_ok() {
                 // What the platter holds after the cut is durable by definition.
@@ -560,11 +624,50 @@ impl Handler {
             let mut disk = self.disk.lock().unwrap();
             (sync(&mut disk), disk.sync_delay)
         };
+        self.delay_sync(result, delay)
+    }
+
+    /// A write: the file looked up (and the write counted, checked for faults, kept for a torn
+    /// write) under the disk's lock, the bytes written under the file's own.
+    fn write_file(&self, inode: u64, offset: usize, data: &[u8]) -> Result<(), Errno> {
+        let found = self.disk.lock().unwrap().write(inode, offset, data);
+        write_found(found?, offset, data)
+    }
+
+    /// An fsync of a file: looked up under the disk's lock, made durable under its own (writes to
+    /// other files go on meanwhile), then the slow-sync delay.
+    fn sync_file(&self, inode: u64) -> Result<(), Errno> {
+        let (found, delay) = {
+            let mut disk = self.disk.lock().unwrap();
+            (disk.sync_file(inode), disk.sync_delay)
+        };
+        let result = found.and_then(|(file, cuts)| {
+            let mut file = file.lock().unwrap();
+            if file.cuts != cuts {
+                return Err(Errno::EIO);
+            }
+            file.sync();
+            Ok(())
+        });
+        self.delay_sync(result, delay)
+    }
+
+    fn delay_sync(&self, result: Result<(), Errno>, delay: Option<Duration>) -> Result<(), Errno> {
         if let (Ok(()), Some(delay)) = (result, delay) {
             std::thread::sleep(delay);
         }
         result
     }
+}
+
+/// A write's second half, under the file's lock: refused if a power cut came since the file was
+/// looked up.
+fn write_found((file, cuts): (SharedFile, u64), offset: usize, data: &[u8]) -> Result<(), Errno> {
+    let mut file = file.lock().unwrap();
+    if file.cuts != cuts {
+        return Err(Errno::EIO);
+    }
+    file.write(offset, data)
 }
 
 fn reply_entry(result: Result<FileAttr, Errno>, reply: ReplyEntry) {
@@ -618,7 +721,7 @@ impl Filesystem for Handler {
             if let Some(size) = size {
                 disk.step(None, &[])?;
                 disk.check_fault()?;
-                disk.file(ino.0)?.truncate(size as usize)?;
+                disk.file(ino.0)?.lock().unwrap().truncate(size as usize)?;
             }
             let node = disk.nodes.get_mut(&ino.0).ok_or(Errno::ENOENT)?;
             if let Some(mode) = mode {
@@ -665,9 +768,30 @@ impl Filesystem for Handler {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.disk.lock().unwrap().file(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(file) => {
+                file.lock().unwrap().opened();
+                reply.opened(FileHandle(0), FopenFlags::empty())
+            }
             Err(errno) => reply.error(errno),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // A file a power cut took away has nothing left to close.
+        let file = self.disk.lock().unwrap().file(ino.0);
+        if let Ok(file) = file {
+            file.lock().unwrap().released();
+        }
+        reply.ok();
     }
 
     fn read(
@@ -681,9 +805,10 @@ impl Filesystem for Handler {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let mut disk = self.disk.lock().unwrap();
-        match disk.file(ino.0) {
+        let file = self.disk.lock().unwrap().file(ino.0);
+        match file {
             Ok(file) => {
+                let mut file = file.lock().unwrap();
                 let start = (offset as usize).min(file.length);
                 match file.read(start, start + size as usize) {
                     Ok(bytes) => reply.data(&bytes),
@@ -706,7 +831,7 @@ impl Filesystem for Handler {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.disk.lock().unwrap().write(ino.0, offset as usize, data) {
+        match self.write_file(ino.0, offset as usize, data) {
             Ok(()) => reply.written(data.len() as u32),
             Err(errno) => reply.error(errno),
         }
@@ -725,7 +850,7 @@ impl Filesystem for Handler {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_empty(self.sync(|disk| disk.sync_file(ino.0)), reply);
+        reply_empty(self.sync_file(ino.0), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -786,6 +911,7 @@ impl Filesystem for Handler {
             Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
+        let file = Arc::new(Mutex::new(file));
         match self.disk.lock().unwrap().create(parent.0, name, Kind::File(file), perm) {
             Ok(attr) => reply.created(&TTL, &attr, Generation(0), FileHandle(0), FopenFlags::empty()),
             Err(errno) => reply.error(errno),
@@ -810,6 +936,7 @@ impl Filesystem for Handler {
             disk.step(None, &[])?;
             disk.check_fault()?;
             let file = disk.file(ino.0)?;
+            let mut file = file.lock().unwrap();
             let end = (offset + length) as usize;
             if end > file.length {
                 let old = file.length;
@@ -818,5 +945,61 @@ impl Filesystem for Handler {
             Ok(())
         })();
         reply_empty(result, reply);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler_with_files(count: usize) -> (Handler, Vec<u64>) {
+        let handler =
+            Handler { disk: Arc::new(Mutex::new(Disk::new())), backing: Arc::new(Backing::new().unwrap()) };
+        let inodes = (0..count)
+            .map(|index| {
+                let file = Arc::new(Mutex::new(File::new(&handler.backing).unwrap()));
+                let name = OsString::from(format!("file-{index}"));
+                let attr = handler.disk.lock().unwrap().create(ROOT, &name, Kind::File(file), 0o644);
+                attr.unwrap().ino.0
+            })
+            .collect();
+        (handler, inodes)
+    }
+
+    /// A write to one file does not wait for another file's lock (held here as a long write
+    /// would hold it): a log's appends go on while a page store writes out a commit.
+    #[test]
+    fn a_write_to_one_file_does_not_wait_for_another() {
+        let (handler, inodes) = handler_with_files(2);
+        let busy = handler.disk.lock().unwrap().file(inodes[0]).unwrap();
+        let _held = busy.lock().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let result = handler
+                    .write_file(inodes[1], 0, b"log record")
+                    .and_then(|()| handler.sync_file(inodes[1]));
+                done.send(result).unwrap();
+            });
+            let result = finished.recv_timeout(Duration::from_secs(10)).expect("the write did not wait");
+            assert_eq!(result, Ok(()));
+        });
+    }
+
+    /// A write that looked its file up before a power cut and reaches it after is refused, and
+    /// changes nothing: the power went while it was on its way.
+    #[test]
+    fn a_write_caught_by_a_power_cut_is_refused() {
+        let (handler, inodes) = handler_with_files(1);
+        handler.write_file(inodes[0], 0, b"durable").unwrap();
+        handler.sync_file(inodes[0]).unwrap();
+        handler.sync(|disk| disk.sync_directory(ROOT)).unwrap();
+        let on_its_way = handler.disk.lock().unwrap().write(inodes[0], 0, b"NOT").unwrap();
+        let file = on_its_way.0.clone();
+        handler.disk.lock().unwrap().power_cut(None);
+        assert_eq!(write_found(on_its_way, 0, b"NOT"), Err(Errno::EIO));
+        // A write that looks the file up after the cut goes through.
+        handler.write_file(inodes[0], 7, b" after").unwrap();
+        assert_eq!(file.lock().unwrap().read(0, 64).unwrap(), b"durable after");
     }
 }
