@@ -10,8 +10,11 @@
 //! few map inserts, and the store's fixed cost per commit (its runs, its atomic batch, its IO
 //! threads) is paid once per checkpoint instead of once per entry. An entry of many records
 //! (a full batch) already amortizes that cost, and would only pay for the copy: it is committed
-//! to the store directly, after whatever waits before it, and made durable (an fsync) by the next
-//! checkpoint or `sync`, not one fsync each.
+//! to the store directly, and made durable (an fsync) by the next checkpoint or flush job, not one
+//! fsync each. Only when that waits for nothing, though: with a job running, commits in memory,
+//! or the store busy with work of its own (a merge's durable write), a full batch goes to memory
+//! like any entry. Applying then waits for the disk only when memory is full (the caller's
+//! bound), never for a durable write of seconds (issue 24).
 //!
 //! Reads see `recent` over the sealed layer (a checkpoint being written) over the store: a point
 //! lookup asks the newest layer first; every record keyed by time (transfers, index entries,
@@ -163,10 +166,14 @@ impl<S: SharedStore> CheckpointJob<S> {
     }
 
     /// Writes the checkpoint to the store, in one atomic commit, and makes it durable with every
-    /// commit before it.
+    /// commit before it. A job with no commits (`seal` with only direct commits to make durable)
+    /// only flushes.
     pub fn run(self) -> StoreResult<()> {
-        let written =
-            self.base.commit_shared(&self.sealed.layer.to_changes()).and_then(|()| self.base.flush());
+        let layer = &self.sealed.layer;
+        let written = match layer.commits {
+            0 => self.base.flush(),
+            _ => self.base.commit_shared(&layer.to_changes()).and_then(|()| self.base.flush()),
+        };
         let failed = |error: &StoreError| Failed { damage: error.is_damage(), what: error.to_string() };
         self.sealed.finish(written.as_ref().map(|_| ()).map_err(failed));
         written
@@ -236,11 +243,12 @@ impl<S: SharedStore> Checkpointed<S> {
         self.sealed.is_some()
     }
 
-    /// Hands what was applied since the last seal to a job that writes it, for another thread;
-    /// `None` when there is nothing, or while the previous job runs (call again later). An error
-    /// is a previous job's.
+    /// Hands what was applied since the last seal to a job that writes it, for another thread,
+    /// or, with nothing in memory but direct commits not yet durable, a job that only flushes (a
+    /// flush takes seconds at times: it must not hold up applying); `None` when there is nothing
+    /// to do, or while the previous job runs (call again later). An error is a previous job's.
     pub fn seal(&mut self) -> StoreResult<Option<CheckpointJob<S>>> {
-        if !self.retire(false)? || self.recent.commits == 0 {
+        if !self.retire(false)? || (self.recent.commits == 0 && !self.unsynced) {
             return Ok(None);
         }
         let sealed = Arc::new(Sealed {
@@ -269,6 +277,9 @@ impl<S: SharedStore> Checkpointed<S> {
     /// that runs is waited for, and the rest of memory written and flushed.
     fn write_layers(&mut self) -> StoreResult<u64> {
         self.retire(true)?;
+        if self.recent.commits == 0 {
+            return Ok(0);
+        }
         match self.seal()? {
             Some(job) => {
                 let commits = job.commits();
@@ -297,7 +308,8 @@ impl<S: SharedStore> Checkpointed<S> {
     /// The layers over the store, oldest first, each with the time its successor starts at.
     fn layers(&self) -> Vec<(&Layer, u64)> {
         let mut layers: Vec<&Layer> = Vec::with_capacity(2);
-        if let Some(sealed) = &self.sealed {
+        // A flush's job holds no layer.
+        if let Some(sealed) = self.sealed.as_ref().filter(|sealed| sealed.layer.commits > 0) {
             layers.push(&sealed.layer);
         }
         if self.recent.commits > 0 {
@@ -525,10 +537,13 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        self.retire(false)?;
-        if changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN {
-            self.write_layers()?;
-            self.base.commit_shared(changes)?;
+        // Directly only when nothing waits before it: a job that runs holds the store's write
+        // lock through its flush, and commits in memory would have to be written first.
+        let idle = self.retire(false)? && self.recent.commits == 0;
+        if idle
+            && changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN
+            && self.base.try_commit_shared(changes)?
+        {
             self.unsynced = true;
             return Ok(());
         }
@@ -613,6 +628,8 @@ mod tests {
     struct Failing {
         inner: Mutex<MemStore>,
         damaged: AtomicBool,
+        /// Busy with work of its own: `try_commit_shared` declines.
+        busy: AtomicBool,
         commits: AtomicU64,
         durable: AtomicU64,
     }
@@ -624,6 +641,13 @@ mod tests {
             }
             self.commits.fetch_add(1, Ordering::Relaxed);
             self.inner.lock().unwrap().commit(changes)
+        }
+
+        fn try_commit_shared(&self, changes: &Changes) -> StoreResult<bool> {
+            if self.busy.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            self.commit_shared(changes).map(|()| true)
         }
     }
 
@@ -766,6 +790,49 @@ mod tests {
         ledger.apply(&[accounts_n(3 + 3 * full, full)], 5_000, Some(b"5")).unwrap();
         assert_eq!(ledger.store_mut().checkpoint().unwrap(), 0);
         assert_eq!(counts(&ledger), (5, 5));
+    }
+
+    /// With only direct commits to make durable, `seal` gives a job that flushes them, for the
+    /// checkpoint thread: applying no longer waits for a flush (seconds at times, issue 24).
+    /// While any job runs, while commits wait in memory, or while the store is busy with a
+    /// durable write of its own, a full batch goes to memory instead of waiting, and reads see it
+    /// there; once all is written and the store is free, full batches go directly again.
+    #[test]
+    fn a_full_batch_waits_for_no_flush_no_layer_and_no_busy_store() {
+        let full = DIRECT_RECORDS_MIN as u128;
+        let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
+        ledger.apply(&[accounts_n(1, full)], 1_000, Some(b"1")).unwrap();
+        assert_eq!(counts(&ledger), (1, 0));
+        let flush = ledger.store_mut().seal().unwrap().expect("a flush to run");
+        assert_eq!(flush.commits(), 0);
+        assert!(!ledger.store().needs_sync(), "the job's flush covers the direct commit");
+        // The flush has not run: a full batch goes to memory and is read from there.
+        ledger.apply(&[accounts_n(1 + full, full)], 2_000, Some(b"2")).unwrap();
+        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((1, 0), 1));
+        assert!(ledger.store().account(1 + full).unwrap().is_some());
+        assert!(ledger.store().account(1).unwrap().is_some(), "the flush's job hides nothing below");
+        flush.run().unwrap();
+        assert_eq!(counts(&ledger), (1, 1));
+        // No job runs now, but a commit waits in memory: the next full batch joins it.
+        ledger.apply(&[accounts_n(1 + 2 * full, full)], 3_000, Some(b"3")).unwrap();
+        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((1, 1), 2));
+        let layer = ledger.store_mut().seal().unwrap().expect("the batches in memory");
+        layer.run().unwrap();
+        assert!(ledger.store_mut().seal().unwrap().is_none(), "nothing left to write or flush");
+        assert_eq!(counts(&ledger), (2, 2));
+        // The store is busy with a durable write of its own: memory again.
+        ledger.store().base().busy.store(true, Ordering::Relaxed);
+        ledger.apply(&[accounts_n(1 + 3 * full, full)], 4_000, Some(b"4")).unwrap();
+        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((2, 2), 1));
+        ledger.store().base().busy.store(false, Ordering::Relaxed);
+        ledger.store_mut().seal().unwrap().expect("the batch in memory").run().unwrap();
+        // Nothing waits and the store is free: directly.
+        ledger.apply(&[accounts_n(1 + 4 * full, full)], 5_000, Some(b"5")).unwrap();
+        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((4, 3), 0));
+        assert!(ledger.store().needs_sync());
+        for id in [1, 1 + full, 1 + 2 * full, 1 + 3 * full, 1 + 4 * full] {
+            assert!(ledger.store().account(id).unwrap().is_some(), "account {id}");
+        }
     }
 
     /// A checkpoint written on another thread that finds the store damaged fails every later

@@ -246,6 +246,13 @@ pub trait Store {
 pub trait SharedStore: Store + Send + Sync {
     /// `Store::commit`, through a shared reference. Two must not run at once.
     fn commit_shared(&self, changes: &Changes) -> StoreResult<()>;
+
+    /// `commit_shared` if the store takes it now, without waiting for other work of its own (a
+    /// merge's durable write, say): `false`, and nothing written, if it would wait. By default it
+    /// never would.
+    fn try_commit_shared(&self, changes: &Changes) -> StoreResult<bool> {
+        self.commit_shared(changes).map(|()| true)
+    }
 }
 
 /// Records listed in key order: a store, or a frozen view of one (`tally_store::RunStore::freeze`). What a

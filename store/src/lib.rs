@@ -1005,6 +1005,30 @@ impl ledger::store::SharedStore for RunStore {
     /// account cache), and the runs it adds appear to readers in one swap: readers and merges
     /// may go on meanwhile. Two commits must not run at once (`Checkpointed` runs one at a time).
     fn commit_shared(&self, changes: &Changes) -> StoreResult<()> {
+        let waited = std::time::Instant::now();
+        let layout = self.inner.layout.lock().unwrap();
+        report_slow(|| "a commit's wait for the layout (a merge or a checkpoint held it)".into(), waited);
+        self.commit_under(layout, changes)
+    }
+
+    /// Not while a merge or its garbage collection holds the layout: they hold it across durable
+    /// writes, which take seconds at times (issue 24).
+    fn try_commit_shared(&self, changes: &Changes) -> StoreResult<bool> {
+        match self.inner.layout.try_lock() {
+            Ok(layout) => self.commit_under(layout, changes).map(|()| true),
+            Err(std::sync::TryLockError::WouldBlock) => Ok(false),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => panic!("the layout lock: {poisoned}"),
+        }
+    }
+}
+
+impl RunStore {
+    /// A commit (`SharedStore::commit_shared`), with the layout locked.
+    fn commit_under(
+        &self,
+        mut layout: std::sync::MutexGuard<'_, Layout>,
+        changes: &Changes,
+    ) -> StoreResult<()> {
         if let Some(damage) = self.inner.damage.lock().unwrap().clone() {
             return Err(StoreError::Corrupt(format!("a merge found damage: {damage}")));
         }
@@ -1026,9 +1050,6 @@ impl ledger::store::SharedStore for RunStore {
             batch.insert(codec::change_key(chunk[0].timestamp), encode_change_chunk(chunk));
         }
 
-        let waited = std::time::Instant::now();
-        let mut layout = self.inner.layout.lock().unwrap();
-        report_slow(|| "a commit's wait for the layout (a merge or a checkpoint held it)".into(), waited);
         let mut runs = (*self.inner.current_runs()).clone();
         let mut writes = Writes::new();
         // One run per kind this entry changed, each built from its entries in key order.
@@ -1160,5 +1181,32 @@ mod tests {
         drop(ledger);
         let reopened = RunStore::open_with(dir.path(), Options::default()).unwrap();
         assert_eq!(exported(&reopened), expected);
+    }
+
+    /// While a merge holds the layout (across a durable write of seconds at times), a full batch
+    /// is not committed to the store, which would wait for it, but kept in memory over it; with
+    /// the layout free, it is committed directly.
+    #[test]
+    fn a_full_batch_does_not_wait_for_a_merge_holding_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RunStore::open_with(dir.path(), Options::default()).unwrap();
+        let mut ledger = Ledger::open(ledger::checkpoint::Checkpointed::new(store)).unwrap();
+        let full = ledger::checkpoint::DIRECT_RECORDS_MIN as u128;
+        let accounts = |first: u128| {
+            let accounts =
+                (first..first + full).map(|id| Account { id, ledger: 1, code: 1, ..Account::default() });
+            Batch::CreateAccounts(accounts.collect())
+        };
+        let inner = ledger.store().base().inner.clone();
+        let held = inner.layout.lock().unwrap();
+        ledger.apply(&[accounts(1)], 1_000, None).unwrap();
+        assert_eq!(ledger.store().recent_commits(), 1, "kept in memory");
+        assert!(ledger.store().base().account(1).unwrap().is_none(), "not in the store");
+        assert!(ledger.store().account(1).unwrap().is_some(), "read from memory");
+        drop(held);
+        ledger.store_mut().checkpoint().unwrap();
+        ledger.apply(&[accounts(1 + full)], 2_000, None).unwrap();
+        assert_eq!(ledger.store().recent_commits(), 0, "committed directly");
+        assert!(ledger.store().base().account(1 + full).unwrap().is_some());
     }
 }

@@ -237,8 +237,9 @@ impl Shared {
     }
 
     /// Once enough memory waits for a checkpoint or the last one is old enough, seals what was
-    /// applied since for the checkpoint thread, which writes it while applying goes on. If the
-    /// thread is still busy with the previous one and twice the memory waits, writes here.
+    /// applied since (or, with only full batches committed to the store directly since, a flush
+    /// of them) for the checkpoint thread, which writes it while applying goes on. If the thread
+    /// is still busy with the previous one and twice the memory waits, writes here.
     fn checkpoint_when_due(&self, ledger: &mut State) -> io::Result<()> {
         let store = ledger.store();
         let bytes = store.recent_bytes();
@@ -261,14 +262,9 @@ impl Shared {
                 }
                 Ok(())
             }
-            // Rare, and long: the worker is handed over (a no-op when it already was). Or only
-            // entries committed to the store directly (full batches) since the last checkpoint:
-            // the checkpoint is then one fsync that makes them all durable. (Running it as a job
-            // on the checkpoint thread, 174e6e2, made the ten-minute chaos runs worse, and was
-            // reverted.)
-            None if bytes >= 2 * self.checkpoint_policy.bytes_max
-                || (ledger.store().recent_commits() == 0 && ledger.store().needs_sync()) =>
-            {
+            // The checkpoint thread is still busy and memory is full: applying waits for the
+            // disk. Rare, and long: the worker is handed over (a no-op when it already was).
+            None if bytes >= 2 * self.checkpoint_policy.bytes_max => {
                 crate::rt::block(|| self.checkpoint(ledger))
             }
             None => Ok(()),
