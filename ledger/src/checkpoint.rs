@@ -11,10 +11,11 @@
 //! threads) is paid once per checkpoint instead of once per entry. An entry of many records
 //! (a full batch) already amortizes that cost, and would only pay for the copy: it is committed
 //! to the store directly, and made durable (an fsync) by the next checkpoint or flush job, not one
-//! fsync each. Only when that waits for nothing, though: with a job running, commits in memory,
-//! or the store busy with work of its own (a merge's durable write), a full batch goes to memory
-//! like any entry. Applying then waits for the disk only when memory is full (the caller's
-//! bound), never for a durable write of seconds (issue 24).
+//! fsync each. Only when that waits for nothing, though: with a job running, or the store busy
+//! with work of its own (a merge's durable write), a full batch goes to memory like any entry;
+//! with the store free, what waits in memory is committed first, the same way. Applying then
+//! waits for the disk only when memory is full (the caller's bound), never for a durable write
+//! of seconds (issue 24).
 //!
 //! Reads see `recent` over the sealed layer (a checkpoint being written) over the store: a point
 //! lookup asks the newest layer first; every record keyed by time (transfers, index entries,
@@ -537,15 +538,19 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     }
 
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
-        // Directly only when nothing waits before it: a job that runs holds the store's write
-        // lock through its flush, and commits in memory would have to be written first.
-        let idle = self.retire(false)? && self.recent.commits == 0;
-        if idle
-            && changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN
-            && self.base.try_commit_shared(changes)?
-        {
-            self.unsynced = true;
-            return Ok(());
+        // Directly only when the store takes it at once: not while a job runs (it holds the
+        // store's write lock through its flush), nor while the store is busy. What waits in
+        // memory goes first, in the same way (not durably: the next flush covers both).
+        let job_runs = !self.retire(false)?;
+        if !job_runs && changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN {
+            if self.recent.commits > 0 && self.base.try_commit_shared(&self.recent.to_changes())? {
+                self.recent = Layer::default();
+                self.unsynced = true;
+            }
+            if self.recent.commits == 0 && self.base.try_commit_shared(changes)? {
+                self.unsynced = true;
+                return Ok(());
+            }
         }
         self.recent.absorb(changes);
         Ok(())
@@ -794,11 +799,11 @@ mod tests {
 
     /// With only direct commits to make durable, `seal` gives a job that flushes them, for the
     /// checkpoint thread: applying no longer waits for a flush (seconds at times, issue 24).
-    /// While any job runs, while commits wait in memory, or while the store is busy with a
-    /// durable write of its own, a full batch goes to memory instead of waiting, and reads see it
-    /// there; once all is written and the store is free, full batches go directly again.
+    /// While any job runs, or while the store is busy with a durable write of its own, a full
+    /// batch goes to memory instead of waiting, and reads see it there; once the store is free,
+    /// what waits in memory is written first and the batch directly.
     #[test]
-    fn a_full_batch_waits_for_no_flush_no_layer_and_no_busy_store() {
+    fn a_full_batch_waits_for_no_flush_and_no_busy_store() {
         let full = DIRECT_RECORDS_MIN as u128;
         let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
         ledger.apply(&[accounts_n(1, full)], 1_000, Some(b"1")).unwrap();
@@ -813,24 +818,20 @@ mod tests {
         assert!(ledger.store().account(1).unwrap().is_some(), "the flush's job hides nothing below");
         flush.run().unwrap();
         assert_eq!(counts(&ledger), (1, 1));
-        // No job runs now, but a commit waits in memory: the next full batch joins it.
-        ledger.apply(&[accounts_n(1 + 2 * full, full)], 3_000, Some(b"3")).unwrap();
-        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((1, 1), 2));
-        let layer = ledger.store_mut().seal().unwrap().expect("the batches in memory");
-        layer.run().unwrap();
-        assert!(ledger.store_mut().seal().unwrap().is_none(), "nothing left to write or flush");
-        assert_eq!(counts(&ledger), (2, 2));
         // The store is busy with a durable write of its own: memory again.
         ledger.store().base().busy.store(true, Ordering::Relaxed);
-        ledger.apply(&[accounts_n(1 + 3 * full, full)], 4_000, Some(b"4")).unwrap();
-        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((2, 2), 1));
+        ledger.apply(&[accounts_n(1 + 2 * full, full)], 3_000, Some(b"3")).unwrap();
+        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((1, 1), 2));
         ledger.store().base().busy.store(false, Ordering::Relaxed);
-        ledger.store_mut().seal().unwrap().expect("the batch in memory").run().unwrap();
-        // Nothing waits and the store is free: directly.
-        ledger.apply(&[accounts_n(1 + 4 * full, full)], 5_000, Some(b"5")).unwrap();
-        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((4, 3), 0));
+        // No job runs and the store is free: what waits in memory is written first (one commit,
+        // not durable), then the batch directly; the next flush makes both durable.
+        ledger.apply(&[accounts_n(1 + 3 * full, full)], 4_000, Some(b"4")).unwrap();
+        assert_eq!((counts(&ledger), ledger.store().recent_commits()), ((3, 1), 0));
         assert!(ledger.store().needs_sync());
-        for id in [1, 1 + full, 1 + 2 * full, 1 + 3 * full, 1 + 4 * full] {
+        ledger.store_mut().seal().unwrap().expect("a flush").run().unwrap();
+        assert_eq!(counts(&ledger), (3, 3));
+        assert!(ledger.store_mut().seal().unwrap().is_none(), "nothing left to write or flush");
+        for id in [1, 1 + full, 1 + 2 * full, 1 + 3 * full] {
             assert!(ledger.store().account(id).unwrap().is_some(), "account {id}");
         }
     }

@@ -133,6 +133,9 @@ struct Inner {
     /// Held while garbage is deleted: the two merge threads collect one at a time, so that a run
     /// leaves the layout's garbage list only once its pages are gone.
     collecting: Mutex<()>,
+    /// A durable write of the layout is under way (with the layout lock held): a commit that
+    /// need not wait declines (`try_commit_shared`).
+    writing_durably: std::sync::atomic::AtomicBool,
 }
 
 /// Background merges that failed in this process, for a node's metrics
@@ -219,6 +222,7 @@ impl RunStore {
             merges: Mutex::new(MergeSignal { pending: [true; 2], stop: false }),
             merges_wake: Condvar::new(),
             collecting: Mutex::new(()),
+            writing_durably: Default::default(),
         });
         inner.collect_garbage()?;
         let mut mergers = Vec::new();
@@ -562,7 +566,11 @@ impl Inner {
         }
         batch.insert(LAYOUT_KEY, layout.encode(&runs));
         if durably {
-            self.pages.apply_durably(batch)?;
+            use std::sync::atomic::Ordering;
+            self.writing_durably.store(true, Ordering::Release);
+            let written = self.pages.apply_durably(batch);
+            self.writing_durably.store(false, Ordering::Release);
+            written?;
         } else {
             self.pages.apply(batch)?;
         }
@@ -1011,14 +1019,20 @@ impl ledger::store::SharedStore for RunStore {
         self.commit_under(layout, changes)
     }
 
-    /// Not while a merge or its garbage collection holds the layout: they hold it across durable
-    /// writes, which take seconds at times (issue 24).
+    /// Not while a merge or its garbage collection holds the layout across a durable write,
+    /// which takes seconds at times (issue 24); the layout's other holders hold it briefly.
     fn try_commit_shared(&self, changes: &Changes) -> StoreResult<bool> {
-        match self.inner.layout.try_lock() {
-            Ok(layout) => self.commit_under(layout, changes).map(|()| true),
-            Err(std::sync::TryLockError::WouldBlock) => Ok(false),
+        let layout = match self.inner.layout.try_lock() {
+            Ok(layout) => layout,
+            Err(std::sync::TryLockError::WouldBlock)
+                if self.inner.writing_durably.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                return Ok(false);
+            }
+            Err(std::sync::TryLockError::WouldBlock) => self.inner.layout.lock().unwrap(),
             Err(std::sync::TryLockError::Poisoned(poisoned)) => panic!("the layout lock: {poisoned}"),
-        }
+        };
+        self.commit_under(layout, changes).map(|()| true)
     }
 }
 
@@ -1183,9 +1197,9 @@ mod tests {
         assert_eq!(exported(&reopened), expected);
     }
 
-    /// While a merge holds the layout (across a durable write of seconds at times), a full batch
-    /// is not committed to the store, which would wait for it, but kept in memory over it; with
-    /// the layout free, it is committed directly.
+    /// While a merge holds the layout across a durable write (seconds at times), a full batch is
+    /// not committed to the store, which would wait for it, but kept in memory over it; with the
+    /// layout free, it is committed directly.
     #[test]
     fn a_full_batch_does_not_wait_for_a_merge_holding_the_layout() {
         let dir = tempfile::tempdir().unwrap();
@@ -1199,10 +1213,12 @@ mod tests {
         };
         let inner = ledger.store().base().inner.clone();
         let held = inner.layout.lock().unwrap();
+        inner.writing_durably.store(true, std::sync::atomic::Ordering::Release);
         ledger.apply(&[accounts(1)], 1_000, None).unwrap();
         assert_eq!(ledger.store().recent_commits(), 1, "kept in memory");
         assert!(ledger.store().base().account(1).unwrap().is_none(), "not in the store");
         assert!(ledger.store().account(1).unwrap().is_some(), "read from memory");
+        inner.writing_durably.store(false, std::sync::atomic::Ordering::Release);
         drop(held);
         ledger.store_mut().checkpoint().unwrap();
         ledger.apply(&[accounts(1 + full)], 2_000, None).unwrap();
