@@ -32,7 +32,7 @@
 //! on two background threads (`runs::Lane`: ids and accounts, the indexes): a merge writes its run's pages under a fresh id recorded in the layout
 //! as garbage, then swaps it for its sources in one batch; the sources are deleted once no reader
 //! or frozen view holds them. A crash at any point leaves the layout of some whole entry and
-//! garbage that `open` deletes. Reading memory is bounded: run descriptions (about 10 bits per key
+//! garbage that the merge threads delete after `open` (or `open` itself, without them). Reading memory is bounded: run descriptions (about 10 bits per key
 //! of filter), the page store's cache and the account cache, both sized by `Options::cache_bytes`.
 //!
 //! A commit is durable once flushed (a checkpoint's, or a merge's): a crash takes back the
@@ -78,6 +78,8 @@ const CHUNK_TRANSFERS: usize = 63;
 pub(crate) const FAILED_MARK: u64 = 1 << 63;
 /// Writes a merge or an import sends to the page store per batch.
 const WRITES_PER_BATCH: usize = 64;
+/// Deletes of a garbage run's keys per batch to the page store.
+const DELETES_PER_BATCH: usize = 1024;
 /// Memory an account takes in the cache: id and record, and the map's control byte and spare
 /// capacity.
 const CACHED_ACCOUNT_BYTES: u64 = 168;
@@ -180,7 +182,9 @@ impl RunStore {
         if is_sled_directory(path) {
             return Err(sled_state(path));
         }
+        let started = std::time::Instant::now();
         let pages = Pages::open(path, options.cache_bytes / 4)?;
+        report_slow(|| "opening the page store (redb, its recovery after a crash)".into(), started);
         RunStore::open_on(pages, options).map_err(|error| match error {
             StoreError::Corrupt(what) => StoreError::Corrupt(format!("{}: {what}", path.display())),
             other => other,
@@ -193,6 +197,7 @@ impl RunStore {
         let mut runs = Runs::default();
         let mut layout = Layout::default();
         let descriptions = Descriptions::new(options.cache_bytes / 4);
+        let loading = std::time::Instant::now();
         if let Some(bytes) = pages.get(LAYOUT_KEY)? {
             let stored = Layout::decode(&bytes)?;
             layout.next_run = stored.next_run;
@@ -210,6 +215,16 @@ impl RunStore {
         } else if pages.get(codec::META_LEDGER_KEY)?.is_some() {
             return Err(StoreError::Corrupt("a ledger meta record without a layout".into()));
         }
+        let garbage = layout.garbage.len();
+        report_slow(
+            || {
+                format!(
+                    "loading the layout and {} runs' descriptions at open",
+                    runs.kinds.iter().flatten().count()
+                )
+            },
+            loading,
+        );
         let capacity = (options.cache_bytes / 2 / CACHED_ACCOUNT_BYTES).max(1024) as usize;
         let inner = Arc::new(Inner {
             pages,
@@ -224,7 +239,14 @@ impl RunStore {
             collecting: Mutex::new(()),
             writing_durably: Default::default(),
         });
-        inner.collect_garbage()?;
+        // What a crash left as garbage is deleted by the merge threads, if there are any: it is
+        // invisible to readers, and deleting a large run takes seconds, which a node restarting
+        // after a crash must not wait for (issue 24).
+        if !options.background_merges {
+            let collecting = std::time::Instant::now();
+            inner.collect_garbage()?;
+            report_slow(|| format!("collecting the garbage of {garbage} runs at open"), collecting);
+        }
         let mut mergers = Vec::new();
         if options.background_merges {
             for (lane, name) in [(Lane::Lookups, "state-merges"), (Lane::Indexes, "index-merges")] {
@@ -589,6 +611,16 @@ impl Inner {
 
     /// A merge thread's loop: the merges of one lane's kinds, whenever a commit signals.
     fn merge_loop(&self, lane: Lane) {
+        if lane == Lane::Lookups {
+            let started = std::time::Instant::now();
+            let garbage = self.layout.lock().unwrap().garbage.len();
+            if let Err(error) = self.collect_garbage()
+                && self.merge_failed(&error)
+            {
+                return;
+            }
+            report_slow(|| format!("collecting the garbage of {garbage} runs left at open"), started);
+        }
         loop {
             {
                 let mut signal = self.merges.lock().unwrap();
@@ -604,24 +636,27 @@ impl Inner {
                 match self.merge_once(&[lane]) {
                     Ok(true) => {}
                     Ok(false) => break,
-                    Err(error) => {
-                        // The next commit signals again; a store that cannot write will fail
-                        // its commits too, and that is where the error surfaces. Damage does not
-                        // heal by retrying: the next commit reports it (`commit_shared`).
-                        MERGES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        eprintln!("state store: a merge failed: {error}");
-                        if error.is_damage() {
-                            *self.damage.lock().unwrap() = Some(error.to_string());
-                            return;
-                        }
-                        break;
-                    }
+                    Err(error) if self.merge_failed(&error) => return,
+                    Err(_) => break,
                 }
                 if self.merges.lock().unwrap().stop {
                     return;
                 }
             }
         }
+    }
+
+    /// Counts and reports a merge (or its garbage collection) that failed; true if it found
+    /// damage, after which the thread stops. Otherwise the next commit signals again; a store that
+    /// cannot write will fail its commits too, and that is where the error surfaces. Damage does
+    /// not heal by retrying: the next commit reports it (`commit_shared`).
+    fn merge_failed(&self, error: &StoreError) -> bool {
+        MERGES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("state store: a merge failed: {error}");
+        if error.is_damage() {
+            *self.damage.lock().unwrap() = Some(error.to_string());
+        }
+        error.is_damage()
     }
 
     /// Merges the runs `runs::pick_merge` picks among the kinds of `lanes`, if any: writes the
@@ -720,11 +755,19 @@ impl Inner {
         if doomed.is_empty() {
             return Ok(());
         }
+        // In small batches: a commit waits for the page store's write lock only as long as one.
         for (kind, id) in &doomed {
             for prefix in [PREFIX_PAGE, PREFIX_RUN_META] {
                 let mut batch = Batch::default();
                 for key in self.pages.range(runs::run_key_range(prefix, *kind, *id)).keys() {
                     batch.remove(key?.to_vec());
+                    if batch.len() >= DELETES_PER_BATCH {
+                        self.pages.apply(std::mem::take(&mut batch))?;
+                        // A store being closed does not wait: what is left stays listed.
+                        if self.merges.lock().unwrap().stop {
+                            return Ok(());
+                        }
+                    }
                 }
                 self.pages.apply(batch)?;
             }
@@ -1195,6 +1238,60 @@ mod tests {
         drop(ledger);
         let reopened = RunStore::open_with(dir.path(), Options::default()).unwrap();
         assert_eq!(exported(&reopened), expected);
+    }
+
+    /// Garbage a crash left (here: a large run's pages, listed as garbage) is deleted after
+    /// `open` returns, by the merge threads, in small batches; reads never see it meanwhile.
+    /// Without merge threads, `open` deletes it itself.
+    #[test]
+    fn garbage_left_by_a_crash_is_deleted_after_open_by_the_merge_threads() {
+        use super::runs::{PREFIX_PAGE, Writes, run_key_range};
+        use super::{DELETES_PER_BATCH, pages};
+        let pages_of_garbage = 3 * DELETES_PER_BATCH + 5;
+        for background_merges in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let options = Options { background_merges, ..Options::default() };
+            let mut ledger = Ledger::open(RunStore::open_with(dir.path(), options).unwrap()).unwrap();
+            apply(&mut ledger, 20);
+            let store = ledger.into_store();
+            let inner = store.inner.clone();
+            let garbage_run = {
+                let mut layout = inner.layout.lock().unwrap();
+                let id = layout.next_run;
+                layout.next_run += 1;
+                layout.garbage.push((Kind::Ids, id));
+                let mut batch = pages::Batch::default();
+                let keys = run_key_range(PREFIX_PAGE, Kind::Ids, id);
+                for number in 0..pages_of_garbage as u32 {
+                    let mut key = keys.start;
+                    key[10..].copy_from_slice(&number.to_be_bytes());
+                    batch.insert(key, vec![0xab; 64]);
+                }
+                inner.write_layout(&layout, (*inner.current_runs()).clone(), Writes::new(), batch).unwrap();
+                id
+            };
+            let expected = exported(&store);
+            drop((store, inner));
+            let garbage_keys = |store: &RunStore| {
+                store.inner.pages.range(run_key_range(PREFIX_PAGE, Kind::Ids, garbage_run)).count()
+            };
+
+            let reopened = RunStore::open_with(dir.path(), options).unwrap();
+            assert_eq!(exported(&reopened), expected, "merges {background_merges}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while garbage_keys(&reopened) > 0 || !reopened.inner.layout.lock().unwrap().garbage.is_empty() {
+                assert!(!background_merges || Instant::now() < deadline, "the garbage is never deleted");
+                assert!(background_merges, "without merge threads, open deletes the garbage");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            drop(reopened);
+            let reopened = RunStore::open_with(dir.path(), options).unwrap();
+            assert_eq!(exported(&reopened), expected, "merges {background_merges}");
+            assert!(
+                reopened.inner.layout.lock().unwrap().garbage.is_empty(),
+                "the deletion was made durable"
+            );
+        }
     }
 
     /// While a merge holds the layout across a durable write (seconds at times), a full batch is

@@ -383,7 +383,12 @@ fn open_ledger(path: &Path, options: StoreOptions) -> io::Result<(State, Applied
             io_error(error)
         }
     };
-    let ledger = Ledger::open(Checkpointed::new(opened.map_err(opened_error)?)).map_err(opened_error)?;
+    let store = opened.map_err(opened_error)?;
+    let started = std::time::Instant::now();
+    let ledger = Ledger::open(Checkpointed::new(store)).map_err(opened_error)?;
+    if started.elapsed() >= SLOW_APPLY {
+        tracing::warn!("opening the ledger on its state store took {} ms", started.elapsed().as_millis());
+    }
     let applied = match ledger.store().meta_raw(ledger::codec::META_APP_KEY).map_err(io_error)? {
         Some(bytes) => {
             decode(&bytes).map_err(|e| io_error(format!("applied state in {}: {e}", path.display())))?
@@ -438,7 +443,14 @@ impl StateMachine {
         if let Some(meta) = machine.current_snapshot_meta()? {
             let applied = machine.shared.applied.lock().unwrap().last_applied;
             if applied < meta.last_log_id {
+                let started = std::time::Instant::now();
                 machine.install_file(&snapshot_path(data_dir, &meta))?;
+                tracing::info!(
+                    "the state ended at {applied:?}, before the local snapshot's {:?}: the snapshot was \
+                     installed at open in {} ms",
+                    meta.last_log_id,
+                    started.elapsed().as_millis()
+                );
             }
         }
         Ok(machine)
