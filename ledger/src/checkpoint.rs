@@ -47,6 +47,10 @@ const SMALL_BYTES: u64 = 64;
 /// directly: a batch of this size already spreads the store's fixed cost per commit thin, and
 /// going through memory first cost a full batch 30% of its throughput.
 pub const DIRECT_RECORDS_MIN: usize = 1024;
+/// What waits in memory is written ahead of a full batch, on the applying thread, only up to
+/// this much (`recent_bytes`); more (a long checkpoint's worth) is sealed for the checkpoint
+/// thread instead, and the batch waits in memory behind it.
+pub const RECENT_INLINE_BYTES_MAX: u64 = 8 << 20;
 
 /// What was applied since one checkpoint: one layer over the store.
 #[derive(Default)]
@@ -540,9 +544,13 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     fn commit(&mut self, changes: &Changes) -> StoreResult<()> {
         // Directly only when the store takes it at once: not while a job runs (it holds the
         // store's write lock through its flush), nor while the store is busy. What waits in
-        // memory goes first, in the same way (not durably: the next flush covers both).
+        // memory goes first, in the same way (not durably: the next flush covers both), if it is
+        // small: a large layer is the checkpoint thread's work (`seal`).
         let job_runs = !self.retire(false)?;
-        if !job_runs && changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN {
+        if !job_runs
+            && self.recent.bytes <= RECENT_INLINE_BYTES_MAX
+            && changes.accounts.len() + changes.transfers.len() >= DIRECT_RECORDS_MIN
+        {
             if self.recent.commits > 0 && self.base.try_commit_shared(&self.recent.to_changes())? {
                 self.recent = Layer::default();
                 self.unsynced = true;
@@ -834,6 +842,33 @@ mod tests {
         for id in [1, 1 + full, 1 + 2 * full, 1 + 3 * full] {
             assert!(ledger.store().account(id).unwrap().is_some(), "account {id}");
         }
+    }
+
+    /// What piled up in memory while a job ran is written ahead of the next full batch only
+    /// when it is small; a larger layer is left to the next job, and the batch waits behind it.
+    #[test]
+    fn a_full_batch_writes_no_large_layer_on_the_applying_thread() {
+        let full = DIRECT_RECORDS_MIN as u128;
+        let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
+        ledger.apply(&[accounts_n(1, full)], 1_000, Some(b"0")).unwrap();
+        let flush = ledger.store_mut().seal().unwrap().expect("a flush to run");
+        let mut next = 1 + full;
+        let mut time = 2_000;
+        while ledger.store().recent_bytes() <= RECENT_INLINE_BYTES_MAX {
+            ledger.apply(&[accounts_n(next, full - 1)], time, Some(b"1")).unwrap();
+            (next, time) = (next + full - 1, time + 1_000);
+        }
+        flush.run().unwrap();
+        let waiting = ledger.store().recent_commits();
+        ledger.apply(&[accounts_n(next, full)], time, Some(b"2")).unwrap();
+        assert_eq!(counts(&ledger), (1, 1), "nothing written on the applying thread");
+        assert_eq!(ledger.store().recent_commits(), waiting + 1, "the batch waits in memory");
+        assert!(ledger.store().account(next).unwrap().is_some());
+        ledger.store_mut().seal().unwrap().expect("the layer for the checkpoint thread").run().unwrap();
+        assert_eq!(ledger.store().recent_commits(), 0);
+        // With the layer written, the next full batch goes to the store directly again.
+        ledger.apply(&[accounts_n(next + full, full)], time + 1_000, Some(b"3")).unwrap();
+        assert_eq!(ledger.store().recent_commits(), 0, "committed directly");
     }
 
     /// A checkpoint written on another thread that finds the store damaged fails every later

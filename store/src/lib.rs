@@ -1056,15 +1056,17 @@ impl ledger::store::SharedStore for RunStore {
     /// account cache), and the runs it adds appear to readers in one swap: readers and merges
     /// may go on meanwhile. Two commits must not run at once (`Checkpointed` runs one at a time).
     fn commit_shared(&self, changes: &Changes) -> StoreResult<()> {
+        let batch = Self::encode_plain(changes);
         let waited = std::time::Instant::now();
         let layout = self.inner.layout.lock().unwrap();
         report_slow(|| "a commit's wait for the layout (a merge or a checkpoint held it)".into(), waited);
-        self.commit_under(layout, changes)
+        self.commit_under(layout, changes, batch)
     }
 
     /// Not while a merge or its garbage collection holds the layout across a durable write,
     /// which takes seconds at times (issue 24); the layout's other holders hold it briefly.
     fn try_commit_shared(&self, changes: &Changes) -> StoreResult<bool> {
+        let batch = Self::encode_plain(changes);
         let layout = match self.inner.layout.try_lock() {
             Ok(layout) => layout,
             Err(std::sync::TryLockError::WouldBlock)
@@ -1075,21 +1077,14 @@ impl ledger::store::SharedStore for RunStore {
             Err(std::sync::TryLockError::WouldBlock) => self.inner.layout.lock().unwrap(),
             Err(std::sync::TryLockError::Poisoned(poisoned)) => panic!("the layout lock: {poisoned}"),
         };
-        self.commit_under(layout, changes).map(|()| true)
+        self.commit_under(layout, changes, batch).map(|()| true)
     }
 }
 
 impl RunStore {
-    /// A commit (`SharedStore::commit_shared`), with the layout locked.
-    fn commit_under(
-        &self,
-        mut layout: std::sync::MutexGuard<'_, Layout>,
-        changes: &Changes,
-    ) -> StoreResult<()> {
-        if let Some(damage) = self.inner.damage.lock().unwrap().clone() {
-            return Err(StoreError::Corrupt(format!("a merge found damage: {damage}")));
-        }
-        self.keep_pre_images(changes)?;
+    /// What a commit writes beside its runs, encoded before it takes the layout (merges wait for
+    /// it): the plain keys, the transfer chunks with their zone maps, the change chunks.
+    fn encode_plain(changes: &Changes) -> Batch {
         let mut batch = Batch::default();
         Self::plain_writes(changes, |key, value| match value {
             Some(value) => batch.insert(key, value),
@@ -1106,7 +1101,21 @@ impl RunStore {
         for chunk in changes.changes.chunks(CHUNK_TRANSFERS) {
             batch.insert(codec::change_key(chunk[0].timestamp), encode_change_chunk(chunk));
         }
+        batch
+    }
 
+    /// A commit (`SharedStore::commit_shared`), with the layout locked: `batch` (`encode_plain`)
+    /// and the commit's runs, in one atomic batch.
+    fn commit_under(
+        &self,
+        mut layout: std::sync::MutexGuard<'_, Layout>,
+        changes: &Changes,
+        batch: Batch,
+    ) -> StoreResult<()> {
+        if let Some(damage) = self.inner.damage.lock().unwrap().clone() {
+            return Err(StoreError::Corrupt(format!("a merge found damage: {damage}")));
+        }
+        self.keep_pre_images(changes)?;
         let mut runs = (*self.inner.current_runs()).clone();
         let mut writes = Writes::new();
         // One run per kind this entry changed, each built from its entries in key order.
