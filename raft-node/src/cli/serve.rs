@@ -101,7 +101,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub join: Option<String>,
     /// How long followers wait without a leader's heartbeat before an election, in ms (default
-    /// 150; randomized up to twice that). Raise it for sites far apart.
+    /// 150; randomized up to 1.25 times that). Raise it for sites far apart.
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
     /// How often the leader sends heartbeats, in ms (default 50): well below the election timeout.
