@@ -41,6 +41,11 @@ const SERIES: &[&str] = &[
     "tally_snapshots_received_total",
     "tally_receiving_state_bytes",
     "tally_state_merges_failed",
+    "tally_apply_seconds",
+    "tally_applied_events_total",
+    "tally_entry_events",
+    "tally_process_cpu_seconds_total",
+    "tally_process_run_wait_seconds_total",
 ];
 
 /// How long one node may take to answer before its sample is skipped.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -91,6 +91,32 @@ pub static COMMIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         "tally_entry_commit_seconds",
         "From proposing an entry to its commit and apply (replication and fsync on a majority)",
         seconds_buckets(),
+    )
+});
+pub static APPLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tally_apply_seconds",
+        "Time this node took to apply one entry to the ledger (leader and followers alike)",
+        seconds_buckets(),
+    )
+});
+pub static APPLIED_EVENTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter("tally_applied_events_total", "Events (accounts or transfers) this node applied to the ledger")
+});
+/// Read from the kernel when scraped (`text`): whether a node that applies slowly is short of CPU.
+static CPU_SECONDS: LazyLock<Counter> = LazyLock::new(|| {
+    register(
+        Counter::new("tally_process_cpu_seconds_total", "CPU time this process used, user and system")
+            .expect("valid metric"),
+    )
+});
+static RUN_WAIT_SECONDS: LazyLock<Counter> = LazyLock::new(|| {
+    register(
+        Counter::new(
+            "tally_process_run_wait_seconds_total",
+            "Time this process's threads were ready to run and waited for a CPU (threads still alive)",
+        )
+        .expect("valid metric"),
     )
 });
 pub static FOLLOWER_LAG_MS: LazyLock<IntGauge> = LazyLock::new(|| {
@@ -205,9 +231,14 @@ pub static DISK: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 
 /// Makes every metric exist from the start (at zero), so a scrape lists them all.
 pub fn init() {
-    for histogram in [&BATCH_EVENTS, &ENTRY_BATCHES, &ENTRY_EVENTS, &GROUP_COMMIT_WAIT, &COMMIT_SECONDS] {
+    for histogram in
+        [&BATCH_EVENTS, &ENTRY_BATCHES, &ENTRY_EVENTS, &GROUP_COMMIT_WAIT, &COMMIT_SECONDS, &APPLY_SECONDS]
+    {
         LazyLock::force(histogram);
     }
+    LazyLock::force(&APPLIED_EVENTS);
+    LazyLock::force(&CPU_SECONDS);
+    LazyLock::force(&RUN_WAIT_SECONDS);
     LazyLock::force(&FSYNC_SECONDS);
     LazyLock::force(&SNAPSHOT_SECONDS);
     LazyLock::force(&CHECKPOINT_SECONDS);
@@ -251,10 +282,67 @@ pub fn bytes_under(path: &Path) -> u64 {
         .sum()
 }
 
+/// The CPU time this process used: `utime` and `stime` of `/proc/self/stat` (every thread's,
+/// those that ended too), in clock ticks of 1/100 s (`USER_HZ`, fixed by Linux's ABI).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command, which is in parentheses and may hold spaces.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let user: u64 = fields.nth(11)?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
+}
+
+/// How long this process's live threads waited in the run queue: the second field of each
+/// `/proc/self/task/*/schedstat`, in nanoseconds.
+fn run_wait_seconds() -> Option<f64> {
+    let mut waited_ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.filter_map(Result::ok) {
+        let Ok(schedstat) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        waited_ns += schedstat.split_whitespace().nth(1).and_then(|field| field.parse().ok()).unwrap_or(0);
+    }
+    Some(waited_ns as f64 / 1e9)
+}
+
+/// Raises `counter` to `now` (a total read from the kernel); never lowers it (a thread that
+/// ended takes its run-queue wait with it).
+fn raise_to(counter: &Counter, now: Option<f64>) {
+    if let Some(now) = now
+        && now > counter.get()
+    {
+        counter.inc_by(now - counter.get());
+    }
+}
+
 /// The text format of every metric (the node sets its gauges first: `NodeHandle::refresh_metrics`).
 pub fn text() -> String {
     MERGES_FAILED.set(tally_store::MERGES_FAILED.load(std::sync::atomic::Ordering::Relaxed) as i64);
+    raise_to(&CPU_SECONDS, cpu_seconds());
+    raise_to(&RUN_WAIT_SECONDS, run_wait_seconds());
     let mut out = Vec::new();
     TextEncoder::new().encode(&REGISTRY.gather(), &mut out).expect("text encoding into a Vec");
     String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The process's CPU time and run-queue wait are read from the kernel, and CPU time grows
+    /// as the process works.
+    #[test]
+    fn cpu_time_and_run_queue_wait_are_read_from_the_kernel() {
+        let before = cpu_seconds().expect("/proc/self/stat read");
+        assert!(run_wait_seconds().is_some(), "/proc/self/task/*/schedstat read");
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while cpu_seconds().unwrap() < before + 0.05 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "CPU time never grew");
+        }
+        let counter = Counter::new("test_cpu", "test").unwrap();
+        raise_to(&counter, Some(2.0));
+        raise_to(&counter, Some(1.5));
+        assert_eq!(counter.get(), 2.0, "never lowered");
+    }
 }

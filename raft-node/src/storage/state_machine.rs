@@ -497,6 +497,7 @@ impl StateMachine {
     }
 
     fn apply_locked(&self, ledger: &mut State, entry: &Entry) -> io::Result<Response> {
+        let started = std::time::Instant::now();
         let delay = self.shared.apply_delay_us.load(std::sync::atomic::Ordering::Relaxed);
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_micros(delay));
@@ -545,6 +546,11 @@ impl StateMachine {
         self.shared.published.lock().unwrap().applied(entry.log_id.index, &ledger.meta());
         drop(applied);
         self.shared.checkpoint_when_due(ledger)?;
+        if let EntryPayload::Normal(request) = &entry.payload {
+            let events: usize = request.batches.iter().map(ledger::Batch::len).sum();
+            crate::metrics::APPLIED_EVENTS.inc_by(events as u64);
+        }
+        crate::metrics::APPLY_SECONDS.observe(started.elapsed().as_secs_f64());
         Ok(response)
     }
 

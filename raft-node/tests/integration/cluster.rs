@@ -1649,7 +1649,8 @@ fn sample(text: &str, name: &str, labels: Option<&str>) -> f64 {
 
 /// Prometheus scrapes each node at `--metrics-listen`: under load the request counts and
 /// latencies, batch and entry sizes, group-commit waits, fsyncs, the Raft indexes and the bytes
-/// on disk move, and a follower reports the writes it forwarded.
+/// on disk move, and a follower reports the writes it forwarded; every node what it applied and
+/// the CPU it used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_under_load() {
     let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
@@ -1703,6 +1704,14 @@ async fn metrics_move_under_load() {
     let follower_metrics = cluster.scrape(follower).await;
     assert!(sample(&follower_metrics, "tally_forwarded_requests_total", None) >= 1.0);
     assert_eq!(sample(&follower_metrics, "tally_raft_is_leader", None), 0.0);
+    // Every node applies, and says what it took and what CPU it used (a follower too, which may
+    // not have applied the last few entries yet).
+    for metrics in [&after, &follower_metrics] {
+        assert!(sample(metrics, "tally_apply_seconds_count", None) >= 10.0);
+        assert!(sample(metrics, "tally_applied_events_total", None) >= 500.0);
+        assert!(sample(metrics, "tally_process_cpu_seconds_total", None) > 0.0);
+        assert!(metrics.contains("tally_process_run_wait_seconds_total "));
+    }
     // Every metric the Grafana dashboard queries is one a node serves.
     let dashboard = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/tally.json");
     let dashboard: serde_json::Value =

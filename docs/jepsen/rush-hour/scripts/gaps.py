@@ -7,8 +7,9 @@ RUN_DIR is a tally-jepsen output folder of a run with --load and --sample-metric
 of the COUNT longest gaps (at least MIN_GAP_SECONDS, default 1) between two acknowledged writes
 of the background load, prints the faults under way, then each node's samples from two seconds
 before the gap to one after: whether it led, its last log, committed and applied indexes, and
-what its checkpoints, WAL fsyncs, entry commits and pace waits took in the interval (seconds
-added to each histogram's sum since the sample before).
+what its checkpoints, WAL fsyncs, entry commits, pace waits and applies took in the interval
+(seconds added to each histogram's sum since the sample before), the events it applied, and the
+CPU it used and waited for.
 """
 import collections
 import json
@@ -37,8 +38,13 @@ with open(f"{run}/nodes/metrics.tsv") as tsv:
         time, node, name, value = line.rstrip("\n").split("\t")
         samples[int(node)][float(time)][name] = float(value)
 
+# Seconds added to each since the sample before; "kev": thousands of events applied; "cpu": CPU
+# seconds the node used, "runq": seconds its threads waited for a CPU (2026-12-06 builds on).
 SUMS = [("ckpt", "tally_checkpoint_seconds_sum"), ("fsync", "tally_wal_fsync_seconds_sum"),
-        ("commit", "tally_entry_commit_seconds_sum"), ("pace", "tally_pace_wait_seconds_sum")]
+        ("commit", "tally_entry_commit_seconds_sum"), ("pace", "tally_pace_wait_seconds_sum"),
+        ("apply", "tally_apply_seconds_sum"), ("kev", "tally_applied_events_total"),
+        ("cpu", "tally_process_cpu_seconds_total"), ("runq", "tally_process_run_wait_seconds_total")]
+SCALE = {"tally_applied_events_total": 1e-3}
 
 for length, start, end in sorted(gaps, key=lambda gap: gap[1]):
     print(f"\n=== {length:.2f} s without an acknowledged write, {start:.2f} -> {end:.2f} s")
@@ -55,7 +61,8 @@ for length, start, end in sorted(gaps, key=lambda gap: gap[1]):
                 sums = []
                 for _, series in SUMS:
                     now, before = s.get(series), previous.get(series) if previous else None
-                    sums.append(f"{now - before:6.2f}" if now is not None and before is not None else "     -")
+                    scale = SCALE.get(series, 1.0)
+                    sums.append(f"{(now - before) * scale:6.2f}" if now is not None and before is not None else "     -")
                 print(f"        {time:8.2f} {int(s.get('tally_raft_is_leader', -1)):3d} {int(s.get('tally_raft_term', -1)):4d} "
                       f"{int(s.get('tally_raft_last_log_index', -1)):9d} {int(s.get('tally_raft_committed_index', -1)):9d} "
                       f"{int(s.get('tally_raft_applied_index', -1)):7d} {int(s.get('tally_follower_apply_lag_ms', 0)):7d} | "
