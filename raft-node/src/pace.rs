@@ -51,6 +51,9 @@ const RATE_SPAN_MIN: Duration = Duration::from_millis(200);
 pub struct Pace {
     /// Lag past which proposals are held back (`--pace-lag-ms`); `None`: never.
     lag_max: Option<Duration>,
+    /// Lag of any follower answering past which proposals are held back too
+    /// (`--pace-lag-all-ms`); `None`: no such bound.
+    lag_all_max: Option<Duration>,
     /// Each follower's applied index as its answers said, and when they came: the last
     /// `RATE_WINDOW` of them, oldest first.
     followers: Mutex<BTreeMap<NodeId, VecDeque<(u64, Instant)>>>,
@@ -73,16 +76,30 @@ impl Pace {
     pub fn new(lag_max: Duration) -> Pace {
         Pace {
             lag_max: Some(lag_max).filter(|lag| !lag.is_zero()),
+            lag_all_max: None,
             followers: Mutex::default(),
             applied_at: Mutex::default(),
         }
     }
 
+    /// Holds proposals back also while any follower answering lags more than `lag_all_max`
+    /// (never if zero): the one that fell behind while another could take over, or while it was
+    /// the only follower, is the one the next fault may need.
+    pub fn with_lag_all_max(mut self, lag_all_max: Duration) -> Pace {
+        self.lag_all_max = Some(lag_all_max).filter(|lag| !lag.is_zero());
+        self
+    }
+
     /// Whether the follower that would take over from `me` among `voters` is within the lag
-    /// allowed (or too few answer to tell, or pacing is off).
+    /// allowed (or too few answer to tell, or pacing is off), and every follower answering
+    /// within `lag_all_max` if there is one.
     pub fn keeps_up(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> bool {
-        let Some(lag_max) = self.lag_max else { return true };
-        self.quorum_lag(voters, me).is_none_or(|lag| lag <= lag_max)
+        let quorum_keeps_up =
+            self.lag_max.is_none_or(|lag_max| self.quorum_lag(voters, me).is_none_or(|lag| lag <= lag_max));
+        let all_keep_up = self
+            .lag_all_max
+            .is_none_or(|lag_all_max| self.worst_lag(voters, me).is_none_or(|lag| lag <= lag_all_max));
+        quorum_keeps_up && all_keep_up
     }
 
     /// Follower `id` answered, saying it has applied up to `applied`.
@@ -117,32 +134,38 @@ impl Pace {
     /// How far behind in applying the follower that would take over from this node `me` among
     /// `voters` is, or `None` if too few followers answered lately for a quorum without `me`.
     pub fn quorum_lag(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<Duration> {
-        let now = Instant::now();
-        let reports: Vec<Report> = {
-            let followers = self.followers.lock().unwrap();
-            voters
-                .iter()
-                .filter(|id| **id != me)
-                .filter_map(|id| followers.get(id))
-                .filter_map(report)
-                .collect()
-        };
+        let reports = self.reports(voters, me);
         let history = self.applied_at.lock().unwrap();
-        quorum_lag(voters.len(), &reports, &history, now)
+        quorum_lag(voters.len(), &reports, &history, Instant::now())
+    }
+
+    /// How far behind in applying the furthest behind of the followers among `voters` that
+    /// answered lately is, or `None` if none did.
+    pub fn worst_lag(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<Duration> {
+        let reports = self.reports(voters, me);
+        let history = self.applied_at.lock().unwrap();
+        worst_lag(&reports, &history, Instant::now())
+    }
+
+    /// The latest report of each follower among `voters` (not `me`).
+    fn reports(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Vec<Report> {
+        let followers = self.followers.lock().unwrap();
+        voters.iter().filter(|id| **id != me).filter_map(|id| followers.get(id)).filter_map(report).collect()
     }
 
     /// Waits while the follower that would take over is more than the lag allowed behind, at
     /// most `WAIT_MAX`; returns how long it waited.
     pub async fn keep(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Duration {
-        let Some(lag_max) = self.lag_max else { return Duration::ZERO };
+        if self.lag_max.is_none() && self.lag_all_max.is_none() {
+            return Duration::ZERO;
+        }
         let started = Instant::now();
         let mut waited = Duration::ZERO;
         loop {
-            let lag = self.quorum_lag(voters, me);
-            if let Some(lag) = lag {
+            if let Some(lag) = self.quorum_lag(voters, me) {
                 crate::metrics::FOLLOWER_LAG_MS.set(lag.as_millis() as i64);
             }
-            if lag.is_none_or(|lag| lag <= lag_max) || waited >= WAIT_MAX {
+            if self.keeps_up(voters, me) || waited >= WAIT_MAX {
                 if !waited.is_zero() {
                     crate::metrics::PACE_WAIT_SECONDS.observe(waited.as_secs_f64());
                 }
@@ -204,6 +227,15 @@ fn quorum_lag(
     Some(lags[spare])
 }
 
+/// `Pace::worst_lag` on its inputs: the lag of the furthest behind of the `reports` fresh at `now`.
+fn worst_lag(reports: &[Report], history: &VecDeque<(u64, Instant)>, now: Instant) -> Option<Duration> {
+    reports
+        .iter()
+        .filter(|report| now.saturating_duration_since(report.at) <= REPORT_FRESH)
+        .map(|report| lag(report, history))
+        .max()
+}
+
 /// How long `report`'s follower needs to apply what the leader has and it has not: that much of
 /// the leader's own applying (from when the leader was where the follower is now to its latest
 /// point: not to now, so that it shrinks as the follower applies while the leader waits), or, if
@@ -261,6 +293,52 @@ mod tests {
         // Faster than the leader: the leader's time counts.
         let fast = Report { rate: Some(100.0), ..fresh(15) };
         assert_eq!(quorum_lag(3, &[fast, slower], &history, now), Some(Duration::from_secs(2)));
+    }
+
+    /// `--pace-lag-all-ms`: the furthest behind of the followers answering counts, a lone one
+    /// too (no quorum without the leader), a silent one not.
+    #[test]
+    fn the_worst_lag_is_that_of_the_follower_furthest_behind_that_answers() {
+        let start = Instant::now();
+        let history: VecDeque<(u64, Instant)> =
+            [(10, start), (20, start + Duration::from_secs(1)), (30, start + Duration::from_secs(2))].into();
+        let now = start + Duration::from_secs(3);
+        let fresh = |applied: u64| Report { applied, at: now, rate: None };
+        let stale = Report { at: now - REPORT_FRESH - Duration::from_millis(1), ..fresh(0) };
+        assert_eq!(worst_lag(&[fresh(30), fresh(20)], &history, now), Some(Duration::from_secs(1)));
+        assert_eq!(worst_lag(&[fresh(20)], &history, now), Some(Duration::from_secs(1)), "a lone follower");
+        assert_eq!(worst_lag(&[fresh(30), stale], &history, now), Some(Duration::ZERO));
+        assert_eq!(worst_lag(&[stale], &history, now), None);
+    }
+
+    /// With a bound on every follower, one far behind holds proposals back though the other is
+    /// up to date (without it, the up-to-date one could take over: nothing is held back).
+    #[tokio::test]
+    async fn a_bound_on_every_follower_holds_back_for_the_one_far_behind() {
+        let voters = BTreeSet::from([1, 2, 3]);
+        let quorum_only = Pace::new(LAG_MAX_DEFAULT);
+        let every = Pace::new(LAG_MAX_DEFAULT).with_lag_all_max(Duration::from_millis(200));
+        for pace in [&quorum_only, &every] {
+            pace.applied(10);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for pace in [&quorum_only, &every] {
+            pace.applied(20);
+            pace.heard(2, 20);
+            pace.heard(3, 10);
+        }
+        assert!(quorum_only.keeps_up(&voters, 1));
+        assert!(!every.keeps_up(&voters, 1), "node 3 is 300 ms behind, 200 allowed");
+        // Node 2 silent: node 3 alone answers, and is still held to the bound.
+        let lone = Pace::new(LAG_MAX_DEFAULT).with_lag_all_max(Duration::from_millis(200));
+        lone.applied(10);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        lone.applied(20);
+        lone.heard(3, 10);
+        assert!(!lone.keeps_up(&voters, 1), "a lone follower far behind");
+        assert!(Pace::new(LAG_MAX_DEFAULT).keeps_up(&voters, 1), "no bound: nothing to keep pace with");
+        let waited = lone.keep(&voters, 1).await;
+        assert!(waited >= WAIT_MAX, "held back at most WAIT_MAX: {waited:?}");
     }
 
     #[test]

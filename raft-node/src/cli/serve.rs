@@ -69,6 +69,12 @@ pub struct ServeArgs {
     /// once it has applied what it lacks.
     #[arg(long)]
     pub pace_lag_ms: Option<u64>,
+    /// How far behind in applying any voter that answers may be, in ms, before a leader holds
+    /// back new entries (default 0: no bound beyond --pace-lag-ms). With a bound, a voter that
+    /// fell behind while another could take over (or while it was the only follower) is brought
+    /// back within it before the next fault needs it, at the cost of the cluster's pace.
+    #[arg(long)]
+    pub pace_lag_all_ms: Option<u64>,
     /// Bytes of requests the client door receives at a time over all connections, e.g. 256MiB
     /// (the default; at least 8MiB); past it a request is refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_parser = parse_limit)]
@@ -278,6 +284,7 @@ pub fn node_config(args: ServeArgs) -> Result<NodeConfig, String> {
             .pace_lag_ms
             .or(file.as_ref().map(|f| f.pace_lag_ms))
             .unwrap_or_else(crate::node::default_pace_lag_ms),
+        pace_lag_all_ms: args.pace_lag_all_ms.or(file.as_ref().map(|f| f.pace_lag_all_ms)).unwrap_or(0),
         metrics_listen: args.metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)),
         snapshot_bytes_max: args
             .max_snapshot_bytes

@@ -48,6 +48,10 @@ pub struct NodeConfig {
     /// node, leading, holds back new entries (`pace`); 0: never.
     #[serde(default = "default_pace_lag_ms")]
     pub pace_lag_ms: u64,
+    /// How far behind in applying (ms) any voter that answers may be before this node, leading,
+    /// holds back new entries, whether or not another could take over meanwhile; 0: no bound.
+    #[serde(default)]
+    pub pace_lag_all_ms: u64,
     /// Bytes of request bodies the client door receives at a time, over all its connections;
     /// past it a request is refused with RESOURCE_EXHAUSTED (`security::budget`).
     #[serde(default = "default_receiving_bytes_max")]

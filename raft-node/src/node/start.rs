@@ -172,7 +172,10 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         );
         votes.withhold_until(last_seen);
     }
-    let pace = Arc::new(crate::pace::Pace::new(Duration::from_millis(config.pace_lag_ms)));
+    let pace = Arc::new(
+        crate::pace::Pace::new(Duration::from_millis(config.pace_lag_ms))
+            .with_lag_all_max(Duration::from_millis(config.pace_lag_all_ms)),
+    );
     let mut raft_config = raft_config(&config);
     raft_config.enable_elect = votes.withheld().is_none();
     let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft configuration: {e}"))?);
