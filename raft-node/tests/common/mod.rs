@@ -1,4 +1,6 @@
-//! Helpers for the tests that make gRPC calls the client library does not.
+//! Helpers shared by the test files that make gRPC calls the client library does not.
+
+#![allow(dead_code)]
 
 /// Sends `body` as a raw gRPC message (bypassing protobuf encoding) and returns the status code.
 pub async fn raw_grpc_call(

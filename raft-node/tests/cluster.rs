@@ -10,7 +10,9 @@ use raft_node::security::roles::Role;
 use raft_node::testkit::TestCluster;
 use tally_client::{Client, Error, Security, u128_from, u128_to, v1};
 
-use crate::common::raw_grpc_call;
+mod common;
+
+use common::raw_grpc_call;
 
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];

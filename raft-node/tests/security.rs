@@ -11,6 +11,8 @@ use raft_node::testkit::{TestCluster, channel_with};
 use tally_client::{Client, Error, Security, v1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
 const TALLY: &str = env!("CARGO_BIN_EXE_tally");
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -554,11 +556,7 @@ async fn bytes_being_received_and_subscribers_are_bounded() {
     let held = prost::Message::encode_to_vec(&request_of(4_000 << 10, 1_000_000));
     assert!(held.len() < 4 << 20, "{} bytes: within the message limit", held.len());
     let hold = || {
-        crate::common::open_call(
-            cluster.channel_as(&door, None),
-            "/tally.v1.Ledger/CreateTransfers",
-            held.clone(),
-        )
+        common::open_call(cluster.channel_as(&door, None), "/tally.v1.Ledger/CreateTransfers", held.clone())
     };
     let mut holders: Vec<_> = (0..2).map(|_| hold()).collect();
     let mut ledger = v1::ledger_client::LedgerClient::new(cluster.channel_as(&door, None))
