@@ -66,6 +66,9 @@ async fn only_an_operator_changes_the_cluster() {
     }
     let voters =
         |status: &v1::StatusReply| status.nodes.iter().filter(|n| n.role() == v1::NodeRole::Voter).count();
+    // The follower asked may not hold the membership yet (the writes above needed only the
+    // leader and one follower): every node caught up first.
+    cluster.wait_for_convergence(DEADLINE).await;
     let operator = cluster.client_of(&[follower], Duration::from_secs(10));
     assert_eq!(voters(&operator.cluster_status().await.unwrap()), 3, "a refused change changed something");
     let moved = operator.transfer_leader(follower).await.expect("an operator moves the leader");
