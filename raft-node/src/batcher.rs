@@ -5,6 +5,13 @@
 //! `delay` for more), bounded by `ENTRY_BATCHES_MAX` batches and `ENTRY_EVENTS_MAX` events, and
 //! proposes them as one entry. Up to `ENTRIES_IN_FLIGHT_MAX` entries are proposed at once; while
 //! they are in flight, new requests pile up in the queue and form the next, larger entry.
+//!
+//! A write from a connection with nothing else waiting, while another connection has several,
+//! is light: it goes to a queue of its own whose entries have their own slot
+//! (`LIGHT_ENTRIES_IN_FLIGHT_MAX`), and at capacity it is still taken (up to `LIGHT_EVENTS_MAX`)
+//! while the others are refused. A payment service that waits for each answer then shares the
+//! leader with an open-loop flood instead of queueing behind it, sharing its large entries, or
+//! being refused because the flood always has the next request ready.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +51,14 @@ pub const QUEUE_WAIT_MS_DEFAULT: u64 = 50;
 /// full batches. The count above alone allowed 16 GiB of 1 MiB batches.
 pub const QUEUE_BYTES_DEFAULT: u64 = 256 << 20;
 
+/// Events of light writes (`Callers::is_light`) waiting at most, about one entry: past it, a
+/// light write is refused at capacity like any other. So one waits at most for the entries in
+/// flight and one light entry before its own.
+pub const LIGHT_EVENTS_MAX: usize = ENTRY_EVENTS_MAX;
+/// Entries of light writes proposed and not yet applied, beside `ENTRIES_IN_FLIGHT_MAX` of the
+/// others.
+pub const LIGHT_ENTRIES_IN_FLIGHT_MAX: usize = 1;
+
 /// gRPC's header for how long a client should wait before retrying a refused call.
 pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
 
@@ -57,6 +72,67 @@ pub struct Limits {
 }
 
 type Reply = oneshot::Sender<Result<BatchReply, Status>>;
+
+/// Where a write comes from, to share the leader fairly at capacity: the connection it came on
+/// (its caller's address), or for a write a follower forwarded, the connection it came on
+/// there (`service::ledger`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin(pub String);
+
+/// How many writes each origin has waiting for an answer here.
+#[derive(Default)]
+struct Callers {
+    waiting: std::sync::Mutex<Waiters>,
+}
+
+#[derive(Default)]
+struct Waiters {
+    /// Writes waiting, of each origin that has any.
+    of: std::collections::HashMap<Origin, usize>,
+    /// Origins with more than one write waiting.
+    several: usize,
+}
+
+impl Callers {
+    /// One more write of `origin` waits until the returned guard drops.
+    fn enter(self: &Arc<Callers>, origin: Origin) -> Waiting {
+        let mut waiting = self.waiting.lock().unwrap();
+        let count = waiting.of.entry(origin.clone()).or_default();
+        *count += 1;
+        if *count == 2 {
+            waiting.several += 1;
+        }
+        Waiting { callers: self.clone(), origin }
+    }
+
+    /// Whether a write of `origin` is light: its connection has nothing else waiting, and
+    /// another has more than one.
+    fn is_light(&self, origin: &Origin) -> bool {
+        let waiting = self.waiting.lock().unwrap();
+        !waiting.of.contains_key(origin) && waiting.several > 0
+    }
+}
+
+/// A write of `origin` waiting for its answer (`Callers::enter`).
+struct Waiting {
+    callers: Arc<Callers>,
+    origin: Origin,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut waiting = self.callers.waiting.lock().unwrap();
+        let Some(count) = waiting.of.get_mut(&self.origin) else { return };
+        *count -= 1;
+        match *count {
+            0 => {
+                waiting.of.remove(&self.origin);
+            }
+            1 => waiting.several -= 1,
+            _ => {}
+        }
+    }
+}
 
 /// A batch waiting for its entry, where its reply goes, when it was submitted, and its share of
 /// `--max-queued-bytes`, which goes back only once the entry is done: the caller may be gone
@@ -72,6 +148,10 @@ struct Queued {
 #[derive(Clone)]
 pub struct Batcher {
     queue: mpsc::Sender<Queued>,
+    /// Light writes (`Callers::is_light`), which the next entry takes first.
+    light: mpsc::Sender<Queued>,
+    /// Events of the light writes queued.
+    light_events: Arc<std::sync::atomic::AtomicUsize>,
     /// `ENTRIES_IN_FLIGHT_MAX` permits, shared with the batcher task: a request that finds the
     /// queue empty and a slot free proposes its entry itself (`submit`).
     in_flight: Arc<Semaphore>,
@@ -85,6 +165,8 @@ pub struct Batcher {
     queue_wait_us: Arc<std::sync::atomic::AtomicU64>,
     /// Past this wait, while batches queue, new ones are refused (RESOURCE_EXHAUSTED).
     queue_wait_max: Duration,
+    /// Writes waiting per origin, for who is refused at capacity.
+    callers: Arc<Callers>,
 }
 
 /// The memory a batch's events take.
@@ -108,15 +190,32 @@ impl Batcher {
         pace: Arc<crate::pace::Pace>,
     ) -> Batcher {
         let (queue, receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
+        let (light, light_receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
+        let light_events = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
         let last_commit_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let proposer = Proposer { raft, clock, me, last_commit_us, pace };
         let queue_wait_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        tokio::spawn(run(proposer.clone(), receiver, delay, in_flight.clone(), queue_wait_us.clone()));
+        let others = Lane {
+            queue: receiver,
+            slots: in_flight.clone(),
+            queue_wait_us: Some(queue_wait_us.clone()),
+            light_events: None,
+        };
+        let lights = Lane {
+            queue: light_receiver,
+            slots: Arc::new(Semaphore::new(LIGHT_ENTRIES_IN_FLIGHT_MAX)),
+            queue_wait_us: None,
+            light_events: Some(light_events.clone()),
+        };
+        tokio::spawn(run(proposer.clone(), others, delay));
+        tokio::spawn(run(proposer.clone(), lights, delay));
 
         let bytes_max = (limits.bytes_max as usize).min(Semaphore::MAX_PERMITS);
         Batcher {
             queue,
+            light,
+            light_events,
             in_flight,
             proposer,
             direct: delay.is_zero(),
@@ -124,13 +223,15 @@ impl Batcher {
             bytes_max,
             queue_wait_us,
             queue_wait_max: limits.queue_wait_max,
+            callers: Arc::default(),
         }
     }
 
-    /// Proposes `batch` and waits for its reply. UNAVAILABLE means the outcome is unknown only
-    /// when it says so; either way, retrying with the same ids is safe. RESOURCE_EXHAUSTED
-    /// means nothing was proposed: the node holds as many bytes of events as it takes.
-    pub async fn submit(&self, batch: Batch) -> Result<BatchReply, Status> {
+    /// Proposes `batch`, from `origin`, and waits for its reply. UNAVAILABLE means the outcome
+    /// is unknown only when it says so; either way, retrying with the same ids is safe.
+    /// RESOURCE_EXHAUSTED means nothing was proposed: the node is at capacity, or holds as many
+    /// bytes of events as it takes.
+    pub async fn submit(&self, batch: Batch, origin: Origin) -> Result<BatchReply, Status> {
         // A leader with a backlog to apply would answer only once it is through it (seconds):
         // it hands leadership over (`service::cluster::hand_over_while_applying`), and refuses
         // meanwhile, so that the client retries on the next leader.
@@ -152,13 +253,22 @@ impl Batcher {
         // next entry takes all that waits, up to its bounds: a longer wait means entries are full
         // and a backlog grows (large entries of group commit only make each commit longer). Refused at once, with when to come back,
         // rather than queued for seconds behind what the cluster cannot commit in time (issue 24,
-        // item 5).
+        // item 5). A light write still goes in, to its own queue, while that holds less than
+        // an entry (an open-loop flood beside payment services that wait for each answer: the
+        // flood would otherwise take every place that frees, since it always has a request
+        // arriving).
         let load = |value: &std::sync::atomic::AtomicU64| {
             Duration::from_micros(value.load(std::sync::atomic::Ordering::Relaxed))
         };
         let waited = load(&self.queue_wait_us);
         let commit = load(&self.proposer.last_commit_us);
-        if waited > self.queue_wait_max.max(commit) && self.queue.capacity() < QUEUE_BATCHES_MAX {
+        let light = self.callers.is_light(&origin);
+        let light_room =
+            light && self.light_events.load(std::sync::atomic::Ordering::Relaxed) < LIGHT_EVENTS_MAX;
+        if waited > self.queue_wait_max.max(commit)
+            && self.queue.capacity() < QUEUE_BATCHES_MAX
+            && !light_room
+        {
             let retry_ms = waited.as_millis().max(1) as u64;
             let mut status = Status::resource_exhausted(format!(
                 "the leader is at capacity (writes waited {} ms to be proposed, more than {} ms): nothing was \
@@ -180,6 +290,7 @@ impl Batcher {
                     self.bytes_max >> 20
                 ))
             })?;
+        let _waiting = self.callers.enter(origin);
         crate::metrics::BATCH_EVENTS.observe(batch.len() as f64);
         let (reply, receiver) = oneshot::channel();
         let mut queued = Queued { batch, reply, submitted: tokio::time::Instant::now(), bytes: Some(held) };
@@ -191,6 +302,7 @@ impl Batcher {
         // which asks to wait for company.
         if self.direct
             && self.queue.capacity() == QUEUE_BATCHES_MAX
+            && self.light.capacity() == QUEUE_BATCHES_MAX
             && self.keeps_pace()
             && let Ok(permit) = self.in_flight.clone().try_acquire_owned()
         {
@@ -202,7 +314,13 @@ impl Batcher {
             slot.release();
             return receiver.await.map_err(reply_lost)?;
         }
-        self.queue.send(queued).await.map_err(|_| Status::unavailable("node is shutting down"))?;
+        let queue = if light {
+            self.light_events.fetch_add(queued.batch.len(), std::sync::atomic::Ordering::Relaxed);
+            &self.light
+        } else {
+            &self.queue
+        };
+        queue.send(queued).await.map_err(|_| Status::unavailable("node is shutting down"))?;
         receiver.await.map_err(reply_lost)?
     }
 
@@ -256,32 +374,55 @@ struct Proposer {
     pace: Arc<crate::pace::Pace>,
 }
 
-async fn run(
-    proposer: Proposer,
-    mut receiver: mpsc::Receiver<Queued>,
-    delay: Duration,
-    in_flight: Arc<Semaphore>,
-    queue_wait_us: Arc<std::sync::atomic::AtomicU64>,
-) {
-    while let Some(first) = receiver.recv().await {
+/// One queue the batcher forms entries from, and its entry slots. Light writes and the others
+/// each have their own (`Batcher::start`), so a light write never waits for a slot behind the
+/// queue of the others nor shares an entry with them: it waits only for the entries in flight
+/// before it to apply.
+struct Lane {
+    queue: mpsc::Receiver<Queued>,
+    slots: Arc<Semaphore>,
+    /// Where the lane of the others records its oldest batch's wait (the test for capacity).
+    queue_wait_us: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Where the light lane gives back the events it takes from its queue.
+    light_events: Option<Arc<std::sync::atomic::AtomicUsize>>,
+}
+
+impl Lane {
+    /// The next write waiting, now or (with `until`) up to then; `None` when there is none.
+    async fn next(&mut self, until: Option<tokio::time::Instant>) -> Option<Queued> {
+        let next = match (self.queue.try_recv(), until) {
+            (Ok(next), _) => Some(next),
+            (Err(_), None) => None,
+            (Err(_), Some(until)) => tokio::time::timeout_at(until, self.queue.recv()).await.ok().flatten(),
+        };
+        self.taken(next)
+    }
+
+    fn taken(&self, next: Option<Queued>) -> Option<Queued> {
+        if let (Some(queued), Some(events)) = (&next, &self.light_events) {
+            events.fetch_sub(queued.batch.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        next
+    }
+}
+
+/// Forms and proposes entries from `lane` until the batcher is gone.
+async fn run(proposer: Proposer, mut lane: Lane, delay: Duration) {
+    while let Some(first) = lane.queue.recv().await {
+        let first = lane.taken(Some(first)).expect("a write was received");
         // Waiting for a slot first lets the queue grow while earlier entries are in flight; so
         // does waiting for the followers to keep pace, which counts as time in the queue.
-        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = lane.slots.clone().acquire_owned().await.expect("semaphore never closed");
         proposer.pace.keep(&crate::clock::voters(&proposer.raft), proposer.me).await;
-        let waited = first.submitted.elapsed().as_micros() as u64;
-        queue_wait_us.store(waited, std::sync::atomic::Ordering::Relaxed);
+        if let Some(queue_wait_us) = &lane.queue_wait_us {
+            queue_wait_us
+                .store(first.submitted.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut events = first.batch.len();
         let mut group = vec![first];
-        let deadline = tokio::time::Instant::now() + delay;
+        let deadline = (!delay.is_zero()).then(|| tokio::time::Instant::now() + delay);
         while group.len() < ENTRY_BATCHES_MAX && events < ENTRY_EVENTS_MAX {
-            let next = match receiver.try_recv() {
-                Ok(next) => next,
-                Err(_) if delay.is_zero() => break,
-                Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                    Ok(Some(next)) => next,
-                    _ => break,
-                },
-            };
+            let Some(next) = lane.next(deadline).await else { break };
             events += next.batch.len();
             group.push(next);
         }
@@ -406,5 +547,41 @@ pub async fn expire_when_due(
             Ok(_) => crate::metrics::EXPIRY_TICKS.inc(),
             Err(error) => tracing::debug!("expiry tick not written: {error}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(name: &str) -> Origin {
+        Origin(name.to_owned())
+    }
+
+    #[test]
+    fn at_capacity_a_connection_with_nothing_waiting_goes_before_one_with_several() {
+        let callers = Arc::new(Callers::default());
+        let flood: Vec<Waiting> = (0..3).map(|_| callers.enter(origin("flood"))).collect();
+        let payment = callers.enter(origin("payment"));
+        // The payment service waits for its answer: its next write is not light meanwhile.
+        assert!(!callers.is_light(&origin("payment")));
+        drop(payment);
+        assert!(callers.is_light(&origin("payment")));
+        assert!(callers.is_light(&origin("new")), "a connection never seen has nothing waiting");
+        // The flood's own writes are never light.
+        assert!(!callers.is_light(&origin("flood")));
+        drop(flood);
+        let waiting = callers.waiting.lock().unwrap();
+        assert!(waiting.of.is_empty() && waiting.several == 0, "every count goes back to nothing");
+    }
+
+    #[test]
+    fn among_equals_nobody_is_light() {
+        // Many clients of one request each: nobody floods, so nobody goes ahead at capacity.
+        let callers = Arc::new(Callers::default());
+        let _waiting: Vec<Waiting> = (0..8).map(|i| callers.enter(origin(&format!("client {i}")))).collect();
+        assert!(!callers.is_light(&origin("client 8")));
+        let _second = callers.enter(origin("client 0"));
+        assert!(callers.is_light(&origin("client 8")), "client 0 has two waiting now");
     }
 }

@@ -97,8 +97,12 @@ impl Pace {
     /// allowed (or too few answer to tell, or pacing is off), and every follower answering
     /// within `lag_all_max` if there is one.
     pub fn keeps_up(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> bool {
-        let quorum_keeps_up =
-            self.lag_max.is_none_or(|lag_max| self.quorum_lag(voters, me).is_none_or(|lag| lag <= lag_max));
+        self.keeps_up_with(self.quorum_lag(voters, me), voters, me)
+    }
+
+    /// `keeps_up`, given the quorum's lag `quorum_lag` already looked up.
+    fn keeps_up_with(&self, quorum_lag: Option<Duration>, voters: &BTreeSet<NodeId>, me: NodeId) -> bool {
+        let quorum_keeps_up = self.lag_max.is_none_or(|lag_max| quorum_lag.is_none_or(|lag| lag <= lag_max));
         let all_keep_up = self
             .lag_all_max
             .is_none_or(|lag_all_max| self.worst_lag(voters, me).is_none_or(|lag| lag <= lag_all_max));
@@ -166,10 +170,11 @@ impl Pace {
         let started = Instant::now();
         let mut waited = Duration::ZERO;
         loop {
-            if let Some(lag) = self.quorum_lag(voters, me) {
+            let quorum_lag = self.quorum_lag(voters, me);
+            if let Some(lag) = quorum_lag {
                 crate::metrics::FOLLOWER_LAG_MS.set(lag.as_millis() as i64);
             }
-            if self.keeps_up(voters, me) || waited >= WAIT_MAX {
+            if self.keeps_up_with(quorum_lag, voters, me) || waited >= WAIT_MAX {
                 if !waited.is_zero() {
                     crate::metrics::PACE_WAIT_SECONDS.observe(waited.as_secs_f64());
                 }

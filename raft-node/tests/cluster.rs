@@ -2161,6 +2161,62 @@ async fn writes_past_capacity_are_refused_at_once_and_nothing_of_them_is_written
     assert_eq!(found.len(), taken_ends.len());
 }
 
+/// At capacity the flood is refused, not the payment service that waits for each answer: one
+/// connection's 16 writers of full batches keep the leader past capacity (every apply slowed to
+/// 50 ms) and are refused again and again, while another connection's single transfers, one at
+/// a time, all go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_capacity_a_flood_is_refused_before_a_client_that_waits_for_each_answer() {
+    let args = ["--apply-delay-ms", "50", "--max-queue-wait-ms", "20"];
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &args);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let flood = Arc::new(cluster.client_of(&[leader], Duration::from_secs(30)));
+    let payments = cluster.client_of(&[leader], Duration::from_secs(30));
+    create_accounts(&flood, 1..=2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let batch = ledger::BATCH_EVENTS_MAX as u128;
+    let writers: Vec<_> = (0..16u128)
+        .map(|writer| {
+            let (flood, stop, refused) = (flood.clone(), stop.clone(), refused.clone());
+            tokio::spawn(async move {
+                let mut first = 10_000_000 + writer * 1_000_000_000;
+                while !stop.load(Ordering::Relaxed) {
+                    let transfers = (first..first + batch).map(|id| transfer(id, BANK, 2, 1)).collect();
+                    match flood.create_transfers(transfers).await {
+                        Ok(_) => first += batch,
+                        Err(Error::Rejected(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(error) => panic!("flood batch from {first}: {error}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while refused.load(Ordering::Relaxed) == 0 {
+        assert!(started.elapsed() < DEADLINE, "the flood never reached capacity");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused_before = refused.load(Ordering::Relaxed);
+    let paying = Instant::now();
+    for id in 1..=5u128 {
+        let results = payments.create_transfers(vec![transfer(id, BANK, 2, 1)]).await;
+        let results =
+            results.unwrap_or_else(|error| panic!("payment {id} while the flood is refused: {error}"));
+        assert!(results.iter().all(|r| r.status() == v1::CreateTransferStatus::Ok), "{results:?}");
+    }
+    let refused_during = refused.load(Ordering::Relaxed) - refused_before;
+    eprintln!("5 payments in {:?}; {refused_during} flood batches refused meanwhile", paying.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert!(refused_during > 0, "the flood was not refused while the payments went through");
+}
+
 /// A follower that lost its disk is replaced under load after the leader purged its log: it
 /// receives the whole state (a snapshot) while the load goes on, writes never stop for 1 s, and
 /// status says when it is up to date again.

@@ -58,6 +58,11 @@ fn batch_load(client: Arc<Client>, stop: Arc<AtomicBool>) -> Vec<tokio::task::Jo
                             acknowledged.push(Instant::now());
                             id += BATCH;
                         }
+                        // Refused at capacity (the leader paces itself to its followers): a
+                        // client retries after the hint; a stall still shows as a long gap.
+                        Err(Error::Rejected(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                            tokio::time::sleep(pushback(&status)).await;
+                        }
                         Err(Error::Unavailable(status)) => panic!("a write timed out under load: {status:?}"),
                         Err(Error::Rejected(status)) => panic!("write rejected: {status:?}"),
                     }
@@ -66,6 +71,15 @@ fn batch_load(client: Arc<Client>, stop: Arc<AtomicBool>) -> Vec<tokio::task::Jo
             })
         })
         .collect()
+}
+
+/// How long a refusal at capacity asks the client to wait before it tries again.
+fn pushback(status: &tonic::Status) -> Duration {
+    let hint = status.metadata().get("grpc-retry-pushback-ms").and_then(|ms| ms.to_str().ok());
+    let ms = hint.and_then(|ms| ms.parse().ok());
+    Duration::from_millis(
+        ms.unwrap_or_else(|| panic!("a refusal at capacity without a retry hint: {status:?}")),
+    )
 }
 
 async fn setup() -> (TestCluster, Arc<Client>, u64, u64) {

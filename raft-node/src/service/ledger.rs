@@ -12,15 +12,19 @@ use tally_proto::v1 as pb;
 use tally_proto::v1::ledger_client::LedgerClient;
 use tonic::{Request, Response, Status};
 
+use crate::batcher::Origin;
 use crate::convert;
 use crate::net::MESSAGE_BYTES_MAX;
 use crate::node::{NodeHandle, ReadBarrier};
+use crate::security::roles::{Caller, Role};
 
 /// The largest client request accepted: a batch of 8189 events with every field set is about
 /// 2 MiB of protobuf; more is refused with RESOURCE_EXHAUSTED before it is decoded.
 pub const LEDGER_REQUEST_BYTES_MAX: usize = 4 << 20;
 /// Marks a request forwarded by another node.
 const FORWARDED_HEADER: &str = "x-tally-forwarded";
+/// On a forwarded write: the connection it came on at the forwarding node (`origin_of`).
+const ORIGIN_HEADER: &str = "x-tally-origin";
 /// On a forwarded reply: the leader's address, so a client can send its next request there
 /// directly and save the hop (`tally-client` does).
 pub const LEADER_HEADER: &str = "x-tally-leader";
@@ -55,8 +59,8 @@ impl LedgerService {
         Ok(Hop { from: self.node.id(), leader, address, advertised, client })
     }
 
-    async fn write(&self, batch: Batch) -> Result<ledger::BatchReply, Status> {
-        self.node.batcher.submit(batch).await
+    async fn write(&self, batch: Batch, origin: Origin) -> Result<ledger::BatchReply, Status> {
+        self.node.batcher.submit(batch, origin).await
     }
 
     /// Waits until this node's state reflects every write acknowledged before now. Err with
@@ -92,9 +96,13 @@ impl Hop {
         Fut: std::future::Future<Output = Result<Response<R>, Status>>,
     {
         let timeout = grpc_timeout(request.metadata());
+        let origin = origin_of(&request);
         crate::metrics::FORWARDED.inc();
         let mut forwarded = Request::new(request.into_inner());
         forwarded.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        if let Ok(origin) = origin.0.parse() {
+            forwarded.metadata_mut().insert(ORIGIN_HEADER, origin);
+        }
         if let Some(timeout) = timeout {
             forwarded.set_timeout(timeout);
         }
@@ -116,6 +124,18 @@ impl Hop {
             }
         }
     }
+}
+
+/// Where `request` comes from (`batcher::Origin`): the connection it came on, or, forwarded by
+/// a member node, the one it came on there (only a node's word counts: a client naming another
+/// origin would claim someone else's share).
+fn origin_of<T>(request: &Request<T>) -> Origin {
+    let caller = request.extensions().get::<Caller>();
+    let from_node = caller.is_some_and(|caller| matches!(caller.role, Role::Node(_) | Role::Insecure));
+    if from_node && let Some(Ok(origin)) = request.metadata().get(ORIGIN_HEADER).map(|value| value.to_str()) {
+        return Origin(origin.to_owned());
+    }
+    Origin(caller.map_or_else(|| "in-process".to_owned(), |caller| caller.remote.to_string()))
 }
 
 /// The longest deadline a forwarded request carries, whatever the caller asked for.
@@ -242,7 +262,7 @@ impl pb::ledger_server::Ledger for LedgerService {
             let hop = self.leader_hop(&request)?;
             return hop.forward(request, |mut c, r| async move { c.create_accounts(r).await }).await;
         }
-        let reply = self.write(Batch::CreateAccounts(events)).await?;
+        let reply = self.write(Batch::CreateAccounts(events), origin_of(&request)).await?;
         Ok(Response::new(convert::account_results_to(&convert::expect_accounts(reply))))
     }
 
@@ -255,7 +275,7 @@ impl pb::ledger_server::Ledger for LedgerService {
             let hop = self.leader_hop(&request)?;
             return hop.forward(request, |mut c, r| async move { c.create_transfers(r).await }).await;
         }
-        let reply = self.write(Batch::CreateTransfers(events)).await?;
+        let reply = self.write(Batch::CreateTransfers(events), origin_of(&request)).await?;
         Ok(Response::new(convert::transfer_results_to(&convert::expect_transfers(reply))))
     }
 
@@ -367,6 +387,25 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_write_comes_from_its_connection_or_the_one_a_member_node_names() {
+        let request = |role: Role, origin: Option<&str>| {
+            let mut request = Request::new(());
+            request.extensions_mut().insert(Caller { role, remote: "10.0.0.7:4242".parse().unwrap() });
+            if let Some(origin) = origin {
+                request.metadata_mut().insert(ORIGIN_HEADER, origin.parse().unwrap());
+            }
+            request
+        };
+        let own = Origin("10.0.0.7:4242".to_owned());
+        assert_eq!(origin_of(&request(Role::Client("shop".into()), None)), own);
+        // A client cannot claim another connection's share.
+        assert_eq!(origin_of(&request(Role::Client("shop".into()), Some("10.0.0.8:1"))), own);
+        assert_eq!(origin_of(&request(Role::Anonymous, Some("10.0.0.8:1"))), own);
+        assert_eq!(origin_of(&request(Role::Node(2), Some("10.0.0.8:1"))), Origin("10.0.0.8:1".to_owned()));
+        assert_eq!(origin_of(&request(Role::Node(2), None)), own, "a node's own write");
+    }
 
     #[test]
     fn grpc_timeouts_parse_capped_and_malformed_ones_are_ignored() {

@@ -476,13 +476,14 @@ impl StateMachine {
         if events < ledger::checkpoint::DIRECT_RECORDS_MIN
             && let Ok(mut ledger) = self.shared.ledger.try_write()
         {
-            return self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry);
+            return self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry, events);
         }
         crate::rt::block(|| {
             let started = std::time::Instant::now();
             let mut ledger = self.shared.ledger.write().unwrap();
             let locked = started.elapsed();
-            let applied = self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry);
+            let applied =
+                self.apply_locked(ledger.as_mut().expect("ledger outside an install"), entry, events);
             // Reads and answers wait for an entry being applied: say when one takes long.
             if started.elapsed() >= SLOW_APPLY {
                 tracing::warn!(
@@ -496,7 +497,8 @@ impl StateMachine {
         })
     }
 
-    fn apply_locked(&self, ledger: &mut State, entry: &Entry) -> io::Result<Response> {
+    /// Applies `entry`, of `events` accounts and transfers, to the locked `ledger`.
+    fn apply_locked(&self, ledger: &mut State, entry: &Entry, events: usize) -> io::Result<Response> {
         let started = std::time::Instant::now();
         let delay = self.shared.apply_delay_us.load(std::sync::atomic::Ordering::Relaxed);
         if delay > 0 {
@@ -546,10 +548,7 @@ impl StateMachine {
         self.shared.published.lock().unwrap().applied(entry.log_id.index, &ledger.meta());
         drop(applied);
         self.shared.checkpoint_when_due(ledger)?;
-        if let EntryPayload::Normal(request) = &entry.payload {
-            let events: usize = request.batches.iter().map(ledger::Batch::len).sum();
-            crate::metrics::APPLIED_EVENTS.inc_by(events as u64);
-        }
+        crate::metrics::APPLIED_EVENTS.inc_by(events as u64);
         crate::metrics::APPLY_SECONDS.observe(started.elapsed().as_secs_f64());
         Ok(response)
     }
