@@ -28,9 +28,13 @@ struct Args {
     /// Simulated time per seed (e.g. 60s, 5m).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     sim_time: Duration,
-    /// Print each run's trace (and the nodes' logs with RUST_LOG).
+    /// Print each run's trace (and the nodes' logs with RUST_LOG). Runs one seed at a time, so
+    /// that their traces do not interleave.
     #[arg(long)]
     verbose: bool,
+    /// Seeds run at once, each in a process of its own (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    jobs: Option<u64>,
 }
 
 /// Node logs carry the simulated time, as the trace does.
@@ -77,44 +81,84 @@ fn main() -> ExitCode {
             false => ExitCode::FAILURE,
         };
     }
-    // Each seed in a process of its own, so that it runs exactly as its replay command does.
-    let (mut passed, mut failed) = (0u64, 0u64);
+    // Each seed in a process of its own, so that it runs exactly as its replay command does;
+    // several at once, their results printed in the order of their seeds.
     let exe = std::env::current_exe().expect("tally-sim's own path");
-    for seed in first..first.saturating_add(args.seeds) {
-        let mut command = std::process::Command::new(&exe);
-        command.args(["--seed", &seed.to_string(), "--seeds", "1", "--nodes", &args.nodes.to_string()]);
-        command.args([
-            "--faults",
-            &args.faults.to_string(),
-            "--sim-time",
-            &format!("{}s", args.sim_time.as_secs()),
-        ]);
-        if args.verbose {
-            command.arg("--verbose");
+    let last = first.saturating_add(args.seeds);
+    let jobs = match (args.verbose, args.jobs) {
+        (true, _) => 1,
+        (false, Some(jobs)) => jobs,
+        (false, None) => std::thread::available_parallelism().map_or(1, |cores| cores.get() as u64),
+    };
+    let next = std::sync::atomic::AtomicU64::new(first);
+    let (done, results) = std::sync::mpsc::channel();
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let unrunnable = std::thread::scope(|scope| {
+        for _ in 0..jobs.min(args.seeds) {
+            let done = done.clone();
+            let (next, exe, args) = (&next, &exe, &args);
+            scope.spawn(move || {
+                loop {
+                    let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if seed >= last || done.send((seed, run_apart(exe, args, seed))).is_err() {
+                        break;
+                    }
+                }
+            });
         }
-        let output = match command.stderr(std::process::Stdio::inherit()).output() {
-            Ok(output) => output,
-            Err(error) => {
-                eprintln!("tally-sim: cannot run seed {seed} in a process of its own: {error}");
-                return ExitCode::from(2);
+        drop(done);
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut due = first;
+        for (seed, output) in results {
+            waiting.insert(seed, output);
+            while let Some(output) = waiting.remove(&due) {
+                let output = match output {
+                    Ok(output) => output,
+                    Err(error) => {
+                        eprintln!("tally-sim: cannot run seed {due} in a process of its own: {error}");
+                        next.store(last, std::sync::atomic::Ordering::Relaxed);
+                        return true;
+                    }
+                };
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                for line in stdout.lines().filter(|line| !line.ends_with(" failed")) {
+                    println!("{line}");
+                }
+                if output.status.success() {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                    if stdout.is_empty() {
+                        println!("seed {due}: FAILED: the simulation process ended with {}", output.status);
+                        println!("  replay: {}", replay(&args, due));
+                    }
+                }
+                due += 1;
             }
-        };
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        for line in stdout.lines().filter(|line| !line.ends_with(" failed")) {
-            println!("{line}");
         }
-        if output.status.success() {
-            passed += 1;
-        } else {
-            failed += 1;
-            if stdout.is_empty() {
-                println!("seed {seed}: FAILED: the simulation process ended with {}", output.status);
-                println!("  replay: {}", replay(&args, seed));
-            }
-        }
+        false
+    });
+    if unrunnable {
+        return ExitCode::from(2);
     }
     println!("{passed} passed, {failed} failed");
     if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Runs `seed` in a process of its own, with the same arguments as its replay command.
+fn run_apart(exe: &std::path::Path, args: &Args, seed: u64) -> std::io::Result<std::process::Output> {
+    let mut command = std::process::Command::new(exe);
+    command.args(["--seed", &seed.to_string(), "--seeds", "1", "--nodes", &args.nodes.to_string()]);
+    command.args([
+        "--faults",
+        &args.faults.to_string(),
+        "--sim-time",
+        &format!("{}s", args.sim_time.as_secs()),
+    ]);
+    if args.verbose {
+        command.arg("--verbose");
+    }
+    command.stderr(std::process::Stdio::inherit()).output()
 }
 
 fn replay(args: &Args, seed: u64) -> String {

@@ -60,6 +60,7 @@ fn bad_arguments_are_refused_with_what_is_allowed() {
         (&["--nodes", "7"][..], "7"),
         (&["--sim-time", "10s"][..], "at least 30s"),
         (&["--sim-time", "1h"][..], "not a duration"),
+        (&["--jobs", "0"][..], "--jobs"),
     ] {
         let (passed, text) = tally_sim(args);
         assert!(!passed && text.contains(expected), "{args:?}: {text}");
