@@ -51,7 +51,7 @@ pub const QUEUE_WAIT_MS_DEFAULT: u64 = 50;
 /// full batches. The count above alone allowed 16 GiB of 1 MiB batches.
 pub const QUEUE_BYTES_DEFAULT: u64 = 256 << 20;
 
-/// Events of light writes (`Callers::is_light`) waiting at most, about one entry: past it, a
+/// Events of light writes (`Callers::enter`) waiting at most, about one entry: past it, a
 /// light write is refused at capacity like any other. So one waits at most for the entries in
 /// flight and one light entry before its own.
 pub const LIGHT_EVENTS_MAX: usize = ENTRY_EVENTS_MAX;
@@ -94,22 +94,18 @@ struct Waiters {
 }
 
 impl Callers {
-    /// One more write of `origin` waits until the returned guard drops.
+    /// One more write of `origin` waits until the returned guard drops. The guard says whether
+    /// the write is light: its connection had nothing else waiting, and another had more than
+    /// one. (One look under the lock decides and counts.)
     fn enter(self: &Arc<Callers>, origin: Origin) -> Waiting {
         let mut waiting = self.waiting.lock().unwrap();
+        let light = !waiting.of.contains_key(&origin) && waiting.several > 0;
         let count = waiting.of.entry(origin.clone()).or_default();
         *count += 1;
         if *count == 2 {
             waiting.several += 1;
         }
-        Waiting { callers: self.clone(), origin }
-    }
-
-    /// Whether a write of `origin` is light: its connection has nothing else waiting, and
-    /// another has more than one.
-    fn is_light(&self, origin: &Origin) -> bool {
-        let waiting = self.waiting.lock().unwrap();
-        !waiting.of.contains_key(origin) && waiting.several > 0
+        Waiting { callers: self.clone(), origin, light }
     }
 }
 
@@ -117,6 +113,7 @@ impl Callers {
 struct Waiting {
     callers: Arc<Callers>,
     origin: Origin,
+    light: bool,
 }
 
 impl Drop for Waiting {
@@ -148,7 +145,7 @@ struct Queued {
 #[derive(Clone)]
 pub struct Batcher {
     queue: mpsc::Sender<Queued>,
-    /// Light writes (`Callers::is_light`), which the next entry takes first.
+    /// Light writes (`Callers::enter`), which the next entry takes first.
     light: mpsc::Sender<Queued>,
     /// Events of the light writes queued.
     light_events: Arc<std::sync::atomic::AtomicUsize>,
@@ -262,7 +259,9 @@ impl Batcher {
         };
         let waited = load(&self.queue_wait_us);
         let commit = load(&self.proposer.last_commit_us);
-        let light = self.callers.is_light(&origin);
+        // Counted from here; a refusal below drops the count with the guard.
+        let waiting = self.callers.enter(origin);
+        let light = waiting.light;
         let light_room =
             light && self.light_events.load(std::sync::atomic::Ordering::Relaxed) < LIGHT_EVENTS_MAX;
         if waited > self.queue_wait_max.max(commit)
@@ -290,7 +289,6 @@ impl Batcher {
                     self.bytes_max >> 20
                 ))
             })?;
-        let _waiting = self.callers.enter(origin);
         crate::metrics::BATCH_EVENTS.observe(batch.len() as f64);
         let (reply, receiver) = oneshot::channel();
         let mut queued = Queued { batch, reply, submitted: tokio::time::Instant::now(), bytes: Some(held) };
@@ -561,15 +559,18 @@ mod tests {
     #[test]
     fn at_capacity_a_connection_with_nothing_waiting_goes_before_one_with_several() {
         let callers = Arc::new(Callers::default());
+        let light = |name: &str| callers.enter(origin(name)).light;
         let flood: Vec<Waiting> = (0..3).map(|_| callers.enter(origin("flood"))).collect();
+        assert!(flood.iter().all(|w| !w.light), "the first came before anyone had several waiting");
         let payment = callers.enter(origin("payment"));
+        assert!(payment.light);
         // The payment service waits for its answer: its next write is not light meanwhile.
-        assert!(!callers.is_light(&origin("payment")));
+        assert!(!light("payment"));
         drop(payment);
-        assert!(callers.is_light(&origin("payment")));
-        assert!(callers.is_light(&origin("new")), "a connection never seen has nothing waiting");
+        assert!(light("payment"));
+        assert!(light("new"), "a connection never seen has nothing waiting");
         // The flood's own writes are never light.
-        assert!(!callers.is_light(&origin("flood")));
+        assert!(!light("flood"));
         drop(flood);
         let waiting = callers.waiting.lock().unwrap();
         assert!(waiting.of.is_empty() && waiting.several == 0, "every count goes back to nothing");
@@ -579,9 +580,10 @@ mod tests {
     fn among_equals_nobody_is_light() {
         // Many clients of one request each: nobody floods, so nobody goes ahead at capacity.
         let callers = Arc::new(Callers::default());
-        let _waiting: Vec<Waiting> = (0..8).map(|i| callers.enter(origin(&format!("client {i}")))).collect();
-        assert!(!callers.is_light(&origin("client 8")));
+        let waiting: Vec<Waiting> = (0..8).map(|i| callers.enter(origin(&format!("client {i}")))).collect();
+        assert!(waiting.iter().all(|w| !w.light));
+        assert!(!callers.enter(origin("client 8")).light);
         let _second = callers.enter(origin("client 0"));
-        assert!(callers.is_light(&origin("client 8")), "client 0 has two waiting now");
+        assert!(callers.enter(origin("client 8")).light, "client 0 has two waiting now");
     }
 }

@@ -221,11 +221,7 @@ fn quorum_lag(
     now: Instant,
 ) -> Option<Duration> {
     let quorum = voters / 2 + 1;
-    let mut lags: Vec<Duration> = reports
-        .iter()
-        .filter(|report| now.saturating_duration_since(report.at) <= REPORT_FRESH)
-        .map(|report| lag(report, history))
-        .collect();
+    let mut lags: Vec<Duration> = fresh_lags(reports, history, now).collect();
     // Without the leader, the followers answering must still make a quorum.
     if lags.len() < quorum {
         return None;
@@ -238,11 +234,19 @@ fn quorum_lag(
 
 /// `Pace::worst_lag` on its inputs: the lag of the furthest behind of the `reports` fresh at `now`.
 fn worst_lag(reports: &[Report], history: &VecDeque<(u64, Instant)>, now: Instant) -> Option<Duration> {
+    fresh_lags(reports, history, now).max()
+}
+
+/// The lag of each of the `reports` fresh at `now`.
+fn fresh_lags<'a>(
+    reports: &'a [Report],
+    history: &'a VecDeque<(u64, Instant)>,
+    now: Instant,
+) -> impl Iterator<Item = Duration> + 'a {
     reports
         .iter()
-        .filter(|report| now.saturating_duration_since(report.at) <= REPORT_FRESH)
+        .filter(move |report| now.saturating_duration_since(report.at) <= REPORT_FRESH)
         .map(|report| lag(report, history))
-        .max()
 }
 
 /// How long `report`'s follower needs to apply what the leader has and it has not: that much of
