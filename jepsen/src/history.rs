@@ -190,6 +190,10 @@ pub struct FinalState {
     /// Why the final state could not be read completely, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Attempts at reading it that failed before the last one (each with how long it took): a
+    /// healed cluster that is slow to answer shows here instead of leaving the run unchecked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_reads: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,6 +48,8 @@ pub struct Options {
 
 /// How long healing may take before the run is judged on what it has.
 const CONVERGENCE_DEADLINE: Duration = Duration::from_secs(90);
+/// Attempts at reading the final state, each request with the client's 10-s deadline.
+const FINAL_READ_ATTEMPTS: usize = 3;
 
 /// `run` on a multi-threaded runtime of its own (the binary's entry: a plain function keeps the
 /// run's futures compiled once, in the library, rather than again in the binary).
@@ -292,8 +294,19 @@ async fn heal_and_read(cluster: &Mutex<Cluster>, bank: &Bank, initial: &[u64]) -
             return state;
         }
     };
-    if let Err(error) = read_final(&client, bank, &mut state).await {
-        state.error = Some(error);
+    // The workload has stopped and the members agree, but a node may still be busy (a store
+    // merge's layout write took 8 s in one run, and the read's 10-s deadline passed): try again,
+    // and keep what failed for the summary.
+    for attempt in 1..=FINAL_READ_ATTEMPTS {
+        let started = std::time::Instant::now();
+        state.transfers.clear();
+        match read_final(&client, bank, &mut state).await {
+            Ok(()) => break,
+            Err(error) if attempt < FINAL_READ_ATTEMPTS => {
+                state.failed_reads.push(format!("{error} (after {:.1} s)", started.elapsed().as_secs_f64()));
+            }
+            Err(error) => state.error = Some(error),
+        }
     }
     state
 }

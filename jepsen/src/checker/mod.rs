@@ -285,7 +285,12 @@ pub mod fixture {
 
         pub fn finish(&mut self, accounts: Vec<Balance>, transfers: Vec<FoundTransfer>) -> History {
             let nodes = (1..=3).map(|id| NodeDigest { id, applied_index: 9, digest: "d".into() }).collect();
-            self.records.push(Record::Final(FinalState { accounts, transfers, nodes, error: None }));
+            self.records.push(Record::Final(FinalState {
+                accounts,
+                transfers,
+                nodes,
+                ..FinalState::default()
+            }));
             self.build()
         }
 
