@@ -299,7 +299,7 @@ pub fn run(options: &Options) -> Outcome {
     // then follows a majority that commits ahead of what it has synced.
     let mixed = options.seed / 27 % 2;
     for id in 1..=options.nodes + 1 {
-        let fsync_us_max = [1_000, 5_000, 20_000][((options.seed + id * mixed) % 3) as usize];
+        let fsync_us_max = [1_000, 5_000, 20_000][(options.seed.wrapping_add(id * mixed) % 3) as usize];
         raft_node::sys::sim::set_fsync_us(&data_dir(id), 100, fsync_us_max);
     }
     // The committed id written as in production, or far more often, so that a crash right after

@@ -99,8 +99,14 @@ fn main() -> ExitCode {
             let (next, exe, args) = (&next, &exe, &args);
             scope.spawn(move || {
                 loop {
-                    let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if seed >= last || done.send((seed, run_apart(exe, args, seed))).is_err() {
+                    // Never past `last`: a plain add would wrap at u64::MAX and start again at 0.
+                    let taken = next.fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |seed| (seed < last).then(|| seed + 1),
+                    );
+                    let Ok(seed) = taken else { break };
+                    if done.send((seed, run_apart(exe, args, seed))).is_err() {
                         break;
                     }
                 }

@@ -28,6 +28,30 @@ fn the_same_seed_gives_the_same_trace_and_a_batch_runs_it_as_its_replay_does() {
     assert_ne!(trace(six), trace(seven), "seeds 6 and 7 ran the same trace");
 }
 
+/// Seeds next to u64::MAX: the batch runs the ones below it and stops (workers taking seeds with
+/// a plain add wrapped to seed 0 and ran on), within a deadline rather than forever.
+#[test]
+fn a_batch_at_the_end_of_the_seeds_stops_there() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally-sim"))
+        .args(["--seed", &(u64::MAX - 2).to_string(), "--seeds", "10", "--jobs", "3", "--sim-time", "30s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("tally-sim runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while child.try_wait().expect("tally-sim's status").is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("a batch of two seeds ran for more than 300 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().expect("tally-sim's output");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && text.ends_with("2 passed, 0 failed\n"), "{text}");
+    assert!(!text.lines().any(|line| line.starts_with("seed 0:")), "{text}");
+}
+
 #[test]
 fn five_nodes_pass_with_every_fault() {
     let (passed, text) = tally_sim(&["--seed", "11", "--nodes", "5", "--sim-time", "30s"]);
