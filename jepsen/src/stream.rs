@@ -1,8 +1,8 @@
 //! A change stream subscriber for the whole run: it reads `SubscribeChanges` from the start,
 //! through every fault, resuming on any node from the last timestamp it received + 1 whenever
 //! its stream breaks, and records what it read (`Record::Streamed`). Told the ledger's last
-//! event once the final state is read, it stops when it has received it (or gives up after a
-//! while) and records whether it caught up (`Record::StreamEnd`). The checker
+//! event once the final state is read, it stops when it has received it (or gives up once it
+//! makes no progress for a while, or after a long while in all) and records whether it caught up (`Record::StreamEnd`). The checker
 //! `change_stream_matches` holds what it read against the final ledger.
 
 use std::sync::Arc;
@@ -16,11 +16,15 @@ use crate::workload::Recorder;
 
 /// Events recorded per history line.
 const EVENTS_PER_RECORD: usize = 256;
-/// How long the subscriber may take to reach the ledger's last event once told it.
-const CATCH_UP_MAX: Duration = Duration::from_secs(60);
+/// How long the subscriber may go without receiving an event once told the ledger's last one
+/// (a stream that is stuck, not one that is slow: at rush hour on a busy machine it trailed the
+/// ledger by minutes and caught up at ~3x real time once the load stopped).
+const STALL_MAX: Duration = Duration::from_secs(60);
+/// How long the subscriber may take in all to reach the ledger's last event once told it.
+const CATCH_UP_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// Follows the stream until `last` says the ledger's last timestamp and it has received it, or
-/// `CATCH_UP_MAX` after that.
+/// it received nothing for `STALL_MAX`, or `CATCH_UP_MAX` after it was told.
 pub async fn follow(
     client: Arc<Client>,
     recorder: Arc<Recorder>,
@@ -29,13 +33,15 @@ pub async fn follow(
     let mut from = 0u64;
     let mut received = 0u64;
     let mut pending: Vec<StreamedEvent> = Vec::new();
-    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut told_at: Option<tokio::time::Instant> = None;
+    let mut progress_at = tokio::time::Instant::now();
     loop {
         let target = *last.borrow();
         if let Some(target) = target {
-            let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + CATCH_UP_MAX);
+            let now = tokio::time::Instant::now();
+            let told_at = *told_at.get_or_insert(now);
             let caught_up = received > 0 && from > target;
-            if caught_up || tokio::time::Instant::now() >= deadline {
+            if caught_up || gives_up(now, told_at, progress_at) {
                 flush(&recorder, &mut pending).await?;
                 let time_us = recorder.now_us();
                 return recorder
@@ -62,6 +68,7 @@ pub async fn follow(
                 Ok(Some(event)) => {
                     from = event.timestamp + 1;
                     received += 1;
+                    progress_at = tokio::time::Instant::now();
                     pending.push(streamed(&event));
                     if pending.len() >= EVENTS_PER_RECORD {
                         flush(&recorder, &mut pending).await?;
@@ -75,6 +82,17 @@ pub async fn follow(
         }
         flush(&recorder, &mut pending).await?;
     }
+}
+
+/// Whether a subscriber told the ledger's last event at `told_at`, that last received one at
+/// `progress_at`, stops trying at `now`.
+fn gives_up(
+    now: tokio::time::Instant,
+    told_at: tokio::time::Instant,
+    progress_at: tokio::time::Instant,
+) -> bool {
+    let stalled = now.saturating_duration_since(progress_at.max(told_at)) >= STALL_MAX;
+    stalled || now.saturating_duration_since(told_at) >= CATCH_UP_MAX
 }
 
 fn streamed(event: &v1::ChangeEvent) -> StreamedEvent {
@@ -93,4 +111,25 @@ async fn flush(recorder: &Recorder, pending: &mut Vec<StreamedEvent>) -> Result<
     }
     let events = std::mem::take(pending);
     recorder.record(Record::Streamed { time_us: recorder.now_us(), events }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_subscriber_goes_on_and_a_stuck_one_gives_up() {
+        let told = tokio::time::Instant::now();
+        let at = |secs: u64| told + Duration::from_secs(secs);
+        // Far behind when told, still receiving: goes on past STALL_MAX.
+        assert!(!gives_up(at(114), told, at(113)));
+        // Nothing received since a minute before it was told: a minute from when it was told.
+        assert!(!gives_up(at(59), told, told - Duration::from_secs(60)));
+        assert!(gives_up(at(60), told, told - Duration::from_secs(60)));
+        // Stuck after progress.
+        assert!(!gives_up(at(159), told, at(100)));
+        assert!(gives_up(at(160), told, at(100)));
+        // Receiving, but never reaching the end.
+        assert!(gives_up(at(15 * 60), told, at(15 * 60)));
+    }
 }
