@@ -17,8 +17,9 @@
 //! than `--pace-lag-ms` (1 s by default), the leader holds back its next entry (`Pace::keep`), at most `WAIT_MAX`
 //! (250 ms) each: a throttle, not a stop. The queue grows, and past `--max-queue-wait-ms` writes
 //! are refused at once as at capacity, which is what the cluster then is. With too few followers
-//! answering for a quorum to survive the leader, nothing is held back: losing the leader would
-//! stop writes anyway. `--pace-lag-all-ms` (off by default) bounds every follower that answers
+//! answering for a quorum to survive the leader (one of three away), the furthest behind of those
+//! answering counts: once the voter away is back, the followers that stayed are the successors,
+//! and a fault then needs them ready. `--pace-lag-all-ms` (off by default) bounds every follower that answers
 //! too, a lone one included: the one that fell behind while another could take over is the one
 //! the next fault may need (one run at rush hour: the load's writes flowed after every fault, at
 //! the cost of a third of them refused; docs/results/chaos.md).
@@ -139,7 +140,8 @@ impl Pace {
     }
 
     /// How far behind in applying the follower that would take over from this node `me` among
-    /// `voters` is, or `None` if too few followers answered lately for a quorum without `me`.
+    /// `voters` is (the furthest behind of those answering, if too few answered lately for a
+    /// quorum without `me`), or `None` if none did.
     pub fn quorum_lag(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<Duration> {
         let reports = self.reports(voters, me);
         let history = self.applied_at.lock().unwrap();
@@ -214,6 +216,11 @@ fn own_backlog(history: &VecDeque<(u64, Instant)>, committed: u64, now: Instant)
 
 /// `Pace::quorum_lag` on its inputs: `voters` in all (the leader one of them), the `reports` of
 /// the others, and the leader's apply `history`.
+///
+/// While a voter is away (down, paused, cut off) the followers that answer are the ones the
+/// cluster leans on: the run that left them unpaced (`None` here until 2026-12-07) saw the only
+/// follower left fall 350 entries behind while the other was killed, and the next lost leader
+/// stopped writes for 9.7 s while its successor applied (docs/results/chaos.md).
 fn quorum_lag(
     voters: usize,
     reports: &[Report],
@@ -222,11 +229,13 @@ fn quorum_lag(
 ) -> Option<Duration> {
     let quorum = voters / 2 + 1;
     let mut lags: Vec<Duration> = fresh_lags(reports, history, now).collect();
-    // Without the leader, the followers answering must still make a quorum.
-    if lags.len() < quorum {
-        return None;
-    }
     lags.sort_unstable();
+    // Too few answer for a quorum without the leader: every one of them is needed once the
+    // voters away are back (those come back behind, in their log or their applying), and the one
+    // furthest behind may be the one that takes over.
+    if lags.len() < quorum {
+        return lags.last().copied();
+    }
     // The leader and the `spare` best followers lost, the best that remains takes over.
     let spare = lags.len() - quorum;
     Some(lags[spare])
@@ -292,11 +301,16 @@ mod tests {
         // One of them down: the other three must all stay, and the best of them counts.
         assert_eq!(quorum_lag(5, &[fresh(30), fresh(15), fresh(9)], &history, now), Some(Duration::ZERO));
         // Too few answer for a quorum without the leader (a report older than REPORT_FRESH does
-        // not count): nothing to keep pace with.
+        // not count): the furthest behind of those that answer counts, a lone one too.
         let stale = Report { at: now - REPORT_FRESH - Duration::from_millis(1), ..fresh(30) };
-        assert_eq!(quorum_lag(3, &[fresh(3), stale], &history, now), None);
-        assert_eq!(quorum_lag(3, &[fresh(30)], &history, now), None);
-        assert_eq!(quorum_lag(5, &[fresh(30), fresh(20), stale, stale], &history, now), None);
+        assert_eq!(quorum_lag(3, &[fresh(3), stale], &history, now), Some(Duration::from_secs(2)));
+        assert_eq!(quorum_lag(3, &[fresh(30)], &history, now), Some(Duration::ZERO));
+        assert_eq!(
+            quorum_lag(5, &[fresh(30), fresh(20), stale, stale], &history, now),
+            Some(Duration::from_secs(1))
+        );
+        // None answers, or no other voter: nothing to keep pace with.
+        assert_eq!(quorum_lag(3, &[stale, stale], &history, now), None);
         assert_eq!(quorum_lag(1, &[], &history, now), None);
         // A follower slower than the leader: 15 entries behind at 5 a second is 3 s, though the
         // leader applied them in 2.
