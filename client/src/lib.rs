@@ -401,7 +401,8 @@ impl Client {
         .await
     }
 
-    /// One node's own status, from that node (no fan-out).
+    /// One node's own status, from that node (no fan-out), within the client's timeout: a frozen
+    /// node accepts the connection and never answers (a test waiting on one hung for minutes).
     pub async fn node_status(&self, address: &str) -> Result<v1::NodeStatus, Error> {
         let index = self.nodes.iter().position(|(a, _)| a == address);
         let channel = match index {
@@ -413,8 +414,11 @@ impl Client {
             }
         };
         let request = Self::request(v1::StatusRequest { local_only: true }, self.timeout);
-        let reply =
-            ClusterClient::new(channel).status(request).await.map_err(Error::Unavailable)?.into_inner();
+        let reply = tokio::time::timeout(self.timeout, ClusterClient::new(channel).status(request))
+            .await
+            .map_err(|_| Error::Unavailable(Status::deadline_exceeded(format!("{address} did not answer"))))?
+            .map_err(Error::Unavailable)?
+            .into_inner();
         reply.nodes.into_iter().next().ok_or_else(|| Error::Unavailable(Status::internal("empty status")))
     }
 
@@ -552,5 +556,26 @@ mod tests {
         goaway.set_source(std::sync::Arc::new(std::io::Error::other("GoAway(NO_ERROR, Remote)")));
         assert!(retryable(&goaway));
         assert!(retryable(&Status::unavailable("no leader yet")));
+    }
+
+    /// A node that accepts connections and never answers (a frozen process: the kernel still
+    /// accepts) gets the client's timeout, not forever.
+    #[tokio::test]
+    async fn a_node_that_never_answers_gets_the_timeout_not_forever() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let client =
+            Client::new(std::slice::from_ref(&address), Duration::from_millis(300), &Security::Insecure)
+                .unwrap();
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), client.node_status(&address)).await;
+        assert!(matches!(outcome, Ok(Err(Error::Unavailable(_)))), "{outcome:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     }
 }
