@@ -47,10 +47,14 @@ pub struct NodeHandle {
     /// This node's TLS (None with `--insecure`); reloaded on SIGHUP.
     pub(crate) tls: Option<Arc<crate::security::tls::Tls>>,
     /// When this node last accepted a leader's AppendEntries (for health).
-    pub(crate) leader_contact: LeaderContact,
+    pub(crate) leader_contact: LastSeen,
     /// When the leader last said, asked for its clock, that a majority of voters acknowledged
     /// it lately (for health: a leader cut off from its quorum still sends heartbeats).
-    leader_quorum: LeaderContact,
+    leader_quorum: LastSeen,
+    /// When this node last refused a (pre-)vote to a candidate whose log is shorter than its
+    /// own: such a candidate cannot win with this node's vote, so this node stands even if it is
+    /// behind in applying (`standing`).
+    pub(crate) shorter_log_candidate: LastSeen,
     /// What gRPC health says now (SERVING): also `GET /ready` on the metrics endpoint, for
     /// probes that cannot speak TLS.
     pub(crate) serving: std::sync::atomic::AtomicBool,
@@ -148,22 +152,20 @@ impl Drop for ReceivingGuard<'_> {
     }
 }
 
-/// When a leader was last heard from (or said it had a quorum): milliseconds since the node started, `u64::MAX` for never.
-pub struct LeaderContact {
+/// When something was last seen (a leader heard from, a leader saying it had a quorum, a
+/// candidate with a shorter log): milliseconds since the node started, `u64::MAX` for never.
+pub struct LastSeen {
     started: tokio::time::Instant,
     at_ms: std::sync::atomic::AtomicU64,
 }
 
-impl Default for LeaderContact {
-    fn default() -> LeaderContact {
-        LeaderContact {
-            started: tokio::time::Instant::now(),
-            at_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
-        }
+impl Default for LastSeen {
+    fn default() -> LastSeen {
+        LastSeen { started: tokio::time::Instant::now(), at_ms: std::sync::atomic::AtomicU64::new(u64::MAX) }
     }
 }
 
-impl LeaderContact {
+impl LastSeen {
     pub fn record(&self) {
         let now = self.started.elapsed().as_millis() as u64;
         self.at_ms.store(now, std::sync::atomic::Ordering::Relaxed);

@@ -13,7 +13,10 @@
 //! after losing it, waits about that long (at most `PATIENCE_MAX`) before standing: a voter
 //! that applied more stands first and wins, and when none can, the wait costs nothing, since
 //! this node could not have answered writes before applying its backlog anyway. Two behind
-//! stand in the order of their backlogs. A leader behind hands over (`service::cluster`).
+//! stand in the order of their backlogs. A leader behind hands over (`service::cluster`). A node
+//! behind that refused its vote to a candidate with a shorter log stands at once: that candidate
+//! cannot win with its vote (at rush hour the survivor that had applied everything lacked the dead
+//! leader's last entry, and writes waited the other's whole patience).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +37,10 @@ pub const PATIENCE_MAX: Duration = Duration::from_secs(3);
 /// large entries behind, at a rate measured over a stall, held their candidacy and stood again
 /// several times a second in a ten-minute run, and a leader 3 entries behind handed over.)
 pub const BACKLOG_FEW: u64 = 8;
+/// A node behind in applying stands at once for this long after it refused its vote to a
+/// candidate whose log is shorter than its own (`NodeHandle::shorter_log_candidate`): that one
+/// cannot win with it, and if it is the only other voter up, no one but this node can.
+pub const SHORTER_LOG_FRESH: Duration = Duration::from_secs(1);
 /// How often a node looks at its backlog.
 const CHECK_EVERY: Duration = Duration::from_millis(25);
 
@@ -69,7 +76,9 @@ pub async fn stand_only_when_applied(node: Arc<NodeHandle>) {
         // Most ticks find the pipeline's few entries, which count as none whatever the rate.
         let time = if backlog > BACKLOG_FEW { node.pace.backlog(committed) } else { None };
         let patience = patience(backlog, time);
-        let hold = !patience.is_zero() && !node.is_leader() && node.leader_contact.within(patience);
+        let outlogged = node.shorter_log_candidate.within(SHORTER_LOG_FRESH);
+        let hold =
+            !patience.is_zero() && !node.is_leader() && node.leader_contact.within(patience) && !outlogged;
         node.raft.runtime_config().elect(!hold);
         if hold != holding {
             holding = hold;
@@ -81,9 +90,10 @@ pub async fn stand_only_when_applied(node: Arc<NodeHandle>) {
                      this node does not stand for election while a leader was heard from in the last {patience:.1?}"
                 );
             } else {
+                let why = if outlogged { " (a candidate with a shorter log asked for its vote)" } else { "" };
                 tracing::info!(
                     node = node.id(),
-                    "applied {applied} of {committed} committed entries: this node stands again"
+                    "applied {applied} of {committed} committed entries: this node stands again{why}"
                 );
             }
         }

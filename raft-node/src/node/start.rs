@@ -15,7 +15,7 @@ use std::time::Duration;
 use tally_proto::v1 as pb;
 
 use super::{
-    LeaderContact, NodeConfig, NodeHandle, Receiving, VoteHold, WAL_DIR, claim_data_dir,
+    LastSeen, NodeConfig, NodeHandle, Receiving, VoteHold, WAL_DIR, claim_data_dir,
     release_votes_when_caught_up, save_cluster_id,
 };
 
@@ -238,8 +238,9 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         batcher,
         peers: crate::net::Pool::new(tls.clone()),
         tls,
-        leader_contact: LeaderContact::default(),
-        leader_quorum: LeaderContact::default(),
+        leader_contact: LastSeen::default(),
+        leader_quorum: LastSeen::default(),
+        shorter_log_candidate: LastSeen::default(),
         serving: std::sync::atomic::AtomicBool::new(false),
         started: std::time::Instant::now(),
         subscribers: Arc::new(tokio::sync::Semaphore::new(subscribers_max)),

@@ -176,6 +176,21 @@ impl RaftService {
         }
     }
 
+    /// A (pre-)vote this node refused to a candidate whose log is shorter than its own: that
+    /// candidate cannot win with this node's vote, and while this node held back its own
+    /// candidacy because it is behind in applying, no one won (a ten-minute run at rush hour: the
+    /// survivor that had applied everything lacked the dead leader's last entry, the other held
+    /// back for its whole 3-s patience before it stood; `node::standing`).
+    fn note_shorter_log(
+        &self,
+        reply: &openraft::raft::VoteResponse<crate::types::TypeConfig>,
+        candidate_log: Option<crate::types::LogId>,
+    ) {
+        if !reply.vote_granted && reply.last_log_id > candidate_log {
+            self.node.shorter_log_candidate.record();
+        }
+    }
+
     fn log_refusal(&self, refusal: &Refusal) {
         let mut logged = self.refusal_logged.lock().expect("refusal log lock");
         if logged.is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL) {
@@ -311,7 +326,9 @@ impl pb::raft_server::Raft for RaftService {
         let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
             unpack(request.get_ref()).map_err(bad_message)?;
         check_claimed(&request, &rpc.vote)?;
+        let candidate_log = rpc.last_log_id;
         let reply = self.node.raft.vote(rpc).await.map_err(raft_failed)?;
+        self.note_shorter_log(&reply, candidate_log);
         Ok(Response::new(message(&reply)))
     }
 
@@ -321,7 +338,9 @@ impl pb::raft_server::Raft for RaftService {
         let rpc: openraft::raft::VoteRequest<crate::types::TypeConfig> =
             unpack(request.get_ref()).map_err(bad_message)?;
         check_claimed(&request, &rpc.vote)?;
+        let candidate_log = rpc.last_log_id;
         let reply = self.node.raft.pre_vote(rpc).await.map_err(raft_failed)?;
+        self.note_shorter_log(&reply, candidate_log);
         Ok(Response::new(message(&reply)))
     }
 
