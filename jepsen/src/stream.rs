@@ -2,8 +2,9 @@
 //! through every fault, resuming on any node from the last timestamp it received + 1 whenever
 //! its stream breaks, and records what it read (`Record::Streamed`). Told the ledger's last
 //! event once the final state is read, it stops when it has received it (or gives up once it
-//! makes no progress for a while, or after a long while in all) and records whether it caught up (`Record::StreamEnd`). The checker
-//! `change_stream_matches` holds what it read against the final ledger.
+//! makes no progress for a while, or after a long while in all) and records whether it caught
+//! up (`Record::StreamEnd`). The checker `change_stream_matches` holds what it read against the
+//! final ledger.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1942,6 +1942,25 @@ async fn a_leader_killed_just_after_a_follower_restarted_stops_writes_for_under_
     cluster.wait_for_convergence(DEADLINE).await;
 }
 
+/// Restarts follower `slow` applying every entry 20 ms slower (a test hook) and writes with four
+/// writers until it trails the most applied node by 300 entries; returns the writers, still
+/// writing.
+async fn trail_in_applying(cluster: &mut TestCluster, client: &Arc<Client>, slow: u64) -> Writers {
+    cluster.stop(slow);
+    cluster.restart_with(slow, &["--apply-delay-ms", "20"]);
+    let writers = Writers::start(client, 4);
+    let started = Instant::now();
+    loop {
+        let statuses = cluster.node_statuses().await;
+        let most = statuses.values().map(|s| s.applied_index).max().unwrap_or(0);
+        if statuses.get(&slow).is_some_and(|s| s.last_log_index > 0 && most > s.applied_index + 300) {
+            return writers;
+        }
+        assert!(started.elapsed() < DEADLINE, "node {slow} never trailed: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A follower far behind in applying (a test hook adds 20 ms to each of its applies, so it trails
 /// by thousands of entries under four writers) holds the whole log, so Raft would elect it as
 /// readily as the follower that applied everything, and writes would then wait seconds for its
@@ -1961,19 +1980,8 @@ async fn a_follower_behind_in_applying_does_not_win_when_the_leader_is_lost() {
         let leader = cluster.wait_for_leader(DEADLINE).await;
         let mut followers = (1..=3).filter(|id| *id != leader);
         let (slow, other) = (followers.next().unwrap(), followers.next().unwrap());
-        cluster.stop(slow);
-        cluster.restart_with(slow, &["--apply-delay-ms", "20"]);
-        let writers = Writers::start(&client, 4);
         let started = Instant::now();
-        loop {
-            let statuses = cluster.node_statuses().await;
-            let most = statuses.values().map(|s| s.applied_index).max().unwrap_or(0);
-            if statuses.get(&slow).is_some_and(|s| s.last_log_index > 0 && most > s.applied_index + 300) {
-                break;
-            }
-            assert!(started.elapsed() < DEADLINE, "node {slow} never trailed: {statuses:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let writers = trail_in_applying(&mut cluster, &client, slow).await;
         writers.stop(started).await;
         loop {
             let statuses = cluster.node_statuses().await;
@@ -2022,19 +2030,8 @@ async fn a_follower_behind_in_applying_stands_at_once_when_the_other_lacks_entri
     let leader = cluster.wait_for_leader(DEADLINE).await;
     let mut followers = (1..=3).filter(|id| *id != leader);
     let (slow, fast) = (followers.next().unwrap(), followers.next().unwrap());
-    cluster.stop(slow);
-    cluster.restart_with(slow, &["--apply-delay-ms", "20"]);
-    let writers = Writers::start(&client, 4);
     let started = Instant::now();
-    loop {
-        let statuses = cluster.node_statuses().await;
-        let most = statuses.values().map(|s| s.applied_index).max().unwrap_or(0);
-        if statuses.get(&slow).is_some_and(|s| s.last_log_index > 0 && most > s.applied_index + 300) {
-            break;
-        }
-        assert!(started.elapsed() < DEADLINE, "node {slow} never trailed: {statuses:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let writers = trail_in_applying(&mut cluster, &client, slow).await;
     cluster.freeze(fast);
     let frozen_at = cluster.node_statuses().await.get(&leader).map_or(0, |s| s.last_log_index);
     loop {
