@@ -2,6 +2,8 @@
 
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
@@ -23,8 +25,23 @@ impl Redb {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let created = !path.exists();
-        let db =
-            redb::Builder::new().set_cache_size(cache_bytes as usize).create(&path).map_err(pages_error)?;
+        // redb calls this only when it walks the whole file to rebuild its allocator state: after
+        // a crash whose last durable commit recorded none (every durable commit here records it).
+        // That takes seconds per GiB, so it is said.
+        let walked = Arc::new(AtomicBool::new(false));
+        let noted = walked.clone();
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes as usize)
+            .set_repair_callback(move |_| noted.store(true, Ordering::Relaxed))
+            .create(&path)
+            .map_err(pages_error)?;
+        if walked.load(Ordering::Relaxed) {
+            eprintln!(
+                "state store: redb repaired {} by walking the whole file (its last durable commit \
+                 recorded no allocator state)",
+                path.display()
+            );
+        }
         let redb = Redb { db };
         // A durable commit creates the table (every commit opens it): on every open, since a
         // crash can come between creating the file and this commit (readers would find none).
