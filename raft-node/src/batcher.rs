@@ -23,10 +23,22 @@ use tonic::Status;
 
 use crate::clock::ClusterClock;
 use crate::storage::Raft;
+use crate::storage::state_machine::Shared;
 use crate::types::{ENTRY_BATCHES_MAX, NodeId, Request};
 
 /// Events per entry: four full batches (about 4 MiB), well under the message limit.
 pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
+/// How long one entry of the others (not light writes) should take the leader to apply: each
+/// is cut to the events it applies in this long by its recent costs (`ApplyCost`), within
+/// `ENTRY_EVENTS_MIN` (one batch goes in whole, however large) and `ENTRY_EVENTS_MAX`. A write waits for the entries in flight ahead of it to
+/// apply, a light one too (it skips the queue, not the log): at rush hour, with a restarted
+/// node catching up beside them on two cores, the leader applied 13,000 events a second, and
+/// entries of 8,000-16,000 events took a second each, so the light writes of payment services
+/// waited two seconds and more, and timed out (issue 24, a 300-s run of power cuts, 2026-12-07).
+pub const ENTRY_APPLY_TARGET: Duration = Duration::from_millis(100);
+/// The fewest events `ENTRY_APPLY_TARGET` cuts an entry to: each entry has a fixed cost besides
+/// applying (an fsync and a replication round on each node).
+pub const ENTRY_EVENTS_MIN: usize = 1024;
 /// Entries proposed and not yet applied, per leader. This is what makes group commit adapt: an
 /// idle leader proposes a lone request at once (small entry, low latency); a busy one has both
 /// slots taken, requests queue meanwhile, and the next entry carries all of them. Every entry
@@ -175,9 +187,10 @@ fn batch_bytes(batch: &Batch) -> usize {
 }
 
 impl Batcher {
-    /// `clock` gives the timestamp of each entry; `me` is this node's id.
-    /// At most `bytes_max` bytes of events are waiting or in flight at a time.
-    /// A queue whose batches wait longer than `limits.queue_wait_max` refuses more.
+    /// `clock` gives the timestamp of each entry; `me` is this node's id; `state` its state
+    /// machine (how fast it applies sizes entries). At most `bytes_max` bytes of events are
+    /// waiting or in flight at a time. A queue whose batches wait longer than
+    /// `limits.queue_wait_max` refuses more.
     pub fn start(
         raft: Raft,
         delay: Duration,
@@ -185,25 +198,28 @@ impl Batcher {
         me: NodeId,
         limits: Limits,
         pace: Arc<crate::pace::Pace>,
+        state: Arc<Shared>,
     ) -> Batcher {
         let (queue, receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
         let (light, light_receiver) = mpsc::channel(QUEUE_BATCHES_MAX);
         let light_events = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
         let last_commit_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let proposer = Proposer { raft, clock, me, last_commit_us, pace };
+        let proposer = Proposer { raft, clock, me, last_commit_us, pace, state };
         let queue_wait_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let others = Lane {
             queue: receiver,
             slots: in_flight.clone(),
             queue_wait_us: Some(queue_wait_us.clone()),
             light_events: None,
+            light: false,
         };
         let lights = Lane {
             queue: light_receiver,
             slots: Arc::new(Semaphore::new(LIGHT_ENTRIES_IN_FLIGHT_MAX)),
             queue_wait_us: None,
             light_events: Some(light_events.clone()),
+            light: true,
         };
         tokio::spawn(run(proposer.clone(), others, delay));
         tokio::spawn(run(proposer.clone(), lights, delay));
@@ -370,6 +386,21 @@ struct Proposer {
     last_commit_us: Arc<std::sync::atomic::AtomicU64>,
     /// Holds proposals back while the follower that would take over lags in applying.
     pace: Arc<crate::pace::Pace>,
+    /// This node's state machine: how fast it applies (`ENTRY_APPLY_TARGET`).
+    state: Arc<Shared>,
+}
+
+impl Proposer {
+    /// The most events an entry of the others may carry now (`ENTRY_APPLY_TARGET`).
+    fn entry_events_max(&self) -> usize {
+        entry_events_max(self.state.apply_cost().events_within(ENTRY_APPLY_TARGET))
+    }
+}
+
+/// `within` (the events applied within `ENTRY_APPLY_TARGET`, if known), bounded by
+/// `ENTRY_EVENTS_MIN` and `ENTRY_EVENTS_MAX`.
+fn entry_events_max(within: Option<usize>) -> usize {
+    within.map_or(ENTRY_EVENTS_MAX, |events| events.clamp(ENTRY_EVENTS_MIN, ENTRY_EVENTS_MAX))
 }
 
 /// One queue the batcher forms entries from, and its entry slots. Light writes and the others
@@ -383,6 +414,12 @@ struct Lane {
     queue_wait_us: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// Where the light lane gives back the events it takes from its queue.
     light_events: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// The light writes' lane: its entries are cut only to `ENTRY_EVENTS_MAX`, not to
+    /// `ENTRY_APPLY_TARGET` (they are at most about an entry, `LIGHT_EVENTS_MAX`, and few), and
+    /// pacing does not hold them back: a payment service waiting for each answer is not what
+    /// makes a follower fall behind, and at rush hour, with the only follower left catching up,
+    /// pacing held each of its writes a quarter of a second (`pace::WAIT_MAX`).
+    light: bool,
 }
 
 impl Lane {
@@ -406,21 +443,36 @@ impl Lane {
 
 /// Forms and proposes entries from `lane` until the batcher is gone.
 async fn run(proposer: Proposer, mut lane: Lane, delay: Duration) {
-    while let Some(first) = lane.queue.recv().await {
-        let first = lane.taken(Some(first)).expect("a write was received");
+    // A write taken from the queue that did not fit the entry before: the next one's first.
+    let mut carried: Option<Queued> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match lane.queue.recv().await {
+                Some(first) => lane.taken(Some(first)).expect("a write was received"),
+                None => return,
+            },
+        };
         // Waiting for a slot first lets the queue grow while earlier entries are in flight; so
         // does waiting for the followers to keep pace, which counts as time in the queue.
         let permit = lane.slots.clone().acquire_owned().await.expect("semaphore never closed");
-        proposer.pace.keep(&crate::clock::voters(&proposer.raft), proposer.me).await;
+        if !lane.light {
+            proposer.pace.keep(&crate::clock::voters(&proposer.raft), proposer.me).await;
+        }
         if let Some(queue_wait_us) = &lane.queue_wait_us {
             queue_wait_us
                 .store(first.submitted.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        let events_max = if lane.light { ENTRY_EVENTS_MAX } else { proposer.entry_events_max() };
         let mut events = first.batch.len();
         let mut group = vec![first];
         let deadline = (!delay.is_zero()).then(|| tokio::time::Instant::now() + delay);
-        while group.len() < ENTRY_BATCHES_MAX && events < ENTRY_EVENTS_MAX {
+        while group.len() < ENTRY_BATCHES_MAX && events < events_max {
             let Some(next) = lane.next(deadline).await else { break };
+            if events + next.batch.len() > events_max {
+                carried = Some(next);
+                break;
+            }
             events += next.batch.len();
             group.push(next);
         }
@@ -574,6 +626,49 @@ mod tests {
         drop(flood);
         let waiting = callers.waiting.lock().unwrap();
         assert!(waiting.of.is_empty() && waiting.several == 0, "every count goes back to nothing");
+    }
+
+    #[test]
+    fn entries_take_the_apply_target_within_their_bounds() {
+        assert_eq!(entry_events_max(None), ENTRY_EVENTS_MAX, "nothing applied yet: no cut");
+        assert_eq!(entry_events_max(Some(1_300)), 1_300);
+        assert_eq!(entry_events_max(Some(10)), ENTRY_EVENTS_MIN);
+        assert_eq!(entry_events_max(Some(usize::MAX)), ENTRY_EVENTS_MAX);
+    }
+
+    /// Entries sized by `ApplyCost`, each applied at `fixed` plus `per_event`, from a first entry
+    /// of `first` events, in whole batches of `batch` events: the size they settle at.
+    fn settled(fixed: Duration, per_event: Duration, first: usize, batch: usize) -> usize {
+        let cost = crate::storage::state_machine::ApplyCost::default();
+        let mut events = first;
+        for _ in 0..60 {
+            cost.record(events, fixed + per_event * events as u32);
+            let max = entry_events_max(cost.events_within(ENTRY_APPLY_TARGET));
+            events = (max / batch).max(1) * batch;
+        }
+        events
+    }
+
+    fn assert_near_target(events: usize, took: Duration) {
+        let near = took > ENTRY_APPLY_TARGET * 8 / 10 && took <= ENTRY_APPLY_TARGET;
+        assert!(near, "entries of {events} events take {took:?}");
+    }
+
+    #[test]
+    fn entries_settle_at_the_target_whatever_their_fixed_cost() {
+        // The rush-hour leader of issue 24: 13,000 events a second, a few ms per entry.
+        let rush = Duration::from_secs(1) / 13_000;
+        let events = settled(Duration::from_millis(3), rush, 16_000, 100);
+        assert_near_target(events, Duration::from_millis(3) + rush * events as u32);
+        // From small entries up.
+        let fast = Duration::from_secs(1) / 100_000;
+        let events = settled(Duration::from_millis(20), fast, 100, 100);
+        assert_near_target(events, Duration::from_millis(20) + fast * events as u32);
+        // A fixed part as long as the target (`--apply-delay-ms 100`), full batches: entries do
+        // not shrink to one batch, but take at least as long to apply as the fixed part.
+        let batch = ledger::BATCH_EVENTS_MAX;
+        let events = settled(Duration::from_millis(100), Duration::from_secs(1) / 300_000, 4 * batch, batch);
+        assert!(events >= 3 * batch, "{events} events");
     }
 
     #[test]

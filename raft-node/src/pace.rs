@@ -14,15 +14,17 @@
 //! Of the followers answering lately (`REPORT_FRESH`), the leader and as many others as a quorum
 //! can spare could be lost together; the best of those that would remain is the one that counts
 //! (`quorum_lag`: the best follower of three voters, the second best of five). While it lags more
-//! than `--pace-lag-ms` (1 s by default), the leader holds back its next entry (`Pace::keep`), at most `WAIT_MAX`
-//! (250 ms) each: a throttle, not a stop. The queue grows, and past `--max-queue-wait-ms` writes
-//! are refused at once as at capacity, which is what the cluster then is. With too few followers
-//! answering for a quorum to survive the leader (one of three away), the furthest behind of those
-//! answering counts: once the voter away is back, the followers that stayed are the successors,
-//! and a fault then needs them ready. `--pace-lag-all-ms` (off by default) bounds every follower that answers
-//! too, a lone one included: the one that fell behind while another could take over is the one
-//! the next fault may need (one run at rush hour: the load's writes flowed after every fault, at
-//! the cost of a third of them refused; docs/results/chaos.md).
+//! than `--pace-lag-ms` (1 s by default), the leader holds back its next entry (`Pace::keep`), at
+//! most `WAIT_MAX` (250 ms) each: a throttle, not a stop. The queue grows, and past
+//! `--max-queue-wait-ms` writes are refused at once as at capacity, which is what the cluster then
+//! is. Light writes (`batcher`) are not held: few and small, they are not what makes a follower
+//! fall behind. With too few followers answering for a quorum to survive the leader (one of three
+//! away), the furthest behind of those answering counts: once the voter away is back, the followers
+//! that stayed are the successors, and a fault then needs them ready. `--pace-lag-all-ms` (off by
+//! default) bounds every follower that answers too, a lone one included: the one that fell behind
+//! while another could take over is the one the next fault may need (one run at rush hour: the
+//! load's writes flowed after every fault, at the cost of a third of them refused;
+//! docs/results/chaos.md).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;

@@ -223,6 +223,7 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
             queue_wait_max: Duration::from_millis(config.queue_wait_max_ms),
         },
         pace.clone(),
+        state.clone(),
     );
     tokio::spawn(record_applying(raft.clone(), pace.clone()));
     identities.update(raft.metrics().borrow_watched().membership_config.membership().nodes());

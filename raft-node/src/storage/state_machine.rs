@@ -138,6 +138,8 @@ pub struct Shared {
     semantics_max: std::sync::atomic::AtomicU32,
     /// Test hook (`--apply-delay-ms`): added to every applied entry, in microseconds.
     apply_delay_us: std::sync::atomic::AtomicU64,
+    /// What applying costs this node lately, for the batcher to size entries by.
+    apply_cost: ApplyCost,
     /// Held by a snapshot build from before it freezes its view until its snapshot is current,
     /// and by a snapshot install throughout: applying goes on during a build, so an install could
     /// otherwise swap the state's directory under a live view, or be overwritten as current by an
@@ -149,6 +151,76 @@ pub struct Shared {
     /// To the checkpoint thread (`checkpoint_thread`). A std channel: its sender is called with
     /// the ledger lock held, outside any async context.
     checkpoints: std::sync::mpsc::Sender<CheckpointJob<RunStore>>,
+}
+
+/// What applying an entry costs this node lately, as a fixed part and a part per event: a
+/// least-squares line through each entry's (events, time), older entries weighing less. A leader
+/// cuts entries to the events it applies in `batcher::ENTRY_APPLY_TARGET`, so that a write waits
+/// for little work ahead of it in the log. A line rather than a rate: a rate (events over time)
+/// counts the fixed part against the events, so where the fixed part is most of an entry's time
+/// (a slow disk under a checkpoint; the `--apply-delay-ms` hook) every entry it sized came out
+/// smaller than the one before, down to one batch, the worst size for throughput.
+#[derive(Debug, Default)]
+pub struct ApplyCost {
+    fit: Mutex<Fit>,
+}
+
+/// Weighted sums of a least-squares fit of seconds `y` against events `x`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Fit {
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl ApplyCost {
+    /// Weight left to the entries before each new one.
+    const FORGET: f64 = 0.9;
+
+    /// An entry of `events` events took `took` to apply.
+    pub fn record(&self, events: usize, took: std::time::Duration) {
+        if events == 0 {
+            return;
+        }
+        let (x, y) = (events as f64, took.as_secs_f64());
+        let mut fit = self.fit.lock().unwrap();
+        let f = Self::FORGET;
+        *fit = Fit {
+            w: fit.w * f + 1.0,
+            x: fit.x * f + x,
+            y: fit.y * f + y,
+            xx: fit.xx * f + x * x,
+            xy: fit.xy * f + x * y,
+        };
+    }
+
+    /// The most events an entry may carry to apply within `target`, or `None` before any entry
+    /// with events was applied; but never fewer than take as long as the fixed part. With
+    /// entries of about one size so far, the time per event is their mean time over their events
+    /// (entries over the target then shrink, which spreads their sizes, and the line is found).
+    pub fn events_within(&self, target: std::time::Duration) -> Option<usize> {
+        let fit = *self.fit.lock().unwrap();
+        if fit.w <= 0.0 {
+            return None;
+        }
+        let (mean_x, mean_y) = (fit.x / fit.w, fit.y / fit.w);
+        let var = fit.xx / fit.w - mean_x * mean_x;
+        let cov = fit.xy / fit.w - mean_x * mean_y;
+        let target = target.as_secs_f64();
+        // Sizes spread by a tenth of their mean or more, and time that grows with them: a line.
+        let (fixed, per_event) = if var > (mean_x * 0.1).powi(2) && cov > 0.0 {
+            let per_event = cov / var;
+            ((mean_y - per_event * mean_x).clamp(0.0, mean_y), per_event)
+        } else {
+            (0.0, mean_y / mean_x)
+        };
+        // Never so few that the fixed part is most of an entry's time: at half of it, throughput
+        // is half of what large entries give, where the target alone would cut it to nothing.
+        let events = (target - fixed).max(fixed) / per_event.max(1e-12);
+        Some(events.min(usize::MAX as f64) as usize)
+    }
 }
 
 /// Writes sealed checkpoints to the store, one at a time, until the state machine is dropped. A
@@ -216,6 +288,11 @@ impl Shared {
     /// Test hook: every applied entry takes `delay` longer (`--apply-delay-ms`).
     pub fn delay_applies(&self, delay: std::time::Duration) {
         self.apply_delay_us.store(delay.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What applying an entry costs this node lately.
+    pub fn apply_cost(&self) -> &ApplyCost {
+        &self.apply_cost
     }
 
     /// Where the applied state stands; never waits for an apply.
@@ -434,6 +511,7 @@ impl StateMachine {
                 published: Mutex::new(published),
                 semantics_max: std::sync::atomic::AtomicU32::new(ledger::semantics::MAX),
                 apply_delay_us: std::sync::atomic::AtomicU64::new(0),
+                apply_cost: ApplyCost::default(),
                 snapshots: Mutex::new(()),
                 checkpoint_policy,
                 checkpointed_at: Mutex::new(tokio::time::Instant::now()),
@@ -550,6 +628,7 @@ impl StateMachine {
         self.shared.checkpoint_when_due(ledger)?;
         crate::metrics::APPLIED_EVENTS.inc_by(events as u64);
         crate::metrics::APPLY_SECONDS.observe(started.elapsed().as_secs_f64());
+        self.shared.apply_cost.record(events, started.elapsed());
         Ok(response)
     }
 
