@@ -30,11 +30,13 @@ use crate::types::{ENTRY_BATCHES_MAX, NodeId, Request};
 pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
 /// How long one entry of the others (not light writes) should take the leader to apply: each
 /// is cut to the events it applies in this long by its recent costs (`ApplyCost`), within
-/// `ENTRY_EVENTS_MIN` (one batch goes in whole, however large) and `ENTRY_EVENTS_MAX`. A write waits for the entries in flight ahead of it to
-/// apply, a light one too (it skips the queue, not the log): at rush hour, with a restarted
-/// node catching up beside them on two cores, the leader applied 13,000 events a second, and
-/// entries of 8,000-16,000 events took a second each, so the light writes of payment services
-/// waited two seconds and more, and timed out (issue 24, a 300-s run of power cuts, 2026-12-07).
+/// `ENTRY_EVENTS_MIN` (one batch goes in whole, however large) and `ENTRY_EVENTS_MAX`. A write
+/// waits for the entries in flight ahead of it to apply, a light one too (it skips the queue, not
+/// the log): at rush hour, with a restarted node catching up beside them on two cores, the leader
+/// applied 13,000 events a second, and entries of 8,000-16,000 events took a second each, so the
+/// light writes of payment services waited two seconds and more, and timed out (issue 24, a 300-s
+/// run of power cuts, 2026-12-07). Two runs at rush hour: 34-39 of 46 faults under a second
+/// against 23, at 13-16% less of an open-loop load carried (docs/results/chaos.md).
 pub const ENTRY_APPLY_TARGET: Duration = Duration::from_millis(100);
 /// The fewest events `ENTRY_APPLY_TARGET` cuts an entry to: each entry has a fixed cost besides
 /// applying (an fsync and a replication round on each node).
