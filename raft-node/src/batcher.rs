@@ -28,8 +28,8 @@ use crate::types::{ENTRY_BATCHES_MAX, NodeId, Request};
 
 /// Events per entry: four full batches (about 4 MiB), well under the message limit.
 pub const ENTRY_EVENTS_MAX: usize = 4 * ledger::BATCH_EVENTS_MAX;
-/// How long one entry of the others (not light writes) should take the leader to apply: each
-/// is cut to the events it applies in this long by its recent costs (`ApplyCost`), within
+/// How long one entry of the others (not light writes) should take the leader to apply, by
+/// default (`--entry-apply-target-ms`): each is cut to the events it applies in this long by its recent costs (`ApplyCost`), within
 /// `ENTRY_EVENTS_MIN` (one batch goes in whole, however large) and `ENTRY_EVENTS_MAX`. A write
 /// waits for the entries in flight ahead of it to apply, a light one too (it skips the queue, not
 /// the log): at rush hour, with a restarted node catching up beside them on two cores, the leader
@@ -83,6 +83,9 @@ pub struct Limits {
     pub bytes_max: u64,
     /// The longest wait in the queue (`--max-queue-wait-ms`).
     pub queue_wait_max: Duration,
+    /// How long an entry of the others should take to apply (`--entry-apply-target-ms`,
+    /// `ENTRY_APPLY_TARGET` by default); `None`: no cut.
+    pub entry_apply_target: Option<Duration>,
 }
 
 type Reply = oneshot::Sender<Result<BatchReply, Status>>;
@@ -207,7 +210,8 @@ impl Batcher {
         let light_events = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let in_flight = Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX));
         let last_commit_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let proposer = Proposer { raft, clock, me, last_commit_us, pace, state };
+        let entry_apply_target = limits.entry_apply_target;
+        let proposer = Proposer { raft, clock, me, last_commit_us, pace, state, entry_apply_target };
         let queue_wait_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let others = Lane {
             queue: receiver,
@@ -390,16 +394,19 @@ struct Proposer {
     pace: Arc<crate::pace::Pace>,
     /// This node's state machine: how fast it applies (`ENTRY_APPLY_TARGET`).
     state: Arc<Shared>,
+    /// `Limits::entry_apply_target`.
+    entry_apply_target: Option<Duration>,
 }
 
 impl Proposer {
     /// The most events an entry of the others may carry now (`ENTRY_APPLY_TARGET`).
     fn entry_events_max(&self) -> usize {
-        entry_events_max(self.state.apply_cost().events_within(ENTRY_APPLY_TARGET))
+        let within = self.entry_apply_target.and_then(|target| self.state.apply_cost().events_within(target));
+        entry_events_max(within)
     }
 }
 
-/// `within` (the events applied within `ENTRY_APPLY_TARGET`, if known), bounded by
+/// `within` (the events applied within the target, if known and cut to), bounded by
 /// `ENTRY_EVENTS_MIN` and `ENTRY_EVENTS_MAX`.
 fn entry_events_max(within: Option<usize>) -> usize {
     within.map_or(ENTRY_EVENTS_MAX, |events| events.clamp(ENTRY_EVENTS_MIN, ENTRY_EVENTS_MAX))

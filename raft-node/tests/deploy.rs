@@ -91,3 +91,26 @@ fn the_systemd_unit_runs_a_configuration_tally_accepts() {
     let argv = std::iter::once("tally".to_string()).chain(args.iter().cloned());
     Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{exec}: {e}"));
 }
+
+/// The entry apply target (`batcher::ENTRY_APPLY_TARGET`) is 100 ms unless the flag or the file
+/// says otherwise; 0 turns the cut off.
+#[test]
+fn the_entry_apply_target_comes_from_the_flag_then_the_file() {
+    let file = deploy("systemd/tally.toml").display().to_string();
+    let with = |extra: &[&str]| {
+        let mut args: Vec<String> =
+            ["serve", "--config", file.as_str()].iter().map(|a| a.to_string()).collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        serve_config(&args).entry_apply_target_ms
+    };
+    assert_eq!(with(&[]), 100);
+    assert_eq!(with(&["--entry-apply-target-ms", "250"]), 250);
+    assert_eq!(with(&["--entry-apply-target-ms", "0"]), 0);
+    let dir = tempfile::tempdir().unwrap();
+    // Before the file's first table, where a top-level key belongs.
+    let text = "entry_apply_target_ms = 40\n".to_string() + &std::fs::read_to_string(&file).unwrap();
+    let edited = dir.path().join("tally.toml");
+    std::fs::write(&edited, text).unwrap();
+    let config = raft_node::node::read_config_file(&edited).expect("a valid node configuration");
+    assert_eq!(config.entry_apply_target_ms, 40);
+}

@@ -52,6 +52,11 @@ pub struct NodeConfig {
     /// holds back new entries, whether or not another could take over meanwhile; 0: no bound.
     #[serde(default)]
     pub pace_lag_all_ms: u64,
+    /// How long (ms) one entry of writes should take this node, leading, to apply: entries are
+    /// cut to the events it applies in that long (`batcher::ENTRY_APPLY_TARGET`); 0: no cut
+    /// (up to four full batches).
+    #[serde(default = "default_entry_apply_target_ms")]
+    pub entry_apply_target_ms: u64,
     /// Bytes of request bodies the client door receives at a time, over all its connections;
     /// past it a request is refused with RESOURCE_EXHAUSTED (`security::budget`).
     #[serde(default = "default_receiving_bytes_max")]
@@ -165,6 +170,10 @@ pub fn default_subscribers_max() -> usize {
 
 pub fn default_queue_wait_max_ms() -> u64 {
     crate::batcher::QUEUE_WAIT_MS_DEFAULT
+}
+
+pub fn default_entry_apply_target_ms() -> u64 {
+    crate::batcher::ENTRY_APPLY_TARGET.as_millis() as u64
 }
 
 pub fn default_pace_lag_ms() -> u64 {

@@ -221,6 +221,8 @@ pub async fn start(config: NodeConfig) -> Result<Arc<NodeHandle>, StartError> {
         crate::batcher::Limits {
             bytes_max: config.queued_bytes_max,
             queue_wait_max: Duration::from_millis(config.queue_wait_max_ms),
+            entry_apply_target: Some(Duration::from_millis(config.entry_apply_target_ms))
+                .filter(|target| !target.is_zero()),
         },
         pace.clone(),
         state.clone(),
