@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """What each node's metrics said during the longest gaps between acknowledged writes (issue 24).
 
-Usage: gaps.py RUN_DIR [MIN_GAP_SECONDS] [COUNT]
+Usage: gaps.py [--checked] RUN_DIR [MIN_GAP_SECONDS] [COUNT]
 
 RUN_DIR is a tally-jepsen output folder of a run with --load and --sample-metrics-ms. For each
 of the COUNT longest gaps (at least MIN_GAP_SECONDS, default 1) between two acknowledged writes
-of the background load, prints the faults under way, then each node's samples from two seconds
+of the background load (with --checked: of the checked clients, which send one request at a
+time as payment services do, and whose gaps the summary's fault table reports), prints the faults under way, then each node's samples from two seconds
 before the gap to one after: whether it led, its last log, committed and applied indexes, and
 what its checkpoints, WAL fsyncs, entry commits, pace waits and applies took in the interval
 (seconds added to each histogram's sum since the sample before), the events it applied, and the
@@ -15,17 +16,24 @@ import collections
 import json
 import sys
 
-run = sys.argv[1]
-min_gap = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-count = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+args = sys.argv[1:]
+checked = "--checked" in args
+args = [arg for arg in args if arg != "--checked"]
+run = args[0]
+min_gap = float(args[1]) if len(args) > 1 else 1.0
+count = int(args[2]) if len(args) > 2 else 10
 
-acks, faults = [], []
+acks, faults, writes = [], [], set()
 with open(f"{run}/history.jsonl") as history:
     for line in history:
         record = json.loads(line)
         kind = record.get("type")
-        if kind == "load" and record["outcome"] == "ok":
+        if kind == "load" and record["outcome"] == "ok" and not checked:
             acks.append((record["time_us"] + record["latency_us"]) / 1e6)
+        elif kind == "invoke" and checked and record["process"] != 0 and record["call"]["f"] == "transfers":
+            writes.add(record["op"])
+        elif kind == "complete" and record["op"] in writes and record["outcome"] == "ok":
+            acks.append(record["time_us"] / 1e6)
         elif kind == "nemesis":
             faults.append((record["time_us"] / 1e6, record.get("phase"), record.get("fault"), record.get("detail", "")))
 acks.sort()
