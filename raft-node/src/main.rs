@@ -1,14 +1,21 @@
 //! The `tally` binary: see `cli.rs`.
 
-use clap::Parser;
-
 // glibc's allocator hands large freed blocks back to the kernel and pays for zeroed pages again
 // on every entry; mimalloc keeps them (see ledger/benches/apply.rs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A build with the simulator's `sim` feature (files, sockets and the clock from turmoil) has no
+/// command line: it only exists as the simulator's library.
+#[cfg(feature = "sim")]
 fn main() -> std::process::ExitCode {
-    let cli = raft_node::cli::Cli::parse();
+    eprintln!("error: this tally was built with the simulator's `sim` feature; build it without");
+    std::process::ExitCode::from(2)
+}
+
+#[cfg(not(feature = "sim"))]
+fn main() -> std::process::ExitCode {
+    let cli = <raft_node::cli::Cli as clap::Parser>::parse();
     // SIGPIPE stays ignored in every command: a node that closes a connection (a TLS door asked
     // in plaintext, a peer door) must not kill a client command in silence. A client command
     // piped into `head` instead finds stdout closed: it stops quietly, as Unix tools do.

@@ -2206,6 +2206,7 @@ async fn writes_past_capacity_are_refused_at_once_and_nothing_of_them_is_written
         assert!(hint.and_then(|ms| ms.parse::<u64>().ok()).is_some_and(|ms| ms > 20), "{hint:?}");
         slowest = slowest.max(*took);
     }
+    eprintln!("the slowest refusal took {slowest:?}");
     // At once: well before a commit of this cluster (over 100 ms), even on a busy machine.
     assert!(slowest < Duration::from_millis(500), "a refusal took {slowest:?}");
     // The first and last transfer of every batch: all of a taken one is there, none of a refused.
