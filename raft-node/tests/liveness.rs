@@ -4,8 +4,11 @@
 //! sized for what a message carries, catch-up messages were bounded in bytes, and the WAL's lock
 //! stopped covering fdatasync and catch-up reads.
 //!
-//! The tests here run one at a time (`SERIAL`): each measures gaps between commits, and a second
-//! cluster on the same two cores would measure the other cluster's load, not a stall.
+//! At capacity, writes are refused at once rather than queued.
+//!
+//! The tests here run one at a time (`SERIAL`): each measures gaps between commits or how long an
+//! answer takes, and a second cluster on the same two cores would measure the other cluster's
+//! load, not a stall.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -155,4 +158,88 @@ async fn a_follower_far_behind_catches_up_without_an_election() {
     let (writes, gap) = longest_gap(writers).await;
     assert!(gap <= COMMIT_GAP_MAX, "{writes} writes, longest gap {gap:?}\n{}", cluster.log_tails());
     check_no_election_and_convergence(&cluster, &client, leader, term).await;
+}
+
+/// Past what the cluster commits in time, writes are refused at once: with every apply slowed
+/// to 100 ms (test hook) and 16 writers of full batches, more than two entries take (four full
+/// batches each), the leader's queue waits longer than a commit, and new requests get
+/// RESOURCE_EXHAUSTED at once, with the wait in words and a retry hint in
+/// `grpc-retry-pushback-ms`, and nothing written; those taken are all there. Here, not in
+/// cluster.rs, because it measures how long a refusal takes: beside another cluster's test on
+/// two cores at CI's opt-level 0 one took 1.4 s (42-131 ms alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_capacity_are_refused_at_once_and_nothing_of_them_is_written() {
+    let _serial = SERIAL.lock().await;
+    let args = ["--apply-delay-ms", "100", "--max-queue-wait-ms", "20"];
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &args);
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let client = Arc::new(cluster.client_of(&[leader], Duration::from_secs(30)));
+    let accounts = (1..=2u128)
+        .map(|id| v1::Account { id: u128_to(id), ledger: 1, code: 1, ..v1::Account::default() })
+        .collect();
+    let created = client.create_accounts(accounts).await.expect("create accounts");
+    assert!(created.iter().all(|r| r.status() == v1::CreateAccountStatus::Ok), "{created:?}");
+    let batch = ledger::BATCH_EVENTS_MAX as u128;
+    let writers: Vec<_> = (0..16u128)
+        .map(|writer| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let (mut taken, mut refused) = (Vec::new(), Vec::new());
+                for round in 0..2u128 {
+                    let first = 10_000_000 + (writer * 2 + round) * batch;
+                    let transfers = (first..first + batch)
+                        .map(|id| v1::Transfer {
+                            id: u128_to(id),
+                            debit_account_id: u128_to(1),
+                            credit_account_id: u128_to(2),
+                            amount: u128_to(1),
+                            ledger: 1,
+                            code: 1,
+                            ..v1::Transfer::default()
+                        })
+                        .collect();
+                    let started = Instant::now();
+                    match client.create_transfers(transfers).await {
+                        Ok(results) => {
+                            assert!(results.iter().all(|r| r.status() == v1::CreateTransferStatus::Ok));
+                            taken.push(first);
+                        }
+                        Err(Error::Rejected(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                            refused.push((first, started.elapsed(), status));
+                        }
+                        Err(error) => panic!("batch from {first}: {error}"),
+                    }
+                }
+                (taken, refused)
+            })
+        })
+        .collect();
+    let (mut taken, mut refused) = (Vec::new(), Vec::new());
+    for writer in writers {
+        let (t, r) = writer.await.unwrap();
+        taken.extend(t);
+        refused.extend(r);
+    }
+    eprintln!("{} batches taken, {} refused at once", taken.len(), refused.len());
+    assert!(!taken.is_empty() && !refused.is_empty(), "{} taken, {} refused", taken.len(), refused.len());
+    let mut slowest = Duration::ZERO;
+    for (_, took, status) in &refused {
+        assert!(status.message().contains("at capacity"), "{}", status.message());
+        let hint = status.metadata().get("grpc-retry-pushback-ms").and_then(|v| v.to_str().ok());
+        assert!(hint.and_then(|ms| ms.parse::<u64>().ok()).is_some_and(|ms| ms > 20), "{hint:?}");
+        slowest = slowest.max(*took);
+    }
+    eprintln!("the slowest refusal took {slowest:?}");
+    // At once: well before a commit of this cluster (over 100 ms), even on a busy machine.
+    assert!(slowest < Duration::from_millis(500), "a refusal took {slowest:?}");
+    // The first and last transfer of every batch: all of a taken one is there, none of a refused.
+    let ends = |firsts: Vec<u128>| {
+        firsts.into_iter().flat_map(|first| [first, first + batch - 1]).collect::<Vec<_>>()
+    };
+    let refused_ends = ends(refused.iter().map(|(first, _, _)| *first).collect());
+    let found = client.lookup_transfers(&refused_ends, v1::ReadConsistency::Linearizable).await.unwrap();
+    assert!(found.is_empty(), "refused transfers were written: {found:?}");
+    let taken_ends = ends(taken);
+    let found = client.lookup_transfers(&taken_ends, v1::ReadConsistency::Linearizable).await.unwrap();
+    assert_eq!(found.len(), taken_ends.len());
 }
