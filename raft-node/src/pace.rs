@@ -65,6 +65,9 @@ pub struct Pace {
     followers: Mutex<BTreeMap<NodeId, VecDeque<(u64, Instant)>>>,
     /// This node's applied index as it grew, and when: (index, when it was reached), oldest first.
     applied_at: Mutex<VecDeque<(u64, Instant)>>,
+    /// When `keep` last let a proposal go: a held-back proposal waits at most until `WAIT_MAX`
+    /// after that.
+    last_let_go: Mutex<Option<Instant>>,
 }
 
 /// What the leader knows of one follower.
@@ -85,6 +88,7 @@ impl Pace {
             lag_all_max: None,
             followers: Mutex::default(),
             applied_at: Mutex::default(),
+            last_let_go: Mutex::default(),
         }
     }
 
@@ -158,6 +162,24 @@ impl Pace {
         worst_lag(&reports, &history, Instant::now())
     }
 
+    /// The follower among `voters` (not `me`) that answered lately and has applied the most, with
+    /// the index it applied: whom a leader behind in applying hands over to
+    /// (`service::cluster::hand_over_while_applying`), known from the answers to its appends
+    /// without asking anyone.
+    pub fn most_applied(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Option<(NodeId, u64)> {
+        let now = Instant::now();
+        let followers = self.followers.lock().unwrap();
+        voters
+            .iter()
+            .filter(|id| **id != me)
+            .filter_map(|id| {
+                followers.get(id).and_then(|reports| reports.back()).map(|(applied, at)| (*id, *applied, *at))
+            })
+            .filter(|(_, _, at)| now.saturating_duration_since(*at) <= REPORT_FRESH)
+            .max_by_key(|(_, applied, _)| *applied)
+            .map(|(id, applied, _)| (id, applied))
+    }
+
     /// The latest report of each follower among `voters` (not `me`).
     fn reports(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Vec<Report> {
         let followers = self.followers.lock().unwrap();
@@ -165,27 +187,37 @@ impl Pace {
     }
 
     /// Waits while the follower that would take over is more than the lag allowed behind (or,
-    /// with `lag_all_max`, any follower answering is further behind than that), at most
-    /// `WAIT_MAX`; returns how long it waited.
+    /// with `lag_all_max`, any follower answering is further behind than that), until `WAIT_MAX`
+    /// after the proposal it let go before; returns how long it waited.
+    ///
+    /// The hold spaces proposals out (one per `WAIT_MAX` at most while a follower lags): it slows
+    /// the leader down to what the follower can take, and never adds a wait after a pause of
+    /// that long. (Until 2026-12-07 each held proposal waited `WAIT_MAX` from its own call: a new
+    /// leader whose only follower was behind held its first entry a quarter of a second, a third
+    /// of the write gap after a leader kill at rush hour.)
     pub async fn keep(&self, voters: &BTreeSet<NodeId>, me: NodeId) -> Duration {
         if self.lag_max.is_none() && self.lag_all_max.is_none() {
             return Duration::ZERO;
         }
         let started = Instant::now();
-        let mut waited = Duration::ZERO;
+        let until = self.last_let_go.lock().unwrap().map_or(started, |at| at + WAIT_MAX);
+        let mut held = false;
         loop {
             let quorum_lag = self.quorum_lag(voters, me);
             if let Some(lag) = quorum_lag {
                 crate::metrics::FOLLOWER_LAG_MS.set(lag.as_millis() as i64);
             }
-            if self.keeps_up_with(quorum_lag, voters, me) || waited >= WAIT_MAX {
-                if !waited.is_zero() {
+            let now = Instant::now();
+            if self.keeps_up_with(quorum_lag, voters, me) || now >= until {
+                let waited = if held { now.saturating_duration_since(started) } else { Duration::ZERO };
+                if held {
                     crate::metrics::PACE_WAIT_SECONDS.observe(waited.as_secs_f64());
                 }
+                *self.last_let_go.lock().unwrap() = Some(now);
                 return waited;
             }
-            tokio::time::sleep(CHECK_EVERY).await;
-            waited = started.elapsed();
+            held = true;
+            tokio::time::sleep(CHECK_EVERY.min(until - now)).await;
         }
     }
 }
@@ -366,8 +398,10 @@ mod tests {
         lone.heard(3, 10);
         assert!(!lone.keeps_up(&voters, 1), "a lone follower far behind");
         assert!(Pace::new(LAG_MAX_DEFAULT).keeps_up(&voters, 1), "no bound: nothing to keep pace with");
+        // The first proposal goes (no proposal before it to space it from); the next waits.
+        assert_eq!(lone.keep(&voters, 1).await, Duration::ZERO);
         let waited = lone.keep(&voters, 1).await;
-        assert!(waited >= WAIT_MAX, "held back at most WAIT_MAX: {waited:?}");
+        assert!(waited >= WAIT_MAX - Duration::from_millis(10), "held back about WAIT_MAX: {waited:?}");
     }
 
     #[test]
@@ -442,7 +476,36 @@ mod tests {
             }
         };
         let (waited, ()) = tokio::join!(pace.keep(&voters, 1), answering);
-        assert!(waited >= WAIT_MAX && waited < WAIT_MAX + Duration::from_millis(500), "{waited:?}");
+        // Until WAIT_MAX after the proposal let go before, which was a moment ago.
+        let almost = WAIT_MAX - Duration::from_millis(10);
+        assert!(waited >= almost && waited < WAIT_MAX + Duration::from_millis(500), "{waited:?}");
+        // Still behind, but no proposal for WAIT_MAX (a new leader's first, after an election):
+        // it goes at once, and the next one waits.
+        tokio::time::sleep(WAIT_MAX).await;
+        pace.heard(2, 15);
+        pace.heard(3, 10);
+        assert_eq!(pace.keep(&voters, 1).await, Duration::ZERO, "the first after a pause waits");
+        let waited = pace.keep(&voters, 1).await;
+        assert!(waited >= almost && waited < WAIT_MAX + Duration::from_millis(500), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_follower_that_applied_most_is_the_one_answering_lately() {
+        let voters = BTreeSet::from([1, 2, 3, 4]);
+        let pace = Pace::new(LAG_MAX_DEFAULT);
+        assert_eq!(pace.most_applied(&voters, 1), None, "no one answered");
+        pace.heard(2, 40);
+        pace.heard(4, 90);
+        tokio::time::advance(REPORT_FRESH + Duration::from_millis(1)).await;
+        pace.heard(3, 30);
+        pace.heard(1, 100);
+        // Node 4's report is stale, node 1 is the leader itself.
+        assert_eq!(pace.most_applied(&voters, 1), Some((3, 30)));
+        pace.heard(2, 50);
+        assert_eq!(pace.most_applied(&voters, 1), Some((2, 50)));
+        // Not a voter (a learner, or removed).
+        pace.heard(5, 500);
+        assert_eq!(pace.most_applied(&voters, 1), Some((2, 50)));
     }
 
     #[test]
