@@ -468,8 +468,8 @@ async fn purge_behind_snapshots(node: Arc<NodeHandle>) {
 /// stand (`standing`), since a node elected while behind should hand over as soon as it leads.
 const APPLY_BACKLOG_CHECK: Duration = Duration::from_millis(25);
 /// After asking to hand over, the leader waits this long before it asks again (the one it asked
-/// first takes its log and stands; openraft's transfer stops this leader proposing meanwhile).
-const HAND_OVER_AGAIN: Duration = Duration::from_millis(500);
+/// stands at once; openraft's transfer stops this leader proposing meanwhile).
+const HAND_OVER_AGAIN: Duration = Duration::from_millis(300);
 
 /// For the life of the node: a leader behind in applying (its backlog would take longer than
 /// `standing::BEHIND_MAX` at its recent rate: it was elected while catching up, as a node behind
@@ -494,12 +494,10 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
         if !node.is_leader() || asked.is_some_and(|at| at.elapsed() < HAND_OVER_AGAIN) {
             continue;
         }
-        let (committed, applied, voters) = {
-            let current = node.raft_view();
-            let voters: BTreeSet<NodeId> = current.membership_config.membership().voter_ids().collect();
-            let applied = current.last_applied.map_or(0, |id| id.index);
-            (current.local_committed.map_or(0, |id| id.index), applied, voters)
-        };
+        let current = node.raft_view();
+        let voters: BTreeSet<NodeId> = current.membership_config.membership().voter_ids().collect();
+        let applied = current.last_applied.map_or(0, |id| id.index);
+        let committed = current.local_committed.map_or(0, |id| id.index);
         let backlog = committed.saturating_sub(applied);
         if backlog <= crate::node::standing::BACKLOG_FEW {
             continue;
@@ -510,6 +508,14 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
         }
         let Some((to, their_applied)) = node.pace.most_applied(&voters, node.id()) else { continue };
         if committed.saturating_sub(their_applied) * 2 > backlog || !node.is_leader() {
+            continue;
+        }
+        // Only once it holds this leader's whole log: openraft's transfer waits for that on the
+        // target, within a heartbeat's deadline, and a new leader finds where each follower's log
+        // matches its own first (a few round trips). Asked earlier, the transfer timed out and
+        // writes waited for the next try (rush hour, 2026-12-07).
+        let matched = current.replication.as_ref().and_then(|r| r.get(&to).cloned()).flatten();
+        if matched.is_none_or(|m| Some(m.index) < current.last_log_index) {
             continue;
         }
         let expected = crate::node::standing::expected(time);
