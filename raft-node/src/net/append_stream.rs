@@ -350,6 +350,47 @@ mod tests {
         assert_eq!(received.load(Ordering::SeqCst), 100);
     }
 
+    /// A peer that is down refuses the connection before anything is sent. openraft sleeps its
+    /// replication backoff while it makes a stream's first request, so that request must come
+    /// before the attempt: the leader retried a dead peer thousands of times a second, a core's
+    /// worth, until it did (`tally dev`, one node killed).
+    #[tokio::test]
+    async fn a_peer_that_is_down_is_tried_only_once_the_first_request_is_made() {
+        let address = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string()
+        };
+        let identities = Arc::new(Identities::new(Endpoint { id: 1, incarnation: 1 }, None));
+        let mut network = crate::net::Network::new(
+            Default::default(),
+            identities,
+            None,
+            std::sync::Arc::new(crate::pace::Pace::new(crate::pace::LAG_MAX_DEFAULT)),
+        );
+        let info =
+            NodeInfo { address: address.clone(), peer_address: address, site: "b".into(), incarnation: 1 };
+        let mut peer = network.new_client(2, &info).await;
+        // The backoff, as openraft takes it: before the first request is made.
+        let backoff = Duration::from_millis(300);
+        let mut later = requests(3);
+        let first = later.next().await.unwrap();
+        let input = Box::pin(
+            futures::stream::once(async move {
+                tokio::time::sleep(backoff).await;
+                first
+            })
+            .chain(later),
+        );
+        let started = std::time::Instant::now();
+        let result = peer.stream_append(input, RPCOption::new(Duration::from_secs(1))).await;
+        assert!(result.is_err(), "a peer that is down answered");
+        assert!(
+            started.elapsed() >= backoff,
+            "tried again after {:?}, before the backoff",
+            started.elapsed()
+        );
+    }
+
     /// A follower of a build without AppendStream: the first session fails, and from then on
     /// its requests go one at a time, answered as before.
     #[tokio::test]
