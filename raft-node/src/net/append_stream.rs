@@ -294,6 +294,11 @@ mod tests {
                 .add_service(pb::raft_server::RaftServer::new(follower))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
+        peer_at(address).await
+    }
+
+    /// Node 1's connection to node 2 at `address`.
+    async fn peer_at(address: String) -> crate::net::raft::Peer {
         let identities = Arc::new(Identities::new(Endpoint { id: 1, incarnation: 1 }, None));
         let mut network = crate::net::Network::new(
             Default::default(),
@@ -360,16 +365,7 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().to_string()
         };
-        let identities = Arc::new(Identities::new(Endpoint { id: 1, incarnation: 1 }, None));
-        let mut network = crate::net::Network::new(
-            Default::default(),
-            identities,
-            None,
-            std::sync::Arc::new(crate::pace::Pace::new(crate::pace::LAG_MAX_DEFAULT)),
-        );
-        let info =
-            NodeInfo { address: address.clone(), peer_address: address, site: "b".into(), incarnation: 1 };
-        let mut peer = network.new_client(2, &info).await;
+        let mut peer = peer_at(address).await;
         // The backoff, as openraft takes it: before the first request is made.
         let backoff = Duration::from_millis(300);
         let mut later = requests(3);
