@@ -499,10 +499,9 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
         let applied = current.last_applied.map_or(0, |id| id.index);
         let committed = current.local_committed.map_or(0, |id| id.index);
         let backlog = committed.saturating_sub(applied);
-        if backlog <= crate::node::standing::BACKLOG_FEW {
-            continue;
-        }
-        let time = node.pace.backlog(committed);
+        // As in `standing`: a few entries count as none, so most ticks skip the rate's lookup.
+        let time =
+            if backlog > crate::node::standing::BACKLOG_FEW { node.pace.backlog(committed) } else { None };
         if crate::node::standing::patience(backlog, time).is_zero() {
             continue;
         }

@@ -12,7 +12,7 @@ for run in sys.argv[1:]:
         t, n, name, v = line.rstrip("\n").split("\t")
         s[float(t)][int(n)][name] = float(v)
     times = sorted(s)
-    leader, since, first, done = None, None, None, []
+    leader, since, first = None, None, None
     out = []
     for t in times:
         lead = [n for n, m in s[t].items() if m.get("tally_raft_is_leader") == 1]
@@ -23,7 +23,6 @@ for run in sys.argv[1:]:
             continue
         m = s[t].get(leader, {})
         lags = {k.split('"')[1]: int(v) for k, v in m.items() if k.startswith("tally_raft_replication_lag") and k.split('"')[1] != str(leader)}
-        live = [v for v in lags.values() if v < 10**9]
         if first is None and lags:
             first = lags
         if lags and min(lags.values()) <= 2:
