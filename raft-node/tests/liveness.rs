@@ -231,7 +231,7 @@ async fn writes_past_capacity_are_refused_at_once_and_nothing_of_them_is_written
     }
     eprintln!("the slowest refusal took {slowest:?}");
     // At once: well before a commit of this cluster (over 100 ms), even on a busy machine.
-    assert!(slowest < Duration::from_millis(500), "a refusal took {slowest:?}");
+    assert!(slowest < Duration::from_millis(500), "a refusal took {slowest:?}\n{}", cluster.log_tails());
     // The first and last transfer of every batch: all of a taken one is there, none of a refused.
     let ends = |firsts: Vec<u128>| {
         firsts.into_iter().flat_map(|first| [first, first + batch - 1]).collect::<Vec<_>>()
