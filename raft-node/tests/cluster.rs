@@ -2251,3 +2251,45 @@ async fn a_replaced_node_receives_the_state_under_load_and_writes_never_stop() {
     assert!(sample(&metrics, "tally_snapshots_received_total", None) >= 1.0, "no snapshot installed");
     cluster.wait_for_convergence(DEADLINE).await;
 }
+
+/// The nice value of each of process `pid`'s threads, by thread name (as /proc cuts it: 15
+/// bytes).
+#[cfg(target_os = "linux")]
+fn thread_nice_values(pid: u32) -> BTreeMap<String, BTreeSet<i64>> {
+    let mut threads: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the node's threads") {
+        let task = task.expect("a thread").path();
+        // A thread that ended since the directory was read has nothing to say.
+        let (Ok(name), Ok(stat)) =
+            (std::fs::read_to_string(task.join("comm")), std::fs::read_to_string(task.join("stat")))
+        else {
+            continue;
+        };
+        // The fields after the name in parentheses (which may hold spaces) start at the 3rd; the
+        // nice value is the 19th.
+        let fields = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        let nice = fields.split(' ').nth(19 - 3).expect("a nice value").parse().expect("a number");
+        threads.entry(name.trim().to_string()).or_default().insert(nice);
+    }
+    threads
+}
+
+/// A node's background threads (its state store's merges, purging its log) run
+/// `sys::BACKGROUND_NICE` lower than its consensus, network, apply and checkpoint threads, which
+/// keep the process's priority: they wait for spare CPU, a vote or an append's answer does not
+/// (issue 24).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_work_runs_at_a_lower_cpu_priority_than_consensus() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES[..1], &[]);
+    cluster.wait_for_leader(DEADLINE).await;
+    let threads = thread_nice_values(cluster.pids()[&1]);
+    let own = *threads["tally"].first().expect("the main thread");
+    let background = (own + raft_node::sys::BACKGROUND_NICE as i64).min(19);
+    for name in ["state-merges", "index-merges", "tally-wal-purge"] {
+        assert_eq!(threads.get(name), Some(&BTreeSet::from([background])), "{name}: {threads:?}");
+    }
+    for name in ["tokio-rt-worker", "tally-wal-sync", "tally-checkpoin"] {
+        assert_eq!(threads.get(name), Some(&BTreeSet::from([own])), "{name}: {threads:?}");
+    }
+}
