@@ -12,7 +12,7 @@
 //! (a full batch) already amortizes that cost, and would only pay for the copy: it is committed
 //! to the store directly, and made durable (an fsync) by the next checkpoint or flush job, not one
 //! fsync each. Only when that waits for nothing, though: with a job running, or the store busy
-//! with work of its own (a merge writing, a durable write), a full batch goes to memory like any entry;
+//! with work of its own (a merge's durable write), a full batch goes to memory like any entry;
 //! with the store free, what waits in memory is committed first, the same way. Applying then
 //! waits for the disk only when memory is full (the caller's bound), never for a durable write
 //! of seconds (issue 24).

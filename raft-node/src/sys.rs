@@ -85,30 +85,6 @@ pub fn committed_persist_interval(production: std::time::Duration) -> std::time:
     production
 }
 
-/// How much lower than the node's own the CPU priority of its background threads is (nice
-/// +10: about a tenth of the CPU a thread of the node's priority gets when both wait for one).
-/// Their work (the state store's merges, purging the log) waits for the spare CPU between bursts
-/// at no cost, where a vote, a heartbeat or an append's answer that waits delays every write of
-/// the cluster: at rush hour a node's threads waited for a CPU 2-3 s a second, merges took 23%
-/// of a follower's CPU, and each step of a new leader's search for where a follower's log
-/// matches waited behind them (issue 24). Only for work that nothing of higher priority waits
-/// for: a thread that waits for a background one waits for it to get a CPU too (the store's
-/// commits give way to merges for that reason, `tally_store::WriterTurns`, and checkpoints,
-/// which applying waits for at times, keep the node's priority).
-pub const BACKGROUND_NICE: i32 = 10;
-
-/// Lowers the calling thread's CPU priority by `BACKGROUND_NICE`, for a thread that does only
-/// background work. Linux keeps a nice value per thread; elsewhere it would be the process's,
-/// so nothing is done there. Best effort: a thread the OS does not lower runs as before.
-pub fn background_thread() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: nice(2) changes only the calling thread's scheduling priority, and touches no
-    // memory; its result (the new nice value, or -1 with errno) is not needed.
-    unsafe {
-        libc::nice(BACKGROUND_NICE);
-    }
-}
-
 /// Whether `path` is a directory.
 pub fn is_dir(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|meta| meta.is_dir())
@@ -354,31 +330,5 @@ pub mod sim {
         let spread = max - min;
         let extra = if spread == 0 { 0 } else { random_u64().unwrap_or(0) % (spread + 1) };
         Duration::from_micros(min + extra)
-    }
-}
-
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    use super::*;
-
-    /// The calling thread's nice value (Linux: `PRIO_PROCESS` with 0 names the calling thread).
-    fn nice() -> i32 {
-        // SAFETY: getpriority(2) reads the calling thread's priority and touches no memory.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
-    }
-
-    /// A thread that turns itself to background work is lowered, and the thread that started it
-    /// keeps its priority (as would the node's consensus and network threads).
-    #[test]
-    fn a_background_thread_is_lowered_and_no_other() {
-        let own = nice();
-        let lowered = std::thread::spawn(|| {
-            background_thread();
-            nice()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(lowered, (own + BACKGROUND_NICE).min(19));
-        assert_eq!(nice(), own);
     }
 }

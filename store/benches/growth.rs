@@ -125,7 +125,7 @@ fn main() {
     let args = parse_args();
     let temporary = tempfile::tempdir().unwrap();
     let dir = args.dir.clone().unwrap_or_else(|| temporary.path().to_path_buf());
-    let options = Options { cache_bytes: args.cache_bytes, background_merges: false, ..Options::default() };
+    let options = Options { cache_bytes: args.cache_bytes, background_merges: false };
     let mut ledger = Ledger::open(RunStore::open_with(&dir, options).unwrap()).unwrap();
     let mut clock = 1_700_000_000 * NANOS_PER_SECOND;
     let accounts: Vec<Account> =

@@ -95,22 +95,15 @@ pub struct Options {
     /// Merge runs on a thread of the store's own (the product), or inside `commit` (a benchmark
     /// of one core, which then pays for every merge it causes).
     pub background_merges: bool,
-    /// Run first on each merge thread: the node lowers the thread's CPU priority there
-    /// (`raft_node::sys::background_thread`), since a merge can wait for spare CPU where
-    /// consensus cannot. The store itself takes nothing from the OS but files.
-    pub merge_thread_start: fn(),
 }
 
 impl Default for Options {
     fn default() -> Options {
         // 768 MiB: the descriptions' quarter holds every run's whole up to about 100M
         // transfers (151 MiB of them there); with 512 MiB, apply at 70-100M ran at 60% of it.
-        Options { cache_bytes: 768 << 20, background_merges: true, merge_thread_start: no_thread_start }
+        Options { cache_bytes: 768 << 20, background_merges: true }
     }
 }
-
-/// `Options::merge_thread_start` for a store that leaves its threads as they are.
-pub fn no_thread_start() {}
 
 pub struct RunStore {
     inner: Arc<Inner>,
@@ -146,70 +139,6 @@ struct Inner {
     /// sync (`flush`), which holds the page store's one writer (redb's write lock) through its
     /// fsyncs. A commit that need not wait for them declines (`try_commit_shared`).
     durable_writes: std::sync::atomic::AtomicUsize,
-    /// Whose turn it is at the page store's writer, a commit's or a merge thread's.
-    turns: WriterTurns,
-}
-
-/// How often a merge thread looks whether a commit is done writing.
-const TURN_POLL: std::time::Duration = std::time::Duration::from_micros(200);
-
-/// Whose turn it is at the page store's one writer (redb's write lock) between a commit of the
-/// applying thread (`try_commit_shared`) and the merge threads' writes. The merge threads run at
-/// a lower CPU priority (`Options::merge_thread_start`), and a commit that waited behind one of
-/// their writes waited for that thread to get a CPU too: at rush hour an entry of 2,020 events
-/// took 1.7 s to apply on a leader, one of 2,525 took 9.3 s on a follower (issue 24). So a
-/// commit that finds a merge writing declines (its changes wait in memory), and a merge does not
-/// start a write while a commit writes: neither waits for the other at the writer.
-#[derive(Default)]
-struct WriterTurns {
-    /// Merge writes under way, or about to start.
-    merges: std::sync::atomic::AtomicUsize,
-    /// A commit is writing, or about to.
-    commit: std::sync::atomic::AtomicBool,
-}
-
-impl WriterTurns {
-    /// A merge's turn, once no commit writes; held until it drops.
-    fn merge(&self) -> MergeTurn<'_> {
-        use std::sync::atomic::Ordering::SeqCst;
-        loop {
-            // Sequentially consistent on both sides (a merge counts itself, then looks at the
-            // commit; a commit raises its flag, then looks at the count): of a merge and a
-            // commit that start together, at least one sees the other and gives way.
-            self.merges.fetch_add(1, SeqCst);
-            if !self.commit.load(SeqCst) {
-                return MergeTurn(self);
-            }
-            self.merges.fetch_sub(1, SeqCst);
-            while self.commit.load(SeqCst) {
-                std::thread::sleep(TURN_POLL);
-            }
-        }
-    }
-
-    /// A commit's turn, held until it drops; `None` while a merge writes.
-    fn commit(&self) -> Option<CommitTurn<'_>> {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.commit.store(true, SeqCst);
-        let turn = CommitTurn(self);
-        (self.merges.load(SeqCst) == 0).then_some(turn)
-    }
-}
-
-struct MergeTurn<'a>(&'a WriterTurns);
-
-impl Drop for MergeTurn<'_> {
-    fn drop(&mut self) {
-        self.0.merges.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-struct CommitTurn<'a>(&'a WriterTurns);
-
-impl Drop for CommitTurn<'_> {
-    fn drop(&mut self) {
-        self.0.commit.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 /// One durable write under way (`Inner::durable_writes`) while it lives.
@@ -326,7 +255,6 @@ impl RunStore {
             merges_wake: Condvar::new(),
             collecting: Mutex::new(()),
             durable_writes: Default::default(),
-            turns: Default::default(),
         });
         // What a crash left as garbage is deleted by the merge threads, if there are any: it is
         // invisible to readers, and deleting a large run takes seconds, which a node restarting
@@ -340,11 +268,8 @@ impl RunStore {
         if options.background_merges {
             for (lane, name) in [(Lane::Lookups, "state-merges"), (Lane::Indexes, "index-merges")] {
                 let inner = inner.clone();
-                let start = options.merge_thread_start;
-                let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
-                    start();
-                    inner.merge_loop(lane)
-                });
+                let thread =
+                    std::thread::Builder::new().name(name.into()).spawn(move || inner.merge_loop(lane));
                 mergers.push(thread.expect("spawn a merge thread"));
             }
         }
@@ -698,7 +623,6 @@ impl Inner {
         for (key, value) in writes.drain(..) {
             batch.insert(key, value);
         }
-        let _turn = self.turns.merge();
         self.pages.apply(batch)?;
         Ok(())
     }
@@ -771,9 +695,7 @@ impl Inner {
             layout.next_run += 1;
             layout.writing.push((kind, id));
             let started = std::time::Instant::now();
-            let turn = self.turns.merge();
             self.write_layout(&layout, (*runs).clone(), Writes::new(), Batch::default())?;
-            drop(turn);
             report_slow(|| format!("a merge's first layout write ({kind:?})"), started);
             (kind, runs.of(kind)[range].to_vec(), id)
         };
@@ -819,9 +741,7 @@ impl Inner {
                 _ => layout.garbage.push((kind, id)),
             }
             let started = std::time::Instant::now();
-            let turn = self.turns.merge();
             self.write_layout(&layout, runs, Writes::new(), Batch::default())?;
-            drop(turn);
             report_slow(
                 || format!("a merge's last layout write ({kind:?}, {} entries)", merged_entries),
                 started,
@@ -860,7 +780,6 @@ impl Inner {
                 for key in self.pages.range(runs::run_key_range(prefix, *kind, *id)).keys() {
                     batch.remove(key?.to_vec());
                     if batch.len() >= DELETES_PER_BATCH {
-                        let _turn = self.turns.merge();
                         self.pages.apply(std::mem::take(&mut batch))?;
                         // A store being closed does not wait: what is left stays listed.
                         if self.merges.lock().unwrap().stop {
@@ -868,14 +787,12 @@ impl Inner {
                         }
                     }
                 }
-                let _turn = self.turns.merge();
                 self.pages.apply(batch)?;
             }
         }
         let mut layout = self.layout.lock().unwrap();
         layout.garbage.retain(|run| !doomed.contains(run));
         let runs = (*self.current_runs()).clone();
-        let _turn = self.turns.merge();
         self.write_layout(&layout, runs, Writes::new(), Batch::default())
     }
 }
@@ -1167,40 +1084,24 @@ impl ledger::store::SharedStore for RunStore {
     /// Not while a durable write is under way, which takes seconds at times (issue 24): a merge
     /// or its garbage collection holding the layout across one, or a checkpoint's sync, which
     /// holds the page store's writer (a commit of 11,720 transfers once waited 1,260 ms for a
-    /// 1,085 ms sync on the applying thread). Nor while a merge thread writes or holds the
-    /// layout, however briefly: it runs at a lower CPU priority and may not get a CPU for a
-    /// while (`WriterTurns`).
+    /// 1,085 ms sync on the applying thread). The layout's other holders hold it briefly.
     fn try_commit_shared(&self, changes: &Changes) -> StoreResult<bool> {
         let durable_writes = || self.inner.durable_writes.load(std::sync::atomic::Ordering::Acquire);
         if durable_writes() > 0 {
             return Ok(false);
         }
         let batch = Self::encode_plain(changes);
-        // Inside `commit` (no merge threads) a merge is this thread's own work, which must not
-        // wait for this commit's turn.
-        let turn = if self.background_merges {
-            match self.inner.turns.commit() {
-                Some(turn) => Some(turn),
-                None => return Ok(false),
-            }
-        } else {
-            None
-        };
         let layout = match self.inner.layout.try_lock() {
             Ok(layout) if durable_writes() > 0 => {
                 drop(layout);
                 return Ok(false);
             }
             Ok(layout) => layout,
-            Err(std::sync::TryLockError::WouldBlock) if self.background_merges || durable_writes() > 0 => {
-                return Ok(false);
-            }
+            Err(std::sync::TryLockError::WouldBlock) if durable_writes() > 0 => return Ok(false),
             Err(std::sync::TryLockError::WouldBlock) => self.inner.layout.lock().unwrap(),
             Err(std::sync::TryLockError::Poisoned(poisoned)) => panic!("the layout lock: {poisoned}"),
         };
-        let committed = self.commit_under(layout, changes, batch);
-        drop(turn);
-        committed.map(|()| true)
+        self.commit_under(layout, changes, batch).map(|()| true)
     }
 }
 
@@ -1370,52 +1271,6 @@ mod tests {
         drop(ledger);
         let reopened = RunStore::open_with(dir.path(), Options::default()).unwrap();
         assert_eq!(exported(&reopened), expected);
-    }
-
-    /// A commit and a merge thread never wait for each other at the page store's writer: a
-    /// commit declines while a merge writes (and leaves no turn behind), and a merge waits while
-    /// a commit writes (`WriterTurns`).
-    #[test]
-    fn a_commit_declines_while_a_merge_writes_and_a_merge_waits_for_a_commit() {
-        use super::WriterTurns;
-        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-        let turns = WriterTurns::default();
-        let merge = turns.merge();
-        assert!(turns.commit().is_none());
-        assert!(!turns.commit.load(SeqCst), "a declined commit left its turn raised");
-        drop(merge);
-        let commit = turns.commit().expect("no merge writes");
-        let commit_done = AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            let merge = scope.spawn(|| {
-                let _turn = turns.merge();
-                commit_done.load(SeqCst)
-            });
-            std::thread::sleep(Duration::from_millis(20));
-            commit_done.store(true, SeqCst);
-            drop(commit);
-            assert!(merge.join().unwrap(), "the merge wrote while the commit did");
-        });
-        assert_eq!(turns.merges.load(SeqCst), 0);
-    }
-
-    /// A store with merge threads declines a direct commit while one of them writes, and takes it
-    /// once it is done; without merge threads nothing else writes, and nothing declines.
-    #[test]
-    fn a_direct_commit_declines_while_a_merge_thread_writes() {
-        use ledger::store::{Changes, SharedStore};
-        let changes = Changes::default();
-        let dir = tempfile::tempdir().unwrap();
-        let store = RunStore::open_with(dir.path(), Options::default()).unwrap();
-        let merge = store.inner.turns.merge();
-        assert!(!store.try_commit_shared(&changes).unwrap());
-        drop(merge);
-        assert!(store.try_commit_shared(&changes).unwrap());
-        let dir = tempfile::tempdir().unwrap();
-        let inline =
-            RunStore::open_with(dir.path(), Options { background_merges: false, ..Options::default() })
-                .unwrap();
-        assert!(inline.try_commit_shared(&changes).unwrap());
     }
 
     /// Garbage a crash left (here: a large run's pages, listed as garbage) is deleted after

@@ -12,11 +12,7 @@ use tally_store::pages::{MemoryDisk, Pages};
 use tally_store::{Options, RunStore};
 
 const ACCOUNTS: u128 = 24;
-const OPTIONS: Options = Options {
-    cache_bytes: 1 << 16,
-    background_merges: false,
-    merge_thread_start: tally_store::no_thread_start,
-};
+const OPTIONS: Options = Options { cache_bytes: 1 << 16, background_merges: false };
 
 /// Entry `n` of the workload of `seed`: the accounts first, then transfers between them (some
 /// pending with a timeout, some posting or voiding an earlier pending one, some refused), with

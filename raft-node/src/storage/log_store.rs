@@ -283,7 +283,6 @@ fn start_io(dir: &Path, shared: Arc<Shared>, jobs: JobsReceived<IoJob>) -> io::R
         }
     })?;
     std::thread::Builder::new().name("tally-wal-purge".into()).spawn(move || {
-        crate::sys::background_thread();
         let mut detached = detached;
         while let Some(paths) = detached.blocking_recv() {
             if !purge_detached(&dir, &paths) {

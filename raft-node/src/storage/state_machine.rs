@@ -224,10 +224,7 @@ impl ApplyCost {
 }
 
 /// Writes sealed checkpoints to the store, one at a time, until the state machine is dropped. A
-/// failed one is reported by the store's next commit, which stops the node. At the node's own
-/// CPU priority, not a background thread's (`sys::background_thread`): applying waits for the
-/// checkpoint under way before a snapshot and once memory is full, and then waited for a
-/// low-priority thread to get a CPU as well (1.4-3.7 s at rush hour, issue 24).
+/// failed one is reported by the store's next commit, which stops the node.
 fn checkpoint_thread() -> io::Result<std::sync::mpsc::Sender<CheckpointJob<RunStore>>> {
     let (sender, receiver) = std::sync::mpsc::channel::<CheckpointJob<RunStore>>();
     std::thread::Builder::new().name("tally-checkpoint".into()).spawn(move || {
@@ -489,11 +486,7 @@ impl StateMachine {
         cache_bytes: u64,
         checkpoint_policy: CheckpointPolicy,
     ) -> io::Result<StateMachine> {
-        let options = StoreOptions {
-            cache_bytes,
-            background_merges: state_store::threads(),
-            merge_thread_start: crate::sys::background_thread,
-        };
+        let options = StoreOptions { cache_bytes, background_merges: state_store::threads() };
         files::create_dir_durably(&data_dir.join(SNAPSHOT_DIR))?;
         remove_leftovers(&data_dir.join(SNAPSHOT_DIR))?;
         recover_install(data_dir)?;
