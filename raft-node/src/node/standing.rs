@@ -56,6 +56,15 @@ pub fn patience(backlog: u64, time: Option<Duration>) -> Duration {
     }
 }
 
+/// This node's backlog (`committed` less `applied` entries), how long it is expected to take at
+/// the recent rate (`None` for a few entries, which count as none whatever the rate, and most
+/// checks find: the rate is not looked up then), and the patience it calls for.
+pub fn backlog(node: &NodeHandle, applied: u64, committed: u64) -> (u64, Option<Duration>, Duration) {
+    let backlog = committed.saturating_sub(applied);
+    let time = if backlog > BACKLOG_FEW { node.pace.backlog(committed) } else { None };
+    (backlog, time, patience(backlog, time))
+}
+
 /// For the life of the node: turns its election timer off while it is behind in applying and a
 /// leader was heard from within its patience, on otherwise. Leaves it alone while the node
 /// withholds its vote after a damaged log (`VoteHold`), which keeps it off.
@@ -72,10 +81,7 @@ pub async fn stand_only_when_applied(node: Arc<NodeHandle>) {
             let current = node.raft_view();
             (current.local_committed.map_or(0, |id| id.index), current.last_applied.map_or(0, |id| id.index))
         };
-        let backlog = committed.saturating_sub(applied);
-        // Most ticks find the pipeline's few entries, which count as none whatever the rate.
-        let time = if backlog > BACKLOG_FEW { node.pace.backlog(committed) } else { None };
-        let patience = patience(backlog, time);
+        let (_, time, patience) = backlog(&node, applied, committed);
         let outlogged = node.shorter_log_candidate.within(SHORTER_LOG_FRESH);
         let hold =
             !patience.is_zero() && !node.is_leader() && node.leader_contact.within(patience) && !outlogged;

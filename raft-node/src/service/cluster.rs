@@ -498,11 +498,8 @@ async fn hand_over_while_applying(node: Arc<NodeHandle>) {
         let voters: BTreeSet<NodeId> = current.membership_config.membership().voter_ids().collect();
         let applied = current.last_applied.map_or(0, |id| id.index);
         let committed = current.local_committed.map_or(0, |id| id.index);
-        let backlog = committed.saturating_sub(applied);
-        // As in `standing`: a few entries count as none, so most ticks skip the rate's lookup.
-        let time =
-            if backlog > crate::node::standing::BACKLOG_FEW { node.pace.backlog(committed) } else { None };
-        if crate::node::standing::patience(backlog, time).is_zero() {
+        let (backlog, time, patience) = crate::node::standing::backlog(&node, applied, committed);
+        if patience.is_zero() {
             continue;
         }
         let Some((to, their_applied)) = node.pace.most_applied(&voters, node.id()) else { continue };
