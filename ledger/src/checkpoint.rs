@@ -17,18 +17,21 @@
 //! waits for the disk only when memory is full (the caller's bound), never for a durable write
 //! of seconds (issue 24).
 //!
-//! Reads see `recent` over the sealed layer (a checkpoint being written) over the store: a point
+//! Reads see `recent` over the sealed layers (checkpoints being written) over the store: a point
 //! lookup asks the newest layer first; every record keyed by time (transfers, index entries,
 //! change records, the query indexes) is newer in a newer layer, because ledger time only grows,
 //! so a scan is each layer's part in turn, each cut at the time where the next one starts.
 //! Expiries are the one set whose members go away: a layer keeps the ones it added and the ones
 //! of the layers below that it removed.
 //!
+//! A snapshot or a backup reads the whole state while applying goes on: `freeze` seals what is in
+//! memory (queued behind a job under way, so nothing waits for the disk) and hands out the layers
+//! in memory, to read over a frozen view of the store underneath.
+//!
 //! `ledger` owns no thread and no clock: when to seal and where a job runs is the caller's
-//! choice (the node: by bytes and by time, on a thread of its own, and a whole checkpoint before
-//! every snapshot).
+//! choice (the node: by bytes and by time, on a thread of its own).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::codec::{self, LedgerMeta};
@@ -195,7 +198,9 @@ impl<S> Drop for CheckpointJob<S> {
 pub struct Checkpointed<S: SharedStore> {
     /// Shared with a `CheckpointJob` while one runs.
     base: Arc<S>,
-    sealed: Option<Arc<Sealed>>,
+    /// Layers handed to jobs and not seen written yet, oldest first: one from `seal`, and one
+    /// more from `freeze` while that one's job runs.
+    sealed: VecDeque<Arc<Sealed>>,
     recent: Layer,
     /// Entries committed to the store directly since its last flush: not durable yet.
     unsynced: bool,
@@ -203,7 +208,12 @@ pub struct Checkpointed<S: SharedStore> {
 
 impl<S: SharedStore> Checkpointed<S> {
     pub fn new(base: S) -> Checkpointed<S> {
-        Checkpointed { base: Arc::new(base), sealed: None, recent: Layer::default(), unsynced: false }
+        Checkpointed {
+            base: Arc::new(base),
+            sealed: VecDeque::new(),
+            recent: Layer::default(),
+            unsynced: false,
+        }
     }
 
     /// Whether entries committed to the store directly wait for a flush to be durable (the next
@@ -245,7 +255,7 @@ impl<S: SharedStore> Checkpointed<S> {
 
     /// Whether a sealed checkpoint has not been seen written yet.
     pub fn checkpoint_in_flight(&self) -> bool {
-        self.sealed.is_some()
+        !self.sealed.is_empty()
     }
 
     /// Hands what was applied since the last seal to a job that writes it, for another thread,
@@ -253,19 +263,41 @@ impl<S: SharedStore> Checkpointed<S> {
     /// flush takes seconds at times: it must not hold up applying); `None` when there is nothing
     /// to do, or while the previous job runs (call again later). An error is a previous job's.
     pub fn seal(&mut self) -> StoreResult<Option<CheckpointJob<S>>> {
-        if !self.retire(false)? || (self.recent.commits == 0 && !self.unsynced) {
+        if !self.retire(false)? {
             return Ok(None);
+        }
+        Ok(self.seal_recent())
+    }
+
+    /// A job for what `recent` holds and the direct commits not yet durable, queued behind the
+    /// jobs that were not seen written yet; `None` with nothing to write or flush.
+    fn seal_recent(&mut self) -> Option<CheckpointJob<S>> {
+        if self.recent.commits == 0 && !self.unsynced {
+            return None;
         }
         let sealed = Arc::new(Sealed {
             layer: std::mem::take(&mut self.recent),
             outcome: Mutex::new(None),
             finished: Condvar::new(),
         });
-        self.sealed = Some(sealed.clone());
+        self.sealed.push_back(sealed.clone());
         // The job's flush covers the direct commits before it; if it fails, every later commit
         // fails with it.
         self.unsynced = false;
-        Ok(Some(CheckpointJob { base: self.base.clone(), sealed }))
+        Some(CheckpointJob { base: self.base.clone(), sealed })
+    }
+
+    /// Freezes the layers in memory as they are now, for a view of the whole state (a snapshot, a
+    /// backup) that applying goes on beside: freeze the store underneath in the same breath, and
+    /// read the two together (`FrozenLayers::over`). What `recent` holds is sealed for a job of
+    /// its own, returned to be run after the ones before it (on the checkpoint thread, in order),
+    /// even while one runs: the caller waits for no disk. Once `FrozenLayers::written` returns,
+    /// everything committed before the freeze is durable in the store underneath. An error is a
+    /// previous job's.
+    pub fn freeze(&mut self) -> StoreResult<(FrozenLayers, Option<CheckpointJob<S>>)> {
+        self.retire(false)?;
+        let job = self.seal_recent();
+        Ok((FrozenLayers { sealed: self.sealed.iter().cloned().collect() }, job))
     }
 
     /// Writes everything committed so far to the store underneath, durably, here and now: waits
@@ -296,36 +328,22 @@ impl<S: SharedStore> Checkpointed<S> {
         }
     }
 
-    /// Drops the sealed layer if its job is done (waiting for it if `wait`); whether none is
-    /// left. A job that failed fails the store from then on.
+    /// Drops the sealed layers whose jobs are done, oldest first (waiting for each if `wait`);
+    /// whether none is left. A job that failed fails the store from then on.
     fn retire(&mut self, wait: bool) -> StoreResult<bool> {
-        let Some(sealed) = &self.sealed else { return Ok(true) };
-        match sealed.outcome(wait) {
-            None => Ok(false),
-            Some(Ok(())) => {
-                self.sealed = None;
-                Ok(true)
-            }
-            Some(Err(failed)) => Err(failed.error()),
+        while let Some(sealed) = self.sealed.front() {
+            match sealed.outcome(wait) {
+                None => return Ok(false),
+                Some(Ok(())) => self.sealed.pop_front(),
+                Some(Err(failed)) => return Err(failed.error()),
+            };
         }
+        Ok(true)
     }
 
     /// The layers over the store, oldest first, each with the time its successor starts at.
     fn layers(&self) -> Vec<(&Layer, u64)> {
-        let mut layers: Vec<&Layer> = Vec::with_capacity(2);
-        // A flush's job holds no layer.
-        if let Some(sealed) = self.sealed.as_ref().filter(|sealed| sealed.layer.commits > 0) {
-            layers.push(&sealed.layer);
-        }
-        if self.recent.commits > 0 {
-            layers.push(&self.recent);
-        }
-        let mut cut = Vec::with_capacity(layers.len());
-        for (i, layer) in layers.iter().enumerate() {
-            let next = layers.get(i + 1).map_or(u64::MAX, |next| next.timestamp_before);
-            cut.push((*layer, next));
-        }
-        cut
+        cut_layers(self.sealed.iter().map(|sealed| &sealed.layer).chain([&self.recent]))
     }
 
     /// The first point lookup that finds something, newest layer first.
@@ -333,10 +351,10 @@ impl<S: SharedStore> Checkpointed<S> {
         if let Some(found) = find(&self.recent.store)? {
             return Ok(Some(found));
         }
-        if let Some(sealed) = &self.sealed
-            && let Some(found) = find(&sealed.layer.store)?
-        {
-            return Ok(Some(found));
+        for sealed in self.sealed.iter().rev() {
+            if let Some(found) = find(&sealed.layer.store)? {
+                return Ok(Some(found));
+            }
         }
         find(&*self.base)
     }
@@ -407,10 +425,109 @@ impl<S: SharedStore> Checkpointed<S> {
     }
 }
 
+/// The layers with commits among `layers` (oldest first), each with the time its successor
+/// starts at.
+fn cut_layers<'a>(layers: impl Iterator<Item = &'a Layer>) -> Vec<(&'a Layer, u64)> {
+    // A flush's job holds no layer.
+    let layers: Vec<&Layer> = layers.filter(|layer| layer.commits > 0).collect();
+    let mut cut = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let next = layers.get(i + 1).map_or(u64::MAX, |next| next.timestamp_before);
+        cut.push((*layer, next));
+    }
+    cut
+}
+
+/// The records of `base` with those of `layers` (oldest first) over them, in key order. Reads
+/// the layers whole into memory first (bounded by the checkpoint size). A layer whose job has
+/// written it to `base` already changes nothing: it puts the same values again.
+fn for_each_overlaid(
+    layers: &[(&Layer, u64)],
+    base: &dyn crate::store::Records,
+    visit: &mut RecordVisitor,
+) -> StoreResult<()> {
+    // Each layer's writes over the older ones': a value, or `None` for a removed expiry.
+    let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    for (layer, _) in layers {
+        for (at, id) in &layer.expiry_deleted {
+            newer.insert(codec::expiry_key(*at, *id).to_vec(), None);
+        }
+        for (at, id) in &layer.expiry_put {
+            newer.insert(codec::expiry_key(*at, *id).to_vec(), Some(Vec::new()));
+        }
+        Store::for_each_record(&layer.store, &mut |key, value| {
+            newer.insert(key.to_vec(), Some(value.to_vec()));
+            Ok(())
+        })?;
+    }
+    let mut newer = newer.into_iter().peekable();
+    base.for_each_record(&mut |key, value| {
+        while let Some((newer_key, newer_value)) = newer.next_if(|(newer_key, _)| newer_key.as_slice() <= key)
+        {
+            if let Some(newer_value) = &newer_value {
+                visit(&newer_key, newer_value)?;
+            }
+            if newer_key == key {
+                return Ok(());
+            }
+        }
+        visit(key, value)
+    })?;
+    for (key, value) in newer {
+        if let Some(value) = value {
+            visit(&key, &value)?;
+        }
+    }
+    Ok(())
+}
+
+/// The layers in memory as `Checkpointed::freeze` found them: they change no more, and the
+/// checkpoint jobs that write them hold them too.
+pub struct FrozenLayers {
+    sealed: Vec<Arc<Sealed>>,
+}
+
+impl FrozenLayers {
+    /// The whole state as of the freeze: these layers over `base`, a view of the store underneath
+    /// frozen at the same moment.
+    pub fn over<'a, R: crate::store::Records>(&'a self, base: &'a R) -> Overlaid<'a, R> {
+        Overlaid { layers: self, base }
+    }
+
+    /// Waits until the jobs of these layers are done: everything committed before the freeze is
+    /// then durable in the store underneath. An error is a job's.
+    pub fn written(&self) -> StoreResult<()> {
+        for sealed in &self.sealed {
+            if let Err(failed) = sealed.outcome(true).expect("waited for") {
+                return Err(failed.error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the freeze found nothing in memory and nothing to make durable.
+    pub fn is_empty(&self) -> bool {
+        self.sealed.is_empty()
+    }
+}
+
+/// Frozen layers over a frozen store (`FrozenLayers::over`).
+pub struct Overlaid<'a, R> {
+    layers: &'a FrozenLayers,
+    base: &'a R,
+}
+
+impl<R: crate::store::Records> crate::store::Records for Overlaid<'_, R> {
+    fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
+        let layers = cut_layers(self.layers.sealed.iter().map(|sealed| &sealed.layer));
+        for_each_overlaid(&layers, self.base, visit)
+    }
+}
+
 impl<S: SharedStore> Drop for Checkpointed<S> {
     /// Waits for a job that runs: it holds the store, which holds its file.
     fn drop(&mut self) {
-        if let Some(sealed) = &self.sealed {
+        for sealed in &self.sealed {
             sealed.outcome(true);
         }
     }
@@ -567,45 +684,12 @@ impl<S: SharedStore> Store for Checkpointed<S> {
     /// The store's records with the layers' over them, in key order. Reads the layers whole into
     /// memory first (bounded by the checkpoint size).
     fn for_each_record(&self, visit: &mut RecordVisitor) -> StoreResult<()> {
-        // Each layer's writes over the older ones': a value, or `None` for a removed expiry.
-        let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for (layer, _) in self.layers() {
-            for (at, id) in &layer.expiry_deleted {
-                newer.insert(codec::expiry_key(*at, *id).to_vec(), None);
-            }
-            for (at, id) in &layer.expiry_put {
-                newer.insert(codec::expiry_key(*at, *id).to_vec(), Some(Vec::new()));
-            }
-            layer.store.for_each_record(&mut |key, value| {
-                newer.insert(key.to_vec(), Some(value.to_vec()));
-                Ok(())
-            })?;
-        }
-        let mut newer = newer.into_iter().peekable();
-        self.base.for_each_record(&mut |key, value| {
-            while let Some((newer_key, newer_value)) =
-                newer.next_if(|(newer_key, _)| newer_key.as_slice() <= key)
-            {
-                if let Some(newer_value) = &newer_value {
-                    visit(&newer_key, newer_value)?;
-                }
-                if newer_key == key {
-                    return Ok(());
-                }
-            }
-            visit(key, value)
-        })?;
-        for (key, value) in newer {
-            if let Some(value) = value {
-                visit(&key, &value)?;
-            }
-        }
-        Ok(())
+        for_each_overlaid(&self.layers(), &*self.base, visit)
     }
 
     fn put_records(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
         assert!(
-            self.sealed.is_none() && self.recent.commits == 0,
+            self.sealed.is_empty() && self.recent.commits == 0,
             "an import into a store with commits in memory"
         );
         Arc::get_mut(&mut self.base).expect("no checkpoint job").put_records(records)
@@ -869,6 +953,63 @@ mod tests {
         // With the layer written, the next full batch goes to the store directly again.
         ledger.apply(&[accounts_n(next + full, full)], time + 1_000, Some(b"3")).unwrap();
         assert_eq!(ledger.store().recent_commits(), 0, "committed directly");
+    }
+
+    /// Every record of `records`, in key order.
+    fn records(records: &impl crate::store::Records) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut all = Vec::new();
+        records
+            .for_each_record(&mut |key, value| {
+                all.push((key.to_vec(), value.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        all
+    }
+
+    /// A freeze while a checkpoint job runs waits for nothing: what memory holds is sealed behind
+    /// that job, and the frozen layers over the store as it was at the freeze are the whole state
+    /// as of the freeze, byte for byte, whether or not the jobs have written them since and
+    /// whatever was applied after. Once the jobs ran, everything before the freeze is durable.
+    #[test]
+    fn a_freeze_under_a_running_checkpoint_sees_the_whole_state_and_waits_for_no_disk() {
+        let full = DIRECT_RECORDS_MIN as u128;
+        let mut ledger = Ledger::open(Checkpointed::new(Failing::default())).unwrap();
+        let mut reference = Ledger::open(MemStore::default()).unwrap();
+        let entries: Vec<Batch> = vec![accounts_n(1, full), accounts(1 + full), accounts(3 + full)];
+        let mut running = None;
+        for (at, batch) in entries.iter().enumerate() {
+            let time = 1_000 * (at as u64 + 1);
+            ledger.apply(std::slice::from_ref(batch), time, Some(b"a")).unwrap();
+            reference.apply(std::slice::from_ref(batch), time, Some(b"a")).unwrap();
+            if at == 1 {
+                // A checkpoint of the second entry (and a flush of the first, committed
+                // directly), not written yet: the third waits in memory.
+                running = ledger.store_mut().seal().unwrap();
+            }
+        }
+        let running = running.expect("a job under way");
+        assert_eq!(running.commits(), 1);
+        assert!(ledger.store_mut().seal().unwrap().is_none(), "one job at a time for `seal`");
+        let (layers, job) = ledger.store_mut().freeze().unwrap();
+        let job = job.expect("the third entry sealed for a job of its own");
+        assert_eq!(job.commits(), 1);
+        let base = ledger.store().base().inner.lock().unwrap().clone();
+        assert_eq!(records(&layers.over(&base)), records(reference.store()));
+        // Applied after the freeze: not in the frozen state.
+        ledger.apply(&[accounts(5 + full)], 4_000, Some(b"b")).unwrap();
+        assert_eq!(records(&layers.over(&base)), records(reference.store()));
+        // The jobs write the layers in order; read over the store as it is now, the same.
+        assert_eq!(counts(&ledger), (1, 0));
+        running.run().unwrap();
+        assert_eq!(records(&layers.over(&base)), records(reference.store()));
+        job.run().unwrap();
+        layers.written().unwrap();
+        assert_eq!(counts(&ledger), (3, 3), "everything before the freeze durable");
+        let written = ledger.store().base().inner.lock().unwrap().clone();
+        assert_eq!(records(&layers.over(&written)), records(reference.store()));
+        assert_eq!(records(&written), records(reference.store()), "the store holds it all");
+        assert!(ledger.store().account(5 + full).unwrap().is_some());
     }
 
     /// A checkpoint written on another thread that finds the store damaged fails every later

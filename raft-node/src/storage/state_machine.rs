@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
-use ledger::checkpoint::CheckpointJob;
+use ledger::checkpoint::{CheckpointJob, FrozenLayers};
 use ledger::{Checkpointed, Ledger, Store};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -151,6 +151,10 @@ pub struct Shared {
     /// To the checkpoint thread (`checkpoint_thread`). A std channel: its sender is called with
     /// the ledger lock held, outside any async context.
     checkpoints: std::sync::mpsc::Sender<CheckpointJob<RunStore>>,
+    /// Taken by the checkpoint thread while it writes a job. Test hook: holding it keeps a job
+    /// under way (a disk that takes seconds to sync).
+    #[cfg(test)]
+    checkpoint_gate: Arc<Mutex<()>>,
 }
 
 /// What applying an entry costs this node lately, as a fixed part and a part per event: a
@@ -225,10 +229,11 @@ impl ApplyCost {
 
 /// Writes sealed checkpoints to the store, one at a time, until the state machine is dropped. A
 /// failed one is reported by the store's next commit, which stops the node.
-fn checkpoint_thread() -> io::Result<std::sync::mpsc::Sender<CheckpointJob<RunStore>>> {
+fn checkpoint_thread(gate: Arc<Mutex<()>>) -> io::Result<std::sync::mpsc::Sender<CheckpointJob<RunStore>>> {
     let (sender, receiver) = std::sync::mpsc::channel::<CheckpointJob<RunStore>>();
     std::thread::Builder::new().name("tally-checkpoint".into()).spawn(move || {
         for job in receiver {
+            let _writing = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             write_checkpoint(job);
         }
     })?;
@@ -301,8 +306,7 @@ impl Shared {
     }
 
     /// Writes everything applied so far to the store, here and now (waiting for a checkpoint
-    /// being written): before a snapshot or a backup freezes the store. Called with the ledger lock held
-    /// exclusively.
+    /// being written): when memory is full. Called with the ledger lock held exclusively.
     fn checkpoint(&self, ledger: &mut State) -> io::Result<()> {
         let started = tokio::time::Instant::now();
         let commits = ledger.store_mut().checkpoint().map_err(|e| apply_error(&self.data_dir, e))?;
@@ -328,15 +332,7 @@ impl Shared {
         }
         match ledger.store_mut().seal().map_err(|e| apply_error(&self.data_dir, e))? {
             Some(job) => {
-                *self.checkpointed_at.lock().unwrap() = tokio::time::Instant::now();
-                if state_store::threads() {
-                    // The thread lives as long as `Shared`; a job that cannot be sent fails when
-                    // dropped, and the next commit reports it.
-                    let _ = self.checkpoints.send(job);
-                } else {
-                    // Under simulation: written now, as it would be at once on an idle thread.
-                    write_checkpoint(job);
-                }
+                self.dispatch(job);
                 Ok(())
             }
             // The checkpoint thread is still busy and memory is full: applying waits for the
@@ -348,6 +344,34 @@ impl Shared {
         }
     }
 
+    /// Hands a sealed checkpoint to the checkpoint thread, which writes jobs in the order sent.
+    fn dispatch(&self, job: CheckpointJob<RunStore>) {
+        *self.checkpointed_at.lock().unwrap() = tokio::time::Instant::now();
+        if state_store::threads() {
+            // The thread lives as long as `Shared`; a job that cannot be sent fails when
+            // dropped, and the next commit reports it.
+            let _ = self.checkpoints.send(job);
+        } else {
+            // Under simulation: written now, as it would be at once on an idle thread.
+            write_checkpoint(job);
+        }
+    }
+
+    /// Freezes the whole applied state as it is now, for an export that applying goes on beside:
+    /// the store's view and the layers in memory, read together (`FrozenLayers::over`). Waits
+    /// for no disk: what memory holds is sealed for the checkpoint thread, behind a job under way
+    /// (a snapshot's build once waited here for a whole checkpoint and its fsync, seconds through
+    /// a busy disk, and applying with it: issue 24). Called with the ledger lock held exclusively
+    /// and `snapshots` held (one frozen view at a time).
+    fn freeze(&self, ledger: &mut State) -> io::Result<(tally_store::FrozenView, FrozenLayers)> {
+        let (layers, job) = ledger.store_mut().freeze().map_err(|e| apply_error(&self.data_dir, e))?;
+        let view = ledger.store().base().freeze();
+        if let Some(job) = job {
+            self.dispatch(job);
+        }
+        Ok((view, layers))
+    }
+
     /// Exports the applied state as it is now, for a backup, into a temporary file that is
     /// unlinked once written: the returned handle reads it from the start, and nothing is left
     /// behind when the reader goes away. Applying goes on meanwhile (a frozen view, as in
@@ -355,18 +379,18 @@ impl Shared {
     pub fn export_backup(&self) -> io::Result<Exported> {
         let _snapshots = self.snapshots.lock().unwrap();
         let path = self.data_dir.join(SNAPSHOT_DIR).join(BACKUP_FILE);
-        let (view, applied, meta) = {
+        let ((view, layers), applied, meta) = {
             let mut ledger = self.ledger.write().unwrap();
             let ledger = ledger.as_mut().expect("ledger outside an install");
-            self.checkpoint(ledger)?;
-            (ledger.store().base().freeze(), self.applied.lock().unwrap().last_applied, ledger.meta())
+            let (view, layers) = self.freeze(ledger)?;
+            ((view, layers), self.applied.lock().unwrap().last_applied, ledger.meta())
         };
         // The machine's own file even under simulation, which does not simulate backups: the
         // backup service streams it through tokio's file.
         let mut file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
-        let exported = ledger::snapshot::export(&view, &file).map_err(io_error);
-        drop(view);
+        let exported = ledger::snapshot::export(&layers.over(&view), &file).map_err(io_error);
+        drop((view, layers));
         std::fs::remove_file(&path)?;
         exported?;
         let bytes = io::Seek::seek(&mut file, io::SeekFrom::Current(0))?;
@@ -502,6 +526,7 @@ impl StateMachine {
         };
         let mut published = Published::default();
         published.reset(applied.last_applied.map_or(0, |id| id.index), &ledger.meta());
+        let checkpoint_gate = Arc::new(Mutex::new(()));
         let machine = StateMachine {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
@@ -515,7 +540,9 @@ impl StateMachine {
                 snapshots: Mutex::new(()),
                 checkpoint_policy,
                 checkpointed_at: Mutex::new(tokio::time::Instant::now()),
-                checkpoints: checkpoint_thread()?,
+                checkpoints: checkpoint_thread(checkpoint_gate.clone())?,
+                #[cfg(test)]
+                checkpoint_gate,
             }),
         };
         if let Some(meta) = machine.current_snapshot_meta()? {
@@ -635,27 +662,28 @@ impl StateMachine {
     /// Exports the state to a durable snapshot file and records it as the current snapshot.
     ///
     /// Applying goes on while the export runs: the ledger lock is held only to freeze a view of
-    /// the store (`RunStore::freeze`) together with the applied state it matches; the export then
-    /// reads that view, which later entries do not change.
+    /// the store (`RunStore::freeze`) and the layers in memory (`Shared::freeze`) together with
+    /// the applied state they match; the export then reads that view, which later entries do not
+    /// change.
     fn build(&self) -> io::Result<Snapshot> {
         let started = std::time::Instant::now();
         let _snapshots = self.shared.snapshots.lock().unwrap();
         let dir = self.shared.data_dir.join(SNAPSHOT_DIR);
         let temporary = dir.join(BUILDING_FILE);
-        let (view, applied) = {
+        let ((view, layers), applied) = {
             let mut ledger = self.shared.ledger.write().unwrap();
             let ledger = ledger.as_mut().expect("ledger outside an install");
-            self.shared.checkpoint(ledger)?;
-            (ledger.store().base().freeze(), self.shared.applied.lock().unwrap().clone())
+            (self.shared.freeze(ledger)?, self.shared.applied.lock().unwrap().clone())
         };
         let mut file = crate::sys::fs::File::create(&temporary)?;
-        ledger::snapshot::export(&view, &mut file).map_err(io_error)?;
+        ledger::snapshot::export(&layers.over(&view), &mut file).map_err(io_error)?;
+        drop(view);
         // The store's writes since its last sync are lost in a crash, so it could be behind a
         // snapshot taken from them; `open` would then reload the whole snapshot, which takes
-        // minutes for a large state. Syncing it before the snapshot becomes current keeps the
-        // store at or past it, and a restart only re-applies the log after it.
-        view.flush_store().map_err(io_error)?;
-        drop(view);
+        // minutes for a large state. Waiting for the checkpoints of everything before the freeze
+        // (each one flushes the store) keeps the store at or past the snapshot once it becomes
+        // current, and a restart only re-applies the log after it.
+        layers.written().map_err(|e| apply_error(&self.shared.data_dir, e))?;
         file.sync_all()?;
         let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership };
         // A snapshot installed from the leader while this one was exported is newer: keep it.
@@ -909,6 +937,81 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An entry of account creations `first..first + count` at index `index`.
+    fn accounts_entry(index: u64, first: u128, count: u128) -> Entry {
+        let accounts = (first..first + count)
+            .map(|id| ledger::Account { id, ledger: 1, code: 1, ..Default::default() })
+            .collect();
+        let request =
+            crate::types::Request::batches(index * 1_000, vec![ledger::Batch::CreateAccounts(accounts)]);
+        Entry {
+            log_id: openraft::testing::log_id::<TypeConfig>(1, 1, index),
+            payload: EntryPayload::Normal(request),
+        }
+    }
+
+    async fn apply(machine: &mut StateMachine, entries: Vec<Entry>) {
+        let entries: Vec<_> = entries.into_iter().map(|entry| Ok((entry, None))).collect();
+        machine.apply(futures::stream::iter(entries)).await.expect("apply");
+    }
+
+    /// A snapshot's build waits for no checkpoint under way, and applying does not wait for the
+    /// build: it froze what memory holds and the store's view in one breath, and waits for the
+    /// checkpoints only to make its snapshot current. (It wrote a whole checkpoint under the
+    /// ledger's lock, after the one under way and its fsync: through a busy disk, applying
+    /// stopped for 5-8 s at rush hour, issue 24.) The snapshot holds the state as of the freeze.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn applying_goes_on_while_a_snapshot_is_built_under_a_slow_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut machine = StateMachine::open(dir.path(), 8 << 20, CheckpointPolicy::default()).unwrap();
+        // A direct commit, then small entries in memory, and a checkpoint of them under way.
+        apply(&mut machine, vec![accounts_entry(1, 1, ledger::checkpoint::DIRECT_RECORDS_MIN as u128)]).await;
+        apply(&mut machine, (2..=4).map(|index| accounts_entry(index, index as u128 * 10_000, 2)).collect())
+            .await;
+        let gate = machine.shared.checkpoint_gate.clone();
+        let gate = gate.lock().unwrap();
+        {
+            let mut ledger = machine.shared.ledger.write().unwrap();
+            let job = ledger.as_mut().unwrap().store_mut().seal().unwrap().expect("a checkpoint to write");
+            machine.shared.dispatch(job);
+        }
+        apply(&mut machine, (5..=6).map(|index| accounts_entry(index, index as u128 * 10_000, 2)).collect())
+            .await;
+        let frozen = machine.shared.published();
+        assert_eq!(frozen.index, 6);
+
+        let mut builder = machine.clone();
+        let build = tokio::spawn(async move { builder.build_snapshot().await });
+        let building = dir.path().join(SNAPSHOT_DIR).join(BUILDING_FILE);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !building.exists() {
+            assert!(std::time::Instant::now() < deadline, "the build never started its export");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let next = (7..=9).map(|index| accounts_entry(index, index as u128 * 10_000, 2)).collect();
+        tokio::time::timeout(std::time::Duration::from_secs(20), apply(&mut machine, next))
+            .await
+            .expect("applying waited for the build, which waited for the checkpoint");
+        assert!(!build.is_finished(), "the build is current only once the checkpoints are written");
+        drop(gate);
+        let snapshot = build.await.unwrap().expect("the build");
+        assert_eq!(snapshot.meta.last_log_id.map(|id| id.index), Some(6), "the state as of the freeze");
+
+        let other = tempfile::tempdir().unwrap();
+        let mut installed = StateMachine::open(other.path(), 8 << 20, CheckpointPolicy::default()).unwrap();
+        let received = other.path().join(SNAPSHOT_DIR).join("incoming-1-0.tmp");
+        std::fs::copy(&snapshot.snapshot.path, &received).unwrap();
+        installed.install_snapshot(&snapshot.meta, SnapshotFile { path: received }).await.unwrap();
+        assert_eq!(installed.shared.published().digest, frozen.digest);
+        for id in [1, 20_000, 40_001, 60_000] {
+            assert!(
+                installed.shared.read(|ledger| ledger.store().account(id).unwrap()).is_some(),
+                "account {id}"
+            );
+        }
+        assert!(installed.shared.read(|ledger| ledger.store().account(70_000).unwrap()).is_none());
+    }
 
     /// Status reads where the applied state stands without the ledger's lock, which an apply or
     /// an install holds for up to seconds: it read the digest under that lock, and two status
