@@ -3,7 +3,10 @@
 //! A `Client` holds a list of node addresses, any of which may be down. Every call has a
 //! deadline; a call that fails because a node is unreachable, has no leader yet, or timed out is
 //! retried on the next node with backoff until the deadline. One attempt gets at most half the
-//! deadline, so that a node that hangs (frozen, or cut off) does not use it all. Retrying writes
+//! deadline, so that a node that hangs (frozen, or cut off) does not use it all; and once an
+//! attempt has waited `WATCH_AFTER`, the client asks the other nodes where the leader is, and
+//! moves there as soon as they name another node (a frozen leader stopped every client's writes
+//! for half its deadline; the others elect a new one in a few hundred ms). Retrying writes
 //! is safe because events carry their own ids: a transfer that was already applied answers
 //! `EXISTS` and moves nothing. The client remembers which node answered last and starts there.
 //!
@@ -32,6 +35,12 @@ pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// The pause after the first failed attempt; it doubles up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(100);
+/// An attempt that waits this long on one node starts the leader watch (`leader_elsewhere`)...
+const WATCH_AFTER: Duration = Duration::from_millis(300);
+/// ...which asks the other nodes at most this often (the calls under way share their answers)...
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// ...giving each this long to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// How a client connects.
 #[derive(Clone, Debug)]
@@ -111,6 +120,24 @@ pub struct Client {
     preferred: AtomicUsize,
     /// Deadline of one call, retries included.
     timeout: Duration,
+    /// The leader watch's last answer: when it was asked, for calls waiting on which node, and
+    /// the node the others named as leader (`leader_elsewhere`).
+    watched: tokio::sync::Mutex<Option<Watched>>,
+}
+
+#[derive(Clone, Copy)]
+struct Watched {
+    at: Instant,
+    waiting_on: usize,
+    leader: Option<usize>,
+}
+
+/// How one attempt ended.
+enum Attempt<T> {
+    Answered(Result<Answer<T>, Status>),
+    TimedOut,
+    /// The other nodes name this node as the leader.
+    LeaderElsewhere(usize),
 }
 
 #[derive(Debug)]
@@ -211,7 +238,7 @@ impl Client {
                 Ok((address.clone(), endpoint.connect_lazy()))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Client { nodes, preferred: AtomicUsize::new(0), timeout })
+        Ok(Client { nodes, preferred: AtomicUsize::new(0), timeout, watched: tokio::sync::Mutex::new(None) })
     }
 
     pub fn addresses(&self) -> Vec<String> {
@@ -237,15 +264,36 @@ impl Client {
             // One node may hang (a frozen process, a partition): give it part of the deadline,
             // so that the others get their turn.
             let budget = if self.nodes.len() > 1 { left.min(self.timeout / 2) } else { left };
-            match tokio::time::timeout(budget, call(channel, budget)).await {
-                Ok(Ok(answer)) => {
+            let sent = tokio::time::timeout(budget, call(channel, budget));
+            let outcome = tokio::select! {
+                answered = sent => match answered {
+                    Ok(answered) => Attempt::Answered(answered),
+                    Err(_) => Attempt::TimedOut,
+                },
+                leader = self.watch_leader(node) => Attempt::LeaderElsewhere(leader),
+            };
+            match outcome {
+                Attempt::Answered(Ok(answer)) => {
                     let leader = answer.leader.and_then(|a| self.nodes.iter().position(|(n, _)| *n == a));
                     self.preferred.store(leader.unwrap_or(node), Ordering::Relaxed);
                     return Ok(answer.value);
                 }
-                Ok(Err(status)) if !retryable(&status) => return Err(Error::Rejected(status)),
-                Ok(Err(status)) => last_error = status,
-                Err(_) => last_error = Status::deadline_exceeded("deadline passed waiting for a node"),
+                Attempt::Answered(Err(status)) if !retryable(&status) => return Err(Error::Rejected(status)),
+                Attempt::Answered(Err(status)) => last_error = status,
+                Attempt::TimedOut => {
+                    last_error = Status::deadline_exceeded("deadline passed waiting for a node")
+                }
+                // The attempt is dropped (its outcome unknown, as on a timeout) and sent to the
+                // leader at once: events carry their ids, so a write that was applied after all
+                // answers `EXISTS`.
+                Attempt::LeaderElsewhere(leader) => {
+                    last_error = Status::unavailable(format!(
+                        "{} did not answer, and the other nodes name {} as the leader",
+                        self.nodes[node].0, self.nodes[leader].0
+                    ));
+                    node = leader;
+                    continue;
+                }
             }
             node = (node + 1) % self.nodes.len();
             // A full round of nodes failed: pause before the next round.
@@ -257,6 +305,62 @@ impl Client {
         // Start the next call elsewhere: this node did not answer.
         self.preferred.store(node, Ordering::Relaxed);
         Err(Error::Unavailable(last_error))
+    }
+
+    /// Returns once the other nodes name a leader other than node `waiting_on`, asking them from
+    /// `WATCH_AFTER` on; never with a single node.
+    async fn watch_leader(&self, waiting_on: usize) -> usize {
+        if self.nodes.len() < 2 {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(WATCH_AFTER).await;
+        loop {
+            if let Some(leader) = self.leader_elsewhere(waiting_on).await
+                && leader != waiting_on
+            {
+                return leader;
+            }
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
+    }
+
+    /// The node that the nodes other than `waiting_on` name as the leader (the one named in the
+    /// newest term among those that answer within `PROBE_TIMEOUT`), if it is one of this
+    /// client's. Asked at most every `WATCH_EVERY` for the calls waiting on one node together.
+    async fn leader_elsewhere(&self, waiting_on: usize) -> Option<usize> {
+        let mut watched = self.watched.lock().await;
+        if let Some(last) = *watched
+            && last.waiting_on == waiting_on
+            && last.at.elapsed() < WATCH_EVERY
+        {
+            return last.leader;
+        }
+        let mut probes = tokio::task::JoinSet::new();
+        for (index, (_, channel)) in self.nodes.iter().enumerate() {
+            if index == waiting_on {
+                continue;
+            }
+            let channel = channel.clone();
+            probes.spawn(async move {
+                let request = Self::request(v1::StatusRequest { local_only: true }, PROBE_TIMEOUT);
+                let mut cluster = ClusterClient::new(channel);
+                let reply = tokio::time::timeout(PROBE_TIMEOUT, cluster.status(request)).await.ok()?.ok()?;
+                let leader = reply.metadata().get(LEADER_HEADER)?.to_str().ok()?.to_string();
+                Some((reply.get_ref().term, leader))
+            });
+        }
+        let mut newest: Option<(u64, String)> = None;
+        while let Some(answer) = probes.join_next().await {
+            if let Ok(Some(answer)) = answer
+                && newest.as_ref().is_none_or(|newest| answer.0 > newest.0)
+            {
+                newest = Some(answer);
+            }
+        }
+        let leader =
+            newest.and_then(|(_, leader)| self.nodes.iter().position(|(address, _)| *address == leader));
+        *watched = Some(Watched { at: Instant::now(), waiting_on, leader });
+        leader
     }
 
     fn ledger(channel: Channel) -> LedgerClient<Channel> {

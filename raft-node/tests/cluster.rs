@@ -2014,6 +2014,39 @@ async fn a_follower_behind_in_applying_does_not_win_when_the_leader_is_lost() {
     }
 }
 
+/// A frozen leader (SIGSTOP: its connections stay open and never answer) held every client's
+/// call for the client's whole attempt budget, half its deadline, although the others elected a
+/// new leader in a few hundred ms: the harness's pauses of the leader's site stopped writes for
+/// exactly 1.00 s with its 2-s deadline (issue 24). A waiting client now asks the other nodes
+/// where the leader is and moves there: writes resume well within the budget (3 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_holds_writes_for_less_than_a_client_attempt() {
+    let cluster = TestCluster::start(Path::new(TALLY), &SITES, &[]);
+    let client = Arc::new(cluster.client(Duration::from_secs(6)));
+    create_accounts(&client, 1..=2).await;
+    let leader = cluster.wait_for_leader(DEADLINE).await;
+    let writers = Writers::start(&client, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let frozen = Instant::now();
+    cluster.freeze(leader);
+    let deadline = Instant::now() + DEADLINE;
+    let new_leader = loop {
+        let statuses = cluster.node_statuses().await;
+        if let Some(status) = statuses.values().find(|s| s.is_leader && s.id != leader) {
+            break status.id;
+        }
+        assert!(Instant::now() < deadline, "no new leader: {statuses:?}\n{}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (count, longest) = writers.stop(frozen).await;
+    eprintln!("node {new_leader} leads; longest time without a write after the freeze: {longest:?}");
+    assert!(count > 20, "{count} writes after the freeze\n{}", cluster.log_tails());
+    assert!(longest < Duration::from_secs(2), "writes stopped for {longest:?}\n{}", cluster.log_tails());
+    cluster.thaw(leader);
+    cluster.wait_for_convergence(DEADLINE).await;
+}
+
 /// The survivor that applied everything may lack the dead leader's last entries: Raft then
 /// elects only the other survivor, which holds them but is behind in applying and holds back its
 /// candidacy (`node::standing`), and writes waited its whole patience (3 s) before it stood, won

@@ -664,14 +664,21 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         if request.get_ref().local_only {
             let metrics = self.node.raft_view();
-            return Ok(Response::new(pb::StatusReply {
+            let mut reply = Response::new(pb::StatusReply {
                 leader_id: metrics.current_leader.unwrap_or(0),
                 term: metrics.current_term,
                 committed_index: metrics.local_committed.map_or(0, |id| id.index),
                 nodes: vec![self.local_status()],
                 answered_by: self.node.id(),
                 ..pb::StatusReply::default()
-            }));
+            });
+            // The leader's client door, as on a forwarded reply: a client whose call hangs on
+            // a node asks the others where the leader is (`tally_client`'s leader watch).
+            let leader = metrics.current_leader.and_then(|leader| self.node.advertised_address_of(leader));
+            if let Some(Ok(value)) = leader.map(|address| address.parse()) {
+                reply.metadata_mut().insert(crate::service::ledger::LEADER_HEADER, value);
+            }
+            return Ok(reply);
         }
         // Operators and nodes get a fresh status (they act on it); anyone else shares one
         // gathered at most a second ago, and concurrent callers wait for the same one.

@@ -969,8 +969,16 @@ mod tests {
         apply(&mut machine, vec![accounts_entry(1, 1, ledger::checkpoint::DIRECT_RECORDS_MIN as u128)]).await;
         apply(&mut machine, (2..=4).map(|index| accounts_entry(index, index as u128 * 10_000, 2)).collect())
             .await;
+        // The checkpoint thread's gate, held by a thread of the test's until it says.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = std::sync::mpsc::channel();
         let gate = machine.shared.checkpoint_gate.clone();
-        let gate = gate.lock().unwrap();
+        let holder = std::thread::spawn(move || {
+            let _gate = gate.lock().unwrap();
+            held.send(()).unwrap();
+            let _ = released.recv();
+        });
+        holding.recv().unwrap();
         {
             let mut ledger = machine.shared.ledger.write().unwrap();
             let job = ledger.as_mut().unwrap().store_mut().seal().unwrap().expect("a checkpoint to write");
@@ -994,7 +1002,8 @@ mod tests {
             .await
             .expect("applying waited for the build, which waited for the checkpoint");
         assert!(!build.is_finished(), "the build is current only once the checkpoints are written");
-        drop(gate);
+        drop(release);
+        holder.join().unwrap();
         let snapshot = build.await.unwrap().expect("the build");
         assert_eq!(snapshot.meta.last_log_id.map(|id| id.index), Some(6), "the state as of the freeze");
 
