@@ -504,11 +504,6 @@ impl FrozenLayers {
         }
         Ok(())
     }
-
-    /// Whether the freeze found nothing in memory and nothing to make durable.
-    pub fn is_empty(&self) -> bool {
-        self.sealed.is_empty()
-    }
 }
 
 /// Frozen layers over a frozen store (`FrozenLayers::over`).
